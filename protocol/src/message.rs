@@ -1,0 +1,503 @@
+//! Messages: the JSON carried in each frame.
+//!
+//! Every frame holds one [`Message`], an object tagged by `"type"`. See `docs/protocol.md`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+
+/// The protocol version this build speaks. Peers must match exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One frame's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// First message of the controller on a new connection.
+    ControllerHello(ControllerHello),
+    /// The agent's answer to [`Message::ControllerHello`].
+    AgentHello(AgentHello),
+    /// A command from the controller.
+    Request(Request),
+    /// The agent's answer to one request, correlated by `id`.
+    Response(Response),
+    /// Something the agent pushes without being asked.
+    Event(EventEnvelope),
+    /// Keepalive probe; the peer answers with `pong` carrying the same nonce.
+    Ping {
+        /// Echoed in the pong.
+        nonce: u64,
+    },
+    /// Keepalive answer.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// A connection-level error not tied to a request (malformed frame, failed handshake).
+    Error(WireError),
+}
+
+impl Message {
+    /// Serializes to JSON bytes for one frame.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("messages always serialize")
+    }
+
+    /// Parses one frame's JSON.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// The controller introduces itself. Its identity is the name in its certificate, not this field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerHello {
+    /// [`PROTOCOL_VERSION`] of the controller.
+    pub version: u32,
+    /// Informational name of the controller instance.
+    pub name: String,
+}
+
+/// What kind of agent answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentKind {
+    /// Operates a Ceph cluster through its CLI.
+    Ceph,
+    /// Runs on a BlueField DPU and drives SNAP.
+    Dpu,
+}
+
+impl std::fmt::Display for AgentKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentKind::Ceph => "ceph",
+            AgentKind::Dpu => "dpu",
+        })
+    }
+}
+
+/// The agent introduces itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentHello {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub version: u32,
+    /// The agent's kind.
+    pub kind: AgentKind,
+    /// The agent's name (also the DNS name in its certificate).
+    pub name: String,
+    /// Command families the agent serves, e.g. `lease`, `ceph.report`, `ceph.image`.
+    pub capabilities: Vec<String>,
+    /// The authenticated identity the agent sees for this controller.
+    pub peer: String,
+    /// The current lease, if any controller holds one.
+    pub lease: Option<LeaseInfo>,
+}
+
+/// A command from the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Chosen by the controller; echoed in the response. Unique per connection.
+    pub id: u64,
+    /// The fencing token of the controller's lease; required for mutating commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+    /// What to do.
+    pub command: Command,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's id.
+    pub id: u64,
+    /// Success or a typed error.
+    pub outcome: Outcome,
+}
+
+/// Success or failure of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The command took effect (or had already).
+    Ok(Reply),
+    /// The command failed.
+    Error(WireError),
+}
+
+/// A pushed event with a per-connection sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    /// Rises by one for every event sent on this connection.
+    pub seq: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// Events the agents push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// Cheap liveness signal.
+    Heartbeat {
+        /// Milliseconds since the agent started.
+        uptime_ms: u64,
+    },
+    /// The Ceph cluster's report changed (or the periodic full report is due).
+    CephReport(Box<CephReport>),
+    /// The agent is shutting down and will close the connection.
+    ShuttingDown,
+}
+
+/// Commands. Mutating commands need a valid fencing token; see [`Command::is_mutating`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Take or renew the agent's lease for `ttl_ms` milliseconds.
+    AcquireLease(AcquireLease),
+    /// Give the lease up (only its holder may).
+    ReleaseLease(Empty),
+    /// Full report of the Ceph cluster.
+    CephReport(Empty),
+    /// Create an RBD image owned by unistor (idempotent).
+    CreateImage(CreateImage),
+    /// Grow an image (never shrinks).
+    GrowImage(GrowImage),
+    /// Move an image to the RBD trash.
+    TrashImage(TrashImage),
+    /// Restore an image from the trash.
+    RestoreImage(ImageRef),
+    /// Delete an image (refused while it has watchers).
+    DeleteImage(ImageRef),
+    /// Create (or update) a least-privilege cephx identity for SNAP and return its key.
+    IssueSnapIdentity(IssueSnapIdentity),
+}
+
+impl Command {
+    /// Whether the command changes anything (and so needs the lease).
+    pub fn is_mutating(&self) -> bool {
+        match self {
+            Command::AcquireLease(_) | Command::ReleaseLease(_) | Command::CephReport(_) => false,
+            Command::CreateImage(_)
+            | Command::GrowImage(_)
+            | Command::TrashImage(_)
+            | Command::RestoreImage(_)
+            | Command::DeleteImage(_)
+            | Command::IssueSnapIdentity(_) => true,
+        }
+    }
+
+    /// The command's wire name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::AcquireLease(_) => "acquire_lease",
+            Command::ReleaseLease(_) => "release_lease",
+            Command::CephReport(_) => "ceph_report",
+            Command::CreateImage(_) => "create_image",
+            Command::GrowImage(_) => "grow_image",
+            Command::TrashImage(_) => "trash_image",
+            Command::RestoreImage(_) => "restore_image",
+            Command::DeleteImage(_) => "delete_image",
+            Command::IssueSnapIdentity(_) => "issue_snap_identity",
+        }
+    }
+}
+
+/// A command without parameters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// Parameters of [`Command::AcquireLease`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireLease {
+    /// Requested lease duration; the agent clamps it to its own bounds.
+    pub ttl_ms: u64,
+}
+
+/// Names one image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+}
+
+/// Who owns an image: written as `rbd image-meta` on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ownership {
+    /// Value of `unistor.managed-by`: the unistor deployment that owns the image.
+    pub managed_by: String,
+    /// Value of `unistor.volume`: the volume the image backs.
+    pub volume: String,
+}
+
+/// Parameters of [`Command::CreateImage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// Size in bytes; a multiple of 1 MiB.
+    pub size_bytes: u64,
+    /// RBD features; empty means `layering,exclusive-lock`.
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Ownership metadata to write.
+    pub owner: Ownership,
+}
+
+/// Parameters of [`Command::GrowImage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrowImage {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// New size in bytes; must not be smaller than the current size.
+    pub size_bytes: u64,
+    /// The owner the image must carry.
+    pub owner: Ownership,
+}
+
+/// Parameters of [`Command::TrashImage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrashImage {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// How long the trash entry is protected from `rbd trash purge`, in seconds.
+    pub retain_secs: u64,
+    /// The owner the image must carry.
+    pub owner: Ownership,
+}
+
+/// Parameters of [`Command::IssueSnapIdentity`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueSnapIdentity {
+    /// The cephx id, without `client.`.
+    pub client_id: String,
+    /// Pools the identity may use (`profile rbd pool=...`).
+    pub pools: Vec<String>,
+}
+
+/// Successful results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    /// The lease now held.
+    Lease(LeaseInfo),
+    /// Nothing to return.
+    Done(Empty),
+    /// The cluster report.
+    CephReport(Box<CephReport>),
+    /// An image's state after the command.
+    Image(ImageStatus),
+    /// A cephx identity.
+    Identity(CephIdentity),
+}
+
+/// A lease as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// Authenticated name of the controller holding the lease.
+    pub holder: String,
+    /// Fencing token of this lease; rises with every new grant.
+    pub token: u64,
+    /// Milliseconds until the lease ends, on the agent's monotonic clock.
+    pub remaining_ms: u64,
+}
+
+/// The state of a Ceph cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CephReport {
+    /// Cluster fsid.
+    pub fsid: String,
+    /// Overall health.
+    pub health: CephHealth,
+    /// Monitor addresses (v1 and v2 forms as the monmap lists them).
+    pub monitors: Vec<MonitorInfo>,
+    /// Raw capacity.
+    pub capacity: Capacity,
+    /// Every pool.
+    pub pools: Vec<PoolInfo>,
+    /// Images unistor manages (found through its per-pool index, never `rbd ls -l`).
+    pub images: Vec<ImageStatus>,
+}
+
+/// `ceph health`: status and the names and summaries of active checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CephHealth {
+    /// `HEALTH_OK`, `HEALTH_WARN` or `HEALTH_ERR`.
+    pub status: String,
+    /// Active checks: name to summary.
+    pub checks: BTreeMap<String, String>,
+}
+
+/// One monitor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorInfo {
+    /// Monitor name.
+    pub name: String,
+    /// Its addresses, e.g. `v2:127.0.0.1:3300/0`.
+    pub addrs: Vec<String>,
+}
+
+/// Cluster capacity in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Total raw bytes.
+    pub total_bytes: u64,
+    /// Raw bytes used.
+    pub used_bytes: u64,
+    /// Raw bytes available.
+    pub avail_bytes: u64,
+}
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// Pool name.
+    pub name: String,
+    /// Pool id.
+    pub id: u64,
+    /// Whether the `rbd` application is enabled on it.
+    pub rbd_enabled: bool,
+    /// Bytes stored (before replication).
+    pub stored_bytes: u64,
+    /// Bytes that can still be written (after replication).
+    pub max_avail_bytes: u64,
+}
+
+/// Where an image is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ImageState {
+    /// A live image.
+    Live,
+    /// In the RBD trash.
+    Trashed {
+        /// Trash id (needed to restore).
+        trash_id: String,
+        /// When `rbd trash purge` may remove it (as Ceph prints it).
+        deferment_end_time: String,
+    },
+    /// In unistor's index, but neither live nor in the trash.
+    Missing,
+}
+
+/// An image unistor manages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStatus {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// Live, trashed or missing.
+    #[serde(flatten)]
+    pub state: ImageState,
+    /// Size in bytes (0 unless live).
+    pub size_bytes: u64,
+    /// Enabled features (empty unless live).
+    pub features: Vec<String>,
+    /// Watcher addresses; non-empty means the image is in use.
+    pub watchers: Vec<String>,
+    /// `unistor.*` image metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ImageStatus {
+    /// Whether a client has the image open.
+    pub fn in_use(&self) -> bool {
+        !self.watchers.is_empty()
+    }
+}
+
+/// A cephx identity and its secret key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CephIdentity {
+    /// Full entity name, `client.<id>`.
+    pub entity: String,
+    /// The secret key (base64), for SNAP's keyring.
+    pub key: String,
+    /// Capabilities as granted.
+    pub caps: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_shape() {
+        let m = Message::Request(Request {
+            id: 7,
+            fence: Some(3),
+            command: Command::DeleteImage(ImageRef {
+                pool: "rbd".into(),
+                image: "vol1".into(),
+            }),
+        });
+        let text = String::from_utf8(m.to_bytes()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"request","id":7,"fence":3,"command":{"op":"delete_image","pool":"rbd","image":"vol1"}}"#
+        );
+        assert_eq!(Message::from_bytes(text.as_bytes()).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_command_fields_are_refused() {
+        let bad = br#"{"type":"request","id":1,"command":{"op":"delete_image","pool":"rbd","image":"x","force":true}}"#;
+        let e = Message::from_bytes(bad).unwrap_err();
+        assert!(e.to_string().contains("force"), "{e}");
+        let bad = br#"{"type":"request","id":1,"command":{"op":"ceph_report","x":1}}"#;
+        assert!(Message::from_bytes(bad).is_err());
+        let bad = br#"{"type":"request","id":1,"command":{"op":"format_disk"}}"#;
+        assert!(Message::from_bytes(bad).is_err());
+    }
+
+    #[test]
+    fn response_and_event_shapes() {
+        let m = Message::Response(Response {
+            id: 2,
+            outcome: Outcome::Ok(Reply::Done(Empty {})),
+        });
+        assert_eq!(
+            String::from_utf8(m.to_bytes()).unwrap(),
+            r#"{"type":"response","id":2,"outcome":{"ok":{"kind":"done"}}}"#
+        );
+        let e = Message::Event(EventEnvelope {
+            seq: 1,
+            event: Event::Heartbeat { uptime_ms: 5 },
+        });
+        assert_eq!(
+            String::from_utf8(e.to_bytes()).unwrap(),
+            r#"{"type":"event","seq":1,"event":{"kind":"heartbeat","uptime_ms":5}}"#
+        );
+    }
+
+    #[test]
+    fn only_mutating_commands_need_the_lease() {
+        assert!(!Command::CephReport(Empty {}).is_mutating());
+        assert!(Command::DeleteImage(ImageRef {
+            pool: "p".into(),
+            image: "i".into()
+        })
+        .is_mutating());
+    }
+}

@@ -1,0 +1,658 @@
+//! The agent side of a session: accept, authenticate, fence, dispatch, push events, shut down.
+//!
+//! Tasks and channels:
+//! - the accept loop (`run`) takes a global connection permit and a per-peer-address slot before
+//!   it spawns a connection task; over either cap the TCP connection is closed at once;
+//! - each connection task does the TLS handshake and the hello exchange within the handshake
+//!   deadline, then loops over: frames from the controller, responses from request tasks
+//!   (bounded `mpsc`), events from the agent (`broadcast`) and the shutdown signal (`watch`);
+//! - each request runs in its own task (at most `max_in_flight` per connection); lease commands
+//!   and fencing checks are done by the connection task itself, before dispatch.
+//!
+//! Shutdown: when the shutdown future completes the accept loop stops, every connection stops
+//! reading requests, finishes those in flight, sends `shutting_down` and closes; `run` returns
+//! once all connections are closed or the grace period has passed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{timeout, Instant};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::error::{ErrorCode, WireError};
+use crate::frame::{Connection, FrameError};
+use crate::lease::LeaseTable;
+use crate::message::{
+    AgentHello, AgentKind, Command, Empty, Event, EventEnvelope, Message, Outcome, Reply, Request,
+    Response, PROTOCOL_VERSION,
+};
+
+/// What an agent does with commands. Only routing and fencing live in the server.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// The agent's kind.
+    fn kind(&self) -> AgentKind;
+    /// Command families served (sent in the hello).
+    fn capabilities(&self) -> Vec<String>;
+    /// Runs one command. Lease commands never reach the handler; mutating commands reach it only
+    /// with a valid fencing token.
+    async fn handle(&self, command: Command) -> Result<Reply, WireError>;
+    /// Events to push to every connected controller.
+    fn subscribe(&self) -> Option<broadcast::Receiver<Event>> {
+        None
+    }
+}
+
+/// Limits and timers of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The agent's name (as in its certificate).
+    pub name: String,
+    /// Time allowed for the TLS handshake plus the hello.
+    pub handshake_timeout: Duration,
+    /// A connection that sends nothing (not even a ping) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once, all peers together.
+    pub max_connections: usize,
+    /// Connections open at once from one peer address.
+    pub max_connections_per_peer: usize,
+    /// Requests running at once on one connection; more are answered `busy`.
+    pub max_in_flight: usize,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+    /// Interval of heartbeat events.
+    pub heartbeat_interval: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults from `docs/protocol.md`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 256,
+            max_connections_per_peer: 100,
+            max_in_flight: 32,
+            shutdown_grace: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted past the caps.
+    pub accepted: AtomicU64,
+    /// Connections closed at once because a cap was reached.
+    pub rejected_over_cap: AtomicU64,
+    /// TLS handshakes that failed (no or bad certificate...).
+    pub tls_failures: AtomicU64,
+    /// Peers dropped for not finishing the handshake in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Frames refused for their announced size.
+    pub oversized_frames: AtomicU64,
+    /// Frames that were not a valid message.
+    pub malformed_frames: AtomicU64,
+    /// Mutating commands refused by fencing.
+    pub fenced: AtomicU64,
+    /// Requests answered.
+    pub requests: AtomicU64,
+}
+
+/// Shared state of one running server.
+struct Shared<H> {
+    handler: Arc<H>,
+    config: ServerConfig,
+    leases: Mutex<LeaseTable>,
+    stats: Arc<ServerStats>,
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
+    started: Instant,
+}
+
+/// Releases a per-peer slot when the connection ends.
+struct PeerSlot<H: Handler> {
+    shared: Arc<Shared<H>>,
+    ip: IpAddr,
+}
+
+impl<H: Handler> Drop for PeerSlot<H> {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_peer.lock().expect("per_peer lock");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` completes, then drains.
+pub async fn run<H: Handler>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+    leases: LeaseTable,
+    config: ServerConfig,
+    stats: Arc<ServerStats>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let shared = Arc::new(Shared {
+        handler,
+        leases: Mutex::new(leases),
+        stats,
+        per_peer: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+        config,
+    });
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Cancel safety: `accept` is cancel-safe; the shutdown future is polled by reference.
+        let (stream, addr) = tokio::select! {
+            _ = &mut shutdown => break,
+            res = listener.accept() => match res {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "Accept failed.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared
+                .stats
+                .rejected_over_cap
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %addr, "Connection refused: global connection cap reached.");
+            continue;
+        };
+        let slot = {
+            let mut map = shared.per_peer.lock().expect("per_peer lock");
+            let n = map.entry(addr.ip()).or_insert(0);
+            if *n >= shared.config.max_connections_per_peer {
+                None
+            } else {
+                *n += 1;
+                Some(PeerSlot {
+                    shared: shared.clone(),
+                    ip: addr.ip(),
+                })
+            }
+        };
+        let Some(slot) = slot else {
+            shared
+                .stats
+                .rejected_over_cap
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %addr, "Connection refused: per-peer connection cap reached.");
+            continue;
+        };
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        set_keepalive(&stream);
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        let stop = stop_rx.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let _slot = slot;
+            serve_connection(shared, acceptor, stream, addr, stop).await;
+        });
+    }
+    info!(
+        connections = conns.len(),
+        "Shutting down: draining connections."
+    );
+    let _ = stop_tx.send(true);
+    drop(listener);
+    let grace = shared.config.shutdown_grace + Duration::from_secs(1);
+    if timeout(grace, async { while conns.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!("Grace period over: closing the remaining connections.");
+        conns.shutdown().await;
+    }
+}
+
+fn set_keepalive(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        debug!(error = %e, "Cannot set TCP keepalive.");
+    }
+}
+
+async fn serve_connection<H: Handler>(
+    shared: Arc<Shared<H>>,
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    addr: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    let deadline = shared.config.handshake_timeout;
+    let handshake = async {
+        let tls = match acceptor.accept(stream).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(peer = %addr, error = %e, "TLS handshake refused.");
+                return None;
+            }
+        };
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::peer_name);
+        let Some(peer) = peer else {
+            shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %addr, "Client certificate names nobody.");
+            return None;
+        };
+        let mut conn = Connection::new(tls);
+        match hello(&shared, &mut conn, &peer).await {
+            Ok(()) => Some((conn, peer)),
+            Err(reason) => {
+                warn!(peer = %addr, controller = %peer, reason, "Handshake failed.");
+                None
+            }
+        }
+    };
+    let (conn, peer) = match timeout(deadline, handshake).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return,
+        Err(_) => {
+            shared
+                .stats
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %addr, ?deadline, "Dropped peer: no handshake within the deadline.");
+            return;
+        }
+    };
+    info!(peer = %addr, controller = %peer, "Controller connected.");
+    Session {
+        shared,
+        conn,
+        peer,
+        addr,
+        event_seq: 0,
+    }
+    .run(stop)
+    .await;
+}
+
+/// Reads the controller's hello and answers with the agent's.
+async fn hello<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared<H>,
+    conn: &mut Connection<S>,
+    peer: &str,
+) -> Result<(), &'static str> {
+    let frame = match conn.read_frame().await {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err("closed before hello"),
+        Err(e) => {
+            if let FrameError::TooLarge { .. } = e {
+                shared
+                    .stats
+                    .oversized_frames
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = send(conn, &connection_error(&e)).await;
+            return Err("bad frame before hello");
+        }
+    };
+    let hello = match Message::from_bytes(&frame) {
+        Ok(Message::ControllerHello(h)) => h,
+        Ok(_) => {
+            let e = WireError::new(
+                ErrorCode::ProtocolViolation,
+                "the first message must be controller_hello",
+            );
+            let _ = send(conn, &Message::Error(e)).await;
+            return Err("first message was not a hello");
+        }
+        Err(e) => {
+            shared
+                .stats
+                .malformed_frames
+                .fetch_add(1, Ordering::Relaxed);
+            let e = WireError::new(ErrorCode::Malformed, format!("invalid hello: {e}"));
+            let _ = send(conn, &Message::Error(e)).await;
+            return Err("malformed hello");
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        let e = WireError::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "agent speaks protocol version {PROTOCOL_VERSION}, controller sent {}",
+                hello.version
+            ),
+        );
+        let _ = send(conn, &Message::Error(e)).await;
+        return Err("version mismatch");
+    }
+    let reply = Message::AgentHello(AgentHello {
+        version: PROTOCOL_VERSION,
+        kind: shared.handler.kind(),
+        name: shared.config.name.clone(),
+        capabilities: shared.handler.capabilities(),
+        peer: peer.to_string(),
+        lease: shared
+            .leases
+            .lock()
+            .expect("lease lock")
+            .current(Instant::now()),
+    });
+    send(conn, &reply).await.map_err(|_| "cannot send hello")
+}
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    msg: &Message,
+) -> Result<(), FrameError> {
+    conn.write_frame(&msg.to_bytes()).await
+}
+
+fn connection_error(e: &FrameError) -> Message {
+    let code = match e {
+        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        _ => ErrorCode::Malformed,
+    };
+    Message::Error(WireError::new(code, e.to_string()))
+}
+
+/// One authenticated connection.
+struct Session<H, S> {
+    shared: Arc<Shared<H>>,
+    conn: Connection<S>,
+    peer: String,
+    addr: SocketAddr,
+    event_seq: u64,
+}
+
+impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let cfg = self.shared.config.clone();
+        let (done_tx, mut done_rx) = mpsc::channel::<Response>(cfg.max_in_flight);
+        let mut tasks = JoinSet::new();
+        let mut events = self.shared.handler.subscribe();
+        let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        loop {
+            let idle_deadline = last_heard + cfg.idle_timeout;
+            // Cancel safety: `read_frame` keeps partial input in its buffer; `recv` on mpsc,
+            // broadcast and watch channels is cancel-safe; `interval.tick` is cancel-safe.
+            tokio::select! {
+                frame = self.conn.read_frame() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Ok(Some(bytes)) => {
+                            if let Err(e) = self.on_frame(&bytes, &mut tasks, &done_tx).await {
+                                debug!(peer = %self.addr, error = %e, "Write failed; closing.");
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            info!(peer = %self.addr, controller = %self.peer, "Controller disconnected.");
+                            break;
+                        }
+                        Err(e) => {
+                            if let FrameError::TooLarge { .. } = e {
+                                self.shared.stats.oversized_frames.fetch_add(1, Ordering::Relaxed);
+                            }
+                            warn!(peer = %self.addr, error = %e, "Bad frame; closing the connection.");
+                            let _ = send(&mut self.conn, &connection_error(&e)).await;
+                            break;
+                        }
+                    }
+                }
+                Some(resp) = done_rx.recv() => {
+                    if send(&mut self.conn, &Message::Response(resp)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                ev = recv_event(&mut events) => {
+                    match ev {
+                        Some(event) => if self.push(event).await.is_err() { return },
+                        None => events = None,
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let uptime_ms = self.shared.started.elapsed().as_millis() as u64;
+                    if self.push(Event::Heartbeat { uptime_ms }).await.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    warn!(peer = %self.addr, idle = ?cfg.idle_timeout, "Controller silent; closing.");
+                    break;
+                }
+                _ = stop.changed() => {
+                    self.drain(tasks, done_rx, done_tx).await;
+                    return;
+                }
+            }
+        }
+        let _ = self.conn.shutdown().await;
+    }
+
+    /// Shutdown: finish requests in flight, answer them, say goodbye, close.
+    async fn drain(
+        mut self,
+        mut tasks: JoinSet<()>,
+        mut done_rx: mpsc::Receiver<Response>,
+        done_tx: mpsc::Sender<Response>,
+    ) {
+        drop(done_tx);
+        let grace = self.shared.config.shutdown_grace;
+        let finish = async { while tasks.join_next().await.is_some() {} };
+        if timeout(grace, finish).await.is_err() {
+            tasks.abort_all();
+        }
+        while let Ok(resp) = done_rx.try_recv() {
+            if send(&mut self.conn, &Message::Response(resp))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = self.push(Event::ShuttingDown).await;
+        let _ = self.conn.shutdown().await;
+    }
+
+    async fn push(&mut self, event: Event) -> Result<(), FrameError> {
+        self.event_seq += 1;
+        let msg = Message::Event(EventEnvelope {
+            seq: self.event_seq,
+            event,
+        });
+        send(&mut self.conn, &msg).await
+    }
+
+    async fn on_frame(
+        &mut self,
+        bytes: &[u8],
+        tasks: &mut JoinSet<()>,
+        done: &mpsc::Sender<Response>,
+    ) -> Result<(), FrameError> {
+        let msg = match Message::from_bytes(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.shared
+                    .stats
+                    .malformed_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                let err = WireError::new(ErrorCode::Malformed, format!("invalid message: {e}"));
+                // Answer on the request's id when one can be read, so the caller is not left
+                // waiting; otherwise as a connection-level error.
+                let reply = match request_id(bytes) {
+                    Some(id) => Message::Response(Response {
+                        id,
+                        outcome: Outcome::Error(err),
+                    }),
+                    None => Message::Error(err),
+                };
+                return send(&mut self.conn, &reply).await;
+            }
+        };
+        match msg {
+            Message::Ping { nonce } => send(&mut self.conn, &Message::Pong { nonce }).await,
+            Message::Pong { .. } => Ok(()),
+            Message::Request(req) => self.on_request(req, tasks, done).await,
+            other => {
+                let e = WireError::new(
+                    ErrorCode::ProtocolViolation,
+                    format!(
+                        "unexpected {} message from the controller",
+                        type_name(&other)
+                    ),
+                );
+                send(&mut self.conn, &Message::Error(e)).await
+            }
+        }
+    }
+
+    async fn on_request(
+        &mut self,
+        req: Request,
+        tasks: &mut JoinSet<()>,
+        done: &mpsc::Sender<Response>,
+    ) -> Result<(), FrameError> {
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let immediate = match &req.command {
+            Command::AcquireLease(a) => Some(
+                self.leases()
+                    .acquire(&self.peer, Duration::from_millis(a.ttl_ms), now)
+                    .map(Reply::Lease),
+            ),
+            Command::ReleaseLease(_) => Some(
+                self.leases()
+                    .release(&self.peer, now)
+                    .map(|()| Reply::Done(Empty {})),
+            ),
+            cmd if cmd.is_mutating() => match self.leases().check(&self.peer, req.fence, now) {
+                Ok(()) => None,
+                Err(e) => {
+                    self.shared.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                    warn!(controller = %self.peer, command = cmd.name(), code = ?e.code, "Fenced off a mutating command.");
+                    Some(Err(e))
+                }
+            },
+            _ => None,
+        };
+        if let Some(result) = immediate {
+            let resp = Response {
+                id: req.id,
+                outcome: into_outcome(result),
+            };
+            return send(&mut self.conn, &Message::Response(resp)).await;
+        }
+        if tasks.len() >= self.shared.config.max_in_flight {
+            let e = WireError::new(
+                ErrorCode::Busy,
+                format!(
+                    "{} requests already in flight on this connection",
+                    tasks.len()
+                ),
+            );
+            let resp = Response {
+                id: req.id,
+                outcome: Outcome::Error(e),
+            };
+            return send(&mut self.conn, &Message::Response(resp)).await;
+        }
+        let handler = self.shared.handler.clone();
+        let done = done.clone();
+        let peer = self.peer.clone();
+        tasks.spawn(async move {
+            let name = req.command.name();
+            let result = handler.handle(req.command).await;
+            if let Err(e) = &result {
+                info!(controller = %peer, command = name, code = ?e.code, error = %e.message, "Command failed.");
+            } else {
+                debug!(controller = %peer, command = name, "Command done.");
+            }
+            let _ = done
+                .send(Response {
+                    id: req.id,
+                    outcome: into_outcome(result),
+                })
+                .await;
+        });
+        Ok(())
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, LeaseTable> {
+        self.shared.leases.lock().expect("lease lock")
+    }
+}
+
+fn into_outcome(r: Result<Reply, WireError>) -> Outcome {
+    match r {
+        Ok(reply) => Outcome::Ok(reply),
+        Err(e) => Outcome::Error(e),
+    }
+}
+
+async fn recv_event(rx: &mut Option<broadcast::Receiver<Event>>) -> Option<Event> {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        match r.recv().await {
+            Ok(ev) => return Some(ev),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(skipped = n, "Event consumer lagged; older events dropped.");
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+/// Reads `"id"` from a request that failed to parse, if it is there.
+fn request_id(bytes: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if v.get("type")?.as_str()? != "request" {
+        return None;
+    }
+    v.get("id")?.as_u64()
+}
+
+fn type_name(m: &Message) -> &'static str {
+    match m {
+        Message::ControllerHello(_) => "controller_hello",
+        Message::AgentHello(_) => "agent_hello",
+        Message::Request(_) => "request",
+        Message::Response(_) => "response",
+        Message::Event(_) => "event",
+        Message::Ping { .. } => "ping",
+        Message::Pong { .. } => "pong",
+        Message::Error(_) => "error",
+    }
+}
