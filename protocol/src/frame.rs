@@ -157,6 +157,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn get_ref(&self) -> &S {
         self.stream.get_ref()
     }
+
+    /// The underlying stream, for raw writes (tests of hostile peers).
+    pub fn get_mut(&mut self) -> &mut S {
+        self.stream.get_mut()
+    }
 }
 
 /// Encodes one frame (header and body) into bytes, for tests and tools that write raw bytes.
