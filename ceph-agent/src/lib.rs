@@ -1,1 +1,113 @@
+//! The ceph-agent: runs on a Ceph admin node and operates the cluster for the controller.
+//!
+//! Tasks: the protocol server's accept loop and one task per controller connection
+//! ([`protocol::server`]); one report task that polls the cluster and pushes the report to every
+//! connected controller when it changes (and every `full_every` polls regardless).
+//!
+//! Modules: [`runner`] spawns `ceph`/`rbd`/`rados` (argv only, deadlines, SIGTERM then SIGKILL);
+//! [`ceph`] turns operations into command lines and parses their JSON; [`handler`] routes wire
+//! commands, checking every name before it goes further.
 
+pub mod ceph;
+pub mod handler;
+pub mod runner;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::lease::LeaseTable;
+use protocol::names::PeerName;
+use protocol::server::{ServerConfig, ServerStats};
+use protocol::tls::PkiPaths;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::ceph::Ceph;
+use crate::handler::CephHandler;
+use crate::runner::{ProcessRunner, ProcessRunnerConfig};
+
+/// Everything the agent needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The agent's name (DNS label; its certificate names it).
+    pub name: PeerName,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// CA, certificate and key.
+    pub pki: PkiPaths,
+    /// Where the fencing token is kept.
+    pub state_dir: PathBuf,
+    /// How to run the Ceph CLI.
+    pub cli: ProcessRunnerConfig,
+    /// Report polling interval.
+    pub report_interval: Duration,
+    /// Limits and timers of the protocol server.
+    pub server: ServerConfig,
+}
+
+/// Errors starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material could not be loaded.
+    #[error("cannot load TLS material")]
+    Tls(#[from] protocol::tls::TlsError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state directory or the fencing-token store is unusable.
+    #[error("cannot use state directory {path}")]
+    State {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Binds and serves until `shutdown` completes, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let tls = protocol::tls::server_config(&config.pki)?;
+    let state_err = |source: Box<dyn std::error::Error + Send + Sync>| StartError::State {
+        path: config.state_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| state_err(e.into()))?;
+    let leases = LeaseTable::open(Some(&config.state_dir.join("fencing-token")))
+        .map_err(|e| state_err(e.into()))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let own_id = config.cli.client_id.clone();
+    let handler = Arc::new(CephHandler::new(Ceph::new(
+        ProcessRunner::new(config.cli.clone()),
+        own_id.as_deref(),
+    )));
+    let reporter = tokio::spawn(handler.clone().report_loop(config.report_interval, 10));
+    info!(name = %config.name, addr = %config.listen, "ceph-agent listening.");
+    protocol::server::run(
+        listener,
+        tls,
+        handler,
+        leases,
+        config.server,
+        Arc::new(ServerStats::default()),
+        shutdown,
+    )
+    .await;
+    reporter.abort();
+    info!("ceph-agent stopped.");
+    Ok(())
+}

@@ -172,7 +172,7 @@ pub enum Command {
     /// Restore an image from the trash.
     RestoreImage(ImageRef),
     /// Delete an image (refused while it has watchers).
-    DeleteImage(ImageRef),
+    DeleteImage(DeleteImage),
     /// Create (or update) a least-privilege cephx identity for SNAP and return its key.
     IssueSnapIdentity(IssueSnapIdentity),
 }
@@ -285,6 +285,18 @@ pub struct TrashImage {
     pub owner: Ownership,
 }
 
+/// Parameters of [`Command::DeleteImage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteImage {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// The owner the image must carry.
+    pub owner: Ownership,
+}
+
 /// Parameters of [`Command::IssueSnapIdentity`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -393,8 +405,8 @@ pub enum ImageState {
     Trashed {
         /// Trash id (needed to restore).
         trash_id: String,
-        /// When `rbd trash purge` may remove it (as Ceph prints it).
-        deferment_end_time: String,
+        /// Ceph's account of the entry, e.g. `protected until Tue Dec  1 09:59:59 2026`.
+        trash_status: String,
     },
     /// In unistor's index, but neither live nor in the trash.
     Missing,
@@ -447,7 +459,7 @@ mod tests {
         let m = Message::Request(Request {
             id: 7,
             fence: Some(3),
-            command: Command::DeleteImage(ImageRef {
+            command: Command::RestoreImage(ImageRef {
                 pool: "rbd".into(),
                 image: "vol1".into(),
             }),
@@ -455,14 +467,14 @@ mod tests {
         let text = String::from_utf8(m.to_bytes()).unwrap();
         assert_eq!(
             text,
-            r#"{"type":"request","id":7,"fence":3,"command":{"op":"delete_image","pool":"rbd","image":"vol1"}}"#
+            r#"{"type":"request","id":7,"fence":3,"command":{"op":"restore_image","pool":"rbd","image":"vol1"}}"#
         );
         assert_eq!(Message::from_bytes(text.as_bytes()).unwrap(), m);
     }
 
     #[test]
     fn unknown_command_fields_are_refused() {
-        let bad = br#"{"type":"request","id":1,"command":{"op":"delete_image","pool":"rbd","image":"x","force":true}}"#;
+        let bad = br#"{"type":"request","id":1,"command":{"op":"restore_image","pool":"rbd","image":"x","force":true}}"#;
         let e = Message::from_bytes(bad).unwrap_err();
         assert!(e.to_string().contains("force"), "{e}");
         let bad = br#"{"type":"request","id":1,"command":{"op":"ceph_report","x":1}}"#;
@@ -494,7 +506,7 @@ mod tests {
     #[test]
     fn only_mutating_commands_need_the_lease() {
         assert!(!Command::CephReport(Empty {}).is_mutating());
-        assert!(Command::DeleteImage(ImageRef {
+        assert!(Command::RestoreImage(ImageRef {
             pool: "p".into(),
             image: "i".into()
         })

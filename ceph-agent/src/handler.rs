@@ -1,0 +1,353 @@
+//! Routing: wire commands in, checked arguments to [`Ceph`], typed replies out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::names::{CephClientId, PoolName};
+use protocol::server::Handler;
+use protocol::{AgentKind, Command, ErrorCode, Event, Reply, WireError};
+use tokio::sync::{broadcast, Mutex};
+use tracing::{debug, warn};
+
+use crate::ceph::{Ceph, ImageSpec, Owner};
+use crate::runner::Runner;
+
+/// Command families this agent serves.
+pub const CAPABILITIES: &[&str] = &["lease", "ceph.report", "ceph.image", "ceph.identity"];
+
+/// The ceph-agent's command handler.
+pub struct CephHandler<R> {
+    ceph: Ceph<R>,
+    /// Mutations run one at a time: two commands never race on the same image.
+    mutations: Mutex<()>,
+    events: broadcast::Sender<Event>,
+}
+
+impl<R: Runner> CephHandler<R> {
+    /// A handler over `ceph`.
+    pub fn new(ceph: Ceph<R>) -> Self {
+        Self {
+            ceph,
+            mutations: Mutex::new(()),
+            events: broadcast::channel(16).0,
+        }
+    }
+
+    /// The cluster operations.
+    pub fn ceph(&self) -> &Ceph<R> {
+        &self.ceph
+    }
+
+    async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
+        let wire = |e: crate::ceph::CephError| e.to_wire();
+        if command.is_mutating() {
+            let _guard = self.mutations.lock().await;
+            return self.mutate(command).await.map_err(wire);
+        }
+        match command {
+            Command::CephReport(_) => Ok(Reply::CephReport(Box::new(
+                self.ceph.report().await.map_err(wire)?,
+            ))),
+            other => Err(WireError::new(
+                ErrorCode::UnsupportedCommand,
+                format!("the ceph agent does not serve {}", other.name()),
+            )),
+        }
+    }
+
+    async fn mutate(&self, command: Command) -> Result<Reply, crate::ceph::CephError> {
+        Ok(match command {
+            Command::CreateImage(c) => {
+                let spec = ImageSpec::parse(&c.pool, &c.image)?;
+                let owner = Owner::parse(&c.owner)?;
+                Reply::Image(
+                    self.ceph
+                        .create_image(&spec, c.size_bytes, &c.features, &owner)
+                        .await?,
+                )
+            }
+            Command::GrowImage(c) => {
+                let spec = ImageSpec::parse(&c.pool, &c.image)?;
+                let owner = Owner::parse(&c.owner)?;
+                Reply::Image(self.ceph.grow_image(&spec, c.size_bytes, &owner).await?)
+            }
+            Command::TrashImage(c) => {
+                let spec = ImageSpec::parse(&c.pool, &c.image)?;
+                let owner = Owner::parse(&c.owner)?;
+                Reply::Image(self.ceph.trash_image(&spec, c.retain_secs, &owner).await?)
+            }
+            Command::RestoreImage(c) => {
+                let spec = ImageSpec::parse(&c.pool, &c.image)?;
+                Reply::Image(self.ceph.restore_image(&spec).await?)
+            }
+            Command::DeleteImage(c) => {
+                let spec = ImageSpec::parse(&c.pool, &c.image)?;
+                let owner = Owner::parse(&c.owner)?;
+                self.ceph.delete_image(&spec, &owner).await?;
+                Reply::Done(protocol::Empty {})
+            }
+            Command::IssueSnapIdentity(c) => {
+                let id = CephClientId::parse("client_id", &c.client_id)?;
+                let pools = c
+                    .pools
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| PoolName::parse(&format!("pools[{i}]"), p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Reply::Identity(self.ceph.issue_identity(&id, &pools).await?)
+            }
+            Command::AcquireLease(_) | Command::ReleaseLease(_) | Command::CephReport(_) => {
+                unreachable!("not mutating")
+            }
+        })
+    }
+
+    /// Pushes a report when it changes, and at least every `full_every` polls.
+    pub async fn report_loop(self: Arc<Self>, interval: Duration, full_every: u32) {
+        let mut last: Option<protocol::CephReport> = None;
+        let mut polls = 0u32;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            polls += 1;
+            match self.ceph.report().await {
+                Ok(report) => {
+                    let changed = last.as_ref() != Some(&report);
+                    if changed || polls >= full_every {
+                        polls = 0;
+                        debug!(changed, "Pushing the cluster report.");
+                        let _ = self.events.send(Event::CephReport(Box::new(report.clone())));
+                        last = Some(report);
+                    }
+                }
+                Err(e) => warn!(error = %protocol::error::chain(&e), "Cluster report failed."),
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<R: Runner> Handler for CephHandler<R> {
+    fn kind(&self) -> AgentKind {
+        AgentKind::Ceph
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        CAPABILITIES.iter().map(|s| s.to_string()).collect()
+    }
+
+    async fn handle(&self, command: Command) -> Result<Reply, WireError> {
+        self.dispatch(command).await
+    }
+
+    fn subscribe(&self) -> Option<broadcast::Receiver<Event>> {
+        Some(self.events.subscribe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use protocol::{
+        CreateImage, DeleteImage, GrowImage, ImageRef, IssueSnapIdentity, Ownership, TrashImage,
+    };
+
+    use super::*;
+    use crate::runner::{CliError, Invocation, Output};
+
+    /// Records every invocation and fails them all: nothing here should get that far.
+    #[derive(Default)]
+    struct Recording(StdMutex<Vec<Invocation>>);
+
+    #[async_trait::async_trait]
+    impl Runner for Recording {
+        async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
+            self.0.lock().unwrap().push(inv.clone());
+            Err(CliError::Failed {
+                command: inv.display(),
+                code: 1,
+                stderr: "fake".into(),
+            })
+        }
+    }
+
+    const HOSTILE: &[&str] = &[
+        "a;rm -rf /",
+        "$(reboot)",
+        "--help",
+        "../x",
+        "",
+        "ｉｍｇ-é",
+        "a b",
+        "`id`",
+    ];
+
+    fn owner(volume: &str) -> Ownership {
+        Ownership {
+            managed_by: "unistor".into(),
+            volume: volume.into(),
+        }
+    }
+
+    /// Every command, with `bad` put into one field; the field's name is returned alongside.
+    fn commands_with(bad: &str) -> Vec<(&'static str, Command)> {
+        vec![
+            (
+                "pool",
+                Command::CreateImage(CreateImage {
+                    pool: bad.into(),
+                    image: "img".into(),
+                    size_bytes: 1 << 30,
+                    features: vec![],
+                    owner: owner("v"),
+                }),
+            ),
+            (
+                "image",
+                Command::CreateImage(CreateImage {
+                    pool: "rbd".into(),
+                    image: bad.into(),
+                    size_bytes: 1 << 30,
+                    features: vec![],
+                    owner: owner("v"),
+                }),
+            ),
+            (
+                "owner.volume",
+                Command::CreateImage(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: 1 << 30,
+                    features: vec![],
+                    owner: owner(bad),
+                }),
+            ),
+            (
+                "features",
+                Command::CreateImage(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: 1 << 30,
+                    features: vec![bad.into()],
+                    owner: owner("v"),
+                }),
+            ),
+            (
+                "image",
+                Command::GrowImage(GrowImage {
+                    pool: "rbd".into(),
+                    image: bad.into(),
+                    size_bytes: 1 << 30,
+                    owner: owner("v"),
+                }),
+            ),
+            (
+                "pool",
+                Command::TrashImage(TrashImage {
+                    pool: bad.into(),
+                    image: "img".into(),
+                    retain_secs: 60,
+                    owner: owner("v"),
+                }),
+            ),
+            (
+                "image",
+                Command::RestoreImage(ImageRef {
+                    pool: "rbd".into(),
+                    image: bad.into(),
+                }),
+            ),
+            (
+                "owner.managed_by",
+                Command::DeleteImage(DeleteImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    owner: Ownership {
+                        managed_by: bad.into(),
+                        volume: "v".into(),
+                    },
+                }),
+            ),
+            (
+                "client_id",
+                Command::IssueSnapIdentity(IssueSnapIdentity {
+                    client_id: bad.into(),
+                    pools: vec!["rbd".into()],
+                }),
+            ),
+            (
+                "pools[1]",
+                Command::IssueSnapIdentity(IssueSnapIdentity {
+                    client_id: "snap".into(),
+                    pools: vec!["rbd".into(), bad.into()],
+                }),
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn hostile_names_are_refused_before_any_process_is_spawned() {
+        let handler = CephHandler::new(Ceph::new(Recording::default(), None));
+        let long = "a".repeat(300);
+        let mut cases: Vec<&str> = HOSTILE.to_vec();
+        cases.push(&long);
+        for bad in cases {
+            for (field, command) in commands_with(bad) {
+                let name = command.name();
+                let e = handler.handle(command).await.unwrap_err();
+                assert_eq!(e.field.as_deref(), Some(field), "{name} with {bad:?}: {e:?}");
+                assert!(
+                    matches!(e.code, ErrorCode::InvalidName | ErrorCode::InvalidArgument),
+                    "{e:?}"
+                );
+                assert!(e.message.contains(field), "message names the field: {}", e.message);
+            }
+        }
+        assert!(
+            handler.ceph().runner().0.lock().unwrap().is_empty(),
+            "a process was spawned for refused input"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_sizes_and_reserved_identities_are_refused_before_any_process_is_spawned() {
+        let handler = CephHandler::new(Ceph::new(Recording::default(), Some("unistor-agent")));
+        for size in [0, 1, (1 << 20) + 512] {
+            let e = handler
+                .handle(Command::CreateImage(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: size,
+                    features: vec![],
+                    owner: owner("v"),
+                }))
+                .await
+                .unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("size_bytes"));
+        }
+        for id in ["admin", "unistor-agent"] {
+            let e = handler
+                .handle(Command::IssueSnapIdentity(IssueSnapIdentity {
+                    client_id: id.into(),
+                    pools: vec!["rbd".into()],
+                }))
+                .await
+                .unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("client_id"), "{e:?}");
+        }
+        let e = handler
+            .handle(Command::CreateImage(CreateImage {
+                pool: "rbd".into(),
+                image: "img".into(),
+                size_bytes: 1 << 30,
+                features: vec!["fast-diff".into()],
+                owner: owner("v"),
+            }))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("requires"), "{}", e.message);
+        assert!(handler.ceph().runner().0.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,99 @@
+//! `ceph-agent`: flags in, [`ceph_agent::run`] out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ceph_agent::runner::ProcessRunnerConfig;
+use ceph_agent::Config;
+use clap::Parser;
+use protocol::names::{CephClientId, PeerName};
+use protocol::server::ServerConfig;
+use protocol::tls::PkiPaths;
+
+/// Operates a Ceph cluster for the unistor controller, over mutual TLS.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// This agent's name; its certificate must name it (a DNS label).
+    #[arg(long, env = "CEPH_AGENT_NAME")]
+    name: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: SocketAddr,
+    /// Directory with ca.crt, NAME.crt and NAME.key (see `unistor pki`).
+    #[arg(long)]
+    pki_dir: PathBuf,
+    /// Directory for the agent's own state (the fencing token).
+    #[arg(long, default_value = "/var/lib/unistor/ceph-agent")]
+    state_dir: PathBuf,
+    /// Ceph config file (`ceph -c`).
+    #[arg(long, env = "CEPH_CONF")]
+    ceph_conf: Option<PathBuf>,
+    /// Keyring of the agent's cephx identity.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+    /// The agent's cephx id, without `client.` (default: Ceph's own default, admin).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// Deadline of every ceph/rbd/rados command; then SIGTERM, then SIGKILL.
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    command_timeout: Duration,
+    /// How often the cluster report is polled (pushed to controllers when it changes).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    report_interval: Duration,
+    /// Connections allowed from one address.
+    #[arg(long, default_value_t = 100)]
+    max_connections_per_peer: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ceph-agent: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(ceph_agent::run(config, protocol::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ceph-agent: {}", protocol::error::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config(args: Args) -> Result<Config, protocol::names::NameError> {
+    let name = PeerName::parse("--name", &args.name)?;
+    if let Some(id) = &args.client_id {
+        CephClientId::parse("--client-id", id)?;
+    }
+    let mut server = ServerConfig::new(name.as_str());
+    server.max_connections_per_peer = args.max_connections_per_peer;
+    Ok(Config {
+        pki: PkiPaths::in_dir(&args.pki_dir, name.as_str()),
+        name,
+        listen: args.listen,
+        state_dir: args.state_dir,
+        cli: ProcessRunnerConfig {
+            conf: args.ceph_conf,
+            keyring: args.keyring,
+            client_id: args.client_id,
+            timeout: args.command_timeout,
+            ..ProcessRunnerConfig::default()
+        },
+        report_interval: args.report_interval,
+        server,
+    })
+}
