@@ -322,7 +322,10 @@ impl<R: Runner> Ceph<R> {
         let Some(info) = self.info(spec).await? else {
             return Ok(None);
         };
-        let (metadata, watchers) = tokio::try_join!(self.metadata(spec), self.watchers(spec))?;
+        // One after the other: `rbd image-meta list` may open the image read-write for a moment,
+        // and a concurrent `rbd status` would report our own process as a watcher.
+        let metadata = self.metadata(spec).await?;
+        let watchers = self.watchers(spec).await?;
         Ok(Some(LiveImage {
             size: info.size,
             features: info.features,
@@ -340,8 +343,13 @@ impl<R: Runner> Ceph<R> {
 
     /// Image names in a pool's unistor index.
     async fn index(&self, pool: &PoolName) -> Result<BTreeSet<String>, CephError> {
-        let inv = Invocation::new(Tool::Rados)
-            .args(["--pool", pool.as_str(), "listomapkeys", "--", INDEX_OBJECT]);
+        let inv = Invocation::new(Tool::Rados).args([
+            "--pool",
+            pool.as_str(),
+            "listomapkeys",
+            "--",
+            INDEX_OBJECT,
+        ]);
         match self.runner.run(inv).await {
             Ok(out) => Ok(String::from_utf8_lossy(&out.stdout)
                 .lines()
@@ -393,7 +401,12 @@ impl<R: Runner> Ceph<R> {
         }
     }
 
-    async fn set_metadata(&self, spec: &ImageSpec, key: &str, value: &str) -> Result<(), CephError> {
+    async fn set_metadata(
+        &self,
+        spec: &ImageSpec,
+        key: &str,
+        value: &str,
+    ) -> Result<(), CephError> {
         let inv = image_args(rbd().args(["image-meta", "set"]), spec).args([key, value]);
         self.runner.run(inv).await?;
         Ok(())
@@ -697,7 +710,7 @@ impl<R: Runner> Ceph<R> {
         match self.live(spec).await? {
             Some(img) => {
                 Self::check_owner(spec, &img, owner)?;
-                refuse_in_use(spec, &img)?;
+                self.refuse_in_use(spec, &img).await?;
                 let inv = image_args(
                     rbd()
                         .args(["trash", "mv", "--expires-at"])
@@ -766,7 +779,7 @@ impl<R: Runner> Ceph<R> {
         match self.live(spec).await? {
             Some(img) => {
                 Self::check_owner(spec, &img, owner)?;
-                refuse_in_use(spec, &img)?;
+                self.refuse_in_use(spec, &img).await?;
                 let inv = image_args(rbd().args(["rm", "--no-progress"]), spec);
                 self.runner.run(inv).await?;
             }
@@ -775,13 +788,33 @@ impl<R: Runner> Ceph<R> {
                 if trash.iter().any(|t| t.name == spec.image.as_str()) {
                     return Err(CephError::NotFound {
                         spec: spec.to_string(),
-                        hint: " live: it is in the trash; restore it first or let it expire"
-                            .into(),
+                        hint: " live: it is in the trash; restore it first or let it expire".into(),
                     });
                 }
             }
         }
         self.index_remove(spec).await
+    }
+
+    /// Refuses when the image has watchers. A watcher seen once is looked at twice more: any `rbd`
+    /// command that opens an image shows up as a watcher for a few milliseconds, while a real user
+    /// (SNAP's librbd, a mapped device) keeps its watch. Refusing is always the safe side.
+    async fn refuse_in_use(&self, spec: &ImageSpec, img: &LiveImage) -> Result<(), CephError> {
+        let mut watchers = img.watchers.clone();
+        for _ in 0..2 {
+            if watchers.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            watchers = self.watchers(spec).await?;
+        }
+        if watchers.is_empty() {
+            return Ok(());
+        }
+        Err(CephError::InUse {
+            spec: spec.to_string(),
+            watchers,
+        })
     }
 
     /// Creates or updates `client.<id>` with `profile rbd` on `pools` only, and returns its key.
@@ -793,9 +826,7 @@ impl<R: Runner> Ceph<R> {
         if self.protected_ids.contains(id.as_str()) {
             return Err(CephError::Invalid {
                 field: "client_id",
-                message: format!(
-                    "client.{id} is reserved (admin or the agent's own identity)"
-                ),
+                message: format!("client.{id} is reserved (admin or the agent's own identity)"),
             });
         }
         if pools.is_empty() {
@@ -839,17 +870,6 @@ impl<R: Runner> Ceph<R> {
         found.into_iter().next().ok_or_else(|| CephError::NotFound {
             spec: entity,
             hint: " after creating it".into(),
-        })
-    }
-}
-
-fn refuse_in_use(spec: &ImageSpec, img: &LiveImage) -> Result<(), CephError> {
-    if img.watchers.is_empty() {
-        Ok(())
-    } else {
-        Err(CephError::InUse {
-            spec: spec.to_string(),
-            watchers: img.watchers.clone(),
         })
     }
 }

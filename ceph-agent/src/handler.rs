@@ -18,8 +18,9 @@ pub const CAPABILITIES: &[&str] = &["lease", "ceph.report", "ceph.image", "ceph.
 /// The ceph-agent's command handler.
 pub struct CephHandler<R> {
     ceph: Ceph<R>,
-    /// Mutations run one at a time: two commands never race on the same image.
-    mutations: Mutex<()>,
+    /// Cluster operations run one at a time, reports included: two commands never race on an
+    /// image, and one command's brief image opens never show up as watchers in another's view.
+    exclusive: Mutex<()>,
     events: broadcast::Sender<Event>,
 }
 
@@ -28,7 +29,7 @@ impl<R: Runner> CephHandler<R> {
     pub fn new(ceph: Ceph<R>) -> Self {
         Self {
             ceph,
-            mutations: Mutex::new(()),
+            exclusive: Mutex::new(()),
             events: broadcast::channel(16).0,
         }
     }
@@ -40,8 +41,8 @@ impl<R: Runner> CephHandler<R> {
 
     async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
         let wire = |e: crate::ceph::CephError| e.to_wire();
+        let _guard = self.exclusive.lock().await;
         if command.is_mutating() {
-            let _guard = self.mutations.lock().await;
             return self.mutate(command).await.map_err(wire);
         }
         match command {
@@ -111,13 +112,19 @@ impl<R: Runner> CephHandler<R> {
         loop {
             tick.tick().await;
             polls += 1;
-            match self.ceph.report().await {
+            let report = {
+                let _guard = self.exclusive.lock().await;
+                self.ceph.report().await
+            };
+            match report {
                 Ok(report) => {
                     let changed = last.as_ref() != Some(&report);
                     if changed || polls >= full_every {
                         polls = 0;
                         debug!(changed, "Pushing the cluster report.");
-                        let _ = self.events.send(Event::CephReport(Box::new(report.clone())));
+                        let _ = self
+                            .events
+                            .send(Event::CephReport(Box::new(report.clone())));
                         last = Some(report);
                     }
                 }
@@ -297,12 +304,20 @@ mod tests {
             for (field, command) in commands_with(bad) {
                 let name = command.name();
                 let e = handler.handle(command).await.unwrap_err();
-                assert_eq!(e.field.as_deref(), Some(field), "{name} with {bad:?}: {e:?}");
+                assert_eq!(
+                    e.field.as_deref(),
+                    Some(field),
+                    "{name} with {bad:?}: {e:?}"
+                );
                 assert!(
                     matches!(e.code, ErrorCode::InvalidName | ErrorCode::InvalidArgument),
                     "{e:?}"
                 );
-                assert!(e.message.contains(field), "message names the field: {}", e.message);
+                assert!(
+                    e.message.contains(field),
+                    "message names the field: {}",
+                    e.message
+                );
             }
         }
         assert!(

@@ -319,7 +319,11 @@ mod tests {
     #[tokio::test]
     async fn arguments_reach_the_program_verbatim() {
         let dir = tempfile::tempdir().unwrap();
-        script(dir.path(), "rbd", r#"for a in "$@"; do printf '%s\n' "$a"; done"#);
+        script(
+            dir.path(),
+            "rbd",
+            r#"for a in "$@"; do printf '%s\n' "$a"; done"#,
+        );
         let r = runner_in(dir.path(), Duration::from_secs(10));
         let out = r
             .run(Invocation::new(Tool::Rbd).args(["a b", "$(id)", "--", "*"]))
@@ -335,9 +339,16 @@ mod tests {
     #[tokio::test]
     async fn failures_carry_exit_code_and_stderr() {
         let dir = tempfile::tempdir().unwrap();
-        script(dir.path(), "rbd", "echo 'rbd: error opening image x: (2) No such file or directory' >&2; exit 2");
+        script(
+            dir.path(),
+            "rbd",
+            "echo 'rbd: error opening image x: (2) No such file or directory' >&2; exit 2",
+        );
         let r = runner_in(dir.path(), Duration::from_secs(10));
-        let e = r.run(Invocation::new(Tool::Rbd).arg("info")).await.unwrap_err();
+        let e = r
+            .run(Invocation::new(Tool::Rbd).arg("info"))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Some(2));
         assert!(e.to_string().contains("No such file"), "{e}");
         assert!(e.to_string().contains("`rbd info`"), "{e}");
@@ -350,7 +361,10 @@ mod tests {
         script(
             dir.path(),
             "ceph",
-            &format!("trap 'touch {}; exit 143' TERM; sleep 30 & wait", marker.display()),
+            &format!(
+                "trap 'touch {}; exit 143' TERM; sleep 30 & wait",
+                marker.display()
+            ),
         );
         let r = runner_in(dir.path(), Duration::from_millis(300));
         let e = r.run(Invocation::new(Tool::Ceph)).await.unwrap_err();
@@ -365,12 +379,19 @@ mod tests {
         script(
             dir.path(),
             "ceph",
-            &format!("echo $$ > {}; trap '' TERM; while :; do sleep 0.05; done", pidfile.display()),
+            &format!(
+                "echo $$ > {}; trap '' TERM; while :; do sleep 0.05; done",
+                pidfile.display()
+            ),
         );
         let r = runner_in(dir.path(), Duration::from_millis(300));
         let e = r.run(Invocation::new(Tool::Ceph)).await.unwrap_err();
         assert!(matches!(e, CliError::Timeout { .. }), "{e}");
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         // The process is gone (reaped by the runner): signalling it fails.
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         assert!(!alive, "process {pid} survived SIGKILL");

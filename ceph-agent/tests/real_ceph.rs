@@ -1,0 +1,520 @@
+//! The ceph-agent's operations against a real Ceph cluster, each effect checked independently with
+//! the real `rbd`, `rados` and `ceph` CLI.
+//!
+//! Needs a running cluster: `scripts/test.sh` starts one; by hand,
+//! `scripts/ceph-dev-cluster.sh up /tmp/unistor-ceph && . /tmp/unistor-ceph/env`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ceph_agent::ceph::{Ceph, CephError, ImageSpec, Owner};
+use ceph_agent::runner::{ProcessRunner, ProcessRunnerConfig};
+use protocol::names::{CephClientId, PoolName};
+use protocol::{ImageState, Ownership};
+
+const HOW: &str = "this test needs a running Ceph cluster and UNISTOR_CEPH_CONF set: run \
+    `scripts/test.sh` (starts one), or `scripts/ceph-dev-cluster.sh up /tmp/unistor-ceph && \
+    . /tmp/unistor-ceph/env` and run the tests again";
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+struct Cluster {
+    conf: PathBuf,
+    keyring: PathBuf,
+    id: String,
+    pool: String,
+    pool2: String,
+}
+
+fn cluster() -> Cluster {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: {HOW}"));
+    let c = Cluster {
+        conf: var("UNISTOR_CEPH_CONF").into(),
+        keyring: var("UNISTOR_CEPH_KEYRING").into(),
+        id: var("UNISTOR_CEPH_ID"),
+        pool: var("UNISTOR_CEPH_POOL"),
+        pool2: var("UNISTOR_CEPH_POOL2"),
+    };
+    assert!(
+        c.conf.exists(),
+        "{} does not exist: {HOW}",
+        c.conf.display()
+    );
+    c
+}
+
+fn ceph_ops(c: &Cluster) -> Ceph<ProcessRunner> {
+    let runner = ProcessRunner::new(ProcessRunnerConfig {
+        conf: Some(c.conf.clone()),
+        keyring: Some(c.keyring.clone()),
+        client_id: Some(c.id.clone()),
+        timeout: Duration::from_secs(60),
+        ..ProcessRunnerConfig::default()
+    });
+    Ceph::new(runner, Some(&c.id))
+}
+
+/// Runs a real CLI tool against the cluster: (exit code, stdout, stderr).
+fn cli(c: &Cluster, tool: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(tool)
+        .arg("--conf")
+        .arg(&c.conf)
+        .arg("--keyring")
+        .arg(&c.keyring)
+        .arg("--id")
+        .arg(&c.id)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}: {HOW}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_ok(c: &Cluster, tool: &str, args: &[&str]) -> String {
+    let (code, out, err) = cli(c, tool, args);
+    assert_eq!(code, 0, "{tool} {args:?} failed: {err}");
+    out
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad json {s:?}: {e}"))
+}
+
+/// The image as `rbd info` sees it, or None.
+fn rbd_info(c: &Cluster, pool: &str, image: &str) -> Option<serde_json::Value> {
+    let spec = format!("{pool}/{image}");
+    let (code, out, _) = cli(c, "rbd", &["info", "--format", "json", &spec]);
+    (code == 0).then(|| json(&out))
+}
+
+fn rbd_meta(c: &Cluster, pool: &str, image: &str) -> BTreeMap<String, String> {
+    let spec = format!("{pool}/{image}");
+    let out = cli_ok(c, "rbd", &["image-meta", "list", "--format", "json", &spec]);
+    if out.trim().is_empty() {
+        return BTreeMap::new();
+    }
+    serde_json::from_str(&out).unwrap()
+}
+
+fn trash_names(c: &Cluster, pool: &str) -> Vec<String> {
+    let out = cli_ok(c, "rbd", &["trash", "ls", "--format", "json", pool]);
+    json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn index_keys(c: &Cluster, pool: &str) -> Vec<String> {
+    let (_, out, _) = cli(
+        c,
+        "rados",
+        &["--pool", pool, "listomapkeys", "unistor.index"],
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn owner(volume: &str) -> Owner {
+    Owner::parse(&Ownership {
+        managed_by: "unistor-test".into(),
+        volume: volume.into(),
+    })
+    .unwrap()
+}
+
+fn spec(pool: &str, image: &str) -> ImageSpec {
+    ImageSpec::parse(pool, image).unwrap()
+}
+
+/// An `rbd watch` process: a real watcher on the image until dropped.
+struct Watcher(std::process::Child);
+
+impl Watcher {
+    fn start(c: &Cluster, pool: &str, image: &str) -> Self {
+        let child = Command::new("rbd")
+            .arg("--conf")
+            .arg(&c.conf)
+            .arg("--keyring")
+            .arg(&c.keyring)
+            .arg("--id")
+            .arg(&c.id)
+            .args(["watch", &format!("{pool}/{image}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let w = Watcher(child);
+        wait_until(Duration::from_secs(30), "the watcher to register", || {
+            let out = cli_ok(
+                c,
+                "rbd",
+                &["status", "--format", "json", &format!("{pool}/{image}")],
+            );
+            !json(&out)["watchers"].as_array().unwrap().is_empty()
+        });
+        w
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // `rbd watch` exits cleanly (and unwatches) on a newline.
+        use std::io::Write;
+        if let Some(stdin) = self.0.stdin.as_mut() {
+            let _ = stdin.write_all(b"\n");
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test]
+async fn create_is_idempotent_and_writes_ownership() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("create");
+    let s = spec(&c.pool, &name);
+    let o = owner(&name);
+
+    let st = ceph.create_image(&s, GIB, &[], &o).await.unwrap();
+    assert_eq!(st.state, ImageState::Live);
+    assert_eq!(st.size_bytes, GIB);
+
+    let info = rbd_info(&c, &c.pool, &name).expect("rbd sees the image");
+    assert_eq!(info["size"].as_u64(), Some(GIB));
+    let features: Vec<&str> = info["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert_eq!(features, ["layering", "exclusive-lock"]);
+    let meta = rbd_meta(&c, &c.pool, &name);
+    assert_eq!(meta["unistor.managed-by"], "unistor-test");
+    assert_eq!(meta["unistor.volume"], name);
+    assert!(index_keys(&c, &c.pool).contains(&name));
+
+    // The same create again succeeds and changes nothing.
+    let again = ceph.create_image(&s, GIB, &[], &o).await.unwrap();
+    assert_eq!(again.size_bytes, GIB);
+    // A different spec under the same name is a conflict, and the image is untouched.
+    let e = ceph.create_image(&s, 2 * GIB, &[], &o).await.unwrap_err();
+    assert!(matches!(e, CephError::Conflict { .. }), "{e}");
+    assert!(e.to_string().contains("size"), "{e}");
+    assert_eq!(
+        rbd_info(&c, &c.pool, &name).unwrap()["size"].as_u64(),
+        Some(GIB)
+    );
+}
+
+#[tokio::test]
+async fn grow_but_never_shrink() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("grow");
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+    ceph.create_image(&s, 256 * MIB, &[], &o).await.unwrap();
+
+    let st = ceph.grow_image(&s, GIB, &o).await.unwrap();
+    assert_eq!(st.size_bytes, GIB);
+    assert_eq!(
+        rbd_info(&c, &c.pool, &name).unwrap()["size"].as_u64(),
+        Some(GIB)
+    );
+    // Same size: no-op.
+    ceph.grow_image(&s, GIB, &o).await.unwrap();
+
+    let e = ceph.grow_image(&s, 512 * MIB, &o).await.unwrap_err();
+    assert!(matches!(e, CephError::Shrink { .. }), "{e}");
+    assert_eq!(e.to_wire().code, protocol::ErrorCode::ShrinkRefused);
+    assert_eq!(
+        rbd_info(&c, &c.pool, &name).unwrap()["size"].as_u64(),
+        Some(GIB),
+        "the image kept its size"
+    );
+}
+
+#[tokio::test]
+async fn trash_restore_and_delete() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("trash");
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+    ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap();
+
+    let st = ceph.trash_image(&s, 3600, &o).await.unwrap();
+    match &st.state {
+        ImageState::Trashed { trash_status, .. } => {
+            assert!(trash_status.contains("protected until"), "{trash_status}")
+        }
+        other => panic!("expected trashed, got {other:?}"),
+    }
+    assert!(rbd_info(&c, &c.pool, &name).is_none(), "no longer live");
+    assert!(trash_names(&c, &c.pool).contains(&name));
+    // Trashing again is success.
+    ceph.trash_image(&s, 3600, &o).await.unwrap();
+    // Deleting a trashed image is refused: restore first.
+    let e = ceph.delete_image(&s, &o).await.unwrap_err();
+    assert!(matches!(e, CephError::NotFound { .. }), "{e}");
+    assert!(trash_names(&c, &c.pool).contains(&name));
+
+    let st = ceph.restore_image(&s).await.unwrap();
+    assert_eq!(st.state, ImageState::Live);
+    assert_eq!(st.size_bytes, 64 * MIB);
+    assert!(rbd_info(&c, &c.pool, &name).is_some());
+    assert!(!trash_names(&c, &c.pool).contains(&name));
+    assert_eq!(
+        rbd_meta(&c, &c.pool, &name)["unistor.volume"],
+        name,
+        "metadata kept"
+    );
+    // Restoring a live image is success.
+    ceph.restore_image(&s).await.unwrap();
+
+    ceph.delete_image(&s, &o).await.unwrap();
+    assert!(rbd_info(&c, &c.pool, &name).is_none());
+    assert!(
+        !index_keys(&c, &c.pool).contains(&name),
+        "index entry removed"
+    );
+    // Deleting what is gone is success.
+    ceph.delete_image(&s, &o).await.unwrap();
+}
+
+#[tokio::test]
+async fn images_with_watchers_are_neither_deleted_nor_trashed() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("watched");
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+    ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap();
+    {
+        let _watcher = Watcher::start(&c, &c.pool, &name);
+        let e = ceph.delete_image(&s, &o).await.unwrap_err();
+        assert!(matches!(e, CephError::InUse { .. }), "{e}");
+        assert_eq!(e.to_wire().code, protocol::ErrorCode::InUse);
+        let e = ceph.trash_image(&s, 60, &o).await.unwrap_err();
+        assert!(matches!(e, CephError::InUse { .. }), "{e}");
+        assert!(rbd_info(&c, &c.pool, &name).is_some(), "still there");
+    }
+    wait_until(Duration::from_secs(60), "the watcher to go", || {
+        let out = cli_ok(
+            &c,
+            "rbd",
+            &["status", "--format", "json", &format!("{}/{name}", c.pool)],
+        );
+        json(&out)["watchers"].as_array().unwrap().is_empty()
+    });
+    ceph.delete_image(&s, &o).await.unwrap();
+    assert!(rbd_info(&c, &c.pool, &name).is_none());
+}
+
+#[tokio::test]
+async fn images_unistor_does_not_own_are_never_touched() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("foreign");
+    let full = format!("{}/{name}", c.pool);
+    cli_ok(&c, "rbd", &["create", "--size", "64M", &full]);
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+
+    for e in [
+        ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap_err(),
+        ceph.grow_image(&s, GIB, &o).await.unwrap_err(),
+        ceph.trash_image(&s, 60, &o).await.unwrap_err(),
+        ceph.delete_image(&s, &o).await.unwrap_err(),
+        ceph.restore_image(&s).await.unwrap_err(),
+    ] {
+        assert!(matches!(e, CephError::NotOwned { .. }), "{e}");
+        assert_eq!(e.to_wire().code, protocol::ErrorCode::NotOwned);
+    }
+    let info = rbd_info(&c, &c.pool, &name).expect("still there");
+    assert_eq!(info["size"].as_u64(), Some(64 * MIB), "not grown");
+    assert!(
+        rbd_meta(&c, &c.pool, &name).is_empty(),
+        "no metadata written"
+    );
+    assert!(!index_keys(&c, &c.pool).contains(&name));
+
+    // An image owned by another volume is not this volume's either.
+    let other = unique("other");
+    let so = spec(&c.pool, &other);
+    ceph.create_image(&so, 64 * MIB, &[], &owner(&other))
+        .await
+        .unwrap();
+    let e = ceph
+        .delete_image(&so, &owner("intruder"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CephError::NotOwned { .. }), "{e}");
+    assert!(rbd_info(&c, &c.pool, &other).is_some());
+    cli_ok(&c, "rbd", &["rm", "--no-progress", &full]);
+}
+
+#[tokio::test]
+async fn an_interrupted_create_is_adopted() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("interrupted");
+    // What a crash between the index entry and the metadata leaves behind.
+    cli_ok(
+        &c,
+        "rados",
+        &[
+            "--pool",
+            &c.pool,
+            "setomapval",
+            "unistor.index",
+            &name,
+            &name,
+        ],
+    );
+    cli_ok(
+        &c,
+        "rbd",
+        &[
+            "create",
+            "--size",
+            "64M",
+            "--image-feature",
+            "layering,exclusive-lock",
+            &format!("{}/{name}", c.pool),
+        ],
+    );
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+    ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap();
+    assert_eq!(rbd_meta(&c, &c.pool, &name)["unistor.volume"], name);
+}
+
+#[tokio::test]
+async fn report_describes_the_cluster() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("report");
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+    ceph.create_image(&s, 128 * MIB, &[], &o).await.unwrap();
+    let trashed = unique("report-trashed");
+    let st = spec(&c.pool, &trashed);
+    ceph.create_image(&st, 64 * MIB, &[], &owner(&trashed))
+        .await
+        .unwrap();
+    ceph.trash_image(&st, 600, &owner(&trashed)).await.unwrap();
+
+    let r = ceph.report().await.unwrap();
+    assert_eq!(r.fsid, cli_ok(&c, "ceph", &["fsid"]).trim());
+    assert!(
+        ["HEALTH_OK", "HEALTH_WARN"].contains(&r.health.status.as_str()),
+        "{:?}",
+        r.health
+    );
+    assert!(
+        r.monitors
+            .iter()
+            .any(|m| m.addrs.iter().any(|a| a.contains("127.0.0.1"))),
+        "{:?}",
+        r.monitors
+    );
+    assert!(r.capacity.total_bytes > 0 && r.capacity.avail_bytes <= r.capacity.total_bytes);
+    let pool = r.pools.iter().find(|p| p.name == c.pool).unwrap();
+    assert!(pool.rbd_enabled);
+    let img = r
+        .images
+        .iter()
+        .find(|i| i.image == name)
+        .expect("managed image reported");
+    assert_eq!(img.size_bytes, 128 * MIB);
+    assert!(!img.in_use());
+    assert_eq!(img.metadata["unistor.volume"], name);
+    let t = r.images.iter().find(|i| i.image == trashed).unwrap();
+    assert!(matches!(t.state, ImageState::Trashed { .. }), "{t:?}");
+    // Images unistor does not manage are not listed.
+    let foreign = unique("unlisted");
+    cli_ok(
+        &c,
+        "rbd",
+        &["create", "--size", "8M", &format!("{}/{foreign}", c.pool)],
+    );
+    let r = ceph.report().await.unwrap();
+    assert!(!r.images.iter().any(|i| i.image == foreign));
+}
+
+#[tokio::test]
+async fn snap_identity_is_least_privilege() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let id = unique("snap");
+    let cid = CephClientId::parse("client_id", &id).unwrap();
+    let pool = PoolName::parse("pool", &c.pool).unwrap();
+    let ident = ceph.issue_identity(&cid, &[pool.clone()]).await.unwrap();
+    assert_eq!(ident.entity, format!("client.{id}"));
+    assert_eq!(ident.caps["mon"], "profile rbd");
+    assert_eq!(ident.caps["osd"], format!("profile rbd pool={}", c.pool));
+    let got = json(&cli_ok(
+        &c,
+        "ceph",
+        &["auth", "get", &ident.entity, "--format", "json"],
+    ));
+    assert_eq!(got[0]["key"].as_str(), Some(ident.key.as_str()));
+
+    // The key works on its pool and nowhere else.
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring");
+    std::fs::write(
+        &keyring,
+        format!("[{}]\n\tkey = {}\n", ident.entity, ident.key),
+    )
+    .unwrap();
+    let as_snap = |pool: &str| {
+        Command::new("rbd")
+            .arg("--conf")
+            .arg(&c.conf)
+            .arg("--keyring")
+            .arg(&keyring)
+            .args(["--id", &id, "ls", pool])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(as_snap(&c.pool), "SNAP's key can use its pool");
+    assert!(!as_snap(&c.pool2), "SNAP's key cannot use another pool");
+
+    // Issuing again with more pools updates the caps and keeps the key.
+    let pool2 = PoolName::parse("pool", &c.pool2).unwrap();
+    let again = ceph.issue_identity(&cid, &[pool2, pool]).await.unwrap();
+    assert_eq!(again.key, ident.key);
+    let mut want = [c.pool.clone(), c.pool2.clone()];
+    want.sort();
+    assert_eq!(
+        again.caps["osd"],
+        format!("profile rbd pool={}, profile rbd pool={}", want[0], want[1])
+    );
+    assert!(as_snap(&c.pool2));
+}
