@@ -178,7 +178,7 @@ impl CephError {
 
 /// Checks a size: positive whole mebibytes.
 pub fn check_size(field: &'static str, bytes: u64) -> Result<(), CephError> {
-    if bytes == 0 || bytes % SIZE_UNIT != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(SIZE_UNIT) {
         return Err(CephError::Invalid {
             field,
             message: format!("{bytes} bytes is not a positive whole number of MiB"),
