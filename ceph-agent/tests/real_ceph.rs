@@ -471,7 +471,7 @@ async fn snap_identity_is_least_privilege() {
     let id = unique("snap");
     let cid = CephClientId::parse("client_id", &id).unwrap();
     let pool = PoolName::parse("pool", &c.pool).unwrap();
-    let ident = ceph.issue_identity(&cid, &[pool.clone()]).await.unwrap();
+    let ident = ceph.issue_identity(&cid, std::slice::from_ref(&pool)).await.unwrap();
     assert_eq!(ident.entity, format!("client.{id}"));
     assert_eq!(ident.caps["mon"], "profile rbd");
     assert_eq!(ident.caps["osd"], format!("profile rbd pool={}", c.pool));
