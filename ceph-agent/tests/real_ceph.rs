@@ -5,46 +5,20 @@
 //! `scripts/ceph-dev-cluster.sh up /tmp/unistor-ceph && . /tmp/unistor-ceph/env`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ceph_agent::ceph::{Ceph, CephError, ImageSpec, Owner};
 use ceph_agent::runner::{ProcessRunner, ProcessRunnerConfig};
+use e2e::{unique, wait_until, Cluster};
 use protocol::names::{CephClientId, PoolName};
 use protocol::{ImageState, Ownership};
-
-const HOW: &str = "this test needs a running Ceph cluster and UNISTOR_CEPH_CONF set: run \
-    `scripts/test.sh` (starts one), or `scripts/ceph-dev-cluster.sh up /tmp/unistor-ceph && \
-    . /tmp/unistor-ceph/env` and run the tests again";
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
-struct Cluster {
-    conf: PathBuf,
-    keyring: PathBuf,
-    id: String,
-    pool: String,
-    pool2: String,
-}
-
 fn cluster() -> Cluster {
-    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: {HOW}"));
-    let c = Cluster {
-        conf: var("UNISTOR_CEPH_CONF").into(),
-        keyring: var("UNISTOR_CEPH_KEYRING").into(),
-        id: var("UNISTOR_CEPH_ID"),
-        pool: var("UNISTOR_CEPH_POOL"),
-        pool2: var("UNISTOR_CEPH_POOL2"),
-    };
-    assert!(
-        c.conf.exists(),
-        "{} does not exist: {HOW}",
-        c.conf.display()
-    );
-    c
+    Cluster::from_env()
 }
 
 fn ceph_ops(c: &Cluster) -> Ceph<ProcessRunner> {
@@ -58,41 +32,20 @@ fn ceph_ops(c: &Cluster) -> Ceph<ProcessRunner> {
     Ceph::new(runner, Some(&c.id))
 }
 
-/// Runs a real CLI tool against the cluster: (exit code, stdout, stderr).
 fn cli(c: &Cluster, tool: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(tool)
-        .arg("--conf")
-        .arg(&c.conf)
-        .arg("--keyring")
-        .arg(&c.keyring)
-        .arg("--id")
-        .arg(&c.id)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}: {HOW}"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    c.cli(tool, args)
 }
 
 fn cli_ok(c: &Cluster, tool: &str, args: &[&str]) -> String {
-    let (code, out, err) = cli(c, tool, args);
-    assert_eq!(code, 0, "{tool} {args:?} failed: {err}");
-    out
+    c.cli_ok(tool, args)
 }
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("bad json {s:?}: {e}"))
 }
 
-/// The image as `rbd info` sees it, or None.
 fn rbd_info(c: &Cluster, pool: &str, image: &str) -> Option<serde_json::Value> {
-    let spec = format!("{pool}/{image}");
-    let (code, out, _) = cli(c, "rbd", &["info", "--format", "json", &spec]);
-    (code == 0).then(|| json(&out))
+    c.rbd_info(pool, image)
 }
 
 fn rbd_meta(c: &Cluster, pool: &str, image: &str) -> BTreeMap<String, String> {
@@ -123,15 +76,6 @@ fn index_keys(c: &Cluster, pool: &str) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 fn owner(volume: &str) -> Owner {
     Owner::parse(&Ownership {
         managed_by: "unistor-test".into(),
@@ -149,13 +93,8 @@ struct Watcher(std::process::Child);
 
 impl Watcher {
     fn start(c: &Cluster, pool: &str, image: &str) -> Self {
-        let child = Command::new("rbd")
-            .arg("--conf")
-            .arg(&c.conf)
-            .arg("--keyring")
-            .arg(&c.keyring)
-            .arg("--id")
-            .arg(&c.id)
+        let child = c
+            .command("rbd")
             .args(["watch", &format!("{pool}/{image}")])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -183,14 +122,6 @@ impl Drop for Watcher {
             let _ = stdin.write_all(b"\n");
         }
         let _ = self.0.wait();
-    }
-}
-
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -471,7 +402,10 @@ async fn snap_identity_is_least_privilege() {
     let id = unique("snap");
     let cid = CephClientId::parse("client_id", &id).unwrap();
     let pool = PoolName::parse("pool", &c.pool).unwrap();
-    let ident = ceph.issue_identity(&cid, std::slice::from_ref(&pool)).await.unwrap();
+    let ident = ceph
+        .issue_identity(&cid, std::slice::from_ref(&pool))
+        .await
+        .unwrap();
     assert_eq!(ident.entity, format!("client.{id}"));
     assert_eq!(ident.caps["mon"], "profile rbd");
     assert_eq!(ident.caps["osd"], format!("profile rbd pool={}", c.pool));

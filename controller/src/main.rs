@@ -1,1 +1,23 @@
-fn main() {}
+//! `unistor`: flags in, [`controller::run`] out. Exit codes: 0 success, 1 error, 64 bad usage.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = controller::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(controller::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("unistor: {}", protocol::error::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -136,6 +136,7 @@ pub struct AgentClient {
     fence: Mutex<Option<u64>>,
     events: Mutex<Option<mpsc::Receiver<EventEnvelope>>>,
     options: ClientOptions,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -216,7 +217,7 @@ impl AgentClient {
         let (out_tx, out_rx) = mpsc::channel(64);
         let (ev_tx, ev_rx) = mpsc::channel(256);
         let pending: Pending = Arc::default();
-        tokio::spawn(connection_task(
+        let task = tokio::spawn(connection_task(
             conn,
             name.clone(),
             out_rx,
@@ -233,6 +234,7 @@ impl AgentClient {
             fence: Mutex::new(None),
             events: Mutex::new(Some(ev_rx)),
             options,
+            task,
         })
     }
 
@@ -249,6 +251,13 @@ impl AgentClient {
     /// Takes the stream of events (once).
     pub fn take_events(&self) -> Option<mpsc::Receiver<EventEnvelope>> {
         self.events.lock().expect("events lock").take()
+    }
+
+    /// Closes the session cleanly (TLS close_notify) and waits for the connection task.
+    pub async fn close(self) {
+        let Self { outgoing, task, .. } = self;
+        drop(outgoing);
+        let _ = task.await;
     }
 
     /// Takes or renews the agent's lease; later mutating commands carry its token.

@@ -252,6 +252,11 @@ async fn serve_connection<H: Handler>(
     let handshake = async {
         let tls = match acceptor.accept(stream).await {
             Ok(tls) => tls,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // A port probe or a peer that gave up: nothing was offered, nothing refused.
+                debug!(peer = %addr, "Closed before the TLS handshake.");
+                return None;
+            }
             Err(e) => {
                 shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(peer = %addr, error = %e, "TLS handshake refused.");
@@ -417,6 +422,10 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
                         }
                         Ok(None) => {
                             info!(peer = %self.addr, controller = %self.peer, "Controller disconnected.");
+                            break;
+                        }
+                        Err(FrameError::Io(e)) => {
+                            info!(peer = %self.addr, controller = %self.peer, error = %e, "Controller connection lost.");
                             break;
                         }
                         Err(e) => {

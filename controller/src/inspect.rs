@@ -1,0 +1,164 @@
+//! `unistor inspect`: dial one agent, show its hello and its report.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use protocol::client::{AgentClient, ClientOptions};
+use protocol::names::PeerName;
+use protocol::tls::{self, PkiPaths};
+use protocol::{AgentKind, CephReport, Command, Empty, ImageState, Reply};
+
+use crate::Error;
+
+/// `unistor inspect`
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The agent's name (its certificate must name it).
+    #[arg(long)]
+    pub agent: String,
+    /// The agent's address, host:port.
+    #[arg(long)]
+    pub addr: String,
+    /// PKI directory with ca.crt and the controller's certificate.
+    #[arg(long)]
+    pub pki_dir: PathBuf,
+    /// The controller's certificate name in the PKI directory.
+    #[arg(long, default_value = "controller")]
+    pub controller: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+    /// Deadline for the report.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// The agent's hello and report as JSON.
+    Json,
+}
+
+/// Runs `inspect`.
+pub async fn run(a: InspectArgs) -> Result<(), Error> {
+    let agent = PeerName::parse("--agent", &a.agent)?;
+    let controller = PeerName::parse("--controller", &a.controller)?;
+    let tls = tls::client_config(&PkiPaths::in_dir(&a.pki_dir, controller.as_str()))?;
+    let options = ClientOptions {
+        controller_name: controller.to_string(),
+        request_timeout: a.timeout,
+        ..ClientOptions::default()
+    };
+    let client = AgentClient::connect(&a.addr, &agent, tls, options).await?;
+    let hello = client.hello().clone();
+    let report = match hello.kind {
+        AgentKind::Ceph => match client.request(Command::CephReport(Empty {})).await? {
+            Reply::CephReport(r) => Some(r),
+            _ => None,
+        },
+        AgentKind::Dpu => None,
+    };
+    client.close().await;
+    let mut out = std::io::stdout().lock();
+    match a.output {
+        Output::Json => {
+            let v = serde_json::json!({ "hello": hello, "report": report });
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&v).expect("serializable")
+            )?;
+        }
+        Output::Text => {
+            writeln!(
+                out,
+                "agent {} ({}) at {}, protocol v{}, capabilities: {}",
+                hello.name,
+                hello.kind,
+                a.addr,
+                hello.version,
+                hello.capabilities.join(", ")
+            )?;
+            match &hello.lease {
+                Some(l) => writeln!(
+                    out,
+                    "lease: held by {} (token {}, {} ms left)",
+                    l.holder, l.token, l.remaining_ms
+                )?,
+                None => writeln!(out, "lease: free")?,
+            }
+            if let Some(r) = report {
+                write_ceph(&mut out, &r)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// The Ceph report as text.
+pub fn write_ceph(out: &mut impl Write, r: &CephReport) -> std::io::Result<()> {
+    writeln!(out, "cluster {}  {}", r.fsid, r.health.status)?;
+    for (check, summary) in &r.health.checks {
+        writeln!(out, "  {check}: {summary}")?;
+    }
+    for m in &r.monitors {
+        writeln!(out, "mon.{}  {}", m.name, m.addrs.join(" "))?;
+    }
+    writeln!(
+        out,
+        "capacity: {} total, {} used, {} available",
+        gib(r.capacity.total_bytes),
+        gib(r.capacity.used_bytes),
+        gib(r.capacity.avail_bytes)
+    )?;
+    writeln!(
+        out,
+        "{:<24} {:>4} {:>5} {:>12} {:>12}",
+        "POOL", "ID", "RBD", "STORED", "MAX AVAIL"
+    )?;
+    for p in &r.pools {
+        writeln!(
+            out,
+            "{:<24} {:>4} {:>5} {:>12} {:>12}",
+            p.name,
+            p.id,
+            if p.rbd_enabled { "yes" } else { "no" },
+            gib(p.stored_bytes),
+            gib(p.max_avail_bytes)
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<40} {:<8} {:>10} {:<7} VOLUME",
+        "IMAGE", "STATE", "SIZE", "IN USE"
+    )?;
+    for i in &r.images {
+        let state = match &i.state {
+            ImageState::Live => "live",
+            ImageState::Trashed { .. } => "trashed",
+            ImageState::Missing => "missing",
+        };
+        writeln!(
+            out,
+            "{:<40} {:<8} {:>10} {:<7} {}",
+            format!("{}/{}", i.pool, i.image),
+            state,
+            gib(i.size_bytes),
+            if i.in_use() { "yes" } else { "no" },
+            i.metadata
+                .get("unistor.volume")
+                .map(String::as_str)
+                .unwrap_or("-")
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against a private one-node Ceph cluster, started here and
+# stopped on exit. Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p protocol`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-ceph.XXXXXX")
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT
+scripts/ceph-dev-cluster.sh up "$dir" --port "$port"
+# shellcheck disable=SC1091
+. "$dir/env"
+
+# The end-to-end tests run the real binaries.
+cargo build --workspace --bins
+cargo test --workspace "$@"

@@ -1,0 +1,221 @@
+//! The real binaries end to end: `unistor pki` issues certificates, `ceph-agent` runs against the
+//! real cluster, `unistor inspect` and a controller session talk to it over mutual TLS.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use e2e::{bin, free_port, unique, wait_until, Cluster};
+use protocol::client::{AgentClient, ClientOptions};
+use protocol::names::PeerName;
+use protocol::tls::{self, PkiPaths};
+use protocol::{Command as Cmd, CreateImage, DeleteImage, ErrorCode, Event, Ownership, Reply};
+
+const AGENT: &str = "ceph-e2e";
+
+fn unistor(args: &[&str]) -> std::process::Output {
+    Command::new(bin("unistor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run unistor")
+}
+
+fn issue_pki(dir: &Path) {
+    let d = dir.to_str().unwrap();
+    let out = unistor(&["pki", "init", "--dir", d]);
+    assert!(out.status.success(), "{out:?}");
+    for (name, role) in [
+        (AGENT, "agent"),
+        ("controller", "controller"),
+        ("controller-b", "controller"),
+    ] {
+        let out = unistor(&["pki", "issue", "--dir", d, "--name", name, "--role", role]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // A second init must not overwrite the CA.
+    let out = unistor(&["pki", "init", "--dir", d]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
+}
+
+struct AgentProcess {
+    child: Child,
+    addr: String,
+}
+
+impl AgentProcess {
+    fn start(c: &Cluster, pki: &Path, state: &Path) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(bin("ceph-agent"))
+            .args(["--name", AGENT, "--listen", &addr])
+            .arg("--pki-dir")
+            .arg(pki)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--ceph-conf")
+            .arg(&c.conf)
+            .arg("--keyring")
+            .arg(&c.keyring)
+            .args(["--client-id", &c.id, "--report-interval", "500ms"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ceph-agent");
+        wait_until(Duration::from_secs(30), "ceph-agent to listen", || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        Self { child, addr }
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut status = None;
+        wait_until(Duration::from_secs(30), "ceph-agent to exit", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn session(pki: &Path, addr: &str, controller: &str) -> AgentClient {
+    let tls = tls::client_config(&PkiPaths::in_dir(pki, controller)).unwrap();
+    AgentClient::connect(
+        addr,
+        &PeerName::parse("agent", AGENT).unwrap(),
+        tls,
+        ClientOptions::default(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ceph_agent_serves_an_authenticated_fenced_controller() {
+    let c = Cluster::from_env();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let state = dir.path().join("state");
+    issue_pki(&pki);
+    let agent = AgentProcess::start(&c, &pki, &state);
+
+    // `unistor inspect` prints the report; its fsid is the cluster's.
+    let out = unistor(&[
+        "inspect",
+        "--agent",
+        AGENT,
+        "--addr",
+        &agent.addr,
+        "--pki-dir",
+        pki.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["report"]["fsid"].as_str().unwrap(),
+        c.cli_ok("ceph", &["fsid"]).trim()
+    );
+    assert_eq!(v["hello"]["peer"], "controller");
+    // Dialled under the wrong name, the agent is refused by the controller.
+    let out = unistor(&[
+        "inspect",
+        "--agent",
+        "ceph-other",
+        "--addr",
+        &agent.addr,
+        "--pki-dir",
+        pki.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ceph-other"));
+
+    // A fenced create through a controller session, checked with the real rbd CLI.
+    let a = session(&pki, &agent.addr, "controller").await;
+    let mut events = a.take_events().unwrap();
+    let lease = a.acquire_lease(Duration::from_secs(30)).await.unwrap();
+    let image = unique("e2e");
+    let owner = Ownership {
+        managed_by: "unistor".into(),
+        volume: image.clone(),
+    };
+    let reply = a
+        .request(Cmd::CreateImage(CreateImage {
+            pool: c.pool.clone(),
+            image: image.clone(),
+            size_bytes: 256 << 20,
+            features: vec![],
+            owner: owner.clone(),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(reply, Reply::Image(ref s) if s.size_bytes == 256 << 20));
+    assert_eq!(
+        c.rbd_info(&c.pool, &image).unwrap()["size"].as_u64(),
+        Some(256 << 20)
+    );
+
+    // The agent pushes a report that shows the new image.
+    let pushed = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(ev) = events.recv().await {
+            if let Event::CephReport(r) = ev.event {
+                if r.images.iter().any(|i| i.image == image) {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await
+    .expect("a report within a minute");
+    assert!(pushed);
+
+    // Another controller is fenced off while the lease is held.
+    let b = session(&pki, &agent.addr, "controller-b").await;
+    let err = b
+        .request_with_fence(
+            Cmd::DeleteImage(DeleteImage {
+                pool: c.pool.clone(),
+                image: image.clone(),
+                owner: owner.clone(),
+            }),
+            Some(lease.token),
+        )
+        .await
+        .unwrap_err();
+    let wire = err.wire().unwrap();
+    assert_eq!(wire.code, ErrorCode::LeaseHeld);
+    assert!(wire.message.contains("controller"), "{}", wire.message);
+    assert!(c.rbd_info(&c.pool, &image).is_some(), "not deleted");
+
+    a.request(Cmd::DeleteImage(DeleteImage {
+        pool: c.pool.clone(),
+        image: image.clone(),
+        owner,
+    }))
+    .await
+    .unwrap();
+    assert!(c.rbd_info(&c.pool, &image).is_none());
+    drop((a, b));
+
+    // SIGTERM drains and exits 0; the fencing token survives the restart.
+    let status = agent.terminate();
+    assert!(status.success(), "{status:?}");
+    let agent = AgentProcess::start(&c, &pki, &state);
+    let a = session(&pki, &agent.addr, "controller").await;
+    let again = a.acquire_lease(Duration::from_secs(30)).await.unwrap();
+    assert!(again.token > lease.token, "{again:?} after {lease:?}");
+    assert!(agent.terminate().success());
+}
