@@ -83,7 +83,7 @@ pub enum ClientError {
         command: &'static str,
         /// The agent's error.
         #[source]
-        error: WireError,
+        error: Box<WireError>,
     },
 }
 
@@ -333,7 +333,7 @@ impl AgentClient {
             Outcome::Error(error) => Err(ClientError::Remote {
                 agent: self.agent.clone(),
                 command: name,
-                error,
+                error: Box::new(error),
             }),
         }
     }
