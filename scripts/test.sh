@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace against a private one-node Ceph cluster, started here and
-# stopped on exit. Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p protocol`).
+# stopped on exit. Extra arguments go to the test runner (e.g. `scripts/test.sh -p protocol`).
+# The runner is cargo-nextest (one process per test, one summary line at the end); plain
+# `cargo test` when nextest is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +15,9 @@ scripts/ceph-dev-cluster.sh up "$dir" --port "$port"
 
 # The end-to-end tests run the real binaries.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  echo "test.sh: cargo-nextest not found; using cargo test" >&2
+  cargo test --workspace --no-fail-fast "$@"
+fi

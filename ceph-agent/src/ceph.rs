@@ -276,7 +276,7 @@ impl<R: Runner> Ceph<R> {
         Self {
             runner,
             protected_ids,
-            report_concurrency: 4,
+            report_concurrency: 8,
         }
     }
 

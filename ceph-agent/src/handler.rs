@@ -18,9 +18,10 @@ pub const CAPABILITIES: &[&str] = &["lease", "ceph.report", "ceph.image", "ceph.
 /// The ceph-agent's command handler.
 pub struct CephHandler<R> {
     ceph: Ceph<R>,
-    /// Cluster operations run one at a time, reports included: two commands never race on an
-    /// image, and one command's brief image opens never show up as watchers in another's view.
-    exclusive: Mutex<()>,
+    /// Mutations run one at a time: two commands never race on an image. Reports run beside
+    /// them; a report's brief image opens can look like watchers to a mutation, which is why
+    /// `in_use` is confirmed before it is returned (see `Ceph::refuse_in_use`).
+    mutations: Mutex<()>,
     events: broadcast::Sender<Event>,
 }
 
@@ -29,7 +30,7 @@ impl<R: Runner> CephHandler<R> {
     pub fn new(ceph: Ceph<R>) -> Self {
         Self {
             ceph,
-            exclusive: Mutex::new(()),
+            mutations: Mutex::new(()),
             events: broadcast::channel(16).0,
         }
     }
@@ -41,8 +42,8 @@ impl<R: Runner> CephHandler<R> {
 
     async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
         let wire = |e: crate::ceph::CephError| e.to_wire();
-        let _guard = self.exclusive.lock().await;
         if command.is_mutating() {
+            let _guard = self.mutations.lock().await;
             return self.mutate(command).await.map_err(wire);
         }
         match command {
@@ -112,11 +113,7 @@ impl<R: Runner> CephHandler<R> {
         loop {
             tick.tick().await;
             polls += 1;
-            let report = {
-                let _guard = self.exclusive.lock().await;
-                self.ceph.report().await
-            };
-            match report {
+            match self.ceph.report().await {
                 Ok(report) => {
                     let changed = last.as_ref() != Some(&report);
                     if changed || polls >= full_every {
