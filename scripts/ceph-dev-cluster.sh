@@ -107,7 +107,7 @@ EOF
     --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
   ceph-authtool "$dir/mon.a.keyring" --import-keyring "$dir/admin.keyring" >/dev/null
   monmaptool --create --add a "127.0.0.1:$port" --fsid "$fsid" "$dir/monmap" >/dev/null
-  ceph-mon "${c[@]}" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon.a.keyring"
+  ceph-mon "${c[@]}" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon.a.keyring" 2>>"$dir/log/mkfs.stderr"
   ceph-mon "${c[@]}" -i a --pid-file "$dir/run/mon.a.pid"
   wait_for 30 ceph "${c[@]}" --connect-timeout 5 mon stat
 
@@ -120,11 +120,11 @@ EOF
   mkdir -p "$dir/osd/$id"
   ceph-osd "${c[@]}" -i "$id" --mkfs --mkkey --no-mon-config >/dev/null 2>&1
   ceph "${c[@]}" auth add "osd.$id" osd 'allow *' mon 'allow profile osd' mgr 'allow profile osd' \
-    -i "$dir/osd/$id/keyring" >/dev/null
+    -i "$dir/osd/$id/keyring" >/dev/null 2>&1
   ceph "${c[@]}" osd crush add-bucket localhost host >/dev/null 2>&1
   ceph "${c[@]}" osd crush move localhost root=default >/dev/null 2>&1
   ceph "${c[@]}" osd crush add "osd.$id" 1.0 host=localhost >/dev/null 2>&1
-  ceph-osd "${c[@]}" -i "$id" --pid-file "$dir/run/osd.$id.pid"
+  ceph-osd "${c[@]}" -i "$id" --pid-file "$dir/run/osd.$id.pid" 2>>"$dir/log/osd.$id.stderr"
   wait_for 60 osd_up "${c[@]}"
 
   for pool in rbd rbd2; do

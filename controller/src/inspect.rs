@@ -100,8 +100,31 @@ pub async fn run(a: InspectArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn gib(bytes: u64) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+/// Bytes in binary units, as operators write sizes: `512 MiB`, `1.5 GiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_like_manifests() {
+        assert_eq!(super::human_bytes(0), "0 B");
+        assert_eq!(super::human_bytes(64 << 20), "64 MiB");
+        assert_eq!(super::human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(super::human_bytes(100 << 30), "100 GiB");
+    }
 }
 
 /// The Ceph report as text.
@@ -116,9 +139,9 @@ pub fn write_ceph(out: &mut impl Write, r: &CephReport) -> std::io::Result<()> {
     writeln!(
         out,
         "capacity: {} total, {} used, {} available",
-        gib(r.capacity.total_bytes),
-        gib(r.capacity.used_bytes),
-        gib(r.capacity.avail_bytes)
+        human_bytes(r.capacity.total_bytes),
+        human_bytes(r.capacity.used_bytes),
+        human_bytes(r.capacity.avail_bytes)
     )?;
     writeln!(
         out,
@@ -132,8 +155,8 @@ pub fn write_ceph(out: &mut impl Write, r: &CephReport) -> std::io::Result<()> {
             p.name,
             p.id,
             if p.rbd_enabled { "yes" } else { "no" },
-            gib(p.stored_bytes),
-            gib(p.max_avail_bytes)
+            human_bytes(p.stored_bytes),
+            human_bytes(p.max_avail_bytes)
         )?;
     }
     writeln!(
@@ -152,7 +175,7 @@ pub fn write_ceph(out: &mut impl Write, r: &CephReport) -> std::io::Result<()> {
             "{:<40} {:<8} {:>10} {:<7} {}",
             format!("{}/{}", i.pool, i.image),
             state,
-            gib(i.size_bytes),
+            human_bytes(i.size_bytes),
             if i.in_use() { "yes" } else { "no" },
             i.metadata
                 .get("unistor.volume")
