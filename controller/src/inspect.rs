@@ -116,17 +116,6 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes_read_like_manifests() {
-        assert_eq!(super::human_bytes(0), "0 B");
-        assert_eq!(super::human_bytes(64 << 20), "64 MiB");
-        assert_eq!(super::human_bytes(3 << 29), "1.5 GiB");
-        assert_eq!(super::human_bytes(100 << 30), "100 GiB");
-    }
-}
-
 /// The Ceph report as text.
 pub fn write_ceph(out: &mut impl Write, r: &CephReport) -> std::io::Result<()> {
     writeln!(out, "cluster {}  {}", r.fsid, r.health.status)?;
@@ -184,4 +173,15 @@ pub fn write_ceph(out: &mut impl Write, r: &CephReport) -> std::io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_like_manifests() {
+        assert_eq!(super::human_bytes(0), "0 B");
+        assert_eq!(super::human_bytes(64 << 20), "64 MiB");
+        assert_eq!(super::human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(super::human_bytes(100 << 30), "100 GiB");
+    }
 }
