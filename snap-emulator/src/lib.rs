@@ -1,0 +1,284 @@
+//! A stand-in for NVIDIA DOCA SNAP-4 on machines without a BlueField-3.
+//!
+//! It serves SNAP's JSON-RPC socket with the same stream rules, methods, key aliases, invariants,
+//! errors and restart semantics as `shared/snap-reference.md` describes (sections 2-4 and the
+//! checklist in section 6). State lives in memory and is lost on restart, as in SNAP; init files
+//! can be replayed at start, as SNAP does with `SNAP_RPC_INIT_CONF`.
+//!
+//! Modules: [`server`] (socket and stream rules), [`state`] (objects, methods, invariants),
+//! [`functions`] (the BlueField-3 function table), [`ceph`] (real-Ceph checks), [`init`] (init
+//! files). Faults can be injected: per-method latency, an error rate, "RBD not compiled in",
+//! and exit after N calls.
+
+pub mod ceph;
+pub mod functions;
+pub mod init;
+pub mod server;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::state::{RpcError, State};
+
+/// Injected faults.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Delay before answering, per method (`*` for every method).
+    pub latency: BTreeMap<String, Duration>,
+    /// Probability (0..1) that a call fails with -5 before taking effect
+    /// (never `spdk_get_version` or `rpc_get_methods`).
+    pub error_rate: f64,
+    /// Seed of the error-rate generator.
+    pub seed: u64,
+    /// Exit (as a crash) after this many calls.
+    pub exit_after: Option<u64>,
+}
+
+/// How the emulator starts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The socket path.
+    pub socket: PathBuf,
+    /// PFs, VFs per PF and device serial of the function table.
+    pub pfs: u32,
+    /// VFs per PF.
+    pub vfs_per_pf: u32,
+    /// Device serial used in VUIDs.
+    pub serial: String,
+    /// Whether SPDK was "built with" RBD.
+    pub rbd: bool,
+    /// Check clusters and images against a real Ceph cluster.
+    pub real_ceph: Option<ceph::RealCeph>,
+    /// Init files replayed at start.
+    pub init_files: Vec<PathBuf>,
+    /// Faults.
+    pub faults: Faults,
+    /// Image size assumed when no real cluster is consulted.
+    pub default_image_size: u64,
+}
+
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop.
+    Stopped,
+    /// `exit_after` calls were served: behave like a crash.
+    Crashed,
+}
+
+/// Errors starting the emulator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The function table is impossible.
+    #[error("invalid function table")]
+    Table(#[from] functions::TableError),
+    /// The socket could not be bound.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An init file could not be read.
+    #[error("cannot read init file {path}")]
+    Init {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running emulator.
+pub struct Emulator {
+    state: Mutex<State>,
+    faults: Faults,
+    real_ceph: Option<ceph::RealCeph>,
+    calls: AtomicU64,
+    rng: Mutex<u64>,
+    exit: AtomicBool,
+    exit_tx: watch::Sender<bool>,
+}
+
+impl Emulator {
+    /// A fresh emulator (empty state) for `config`.
+    pub fn new(config: &Config) -> Result<Arc<Self>, StartError> {
+        let table = functions::bluefield3(config.pfs, config.vfs_per_pf, &config.serial)?;
+        let mut state = State::new(table, config.rbd, config.faults.seed ^ 0x5eed_cafe);
+        state.default_image_size = config.default_image_size;
+        Ok(Arc::new(Self {
+            state: Mutex::new(state),
+            faults: config.faults.clone(),
+            real_ceph: config.real_ceph.clone(),
+            calls: AtomicU64::new(0),
+            rng: Mutex::new(config.faults.seed.max(1)),
+            exit: AtomicBool::new(false),
+            exit_tx: watch::channel(false).0,
+        }))
+    }
+
+    /// Whether `exit_after` has been reached.
+    pub fn should_exit(&self) -> bool {
+        self.exit.load(Ordering::SeqCst)
+    }
+
+    fn roll(&self) -> f64 {
+        let mut x = self.rng.lock().expect("rng lock");
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Handles one decoded request; `None` means no response is sent.
+    pub async fn handle_request(&self, v: Value) -> Option<Value> {
+        let req = match server::validate(v) {
+            Ok(r) => r,
+            Err((id, e)) => return Some(server::error_response(id, e)),
+        };
+        let result = self.call(&req.method, &req.params).await;
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.faults.exit_after.is_some_and(|limit| n >= limit) {
+            warn!(calls = n, "exit_after reached: exiting as a crash.");
+            self.exit.store(true, Ordering::SeqCst);
+            let _ = self.exit_tx.send(true);
+        }
+        match (result, req.id) {
+            (Ok(_), None) => None,
+            (Ok(r), Some(id)) => Some(json!({"jsonrpc": "2.0", "id": id, "result": r})),
+            (Err(e), id) => Some(server::error_response(id.unwrap_or(Value::Null), e)),
+        }
+    }
+
+    /// Runs one method with faults and real-Ceph checks applied.
+    pub async fn call(&self, method: &str, params: &Value) -> Result<Value, RpcError> {
+        let delay = self
+            .faults
+            .latency
+            .get(method)
+            .or_else(|| self.faults.latency.get("*"));
+        if let Some(d) = delay {
+            tokio::time::sleep(*d).await;
+        }
+        if !matches!(method, "spdk_get_version" | "rpc_get_methods")
+            && self.faults.error_rate > 0.0
+            && self.roll() < self.faults.error_rate
+        {
+            return Err(RpcError::eio());
+        }
+        let has = self.state.lock().expect("state lock").has_method(method);
+        match (method, &self.real_ceph, has) {
+            ("bdev_rbd_register_cluster", Some(real), true) => {
+                let p = State::parse_register(params)?;
+                if self
+                    .state
+                    .lock()
+                    .expect("state lock")
+                    .cluster(&p.name)
+                    .is_some()
+                {
+                    return Err(RpcError::eperm());
+                }
+                real.check_cluster(&p).await?;
+                self.state.lock().expect("state lock").register_cluster(p)
+            }
+            ("bdev_rbd_create", Some(real), true) => {
+                let p = State::parse_rbd_create(params)?;
+                let cluster = match &p.cluster_name {
+                    Some(c) => Some(
+                        self.state
+                            .lock()
+                            .expect("state lock")
+                            .cluster(c)
+                            .cloned()
+                            .ok_or_else(RpcError::eperm)?,
+                    ),
+                    None => None,
+                };
+                let size = real.image_size(&p, cluster.as_ref()).await?;
+                self.state
+                    .lock()
+                    .expect("state lock")
+                    .create_rbd_bdev(p, size)
+            }
+            _ => self.state.lock().expect("state lock").call(method, params),
+        }
+    }
+
+    /// Replays init files (one `method --key value` command per line).
+    pub async fn replay(&self, files: &[PathBuf]) -> Result<(), StartError> {
+        for path in files {
+            let text = std::fs::read_to_string(path).map_err(|source| StartError::Init {
+                path: path.clone(),
+                source,
+            })?;
+            for (lineno, line) in text.lines().enumerate() {
+                let Some((method, params)) = init::parse_line(line) else {
+                    continue;
+                };
+                match self.call(&method, &params).await {
+                    Ok(_) => {
+                        info!(file = %path.display(), line = lineno + 1, method, "Init command applied.")
+                    }
+                    Err(e) => {
+                        warn!(file = %path.display(), line = lineno + 1, method, code = e.code, error = %e.message, "Init command failed.")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes when `exit_after` is reached.
+    pub async fn crashed(&self) {
+        let mut rx = self.exit_tx.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Binds the socket, replays init files and serves until `shutdown` or a simulated crash.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Exit, StartError> {
+    let emu = Emulator::new(&config)?;
+    let bind_err = |source| StartError::Bind {
+        path: config.socket.clone(),
+        source,
+    };
+    server::clear_stale_socket(&config.socket).map_err(bind_err)?;
+    let listener = UnixListener::bind(&config.socket).map_err(bind_err)?;
+    emu.replay(&config.init_files).await?;
+    server::announce(
+        &config.socket,
+        (config.pfs * (1 + config.vfs_per_pf)) as usize,
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let serving = tokio::spawn(server::serve(listener, emu.clone(), stop_rx));
+    let exit = tokio::select! {
+        _ = shutdown => Exit::Stopped,
+        _ = emu.crashed() => Exit::Crashed,
+    };
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    if exit == Exit::Stopped {
+        let _ = std::fs::remove_file(&config.socket);
+    }
+    Ok(exit)
+}

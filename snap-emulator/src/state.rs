@@ -1,0 +1,1066 @@
+//! SNAP's in-memory object model and its methods, with SNAP's and SPDK's invariants and errors.
+//!
+//! Everything here lives in memory only, as in SNAP: a restart loses it. The rules follow
+//! `shared/snap-reference.md` sections 3, 4 and 6; where SNAP's behaviour is not verified, SPDK's
+//! conventions are used (negative errno codes with `strerror` messages).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::functions::{FnKey, Function};
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    /// The code (negative errno for method errors, -326xx for protocol errors).
+    pub code: i64,
+    /// The message.
+    pub message: String,
+}
+
+impl RpcError {
+    /// An error with `code` and `message`.
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+    /// -1 "Operation not permitted" (SPDK's answer to every Ceph failure).
+    pub fn eperm() -> Self {
+        Self::new(-1, "Operation not permitted")
+    }
+    /// -2 "No such file or directory".
+    pub fn enoent() -> Self {
+        Self::new(-2, "No such file or directory")
+    }
+    /// -5 "Input/output error" (injected faults).
+    pub fn eio() -> Self {
+        Self::new(-5, "Input/output error")
+    }
+    /// -16 "Device or resource busy".
+    pub fn ebusy() -> Self {
+        Self::new(-16, "Device or resource busy")
+    }
+    /// -17 "File exists".
+    pub fn eexist() -> Self {
+        Self::new(-17, "File exists")
+    }
+    /// -19 "No such device".
+    pub fn enodev() -> Self {
+        Self::new(-19, "No such device")
+    }
+    /// -22 "Invalid argument".
+    pub fn einval() -> Self {
+        Self::new(-22, "Invalid argument")
+    }
+    /// -32601 "Method not found".
+    pub fn method_not_found() -> Self {
+        Self::new(-32601, "Method not found")
+    }
+    /// -32602 "Invalid parameters".
+    pub fn invalid_params() -> Self {
+        Self::new(-32602, "Invalid parameters")
+    }
+    /// -32603 "spdk_json_decode_object failed": how SPDK's bdev methods report bad params.
+    pub fn decode_failed() -> Self {
+        Self::new(-32603, "spdk_json_decode_object failed")
+    }
+}
+
+/// Every method the emulator serves.
+pub const SNAP_METHODS: &[&str] = &[
+    "emulation_function_list",
+    "nvme_subsystem_create",
+    "nvme_subsystem_destroy",
+    "nvme_subsystem_list",
+    "nvme_namespace_create",
+    "nvme_namespace_destroy",
+    "nvme_namespace_list",
+    "nvme_controller_create",
+    "nvme_controller_destroy",
+    "nvme_controller_list",
+    "nvme_controller_attach_ns",
+    "nvme_controller_detach_ns",
+    "nvme_controller_suspend",
+    "nvme_controller_resume",
+    "bdev_get_bdevs",
+    "spdk_get_version",
+    "rpc_get_methods",
+];
+
+/// The SPDK RBD methods (absent when SPDK is "built without RBD").
+pub const RBD_METHODS: &[&str] = &[
+    "bdev_rbd_register_cluster",
+    "bdev_rbd_unregister_cluster",
+    "bdev_rbd_get_clusters_info",
+    "bdev_rbd_create",
+    "bdev_rbd_delete",
+    "bdev_rbd_resize",
+];
+
+#[derive(Debug, Clone)]
+struct Namespace {
+    bdev: String,
+    uuid: String,
+    ctrl: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Subsystem {
+    sn: String,
+    mn: String,
+    nn: u32,
+    mnan: u32,
+    namespaces: BTreeMap<u32, Namespace>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CtrlState {
+    Suspended,
+    Started,
+}
+
+#[derive(Debug, Clone)]
+struct Controller {
+    nqn: String,
+    function: FnKey,
+    num_queues: u32,
+    mdts: u32,
+    admin_only: bool,
+    state: CtrlState,
+    nsids: BTreeSet<u32>,
+}
+
+/// A registered Ceph cluster (`bdev_rbd_register_cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterParams {
+    /// Cluster name.
+    pub name: String,
+    /// cephx user (without `client.`).
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Config options, e.g. `mon_host` and `key`.
+    #[serde(default)]
+    pub config_param: Option<BTreeMap<String, String>>,
+    /// A config file path.
+    #[serde(default)]
+    pub config_file: Option<String>,
+    /// A key file path.
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// librados thread core mask.
+    #[serde(default)]
+    pub core_mask: Option<String>,
+}
+
+/// `bdev_rbd_create` params.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdCreateParams {
+    /// Pool.
+    pub pool_name: String,
+    /// Existing image.
+    pub rbd_name: String,
+    /// Block size.
+    pub block_size: u32,
+    /// Bdev name (default `Ceph<N>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// cephx user when no cluster is named.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Config when no cluster is named.
+    #[serde(default)]
+    pub config: Option<BTreeMap<String, String>>,
+    /// A registered cluster.
+    #[serde(default)]
+    pub cluster_name: Option<String>,
+    /// Bdev UUID.
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Bdev {
+    pool: String,
+    image: String,
+    block_size: u32,
+    num_blocks: u64,
+    uuid: String,
+    cluster: Option<String>,
+    user_id: Option<String>,
+}
+
+/// The whole SNAP state.
+#[derive(Debug)]
+pub struct State {
+    functions: Vec<Function>,
+    subsystems: BTreeMap<String, Subsystem>,
+    controllers: BTreeMap<String, Controller>,
+    bdevs: BTreeMap<String, Bdev>,
+    clusters: BTreeMap<String, ClusterParams>,
+    next_ctrl: u32,
+    next_bdev: u32,
+    uuid_seed: u64,
+    rbd_enabled: bool,
+    /// Image size assumed for bdevs when no real cluster is consulted.
+    pub default_image_size: u64,
+}
+
+fn decode<T: DeserializeOwned>(params: &Value, err: fn() -> RpcError) -> Result<T, RpcError> {
+    let obj = match params {
+        Value::Null => Value::Object(Default::default()),
+        Value::Object(_) => params.clone(),
+        _ => return Err(err()),
+    };
+    serde_json::from_value(obj).map_err(|_| err())
+}
+
+fn snap<T: DeserializeOwned>(params: &Value) -> Result<T, RpcError> {
+    decode(params, RpcError::invalid_params)
+}
+
+fn spdk<T: DeserializeOwned>(params: &Value) -> Result<T, RpcError> {
+    decode(params, RpcError::decode_failed)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FnListParams {
+    /// Every emulated function is static and exposed, so `all` changes nothing; it is accepted
+    /// because SNAP's clients send it.
+    #[serde(default, rename = "all")]
+    _all: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubsysCreate {
+    nqn: String,
+    #[serde(default, alias = "sn")]
+    serial_number: Option<String>,
+    #[serde(default, alias = "mn")]
+    model_number: Option<String>,
+    #[serde(default)]
+    nn: Option<u32>,
+    #[serde(default)]
+    mnan: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubsysDestroy {
+    nqn: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsCreate {
+    nqn: String,
+    #[serde(default)]
+    nsid: Option<u32>,
+    bdev_name: String,
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(default)]
+    bdev_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsRef {
+    nqn: String,
+    nsid: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsList {
+    #[serde(default)]
+    nqn: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CtrlCreate {
+    nqn: String,
+    #[serde(default, alias = "ctrl_id")]
+    ctrl: Option<String>,
+    #[serde(default)]
+    pf_id: Option<u32>,
+    #[serde(default)]
+    vf_id: Option<u32>,
+    #[serde(default)]
+    vhca_id: Option<u32>,
+    #[serde(default)]
+    pci_bdf: Option<String>,
+    #[serde(default)]
+    vuid: Option<String>,
+    #[serde(default)]
+    num_queues: Option<u32>,
+    #[serde(default)]
+    mdts: Option<u32>,
+    #[serde(default)]
+    suspended: bool,
+    #[serde(default)]
+    admin_only: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CtrlRef {
+    #[serde(alias = "ctrl")]
+    ctrl_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CtrlDestroy {
+    #[serde(alias = "ctrl")]
+    ctrl_id: String,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CtrlSuspend {
+    #[serde(alias = "ctrl")]
+    ctrl_id: String,
+    #[serde(default)]
+    admin_only: bool,
+    #[serde(default)]
+    live_update_notifier: bool,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CtrlNs {
+    #[serde(alias = "ctrl")]
+    ctrl_id: String,
+    nsid: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CtrlList {
+    #[serde(default, alias = "ctrl")]
+    ctrl_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameOnly {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptName {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetBdevs {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    timeout: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    name: String,
+    new_size: u64,
+}
+
+/// An NQN as NVMe defines it: `nqn.` prefix, at most 223 bytes.
+fn valid_nqn(nqn: &str) -> bool {
+    nqn.starts_with("nqn.") && nqn.len() <= 223 && !nqn.chars().any(char::is_control)
+}
+
+/// A UUID in canonical 8-4-4-4-12 hex form.
+pub fn valid_uuid(u: &str) -> bool {
+    let parts: Vec<&str> = u.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+impl State {
+    /// An empty SNAP over `functions`.
+    pub fn new(functions: Vec<Function>, rbd_enabled: bool, uuid_seed: u64) -> Self {
+        Self {
+            functions,
+            subsystems: BTreeMap::new(),
+            controllers: BTreeMap::new(),
+            bdevs: BTreeMap::new(),
+            clusters: BTreeMap::new(),
+            next_ctrl: 1,
+            next_bdev: 0,
+            uuid_seed,
+            rbd_enabled,
+            default_image_size: 1 << 30,
+        }
+    }
+
+    /// Whether `method` exists in this build.
+    pub fn has_method(&self, method: &str) -> bool {
+        SNAP_METHODS.contains(&method) || (self.rbd_enabled && RBD_METHODS.contains(&method))
+    }
+
+    fn new_uuid(&mut self) -> String {
+        // xorshift64*: deterministic per seed, good enough for unique ids.
+        let mut x = self.uuid_seed;
+        let mut next = || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let (a, b) = (next(), next());
+        self.uuid_seed = x;
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0x0fff,
+            0x8000 | ((b >> 48) & 0x3fff),
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    /// Runs a method that needs no I/O. `bdev_rbd_register_cluster` and `bdev_rbd_create` come
+    /// through [`State::register_cluster`] and [`State::create_rbd_bdev`] after their checks.
+    pub fn call(&mut self, method: &str, params: &Value) -> Result<Value, RpcError> {
+        if !self.has_method(method) {
+            return Err(RpcError::method_not_found());
+        }
+        match method {
+            "spdk_get_version" => {
+                if !matches!(params, Value::Null) {
+                    return Err(RpcError::new(
+                        -32602,
+                        "spdk_get_version method requires no parameters",
+                    ));
+                }
+                Ok(json!({
+                    "version": "SPDK v24.01 (unistor snap-emulator)",
+                    "fields": {"major": 24, "minor": 1, "patch": 0, "suffix": ""}
+                }))
+            }
+            "rpc_get_methods" => {
+                let mut m: Vec<&str> = SNAP_METHODS.to_vec();
+                if self.rbd_enabled {
+                    m.extend(RBD_METHODS);
+                }
+                m.sort_unstable();
+                Ok(json!(m))
+            }
+            "emulation_function_list" => {
+                let _: FnListParams = snap(params)?;
+                Ok(self.function_list())
+            }
+            "nvme_subsystem_create" => self.subsystem_create(snap(params)?),
+            "nvme_subsystem_destroy" => self.subsystem_destroy(snap(params)?),
+            "nvme_subsystem_list" => {
+                let _: NoParams = snap(params)?;
+                Ok(self.subsystem_list())
+            }
+            "nvme_namespace_create" => self.namespace_create(snap(params)?),
+            "nvme_namespace_destroy" => self.namespace_destroy(snap(params)?),
+            "nvme_namespace_list" => self.namespace_list(snap(params)?),
+            "nvme_controller_create" => self.controller_create(snap(params)?),
+            "nvme_controller_destroy" => self.controller_destroy(snap(params)?),
+            "nvme_controller_list" => self.controller_list(snap(params)?),
+            "nvme_controller_attach_ns" => self.attach(snap(params)?),
+            "nvme_controller_detach_ns" => self.detach(snap(params)?),
+            "nvme_controller_suspend" => {
+                let p: CtrlSuspend = snap(params)?;
+                let _ = (p.admin_only, p.live_update_notifier, p.timeout_ms);
+                self.set_state(&p.ctrl_id, CtrlState::Suspended)
+            }
+            "nvme_controller_resume" => {
+                let p: CtrlRef = snap(params)?;
+                self.set_state(&p.ctrl_id, CtrlState::Started)
+            }
+            "bdev_get_bdevs" => self.get_bdevs(spdk(params)?),
+            "bdev_rbd_unregister_cluster" => {
+                let p: NameOnly = spdk(params)?;
+                self.unregister_cluster(&p.name)
+            }
+            "bdev_rbd_get_clusters_info" => {
+                let p: OptName = spdk(params)?;
+                self.clusters_info(p.name.as_deref())
+            }
+            "bdev_rbd_delete" => {
+                let p: NameOnly = spdk(params)?;
+                self.delete_bdev(&p.name)
+            }
+            "bdev_rbd_resize" => {
+                let p: Resize = spdk(params)?;
+                self.resize_bdev(&p.name, p.new_size)
+            }
+            "bdev_rbd_register_cluster" => {
+                let p = Self::parse_register(params)?;
+                self.register_cluster(p)
+            }
+            "bdev_rbd_create" => {
+                let p = Self::parse_rbd_create(params)?;
+                let size = self.default_image_size;
+                self.create_rbd_bdev(p, size)
+            }
+            _ => Err(RpcError::method_not_found()),
+        }
+    }
+
+    /// Decodes `bdev_rbd_register_cluster` params.
+    pub fn parse_register(params: &Value) -> Result<ClusterParams, RpcError> {
+        spdk(params)
+    }
+
+    /// Decodes `bdev_rbd_create` params.
+    pub fn parse_rbd_create(params: &Value) -> Result<RbdCreateParams, RpcError> {
+        spdk(params)
+    }
+
+    fn function_list(&self) -> Value {
+        let ctrl_of = |key: FnKey| {
+            self.controllers
+                .iter()
+                .find(|(_, c)| c.function == key)
+                .map(|(id, _)| id.clone())
+        };
+        let mut pfs = vec![];
+        for pf in self.functions.iter().filter(|f| f.key.vf.is_none()) {
+            let mut entry = pf.to_json();
+            if let Some(id) = ctrl_of(pf.key) {
+                entry["ctrl_id"] = json!(id);
+            }
+            let vfs: Vec<Value> = self
+                .functions
+                .iter()
+                .filter(|f| f.key.pf == pf.key.pf && f.key.vf.is_some())
+                .map(|vf| {
+                    let mut v = vf.to_json();
+                    if let Some(id) = ctrl_of(vf.key) {
+                        v["ctrl_id"] = json!(id);
+                    }
+                    v
+                })
+                .collect();
+            entry["vfs"] = json!(vfs);
+            pfs.push(entry);
+        }
+        json!(pfs)
+    }
+
+    fn subsystem_create(&mut self, p: SubsysCreate) -> Result<Value, RpcError> {
+        if !valid_nqn(&p.nqn) {
+            return Err(RpcError::einval());
+        }
+        if self.subsystems.contains_key(&p.nqn) {
+            return Err(RpcError::eexist());
+        }
+        let n = self.subsystems.len() + 1;
+        self.subsystems.insert(
+            p.nqn,
+            Subsystem {
+                sn: p.serial_number.unwrap_or_else(|| format!("MNC{n:02}")),
+                mn: p
+                    .model_number
+                    .unwrap_or_else(|| "BlueField NVMe SNAP Controller".into()),
+                nn: p.nn.unwrap_or(0xFFFF_FFFE),
+                mnan: p.mnan.unwrap_or(1024),
+                namespaces: BTreeMap::new(),
+            },
+        );
+        Ok(json!(true))
+    }
+
+    fn subsystem_destroy(&mut self, p: SubsysDestroy) -> Result<Value, RpcError> {
+        let sub = self.subsystems.get(&p.nqn).ok_or_else(RpcError::enodev)?;
+        let ctrls: Vec<String> = self
+            .controllers
+            .iter()
+            .filter(|(_, c)| c.nqn == p.nqn)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !p.force && (!ctrls.is_empty() || !sub.namespaces.is_empty()) {
+            return Err(RpcError::ebusy());
+        }
+        for id in ctrls {
+            self.controllers.remove(&id);
+        }
+        self.subsystems.remove(&p.nqn);
+        Ok(json!(true))
+    }
+
+    fn ctrl_json(&self, id: &str, c: &Controller) -> Value {
+        let sub = &self.subsystems[&c.nqn];
+        let f = self
+            .function(c.function)
+            .expect("controller's function exists");
+        let mut v = json!({
+            "ctrl_id": id,
+            "nqn": c.nqn,
+            "vhca_id": f.vhca_id,
+            "pci_bdf": f.pci_bdf,
+            "pf_index": c.function.pf,
+            "mdts": c.mdts,
+            "num_queues": c.num_queues,
+            "max_queues": 32,
+            "admin_only": c.admin_only,
+            "plugged": true,
+            "state": match c.state { CtrlState::Suspended => "SUSPENDED", CtrlState::Started => "STARTED" },
+            "namespaces": c.nsids.iter().map(|n| {
+                let ns = &sub.namespaces[n];
+                json!({"nsid": n, "bdev": ns.bdev, "uuid": ns.uuid})
+            }).collect::<Vec<_>>(),
+        });
+        if let Some(vf) = c.function.vf {
+            v["vf_index"] = json!(vf);
+        }
+        v
+    }
+
+    fn ns_json(&self, nqn: &str, nsid: u32, ns: &Namespace) -> Value {
+        json!({
+            "nsid": nsid,
+            "bdev": ns.bdev,
+            "nqn": nqn,
+            "uuid": ns.uuid,
+            "ready": if ns.ctrl.is_some() && self.bdevs.contains_key(&ns.bdev) { "Yes" } else { "No" },
+            "max inflights per weight": 65535,
+            "controllers": ns.ctrl.iter().map(|c| json!({"ctrl_id": c})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn subsystem_list(&self) -> Value {
+        let list: Vec<Value> = self
+            .subsystems
+            .iter()
+            .map(|(nqn, s)| {
+                json!({
+                    "nqn": nqn, "sn": s.sn, "mn": s.mn, "nn": s.nn, "mnan": s.mnan,
+                    "controllers": self.controllers.iter().filter(|(_, c)| &c.nqn == nqn)
+                        .map(|(id, c)| self.ctrl_json(id, c)).collect::<Vec<_>>(),
+                    "namespaces": s.namespaces.iter().map(|(n, ns)| self.ns_json(nqn, *n, ns)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!(list)
+    }
+
+    fn namespace_create(&mut self, p: NsCreate) -> Result<Value, RpcError> {
+        if let Some(t) = &p.bdev_type {
+            if t != "spdk" {
+                return Err(RpcError::einval());
+            }
+        }
+        if let Some(u) = &p.uuid {
+            if !valid_uuid(u) {
+                return Err(RpcError::einval());
+            }
+        }
+        if !self.bdevs.contains_key(&p.bdev_name) {
+            return Err(RpcError::enodev());
+        }
+        // A bdev backs one namespace (SPDK claims it).
+        if self
+            .subsystems
+            .values()
+            .any(|s| s.namespaces.values().any(|n| n.bdev == p.bdev_name))
+        {
+            return Err(RpcError::ebusy());
+        }
+        let uuid = match p.uuid {
+            Some(u) => u,
+            None => self.new_uuid(),
+        };
+        let sub = self
+            .subsystems
+            .get_mut(&p.nqn)
+            .ok_or_else(RpcError::enodev)?;
+        let nsid = match p.nsid {
+            Some(0) => return Err(RpcError::einval()),
+            Some(n) if n > sub.nn => return Err(RpcError::einval()),
+            Some(n) if sub.namespaces.contains_key(&n) => return Err(RpcError::eexist()),
+            Some(n) => n,
+            None => (1..=sub.nn)
+                .find(|n| !sub.namespaces.contains_key(n))
+                .ok_or_else(RpcError::ebusy)?,
+        };
+        if sub.namespaces.len() as u32 >= sub.mnan {
+            return Err(RpcError::ebusy());
+        }
+        sub.namespaces.insert(
+            nsid,
+            Namespace {
+                bdev: p.bdev_name,
+                uuid,
+                ctrl: None,
+            },
+        );
+        Ok(json!(true))
+    }
+
+    fn namespace_destroy(&mut self, p: NsRef) -> Result<Value, RpcError> {
+        let sub = self
+            .subsystems
+            .get_mut(&p.nqn)
+            .ok_or_else(RpcError::enodev)?;
+        let ns = sub.namespaces.get(&p.nsid).ok_or_else(RpcError::enodev)?;
+        if ns.ctrl.is_some() {
+            return Err(RpcError::ebusy());
+        }
+        sub.namespaces.remove(&p.nsid);
+        Ok(json!(true))
+    }
+
+    fn namespace_list(&self, p: NsList) -> Result<Value, RpcError> {
+        let mut out = vec![];
+        for (nqn, s) in &self.subsystems {
+            if p.nqn.as_ref().is_some_and(|q| q != nqn) {
+                continue;
+            }
+            for (n, ns) in &s.namespaces {
+                out.push(self.ns_json(nqn, *n, ns));
+            }
+        }
+        if let Some(q) = &p.nqn {
+            if !self.subsystems.contains_key(q) {
+                return Err(RpcError::enodev());
+            }
+        }
+        Ok(json!(out))
+    }
+
+    fn function(&self, key: FnKey) -> Option<&Function> {
+        self.functions.iter().find(|f| f.key == key)
+    }
+
+    fn resolve_function(&self, p: &CtrlCreate) -> Result<FnKey, RpcError> {
+        let found = if let Some(v) = &p.vuid {
+            self.functions.iter().find(|f| &f.vuid == v)
+        } else if let Some(b) = &p.pci_bdf {
+            self.functions.iter().find(|f| &f.pci_bdf == b)
+        } else if let Some(h) = p.vhca_id {
+            self.functions.iter().find(|f| f.vhca_id == h)
+        } else if let Some(pf) = p.pf_id {
+            let key = FnKey { pf, vf: p.vf_id };
+            self.functions.iter().find(|f| f.key == key)
+        } else {
+            return Err(RpcError::einval());
+        };
+        found.map(|f| f.key).ok_or_else(RpcError::enodev)
+    }
+
+    fn controller_create(&mut self, p: CtrlCreate) -> Result<Value, RpcError> {
+        if !self.subsystems.contains_key(&p.nqn) {
+            return Err(RpcError::enodev());
+        }
+        let key = self.resolve_function(&p)?;
+        if self.controllers.values().any(|c| c.function == key) {
+            return Err(RpcError::eexist());
+        }
+        let num_queues = p.num_queues.unwrap_or(16);
+        let mdts = p.mdts.unwrap_or(7);
+        if num_queues == 0 || num_queues > 32 || mdts > 10 {
+            return Err(RpcError::einval());
+        }
+        let id = match p.ctrl {
+            Some(name) => {
+                if name.is_empty() || self.controllers.contains_key(&name) {
+                    return Err(RpcError::eexist());
+                }
+                name
+            }
+            None => loop {
+                let candidate = format!("NVMeCtrl{}", self.next_ctrl);
+                self.next_ctrl += 1;
+                if !self.controllers.contains_key(&candidate) {
+                    break candidate;
+                }
+            },
+        };
+        self.controllers.insert(
+            id.clone(),
+            Controller {
+                nqn: p.nqn,
+                function: key,
+                num_queues,
+                mdts,
+                admin_only: p.admin_only,
+                state: if p.suspended {
+                    CtrlState::Suspended
+                } else {
+                    CtrlState::Started
+                },
+                nsids: BTreeSet::new(),
+            },
+        );
+        Ok(json!({"ctrl_id": id}))
+    }
+
+    fn controller_destroy(&mut self, p: CtrlDestroy) -> Result<Value, RpcError> {
+        let c = self
+            .controllers
+            .get(&p.ctrl_id)
+            .ok_or_else(RpcError::enodev)?;
+        if !c.nsids.is_empty() && !p.force {
+            return Err(RpcError::ebusy());
+        }
+        let c = self.controllers.remove(&p.ctrl_id).expect("checked");
+        if let Some(sub) = self.subsystems.get_mut(&c.nqn) {
+            for n in &c.nsids {
+                if let Some(ns) = sub.namespaces.get_mut(n) {
+                    ns.ctrl = None;
+                }
+            }
+        }
+        Ok(json!(true))
+    }
+
+    fn controller_list(&self, p: CtrlList) -> Result<Value, RpcError> {
+        if let Some(id) = &p.ctrl_id {
+            let c = self.controllers.get(id).ok_or_else(RpcError::enodev)?;
+            return Ok(json!([self.ctrl_json(id, c)]));
+        }
+        Ok(json!(self
+            .controllers
+            .iter()
+            .map(|(id, c)| self.ctrl_json(id, c))
+            .collect::<Vec<_>>()))
+    }
+
+    fn attach(&mut self, p: CtrlNs) -> Result<Value, RpcError> {
+        let c = self
+            .controllers
+            .get_mut(&p.ctrl_id)
+            .ok_or_else(RpcError::enodev)?;
+        if c.admin_only {
+            return Err(RpcError::einval());
+        }
+        let sub = self
+            .subsystems
+            .get_mut(&c.nqn)
+            .ok_or_else(RpcError::enodev)?;
+        let ns = sub
+            .namespaces
+            .get_mut(&p.nsid)
+            .ok_or_else(RpcError::enodev)?;
+        match &ns.ctrl {
+            Some(owner) if owner == &p.ctrl_id => return Err(RpcError::eexist()),
+            Some(_) => return Err(RpcError::ebusy()),
+            None => {}
+        }
+        ns.ctrl = Some(p.ctrl_id.clone());
+        c.nsids.insert(p.nsid);
+        Ok(json!(true))
+    }
+
+    fn detach(&mut self, p: CtrlNs) -> Result<Value, RpcError> {
+        let c = self
+            .controllers
+            .get_mut(&p.ctrl_id)
+            .ok_or_else(RpcError::enodev)?;
+        if !c.nsids.remove(&p.nsid) {
+            return Err(RpcError::enodev());
+        }
+        if let Some(ns) = self
+            .subsystems
+            .get_mut(&c.nqn)
+            .and_then(|s| s.namespaces.get_mut(&p.nsid))
+        {
+            ns.ctrl = None;
+        }
+        Ok(json!(true))
+    }
+
+    fn set_state(&mut self, id: &str, state: CtrlState) -> Result<Value, RpcError> {
+        let c = self.controllers.get_mut(id).ok_or_else(RpcError::enodev)?;
+        c.state = state;
+        Ok(json!(true))
+    }
+
+    fn bdev_json(&self, name: &str, b: &Bdev) -> Value {
+        let mut rbd = json!({"pool_name": b.pool, "rbd_name": b.image});
+        match &b.cluster {
+            Some(c) => {
+                let cl = &self.clusters[c];
+                rbd["cluster_name"] = json!(c);
+                rbd["user_id"] = json!(cl.user_id);
+                rbd["config_param"] = json!(cl.config_param);
+                rbd["config_file"] = json!(cl.config_file);
+                rbd["key_file"] = json!(cl.key_file);
+                rbd["core_mask"] = json!(cl.core_mask);
+            }
+            None => rbd["user_id"] = json!(b.user_id),
+        }
+        let claimed = self
+            .subsystems
+            .values()
+            .any(|s| s.namespaces.values().any(|n| n.bdev == name));
+        json!({
+            "name": name,
+            "aliases": [],
+            "product_name": "Ceph Rbd Disk",
+            "block_size": b.block_size,
+            "num_blocks": b.num_blocks,
+            "uuid": b.uuid,
+            "assigned_rate_limits": {"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0},
+            "claimed": claimed,
+            "zoned": false,
+            "supported_io_types": {"read": true, "write": true, "unmap": true, "write_zeroes": true, "flush": true,
+                "reset": true, "compare": false, "compare_and_write": false, "abort": false, "nvme_admin": false, "nvme_io": false},
+            "driver_specific": {"rbd": rbd},
+        })
+    }
+
+    fn get_bdevs(&self, p: GetBdevs) -> Result<Value, RpcError> {
+        let _ = p.timeout;
+        match &p.name {
+            Some(n) => {
+                let b = self.bdevs.get(n).ok_or_else(RpcError::enodev)?;
+                Ok(json!([self.bdev_json(n, b)]))
+            }
+            None => Ok(json!(self
+                .bdevs
+                .iter()
+                .map(|(n, b)| self.bdev_json(n, b))
+                .collect::<Vec<_>>())),
+        }
+    }
+
+    /// Registers a cluster (after the caller checked the credentials, in real-Ceph mode).
+    pub fn register_cluster(&mut self, p: ClusterParams) -> Result<Value, RpcError> {
+        if self.clusters.contains_key(&p.name) || p.name.is_empty() {
+            return Err(RpcError::eperm());
+        }
+        let name = p.name.clone();
+        self.clusters.insert(name.clone(), p);
+        Ok(json!(name))
+    }
+
+    /// Whether a cluster is registered (checked before the real-Ceph probe).
+    pub fn cluster(&self, name: &str) -> Option<&ClusterParams> {
+        self.clusters.get(name)
+    }
+
+    fn unregister_cluster(&mut self, name: &str) -> Result<Value, RpcError> {
+        if !self.clusters.contains_key(name)
+            || self
+                .bdevs
+                .values()
+                .any(|b| b.cluster.as_deref() == Some(name))
+        {
+            return Err(RpcError::eperm());
+        }
+        self.clusters.remove(name);
+        Ok(json!(true))
+    }
+
+    fn clusters_info(&self, name: Option<&str>) -> Result<Value, RpcError> {
+        let info = |(n, c): (&String, &ClusterParams)| {
+            json!({"cluster_name": n, "user_id": c.user_id, "config_param": c.config_param,
+                   "config_file": c.config_file, "key_file": c.key_file, "core_mask": c.core_mask})
+        };
+        match name {
+            Some(n) => {
+                let c = self
+                    .clusters
+                    .get_key_value(n)
+                    .ok_or_else(RpcError::enoent)?;
+                Ok(info(c))
+            }
+            None if self.clusters.is_empty() => Err(RpcError::enoent()),
+            None => Ok(json!(self.clusters.iter().map(info).collect::<Vec<_>>())),
+        }
+    }
+
+    /// Creates an rbd bdev over an image of `image_size` bytes (checked by the caller in
+    /// real-Ceph mode).
+    pub fn create_rbd_bdev(
+        &mut self,
+        p: RbdCreateParams,
+        image_size: u64,
+    ) -> Result<Value, RpcError> {
+        if let Some(c) = &p.cluster_name {
+            if !self.clusters.contains_key(c) {
+                return Err(RpcError::eperm());
+            }
+        }
+        if p.block_size == 0 || !p.block_size.is_power_of_two() || p.block_size < 512 {
+            return Err(RpcError::einval());
+        }
+        if let Some(u) = &p.uuid {
+            if !valid_uuid(u) {
+                return Err(RpcError::einval());
+            }
+        }
+        let name = match p.name {
+            Some(n) => n,
+            None => {
+                let n = format!("Ceph{}", self.next_bdev);
+                self.next_bdev += 1;
+                n
+            }
+        };
+        if self.bdevs.contains_key(&name) {
+            return Err(RpcError::eexist());
+        }
+        let uuid = match p.uuid {
+            Some(u) => u,
+            None => self.new_uuid(),
+        };
+        self.bdevs.insert(
+            name.clone(),
+            Bdev {
+                pool: p.pool_name,
+                image: p.rbd_name,
+                block_size: p.block_size,
+                num_blocks: image_size / u64::from(p.block_size),
+                uuid,
+                cluster: p.cluster_name,
+                user_id: p.user_id,
+            },
+        );
+        Ok(json!(name))
+    }
+
+    fn delete_bdev(&mut self, name: &str) -> Result<Value, RpcError> {
+        // As in SPDK: deleting a bdev under a namespace hot-removes it; the namespace stays and
+        // reports not ready.
+        self.bdevs.remove(name).ok_or_else(RpcError::enodev)?;
+        Ok(json!(true))
+    }
+
+    fn resize_bdev(&mut self, name: &str, new_size_mib: u64) -> Result<Value, RpcError> {
+        let b = self.bdevs.get_mut(name).ok_or_else(RpcError::enodev)?;
+        let new_blocks = (new_size_mib << 20) / u64::from(b.block_size);
+        if new_blocks < b.num_blocks {
+            return Err(RpcError::einval());
+        }
+        b.num_blocks = new_blocks;
+        Ok(json!(true))
+    }
+}

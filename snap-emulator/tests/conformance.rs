@@ -1,0 +1,858 @@
+//! Conformance of the emulator at the socket level: stream rules, methods, key aliases,
+//! invariants, errors, restart semantics and faults (shared/snap-reference.md, sections 2-4, 6).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use snap_emulator::{Config, Exit, Faults};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+
+const NQN: &str = "nqn.2022-10.io.nvda.nvme:0";
+const UUID1: &str = "76210ea4-7920-40a0-a07b-8992a7443c76";
+
+fn config(socket: &Path) -> Config {
+    Config {
+        socket: socket.to_path_buf(),
+        pfs: 2,
+        vfs_per_pf: 4,
+        serial: "MT2328XZ17DF".into(),
+        rbd: true,
+        real_ceph: None,
+        init_files: vec![],
+        faults: Faults::default(),
+        default_image_size: 1 << 30,
+    }
+}
+
+struct Emu {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Exit>,
+}
+
+impl Emu {
+    async fn start(tune: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("spdk.sock");
+        Self::start_at(dir, socket, tune).await
+    }
+
+    async fn start_at(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        tune: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut cfg = config(&socket);
+        tune(&mut cfg);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            snap_emulator::run(cfg, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap()
+        });
+        for _ in 0..200 {
+            if UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            _dir: dir,
+            socket,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client {
+            s: UnixStream::connect(&self.socket).await.unwrap(),
+            buf: vec![],
+            id: 0,
+        }
+    }
+
+    /// Stops it as a restart would; returns the directory for a restart at the same socket.
+    async fn stop(mut self) -> (tempfile::TempDir, PathBuf) {
+        let _ = self.stop.take().unwrap().send(());
+        assert_eq!(self.task.await.unwrap(), Exit::Stopped);
+        (self._dir, self.socket)
+    }
+}
+
+struct Client {
+    s: UnixStream,
+    buf: Vec<u8>,
+    id: u64,
+}
+
+impl Client {
+    async fn raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Writes `bytes` in pieces cut at `cuts`, pausing so that each piece is a separate read.
+    async fn raw_split(&mut self, bytes: &[u8], cuts: &[usize]) {
+        let mut start = 0;
+        for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            self.s.write_all(&bytes[start..c]).await.unwrap();
+            self.s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            start = c;
+        }
+    }
+
+    /// The next response line, or `None` at EOF.
+    async fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Some(String::from_utf8(line).unwrap());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
+                .await
+                .expect("an answer or EOF in time")
+                .unwrap_or(0);
+            if n == 0 {
+                assert!(self.buf.is_empty(), "partial line at EOF: {:?}", self.buf);
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn response(&mut self) -> Value {
+        let line = self.line().await.expect("a response");
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["jsonrpc"], "2.0", "{v}");
+        v
+    }
+
+    async fn call_raw(&mut self, method: &str, params: Value) -> Value {
+        self.id += 1;
+        let mut req = json!({"jsonrpc": "2.0", "id": self.id, "method": method});
+        if !params.is_null() {
+            req["params"] = params;
+        }
+        self.raw(&serde_json::to_vec(&req).unwrap()).await;
+        let resp = self.response().await;
+        assert_eq!(resp["id"], self.id, "{resp}");
+        resp
+    }
+
+    async fn ok(&mut self, method: &str, params: Value) -> Value {
+        let r = self.call_raw(method, params.clone()).await;
+        assert!(
+            r.get("error").is_none(),
+            "{method} {params} failed: {}",
+            r["error"]
+        );
+        r["result"].clone()
+    }
+
+    async fn err(&mut self, method: &str, params: Value) -> i64 {
+        let r = self.call_raw(method, params.clone()).await;
+        assert!(
+            r.get("result").is_none(),
+            "{method} {params} succeeded: {r}"
+        );
+        r["error"]["code"].as_i64().unwrap()
+    }
+}
+
+/// Builds the create path of the reference (4.1) for one namespace on PF 0.
+async fn create_path(c: &mut Client) {
+    c.ok(
+        "bdev_rbd_register_cluster",
+        json!({"name": "ceph1", "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD=="}}),
+    )
+    .await;
+    let name = c
+        .ok(
+            "bdev_rbd_create",
+            json!({"name": "rbd-vol1", "pool_name": "rbd", "rbd_name": "vol1", "block_size": 4096, "cluster_name": "ceph1", "uuid": UUID1}),
+        )
+        .await;
+    assert_eq!(name, "rbd-vol1");
+    assert_eq!(
+        c.ok(
+            "nvme_subsystem_create",
+            json!({"nqn": NQN, "serial_number": "SN0001", "model_number": "unistor", "nn": 1024, "mnan": 1024})
+        )
+        .await,
+        json!(true)
+    );
+    c.ok(
+        "nvme_namespace_create",
+        json!({"nqn": NQN, "nsid": 1, "bdev_name": "rbd-vol1", "uuid": UUID1, "bdev_type": "spdk"}),
+    )
+    .await;
+    let ctrl = c
+        .ok(
+            "nvme_controller_create",
+            json!({"nqn": NQN, "pf_id": 0, "num_queues": 8, "mdts": 7, "suspended": true}),
+        )
+        .await;
+    assert_eq!(ctrl, json!({"ctrl_id": "NVMeCtrl1"}));
+    c.ok(
+        "nvme_controller_attach_ns",
+        json!({"ctrl_id": "NVMeCtrl1", "nsid": 1}),
+    )
+    .await;
+    c.ok("nvme_controller_resume", json!({"ctrl_id": "NVMeCtrl1"}))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_split_at_awkward_places_and_coalesced() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    // Split inside the method name, inside an escape, inside a multibyte character, inside a
+    // number, and between the two braces that close the request.
+    let req = br#"{"jsonrpc":"2.0","method":"nvme_subsystem_create","id":12345,"params":{"nqn":"nqn.2022-10.io.nvda.nvme:\u00e9x","model_number":"caf\xc3\xa9"}}"#;
+    let req: Vec<u8> = String::from_utf8_lossy(req)
+        .replace("\\xc3\\xa9", "é")
+        .into_bytes();
+    let esc = req.windows(2).position(|w| w == b"\\u").unwrap() + 1;
+    let utf8 = req.iter().position(|&b| b == 0xc3).unwrap() + 1;
+    let num = req.windows(5).position(|w| w == b"12345").unwrap() + 2;
+    let cuts = [10, num, esc, utf8, req.len() - 1];
+    let mut cuts = cuts.to_vec();
+    cuts.sort_unstable();
+    c.raw_split(&req, &cuts).await;
+    let r = c.response().await;
+    assert_eq!(r["id"], 12345);
+    assert_eq!(r["result"], true);
+
+    // Two requests (and a third without id) in one write; responses in order, none for the
+    // id-less success.
+    c.raw(br#"{"jsonrpc":"2.0","id":"a","method":"spdk_get_version"}{"method":"nvme_subsystem_create","params":{"nqn":"nqn.2022-10.io.nvda.nvme:1"}}  {"id":"b","method":"nvme_subsystem_list"}"#).await;
+    let a = c.response().await;
+    assert_eq!(a["id"], "a");
+    assert_eq!(a["result"]["fields"]["major"], 24);
+    let b = c.response().await;
+    assert_eq!(b["id"], "b");
+    assert_eq!(
+        b["result"].as_array().unwrap().len(),
+        2,
+        "the id-less create happened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_success_reply_without_id_but_errors_are_sent() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    c.raw(br#"{"jsonrpc":"2.0","method":"nvme_subsystem_create","params":{"nqn":"nqn.2022-10.io.nvda.nvme:0"},"id":null}"#).await;
+    c.raw(br#"{"method":"no_such_method"}"#).await;
+    let e = c.response().await;
+    assert_eq!(e["id"], Value::Null);
+    assert_eq!(e["error"]["code"], -32601);
+    let list = c.ok("nvme_subsystem_list", Value::Null).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parse_error_closes_the_connection() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    c.raw(br#"{"jsonrpc":"2.0","id":1,"method":"spdk_get_version"} {"id":2,"method":]"#)
+        .await;
+    assert_eq!(
+        c.response().await["id"],
+        1,
+        "the valid request before is served"
+    );
+    let e = c.response().await;
+    assert_eq!(e["error"]["code"], -32700);
+    assert_eq!(e["error"]["message"], "Parse error");
+    assert_eq!(e["id"], Value::Null);
+    assert!(c.line().await.is_none(), "closed after a parse error");
+    // Nesting past serde_json's limit is a parse error too, not a crash.
+    let mut c = emu.client().await;
+    c.raw(format!("{}{}", "[".repeat(5000), "]".repeat(5000)).as_bytes())
+        .await;
+    assert_eq!(c.response().await["error"]["code"], -32700);
+    assert!(c.line().await.is_none());
+    // The emulator still serves.
+    let mut c = emu.client().await;
+    c.ok("spdk_get_version", Value::Null).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_and_batches_are_refused() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    for (bad, echo) in [
+        (
+            json!([{"jsonrpc":"2.0","id":1,"method":"spdk_get_version"}]),
+            Value::Null,
+        ),
+        (
+            json!({"jsonrpc":"1.0","id":2,"method":"spdk_get_version"}),
+            json!(2),
+        ),
+        (json!({"jsonrpc":"2.0","id":3}), json!(3)),
+        (json!({"jsonrpc":"2.0","id":4,"method":7}), json!(4)),
+        (
+            json!({"jsonrpc":"2.0","id":5,"method":"spdk_get_version","params":"x"}),
+            json!(5),
+        ),
+        (
+            json!({"jsonrpc":"2.0","id":{"x":1},"method":"spdk_get_version"}),
+            Value::Null,
+        ),
+        (
+            json!({"jsonrpc":"2.0","id":7,"method":"spdk_get_version","extra":1}),
+            json!(7),
+        ),
+        (json!("just a string"), Value::Null),
+    ] {
+        c.raw(&serde_json::to_vec(&bad).unwrap()).await;
+        let r = c.response().await;
+        assert_eq!(r["error"]["code"], -32600, "{bad} -> {r}");
+        assert_eq!(r["error"]["message"], "Invalid request");
+        assert_eq!(r["id"], echo, "{bad}");
+    }
+    // The connection survives them all.
+    c.ok("spdk_get_version", Value::Null).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_methods_and_bad_params() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    assert_eq!(c.err("nvme_everything_create", Value::Null).await, -32601);
+    // SNAP methods: unknown or missing keys, or non-object params.
+    assert_eq!(
+        c.err(
+            "nvme_subsystem_create",
+            json!({"nqn": NQN, "colour": "red"})
+        )
+        .await,
+        -32602
+    );
+    assert_eq!(c.err("nvme_subsystem_create", json!({})).await, -32602);
+    assert_eq!(c.err("nvme_subsystem_create", json!([NQN])).await, -32602);
+    // SPDK's bdev methods: -32603 "spdk_json_decode_object failed".
+    let r = c
+        .call_raw(
+            "bdev_rbd_create",
+            json!({"pool_name": "rbd", "block_size": 512}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], -32603);
+    assert_eq!(r["error"]["message"], "spdk_json_decode_object failed");
+    let r = c
+        .call_raw("spdk_get_version", json!({"verbose": true}))
+        .await;
+    assert_eq!(r["error"]["code"], -32602);
+    assert_eq!(
+        r["error"]["message"],
+        "spdk_get_version method requires no parameters"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_create_path_and_what_the_lists_show() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    create_path(&mut c).await;
+    let subs = c.ok("nvme_subsystem_list", Value::Null).await;
+    let fns = c.ok("emulation_function_list", json!({"all": true})).await;
+    let bdevs = c.ok("bdev_get_bdevs", json!({"name": "rbd-vol1"})).await;
+    let info = c
+        .ok("bdev_rbd_get_clusters_info", json!({"name": "ceph1"}))
+        .await;
+    check_lists(&subs, &fns, &bdevs, &info);
+    // Controller listing, by both key spellings.
+    let l1 = c
+        .ok("nvme_controller_list", json!({"ctrl_id": "NVMeCtrl1"}))
+        .await;
+    let l2 = c
+        .ok("nvme_controller_list", json!({"ctrl": "NVMeCtrl1"}))
+        .await;
+    assert_eq!(l1, l2);
+    let nl = c.ok("nvme_namespace_list", json!({"nqn": NQN})).await;
+    assert_eq!(nl[0]["uuid"], UUID1);
+}
+
+fn check_lists(subs: &Value, fns: &Value, bdevs: &Value, info: &Value) {
+    let s = &subs[0];
+    assert_eq!(
+        (s["nqn"].as_str(), s["sn"].as_str(), s["mn"].as_str()),
+        (Some(NQN), Some("SN0001"), Some("unistor"))
+    );
+    assert_eq!(
+        (s["nn"].as_u64(), s["mnan"].as_u64()),
+        (Some(1024), Some(1024))
+    );
+    let ctrl = &s["controllers"][0];
+    assert_eq!(ctrl["ctrl_id"], "NVMeCtrl1");
+    assert_eq!(ctrl["state"], "STARTED");
+    assert_eq!(ctrl["num_queues"], 8);
+    assert_eq!(
+        ctrl["namespaces"][0],
+        json!({"nsid": 1, "bdev": "rbd-vol1", "uuid": UUID1})
+    );
+    let ns = &s["namespaces"][0];
+    assert_eq!(ns["ready"], "Yes");
+    assert_eq!(ns["max inflights per weight"], 65535);
+    assert_eq!(ns["controllers"], json!([{"ctrl_id": "NVMeCtrl1"}]));
+
+    assert_eq!(fns.as_array().unwrap().len(), 2, "two PFs");
+    assert_eq!(fns[0]["ctrl_id"], "NVMeCtrl1");
+    assert_eq!(fns[0]["pci_bdf"], "26:00.2");
+    assert_eq!(fns[0]["vuid"], "MT2328XZ17DFNVMES0D0F2");
+    assert_eq!(fns[0]["emulation_type"], "NVME");
+    assert_eq!(fns[0]["vfs"].as_array().unwrap().len(), 4);
+    assert!(
+        fns[0]["vfs"][0].get("ctrl_id").is_none(),
+        "free VF has no ctrl_id"
+    );
+    assert!(fns[1].get("ctrl_id").is_none());
+
+    let b = &bdevs[0];
+    assert_eq!(b["product_name"], "Ceph Rbd Disk");
+    assert_eq!(b["block_size"], 4096);
+    assert_eq!(b["num_blocks"], (1u64 << 30) / 4096);
+    assert_eq!(b["claimed"], true);
+    assert_eq!(b["driver_specific"]["rbd"]["cluster_name"], "ceph1");
+    assert_eq!(b["driver_specific"]["rbd"]["rbd_name"], "vol1");
+    assert_eq!(info["user_id"], "snap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_path_in_reverse_order() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    create_path(&mut c).await;
+    c.ok(
+        "nvme_controller_suspend",
+        json!({"ctrl": "NVMeCtrl1", "admin_only": true, "timeout_ms": 20}),
+    )
+    .await;
+    let l = c.ok("nvme_controller_list", Value::Null).await;
+    assert_eq!(l[0]["state"], "SUSPENDED");
+    c.ok(
+        "nvme_controller_detach_ns",
+        json!({"ctrl": "NVMeCtrl1", "nsid": 1}),
+    )
+    .await;
+    c.ok(
+        "nvme_controller_destroy",
+        json!({"ctrl_id": "NVMeCtrl1", "force": true}),
+    )
+    .await;
+    c.ok("nvme_namespace_destroy", json!({"nqn": NQN, "nsid": 1}))
+        .await;
+    c.ok("nvme_subsystem_destroy", json!({"nqn": NQN})).await;
+    c.ok("bdev_rbd_delete", json!({"name": "rbd-vol1"})).await;
+    assert_eq!(
+        c.ok("bdev_rbd_unregister_cluster", json!({"name": "ceph1"}))
+            .await,
+        true
+    );
+    assert_eq!(c.ok("nvme_subsystem_list", Value::Null).await, json!([]));
+    assert_eq!(c.ok("bdev_get_bdevs", Value::Null).await, json!([]));
+    assert_eq!(c.err("bdev_rbd_get_clusters_info", Value::Null).await, -2);
+    let fns = c.ok("emulation_function_list", Value::Null).await;
+    assert!(
+        fns[0].get("ctrl_id").is_none(),
+        "the function is free again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariants() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    create_path(&mut c).await;
+    // Duplicates: -17.
+    assert_eq!(
+        c.err("nvme_subsystem_create", json!({"nqn": NQN})).await,
+        -17
+    );
+    c.ok("bdev_rbd_create", json!({"name": "b2", "pool_name": "rbd", "rbd_name": "vol2", "block_size": 512, "cluster_name": "ceph1"})).await;
+    assert_eq!(
+        c.err("bdev_rbd_create", json!({"name": "b2", "pool_name": "rbd", "rbd_name": "vol2", "block_size": 512, "cluster_name": "ceph1"})).await,
+        -17
+    );
+    assert_eq!(
+        c.err(
+            "nvme_namespace_create",
+            json!({"nqn": NQN, "nsid": 1, "bdev_name": "b2"})
+        )
+        .await,
+        -17,
+        "NSID unique per subsystem"
+    );
+    // A namespace's bdev must exist; a bdev backs one namespace.
+    assert_eq!(
+        c.err(
+            "nvme_namespace_create",
+            json!({"nqn": NQN, "nsid": 2, "bdev_name": "nope"})
+        )
+        .await,
+        -19
+    );
+    assert_eq!(
+        c.err(
+            "nvme_namespace_create",
+            json!({"nqn": NQN, "nsid": 2, "bdev_name": "rbd-vol1"})
+        )
+        .await,
+        -16
+    );
+    // Auto NSID takes the lowest free one.
+    c.ok(
+        "nvme_namespace_create",
+        json!({"nqn": NQN, "bdev_name": "b2"}),
+    )
+    .await;
+    let ns = c.ok("nvme_namespace_list", json!({"nqn": NQN})).await;
+    assert_eq!(ns[1]["nsid"], 2);
+    // One controller per function (by any selector).
+    assert_eq!(
+        c.err("nvme_controller_create", json!({"nqn": NQN, "pf_id": 0}))
+            .await,
+        -17
+    );
+    assert_eq!(
+        c.err(
+            "nvme_controller_create",
+            json!({"nqn": NQN, "pci_bdf": "26:00.2"})
+        )
+        .await,
+        -17
+    );
+    assert_eq!(
+        c.err(
+            "nvme_controller_create",
+            json!({"nqn": NQN, "vuid": "MT2328XZ17DFNVMES0D0F2"})
+        )
+        .await,
+        -17
+    );
+    assert_eq!(
+        c.err("nvme_controller_create", json!({"nqn": NQN, "pf_id": 9}))
+            .await,
+        -19
+    );
+    assert_eq!(
+        c.err(
+            "nvme_controller_create",
+            json!({"nqn": "nqn.2022-10.io.nvda.nvme:x", "pf_id": 1})
+        )
+        .await,
+        -19
+    );
+    // One controller per namespace.
+    let vf = c
+        .ok(
+            "nvme_controller_create",
+            json!({"nqn": NQN, "pf_id": 0, "vf_id": 1, "ctrl": "VfCtrl", "suspended": true}),
+        )
+        .await;
+    assert_eq!(vf["ctrl_id"], "VfCtrl");
+    assert_eq!(
+        c.err(
+            "nvme_controller_attach_ns",
+            json!({"ctrl": "VfCtrl", "nsid": 1})
+        )
+        .await,
+        -16
+    );
+    assert_eq!(
+        c.err(
+            "nvme_controller_attach_ns",
+            json!({"ctrl": "NVMeCtrl1", "nsid": 1})
+        )
+        .await,
+        -17
+    );
+    assert_eq!(
+        c.err(
+            "nvme_controller_attach_ns",
+            json!({"ctrl": "VfCtrl", "nsid": 9})
+        )
+        .await,
+        -19
+    );
+    assert_eq!(
+        c.err(
+            "nvme_controller_detach_ns",
+            json!({"ctrl": "VfCtrl", "nsid": 2})
+        )
+        .await,
+        -19
+    );
+    // Busy objects.
+    assert_eq!(
+        c.err("nvme_controller_destroy", json!({"ctrl_id": "NVMeCtrl1"}))
+            .await,
+        -16
+    );
+    assert_eq!(
+        c.err("nvme_namespace_destroy", json!({"nqn": NQN, "nsid": 1}))
+            .await,
+        -16
+    );
+    assert_eq!(
+        c.err("nvme_subsystem_destroy", json!({"nqn": NQN})).await,
+        -16
+    );
+    assert_eq!(
+        c.err("bdev_rbd_unregister_cluster", json!({"name": "ceph1"}))
+            .await,
+        -1,
+        "clusters are refcounted by bdevs"
+    );
+    // Unknown objects.
+    assert_eq!(c.err("bdev_rbd_delete", json!({"name": "nope"})).await, -19);
+    assert_eq!(c.err("bdev_get_bdevs", json!({"name": "nope"})).await, -19);
+    assert_eq!(
+        c.err("nvme_controller_resume", json!({"ctrl_id": "nope"}))
+            .await,
+        -19
+    );
+    assert_eq!(
+        c.err(
+            "bdev_rbd_create",
+            json!({"pool_name": "rbd", "rbd_name": "x", "block_size": 512, "cluster_name": "nope"})
+        )
+        .await,
+        -1
+    );
+    assert_eq!(
+        c.err("bdev_rbd_register_cluster", json!({"name": "ceph1"}))
+            .await,
+        -1,
+        "duplicate cluster"
+    );
+    // Sizes and identities.
+    assert_eq!(
+        c.err("bdev_rbd_resize", json!({"name": "b2", "new_size": 1}))
+            .await,
+        -22
+    );
+    c.ok("bdev_rbd_resize", json!({"name": "b2", "new_size": 2048}))
+        .await;
+    assert_eq!(
+        c.ok("bdev_get_bdevs", json!({"name": "b2"})).await[0]["num_blocks"],
+        (2048u64 << 20) / 512
+    );
+    assert_eq!(
+        c.err("nvme_subsystem_create", json!({"nqn": "not-an-nqn"}))
+            .await,
+        -22
+    );
+    assert_eq!(
+        c.err(
+            "nvme_namespace_create",
+            json!({"nqn": NQN, "nsid": 3, "bdev_name": "x", "uuid": "nope"})
+        )
+        .await,
+        -22
+    );
+    // Default bdev names follow SPDK (`Ceph<N>`); `sn`/`mn` are accepted as aliases.
+    let n = c.ok("bdev_rbd_create", json!({"pool_name": "rbd", "rbd_name": "vol3", "block_size": 512, "cluster_name": "ceph1"})).await;
+    assert_eq!(n, "Ceph0");
+    c.ok(
+        "nvme_subsystem_create",
+        json!({"nqn": "nqn.2022-10.io.nvda.nvme:9", "sn": "S9", "mn": "M9"}),
+    )
+    .await;
+    let subs = c.ok("nvme_subsystem_list", Value::Null).await;
+    assert_eq!(subs[1]["sn"], "S9");
+    // Deleting a bdev under a namespace hot-removes it: the namespace reports not ready.
+    c.ok("bdev_rbd_delete", json!({"name": "rbd-vol1"})).await;
+    let ns = c.ok("nvme_namespace_list", json!({"nqn": NQN})).await;
+    assert_eq!(ns[0]["ready"], "No");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbd_not_compiled_in() {
+    let emu = Emu::start(|c| c.rbd = false).await;
+    let mut c = emu.client().await;
+    assert_eq!(
+        c.err("bdev_rbd_register_cluster", json!({"name": "c"}))
+            .await,
+        -32601
+    );
+    assert_eq!(
+        c.err(
+            "bdev_rbd_create",
+            json!({"pool_name": "p", "rbd_name": "i", "block_size": 512})
+        )
+        .await,
+        -32601
+    );
+    let methods = c.ok("rpc_get_methods", Value::Null).await;
+    let methods: Vec<&str> = methods
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(methods.contains(&"nvme_subsystem_create"));
+    assert!(!methods.iter().any(|m| m.starts_with("bdev_rbd")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_loses_state_and_replays_init_files() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    create_path(&mut c).await;
+    let (dir, socket) = emu.stop().await;
+    assert!(
+        c.line().await.is_none(),
+        "a stopped SNAP closes its connections"
+    );
+
+    let emu = Emu::start_at(dir, socket.clone(), |_| {}).await;
+    let mut c = emu.client().await;
+    assert_eq!(
+        c.ok("nvme_subsystem_list", Value::Null).await,
+        json!([]),
+        "state is lost"
+    );
+    assert_eq!(c.ok("bdev_get_bdevs", Value::Null).await, json!([]));
+    let (dir, socket) = emu.stop().await;
+
+    let init = dir.path().join("snap_rpc_init.conf");
+    std::fs::write(
+        &init,
+        format!("# replayed at start\nnvme_subsystem_create --nqn {NQN}\nnvme_controller_create --nqn {NQN} --ctrl NVMeCtrl1 --pf_id 0 --admin_only\n"),
+    )
+    .unwrap();
+    let emu = Emu::start_at(dir, socket, |cfg| cfg.init_files = vec![init]).await;
+    let mut c = emu.client().await;
+    let subs = c.ok("nvme_subsystem_list", Value::Null).await;
+    assert_eq!(subs[0]["nqn"], NQN);
+    assert_eq!(subs[0]["controllers"][0]["ctrl_id"], "NVMeCtrl1");
+    assert_eq!(subs[0]["controllers"][0]["admin_only"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_after_n_calls_is_a_crash_that_leaves_the_socket() {
+    let emu = Emu::start(|c| c.faults.exit_after = Some(3)).await;
+    let mut c = emu.client().await;
+    c.ok("spdk_get_version", Value::Null).await;
+    c.ok("nvme_subsystem_create", json!({"nqn": NQN})).await;
+    c.ok("nvme_subsystem_list", Value::Null).await;
+    assert_eq!(emu.task.await.unwrap(), Exit::Crashed);
+    assert!(emu.socket.exists(), "a crash leaves the socket file behind");
+    // A new instance clears the stale socket and starts empty.
+    let emu2 = Emu::start_at(emu._dir, emu.socket.clone(), |_| {}).await;
+    let mut c = emu2.client().await;
+    assert_eq!(c.ok("nvme_subsystem_list", Value::Null).await, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_errors_take_no_effect() {
+    let emu = Emu::start(|c| {
+        c.faults.error_rate = 0.5;
+        c.faults.seed = 42;
+    })
+    .await;
+    let mut c = emu.client().await;
+    let mut created = 0;
+    let mut failed = 0;
+    for i in 0..40 {
+        let r = c
+            .call_raw(
+                "nvme_subsystem_create",
+                json!({"nqn": format!("nqn.2022-10.io.nvda.nvme:{i}")}),
+            )
+            .await;
+        match r["error"]["code"].as_i64() {
+            Some(-5) => failed += 1,
+            None => created += 1,
+            Some(other) => panic!("unexpected {other}"),
+        }
+        // The liveness probe is never failed.
+        c.ok("spdk_get_version", Value::Null).await;
+    }
+    assert!(
+        created > 5 && failed > 5,
+        "{created} created, {failed} failed"
+    );
+    let list = loop {
+        let r = c.call_raw("nvme_subsystem_list", Value::Null).await;
+        if r.get("result").is_some() {
+            break r["result"].clone();
+        }
+    };
+    assert_eq!(list.as_array().unwrap().len(), created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_delays_only_the_slow_method() {
+    let emu = Emu::start(|c| {
+        c.faults
+            .latency
+            .insert("nvme_subsystem_list".into(), Duration::from_millis(500));
+    })
+    .await;
+    let mut slow = emu.client().await;
+    let mut fast = emu.client().await;
+    slow.raw(br#"{"id":1,"method":"nvme_subsystem_list"}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    fast.raw(br#"{"id":2,"method":"spdk_get_version"}"#).await;
+    // The fast connection is answered while the slow one is still waiting.
+    let f = fast.response().await;
+    assert_eq!(f["id"], 2);
+    let pending = tokio::time::timeout(Duration::from_millis(1), slow.line()).await;
+    assert!(pending.is_err(), "the slow call is not answered yet");
+    assert_eq!(slow.response().await["id"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_and_request_size_limit() {
+    let emu = Emu::start(|_| {}).await;
+    let mut open = vec![];
+    for _ in 0..64 {
+        let mut c = emu.client().await;
+        c.ok("spdk_get_version", Value::Null).await;
+        open.push(c);
+    }
+    let mut extra = emu.client().await;
+    // The emulator may close it before the write: a broken pipe is the same answer.
+    let _ = extra
+        .s
+        .write_all(br#"{"id":1,"method":"spdk_get_version"}"#)
+        .await;
+    assert!(
+        extra.line().await.is_none(),
+        "the 65th connection is closed"
+    );
+    drop(open);
+    // A request over 32 KiB is refused by closing the connection.
+    let mut c = loop {
+        let mut c = emu.client().await;
+        let r = tokio::time::timeout(Duration::from_millis(200), async {
+            c.raw(br#"{"id":0,"method":"spdk_get_version"}"#).await;
+            c.line().await
+        })
+        .await;
+        if matches!(r, Ok(Some(_))) {
+            break c;
+        }
+    };
+    let big = format!(
+        r#"{{"id":1,"method":"nvme_subsystem_create","params":{{"nqn":"nqn.{}"#,
+        "x".repeat(40 * 1024)
+    );
+    let _ = c.s.write_all(big.as_bytes()).await;
+    assert!(c.line().await.is_none());
+}

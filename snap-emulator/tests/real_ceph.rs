@@ -1,0 +1,103 @@
+//! Real-Ceph mode against the one-node cluster: credentials are checked by connecting, images by
+//! opening them, and bdevs report the image's real size.
+
+use std::time::Duration;
+
+use e2e::{unique, Cluster};
+use serde_json::{json, Value};
+use snap_emulator::{ceph::RealCeph, Config, Emulator, Faults};
+
+fn emulator() -> std::sync::Arc<Emulator> {
+    Emulator::new(&Config {
+        socket: "/nonexistent".into(),
+        pfs: 1,
+        vfs_per_pf: 0,
+        serial: "MT0000TEST".into(),
+        rbd: true,
+        real_ceph: Some(RealCeph {
+            bin_dir: None,
+            timeout: Duration::from_secs(10),
+        }),
+        init_files: vec![],
+        faults: Faults::default(),
+        default_image_size: 1 << 30,
+    })
+    .unwrap()
+}
+
+fn mon_host(c: &Cluster) -> String {
+    let conf = std::fs::read_to_string(&c.conf).unwrap();
+    conf.lines()
+        .find_map(|l| l.trim().strip_prefix("mon host = "))
+        .expect("mon host in ceph.conf")
+        .to_string()
+}
+
+#[tokio::test]
+async fn clusters_and_images_are_checked_against_ceph() {
+    let c = Cluster::from_env();
+    let key = c.cli_ok("ceph", &["auth", "get-key", &format!("client.{}", c.id)]);
+    let image = unique("emu");
+    c.cli_ok(
+        "rbd",
+        &["create", "--size", "256M", &format!("{}/{image}", c.pool)],
+    );
+    let emu = emulator();
+
+    // Wrong key: -1, as SPDK answers a failed rados_connect.
+    let bad = emu
+        .call(
+            "bdev_rbd_register_cluster",
+            &json!({"name": "bad", "user_id": c.id, "config_param": {"mon_host": mon_host(&c), "key": "AQBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB=="}}),
+        )
+        .await;
+    assert_eq!(bad.unwrap_err().code, -1);
+
+    let ok = emu
+        .call(
+            "bdev_rbd_register_cluster",
+            &json!({"name": "ceph1", "user_id": c.id, "config_param": {"mon_host": mon_host(&c), "key": key.trim()}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok, json!("ceph1"));
+    // Files work as well.
+    emu.call(
+        "bdev_rbd_register_cluster",
+        &json!({"name": "ceph2", "user_id": c.id, "config_file": c.conf, "key_file": c.keyring}),
+    )
+    .await
+    .unwrap();
+
+    let name = emu
+        .call(
+            "bdev_rbd_create",
+            &json!({"name": "b1", "pool_name": c.pool, "rbd_name": image, "block_size": 4096, "cluster_name": "ceph1"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(name, json!("b1"));
+    let bdevs = emu
+        .call("bdev_get_bdevs", &json!({"name": "b1"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        bdevs[0]["num_blocks"],
+        (256u64 << 20) / 4096,
+        "the real size"
+    );
+
+    let missing = emu
+        .call(
+            "bdev_rbd_create",
+            &json!({"name": "b2", "pool_name": c.pool, "rbd_name": "no-such-image", "block_size": 4096, "cluster_name": "ceph2"}),
+        )
+        .await;
+    assert_eq!(missing.unwrap_err().code, -1);
+    let all = emu.call("bdev_get_bdevs", &Value::Null).await.unwrap();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        1,
+        "nothing created for a missing image"
+    );
+}
