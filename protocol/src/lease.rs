@@ -74,16 +74,12 @@ impl LeaseTable {
         let Some(path) = &self.store else {
             return Ok(());
         };
-        let wrap = |source| StoreError {
-            path: path.clone(),
-            source,
-        };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(wrap)?;
-        std::io::Write::write_all(&mut tmp, format!("{token}\n").as_bytes()).map_err(wrap)?;
-        tmp.as_file().sync_all().map_err(wrap)?;
-        tmp.persist(path).map_err(|e| wrap(e.error))?;
-        Ok(())
+        agent_kit::fsutil::write_atomic(path, format!("{token}\n").as_bytes()).map_err(|source| {
+            StoreError {
+                path: path.clone(),
+                source,
+            }
+        })
     }
 
     fn live(&self, now: Instant) -> Option<&Lease> {

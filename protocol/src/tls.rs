@@ -7,7 +7,6 @@
 //! it reached is the one it meant (the name it dialled is checked against the certificate).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,15 +72,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     }
 }
 
-/// Writes a file readable only by its owner, atomically (temp file in the same directory, rename).
+/// Writes a file readable only by its owner, atomically.
 fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(path))?;
-    tmp.write_all(contents.as_bytes()).map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    // NamedTempFile is created 0600; keep it that way for keys.
-    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
-    Ok(())
+    agent_kit::fsutil::write_atomic(path, contents.as_bytes()).map_err(io_err(path))
 }
 
 fn now_minus_skew() -> time::OffsetDateTime {

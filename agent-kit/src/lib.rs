@@ -1,0 +1,7 @@
+//! What unistor's programs share below the protocol:
+//! - [`exec`]: run an external tool as argv (never a shell) with a deadline, then SIGTERM to its
+//!   process group, then SIGKILL; stderr carried into the error;
+//! - [`fsutil`]: atomic file writes (temp file in the same directory, fsync, rename).
+
+pub mod exec;
+pub mod fsutil;
