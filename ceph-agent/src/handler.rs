@@ -42,14 +42,19 @@ impl<R: Runner> CephHandler<R> {
 
     async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
         let wire = |e: crate::ceph::CephError| e.to_wire();
-        if command.is_mutating() {
-            let _guard = self.mutations.lock().await;
-            return self.mutate(command).await.map_err(wire);
-        }
         match command {
             Command::CephReport(_) => Ok(Reply::CephReport(Box::new(
                 self.ceph.report().await.map_err(wire)?,
             ))),
+            c @ (Command::CreateImage(_)
+            | Command::GrowImage(_)
+            | Command::TrashImage(_)
+            | Command::RestoreImage(_)
+            | Command::DeleteImage(_)
+            | Command::IssueSnapIdentity(_)) => {
+                let _guard = self.mutations.lock().await;
+                self.mutate(c).await.map_err(wire)
+            }
             other => Err(WireError::new(
                 ErrorCode::UnsupportedCommand,
                 format!("the ceph agent does not serve {}", other.name()),
@@ -98,8 +103,11 @@ impl<R: Runner> CephHandler<R> {
                     .collect::<Result<Vec<_>, _>>()?;
                 Reply::Identity(self.ceph.issue_identity(&id, &pools).await?)
             }
-            Command::AcquireLease(_) | Command::ReleaseLease(_) | Command::CephReport(_) => {
-                unreachable!("not mutating")
+            other => {
+                return Err(crate::ceph::CephError::Invalid {
+                    field: "op",
+                    message: format!("{} is not a ceph mutation", other.name()),
+                })
             }
         })
     }

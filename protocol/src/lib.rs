@@ -3,6 +3,7 @@
 //! This crate alone knows the wire format. Layers, bottom up:
 //! - [`frame`]: 4-byte big-endian length prefix + JSON body, at most 1 MiB;
 //! - [`message`]: the JSON messages (hello, request/response by id, events, ping/pong, errors);
+//! - [`dpu`]: the DPU agent's commands and reports;
 //! - [`error`]: typed error responses with stable codes;
 //! - [`names`]: allow-lists for every name that may reach a command line or a certificate;
 //! - [`tls`]: the private CA, certificates and rustls configurations (mutual TLS);
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod dpu;
 pub mod error;
 pub mod frame;
 pub mod lease;

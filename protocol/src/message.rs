@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dpu::{
+    Attachment, BdevSpec, ControllerSpec, DeployReport, DpuReport, NameRef, NamespaceRef,
+    NamespaceSpec, NqnRef, RbdCluster, ReplayReport, SnapSpec, SubsystemSpec,
+};
 use crate::error::WireError;
 
 /// The protocol version this build speaks. Peers must match exactly.
@@ -149,6 +153,10 @@ pub enum Event {
     },
     /// The Ceph cluster's report changed (or the periodic full report is due).
     CephReport(Box<CephReport>),
+    /// The DPU's report changed (or the periodic full report is due).
+    DpuReport(Box<DpuReport>),
+    /// The DPU agent replayed its ledger into SNAP (e.g. after SNAP restarted).
+    SnapReplayed(ReplayReport),
     /// The agent is shutting down and will close the connection.
     ShuttingDown,
 }
@@ -175,19 +183,75 @@ pub enum Command {
     DeleteImage(DeleteImage),
     /// Create (or update) a least-privilege cephx identity for SNAP and return its key.
     IssueSnapIdentity(IssueSnapIdentity),
+    /// Full report of a DPU.
+    DpuReport(Empty),
+    /// Deploy SNAP (or converge an existing deployment to this spec).
+    InstallSnap(SnapSpec),
+    /// Replace a running SNAP with this spec (refused when none is installed).
+    UpgradeSnap(SnapSpec),
+    /// Remove SNAP (refused while SNAP still has controllers).
+    RemoveSnap(Empty),
+    /// Register a Ceph cluster in SNAP.
+    RegisterRbdCluster(RbdCluster),
+    /// Unregister a Ceph cluster.
+    UnregisterRbdCluster(NameRef),
+    /// Create an rbd bdev.
+    CreateBdev(BdevSpec),
+    /// Delete a bdev.
+    DeleteBdev(NameRef),
+    /// Create an NVMe subsystem.
+    CreateSubsystem(SubsystemSpec),
+    /// Destroy an (empty) NVMe subsystem.
+    DestroySubsystem(NqnRef),
+    /// Create a namespace.
+    CreateNamespace(NamespaceSpec),
+    /// Destroy a namespace.
+    DestroyNamespace(NamespaceRef),
+    /// Create a controller (suspended).
+    CreateController(ControllerSpec),
+    /// Destroy a controller.
+    DestroyController(NameRef),
+    /// Attach a namespace to a controller.
+    AttachNamespace(Attachment),
+    /// Detach a namespace from a controller.
+    DetachNamespace(Attachment),
+    /// Suspend a controller.
+    SuspendController(NameRef),
+    /// Resume a controller.
+    ResumeController(NameRef),
 }
 
 impl Command {
     /// Whether the command changes anything (and so needs the lease).
     pub fn is_mutating(&self) -> bool {
         match self {
-            Command::AcquireLease(_) | Command::ReleaseLease(_) | Command::CephReport(_) => false,
+            Command::AcquireLease(_)
+            | Command::ReleaseLease(_)
+            | Command::CephReport(_)
+            | Command::DpuReport(_) => false,
             Command::CreateImage(_)
             | Command::GrowImage(_)
             | Command::TrashImage(_)
             | Command::RestoreImage(_)
             | Command::DeleteImage(_)
-            | Command::IssueSnapIdentity(_) => true,
+            | Command::IssueSnapIdentity(_)
+            | Command::InstallSnap(_)
+            | Command::UpgradeSnap(_)
+            | Command::RemoveSnap(_)
+            | Command::RegisterRbdCluster(_)
+            | Command::UnregisterRbdCluster(_)
+            | Command::CreateBdev(_)
+            | Command::DeleteBdev(_)
+            | Command::CreateSubsystem(_)
+            | Command::DestroySubsystem(_)
+            | Command::CreateNamespace(_)
+            | Command::DestroyNamespace(_)
+            | Command::CreateController(_)
+            | Command::DestroyController(_)
+            | Command::AttachNamespace(_)
+            | Command::DetachNamespace(_)
+            | Command::SuspendController(_)
+            | Command::ResumeController(_) => true,
         }
     }
 
@@ -203,6 +267,24 @@ impl Command {
             Command::RestoreImage(_) => "restore_image",
             Command::DeleteImage(_) => "delete_image",
             Command::IssueSnapIdentity(_) => "issue_snap_identity",
+            Command::DpuReport(_) => "dpu_report",
+            Command::InstallSnap(_) => "install_snap",
+            Command::UpgradeSnap(_) => "upgrade_snap",
+            Command::RemoveSnap(_) => "remove_snap",
+            Command::RegisterRbdCluster(_) => "register_rbd_cluster",
+            Command::UnregisterRbdCluster(_) => "unregister_rbd_cluster",
+            Command::CreateBdev(_) => "create_bdev",
+            Command::DeleteBdev(_) => "delete_bdev",
+            Command::CreateSubsystem(_) => "create_subsystem",
+            Command::DestroySubsystem(_) => "destroy_subsystem",
+            Command::CreateNamespace(_) => "create_namespace",
+            Command::DestroyNamespace(_) => "destroy_namespace",
+            Command::CreateController(_) => "create_controller",
+            Command::DestroyController(_) => "destroy_controller",
+            Command::AttachNamespace(_) => "attach_namespace",
+            Command::DetachNamespace(_) => "detach_namespace",
+            Command::SuspendController(_) => "suspend_controller",
+            Command::ResumeController(_) => "resume_controller",
         }
     }
 }
@@ -321,6 +403,10 @@ pub enum Reply {
     Image(ImageStatus),
     /// A cephx identity.
     Identity(CephIdentity),
+    /// A DPU's report.
+    DpuReport(Box<DpuReport>),
+    /// What a SNAP deployment did.
+    Deploy(DeployReport),
 }
 
 /// A lease as the agent sees it.

@@ -207,6 +207,150 @@ pub fn check_trash_id(field: &str, value: &str) -> Result<(), NameError> {
     }
 }
 
+/// SPDK and SNAP object names (bdevs, controllers, clusters): the Ceph rule.
+pub fn check_object_name(field: &str, value: &str) -> Result<(), NameError> {
+    check(field, value, CEPH_NAME)
+}
+
+fn refuse(field: &str, value: &str, reason: &str) -> NameError {
+    NameError {
+        field: field.to_string(),
+        shown: shown(value),
+        reason: reason.to_string(),
+    }
+}
+
+/// An NVMe Qualified Name: `nqn.` then 1-219 characters of a-z 0-9 . : - _.
+pub fn check_nqn(field: &str, value: &str) -> Result<(), NameError> {
+    let ok = value.len() <= 223
+        && value.strip_prefix("nqn.").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".:-_".contains(c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(field, value, "allowed: nqn. followed by a-z 0-9 . : - _, 223 bytes at most"))
+    }
+}
+
+/// A UUID in canonical lowercase 8-4-4-4-12 form.
+pub fn check_uuid(field: &str, value: &str) -> Result<(), NameError> {
+    let parts: Vec<&str> = value.split('-').collect();
+    let ok = parts.len() == 5
+        && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| {
+            p.len() == n
+                && p
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(field, value, "allowed: a lowercase UUID, 8-4-4-4-12 hex digits"))
+    }
+}
+
+/// A monitor address: `host:port` or `[v6]:port`, host of a-z A-Z 0-9 . -.
+pub fn check_host_port(field: &str, value: &str) -> Result<(), NameError> {
+    let bad = || refuse(field, value, "allowed: host:port (IPv4, [IPv6] or a DNS name)");
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .map(|h| (h, true))
+        .unwrap_or((host, false));
+    let ok = match host {
+        (h, true) => h.parse::<std::net::Ipv6Addr>().is_ok(),
+        (h, false) => {
+            !h.is_empty()
+                && h.len() <= 253
+                && !h.starts_with('-')
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// A cephx secret: base64 of 1-128 bytes.
+pub fn check_cephx_key(field: &str, value: &str) -> Result<(), NameError> {
+    let ok = !value.is_empty()
+        && value.len() <= 172
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        // Never echo a secret.
+        Err(NameError {
+            field: field.to_string(),
+            shown: "(secret)".into(),
+            reason: "allowed: base64".into(),
+        })
+    }
+}
+
+/// A container image reference without tag: `registry/path/name` of a-z 0-9 . _ - / :port.
+pub fn check_image_ref(field: &str, value: &str) -> Result<(), NameError> {
+    let ok = !value.is_empty()
+        && value.len() <= 255
+        && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c))
+        && !value.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(field, value, "allowed: a-z 0-9 . _ - / : (no tag), 255 characters at most"))
+    }
+}
+
+/// A container image tag: 1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or -.
+pub fn check_image_tag(field: &str, value: &str) -> Result<(), NameError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(field, value, "allowed: 1-128 characters of A-Z a-z 0-9 . _ -"))
+    }
+}
+
+/// An environment variable for SNAP's container: `NAME` of A-Z 0-9 _ and a printable value.
+pub fn check_env(field: &str, name: &str, value: &str) -> Result<(), NameError> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().next().is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if !name_ok {
+        return Err(refuse(field, name, "allowed names: A-Z 0-9 _, starting with a letter or _"));
+    }
+    if value.len() > 1024 || value.chars().any(|c| c.is_control()) {
+        return Err(refuse(
+            &format!("{field}.{name}"),
+            value,
+            "allowed values: printable, 1024 bytes at most",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +410,33 @@ mod tests {
         assert!(r.is_err());
         let ok: PoolName = serde_json::from_str("\"rbd\"").unwrap();
         assert_eq!(ok.as_str(), "rbd");
+    }
+
+    #[test]
+    fn dpu_fields() {
+        check_nqn("nqn", "nqn.2022-10.io.nvda.nvme:0").unwrap();
+        for bad in ["nqn.", "iqn.x", "nqn.A", "nqn.x;y", "nqn.$(x)"] {
+            assert!(check_nqn("nqn", bad).is_err(), "{bad}");
+        }
+        check_uuid("uuid", "76210ea4-7920-40a0-a07b-8992a7443c76").unwrap();
+        assert!(check_uuid("uuid", "76210EA4-7920-40a0-a07b-8992a7443c76").is_err());
+        for ok in ["127.0.0.1:6789", "[::1]:3300", "mon-a.example:6789"] {
+            check_host_port("mon", ok).unwrap();
+        }
+        for bad in ["127.0.0.1", "-x:1", "a b:1", "h:99999", "[zz]:1"] {
+            assert!(check_host_port("mon", bad).is_err(), "{bad}");
+        }
+        let e = check_cephx_key("key", "secret with spaces").unwrap_err();
+        assert!(!e.to_string().contains("spaces"), "never echo a secret: {e}");
+        check_image_ref("image", "nvcr.io/nvidia/doca/doca_snap").unwrap();
+        assert!(check_image_ref("image", "nvcr.io/../x").is_err());
+        check_image_tag("tag", "4.5.0-6-doca2.9.0").unwrap();
+        assert!(check_image_tag("tag", "-x").is_err());
+        check_env("env", "APP_ARGS", "-m 0xffff").unwrap();
+        assert!(check_env("env", "lower", "x").is_err());
+        assert!(check_env("env", "A", r"line\nbreak").is_ok());
+        assert!(check_env("env", "A", "line
+break").is_err());
     }
 
     #[test]

@@ -1,0 +1,433 @@
+//! DPU-agent commands, replies and reports.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How SNAP is deployed on a DPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapSpec {
+    /// Container image without tag, e.g. `nvcr.io/nvidia/doca/doca_snap`.
+    pub image: String,
+    /// Image tag, e.g. `4.5.0-6-doca2.9.0`.
+    pub tag: String,
+    /// Container environment (`NVME_EMU_PROVIDER`, `APP_ARGS`...).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Hugepages (2 MiB pages) the DPU must have, in MiB.
+    #[serde(default = "default_hugepages")]
+    pub hugepages_mib: u64,
+    /// CPU limit of the container, e.g. `16`.
+    #[serde(default = "default_cpu")]
+    pub cpu: String,
+    /// Memory limit of the container, e.g. `4Gi`.
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    /// NVMe emulation firmware settings.
+    #[serde(default)]
+    pub firmware: FirmwareSpec,
+}
+
+fn default_hugepages() -> u64 {
+    4096
+}
+fn default_cpu() -> String {
+    "16".into()
+}
+fn default_memory() -> String {
+    "4Gi".into()
+}
+
+/// The NVMe emulation the firmware must expose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareSpec {
+    /// `NVME_EMULATION_NUM_PF` (1-4).
+    pub nvme_pfs: u32,
+    /// `NVME_EMULATION_NUM_VF` (0-127).
+    pub nvme_vfs: u32,
+}
+
+impl Default for FirmwareSpec {
+    fn default() -> Self {
+        Self {
+            nvme_pfs: 1,
+            nvme_vfs: 0,
+        }
+    }
+}
+
+/// A Ceph cluster SNAP's librbd connects to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdCluster {
+    /// Name in SNAP.
+    pub name: String,
+    /// cephx user (without `client.`).
+    pub user_id: String,
+    /// Monitor addresses, `host:port`.
+    pub mon_hosts: Vec<String>,
+    /// The user's secret key (base64).
+    pub key: String,
+}
+
+/// An rbd bdev.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BdevSpec {
+    /// Bdev name.
+    pub name: String,
+    /// Registered cluster.
+    pub cluster: String,
+    /// Pool.
+    pub pool: String,
+    /// Image (must exist).
+    pub image: String,
+    /// Block size (512 or 4096).
+    pub block_size: u32,
+}
+
+/// An NVMe subsystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemSpec {
+    /// NQN.
+    pub nqn: String,
+    /// Serial number.
+    pub serial: String,
+    /// Model number.
+    pub model: String,
+    /// Namespaces allowed (`nn` and `mnan`).
+    pub max_namespaces: u32,
+}
+
+/// An NVMe namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    /// Subsystem.
+    pub nqn: String,
+    /// NSID (stable across re-creation).
+    pub nsid: u32,
+    /// Backing bdev.
+    pub bdev: String,
+    /// UUID (stable across re-creation).
+    pub uuid: String,
+}
+
+/// An emulated PCI function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionRef {
+    /// PF index.
+    pub pf: u32,
+    /// VF index, for a VF.
+    #[serde(default)]
+    pub vf: Option<u32>,
+}
+
+impl std::fmt::Display for FunctionRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.vf {
+            Some(vf) => write!(f, "pf{}vf{vf}", self.pf),
+            None => write!(f, "pf{}", self.pf),
+        }
+    }
+}
+
+/// An NVMe controller on a function. Always created suspended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerSpec {
+    /// Controller name.
+    pub name: String,
+    /// Subsystem.
+    pub nqn: String,
+    /// The function it backs.
+    pub function: FunctionRef,
+    /// I/O queues.
+    pub num_queues: u32,
+    /// MDTS.
+    pub mdts: u32,
+}
+
+/// A namespace attached to a controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    /// Controller name.
+    pub controller: String,
+    /// NSID (in the controller's subsystem).
+    pub nsid: u32,
+}
+
+/// Names an object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameRef {
+    /// The name.
+    pub name: String,
+}
+
+/// Names a subsystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NqnRef {
+    /// The NQN.
+    pub nqn: String,
+}
+
+/// Names a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceRef {
+    /// Subsystem.
+    pub nqn: String,
+    /// NSID.
+    pub nsid: u32,
+}
+
+/// How one deployment step went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// Already as desired.
+    Unchanged,
+    /// Changed to the desired state.
+    Changed,
+    /// Set, but takes effect only after a host power cycle (nothing was rebooted).
+    PowerCycleRequired,
+    /// Failed; see the detail.
+    Failed,
+}
+
+/// One step of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployStep {
+    /// Step name (`firmware`, `hugepages`, `pod`, `ready`...).
+    pub step: String,
+    /// Outcome.
+    pub outcome: StepOutcome,
+    /// What was found or done.
+    pub detail: String,
+}
+
+/// What a deployment did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployReport {
+    /// `bluefield3` or `simulation`.
+    pub platform: String,
+    /// Steps in order.
+    pub steps: Vec<DeployStep>,
+    /// Whether SNAP answers on its socket now.
+    pub ready: bool,
+}
+
+/// SNAP's runtime state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapState {
+    /// Not deployed.
+    NotInstalled,
+    /// Deployed, not answering yet.
+    Starting,
+    /// Answering on its socket.
+    Running,
+    /// Deployed (or expected) but not answering.
+    Unreachable,
+}
+
+/// SNAP as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapStatus {
+    /// State.
+    pub state: SnapState,
+    /// `spdk_get_version` answer.
+    pub version: Option<String>,
+    /// Deployed image and tag.
+    pub image: Option<String>,
+    /// SNAP restarts the agent has seen (state lost on its socket).
+    pub restarts: u64,
+}
+
+/// Facts about the machine the agent runs on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// Hostname.
+    pub hostname: String,
+    /// CPU model.
+    pub cpu_model: String,
+    /// CPUs online.
+    pub cpus: u32,
+    /// Memory, bytes.
+    pub mem_total_bytes: u64,
+    /// Memory available, bytes.
+    pub mem_available_bytes: u64,
+    /// Hugepages in total.
+    pub hugepages_total: u64,
+    /// Hugepages free.
+    pub hugepages_free: u64,
+    /// Hugepage size, KiB.
+    pub hugepage_size_kib: u64,
+    /// Load averages (1, 5, 15 min).
+    pub load: [f64; 3],
+    /// Seconds since boot.
+    pub uptime_secs: u64,
+    /// Network interfaces.
+    pub interfaces: Vec<NetInterface>,
+}
+
+/// One network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// Name.
+    pub name: String,
+    /// `operstate`.
+    pub state: String,
+    /// MAC address.
+    pub mac: String,
+    /// MTU.
+    pub mtu: u32,
+    /// Link speed in Mb/s, when known.
+    pub speed_mbps: Option<u32>,
+}
+
+/// BlueField facts, when the tools exist.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlueFieldFacts {
+    /// Firmware version (`flint q`).
+    pub firmware_version: Option<String>,
+    /// PSID.
+    pub psid: Option<String>,
+    /// `/etc/mlnx-release`.
+    pub release: Option<String>,
+    /// ASIC temperature (`mget_temp`), °C.
+    pub temperature_c: Option<i32>,
+}
+
+/// One emulated function in SNAP's inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    /// Position.
+    pub function: FunctionRef,
+    /// Host BDF.
+    pub pci_bdf: String,
+    /// vHCA id.
+    pub vhca_id: u32,
+    /// VUID.
+    pub vuid: String,
+    /// Controller bound to it.
+    pub controller: Option<String>,
+}
+
+/// A subsystem in SNAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubsystemInfo {
+    /// NQN.
+    pub nqn: String,
+    /// Serial.
+    pub serial: String,
+    /// Model.
+    pub model: String,
+    /// Namespaces.
+    pub namespaces: Vec<NamespaceInfo>,
+}
+
+/// A namespace in SNAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceInfo {
+    /// NSID.
+    pub nsid: u32,
+    /// Bdev.
+    pub bdev: String,
+    /// UUID.
+    pub uuid: String,
+    /// Controller it is attached to.
+    pub controller: Option<String>,
+}
+
+/// A controller in SNAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    /// Name.
+    pub name: String,
+    /// Subsystem.
+    pub nqn: String,
+    /// Function.
+    pub function: Option<FunctionRef>,
+    /// Queues.
+    pub num_queues: u32,
+    /// MDTS.
+    pub mdts: u32,
+    /// `SUSPENDED` or `STARTED` as SNAP says.
+    pub state: String,
+    /// Attached NSIDs.
+    pub namespaces: Vec<u32>,
+}
+
+/// A bdev in SNAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BdevInfo {
+    /// Name.
+    pub name: String,
+    /// Pool, for rbd bdevs.
+    pub pool: Option<String>,
+    /// Image, for rbd bdevs.
+    pub image: Option<String>,
+    /// Cluster, for rbd bdevs.
+    pub cluster: Option<String>,
+    /// Block size.
+    pub block_size: u32,
+    /// Blocks.
+    pub num_blocks: u64,
+}
+
+/// SNAP's object inventory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapInventory {
+    /// Functions.
+    pub functions: Vec<FunctionInfo>,
+    /// Subsystems (with namespaces).
+    pub subsystems: Vec<SubsystemInfo>,
+    /// Controllers.
+    pub controllers: Vec<ControllerInfo>,
+    /// Bdevs.
+    pub bdevs: Vec<BdevInfo>,
+    /// Registered rbd clusters.
+    pub clusters: Vec<String>,
+}
+
+/// A replay of the ledger into SNAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// When (Unix milliseconds).
+    pub at_unix_ms: u64,
+    /// Why (e.g. `SNAP restarted: 12 objects missing`).
+    pub reason: String,
+    /// Objects re-created.
+    pub restored: Vec<String>,
+    /// Objects that could not be re-created, with the error.
+    pub failed: Vec<String>,
+}
+
+/// Everything a DPU agent reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DpuReport {
+    /// `bluefield3` or `simulation`.
+    pub platform: String,
+    /// The machine.
+    pub host: HostFacts,
+    /// BlueField facts, when the tools exist.
+    pub bluefield: Option<BlueFieldFacts>,
+    /// SNAP's state.
+    pub snap: SnapStatus,
+    /// SNAP's objects (when it answers).
+    pub inventory: Option<SnapInventory>,
+    /// Ledger objects SNAP does not have (lost state), e.g. `namespace nqn...:0/1`.
+    pub missing: Vec<String>,
+    /// Generation of the agent's ledger (rises with every change).
+    pub ledger_generation: u64,
+    /// The last replay of the ledger.
+    pub last_replay: Option<ReplayReport>,
+}
