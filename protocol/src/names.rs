@@ -232,7 +232,11 @@ pub fn check_nqn(field: &str, value: &str) -> Result<(), NameError> {
     if ok {
         Ok(())
     } else {
-        Err(refuse(field, value, "allowed: nqn. followed by a-z 0-9 . : - _, 223 bytes at most"))
+        Err(refuse(
+            field,
+            value,
+            "allowed: nqn. followed by a-z 0-9 . : - _, 223 bytes at most",
+        ))
     }
 }
 
@@ -242,20 +246,29 @@ pub fn check_uuid(field: &str, value: &str) -> Result<(), NameError> {
     let ok = parts.len() == 5
         && parts.iter().zip([8, 4, 4, 4, 12]).all(|(p, n)| {
             p.len() == n
-                && p
-                    .chars()
+                && p.chars()
                     .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
         });
     if ok {
         Ok(())
     } else {
-        Err(refuse(field, value, "allowed: a lowercase UUID, 8-4-4-4-12 hex digits"))
+        Err(refuse(
+            field,
+            value,
+            "allowed: a lowercase UUID, 8-4-4-4-12 hex digits",
+        ))
     }
 }
 
 /// A monitor address: `host:port` or `[v6]:port`, host of a-z A-Z 0-9 . -.
 pub fn check_host_port(field: &str, value: &str) -> Result<(), NameError> {
-    let bad = || refuse(field, value, "allowed: host:port (IPv4, [IPv6] or a DNS name)");
+    let bad = || {
+        refuse(
+            field,
+            value,
+            "allowed: host:port (IPv4, [IPv6] or a DNS name)",
+        )
+    };
     let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
     port.parse::<u16>().map_err(|_| bad())?;
     let host = host
@@ -303,7 +316,10 @@ pub fn check_cephx_key(field: &str, value: &str) -> Result<(), NameError> {
 pub fn check_image_ref(field: &str, value: &str) -> Result<(), NameError> {
     let ok = !value.is_empty()
         && value.len() <= 255
-        && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && value
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c))
@@ -311,7 +327,11 @@ pub fn check_image_ref(field: &str, value: &str) -> Result<(), NameError> {
     if ok {
         Ok(())
     } else {
-        Err(refuse(field, value, "allowed: a-z 0-9 . _ - / : (no tag), 255 characters at most"))
+        Err(refuse(
+            field,
+            value,
+            "allowed: a-z 0-9 . _ - / : (no tag), 255 characters at most",
+        ))
     }
 }
 
@@ -319,14 +339,21 @@ pub fn check_image_ref(field: &str, value: &str) -> Result<(), NameError> {
 pub fn check_image_tag(field: &str, value: &str) -> Result<(), NameError> {
     let ok = !value.is_empty()
         && value.len() <= 128
-        && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(refuse(field, value, "allowed: 1-128 characters of A-Z a-z 0-9 . _ -"))
+        Err(refuse(
+            field,
+            value,
+            "allowed: 1-128 characters of A-Z a-z 0-9 . _ -",
+        ))
     }
 }
 
@@ -334,12 +361,19 @@ pub fn check_image_tag(field: &str, value: &str) -> Result<(), NameError> {
 pub fn check_env(field: &str, name: &str, value: &str) -> Result<(), NameError> {
     let name_ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
         && name
             .chars()
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
     if !name_ok {
-        return Err(refuse(field, name, "allowed names: A-Z 0-9 _, starting with a letter or _"));
+        return Err(refuse(
+            field,
+            name,
+            "allowed names: A-Z 0-9 _, starting with a letter or _",
+        ));
     }
     if value.len() > 1024 || value.chars().any(|c| c.is_control()) {
         return Err(refuse(
@@ -427,7 +461,10 @@ mod tests {
             assert!(check_host_port("mon", bad).is_err(), "{bad}");
         }
         let e = check_cephx_key("key", "secret with spaces").unwrap_err();
-        assert!(!e.to_string().contains("spaces"), "never echo a secret: {e}");
+        assert!(
+            !e.to_string().contains("spaces"),
+            "never echo a secret: {e}"
+        );
         check_image_ref("image", "nvcr.io/nvidia/doca/doca_snap").unwrap();
         assert!(check_image_ref("image", "nvcr.io/../x").is_err());
         check_image_tag("tag", "4.5.0-6-doca2.9.0").unwrap();
@@ -435,8 +472,13 @@ mod tests {
         check_env("env", "APP_ARGS", "-m 0xffff").unwrap();
         assert!(check_env("env", "lower", "x").is_err());
         assert!(check_env("env", "A", r"line\nbreak").is_ok());
-        assert!(check_env("env", "A", "line
-break").is_err());
+        assert!(check_env(
+            "env",
+            "A",
+            "line
+break"
+        )
+        .is_err());
     }
 
     #[test]

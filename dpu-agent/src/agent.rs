@@ -1,0 +1,587 @@
+//! The agent: commands from the controller, the supervision loop and the report.
+//!
+//! Every SNAP mutation, and every supervision pass, holds the ledger lock: a command and a replay
+//! never interleave, and the ledger always describes what SNAP was last told.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use protocol::dpu::{
+    Attachment, BdevSpec, BlueFieldFacts, ControllerSpec, DpuReport, NamespaceSpec, RbdCluster,
+    ReplayReport, SnapInventory, SnapSpec, SnapState, SnapStatus, SubsystemSpec,
+};
+use protocol::names::{
+    check_cephx_key, check_env, check_host_port, check_image_ref, check_image_tag, check_nqn,
+    check_object_name, check_uuid, CephClientId, ImageName, NameError, PoolName,
+};
+use protocol::server::Handler;
+use protocol::{AgentKind, Command, ErrorCode, Event, Reply, WireError};
+use tokio::sync::{broadcast, Mutex};
+use tracing::{info, warn};
+
+use crate::ledger::{self, ns_key, LedgerController, LedgerStore};
+use crate::platform::{DeployError, Platform};
+use crate::snap::{Done, OpError, Snap};
+
+/// Command families this agent serves.
+pub const CAPABILITIES: &[&str] = &["lease", "dpu.report", "dpu.snap", "dpu.nvme"];
+
+/// Runtime settings.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// `/proc`.
+    pub proc_root: PathBuf,
+    /// `/sys`.
+    pub sys_root: PathBuf,
+    /// Replay the ledger when SNAP lost objects.
+    pub replay: bool,
+    /// A full report is pushed at least this often.
+    pub full_report_every: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Observed {
+    reachable: bool,
+    restarts: u64,
+    missing: Vec<String>,
+    last_replay: Option<ReplayReport>,
+    bluefield: Option<(tokio::time::Instant, Option<BlueFieldFacts>)>,
+}
+
+/// The DPU agent.
+pub struct DpuAgent {
+    snap: Snap,
+    platform: Arc<dyn Platform>,
+    ledger: Mutex<LedgerStore>,
+    events: broadcast::Sender<Event>,
+    settings: AgentSettings,
+    observed: StdMutex<Observed>,
+}
+
+fn name_err(e: NameError) -> WireError {
+    e.into()
+}
+
+fn op_err(e: OpError) -> WireError {
+    let msg = protocol::error::chain(&e);
+    let code = match &e {
+        OpError::Snap(crate::snap::SnapError::Timeout { .. }) => ErrorCode::Timeout,
+        OpError::Snap(crate::snap::SnapError::TooLarge { .. }) => ErrorCode::InvalidArgument,
+        OpError::Snap(_) => ErrorCode::CommandFailed,
+        OpError::Conflict { .. } => ErrorCode::Conflict,
+        OpError::Missing { .. } => ErrorCode::NotFound,
+        OpError::Busy { .. } => ErrorCode::InUse,
+    };
+    WireError::new(code, msg)
+}
+
+fn deploy_err(e: DeployError) -> WireError {
+    let (code, report) = match &e {
+        DeployError::Step { report, .. } => (ErrorCode::CommandFailed, report),
+        DeployError::NotReady { report, .. } => (ErrorCode::Timeout, report),
+    };
+    let steps: Vec<String> = report
+        .steps
+        .iter()
+        .map(|s| format!("{} {:?}: {}", s.step, s.outcome, s.detail))
+        .collect();
+    WireError::new(code, format!("{e} [steps: {}]", steps.join("; ")))
+}
+
+fn check_snap_spec(s: &SnapSpec) -> Result<(), WireError> {
+    check_image_ref("image", &s.image).map_err(name_err)?;
+    check_image_tag("tag", &s.tag).map_err(name_err)?;
+    for (k, v) in &s.env {
+        check_env("env", k, v).map_err(name_err)?;
+    }
+    let quantity = |field: &str, v: &str| {
+        let ok = !v.is_empty()
+            && v.len() <= 16
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '.');
+        if ok {
+            Ok(())
+        } else {
+            Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("invalid {field} {v:?}: a Kubernetes quantity such as 8, 500m or 4Gi"),
+            )
+            .with_field(field))
+        }
+    };
+    quantity("cpu", &s.cpu)?;
+    quantity("memory", &s.memory)?;
+    let fw = &s.firmware;
+    if !(1..=4).contains(&fw.nvme_pfs) || fw.nvme_vfs > 127 {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "a BlueField-3 offers 1-4 static NVMe PFs and 0-127 VFs each; asked {} and {}",
+                fw.nvme_pfs, fw.nvme_vfs
+            ),
+        )
+        .with_field("firmware"));
+    }
+    Ok(())
+}
+
+fn check_cluster(c: &RbdCluster) -> Result<(), WireError> {
+    check_object_name("name", &c.name).map_err(name_err)?;
+    CephClientId::parse("user_id", &c.user_id).map_err(name_err)?;
+    if c.mon_hosts.is_empty() {
+        return Err(
+            WireError::new(ErrorCode::InvalidArgument, "at least one monitor is needed")
+                .with_field("mon_hosts"),
+        );
+    }
+    for (i, m) in c.mon_hosts.iter().enumerate() {
+        check_host_port(&format!("mon_hosts[{i}]"), m).map_err(name_err)?;
+    }
+    check_cephx_key("key", &c.key).map_err(name_err)
+}
+
+fn check_bdev(b: &BdevSpec) -> Result<(), WireError> {
+    check_object_name("name", &b.name).map_err(name_err)?;
+    check_object_name("cluster", &b.cluster).map_err(name_err)?;
+    PoolName::parse("pool", &b.pool).map_err(name_err)?;
+    ImageName::parse("image", &b.image).map_err(name_err)?;
+    if !matches!(b.block_size, 512 | 4096) {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("block size {} is not 512 or 4096", b.block_size),
+        )
+        .with_field("block_size"));
+    }
+    Ok(())
+}
+
+fn check_subsystem(s: &SubsystemSpec) -> Result<(), WireError> {
+    check_nqn("nqn", &s.nqn).map_err(name_err)?;
+    for (field, v, max) in [("serial", &s.serial, 20), ("model", &s.model, 40)] {
+        if v.is_empty() || v.len() > max || !v.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("invalid {field} {v:?}: 1-{max} printable ASCII characters"),
+            )
+            .with_field(field));
+        }
+    }
+    if s.max_namespaces == 0 || s.max_namespaces > 1024 {
+        return Err(
+            WireError::new(ErrorCode::InvalidArgument, "max_namespaces must be 1-1024")
+                .with_field("max_namespaces"),
+        );
+    }
+    Ok(())
+}
+
+fn check_nsid(nsid: u32) -> Result<(), WireError> {
+    if nsid == 0 || nsid > 1024 {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("nsid {nsid} is not 1-1024"),
+        )
+        .with_field("nsid"));
+    }
+    Ok(())
+}
+
+fn check_namespace(n: &NamespaceSpec) -> Result<(), WireError> {
+    check_nqn("nqn", &n.nqn).map_err(name_err)?;
+    check_nsid(n.nsid)?;
+    check_object_name("bdev", &n.bdev).map_err(name_err)?;
+    check_uuid("uuid", &n.uuid).map_err(name_err)
+}
+
+fn check_controller(c: &ControllerSpec) -> Result<(), WireError> {
+    check_object_name("name", &c.name).map_err(name_err)?;
+    check_nqn("nqn", &c.nqn).map_err(name_err)?;
+    if c.function.pf > 3 || c.function.vf.is_some_and(|v| v > 126) {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "function {} is outside a BlueField-3's PF 0-3, VF 0-126",
+                c.function
+            ),
+        )
+        .with_field("function"));
+    }
+    if !(1..=32).contains(&c.num_queues) || c.mdts > 10 {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            "num_queues must be 1-32 and mdts 0-10",
+        )
+        .with_field("num_queues"));
+    }
+    Ok(())
+}
+
+fn check_attachment(a: &Attachment) -> Result<(), WireError> {
+    check_object_name("controller", &a.controller).map_err(name_err)?;
+    check_nsid(a.nsid)
+}
+
+impl DpuAgent {
+    /// An agent over `snap` and `platform`, with `ledger`.
+    pub fn new(
+        snap: Snap,
+        platform: Arc<dyn Platform>,
+        ledger: LedgerStore,
+        settings: AgentSettings,
+    ) -> Self {
+        Self {
+            snap,
+            platform,
+            ledger: Mutex::new(ledger),
+            events: broadcast::channel(64).0,
+            settings,
+            observed: StdMutex::new(Observed::default()),
+        }
+    }
+
+    /// SNAP.
+    pub fn snap(&self) -> &Snap {
+        &self.snap
+    }
+
+    fn observed(&self) -> std::sync::MutexGuard<'_, Observed> {
+        self.observed.lock().expect("observed lock")
+    }
+
+    async fn bluefield(&self) -> Option<BlueFieldFacts> {
+        let cached = self.observed().bluefield.clone();
+        if let Some((at, facts)) = cached {
+            if at.elapsed() < Duration::from_secs(300) {
+                return facts;
+            }
+        }
+        let facts = self.platform.bluefield_facts().await;
+        self.observed().bluefield = Some((tokio::time::Instant::now(), facts.clone()));
+        facts
+    }
+
+    /// The full report.
+    pub async fn report(&self) -> DpuReport {
+        let host = crate::status::host_facts(&self.settings.proc_root, &self.settings.sys_root);
+        let bluefield = self.bluefield().await;
+        let image = self.platform.deployed().await;
+        let (version, inventory) = match self.snap.version().await {
+            Ok(v) => (Some(v), self.snap.inventory().await.ok()),
+            Err(_) => (None, None),
+        };
+        let ledger = self.ledger.lock().await.get().clone();
+        let missing = inventory
+            .as_ref()
+            .map(|inv| ledger::missing(&ledger, inv))
+            .unwrap_or_default();
+        let obs = self.observed();
+        let state = match (&version, &image) {
+            (Some(_), _) => SnapState::Running,
+            (None, Some(_)) if obs.reachable => SnapState::Unreachable,
+            (None, Some(_)) => SnapState::Starting,
+            (None, None) => SnapState::NotInstalled,
+        };
+        DpuReport {
+            platform: self.platform.name().into(),
+            host,
+            bluefield,
+            snap: SnapStatus {
+                state,
+                version,
+                image,
+                restarts: obs.restarts,
+            },
+            inventory,
+            missing,
+            ledger_generation: ledger.generation,
+            last_replay: obs.last_replay.clone(),
+        }
+    }
+
+    /// One supervision pass: restart SNAP if the platform runs it, look at SNAP, count restarts,
+    /// and replay the ledger when SNAP lost objects. Returns the replay, if one ran.
+    pub async fn supervise_once(&self) -> Option<ReplayReport> {
+        let restarted = self.platform.supervise().await;
+        let store = self.ledger.lock().await;
+        let inv: Option<SnapInventory> = self.snap.inventory().await.ok();
+        let Some(inv) = inv else {
+            self.observed().reachable = false;
+            return None;
+        };
+        let missing = ledger::missing(store.get(), &inv);
+        {
+            let mut obs = self.observed();
+            // Objects that were there (or a SNAP we just restarted) and now are not: SNAP lost
+            // its in-memory state.
+            let lost = !missing.is_empty() && obs.missing.is_empty();
+            if restarted || lost {
+                obs.restarts += 1;
+                warn!(
+                    missing = missing.len(),
+                    restarts = obs.restarts,
+                    "SNAP lost its configuration."
+                );
+            }
+            obs.reachable = true;
+            obs.missing = missing.clone();
+        }
+        if missing.is_empty() || !self.settings.replay {
+            return None;
+        }
+        let reason = format!(
+            "SNAP is missing {} object(s): {}",
+            missing.len(),
+            missing.join(", ")
+        );
+        let report = ledger::replay(&self.snap, store.get(), reason).await;
+        info!(
+            restored = report.restored.len(),
+            failed = report.failed.len(),
+            "Replayed the ledger into SNAP."
+        );
+        let after = self
+            .snap
+            .inventory()
+            .await
+            .map(|inv| ledger::missing(store.get(), &inv))
+            .unwrap_or(missing);
+        {
+            let mut obs = self.observed();
+            obs.missing = after;
+            obs.last_replay = Some(report.clone());
+        }
+        let _ = self.events.send(Event::SnapReplayed(report.clone()));
+        Some(report)
+    }
+
+    /// Supervises forever: every `interval`, a pass; pushes the report when it changes and at
+    /// least every `full_report_every`.
+    pub async fn supervise_loop(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<serde_json::Value> = None;
+        let mut last_full = tokio::time::Instant::now();
+        loop {
+            tick.tick().await;
+            self.supervise_once().await;
+            if self.events.receiver_count() == 0 {
+                continue;
+            }
+            let report = self.report().await;
+            // What counts as a change: everything but the fast-moving host counters.
+            let stable = serde_json::json!({
+                "snap": report.snap, "inventory": report.inventory, "missing": report.missing,
+                "ledger": report.ledger_generation, "replay": report.last_replay,
+                "bluefield": report.bluefield,
+            });
+            let due = last_full.elapsed() >= self.settings.full_report_every;
+            if due || last.as_ref() != Some(&stable) {
+                last = Some(stable);
+                last_full = tokio::time::Instant::now();
+                let _ = self.events.send(Event::DpuReport(Box::new(report)));
+            }
+        }
+    }
+
+    async fn with_ledger(
+        &self,
+        op: impl std::future::Future<Output = Result<Done, OpError>>,
+        record: impl FnOnce(&mut ledger::Ledger),
+    ) -> Result<Reply, WireError> {
+        let mut store = self.ledger.lock().await;
+        op.await.map_err(op_err)?;
+        store
+            .update(record)
+            .map_err(|e| WireError::new(ErrorCode::Internal, protocol::error::chain(&e)))?;
+        Ok(Reply::Done(protocol::Empty {}))
+    }
+
+    async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
+        match command {
+            Command::DpuReport(_) => Ok(Reply::DpuReport(Box::new(self.report().await))),
+            Command::InstallSnap(spec) => {
+                check_snap_spec(&spec)?;
+                self.install(&spec).await
+            }
+            Command::UpgradeSnap(spec) => {
+                check_snap_spec(&spec)?;
+                if self.platform.deployed().await.is_none() {
+                    return Err(WireError::new(
+                        ErrorCode::NotFound,
+                        "SNAP is not installed; install it first",
+                    ));
+                }
+                self.install(&spec).await
+            }
+            Command::RemoveSnap(_) => {
+                let store = self.ledger.lock().await;
+                let mut ctrls: Vec<String> = store.get().controllers.keys().cloned().collect();
+                if let Ok(inv) = self.snap.inventory().await {
+                    ctrls.extend(inv.controllers.into_iter().map(|c| c.name));
+                }
+                ctrls.sort();
+                ctrls.dedup();
+                if !ctrls.is_empty() {
+                    return Err(WireError::new(
+                        ErrorCode::InUse,
+                        format!(
+                            "SNAP still backs controllers {}: destroy them first, or the host sees dead functions",
+                            ctrls.join(", ")
+                        ),
+                    ));
+                }
+                let report = self.platform.remove().await.map_err(deploy_err)?;
+                Ok(Reply::Deploy(report))
+            }
+            Command::RegisterRbdCluster(c) => {
+                check_cluster(&c)?;
+                self.with_ledger(self.snap.register_cluster(&c), |l| {
+                    l.clusters.insert(c.name.clone(), c.clone());
+                })
+                .await
+            }
+            Command::UnregisterRbdCluster(n) => {
+                check_object_name("name", &n.name).map_err(name_err)?;
+                self.with_ledger(self.snap.unregister_cluster(&n.name), |l| {
+                    l.clusters.remove(&n.name);
+                })
+                .await
+            }
+            Command::CreateBdev(b) => {
+                check_bdev(&b)?;
+                self.with_ledger(self.snap.create_bdev(&b), |l| {
+                    l.bdevs.insert(b.name.clone(), b.clone());
+                })
+                .await
+            }
+            Command::DeleteBdev(n) => {
+                check_object_name("name", &n.name).map_err(name_err)?;
+                self.with_ledger(self.snap.delete_bdev(&n.name), |l| {
+                    l.bdevs.remove(&n.name);
+                })
+                .await
+            }
+            Command::CreateSubsystem(s) => {
+                check_subsystem(&s)?;
+                self.with_ledger(self.snap.create_subsystem(&s), |l| {
+                    l.subsystems.insert(s.nqn.clone(), s.clone());
+                })
+                .await
+            }
+            Command::DestroySubsystem(n) => {
+                check_nqn("nqn", &n.nqn).map_err(name_err)?;
+                self.with_ledger(self.snap.destroy_subsystem(&n.nqn), |l| {
+                    l.subsystems.remove(&n.nqn);
+                })
+                .await
+            }
+            Command::CreateNamespace(n) => {
+                check_namespace(&n)?;
+                self.with_ledger(self.snap.create_namespace(&n), |l| {
+                    l.namespaces.insert(ns_key(&n.nqn, n.nsid), n.clone());
+                })
+                .await
+            }
+            Command::DestroyNamespace(n) => {
+                check_nqn("nqn", &n.nqn).map_err(name_err)?;
+                check_nsid(n.nsid)?;
+                self.with_ledger(self.snap.destroy_namespace(&n.nqn, n.nsid), |l| {
+                    l.namespaces.remove(&ns_key(&n.nqn, n.nsid));
+                })
+                .await
+            }
+            Command::CreateController(c) => {
+                check_controller(&c)?;
+                self.with_ledger(self.snap.create_controller(&c), |l| {
+                    l.controllers
+                        .entry(c.name.clone())
+                        .or_insert_with(|| LedgerController {
+                            spec: c.clone(),
+                            attached: Default::default(),
+                            running: false,
+                        });
+                })
+                .await
+            }
+            Command::DestroyController(n) => {
+                check_object_name("name", &n.name).map_err(name_err)?;
+                self.with_ledger(self.snap.destroy_controller(&n.name), |l| {
+                    l.controllers.remove(&n.name);
+                })
+                .await
+            }
+            Command::AttachNamespace(a) => {
+                check_attachment(&a)?;
+                self.with_ledger(self.snap.attach(&a.controller, a.nsid), |l| {
+                    if let Some(c) = l.controllers.get_mut(&a.controller) {
+                        c.attached.insert(a.nsid);
+                    }
+                })
+                .await
+            }
+            Command::DetachNamespace(a) => {
+                check_attachment(&a)?;
+                self.with_ledger(self.snap.detach(&a.controller, a.nsid), |l| {
+                    if let Some(c) = l.controllers.get_mut(&a.controller) {
+                        c.attached.remove(&a.nsid);
+                    }
+                })
+                .await
+            }
+            Command::SuspendController(n) => {
+                check_object_name("name", &n.name).map_err(name_err)?;
+                self.with_ledger(self.snap.set_running(&n.name, false), |l| {
+                    if let Some(c) = l.controllers.get_mut(&n.name) {
+                        c.running = false;
+                    }
+                })
+                .await
+            }
+            Command::ResumeController(n) => {
+                check_object_name("name", &n.name).map_err(name_err)?;
+                self.with_ledger(self.snap.set_running(&n.name, true), |l| {
+                    if let Some(c) = l.controllers.get_mut(&n.name) {
+                        c.running = true;
+                    }
+                })
+                .await
+            }
+            other => Err(WireError::new(
+                ErrorCode::UnsupportedCommand,
+                format!("the dpu agent does not serve {}", other.name()),
+            )),
+        }
+    }
+
+    async fn install(&self, spec: &SnapSpec) -> Result<Reply, WireError> {
+        let report = self
+            .platform
+            .install(spec, &self.snap)
+            .await
+            .map_err(deploy_err)?;
+        if report.ready {
+            // A fresh SNAP has nothing: give it the ledger now rather than at the next tick.
+            self.supervise_once().await;
+        }
+        Ok(Reply::Deploy(report))
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for DpuAgent {
+    fn kind(&self) -> AgentKind {
+        AgentKind::Dpu
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        CAPABILITIES.iter().map(|s| s.to_string()).collect()
+    }
+
+    async fn handle(&self, command: Command) -> Result<Reply, WireError> {
+        self.dispatch(command).await
+    }
+
+    fn subscribe(&self) -> Option<broadcast::Receiver<Event>> {
+        Some(self.events.subscribe())
+    }
+}

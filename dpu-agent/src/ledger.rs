@@ -1,0 +1,265 @@
+//! The ledger: the SNAP configuration the agent was last told to converge to.
+//!
+//! Every command that takes effect in SNAP is recorded here (written atomically, `0600`: it holds
+//! the cephx key SNAP needs), and the agent replays it into SNAP whenever SNAP has lost objects
+//! (a SNAP restart), with the same NSIDs, UUIDs and queue counts, controllers created suspended
+//! and resumed only after their namespaces are attached — with or without a controller connected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use protocol::dpu::{
+    BdevSpec, ControllerSpec, NamespaceSpec, RbdCluster, ReplayReport, SnapInventory, SubsystemSpec,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::snap::{has_namespace, Snap};
+
+/// A controller and what was done to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerController {
+    /// How it was created.
+    pub spec: ControllerSpec,
+    /// NSIDs attached to it.
+    pub attached: BTreeSet<u32>,
+    /// Whether it was resumed (last told to run).
+    pub running: bool,
+}
+
+/// The desired SNAP configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Rises with every change.
+    pub generation: u64,
+    /// Registered clusters by name.
+    pub clusters: BTreeMap<String, RbdCluster>,
+    /// Bdevs by name.
+    pub bdevs: BTreeMap<String, BdevSpec>,
+    /// Subsystems by NQN.
+    pub subsystems: BTreeMap<String, SubsystemSpec>,
+    /// Namespaces by `nqn/nsid`.
+    pub namespaces: BTreeMap<String, NamespaceSpec>,
+    /// Controllers by name.
+    pub controllers: BTreeMap<String, LedgerController>,
+}
+
+/// The key of a namespace in [`Ledger::namespaces`].
+pub fn ns_key(nqn: &str, nsid: u32) -> String {
+    format!("{nqn}/{nsid}")
+}
+
+/// Errors reading or writing the ledger file.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// I/O.
+    #[error("ledger {path}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a ledger. It is left as it is (never overwritten with an empty one).
+    #[error("ledger {path} is corrupt; move it aside to start empty")]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The ledger and its file.
+#[derive(Debug)]
+pub struct LedgerStore {
+    path: PathBuf,
+    ledger: Ledger,
+}
+
+impl LedgerStore {
+    /// Loads `path`, or starts empty when it does not exist.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let ledger = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| LedgerError::Corrupt {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ledger::default(),
+            Err(source) => {
+                return Err(LedgerError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            ledger,
+        })
+    }
+
+    /// The ledger.
+    pub fn get(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Applies `change` and persists it (temp file in the same directory, then rename). A change
+    /// that leaves the ledger as it was writes nothing.
+    pub fn update(&mut self, change: impl FnOnce(&mut Ledger)) -> Result<(), LedgerError> {
+        let mut next = self.ledger.clone();
+        change(&mut next);
+        next.generation = self.ledger.generation;
+        if next == self.ledger {
+            return Ok(());
+        }
+        next.generation += 1;
+        let bytes = serde_json::to_vec_pretty(&next).expect("serializable");
+        agent_kit::fsutil::write_atomic(&self.path, &bytes).map_err(|source| LedgerError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.ledger = next;
+        Ok(())
+    }
+}
+
+/// Ledger objects that SNAP does not have (or has in another state), as readable names.
+pub fn missing(ledger: &Ledger, inv: &SnapInventory) -> Vec<String> {
+    let mut out = vec![];
+    for name in ledger.clusters.keys() {
+        if !inv.clusters.contains(name) {
+            out.push(format!("rbd cluster {name}"));
+        }
+    }
+    for name in ledger.bdevs.keys() {
+        if !inv.bdevs.iter().any(|b| &b.name == name) {
+            out.push(format!("bdev {name}"));
+        }
+    }
+    for nqn in ledger.subsystems.keys() {
+        if !inv.subsystems.iter().any(|s| &s.nqn == nqn) {
+            out.push(format!("subsystem {nqn}"));
+        }
+    }
+    for n in ledger.namespaces.values() {
+        if !has_namespace(inv, &n.nqn, n.nsid) {
+            out.push(format!("namespace {}/{}", n.nqn, n.nsid));
+        }
+    }
+    for (name, c) in &ledger.controllers {
+        match inv.controllers.iter().find(|x| &x.name == name) {
+            None => out.push(format!("controller {name}")),
+            Some(have) => {
+                for nsid in &c.attached {
+                    if !have.namespaces.contains(nsid) {
+                        out.push(format!("attachment {name}/{nsid}"));
+                    }
+                }
+                if c.running && !have.state.eq_ignore_ascii_case("STARTED") {
+                    out.push(format!("running controller {name}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Re-creates in SNAP everything in the ledger, in dependency order: clusters, bdevs, subsystems,
+/// namespaces (same NSID and UUID), controllers (suspended, same queues), attachments, and only
+/// then resumes the controllers that were running. One failure does not stop the rest, except
+/// that a controller is not resumed unless all its namespaces are attached.
+pub async fn replay(snap: &Snap, ledger: &Ledger, reason: String) -> ReplayReport {
+    let mut restored = vec![];
+    let mut failed = vec![];
+    let mut record = |what: String, r: Result<crate::snap::Done, crate::snap::OpError>| match r {
+        Ok(crate::snap::Done::Changed) => restored.push(what),
+        Ok(crate::snap::Done::Unchanged) => {}
+        Err(e) => failed.push(format!("{what}: {}", protocol::error::chain(&e))),
+    };
+    for c in ledger.clusters.values() {
+        record(
+            format!("rbd cluster {}", c.name),
+            snap.register_cluster(c).await,
+        );
+    }
+    for b in ledger.bdevs.values() {
+        record(format!("bdev {}", b.name), snap.create_bdev(b).await);
+    }
+    for s in ledger.subsystems.values() {
+        record(
+            format!("subsystem {}", s.nqn),
+            snap.create_subsystem(s).await,
+        );
+    }
+    for n in ledger.namespaces.values() {
+        record(
+            format!("namespace {}/{}", n.nqn, n.nsid),
+            snap.create_namespace(n).await,
+        );
+    }
+    for (name, c) in &ledger.controllers {
+        record(
+            format!("controller {name}"),
+            snap.create_controller(&c.spec).await,
+        );
+    }
+    for (name, c) in &ledger.controllers {
+        let mut all_attached = true;
+        for nsid in &c.attached {
+            let r = snap.attach(name, *nsid).await;
+            all_attached &= r.is_ok();
+            record(format!("attachment {name}/{nsid}"), r);
+        }
+        if c.running && all_attached {
+            record(
+                format!("running controller {name}"),
+                snap.set_running(name, true).await,
+            );
+        }
+    }
+    ReplayReport {
+        at_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        reason,
+        restored,
+        failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_persist_and_unchanged_updates_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let mut s = LedgerStore::open(&path).unwrap();
+        s.update(|l| {
+            l.subsystems.insert(
+                "nqn.x:0".into(),
+                SubsystemSpec {
+                    nqn: "nqn.x:0".into(),
+                    serial: "S".into(),
+                    model: "M".into(),
+                    max_namespaces: 8,
+                },
+            );
+        })
+        .unwrap();
+        assert_eq!(s.get().generation, 1);
+        s.update(|_| {}).unwrap();
+        assert_eq!(s.get().generation, 1);
+        let again = LedgerStore::open(&path).unwrap();
+        assert_eq!(again.get(), s.get());
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(matches!(
+            LedgerStore::open(&path),
+            Err(LedgerError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,659 @@
+//! SNAP, typed: the inventory read from its list methods, and idempotent operations.
+//!
+//! Idempotency is decided by listing SNAP's state, never by parsing error text: every operation
+//! looks first and does nothing when the object is already as wanted; when a call fails it looks
+//! again, and succeeds if the object is there after all (someone else made it).
+//!
+//! Method and key names follow the keys DPF sends to real SNAP where they are known
+//! (`shared/snap-reference.md` §3): controllers are addressed by `ctrl_id`, functions by
+//! `pci_bdf`, namespaces carry `bdev_type: "spdk"`. `nvme_controller_create` takes the name as
+//! `ctrl` (the CLI's flag; not verified) and is always sent with `suspended: true`.
+
+pub mod client;
+
+use std::collections::BTreeMap;
+
+use protocol::dpu::{
+    BdevInfo, BdevSpec, ControllerInfo, ControllerSpec, FunctionInfo, FunctionRef, NamespaceInfo,
+    NamespaceSpec, RbdCluster, SnapInventory, SubsystemInfo, SubsystemSpec,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub use client::{SnapClient, SnapError};
+
+/// Errors of SNAP operations.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// SNAP refused or could not be reached.
+    #[error(transparent)]
+    Snap(#[from] SnapError),
+    /// An object of that name exists with another spec.
+    #[error("{what} already exists with a different spec: {diff}")]
+    Conflict {
+        /// The object.
+        what: String,
+        /// The differences.
+        diff: String,
+    },
+    /// A prerequisite is missing.
+    #[error("{what} does not exist")]
+    Missing {
+        /// The object.
+        what: String,
+    },
+    /// The object is in use.
+    #[error("{what} is in use: {detail}")]
+    Busy {
+        /// The object.
+        what: String,
+        /// By what.
+        detail: String,
+    },
+}
+
+/// Whether an operation changed anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    /// Already as wanted.
+    Unchanged,
+    /// Changed.
+    Changed,
+}
+
+#[derive(Deserialize)]
+struct RawFunction {
+    pf_index: u32,
+    #[serde(default)]
+    vf_index: Option<u32>,
+    pci_bdf: String,
+    #[serde(default)]
+    vhca_id: u32,
+    #[serde(default)]
+    vuid: String,
+    #[serde(default)]
+    ctrl_id: Option<String>,
+    #[serde(default)]
+    vfs: Vec<RawFunction>,
+}
+
+#[derive(Deserialize)]
+struct RawSubsystem {
+    nqn: String,
+    #[serde(default)]
+    sn: String,
+    #[serde(default)]
+    mn: String,
+    #[serde(default)]
+    controllers: Vec<RawController>,
+    #[serde(default)]
+    namespaces: Vec<RawNamespace>,
+}
+
+#[derive(Deserialize)]
+struct RawController {
+    ctrl_id: String,
+    #[serde(default)]
+    nqn: String,
+    #[serde(default)]
+    pci_bdf: Option<String>,
+    #[serde(default)]
+    num_queues: u32,
+    #[serde(default)]
+    mdts: u32,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    namespaces: Vec<RawNamespace>,
+}
+
+#[derive(Deserialize)]
+struct RawNamespace {
+    nsid: u32,
+    #[serde(default)]
+    bdev: String,
+    #[serde(default)]
+    uuid: String,
+    #[serde(default)]
+    controllers: Vec<RawCtrlRef>,
+}
+
+#[derive(Deserialize)]
+struct RawCtrlRef {
+    ctrl_id: String,
+}
+
+#[derive(Deserialize)]
+struct RawBdev {
+    name: String,
+    #[serde(default)]
+    block_size: u32,
+    #[serde(default)]
+    num_blocks: u64,
+    #[serde(default)]
+    driver_specific: Value,
+}
+
+#[derive(Deserialize)]
+struct RawCluster {
+    cluster_name: String,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(method: &str, v: Value) -> Result<T, SnapError> {
+    serde_json::from_value(v).map_err(|e| SnapError::Protocol {
+        method: method.into(),
+        detail: e.to_string(),
+    })
+}
+
+/// SNAP behind its socket.
+#[derive(Debug)]
+pub struct Snap {
+    client: SnapClient,
+}
+
+impl Snap {
+    /// SNAP through `client`.
+    pub fn new(client: SnapClient) -> Self {
+        Self { client }
+    }
+
+    /// The raw client.
+    pub fn client(&self) -> &SnapClient {
+        &self.client
+    }
+
+    /// `spdk_get_version`'s version string.
+    pub async fn version(&self) -> Result<String, SnapError> {
+        let v = self.client.call("spdk_get_version", None).await?;
+        Ok(v.get("version")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Reads every object SNAP has.
+    pub async fn inventory(&self) -> Result<SnapInventory, SnapError> {
+        let fns: Vec<RawFunction> = parse(
+            "emulation_function_list",
+            self.client
+                .call("emulation_function_list", Some(json!({"all": true})))
+                .await?,
+        )?;
+        let subs: Vec<RawSubsystem> = parse(
+            "nvme_subsystem_list",
+            self.client.call("nvme_subsystem_list", None).await?,
+        )?;
+        let bdevs: Vec<RawBdev> = parse(
+            "bdev_get_bdevs",
+            self.client.call("bdev_get_bdevs", None).await?,
+        )?;
+        let clusters: Vec<RawCluster> =
+            match self.client.call("bdev_rbd_get_clusters_info", None).await {
+                Ok(v) => parse("bdev_rbd_get_clusters_info", v)?,
+                // -2: none registered; -32601: SPDK built without RBD.
+                Err(e) if matches!(e.code(), Some(-2) | Some(-32601)) => vec![],
+                Err(e) => return Err(e),
+            };
+
+        let mut functions = vec![];
+        let mut bdf_to_fn = BTreeMap::new();
+        for pf in fns {
+            for f in std::iter::once(&pf).chain(pf.vfs.iter()) {
+                let function = FunctionRef {
+                    pf: f.pf_index,
+                    vf: f.vf_index,
+                };
+                bdf_to_fn.insert(f.pci_bdf.clone(), function);
+                functions.push(FunctionInfo {
+                    function,
+                    pci_bdf: f.pci_bdf.clone(),
+                    vhca_id: f.vhca_id,
+                    vuid: f.vuid.clone(),
+                    controller: f.ctrl_id.clone().filter(|c| !c.is_empty()),
+                });
+            }
+        }
+        let mut controllers = vec![];
+        let mut subsystems = vec![];
+        for s in subs {
+            for c in &s.controllers {
+                controllers.push(ControllerInfo {
+                    name: c.ctrl_id.clone(),
+                    nqn: if c.nqn.is_empty() {
+                        s.nqn.clone()
+                    } else {
+                        c.nqn.clone()
+                    },
+                    function: c
+                        .pci_bdf
+                        .as_ref()
+                        .and_then(|b| bdf_to_fn.get(b).copied())
+                        .or_else(|| {
+                            functions
+                                .iter()
+                                .find(|f| f.controller.as_deref() == Some(&c.ctrl_id))
+                                .map(|f| f.function)
+                        }),
+                    num_queues: c.num_queues,
+                    mdts: c.mdts,
+                    state: c.state.clone(),
+                    namespaces: c.namespaces.iter().map(|n| n.nsid).collect(),
+                });
+            }
+            subsystems.push(SubsystemInfo {
+                nqn: s.nqn,
+                serial: s.sn,
+                model: s.mn,
+                namespaces: s
+                    .namespaces
+                    .into_iter()
+                    .map(|n| NamespaceInfo {
+                        nsid: n.nsid,
+                        bdev: n.bdev,
+                        uuid: n.uuid,
+                        controller: n.controllers.into_iter().next().map(|c| c.ctrl_id),
+                    })
+                    .collect(),
+            });
+        }
+        let bdevs = bdevs
+            .into_iter()
+            .map(|b| {
+                let rbd = b.driver_specific.get("rbd");
+                let field = |k: &str| {
+                    rbd.and_then(|r| r.get(k))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                };
+                BdevInfo {
+                    pool: field("pool_name"),
+                    image: field("rbd_name"),
+                    cluster: field("cluster_name"),
+                    name: b.name,
+                    block_size: b.block_size,
+                    num_blocks: b.num_blocks,
+                }
+            })
+            .collect();
+        Ok(SnapInventory {
+            functions,
+            subsystems,
+            controllers,
+            bdevs,
+            clusters: clusters.into_iter().map(|c| c.cluster_name).collect(),
+        })
+    }
+
+    /// Runs `call`; on failure looks again with `check`, which says whether the wanted state
+    /// holds after all.
+    async fn act<F>(&self, method: &str, params: Value, check: F) -> Result<Done, OpError>
+    where
+        F: Fn(&SnapInventory) -> bool,
+    {
+        match self.client.call(method, Some(params)).await {
+            Ok(_) => Ok(Done::Changed),
+            Err(e) if !e.is_unreachable() => {
+                let inv = self.inventory().await?;
+                if check(&inv) {
+                    Ok(Done::Changed)
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Registers a Ceph cluster.
+    pub async fn register_cluster(&self, c: &RbdCluster) -> Result<Done, OpError> {
+        let has = |inv: &SnapInventory| inv.clusters.contains(&c.name);
+        if has(&self.inventory().await?) {
+            return Ok(Done::Unchanged);
+        }
+        let params = json!({
+            "name": c.name,
+            "user_id": c.user_id,
+            "config_param": {"mon_host": c.mon_hosts.join(","), "key": c.key},
+        });
+        self.act("bdev_rbd_register_cluster", params, has).await
+    }
+
+    /// Unregisters a cluster (SNAP refuses while bdevs use it).
+    pub async fn unregister_cluster(&self, name: &str) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        if !inv.clusters.iter().any(|c| c == name) {
+            return Ok(Done::Unchanged);
+        }
+        let users: Vec<&str> = inv
+            .bdevs
+            .iter()
+            .filter(|b| b.cluster.as_deref() == Some(name))
+            .map(|b| b.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(OpError::Busy {
+                what: format!("rbd cluster {name}"),
+                detail: format!("bdevs {}", users.join(", ")),
+            });
+        }
+        self.act(
+            "bdev_rbd_unregister_cluster",
+            json!({"name": name}),
+            |inv| !inv.clusters.iter().any(|c| c == name),
+        )
+        .await
+    }
+
+    /// Creates an rbd bdev.
+    pub async fn create_bdev(&self, b: &BdevSpec) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        if let Some(have) = inv.bdevs.iter().find(|x| x.name == b.name) {
+            let same = have.pool.as_deref() == Some(b.pool.as_str())
+                && have.image.as_deref() == Some(b.image.as_str())
+                && have.block_size == b.block_size;
+            return if same {
+                Ok(Done::Unchanged)
+            } else {
+                Err(OpError::Conflict {
+                    what: format!("bdev {}", b.name),
+                    diff: format!(
+                        "it is {}/{} with {}-byte blocks",
+                        have.pool.as_deref().unwrap_or("?"),
+                        have.image.as_deref().unwrap_or("?"),
+                        have.block_size
+                    ),
+                })
+            };
+        }
+        if !inv.clusters.contains(&b.cluster) {
+            return Err(OpError::Missing {
+                what: format!("rbd cluster {}", b.cluster),
+            });
+        }
+        let params = json!({
+            "name": b.name, "pool_name": b.pool, "rbd_name": b.image,
+            "block_size": b.block_size, "cluster_name": b.cluster,
+        });
+        self.act("bdev_rbd_create", params, |inv| {
+            inv.bdevs.iter().any(|x| x.name == b.name)
+        })
+        .await
+    }
+
+    /// Deletes a bdev; refused while a namespace uses it.
+    pub async fn delete_bdev(&self, name: &str) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        if !inv.bdevs.iter().any(|b| b.name == name) {
+            return Ok(Done::Unchanged);
+        }
+        if let Some((nqn, ns)) = inv.subsystems.iter().find_map(|s| {
+            s.namespaces
+                .iter()
+                .find(|n| n.bdev == name)
+                .map(|n| (&s.nqn, n.nsid))
+        }) {
+            return Err(OpError::Busy {
+                what: format!("bdev {name}"),
+                detail: format!("namespace {nqn}/{ns} uses it"),
+            });
+        }
+        self.act("bdev_rbd_delete", json!({"name": name}), |inv| {
+            !inv.bdevs.iter().any(|b| b.name == name)
+        })
+        .await
+    }
+
+    /// Creates a subsystem.
+    pub async fn create_subsystem(&self, s: &SubsystemSpec) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        if let Some(have) = inv.subsystems.iter().find(|x| x.nqn == s.nqn) {
+            return if have.serial == s.serial && have.model == s.model {
+                Ok(Done::Unchanged)
+            } else {
+                Err(OpError::Conflict {
+                    what: format!("subsystem {}", s.nqn),
+                    diff: format!("serial {:?}, model {:?}", have.serial, have.model),
+                })
+            };
+        }
+        let params = json!({
+            "nqn": s.nqn, "serial_number": s.serial, "model_number": s.model,
+            "nn": s.max_namespaces, "mnan": s.max_namespaces,
+        });
+        self.act("nvme_subsystem_create", params, |inv| {
+            inv.subsystems.iter().any(|x| x.nqn == s.nqn)
+        })
+        .await
+    }
+
+    /// Destroys an empty subsystem.
+    pub async fn destroy_subsystem(&self, nqn: &str) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        let Some(sub) = inv.subsystems.iter().find(|s| s.nqn == nqn) else {
+            return Ok(Done::Unchanged);
+        };
+        let ctrls: Vec<&str> = inv
+            .controllers
+            .iter()
+            .filter(|c| c.nqn == nqn)
+            .map(|c| c.name.as_str())
+            .collect();
+        if !sub.namespaces.is_empty() || !ctrls.is_empty() {
+            return Err(OpError::Busy {
+                what: format!("subsystem {nqn}"),
+                detail: format!(
+                    "{} namespace(s), controllers [{}]",
+                    sub.namespaces.len(),
+                    ctrls.join(", ")
+                ),
+            });
+        }
+        self.act("nvme_subsystem_destroy", json!({"nqn": nqn}), |inv| {
+            !inv.subsystems.iter().any(|s| s.nqn == nqn)
+        })
+        .await
+    }
+
+    /// Creates a namespace with a fixed NSID and UUID.
+    pub async fn create_namespace(&self, n: &NamespaceSpec) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        let Some(sub) = inv.subsystems.iter().find(|s| s.nqn == n.nqn) else {
+            return Err(OpError::Missing {
+                what: format!("subsystem {}", n.nqn),
+            });
+        };
+        if let Some(have) = sub.namespaces.iter().find(|x| x.nsid == n.nsid) {
+            return if have.bdev == n.bdev && have.uuid.eq_ignore_ascii_case(&n.uuid) {
+                Ok(Done::Unchanged)
+            } else {
+                Err(OpError::Conflict {
+                    what: format!("namespace {}/{}", n.nqn, n.nsid),
+                    diff: format!("bdev {}, uuid {}", have.bdev, have.uuid),
+                })
+            };
+        }
+        if !inv.bdevs.iter().any(|b| b.name == n.bdev) {
+            return Err(OpError::Missing {
+                what: format!("bdev {}", n.bdev),
+            });
+        }
+        let params = json!({
+            "nqn": n.nqn, "nsid": n.nsid, "bdev_name": n.bdev, "uuid": n.uuid, "bdev_type": "spdk",
+        });
+        self.act("nvme_namespace_create", params, |inv| {
+            has_namespace(inv, &n.nqn, n.nsid)
+        })
+        .await
+    }
+
+    /// Destroys a namespace (refused while attached).
+    pub async fn destroy_namespace(&self, nqn: &str, nsid: u32) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        let Some(ns) = inv
+            .subsystems
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid))
+        else {
+            return Ok(Done::Unchanged);
+        };
+        if let Some(c) = &ns.controller {
+            return Err(OpError::Busy {
+                what: format!("namespace {nqn}/{nsid}"),
+                detail: format!("attached to controller {c}"),
+            });
+        }
+        self.act(
+            "nvme_namespace_destroy",
+            json!({"nqn": nqn, "nsid": nsid}),
+            |inv| !has_namespace(inv, nqn, nsid),
+        )
+        .await
+    }
+
+    /// Creates a controller, suspended, on a free function.
+    pub async fn create_controller(&self, c: &ControllerSpec) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        if let Some(have) = inv.controllers.iter().find(|x| x.name == c.name) {
+            return if have.nqn == c.nqn && have.function == Some(c.function) {
+                Ok(Done::Unchanged)
+            } else {
+                Err(OpError::Conflict {
+                    what: format!("controller {}", c.name),
+                    diff: format!("subsystem {}, function {:?}", have.nqn, have.function),
+                })
+            };
+        }
+        if !inv.subsystems.iter().any(|s| s.nqn == c.nqn) {
+            return Err(OpError::Missing {
+                what: format!("subsystem {}", c.nqn),
+            });
+        }
+        let f = inv
+            .functions
+            .iter()
+            .find(|f| f.function == c.function)
+            .ok_or_else(|| OpError::Missing {
+                what: format!("function {}", c.function),
+            })?;
+        if let Some(other) = &f.controller {
+            return Err(OpError::Busy {
+                what: format!("function {} ({})", c.function, f.pci_bdf),
+                detail: format!("controller {other} is bound to it"),
+            });
+        }
+        let params = json!({
+            "nqn": c.nqn, "ctrl": c.name, "pci_bdf": f.pci_bdf,
+            "num_queues": c.num_queues, "mdts": c.mdts, "suspended": true,
+        });
+        self.act("nvme_controller_create", params, |inv| {
+            inv.controllers.iter().any(|x| x.name == c.name)
+        })
+        .await
+    }
+
+    /// Destroys a controller that has no namespaces attached.
+    pub async fn destroy_controller(&self, name: &str) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        let Some(c) = inv.controllers.iter().find(|c| c.name == name) else {
+            return Ok(Done::Unchanged);
+        };
+        if !c.namespaces.is_empty() {
+            return Err(OpError::Busy {
+                what: format!("controller {name}"),
+                detail: format!(
+                    "namespaces {:?} are attached; detach them first",
+                    c.namespaces
+                ),
+            });
+        }
+        // `force` as DPF sends it; safe because nothing is attached.
+        self.act(
+            "nvme_controller_destroy",
+            json!({"ctrl_id": name, "force": true}),
+            |inv| !inv.controllers.iter().any(|c| c.name == name),
+        )
+        .await
+    }
+
+    fn controller<'a>(inv: &'a SnapInventory, name: &str) -> Result<&'a ControllerInfo, OpError> {
+        inv.controllers
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| OpError::Missing {
+                what: format!("controller {name}"),
+            })
+    }
+
+    /// Attaches a namespace of the controller's subsystem.
+    pub async fn attach(&self, ctrl: &str, nsid: u32) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        let c = Self::controller(&inv, ctrl)?;
+        if c.namespaces.contains(&nsid) {
+            return Ok(Done::Unchanged);
+        }
+        if !has_namespace(&inv, &c.nqn, nsid) {
+            return Err(OpError::Missing {
+                what: format!("namespace {}/{nsid}", c.nqn),
+            });
+        }
+        self.act(
+            "nvme_controller_attach_ns",
+            json!({"ctrl_id": ctrl, "nsid": nsid}),
+            |inv| Self::attached(inv, ctrl, nsid),
+        )
+        .await
+    }
+
+    fn attached(inv: &SnapInventory, ctrl: &str, nsid: u32) -> bool {
+        inv.controllers
+            .iter()
+            .any(|c| c.name == ctrl && c.namespaces.contains(&nsid))
+    }
+
+    /// Detaches a namespace.
+    pub async fn detach(&self, ctrl: &str, nsid: u32) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        let Some(c) = inv.controllers.iter().find(|c| c.name == ctrl) else {
+            return Ok(Done::Unchanged);
+        };
+        if !c.namespaces.contains(&nsid) {
+            return Ok(Done::Unchanged);
+        }
+        self.act(
+            "nvme_controller_detach_ns",
+            json!({"ctrl_id": ctrl, "nsid": nsid}),
+            |inv| !Self::attached(inv, ctrl, nsid),
+        )
+        .await
+    }
+
+    /// Suspends (`resume = false`) or resumes a controller.
+    pub async fn set_running(&self, ctrl: &str, resume: bool) -> Result<Done, OpError> {
+        let inv = self.inventory().await?;
+        let c = Self::controller(&inv, ctrl)?;
+        let want = if resume { "STARTED" } else { "SUSPENDED" };
+        if c.state.eq_ignore_ascii_case(want) {
+            return Ok(Done::Unchanged);
+        }
+        let method = if resume {
+            "nvme_controller_resume"
+        } else {
+            "nvme_controller_suspend"
+        };
+        self.act(method, json!({"ctrl_id": ctrl}), |inv| {
+            inv.controllers
+                .iter()
+                .any(|c| c.name == ctrl && c.state.eq_ignore_ascii_case(want))
+        })
+        .await
+    }
+}
+
+/// Whether `nqn` has namespace `nsid`.
+pub fn has_namespace(inv: &SnapInventory, nqn: &str, nsid: u32) -> bool {
+    inv.subsystems
+        .iter()
+        .any(|s| s.nqn == nqn && s.namespaces.iter().any(|n| n.nsid == nsid))
+}
