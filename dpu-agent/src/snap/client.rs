@@ -152,7 +152,40 @@ impl SnapClient {
     }
 
     /// Calls `method`; `params` `None` sends no params.
+    ///
+    /// A connection that broke while idle (SNAP restarted) is noticed on use: the call is then
+    /// made once more on a fresh connection. Every operation the agent sends is idempotent or
+    /// checked by listing, so a repeat is harmless.
     pub async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, SnapError> {
+        match self.call_once(method, params.clone()).await {
+            (Err(SnapError::Io { .. }) | Err(SnapError::Protocol { .. }), true) => {
+                debug!(
+                    method,
+                    "Connection to SNAP was stale; retrying on a new one."
+                );
+                self.call_once(method, params).await.0
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// One attempt; also says whether it went over a connection opened earlier.
+    async fn call_once(
+        &self,
+        method: &str,
+        params: Option<Value>,
+    ) -> (Result<Value, SnapError>, bool) {
+        let mut reused = false;
+        let result = self.attempt(method, params, &mut reused).await;
+        (result, reused)
+    }
+
+    async fn attempt(
+        &self,
+        method: &str,
+        params: Option<Value>,
+        reused: &mut bool,
+    ) -> Result<Value, SnapError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut req = json!({"jsonrpc": "2.0", "id": id, "method": method});
         if let Some(p) = params {
@@ -168,6 +201,7 @@ impl SnapClient {
             });
         }
         let mut guard = self.conn.lock().await;
+        *reused = guard.is_some();
         if guard.is_none() {
             let stream = tokio::time::timeout(self.timeout, UnixStream::connect(&self.socket))
                 .await

@@ -629,9 +629,13 @@ impl Snap {
         .await
     }
 
-    /// Suspends (`resume = false`) or resumes a controller.
+    /// Suspends (`resume = false`) or resumes a controller. A controller that does not exist
+    /// runs nothing: suspending it succeeds.
     pub async fn set_running(&self, ctrl: &str, resume: bool) -> Result<Done, OpError> {
         let inv = self.inventory().await?;
+        if !resume && !inv.controllers.iter().any(|c| c.name == ctrl) {
+            return Ok(Done::Unchanged);
+        }
         let c = Self::controller(&inv, ctrl)?;
         let want = if resume { "STARTED" } else { "SUSPENDED" };
         if c.state.eq_ignore_ascii_case(want) {
