@@ -1,0 +1,309 @@
+//! The real binaries end to end: a `dpu-agent` on the simulation platform deploys the SNAP
+//! emulator (in real-Ceph mode) when told to, takes fenced commands from a controller over mutual
+//! TLS, and, when SNAP is killed while no controller is connected, restores every namespace with
+//! the same identity on its own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use e2e::{bin, free_port, unique, wait_until, Cluster};
+use protocol::client::{AgentClient, ClientOptions};
+use protocol::dpu::{
+    Attachment, BdevSpec, ControllerSpec, FirmwareSpec, FunctionRef, NameRef, NamespaceSpec,
+    RbdCluster, SnapSpec, SnapState, SubsystemSpec,
+};
+use protocol::names::PeerName;
+use protocol::tls::{self, PkiPaths};
+use protocol::{Command as Cmd, Empty, ErrorCode, Reply};
+use serde_json::{json, Value};
+
+const AGENT: &str = "dpu-e2e";
+const NQN: &str = "nqn.2024-01.io.unistor:e2e";
+const UUID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+
+fn pki(dir: &Path) {
+    let d = dir.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("unistor")).args(args).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    run(&["pki", "init", "--dir", d]);
+    run(&[
+        "pki", "issue", "--dir", d, "--name", AGENT, "--role", "agent",
+    ]);
+    run(&[
+        "pki",
+        "issue",
+        "--dir",
+        d,
+        "--name",
+        "controller",
+        "--role",
+        "controller",
+    ]);
+}
+
+struct Agent {
+    child: Child,
+    addr: String,
+    socket: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The emulator is the agent's child; make sure it goes too.
+        if let Some(pid) = emulator_pid(&self.socket) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn start_agent(pki: &Path, state: &Path, socket: &Path) -> Agent {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(bin("dpu-agent"))
+        .args([
+            "--name",
+            AGENT,
+            "--listen",
+            &addr,
+            "--platform",
+            "simulation",
+        ])
+        .arg("--pki-dir")
+        .arg(pki)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--snap-socket")
+        .arg(socket)
+        .args([
+            "--poll-interval",
+            "300ms",
+            "--heartbeat",
+            "1s",
+            "--ready-timeout",
+            "30s",
+        ])
+        .arg("--emulator")
+        .arg(bin("snap-emulator"))
+        .args(["--emulator-arg=--real-ceph"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "dpu-agent to listen", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    Agent {
+        child,
+        addr,
+        socket: socket.to_path_buf(),
+    }
+}
+
+/// The pid of the snap-emulator serving `socket`.
+fn emulator_pid(socket: &Path) -> Option<i32> {
+    let want = socket.to_str()?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("snap-emulator"))
+            && args.iter().any(|a| a == want)
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+async fn session(pki: &Path, addr: &str) -> AgentClient {
+    AgentClient::connect(
+        addr,
+        &PeerName::parse("agent", AGENT).unwrap(),
+        tls::client_config(&PkiPaths::in_dir(pki, "controller")).unwrap(),
+        ClientOptions::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Calls SNAP directly over its socket.
+fn probe(socket: &Path, method: &str) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(
+        json!({"jsonrpc": "2.0", "id": 1, "method": method})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str::<Value>(&line).unwrap()["result"].clone()
+}
+
+fn mon_host(c: &Cluster) -> String {
+    std::fs::read_to_string(&c.conf)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("mon host = ").map(str::to_string))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone() {
+    let c = Cluster::from_env();
+    let image = unique("dpu-e2e");
+    c.cli_ok(
+        "rbd",
+        &["create", "--size", "512M", &format!("{}/{image}", c.pool)],
+    );
+    let key = c.cli_ok("ceph", &["auth", "get-key", &format!("client.{}", c.id)]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    pki(&pki_dir);
+    let socket = dir.path().join("spdk.sock");
+    let agent = start_agent(&pki_dir, &dir.path().join("state"), &socket);
+
+    let a = session(&pki_dir, &agent.addr).await;
+    assert_eq!(a.hello().kind, protocol::AgentKind::Dpu);
+    // Mutations are fenced.
+    let spec = SnapSpec {
+        image: "nvcr.io/nvidia/doca/doca_snap".into(),
+        tag: "4.5.0-6-doca2.9.0".into(),
+        env: Default::default(),
+        hugepages_mib: 0,
+        cpu: "2".into(),
+        memory: "1Gi".into(),
+        firmware: FirmwareSpec {
+            nvme_pfs: 1,
+            nvme_vfs: 2,
+        },
+    };
+    let e = a.request(Cmd::InstallSnap(spec.clone())).await.unwrap_err();
+    assert_eq!(e.wire().unwrap().code, ErrorCode::NoLease);
+    a.acquire_lease(Duration::from_secs(60)).await.unwrap();
+    match a.request(Cmd::InstallSnap(spec)).await.unwrap() {
+        Reply::Deploy(d) => assert!(d.ready, "{d:?}"),
+        other => panic!("{other:?}"),
+    }
+
+    for cmd in [
+        Cmd::RegisterRbdCluster(RbdCluster {
+            name: "ceph1".into(),
+            user_id: c.id.clone(),
+            mon_hosts: vec![mon_host(&c)],
+            key: key.trim().into(),
+        }),
+        Cmd::CreateBdev(BdevSpec {
+            name: image.clone(),
+            cluster: "ceph1".into(),
+            pool: c.pool.clone(),
+            image: image.clone(),
+            block_size: 4096,
+        }),
+        Cmd::CreateSubsystem(SubsystemSpec {
+            nqn: NQN.into(),
+            serial: "E2E0001".into(),
+            model: "unistor e2e".into(),
+            max_namespaces: 8,
+        }),
+        Cmd::CreateNamespace(NamespaceSpec {
+            nqn: NQN.into(),
+            nsid: 3,
+            bdev: image.clone(),
+            uuid: UUID.into(),
+        }),
+        Cmd::CreateController(ControllerSpec {
+            name: "ctrl-e2e".into(),
+            nqn: NQN.into(),
+            function: FunctionRef { pf: 0, vf: Some(1) },
+            num_queues: 8,
+            mdts: 7,
+        }),
+        Cmd::AttachNamespace(Attachment {
+            controller: "ctrl-e2e".into(),
+            nsid: 3,
+        }),
+        Cmd::ResumeController(NameRef {
+            name: "ctrl-e2e".into(),
+        }),
+    ] {
+        let name = cmd.name();
+        a.request(cmd)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {}", protocol::error::chain(&e)));
+    }
+    // The bdev has the real image's size (real-Ceph mode opened the image).
+    let bdevs = probe(&socket, "bdev_get_bdevs");
+    assert_eq!(bdevs[0]["num_blocks"], (512u64 << 20) / 4096);
+    a.close().await;
+
+    // SNAP dies while no controller is connected.
+    let before = emulator_pid(&socket).expect("the emulator runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "SNAP to be back with its namespace",
+        || {
+            emulator_pid(&socket).is_some_and(|p| p != before)
+                && probe(&socket, "nvme_subsystem_list")[0]["controllers"][0]["state"] == "STARTED"
+        },
+    );
+    let subs = probe(&socket, "nvme_subsystem_list");
+    let ns = &subs[0]["namespaces"][0];
+    assert_eq!(
+        (ns["nsid"].as_u64(), ns["uuid"].as_str()),
+        (Some(3), Some(UUID))
+    );
+    let ctrl = &subs[0]["controllers"][0];
+    assert_eq!(
+        (ctrl["ctrl_id"].as_str(), ctrl["num_queues"].as_u64()),
+        (Some("ctrl-e2e"), Some(8))
+    );
+    assert_eq!(ctrl["pci_bdf"], "26:0c.1");
+
+    // The controller, reconnecting, is told what happened.
+    let a = session(&pki_dir, &agent.addr).await;
+    let report = match a.request(Cmd::DpuReport(Empty {})).await.unwrap() {
+        Reply::DpuReport(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(report.snap.state, SnapState::Running);
+    assert!(report.snap.restarts >= 1);
+    assert!(report.missing.is_empty(), "{:?}", report.missing);
+    let replay = report.last_replay.expect("the replay is reported");
+    assert!(
+        replay
+            .restored
+            .iter()
+            .any(|r| r == &format!("namespace {NQN}/3")),
+        "{replay:?}"
+    );
+    assert!(replay.failed.is_empty(), "{replay:?}");
+    a.close().await;
+    drop(agent);
+    c.cli_ok(
+        "rbd",
+        &["rm", "--no-progress", &format!("{}/{image}", c.pool)],
+    );
+}
