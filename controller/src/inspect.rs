@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use protocol::client::{AgentClient, ClientOptions};
+use protocol::dpu::DpuReport;
 use protocol::names::PeerName;
 use protocol::tls::{self, PkiPaths};
 use protocol::{AgentKind, CephReport, Command, Empty, ImageState, Reply};
@@ -33,6 +34,10 @@ pub struct InspectArgs {
     /// Deadline for the report.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// After the report, stay connected and print the agent's events (one JSON per line) for
+    /// this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub follow: Option<Duration>,
 }
 
 /// Output formats.
@@ -56,17 +61,23 @@ pub async fn run(a: InspectArgs) -> Result<(), Error> {
     };
     let client = AgentClient::connect(&a.addr, &agent, tls, options).await?;
     let hello = client.hello().clone();
-    let report = match hello.kind {
-        AgentKind::Ceph => match client.request(Command::CephReport(Empty {})).await? {
-            Reply::CephReport(r) => Some(r),
-            _ => None,
-        },
-        AgentKind::Dpu => None,
+    let command = match hello.kind {
+        AgentKind::Ceph => Command::CephReport(Empty {}),
+        AgentKind::Dpu => Command::DpuReport(Empty {}),
     };
-    client.close().await;
+    let (ceph, dpu) = match client.request(command).await? {
+        Reply::CephReport(r) => (Some(r), None),
+        Reply::DpuReport(r) => (None, Some(r)),
+        _ => (None, None),
+    };
     let mut out = std::io::stdout().lock();
     match a.output {
         Output::Json => {
+            let report = match (&ceph, &dpu) {
+                (Some(c), _) => serde_json::to_value(c).expect("serializable"),
+                (_, Some(d)) => serde_json::to_value(d).expect("serializable"),
+                _ => serde_json::Value::Null,
+            };
             let v = serde_json::json!({ "hello": hello, "report": report });
             writeln!(
                 out,
@@ -92,10 +103,106 @@ pub async fn run(a: InspectArgs) -> Result<(), Error> {
                 )?,
                 None => writeln!(out, "lease: free")?,
             }
-            if let Some(r) = report {
+            if let Some(r) = ceph {
                 write_ceph(&mut out, &r)?;
             }
+            if let Some(r) = dpu {
+                write_dpu(&mut out, &r)?;
+            }
         }
+    }
+    drop(out);
+    if let Some(limit) = a.follow {
+        if let Some(mut events) = client.take_events() {
+            let until = tokio::time::sleep(limit);
+            tokio::pin!(until);
+            loop {
+                tokio::select! {
+                    _ = &mut until => break,
+                    ev = events.recv() => match ev {
+                        Some(ev) => {
+                            let line = serde_json::to_string(&ev).expect("serializable");
+                            writeln!(std::io::stdout().lock(), "{line}")?;
+                        }
+                        None => break,
+                    },
+                }
+            }
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// The DPU report as text.
+pub fn write_dpu(out: &mut impl Write, r: &DpuReport) -> std::io::Result<()> {
+    let h = &r.host;
+    writeln!(
+        out,
+        "host {} ({}): {} CPUs {}, memory {} of {} available, hugepages {}/{} free, load {:.2}",
+        h.hostname,
+        r.platform,
+        h.cpus,
+        h.cpu_model,
+        human_bytes(h.mem_available_bytes),
+        human_bytes(h.mem_total_bytes),
+        h.hugepages_free,
+        h.hugepages_total,
+        h.load[0]
+    )?;
+    if let Some(bf) = &r.bluefield {
+        writeln!(
+            out,
+            "bluefield: firmware {} psid {} temperature {} release {}",
+            bf.firmware_version.as_deref().unwrap_or("?"),
+            bf.psid.as_deref().unwrap_or("?"),
+            bf.temperature_c
+                .map(|t| format!("{t}C"))
+                .unwrap_or("?".into()),
+            bf.release.as_deref().unwrap_or("?")
+        )?;
+    }
+    writeln!(
+        out,
+        "snap: {:?}, version {}, image {}, restarts {}, ledger generation {}",
+        r.snap.state,
+        r.snap.version.as_deref().unwrap_or("-"),
+        r.snap.image.as_deref().unwrap_or("-"),
+        r.snap.restarts,
+        r.ledger_generation
+    )?;
+    if let Some(inv) = &r.inventory {
+        writeln!(
+            out,
+            "inventory: {} functions, {} subsystems, {} controllers, {} bdevs, clusters [{}]",
+            inv.functions.len(),
+            inv.subsystems.len(),
+            inv.controllers.len(),
+            inv.bdevs.len(),
+            inv.clusters.join(", ")
+        )?;
+        for c in &inv.controllers {
+            writeln!(
+                out,
+                "  controller {} on {} ({}) namespaces {:?}",
+                c.name,
+                c.function.map(|f| f.to_string()).unwrap_or("?".into()),
+                c.state,
+                c.namespaces
+            )?;
+        }
+    }
+    if !r.missing.is_empty() {
+        writeln!(out, "missing from SNAP: {}", r.missing.join(", "))?;
+    }
+    if let Some(rep) = &r.last_replay {
+        writeln!(
+            out,
+            "last replay: {} restored, {} failed ({})",
+            rep.restored.len(),
+            rep.failed.len(),
+            rep.reason
+        )?;
     }
     Ok(())
 }
