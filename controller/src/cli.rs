@@ -26,6 +26,13 @@ pub enum Command {
     Pki(Pki),
     /// Connect to one agent and print its hello and its report.
     Inspect(crate::inspect::InspectArgs),
+    /// Check the manifests in a directory; every problem is listed with file, line and field.
+    Validate {
+        /// The manifest directory.
+        dir: PathBuf,
+    },
+    /// Print the JSON Schema of a manifest document, for editors.
+    Schema,
 }
 
 /// `unistor pki ...`

@@ -1,9 +1,10 @@
-//! The unistor controller. So far: the PKI commands and `inspect`, which dials one agent over
-//! mutual TLS and prints what it reports. Manifests, the planner and the executor come next (see
-//! ARCHITECTURE.md).
+//! The unistor controller. So far: the PKI commands, `inspect` (dial one agent over mutual TLS and
+//! print what it reports), and the manifests (`validate`, `schema`). The planner and the executor
+//! come next (see ARCHITECTURE.md).
 
 pub mod cli;
 pub mod inspect;
+pub mod manifest;
 
 use std::process::ExitCode;
 
@@ -31,5 +32,34 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         cli::Command::Pki(p) => cli::pki(p).map(|()| ExitCode::SUCCESS),
         cli::Command::Inspect(i) => inspect::run(i).await.map(|()| ExitCode::SUCCESS),
+        cli::Command::Validate { dir } => Ok(validate(&dir)),
+        cli::Command::Schema => {
+            let s = serde_json::to_string_pretty(&manifest::schema()).expect("serializable");
+            println!("{s}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `unistor validate`: 0 when valid, 1 with every problem on stderr.
+fn validate(dir: &std::path::Path) -> ExitCode {
+    match manifest::load_dir(dir) {
+        Ok(d) => {
+            println!(
+                "{}: {} cluster(s), {} DPU(s), {} volume(s): valid",
+                dir.display(),
+                d.clusters.len(),
+                d.dpus.len(),
+                d.volumes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{} problem(s) in {}", errors.len(), dir.display());
+            ExitCode::FAILURE
+        }
     }
 }

@@ -1,0 +1,327 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn load(files: &[(&str, &str)]) -> Result<Desired, Vec<LoadError>> {
+    let texts: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(f, t)| (PathBuf::from(f), t.to_string()))
+        .collect();
+    load_texts(&texts)
+}
+
+const BASE: &str = "\
+apiVersion: unistor.io/v1alpha1
+kind: CephCluster
+metadata:
+  name: ceph-lab
+spec:
+  agent: {name: ceph-1, address: 127.0.0.1:7400}
+  pools: [rbd]
+  snapIdentity: {clientId: snap-lab}
+---
+apiVersion: unistor.io/v1alpha1
+kind: Dpu
+metadata:
+  name: dpu-a
+spec:
+  agent: {name: dpu-a, address: 127.0.0.1:7411}
+  host: host-a
+  snap:
+    version: 4.5.0
+    functions: {pfs: 2, vfsPerPf: 4}
+";
+
+fn volume(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: unistor.io/v1alpha1
+kind: Volume
+metadata:
+  name: {name}
+spec:
+  host: host-a
+  size: 1Gi
+  rbd:
+    cluster: ceph-lab
+    pool: rbd
+{extra}"
+    )
+}
+
+fn errors(files: &[(&str, &str)]) -> Vec<String> {
+    load(files)
+        .expect_err("should be refused")
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
+#[test]
+fn every_example_and_manifest_validates() {
+    for dir in ["examples", "manifests"] {
+        let d = load_dir(&repo().join(dir)).unwrap_or_else(|e| {
+            panic!(
+                "{dir}: {}",
+                e.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        if dir == "examples" {
+            assert_eq!(d.clusters.len(), 1);
+            assert_eq!(d.dpus.len(), 3);
+            assert_eq!(d.volumes.len(), 4);
+            let db = &d.volumes["db-data"];
+            assert_eq!(db.size_bytes, 2 << 30);
+            assert_eq!(db.dpu, "dpu-a");
+            assert_eq!(db.nsid, Some(1));
+            assert_eq!(db.image.as_str(), "db-data");
+            assert_eq!(
+                d.volumes["scratch-b"].function,
+                FunctionRef { pf: 1, vf: Some(0) }
+            );
+        }
+    }
+}
+
+#[test]
+fn a_good_set_resolves() {
+    let v = volume(
+        "vol1",
+        "  nvme: {pf: 1, vf: 3, nsid: 4}\n  deletionPolicy: Trash\n  trashRetention: 2d\n",
+    );
+    let d = load(&[("a.yaml", BASE), ("v.yaml", &v)]).unwrap();
+    let v = &d.volumes["vol1"];
+    assert_eq!(v.function, FunctionRef { pf: 1, vf: Some(3) });
+    assert_eq!(v.deletion_policy, DeletionPolicy::Trash);
+    assert_eq!(v.trash_retention, Duration::from_secs(2 * 86400));
+    assert_eq!(v.uuid, derived_uuid("ceph-lab", "rbd", "vol1"));
+    assert_eq!(v.source.line, 1);
+}
+
+#[test]
+fn derived_uuids_are_stable_and_distinct() {
+    let a = derived_uuid("c", "rbd", "img");
+    assert_eq!(a, derived_uuid("c", "rbd", "img"));
+    assert_ne!(a, derived_uuid("c", "rbd", "img2"));
+    check_uuid("uuid", &a).unwrap();
+}
+
+#[test]
+fn errors_name_file_line_and_field() {
+    let v = volume("vol1", "  sizee: 3Gi\n");
+    let e = errors(&[("base.yaml", BASE), ("vols/v.yaml", &v)]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("vols/v.yaml:"), "{}", e[0]);
+    assert!(e[0].contains("unknown field `sizee`"), "{}", e[0]);
+    assert!(e[0].contains("spec"), "{}", e[0]);
+
+    // A semantic error points at the field's own line, in the second document of a file.
+    let two = format!(
+        "{}---\n{}",
+        volume("ok1", ""),
+        volume("bad", "").replace("size: 1Gi", "size: 10G")
+    );
+    let e = errors(&[("base.yaml", BASE), ("two.yaml", &two)]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    let want_line = two.lines().position(|l| l.contains("size: 10G")).unwrap() + 1;
+    assert!(
+        e[0].starts_with(&format!("two.yaml:{want_line}: spec.size: ")),
+        "{} (want line {want_line})",
+        e[0]
+    );
+    assert!(e[0].contains("binary unit"), "{}", e[0]);
+}
+
+#[test]
+fn every_rule_is_enforced() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            volume("v", "").replace("size: 1Gi", "size: 0Mi"),
+            "spec.size",
+        ),
+        (
+            volume("v", "").replace("size: 1Gi", "size: 1536Ki"),
+            "whole number of MiB",
+        ),
+        (
+            volume("v", "").replace("host: host-a", "host: host-z"),
+            "has no DPU",
+        ),
+        (
+            volume("v", "").replace("cluster: ceph-lab", "cluster: nope"),
+            "no CephCluster",
+        ),
+        (
+            volume("v", "").replace("pool: rbd", "pool: other"),
+            "not one of cluster",
+        ),
+        (volume("v", "  nvme: {pf: 2}\n"), "exposes 2 PF"),
+        (volume("v", "  nvme: {pf: 0, vf: 4}\n"), "exposes 4 VF"),
+        (volume("v", "  nvme: {nsid: 0}\n"), "NSID 0"),
+        (
+            volume("v", "  nvme: {uuid: NOT-A-UUID}\n"),
+            "spec.nvme.uuid",
+        ),
+        (volume("v", "  queues: 64\n"), "spec.queues"),
+        (volume("v", "  deletionPolicy: Shred\n"), "deletionPolicy"),
+        (
+            volume("v", "  trashRetention: forever\n"),
+            "spec.trashRetention",
+        ),
+        (volume("a;rm -rf /", ""), "metadata.name"),
+        (
+            volume("v", "").replace("unistor.io/v1alpha1", "v2"),
+            "apiVersion",
+        ),
+    ];
+    for (doc, want) in cases {
+        let e = errors(&[("base.yaml", BASE), ("v.yaml", &doc)]);
+        assert!(e.iter().any(|e| e.contains(want)), "want {want:?} in {e:?}");
+        assert!(e.iter().all(|e| e.starts_with("v.yaml:")), "{e:?}");
+    }
+}
+
+#[test]
+fn set_wide_rules() {
+    // Duplicate names.
+    let e = errors(&[
+        ("a.yaml", BASE),
+        ("v1.yaml", &volume("v", "")),
+        ("v2.yaml", &volume("v", "")),
+    ]);
+    assert!(
+        e.iter()
+            .any(|e| e.contains("defined twice (also at v1.yaml:1)")),
+        "{e:?}"
+    );
+    // One image used twice.
+    let e = errors(&[
+        ("a.yaml", BASE),
+        ("v1.yaml", &volume("v1", "    image: shared\n")),
+        ("v2.yaml", &volume("v2", "    image: shared\n")),
+    ]);
+    assert!(
+        e.iter()
+            .any(|e| e.contains("already used by volume \"v1\"")),
+        "{e:?}"
+    );
+    // Two volumes on one function and NSID.
+    let e = errors(&[
+        ("a.yaml", BASE),
+        ("v1.yaml", &volume("v1", "  nvme: {pf: 1, nsid: 3}\n")),
+        ("v2.yaml", &volume("v2", "  nvme: {pf: 1, nsid: 3}\n")),
+    ]);
+    assert!(
+        e.iter()
+            .any(|e| e.contains("NSID 3 is already volume \"v1\"")),
+        "{e:?}"
+    );
+    // More functions than a BlueField-3 offers; two DPUs in one host.
+    let big = BASE.replace("{pfs: 2, vfsPerPf: 4}", "{pfs: 5, vfsPerPf: 128}");
+    let e = errors(&[("a.yaml", &big)]);
+    assert!(e.iter().any(|e| e.contains("1-4 static NVMe PFs")), "{e:?}");
+    assert!(e.iter().any(|e| e.contains("at most 127")), "{e:?}");
+    let second = BASE
+        .split("---\n")
+        .nth(1)
+        .unwrap()
+        .replace("name: dpu-a", "name: dpu-b");
+    let e = errors(&[("a.yaml", BASE), ("b.yaml", &second)]);
+    assert!(e.iter().any(|e| e.contains("already has DPU")), "{e:?}");
+    // SNAP never gets client.admin.
+    let admin = BASE.replace("clientId: snap-lab", "clientId: admin");
+    assert!(errors(&[("a.yaml", &admin)])
+        .iter()
+        .any(|e| e.contains("client.admin")));
+}
+
+#[test]
+fn hostile_yaml_is_refused_quickly() {
+    // An alias bomb ("billion laughs").
+    let mut bomb = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    for i in 1..10 {
+        let prev = (b'a' + i - 1) as char;
+        let cur = (b'a' + i) as char;
+        bomb.push_str(&format!("{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
+    }
+    bomb.push_str("kind: Volume\n");
+    let e = errors(&[("bomb.yaml", &bomb)]);
+    assert_eq!(
+        e,
+        ["bomb.yaml:1: YAML anchors and aliases are not allowed in manifests"]
+    );
+    // Deep nesting, in flow and in block style.
+    let deep = format!(
+        "kind: Volume\nspec: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let e = errors(&[("deep.yaml", &deep)]);
+    assert_eq!(e, ["deep.yaml:2: nested deeper than 32 levels"]);
+    let mut block = String::from("kind: Volume\n");
+    for i in 0..300 {
+        block.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
+    }
+    assert!(errors(&[("block.yaml", &block)])[0].contains("indented more than 256"));
+    // Quoted look-alikes are fine.
+    let quoted = volume("v", "").replace("size: 1Gi", "size: \"*1Gi\"");
+    assert!(errors(&[("base.yaml", BASE), ("q.yaml", &quoted)])[0].contains("spec.size"));
+    // A file over the size limit is not even parsed.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("huge.yaml"),
+        "a".repeat(MAX_FILE_BYTES as usize + 1),
+    )
+    .unwrap();
+    let e = load_dir(dir.path()).unwrap_err();
+    assert!(
+        e[0].to_string().contains("manifest files are at most"),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
+fn directory_trees_skip_editor_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("sub/deeper")).unwrap();
+    std::fs::write(dir.path().join("base.yaml"), BASE).unwrap();
+    std::fs::write(dir.path().join("sub/deeper/v.yml"), volume("v", "")).unwrap();
+    std::fs::write(dir.path().join(".v.yaml.swp"), "garbage: [").unwrap();
+    std::fs::write(dir.path().join("v.yaml~"), "garbage: [").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
+    let d = load_dir(dir.path()).unwrap();
+    assert_eq!(d.volumes.len(), 1);
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("100Gi").unwrap(), 100 << 30);
+    assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
+    assert_eq!(parse_size("2Ti").unwrap(), 2 << 40);
+    for bad in ["100G", "100", "1.5Gi", "-1Gi", "Gi", "99999999999999Ti"] {
+        assert!(parse_size(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn schema_covers_every_kind() {
+    let s = schema().to_string();
+    for k in [
+        "CephCluster",
+        "Dpu",
+        "Volume",
+        "deletionPolicy",
+        "snapIdentity",
+    ] {
+        assert!(s.contains(k), "{k} missing from the schema");
+    }
+}

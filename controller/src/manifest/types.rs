@@ -1,0 +1,209 @@
+//! The manifest kinds, as operators write them (Kubernetes-style documents).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The one API version this build reads.
+pub const API_VERSION: &str = "unistor.io/v1alpha1";
+
+/// One YAML document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum Document {
+    /// A Ceph cluster and the ceph-agent that operates it.
+    CephCluster(Object<CephClusterSpec>),
+    /// A DPU, the agent on it and the host it sits in.
+    Dpu(Object<DpuSpec>),
+    /// An NVMe namespace for a host, backed by an RBD image.
+    Volume(Object<VolumeSpec>),
+}
+
+/// `apiVersion`, `metadata`, `spec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Object<S> {
+    /// Must be `unistor.io/v1alpha1`.
+    pub api_version: String,
+    /// Name and labels.
+    pub metadata: Metadata,
+    /// The desired state.
+    pub spec: S,
+}
+
+/// Object metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    /// Unique per kind: 1-63 characters of a-z 0-9 . _ - (letters and digits first).
+    pub name: String,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// How the controller reaches an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentRef {
+    /// The agent's name, as its certificate names it.
+    pub name: String,
+    /// `host:port` of the agent.
+    pub address: String,
+}
+
+/// A Ceph cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CephClusterSpec {
+    /// Its ceph-agent.
+    pub agent: AgentRef,
+    /// Monitor addresses SNAP connects to (`host:port`); default: the monitors the agent reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitors: Vec<String>,
+    /// Pools volumes may use.
+    pub pools: Vec<String>,
+    /// The cephx identity SNAP uses (created with `profile rbd` on `pools`).
+    pub snap_identity: SnapIdentity,
+}
+
+/// SNAP's cephx identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapIdentity {
+    /// The id, without `client.`.
+    pub client_id: String,
+}
+
+/// A DPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DpuSpec {
+    /// Its dpu-agent.
+    pub agent: AgentRef,
+    /// The host the DPU sits in (volumes name hosts).
+    pub host: String,
+    /// How SNAP runs on it.
+    pub snap: SnapSettings,
+}
+
+/// SNAP settings of a DPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapSettings {
+    /// Container image without tag.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Image tag (the SNAP version).
+    pub version: String,
+    /// Container environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Hugepages to require, e.g. `4Gi`.
+    #[serde(default = "default_hugepages")]
+    pub hugepages: String,
+    /// Emulated functions.
+    #[serde(default)]
+    pub functions: FunctionSettings,
+}
+
+fn default_image() -> String {
+    "nvcr.io/nvidia/doca/doca_snap".into()
+}
+fn default_hugepages() -> String {
+    "4Gi".into()
+}
+
+/// The NVMe functions the firmware exposes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FunctionSettings {
+    /// Static PFs (1-4 on a BlueField-3).
+    pub pfs: u32,
+    /// VFs per PF (0-127).
+    pub vfs_per_pf: u32,
+}
+
+impl Default for FunctionSettings {
+    fn default() -> Self {
+        Self {
+            pfs: 1,
+            vfs_per_pf: 0,
+        }
+    }
+}
+
+/// What happens to the image when the volume is removed from the manifests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Detach from the host; keep the image (default).
+    #[default]
+    Retain,
+    /// Detach; move the image to the RBD trash for `trashRetention`.
+    Trash,
+    /// Detach; delete the image (also needs `--allow-delete` on apply).
+    Delete,
+}
+
+/// A volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// The host that sees the volume (the DPU in that host serves it).
+    pub host: String,
+    /// Size in binary units: `512Mi`, `100Gi`, `2Ti`.
+    pub size: String,
+    /// The backing image.
+    pub rbd: RbdRef,
+    /// Where the host sees it.
+    #[serde(default)]
+    pub nvme: NvmePlacement,
+    /// I/O queues of the controller (1-32).
+    #[serde(default = "default_queues")]
+    pub queues: u32,
+    /// What removal does to the image.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// How long a trashed image is protected, e.g. `7d` (Trash policy).
+    #[serde(default = "default_retention")]
+    pub trash_retention: String,
+}
+
+fn default_queues() -> u32 {
+    8
+}
+fn default_retention() -> String {
+    "7d".into()
+}
+
+/// The backing RBD image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RbdRef {
+    /// A `CephCluster` name.
+    pub cluster: String,
+    /// Pool (one of the cluster's pools).
+    pub pool: String,
+    /// Image name; default: the volume's name.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// NVMe placement. Anything left out is derived from the volume, the same every time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NvmePlacement {
+    /// PF index (default 0).
+    #[serde(default)]
+    pub pf: u32,
+    /// VF index; absent means the PF itself.
+    #[serde(default)]
+    pub vf: Option<u32>,
+    /// NSID (1-1024); default derived from the volume.
+    #[serde(default)]
+    pub nsid: Option<u32>,
+    /// Namespace UUID; default derived from the backing image.
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
