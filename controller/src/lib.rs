@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod inspect;
 pub mod manifest;
+pub mod plan;
 
 use std::process::ExitCode;
 

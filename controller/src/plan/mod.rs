@@ -1,0 +1,780 @@
+//! The planner: a pure function of (desired, observed) to a plan. No I/O, no clock, no
+//! randomness: the same inputs give the same plan, byte for byte.
+//!
+//! Per volume the chain is: SNAP installed -> rbd image -> cluster registered in SNAP -> bdev ->
+//! subsystem -> namespace -> controller (created suspended) -> namespace attached -> controller
+//! resumed. Teardown runs in reverse. Existing matching objects are adopted, never duplicated.
+//! Only objects unistor owns are ever removed: images carrying `unistor.managed-by`, SNAP objects
+//! named by unistor's convention (see [`names`]).
+
+pub mod model;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use protocol::dpu::{DpuReport, SnapInventory, SnapState};
+use protocol::{CephReport, ImageState, ImageStatus};
+
+use crate::manifest::{Desired, Volume};
+pub use model::*;
+
+/// Names of the SNAP objects unistor makes; anything else on a DPU is never touched.
+pub mod names {
+    use protocol::dpu::FunctionRef;
+
+    /// Prefix of every NQN unistor creates.
+    pub const NQN_PREFIX: &str = "nqn.2024-01.io.unistor:";
+    /// Prefix of bdevs, controllers and SNAP cluster names unistor creates.
+    pub const PREFIX: &str = "unistor-";
+
+    /// The subsystem of one function of one DPU.
+    pub fn nqn(dpu: &str, f: FunctionRef) -> String {
+        format!("{NQN_PREFIX}{}:{f}", dpu.to_ascii_lowercase())
+    }
+    /// The controller of one function.
+    pub fn controller(f: FunctionRef) -> String {
+        format!("{PREFIX}{f}")
+    }
+    /// The bdev of a volume.
+    pub fn bdev(volume: &str) -> String {
+        format!("{PREFIX}{volume}")
+    }
+    /// SNAP's name for a Ceph cluster.
+    pub fn cluster(cluster: &str) -> String {
+        format!("{PREFIX}{cluster}")
+    }
+    /// Whether a SNAP object name is unistor's.
+    pub fn owned(name: &str) -> bool {
+        name.starts_with(PREFIX) || name.starts_with(NQN_PREFIX)
+    }
+}
+
+/// Knobs of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Value of `unistor.managed-by` on images this deployment owns.
+    pub owner: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            owner: "unistor".into(),
+        }
+    }
+}
+
+/// Metadata keys unistor reads on images.
+pub const META_MANAGED_BY: &str = "unistor.managed-by";
+/// The volume an image backs.
+pub const META_VOLUME: &str = "unistor.volume";
+/// What removal does (`Retain`, `Trash`, `Delete`); absent means `Retain`.
+pub const META_POLICY: &str = "unistor.deletion-policy";
+/// Trash retention in seconds.
+pub const META_RETENTION: &str = "unistor.trash-retention-secs";
+
+struct Builder {
+    plan: Plan,
+}
+
+impl Builder {
+    fn push(
+        &mut self,
+        target: Target,
+        action: Action,
+        risk: Risk,
+        deps: &[Option<usize>],
+        volume: Option<&str>,
+    ) -> usize {
+        let id = self.plan.steps.len();
+        let mut depends_on: Vec<usize> = deps.iter().flatten().copied().collect();
+        depends_on.sort_unstable();
+        depends_on.dedup();
+        self.plan.steps.push(Step {
+            id,
+            target,
+            action,
+            risk,
+            depends_on,
+            volume: volume.map(str::to_string),
+        });
+        id
+    }
+
+    fn drift(&mut self, object: String, field: &str, desired: String, observed: String) {
+        self.plan.drift.push(Drift {
+            object,
+            field: field.into(),
+            desired,
+            observed,
+        });
+    }
+
+    fn block(&mut self, object: String, reason: String) {
+        self.plan.blocked.push(Blocked { object, reason });
+    }
+}
+
+/// FNV-1a: a stable hash (the same on every machine and release) for derived NSIDs.
+fn fnv(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Resolves every volume's NSID: pinned; else the NSID SNAP already gives its UUID; else derived
+/// from its name (probing upwards past taken NSIDs). Volumes are visited in name order.
+fn assign_nsids(desired: &Desired, observed: &Observed) -> BTreeMap<String, u32> {
+    let mut taken: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    let subsystem = |v: &Volume| names::nqn(&v.dpu, v.function);
+    for v in desired.volumes.values() {
+        if let Some(n) = v.nsid {
+            taken.entry(subsystem(v)).or_default().insert(n);
+            out.insert(v.name.to_string(), n);
+        }
+    }
+    let inventory =
+        |dpu: &str| -> Option<&SnapInventory> { observed.dpus.get(dpu)?.get()?.inventory.as_ref() };
+    for v in desired.volumes.values().filter(|v| v.nsid.is_none()) {
+        let nqn = subsystem(v);
+        let existing = inventory(&v.dpu).and_then(|inv| {
+            inv.subsystems
+                .iter()
+                .find(|s| s.nqn == nqn)?
+                .namespaces
+                .iter()
+                .find(|n| n.uuid.eq_ignore_ascii_case(&v.uuid))
+                .map(|n| n.nsid)
+        });
+        let used = taken.entry(nqn.clone()).or_default();
+        if let Some(n) = existing.filter(|n| !used.contains(n)) {
+            used.insert(n);
+            out.insert(v.name.to_string(), n);
+            continue;
+        }
+        let foreign: BTreeSet<u32> = inventory(&v.dpu)
+            .and_then(|inv| inv.subsystems.iter().find(|s| s.nqn == nqn))
+            .map(|s| s.namespaces.iter().map(|n| n.nsid).collect())
+            .unwrap_or_default();
+        let start = (fnv(v.name.as_str()) % 1024) as u32;
+        let n = (0..1024)
+            .map(|i| (start + i) % 1024 + 1)
+            .find(|n| !used.contains(n) && !foreign.contains(n))
+            .unwrap_or(1);
+        used.insert(n);
+        out.insert(v.name.to_string(), n);
+    }
+    out
+}
+
+/// Computes the plan.
+pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
+    let mut b = Builder {
+        plan: Plan::default(),
+    };
+    for (name, k) in &observed.clusters {
+        if let Known::Unknown { reason } = k {
+            b.plan.unknown.push(format!("cluster/{name}: {reason}"));
+        }
+    }
+    for (name, k) in &observed.dpus {
+        if let Known::Unknown { reason } = k {
+            b.plan.unknown.push(format!("dpu/{name}: {reason}"));
+        }
+    }
+    for name in desired.clusters.keys() {
+        if !observed.clusters.contains_key(name) {
+            b.plan.unknown.push(format!("cluster/{name}: not observed"));
+        }
+    }
+    for name in desired.dpus.keys() {
+        if !observed.dpus.contains_key(name) {
+            b.plan.unknown.push(format!("dpu/{name}: not observed"));
+        }
+    }
+    let nsids = assign_nsids(desired, observed);
+
+    // Removals first; what is created on a DPU waits for what is removed there (a moved volume's
+    // bdev or function is freed before it is used again).
+    let removed_on = teardown(&mut b, desired, observed, opts, &nsids);
+    let after_removals = |dpu: &str| -> Vec<Option<usize>> {
+        removed_on
+            .get(dpu)
+            .into_iter()
+            .flatten()
+            .map(|s| Some(*s))
+            .collect()
+    };
+
+    // SNAP on every DPU.
+    let mut snap_step: BTreeMap<&str, Option<usize>> = BTreeMap::new();
+    for (name, dpu) in &desired.dpus {
+        let Some(report) = observed.dpus.get(name).and_then(Known::get) else {
+            continue;
+        };
+        let want = format!("{}:{}", dpu.snap.image, dpu.snap.tag);
+        let have = report.snap.image.clone();
+        let running = report.snap.state == SnapState::Running;
+        let step = if have.as_deref() != Some(want.as_str()) || !running {
+            if let Some(h) = &have {
+                b.drift(
+                    format!("dpu/{name}"),
+                    "snap.version",
+                    want.clone(),
+                    h.clone(),
+                );
+            }
+            // Replacing a running SNAP restarts every controller on it.
+            let risk = if running
+                && report
+                    .inventory
+                    .as_ref()
+                    .is_some_and(|i| !i.controllers.is_empty())
+            {
+                Risk::HostVisible
+            } else {
+                Risk::Safe
+            };
+            Some(b.push(
+                Target::Dpu(name.clone()),
+                Action::InstallSnap {
+                    spec: Box::new(dpu.snap.clone()),
+                },
+                risk,
+                &after_removals(name),
+                None,
+            ))
+        } else {
+            None
+        };
+        snap_step.insert(name.as_str(), step);
+    }
+
+    let mut registered: BTreeMap<(String, String), Option<usize>> = BTreeMap::new();
+    let mut subsystems: BTreeMap<(String, String), Option<usize>> = BTreeMap::new();
+    let mut controllers: BTreeMap<(String, String), Option<usize>> = BTreeMap::new();
+    let mut attaches: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    let mut resume_needed: BTreeSet<(String, String)> = BTreeSet::new();
+
+    for v in desired.volumes.values() {
+        let vname = v.name.as_str();
+        let object = format!("volume/{vname}");
+        let cluster = observed.clusters.get(&v.cluster).and_then(Known::get);
+        let dpu = observed.dpus.get(&v.dpu).and_then(Known::get);
+        let (Some(cluster), Some(dpu_report)) = (cluster, dpu) else {
+            b.block(
+                object,
+                format!(
+                    "waiting for {}: its state is unknown",
+                    if cluster.is_none() {
+                        format!("cluster/{}", v.cluster)
+                    } else {
+                        format!("dpu/{}", v.dpu)
+                    }
+                ),
+            );
+            continue;
+        };
+        // The image.
+        let ceph = Target::Cluster(v.cluster.clone());
+        let img = find_image(cluster, v.pool.as_str(), v.image.as_str());
+        let image_step = match img.map(|i| (&i.state, i)) {
+            None | Some((ImageState::Missing, _)) => Some(b.push(
+                ceph.clone(),
+                Action::CreateImage {
+                    pool: v.pool.to_string(),
+                    image: v.image.to_string(),
+                    size_bytes: v.size_bytes,
+                    volume: vname.into(),
+                },
+                Risk::Safe,
+                &[],
+                Some(vname),
+            )),
+            Some((ImageState::Trashed { .. }, _)) => {
+                b.drift(object.clone(), "rbd.state", "live".into(), "trashed".into());
+                Some(b.push(
+                    ceph.clone(),
+                    Action::RestoreImage {
+                        pool: v.pool.to_string(),
+                        image: v.image.to_string(),
+                    },
+                    Risk::Safe,
+                    &[],
+                    Some(vname),
+                ))
+            }
+            Some((ImageState::Live, i)) => {
+                let owner = i.metadata.get(META_MANAGED_BY).map(String::as_str);
+                let owned_by = i.metadata.get(META_VOLUME).map(String::as_str);
+                if owner != Some(opts.owner.as_str()) || owned_by != Some(vname) {
+                    b.block(
+                        object.clone(),
+                        format!(
+                            "image {}/{} belongs to {}/{}, not to this volume",
+                            v.pool,
+                            v.image,
+                            owner.unwrap_or("-"),
+                            owned_by.unwrap_or("-")
+                        ),
+                    );
+                    continue;
+                }
+                if i.size_bytes < v.size_bytes {
+                    b.drift(
+                        object.clone(),
+                        "size",
+                        v.size_bytes.to_string(),
+                        i.size_bytes.to_string(),
+                    );
+                    Some(b.push(
+                        ceph.clone(),
+                        Action::GrowImage {
+                            pool: v.pool.to_string(),
+                            image: v.image.to_string(),
+                            from_bytes: i.size_bytes,
+                            to_bytes: v.size_bytes,
+                            volume: vname.into(),
+                        },
+                        Risk::Safe,
+                        &[],
+                        Some(vname),
+                    ))
+                } else if i.size_bytes > v.size_bytes {
+                    b.drift(
+                        object.clone(),
+                        "size",
+                        v.size_bytes.to_string(),
+                        i.size_bytes.to_string(),
+                    );
+                    b.block(
+                        object.clone(),
+                        format!(
+                            "shrinking from {} to {} bytes is refused: grow the manifest back or move the data",
+                            i.size_bytes, v.size_bytes
+                        ),
+                    );
+                    None
+                } else {
+                    None
+                }
+            }
+        };
+
+        // The SNAP chain on the DPU.
+        let d = Target::Dpu(v.dpu.clone());
+        let snap = snap_step.get(v.dpu.as_str()).copied().flatten();
+        let mut first: Vec<Option<usize>> = after_removals(&v.dpu);
+        first.push(snap);
+        let empty = SnapInventory::default();
+        let inv = match (snap, dpu_report.inventory.as_ref()) {
+            (None, Some(inv)) => inv,
+            // SNAP is being (re)installed: plan against an empty SNAP.
+            _ => &empty,
+        };
+        let scluster = names::cluster(&v.cluster);
+        let reg = *registered
+            .entry((v.dpu.clone(), scluster.clone()))
+            .or_insert_with(|| {
+                (!inv.clusters.contains(&scluster)).then(|| {
+                    b.push(
+                        d.clone(),
+                        Action::RegisterCluster {
+                            name: scluster.clone(),
+                            cluster: v.cluster.clone(),
+                        },
+                        Risk::Safe,
+                        &first,
+                        None,
+                    )
+                })
+            });
+        let bdev = names::bdev(vname);
+        let bdev_step = match inv.bdevs.iter().find(|x| x.name == bdev) {
+            Some(x)
+                if x.pool.as_deref() == Some(v.pool.as_str())
+                    && x.image.as_deref() == Some(v.image.as_str()) =>
+            {
+                None
+            }
+            Some(x) => {
+                b.block(
+                    object.clone(),
+                    format!(
+                        "bdev {bdev} on dpu/{} serves {}/{}",
+                        v.dpu,
+                        x.pool.as_deref().unwrap_or("?"),
+                        x.image.as_deref().unwrap_or("?")
+                    ),
+                );
+                continue;
+            }
+            None => Some(b.push(
+                d.clone(),
+                Action::CreateBdev {
+                    name: bdev.clone(),
+                    cluster: scluster.clone(),
+                    pool: v.pool.to_string(),
+                    image: v.image.to_string(),
+                },
+                Risk::Safe,
+                &[&first[..], &[reg, image_step]].concat(),
+                Some(vname),
+            )),
+        };
+        let nqn = names::nqn(&v.dpu, v.function);
+        let sub = *subsystems
+            .entry((v.dpu.clone(), nqn.clone()))
+            .or_insert_with(|| {
+                (!inv.subsystems.iter().any(|s| s.nqn == nqn)).then(|| {
+                    b.push(
+                        d.clone(),
+                        Action::CreateSubsystem { nqn: nqn.clone() },
+                        Risk::Safe,
+                        &first,
+                        None,
+                    )
+                })
+            });
+        let nsid = nsids[vname];
+        let have_ns = inv
+            .subsystems
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
+        let ns_step = match have_ns {
+            Some(n) if n.bdev == bdev && n.uuid.eq_ignore_ascii_case(&v.uuid) => None,
+            Some(n) => {
+                b.block(
+                    object.clone(),
+                    format!(
+                        "NSID {nsid} of {nqn} is taken by bdev {} (uuid {})",
+                        n.bdev, n.uuid
+                    ),
+                );
+                continue;
+            }
+            None => Some(b.push(
+                d.clone(),
+                Action::CreateNamespace {
+                    nqn: nqn.clone(),
+                    nsid,
+                    bdev: bdev.clone(),
+                    uuid: v.uuid.clone(),
+                },
+                Risk::Safe,
+                &[&first[..], &[sub, bdev_step]].concat(),
+                Some(vname),
+            )),
+        };
+        let ctrl = names::controller(v.function);
+        let f = inv.functions.iter().find(|f| f.function == v.function);
+        if let Some(other) = f
+            .and_then(|f| f.controller.as_ref())
+            .filter(|c| **c != ctrl)
+        {
+            b.block(
+                object.clone(),
+                format!(
+                    "function {} of dpu/{} is bound to controller {other}, not unistor's",
+                    v.function, v.dpu
+                ),
+            );
+            continue;
+        }
+        let have_ctrl = inv.controllers.iter().find(|c| c.name == ctrl);
+        if let Some(c) = have_ctrl {
+            if c.num_queues != v.queues {
+                b.drift(
+                    object.clone(),
+                    "queues",
+                    v.queues.to_string(),
+                    c.num_queues.to_string(),
+                );
+            }
+        }
+        let ctrl_step = *controllers
+            .entry((v.dpu.clone(), ctrl.clone()))
+            .or_insert_with(|| {
+                have_ctrl.is_none().then(|| {
+                    b.push(
+                        d.clone(),
+                        Action::CreateController {
+                            name: ctrl.clone(),
+                            nqn: nqn.clone(),
+                            function: v.function,
+                            queues: v.queues,
+                        },
+                        Risk::Safe,
+                        &[&first[..], &[sub]].concat(),
+                        None,
+                    )
+                })
+            });
+        let attached = have_ctrl.is_some_and(|c| c.namespaces.contains(&nsid));
+        if !attached {
+            let a = b.push(
+                d.clone(),
+                Action::Attach {
+                    controller: ctrl.clone(),
+                    nsid,
+                },
+                Risk::Safe,
+                &[ctrl_step, ns_step],
+                Some(vname),
+            );
+            attaches
+                .entry((v.dpu.clone(), ctrl.clone()))
+                .or_default()
+                .push(a);
+            resume_needed.insert((v.dpu.clone(), ctrl.clone()));
+        }
+        if !have_ctrl.is_some_and(|c| c.state.eq_ignore_ascii_case("STARTED")) {
+            resume_needed.insert((v.dpu.clone(), ctrl.clone()));
+        }
+    }
+    // Controllers resume after all their namespaces are attached.
+    for (dpu, ctrl) in resume_needed {
+        let deps: Vec<Option<usize>> = attaches
+            .get(&(dpu.clone(), ctrl.clone()))
+            .into_iter()
+            .flatten()
+            .map(|a| Some(*a))
+            .chain(std::iter::once(
+                controllers
+                    .get(&(dpu.clone(), ctrl.clone()))
+                    .copied()
+                    .flatten(),
+            ))
+            .collect();
+        b.push(
+            Target::Dpu(dpu),
+            Action::Resume { controller: ctrl },
+            Risk::Safe,
+            &deps,
+            None,
+        );
+    }
+
+    b.plan
+}
+
+fn find_image<'a>(r: &'a CephReport, pool: &str, image: &str) -> Option<&'a ImageStatus> {
+    r.images.iter().find(|i| i.pool == pool && i.image == image)
+}
+
+/// Removes what unistor owns and the manifests no longer want (or want elsewhere), in reverse
+/// order. Returns the removal steps per DPU.
+fn teardown(
+    b: &mut Builder,
+    desired: &Desired,
+    observed: &Observed,
+    opts: &Options,
+    nsids: &BTreeMap<String, u32>,
+) -> BTreeMap<String, Vec<usize>> {
+    let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    // Where each wanted namespace and bdev lives.
+    let wanted_ns: BTreeSet<(String, String, u32, String)> = desired
+        .volumes
+        .values()
+        .map(|v| {
+            (
+                v.dpu.clone(),
+                names::nqn(&v.dpu, v.function),
+                nsids[v.name.as_str()],
+                names::bdev(v.name.as_str()),
+            )
+        })
+        .collect();
+    let wanted_bdevs: BTreeSet<(String, String)> = desired
+        .volumes
+        .values()
+        .map(|v| (v.dpu.clone(), names::bdev(v.name.as_str())))
+        .collect();
+    // Per DPU: namespaces whose bdev is unistor's and no longer wanted.
+    let mut detach_of_volume: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (dpu_name, k) in &observed.dpus {
+        let Some(DpuReport {
+            inventory: Some(inv),
+            ..
+        }) = k.get()
+        else {
+            continue;
+        };
+        let d = Target::Dpu(dpu_name.clone());
+        let first_step = b.plan.steps.len();
+        let mut destroyed_ns: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut ns_removed: BTreeMap<String, usize> = BTreeMap::new();
+        for s in inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
+            for n in &s.namespaces {
+                let here = (dpu_name.clone(), s.nqn.clone(), n.nsid, n.bdev.clone());
+                if !names::owned(&n.bdev) || wanted_ns.contains(&here) {
+                    continue;
+                }
+                let volume = n.bdev.trim_start_matches(names::PREFIX).to_string();
+                let detach = n.controller.as_ref().map(|c| {
+                    b.push(
+                        d.clone(),
+                        Action::Detach {
+                            controller: c.clone(),
+                            nsid: n.nsid,
+                        },
+                        Risk::HostVisible,
+                        &[],
+                        Some(&volume),
+                    )
+                });
+                let destroy = b.push(
+                    d.clone(),
+                    Action::DestroyNamespace {
+                        nqn: s.nqn.clone(),
+                        nsid: n.nsid,
+                    },
+                    Risk::HostVisible,
+                    &[detach],
+                    Some(&volume),
+                );
+                destroyed_ns.entry(s.nqn.clone()).or_default().push(destroy);
+                ns_removed.insert(n.bdev.clone(), destroy);
+                detach_of_volume.entry(volume).or_default().push(destroy);
+            }
+        }
+        // Controllers and subsystems left with nothing wanted.
+        let wanted_nqns: BTreeSet<String> = desired
+            .volumes
+            .values()
+            .filter(|v| &v.dpu == dpu_name)
+            .map(|v| names::nqn(&v.dpu, v.function))
+            .collect();
+        for c in inv.controllers.iter().filter(|c| names::owned(&c.name)) {
+            if wanted_nqns.contains(&c.nqn) {
+                continue;
+            }
+            let deps: Vec<Option<usize>> = destroyed_ns
+                .get(&c.nqn)
+                .into_iter()
+                .flatten()
+                .map(|i| Some(*i))
+                .collect();
+            let step = b.push(
+                d.clone(),
+                Action::DestroyController {
+                    name: c.name.clone(),
+                },
+                Risk::HostVisible,
+                &deps,
+                None,
+            );
+            destroyed_ns.entry(c.nqn.clone()).or_default().push(step);
+        }
+        for s in inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
+            if wanted_nqns.contains(&s.nqn) {
+                continue;
+            }
+            let deps: Vec<Option<usize>> = destroyed_ns
+                .get(&s.nqn)
+                .into_iter()
+                .flatten()
+                .map(|i| Some(*i))
+                .collect();
+            b.push(
+                d.clone(),
+                Action::DestroySubsystem { nqn: s.nqn.clone() },
+                Risk::Safe,
+                &deps,
+                None,
+            );
+        }
+        for x in inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
+            if wanted_bdevs.contains(&(dpu_name.clone(), x.name.clone())) {
+                continue;
+            }
+            let dep = ns_removed.get(&x.name).copied();
+            let volume = x.name.trim_start_matches(names::PREFIX).to_string();
+            let step = b.push(
+                d.clone(),
+                Action::DeleteBdev {
+                    name: x.name.clone(),
+                },
+                Risk::Safe,
+                &[dep],
+                Some(&volume),
+            );
+            detach_of_volume.entry(volume).or_default().push(step);
+        }
+        let steps: Vec<usize> = (first_step..b.plan.steps.len()).collect();
+        if !steps.is_empty() {
+            removed_on.insert(dpu_name.clone(), steps);
+        }
+    }
+    // Images of volumes that are gone, by the policy written on them.
+    for (cname, k) in &observed.clusters {
+        let Some(report) = k.get() else { continue };
+        for i in &report.images {
+            if i.state != ImageState::Live || i.metadata.get(META_MANAGED_BY) != Some(&opts.owner) {
+                continue;
+            }
+            let Some(volume) = i.metadata.get(META_VOLUME) else {
+                continue;
+            };
+            if desired.volumes.contains_key(volume) {
+                continue;
+            }
+            let deps: Vec<Option<usize>> = detach_of_volume
+                .get(volume)
+                .into_iter()
+                .flatten()
+                .map(|s| Some(*s))
+                .collect();
+            let policy = i
+                .metadata
+                .get(META_POLICY)
+                .map(String::as_str)
+                .unwrap_or("Retain");
+            let target = Target::Cluster(cname.clone());
+            match policy {
+                "Trash" => {
+                    let retain_secs = i
+                        .metadata
+                        .get(META_RETENTION)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(7 * 86400);
+                    b.push(
+                        target,
+                        Action::TrashImage {
+                            pool: i.pool.clone(),
+                            image: i.image.clone(),
+                            retain_secs,
+                            volume: volume.clone(),
+                        },
+                        Risk::DataDestroying,
+                        &deps,
+                        Some(volume),
+                    );
+                }
+                "Delete" => {
+                    b.push(
+                        target,
+                        Action::DeleteImage {
+                            pool: i.pool.clone(),
+                            image: i.image.clone(),
+                            volume: volume.clone(),
+                        },
+                        Risk::DataDestroying,
+                        &deps,
+                        Some(volume),
+                    );
+                }
+                // Retain: the image stays, only the volume's SNAP objects go.
+                _ => {}
+            }
+        }
+    }
+    removed_on
+}
+
+#[cfg(test)]
+mod tests;

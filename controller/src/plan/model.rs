@@ -1,0 +1,291 @@
+//! What the planner reads (observed state) and writes (plans).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use protocol::dpu::{DpuReport, FunctionRef, SnapSpec};
+use protocol::CephReport;
+use serde::{Deserialize, Serialize};
+
+/// An agent's state, or why it is not known. Unknown is never treated as empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Known<T> {
+    /// Reported.
+    Known {
+        /// The report.
+        report: Box<T>,
+    },
+    /// Not reachable or not answering.
+    Unknown {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl<T> Known<T> {
+    /// The report, when known.
+    pub fn get(&self) -> Option<&T> {
+        match self {
+            Known::Known { report } => Some(report),
+            Known::Unknown { .. } => None,
+        }
+    }
+}
+
+/// Everything the agents reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Observed {
+    /// Ceph clusters by manifest name.
+    pub clusters: BTreeMap<String, Known<CephReport>>,
+    /// DPUs by manifest name.
+    pub dpus: BTreeMap<String, Known<DpuReport>>,
+}
+
+/// How much a step can hurt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Risk {
+    /// Nothing a host or its data notices.
+    Safe,
+    /// A host sees a device change or disappear.
+    HostVisible,
+    /// Data goes away (trash or delete).
+    DataDestroying,
+}
+
+impl fmt::Display for Risk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Risk::Safe => "safe",
+            Risk::HostVisible => "host-visible",
+            Risk::DataDestroying => "data-destroying",
+        })
+    }
+}
+
+/// Which agent runs a step.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum Target {
+    /// A ceph-agent, by cluster name.
+    Cluster(String),
+    /// A dpu-agent, by DPU name.
+    Dpu(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Cluster(c) => write!(f, "cluster/{c}"),
+            Target::Dpu(d) => write!(f, "dpu/{d}"),
+        }
+    }
+}
+
+/// One change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Action {
+    /// Deploy or upgrade SNAP.
+    InstallSnap {
+        /// Spec.
+        spec: Box<SnapSpec>,
+    },
+    /// Create an image.
+    CreateImage {
+        /// Pool.
+        pool: String,
+        /// Image.
+        image: String,
+        /// Bytes.
+        size_bytes: u64,
+        /// Volume.
+        volume: String,
+    },
+    /// Grow an image.
+    GrowImage {
+        /// Pool.
+        pool: String,
+        /// Image.
+        image: String,
+        /// Current bytes.
+        from_bytes: u64,
+        /// New bytes.
+        to_bytes: u64,
+        /// Volume.
+        volume: String,
+    },
+    /// Restore an image from the trash.
+    RestoreImage {
+        /// Pool.
+        pool: String,
+        /// Image.
+        image: String,
+    },
+    /// Move an image to the trash.
+    TrashImage {
+        /// Pool.
+        pool: String,
+        /// Image.
+        image: String,
+        /// Retention.
+        retain_secs: u64,
+        /// Volume.
+        volume: String,
+    },
+    /// Delete an image.
+    DeleteImage {
+        /// Pool.
+        pool: String,
+        /// Image.
+        image: String,
+        /// Volume.
+        volume: String,
+    },
+    /// Register a cluster in SNAP (with SNAP's cephx identity, issued on the cluster first).
+    RegisterCluster {
+        /// SNAP's name for it.
+        name: String,
+        /// The manifest's cluster.
+        cluster: String,
+    },
+    /// Create a bdev.
+    CreateBdev {
+        /// Bdev.
+        name: String,
+        /// SNAP cluster name.
+        cluster: String,
+        /// Pool.
+        pool: String,
+        /// Image.
+        image: String,
+    },
+    /// Delete a bdev.
+    DeleteBdev {
+        /// Bdev.
+        name: String,
+    },
+    /// Create a subsystem.
+    CreateSubsystem {
+        /// NQN.
+        nqn: String,
+    },
+    /// Destroy a subsystem.
+    DestroySubsystem {
+        /// NQN.
+        nqn: String,
+    },
+    /// Create a namespace.
+    CreateNamespace {
+        /// NQN.
+        nqn: String,
+        /// NSID.
+        nsid: u32,
+        /// Bdev.
+        bdev: String,
+        /// UUID.
+        uuid: String,
+    },
+    /// Destroy a namespace.
+    DestroyNamespace {
+        /// NQN.
+        nqn: String,
+        /// NSID.
+        nsid: u32,
+    },
+    /// Create a controller (suspended).
+    CreateController {
+        /// Name.
+        name: String,
+        /// NQN.
+        nqn: String,
+        /// Function.
+        function: FunctionRef,
+        /// Queues.
+        queues: u32,
+    },
+    /// Destroy a controller.
+    DestroyController {
+        /// Name.
+        name: String,
+    },
+    /// Attach a namespace.
+    Attach {
+        /// Controller.
+        controller: String,
+        /// NSID.
+        nsid: u32,
+    },
+    /// Detach a namespace.
+    Detach {
+        /// Controller.
+        controller: String,
+        /// NSID.
+        nsid: u32,
+    },
+    /// Resume a controller.
+    Resume {
+        /// Controller.
+        controller: String,
+    },
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Position in the plan (steps are in a valid execution order).
+    pub id: usize,
+    /// The agent that runs it.
+    pub target: Target,
+    /// What.
+    pub action: Action,
+    /// How much it can hurt.
+    pub risk: Risk,
+    /// Steps that must succeed first.
+    pub depends_on: Vec<usize>,
+    /// The volume it serves, when one.
+    pub volume: Option<String>,
+}
+
+/// A difference between desired and observed, field by field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drift {
+    /// `volume/db-data`, `dpu/dpu-a`...
+    pub object: String,
+    /// The field.
+    pub field: String,
+    /// Desired.
+    pub desired: String,
+    /// Observed.
+    pub observed: String,
+}
+
+/// Something the planner will not do, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocked {
+    /// The object.
+    pub object: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Steps in execution order.
+    pub steps: Vec<Step>,
+    /// Differences found.
+    pub drift: Vec<Drift>,
+    /// What is held back.
+    pub blocked: Vec<Blocked>,
+    /// Agents whose state is unknown: nothing of theirs is touched.
+    pub unknown: Vec<String>,
+}
+
+impl Plan {
+    /// Whether there is anything to do.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+}

@@ -1,0 +1,724 @@
+//! The planner against an in-memory model of the agents: applying a plan converges, a second
+//! plan is empty, plans are deterministic, and nothing unistor does not own is ever removed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+use protocol::dpu::{
+    BdevInfo, ControllerInfo, DpuReport, FunctionInfo, FunctionRef, HostFacts, NamespaceInfo,
+    SnapInventory, SnapState, SnapStatus, SubsystemInfo,
+};
+use protocol::{Capacity, CephHealth, CephReport, ImageState, ImageStatus};
+
+use super::*;
+use crate::manifest::load_texts;
+
+/// The agents' world, as reports.
+#[derive(Debug, Clone, PartialEq)]
+struct World {
+    clusters: BTreeMap<String, CephReport>,
+    dpus: BTreeMap<String, DpuReport>,
+}
+
+fn empty_ceph() -> CephReport {
+    CephReport {
+        fsid: "f".into(),
+        health: CephHealth {
+            status: "HEALTH_OK".into(),
+            checks: Default::default(),
+        },
+        monitors: vec![],
+        capacity: Capacity {
+            total_bytes: 1,
+            used_bytes: 0,
+            avail_bytes: 1,
+        },
+        pools: vec![],
+        images: vec![],
+    }
+}
+
+fn bare_dpu() -> DpuReport {
+    DpuReport {
+        platform: "simulation".into(),
+        host: HostFacts::default(),
+        bluefield: None,
+        snap: SnapStatus {
+            state: SnapState::NotInstalled,
+            version: None,
+            image: None,
+            restarts: 0,
+        },
+        inventory: None,
+        missing: vec![],
+        ledger_generation: 0,
+        last_replay: None,
+    }
+}
+
+impl World {
+    fn empty(d: &Desired) -> Self {
+        Self {
+            clusters: d
+                .clusters
+                .keys()
+                .map(|k| (k.clone(), empty_ceph()))
+                .collect(),
+            dpus: d.dpus.keys().map(|k| (k.clone(), bare_dpu())).collect(),
+        }
+    }
+
+    fn observed(&self) -> Observed {
+        Observed {
+            clusters: self
+                .clusters
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Known::Known {
+                            report: Box::new(v.clone()),
+                        },
+                    )
+                })
+                .collect(),
+            dpus: self
+                .dpus
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Known::Known {
+                            report: Box::new(v.clone()),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn inv(&mut self, dpu: &str) -> &mut SnapInventory {
+        self.dpus
+            .get_mut(dpu)
+            .unwrap()
+            .inventory
+            .as_mut()
+            .expect("SNAP installed before it is used")
+    }
+
+    /// Applies a step as the agents would; panics on a step that would fail.
+    fn apply(&mut self, step: &Step, owner: &str) {
+        match (&step.target, &step.action) {
+            (Target::Dpu(d), Action::InstallSnap { spec }) => {
+                let r = self.dpus.get_mut(d).unwrap();
+                r.snap.state = SnapState::Running;
+                r.snap.image = Some(format!("{}:{}", spec.image, spec.tag));
+                let mut functions = vec![];
+                for pf in 0..spec.firmware.nvme_pfs {
+                    for vf in std::iter::once(None).chain((0..spec.firmware.nvme_vfs).map(Some)) {
+                        functions.push(FunctionInfo {
+                            function: FunctionRef { pf, vf },
+                            pci_bdf: format!("{pf}:{vf:?}"),
+                            vhca_id: 0,
+                            vuid: String::new(),
+                            controller: None,
+                        });
+                    }
+                }
+                r.inventory = Some(SnapInventory {
+                    functions,
+                    ..Default::default()
+                });
+            }
+            (
+                Target::Cluster(c),
+                Action::CreateImage {
+                    pool,
+                    image,
+                    size_bytes,
+                    volume,
+                },
+            ) => {
+                let r = self.clusters.get_mut(c).unwrap();
+                assert!(
+                    !r.images
+                        .iter()
+                        .any(|i| &i.pool == pool && &i.image == image),
+                    "duplicate image"
+                );
+                r.images.push(ImageStatus {
+                    pool: pool.clone(),
+                    image: image.clone(),
+                    state: ImageState::Live,
+                    size_bytes: *size_bytes,
+                    features: vec![],
+                    watchers: vec![],
+                    metadata: [
+                        (META_MANAGED_BY.to_string(), owner.to_string()),
+                        (META_VOLUME.to_string(), volume.clone()),
+                    ]
+                    .into(),
+                });
+            }
+            (
+                Target::Cluster(c),
+                Action::GrowImage {
+                    pool,
+                    image,
+                    to_bytes,
+                    ..
+                },
+            ) => {
+                let i = self.image(c, pool, image);
+                assert!(*to_bytes > i.size_bytes, "never shrink");
+                i.size_bytes = *to_bytes;
+            }
+            (Target::Cluster(c), Action::RestoreImage { pool, image }) => {
+                self.image(c, pool, image).state = ImageState::Live;
+            }
+            (Target::Cluster(c), Action::TrashImage { pool, image, .. }) => {
+                self.image(c, pool, image).state = ImageState::Trashed {
+                    trash_id: "1".into(),
+                    trash_status: String::new(),
+                };
+            }
+            (Target::Cluster(c), Action::DeleteImage { pool, image, .. }) => {
+                let r = self.clusters.get_mut(c).unwrap();
+                r.images.retain(|i| !(&i.pool == pool && &i.image == image));
+            }
+            (Target::Dpu(d), a) => self.apply_snap(d, a),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn image(&mut self, c: &str, pool: &str, image: &str) -> &mut ImageStatus {
+        self.clusters
+            .get_mut(c)
+            .unwrap()
+            .images
+            .iter_mut()
+            .find(|i| i.pool == pool && i.image == image)
+            .expect("image exists")
+    }
+
+    fn apply_snap(&mut self, d: &str, a: &Action) {
+        let inv = self.inv(d);
+        match a {
+            Action::RegisterCluster { name, .. } => {
+                assert!(!inv.clusters.contains(name));
+                inv.clusters.push(name.clone());
+            }
+            Action::CreateBdev {
+                name,
+                cluster,
+                pool,
+                image,
+            } => {
+                assert!(inv.clusters.contains(cluster), "cluster registered first");
+                assert!(!inv.bdevs.iter().any(|b| &b.name == name));
+                inv.bdevs.push(BdevInfo {
+                    name: name.clone(),
+                    pool: Some(pool.clone()),
+                    image: Some(image.clone()),
+                    cluster: Some(cluster.clone()),
+                    block_size: 4096,
+                    num_blocks: 1,
+                });
+            }
+            Action::DeleteBdev { name } => {
+                assert!(!inv
+                    .subsystems
+                    .iter()
+                    .any(|s| s.namespaces.iter().any(|n| &n.bdev == name)));
+                inv.bdevs.retain(|b| &b.name != name);
+            }
+            Action::CreateSubsystem { nqn } => {
+                assert!(!inv.subsystems.iter().any(|s| &s.nqn == nqn));
+                inv.subsystems.push(SubsystemInfo {
+                    nqn: nqn.clone(),
+                    serial: String::new(),
+                    model: String::new(),
+                    namespaces: vec![],
+                });
+            }
+            Action::DestroySubsystem { nqn } => {
+                let s = inv.subsystems.iter().find(|s| &s.nqn == nqn).unwrap();
+                assert!(s.namespaces.is_empty());
+                assert!(!inv.controllers.iter().any(|c| &c.nqn == nqn));
+                inv.subsystems.retain(|s| &s.nqn != nqn);
+            }
+            Action::CreateNamespace {
+                nqn,
+                nsid,
+                bdev,
+                uuid,
+            } => {
+                assert!(inv.bdevs.iter().any(|b| &b.name == bdev), "bdev first");
+                assert!(
+                    !inv.subsystems
+                        .iter()
+                        .any(|s| s.namespaces.iter().any(|n| &n.bdev == bdev)),
+                    "a bdev backs one namespace"
+                );
+                let s = inv
+                    .subsystems
+                    .iter_mut()
+                    .find(|s| &s.nqn == nqn)
+                    .expect("subsystem first");
+                assert!(!s.namespaces.iter().any(|n| n.nsid == *nsid), "NSID unique");
+                s.namespaces.push(NamespaceInfo {
+                    nsid: *nsid,
+                    bdev: bdev.clone(),
+                    uuid: uuid.clone(),
+                    controller: None,
+                });
+            }
+            Action::DestroyNamespace { nqn, nsid } => {
+                let s = inv.subsystems.iter_mut().find(|s| &s.nqn == nqn).unwrap();
+                assert!(
+                    s.namespaces
+                        .iter()
+                        .any(|n| n.nsid == *nsid && n.controller.is_none()),
+                    "detached first"
+                );
+                s.namespaces.retain(|n| n.nsid != *nsid);
+            }
+            Action::CreateController {
+                name,
+                nqn,
+                function,
+                queues,
+            } => {
+                let f = inv
+                    .functions
+                    .iter_mut()
+                    .find(|f| f.function == *function)
+                    .expect("function exists");
+                assert!(f.controller.is_none(), "one controller per function");
+                f.controller = Some(name.clone());
+                inv.controllers.push(ControllerInfo {
+                    name: name.clone(),
+                    nqn: nqn.clone(),
+                    function: Some(*function),
+                    num_queues: *queues,
+                    mdts: 7,
+                    state: "SUSPENDED".into(),
+                    namespaces: vec![],
+                });
+            }
+            Action::DestroyController { name } => {
+                let c = inv.controllers.iter().find(|c| &c.name == name).unwrap();
+                assert!(c.namespaces.is_empty(), "namespaces detached first");
+                for f in &mut inv.functions {
+                    if f.controller.as_ref() == Some(name) {
+                        f.controller = None;
+                    }
+                }
+                inv.controllers.retain(|c| &c.name != name);
+            }
+            Action::Attach { controller, nsid } => {
+                let c = inv
+                    .controllers
+                    .iter_mut()
+                    .find(|c| &c.name == controller)
+                    .unwrap();
+                let nqn = c.nqn.clone();
+                assert!(!c.namespaces.contains(nsid));
+                c.namespaces.push(*nsid);
+                let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
+                let n = s
+                    .namespaces
+                    .iter_mut()
+                    .find(|n| n.nsid == *nsid)
+                    .expect("namespace first");
+                assert!(n.controller.is_none(), "one controller per namespace");
+                n.controller = Some(controller.clone());
+            }
+            Action::Detach { controller, nsid } => {
+                let c = inv
+                    .controllers
+                    .iter_mut()
+                    .find(|c| &c.name == controller)
+                    .unwrap();
+                c.namespaces.retain(|n| n != nsid);
+                let nqn = c.nqn.clone();
+                let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
+                s.namespaces
+                    .iter_mut()
+                    .find(|n| n.nsid == *nsid)
+                    .unwrap()
+                    .controller = None;
+            }
+            Action::Resume { controller } => {
+                let c = inv
+                    .controllers
+                    .iter_mut()
+                    .find(|c| &c.name == controller)
+                    .unwrap();
+                c.state = "STARTED".into();
+            }
+            other => panic!("not a SNAP action: {other:?}"),
+        }
+    }
+
+    /// Plans and applies until nothing is left to do (at most `rounds` times).
+    fn converge(&mut self, d: &Desired, rounds: usize) -> usize {
+        let opts = Options::default();
+        for round in 0..rounds {
+            let p = plan(d, &self.observed(), &opts);
+            check_order(&p);
+            if p.is_empty() {
+                return round;
+            }
+            for s in &p.steps {
+                self.apply(s, &opts.owner);
+            }
+        }
+        panic!("did not converge in {rounds} rounds");
+    }
+}
+
+/// Every dependency comes earlier in the plan.
+fn check_order(p: &Plan) {
+    for s in &p.steps {
+        assert!(s.depends_on.iter().all(|d| *d < s.id), "{s:?}");
+    }
+}
+
+fn desired(files: &[(&str, String)]) -> Desired {
+    let texts: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(f, t)| (PathBuf::from(f), t.clone()))
+        .collect();
+    load_texts(&texts).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn examples() -> Desired {
+    crate::manifest::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))
+        .unwrap()
+}
+
+#[test]
+fn examples_converge_from_empty_in_one_pass_and_then_plan_nothing() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    let first = plan(&d, &w.observed(), &Options::default());
+    // Order of the chain for one volume.
+    let ops: Vec<&str> = first
+        .steps
+        .iter()
+        .filter(|s| {
+            s.volume.as_deref() == Some("db-data")
+                || s.volume.is_none() && s.target == Target::Dpu("dpu-a".into())
+        })
+        .map(|s| match &s.action {
+            Action::InstallSnap { .. } => "install",
+            Action::CreateImage { .. } => "image",
+            Action::RegisterCluster { .. } => "register",
+            Action::CreateBdev { .. } => "bdev",
+            Action::CreateSubsystem { .. } => "subsystem",
+            Action::CreateNamespace { .. } => "namespace",
+            Action::CreateController { .. } => "controller",
+            Action::Attach { .. } => "attach",
+            Action::Resume { .. } => "resume",
+            _ => "other",
+        })
+        .collect();
+    for (a, b) in [
+        ("install", "register"),
+        ("register", "bdev"),
+        ("bdev", "namespace"),
+        ("namespace", "attach"),
+        ("controller", "attach"),
+        ("attach", "resume"),
+    ] {
+        let pa = ops.iter().position(|o| *o == a).unwrap();
+        let pb = ops.iter().position(|o| *o == b).unwrap();
+        assert!(pa < pb, "{a} before {b} in {ops:?}");
+    }
+    assert!(
+        first.steps.iter().all(|s| s.risk == Risk::Safe),
+        "creating is safe"
+    );
+    assert_eq!(w.converge(&d, 5), 1, "one pass converges");
+    // Stable: planning again and again gives nothing.
+    assert!(plan(&d, &w.observed(), &Options::default()).is_empty());
+}
+
+#[test]
+fn unknown_agents_are_never_treated_as_empty() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let mut o = w.observed();
+    o.dpus.insert(
+        "dpu-a".into(),
+        Known::Unknown {
+            reason: "connection refused".into(),
+        },
+    );
+    o.clusters.insert(
+        "ceph-lab".into(),
+        Known::Unknown {
+            reason: "timeout".into(),
+        },
+    );
+    let p = plan(&d, &o, &Options::default());
+    assert!(p.steps.is_empty(), "{:?}", p.steps);
+    assert!(p
+        .unknown
+        .iter()
+        .any(|u| u.contains("dpu/dpu-a: connection refused")));
+    // Even with an empty manifest set, an unknown DPU's objects are not torn down.
+    let p = plan(&Desired::default(), &o, &Options::default());
+    assert!(!p
+        .steps
+        .iter()
+        .any(|s| s.target == Target::Dpu("dpu-a".into())));
+}
+
+#[test]
+fn growing_and_refusing_to_shrink() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let mut bigger = d.clone();
+    bigger.volumes.get_mut("db-wal").unwrap().size_bytes = 1 << 30;
+    let p = plan(&bigger, &w.observed(), &Options::default());
+    assert_eq!(p.steps.len(), 1);
+    assert!(matches!(p.steps[0].action, Action::GrowImage { to_bytes, .. } if to_bytes == 1 << 30));
+    assert!(p
+        .drift
+        .iter()
+        .any(|x| x.object == "volume/db-wal" && x.field == "size"));
+    let mut smaller = d.clone();
+    smaller.volumes.get_mut("db-wal").unwrap().size_bytes = 256 << 20;
+    let p = plan(&smaller, &w.observed(), &Options::default());
+    assert!(p.steps.is_empty());
+    assert!(p
+        .blocked
+        .iter()
+        .any(|b| b.object == "volume/db-wal" && b.reason.contains("shrinking")));
+}
+
+#[test]
+fn removal_follows_the_policy_written_on_the_image() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    // The policies, as the executor writes them on the images.
+    for (v, policy) in [("logs-c", "Trash"), ("scratch-b", "Delete")] {
+        let c = w.clusters.get_mut("ceph-lab").unwrap();
+        let img = c
+            .images
+            .iter_mut()
+            .find(|i| i.metadata[META_VOLUME] == v)
+            .unwrap();
+        img.metadata.insert(META_POLICY.into(), policy.into());
+        img.metadata.insert(META_RETENTION.into(), "259200".into());
+    }
+    let mut fewer = d.clone();
+    for v in ["db-data", "logs-c", "scratch-b"] {
+        fewer.volumes.remove(v);
+    }
+    let p = plan(&fewer, &w.observed(), &Options::default());
+    check_order(&p);
+    let has = |f: &dyn Fn(&Action) -> bool| p.steps.iter().any(|s| f(&s.action));
+    assert!(has(
+        &|a| matches!(a, Action::TrashImage { image, retain_secs: 259200, .. } if image == "logs-c")
+    ));
+    assert!(has(
+        &|a| matches!(a, Action::DeleteImage { image, .. } if image == "scratch-host-b")
+    ));
+    assert!(
+        !has(
+            &|a| matches!(a, Action::TrashImage { image, .. } | Action::DeleteImage { image, .. } if image == "db-data")
+        ),
+        "Retain keeps the image"
+    );
+    assert!(has(&|a| matches!(a, Action::Detach { .. })));
+    // db-wal stays on host-a's PF0 controller, which therefore stays.
+    assert!(!p
+        .steps
+        .iter()
+        .any(|s| s.target == Target::Dpu("dpu-a".into())
+            && matches!(&s.action, Action::DestroyController { .. })));
+    for s in &p.steps {
+        if let Action::DeleteImage { .. } | Action::TrashImage { .. } = s.action {
+            assert_eq!(s.risk, Risk::DataDestroying);
+            assert!(
+                !s.depends_on.is_empty(),
+                "the image goes after its namespace"
+            );
+        }
+    }
+    w.converge(&fewer, 5);
+    let imgs = &w.clusters["ceph-lab"].images;
+    assert!(imgs
+        .iter()
+        .any(|i| i.image == "db-data" && i.state == ImageState::Live));
+    assert!(!imgs.iter().any(|i| i.image == "scratch-host-b"));
+}
+
+#[test]
+fn nsids_are_derived_stably_and_adopted() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let nsid_of = |w: &World, volume: &str| -> u32 {
+        let bdev = names::bdev(volume);
+        w.dpus
+            .values()
+            .filter_map(|r| r.inventory.as_ref())
+            .flat_map(|i| &i.subsystems)
+            .flat_map(|s| &s.namespaces)
+            .find(|n| n.bdev == bdev)
+            .unwrap()
+            .nsid
+    };
+    let logs = nsid_of(&w, "logs-c");
+    // A volume added later does not move an existing one.
+    let extra = "apiVersion: unistor.io/v1alpha1\nkind: Volume\nmetadata: {name: added}\nspec:\n  host: host-c\n  size: 1Gi\n  rbd: {cluster: ceph-lab, pool: rbd}\n".to_string();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/lab");
+    let mut files: Vec<(&str, String)> = ["ceph.yaml", "dpus.yaml", "volumes.yaml"]
+        .iter()
+        .map(|f| (*f, std::fs::read_to_string(dir.join(f)).unwrap()))
+        .collect();
+    files.push(("added.yaml", extra));
+    let more = desired(&files);
+    w.converge(&more, 5);
+    assert_eq!(nsid_of(&w, "logs-c"), logs);
+    assert_ne!(nsid_of(&w, "added"), logs);
+}
+
+#[test]
+fn foreign_snap_objects_and_images_are_never_touched() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let inv = w.inv("dpu-b");
+    inv.bdevs.push(BdevInfo {
+        name: "someone-elses".into(),
+        pool: Some("rbd".into()),
+        image: Some("x".into()),
+        cluster: None,
+        block_size: 512,
+        num_blocks: 1,
+    });
+    inv.subsystems.push(SubsystemInfo {
+        nqn: "nqn.2016-06.io.spdk:other".into(),
+        serial: "s".into(),
+        model: "m".into(),
+        namespaces: vec![NamespaceInfo {
+            nsid: 1,
+            bdev: "someone-elses".into(),
+            uuid: "u".into(),
+            controller: None,
+        }],
+    });
+    w.clusters
+        .get_mut("ceph-lab")
+        .unwrap()
+        .images
+        .push(ImageStatus {
+            pool: "rbd".into(),
+            image: "foreign".into(),
+            state: ImageState::Live,
+            size_bytes: 1,
+            features: vec![],
+            watchers: vec![],
+            metadata: [
+                (
+                    META_MANAGED_BY.to_string(),
+                    "another-deployment".to_string(),
+                ),
+                (META_VOLUME.to_string(), "gone".to_string()),
+                (META_POLICY.to_string(), "Delete".to_string()),
+            ]
+            .into(),
+        });
+    // Even the empty manifest set removes nothing foreign.
+    let p = plan(&Desired::default(), &w.observed(), &Options::default());
+    for s in &p.steps {
+        let text = format!("{:?}", s.action);
+        assert!(
+            !text.contains("someone-elses")
+                && !text.contains("io.spdk:other")
+                && !text.contains("foreign"),
+            "{text}"
+        );
+    }
+}
+
+fn arb_volumes() -> impl Strategy<Value = Vec<(u8, u32, Option<u8>, bool, u16)>> {
+    // (host index, size in MiB, vf, pinned nsid?, nsid)
+    proptest::collection::vec(
+        (
+            0u8..3,
+            1u32..4096,
+            proptest::option::of(0u8..4),
+            any::<bool>(),
+            1u16..200,
+        ),
+        0..12,
+    )
+}
+
+fn fleet(vols: &[(u8, u32, Option<u8>, bool, u16)]) -> Option<Desired> {
+    let mut text = String::from(
+        "apiVersion: unistor.io/v1alpha1\nkind: CephCluster\nmetadata: {name: c}\nspec:\n  agent: {name: ceph-1, address: 127.0.0.1:1}\n  pools: [rbd]\n  snapIdentity: {clientId: snap}\n",
+    );
+    for h in 0..3 {
+        text.push_str(&format!(
+            "---\napiVersion: unistor.io/v1alpha1\nkind: Dpu\nmetadata: {{name: dpu-{h}}}\nspec:\n  agent: {{name: dpu-{h}, address: 127.0.0.1:2}}\n  host: host-{h}\n  snap: {{version: '4.5', functions: {{pfs: 1, vfsPerPf: 4}}}}\n"
+        ));
+    }
+    let mut slots = std::collections::BTreeSet::new();
+    for (i, (h, size, vf, pin, nsid)) in vols.iter().enumerate() {
+        let vf = vf.map(|v| format!(", vf: {v}")).unwrap_or_default();
+        let nsid = if *pin {
+            if !slots.insert((*h, vf.clone(), *nsid)) {
+                return None;
+            }
+            format!(", nsid: {nsid}")
+        } else {
+            String::new()
+        };
+        text.push_str(&format!(
+            "---\napiVersion: unistor.io/v1alpha1\nkind: Volume\nmetadata: {{name: v{i}}}\nspec:\n  host: host-{h}\n  size: {size}Mi\n  rbd: {{cluster: c, pool: rbd}}\n  nvme: {{pf: 0{vf}{nsid}}}\n"
+        ));
+    }
+    Some(desired(&[("fleet.yaml", text)]))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn any_fleet_converges_deterministically(vols in arb_volumes(), keep in proptest::collection::vec(any::<bool>(), 12)) {
+        let Some(d) = fleet(&vols) else { return Ok(()) };
+        let mut w = World::empty(&d);
+        let o = w.observed();
+        prop_assert_eq!(plan(&d, &o, &Options::default()), plan(&d, &o, &Options::default()));
+        w.converge(&d, 5);
+        prop_assert!(plan(&d, &w.observed(), &Options::default()).is_empty());
+        // Every desired volume is exposed: namespace attached to a started controller.
+        for v in d.volumes.values() {
+            let inv = w.dpus[&v.dpu].inventory.as_ref().unwrap();
+            let bdev = names::bdev(v.name.as_str());
+            let ns = inv.subsystems.iter().flat_map(|s| &s.namespaces).find(|n| n.bdev == bdev);
+            let ns = ns.expect("namespace exists");
+            prop_assert_eq!(&ns.uuid, &v.uuid);
+            let c = inv.controllers.iter().find(|c| Some(&c.name) == ns.controller.as_ref()).expect("attached");
+            prop_assert_eq!(c.state.as_str(), "STARTED");
+        }
+        // Then a random subset goes away: it converges again, and images are retained.
+        let subset: Vec<_> = vols.iter().enumerate().filter(|(i, _)| keep[*i]).map(|(_, v)| *v).collect();
+        if let Some(d2) = fleet(&subset) {
+            let images_before = w.clusters["c"].images.len();
+            w.converge(&d2, 5);
+            prop_assert_eq!(w.clusters["c"].images.len(), images_before, "Retain is the default");
+        }
+    }
+}
