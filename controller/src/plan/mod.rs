@@ -8,6 +8,7 @@
 //! named by unistor's convention (see [`names`]).
 
 pub mod model;
+pub mod sim;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -196,6 +197,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         }
     }
     let nsids = assign_nsids(desired, observed);
+    let images = index_images(observed);
 
     // Removals first; what is created on a DPU waits for what is removed there (a moved volume's
     // bdev or function is freed before it is used again).
@@ -264,7 +266,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         let object = format!("volume/{vname}");
         let cluster = observed.clusters.get(&v.cluster).and_then(Known::get);
         let dpu = observed.dpus.get(&v.dpu).and_then(Known::get);
-        let (Some(cluster), Some(dpu_report)) = (cluster, dpu) else {
+        let (Some(_), Some(dpu_report)) = (cluster, dpu) else {
             b.block(
                 object,
                 format!(
@@ -280,7 +282,10 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         };
         // The image.
         let ceph = Target::Cluster(v.cluster.clone());
-        let img = find_image(cluster, v.pool.as_str(), v.image.as_str());
+        let img = images
+            .get(v.cluster.as_str())
+            .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
+            .copied();
         let image_step = match img.map(|i| (&i.state, i)) {
             None | Some((ImageState::Missing, _)) => Some(b.push(
                 ceph.clone(),
@@ -562,9 +567,25 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     b.plan
 }
 
-fn find_image<'a>(r: &'a CephReport, pool: &str, image: &str) -> Option<&'a ImageStatus> {
-    r.images.iter().find(|i| i.pool == pool && i.image == image)
+/// Images of every known cluster by (pool, image): one lookup per volume, not one scan.
+fn index_images(observed: &Observed) -> ImageIndex<'_> {
+    observed
+        .clusters
+        .iter()
+        .filter_map(|(name, k)| {
+            let r: &CephReport = k.get()?;
+            let m = r
+                .images
+                .iter()
+                .map(|i| ((i.pool.as_str(), i.image.as_str()), i))
+                .collect();
+            Some((name.as_str(), m))
+        })
+        .collect()
 }
+
+type ImageIndex<'a> =
+    BTreeMap<&'a str, std::collections::HashMap<(&'a str, &'a str), &'a ImageStatus>>;
 
 /// Removes what unistor owns and the manifests no longer want (or want elsewhere), in reverse
 /// order. Returns the removal steps per DPU.
@@ -589,6 +610,13 @@ fn teardown(
             )
         })
         .collect();
+    let mut nqns_on: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for v in desired.volumes.values() {
+        nqns_on
+            .entry(v.dpu.as_str())
+            .or_default()
+            .insert(names::nqn(&v.dpu, v.function));
+    }
     let wanted_bdevs: BTreeSet<(String, String)> = desired
         .volumes
         .values()
@@ -643,12 +671,8 @@ fn teardown(
             }
         }
         // Controllers and subsystems left with nothing wanted.
-        let wanted_nqns: BTreeSet<String> = desired
-            .volumes
-            .values()
-            .filter(|v| &v.dpu == dpu_name)
-            .map(|v| names::nqn(&v.dpu, v.function))
-            .collect();
+        let none = BTreeSet::new();
+        let wanted_nqns = nqns_on.get(dpu_name.as_str()).unwrap_or(&none);
         for c in inv.controllers.iter().filter(|c| names::owned(&c.name)) {
             if wanted_nqns.contains(&c.nqn) {
                 continue;

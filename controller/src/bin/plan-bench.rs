@@ -1,0 +1,144 @@
+//! Planning benchmark: time and peak memory of `plan()` for N DPUs with M volumes each, from
+//! empty and when already converged. Prints one line per case; `--dpus` and `--volumes` change
+//! the size (default 10,000 × 8). Run it with `cargo run --release --bin plan-bench`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use controller::manifest::{self, Cluster, DeletionPolicy, Desired, Dpu, Source, Volume};
+use controller::plan::{self, sim::World, Options};
+use protocol::dpu::{FirmwareSpec, FunctionRef, SnapSpec};
+use protocol::names::{CephClientId, ImageName, PeerName, PoolName, VolumeName};
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn fleet(dpus: usize, per: usize) -> Desired {
+    let source = Source {
+        file: PathBuf::from("bench.yaml"),
+        line: 1,
+    };
+    let mut d = Desired::default();
+    d.clusters.insert(
+        "ceph".into(),
+        Cluster {
+            name: "ceph".into(),
+            agent: PeerName::parse("n", "ceph-1").unwrap(),
+            address: "127.0.0.1:7400".into(),
+            monitors: vec![],
+            pools: vec![PoolName::parse("p", "rbd").unwrap()],
+            snap_client: CephClientId::parse("c", "snap").unwrap(),
+            source: source.clone(),
+        },
+    );
+    for i in 0..dpus {
+        let name = format!("dpu-{i:05}");
+        d.dpus.insert(
+            name.clone(),
+            Dpu {
+                name: name.clone(),
+                agent: PeerName::parse("n", &name).unwrap(),
+                address: "127.0.0.1:7401".into(),
+                host: format!("host-{i:05}"),
+                snap: SnapSpec {
+                    image: "nvcr.io/nvidia/doca/doca_snap".into(),
+                    tag: "4.5.0".into(),
+                    env: BTreeMap::new(),
+                    hugepages_mib: 4096,
+                    cpu: "8".into(),
+                    memory: "2Gi".into(),
+                    firmware: FirmwareSpec {
+                        nvme_pfs: 1,
+                        nvme_vfs: 8,
+                    },
+                },
+                source: source.clone(),
+            },
+        );
+        for j in 0..per {
+            let vname = format!("vol-{i:05}-{j}");
+            let image = ImageName::parse("i", &vname).unwrap();
+            d.volumes.insert(
+                vname.clone(),
+                Volume {
+                    name: VolumeName::parse("v", &vname).unwrap(),
+                    host: format!("host-{i:05}"),
+                    dpu: name.clone(),
+                    size_bytes: 100 << 30,
+                    cluster: "ceph".into(),
+                    pool: PoolName::parse("p", "rbd").unwrap(),
+                    uuid: manifest::derived_uuid("ceph", "rbd", image.as_str()),
+                    image,
+                    // Half pinned on the PF, half derived on VFs.
+                    function: if j % 2 == 0 {
+                        FunctionRef { pf: 0, vf: None }
+                    } else {
+                        FunctionRef {
+                            pf: 0,
+                            vf: Some(j as u32 % 8),
+                        }
+                    },
+                    nsid: (j % 2 == 0).then_some(j as u32 + 1),
+                    queues: 8,
+                    deletion_policy: DeletionPolicy::Retain,
+                    trash_retention: Duration::from_secs(86400),
+                    labels: BTreeMap::new(),
+                    source: source.clone(),
+                },
+            );
+        }
+    }
+    d
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let dpus = arg("--dpus", 10_000);
+    let per = arg("--volumes", 8);
+    let d = fleet(dpus, per);
+    let mut world = World::empty(&d);
+    let opts = Options::default();
+    let observed = world.observed();
+    let base = peak_rss_kib();
+    let t = Instant::now();
+    let p = plan::plan(&d, &observed, &opts);
+    let from_empty = t.elapsed();
+    let steps = p.steps.len();
+    println!(
+        "plan from empty: {dpus} DPUs x {per} volumes: {steps} steps in {:.1} ms; peak RSS {} MiB (inputs built: {} MiB)",
+        from_empty.as_secs_f64() * 1e3,
+        peak_rss_kib() / 1024,
+        base / 1024
+    );
+    for s in &p.steps {
+        world.apply(s, &opts.owner);
+    }
+    drop(p);
+    let observed = world.observed();
+    let t = Instant::now();
+    let p = plan::plan(&d, &observed, &opts);
+    let converged = t.elapsed();
+    assert!(p.is_empty(), "converged state plans nothing");
+    println!(
+        "plan when converged: {} steps in {:.1} ms; peak RSS {} MiB",
+        p.steps.len(),
+        converged.as_secs_f64() * 1e3,
+        peak_rss_kib() / 1024
+    );
+}

@@ -1,0 +1,388 @@
+//! An in-memory model of the agents: applies plan steps to reports as the agents would, and
+//! refuses what they would refuse. Used by the planner's tests and the planning benchmark, and
+//! usable as a dry run.
+
+use std::collections::BTreeMap;
+
+use protocol::dpu::{
+    BdevInfo, ControllerInfo, DpuReport, FunctionInfo, FunctionRef, HostFacts, NamespaceInfo,
+    SnapInventory, SnapState, SnapStatus, SubsystemInfo,
+};
+use protocol::{Capacity, CephHealth, CephReport, ImageState, ImageStatus};
+
+use super::*;
+
+/// The agents' world, as reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct World {
+    /// Clusters.
+    pub clusters: BTreeMap<String, CephReport>,
+    /// DPUs.
+    pub dpus: BTreeMap<String, DpuReport>,
+}
+
+fn empty_ceph() -> CephReport {
+    CephReport {
+        fsid: "f".into(),
+        health: CephHealth {
+            status: "HEALTH_OK".into(),
+            checks: Default::default(),
+        },
+        monitors: vec![],
+        capacity: Capacity {
+            total_bytes: 1,
+            used_bytes: 0,
+            avail_bytes: 1,
+        },
+        pools: vec![],
+        images: vec![],
+    }
+}
+
+fn bare_dpu() -> DpuReport {
+    DpuReport {
+        platform: "simulation".into(),
+        host: HostFacts::default(),
+        bluefield: None,
+        snap: SnapStatus {
+            state: SnapState::NotInstalled,
+            version: None,
+            image: None,
+            restarts: 0,
+        },
+        inventory: None,
+        missing: vec![],
+        ledger_generation: 0,
+        last_replay: None,
+    }
+}
+
+impl World {
+    /// Every cluster and DPU of `d`, reachable and empty.
+    pub fn empty(d: &Desired) -> Self {
+        Self {
+            clusters: d
+                .clusters
+                .keys()
+                .map(|k| (k.clone(), empty_ceph()))
+                .collect(),
+            dpus: d.dpus.keys().map(|k| (k.clone(), bare_dpu())).collect(),
+        }
+    }
+
+    /// The world as the planner sees it.
+    pub fn observed(&self) -> Observed {
+        Observed {
+            clusters: self
+                .clusters
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Known::Known {
+                            report: Box::new(v.clone()),
+                        },
+                    )
+                })
+                .collect(),
+            dpus: self
+                .dpus
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Known::Known {
+                            report: Box::new(v.clone()),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// A DPU's SNAP inventory.
+    pub fn inv(&mut self, dpu: &str) -> &mut SnapInventory {
+        self.dpus
+            .get_mut(dpu)
+            .unwrap()
+            .inventory
+            .as_mut()
+            .expect("SNAP installed before it is used")
+    }
+
+    /// Applies a step as the agents would; panics on a step that would fail.
+    /// Applies a step; panics on a step an agent would refuse.
+    pub fn apply(&mut self, step: &Step, owner: &str) {
+        match (&step.target, &step.action) {
+            (Target::Dpu(d), Action::InstallSnap { spec }) => {
+                let r = self.dpus.get_mut(d).unwrap();
+                r.snap.state = SnapState::Running;
+                r.snap.image = Some(format!("{}:{}", spec.image, spec.tag));
+                let mut functions = vec![];
+                for pf in 0..spec.firmware.nvme_pfs {
+                    for vf in std::iter::once(None).chain((0..spec.firmware.nvme_vfs).map(Some)) {
+                        functions.push(FunctionInfo {
+                            function: FunctionRef { pf, vf },
+                            pci_bdf: format!("{pf}:{vf:?}"),
+                            vhca_id: 0,
+                            vuid: String::new(),
+                            controller: None,
+                        });
+                    }
+                }
+                r.inventory = Some(SnapInventory {
+                    functions,
+                    ..Default::default()
+                });
+            }
+            (
+                Target::Cluster(c),
+                Action::CreateImage {
+                    pool,
+                    image,
+                    size_bytes,
+                    volume,
+                },
+            ) => {
+                let r = self.clusters.get_mut(c).unwrap();
+                assert!(
+                    !r.images
+                        .iter()
+                        .any(|i| &i.pool == pool && &i.image == image),
+                    "duplicate image"
+                );
+                r.images.push(ImageStatus {
+                    pool: pool.clone(),
+                    image: image.clone(),
+                    state: ImageState::Live,
+                    size_bytes: *size_bytes,
+                    features: vec![],
+                    watchers: vec![],
+                    metadata: [
+                        (META_MANAGED_BY.to_string(), owner.to_string()),
+                        (META_VOLUME.to_string(), volume.clone()),
+                    ]
+                    .into(),
+                });
+            }
+            (
+                Target::Cluster(c),
+                Action::GrowImage {
+                    pool,
+                    image,
+                    to_bytes,
+                    ..
+                },
+            ) => {
+                let i = self.image(c, pool, image);
+                assert!(*to_bytes > i.size_bytes, "never shrink");
+                i.size_bytes = *to_bytes;
+            }
+            (Target::Cluster(c), Action::RestoreImage { pool, image }) => {
+                self.image(c, pool, image).state = ImageState::Live;
+            }
+            (Target::Cluster(c), Action::TrashImage { pool, image, .. }) => {
+                self.image(c, pool, image).state = ImageState::Trashed {
+                    trash_id: "1".into(),
+                    trash_status: String::new(),
+                };
+            }
+            (Target::Cluster(c), Action::DeleteImage { pool, image, .. }) => {
+                let r = self.clusters.get_mut(c).unwrap();
+                r.images.retain(|i| !(&i.pool == pool && &i.image == image));
+            }
+            (Target::Dpu(d), a) => self.apply_snap(d, a),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn image(&mut self, c: &str, pool: &str, image: &str) -> &mut ImageStatus {
+        self.clusters
+            .get_mut(c)
+            .unwrap()
+            .images
+            .iter_mut()
+            .find(|i| i.pool == pool && i.image == image)
+            .expect("image exists")
+    }
+
+    fn apply_snap(&mut self, d: &str, a: &Action) {
+        let inv = self.inv(d);
+        match a {
+            Action::RegisterCluster { name, .. } => {
+                assert!(!inv.clusters.contains(name));
+                inv.clusters.push(name.clone());
+            }
+            Action::CreateBdev {
+                name,
+                cluster,
+                pool,
+                image,
+            } => {
+                assert!(inv.clusters.contains(cluster), "cluster registered first");
+                assert!(!inv.bdevs.iter().any(|b| &b.name == name));
+                inv.bdevs.push(BdevInfo {
+                    name: name.clone(),
+                    pool: Some(pool.clone()),
+                    image: Some(image.clone()),
+                    cluster: Some(cluster.clone()),
+                    block_size: 4096,
+                    num_blocks: 1,
+                });
+            }
+            Action::DeleteBdev { name } => {
+                assert!(!inv
+                    .subsystems
+                    .iter()
+                    .any(|s| s.namespaces.iter().any(|n| &n.bdev == name)));
+                inv.bdevs.retain(|b| &b.name != name);
+            }
+            Action::CreateSubsystem { nqn } => {
+                assert!(!inv.subsystems.iter().any(|s| &s.nqn == nqn));
+                inv.subsystems.push(SubsystemInfo {
+                    nqn: nqn.clone(),
+                    serial: String::new(),
+                    model: String::new(),
+                    namespaces: vec![],
+                });
+            }
+            Action::DestroySubsystem { nqn } => {
+                let s = inv.subsystems.iter().find(|s| &s.nqn == nqn).unwrap();
+                assert!(s.namespaces.is_empty());
+                assert!(!inv.controllers.iter().any(|c| &c.nqn == nqn));
+                inv.subsystems.retain(|s| &s.nqn != nqn);
+            }
+            Action::CreateNamespace {
+                nqn,
+                nsid,
+                bdev,
+                uuid,
+            } => {
+                assert!(inv.bdevs.iter().any(|b| &b.name == bdev), "bdev first");
+                assert!(
+                    !inv.subsystems
+                        .iter()
+                        .any(|s| s.namespaces.iter().any(|n| &n.bdev == bdev)),
+                    "a bdev backs one namespace"
+                );
+                let s = inv
+                    .subsystems
+                    .iter_mut()
+                    .find(|s| &s.nqn == nqn)
+                    .expect("subsystem first");
+                assert!(!s.namespaces.iter().any(|n| n.nsid == *nsid), "NSID unique");
+                s.namespaces.push(NamespaceInfo {
+                    nsid: *nsid,
+                    bdev: bdev.clone(),
+                    uuid: uuid.clone(),
+                    controller: None,
+                });
+            }
+            Action::DestroyNamespace { nqn, nsid } => {
+                let s = inv.subsystems.iter_mut().find(|s| &s.nqn == nqn).unwrap();
+                assert!(
+                    s.namespaces
+                        .iter()
+                        .any(|n| n.nsid == *nsid && n.controller.is_none()),
+                    "detached first"
+                );
+                s.namespaces.retain(|n| n.nsid != *nsid);
+            }
+            Action::CreateController {
+                name,
+                nqn,
+                function,
+                queues,
+            } => {
+                let f = inv
+                    .functions
+                    .iter_mut()
+                    .find(|f| f.function == *function)
+                    .expect("function exists");
+                assert!(f.controller.is_none(), "one controller per function");
+                f.controller = Some(name.clone());
+                inv.controllers.push(ControllerInfo {
+                    name: name.clone(),
+                    nqn: nqn.clone(),
+                    function: Some(*function),
+                    num_queues: *queues,
+                    mdts: 7,
+                    state: "SUSPENDED".into(),
+                    namespaces: vec![],
+                });
+            }
+            Action::DestroyController { name } => {
+                let c = inv.controllers.iter().find(|c| &c.name == name).unwrap();
+                assert!(c.namespaces.is_empty(), "namespaces detached first");
+                for f in &mut inv.functions {
+                    if f.controller.as_ref() == Some(name) {
+                        f.controller = None;
+                    }
+                }
+                inv.controllers.retain(|c| &c.name != name);
+            }
+            Action::Attach { controller, nsid } => {
+                let c = inv
+                    .controllers
+                    .iter_mut()
+                    .find(|c| &c.name == controller)
+                    .unwrap();
+                let nqn = c.nqn.clone();
+                assert!(!c.namespaces.contains(nsid));
+                c.namespaces.push(*nsid);
+                let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
+                let n = s
+                    .namespaces
+                    .iter_mut()
+                    .find(|n| n.nsid == *nsid)
+                    .expect("namespace first");
+                assert!(n.controller.is_none(), "one controller per namespace");
+                n.controller = Some(controller.clone());
+            }
+            Action::Detach { controller, nsid } => {
+                let c = inv
+                    .controllers
+                    .iter_mut()
+                    .find(|c| &c.name == controller)
+                    .unwrap();
+                c.namespaces.retain(|n| n != nsid);
+                let nqn = c.nqn.clone();
+                let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
+                s.namespaces
+                    .iter_mut()
+                    .find(|n| n.nsid == *nsid)
+                    .unwrap()
+                    .controller = None;
+            }
+            Action::Resume { controller } => {
+                let c = inv
+                    .controllers
+                    .iter_mut()
+                    .find(|c| &c.name == controller)
+                    .unwrap();
+                c.state = "STARTED".into();
+            }
+            other => panic!("not a SNAP action: {other:?}"),
+        }
+    }
+
+    /// Plans and applies until nothing is left to do (at most `rounds` times).
+    /// Plans and applies until the plan is empty; returns the passes it took.
+    pub fn converge(&mut self, d: &Desired, rounds: usize) -> usize {
+        let opts = Options::default();
+        for round in 0..rounds {
+            let p = plan(d, &self.observed(), &opts);
+            assert!(p
+                .steps
+                .iter()
+                .all(|s| s.depends_on.iter().all(|d| *d < s.id)));
+            if p.is_empty() {
+                return round;
+            }
+            for s in &p.steps {
+                self.apply(s, &opts.owner);
+            }
+        }
+        panic!("did not converge in {rounds} rounds");
+    }
+}
