@@ -29,6 +29,38 @@ use crate::runner::{CliError, Invocation, Runner, Tool};
 pub const META_MANAGED_BY: &str = "unistor.managed-by";
 /// Image metadata key naming the volume the image backs.
 pub const META_VOLUME: &str = "unistor.volume";
+/// Image metadata key holding the deletion policy.
+pub const META_POLICY: &str = "unistor.deletion-policy";
+/// Image metadata key holding the trash retention in seconds.
+pub const META_RETENTION: &str = "unistor.trash-retention-secs";
+
+/// A checked deletion policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    deletion: &'static str,
+    retention: String,
+}
+
+impl Policy {
+    /// Checks the wire form.
+    pub fn parse(p: &protocol::ImagePolicy) -> Result<Self, CephError> {
+        let deletion = match p.deletion.as_str() {
+            "Retain" => "Retain",
+            "Trash" => "Trash",
+            "Delete" => "Delete",
+            _ => {
+                return Err(CephError::Invalid {
+                    field: "policy.deletion",
+                    message: format!("{:?} is not Retain, Trash or Delete", p.deletion),
+                })
+            }
+        };
+        Ok(Self {
+            deletion,
+            retention: p.trash_retention_secs.to_string(),
+        })
+    }
+}
 /// The RADOS object (in each pool) whose omap keys index the images unistor manages.
 pub const INDEX_OBJECT: &str = "unistor.index";
 /// Features of a new image when none are asked for: what SNAP's librbd needs and no more.
@@ -576,6 +608,7 @@ impl<R: Runner> Ceph<R> {
         size: u64,
         features: &[String],
         owner: &Owner,
+        policy: Option<&Policy>,
     ) -> Result<ImageStatus, CephError> {
         check_size("size_bytes", size)?;
         let features = check_features(features)?;
@@ -602,6 +635,11 @@ impl<R: Runner> Ceph<R> {
                         diff: diff.join("; "),
                     });
                 }
+                if self.write_policy(spec, &img.metadata, policy).await? {
+                    if let Some(img) = self.live(spec).await? {
+                        return Ok(Self::status_of(spec, img));
+                    }
+                }
                 return Ok(Self::status_of(spec, img));
             }
             // Intent first: the index entry makes an interrupted create recognisable.
@@ -622,6 +660,7 @@ impl<R: Runner> Ceph<R> {
                 .await?;
             self.set_metadata(spec, META_VOLUME, owner.volume.as_str())
                 .await?;
+            self.write_policy(spec, &BTreeMap::new(), policy).await?;
             return match self.live(spec).await? {
                 Some(img) => Ok(Self::status_of(spec, img)),
                 None => Err(CephError::NotFound {
@@ -634,6 +673,27 @@ impl<R: Runner> Ceph<R> {
             spec: spec.to_string(),
             diff: "another client keeps creating and removing it".into(),
         })
+    }
+
+    /// Writes the policy metadata where it differs; true when something was written.
+    async fn write_policy(
+        &self,
+        spec: &ImageSpec,
+        have: &BTreeMap<String, String>,
+        policy: Option<&Policy>,
+    ) -> Result<bool, CephError> {
+        let Some(p) = policy else { return Ok(false) };
+        let mut wrote = false;
+        for (k, v) in [
+            (META_POLICY, p.deletion),
+            (META_RETENTION, p.retention.as_str()),
+        ] {
+            if have.get(k).map(String::as_str) != Some(v) {
+                self.set_metadata(spec, k, v).await?;
+                wrote = true;
+            }
+        }
+        Ok(wrote)
     }
 
     /// Completes a create that was interrupted between `rbd create` and the metadata.

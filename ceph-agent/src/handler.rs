@@ -67,9 +67,14 @@ impl<R: Runner> CephHandler<R> {
             Command::CreateImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
+                let policy = c
+                    .policy
+                    .as_ref()
+                    .map(crate::ceph::Policy::parse)
+                    .transpose()?;
                 Reply::Image(
                     self.ceph
-                        .create_image(&spec, c.size_bytes, &c.features, &owner)
+                        .create_image(&spec, c.size_bytes, &c.features, &owner, policy.as_ref())
                         .await?,
                 )
             }
@@ -214,6 +219,7 @@ mod tests {
                     size_bytes: 1 << 30,
                     features: vec![],
                     owner: owner("v"),
+                    policy: None,
                 }),
             ),
             (
@@ -224,6 +230,7 @@ mod tests {
                     size_bytes: 1 << 30,
                     features: vec![],
                     owner: owner("v"),
+                    policy: None,
                 }),
             ),
             (
@@ -234,6 +241,7 @@ mod tests {
                     size_bytes: 1 << 30,
                     features: vec![],
                     owner: owner(bad),
+                    policy: None,
                 }),
             ),
             (
@@ -244,6 +252,7 @@ mod tests {
                     size_bytes: 1 << 30,
                     features: vec![bad.into()],
                     owner: owner("v"),
+                    policy: None,
                 }),
             ),
             (
@@ -342,6 +351,7 @@ mod tests {
                     size_bytes: size,
                     features: vec![],
                     owner: owner("v"),
+                    policy: None,
                 }))
                 .await
                 .unwrap_err();
@@ -364,6 +374,7 @@ mod tests {
                 size_bytes: 1 << 30,
                 features: vec!["fast-diff".into()],
                 owner: owner("v"),
+                policy: None,
             }))
             .await
             .unwrap_err();

@@ -133,7 +133,7 @@ async fn create_is_idempotent_and_writes_ownership() {
     let s = spec(&c.pool, &name);
     let o = owner(&name);
 
-    let st = ceph.create_image(&s, GIB, &[], &o).await.unwrap();
+    let st = ceph.create_image(&s, GIB, &[], &o, None).await.unwrap();
     assert_eq!(st.state, ImageState::Live);
     assert_eq!(st.size_bytes, GIB);
 
@@ -152,10 +152,13 @@ async fn create_is_idempotent_and_writes_ownership() {
     assert!(index_keys(&c, &c.pool).contains(&name));
 
     // The same create again succeeds and changes nothing.
-    let again = ceph.create_image(&s, GIB, &[], &o).await.unwrap();
+    let again = ceph.create_image(&s, GIB, &[], &o, None).await.unwrap();
     assert_eq!(again.size_bytes, GIB);
     // A different spec under the same name is a conflict, and the image is untouched.
-    let e = ceph.create_image(&s, 2 * GIB, &[], &o).await.unwrap_err();
+    let e = ceph
+        .create_image(&s, 2 * GIB, &[], &o, None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, CephError::Conflict { .. }), "{e}");
     assert!(e.to_string().contains("size"), "{e}");
     assert_eq!(
@@ -165,12 +168,51 @@ async fn create_is_idempotent_and_writes_ownership() {
 }
 
 #[tokio::test]
+async fn the_deletion_policy_is_written_and_updated_on_the_image() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let name = unique("policy");
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+    let trash = ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
+        deletion: "Trash".into(),
+        trash_retention_secs: 3600,
+    })
+    .unwrap();
+    let st = ceph
+        .create_image(&s, 64 * MIB, &[], &o, Some(&trash))
+        .await
+        .unwrap();
+    assert_eq!(st.metadata["unistor.deletion-policy"], "Trash");
+    let meta = rbd_meta(&c, &c.pool, &name);
+    assert_eq!(meta["unistor.trash-retention-secs"], "3600");
+    let delete = ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
+        deletion: "Delete".into(),
+        trash_retention_secs: 0,
+    })
+    .unwrap();
+    ceph.create_image(&s, 64 * MIB, &[], &o, Some(&delete))
+        .await
+        .unwrap();
+    assert_eq!(
+        rbd_meta(&c, &c.pool, &name)["unistor.deletion-policy"],
+        "Delete"
+    );
+    assert!(ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
+        deletion: "Shred".into(),
+        trash_retention_secs: 0
+    })
+    .is_err());
+}
+
+#[tokio::test]
 async fn grow_but_never_shrink() {
     let c = cluster();
     let ceph = ceph_ops(&c);
     let name = unique("grow");
     let (s, o) = (spec(&c.pool, &name), owner(&name));
-    ceph.create_image(&s, 256 * MIB, &[], &o).await.unwrap();
+    ceph.create_image(&s, 256 * MIB, &[], &o, None)
+        .await
+        .unwrap();
 
     let st = ceph.grow_image(&s, GIB, &o).await.unwrap();
     assert_eq!(st.size_bytes, GIB);
@@ -197,7 +239,9 @@ async fn trash_restore_and_delete() {
     let ceph = ceph_ops(&c);
     let name = unique("trash");
     let (s, o) = (spec(&c.pool, &name), owner(&name));
-    ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap();
+    ceph.create_image(&s, 64 * MIB, &[], &o, None)
+        .await
+        .unwrap();
 
     let st = ceph.trash_image(&s, 3600, &o).await.unwrap();
     match &st.state {
@@ -244,7 +288,9 @@ async fn images_with_watchers_are_neither_deleted_nor_trashed() {
     let ceph = ceph_ops(&c);
     let name = unique("watched");
     let (s, o) = (spec(&c.pool, &name), owner(&name));
-    ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap();
+    ceph.create_image(&s, 64 * MIB, &[], &o, None)
+        .await
+        .unwrap();
     {
         let _watcher = Watcher::start(&c, &c.pool, &name);
         let e = ceph.delete_image(&s, &o).await.unwrap_err();
@@ -276,7 +322,9 @@ async fn images_unistor_does_not_own_are_never_touched() {
     let (s, o) = (spec(&c.pool, &name), owner(&name));
 
     for e in [
-        ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap_err(),
+        ceph.create_image(&s, 64 * MIB, &[], &o, None)
+            .await
+            .unwrap_err(),
         ceph.grow_image(&s, GIB, &o).await.unwrap_err(),
         ceph.trash_image(&s, 60, &o).await.unwrap_err(),
         ceph.delete_image(&s, &o).await.unwrap_err(),
@@ -296,7 +344,7 @@ async fn images_unistor_does_not_own_are_never_touched() {
     // An image owned by another volume is not this volume's either.
     let other = unique("other");
     let so = spec(&c.pool, &other);
-    ceph.create_image(&so, 64 * MIB, &[], &owner(&other))
+    ceph.create_image(&so, 64 * MIB, &[], &owner(&other), None)
         .await
         .unwrap();
     let e = ceph
@@ -339,7 +387,9 @@ async fn an_interrupted_create_is_adopted() {
         ],
     );
     let (s, o) = (spec(&c.pool, &name), owner(&name));
-    ceph.create_image(&s, 64 * MIB, &[], &o).await.unwrap();
+    ceph.create_image(&s, 64 * MIB, &[], &o, None)
+        .await
+        .unwrap();
     assert_eq!(rbd_meta(&c, &c.pool, &name)["unistor.volume"], name);
 }
 
@@ -349,10 +399,12 @@ async fn report_describes_the_cluster() {
     let ceph = ceph_ops(&c);
     let name = unique("report");
     let (s, o) = (spec(&c.pool, &name), owner(&name));
-    ceph.create_image(&s, 128 * MIB, &[], &o).await.unwrap();
+    ceph.create_image(&s, 128 * MIB, &[], &o, None)
+        .await
+        .unwrap();
     let trashed = unique("report-trashed");
     let st = spec(&c.pool, &trashed);
-    ceph.create_image(&st, 64 * MIB, &[], &owner(&trashed))
+    ceph.create_image(&st, 64 * MIB, &[], &owner(&trashed), None)
         .await
         .unwrap();
     ceph.trash_image(&st, 600, &owner(&trashed)).await.unwrap();

@@ -337,6 +337,21 @@ pub struct CreateImage {
     pub features: Vec<String>,
     /// Ownership metadata to write.
     pub owner: Ownership,
+    /// What removing the volume does to the image, written as image metadata so that it
+    /// survives the manifest. Also updated when the image already exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ImagePolicy>,
+}
+
+/// The deletion policy written on an image (`unistor.deletion-policy`,
+/// `unistor.trash-retention-secs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePolicy {
+    /// `Retain`, `Trash` or `Delete`.
+    pub deletion: String,
+    /// How long a trashed image is protected.
+    pub trash_retention_secs: u64,
 }
 
 /// Parameters of [`Command::GrowImage`].

@@ -143,6 +143,7 @@ fn create() -> Command {
             managed_by: "unistor".into(),
             volume: "vol1".into(),
         },
+        policy: None,
     })
 }
 

@@ -158,6 +158,7 @@ async fn ceph_agent_serves_an_authenticated_fenced_controller() {
             size_bytes: 256 << 20,
             features: vec![],
             owner: owner.clone(),
+            policy: None,
         }))
         .await
         .unwrap();
