@@ -286,19 +286,20 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             .get(v.cluster.as_str())
             .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
             .copied();
+        let policy = format!("{:?}", v.deletion_policy);
+        let retain_secs = v.trash_retention.as_secs();
+        let create = Action::CreateImage {
+            pool: v.pool.to_string(),
+            image: v.image.to_string(),
+            size_bytes: v.size_bytes,
+            volume: vname.into(),
+            policy: policy.clone(),
+            retain_secs,
+        };
         let image_step = match img.map(|i| (&i.state, i)) {
-            None | Some((ImageState::Missing, _)) => Some(b.push(
-                ceph.clone(),
-                Action::CreateImage {
-                    pool: v.pool.to_string(),
-                    image: v.image.to_string(),
-                    size_bytes: v.size_bytes,
-                    volume: vname.into(),
-                },
-                Risk::Safe,
-                &[],
-                Some(vname),
-            )),
+            None | Some((ImageState::Missing, _)) => {
+                Some(b.push(ceph.clone(), create, Risk::Safe, &[], Some(vname)))
+            }
             Some((ImageState::Trashed { .. }, _)) => {
                 b.drift(object.clone(), "rbd.state", "live".into(), "trashed".into());
                 Some(b.push(
@@ -327,6 +328,24 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                         ),
                     );
                     continue;
+                }
+                let have_policy = i
+                    .metadata
+                    .get(META_POLICY)
+                    .map(String::as_str)
+                    .unwrap_or("Retain");
+                let have_retention = i.metadata.get(META_RETENTION).and_then(|r| r.parse().ok());
+                if have_policy != policy || have_retention != Some(retain_secs) {
+                    b.drift(
+                        object.clone(),
+                        "deletionPolicy",
+                        format!("{policy}/{retain_secs}s"),
+                        format!("{have_policy}/{}s", have_retention.unwrap_or(0)),
+                    );
+                    // The create command is idempotent and rewrites the policy.
+                    if i.size_bytes == v.size_bytes {
+                        b.push(ceph.clone(), create, Risk::Safe, &[], Some(vname));
+                    }
                 }
                 if i.size_bytes < v.size_bytes {
                     b.drift(

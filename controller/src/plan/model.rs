@@ -102,6 +102,10 @@ pub enum Action {
         size_bytes: u64,
         /// Volume.
         volume: String,
+        /// Deletion policy to write on it.
+        policy: String,
+        /// Trash retention to write on it.
+        retain_secs: u64,
     },
     /// Grow an image.
     GrowImage {

@@ -142,15 +142,25 @@ impl World {
                     image,
                     size_bytes,
                     volume,
+                    policy,
+                    retain_secs,
                 },
             ) => {
                 let r = self.clusters.get_mut(c).unwrap();
-                assert!(
-                    !r.images
-                        .iter()
-                        .any(|i| &i.pool == pool && &i.image == image),
-                    "duplicate image"
-                );
+                if let Some(i) = r
+                    .images
+                    .iter_mut()
+                    .find(|i| &i.pool == pool && &i.image == image)
+                {
+                    assert_eq!(
+                        i.size_bytes, *size_bytes,
+                        "an existing image only gets its policy"
+                    );
+                    i.metadata.insert(META_POLICY.into(), policy.clone());
+                    i.metadata
+                        .insert(META_RETENTION.into(), retain_secs.to_string());
+                    return;
+                }
                 r.images.push(ImageStatus {
                     pool: pool.clone(),
                     image: image.clone(),
@@ -161,6 +171,8 @@ impl World {
                     metadata: [
                         (META_MANAGED_BY.to_string(), owner.to_string()),
                         (META_VOLUME.to_string(), volume.clone()),
+                        (META_POLICY.to_string(), policy.clone()),
+                        (META_RETENTION.to_string(), retain_secs.to_string()),
                     ]
                     .into(),
                 });
