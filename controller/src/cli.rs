@@ -33,6 +33,10 @@ pub enum Command {
     },
     /// Print the JSON Schema of a manifest document, for editors.
     Schema,
+    /// Show what apply would do. Exit 0: no changes; 2: changes pending; 1: error.
+    Plan(crate::ops::PlanArgs),
+    /// Converge the fleet to the manifests.
+    Apply(crate::ops::ApplyArgs),
 }
 
 /// `unistor pki ...`

@@ -3,9 +3,13 @@
 //! come next (see ARCHITECTURE.md).
 
 pub mod cli;
+pub mod execute;
+pub mod fleet;
 pub mod inspect;
 pub mod manifest;
+pub mod ops;
 pub mod plan;
+pub mod render;
 
 use std::process::ExitCode;
 
@@ -26,6 +30,9 @@ pub enum Error {
     /// Writing output failed.
     #[error("cannot write output")]
     Output(#[from] std::io::Error),
+    /// `plan` or `apply` failed.
+    #[error(transparent)]
+    Ops(#[from] ops::OpsError),
 }
 
 /// Runs one command line.
@@ -34,6 +41,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
         cli::Command::Pki(p) => cli::pki(p).map(|()| ExitCode::SUCCESS),
         cli::Command::Inspect(i) => inspect::run(i).await.map(|()| ExitCode::SUCCESS),
         cli::Command::Validate { dir } => Ok(validate(&dir)),
+        cli::Command::Plan(a) => Ok(ops::plan_cmd(a).await?),
+        cli::Command::Apply(a) => Ok(ops::apply_cmd(a).await?),
         cli::Command::Schema => {
             let s = serde_json::to_string_pretty(&manifest::schema()).expect("serializable");
             println!("{s}");

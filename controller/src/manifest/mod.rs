@@ -167,7 +167,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let bytes = n
         .checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))?;
-    if bytes == 0 || bytes % (1 << 20) != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(1 << 20) {
         return Err(format!("{s:?} is not a positive whole number of MiB"));
     }
     Ok(bytes)

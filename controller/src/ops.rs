@@ -1,0 +1,427 @@
+//! `unistor plan` and `unistor apply`: observe, plan, check the safety rails, execute, re-plan.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use protocol::client::ClientOptions;
+use protocol::names::PeerName;
+use protocol::tls::{self, PkiPaths};
+use serde::{Deserialize, Serialize};
+
+use crate::execute::{self, ExecOptions, Outcome};
+use crate::fleet::{Fleet, FleetOptions};
+use crate::manifest::{self, Desired};
+use crate::plan::{self, Action, Observed, Options, Plan, Risk};
+use crate::render;
+
+/// What every fleet command needs.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The manifest directory.
+    pub dir: PathBuf,
+    /// PKI directory with ca.crt and the controller's certificate.
+    #[arg(long, default_value = "pki")]
+    pub pki_dir: PathBuf,
+    /// The controller's certificate name in the PKI directory.
+    #[arg(long, default_value = "controller")]
+    pub controller: String,
+    /// Value of `unistor.managed-by`: which images this deployment owns.
+    #[arg(long, default_value = "unistor")]
+    pub owner: String,
+    /// Deadline of each agent's report.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub report_timeout: Duration,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    /// For people.
+    Text,
+    /// The plan as JSON.
+    Json,
+}
+
+/// `unistor plan`
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Manifests and agents.
+    #[command(flatten)]
+    pub common: Common,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+    /// Save the plan (with a fingerprint of what was observed) for `unistor apply --plan FILE`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `unistor apply`
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Manifests and agents.
+    #[command(flatten)]
+    pub common: Common,
+    /// Apply exactly this saved plan; refused if what is observed changed since it was made.
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Do not ask for confirmation (for CI).
+    #[arg(long)]
+    pub auto_approve: bool,
+    /// Allow deleting images of removed volumes whose policy is Delete.
+    #[arg(long)]
+    pub allow_delete: bool,
+    /// Allow a manifest set without volumes to remove every volume.
+    #[arg(long)]
+    pub allow_empty: bool,
+    /// Allow removing volumes whose images are in use (have watchers).
+    #[arg(long)]
+    pub allow_in_use: bool,
+    /// Most volumes one apply may remove.
+    #[arg(long, default_value_t = 5)]
+    pub max_removals: usize,
+    /// Passes of observe-plan-execute before giving up.
+    #[arg(long, default_value_t = 5)]
+    pub passes: usize,
+}
+
+/// A saved plan.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedPlan {
+    version: u32,
+    fingerprint: String,
+    plan: Plan,
+}
+
+/// Errors of fleet commands (shown as one line, exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Manifests are invalid.
+    #[error("{count} problem(s) in the manifests:\n{list}")]
+    Manifests {
+        /// How many.
+        count: usize,
+        /// One per line.
+        list: String,
+    },
+    /// TLS material.
+    #[error("cannot load the controller's certificate")]
+    Tls(#[from] protocol::tls::TlsError),
+    /// A name.
+    #[error("invalid argument")]
+    Name(#[from] protocol::names::NameError),
+    /// The safety rails refused the plan.
+    #[error("refused:\n{0}")]
+    Refused(String),
+    /// The saved plan is stale.
+    #[error("the saved plan {path} is stale: {why}; run `unistor plan` again")]
+    Stale {
+        /// The file.
+        path: PathBuf,
+        /// What changed.
+        why: String,
+    },
+    /// A file.
+    #[error("{path}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not confirmed.
+    #[error("apply cancelled")]
+    Cancelled,
+}
+
+fn load(dir: &std::path::Path) -> Result<Desired, OpsError> {
+    manifest::load_dir(dir).map_err(|errors| OpsError::Manifests {
+        count: errors.len(),
+        list: errors
+            .iter()
+            .map(|e| format!("  {e}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    })
+}
+
+async fn connect(c: &Common, desired: &Desired) -> Result<Arc<Fleet>, OpsError> {
+    let me = PeerName::parse("--controller", &c.controller)?;
+    let tls = tls::client_config(&PkiPaths::in_dir(&c.pki_dir, me.as_str()))?;
+    let opts = FleetOptions {
+        tls,
+        client: ClientOptions {
+            controller_name: me.to_string(),
+            ..ClientOptions::default()
+        },
+        report_timeout: c.report_timeout,
+    };
+    Ok(Arc::new(Fleet::connect(desired, &opts).await))
+}
+
+/// A fingerprint of what the plan was made from: the desired state's plan inputs and the
+/// observed objects (not the fast-moving host counters).
+pub fn fingerprint(desired: &Desired, observed: &Observed) -> String {
+    let mut stable = serde_json::Map::new();
+    for (n, k) in &observed.clusters {
+        let v = match k.get() {
+            Some(r) => {
+                serde_json::json!({"images": r.images, "pools": r.pools.iter().map(|p| (&p.name, p.rbd_enabled)).collect::<Vec<_>>()})
+            }
+            None => serde_json::json!("unknown"),
+        };
+        stable.insert(format!("cluster/{n}"), v);
+    }
+    for (n, k) in &observed.dpus {
+        let v = match k.get() {
+            Some(r) => {
+                serde_json::json!({"snap": [&r.snap.state, &r.snap.image], "inventory": r.inventory})
+            }
+            None => serde_json::json!("unknown"),
+        };
+        stable.insert(format!("dpu/{n}"), v);
+    }
+    stable.insert("desired".into(), serde_json::json!(format!("{desired:?}")));
+    let text = serde_json::Value::Object(stable).to_string();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// `unistor plan`: exit 0 when nothing is to do, 2 when changes are pending, 1 on error.
+pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
+    let desired = load(&a.common.dir)?;
+    let fleet = connect(&a.common, &desired).await?;
+    let observed = fleet.observe(a.common.report_timeout).await;
+    let p = plan::plan(
+        &desired,
+        &observed,
+        &Options {
+            owner: a.common.owner.clone(),
+        },
+    );
+    if let Some(path) = &a.out {
+        let saved = SavedPlan {
+            version: 1,
+            fingerprint: fingerprint(&desired, &observed),
+            plan: p.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&saved).expect("serializable");
+        agent_kit_write(path, &bytes)?;
+    }
+    match a.output {
+        Format::Text => print!("{}", render::human(&p)),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&p).expect("serializable")
+        ),
+    }
+    if let Ok(f) = Arc::try_unwrap(fleet) {
+        f.close().await;
+    }
+    Ok(if p.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn agent_kit_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), OpsError> {
+    std::fs::write(path, bytes).map_err(|source| OpsError::File {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The safety rails: refuse plans that remove everything, more than the budget, volumes in use,
+/// or delete images without the flag.
+pub fn check_rails(
+    p: &Plan,
+    desired: &Desired,
+    observed: &Observed,
+    a: &ApplyArgs,
+) -> Result<(), OpsError> {
+    let mut problems = vec![];
+    let removed: std::collections::BTreeSet<&str> = p
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.action,
+                Action::DestroyNamespace { .. }
+                    | Action::TrashImage { .. }
+                    | Action::DeleteImage { .. }
+            )
+        })
+        .filter_map(|s| s.volume.as_deref())
+        .collect();
+    if desired.volumes.is_empty() && !removed.is_empty() && !a.allow_empty {
+        problems.push(format!(
+            "the manifests name no volume, and the plan would remove all {} observed ones; if that is really wanted, pass --allow-empty",
+            removed.len()
+        ));
+    }
+    if removed.len() > a.max_removals {
+        problems.push(format!(
+            "the plan removes {} volumes ({}), more than the budget of {}; raise --max-removals to allow it",
+            removed.len(),
+            removed.iter().copied().collect::<Vec<_>>().join(", "),
+            a.max_removals
+        ));
+    }
+    if !a.allow_delete {
+        for s in &p.steps {
+            if let Action::DeleteImage {
+                pool,
+                image,
+                volume,
+            } = &s.action
+            {
+                problems.push(format!(
+                    "volume {volume} has policy Delete: deleting image {pool}/{image} needs --allow-delete"
+                ));
+            }
+        }
+    }
+    if !a.allow_in_use {
+        for r in observed.clusters.values().filter_map(|k| k.get()) {
+            for i in &r.images {
+                let Some(v) = i.metadata.get(plan::META_VOLUME) else {
+                    continue;
+                };
+                if removed.contains(v.as_str()) && i.in_use() {
+                    problems.push(format!(
+                        "volume {v} is in use (image {}/{} has watchers {}); pass --allow-in-use to detach it anyway",
+                        i.pool,
+                        i.image,
+                        i.watchers.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(OpsError::Refused(
+            problems
+                .iter()
+                .map(|p| format!("  {p}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ))
+    }
+}
+
+fn confirm(p: &Plan) -> Result<(), OpsError> {
+    let risky = p.steps.iter().filter(|s| s.risk != Risk::Safe).count();
+    print!(
+        "Apply {} step(s) ({risky} not safe)? Type 'yes' to go on: ",
+        p.steps.len()
+    );
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    if line.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(OpsError::Cancelled)
+    }
+}
+
+/// `unistor apply`: exit 0 when converged, 1 otherwise (error, refusal, or steps that failed).
+pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
+    let desired = load(&a.common.dir)?;
+    let fleet = connect(&a.common, &desired).await?;
+    let opts = Options {
+        owner: a.common.owner.clone(),
+    };
+    let exec = ExecOptions {
+        owner: a.common.owner.clone(),
+        allow_delete: a.allow_delete,
+        ..ExecOptions::default()
+    };
+    let mut observed = fleet.observe(a.common.report_timeout).await;
+    let mut p = plan::plan(&desired, &observed, &opts);
+    if let Some(path) = &a.plan {
+        let bytes = std::fs::read(path).map_err(|source| OpsError::File {
+            path: path.clone(),
+            source,
+        })?;
+        let saved: SavedPlan = serde_json::from_slice(&bytes).map_err(|e| OpsError::Stale {
+            path: path.clone(),
+            why: format!("not a saved plan ({e})"),
+        })?;
+        let now = fingerprint(&desired, &observed);
+        if saved.fingerprint != now || saved.plan != p {
+            return Err(OpsError::Stale {
+                path: path.clone(),
+                why: "the manifests or the observed state changed since it was made".into(),
+            });
+        }
+    }
+    print!("{}", render::human(&p));
+    if p.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    check_rails(&p, &desired, &observed, &a)?;
+    if !a.auto_approve && a.plan.is_none() {
+        confirm(&p)?;
+    }
+    let progress = |s: &plan::Step, o: &Outcome| {
+        let mark = match o {
+            Outcome::Done => "done".to_string(),
+            Outcome::Failed { error, transient } => {
+                format!(
+                    "FAILED{}: {error}",
+                    if *transient { " (will retry)" } else { "" }
+                )
+            }
+            Outcome::Skipped { reason } => format!("skipped: {reason}"),
+        };
+        println!("  [{}] {} ... {mark}", s.id, render::step_line(s));
+    };
+    for pass in 1..=a.passes {
+        println!("Pass {pass}: {} step(s)", p.steps.len());
+        let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
+        observed = fleet.observe(a.common.report_timeout).await;
+        let next = plan::plan(&desired, &observed, &opts);
+        if next.is_empty() {
+            println!(
+                "Converged: {} step(s) done{}.",
+                report.done(),
+                if next.blocked.is_empty() {
+                    ""
+                } else {
+                    " (some objects held back)"
+                }
+            );
+            if !next.blocked.is_empty() || !next.unknown.is_empty() {
+                print!("{}", render::human(&next));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if report.done() == 0 {
+            println!(
+                "No progress in pass {pass}; {} step(s) remain:",
+                next.steps.len()
+            );
+            print!("{}", render::human(&next));
+            return Ok(ExitCode::FAILURE);
+        }
+        // Later passes only finish what this apply set out to do; new removals need a new plan.
+        check_rails(&next, &desired, &observed, &a)?;
+        p = next;
+    }
+    println!("Not converged after {} passes:", a.passes);
+    print!("{}", render::human(&p));
+    Ok(ExitCode::FAILURE)
+}
