@@ -1,20 +1,36 @@
 #!/usr/bin/env bash
-# The lab: a one-node Ceph cluster, certificates, and a ceph-agent, all under ./lab, and the
-# agent's report shown through `unistor inspect`.
+# The lab: the whole system on one machine, under ./lab.
 #
-#   scripts/lab.sh up      build, start everything, print the report
+#   scripts/lab.sh up      one-node Ceph, certificates, a ceph-agent, three simulated DPUs
+#                          (dpu-agent + SNAP emulator in real-Ceph mode), then `unistor apply
+#                          examples/lab` and the fleet's state
 #   scripts/lab.sh down    stop everything, remove ./lab
 #
-# The DPU side (dpu-agents with emulated SNAP) and the controller's plan/apply join the lab as
-# they are built; see ARCHITECTURE.md.
+# Ports: ceph-agent 127.0.0.1:7400, dpu-a/b/c 127.0.0.1:7411-7413 (as examples/lab names them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lab=$PWD/lab
-agent_addr=127.0.0.1:7400
+bin=$PWD/target/release
+
+start() { # name pidfile logfile command...
+  local name=$1 pidfile=$2 log=$3; shift 3
+  if [ -e "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then return 0; fi
+  "$@" >"$log" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+wait_port() {
+  for _ in $(seq 1 150); do
+    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  echo "nothing listens on $1; see the logs in $lab" >&2
+  exit 1
+}
 
 up() {
   cargo build --release --workspace --bins
-  local bin=$PWD/target/release
+  mkdir -p "$lab"
   if [ ! -e "$lab/ceph/ceph.conf" ]; then
     scripts/ceph-dev-cluster.sh up "$lab/ceph" --port 6789
   fi
@@ -23,32 +39,46 @@ up() {
   if [ ! -e "$lab/pki/ca.crt" ]; then
     "$bin/unistor" pki init --dir "$lab/pki"
     "$bin/unistor" pki issue --dir "$lab/pki" --name controller --role controller
-    "$bin/unistor" pki issue --dir "$lab/pki" --name ceph-1 --role agent
+    for a in ceph-1 dpu-a dpu-b dpu-c; do
+      "$bin/unistor" pki issue --dir "$lab/pki" --name "$a" --role agent
+    done
   fi
-  if [ ! -e "$lab/ceph-agent.pid" ] || ! kill -0 "$(cat "$lab/ceph-agent.pid")" 2>/dev/null; then
-    "$bin/ceph-agent" --name ceph-1 --listen "$agent_addr" --pki-dir "$lab/pki" \
-      --state-dir "$lab/ceph-agent" --ceph-conf "$UNISTOR_CEPH_CONF" \
-      --keyring "$UNISTOR_CEPH_KEYRING" --client-id "$UNISTOR_CEPH_ID" \
-      >"$lab/ceph-agent.log" 2>&1 &
-    echo $! >"$lab/ceph-agent.pid"
-  fi
-  for _ in $(seq 1 100); do
-    if "$bin/unistor" inspect --agent ceph-1 --addr "$agent_addr" --pki-dir "$lab/pki" 2>/dev/null; then
-      echo
-      echo "lab is up: ceph-agent ceph-1 at $agent_addr (log: $lab/ceph-agent.log)"
-      echo "stop it with: scripts/lab.sh down"
-      return 0
-    fi
-    sleep 0.2
+  start ceph-1 "$lab/ceph-agent.pid" "$lab/ceph-agent.log" \
+    "$bin/ceph-agent" --name ceph-1 --listen 127.0.0.1:7400 --pki-dir "$lab/pki" \
+    --state-dir "$lab/ceph-agent" --ceph-conf "$UNISTOR_CEPH_CONF" \
+    --keyring "$UNISTOR_CEPH_KEYRING" --client-id "$UNISTOR_CEPH_ID"
+  port=7411
+  for d in dpu-a dpu-b dpu-c; do
+    mkdir -p "$lab/$d"
+    start "$d" "$lab/$d.pid" "$lab/$d.log" \
+      "$bin/dpu-agent" --name "$d" --listen "127.0.0.1:$port" --pki-dir "$lab/pki" \
+      --state-dir "$lab/$d" --platform simulation --snap-socket "$lab/$d/spdk.sock" \
+      --emulator "$bin/snap-emulator" --emulator-arg=--real-ceph
+    port=$((port + 1))
   done
-  echo "ceph-agent did not answer; see $lab/ceph-agent.log" >&2
-  exit 1
+  for p in 7400 7411 7412 7413; do wait_port "127.0.0.1:$p"; done
+
+  "$bin/unistor" apply examples/lab --pki-dir "$lab/pki" --auto-approve
+  echo
+  "$bin/unistor" plan examples/lab --pki-dir "$lab/pki" || true
+  echo
+  for a in "ceph-1 127.0.0.1:7400" "dpu-a 127.0.0.1:7411" "dpu-b 127.0.0.1:7412" "dpu-c 127.0.0.1:7413"; do
+    set -- $a
+    "$bin/unistor" inspect --agent "$1" --addr "$2" --pki-dir "$lab/pki" | grep -v '^lease'
+    echo
+  done
+  echo "lab is up: manifests in examples/lab, certificates in $lab/pki, logs in $lab/*.log"
+  echo "try: $bin/unistor plan examples/lab --pki-dir $lab/pki"
+  echo "stop it with: scripts/lab.sh down"
 }
 
 down() {
-  if [ -e "$lab/ceph-agent.pid" ]; then
-    kill "$(cat "$lab/ceph-agent.pid")" 2>/dev/null || true
-  fi
+  for f in "$lab"/*.pid; do
+    [ -e "$f" ] || continue
+    kill "$(cat "$f")" 2>/dev/null || true
+  done
+  sleep 0.5
+  pkill -f "snap-emulator --socket $lab/" 2>/dev/null || true
   scripts/ceph-dev-cluster.sh down "$lab/ceph"
   rm -rf "$lab"
 }

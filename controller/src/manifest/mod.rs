@@ -616,6 +616,7 @@ fn resolve(ctx: &mut Ctx<'_>) -> Desired {
             }
         }
     }
+    let mut queues: BTreeMap<(String, FunctionRef), (u32, String, usize)> = BTreeMap::new();
     let mut images: BTreeMap<(String, String, String), (String, usize)> = BTreeMap::new();
     let mut slots: BTreeMap<(String, FunctionRef, u32), (String, usize)> = BTreeMap::new();
     for (i, (_, doc)) in docs.iter().enumerate() {
@@ -637,6 +638,24 @@ fn resolve(ctx: &mut Ctx<'_>) -> Desired {
             continue;
         }
         images.insert(img, (v.name.to_string(), i));
+        // Volumes on one function share its controller, and so its queue count.
+        let key = (v.dpu.clone(), v.function);
+        if let Some((q, other, at)) = queues.get(&key) {
+            if *q != v.queues {
+                let at = ctx.source(*at);
+                ctx.err(
+                    i,
+                    "spec.queues",
+                    format!(
+                        "{} queues, but volume {other:?} ({at}) on the same function ({} of DPU {}) has {q}: they share one controller",
+                        v.queues, v.function, v.dpu
+                    ),
+                );
+                continue;
+            }
+        } else {
+            queues.insert(key, (v.queues, v.name.to_string(), i));
+        }
         if let Some(nsid) = v.nsid {
             let slot = (v.dpu.clone(), v.function, nsid);
             if let Some((other, at)) = slots.get(&slot) {

@@ -222,6 +222,16 @@ fn set_wide_rules() {
             .any(|e| e.contains("NSID 3 is already volume \"v1\"")),
         "{e:?}"
     );
+    // Volumes sharing a function share its controller's queue count.
+    let e = errors(&[
+        ("a.yaml", BASE),
+        ("v1.yaml", &volume("v1", "  nvme: {pf: 1}\n  queues: 4\n")),
+        ("v2.yaml", &volume("v2", "  nvme: {pf: 1}\n  queues: 16\n")),
+    ]);
+    assert!(
+        e.iter().any(|e| e.contains("share one controller")),
+        "{e:?}"
+    );
     // More functions than a BlueField-3 offers; two DPUs in one host.
     let big = BASE.replace("{pfs: 2, vfsPerPf: 4}", "{pfs: 5, vfsPerPf: 128}");
     let e = errors(&[("a.yaml", &big)]);
