@@ -37,6 +37,8 @@ pub enum Command {
     Plan(crate::ops::PlanArgs),
     /// Converge the fleet to the manifests.
     Apply(crate::ops::ApplyArgs),
+    /// The fleet: clusters, DPUs with their hosts, volumes with their health.
+    Status(crate::ops::StatusArgs),
 }
 
 /// `unistor pki ...`

@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod ops;
 pub mod plan;
 pub mod render;
+pub mod status;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
         cli::Command::Validate { dir } => Ok(validate(&dir)),
         cli::Command::Plan(a) => Ok(ops::plan_cmd(a).await?),
         cli::Command::Apply(a) => Ok(ops::apply_cmd(a).await?),
+        cli::Command::Status(a) => Ok(ops::status_cmd(a).await?),
         cli::Command::Schema => {
             let s = serde_json::to_string_pretty(&manifest::schema()).expect("serializable");
             println!("{s}");

@@ -89,6 +89,44 @@ pub struct ApplyArgs {
     pub passes: usize,
 }
 
+/// `unistor status`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Manifests and agents.
+    #[command(flatten)]
+    pub common: Common,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+}
+
+/// `unistor status`: exit 0 when every volume is ok, 1 otherwise.
+pub async fn status_cmd(a: StatusArgs) -> Result<ExitCode, OpsError> {
+    let desired = load(&a.common.dir)?;
+    let fleet = connect(&a.common, &desired).await?;
+    let observed = fleet.observe(a.common.report_timeout).await;
+    let healths: Vec<_> = desired
+        .volumes
+        .values()
+        .map(|v| crate::status::volume_health(v, &observed, v.nsid))
+        .collect();
+    match a.output {
+        Format::Text => print!("{}", crate::status::render(&desired, &observed)),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"volumes": healths, "observed": observed})
+            )
+            .expect("serializable")
+        ),
+    }
+    Ok(if healths.iter().all(|h| h.state == "ok") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// A saved plan.
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedPlan {

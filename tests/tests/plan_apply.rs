@@ -230,6 +230,10 @@ fn plan_and_apply_converge_then_follow_changes() {
     assert_eq!(code(&apply), 0, "{}", show(&apply));
     let again = unistor(&[&["plan"][..], &args].concat());
     assert_eq!(code(&again), 0, "converged: {}", show(&again));
+    let status = unistor(&[&["status"][..], &args].concat());
+    assert_eq!(code(&status), 0, "{}", show(&status));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(text.matches(" ok ").count(), 3, "{text}");
 
     // Checked independently: images with ownership and policy, namespaces started on the DPUs.
     let info = c.rbd_info(&c.pool, &keep).expect("image created");
@@ -304,6 +308,23 @@ fn plan_and_apply_converge_then_follow_changes() {
         .as_array()
         .unwrap()
         .is_empty());
+
+    // A broken link shows in status: the image moved to the trash behind unistor's back; apply
+    // restores it.
+    c.cli_ok("rbd", &["trash", "mv", &format!("{}/{keep}", c.pool)]);
+    let status = unistor(&[&["status"][..], &args].concat());
+    assert_eq!(code(&status), 1, "{}", show(&status));
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("is in the trash"),
+        "{}",
+        show(&status)
+    );
+    let fix = unistor(&[&["apply", "--auto-approve"][..], &args].concat());
+    assert_eq!(code(&fix), 0, "drift is repaired: {}", show(&fix));
+    assert!(
+        c.rbd_info(&c.pool, &keep).is_some(),
+        "restored from the trash"
+    );
 
     // The empty-manifest guard: nothing is detached.
     write_manifests(&lab, &c, &[]);
