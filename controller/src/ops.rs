@@ -463,3 +463,129 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     print!("{}", render::human(&p));
     Ok(ExitCode::FAILURE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::sim::World;
+
+    fn args() -> ApplyArgs {
+        ApplyArgs {
+            common: Common {
+                dir: "examples".into(),
+                pki_dir: "pki".into(),
+                controller: "controller".into(),
+                owner: "unistor".into(),
+                report_timeout: Duration::from_secs(1),
+            },
+            plan: None,
+            auto_approve: true,
+            allow_delete: false,
+            allow_empty: false,
+            allow_in_use: false,
+            max_removals: 5,
+            passes: 5,
+        }
+    }
+
+    fn converged() -> (Desired, World) {
+        let d = manifest::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"),
+        )
+        .unwrap();
+        let mut w = World::empty(&d);
+        w.converge(&d, 5);
+        (d, w)
+    }
+
+    #[test]
+    fn the_empty_manifest_guard() {
+        let (d, w) = converged();
+        let empty = Desired {
+            volumes: Default::default(),
+            ..d
+        };
+        let p = plan::plan(&empty, &w.observed(), &Options::default());
+        let e = check_rails(&p, &empty, &w.observed(), &args())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--allow-empty"), "{e}");
+        let a = ApplyArgs {
+            allow_empty: true,
+            allow_delete: true,
+            ..args()
+        };
+        check_rails(&p, &empty, &w.observed(), &a).unwrap();
+    }
+
+    #[test]
+    fn the_deletion_budget() {
+        let (d, w) = converged();
+        let mut fewer = d.clone();
+        fewer.volumes.retain(|k, _| k == "db-data");
+        let p = plan::plan(&fewer, &w.observed(), &Options::default());
+        let a = ApplyArgs {
+            max_removals: 2,
+            allow_delete: true,
+            ..args()
+        };
+        let e = check_rails(&p, &fewer, &w.observed(), &a)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("removes 3 volumes") && e.contains("--max-removals"),
+            "{e}"
+        );
+        check_rails(
+            &p,
+            &fewer,
+            &w.observed(),
+            &ApplyArgs {
+                max_removals: 3,
+                ..a
+            },
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn deletes_need_the_flag_and_volumes_in_use_stay() {
+        let (d, mut w) = converged();
+        let mut fewer = d.clone();
+        fewer.volumes.remove("scratch-b");
+        let p = plan::plan(&fewer, &w.observed(), &Options::default());
+        let e = check_rails(&p, &fewer, &w.observed(), &args())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs --allow-delete"), "{e}");
+        let mut fewer = d.clone();
+        fewer.volumes.remove("db-data");
+        let img = w
+            .clusters
+            .get_mut("ceph-lab")
+            .unwrap()
+            .images
+            .iter_mut()
+            .find(|i| i.image == "db-data")
+            .unwrap();
+        img.watchers = vec!["10.0.0.5:0/1234".into()];
+        let p = plan::plan(&fewer, &w.observed(), &Options::default());
+        let e = check_rails(&p, &fewer, &w.observed(), &args())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("db-data is in use") && e.contains("--allow-in-use"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fingerprints_move_with_the_world_not_with_host_counters() {
+        let (d, mut w) = converged();
+        let before = fingerprint(&d, &w.observed());
+        w.dpus.get_mut("dpu-a").unwrap().host.load = [9.0, 9.0, 9.0];
+        assert_eq!(fingerprint(&d, &w.observed()), before);
+        w.clusters.get_mut("ceph-lab").unwrap().images[0].size_bytes += 1 << 20;
+        assert_ne!(fingerprint(&d, &w.observed()), before);
+    }
+}

@@ -354,3 +354,51 @@ proptest! {
         }
     }
 }
+
+/// Compares `actual` with a golden file; `UNISTOR_UPDATE_GOLDEN=1` rewrites it.
+fn golden(name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UNISTOR_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (UNISTOR_UPDATE_GOLDEN=1 writes it)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        want,
+        "{} differs (UNISTOR_UPDATE_GOLDEN=1 rewrites it)",
+        path.display()
+    );
+}
+
+#[test]
+fn golden_plans() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    let from_empty = plan(&d, &w.observed(), &Options::default());
+    golden(
+        "examples-from-empty.txt",
+        &crate::render::human(&from_empty),
+    );
+    golden(
+        "examples-from-empty.json",
+        &(serde_json::to_string_pretty(&from_empty).unwrap() + "\n"),
+    );
+    w.converge(&d, 5);
+    let mut changed = d.clone();
+    changed.volumes.remove("logs-c");
+    changed.volumes.get_mut("db-wal").unwrap().size_bytes = 1 << 30;
+    let p = plan(&changed, &w.observed(), &Options::default());
+    golden("examples-changed.txt", &crate::render::human(&p));
+    golden(
+        "examples-changed.json",
+        &(serde_json::to_string_pretty(&p).unwrap() + "\n"),
+    );
+}
