@@ -135,3 +135,129 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Processes killed when dropped.
+#[derive(Default)]
+pub struct Procs(pub Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `unistor` with `args`.
+pub fn unistor(args: &[&str]) -> std::process::Output {
+    Command::new(bin("unistor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run unistor")
+}
+
+/// An output for assertion messages.
+pub fn show(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Creates a CA in `dir` and certificates for the controller and `agents`.
+pub fn issue_pki(dir: &Path, agents: &[&str]) {
+    let d = dir.to_str().expect("utf-8 path");
+    let ok = |args: &[&str]| {
+        let o = unistor(args);
+        assert!(o.status.success(), "{}", show(&o));
+    };
+    ok(&["pki", "init", "--dir", d]);
+    ok(&[
+        "pki",
+        "issue",
+        "--dir",
+        d,
+        "--name",
+        "controller",
+        "--role",
+        "controller",
+    ]);
+    for a in agents {
+        ok(&["pki", "issue", "--dir", d, "--name", a, "--role", "agent"]);
+    }
+}
+
+/// Starts a ceph-agent named `name` on a free port; returns its address.
+pub fn spawn_ceph_agent(
+    procs: &mut Procs,
+    c: &Cluster,
+    name: &str,
+    pki: &Path,
+    state: &Path,
+) -> String {
+    let addr = format!("127.0.0.1:{}", free_port());
+    procs.0.push(
+        Command::new(bin("ceph-agent"))
+            .args(["--name", name, "--listen", &addr])
+            .arg("--pki-dir")
+            .arg(pki)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--ceph-conf")
+            .arg(&c.conf)
+            .arg("--keyring")
+            .arg(&c.keyring)
+            .args(["--client-id", &c.id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ceph-agent"),
+    );
+    wait_until(Duration::from_secs(30), "ceph-agent to listen", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    addr
+}
+
+/// Starts a simulated dpu-agent (SNAP emulator in real-Ceph mode, socket `state/spdk.sock`);
+/// returns its address.
+pub fn spawn_dpu_agent(procs: &mut Procs, name: &str, pki: &Path, state: &Path) -> String {
+    let addr = format!("127.0.0.1:{}", free_port());
+    procs.0.push(
+        Command::new(bin("dpu-agent"))
+            .args(["--name", name, "--listen", &addr])
+            .args(["--platform", "simulation", "--poll-interval", "500ms"])
+            .arg("--pki-dir")
+            .arg(pki)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--snap-socket")
+            .arg(state.join("spdk.sock"))
+            .arg("--emulator")
+            .arg(bin("snap-emulator"))
+            .arg("--emulator-arg=--real-ceph")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dpu-agent"),
+    );
+    wait_until(Duration::from_secs(30), "dpu-agent to listen", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    addr
+}
+
+/// One JSON-RPC call to SNAP's socket, directly (not through an agent); the `result`.
+pub fn snap_call(socket: &Path, method: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("SNAP socket");
+    let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method});
+    s.write_all(req.to_string().as_bytes()).expect("write");
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("read");
+    serde_json::from_str::<serde_json::Value>(&line).expect("json")["result"].clone()
+}

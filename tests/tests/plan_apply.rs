@@ -3,56 +3,19 @@
 //! set; exit codes, the stale saved plan and the empty-manifest guard.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::process::Output;
 
-use e2e::{bin, free_port, unique, wait_until, Cluster};
-use serde_json::{json, Value};
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn unistor(args: &[&str]) -> Output {
-    Command::new(bin("unistor"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run unistor")
-}
+use e2e::{
+    issue_pki, show, snap_call, spawn_ceph_agent, spawn_dpu_agent, unique, unistor, Cluster, Procs,
+};
+use serde_json::Value;
 
 fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
 }
 
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn probe(socket: &Path, method: &str) -> Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.write_all(
-        json!({"jsonrpc": "2.0", "id": 1, "method": method})
-            .to_string()
-            .as_bytes(),
-    )
-    .unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str::<Value>(&line).unwrap()["result"].clone()
+    snap_call(socket, method)
 }
 
 struct Lab {
@@ -77,77 +40,29 @@ impl Lab {
 fn start(c: &Cluster) -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    let p = pki.to_str().unwrap();
-    assert!(unistor(&["pki", "init", "--dir", p]).status.success());
-    for (n, r) in [
-        ("controller", "controller"),
-        ("ceph-e2e", "agent"),
-        ("dpu-e2e-0", "agent"),
-        ("dpu-e2e-1", "agent"),
-    ] {
-        assert!(
-            unistor(&["pki", "issue", "--dir", p, "--name", n, "--role", r])
-                .status
-                .success()
-        );
-    }
-    let mut procs = vec![];
-    let ceph_addr = format!("127.0.0.1:{}", free_port());
-    procs.push(
-        Command::new(bin("ceph-agent"))
-            .args(["--name", "ceph-e2e", "--listen", &ceph_addr, "--pki-dir", p])
-            .arg("--state-dir")
-            .arg(dir.path().join("ceph-state"))
-            .arg("--ceph-conf")
-            .arg(&c.conf)
-            .arg("--keyring")
-            .arg(&c.keyring)
-            .args(["--client-id", &c.id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    issue_pki(&pki, &["ceph-e2e", "dpu-e2e-0", "dpu-e2e-1"]);
+    let mut procs = Procs::default();
+    let ceph_addr = spawn_ceph_agent(
+        &mut procs,
+        c,
+        "ceph-e2e",
+        &pki,
+        &dir.path().join("ceph-state"),
     );
-    let mut dpu_addrs = vec![];
-    for i in 0..2 {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let state = dir.path().join(format!("dpu{i}"));
-        procs.push(
-            Command::new(bin("dpu-agent"))
-                .args([
-                    "--name",
-                    &format!("dpu-e2e-{i}"),
-                    "--listen",
-                    &addr,
-                    "--pki-dir",
-                    p,
-                ])
-                .args(["--platform", "simulation", "--poll-interval", "500ms"])
-                .arg("--state-dir")
-                .arg(&state)
-                .arg("--snap-socket")
-                .arg(state.join("spdk.sock"))
-                .arg("--emulator")
-                .arg(bin("snap-emulator"))
-                .arg("--emulator-arg=--real-ceph")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        dpu_addrs.push(addr);
-    }
-    for a in std::iter::once(&ceph_addr).chain(dpu_addrs.iter()) {
-        wait_until(Duration::from_secs(30), "agents to listen", || {
-            std::net::TcpStream::connect(a).is_ok()
-        });
-    }
+    let dpu_addrs = [0, 1].map(|i| {
+        spawn_dpu_agent(
+            &mut procs,
+            &format!("dpu-e2e-{i}"),
+            &pki,
+            &dir.path().join(format!("dpu{i}")),
+        )
+    });
     std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
     Lab {
         dir,
         ceph_addr,
-        dpu_addrs: [dpu_addrs[0].clone(), dpu_addrs[1].clone()],
-        _procs: Procs(procs),
+        dpu_addrs,
+        _procs: procs,
     }
 }
 
