@@ -18,11 +18,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::lease::LeaseTable;
 use protocol::names::PeerName;
 use protocol::server::{ServerConfig, ServerStats};
 use protocol::tls::PkiPaths;
-use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::ceph::Ceph;
@@ -48,48 +46,11 @@ pub struct Config {
     pub server: ServerConfig,
 }
 
-/// Errors starting the agent.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// TLS material could not be loaded.
-    #[error("cannot load TLS material")]
-    Tls(#[from] protocol::tls::TlsError),
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The state directory or the fencing-token store is unusable.
-    #[error("cannot use state directory {path}")]
-    State {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-}
+pub use protocol::server::StartError;
 
 /// Binds and serves until `shutdown` completes, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let tls = protocol::tls::server_config(&config.pki)?;
-    let state_err = |source: Box<dyn std::error::Error + Send + Sync>| StartError::State {
-        path: config.state_dir.clone(),
-        source,
-    };
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| state_err(e.into()))?;
-    let leases = LeaseTable::open(Some(&config.state_dir.join("fencing-token")))
-        .map_err(|e| state_err(e.into()))?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let p = protocol::server::prepare(config.listen, &config.pki, &config.state_dir).await?;
     let own_id = config.cli.client_id.clone();
     let handler = Arc::new(CephHandler::new(Ceph::new(
         ProcessRunner::new(config.cli.clone()),
@@ -98,10 +59,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let reporter = tokio::spawn(handler.clone().report_loop(config.report_interval, 10));
     info!(name = %config.name, addr = %config.listen, "ceph-agent listening.");
     protocol::server::run(
-        listener,
-        tls,
+        p.listener,
+        p.tls,
         handler,
-        leases,
+        p.leases,
         config.server,
         Arc::new(ServerStats::default()),
         shutdown,

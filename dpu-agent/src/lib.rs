@@ -21,11 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::lease::LeaseTable;
 use protocol::names::PeerName;
 use protocol::server::{ServerConfig, ServerStats};
 use protocol::tls::PkiPaths;
-use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::agent::{AgentSettings, DpuAgent};
@@ -68,19 +66,10 @@ pub struct Config {
 /// Errors starting the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// TLS material.
-    #[error("cannot load TLS material")]
-    Tls(#[from] protocol::tls::TlsError),
-    /// The listen address.
-    #[error("cannot listen on {addr}")]
-    Bind {
-        /// Address.
-        addr: SocketAddr,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// State directory, fencing token or ledger.
+    /// TLS material, fencing-token store or listen address.
+    #[error(transparent)]
+    Serve(#[from] protocol::server::StartError),
+    /// State directory or ledger.
     #[error("cannot use state directory {path}")]
     State {
         /// Directory.
@@ -132,7 +121,7 @@ pub fn build(
 
 /// Binds and serves until `shutdown` completes, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let tls = protocol::tls::server_config(&config.pki)?;
+    let p = protocol::server::prepare(config.listen, &config.pki, &config.state_dir).await?;
     let agent = build(
         &config.state_dir,
         config.snap_socket.clone(),
@@ -140,25 +129,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.platform,
         config.settings,
     )?;
-    let leases = LeaseTable::open(Some(&config.state_dir.join("fencing-token"))).map_err(|e| {
-        StartError::State {
-            path: config.state_dir.clone(),
-            source: e.into(),
-        }
-    })?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
     let supervisor = tokio::spawn(agent.clone().supervise_loop(config.poll_interval));
     info!(name = %config.name, addr = %config.listen, "dpu-agent listening.");
     protocol::server::run(
-        listener,
-        tls,
+        p.listener,
+        p.tls,
         agent,
-        leases,
+        p.leases,
         config.server,
         Arc::new(ServerStats::default()),
         shutdown,

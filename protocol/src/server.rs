@@ -138,6 +138,67 @@ impl<H: Handler> Drop for PeerSlot<H> {
     }
 }
 
+/// Errors before an agent serves: its TLS material, its state directory, its address.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material could not be loaded.
+    #[error("cannot load TLS material")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state directory or the fencing-token store is unusable.
+    #[error("cannot use state directory {path}")]
+    State {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// What every agent needs before it serves.
+pub struct Prepared {
+    /// The bound listener.
+    pub listener: TcpListener,
+    /// TLS configuration.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The lease table, its fencing token kept in the state directory.
+    pub leases: LeaseTable,
+}
+
+/// Loads TLS material, opens the fencing-token store in `state_dir` (created if missing) and
+/// binds `addr`: everything that can fail before an agent serves.
+pub async fn prepare(
+    addr: SocketAddr,
+    pki: &crate::tls::PkiPaths,
+    state_dir: &std::path::Path,
+) -> Result<Prepared, StartError> {
+    let tls = crate::tls::server_config(pki)?;
+    let state_err = |source: Box<dyn std::error::Error + Send + Sync>| StartError::State {
+        path: state_dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(|e| state_err(e.into()))?;
+    let leases = LeaseTable::open(Some(&state_dir.join("fencing-token")))
+        .map_err(|e| state_err(e.into()))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok(Prepared {
+        listener,
+        tls,
+        leases,
+    })
+}
+
 /// Serves `listener` until `shutdown` completes, then drains.
 pub async fn run<H: Handler>(
     listener: TcpListener,

@@ -13,26 +13,22 @@ use protocol::{Command as Cmd, CreateImage, DeleteImage, ErrorCode, Event, Owner
 
 const AGENT: &str = "ceph-e2e";
 
-fn unistor(args: &[&str]) -> std::process::Output {
-    Command::new(bin("unistor"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run unistor")
-}
+use e2e::unistor;
 
 fn issue_pki(dir: &Path) {
     let d = dir.to_str().unwrap();
-    let out = unistor(&["pki", "init", "--dir", d]);
+    e2e::issue_pki(dir, &[AGENT]);
+    let out = unistor(&[
+        "pki",
+        "issue",
+        "--dir",
+        d,
+        "--name",
+        "controller-b",
+        "--role",
+        "controller",
+    ]);
     assert!(out.status.success(), "{out:?}");
-    for (name, role) in [
-        (AGENT, "agent"),
-        ("controller", "controller"),
-        ("controller-b", "controller"),
-    ] {
-        let out = unistor(&["pki", "issue", "--dir", d, "--name", name, "--role", role]);
-        assert!(out.status.success(), "{out:?}");
-    }
     // A second init must not overwrite the CA.
     let out = unistor(&["pki", "init", "--dir", d]);
     assert!(!out.status.success());

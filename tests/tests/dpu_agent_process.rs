@@ -16,33 +16,11 @@ use protocol::dpu::{
 use protocol::names::PeerName;
 use protocol::tls::{self, PkiPaths};
 use protocol::{Command as Cmd, Empty, ErrorCode, Reply};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const AGENT: &str = "dpu-e2e";
 const NQN: &str = "nqn.2024-01.io.unistor:e2e";
 const UUID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
-
-fn pki(dir: &Path) {
-    let d = dir.to_str().unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(bin("unistor")).args(args).output().unwrap();
-        assert!(out.status.success(), "{out:?}");
-    };
-    run(&["pki", "init", "--dir", d]);
-    run(&[
-        "pki", "issue", "--dir", d, "--name", AGENT, "--role", "agent",
-    ]);
-    run(&[
-        "pki",
-        "issue",
-        "--dir",
-        d,
-        "--name",
-        "controller",
-        "--role",
-        "controller",
-    ]);
-}
 
 struct Agent {
     child: Child,
@@ -141,19 +119,8 @@ async fn session(pki: &Path, addr: &str) -> AgentClient {
     .unwrap()
 }
 
-/// Calls SNAP directly over its socket.
 fn probe(socket: &Path, method: &str) -> Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.write_all(
-        json!({"jsonrpc": "2.0", "id": 1, "method": method})
-            .to_string()
-            .as_bytes(),
-    )
-    .unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str::<Value>(&line).unwrap()["result"].clone()
+    e2e::snap_call(socket, method)
 }
 
 fn mon_host(c: &Cluster) -> String {
@@ -176,7 +143,7 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
 
     let dir = tempfile::tempdir().unwrap();
     let pki_dir = dir.path().join("pki");
-    pki(&pki_dir);
+    e2e::issue_pki(&pki_dir, &[AGENT]);
     let socket = dir.path().join("spdk.sock");
     let agent = start_agent(&pki_dir, &dir.path().join("state"), &socket);
 

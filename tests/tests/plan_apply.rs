@@ -112,9 +112,10 @@ spec:
     std::fs::write(dir.join("volumes.yaml"), vols).unwrap();
 }
 
-fn common<'a>(lab: &'a Lab, m: &'a str, pki: &'a str) -> Vec<&'a str> {
-    let _ = lab;
-    vec![m, "--pki-dir", pki]
+/// Manifests, certificates, and an owner of our own: other tests share the cluster, and a
+/// deployment only ever touches the images it owns.
+fn common<'a>(m: &'a str, pki: &'a str, owner: &'a str) -> Vec<&'a str> {
+    vec![m, "--pki-dir", pki, "--owner", owner]
 }
 
 #[test]
@@ -135,7 +136,8 @@ fn plan_and_apply_converge_then_follow_changes() {
     );
     let m = lab.manifests().display().to_string();
     let pki = lab.pki();
-    let args = common(&lab, &m, &pki);
+    let owner = unique("owner");
+    let args = common(&m, &pki, &owner);
 
     let plan = unistor(&[&["plan"][..], &args].concat());
     assert_eq!(code(&plan), 2, "changes pending: {}", show(&plan));
