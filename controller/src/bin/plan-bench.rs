@@ -131,6 +131,10 @@ fn main() {
     }
     drop(p);
     let observed = world.observed();
+    // `--repeat N` plans the converged state N more times (for profiling).
+    for _ in 0..arg("--repeat", 0) {
+        std::hint::black_box(plan::plan(&d, &observed, &opts));
+    }
     let t = Instant::now();
     let p = plan::plan(&d, &observed, &opts);
     let converged = t.elapsed();

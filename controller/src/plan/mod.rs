@@ -10,7 +10,7 @@
 pub mod model;
 pub mod sim;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use protocol::dpu::{DpuReport, SnapInventory, SnapState};
 use protocol::{CephReport, ImageState, ImageStatus};
@@ -127,9 +127,9 @@ fn fnv(s: &str) -> u64 {
 
 /// Resolves every volume's NSID: pinned; else the NSID SNAP already gives its UUID; else derived
 /// from its name (probing upwards past taken NSIDs). Volumes are visited in name order.
-fn assign_nsids(desired: &Desired, observed: &Observed) -> BTreeMap<String, u32> {
-    let mut taken: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
-    let mut out = BTreeMap::new();
+fn assign_nsids(desired: &Desired, observed: &Observed) -> HashMap<String, u32> {
+    let mut taken: HashMap<String, BTreeSet<u32>> = HashMap::new();
+    let mut out = HashMap::new();
     let subsystem = |v: &Volume| names::nqn(&v.dpu, v.function);
     for v in desired.volumes.values() {
         if let Some(n) = v.nsid {
@@ -212,7 +212,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     };
 
     // SNAP on every DPU.
-    let mut snap_step: BTreeMap<&str, Option<usize>> = BTreeMap::new();
+    let mut snap_step: HashMap<&str, Option<usize>> = HashMap::new();
     for (name, dpu) in &desired.dpus {
         let Some(report) = observed.dpus.get(name).and_then(Known::get) else {
             continue;
@@ -255,10 +255,11 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         snap_step.insert(name.as_str(), step);
     }
 
-    let mut registered: BTreeMap<(String, String), Option<usize>> = BTreeMap::new();
-    let mut subsystems: BTreeMap<(String, String), Option<usize>> = BTreeMap::new();
-    let mut controllers: BTreeMap<(String, String), Option<usize>> = BTreeMap::new();
-    let mut attaches: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    // Looked up, never iterated: hash maps (BTreeMap compares these long, shared-prefix keys).
+    let mut registered: HashMap<(String, String), Option<usize>> = HashMap::new();
+    let mut subsystems: HashMap<(String, String), Option<usize>> = HashMap::new();
+    let mut controllers: HashMap<(String, String), Option<usize>> = HashMap::new();
+    let mut attaches: HashMap<(String, String), Vec<usize>> = HashMap::new();
     let mut resume_needed: BTreeSet<(String, String)> = BTreeSet::new();
 
     for v in desired.volumes.values() {
@@ -613,11 +614,11 @@ fn teardown(
     desired: &Desired,
     observed: &Observed,
     opts: &Options,
-    nsids: &BTreeMap<String, u32>,
+    nsids: &HashMap<String, u32>,
 ) -> BTreeMap<String, Vec<usize>> {
     let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     // Where each wanted namespace and bdev lives.
-    let wanted_ns: BTreeSet<(String, String, u32, String)> = desired
+    let wanted_ns: HashSet<(String, String, u32, String)> = desired
         .volumes
         .values()
         .map(|v| {
@@ -629,20 +630,20 @@ fn teardown(
             )
         })
         .collect();
-    let mut nqns_on: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut nqns_on: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for v in desired.volumes.values() {
         nqns_on
             .entry(v.dpu.as_str())
             .or_default()
             .insert(names::nqn(&v.dpu, v.function));
     }
-    let wanted_bdevs: BTreeSet<(String, String)> = desired
+    let wanted_bdevs: HashSet<(String, String)> = desired
         .volumes
         .values()
         .map(|v| (v.dpu.clone(), names::bdev(v.name.as_str())))
         .collect();
     // Per DPU: namespaces whose bdev is unistor's and no longer wanted.
-    let mut detach_of_volume: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut detach_of_volume: HashMap<String, Vec<usize>> = HashMap::new();
     for (dpu_name, k) in &observed.dpus {
         let Some(DpuReport {
             inventory: Some(inv),
