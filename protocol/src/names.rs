@@ -191,25 +191,40 @@ pub fn check_rbd_feature(field: &str, value: &str) -> Result<(), NameError> {
 
 /// Checks an RBD trash id (lowercase hex, as `rbd trash ls` prints it).
 pub fn check_trash_id(field: &str, value: &str) -> Result<(), NameError> {
-    if !value.is_empty()
-        && value.len() <= 32
-        && value
-            .chars()
-            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-    {
-        Ok(())
-    } else {
-        Err(NameError {
-            field: field.to_string(),
-            shown: shown(value),
-            reason: "allowed: 1-32 lowercase hex digits".into(),
-        })
-    }
+    let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+    verdict(
+        shaped(value, 32, hex, hex),
+        field,
+        value,
+        "allowed: 1-32 lowercase hex digits",
+    )
 }
 
 /// SPDK and SNAP object names (bdevs, controllers, clusters): the Ceph rule.
 pub fn check_object_name(field: &str, value: &str) -> Result<(), NameError> {
     check(field, value, CEPH_NAME)
+}
+
+/// `value` is 1-`max` bytes, its first character passes `first` and every character `rest`.
+fn shaped(
+    value: &str,
+    max: usize,
+    first: impl Fn(char) -> bool,
+    rest: impl Fn(char) -> bool,
+) -> bool {
+    !value.is_empty()
+        && value.len() <= max
+        && value.chars().next().is_some_and(first)
+        && value.chars().all(rest)
+}
+
+/// `Ok` when `ok`, else the refusal.
+fn verdict(ok: bool, field: &str, value: &str, reason: &str) -> Result<(), NameError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(field, value, reason))
+    }
 }
 
 fn refuse(field: &str, value: &str, reason: &str) -> NameError {
@@ -295,79 +310,58 @@ pub fn check_host_port(field: &str, value: &str) -> Result<(), NameError> {
 
 /// A cephx secret: base64 of 1-128 bytes.
 pub fn check_cephx_key(field: &str, value: &str) -> Result<(), NameError> {
-    let ok = !value.is_empty()
-        && value.len() <= 172
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        // Never echo a secret.
-        Err(NameError {
-            field: field.to_string(),
-            shown: "(secret)".into(),
-            reason: "allowed: base64".into(),
-        })
+    let b64 = |c: char| c.is_ascii_alphanumeric() || "+/=".contains(c);
+    if shaped(value, 172, b64, b64) {
+        return Ok(());
     }
+    // Never echo a secret.
+    Err(NameError {
+        field: field.to_string(),
+        shown: "(secret)".into(),
+        reason: "allowed: base64".into(),
+    })
 }
 
 /// A container image reference without tag: `registry/path/name` of a-z 0-9 . _ - / :port.
 pub fn check_image_ref(field: &str, value: &str) -> Result<(), NameError> {
-    let ok = !value.is_empty()
-        && value.len() <= 255
-        && value
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c))
-        && !value.contains("..");
-    if ok {
-        Ok(())
-    } else {
-        Err(refuse(
-            field,
-            value,
-            "allowed: a-z 0-9 . _ - / : (no tag), 255 characters at most",
-        ))
-    }
+    let ok = shaped(
+        value,
+        255,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-/:".contains(c),
+    ) && !value.contains("..");
+    verdict(
+        ok,
+        field,
+        value,
+        "allowed: a-z 0-9 . _ - / : (no tag), 255 characters at most",
+    )
 }
 
 /// A container image tag: 1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or -.
 pub fn check_image_tag(field: &str, value: &str) -> Result<(), NameError> {
-    let ok = !value.is_empty()
-        && value.len() <= 128
-        && value
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(refuse(
-            field,
-            value,
-            "allowed: 1-128 characters of A-Z a-z 0-9 . _ -",
-        ))
-    }
+    let ok = shaped(
+        value,
+        128,
+        |c| c.is_ascii_alphanumeric() || c == '_',
+        |c| c.is_ascii_alphanumeric() || "._-".contains(c),
+    );
+    verdict(
+        ok,
+        field,
+        value,
+        "allowed: 1-128 characters of A-Z a-z 0-9 . _ -",
+    )
 }
 
 /// An environment variable for SNAP's container: `NAME` of A-Z 0-9 _ and a printable value.
 pub fn check_env(field: &str, name: &str, value: &str) -> Result<(), NameError> {
-    let name_ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    let name_ok = shaped(
+        name,
+        64,
+        |c| c.is_ascii_uppercase() || c == '_',
+        |c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_',
+    );
     if !name_ok {
         return Err(refuse(
             field,

@@ -72,31 +72,17 @@ impl World {
 
     /// The world as the planner sees it.
     pub fn observed(&self) -> Observed {
+        fn known<T: Clone>(m: &BTreeMap<String, T>) -> BTreeMap<String, Known<T>> {
+            m.iter()
+                .map(|(k, v)| {
+                    let report = Box::new(v.clone());
+                    (k.clone(), Known::Known { report })
+                })
+                .collect()
+        }
         Observed {
-            clusters: self
-                .clusters
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        Known::Known {
-                            report: Box::new(v.clone()),
-                        },
-                    )
-                })
-                .collect(),
-            dpus: self
-                .dpus
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        Known::Known {
-                            report: Box::new(v.clone()),
-                        },
-                    )
-                })
-                .collect(),
+            clusters: known(&self.clusters),
+            dpus: known(&self.dpus),
         }
     }
 
