@@ -282,3 +282,57 @@ pub async fn run(
     }
     Ok(exit)
 }
+
+/// An emulator running inside the calling process, for tests of SNAP clients.
+pub struct InProcess {
+    socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Exit>>,
+}
+
+impl InProcess {
+    /// Starts one with `config` and waits until its socket accepts connections.
+    pub async fn start(config: Config) -> Self {
+        let socket = config.socket.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("emulator starts")
+        });
+        for _ in 0..500 {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            socket,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Stops it (as a process exit would: connections close, state is gone).
+    pub async fn stop(&mut self) -> Option<Exit> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until it ends (a simulated crash, or after `stop`).
+    pub async fn wait(&mut self) -> Option<Exit> {
+        match self.task.take() {
+            Some(t) => t.await.ok(),
+            None => None,
+        }
+    }
+}

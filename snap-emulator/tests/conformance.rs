@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use snap_emulator::{Config, Exit, Faults};
+use snap_emulator::{Config, Exit, Faults, InProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::oneshot;
 
 const NQN: &str = "nqn.2022-10.io.nvda.nvme:0";
 const UUID1: &str = "76210ea4-7920-40a0-a07b-8992a7443c76";
@@ -30,8 +29,7 @@ fn config(socket: &Path) -> Config {
 struct Emu {
     _dir: tempfile::TempDir,
     socket: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Exit>,
+    inner: InProcess,
 }
 
 impl Emu {
@@ -48,25 +46,10 @@ impl Emu {
     ) -> Self {
         let mut cfg = config(&socket);
         tune(&mut cfg);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            snap_emulator::run(cfg, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap()
-        });
-        for _ in 0..200 {
-            if UnixStream::connect(&socket).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         Self {
             _dir: dir,
             socket,
-            stop: Some(stop),
-            task,
+            inner: InProcess::start(cfg).await,
         }
     }
 
@@ -80,8 +63,7 @@ impl Emu {
 
     /// Stops it as a restart would; returns the directory for a restart at the same socket.
     async fn stop(mut self) -> (tempfile::TempDir, PathBuf) {
-        let _ = self.stop.take().unwrap().send(());
-        assert_eq!(self.task.await.unwrap(), Exit::Stopped);
+        assert_eq!(self.inner.stop().await, Some(Exit::Stopped));
         (self._dir, self.socket)
     }
 }
@@ -749,7 +731,8 @@ async fn exit_after_n_calls_is_a_crash_that_leaves_the_socket() {
     c.ok("spdk_get_version", Value::Null).await;
     c.ok("nvme_subsystem_create", json!({"nqn": NQN})).await;
     c.ok("nvme_subsystem_list", Value::Null).await;
-    assert_eq!(emu.task.await.unwrap(), Exit::Crashed);
+    let mut emu = emu;
+    assert_eq!(emu.inner.wait().await, Some(Exit::Crashed));
     assert!(emu.socket.exists(), "a crash leaves the socket file behind");
     // A new instance clears the stale socket and starts empty.
     let emu2 = Emu::start_at(emu._dir, emu.socket.clone(), |_| {}).await;

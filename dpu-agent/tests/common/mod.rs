@@ -4,13 +4,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::{json, Value};
-use snap_emulator::{Config, Exit, Faults};
+use snap_emulator::{Config, Faults, InProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::oneshot;
 
 pub fn emu_config(socket: &Path) -> Config {
     Config {
@@ -26,48 +24,22 @@ pub fn emu_config(socket: &Path) -> Config {
     }
 }
 
-/// An emulator running in this process.
+/// An emulator running in this process, restartable at the same socket.
 pub struct Emu {
     pub socket: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Exit>>,
+    inner: InProcess,
 }
 
 impl Emu {
     pub async fn start(socket: &Path) -> Self {
-        Self::start_with(emu_config(socket)).await
-    }
-
-    pub async fn start_with(cfg: Config) -> Self {
-        let socket = cfg.socket.clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            snap_emulator::run(cfg, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap()
-        });
-        for _ in 0..500 {
-            if UnixStream::connect(&socket).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         Self {
-            socket,
-            stop: Some(stop),
-            task: Some(task),
+            socket: socket.to_path_buf(),
+            inner: InProcess::start(emu_config(socket)).await,
         }
     }
 
     pub async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+        self.inner.stop().await;
     }
 
     /// A SNAP restart: everything in memory is lost.
