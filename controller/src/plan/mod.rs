@@ -10,9 +10,9 @@
 pub mod model;
 pub mod sim;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use protocol::dpu::{DpuReport, SnapInventory, SnapState};
+use protocol::dpu::{DpuReport, FunctionRef, SnapInventory, SnapState};
 use protocol::{CephReport, ImageState, ImageStatus};
 
 use crate::manifest::{Desired, Volume};
@@ -127,14 +127,18 @@ fn fnv(s: &str) -> u64 {
 
 /// Resolves every volume's NSID: pinned; else the NSID SNAP already gives its UUID; else derived
 /// from its name (probing upwards past taken NSIDs). Volumes are visited in name order.
-fn assign_nsids(desired: &Desired, observed: &Observed) -> HashMap<String, u32> {
-    let mut taken: HashMap<String, BTreeSet<u32>> = HashMap::new();
+fn assign_nsids<'a>(
+    desired: &'a Desired,
+    observed: &Observed,
+    nqns: &'a HashMap<&'a str, String>,
+) -> HashMap<&'a str, u32> {
+    let mut taken: HashMap<&str, BTreeSet<u32>> = HashMap::new();
     let mut out = HashMap::new();
-    let subsystem = |v: &Volume| names::nqn(&v.dpu, v.function);
+    let subsystem = |v: &Volume| nqns[v.name.as_str()].as_str();
     for v in desired.volumes.values() {
         if let Some(n) = v.nsid {
             taken.entry(subsystem(v)).or_default().insert(n);
-            out.insert(v.name.to_string(), n);
+            out.insert(v.name.as_str(), n);
         }
     }
     let inventory =
@@ -150,10 +154,10 @@ fn assign_nsids(desired: &Desired, observed: &Observed) -> HashMap<String, u32> 
                 .find(|n| n.uuid.eq_ignore_ascii_case(&v.uuid))
                 .map(|n| n.nsid)
         });
-        let used = taken.entry(nqn.clone()).or_default();
+        let used = taken.entry(nqn).or_default();
         if let Some(n) = existing.filter(|n| !used.contains(n)) {
             used.insert(n);
-            out.insert(v.name.to_string(), n);
+            out.insert(v.name.as_str(), n);
             continue;
         }
         let foreign: BTreeSet<u32> = inventory(&v.dpu)
@@ -166,7 +170,7 @@ fn assign_nsids(desired: &Desired, observed: &Observed) -> HashMap<String, u32> 
             .find(|n| !used.contains(n) && !foreign.contains(n))
             .unwrap_or(1);
         used.insert(n);
-        out.insert(v.name.to_string(), n);
+        out.insert(v.name.as_str(), n);
     }
     out
 }
@@ -196,12 +200,18 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             b.plan.unknown.push(format!("dpu/{name}: not observed"));
         }
     }
-    let nsids = assign_nsids(desired, observed);
+    // Each volume's subsystem, computed once.
+    let nqns: HashMap<&str, String> = desired
+        .volumes
+        .values()
+        .map(|v| (v.name.as_str(), names::nqn(&v.dpu, v.function)))
+        .collect();
+    let nsids = assign_nsids(desired, observed, &nqns);
     let images = index_images(observed);
 
     // Removals first; what is created on a DPU waits for what is removed there (a moved volume's
     // bdev or function is freed before it is used again).
-    let removed_on = teardown(&mut b, desired, observed, opts, &nsids);
+    let removed_on = teardown(&mut b, desired, observed, opts, &nsids, &nqns);
     let after_removals = |dpu: &str| -> Vec<Option<usize>> {
         removed_on
             .get(dpu)
@@ -256,20 +266,21 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     }
 
     // Looked up, never iterated: hash maps (BTreeMap compares these long, shared-prefix keys).
-    let mut registered: HashMap<(String, String), Option<usize>> = HashMap::new();
-    let mut subsystems: HashMap<(String, String), Option<usize>> = HashMap::new();
-    let mut controllers: HashMap<(String, String), Option<usize>> = HashMap::new();
-    let mut attaches: HashMap<(String, String), Vec<usize>> = HashMap::new();
-    let mut resume_needed: BTreeSet<(String, String)> = BTreeSet::new();
+    // Keyed by borrowed names and functions: no allocation per lookup.
+    let mut registered: HashMap<(&str, &str), Option<usize>> = HashMap::new();
+    let mut subsystems: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::new();
+    let mut controllers: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::new();
+    let mut attaches: HashMap<(&str, FunctionRef), Vec<usize>> = HashMap::new();
+    let mut resume_needed: BTreeSet<(&str, FunctionRef)> = BTreeSet::new();
 
     for v in desired.volumes.values() {
         let vname = v.name.as_str();
-        let object = format!("volume/{vname}");
+        let object = || format!("volume/{vname}");
         let cluster = observed.clusters.get(&v.cluster).and_then(Known::get);
         let dpu = observed.dpus.get(&v.dpu).and_then(Known::get);
         let (Some(_), Some(dpu_report)) = (cluster, dpu) else {
             b.block(
-                object,
+                object(),
                 format!(
                     "waiting for {}: its state is unknown",
                     if cluster.is_none() {
@@ -302,7 +313,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                 Some(b.push(ceph.clone(), create, Risk::Safe, &[], Some(vname)))
             }
             Some((ImageState::Trashed { .. }, _)) => {
-                b.drift(object.clone(), "rbd.state", "live".into(), "trashed".into());
+                b.drift(object(), "rbd.state", "live".into(), "trashed".into());
                 Some(b.push(
                     ceph.clone(),
                     Action::RestoreImage {
@@ -319,7 +330,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                 let owned_by = i.metadata.get(META_VOLUME).map(String::as_str);
                 if owner != Some(opts.owner.as_str()) || owned_by != Some(vname) {
                     b.block(
-                        object.clone(),
+                        object(),
                         format!(
                             "image {}/{} belongs to {}/{}, not to this volume",
                             v.pool,
@@ -338,7 +349,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                 let have_retention = i.metadata.get(META_RETENTION).and_then(|r| r.parse().ok());
                 if have_policy != policy || have_retention != Some(retain_secs) {
                     b.drift(
-                        object.clone(),
+                        object(),
                         "deletionPolicy",
                         format!("{policy}/{retain_secs}s"),
                         format!("{have_policy}/{}s", have_retention.unwrap_or(0)),
@@ -350,7 +361,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                 }
                 if i.size_bytes < v.size_bytes {
                     b.drift(
-                        object.clone(),
+                        object(),
                         "size",
                         v.size_bytes.to_string(),
                         i.size_bytes.to_string(),
@@ -370,13 +381,13 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                     ))
                 } else if i.size_bytes > v.size_bytes {
                     b.drift(
-                        object.clone(),
+                        object(),
                         "size",
                         v.size_bytes.to_string(),
                         i.size_bytes.to_string(),
                     );
                     b.block(
-                        object.clone(),
+                        object(),
                         format!(
                             "shrinking from {} to {} bytes is refused: grow the manifest back or move the data",
                             i.size_bytes, v.size_bytes
@@ -402,7 +413,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         };
         let scluster = names::cluster(&v.cluster);
         let reg = *registered
-            .entry((v.dpu.clone(), scluster.clone()))
+            .entry((v.dpu.as_str(), v.cluster.as_str()))
             .or_insert_with(|| {
                 (!inv.clusters.contains(&scluster)).then(|| {
                     b.push(
@@ -427,7 +438,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             }
             Some(x) => {
                 b.block(
-                    object.clone(),
+                    object(),
                     format!(
                         "bdev {bdev} on dpu/{} serves {}/{}",
                         v.dpu,
@@ -450,11 +461,11 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                 Some(vname),
             )),
         };
-        let nqn = names::nqn(&v.dpu, v.function);
+        let nqn = &nqns[vname];
         let sub = *subsystems
-            .entry((v.dpu.clone(), nqn.clone()))
+            .entry((v.dpu.as_str(), v.function))
             .or_insert_with(|| {
-                (!inv.subsystems.iter().any(|s| s.nqn == nqn)).then(|| {
+                (!inv.subsystems.iter().any(|s| s.nqn == *nqn)).then(|| {
                     b.push(
                         d.clone(),
                         Action::CreateSubsystem { nqn: nqn.clone() },
@@ -468,13 +479,13 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         let have_ns = inv
             .subsystems
             .iter()
-            .find(|s| s.nqn == nqn)
+            .find(|s| s.nqn == *nqn)
             .and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
         let ns_step = match have_ns {
             Some(n) if n.bdev == bdev && n.uuid.eq_ignore_ascii_case(&v.uuid) => None,
             Some(n) => {
                 b.block(
-                    object.clone(),
+                    object(),
                     format!(
                         "NSID {nsid} of {nqn} is taken by bdev {} (uuid {})",
                         n.bdev, n.uuid
@@ -502,7 +513,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             .filter(|c| **c != ctrl)
         {
             b.block(
-                object.clone(),
+                object(),
                 format!(
                     "function {} of dpu/{} is bound to controller {other}, not unistor's",
                     v.function, v.dpu
@@ -514,7 +525,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         if let Some(c) = have_ctrl {
             if c.num_queues != v.queues {
                 b.drift(
-                    object.clone(),
+                    object(),
                     "queues",
                     v.queues.to_string(),
                     c.num_queues.to_string(),
@@ -522,7 +533,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             }
         }
         let ctrl_step = *controllers
-            .entry((v.dpu.clone(), ctrl.clone()))
+            .entry((v.dpu.as_str(), v.function))
             .or_insert_with(|| {
                 have_ctrl.is_none().then(|| {
                     b.push(
@@ -552,32 +563,29 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                 Some(vname),
             );
             attaches
-                .entry((v.dpu.clone(), ctrl.clone()))
+                .entry((v.dpu.as_str(), v.function))
                 .or_default()
                 .push(a);
-            resume_needed.insert((v.dpu.clone(), ctrl.clone()));
+            resume_needed.insert((v.dpu.as_str(), v.function));
         }
         if !have_ctrl.is_some_and(|c| c.state.eq_ignore_ascii_case("STARTED")) {
-            resume_needed.insert((v.dpu.clone(), ctrl.clone()));
+            resume_needed.insert((v.dpu.as_str(), v.function));
         }
     }
     // Controllers resume after all their namespaces are attached.
-    for (dpu, ctrl) in resume_needed {
+    for key in resume_needed {
         let deps: Vec<Option<usize>> = attaches
-            .get(&(dpu.clone(), ctrl.clone()))
+            .get(&key)
             .into_iter()
             .flatten()
             .map(|a| Some(*a))
-            .chain(std::iter::once(
-                controllers
-                    .get(&(dpu.clone(), ctrl.clone()))
-                    .copied()
-                    .flatten(),
-            ))
+            .chain(std::iter::once(controllers.get(&key).copied().flatten()))
             .collect();
         b.push(
-            Target::Dpu(dpu),
-            Action::Resume { controller: ctrl },
+            Target::Dpu(key.0.to_string()),
+            Action::Resume {
+                controller: names::controller(key.1),
+            },
             Risk::Safe,
             &deps,
             None,
@@ -614,34 +622,44 @@ fn teardown(
     desired: &Desired,
     observed: &Observed,
     opts: &Options,
-    nsids: &HashMap<String, u32>,
+    nsids: &HashMap<&str, u32>,
+    nqns: &HashMap<&str, String>,
 ) -> BTreeMap<String, Vec<usize>> {
     let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    // Where each wanted namespace and bdev lives.
-    let wanted_ns: HashSet<(String, String, u32, String)> = desired
+    // Where each wanted volume lives: DPU, subsystem, NSID (looked up by the volume name that
+    // unistor's bdev names carry, without building keys per observed object).
+    let placement: HashMap<&str, (&str, &str, u32)> = desired
         .volumes
         .values()
         .map(|v| {
             (
-                v.dpu.clone(),
-                names::nqn(&v.dpu, v.function),
-                nsids[v.name.as_str()],
-                names::bdev(v.name.as_str()),
+                v.name.as_str(),
+                (
+                    v.dpu.as_str(),
+                    nqns[v.name.as_str()].as_str(),
+                    nsids[v.name.as_str()],
+                ),
             )
         })
         .collect();
+    let wanted_here = |dpu: &str, nqn: &str, nsid: u32, bdev: &str| {
+        bdev.strip_prefix(names::PREFIX)
+            .and_then(|v| placement.get(v))
+            .is_some_and(|(d, q, n)| *d == dpu && *q == nqn && *n == nsid)
+    };
+    let bdev_wanted_on = |dpu: &str, bdev: &str| {
+        bdev.strip_prefix(names::PREFIX)
+            .and_then(|v| placement.get(v))
+            .is_some_and(|(d, _, _)| *d == dpu)
+    };
     let mut nqns_on: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for v in desired.volumes.values() {
         nqns_on
             .entry(v.dpu.as_str())
             .or_default()
-            .insert(names::nqn(&v.dpu, v.function));
+            .insert(nqns[v.name.as_str()].clone());
     }
-    let wanted_bdevs: HashSet<(String, String)> = desired
-        .volumes
-        .values()
-        .map(|v| (v.dpu.clone(), names::bdev(v.name.as_str())))
-        .collect();
+
     // Per DPU: namespaces whose bdev is unistor's and no longer wanted.
     let mut detach_of_volume: HashMap<String, Vec<usize>> = HashMap::new();
     for (dpu_name, k) in &observed.dpus {
@@ -658,8 +676,7 @@ fn teardown(
         let mut ns_removed: BTreeMap<String, usize> = BTreeMap::new();
         for s in inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
             for n in &s.namespaces {
-                let here = (dpu_name.clone(), s.nqn.clone(), n.nsid, n.bdev.clone());
-                if !names::owned(&n.bdev) || wanted_ns.contains(&here) {
+                if !names::owned(&n.bdev) || wanted_here(dpu_name, &s.nqn, n.nsid, &n.bdev) {
                     continue;
                 }
                 let volume = n.bdev.trim_start_matches(names::PREFIX).to_string();
@@ -733,7 +750,7 @@ fn teardown(
             );
         }
         for x in inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
-            if wanted_bdevs.contains(&(dpu_name.clone(), x.name.clone())) {
+            if bdev_wanted_on(dpu_name, &x.name) {
                 continue;
             }
             let dep = ns_removed.get(&x.name).copied();
