@@ -356,8 +356,18 @@ impl<R: Runner> Ceph<R> {
         };
         // One after the other: `rbd image-meta list` may open the image read-write for a moment,
         // and a concurrent `rbd status` would report our own process as a watcher.
-        let metadata = self.metadata(spec).await?;
-        let watchers = self.watchers(spec).await?;
+        // The image can vanish between the commands (removed by someone else): that is "not
+        // there", not a failed report.
+        let gone =
+            |e: &CephError| matches!(e, CephError::Cli(c) if c.code() == Some(libc_enoent()));
+        let metadata = match self.metadata(spec).await {
+            Err(e) if gone(&e) => return Ok(None),
+            other => other?,
+        };
+        let watchers = match self.watchers(spec).await {
+            Err(e) if gone(&e) => return Ok(None),
+            other => other?,
+        };
         Ok(Some(LiveImage {
             size: info.size,
             features: info.features,
