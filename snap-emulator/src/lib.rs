@@ -66,6 +66,24 @@ pub struct Config {
     pub default_image_size: u64,
 }
 
+impl Config {
+    /// A BlueField-3 with 2 PFs and 4 VFs each, RBD built in, no faults, no init files: what the
+    /// tests of SNAP clients start from.
+    pub fn with_socket(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            pfs: 2,
+            vfs_per_pf: 4,
+            serial: "MT2328XZ17DF".into(),
+            rbd: true,
+            real_ceph: None,
+            init_files: vec![],
+            faults: Faults::default(),
+            default_image_size: 1 << 30,
+        }
+    }
+}
+
 /// Why `run` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use snap_emulator::{Config, Exit, Faults, InProcess};
+use snap_emulator::{Config, Exit, InProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -13,17 +13,7 @@ const NQN: &str = "nqn.2022-10.io.nvda.nvme:0";
 const UUID1: &str = "76210ea4-7920-40a0-a07b-8992a7443c76";
 
 fn config(socket: &Path) -> Config {
-    Config {
-        socket: socket.to_path_buf(),
-        pfs: 2,
-        vfs_per_pf: 4,
-        serial: "MT2328XZ17DF".into(),
-        rbd: true,
-        real_ceph: None,
-        init_files: vec![],
-        faults: Faults::default(),
-        default_image_size: 1 << 30,
-    }
+    Config::with_socket(socket)
 }
 
 struct Emu {

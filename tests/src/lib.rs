@@ -191,6 +191,38 @@ pub fn issue_pki(dir: &Path, agents: &[&str]) {
     }
 }
 
+/// The command line of a ceph-agent named `name` listening on `addr`, on the test cluster.
+pub fn ceph_agent_command(
+    c: &Cluster,
+    name: &str,
+    addr: &str,
+    pki: &Path,
+    state: &Path,
+) -> Command {
+    let mut cmd = Command::new(bin("ceph-agent"));
+    cmd.args(["--name", name, "--listen", addr])
+        .arg("--pki-dir")
+        .arg(pki)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--ceph-conf")
+        .arg(&c.conf)
+        .arg("--keyring")
+        .arg(&c.keyring)
+        .args(["--client-id", &c.id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Waits until something listens on `addr`.
+pub fn wait_listening(addr: &str) {
+    wait_until(Duration::from_secs(30), "the agent to listen", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+}
+
 /// Starts a ceph-agent named `name` on a free port; returns its address.
 pub fn spawn_ceph_agent(
     procs: &mut Procs,
@@ -200,26 +232,11 @@ pub fn spawn_ceph_agent(
     state: &Path,
 ) -> String {
     let addr = format!("127.0.0.1:{}", free_port());
-    procs.0.push(
-        Command::new(bin("ceph-agent"))
-            .args(["--name", name, "--listen", &addr])
-            .arg("--pki-dir")
-            .arg(pki)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--ceph-conf")
-            .arg(&c.conf)
-            .arg("--keyring")
-            .arg(&c.keyring)
-            .args(["--client-id", &c.id])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ceph-agent"),
-    );
-    wait_until(Duration::from_secs(30), "ceph-agent to listen", || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    let child = ceph_agent_command(c, name, &addr, pki, state)
+        .spawn()
+        .expect("start ceph-agent");
+    procs.0.push(child);
+    wait_listening(&addr);
     addr
 }
 
@@ -245,9 +262,7 @@ pub fn spawn_dpu_agent(procs: &mut Procs, name: &str, pki: &Path, state: &Path) 
             .spawn()
             .expect("start dpu-agent"),
     );
-    wait_until(Duration::from_secs(30), "dpu-agent to listen", || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    wait_listening(&addr);
     addr
 }
 

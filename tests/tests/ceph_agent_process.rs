@@ -2,10 +2,10 @@
 //! real cluster, `unistor inspect` and a controller session talk to it over mutual TLS.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use e2e::{bin, free_port, unique, wait_until, Cluster};
+use e2e::{free_port, unique, wait_until, Cluster};
 use protocol::client::{AgentClient, ClientOptions};
 use protocol::names::PeerName;
 use protocol::tls::{self, PkiPaths};
@@ -43,25 +43,12 @@ struct AgentProcess {
 impl AgentProcess {
     fn start(c: &Cluster, pki: &Path, state: &Path) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(bin("ceph-agent"))
-            .args(["--name", AGENT, "--listen", &addr])
-            .arg("--pki-dir")
-            .arg(pki)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--ceph-conf")
-            .arg(&c.conf)
-            .arg("--keyring")
-            .arg(&c.keyring)
-            .args(["--client-id", &c.id, "--report-interval", "500ms"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let child = e2e::ceph_agent_command(c, AGENT, &addr, pki, state)
+            .args(["--report-interval", "500ms"])
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start ceph-agent");
-        wait_until(Duration::from_secs(30), "ceph-agent to listen", || {
-            std::net::TcpStream::connect(&addr).is_ok()
-        });
+        e2e::wait_listening(&addr);
         Self { child, addr }
     }
 

@@ -6,22 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use snap_emulator::{Config, Faults, InProcess};
+use snap_emulator::{Config, InProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 pub fn emu_config(socket: &Path) -> Config {
-    Config {
-        socket: socket.to_path_buf(),
-        pfs: 2,
-        vfs_per_pf: 4,
-        serial: "MT2328XZ17DF".into(),
-        rbd: true,
-        real_ceph: None,
-        init_files: vec![],
-        faults: Faults::default(),
-        default_image_size: 1 << 30,
-    }
+    Config::with_socket(socket)
 }
 
 /// An emulator running in this process, restartable at the same socket.
