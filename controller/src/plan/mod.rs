@@ -10,7 +10,10 @@
 pub mod model;
 pub mod sim;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Fast, deterministic hashing for the planner's internal lookups (keys are our own names).
+type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
 use protocol::dpu::{DpuReport, FunctionRef, SnapInventory, SnapState};
 use protocol::{CephReport, ImageState, ImageStatus};
@@ -132,8 +135,8 @@ fn assign_nsids<'a>(
     observed: &Observed,
     nqns: &'a HashMap<&'a str, String>,
 ) -> HashMap<&'a str, u32> {
-    let mut taken: HashMap<&str, BTreeSet<u32>> = HashMap::new();
-    let mut out = HashMap::new();
+    let mut taken: HashMap<&str, BTreeSet<u32>> = HashMap::default();
+    let mut out = HashMap::default();
     let subsystem = |v: &Volume| nqns[v.name.as_str()].as_str();
     for v in desired.volumes.values() {
         if let Some(n) = v.nsid {
@@ -222,7 +225,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     };
 
     // SNAP on every DPU.
-    let mut snap_step: HashMap<&str, Option<usize>> = HashMap::new();
+    let mut snap_step: HashMap<&str, Option<usize>> = HashMap::default();
     for (name, dpu) in &desired.dpus {
         let Some(report) = observed.dpus.get(name).and_then(Known::get) else {
             continue;
@@ -267,10 +270,10 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
 
     // Looked up, never iterated: hash maps (BTreeMap compares these long, shared-prefix keys).
     // Keyed by borrowed names and functions: no allocation per lookup.
-    let mut registered: HashMap<(&str, &str), Option<usize>> = HashMap::new();
-    let mut subsystems: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::new();
-    let mut controllers: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::new();
-    let mut attaches: HashMap<(&str, FunctionRef), Vec<usize>> = HashMap::new();
+    let mut registered: HashMap<(&str, &str), Option<usize>> = HashMap::default();
+    let mut subsystems: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::default();
+    let mut controllers: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::default();
+    let mut attaches: HashMap<(&str, FunctionRef), Vec<usize>> = HashMap::default();
     let mut resume_needed: BTreeSet<(&str, FunctionRef)> = BTreeSet::new();
 
     for v in desired.volumes.values() {
@@ -612,8 +615,7 @@ fn index_images(observed: &Observed) -> ImageIndex<'_> {
         .collect()
 }
 
-type ImageIndex<'a> =
-    BTreeMap<&'a str, std::collections::HashMap<(&'a str, &'a str), &'a ImageStatus>>;
+type ImageIndex<'a> = BTreeMap<&'a str, HashMap<(&'a str, &'a str), &'a ImageStatus>>;
 
 /// Removes what unistor owns and the manifests no longer want (or want elsewhere), in reverse
 /// order. Returns the removal steps per DPU.
@@ -652,7 +654,7 @@ fn teardown(
             .and_then(|v| placement.get(v))
             .is_some_and(|(d, _, _)| *d == dpu)
     };
-    let mut nqns_on: HashMap<&str, BTreeSet<String>> = HashMap::new();
+    let mut nqns_on: HashMap<&str, BTreeSet<String>> = HashMap::default();
     for v in desired.volumes.values() {
         nqns_on
             .entry(v.dpu.as_str())
@@ -661,7 +663,7 @@ fn teardown(
     }
 
     // Per DPU: namespaces whose bdev is unistor's and no longer wanted.
-    let mut detach_of_volume: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut detach_of_volume: HashMap<String, Vec<usize>> = HashMap::default();
     for (dpu_name, k) in &observed.dpus {
         let Some(DpuReport {
             inventory: Some(inv),
