@@ -244,15 +244,12 @@ pub fn check_nqn(field: &str, value: &str) -> Result<(), NameError> {
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".:-_".contains(c))
         });
-    if ok {
-        Ok(())
-    } else {
-        Err(refuse(
-            field,
-            value,
-            "allowed: nqn. followed by a-z 0-9 . : - _, 223 bytes at most",
-        ))
-    }
+    verdict(
+        ok,
+        field,
+        value,
+        "allowed: nqn. followed by a-z 0-9 . : - _, 223 bytes at most",
+    )
 }
 
 /// A UUID in canonical lowercase 8-4-4-4-12 form.
@@ -264,15 +261,12 @@ pub fn check_uuid(field: &str, value: &str) -> Result<(), NameError> {
                 && p.chars()
                     .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
         });
-    if ok {
-        Ok(())
-    } else {
-        Err(refuse(
-            field,
-            value,
-            "allowed: a lowercase UUID, 8-4-4-4-12 hex digits",
-        ))
-    }
+    verdict(
+        ok,
+        field,
+        value,
+        "allowed: a lowercase UUID, 8-4-4-4-12 hex digits",
+    )
 }
 
 /// A monitor address: `host:port` or `[v6]:port`, host of a-z A-Z 0-9 . -.
