@@ -22,6 +22,12 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resets the peak RSS to the current RSS (Linux `clear_refs` 5), so that a phase's peak is
+/// measured on its own; false when the kernel refuses.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 fn fleet(dpus: usize, per: usize) -> Desired {
     let source = Source {
         file: PathBuf::from("bench.yaml"),
@@ -131,6 +137,9 @@ fn main() {
     }
     drop(p);
     let observed = world.observed();
+    drop(world);
+    let reset = reset_peak_rss();
+    let base = peak_rss_kib();
     // `--repeat N` plans the converged state N more times (for profiling).
     for _ in 0..arg("--repeat", 0) {
         std::hint::black_box(plan::plan(&d, &observed, &opts));
@@ -140,9 +149,11 @@ fn main() {
     let converged = t.elapsed();
     assert!(p.is_empty(), "converged state plans nothing");
     println!(
-        "plan when converged: {} steps in {:.1} ms; peak RSS {} MiB",
+        "plan when converged: {} steps in {:.1} ms; peak RSS {} MiB (before planning: {} MiB{})",
         p.steps.len(),
         converged.as_secs_f64() * 1e3,
-        peak_rss_kib() / 1024
+        peak_rss_kib() / 1024,
+        base / 1024,
+        if reset { "" } else { "; peak not reset, includes the runs before" }
     );
 }

@@ -146,6 +146,17 @@ pub enum DeletionPolicy {
     Delete,
 }
 
+impl DeletionPolicy {
+    /// The name written into image metadata (`unistor.deletion-policy`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletionPolicy::Retain => "Retain",
+            DeletionPolicy::Trash => "Trash",
+            DeletionPolicy::Delete => "Delete",
+        }
+    }
+}
+
 /// A volume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -46,6 +46,10 @@ pub mod names {
     pub fn cluster(cluster: &str) -> String {
         format!("{PREFIX}{cluster}")
     }
+    /// The name a unistor SNAP object was made from (`unistor-db` -> `db`), if it is one.
+    pub fn unprefixed(name: &str) -> Option<&str> {
+        name.strip_prefix(PREFIX)
+    }
     /// Whether a SNAP object name is unistor's.
     pub fn owned(name: &str) -> bool {
         name.starts_with(PREFIX) || name.starts_with(NQN_PREFIX)
@@ -128,54 +132,95 @@ fn fnv(s: &str) -> u64 {
     h
 }
 
+/// Where every wanted volume goes, resolved before planning: its subsystem and NSID, by the
+/// volume's position in `desired.volumes` (name order), and the volumes of each DPU. Vectors
+/// indexed by position instead of maps keyed by name: planning 80k volumes is bound by memory
+/// lookups, and these are the hot ones.
+struct Placement<'a> {
+    volumes: Vec<&'a Volume>,
+    nqn: Vec<String>,
+    nsid: Vec<u32>,
+    by_name: HashMap<&'a str, usize>,
+    /// DPU name -> its volumes (positions, in name order); sorted by DPU name.
+    by_dpu: Vec<(&'a str, Vec<usize>)>,
+}
+
+impl Placement<'_> {
+    /// Whether unistor's bdev `bdev` is wanted on `dpu` (as `nqn`/`nsid` when given).
+    fn wants(&self, bdev: &str, dpu: &str, at: Option<(&str, u32)>) -> bool {
+        names::unprefixed(bdev)
+            .and_then(|v| self.by_name.get(v))
+            .is_some_and(|&i| {
+                self.volumes[i].dpu == dpu
+                    && at.is_none_or(|(nqn, nsid)| self.nqn[i] == nqn && self.nsid[i] == nsid)
+            })
+    }
+}
+
 /// Resolves every volume's NSID: pinned; else the NSID SNAP already gives its UUID; else derived
 /// from its name (probing upwards past taken NSIDs). Volumes are visited in name order.
-fn assign_nsids<'a>(
-    desired: &'a Desired,
-    observed: &Observed,
-    nqns: &'a HashMap<&'a str, String>,
-) -> HashMap<&'a str, u32> {
-    let mut taken: HashMap<&str, BTreeSet<u32>> = HashMap::default();
-    let mut out = HashMap::default();
-    let subsystem = |v: &Volume| nqns[v.name.as_str()].as_str();
-    for v in desired.volumes.values() {
-        if let Some(n) = v.nsid {
-            taken.entry(subsystem(v)).or_default().insert(n);
-            out.insert(v.name.as_str(), n);
-        }
+fn place<'a>(desired: &'a Desired, reports: &HashMap<&str, &DpuReport>) -> Placement<'a> {
+    let volumes: Vec<&Volume> = desired.volumes.values().collect();
+    let nqn: Vec<String> = volumes
+        .iter()
+        .map(|v| names::nqn(&v.dpu, v.function))
+        .collect();
+    let by_name = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect();
+    let mut groups: HashMap<&str, Vec<usize>> = HashMap::default();
+    for (i, v) in volumes.iter().enumerate() {
+        groups.entry(v.dpu.as_str()).or_default().push(i);
     }
-    let inventory =
-        |dpu: &str| -> Option<&SnapInventory> { observed.dpus.get(dpu)?.get()?.inventory.as_ref() };
-    for v in desired.volumes.values().filter(|v| v.nsid.is_none()) {
-        let nqn = subsystem(v);
-        let existing = inventory(&v.dpu).and_then(|inv| {
-            inv.subsystems
-                .iter()
-                .find(|s| s.nqn == nqn)?
-                .namespaces
-                .iter()
-                .find(|n| n.uuid.eq_ignore_ascii_case(&v.uuid))
-                .map(|n| n.nsid)
-        });
-        let used = taken.entry(nqn).or_default();
-        if let Some(n) = existing.filter(|n| !used.contains(n)) {
+    let mut by_dpu: Vec<(&str, Vec<usize>)> = groups.into_iter().collect();
+    by_dpu.sort_unstable_by(|a, b| a.0.cmp(b.0));
+
+    let mut nsid = vec![0; volumes.len()];
+    for (dpu, idxs) in &by_dpu {
+        let inv = reports.get(dpu).and_then(|r| r.inventory.as_ref());
+        // NSIDs taken per function (= per subsystem) of this DPU.
+        let mut taken: HashMap<FunctionRef, BTreeSet<u32>> = HashMap::default();
+        for &i in idxs {
+            if let Some(n) = volumes[i].nsid {
+                taken.entry(volumes[i].function).or_default().insert(n);
+                nsid[i] = n;
+            }
+        }
+        for &i in idxs.iter().filter(|&&i| volumes[i].nsid.is_none()) {
+            let v = volumes[i];
+            let sub = inv.and_then(|inv| inv.subsystems.iter().find(|s| s.nqn == nqn[i]));
+            let existing = sub.and_then(|s| {
+                s.namespaces
+                    .iter()
+                    .find(|n| n.uuid.eq_ignore_ascii_case(&v.uuid))
+                    .map(|n| n.nsid)
+            });
+            let used = taken.entry(v.function).or_default();
+            let n = match existing.filter(|n| !used.contains(n)) {
+                Some(n) => n,
+                None => {
+                    let foreign =
+                        |n: u32| sub.is_some_and(|s| s.namespaces.iter().any(|x| x.nsid == n));
+                    let start = (fnv(v.name.as_str()) % 1024) as u32;
+                    (0..1024)
+                        .map(|k| (start + k) % 1024 + 1)
+                        .find(|n| !used.contains(n) && !foreign(*n))
+                        .unwrap_or(1)
+                }
+            };
             used.insert(n);
-            out.insert(v.name.as_str(), n);
-            continue;
+            nsid[i] = n;
         }
-        let foreign: BTreeSet<u32> = inventory(&v.dpu)
-            .and_then(|inv| inv.subsystems.iter().find(|s| s.nqn == nqn))
-            .map(|s| s.namespaces.iter().map(|n| n.nsid).collect())
-            .unwrap_or_default();
-        let start = (fnv(v.name.as_str()) % 1024) as u32;
-        let n = (0..1024)
-            .map(|i| (start + i) % 1024 + 1)
-            .find(|n| !used.contains(n) && !foreign.contains(n))
-            .unwrap_or(1);
-        used.insert(n);
-        out.insert(v.name.as_str(), n);
     }
-    out
+    Placement {
+        volumes,
+        nqn,
+        nsid,
+        by_name,
+        by_dpu,
+    }
 }
 
 /// Computes the plan.
@@ -203,18 +248,18 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             b.plan.unknown.push(format!("dpu/{name}: not observed"));
         }
     }
-    // Each volume's subsystem, computed once.
-    let nqns: HashMap<&str, String> = desired
-        .volumes
-        .values()
-        .map(|v| (v.name.as_str(), names::nqn(&v.dpu, v.function)))
+    // Reports by DPU, looked up once per DPU (hashing beats comparing long shared prefixes).
+    let reports: HashMap<&str, &DpuReport> = observed
+        .dpus
+        .iter()
+        .filter_map(|(n, k)| Some((n.as_str(), k.get()?)))
         .collect();
-    let nsids = assign_nsids(desired, observed, &nqns);
+    let placement = place(desired, &reports);
     let images = index_images(observed);
 
     // Removals first; what is created on a DPU waits for what is removed there (a moved volume's
     // bdev or function is freed before it is used again).
-    let removed_on = teardown(&mut b, desired, observed, opts, &nsids, &nqns);
+    let removed_on = teardown(&mut b, observed, opts, &placement);
     let after_removals = |dpu: &str| -> Vec<Option<usize>> {
         removed_on
             .get(dpu)
@@ -225,9 +270,10 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     };
 
     // SNAP on every DPU.
-    let mut snap_step: HashMap<&str, Option<usize>> = HashMap::default();
+    // Per DPU: what every step there waits for (its removals, then SNAP).
+    let mut first_on: HashMap<&str, (Option<usize>, Vec<Option<usize>>)> = HashMap::default();
     for (name, dpu) in &desired.dpus {
-        let Some(report) = observed.dpus.get(name).and_then(Known::get) else {
+        let Some(report) = reports.get(name.as_str()) else {
             continue;
         };
         let want = format!("{}:{}", dpu.snap.image, dpu.snap.tag);
@@ -265,334 +311,339 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         } else {
             None
         };
-        snap_step.insert(name.as_str(), step);
+        let mut first = after_removals(name);
+        first.push(step);
+        first_on.insert(name.as_str(), (step, first));
     }
+    let no_deps = (None, Vec::new());
+    // Controller names by function: a handful, formatted once.
+    let mut ctrl_names: HashMap<FunctionRef, String> = HashMap::default();
 
-    // Looked up, never iterated: hash maps (BTreeMap compares these long, shared-prefix keys).
-    // Keyed by borrowed names and functions: no allocation per lookup.
-    let mut registered: HashMap<(&str, &str), Option<usize>> = HashMap::default();
-    let mut subsystems: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::default();
-    let mut controllers: HashMap<(&str, FunctionRef), Option<usize>> = HashMap::default();
-    let mut attaches: HashMap<(&str, FunctionRef), Vec<usize>> = HashMap::default();
-    let mut resume_needed: BTreeSet<(&str, FunctionRef)> = BTreeSet::new();
-
-    for v in desired.volumes.values() {
-        let vname = v.name.as_str();
-        let object = || format!("volume/{vname}");
-        let cluster = observed.clusters.get(&v.cluster).and_then(Known::get);
-        let dpu = observed.dpus.get(&v.dpu).and_then(Known::get);
-        let (Some(_), Some(dpu_report)) = (cluster, dpu) else {
-            b.block(
-                object(),
-                format!(
-                    "waiting for {}: its state is unknown",
-                    if cluster.is_none() {
-                        format!("cluster/{}", v.cluster)
-                    } else {
-                        format!("dpu/{}", v.dpu)
-                    }
-                ),
-            );
-            continue;
-        };
-        // The image.
-        let ceph = Target::Cluster(v.cluster.clone());
-        let img = images
-            .get(v.cluster.as_str())
-            .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
-            .copied();
-        let policy = format!("{:?}", v.deletion_policy);
-        let retain_secs = v.trash_retention.as_secs();
-        let create = Action::CreateImage {
-            pool: v.pool.to_string(),
-            image: v.image.to_string(),
-            size_bytes: v.size_bytes,
-            volume: vname.into(),
-            policy: policy.clone(),
-            retain_secs,
-        };
-        let image_step = match img.map(|i| (&i.state, i)) {
-            None | Some((ImageState::Missing, _)) => {
-                Some(b.push(ceph.clone(), create, Risk::Safe, &[], Some(vname)))
-            }
-            Some((ImageState::Trashed { .. }, _)) => {
-                b.drift(object(), "rbd.state", "live".into(), "trashed".into());
-                Some(b.push(
-                    ceph.clone(),
-                    Action::RestoreImage {
-                        pool: v.pool.to_string(),
-                        image: v.image.to_string(),
-                    },
-                    Risk::Safe,
-                    &[],
-                    Some(vname),
-                ))
-            }
-            Some((ImageState::Live, i)) => {
-                let owner = i.metadata.get(META_MANAGED_BY).map(String::as_str);
-                let owned_by = i.metadata.get(META_VOLUME).map(String::as_str);
-                if owner != Some(opts.owner.as_str()) || owned_by != Some(vname) {
-                    b.block(
-                        object(),
-                        format!(
-                            "image {}/{} belongs to {}/{}, not to this volume",
-                            v.pool,
-                            v.image,
-                            owner.unwrap_or("-"),
-                            owned_by.unwrap_or("-")
-                        ),
-                    );
-                    continue;
+    // DPU by DPU (in name order), each DPU's volumes in name order, then its resumes.
+    for (dpu_name, idxs) in &placement.by_dpu {
+        let dpu = reports.get(dpu_name).copied();
+        let (snap, first) = first_on.get(dpu_name).unwrap_or(&no_deps);
+        let (snap, first) = (*snap, first.as_slice());
+        // What this DPU gets, by cluster or function.
+        let mut registered: HashMap<&str, Option<usize>> = HashMap::default();
+        let mut subsystems: HashMap<FunctionRef, Option<usize>> = HashMap::default();
+        let mut controllers: HashMap<FunctionRef, Option<usize>> = HashMap::default();
+        let mut attaches: HashMap<FunctionRef, Vec<usize>> = HashMap::default();
+        let mut resume_needed: BTreeSet<FunctionRef> = BTreeSet::new();
+        for &i in idxs {
+            let v = placement.volumes[i];
+            let vname = v.name.as_str();
+            let object = || format!("volume/{vname}");
+            let cluster = observed.clusters.get(&v.cluster).and_then(Known::get);
+            let (Some(_), Some(dpu_report)) = (cluster, dpu) else {
+                b.block(
+                    object(),
+                    format!(
+                        "waiting for {}: its state is unknown",
+                        if cluster.is_none() {
+                            format!("cluster/{}", v.cluster)
+                        } else {
+                            format!("dpu/{}", v.dpu)
+                        }
+                    ),
+                );
+                continue;
+            };
+            // The image.
+            let ceph = || Target::Cluster(v.cluster.clone());
+            let img = images
+                .get(v.cluster.as_str())
+                .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
+                .copied();
+            let policy = v.deletion_policy.as_str();
+            let retain_secs = v.trash_retention.as_secs();
+            let create = || Action::CreateImage {
+                pool: v.pool.to_string(),
+                image: v.image.to_string(),
+                size_bytes: v.size_bytes,
+                volume: vname.into(),
+                policy: policy.into(),
+                retain_secs,
+            };
+            let image_step = match img.map(|i| (&i.state, i)) {
+                None | Some((ImageState::Missing, _)) => {
+                    Some(b.push(ceph(), create(), Risk::Safe, &[], Some(vname)))
                 }
-                let have_policy = i
-                    .metadata
-                    .get(META_POLICY)
-                    .map(String::as_str)
-                    .unwrap_or("Retain");
-                let have_retention = i.metadata.get(META_RETENTION).and_then(|r| r.parse().ok());
-                if have_policy != policy || have_retention != Some(retain_secs) {
-                    b.drift(
-                        object(),
-                        "deletionPolicy",
-                        format!("{policy}/{retain_secs}s"),
-                        format!("{have_policy}/{}s", have_retention.unwrap_or(0)),
-                    );
-                    // The create command is idempotent and rewrites the policy.
-                    if i.size_bytes == v.size_bytes {
-                        b.push(ceph.clone(), create, Risk::Safe, &[], Some(vname));
-                    }
-                }
-                if i.size_bytes < v.size_bytes {
-                    b.drift(
-                        object(),
-                        "size",
-                        v.size_bytes.to_string(),
-                        i.size_bytes.to_string(),
-                    );
+                Some((ImageState::Trashed { .. }, _)) => {
+                    b.drift(object(), "rbd.state", "live".into(), "trashed".into());
                     Some(b.push(
-                        ceph.clone(),
-                        Action::GrowImage {
+                        ceph(),
+                        Action::RestoreImage {
                             pool: v.pool.to_string(),
                             image: v.image.to_string(),
-                            from_bytes: i.size_bytes,
-                            to_bytes: v.size_bytes,
-                            volume: vname.into(),
                         },
                         Risk::Safe,
                         &[],
                         Some(vname),
                     ))
-                } else if i.size_bytes > v.size_bytes {
-                    b.drift(
-                        object(),
-                        "size",
-                        v.size_bytes.to_string(),
-                        i.size_bytes.to_string(),
-                    );
-                    b.block(
+                }
+                Some((ImageState::Live, i)) => {
+                    let owner = i.metadata.get(META_MANAGED_BY).map(String::as_str);
+                    let owned_by = i.metadata.get(META_VOLUME).map(String::as_str);
+                    if owner != Some(opts.owner.as_str()) || owned_by != Some(vname) {
+                        b.block(
+                            object(),
+                            format!(
+                                "image {}/{} belongs to {}/{}, not to this volume",
+                                v.pool,
+                                v.image,
+                                owner.unwrap_or("-"),
+                                owned_by.unwrap_or("-")
+                            ),
+                        );
+                        continue;
+                    }
+                    let have_policy = i
+                        .metadata
+                        .get(META_POLICY)
+                        .map(String::as_str)
+                        .unwrap_or("Retain");
+                    let have_retention =
+                        i.metadata.get(META_RETENTION).and_then(|r| r.parse().ok());
+                    if have_policy != policy || have_retention != Some(retain_secs) {
+                        b.drift(
+                            object(),
+                            "deletionPolicy",
+                            format!("{policy}/{retain_secs}s"),
+                            format!("{have_policy}/{}s", have_retention.unwrap_or(0)),
+                        );
+                        // The create command is idempotent and rewrites the policy.
+                        if i.size_bytes == v.size_bytes {
+                            b.push(ceph(), create(), Risk::Safe, &[], Some(vname));
+                        }
+                    }
+                    if i.size_bytes < v.size_bytes {
+                        b.drift(
+                            object(),
+                            "size",
+                            v.size_bytes.to_string(),
+                            i.size_bytes.to_string(),
+                        );
+                        Some(b.push(
+                            ceph(),
+                            Action::GrowImage {
+                                pool: v.pool.to_string(),
+                                image: v.image.to_string(),
+                                from_bytes: i.size_bytes,
+                                to_bytes: v.size_bytes,
+                                volume: vname.into(),
+                            },
+                            Risk::Safe,
+                            &[],
+                            Some(vname),
+                        ))
+                    } else if i.size_bytes > v.size_bytes {
+                        b.drift(
+                            object(),
+                            "size",
+                            v.size_bytes.to_string(),
+                            i.size_bytes.to_string(),
+                        );
+                        b.block(
                         object(),
                         format!(
                             "shrinking from {} to {} bytes is refused: grow the manifest back or move the data",
                             i.size_bytes, v.size_bytes
                         ),
                     );
-                    None
-                } else {
-                    None
+                        None
+                    } else {
+                        None
+                    }
                 }
-            }
-        };
+            };
 
-        // The SNAP chain on the DPU.
-        let d = Target::Dpu(v.dpu.clone());
-        let snap = snap_step.get(v.dpu.as_str()).copied().flatten();
-        let mut first: Vec<Option<usize>> = after_removals(&v.dpu);
-        first.push(snap);
-        let empty = SnapInventory::default();
-        let inv = match (snap, dpu_report.inventory.as_ref()) {
-            (None, Some(inv)) => inv,
-            // SNAP is being (re)installed: plan against an empty SNAP.
-            _ => &empty,
-        };
-        let scluster = names::cluster(&v.cluster);
-        let reg = *registered
-            .entry((v.dpu.as_str(), v.cluster.as_str()))
-            .or_insert_with(|| {
-                (!inv.clusters.contains(&scluster)).then(|| {
+            // The SNAP chain on the DPU.
+            let d = || Target::Dpu(v.dpu.clone());
+            let empty = SnapInventory::default();
+            let inv = match (snap, dpu_report.inventory.as_ref()) {
+                (None, Some(inv)) => inv,
+                // SNAP is being (re)installed: plan against an empty SNAP.
+                _ => &empty,
+            };
+            let reg = *registered.entry(v.cluster.as_str()).or_insert_with(|| {
+                let registered = inv
+                    .clusters
+                    .iter()
+                    .any(|c| names::unprefixed(c) == Some(v.cluster.as_str()));
+                (!registered).then(|| {
                     b.push(
-                        d.clone(),
+                        d(),
                         Action::RegisterCluster {
-                            name: scluster.clone(),
+                            name: names::cluster(&v.cluster),
                             cluster: v.cluster.clone(),
                         },
                         Risk::Safe,
-                        &first,
+                        first,
                         None,
                     )
                 })
             });
-        let bdev = names::bdev(vname);
-        let bdev_step = match inv.bdevs.iter().find(|x| x.name == bdev) {
-            Some(x)
-                if x.pool.as_deref() == Some(v.pool.as_str())
-                    && x.image.as_deref() == Some(v.image.as_str()) =>
-            {
-                None
-            }
-            Some(x) => {
-                b.block(
-                    object(),
-                    format!(
-                        "bdev {bdev} on dpu/{} serves {}/{}",
-                        v.dpu,
-                        x.pool.as_deref().unwrap_or("?"),
-                        x.image.as_deref().unwrap_or("?")
-                    ),
-                );
-                continue;
-            }
-            None => Some(b.push(
-                d.clone(),
-                Action::CreateBdev {
-                    name: bdev.clone(),
-                    cluster: scluster.clone(),
-                    pool: v.pool.to_string(),
-                    image: v.image.to_string(),
-                },
-                Risk::Safe,
-                &[&first[..], &[reg, image_step]].concat(),
-                Some(vname),
-            )),
-        };
-        let nqn = &nqns[vname];
-        let sub = *subsystems
-            .entry((v.dpu.as_str(), v.function))
-            .or_insert_with(|| {
+            let is_bdev = |name: &str| names::unprefixed(name) == Some(vname);
+            let bdev_step = match inv.bdevs.iter().find(|x| is_bdev(&x.name)) {
+                Some(x)
+                    if x.pool.as_deref() == Some(v.pool.as_str())
+                        && x.image.as_deref() == Some(v.image.as_str()) =>
+                {
+                    None
+                }
+                Some(x) => {
+                    b.block(
+                        object(),
+                        format!(
+                            "bdev {} on dpu/{} serves {}/{}",
+                            x.name,
+                            v.dpu,
+                            x.pool.as_deref().unwrap_or("?"),
+                            x.image.as_deref().unwrap_or("?")
+                        ),
+                    );
+                    continue;
+                }
+                None => Some(b.push(
+                    d(),
+                    Action::CreateBdev {
+                        name: names::bdev(vname),
+                        cluster: names::cluster(&v.cluster),
+                        pool: v.pool.to_string(),
+                        image: v.image.to_string(),
+                    },
+                    Risk::Safe,
+                    &[first, &[reg, image_step]].concat(),
+                    Some(vname),
+                )),
+            };
+            let nqn = &placement.nqn[i];
+            let sub = *subsystems.entry(v.function).or_insert_with(|| {
                 (!inv.subsystems.iter().any(|s| s.nqn == *nqn)).then(|| {
                     b.push(
-                        d.clone(),
+                        d(),
                         Action::CreateSubsystem { nqn: nqn.clone() },
                         Risk::Safe,
-                        &first,
+                        first,
                         None,
                     )
                 })
             });
-        let nsid = nsids[vname];
-        let have_ns = inv
-            .subsystems
-            .iter()
-            .find(|s| s.nqn == *nqn)
-            .and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
-        let ns_step = match have_ns {
-            Some(n) if n.bdev == bdev && n.uuid.eq_ignore_ascii_case(&v.uuid) => None,
-            Some(n) => {
+            let nsid = placement.nsid[i];
+            let have_ns = inv
+                .subsystems
+                .iter()
+                .find(|s| s.nqn == *nqn)
+                .and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
+            let ns_step = match have_ns {
+                Some(n) if is_bdev(&n.bdev) && n.uuid.eq_ignore_ascii_case(&v.uuid) => None,
+                Some(n) => {
+                    b.block(
+                        object(),
+                        format!(
+                            "NSID {nsid} of {nqn} is taken by bdev {} (uuid {})",
+                            n.bdev, n.uuid
+                        ),
+                    );
+                    continue;
+                }
+                None => Some(b.push(
+                    d(),
+                    Action::CreateNamespace {
+                        nqn: nqn.clone(),
+                        nsid,
+                        bdev: names::bdev(vname),
+                        uuid: v.uuid.clone(),
+                    },
+                    Risk::Safe,
+                    &[first, &[sub, bdev_step]].concat(),
+                    Some(vname),
+                )),
+            };
+            let ctrl = ctrl_names
+                .entry(v.function)
+                .or_insert_with(|| names::controller(v.function))
+                .as_str();
+            let f = inv.functions.iter().find(|f| f.function == v.function);
+            if let Some(other) = f
+                .and_then(|f| f.controller.as_ref())
+                .filter(|c| c.as_str() != ctrl)
+            {
                 b.block(
                     object(),
                     format!(
-                        "NSID {nsid} of {nqn} is taken by bdev {} (uuid {})",
-                        n.bdev, n.uuid
+                        "function {} of dpu/{} is bound to controller {other}, not unistor's",
+                        v.function, v.dpu
                     ),
                 );
                 continue;
             }
-            None => Some(b.push(
-                d.clone(),
-                Action::CreateNamespace {
-                    nqn: nqn.clone(),
-                    nsid,
-                    bdev: bdev.clone(),
-                    uuid: v.uuid.clone(),
-                },
-                Risk::Safe,
-                &[&first[..], &[sub, bdev_step]].concat(),
-                Some(vname),
-            )),
-        };
-        let ctrl = names::controller(v.function);
-        let f = inv.functions.iter().find(|f| f.function == v.function);
-        if let Some(other) = f
-            .and_then(|f| f.controller.as_ref())
-            .filter(|c| **c != ctrl)
-        {
-            b.block(
-                object(),
-                format!(
-                    "function {} of dpu/{} is bound to controller {other}, not unistor's",
-                    v.function, v.dpu
-                ),
-            );
-            continue;
-        }
-        let have_ctrl = inv.controllers.iter().find(|c| c.name == ctrl);
-        if let Some(c) = have_ctrl {
-            if c.num_queues != v.queues {
-                b.drift(
-                    object(),
-                    "queues",
-                    v.queues.to_string(),
-                    c.num_queues.to_string(),
-                );
+            let have_ctrl = inv.controllers.iter().find(|c| c.name == ctrl);
+            if let Some(c) = have_ctrl {
+                if c.num_queues != v.queues {
+                    b.drift(
+                        object(),
+                        "queues",
+                        v.queues.to_string(),
+                        c.num_queues.to_string(),
+                    );
+                }
             }
-        }
-        let ctrl_step = *controllers
-            .entry((v.dpu.as_str(), v.function))
-            .or_insert_with(|| {
+            let ctrl_step = *controllers.entry(v.function).or_insert_with(|| {
                 have_ctrl.is_none().then(|| {
                     b.push(
-                        d.clone(),
+                        d(),
                         Action::CreateController {
-                            name: ctrl.clone(),
+                            name: ctrl.into(),
                             nqn: nqn.clone(),
                             function: v.function,
                             queues: v.queues,
                         },
                         Risk::Safe,
-                        &[&first[..], &[sub]].concat(),
+                        &[first, &[sub]].concat(),
                         None,
                     )
                 })
             });
-        let attached = have_ctrl.is_some_and(|c| c.namespaces.contains(&nsid));
-        if !attached {
-            let a = b.push(
-                d.clone(),
-                Action::Attach {
-                    controller: ctrl.clone(),
-                    nsid,
+            let attached = have_ctrl.is_some_and(|c| c.namespaces.contains(&nsid));
+            if !attached {
+                let a = b.push(
+                    d(),
+                    Action::Attach {
+                        controller: ctrl.into(),
+                        nsid,
+                    },
+                    Risk::Safe,
+                    &[ctrl_step, ns_step],
+                    Some(vname),
+                );
+                attaches.entry(v.function).or_default().push(a);
+                resume_needed.insert(v.function);
+            }
+            if !have_ctrl.is_some_and(|c| c.state.eq_ignore_ascii_case("STARTED")) {
+                resume_needed.insert(v.function);
+            }
+        }
+        // Controllers resume after all their namespaces are attached.
+        for key in resume_needed {
+            let deps: Vec<Option<usize>> = attaches
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .map(|a| Some(*a))
+                .chain(std::iter::once(controllers.get(&key).copied().flatten()))
+                .collect();
+            b.push(
+                Target::Dpu(dpu_name.to_string()),
+                Action::Resume {
+                    controller: names::controller(key),
                 },
                 Risk::Safe,
-                &[ctrl_step, ns_step],
-                Some(vname),
+                &deps,
+                None,
             );
-            attaches
-                .entry((v.dpu.as_str(), v.function))
-                .or_default()
-                .push(a);
-            resume_needed.insert((v.dpu.as_str(), v.function));
         }
-        if !have_ctrl.is_some_and(|c| c.state.eq_ignore_ascii_case("STARTED")) {
-            resume_needed.insert((v.dpu.as_str(), v.function));
-        }
-    }
-    // Controllers resume after all their namespaces are attached.
-    for key in resume_needed {
-        let deps: Vec<Option<usize>> = attaches
-            .get(&key)
-            .into_iter()
-            .flatten()
-            .map(|a| Some(*a))
-            .chain(std::iter::once(controllers.get(&key).copied().flatten()))
-            .collect();
-        b.push(
-            Target::Dpu(key.0.to_string()),
-            Action::Resume {
-                controller: names::controller(key.1),
-            },
-            Risk::Safe,
-            &deps,
-            None,
-        );
     }
 
     b.plan
@@ -621,45 +672,17 @@ type ImageIndex<'a> = BTreeMap<&'a str, HashMap<(&'a str, &'a str), &'a ImageSta
 /// order. Returns the removal steps per DPU.
 fn teardown(
     b: &mut Builder,
-    desired: &Desired,
     observed: &Observed,
     opts: &Options,
-    nsids: &HashMap<&str, u32>,
-    nqns: &HashMap<&str, String>,
+    placement: &Placement<'_>,
 ) -> BTreeMap<String, Vec<usize>> {
     let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    // Where each wanted volume lives: DPU, subsystem, NSID (looked up by the volume name that
-    // unistor's bdev names carry, without building keys per observed object).
-    let placement: HashMap<&str, (&str, &str, u32)> = desired
-        .volumes
-        .values()
-        .map(|v| {
-            (
-                v.name.as_str(),
-                (
-                    v.dpu.as_str(),
-                    nqns[v.name.as_str()].as_str(),
-                    nsids[v.name.as_str()],
-                ),
-            )
-        })
-        .collect();
-    let wanted_here = |dpu: &str, nqn: &str, nsid: u32, bdev: &str| {
-        bdev.strip_prefix(names::PREFIX)
-            .and_then(|v| placement.get(v))
-            .is_some_and(|(d, q, n)| *d == dpu && *q == nqn && *n == nsid)
-    };
-    let bdev_wanted_on = |dpu: &str, bdev: &str| {
-        bdev.strip_prefix(names::PREFIX)
-            .and_then(|v| placement.get(v))
-            .is_some_and(|(d, _, _)| *d == dpu)
-    };
-    let mut nqns_on: HashMap<&str, BTreeSet<String>> = HashMap::default();
-    for v in desired.volumes.values() {
-        nqns_on
-            .entry(v.dpu.as_str())
-            .or_default()
-            .insert(nqns[v.name.as_str()].clone());
+    let mut nqns_on: HashMap<&str, rustc_hash::FxHashSet<&str>> = HashMap::default();
+    for (dpu, idxs) in &placement.by_dpu {
+        nqns_on.insert(
+            dpu,
+            idxs.iter().map(|&i| placement.nqn[i].as_str()).collect(),
+        );
     }
 
     // Per DPU: namespaces whose bdev is unistor's and no longer wanted.
@@ -678,7 +701,9 @@ fn teardown(
         let mut ns_removed: BTreeMap<String, usize> = BTreeMap::new();
         for s in inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
             for n in &s.namespaces {
-                if !names::owned(&n.bdev) || wanted_here(dpu_name, &s.nqn, n.nsid, &n.bdev) {
+                if !names::owned(&n.bdev)
+                    || placement.wants(&n.bdev, dpu_name, Some((&s.nqn, n.nsid)))
+                {
                     continue;
                 }
                 let volume = n.bdev.trim_start_matches(names::PREFIX).to_string();
@@ -710,10 +735,10 @@ fn teardown(
             }
         }
         // Controllers and subsystems left with nothing wanted.
-        let none = BTreeSet::new();
+        let none = rustc_hash::FxHashSet::default();
         let wanted_nqns = nqns_on.get(dpu_name.as_str()).unwrap_or(&none);
         for c in inv.controllers.iter().filter(|c| names::owned(&c.name)) {
-            if wanted_nqns.contains(&c.nqn) {
+            if wanted_nqns.contains(c.nqn.as_str()) {
                 continue;
             }
             let deps: Vec<Option<usize>> = destroyed_ns
@@ -734,7 +759,7 @@ fn teardown(
             destroyed_ns.entry(c.nqn.clone()).or_default().push(step);
         }
         for s in inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
-            if wanted_nqns.contains(&s.nqn) {
+            if wanted_nqns.contains(s.nqn.as_str()) {
                 continue;
             }
             let deps: Vec<Option<usize>> = destroyed_ns
@@ -752,7 +777,7 @@ fn teardown(
             );
         }
         for x in inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
-            if bdev_wanted_on(dpu_name, &x.name) {
+            if placement.wants(&x.name, dpu_name, None) {
                 continue;
             }
             let dep = ns_removed.get(&x.name).copied();
@@ -783,7 +808,7 @@ fn teardown(
             let Some(volume) = i.metadata.get(META_VOLUME) else {
                 continue;
             };
-            if desired.volumes.contains_key(volume) {
+            if placement.by_name.contains_key(volume.as_str()) {
                 continue;
             }
             let deps: Vec<Option<usize>> = detach_of_volume
