@@ -2,15 +2,18 @@
 # The lab: the whole system on one machine, under ./lab.
 #
 #   scripts/lab.sh up      one-node Ceph, certificates, a ceph-agent, three simulated DPUs
-#                          (dpu-agent + SNAP emulator in real-Ceph mode), then `unistor apply
-#                          examples/lab` and the fleet's state
+#                          (dpu-agent + SNAP emulator in real-Ceph mode), `unistor apply
+#                          examples/lab`, then the watch daemon (`unistor watch examples/lab`)
+#                          with its dashboard, and the fleet's status
 #   scripts/lab.sh down    stop everything, remove ./lab
 #
-# Ports: ceph-agent 127.0.0.1:7400, dpu-a/b/c 127.0.0.1:7411-7413 (as examples/lab names them).
+# Ports: ceph-agent 127.0.0.1:7400, dpu-a/b/c 127.0.0.1:7411-7413 (as examples/lab names them),
+# the dashboard 127.0.0.1:7480 (UNISTOR_LAB_HTTP to change it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lab=$PWD/lab
 bin=$PWD/target/release
+http=${UNISTOR_LAB_HTTP:-127.0.0.1:7480}
 
 start() { # name pidfile logfile command...
   local name=$1 pidfile=$2 log=$3; shift 3
@@ -60,15 +63,20 @@ up() {
 
   "$bin/unistor" apply examples/lab --pki-dir "$lab/pki" --auto-approve
   echo
-  "$bin/unistor" plan examples/lab --pki-dir "$lab/pki" || true
-  echo
-  for a in "ceph-1 127.0.0.1:7400" "dpu-a 127.0.0.1:7411" "dpu-b 127.0.0.1:7412" "dpu-c 127.0.0.1:7413"; do
-    set -- $a
-    "$bin/unistor" inspect --agent "$1" --addr "$2" --pki-dir "$lab/pki" | grep -v '^lease'
-    echo
+  # The daemon keeps it converged from here on: edit examples/lab and watch it follow.
+  start watch "$lab/watch.pid" "$lab/watch.log" \
+    "$bin/unistor" watch examples/lab --pki-dir "$lab/pki" --listen "$http" \
+    --state-dir "$lab/watch" --resync 1m
+  wait_port "$http"
+  for _ in $(seq 1 100); do
+    if curl -fsS "http://$http/api/v1/status" 2>/dev/null | grep -q '"result":"converged"'; then break; fi
+    sleep 0.3
   done
+  "$bin/unistor" status examples/lab --pki-dir "$lab/pki" --daemon "http://$http" || true
+  echo
   echo "lab is up: manifests in examples/lab, certificates in $lab/pki, logs in $lab/*.log"
-  echo "try: $bin/unistor plan examples/lab --pki-dir $lab/pki"
+  echo "dashboard: http://$http/   (JSON: /api/v1/status, Prometheus: /metrics)"
+  echo "the watch daemon follows edits to examples/lab; try: $bin/unistor plan examples/lab --pki-dir $lab/pki"
   echo "stop it with: scripts/lab.sh down"
 }
 

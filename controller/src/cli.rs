@@ -39,6 +39,13 @@ pub enum Command {
     Apply(crate::ops::ApplyArgs),
     /// The fleet: clusters, DPUs with their hosts, volumes with their health.
     Status(crate::ops::StatusArgs),
+    /// The GitOps daemon: keeps the fleet converged to the manifest directory; serves a
+    /// dashboard, a JSON API and Prometheus metrics.
+    Watch(crate::watch::WatchArgs),
+    /// Tell the daemon to leave a volume or a DPU alone (`volume/NAME`, `dpu/NAME`).
+    Suspend(crate::ops::SuspendArgs),
+    /// Tell the daemon to reconcile a suspended volume or DPU again.
+    Resume(crate::ops::SuspendArgs),
 }
 
 /// `unistor pki ...`

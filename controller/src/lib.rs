@@ -1,6 +1,6 @@
-//! The unistor controller. So far: the PKI commands, `inspect` (dial one agent over mutual TLS and
-//! print what it reports), and the manifests (`validate`, `schema`). The planner and the executor
-//! come next (see ARCHITECTURE.md).
+//! The unistor controller: manifests (`validate`, `schema`), the planner and the executor
+//! (`plan`, `apply`), the fleet's status (`status`), the GitOps daemon (`watch`, with its
+//! dashboard, JSON API and metrics), and the PKI commands. See ARCHITECTURE.md.
 
 pub mod cli;
 pub mod execute;
@@ -11,6 +11,7 @@ pub mod ops;
 pub mod plan;
 pub mod render;
 pub mod status;
+pub mod watch;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
         cli::Command::Plan(a) => Ok(ops::plan_cmd(a).await?),
         cli::Command::Apply(a) => Ok(ops::apply_cmd(a).await?),
         cli::Command::Status(a) => Ok(ops::status_cmd(a).await?),
+        cli::Command::Watch(a) => {
+            watch::run(a).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::Suspend(a) => Ok(ops::suspend_cmd(a, true)?),
+        cli::Command::Resume(a) => Ok(ops::suspend_cmd(a, false)?),
         cli::Command::Schema => {
             let s = serde_json::to_string_pretty(&manifest::schema()).expect("serializable");
             println!("{s}");

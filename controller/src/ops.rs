@@ -72,6 +72,17 @@ pub struct ApplyArgs {
     /// Do not ask for confirmation (for CI).
     #[arg(long)]
     pub auto_approve: bool,
+    /// What removals are allowed.
+    #[command(flatten)]
+    pub rails: Rails,
+    /// Passes of observe-plan-execute before giving up.
+    #[arg(long, default_value_t = 5)]
+    pub passes: usize,
+}
+
+/// The safety rails: which removals a plan may make.
+#[derive(Debug, Clone, Args)]
+pub struct Rails {
     /// Allow deleting images of removed volumes whose policy is Delete.
     #[arg(long)]
     pub allow_delete: bool,
@@ -81,12 +92,9 @@ pub struct ApplyArgs {
     /// Allow removing volumes whose images are in use (have watchers).
     #[arg(long)]
     pub allow_in_use: bool,
-    /// Most volumes one apply may remove.
+    /// Most volumes one apply (or one reconcile of the daemon) may remove.
     #[arg(long, default_value_t = 5)]
     pub max_removals: usize,
-    /// Passes of observe-plan-execute before giving up.
-    #[arg(long, default_value_t = 5)]
-    pub passes: usize,
 }
 
 /// `unistor status`
@@ -98,29 +106,130 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Format,
+    /// The watch daemon to read from when it runs for the same manifest directory.
+    #[arg(long, env = "UNISTOR_DAEMON", default_value = "http://127.0.0.1:7480")]
+    pub daemon: String,
+    /// Ask the agents directly, even when a daemon runs.
+    #[arg(long)]
+    pub direct: bool,
 }
 
-/// `unistor status`: exit 0 when every volume is ok, 1 otherwise.
+/// `unistor suspend|resume`
+#[derive(Debug, Args)]
+pub struct SuspendArgs {
+    /// `volume/NAME` or `dpu/NAME`.
+    pub object: String,
+    /// The watch daemon.
+    #[arg(long, env = "UNISTOR_DAEMON", default_value = "http://127.0.0.1:7480")]
+    pub daemon: String,
+}
+
+fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// `unistor suspend|resume KIND/NAME`: asks the daemon.
+pub fn suspend_cmd(a: SuspendArgs, on: bool) -> Result<ExitCode, OpsError> {
+    let Some((kind, name)) = a.object.split_once('/') else {
+        return Err(OpsError::Daemon {
+            daemon: a.daemon,
+            why: format!("{:?}: expected volume/NAME or dpu/NAME", a.object),
+        });
+    };
+    let url = format!(
+        "{}/api/v1/{}/{kind}/{name}",
+        a.daemon.trim_end_matches('/'),
+        if on { "suspend" } else { "resume" }
+    );
+    let daemon_err = |why: String| OpsError::Daemon {
+        daemon: a.daemon.clone(),
+        why,
+    };
+    let mut resp = http_agent()
+        .post(&url)
+        .send_empty()
+        .map_err(|e| daemon_err(e.to_string()))?;
+    let body: serde_json::Value = resp
+        .body_mut()
+        .read_json()
+        .map_err(|e| daemon_err(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(daemon_err(
+            body["error"].as_str().unwrap_or("request refused").into(),
+        ));
+    }
+    println!(
+        "{kind}/{name}: {}{}",
+        body["state"].as_str().unwrap_or("?"),
+        if body["changed"].as_bool() == Some(false) {
+            " (already)"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's view, when a daemon answers at `url` for the manifest directory `dir`.
+fn from_daemon(url: &str, dir: &std::path::Path) -> Option<crate::watch::state::DaemonView> {
+    let mut resp = http_agent()
+        .get(&format!("{}/api/v1/status", url.trim_end_matches('/')))
+        .call()
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let view: crate::watch::state::DaemonView = resp.body_mut().read_json().ok()?;
+    let same = dir.canonicalize().ok()? == view.manifests.dir;
+    same.then_some(view)
+}
+
+/// `unistor status`: exit 0 when every volume is ok, 1 otherwise. Read from the watch daemon
+/// when one runs for the same manifests (it holds sessions with every agent), else from the
+/// agents.
 pub async fn status_cmd(a: StatusArgs) -> Result<ExitCode, OpsError> {
-    let desired = load(&a.common.dir)?;
-    let fleet = connect(&a.common, &desired).await?;
-    let observed = fleet.observe(a.common.report_timeout).await;
-    let healths: Vec<_> = desired
-        .volumes
-        .values()
-        .map(|v| crate::status::volume_health(v, &observed, v.nsid))
-        .collect();
+    let daemon = if a.direct {
+        None
+    } else {
+        let (url, dir) = (a.daemon.clone(), a.common.dir.clone());
+        tokio::task::spawn_blocking(move || from_daemon(&url, &dir))
+            .await
+            .ok()
+            .flatten()
+    };
+    let status = match daemon {
+        Some(view) => {
+            if matches!(a.output, Format::Text) {
+                println!(
+                    "From the watch daemon at {} (last reconcile: {}).\n",
+                    a.daemon,
+                    view.last_reconcile
+                        .as_ref()
+                        .map(|r| format!("{} at {}", r.result, r.at))
+                        .unwrap_or_else(|| "none yet".into())
+                );
+            }
+            view.fleet
+        }
+        None => {
+            let desired = load(&a.common.dir)?;
+            let fleet = connect(&a.common, &desired).await?;
+            let observed = fleet.observe(a.common.report_timeout).await;
+            crate::status::FleetStatus::new(&desired, &observed)
+        }
+    };
     match a.output {
-        Format::Text => print!("{}", crate::status::render(&desired, &observed)),
+        Format::Text => print!("{}", status.render()),
         Format::Json => println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"volumes": healths, "observed": observed})
-            )
-            .expect("serializable")
+            serde_json::to_string_pretty(&status).expect("serializable")
         ),
     }
-    Ok(if healths.iter().all(|h| h.state == "ok") {
+    Ok(if status.all_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -175,6 +284,14 @@ pub enum OpsError {
     /// Not confirmed.
     #[error("apply cancelled")]
     Cancelled,
+    /// The watch daemon refused or could not be reached.
+    #[error("watch daemon at {daemon}: {why}")]
+    Daemon {
+        /// Its URL.
+        daemon: String,
+        /// What went wrong.
+        why: String,
+    },
 }
 
 fn load(dir: &std::path::Path) -> Result<Desired, OpsError> {
@@ -188,18 +305,22 @@ fn load(dir: &std::path::Path) -> Result<Desired, OpsError> {
     })
 }
 
-async fn connect(c: &Common, desired: &Desired) -> Result<Arc<Fleet>, OpsError> {
+/// How the agents of `c` are reached: the controller's certificate and client timers.
+pub fn fleet_options(c: &Common) -> Result<FleetOptions, OpsError> {
     let me = PeerName::parse("--controller", &c.controller)?;
     let tls = tls::client_config(&PkiPaths::in_dir(&c.pki_dir, me.as_str()))?;
-    let opts = FleetOptions {
+    Ok(FleetOptions {
         tls,
         client: ClientOptions {
             controller_name: me.to_string(),
             ..ClientOptions::default()
         },
         report_timeout: c.report_timeout,
-    };
-    Ok(Arc::new(Fleet::connect(desired, &opts).await))
+    })
+}
+
+async fn connect(c: &Common, desired: &Desired) -> Result<Arc<Fleet>, OpsError> {
+    Ok(Arc::new(Fleet::connect(desired, &fleet_options(c)?).await))
 }
 
 /// A fingerprint of what the plan was made from: the desired state's plan inputs and the
@@ -285,7 +406,7 @@ pub fn check_rails(
     p: &Plan,
     desired: &Desired,
     observed: &Observed,
-    a: &ApplyArgs,
+    a: &Rails,
 ) -> Result<(), OpsError> {
     let mut problems = vec![];
     let removed: std::collections::BTreeSet<&str> = p
@@ -384,7 +505,7 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     };
     let exec = ExecOptions {
         owner: a.common.owner.clone(),
-        allow_delete: a.allow_delete,
+        allow_delete: a.rails.allow_delete,
         ..ExecOptions::default()
     };
     let mut observed = fleet.observe(a.common.report_timeout).await;
@@ -410,7 +531,7 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     if p.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    check_rails(&p, &desired, &observed, &a)?;
+    check_rails(&p, &desired, &observed, &a.rails)?;
     if !a.auto_approve && a.plan.is_none() {
         confirm(&p)?;
     }
@@ -456,7 +577,7 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
             return Ok(ExitCode::FAILURE);
         }
         // Later passes only finish what this apply set out to do; new removals need a new plan.
-        check_rails(&next, &desired, &observed, &a)?;
+        check_rails(&next, &desired, &observed, &a.rails)?;
         p = next;
     }
     println!("Not converged after {} passes:", a.passes);
@@ -469,22 +590,12 @@ mod tests {
     use super::*;
     use crate::plan::sim::World;
 
-    fn args() -> ApplyArgs {
-        ApplyArgs {
-            common: Common {
-                dir: "examples".into(),
-                pki_dir: "pki".into(),
-                controller: "controller".into(),
-                owner: "unistor".into(),
-                report_timeout: Duration::from_secs(1),
-            },
-            plan: None,
-            auto_approve: true,
+    fn args() -> Rails {
+        Rails {
             allow_delete: false,
             allow_empty: false,
             allow_in_use: false,
             max_removals: 5,
-            passes: 5,
         }
     }
 
@@ -510,7 +621,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--allow-empty"), "{e}");
-        let a = ApplyArgs {
+        let a = Rails {
             allow_empty: true,
             allow_delete: true,
             ..args()
@@ -524,7 +635,7 @@ mod tests {
         let mut fewer = d.clone();
         fewer.volumes.retain(|k, _| k == "db-data");
         let p = plan::plan(&fewer, &w.observed(), &Options::default());
-        let a = ApplyArgs {
+        let a = Rails {
             max_removals: 2,
             allow_delete: true,
             ..args()
@@ -540,7 +651,7 @@ mod tests {
             &p,
             &fewer,
             &w.observed(),
-            &ApplyArgs {
+            &Rails {
                 max_removals: 3,
                 ..a
             },

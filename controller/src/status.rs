@@ -1,166 +1,445 @@
-//! `unistor status`: clusters, DPUs with their hosts, and each volume's chain
-//! (image -> bdev -> namespace -> controller -> running) with the first broken link.
+//! The fleet's status: clusters, DPUs with their hosts, and each volume's chain
+//! (image -> bdev -> namespace -> controller -> attached -> host function) with the first broken
+//! link. One model, [`FleetStatus`], serves `unistor status` (text and JSON), the watch daemon's
+//! JSON API and its dashboard.
 
 use std::fmt::Write;
 
 use protocol::dpu::SnapInventory;
 use protocol::ImageState;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Desired, Volume};
 use crate::plan::{names, Observed};
 
-/// One volume's health.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct VolumeHealth {
+/// Everything the status views show.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// Ceph clusters.
+    pub clusters: Vec<ClusterStatus>,
+    /// DPUs.
+    pub dpus: Vec<DpuStatus>,
+    /// Volumes.
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// One Ceph cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Manifest name.
+    pub name: String,
+    /// Its agent.
+    pub agent: String,
+    /// Whether its agent reports.
+    pub reachable: bool,
+    /// `HEALTH_OK`... or `UNKNOWN`.
+    pub health: String,
+    /// Active health checks, `NAME: summary`.
+    pub checks: Vec<String>,
+    /// Raw bytes.
+    pub total_bytes: u64,
+    /// Raw bytes used.
+    pub used_bytes: u64,
+    /// Raw bytes available.
+    pub avail_bytes: u64,
+    /// Images unistor manages there.
+    pub images: usize,
+    /// Why it is unknown.
+    pub error: Option<String>,
+}
+
+/// One DPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DpuStatus {
+    /// Manifest name.
+    pub name: String,
+    /// The host it sits in.
+    pub host: String,
+    /// Its agent.
+    pub agent: String,
+    /// Whether its agent reports.
+    pub reachable: bool,
+    /// `ok`, `degraded` (SNAP not running or missing objects) or `unknown`.
+    pub health: String,
+    /// `bluefield3` or `simulation`.
+    pub platform: String,
+    /// SNAP's state.
+    pub snap_state: String,
+    /// SNAP's version as it answers.
+    pub snap_version: Option<String>,
+    /// The deployed image:tag.
+    pub snap_image: Option<String>,
+    /// SNAP restarts seen by the agent.
+    pub snap_restarts: u64,
+    /// Firmware version.
+    pub firmware: Option<String>,
+    /// ASIC temperature, °C.
+    pub temperature_c: Option<i32>,
+    /// CPU model.
+    pub cpu_model: String,
+    /// CPUs.
+    pub cpus: u32,
+    /// 1-minute load.
+    pub load1: f64,
+    /// Memory, bytes.
+    pub mem_total_bytes: u64,
+    /// Memory available, bytes.
+    pub mem_available_bytes: u64,
+    /// Objects SNAP lost that the agent has not restored.
+    pub missing: Vec<String>,
+    /// Why it is unknown.
+    pub error: Option<String>,
+}
+
+/// One link of a volume's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    /// `image`, `bdev`, `namespace`, `controller`, `attached`, `host`.
+    pub link: String,
+    /// `ok`, `broken`, or `unchecked` (after the first broken link).
+    pub state: String,
+    /// What was found.
+    pub detail: String,
+}
+
+/// One volume.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
     /// Volume.
     pub volume: String,
     /// Host.
     pub host: String,
-    /// `ok`, `degraded` or `unknown`.
-    pub state: &'static str,
-    /// The first link of the chain that is not there, when degraded; why, when unknown.
-    pub detail: String,
+    /// DPU.
+    pub dpu: String,
+    /// `cluster/pool/image`.
+    pub image: String,
+    /// Desired size.
+    pub desired_bytes: u64,
     /// Size the image has (0 when unknown).
     pub size_bytes: u64,
+    /// Function (`pf0`, `pf0vf3`).
+    pub function: String,
+    /// NSID as SNAP has it (or pinned).
+    pub nsid: Option<u32>,
+    /// Namespace UUID.
+    pub uuid: String,
+    /// Deletion policy.
+    pub policy: String,
+    /// `ok`, `degraded` or `unknown`.
+    pub state: String,
+    /// The first link that is not there, when degraded; why, when unknown.
+    pub detail: String,
+    /// The chain, link by link.
+    pub chain: Vec<Link>,
+    /// The last error a step of this volume met (the daemon fills it in).
+    pub last_error: Option<String>,
+    /// Whether reconciliation is suspended for it (the daemon fills it in).
+    pub suspended: bool,
 }
 
-/// Walks one volume's chain.
-pub fn volume_health(v: &Volume, observed: &Observed, nsid: Option<u32>) -> VolumeHealth {
-    let mut h = VolumeHealth {
+impl FleetStatus {
+    /// Builds the status from the manifests and what the agents report.
+    pub fn new(desired: &Desired, observed: &Observed) -> Self {
+        let clusters = desired
+            .clusters
+            .values()
+            .map(|c| {
+                let mut s = ClusterStatus {
+                    name: c.name.clone(),
+                    agent: c.agent.to_string(),
+                    health: "UNKNOWN".into(),
+                    ..ClusterStatus::default()
+                };
+                match observed.clusters.get(&c.name) {
+                    Some(crate::plan::Known::Known { report: r }) => {
+                        s.reachable = true;
+                        s.health = r.health.status.clone();
+                        s.checks = r
+                            .health
+                            .checks
+                            .iter()
+                            .map(|(k, v)| format!("{k}: {v}"))
+                            .collect();
+                        s.total_bytes = r.capacity.total_bytes;
+                        s.used_bytes = r.capacity.used_bytes;
+                        s.avail_bytes = r.capacity.avail_bytes;
+                        s.images = r.images.len();
+                    }
+                    Some(crate::plan::Known::Unknown { reason }) => s.error = Some(reason.clone()),
+                    None => s.error = Some("not observed".into()),
+                }
+                s
+            })
+            .collect();
+        let dpus = desired
+            .dpus
+            .values()
+            .map(|d| {
+                let mut s = DpuStatus {
+                    name: d.name.clone(),
+                    host: d.host.clone(),
+                    agent: d.agent.to_string(),
+                    health: "unknown".into(),
+                    snap_state: "unknown".into(),
+                    ..DpuStatus::default()
+                };
+                match observed.dpus.get(&d.name) {
+                    Some(crate::plan::Known::Known { report: r }) => {
+                        let running = r.snap.state == protocol::dpu::SnapState::Running;
+                        s.reachable = true;
+                        s.health = if running && r.missing.is_empty() {
+                            "ok"
+                        } else {
+                            "degraded"
+                        }
+                        .into();
+                        s.platform = r.platform.clone();
+                        s.snap_state = serde_json::to_value(r.snap.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default();
+                        s.snap_version = r.snap.version.clone();
+                        s.snap_image = r.snap.image.clone();
+                        s.snap_restarts = r.snap.restarts;
+                        if let Some(bf) = &r.bluefield {
+                            s.firmware = bf.firmware_version.clone();
+                            s.temperature_c = bf.temperature_c;
+                        }
+                        s.cpu_model = r.host.cpu_model.clone();
+                        s.cpus = r.host.cpus;
+                        s.load1 = r.host.load[0];
+                        s.mem_total_bytes = r.host.mem_total_bytes;
+                        s.mem_available_bytes = r.host.mem_available_bytes;
+                        s.missing = r.missing.clone();
+                    }
+                    Some(crate::plan::Known::Unknown { reason }) => s.error = Some(reason.clone()),
+                    None => s.error = Some("not observed".into()),
+                }
+                s
+            })
+            .collect();
+        let volumes = desired
+            .volumes
+            .values()
+            .map(|v| volume_status(v, observed))
+            .collect();
+        Self {
+            clusters,
+            dpus,
+            volumes,
+        }
+    }
+
+    /// Whether every volume is ok.
+    pub fn all_ok(&self) -> bool {
+        self.volumes.iter().all(|v| v.state == "ok")
+    }
+
+    /// The status tables, for people.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<16} {:<12} {:<12} {:>8} {:>12}",
+            "CLUSTER", "AGENT", "HEALTH", "IMAGES", "AVAIL"
+        );
+        for c in &self.clusters {
+            let (images, avail) = if c.reachable {
+                (c.images.to_string(), format!("{}Mi", c.avail_bytes >> 20))
+            } else {
+                ("-".into(), "-".into())
+            };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<12} {:<12} {:>8} {:>12}",
+                c.name, c.agent, c.health, images, avail
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<12} {:<12} {:<9} {:<12} {:<34} {:>8} {:>8}",
+            "DPU", "HOST", "HEALTH", "SNAP", "VERSION", "RESTARTS", "MISSING"
+        );
+        for d in &self.dpus {
+            if d.reachable {
+                let _ = writeln!(
+                    out,
+                    "{:<12} {:<12} {:<9} {:<12} {:<34} {:>8} {:>8}",
+                    d.name,
+                    d.host,
+                    d.health,
+                    d.snap_state,
+                    d.snap_image
+                        .as_deref()
+                        .and_then(|i| i.rsplit(':').next())
+                        .unwrap_or("-"),
+                    d.snap_restarts,
+                    d.missing.len()
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<12} {:<12} {:<9} {}",
+                    d.name,
+                    d.host,
+                    "UNKNOWN",
+                    d.error.as_deref().unwrap_or("")
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<10} {:>10} {:<9} DETAIL",
+            "VOLUME", "HOST", "SIZE", "STATE"
+        );
+        for v in &self.volumes {
+            let size = if v.size_bytes > 0 {
+                format!("{}Mi", v.size_bytes >> 20)
+            } else {
+                "-".into()
+            };
+            let state = if v.suspended {
+                format!("{} (suspended)", v.state)
+            } else {
+                v.state.clone()
+            };
+            let _ = writeln!(
+                out,
+                "{:<20} {:<10} {:>10} {:<9} {}{}",
+                v.volume,
+                v.host,
+                size,
+                state,
+                v.detail,
+                v.last_error
+                    .as_deref()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            );
+        }
+        out
+    }
+}
+
+/// Walks one volume's chain; the first link that is not there breaks it.
+pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
+    let mut s = VolumeStatus {
         volume: v.name.to_string(),
         host: v.host.clone(),
-        state: "unknown",
-        detail: String::new(),
-        size_bytes: 0,
+        dpu: v.dpu.clone(),
+        image: format!("{}/{}/{}", v.cluster, v.pool, v.image),
+        desired_bytes: v.size_bytes,
+        function: v.function.to_string(),
+        nsid: v.nsid,
+        uuid: v.uuid.clone(),
+        policy: v.deletion_policy.as_str().into(),
+        state: "unknown".into(),
+        ..VolumeStatus::default()
     };
     let Some(cluster) = observed.clusters.get(&v.cluster).and_then(|k| k.get()) else {
-        h.detail = format!("cluster {} not reporting", v.cluster);
-        return h;
+        s.detail = format!("cluster {} not reporting", v.cluster);
+        return s;
     };
     let Some(dpu) = observed.dpus.get(&v.dpu).and_then(|k| k.get()) else {
-        h.detail = format!("dpu {} not reporting", v.dpu);
-        return h;
+        s.detail = format!("dpu {} not reporting", v.dpu);
+        return s;
     };
-    h.state = "degraded";
+    // Each check: Ok(what was found) or Err(what is missing).
+    let mut chain = Chain::default();
     let img = cluster
         .images
         .iter()
         .find(|i| i.pool == v.pool.as_str() && i.image == v.image.as_str());
-    match img {
-        Some(i) if i.state == ImageState::Live => h.size_bytes = i.size_bytes,
-        Some(_) => {
-            h.detail = format!("image {}/{} is in the trash", v.pool, v.image);
-            return h;
+    chain.check("image", || match img {
+        Some(i) if i.state == ImageState::Live => {
+            s.size_bytes = i.size_bytes;
+            Ok(format!("{}/{} {}Mi", v.pool, v.image, i.size_bytes >> 20))
         }
-        None => {
-            h.detail = format!("image {}/{} missing", v.pool, v.image);
-            return h;
-        }
-    }
+        Some(_) => Err(format!("image {}/{} is in the trash", v.pool, v.image)),
+        None => Err(format!("image {}/{} missing", v.pool, v.image)),
+    });
     let empty = SnapInventory::default();
     let inv = dpu.inventory.as_ref().unwrap_or(&empty);
-    if dpu.inventory.is_none() {
-        h.detail = format!("SNAP on {} is {:?}", v.dpu, dpu.snap.state);
-        return h;
-    }
     let bdev = names::bdev(v.name.as_str());
-    if !inv.bdevs.iter().any(|b| b.name == bdev) {
-        h.detail = format!("bdev {bdev} missing on {}", v.dpu);
-        return h;
-    }
-    let nqn = names::nqn(&v.dpu, v.function);
-    let ns = inv.subsystems.iter().find(|s| s.nqn == nqn).and_then(|s| {
-        s.namespaces
-            .iter()
-            .find(|n| n.bdev == bdev && nsid.is_none_or(|x| x == n.nsid))
+    chain.check("bdev", || {
+        if dpu.inventory.is_none() {
+            Err(format!("SNAP on {} is {:?}", v.dpu, dpu.snap.state))
+        } else if inv.bdevs.iter().any(|b| b.name == bdev) {
+            Ok(bdev.clone())
+        } else {
+            Err(format!("bdev {bdev} missing on {}", v.dpu))
+        }
     });
-    let Some(ns) = ns else {
-        h.detail = format!("namespace for {bdev} missing in {nqn}");
-        return h;
-    };
+    let nqn = names::nqn(&v.dpu, v.function);
+    let ns = inv.subsystems.iter().find(|x| x.nqn == nqn).and_then(|x| {
+        x.namespaces
+            .iter()
+            .find(|n| n.bdev == bdev && v.nsid.is_none_or(|p| p == n.nsid))
+    });
+    chain.check("namespace", || match ns {
+        Some(n) => {
+            s.nsid = Some(n.nsid);
+            Ok(format!("nsid {} in {nqn}", n.nsid))
+        }
+        None => Err(format!("namespace for {bdev} missing in {nqn}")),
+    });
     let ctrl = names::controller(v.function);
-    let Some(c) = inv.controllers.iter().find(|c| c.name == ctrl) else {
-        h.detail = format!("controller {ctrl} missing on {}", v.dpu);
-        return h;
+    let c = inv.controllers.iter().find(|c| c.name == ctrl);
+    chain.check("controller", || match c {
+        Some(c) => Ok(format!("{ctrl} ({} queues)", c.num_queues)),
+        None => Err(format!("controller {ctrl} missing on {}", v.dpu)),
+    });
+    chain.check("attached", || match (c, ns) {
+        (Some(c), Some(n)) if c.namespaces.contains(&n.nsid) => {
+            Ok(format!("nsid {} on {ctrl}", n.nsid))
+        }
+        _ => Err(format!("namespace not attached to {ctrl}")),
+    });
+    chain.check("host", || match c {
+        Some(c) if c.state.eq_ignore_ascii_case("STARTED") => {
+            Ok(format!("{} {} on {}", v.host, v.function, v.dpu))
+        }
+        Some(c) => Err(format!("controller {ctrl} is {}", c.state)),
+        None => Err("no controller".into()),
+    });
+    s.state = if chain.broken.is_some() {
+        "degraded"
+    } else {
+        "ok"
+    }
+    .into();
+    s.detail = match chain.broken {
+        Some(why) => why,
+        None => format!("{} nsid {} on {}", v.function, s.nsid.unwrap_or(0), v.dpu),
     };
-    if !c.namespaces.contains(&ns.nsid) {
-        h.detail = format!("nsid {} not attached to {ctrl}", ns.nsid);
-        return h;
-    }
-    if !c.state.eq_ignore_ascii_case("STARTED") {
-        h.detail = format!("controller {ctrl} is {}", c.state);
-        return h;
-    }
-    h.state = "ok";
-    h.detail = format!("{} nsid {} on {}", v.function, ns.nsid, v.dpu);
-    h
+    s.chain = chain.links;
+    s
 }
 
-/// The status tables.
-pub fn render(desired: &Desired, observed: &Observed) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<16} {:<12} {:<12} {:>8}",
-        "CLUSTER", "AGENT", "HEALTH", "IMAGES"
-    );
-    for c in desired.clusters.values() {
-        let (health, images) = match observed.clusters.get(&c.name).and_then(|k| k.get()) {
-            Some(r) => (r.health.status.clone(), r.images.len().to_string()),
-            None => ("UNKNOWN".into(), "-".into()),
-        };
-        let _ = writeln!(
-            out,
-            "{:<16} {:<12} {:<12} {:>8}",
-            c.name, c.agent, health, images
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\n{:<12} {:<12} {:<14} {:<34} {:>8} {:>8}",
-        "DPU", "HOST", "SNAP", "VERSION", "RESTARTS", "MISSING"
-    );
-    for d in desired.dpus.values() {
-        match observed.dpus.get(&d.name).and_then(|k| k.get()) {
-            Some(r) => {
-                let _ = writeln!(
-                    out,
-                    "{:<12} {:<12} {:<14} {:<34} {:>8} {:>8}",
-                    d.name,
-                    d.host,
-                    format!("{:?}", r.snap.state),
-                    r.snap
-                        .image
-                        .as_deref()
-                        .and_then(|i| i.rsplit(':').next())
-                        .unwrap_or("-"),
-                    r.snap.restarts,
-                    r.missing.len()
-                );
-            }
-            None => {
-                let _ = writeln!(out, "{:<12} {:<12} {:<14}", d.name, d.host, "UNKNOWN");
-            }
-        }
-    }
-    let _ = writeln!(
-        out,
-        "\n{:<20} {:<10} {:>10} {:<9} DETAIL",
-        "VOLUME", "HOST", "SIZE", "STATE"
-    );
-    for v in desired.volumes.values() {
-        let h = volume_health(v, observed, v.nsid);
-        let size = if h.size_bytes > 0 {
-            format!("{}Mi", h.size_bytes >> 20)
+/// A chain being walked: links after the first broken one are not checked.
+#[derive(Default)]
+struct Chain {
+    links: Vec<Link>,
+    broken: Option<String>,
+}
+
+impl Chain {
+    fn check(&mut self, link: &str, f: impl FnOnce() -> Result<String, String>) {
+        let (state, detail) = if self.broken.is_some() {
+            ("unchecked", String::new())
         } else {
-            "-".into()
+            match f() {
+                Ok(d) => ("ok", d),
+                Err(e) => {
+                    self.broken = Some(e.clone());
+                    ("broken", e)
+                }
+            }
         };
-        let _ = writeln!(
-            out,
-            "{:<20} {:<10} {:>10} {:<9} {}",
-            h.volume, h.host, size, h.state, h.detail
-        );
+        self.links.push(Link {
+            link: link.into(),
+            state: state.into(),
+            detail,
+        });
     }
-    out
 }

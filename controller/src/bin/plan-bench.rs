@@ -154,6 +154,10 @@ fn main() {
         converged.as_secs_f64() * 1e3,
         peak_rss_kib() / 1024,
         base / 1024,
-        if reset { "" } else { "; peak not reset, includes the runs before" }
+        if reset {
+            ""
+        } else {
+            "; peak not reset, includes the runs before"
+        }
     );
 }

@@ -1,0 +1,417 @@
+//! `unistor watch`: the GitOps daemon. It watches the manifest directory (debounced; a bad read
+//! keeps the last good desired state), keeps sessions with every agent, and reconciles on a
+//! manifest change, on an agent's event, on a reconnect, on request and every `--resync`.
+//!
+//! One reconciler task runs every pass, so no object is ever reconciled twice at once; triggers
+//! that arrive meanwhile are coalesced into the next pass. Every pass recomputes from full state
+//! (observe everything, plan, execute, observe again): level-triggered, never edge-driven.
+
+pub mod http;
+mod sessions;
+pub mod state;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use notify::Watcher;
+use tokio::sync::mpsc;
+
+use crate::execute::{self, ExecOptions, Outcome};
+use crate::manifest;
+use crate::ops::{check_rails, Common, OpsError, Rails};
+use crate::plan::{self, Options, Plan, Step, Target};
+use sessions::Sessions;
+use state::{ReconcileSummary, Shared};
+
+/// `unistor watch`
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Manifests and agents.
+    #[command(flatten)]
+    pub common: Common,
+    /// What removals are allowed.
+    #[command(flatten)]
+    pub rails: Rails,
+    /// Address of the dashboard, the JSON API and the metrics.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub listen: SocketAddr,
+    /// Full reconcile (manifests re-read, every agent observed) at least this often.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub resync: Duration,
+    /// Report drift, change nothing.
+    #[arg(long)]
+    pub no_heal: bool,
+    /// Quiet time after a change in the manifest directory before it is read.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub debounce: Duration,
+    /// Where the daemon keeps suspensions across restarts.
+    #[arg(long, default_value = "unistor-state")]
+    pub state_dir: PathBuf,
+    /// Passes of observe-plan-execute per reconcile before waiting for the next trigger.
+    #[arg(long, default_value_t = 5)]
+    pub passes: usize,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
+    let state = Shared::new(&a.common.dir, &a.state_dir, !a.no_heal);
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let sessions = Arc::new(Sessions::new(
+        crate::ops::fleet_options(&a.common)?,
+        state.clone(),
+        tx.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(|source| OpsError::File {
+            path: PathBuf::from(a.listen.to_string()),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| OpsError::File {
+        path: PathBuf::from(a.listen.to_string()),
+        source,
+    })?;
+    // The first line tells scripts (and people) where the dashboard is.
+    println!("unistor watch: dashboard on http://{local}/ (API /api/v1/status, metrics /metrics)");
+    state.event(
+        "daemon",
+        "info",
+        format!(
+            "started: manifests {}, {} mode, resync every {}",
+            a.common.dir.display(),
+            if a.no_heal { "report-only" } else { "heal" },
+            humantime::format_duration(a.resync)
+        ),
+    );
+    reload(&a.common.dir, &state, &sessions, &tx);
+
+    let mut watcher = watch_dir(
+        &a.common.dir,
+        a.debounce,
+        state.clone(),
+        sessions.clone(),
+        tx.clone(),
+    )?;
+    let server = tokio::spawn(http::serve(listener, state.clone(), tx.clone()));
+    let reconciler = tokio::spawn(reconcile_loop(
+        a.clone(),
+        state.clone(),
+        sessions.clone(),
+        tx.clone(),
+        rx,
+    ));
+
+    shutdown_signal().await;
+    state.event("daemon", "info", "stopping");
+    let _ = watcher.unwatch(&a.common.dir);
+    reconciler.abort();
+    server.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Reads the manifests; a valid new set replaces the one in force, an invalid one is reported
+/// and changes nothing.
+fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &mpsc::UnboundedSender<String>) {
+    match manifest::load_dir(dir) {
+        Ok(d) => {
+            let summary = format!(
+                "{} cluster(s), {} DPU(s), {} volume(s)",
+                d.clusters.len(),
+                d.dpus.len(),
+                d.volumes.len()
+            );
+            sessions.update(&d);
+            if state.set_desired(d) {
+                state.event("manifests", "info", format!("loaded: {summary}"));
+                let _ = tx.send("manifests changed".into());
+            }
+        }
+        Err(errors) => {
+            let list = errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
+            state.event(
+                "manifests",
+                "error",
+                format!(
+                    "{} problem(s); the last good manifests stay in force:\n{list}",
+                    errors.len()
+                ),
+            );
+            state.manifest_error(list);
+        }
+    }
+}
+
+/// Watches the manifest directory; after `debounce` of quiet (at most 10 x `debounce` after the
+/// first change, so a stream of writes cannot starve it) the directory is read again.
+fn watch_dir(
+    dir: &Path,
+    debounce: Duration,
+    state: Arc<Shared>,
+    sessions: Arc<Sessions>,
+    tx: mpsc::UnboundedSender<String>,
+) -> Result<notify::RecommendedWatcher, OpsError> {
+    let (ftx, mut frx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !matches!(ev.kind, notify::EventKind::Access(_)) {
+                let _ = ftx.send(());
+            }
+        }
+    })
+    .map_err(|e| OpsError::File {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?;
+    watcher
+        .watch(dir, notify::RecursiveMode::Recursive)
+        .map_err(|e| OpsError::File {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+    let dir = dir.to_path_buf();
+    tokio::spawn(async move {
+        while frx.recv().await.is_some() {
+            let first = Instant::now();
+            loop {
+                let left = (debounce * 10).saturating_sub(first.elapsed());
+                match tokio::time::timeout(debounce.min(left), frx.recv()).await {
+                    Ok(Some(())) if !left.is_zero() => continue,
+                    Ok(None) => return,
+                    _ => break,
+                }
+            }
+            reload(&dir, &state, &sessions, &tx);
+        }
+    });
+    Ok(watcher)
+}
+
+/// Drops the steps of suspended volumes and DPUs, and every step that depends on one dropped.
+/// Returns what is left and how many were held back.
+pub fn without_suspended(mut p: Plan, s: &state::Suspended) -> (Plan, usize) {
+    let mut dropped: BTreeSet<usize> = BTreeSet::new();
+    for step in &p.steps {
+        let dpu = matches!(&step.target, Target::Dpu(d) if s.dpus.contains(d));
+        let volume = step.volume.as_ref().is_some_and(|v| s.volumes.contains(v));
+        if dpu || volume || step.depends_on.iter().any(|d| dropped.contains(d)) {
+            dropped.insert(step.id);
+        }
+    }
+    p.steps.retain(|st| !dropped.contains(&st.id));
+    (p, dropped.len())
+}
+
+async fn reconcile_loop(
+    a: WatchArgs,
+    state: Arc<Shared>,
+    sessions: Arc<Sessions>,
+    tx: mpsc::UnboundedSender<String>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+) {
+    let mut resync = tokio::time::interval(a.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    // Retries of an unfinished reconcile: 2 s, doubling, capped at a minute (or the resync).
+    let mut retry: Option<(tokio::time::Instant, u32)> = None;
+    loop {
+        let retry_at = retry.map(|(at, _)| at);
+        let mut reasons: BTreeSet<String> = BTreeSet::new();
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(r) => { reasons.insert(r); }
+                None => return,
+            },
+            _ = resync.tick() => {
+                reload(&a.common.dir, &state, &sessions, &tx);
+                reasons.insert("periodic resync".into());
+            }
+            _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                reasons.insert("retry of an unfinished reconcile".into());
+            }
+        }
+        // Let a burst of triggers (a reconnect storm, a checkout) land, then take them all.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while let Ok(r) = rx.try_recv() {
+            reasons.insert(r);
+        }
+        let reason = reasons.into_iter().collect::<Vec<_>>().join("; ");
+        let summary = reconcile(&a, &state, &sessions, &reason).await;
+        retry = match summary.result.as_str() {
+            "pending" => {
+                let n = retry.map_or(0, |(_, n)| n + 1);
+                let delay = (Duration::from_secs(2) * 2u32.saturating_pow(n.min(5)))
+                    .min(Duration::from_secs(60))
+                    .min(a.resync);
+                Some((tokio::time::Instant::now() + delay, n))
+            }
+            _ => None,
+        };
+    }
+}
+
+/// One reconcile: observe, plan, (unless report-only or refused) execute, observe again, until
+/// converged, stuck or out of passes.
+async fn reconcile(
+    a: &WatchArgs,
+    state: &Shared,
+    sessions: &Sessions,
+    reason: &str,
+) -> ReconcileSummary {
+    let started = Instant::now();
+    let mut summary = ReconcileSummary {
+        at: state::now(),
+        reason: reason.into(),
+        ..ReconcileSummary::default()
+    };
+    let Some(desired) = state.desired() else {
+        summary.result = "waiting".into();
+        summary.message = Some("no valid manifests yet".into());
+        state.reconciled(summary.clone());
+        return summary;
+    };
+    state.reconciling(true);
+    let fleet = Arc::new(sessions.snapshot());
+    let opts = Options {
+        owner: a.common.owner.clone(),
+    };
+    let exec = ExecOptions {
+        owner: a.common.owner.clone(),
+        allow_delete: a.rails.allow_delete,
+        ..ExecOptions::default()
+    };
+    let mut observed = fleet.observe(a.common.report_timeout).await;
+    state.observed(observed.clone());
+    summary.result = "pending".into();
+    for _pass in 0..a.passes.max(1) {
+        let (p, held) =
+            without_suspended(plan::plan(&desired, &observed, &opts), &state.suspended());
+        state.planned(&p);
+        if p.is_empty() {
+            summary.result = "converged".into();
+            if held > 0 {
+                summary.message = Some(format!("{held} step(s) of suspended objects held back"));
+            }
+            break;
+        }
+        if a.no_heal {
+            summary.result = "drift".into();
+            summary.message = Some(format!(
+                "report-only: {} step(s) would run, {} drift item(s)",
+                p.steps.len(),
+                p.drift.len()
+            ));
+            for d in &p.drift {
+                state.event(
+                    "drift",
+                    "warning",
+                    format!(
+                        "{} {}: want {}, found {}",
+                        d.object, d.field, d.desired, d.observed
+                    ),
+                );
+            }
+            break;
+        }
+        if let Err(e) = check_rails(&p, &desired, &observed, &a.rails) {
+            let text = protocol::error::chain(&e);
+            summary.result = "refused".into();
+            summary.message = Some(text.clone());
+            state.event("reconcile", "error", text);
+            break;
+        }
+        let progress = |s: &Step, o: &Outcome| step_done(state, s, o);
+        let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
+        summary.steps_done += report.done();
+        summary.steps_failed += report.problems();
+        observed = fleet.observe(a.common.report_timeout).await;
+        state.observed(observed.clone());
+        if report.done() == 0 {
+            break;
+        }
+    }
+    if summary.result == "pending" {
+        // Out of passes or stuck: the plan that is left says why.
+        let (p, _) = without_suspended(plan::plan(&desired, &observed, &opts), &state.suspended());
+        state.planned(&p);
+        if p.is_empty() {
+            summary.result = "converged".into();
+        } else {
+            summary.message = Some(format!("{} step(s) remain", p.steps.len()));
+        }
+    }
+    summary.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let level = if summary.result == "converged" {
+        "info"
+    } else {
+        "warning"
+    };
+    if summary.steps_done + summary.steps_failed > 0 || summary.result != "converged" {
+        state.event(
+            "reconcile",
+            level,
+            format!(
+                "{} after {} ms ({}): {} step(s) done, {} failed or skipped{}",
+                summary.result,
+                summary.duration_ms,
+                reason,
+                summary.steps_done,
+                summary.steps_failed,
+                summary
+                    .message
+                    .as_deref()
+                    .map(|m| format!("; {m}"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    state.reconciled(summary.clone());
+    summary
+}
+
+fn step_done(state: &Shared, s: &Step, o: &Outcome) {
+    let line = crate::render::step_line(s);
+    match o {
+        Outcome::Done => {
+            state.metrics.step("done");
+            if let Some(v) = &s.volume {
+                state.volume_error(v, None);
+            }
+            state.event("step", "info", format!("done: {line}"));
+        }
+        Outcome::Failed { error, transient } => {
+            state.metrics.step("failed");
+            if let Some(v) = &s.volume {
+                state.volume_error(v, Some(error.clone()));
+            }
+            state.event(
+                "step",
+                "error",
+                format!(
+                    "failed{}: {line}: {error}",
+                    if *transient { " (will retry)" } else { "" }
+                ),
+            );
+        }
+        Outcome::Skipped { reason } => {
+            state.metrics.step("skipped");
+            state.event("step", "warning", format!("skipped: {line}: {reason}"));
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Persistent sessions with every agent the manifests name. Each agent has a supervisor task:
+//! connect, listen to the agent's events, and on a lost session reconnect with jittered,
+//! capped exponential backoff. What an agent pushes that changes its state (drift: SNAP lost its
+//! objects, an image resized behind our back...) triggers a reconcile.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::client::AgentClient;
+use protocol::names::PeerName;
+use protocol::{Event, EventEnvelope};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::state::Shared;
+use crate::fleet::{Fleet, FleetOptions};
+use crate::manifest::Desired;
+use crate::plan::Target;
+
+/// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`], each with ±50 % jitter.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+struct Slot {
+    name: PeerName,
+    address: String,
+    client: Option<Arc<AgentClient>>,
+    error: String,
+    task: JoinHandle<()>,
+}
+
+/// The sessions, by target.
+pub struct Sessions {
+    slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
+    opts: FleetOptions,
+    state: Arc<Shared>,
+    trigger: mpsc::UnboundedSender<String>,
+}
+
+impl Sessions {
+    /// No sessions yet.
+    pub fn new(
+        opts: FleetOptions,
+        state: Arc<Shared>,
+        trigger: mpsc::UnboundedSender<String>,
+    ) -> Self {
+        Self {
+            slots: Arc::default(),
+            opts,
+            state,
+            trigger,
+        }
+    }
+
+    /// Starts sessions with agents the manifests now name, and ends those they no longer do.
+    pub fn update(&self, desired: &Desired) {
+        let mut want: BTreeMap<Target, (PeerName, String)> = BTreeMap::new();
+        for c in desired.clusters.values() {
+            want.insert(
+                Target::Cluster(c.name.clone()),
+                (c.agent.clone(), c.address.clone()),
+            );
+        }
+        for d in desired.dpus.values() {
+            want.insert(
+                Target::Dpu(d.name.clone()),
+                (d.agent.clone(), d.address.clone()),
+            );
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|t, s| {
+            let keep = want
+                .get(t)
+                .is_some_and(|(n, a)| *n == s.name && *a == s.address);
+            if !keep {
+                s.task.abort();
+                self.state.forget_agent(&t.to_string());
+            }
+            keep
+        });
+        for (t, (name, address)) in want {
+            if slots.contains_key(&t) {
+                continue;
+            }
+            let task = tokio::spawn(supervise(
+                t.clone(),
+                name.clone(),
+                address.clone(),
+                self.opts.clone(),
+                self.slots.clone(),
+                self.state.clone(),
+                self.trigger.clone(),
+            ));
+            slots.insert(
+                t,
+                Slot {
+                    name,
+                    address,
+                    client: None,
+                    error: "connecting".into(),
+                    task,
+                },
+            );
+        }
+    }
+
+    /// The sessions as they are now, for one reconcile.
+    pub fn snapshot(&self) -> Fleet {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        Fleet {
+            agents: slots
+                .iter()
+                .map(|(t, s)| (t.clone(), s.client.clone().ok_or_else(|| s.error.clone())))
+                .collect(),
+        }
+    }
+}
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for s in slots.values() {
+            s.task.abort();
+        }
+    }
+}
+
+fn set_slot(
+    slots: &Mutex<BTreeMap<Target, Slot>>,
+    t: &Target,
+    client: Option<Arc<AgentClient>>,
+    error: &str,
+) {
+    let mut g = slots.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = g.get_mut(t) {
+        s.client = client;
+        s.error = error.into();
+    }
+}
+
+/// What in a pushed report counts as a change worth a reconcile: the objects, not the counters.
+fn stable(e: &Event) -> Option<serde_json::Value> {
+    match e {
+        Event::DpuReport(r) => Some(serde_json::json!({
+            "snap": [&r.snap.state, &r.snap.image, r.snap.restarts],
+            "inventory": r.inventory, "missing": r.missing,
+        })),
+        Event::CephReport(r) => Some(serde_json::json!({"images": r.images, "pools": r.pools})),
+        _ => None,
+    }
+}
+
+async fn supervise(
+    target: Target,
+    name: PeerName,
+    address: String,
+    opts: FleetOptions,
+    slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
+    state: Arc<Shared>,
+    trigger: mpsc::UnboundedSender<String>,
+) {
+    let label = target.to_string();
+    let mut failures: u32 = 0;
+    let mut last: Option<serde_json::Value> = None;
+    loop {
+        match AgentClient::connect(&address, &name, opts.tls.clone(), opts.client.clone()).await {
+            Ok(client) => {
+                failures = 0;
+                let events = client.take_events();
+                let client = Arc::new(client);
+                set_slot(&slots, &target, Some(client.clone()), "");
+                state.agent(&label, &address, None);
+                state.event("agent", "info", format!("{label}: session up ({address})"));
+                let _ = trigger.send(format!("{label} connected"));
+                if let Some(mut events) = events {
+                    while let Some(EventEnvelope { event, .. }) = events.recv().await {
+                        match &event {
+                            Event::SnapReplayed(r) => {
+                                state.event(
+                                    "drift",
+                                    "warning",
+                                    format!(
+                                        "{label}: SNAP lost its state; the agent restored {} object(s), {} failed",
+                                        r.restored.len(),
+                                        r.failed.len()
+                                    ),
+                                );
+                                let _ = trigger.send(format!("{label}: SNAP replayed"));
+                            }
+                            Event::ShuttingDown => {
+                                state.event("agent", "warning", format!("{label}: shutting down"));
+                            }
+                            e => {
+                                let now = stable(e);
+                                if now.is_some() && now != last {
+                                    if last.is_some() {
+                                        let _ = trigger.send(format!("{label}: state changed"));
+                                    }
+                                    last = now;
+                                }
+                            }
+                        }
+                    }
+                }
+                drop(client);
+                set_slot(&slots, &target, None, "session lost");
+                state.agent(&label, &address, Some("session lost".into()));
+                state.event(
+                    "agent",
+                    "warning",
+                    format!("{label}: session lost; reconnecting"),
+                );
+                let _ = trigger.send(format!("{label} disconnected"));
+            }
+            Err(e) => {
+                let why = protocol::error::chain(&e);
+                set_slot(&slots, &target, None, &why);
+                if failures == 0 {
+                    state.agent(&label, &address, Some(why.clone()));
+                    state.event(
+                        "agent",
+                        "warning",
+                        format!("{label}: cannot connect to {address}: {why}"),
+                    );
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+        let base = BACKOFF_MIN
+            .saturating_mul(1 << failures.min(6))
+            .min(BACKOFF_MAX);
+        let jitter = 0.5 + fastrand::f64();
+        tokio::time::sleep(base.mul_f64(jitter)).await;
+    }
+}

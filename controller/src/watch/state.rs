@@ -1,0 +1,502 @@
+//! What the daemon knows and shows: the last good desired state, what the agents reported, the
+//! last reconcile, recent events, suspensions, and the Prometheus metrics. One lock; readers (the
+//! HTTP handlers) take snapshots, the reconciler and the watchers write.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Desired;
+use crate::plan::{Blocked, Drift, Observed};
+use crate::status::FleetStatus;
+
+/// Events kept for the dashboard.
+const EVENTS_KEPT: usize = 200;
+
+/// Now, as RFC 3339 (seconds).
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// One thing that happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// When (RFC 3339).
+    pub at: String,
+    /// `manifests`, `agent`, `reconcile`, `step`, `drift`, `suspend`.
+    pub kind: String,
+    /// `info`, `warning` or `error`.
+    pub level: String,
+    /// What.
+    pub message: String,
+}
+
+/// The manifests as the daemon last read them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestState {
+    /// The directory (canonical).
+    pub dir: PathBuf,
+    /// Whether the last read was valid (when not, the last good state stays in force).
+    pub valid: bool,
+    /// The problems of the last read, one per line.
+    pub error: Option<String>,
+    /// When the desired state in force was loaded.
+    pub loaded_at: Option<String>,
+    /// Rises with every new desired state.
+    pub generation: u64,
+}
+
+/// How the last reconcile went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileSummary {
+    /// When it started.
+    pub at: String,
+    /// What triggered it.
+    pub reason: String,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// `converged`, `pending` (steps failed or skipped), `drift` (report-only), `refused`,
+    /// `waiting` (no manifests yet).
+    pub result: String,
+    /// Steps done.
+    pub steps_done: usize,
+    /// Steps failed or skipped.
+    pub steps_failed: usize,
+    /// Details (rails' refusal, failures).
+    pub message: Option<String>,
+}
+
+/// One agent's session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// `cluster/ceph` or `dpu/dpu-a`.
+    pub target: String,
+    /// Its address.
+    pub address: String,
+    /// Whether the session is up.
+    pub connected: bool,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// Why it is down.
+    pub error: Option<String>,
+}
+
+/// Volumes and DPUs the daemon leaves alone (kept across restarts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspended {
+    /// Volume names.
+    pub volumes: BTreeSet<String>,
+    /// DPU names.
+    pub dpus: BTreeSet<String>,
+}
+
+/// The JSON API's answer and the dashboard's data.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DaemonView {
+    /// When this view was made.
+    pub generated_at: String,
+    /// When the daemon started.
+    pub started_at: String,
+    /// False in report-only mode (`--no-heal`).
+    pub heal: bool,
+    /// Whether a reconcile runs now.
+    pub reconciling: bool,
+    /// The manifests.
+    pub manifests: ManifestState,
+    /// The last reconcile.
+    pub last_reconcile: Option<ReconcileSummary>,
+    /// Agents' sessions.
+    pub agents: Vec<AgentState>,
+    /// Clusters, DPUs, volumes.
+    pub fleet: FleetStatus,
+    /// Steps the last plan still had (one line each).
+    pub pending: Vec<String>,
+    /// Drift found by the last plan.
+    pub drift: Vec<Drift>,
+    /// What the planner held back.
+    pub blocked: Vec<Blocked>,
+    /// Suspensions.
+    pub suspended: Suspended,
+    /// Recent events, newest last.
+    pub events: Vec<EventRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AgentLabel {
+    agent: String,
+}
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconcile_seconds: Histogram,
+    reconciles: Family<ResultLabel, Counter>,
+    steps: Family<OutcomeLabel, Counter>,
+    drift: Gauge,
+    pending: Gauge,
+    agent_up: Family<AgentLabel, Gauge>,
+    volumes_desired: Gauge,
+    volumes_converged: Gauge,
+    manifests_valid: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("unistor");
+        let reconcile_seconds =
+            Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]);
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile (observe, plan, execute, until converged or stuck)",
+            reconcile_seconds.clone(),
+        );
+        let reconciles = Family::default();
+        registry.register("reconciles", "Reconciles by result", reconciles.clone());
+        let steps = Family::default();
+        registry.register("steps", "Plan steps run, by outcome", steps.clone());
+        let drift = Gauge::default();
+        registry.register(
+            "drift_items",
+            "Field-level differences the last plan found",
+            drift.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register(
+            "pending_steps",
+            "Steps the last plan still had",
+            pending.clone(),
+        );
+        let agent_up = Family::default();
+        registry.register(
+            "agent_connected",
+            "1 when the session with the agent is up",
+            agent_up.clone(),
+        );
+        let volumes_desired = Gauge::default();
+        registry.register(
+            "volumes_desired",
+            "Volumes the manifests want",
+            volumes_desired.clone(),
+        );
+        let volumes_converged = Gauge::default();
+        registry.register(
+            "volumes_converged",
+            "Volumes whose whole chain is in place",
+            volumes_converged.clone(),
+        );
+        let manifests_valid = Gauge::default();
+        registry.register(
+            "manifests_valid",
+            "1 when the last read of the manifests was valid",
+            manifests_valid.clone(),
+        );
+        Self {
+            registry,
+            reconcile_seconds,
+            reconciles,
+            steps,
+            drift,
+            pending,
+            agent_up,
+            volumes_desired,
+            volumes_converged,
+            manifests_valid,
+        }
+    }
+
+    /// The OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    /// Counts one step's outcome.
+    pub fn step(&self, outcome: &str) {
+        self.steps
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}
+
+/// Mutable state behind the lock.
+#[derive(Default)]
+struct Inner {
+    desired: Option<Arc<Desired>>,
+    manifests: ManifestState,
+    observed: Observed,
+    last_reconcile: Option<ReconcileSummary>,
+    reconciling: bool,
+    agents: BTreeMap<String, AgentState>,
+    pending: Vec<String>,
+    drift: Vec<Drift>,
+    blocked: Vec<Blocked>,
+    suspended: Suspended,
+    events: VecDeque<EventRecord>,
+    last_errors: BTreeMap<String, String>,
+}
+
+/// The daemon's shared state.
+pub struct Shared {
+    inner: RwLock<Inner>,
+    started_at: String,
+    heal: bool,
+    suspend_file: PathBuf,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    /// New state; suspensions are read back from `state_dir`.
+    pub fn new(dir: &Path, state_dir: &Path, heal: bool) -> Arc<Self> {
+        let suspend_file = state_dir.join("suspended.json");
+        let suspended = std::fs::read(&suspend_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let inner = Inner {
+            manifests: ManifestState {
+                dir: dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()),
+                ..ManifestState::default()
+            },
+            suspended,
+            ..Inner::default()
+        };
+        Arc::new(Self {
+            inner: RwLock::new(inner),
+            started_at: now(),
+            heal,
+            suspend_file,
+            metrics: Metrics::new(),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an event (and logs it).
+    pub fn event(&self, kind: &str, level: &str, message: impl Into<String>) {
+        let message = message.into();
+        match level {
+            "error" => tracing::error!(kind, "{message}"),
+            "warning" => tracing::warn!(kind, "{message}"),
+            _ => tracing::info!(kind, "{message}"),
+        }
+        let mut g = self.write();
+        if g.events.len() == EVENTS_KEPT {
+            g.events.pop_front();
+        }
+        g.events.push_back(EventRecord {
+            at: now(),
+            kind: kind.into(),
+            level: level.into(),
+            message,
+        });
+    }
+
+    /// The desired state in force.
+    pub fn desired(&self) -> Option<Arc<Desired>> {
+        self.read().desired.clone()
+    }
+
+    /// A new valid desired state; returns false when it equals the one in force.
+    pub fn set_desired(&self, d: Desired) -> bool {
+        let mut g = self.write();
+        g.manifests.valid = true;
+        g.manifests.error = None;
+        if g.desired.as_deref() == Some(&d) {
+            return false;
+        }
+        self.metrics
+            .volumes_desired
+            .set(i64::try_from(d.volumes.len()).unwrap_or(i64::MAX));
+        self.metrics.manifests_valid.set(1);
+        g.desired = Some(Arc::new(d));
+        g.manifests.loaded_at = Some(now());
+        g.manifests.generation += 1;
+        true
+    }
+
+    /// An invalid read of the manifests: the last good state stays.
+    pub fn manifest_error(&self, error: String) {
+        self.metrics.manifests_valid.set(0);
+        let mut g = self.write();
+        g.manifests.valid = false;
+        g.manifests.error = Some(error);
+    }
+
+    /// An agent's session changed.
+    pub fn agent(&self, target: &str, address: &str, error: Option<String>) {
+        self.metrics
+            .agent_up
+            .get_or_create(&AgentLabel {
+                agent: target.into(),
+            })
+            .set(i64::from(error.is_none()));
+        let mut g = self.write();
+        g.agents.insert(
+            target.into(),
+            AgentState {
+                target: target.into(),
+                address: address.into(),
+                connected: error.is_none(),
+                since: now(),
+                error,
+            },
+        );
+    }
+
+    /// An agent is no longer in the manifests.
+    pub fn forget_agent(&self, target: &str) {
+        self.metrics.agent_up.remove(&AgentLabel {
+            agent: target.into(),
+        });
+        self.write().agents.remove(target);
+    }
+
+    /// A reconcile starts.
+    pub fn reconciling(&self, on: bool) {
+        self.write().reconciling = on;
+    }
+
+    /// What the last plan found.
+    pub fn planned(&self, p: &crate::plan::Plan) {
+        self.metrics
+            .drift
+            .set(i64::try_from(p.drift.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .pending
+            .set(i64::try_from(p.steps.len()).unwrap_or(i64::MAX));
+        let mut g = self.write();
+        g.pending = p.steps.iter().map(crate::render::step_line).collect();
+        g.drift = p.drift.clone();
+        g.blocked = p.blocked.clone();
+    }
+
+    /// What the agents reported last.
+    pub fn observed(&self, o: Observed) {
+        let mut g = self.write();
+        if let Some(d) = g.desired.clone() {
+            let fs = FleetStatus::new(&d, &o);
+            let ok = fs.volumes.iter().filter(|v| v.state == "ok").count();
+            self.metrics
+                .volumes_converged
+                .set(i64::try_from(ok).unwrap_or(i64::MAX));
+        }
+        g.observed = o;
+    }
+
+    /// The observed state last recorded.
+    pub fn last_observed(&self) -> Observed {
+        self.read().observed.clone()
+    }
+
+    /// A step of `volume` failed (None clears it).
+    pub fn volume_error(&self, volume: &str, error: Option<String>) {
+        let mut g = self.write();
+        match error {
+            Some(e) => g.last_errors.insert(volume.into(), e),
+            None => g.last_errors.remove(volume),
+        };
+    }
+
+    /// A reconcile ended.
+    pub fn reconciled(&self, s: ReconcileSummary) {
+        self.metrics
+            .reconcile_seconds
+            .observe(s.duration_ms as f64 / 1e3);
+        self.metrics
+            .reconciles
+            .get_or_create(&ResultLabel {
+                result: s.result.clone(),
+            })
+            .inc();
+        let mut g = self.write();
+        g.reconciling = false;
+        g.last_reconcile = Some(s);
+    }
+
+    /// Current suspensions.
+    pub fn suspended(&self) -> Suspended {
+        self.read().suspended.clone()
+    }
+
+    /// Changes a suspension and persists it; returns whether anything changed.
+    pub fn set_suspended(&self, kind: &str, name: &str, on: bool) -> Result<bool, std::io::Error> {
+        let mut g = self.write();
+        let set = if kind == "dpu" {
+            &mut g.suspended.dpus
+        } else {
+            &mut g.suspended.volumes
+        };
+        let changed = if on {
+            set.insert(name.into())
+        } else {
+            set.remove(name)
+        };
+        if changed {
+            let bytes = serde_json::to_vec_pretty(&g.suspended).expect("serializable");
+            if let Some(parent) = self.suspend_file.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            agent_kit::fsutil::write_atomic(&self.suspend_file, &bytes)?;
+        }
+        Ok(changed)
+    }
+
+    /// The JSON API's view.
+    pub fn view(&self) -> DaemonView {
+        let g = self.read();
+        let mut fleet = match &g.desired {
+            Some(d) => FleetStatus::new(d, &g.observed),
+            None => FleetStatus::default(),
+        };
+        for v in &mut fleet.volumes {
+            v.last_error = g.last_errors.get(&v.volume).cloned();
+            v.suspended =
+                g.suspended.volumes.contains(&v.volume) || g.suspended.dpus.contains(&v.dpu);
+        }
+        DaemonView {
+            generated_at: now(),
+            started_at: self.started_at.clone(),
+            heal: self.heal,
+            reconciling: g.reconciling,
+            manifests: g.manifests.clone(),
+            last_reconcile: g.last_reconcile.clone(),
+            agents: g.agents.values().cloned().collect(),
+            fleet,
+            pending: g.pending.clone(),
+            drift: g.drift.clone(),
+            blocked: g.blocked.clone(),
+            suspended: g.suspended.clone(),
+            events: g.events.iter().cloned().collect(),
+        }
+    }
+}
