@@ -374,7 +374,19 @@ pub async fn execute(
     let mut report = ExecReport::default();
     // Leases first: an agent whose lease cannot be taken runs nothing.
     let mut unusable: BTreeMap<Target, String> = BTreeMap::new();
-    let targets: BTreeSet<Target> = plan.steps.iter().map(|s| s.target.clone()).collect();
+    // Every agent a step commands: its own, and the cluster a SNAP registration asks for
+    // SNAP's cephx identity.
+    let targets: BTreeSet<Target> = plan
+        .steps
+        .iter()
+        .flat_map(|s| {
+            let also = match &s.action {
+                Action::RegisterCluster { cluster, .. } => Some(Target::Cluster(cluster.clone())),
+                _ => None,
+            };
+            std::iter::once(s.target.clone()).chain(also)
+        })
+        .collect();
     for t in &targets {
         match fleet.get(t) {
             Ok(c) => {

@@ -245,25 +245,207 @@ pub fn spawn_ceph_agent(
 pub fn spawn_dpu_agent(procs: &mut Procs, name: &str, pki: &Path, state: &Path) -> String {
     let addr = format!("127.0.0.1:{}", free_port());
     procs.0.push(
-        Command::new(bin("dpu-agent"))
-            .args(["--name", name, "--listen", &addr])
-            .args(["--platform", "simulation", "--poll-interval", "500ms"])
-            .arg("--pki-dir")
-            .arg(pki)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--snap-socket")
-            .arg(state.join("spdk.sock"))
-            .arg("--emulator")
-            .arg(bin("snap-emulator"))
-            .arg("--emulator-arg=--real-ceph")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        dpu_agent_command(name, &addr, pki, state, &[])
             .spawn()
             .expect("start dpu-agent"),
     );
     wait_listening(&addr);
     addr
+}
+
+/// The command line of a simulated dpu-agent (SNAP emulator in real-Ceph mode, socket
+/// `state/spdk.sock`, 500 ms SNAP poll) listening on `addr`, with `extra` arguments.
+pub fn dpu_agent_command(
+    name: &str,
+    addr: &str,
+    pki: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = Command::new(bin("dpu-agent"));
+    cmd.args(["--name", name, "--listen", addr])
+        .args(["--platform", "simulation", "--poll-interval", "500ms"])
+        .arg("--pki-dir")
+        .arg(pki)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--snap-socket")
+        .arg(state.join("spdk.sock"))
+        .arg("--emulator")
+        .arg(bin("snap-emulator"))
+        .arg("--emulator-arg=--real-ceph")
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// PIDs of the SNAP emulators serving `socket`.
+pub fn emulator_pids(socket: &Path) -> Vec<i32> {
+    let mut pids = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_emulator = args.first().is_some_and(|a| a.ends_with(b"snap-emulator"));
+        let sock = socket.as_os_str().as_encoded_bytes();
+        if is_emulator && args.contains(&sock) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A `unistor watch` daemon, killed when dropped; its log is in `log`.
+pub struct Daemon {
+    /// The process.
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `unistor watch` with `args` (the manifest directory first), logging to `log`.
+    pub fn start(args: &[&str], log: &Path) -> Self {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(bin("unistor"))
+            .arg("watch")
+            .args(args)
+            .args(["--listen", &listen])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("daemon log"))
+            .spawn()
+            .expect("start unistor watch");
+        wait_listening(&listen);
+        Daemon {
+            child,
+            url: format!("http://{listen}"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// GET `path` as text.
+    pub fn get(&self, path: &str) -> String {
+        http_get(&format!("{}{path}", self.url))
+    }
+
+    /// The JSON API's status.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/api/v1/status")).expect("status is JSON")
+    }
+
+    /// Waits until `cond` holds on the status; on timeout panics with the last status and
+    /// the end of the daemon's log.
+    pub fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut cond: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if cond(&s) {
+                return s;
+            }
+            if start.elapsed() > limit {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "gave up after {limit:?} waiting for {what}\nlast status: {}\ndaemon log (end):\n{}",
+                    serde_json::to_string_pretty(&s).unwrap_or_default(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the last reconcile converged with every volume ok (`n` of them).
+    pub fn wait_converged(&self, limit: Duration, n: usize) -> serde_json::Value {
+        self.wait_for(limit, &format!("{n} volume(s) converged"), |s| {
+            let vols = s["fleet"]["volumes"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            s["last_reconcile"]["result"] == "converged"
+                && s["reconciling"] == false
+                && vols.len() == n
+                && vols.iter().all(|v| v["state"] == "ok")
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET over plain HTTP (the daemon listens on loopback); the body, whatever the status.
+pub fn http_get(url: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// A headless browser's view of `url` after its scripts ran: Debian's chromium, `--dump-dom`.
+/// Panics with how to install it when it is missing.
+pub fn browser_dom(url: &str) -> String {
+    let bin = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .unwrap_or_else(|| {
+            panic!("no headless browser: install Debian's chromium (`apt-get install chromium`); .ci/run does")
+        });
+    let profile = tempfile::tempdir().expect("browser profile");
+    let out = Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the browser");
+    assert!(
+        out.status.success(),
+        "{bin} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One JSON-RPC call to SNAP's socket, directly (not through an agent); the `result`.
@@ -275,4 +457,58 @@ pub fn snap_call(socket: &Path, method: &str) -> serde_json::Value {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).expect("read");
     serde_json::from_str::<serde_json::Value>(&line).expect("json")["result"].clone()
+}
+
+/// Manifests of a fleet: one cluster (agent `ceph_agent` at `ceph_addr`, pool `pool`, SNAP's
+/// cephx id `snap_id`) and DPUs `(agent name, address)` named `dpu-<i>` in hosts `host-<i>`.
+pub fn fleet_yaml(
+    ceph_agent: &str,
+    ceph_addr: &str,
+    pool: &str,
+    snap_id: &str,
+    dpus: &[(&str, &str)],
+) -> String {
+    let mut y = format!(
+        "apiVersion: unistor.io/v1alpha1
+kind: CephCluster
+metadata: {{name: ceph}}
+spec:
+  agent: {{name: {ceph_agent}, address: '{ceph_addr}'}}
+  pools: [{pool}]
+  snapIdentity: {{clientId: {snap_id}}}
+"
+    );
+    for (i, (agent, addr)) in dpus.iter().enumerate() {
+        y.push_str(&format!(
+            "---
+apiVersion: unistor.io/v1alpha1
+kind: Dpu
+metadata: {{name: dpu-{i}}}
+spec:
+  agent: {{name: {agent}, address: '{addr}'}}
+  host: host-{i}
+  snap: {{version: 4.5.0, functions: {{pfs: 1, vfsPerPf: 4}}}}
+"
+        ));
+    }
+    y
+}
+
+/// One volume document: `name` on `host-<host>`, `size` (`64Mi`), image `name` in `pool`.
+pub fn volume_yaml(name: &str, host: usize, size: &str, pool: &str, policy: &str) -> String {
+    format!(
+        "---\napiVersion: unistor.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}}}\nspec:\n  host: host-{host}\n  size: {size}\n  rbd: {{cluster: ceph, pool: {pool}}}\n  deletionPolicy: {policy}\n  trashRetention: 1h\n"
+    )
+}
+
+/// Writes `text` to `path` the way editors do: a temporary file in the same directory, renamed
+/// over the old one.
+pub fn write_like_an_editor(path: &Path, text: &str) {
+    let dir = path.parent().expect("a directory");
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().expect("a file").to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
 }

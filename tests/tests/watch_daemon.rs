@@ -1,0 +1,475 @@
+//! `unistor watch` end to end: real agents on the real cluster, emulated SNAP, the daemon as a
+//! process. It converges from empty, follows manifest edits without being asked, removes
+//! volumes by their policy, keeps the last good manifests when they break, restores what SNAP
+//! lost with the same NSID and UUID, finishes an apply interrupted by a dead agent, honours
+//! suspensions, and its dashboard renders in a real headless browser.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use e2e::{
+    browser_dom, ceph_agent_command, dpu_agent_command, emulator_pids, fleet_yaml, free_port,
+    issue_pki, show, snap_call, unique, unistor, volume_yaml, wait_listening, write_like_an_editor,
+    Cluster, Daemon, Procs,
+};
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+/// A ceph-agent (cluster report every 2 s) and `n` dpu-agents, each with `dpu_args`.
+struct Lab {
+    dir: tempfile::TempDir,
+    ceph_agent: String,
+    ceph_addr: String,
+    dpus: Vec<(String, String)>,
+    dpu_args: Vec<String>,
+    procs: Procs,
+    owner: String,
+    snap_id: String,
+}
+
+impl Lab {
+    fn start(c: &Cluster, n: usize, dpu_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ceph_agent = unique("ceph-w");
+        let dpu_names: Vec<String> = (0..n).map(|i| unique(&format!("dpu-w{i}"))).collect();
+        let mut agents: Vec<&str> = vec![&ceph_agent];
+        agents.extend(dpu_names.iter().map(String::as_str));
+        issue_pki(&dir.path().join("pki"), &agents);
+        let mut lab = Lab {
+            ceph_addr: format!("127.0.0.1:{}", free_port()),
+            ceph_agent,
+            dpus: vec![],
+            dpu_args: dpu_args.iter().map(|s| s.to_string()).collect(),
+            procs: Procs::default(),
+            owner: unique("owner"),
+            snap_id: unique("snap-w"),
+            dir,
+        };
+        let child = ceph_agent_command(
+            c,
+            &lab.ceph_agent,
+            &lab.ceph_addr,
+            &lab.pki(),
+            &lab.dir.path().join("ceph-state"),
+        )
+        .args(["--report-interval", "2s"])
+        .spawn()
+        .unwrap();
+        lab.procs.0.push(child);
+        wait_listening(&lab.ceph_addr);
+        for (i, name) in dpu_names.into_iter().enumerate() {
+            let addr = format!("127.0.0.1:{}", free_port());
+            lab.dpus.push((name, addr));
+            lab.start_dpu(i);
+        }
+        std::fs::create_dir_all(lab.manifests()).unwrap();
+        lab
+    }
+
+    /// Starts (or restarts) dpu-agent `i` on its address and state directory; returns the
+    /// index of its process in `procs`.
+    fn start_dpu(&mut self, i: usize) -> usize {
+        let (name, addr) = &self.dpus[i];
+        let extra: Vec<&str> = self.dpu_args.iter().map(String::as_str).collect();
+        let child = dpu_agent_command(name, addr, &self.pki(), &self.state(i), &extra)
+            .spawn()
+            .unwrap();
+        self.procs.0.push(child);
+        wait_listening(addr);
+        self.procs.0.len() - 1
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+    fn state(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("dpu{i}"))
+    }
+    fn socket(&self, i: usize) -> PathBuf {
+        self.state(i).join("spdk.sock")
+    }
+    fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Writes the fleet and `volumes` (name, dpu index, size, policy).
+    fn write(&self, c: &Cluster, volumes: &[(&str, usize, &str, &str)]) {
+        let dpus: Vec<(&str, &str)> = self
+            .dpus
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str()))
+            .collect();
+        write_like_an_editor(
+            &self.manifests().join("fleet.yaml"),
+            &fleet_yaml(
+                &self.ceph_agent,
+                &self.ceph_addr,
+                &c.pool,
+                &self.snap_id,
+                &dpus,
+            ),
+        );
+        let vols: String = volumes
+            .iter()
+            .map(|(n, h, s, p)| volume_yaml(n, *h, s, &c.pool, p))
+            .collect();
+        write_like_an_editor(&self.manifests().join("volumes.yaml"), &vols);
+    }
+
+    /// `unistor watch` on the manifests, with `extra` flags.
+    fn daemon(&self, extra: &[&str]) -> Daemon {
+        let m = self.manifests().display().to_string();
+        let pki = self.pki().display().to_string();
+        let state = self.dir.path().join("watch").display().to_string();
+        let mut args = vec![
+            m.as_str(),
+            "--pki-dir",
+            &pki,
+            "--owner",
+            &self.owner,
+            "--state-dir",
+            &state,
+            "--resync",
+            "1h",
+            "--debounce",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, &self.dir.path().join("watch.log"))
+    }
+}
+
+/// Namespaces SNAP has on `socket`: (bdev, nsid, uuid), sorted.
+fn namespaces(socket: &Path) -> Vec<(String, u64, String)> {
+    let subs = snap_call(socket, "nvme_subsystem_list");
+    let mut out: Vec<(String, u64, String)> = subs
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .flat_map(|s| s["namespaces"].as_array().cloned().unwrap_or_default())
+        .map(|n| {
+            (
+                n["bdev"].as_str().unwrap_or("?").to_string(),
+                n["nsid"].as_u64().unwrap_or(0),
+                n["uuid"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn in_trash(c: &Cluster, image: &str) -> bool {
+    c.cli_ok("rbd", &["trash", "ls", "--format", "json", &c.pool])
+        .contains(image)
+}
+
+fn volume<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["fleet"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["volume"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+#[test]
+fn the_daemon_converges_follows_edits_and_removes_by_policy() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 2, &[]);
+    let [keep, grow, ret, trash, del] = ["keep", "grow", "ret", "trash", "del"].map(unique);
+    lab.write(
+        &c,
+        &[
+            (&keep, 0, "128Mi", "Retain"),
+            (&grow, 0, "64Mi", "Retain"),
+            (&ret, 1, "64Mi", "Retain"),
+            (&trash, 1, "64Mi", "Trash"),
+            (&del, 1, "64Mi", "Delete"),
+        ],
+    );
+    let started = Instant::now();
+    let d = lab.daemon(&["--allow-delete"]);
+    d.wait_converged(CONVERGE, 5);
+    println!(
+        "from empty: 5 volumes on 2 DPUs converged {} ms after the daemon started",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(namespaces(&lab.socket(0)).len(), 2);
+    assert_eq!(namespaces(&lab.socket(1)).len(), 3);
+
+    // An edit converges without being asked.
+    let edited = Instant::now();
+    lab.write(
+        &c,
+        &[
+            (&keep, 0, "128Mi", "Retain"),
+            (&grow, 0, "256Mi", "Retain"),
+            (&ret, 1, "64Mi", "Retain"),
+            (&trash, 1, "64Mi", "Trash"),
+            (&del, 1, "64Mi", "Delete"),
+        ],
+    );
+    d.wait_for(CONVERGE, "the grown volume", |s| {
+        volume(s, &grow)["size_bytes"] == 256u64 << 20 && volume(s, &grow)["state"] == "ok"
+    });
+    println!(
+        "manifest edit (grow) to convergence: {} ms",
+        edited.elapsed().as_millis()
+    );
+    assert_eq!(
+        c.rbd_info(&c.pool, &grow).unwrap()["size"].as_u64(),
+        Some(256 << 20)
+    );
+
+    // Removals, each by its policy.
+    lab.write(
+        &c,
+        &[(&keep, 0, "128Mi", "Retain"), (&grow, 0, "256Mi", "Retain")],
+    );
+    d.wait_for(CONVERGE, "three volumes removed", |s| {
+        s["fleet"]["volumes"].as_array().map(Vec::len) == Some(2)
+            && s["last_reconcile"]["result"] == "converged"
+            && s["pending"].as_array().is_some_and(|p| p.is_empty())
+            && !s["reconciling"].as_bool().unwrap_or(true)
+    });
+    assert!(
+        namespaces(&lab.socket(1)).is_empty(),
+        "detached from host-1"
+    );
+    assert!(
+        c.rbd_info(&c.pool, &ret).is_some(),
+        "Retain keeps the image"
+    );
+    assert!(c.rbd_info(&c.pool, &trash).is_none() && in_trash(&c, &trash));
+    assert!(
+        c.rbd_info(&c.pool, &del).is_none() && !in_trash(&c, &del),
+        "Delete deletes"
+    );
+
+    // A broken manifest is reported and changes nothing.
+    let before = namespaces(&lab.socket(0));
+    std::fs::write(
+        lab.manifests().join("volumes.yaml"),
+        volume_yaml(&keep, 0, "128Mi", &c.pool, "Retain").replace("size:", "sise:"),
+    )
+    .unwrap();
+    let s = d.wait_for(Duration::from_secs(30), "the manifest error", |s| {
+        s["manifests"]["valid"] == false
+    });
+    let err = s["manifests"]["error"].as_str().unwrap();
+    assert!(
+        err.contains("volumes.yaml:") && err.contains("sise"),
+        "names file, line and field: {err}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        namespaces(&lab.socket(0)),
+        before,
+        "the last good manifests stay in force"
+    );
+    assert_eq!(d.status()["fleet"]["volumes"].as_array().unwrap().len(), 2);
+
+    // Metrics, and `unistor status` reads from the daemon.
+    let metrics = d.get("/metrics");
+    for line in [
+        "unistor_volumes_converged 2",
+        "unistor_manifests_valid 0",
+        "unistor_reconciles_total{result=\"converged\"}",
+        "unistor_steps_total{outcome=\"done\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    let m = lab.manifests().display().to_string();
+    let pki = lab.pki().display().to_string();
+    let st = unistor(&["status", &m, "--pki-dir", &pki, "--daemon", &d.url]);
+    assert!(st.status.success(), "{}", show(&st));
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("From the watch daemon"), "{text}");
+}
+
+#[test]
+fn snap_state_is_restored_by_the_daemon_and_the_dashboard_shows_it() {
+    let c = Cluster::from_env();
+    // --no-replay: the agent only reports what SNAP lost; the daemon restores it.
+    let lab = Lab::start(&c, 1, &["--no-replay"]);
+    let [a, b] = ["dash-a", "dash-b"].map(unique);
+    lab.write(&c, &[(&a, 0, "64Mi", "Retain"), (&b, 0, "128Mi", "Retain")]);
+    let d = lab.daemon(&[]);
+    d.wait_converged(CONVERGE, 2);
+    let before = namespaces(&lab.socket(0));
+    assert_eq!(before.len(), 2);
+
+    // SNAP dies and comes back empty; the daemon puts back the same NSIDs and UUIDs.
+    let pids = emulator_pids(&lab.socket(0));
+    assert_eq!(pids.len(), 1, "one emulator serves the socket");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let restored = Instant::now();
+    d.wait_for(CONVERGE, "SNAP restored", |s| {
+        s["fleet"]["dpus"][0]["snap_restarts"].as_u64() >= Some(1)
+            && s["last_reconcile"]["result"] == "converged"
+            && s["fleet"]["volumes"]
+                .as_array()
+                .is_some_and(|v| v.iter().all(|v| v["state"] == "ok"))
+    });
+    println!(
+        "SNAP restart to restored namespaces: {} ms",
+        restored.elapsed().as_millis()
+    );
+    assert_eq!(
+        namespaces(&lab.socket(0)),
+        before,
+        "same bdevs, NSIDs and UUIDs"
+    );
+
+    // The dashboard in a real browser: every volume's chain complete.
+    let dom = browser_dom(&format!("{}/", d.url));
+    assert!(dom.contains(r#"data-loaded="true""#), "{dom}");
+    for v in [&a, &b] {
+        assert!(
+            dom.contains(&format!(r#"data-volume="{v}" data-state="ok""#)),
+            "{v} ok in:\n{dom}"
+        );
+    }
+
+    // Suspended, a volume's drift is shown and left alone; the first broken link is marked.
+    let susp = unistor(&["suspend", &format!("volume/{a}"), "--daemon", &d.url]);
+    assert!(susp.status.success(), "{}", show(&susp));
+    c.cli_ok("rbd", &["trash", "mv", &format!("{}/{a}", c.pool)]);
+    d.wait_for(Duration::from_secs(60), "the trashed image to show", |s| {
+        volume(s, &a)["state"] == "degraded" && volume(s, &a)["suspended"] == true
+    });
+    let dom = browser_dom(&format!("{}/", d.url));
+    let row = dom
+        .split("<tr")
+        .find(|r| r.contains(&format!(r#"data-volume="{a}""#)))
+        .unwrap_or_else(|| panic!("a row for {a} in:\n{dom}"));
+    assert!(
+        row.contains(r#"class="link-broken" data-link="image" data-state="broken""#)
+            || (row.contains("link-broken") && row.contains(r#"data-link="image""#)),
+        "the image link is marked broken:\n{row}"
+    );
+    assert!(row.contains("suspended"), "{row}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(in_trash(&c, &a), "a suspended volume is left alone");
+
+    // Resumed, it is healed.
+    let res = unistor(&["resume", &format!("volume/{a}"), "--daemon", &d.url]);
+    assert!(res.status.success(), "{}", show(&res));
+    d.wait_converged(CONVERGE, 2);
+    assert!(c.rbd_info(&c.pool, &a).is_some(), "restored from the trash");
+}
+
+#[test]
+fn an_apply_interrupted_by_a_dead_agent_finishes_when_it_is_back() {
+    let c = Cluster::from_env();
+    // Slow SNAP, so that the agent dies in the middle of the work.
+    let mut lab = Lab::start(&c, 1, &["--emulator-arg=--latency=*=300ms"]);
+    let vols: Vec<String> = (0..3).map(|i| unique(&format!("mid{i}"))).collect();
+    let spec: Vec<(&str, usize, &str, &str)> = vols
+        .iter()
+        .map(|v| (v.as_str(), 0, "64Mi", "Retain"))
+        .collect();
+    lab.write(&c, &spec);
+    let d = lab.daemon(&[]);
+    d.wait_for(CONVERGE, "the first SNAP steps done", |s| {
+        s["events"].as_array().is_some_and(|e| {
+            e.iter()
+                .filter(|e| {
+                    e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("done: + dpu/"))
+                })
+                .count()
+                >= 3
+        })
+    });
+    let agent = &mut lab.procs.0[1];
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    for pid in emulator_pids(&lab.socket(0)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let s = d.wait_for(Duration::from_secs(30), "the session to drop", |s| {
+        s["agents"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a["connected"] == false))
+    });
+    assert_ne!(s["last_reconcile"]["result"], "converged", "{s}");
+    std::thread::sleep(Duration::from_secs(1));
+    lab.start_dpu(0);
+    d.wait_converged(CONVERGE, 3);
+    let ns = namespaces(&lab.socket(0));
+    assert_eq!(ns.len(), 3, "one namespace per volume: {ns:?}");
+    let bdevs = snap_call(&lab.socket(0), "bdev_get_bdevs");
+    assert_eq!(bdevs.as_array().unwrap().len(), 3, "{bdevs}");
+}
+
+#[test]
+fn a_controller_killed_in_the_middle_of_an_apply_leaves_nothing_twice() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 1, &["--emulator-arg=--latency=*=300ms"]);
+    let vols: Vec<String> = (0..3).map(|i| unique(&format!("ctl{i}"))).collect();
+    let spec: Vec<(&str, usize, &str, &str)> = vols
+        .iter()
+        .map(|v| (v.as_str(), 0, "64Mi", "Retain"))
+        .collect();
+    lab.write(&c, &spec);
+    let m = lab.manifests().display().to_string();
+    let pki = lab.pki().display().to_string();
+    let args = [
+        "apply",
+        m.as_str(),
+        "--pki-dir",
+        &pki,
+        "--owner",
+        &lab.owner,
+        "--auto-approve",
+    ];
+    let mut apply = std::process::Command::new(e2e::bin("unistor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it after a few SNAP steps are done.
+    {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(apply.stdout.take().unwrap());
+        let mut done = 0;
+        for line in out.lines() {
+            let line = line.unwrap();
+            if line.contains("+ dpu/") && line.ends_with("... done") {
+                done += 1;
+                if done == 4 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(done, 4, "the apply got going");
+    }
+    apply.kill().unwrap();
+    apply.wait().unwrap();
+    let partial = namespaces(&lab.socket(0)).len();
+    assert!(partial < 3, "killed before the end ({partial} namespaces)");
+
+    let second = unistor(&args);
+    assert!(second.status.success(), "{}", show(&second));
+    let plan = unistor(&["plan", &m, "--pki-dir", &pki, "--owner", &lab.owner]);
+    assert_eq!(plan.status.code(), Some(0), "{}", show(&plan));
+    assert_eq!(namespaces(&lab.socket(0)).len(), 3);
+    let bdevs = snap_call(&lab.socket(0), "bdev_get_bdevs");
+    assert_eq!(bdevs.as_array().unwrap().len(), 3, "{bdevs}");
+    for v in &vols {
+        assert!(c.rbd_info(&c.pool, v).is_some());
+    }
+}
