@@ -378,12 +378,17 @@ impl Daemon {
                 .as_array()
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
-            s["last_reconcile"]["result"] == "converged"
-                && s["reconciling"] == false
+            reconciled(s)
+                && s["last_reconcile"]["result"] == "converged"
                 && vols.len() == n
                 && vols.iter().all(|v| v["state"] == "ok")
         })
     }
+}
+
+/// Whether the daemon's last reconcile ran on the manifests in force, and none runs now.
+pub fn reconciled(s: &serde_json::Value) -> bool {
+    s["reconciling"] == false && s["last_reconcile"]["generation"] == s["manifests"]["generation"]
 }
 
 impl Drop for Daemon {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use e2e::{
     browser_dom, ceph_agent_command, dpu_agent_command, emulator_pids, fleet_yaml, free_port,
-    issue_pki, show, snap_call, unique, unistor, volume_yaml, wait_listening, write_like_an_editor,
-    Cluster, Daemon, Procs,
+    issue_pki, reconciled, show, snap_call, unique, unistor, volume_yaml, wait_listening,
+    write_like_an_editor, Cluster, Daemon, Procs,
 };
 use serde_json::Value;
 
@@ -212,7 +212,9 @@ fn the_daemon_converges_follows_edits_and_removes_by_policy() {
         ],
     );
     d.wait_for(CONVERGE, "the grown volume", |s| {
-        volume(s, &grow)["size_bytes"] == 256u64 << 20 && volume(s, &grow)["state"] == "ok"
+        reconciled(s)
+            && volume(s, &grow)["size_bytes"] == 256u64 << 20
+            && volume(s, &grow)["state"] == "ok"
     });
     println!(
         "manifest edit (grow) to convergence: {} ms",
@@ -230,9 +232,9 @@ fn the_daemon_converges_follows_edits_and_removes_by_policy() {
     );
     d.wait_for(CONVERGE, "three volumes removed", |s| {
         s["fleet"]["volumes"].as_array().map(Vec::len) == Some(2)
+            && reconciled(s)
             && s["last_reconcile"]["result"] == "converged"
             && s["pending"].as_array().is_some_and(|p| p.is_empty())
-            && !s["reconciling"].as_bool().unwrap_or(true)
     });
     assert!(
         namespaces(&lab.socket(1)).is_empty(),

@@ -259,7 +259,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
 
     // Removals first; what is created on a DPU waits for what is removed there (a moved volume's
     // bdev or function is freed before it is used again).
-    let removed_on = teardown(&mut b, observed, opts, &placement);
+    let removed_on = teardown(&mut b, observed, opts, &placement, &images);
     let after_removals = |dpu: &str| -> Vec<Option<usize>> {
         removed_on
             .get(dpu)
@@ -675,6 +675,7 @@ fn teardown(
     observed: &Observed,
     opts: &Options,
     placement: &Placement<'_>,
+    images: &ImageIndex<'_>,
 ) -> BTreeMap<String, Vec<usize>> {
     let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut nqns_on: HashMap<&str, rustc_hash::FxHashSet<&str>> = HashMap::default();
@@ -699,11 +700,39 @@ fn teardown(
         let first_step = b.plan.steps.len();
         let mut destroyed_ns: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut ns_removed: BTreeMap<String, usize> = BTreeMap::new();
+        // Subsystems that keep a namespace (wanted, or not ours): they and their controllers stay.
+        let mut kept: BTreeSet<&str> = BTreeSet::new();
+        // A bdev unistor's name is ours only when its image says so: two deployments (owners)
+        // may share a DPU, and neither may tear down the other's volumes.
+        let ours = |bdev: &str| -> Result<bool, String> {
+            let x = inv
+                .bdevs
+                .iter()
+                .find(|x| x.name == bdev)
+                .ok_or_else(|| "SNAP does not list it".to_string())?;
+            let (Some(cluster), Some(pool), Some(image)) = (
+                x.cluster.as_deref().and_then(names::unprefixed),
+                x.pool.as_deref(),
+                x.image.as_deref(),
+            ) else {
+                return Err("it names no unistor cluster, pool and image".into());
+            };
+            let index = images
+                .get(cluster)
+                .ok_or_else(|| format!("cluster {cluster} is not reporting"))?;
+            let img = index
+                .get(&(pool, image))
+                .filter(|i| i.state == ImageState::Live)
+                .ok_or_else(|| format!("its image {pool}/{image} is not live"))?;
+            Ok(img.metadata.get(META_MANAGED_BY) == Some(&opts.owner))
+        };
         for s in inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
             for n in &s.namespaces {
                 if !names::owned(&n.bdev)
                     || placement.wants(&n.bdev, dpu_name, Some((&s.nqn, n.nsid)))
+                    || ours(&n.bdev) != Ok(true)
                 {
+                    kept.insert(&s.nqn);
                     continue;
                 }
                 let volume = n.bdev.trim_start_matches(names::PREFIX).to_string();
@@ -738,7 +767,7 @@ fn teardown(
         let none = rustc_hash::FxHashSet::default();
         let wanted_nqns = nqns_on.get(dpu_name.as_str()).unwrap_or(&none);
         for c in inv.controllers.iter().filter(|c| names::owned(&c.name)) {
-            if wanted_nqns.contains(c.nqn.as_str()) {
+            if wanted_nqns.contains(c.nqn.as_str()) || kept.contains(c.nqn.as_str()) {
                 continue;
             }
             let deps: Vec<Option<usize>> = destroyed_ns
@@ -759,7 +788,7 @@ fn teardown(
             destroyed_ns.entry(c.nqn.clone()).or_default().push(step);
         }
         for s in inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
-            if wanted_nqns.contains(s.nqn.as_str()) {
+            if wanted_nqns.contains(s.nqn.as_str()) || kept.contains(s.nqn.as_str()) {
                 continue;
             }
             let deps: Vec<Option<usize>> = destroyed_ns
@@ -779,6 +808,20 @@ fn teardown(
         for x in inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
             if placement.wants(&x.name, dpu_name, None) {
                 continue;
+            }
+            match ours(&x.name) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(why) => {
+                    b.block(
+                        format!("dpu/{dpu_name}"),
+                        format!(
+                            "leaving bdev {} in place: {why}, so its owner cannot be confirmed",
+                            x.name
+                        ),
+                    );
+                    continue;
+                }
             }
             let dep = ns_removed.get(&x.name).copied();
             let volume = x.name.trim_start_matches(names::PREFIX).to_string();

@@ -364,7 +364,6 @@ impl World {
         }
     }
 
-    /// Plans and applies until nothing is left to do (at most `rounds` times).
     /// Plans and applies until the plan is empty; returns the passes it took.
     pub fn converge(&mut self, d: &Desired, rounds: usize) -> usize {
         let opts = Options::default();

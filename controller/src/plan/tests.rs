@@ -283,6 +283,53 @@ fn foreign_snap_objects_and_images_are_never_touched() {
     }
 }
 
+#[test]
+fn two_deployments_on_one_dpu_leave_each_other_alone() {
+    // Deployment "unistor" converges the examples; "team-b" then plans for a manifest set that
+    // names the same DPUs and clusters but none of those volumes.
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let other = Desired {
+        volumes: Default::default(),
+        ..d.clone()
+    };
+    let b = Options {
+        owner: "team-b".into(),
+    };
+    let p = plan(&other, &w.observed(), &b);
+    assert!(
+        p.steps.is_empty(),
+        "team-b may not tear down unistor's volumes: {}",
+        crate::render::human(&p)
+    );
+    // The SNAP objects of a volume whose image cannot be seen are left, and said so.
+    let mut blind = w.observed();
+    blind.clusters.insert(
+        "ceph-lab".into(),
+        Known::Unknown {
+            reason: "down".into(),
+        },
+    );
+    let mut fewer = d.clone();
+    fewer.volumes.remove("logs-c");
+    let p = plan(&fewer, &blind, &Options::default());
+    assert!(p.steps.is_empty(), "{}", crate::render::human(&p));
+    assert!(
+        p.blocked.iter().any(
+            |x| x.reason.contains("unistor-logs-c") && x.reason.contains("cannot be confirmed")
+        ),
+        "{:?}",
+        p.blocked
+    );
+    // Its owner still removes it.
+    let p = plan(&fewer, &w.observed(), &Options::default());
+    assert!(p
+        .steps
+        .iter()
+        .any(|s| matches!(&s.action, Action::DeleteBdev { name } if name == "unistor-logs-c")));
+}
+
 fn arb_volumes() -> impl Strategy<Value = Vec<(u8, u32, Option<u8>, bool, u16)>> {
     // (host index, size in MiB, vf, pinned nsid?, nsid)
     proptest::collection::vec(

@@ -280,12 +280,13 @@ async fn reconcile(
         reason: reason.into(),
         ..ReconcileSummary::default()
     };
-    let Some(desired) = state.desired() else {
+    let Some((desired, generation)) = state.desired() else {
         summary.result = "waiting".into();
         summary.message = Some("no valid manifests yet".into());
         state.reconciled(summary.clone());
         return summary;
     };
+    summary.generation = generation;
     state.reconciling(true);
     let fleet = Arc::new(sessions.snapshot());
     let opts = Options {

@@ -73,6 +73,8 @@ pub struct ReconcileSummary {
     pub steps_failed: usize,
     /// Details (rails' refusal, failures).
     pub message: Option<String>,
+    /// The generation of the manifests it reconciled to.
+    pub generation: u64,
 }
 
 /// One agent's session.
@@ -321,9 +323,10 @@ impl Shared {
         });
     }
 
-    /// The desired state in force.
-    pub fn desired(&self) -> Option<Arc<Desired>> {
-        self.read().desired.clone()
+    /// The desired state in force and its generation.
+    pub fn desired(&self) -> Option<(Arc<Desired>, u64)> {
+        let g = self.read();
+        Some((g.desired.clone()?, g.manifests.generation))
     }
 
     /// A new valid desired state; returns false when it equals the one in force.
