@@ -101,12 +101,12 @@ pub fn unique(prefix: &str) -> String {
 
 /// Path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {
-    // Test executables live in target/<profile>/deps; binaries one level up.
+    // Test executables live in target/<profile>/deps, binaries (the benchmark too) one level up.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    let mut dir = exe.parent().expect("target/<profile>");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -264,8 +264,11 @@ pub fn dpu_agent_command(
 ) -> Command {
     let mut cmd = Command::new(bin("dpu-agent"));
     cmd.args(["--name", name, "--listen", addr])
-        .args(["--platform", "simulation", "--poll-interval", "500ms"])
-        .arg("--pki-dir")
+        .args(["--platform", "simulation"]);
+    if !extra.iter().any(|a| a.starts_with("--poll-interval")) {
+        cmd.args(["--poll-interval", "500ms"]);
+    }
+    cmd.arg("--pki-dir")
         .arg(pki)
         .arg("--state-dir")
         .arg(state)

@@ -203,13 +203,19 @@ fn watch_dir(
     Ok(watcher)
 }
 
-/// Drops the steps of suspended volumes and DPUs, and every step that depends on one dropped.
-/// Returns what is left and how many were held back.
+/// Drops the steps of suspended volumes and DPUs, and every step that depends on one dropped;
+/// except that a controller shared with a suspended volume is still resumed for the others (the
+/// suspended one is hot-attached once it is resumed). Returns what is left and how many were
+/// held back.
 pub fn without_suspended(mut p: Plan, s: &state::Suspended) -> (Plan, usize) {
     let mut dropped: BTreeSet<usize> = BTreeSet::new();
-    for step in &p.steps {
+    for step in &mut p.steps {
         let dpu = matches!(&step.target, Target::Dpu(d) if s.dpus.contains(d));
         let volume = step.volume.as_ref().is_some_and(|v| s.volumes.contains(v));
+        if !dpu && !volume && matches!(step.action, plan::Action::Resume { .. }) {
+            step.depends_on.retain(|d| !dropped.contains(d));
+            continue;
+        }
         if dpu || volume || step.depends_on.iter().any(|d| dropped.contains(d)) {
             dropped.insert(step.id);
         }
@@ -414,5 +420,64 @@ fn step_done(state: &Shared, s: &Step, o: &Outcome) {
             state.metrics.step("skipped");
             state.event("step", "warning", format!("skipped: {line}: {reason}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::sim::World;
+
+    #[test]
+    fn suspended_volumes_and_dpus_keep_their_steps_and_their_dependents_back() {
+        let d = manifest::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"),
+        )
+        .unwrap();
+        let w = World::empty(&d);
+        let full = plan::plan(&d, &w.observed(), &Options::default());
+        let none = state::Suspended::default();
+        assert_eq!(without_suspended(full.clone(), &none), (full.clone(), 0));
+
+        let vol = state::Suspended {
+            volumes: ["db-data".to_string()].into(),
+            ..Default::default()
+        };
+        let (p, held) = without_suspended(full.clone(), &vol);
+        assert!(held > 0);
+        assert!(p
+            .steps
+            .iter()
+            .all(|s| s.volume.as_deref() != Some("db-data")));
+        // db-wal shares db-data's controller: it is still attached and resumed.
+        assert!(p
+            .steps
+            .iter()
+            .any(|s| s.volume.as_deref() == Some("db-wal")));
+        assert!(p
+            .steps
+            .iter()
+            .any(|s| s.target == Target::Dpu("dpu-a".into())
+                && matches!(s.action, plan::Action::Resume { .. })));
+        // What is left still has every dependency.
+        let ids: BTreeSet<usize> = p.steps.iter().map(|s| s.id).collect();
+        assert!(p
+            .steps
+            .iter()
+            .all(|s| s.depends_on.iter().all(|d| ids.contains(d))));
+
+        let dpu = state::Suspended {
+            dpus: ["dpu-a".to_string()].into(),
+            ..Default::default()
+        };
+        let (p, _) = without_suspended(full, &dpu);
+        assert!(p
+            .steps
+            .iter()
+            .all(|s| s.target != Target::Dpu("dpu-a".into())));
+        assert!(p
+            .steps
+            .iter()
+            .any(|s| s.target == Target::Dpu("dpu-b".into())));
     }
 }

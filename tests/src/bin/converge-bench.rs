@@ -1,0 +1,217 @@
+//! Convergence benchmark against the real Ceph cluster: N simulated DPUs (dpu-agent + SNAP
+//! emulator, real-Ceph mode) with M volumes each, converged from empty by `unistor apply`; in the
+//! same run the floor (the same number of plain `rbd create` calls back to back, plus the SNAP
+//! calls at the emulator's latency); then the watch daemon's time from a manifest edit to
+//! convergence. Run it with `scripts/bench.sh` (which starts a private cluster), or by hand with
+//! `UNISTOR_CEPH_*` set: `cargo run --release -p e2e --bin converge-bench -- --dpus 50 --volumes 4`.
+
+use std::time::{Duration, Instant};
+
+use e2e::{
+    ceph_agent_command, dpu_agent_command, fleet_yaml, free_port, issue_pki, reconciled, show,
+    unique, unistor, volume_yaml, wait_listening, write_like_an_editor, Cluster, Daemon, Procs,
+};
+
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    let dpus: usize = arg("--dpus", 50);
+    let per: usize = arg("--volumes", 4);
+    let latency_ms: u64 = arg("--snap-latency-ms", 2);
+    let edits: usize = arg("--edits", 3);
+    let c = Cluster::from_env();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let ceph_name = unique("ceph-bench");
+    let dpu_names: Vec<String> = (0..dpus)
+        .map(|i| format!("{}-{i}", unique("dpu-bench")))
+        .collect();
+    let mut names: Vec<&str> = vec![&ceph_name];
+    names.extend(dpu_names.iter().map(String::as_str));
+    issue_pki(&pki, &names);
+
+    // The floor, part one: plain `rbd create` of the same number of images, back to back.
+    let n = dpus * per;
+    let floor_names: Vec<String> = (0..n).map(|i| unique(&format!("floor{i}"))).collect();
+    let t = Instant::now();
+    for img in &floor_names {
+        c.cli_ok(
+            "rbd",
+            &["create", "--size", "64M", &format!("{}/{img}", c.pool)],
+        );
+    }
+    let rbd_floor = t.elapsed();
+    for img in &floor_names {
+        c.cli_ok(
+            "rbd",
+            &["rm", "--no-progress", &format!("{}/{img}", c.pool)],
+        );
+    }
+
+    let mut procs = Procs::default();
+    let ceph_addr = format!("127.0.0.1:{}", free_port());
+    procs.0.push(
+        ceph_agent_command(&c, &ceph_name, &ceph_addr, &pki, &dir.path().join("ceph"))
+            .args(["--report-interval", "10s"])
+            .spawn()
+            .expect("ceph-agent"),
+    );
+    let latency = format!("--emulator-arg=--latency=*={latency_ms}ms");
+    let mut addrs = vec![];
+    for (i, name) in dpu_names.iter().enumerate() {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let state = dir.path().join(format!("dpu{i}"));
+        procs.0.push(
+            dpu_agent_command(
+                name,
+                &addr,
+                &pki,
+                &state,
+                &[&latency, "--poll-interval", "2s"],
+            )
+            .spawn()
+            .expect("dpu-agent"),
+        );
+        addrs.push(addr);
+    }
+    wait_listening(&ceph_addr);
+    for a in &addrs {
+        wait_listening(a);
+    }
+    let m = dir.path().join("manifests");
+    std::fs::create_dir_all(&m).unwrap();
+    let pairs: Vec<(&str, &str)> = dpu_names
+        .iter()
+        .zip(&addrs)
+        .map(|(n, a)| (n.as_str(), a.as_str()))
+        .collect();
+    std::fs::write(
+        m.join("fleet.yaml"),
+        fleet_yaml(
+            &ceph_name,
+            &ceph_addr,
+            &c.pool,
+            &unique("snap-bench"),
+            &pairs,
+        ),
+    )
+    .unwrap();
+    let vols: Vec<(String, usize)> = (0..n)
+        .map(|i| (unique(&format!("bv{i}")), i / per))
+        .collect();
+    let write_volumes = |grown: Option<(usize, &str)>| {
+        let text: String = vols
+            .iter()
+            .enumerate()
+            .map(|(i, (v, h))| {
+                let size = match grown {
+                    Some((g, s)) if g == i => s,
+                    _ => "64Mi",
+                };
+                volume_yaml(v, *h, size, &c.pool, "Retain")
+            })
+            .collect();
+        write_like_an_editor(&m.join("volumes.yaml"), &text);
+    };
+    write_volumes(None);
+
+    // The floor, part two: SNAP calls per DPU (DPUs work in parallel, each serially):
+    // register, subsystem, controller, resume, and per volume bdev, namespace, attach.
+    let snap_calls_per_dpu = 4 + 3 * per;
+    let snap_floor = Duration::from_millis(latency_ms * snap_calls_per_dpu as u64);
+
+    let ms_dir = m.display().to_string();
+    let pki_s = pki.display().to_string();
+    let owner = unique("bench");
+    let t = Instant::now();
+    let apply = unistor(&[
+        "apply",
+        &ms_dir,
+        "--pki-dir",
+        &pki_s,
+        "--owner",
+        &owner,
+        "--auto-approve",
+    ]);
+    let converge = t.elapsed();
+    assert!(apply.status.success(), "{}", show(&apply));
+    let plan = unistor(&["plan", &ms_dir, "--pki-dir", &pki_s, "--owner", &owner]);
+    assert_eq!(plan.status.code(), Some(0), "{}", show(&plan));
+
+    // Watch mode: a manifest edit (one volume grown) to convergence.
+    let d = Daemon::start(
+        &[
+            &ms_dir,
+            "--pki-dir",
+            &pki_s,
+            "--owner",
+            &owner,
+            "--state-dir",
+            &dir.path().join("watch").display().to_string(),
+            "--resync",
+            "1h",
+            "--debounce",
+            "200ms",
+        ],
+        &dir.path().join("watch.log"),
+    );
+    d.wait_converged(Duration::from_secs(600), n);
+    let mut edit_times = vec![];
+    for e in 0..edits {
+        let size = format!("{}Mi", 128 + 64 * e);
+        let bytes = (128 + 64 * e as u64) << 20;
+        let t = Instant::now();
+        write_volumes(Some((e, &size)));
+        let name = vols[e].0.clone();
+        d.wait_for(Duration::from_secs(600), "the edit to converge", |s| {
+            reconciled(s)
+                && s["fleet"]["volumes"].as_array().is_some_and(|v| {
+                    v.iter().any(|v| {
+                        v["volume"] == name.as_str()
+                            && v["size_bytes"] == bytes
+                            && v["state"] == "ok"
+                    })
+                })
+        });
+        edit_times.push(t.elapsed());
+    }
+    let metrics = d.get("/metrics");
+    let reconcile_line = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("unistor_reconcile_duration_seconds_sum")
+                || l.starts_with("unistor_reconcile_duration_seconds_count")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    println!("converge-bench: {dpus} DPUs x {per} volumes = {n} volumes, SNAP latency {latency_ms} ms/call");
+    println!("  unistor apply from empty:        {}", ms(converge));
+    println!("  floor: {n} x rbd create:           {}", ms(rbd_floor));
+    println!(
+        "  floor: {snap_calls_per_dpu} SNAP calls per DPU:      {}",
+        ms(snap_floor)
+    );
+    println!(
+        "  apply / floor:                   {:.2}x",
+        converge.as_secs_f64() / (rbd_floor + snap_floor).as_secs_f64()
+    );
+    println!(
+        "  watch: manifest edit -> converged: {} (daemon: {reconcile_line})",
+        edit_times
+            .iter()
+            .map(|d| ms(*d))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
