@@ -167,12 +167,11 @@ fn main() {
     );
     d.wait_converged(Duration::from_secs(600), n);
     let mut edit_times = vec![];
-    for e in 0..edits {
+    for (e, (name, _)) in vols.iter().enumerate().take(edits) {
         let size = format!("{}Mi", 128 + 64 * e);
         let bytes = (128 + 64 * e as u64) << 20;
         let t = Instant::now();
         write_volumes(Some((e, &size)));
-        let name = vols[e].0.clone();
         d.wait_for(Duration::from_secs(600), "the edit to converge", |s| {
             reconciled(s)
                 && s["fleet"]["volumes"].as_array().is_some_and(|v| {
