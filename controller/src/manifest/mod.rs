@@ -539,6 +539,8 @@ fn parse_document(doc: &Doc<'_>) -> Result<Document, LoadError> {
             .and_then(|r| r.split('`').next());
         let field = match unknown {
             Some(u) if path == "." || path.is_empty() => u.to_string(),
+            // Some paths already end at the unknown key.
+            Some(u) if path == u || path.ends_with(&format!(".{u}")) => path.clone(),
             Some(u) => format!("{path}.{u}"),
             None => path.clone(),
         };
