@@ -386,6 +386,15 @@ pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
     if let Ok(f) = Arc::try_unwrap(fleet) {
         f.close().await;
     }
+    // "No changes" is only said of a fleet that was seen whole.
+    if !p.unknown.is_empty() {
+        eprintln!(
+            "unistor: {} agent(s) could not be observed; nothing of theirs was planned:\n  {}",
+            p.unknown.len(),
+            p.unknown.join("\n  ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(if p.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -529,6 +538,13 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     }
     print!("{}", render::human(&p));
     if p.is_empty() {
+        if !p.unknown.is_empty() {
+            println!(
+                "Not converged: {} agent(s) could not be observed.",
+                p.unknown.len()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     check_rails(&p, &desired, &observed, &a.rails)?;
@@ -553,6 +569,14 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
         let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
         observed = fleet.observe(a.common.report_timeout).await;
         let next = plan::plan(&desired, &observed, &opts);
+        if next.is_empty() && !next.unknown.is_empty() {
+            print!("{}", render::human(&next));
+            println!(
+                "Not converged: {} agent(s) could not be observed.",
+                next.unknown.len()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
         if next.is_empty() {
             println!(
                 "Converged: {} step(s) done{}.",

@@ -406,6 +406,16 @@ fn an_apply_interrupted_by_a_dead_agent_finishes_when_it_is_back() {
             .is_some_and(|a| a.iter().any(|a| a["connected"] == false))
     });
     assert_ne!(s["last_reconcile"]["result"], "converged", "{s}");
+    // Meanwhile, a plan cannot say "no changes" about a DPU it cannot see.
+    let m = lab.manifests().display().to_string();
+    let pki = lab.pki().display().to_string();
+    let plan = unistor(&["plan", &m, "--pki-dir", &pki, "--owner", &lab.owner]);
+    assert_eq!(plan.status.code(), Some(1), "{}", show(&plan));
+    assert!(
+        String::from_utf8_lossy(&plan.stderr).contains("could not be observed"),
+        "{}",
+        show(&plan)
+    );
     std::thread::sleep(Duration::from_secs(1));
     lab.start_dpu(0);
     d.wait_converged(CONVERGE, 3);

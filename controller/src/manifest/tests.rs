@@ -122,7 +122,11 @@ fn errors_name_file_line_and_field() {
     assert!(e[0].contains(": spec.sizee: "), "the field, once: {}", e[0]);
     let v = volume("vol1", "  placement: {function: {pf: 0}}\n");
     let e = errors(&[("base.yaml", BASE), ("v.yaml", &v)]);
-    assert!(e[0].contains(": spec.placement: "), "the field, once: {}", e[0]);
+    assert!(
+        e[0].contains(": spec.placement: "),
+        "the field, once: {}",
+        e[0]
+    );
 
     // A semantic error points at the field's own line, in the second document of a file.
     let two = format!(

@@ -310,6 +310,12 @@ async fn reconcile(
         let (p, held) =
             without_suspended(plan::plan(&desired, &observed, &opts), &state.suspended());
         state.planned(&p);
+        if p.is_empty() && !p.unknown.is_empty() {
+            // Nothing to do on what can be seen; the rest waits for its agents to come back.
+            summary.result = "waiting".into();
+            summary.message = Some(format!("not observed: {}", p.unknown.join("; ")));
+            break;
+        }
         if p.is_empty() {
             summary.result = "converged".into();
             if held > 0 {

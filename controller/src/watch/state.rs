@@ -65,7 +65,7 @@ pub struct ReconcileSummary {
     /// How long it took.
     pub duration_ms: u64,
     /// `converged`, `pending` (steps failed or skipped), `drift` (report-only), `refused`,
-    /// `waiting` (no manifests yet).
+    /// `waiting` (no manifests yet, or agents not observed).
     pub result: String,
     /// Steps done.
     pub steps_done: usize,

@@ -67,9 +67,23 @@ fn main() {
             .expect("ceph-agent"),
     );
     let latency = format!("--emulator-arg=--latency=*={latency_ms}ms");
+    // Distinct ports (a port freed by `free_port` can be handed out again).
+    let mut ports = std::collections::BTreeSet::new();
+    ports.insert(
+        ceph_addr
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap(),
+    );
     let mut addrs = vec![];
     for (i, name) in dpu_names.iter().enumerate() {
-        let addr = format!("127.0.0.1:{}", free_port());
+        let mut port = free_port();
+        while !ports.insert(port) {
+            port = free_port();
+        }
+        let addr = format!("127.0.0.1:{port}");
         let state = dir.path().join(format!("dpu{i}"));
         procs.0.push(
             dpu_agent_command(
