@@ -161,6 +161,23 @@ fn main() {
     assert!(apply.status.success(), "{}", show(&apply));
     let plan = unistor(&["plan", &ms_dir, "--pki-dir", &pki_s, "--owner", &owner]);
     assert_eq!(plan.status.code(), Some(0), "{}", show(&plan));
+    println!("converge-bench: {dpus} DPUs x {per} volumes = {n} volumes, SNAP latency {latency_ms} ms/call");
+    println!("  unistor apply from empty:        {}", ms(converge));
+    for l in String::from_utf8_lossy(&apply.stdout)
+        .lines()
+        .filter(|l| l.starts_with("Pass") || l.starts_with("Converged"))
+    {
+        println!("    {l}");
+    }
+    println!("  floor: {n} x rbd create:           {}", ms(rbd_floor));
+    println!(
+        "  floor: {snap_calls_per_dpu} SNAP calls per DPU:      {}",
+        ms(snap_floor)
+    );
+    println!(
+        "  apply / floor:                   {:.2}x",
+        converge.as_secs_f64() / (rbd_floor + snap_floor).as_secs_f64()
+    );
 
     // Watch mode: a manifest edit (one volume grown) to convergence.
     let d = Daemon::start(
@@ -208,17 +225,6 @@ fn main() {
         .collect::<Vec<_>>()
         .join(", ");
 
-    println!("converge-bench: {dpus} DPUs x {per} volumes = {n} volumes, SNAP latency {latency_ms} ms/call");
-    println!("  unistor apply from empty:        {}", ms(converge));
-    println!("  floor: {n} x rbd create:           {}", ms(rbd_floor));
-    println!(
-        "  floor: {snap_calls_per_dpu} SNAP calls per DPU:      {}",
-        ms(snap_floor)
-    );
-    println!(
-        "  apply / floor:                   {:.2}x",
-        converge.as_secs_f64() / (rbd_floor + snap_floor).as_secs_f64()
-    );
     println!(
         "  watch: manifest edit -> converged: {} (daemon: {reconcile_line})",
         edit_times
