@@ -68,8 +68,9 @@ up() {
     "$bin/unistor" watch examples/lab --pki-dir "$lab/pki" --listen "$http" \
     --state-dir "$lab/watch" --resync 1m
   wait_port "$http"
+  # Until the daemon has seen every volume's chain whole (status exits 0).
   for _ in $(seq 1 100); do
-    if curl -fsS "http://$http/api/v1/status" 2>/dev/null | grep -q '"result":"converged"'; then break; fi
+    if "$bin/unistor" status examples/lab --pki-dir "$lab/pki" --daemon "http://$http" >/dev/null 2>&1; then break; fi
     sleep 0.3
   done
   "$bin/unistor" status examples/lab --pki-dir "$lab/pki" --daemon "http://$http" || true

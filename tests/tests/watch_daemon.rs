@@ -485,3 +485,34 @@ fn a_controller_killed_in_the_middle_of_an_apply_leaves_nothing_twice() {
         assert!(c.rbd_info(&c.pool, v).is_some());
     }
 }
+
+#[test]
+fn report_only_mode_shows_what_it_would_do_and_does_nothing() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 1, &[]);
+    let v = unique("ro");
+    lab.write(&c, &[(&v, 0, "64Mi", "Retain")]);
+    let d = lab.daemon(&["--no-heal"]);
+    let s = d.wait_for(CONVERGE, "a report-only reconcile", |s| {
+        reconciled(s) && s["last_reconcile"]["result"] == "drift"
+    });
+    assert_eq!(s["heal"], false);
+    let pending = s["pending"].as_array().unwrap();
+    assert!(
+        pending
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("create image")),
+        "{s}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.rbd_info(&c.pool, &v).is_none(), "nothing created");
+    assert!(
+        !lab.socket(0).exists() || namespaces(&lab.socket(0)).is_empty(),
+        "nothing on SNAP"
+    );
+    let metrics = d.get("/metrics");
+    assert!(
+        metrics.contains("unistor_reconciles_total{result=\"drift\"}"),
+        "{metrics}"
+    );
+}
