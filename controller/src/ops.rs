@@ -505,18 +505,25 @@ fn confirm(p: &Plan) -> Result<(), OpsError> {
     }
 }
 
+/// What planning and executing need from the command line: the owner, and whether deletes may
+/// run.
+pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {
+    let opts = Options {
+        owner: c.owner.clone(),
+    };
+    let exec = ExecOptions {
+        owner: c.owner.clone(),
+        allow_delete: rails.allow_delete,
+        ..ExecOptions::default()
+    };
+    (opts, exec)
+}
+
 /// `unistor apply`: exit 0 when converged, 1 otherwise (error, refusal, or steps that failed).
 pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
-    let opts = Options {
-        owner: a.common.owner.clone(),
-    };
-    let exec = ExecOptions {
-        owner: a.common.owner.clone(),
-        allow_delete: a.rails.allow_delete,
-        ..ExecOptions::default()
-    };
+    let (opts, exec) = run_options(&a.common, &a.rails);
     let mut observed = fleet.observe(a.common.report_timeout).await;
     let mut p = plan::plan(&desired, &observed, &opts);
     if let Some(path) = &a.plan {

@@ -20,10 +20,10 @@ use clap::Args;
 use notify::Watcher;
 use tokio::sync::mpsc;
 
-use crate::execute::{self, ExecOptions, Outcome};
+use crate::execute::{self, Outcome};
 use crate::manifest;
 use crate::ops::{check_rails, Common, OpsError, Rails};
-use crate::plan::{self, Options, Plan, Step, Target};
+use crate::plan::{self, Plan, Step, Target};
 use sessions::Sessions;
 use state::{ReconcileSummary, Shared};
 
@@ -295,14 +295,7 @@ async fn reconcile(
     summary.generation = generation;
     state.reconciling(true);
     let fleet = Arc::new(sessions.snapshot());
-    let opts = Options {
-        owner: a.common.owner.clone(),
-    };
-    let exec = ExecOptions {
-        owner: a.common.owner.clone(),
-        allow_delete: a.rails.allow_delete,
-        ..ExecOptions::default()
-    };
+    let (opts, exec) = crate::ops::run_options(&a.common, &a.rails);
     let mut observed = fleet.observe(a.common.report_timeout).await;
     state.observed(observed.clone());
     summary.result = "pending".into();
@@ -441,7 +434,7 @@ mod tests {
         )
         .unwrap();
         let w = World::empty(&d);
-        let full = plan::plan(&d, &w.observed(), &Options::default());
+        let full = plan::plan(&d, &w.observed(), &plan::Options::default());
         let none = state::Suspended::default();
         assert_eq!(without_suspended(full.clone(), &none), (full.clone(), 0));
 
