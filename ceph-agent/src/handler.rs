@@ -1,16 +1,33 @@
 //! Routing: wire commands in, checked arguments to [`Ceph`], typed replies out.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::names::{CephClientId, PoolName};
 use protocol::server::Handler;
 use protocol::{AgentKind, Command, ErrorCode, Event, Reply, WireError};
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::{broadcast, Mutex, Semaphore};
 use tracing::{debug, warn};
 
 use crate::ceph::{Ceph, ImageSpec, Owner};
 use crate::runner::Runner;
+
+/// Mutations of different images that run at once (each is several CLI processes).
+pub const MAX_CONCURRENT_MUTATIONS: usize = 8;
+
+/// What a mutation is serialized on: its image, or the cephx identity it issues.
+fn lock_key(c: &Command) -> String {
+    match c {
+        Command::CreateImage(c) => format!("image:{}/{}", c.pool, c.image),
+        Command::GrowImage(c) => format!("image:{}/{}", c.pool, c.image),
+        Command::TrashImage(c) => format!("image:{}/{}", c.pool, c.image),
+        Command::RestoreImage(c) => format!("image:{}/{}", c.pool, c.image),
+        Command::DeleteImage(c) => format!("image:{}/{}", c.pool, c.image),
+        Command::IssueSnapIdentity(c) => format!("identity:{}", c.client_id),
+        other => format!("other:{}", other.name()),
+    }
+}
 
 /// Command families this agent serves.
 pub const CAPABILITIES: &[&str] = &["lease", "ceph.report", "ceph.image", "ceph.identity"];
@@ -18,10 +35,13 @@ pub const CAPABILITIES: &[&str] = &["lease", "ceph.report", "ceph.image", "ceph.
 /// The ceph-agent's command handler.
 pub struct CephHandler<R> {
     ceph: Ceph<R>,
-    /// Mutations run one at a time: two commands never race on an image. Reports run beside
-    /// them; a report's brief image opens can look like watchers to a mutation, which is why
-    /// `in_use` is confirmed before it is returned (see `Ceph::refuse_in_use`).
-    mutations: Mutex<()>,
+    /// One mutation at a time per image (or per cephx identity): two commands never race on
+    /// an image, while different images are worked on concurrently (at most
+    /// [`MAX_CONCURRENT_MUTATIONS`] at once). Reports run beside them; a report's brief image
+    /// opens can look like watchers to a mutation, which is why `in_use` is confirmed before it
+    /// is returned (see `Ceph::refuse_in_use`).
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    mutations: Semaphore,
     events: broadcast::Sender<Event>,
 }
 
@@ -30,7 +50,8 @@ impl<R: Runner> CephHandler<R> {
     pub fn new(ceph: Ceph<R>) -> Self {
         Self {
             ceph,
-            mutations: Mutex::new(()),
+            locks: std::sync::Mutex::default(),
+            mutations: Semaphore::new(MAX_CONCURRENT_MUTATIONS),
             events: broadcast::channel(16).0,
         }
     }
@@ -52,8 +73,27 @@ impl<R: Runner> CephHandler<R> {
             | Command::RestoreImage(_)
             | Command::DeleteImage(_)
             | Command::IssueSnapIdentity(_)) => {
-                let _guard = self.mutations.lock().await;
-                self.mutate(c).await.map_err(wire)
+                let key = lock_key(&c);
+                let lock = self
+                    .locks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let result = {
+                    let _one = lock.lock().await;
+                    let _slot = self.mutations.acquire().await.map_err(|_| {
+                        WireError::new(ErrorCode::Internal, "shutting down".to_string())
+                    })?;
+                    self.mutate(c).await.map_err(wire)
+                };
+                // Forget the lock when nobody else waits for it.
+                let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+                if Arc::strong_count(&lock) == 2 {
+                    locks.remove(&key);
+                }
+                result
             }
             other => Err(WireError::new(
                 ErrorCode::UnsupportedCommand,

@@ -1,5 +1,5 @@
-//! The executor: runs a plan's steps, serialized per agent and in parallel across agents, each
-//! after its dependencies. Transient failures are retried with capped exponential backoff;
+//! The executor: runs a plan's steps, one at a time per DPU, a few at a time per ceph-agent, in
+//! parallel across agents, each as soon as its dependencies are done (no waves). Transient failures are retried with capped exponential backoff;
 //! permanent ones are not. A failed step skips the steps that depend on it and nothing else, so
 //! one failing host never blocks the others. Mutations carry the agents' leases (fencing).
 
@@ -22,6 +22,9 @@ use tokio::task::JoinSet;
 use crate::fleet::Fleet;
 use crate::manifest::Desired;
 use crate::plan::{Action, Observed, Plan, Step, Target};
+
+/// Steps one ceph-agent is given at once (it runs mutations of different images concurrently).
+pub const CLUSTER_PARALLEL: usize = 8;
 
 /// Knobs of an execution.
 #[derive(Debug, Clone)]
@@ -402,10 +405,14 @@ pub async fn execute(
             }
         }
     }
+    // No barrier between steps: whenever one ends, whatever became runnable starts. One step
+    // per DPU at a time (SNAP works through its socket one call after the other), up to
+    // CLUSTER_PARALLEL per ceph-agent (which serializes per image); agents in parallel; a DPU's
+    // runnable steps start in plan order.
     let mut pending: Vec<&Step> = plan.steps.iter().collect();
+    let mut running: BTreeMap<Target, usize> = BTreeMap::new();
+    let mut set = JoinSet::new();
     loop {
-        // One runnable step per agent: serialized per agent, parallel across agents.
-        let mut wave: BTreeMap<Target, &Step> = BTreeMap::new();
         let mut still = vec![];
         for s in pending {
             let failed_dep = s
@@ -429,30 +436,44 @@ pub async fn execute(
                 continue;
             }
             let ready = s.depends_on.iter().all(|d| report.outcomes.contains_key(d));
-            if ready && !wave.contains_key(&s.target) {
-                wave.insert(s.target.clone(), s);
+            let limit = match s.target {
+                Target::Cluster(_) => CLUSTER_PARALLEL,
+                Target::Dpu(_) => 1,
+            };
+            let n = running.entry(s.target.clone()).or_default();
+            if ready && *n < limit {
+                *n += 1;
+                let ctx = ctx.clone();
+                let s = s.clone();
+                let fleet = fleet.clone();
+                set.spawn(async move {
+                    let o = run_with_retries(&ctx, &fleet, &s).await;
+                    (s, o)
+                });
             } else {
                 still.push(s);
             }
         }
         pending = still;
-        if wave.is_empty() {
-            break;
+        match set.join_next().await {
+            Some(Ok((s, o))) => {
+                if let Some(n) = running.get_mut(&s.target) {
+                    *n -= 1;
+                }
+                progress(&s, &o);
+                report.outcomes.insert(s.id, o);
+            }
+            // A step's task panicked: its agent's slot stays taken, its dependents never run.
+            Some(Err(e)) => tracing::error!(error = %e, "A step's task failed."),
+            None => break,
         }
-        let mut set = JoinSet::new();
-        for (_, s) in wave {
-            let ctx = ctx.clone();
-            let s = s.clone();
-            let fleet = fleet.clone();
-            set.spawn(async move {
-                let o = run_with_retries(&ctx, &fleet, &s).await;
-                (s, o)
-            });
-        }
-        while let Some(Ok((s, o))) = set.join_next().await {
-            progress(&s, &o);
-            report.outcomes.insert(s.id, o);
-        }
+    }
+    for s in pending {
+        let o = Outcome::Skipped {
+            reason: "a step it depends on did not finish".into(),
+        };
+        progress(s, &o);
+        report.outcomes.insert(s.id, o);
     }
     for t in &targets {
         if !unusable.contains_key(t) {
