@@ -165,7 +165,8 @@ fn main() {
     println!("  unistor apply from empty:        {}", ms(converge));
     for l in String::from_utf8_lossy(&apply.stdout)
         .lines()
-        .filter(|l| l.starts_with("Pass") || l.starts_with("Converged"))
+        .filter(|l| l.starts_with("Pass") || l.starts_with("Converged") || l.contains("FAILED"))
+        .take(20)
     {
         println!("    {l}");
     }
