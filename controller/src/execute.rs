@@ -99,6 +99,9 @@ struct Context {
     desired: Desired,
     observed: Observed,
     opts: ExecOptions,
+    /// SNAP's cephx key per cluster, issued once per execution and shared by every DPU's
+    /// registration (the lock also keeps those requests from piling up on the ceph-agent).
+    identities: tokio::sync::Mutex<BTreeMap<String, String>>,
 }
 
 fn err_text(e: &ClientError) -> (String, bool) {
@@ -210,17 +213,27 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
             let ceph = fleet
                 .get(&Target::Cluster(cluster.clone()))
                 .map_err(|e| (format!("cluster {cluster}: {e}"), true))?;
-            let identity = match send(
-                ceph,
-                Command::IssueSnapIdentity(IssueSnapIdentity {
-                    client_id: c.snap_client.to_string(),
-                    pools: c.pools.iter().map(|p| p.to_string()).collect(),
-                }),
-            )
-            .await?
-            {
-                Reply::Identity(i) => i,
-                other => return Err((format!("unexpected reply {other:?}"), false)),
+            let key = {
+                let mut keys = ctx.identities.lock().await;
+                match keys.get(cluster) {
+                    Some(k) => k.clone(),
+                    None => {
+                        let identity = match send(
+                            ceph,
+                            Command::IssueSnapIdentity(IssueSnapIdentity {
+                                client_id: c.snap_client.to_string(),
+                                pools: c.pools.iter().map(|p| p.to_string()).collect(),
+                            }),
+                        )
+                        .await?
+                        {
+                            Reply::Identity(i) => i,
+                            other => return Err((format!("unexpected reply {other:?}"), false)),
+                        };
+                        keys.insert(cluster.clone(), identity.key.clone());
+                        identity.key
+                    }
+                }
             };
             let mon_hosts = if c.monitors.is_empty() {
                 monitors_of(ctx, cluster)
@@ -237,7 +250,7 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
                 name: name.clone(),
                 user_id: c.snap_client.to_string(),
                 mon_hosts,
-                key: identity.key,
+                key,
             })
         }
         Action::CreateBdev {
@@ -373,6 +386,7 @@ pub async fn execute(
         desired: desired.clone(),
         observed: observed.clone(),
         opts: opts.clone(),
+        identities: Default::default(),
     });
     let mut report = ExecReport::default();
     // Leases first: an agent whose lease cannot be taken runs nothing.
