@@ -187,20 +187,30 @@ fn watch_dir(
         })?;
     let dir = dir.to_path_buf();
     tokio::spawn(async move {
-        while frx.recv().await.is_some() {
-            let first = Instant::now();
-            loop {
-                let left = (debounce * 10).saturating_sub(first.elapsed());
-                match tokio::time::timeout(debounce.min(left), frx.recv()).await {
-                    Ok(Some(())) if !left.is_zero() => continue,
-                    Ok(None) => return,
-                    _ => break,
-                }
-            }
+        while settled(&mut frx, debounce).await.is_some() {
             reload(&dir, &state, &sessions, &tx);
         }
     });
     Ok(watcher)
+}
+
+/// Waits for a change, then for `quiet` without another one, but at most `10 x quiet` after the
+/// first: a burst (a `git checkout` of many files, an editor's write-and-rename) counts once, and
+/// a stream of writes cannot hold the reload back for ever. None when the watcher is gone.
+async fn settled(rx: &mut mpsc::UnboundedReceiver<()>, quiet: Duration) -> Option<()> {
+    rx.recv().await?;
+    let first = tokio::time::Instant::now();
+    loop {
+        let left = (quiet * 10).saturating_sub(first.elapsed());
+        if left.is_zero() {
+            return Some(());
+        }
+        match tokio::time::timeout(quiet.min(left), rx.recv()).await {
+            Ok(Some(())) => continue,
+            Ok(None) => return None,
+            Err(_) => return Some(()),
+        }
+    }
 }
 
 /// Drops the steps of suspended volumes and DPUs, and every step that depends on one dropped;
@@ -426,6 +436,58 @@ fn step_done(state: &Shared, s: &Step, o: &Outcome) {
 mod tests {
     use super::*;
     use crate::plan::sim::World;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_one_reload_and_a_stream_cannot_starve_it() {
+        let quiet = Duration::from_millis(300);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        // A checkout: 50 files written 10 ms apart.
+        let burst = tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                for _ in 0..50 {
+                    tx.send(()).unwrap();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        let start = tokio::time::Instant::now();
+        assert_eq!(settled(&mut rx, quiet).await, Some(()));
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(490 + 300) && took < Duration::from_millis(900),
+            "{took:?}"
+        );
+        burst.await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), settled(&mut rx, quiet))
+                .await
+                .is_err(),
+            "the burst was one change"
+        );
+
+        // A writer that never stops: reloaded 10 x quiet after its first write all the same.
+        let stream = tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                loop {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let start = tokio::time::Instant::now();
+        assert_eq!(settled(&mut rx, quiet).await, Some(()));
+        assert!(start.elapsed() <= quiet * 10 + Duration::from_millis(10));
+        stream.abort();
+
+        drop(tx);
+        let _ = stream.await;
+        while rx.try_recv().is_ok() {}
+        assert_eq!(settled(&mut rx, quiet).await, None, "the watcher is gone");
+    }
 
     #[test]
     fn suspended_volumes_and_dpus_keep_their_steps_and_their_dependents_back() {
