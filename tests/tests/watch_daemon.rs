@@ -96,13 +96,19 @@ impl Lab {
 
     /// Writes the fleet and `volumes` (name, dpu index, size, policy).
     fn write(&self, c: &Cluster, volumes: &[(&str, usize, &str, &str)]) {
+        self.write_in(&self.manifests(), c, volumes);
+    }
+
+    /// Writes the fleet and `volumes` into `dir`.
+    fn write_in(&self, dir: &Path, c: &Cluster, volumes: &[(&str, usize, &str, &str)]) {
+        std::fs::create_dir_all(dir).unwrap();
         let dpus: Vec<(&str, &str)> = self
             .dpus
             .iter()
             .map(|(n, a)| (n.as_str(), a.as_str()))
             .collect();
         write_like_an_editor(
-            &self.manifests().join("fleet.yaml"),
+            &dir.join("fleet.yaml"),
             &fleet_yaml(
                 &self.ceph_agent,
                 &self.ceph_addr,
@@ -115,12 +121,17 @@ impl Lab {
             .iter()
             .map(|(n, h, s, p)| volume_yaml(n, *h, s, &c.pool, p))
             .collect();
-        write_like_an_editor(&self.manifests().join("volumes.yaml"), &vols);
+        write_like_an_editor(&dir.join("volumes.yaml"), &vols);
     }
 
     /// `unistor watch` on the manifests, with `extra` flags.
     fn daemon(&self, extra: &[&str]) -> Daemon {
-        let m = self.manifests().display().to_string();
+        self.daemon_on(&self.manifests(), extra)
+    }
+
+    /// `unistor watch` on the manifest directory `dir`, with `extra` flags.
+    fn daemon_on(&self, dir: &Path, extra: &[&str]) -> Daemon {
+        let m = dir.display().to_string();
         let pki = self.pki().display().to_string();
         let state = self.dir.path().join("watch").display().to_string();
         let mut args = vec![
@@ -515,4 +526,35 @@ fn report_only_mode_shows_what_it_would_do_and_does_nothing() {
         metrics.contains("unistor_reconciles_total{result=\"drift\"}"),
         "{metrics}"
     );
+}
+
+#[test]
+fn a_manifest_directory_swapped_like_git_sync_is_followed() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 1, &[]);
+    let v = unique("sync");
+    // git-sync: `current` is a symlink to a worktree, replaced by a rename for every commit.
+    let root = lab.dir.path().join("sync");
+    let current = root.join("current");
+    lab.write_in(&root.join("rev1"), &c, &[(&v, 0, "64Mi", "Retain")]);
+    std::os::unix::fs::symlink("rev1", &current).unwrap();
+    let d = lab.daemon_on(&current, &[]);
+    d.wait_converged(CONVERGE, 1);
+
+    let vol = v.as_str();
+    let size_is = move |bytes: u64| {
+        move |s: &Value| {
+            reconciled(s)
+                && volume(s, vol)["size_bytes"] == bytes
+                && volume(s, vol)["state"] == "ok"
+        }
+    };
+    lab.write_in(&root.join("rev2"), &c, &[(&v, 0, "128Mi", "Retain")]);
+    std::os::unix::fs::symlink("rev2", root.join("current.new")).unwrap();
+    std::fs::rename(root.join("current.new"), &current).unwrap();
+    d.wait_for(CONVERGE, "the swapped-in revision", size_is(128 << 20));
+
+    // And edits inside the new worktree are seen (the watch moved with the symlink).
+    lab.write_in(&root.join("rev2"), &c, &[(&v, 0, "192Mi", "Retain")]);
+    d.wait_for(CONVERGE, "an edit in the new worktree", size_is(192 << 20));
 }

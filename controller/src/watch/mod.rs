@@ -89,7 +89,7 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     );
     reload(&a.common.dir, &state, &sessions, &tx);
 
-    let mut watcher = watch_dir(
+    let watcher = watch_dir(
         &a.common.dir,
         a.debounce,
         state.clone(),
@@ -107,7 +107,7 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
 
     shutdown_signal().await;
     state.event("daemon", "info", "stopping");
-    let _ = watcher.unwatch(&a.common.dir);
+    drop(watcher);
     reconciler.abort();
     server.abort();
     Ok(())
@@ -159,14 +159,16 @@ fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &mpsc::UnboundedS
 }
 
 /// Watches the manifest directory; after `debounce` of quiet (at most 10 x `debounce` after the
-/// first change, so a stream of writes cannot starve it) the directory is read again.
+/// first change, so a stream of writes cannot starve it) the directory is read again. Its parent
+/// is watched too, so that a directory swapped in place (git-sync replaces a symlink to a new
+/// worktree for every commit) is followed: the recursive watch moves to the new target.
 fn watch_dir(
     dir: &Path,
     debounce: Duration,
     state: Arc<Shared>,
     sessions: Arc<Sessions>,
     tx: mpsc::UnboundedSender<String>,
-) -> Result<notify::RecommendedWatcher, OpsError> {
+) -> Result<Arc<std::sync::Mutex<notify::RecommendedWatcher>>, OpsError> {
     let (ftx, mut frx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
@@ -185,9 +187,29 @@ fn watch_dir(
             path: dir.to_path_buf(),
             source: std::io::Error::other(e),
         })?;
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if let Some(parent) = absolute.parent() {
+        // Best effort: without it, a swapped directory is still re-read at every resync.
+        if let Err(e) = watcher.watch(parent, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %parent.display(), error = %e, "Cannot watch the manifests' parent directory.");
+        }
+    }
+    let watcher = Arc::new(std::sync::Mutex::new(watcher));
     let dir = dir.to_path_buf();
+    let w = watcher.clone();
     tokio::spawn(async move {
+        let mut target = dir.canonicalize().ok();
         while settled(&mut frx, debounce).await.is_some() {
+            let now = dir.canonicalize().ok();
+            if now != target {
+                // The directory was replaced: watch what the path names now.
+                let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = w.unwatch(&dir);
+                if let Err(e) = w.watch(&dir, notify::RecursiveMode::Recursive) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "Cannot watch the manifests again; they are re-read at every resync.");
+                }
+                target = now;
+            }
             reload(&dir, &state, &sessions, &tx);
         }
     });
