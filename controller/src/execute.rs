@@ -320,11 +320,7 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
 
 /// A 20-character NVMe serial derived from the NQN.
 fn serial(nqn: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in nqn.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = crate::plan::fnv(nqn);
     format!("UNISTOR{:013X}", h & 0x000F_FFFF_FFFF_FFFF)
 }
 

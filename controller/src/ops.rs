@@ -347,12 +347,7 @@ pub fn fingerprint(desired: &Desired, observed: &Observed) -> String {
     }
     stable.insert("desired".into(), serde_json::json!(format!("{desired:?}")));
     let text = serde_json::Value::Object(stable).to_string();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", plan::fnv(&text))
 }
 
 /// `unistor plan`: exit 0 when nothing is to do, 2 when changes are pending, 1 on error.

@@ -122,8 +122,9 @@ impl Builder {
     }
 }
 
-/// FNV-1a: a stable hash (the same on every machine and release) for derived NSIDs.
-fn fnv(s: &str) -> u64 {
+/// FNV-1a: a stable hash (the same on every machine and release) for derived NSIDs, NVMe
+/// serials and plan fingerprints.
+pub fn fnv(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.bytes() {
         h ^= u64::from(b);
@@ -269,13 +270,13 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             .collect()
     };
 
-    // SNAP on every DPU.
-    // Per DPU: what every step there waits for (its removals, then SNAP).
+    // SNAP on every DPU. Per DPU: what every step there waits for (its removals, then SNAP).
     let mut first_on: HashMap<&str, (Option<usize>, Vec<Option<usize>>)> = HashMap::default();
     for (name, dpu) in &desired.dpus {
         let Some(report) = reports.get(name.as_str()) else {
             continue;
         };
+        let mut first = after_removals(name);
         let want = format!("{}:{}", dpu.snap.image, dpu.snap.tag);
         let have = report.snap.image.clone();
         let running = report.snap.state == SnapState::Running;
@@ -305,13 +306,12 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                     spec: Box::new(dpu.snap.clone()),
                 },
                 risk,
-                &after_removals(name),
+                &first,
                 None,
             ))
         } else {
             None
         };
-        let mut first = after_removals(name);
         first.push(step);
         first_on.insert(name.as_str(), (step, first));
     }

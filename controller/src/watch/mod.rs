@@ -328,12 +328,13 @@ async fn reconcile(
     state.reconciling(true);
     let fleet = Arc::new(sessions.snapshot());
     let (opts, exec) = crate::ops::run_options(&a.common, &a.rails);
+    let plan_now =
+        |o: &plan::Observed| without_suspended(plan::plan(&desired, o, &opts), &state.suspended());
     let mut observed = fleet.observe(a.common.report_timeout).await;
     state.observed(observed.clone());
     summary.result = "pending".into();
     for _pass in 0..a.passes.max(1) {
-        let (p, held) =
-            without_suspended(plan::plan(&desired, &observed, &opts), &state.suspended());
+        let (p, held) = plan_now(&observed);
         state.planned(&p);
         if p.is_empty() && !p.unknown.is_empty() {
             // Nothing to do on what can be seen; the rest waits for its agents to come back.
@@ -386,7 +387,7 @@ async fn reconcile(
     }
     if summary.result == "pending" {
         // Out of passes or stuck: the plan that is left says why.
-        let (p, _) = without_suspended(plan::plan(&desired, &observed, &opts), &state.suspended());
+        let (p, _) = plan_now(&observed);
         state.planned(&p);
         if p.is_empty() {
             summary.result = "converged".into();

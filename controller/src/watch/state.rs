@@ -405,15 +405,15 @@ impl Shared {
 
     /// What the agents reported last.
     pub fn observed(&self, o: Observed) {
-        let mut g = self.write();
-        if let Some(d) = g.desired.clone() {
+        // The chains are walked outside the lock: the dashboard keeps reading meanwhile.
+        if let Some(d) = self.read().desired.clone() {
             let fs = FleetStatus::new(&d, &o);
             let ok = fs.volumes.iter().filter(|v| v.state == "ok").count();
             self.metrics
                 .volumes_converged
                 .set(i64::try_from(ok).unwrap_or(i64::MAX));
         }
-        g.observed = o;
+        self.write().observed = o;
     }
 
     /// The observed state last recorded.
