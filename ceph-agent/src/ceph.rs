@@ -11,15 +11,21 @@
 //! metadata at all and has no watchers is one whose creation was interrupted, and is adopted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use protocol::names::{check_rbd_feature, CephClientId, NameError, PoolName, VolumeName};
 use protocol::{
-    Capacity, CephHealth, CephIdentity, CephReport, ErrorCode, ImageState, ImageStatus,
-    MonitorInfo, PoolInfo, WireError,
+    Capacity, CephChanges, CephHealth, CephIdentity, CephReport, ErrorCode, ImageState,
+    ImageStatus, ImageWatchers, MonitorInfo, PoolInfo, WireError,
 };
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::view::View;
 
 pub use protocol::names::ImageName;
 
@@ -38,7 +44,7 @@ pub const META_RETENTION: &str = "unistor.trash-retention-secs";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     deletion: &'static str,
-    retention: String,
+    retention_secs: u64,
 }
 
 impl Policy {
@@ -57,7 +63,7 @@ impl Policy {
         };
         Ok(Self {
             deletion,
-            retention: p.trash_retention_secs.to_string(),
+            retention_secs: p.trash_retention_secs,
         })
     }
 }
@@ -269,6 +275,13 @@ struct TrashEntry {
     status: String,
 }
 
+/// One entry of `rbd ls --long`.
+#[derive(Debug, Deserialize)]
+struct LsEntry {
+    image: String,
+    size: u64,
+}
+
 /// A live image as read from the cluster.
 #[derive(Debug, Clone)]
 struct LiveImage {
@@ -278,14 +291,154 @@ struct LiveImage {
     watchers: Vec<String>,
 }
 
+/// The value of an image's key in its pool's `unistor.index`: who owns it and what removing it
+/// does. Written (before the image exists) by the create that makes it; read back with one call
+/// per pool. Older agents wrote the bare volume name; such entries are read image by image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexValue {
+    /// `unistor.managed-by`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
+    /// `unistor.volume`.
+    pub volume: String,
+    /// `unistor.deletion-policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// `unistor.trash-retention-secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_secs: Option<u64>,
+    /// The features the image was created with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+impl IndexValue {
+    /// Parses a stored value: JSON, or an older agent's bare volume name.
+    pub fn parse(bytes: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(bytes);
+        if text.starts_with('{') {
+            if let Ok(v) = serde_json::from_str(&text) {
+                return v;
+            }
+        }
+        Self {
+            volume: text.into_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// Whether it says everything a report needs (else the image itself must be read).
+    pub fn complete(&self) -> bool {
+        self.managed_by.is_some() && !self.features.is_empty()
+    }
+
+    /// The `unistor.*` metadata it stands for.
+    fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        if let Some(o) = &self.managed_by {
+            m.insert(META_MANAGED_BY.to_string(), o.clone());
+        }
+        if !self.volume.is_empty() {
+            m.insert(META_VOLUME.to_string(), self.volume.clone());
+        }
+        if let Some(p) = &self.policy {
+            m.insert(META_POLICY.to_string(), p.clone());
+        }
+        if let Some(r) = self.retention_secs {
+            m.insert(META_RETENTION.to_string(), r.to_string());
+        }
+        m
+    }
+}
+
+/// Parses `rados listomapvals` output (keys, each followed by a hexdump of its value).
+/// Keys here are image names (no newlines); values are read from the hexdump's hex columns.
+pub fn parse_omap_dump(text: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let mut out = BTreeMap::new();
+    let mut lines = text.lines().peekable();
+    while let Some(key) = lines.next() {
+        if key.is_empty() {
+            continue;
+        }
+        let header = lines
+            .next()
+            .ok_or_else(|| format!("key {key:?} has no value"))?;
+        let len: usize = header
+            .strip_prefix("value (")
+            .and_then(|r| r.split_once(" bytes)"))
+            .and_then(|(n, _)| n.parse().ok())
+            .ok_or_else(|| format!("unexpected line {header:?} after key {key:?}"))?;
+        let mut value = Vec::with_capacity(len);
+        while let Some(line) = lines.peek() {
+            if line.is_empty() {
+                break;
+            }
+            let line = lines.next().unwrap_or_default();
+            let mut tokens = line.split_whitespace();
+            let _offset = tokens.next();
+            for t in tokens {
+                if t.starts_with('|') {
+                    break;
+                }
+                let b = u8::from_str_radix(t, 16)
+                    .map_err(|_| format!("bad hex {t:?} in the value of {key:?}"))?;
+                value.push(b);
+            }
+        }
+        if value.len() != len {
+            return Err(format!(
+                "the value of {key:?} has {} bytes, the dump said {len}",
+                value.len()
+            ));
+        }
+        out.insert(key.to_string(), value);
+    }
+    Ok(out)
+}
+
+/// Tuning of the agent's view and its sweep.
+#[derive(Debug, Clone)]
+pub struct ViewOptions {
+    /// Images the sweep re-reads per second (two commands each).
+    pub sweep_rate: f64,
+    /// An image checked (or mutated by us) more recently than this is not re-read yet.
+    pub sweep_min_age: Duration,
+    /// The per-pool listings (index and trash) are re-read at least this often.
+    pub pool_refresh: Duration,
+    /// A report re-reads the cluster's status when it is older than this.
+    pub status_max_age: Duration,
+}
+
+impl Default for ViewOptions {
+    fn default() -> Self {
+        Self {
+            sweep_rate: 10.0,
+            sweep_min_age: Duration::from_secs(30),
+            pool_refresh: Duration::from_secs(30),
+            status_max_age: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The cluster, through its CLI.
 #[derive(Debug)]
 pub struct Ceph<R> {
     runner: R,
     /// cephx ids that must never be (re)issued: `admin` and the agent's own.
     protected_ids: BTreeSet<String>,
-    /// Images examined at once while reporting.
-    report_concurrency: usize,
+    /// Images examined at once while loading.
+    load_concurrency: usize,
+    /// What the agent knows of its images.
+    view: Mutex<View>,
+    /// The cluster's status, monitors, capacity and pools, as last read.
+    cluster: tokio::sync::Mutex<Option<(Instant, CephReport)>>,
+    /// Set once the view was loaded.
+    loaded: tokio::sync::OnceCell<()>,
+    /// The view's generation, for whoever pushes change notifications.
+    generation: watch::Sender<u64>,
+    /// CLI commands run, for the benchmark and tests.
+    calls: AtomicU64,
+    options: ViewOptions,
 }
 
 fn rbd() -> Invocation {
@@ -300,15 +453,30 @@ fn image_args(inv: Invocation, spec: &ImageSpec) -> Invocation {
         .arg(spec.image.as_str())
 }
 
+fn gone(e: &CephError) -> bool {
+    matches!(e, CephError::Cli(c) if c.code() == Some(libc_enoent()))
+}
+
 impl<R: Runner> Ceph<R> {
     /// Operates the cluster through `runner`; `own_id` is the agent's cephx id.
     pub fn new(runner: R, own_id: Option<&str>) -> Self {
+        Self::with_options(runner, own_id, ViewOptions::default())
+    }
+
+    /// As [`Ceph::new`], with the view's tuning.
+    pub fn with_options(runner: R, own_id: Option<&str>, options: ViewOptions) -> Self {
         let mut protected_ids = BTreeSet::from(["admin".to_string()]);
         protected_ids.extend(own_id.map(str::to_string));
         Self {
             runner,
             protected_ids,
-            report_concurrency: 8,
+            load_concurrency: 8,
+            view: Mutex::default(),
+            cluster: tokio::sync::Mutex::default(),
+            loaded: tokio::sync::OnceCell::new(),
+            generation: watch::channel(0).0,
+            calls: AtomicU64::new(0),
+            options,
         }
     }
 
@@ -317,9 +485,41 @@ impl<R: Runner> Ceph<R> {
         &self.runner
     }
 
+    /// CLI commands run so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// The view's generation, as it changes.
+    pub fn subscribe_generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Updates the view; tells subscribers when a report changed.
+    fn with_view<T>(&self, f: impl FnOnce(&mut View) -> T) -> T {
+        let mut v = self.view();
+        let before = v.generation();
+        let out = f(&mut v);
+        let after = v.generation();
+        drop(v);
+        if after != before {
+            self.generation.send_replace(after);
+        }
+        out
+    }
+
+    async fn run(&self, inv: Invocation) -> Result<crate::runner::Output, CliError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.runner.run(inv).await
+    }
+
     async fn json<T: DeserializeOwned>(&self, inv: Invocation) -> Result<T, CephError> {
         let command = inv.display();
-        let out = self.runner.run(inv).await?;
+        let out = self.run(inv).await?;
         serde_json::from_slice(&out.stdout).map_err(|source| CephError::Parse { command, source })
     }
 
@@ -328,7 +528,7 @@ impl<R: Runner> Ceph<R> {
         let inv = image_args(rbd().args(["info", "--format", "json"]), spec);
         match self.json(inv).await {
             Ok(info) => Ok(Some(info)),
-            Err(CephError::Cli(e)) if e.code() == Some(libc_enoent()) => Ok(None),
+            Err(e) if gone(&e) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -336,7 +536,7 @@ impl<R: Runner> Ceph<R> {
     async fn metadata(&self, spec: &ImageSpec) -> Result<BTreeMap<String, String>, CephError> {
         let inv = image_args(rbd().args(["image-meta", "list", "--format", "json"]), spec);
         let command = inv.display();
-        let out = self.runner.run(inv).await?;
+        let out = self.run(inv).await?;
         // `rbd image-meta list` prints nothing at all for an image without metadata.
         if out.stdout.iter().all(u8::is_ascii_whitespace) {
             return Ok(BTreeMap::new());
@@ -350,21 +550,14 @@ impl<R: Runner> Ceph<R> {
         Ok(status.watchers.into_iter().map(|w| w.address).collect())
     }
 
-    async fn live(&self, spec: &ImageSpec) -> Result<Option<LiveImage>, CephError> {
+    /// Size, features and metadata (no watchers); `None` when the image is not live.
+    async fn read(&self, spec: &ImageSpec) -> Result<Option<LiveImage>, CephError> {
         let Some(info) = self.info(spec).await? else {
             return Ok(None);
         };
-        // One after the other: `rbd image-meta list` may open the image read-write for a moment,
-        // and a concurrent `rbd status` would report our own process as a watcher.
         // The image can vanish between the commands (removed by someone else): that is "not
-        // there", not a failed report.
-        let gone =
-            |e: &CephError| matches!(e, CephError::Cli(c) if c.code() == Some(libc_enoent()));
+        // there", not a failure.
         let metadata = match self.metadata(spec).await {
-            Err(e) if gone(&e) => return Ok(None),
-            other => other?,
-        };
-        let watchers = match self.watchers(spec).await {
             Err(e) if gone(&e) => return Ok(None),
             other => other?,
         };
@@ -372,8 +565,22 @@ impl<R: Runner> Ceph<R> {
             size: info.size,
             features: info.features,
             metadata,
-            watchers,
+            watchers: vec![],
         }))
+    }
+
+    /// As [`Ceph::read`], and the watchers too (for decisions that depend on them).
+    async fn live(&self, spec: &ImageSpec) -> Result<Option<LiveImage>, CephError> {
+        let Some(mut img) = self.read(spec).await? else {
+            return Ok(None);
+        };
+        // After the metadata, not beside it: `rbd image-meta list` may open the image read-write
+        // for a moment, and a concurrent `rbd status` would report our own process as a watcher.
+        img.watchers = match self.watchers(spec).await {
+            Err(e) if gone(&e) => return Ok(None),
+            other => other?,
+        };
+        Ok(Some(img))
     }
 
     async fn trash(&self, pool: &PoolName) -> Result<Vec<TrashEntry>, CephError> {
@@ -383,43 +590,52 @@ impl<R: Runner> Ceph<R> {
         self.json(inv).await
     }
 
-    /// Image names in a pool's unistor index.
-    async fn index(&self, pool: &PoolName) -> Result<BTreeSet<String>, CephError> {
+    /// A pool's unistor index: image name to its entry, one command.
+    async fn index(&self, pool: &PoolName) -> Result<BTreeMap<String, IndexValue>, CephError> {
         let inv = Invocation::new(Tool::Rados).args([
             "--pool",
             pool.as_str(),
-            "listomapkeys",
+            "listomapvals",
             "--",
             INDEX_OBJECT,
         ]);
-        match self.runner.run(inv).await {
-            Ok(out) => Ok(String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect()),
+        let command = inv.display();
+        match self.run(inv).await {
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let dump = parse_omap_dump(&text).map_err(|e| CephError::Parse {
+                    command,
+                    source: serde::de::Error::custom(e),
+                })?;
+                Ok(dump
+                    .into_iter()
+                    .map(|(k, v)| (k, IndexValue::parse(&v)))
+                    .collect())
+            }
             // `rados` exits 1 for every failure; the index object not existing yet is the one
             // failure that means "empty", and only stderr tells it apart.
             Err(CliError::Failed { stderr, .. })
                 if stderr.contains("(2) No such file or directory") =>
             {
-                Ok(BTreeSet::new())
+                Ok(BTreeMap::new())
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn index_add(&self, spec: &ImageSpec, owner: &Owner) -> Result<(), CephError> {
-        let inv = Invocation::new(Tool::Rados).args([
-            "--pool",
-            spec.pool.as_str(),
-            "setomapval",
-            "--",
-            INDEX_OBJECT,
-            spec.image.as_str(),
-            owner.volume.as_str(),
-        ]);
-        self.runner.run(inv).await?;
+    async fn index_set(&self, spec: &ImageSpec, value: &IndexValue) -> Result<(), CephError> {
+        let json = serde_json::to_string(value).expect("index values serialize");
+        let inv = Invocation::new(Tool::Rados)
+            .args([
+                "--pool",
+                spec.pool.as_str(),
+                "setomapval",
+                "--",
+                INDEX_OBJECT,
+                spec.image.as_str(),
+            ])
+            .arg(json);
+        self.run(inv).await?;
         Ok(())
     }
 
@@ -432,7 +648,7 @@ impl<R: Runner> Ceph<R> {
             INDEX_OBJECT,
             spec.image.as_str(),
         ]);
-        match self.runner.run(inv).await {
+        match self.run(inv).await {
             Ok(_) => Ok(()),
             Err(CliError::Failed { stderr, .. })
                 if stderr.contains("(2) No such file or directory") =>
@@ -450,31 +666,38 @@ impl<R: Runner> Ceph<R> {
         value: &str,
     ) -> Result<(), CephError> {
         let inv = image_args(rbd().args(["image-meta", "set"]), spec).args([key, value]);
-        self.runner.run(inv).await?;
+        self.run(inv).await?;
         Ok(())
     }
 
-    fn status_of(spec: &ImageSpec, img: LiveImage) -> ImageStatus {
+    /// A live image's status; the policy comes from the image's own metadata (older agents wrote
+    /// it there) or else the index entry.
+    fn live_status(spec: &ImageSpec, img: &LiveImage, idx: Option<&IndexValue>) -> ImageStatus {
+        let mut metadata = unistor_metadata(img.metadata.clone());
+        if let Some(idx) = idx {
+            for (k, v) in idx.metadata() {
+                if k == META_POLICY || k == META_RETENTION {
+                    metadata.entry(k).or_insert(v);
+                }
+            }
+        }
         ImageStatus {
             pool: spec.pool.to_string(),
             image: spec.image.to_string(),
             state: ImageState::Live,
             size_bytes: img.size,
-            features: img.features,
-            watchers: img.watchers,
-            metadata: unistor_metadata(img.metadata),
+            features: img.features.clone(),
+            watchers: if img.watchers.is_empty() {
+                None
+            } else {
+                Some(img.watchers.clone())
+            },
+            metadata,
         }
     }
 
-    /// The state of one image unistor manages (live, trashed or missing).
-    async fn image_status(
-        &self,
-        spec: &ImageSpec,
-        trash: &[TrashEntry],
-    ) -> Result<ImageStatus, CephError> {
-        if let Some(img) = self.live(spec).await? {
-            return Ok(Self::status_of(spec, img));
-        }
+    /// The status of an image that is not live: in the trash, or missing.
+    fn gone_status(spec: &ImageSpec, trash: &[TrashEntry]) -> ImageStatus {
         let state = match trash.iter().find(|t| t.name == spec.image.as_str()) {
             Some(t) => ImageState::Trashed {
                 trash_id: t.id.clone(),
@@ -482,15 +705,10 @@ impl<R: Runner> Ceph<R> {
             },
             None => ImageState::Missing,
         };
-        Ok(ImageStatus {
-            pool: spec.pool.to_string(),
-            image: spec.image.to_string(),
+        ImageStatus {
             state,
-            size_bytes: 0,
-            features: vec![],
-            watchers: vec![],
-            metadata: BTreeMap::new(),
-        })
+            ..crate::view::unread(spec, BTreeMap::new())
+        }
     }
 
     /// Requires `img` to carry `owner`'s metadata.
@@ -519,8 +737,110 @@ impl<R: Runner> Ceph<R> {
         }
     }
 
-    /// The whole report: status, monitors, capacity, pools and the images unistor manages.
-    pub async fn report(&self) -> Result<CephReport, CephError> {
+    /// Pools with the rbd application whose names unistor accepts.
+    async fn rbd_pools(&self) -> Result<Vec<PoolName>, CephError> {
+        let pools: Vec<PoolDetailJson> = self
+            .json(Invocation::new(Tool::Ceph).args([
+                "osd", "pool", "ls", "detail", "--format", "json",
+            ]))
+            .await?;
+        Ok(pools
+            .iter()
+            .filter(|p| p.application_metadata.contains_key("rbd"))
+            // Pools created outside unistor may have names unistor would refuse; skip those.
+            .filter_map(|p| PoolName::parse("pool", &p.pool_name).ok())
+            .collect())
+    }
+
+    /// Reads every pool's index and trash, and the sizes of its live images (`rbd ls --long`,
+    /// one command per pool), into the view; entries written by older agents (without owner and
+    /// features) are read image by image. Runs once; later calls wait for the first.
+    pub async fn load(&self) -> Result<(), CephError> {
+        self.loaded
+            .get_or_try_init(|| async {
+                let started = Instant::now();
+                for pool in self.rbd_pools().await? {
+                    let index = self.index(&pool).await?;
+                    if index.is_empty() {
+                        continue;
+                    }
+                    let trash = self.trash(&pool).await?;
+                    let ls: Vec<LsEntry> = self
+                        .json(
+                            rbd()
+                                .args(["ls", "--long", "--format", "json", "--"])
+                                .arg(pool.as_str()),
+                        )
+                        .await?;
+                    let sizes: BTreeMap<&str, u64> =
+                        ls.iter().map(|e| (e.image.as_str(), e.size)).collect();
+                    let mut legacy = vec![];
+                    for (name, idx) in &index {
+                        let Ok(image) = ImageName::parse("image", name) else {
+                            continue;
+                        };
+                        let spec = ImageSpec {
+                            pool: pool.clone(),
+                            image,
+                        };
+                        let status = match sizes.get(name.as_str()) {
+                            Some(_) if !idx.complete() => {
+                                legacy.push(spec);
+                                continue;
+                            }
+                            Some(size) => ImageStatus {
+                                state: ImageState::Live,
+                                size_bytes: *size,
+                                features: idx.features.clone(),
+                                metadata: idx.metadata(),
+                                ..crate::view::unread(&spec, BTreeMap::new())
+                            },
+                            None => Self::gone_status(&spec, &trash),
+                        };
+                        // Known from listings only: the sweep reads each image itself later.
+                        self.with_view(|v| v.add_unchecked(&spec, status));
+                    }
+                    let found: Vec<(ImageSpec, Result<Option<LiveImage>, CephError>)> =
+                        stream::iter(legacy)
+                            .map(|spec| async move {
+                                let r = self.read(&spec).await;
+                                (spec, r)
+                            })
+                            .buffered(self.load_concurrency)
+                            .collect()
+                            .await;
+                    let now = Instant::now();
+                    for (spec, r) in found {
+                        let status = match r? {
+                            Some(img) => {
+                                Self::live_status(&spec, &img, index.get(spec.image.as_str()))
+                            }
+                            None => Self::gone_status(&spec, &trash),
+                        };
+                        self.with_view(|v| v.set(&spec, status, now));
+                    }
+                }
+                tracing::info!(
+                    images = self.view().len(),
+                    commands = self.calls(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "Loaded the images unistor manages."
+                );
+                Ok::<(), CephError>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The cluster's status, monitors, capacity and pools (four `ceph` commands), re-read when
+    /// older than `max_age`. Health changes raise the view's generation.
+    async fn cluster(&self, max_age: Duration) -> Result<CephReport, CephError> {
+        let mut cached = self.cluster.lock().await;
+        if let Some((at, r)) = cached.as_ref() {
+            if at.elapsed() < max_age {
+                return Ok(r.clone());
+            }
+        }
         let ceph = |args: &[&str]| Invocation::new(Tool::Ceph).args(args.iter().copied());
         let (status, mons, df, pools) = tokio::try_join!(
             self.json::<CephStatusJson>(ceph(&["status", "--format", "json"])),
@@ -535,49 +855,7 @@ impl<R: Runner> Ceph<R> {
             .filter(|p| p.application_metadata.contains_key("rbd"))
             .map(|p| p.pool_name.as_str())
             .collect();
-        let pool_infos: Vec<PoolInfo> = df
-            .pools
-            .iter()
-            .map(|p| PoolInfo {
-                name: p.name.clone(),
-                id: p.id,
-                rbd_enabled: rbd_pools.contains(p.name.as_str()),
-                stored_bytes: p.stats.stored,
-                max_avail_bytes: p.stats.max_avail,
-            })
-            .collect();
-
-        let mut images = Vec::new();
-        for pool in &rbd_pools {
-            // Pools created outside unistor may have names unistor would refuse; skip those.
-            let Ok(pool) = PoolName::parse("pool", pool) else {
-                continue;
-            };
-            let index = self.index(&pool).await?;
-            if index.is_empty() {
-                continue;
-            }
-            let trash = self.trash(&pool).await?;
-            let specs: Vec<ImageSpec> = index
-                .iter()
-                .filter_map(|name| ImageName::parse("image", name).ok())
-                .map(|image| ImageSpec {
-                    pool: pool.clone(),
-                    image,
-                })
-                .collect();
-            let trash = &trash;
-            let found: Vec<Result<ImageStatus, CephError>> = stream::iter(specs)
-                .map(|spec| async move { self.image_status(&spec, trash).await })
-                .buffered(self.report_concurrency)
-                .collect()
-                .await;
-            for r in found {
-                images.push(r?);
-            }
-        }
-
-        Ok(CephReport {
+        let report = CephReport {
             fsid: status.fsid,
             health: CephHealth {
                 status: status.health.status,
@@ -606,12 +884,128 @@ impl<R: Runner> Ceph<R> {
                 used_bytes: df.stats.total_used_raw_bytes,
                 avail_bytes: df.stats.total_avail_bytes,
             },
-            pools: pool_infos,
-            images,
+            pools: df
+                .pools
+                .iter()
+                .map(|p| PoolInfo {
+                    name: p.name.clone(),
+                    id: p.id,
+                    rbd_enabled: rbd_pools.contains(p.name.as_str()),
+                    stored_bytes: p.stats.stored,
+                    max_avail_bytes: p.stats.max_avail,
+                })
+                .collect(),
+            images: vec![],
+        };
+        // What a controller reacts to: health, monitors, the pool set; not the byte counters.
+        let shape = |r: &CephReport| {
+            (
+                r.health.clone(),
+                r.monitors.clone(),
+                r.pools
+                    .iter()
+                    .map(|p| (p.name.clone(), p.rbd_enabled))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        if cached.as_ref().is_some_and(|(_, old)| shape(old) != shape(&report)) {
+            self.with_view(|v| v.bump());
+        }
+        *cached = Some((Instant::now(), report.clone()));
+        Ok(report)
+    }
+
+    /// The whole report: the cluster (read now) and every image unistor manages, from the view.
+    /// Four commands, whatever the number of images.
+    pub async fn report(&self) -> Result<CephReport, CephError> {
+        self.load().await?;
+        let mut r = self.cluster(Duration::ZERO).await?;
+        r.images = self.view().all();
+        Ok(r)
+    }
+
+    /// What changed since generation `since`, one page (see [`View::changes`]); the cluster part
+    /// is at most [`ViewOptions::status_max_age`] old.
+    pub async fn changes(
+        &self,
+        since: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<CephChanges, CephError> {
+        self.load().await?;
+        let cluster = self.cluster(self.options.status_max_age).await?;
+        let c = self.view().changes(since, after, limit);
+        Ok(CephChanges {
+            generation: c.generation,
+            full: c.full,
+            more: c.more,
+            cluster,
+            images: c.images,
+            removed: c.removed,
+            restart: false,
         })
     }
 
+    /// Re-reads the cluster's status when it is due (the report loop calls this).
+    pub async fn refresh_cluster(&self, max_age: Duration) -> Result<(), CephError> {
+        self.cluster(max_age).await.map(|_| ())
+    }
+
+    /// Watchers of `specs`, looked up now.
+    pub async fn image_watchers(
+        &self,
+        specs: &[ImageSpec],
+    ) -> Result<Vec<ImageWatchers>, CephError> {
+        let mut out = vec![];
+        for spec in specs {
+            let watchers = match self.watchers(spec).await {
+                Err(e) if gone(&e) => vec![],
+                other => other?,
+            };
+            out.push(ImageWatchers {
+                pool: spec.pool.to_string(),
+                image: spec.image.to_string(),
+                watchers,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` as a mutation of `spec`: sweeps reading the image meanwhile are dropped.
+    async fn mutation<T>(
+        &self,
+        spec: &ImageSpec,
+        f: impl std::future::Future<Output = Result<T, CephError>>,
+    ) -> Result<T, CephError> {
+        self.view().begin(spec);
+        let out = f.await;
+        self.view().end(spec);
+        out
+    }
+
+    /// Records what a mutation left and returns it.
+    fn record(&self, spec: &ImageSpec, status: ImageStatus) -> ImageStatus {
+        self.with_view(|v| v.set(spec, status.clone(), Instant::now()));
+        status
+    }
+
+    /// Re-reads one image and records it (after mutations whose result is not known otherwise).
+    async fn reread(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
+        let status = match self.read(spec).await? {
+            Some(img) => {
+                let idx = self.index(&spec.pool).await?;
+                Self::live_status(spec, &img, idx.get(spec.image.as_str()))
+            }
+            None => Self::gone_status(spec, &self.trash(&spec.pool).await?),
+        };
+        Ok(self.record(spec, status))
+    }
+
     /// Creates an owned image, or succeeds when the same image already exists.
+    ///
+    /// An image the view does not know costs four commands: the index entry (intent, owner,
+    /// policy), `rbd create`, and the two ownership keys on the image. One the view knows as
+    /// live is read (it may have changed behind our back) and compared.
     pub async fn create_image(
         &self,
         spec: &ImageSpec,
@@ -622,88 +1016,116 @@ impl<R: Runner> Ceph<R> {
     ) -> Result<ImageStatus, CephError> {
         check_size("size_bytes", size)?;
         let features = check_features(features)?;
-        // Two rounds: if a racing creator wins between our look and our create, look again.
-        for _ in 0..2 {
-            if let Some(img) = self.live(spec).await? {
-                let img = self.adopt_interrupted(spec, img, owner).await?;
-                Self::check_owner(spec, &img, owner)?;
-                let mut diff = vec![];
-                if img.size != size {
-                    diff.push(format!("size is {} bytes, wanted {size}", img.size));
-                }
-                let have: BTreeSet<&String> = img.features.iter().collect();
-                let want: BTreeSet<&String> = features.iter().collect();
-                if have != want {
-                    diff.push(format!(
-                        "features are {:?}, wanted {:?}",
-                        img.features, features
-                    ));
-                }
-                if !diff.is_empty() {
-                    return Err(CephError::Conflict {
-                        spec: spec.to_string(),
-                        diff: diff.join("; "),
-                    });
-                }
-                if self.write_policy(spec, &img.metadata, policy).await? {
-                    if let Some(img) = self.live(spec).await? {
-                        return Ok(Self::status_of(spec, img));
+        self.load().await?;
+        let known = self.view().get(spec).cloned();
+        let value = IndexValue {
+            managed_by: Some(owner.managed_by.to_string()),
+            volume: owner.volume.to_string(),
+            policy: policy.map(|p| p.deletion.to_string()),
+            retention_secs: policy.map(|p| p.retention_secs),
+            features: features.clone(),
+        };
+        self.mutation(spec, async {
+            let live_known = known.as_ref().is_some_and(|k| k.state == ImageState::Live);
+            if !live_known {
+                // Intent first: the index entry makes an interrupted create recognisable.
+                self.index_set(spec, &value).await?;
+                let inv = image_args(
+                    rbd()
+                        .args(["create", "--size"])
+                        .arg(format!("{size}B"))
+                        .args(["--image-feature", &features.join(",")]),
+                    spec,
+                );
+                match self.run(inv).await {
+                    Ok(_) => {
+                        self.set_metadata(spec, META_MANAGED_BY, owner.managed_by.as_str())
+                            .await?;
+                        self.set_metadata(spec, META_VOLUME, owner.volume.as_str())
+                            .await?;
+                        let img = LiveImage {
+                            size,
+                            features: features.clone(),
+                            metadata: BTreeMap::from([
+                                (META_MANAGED_BY.to_string(), owner.managed_by.to_string()),
+                                (META_VOLUME.to_string(), owner.volume.to_string()),
+                            ]),
+                            watchers: vec![],
+                        };
+                        return Ok(self.record(spec, Self::live_status(spec, &img, Some(&value))));
                     }
+                    Err(e) if e.code() == Some(libc_eexist()) => {
+                        // It existed after all: ours from an interrupted create, or someone
+                        // else's. Decide below by looking at it.
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                return Ok(Self::status_of(spec, img));
             }
-            // Intent first: the index entry makes an interrupted create recognisable.
-            self.index_add(spec, owner).await?;
-            let inv = image_args(
-                rbd()
-                    .args(["create", "--size"])
-                    .arg(format!("{size}B"))
-                    .args(["--image-feature", &features.join(",")]),
-                spec,
-            );
-            match self.runner.run(inv).await {
-                Ok(_) => {}
-                Err(e) if e.code() == Some(libc_eexist()) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            self.set_metadata(spec, META_MANAGED_BY, owner.managed_by.as_str())
-                .await?;
-            self.set_metadata(spec, META_VOLUME, owner.volume.as_str())
-                .await?;
-            self.write_policy(spec, &BTreeMap::new(), policy).await?;
-            return match self.live(spec).await? {
-                Some(img) => Ok(Self::status_of(spec, img)),
-                None => Err(CephError::NotFound {
+            let Some(img) = self.live(spec).await? else {
+                return Err(CephError::Conflict {
                     spec: spec.to_string(),
-                    hint: " right after creating it".into(),
-                }),
+                    diff: "another client keeps creating and removing it".into(),
+                });
             };
-        }
-        Err(CephError::Conflict {
-            spec: spec.to_string(),
-            diff: "another client keeps creating and removing it".into(),
+            // Ours only if the index named it before this create wrote its entry.
+            let img = if known.is_some() {
+                self.adopt_interrupted(spec, img, owner).await?
+            } else {
+                img
+            };
+            if let Err(e) = Self::check_owner(spec, &img, owner) {
+                if known.is_none() {
+                    // The entry this create wrote does not make a stranger's image ours.
+                    self.index_remove(spec).await?;
+                }
+                return Err(e);
+            }
+            let mut diff = vec![];
+            if img.size != size {
+                diff.push(format!("size is {} bytes, wanted {size}", img.size));
+            }
+            let have: BTreeSet<&String> = img.features.iter().collect();
+            let want: BTreeSet<&String> = features.iter().collect();
+            if have != want {
+                diff.push(format!(
+                    "features are {:?}, wanted {:?}",
+                    img.features, features
+                ));
+            }
+            if !diff.is_empty() {
+                return Err(CephError::Conflict {
+                    spec: spec.to_string(),
+                    diff: diff.join("; "),
+                });
+            }
+            let idx = self.write_policy(spec, &img, &value, policy).await?;
+            Ok(self.record(spec, Self::live_status(spec, &img, Some(&idx))))
         })
+        .await
     }
 
-    /// Writes the policy metadata where it differs; true when something was written.
+    /// Makes the index entry (and any policy keys an older agent left on the image) say
+    /// `policy`; returns the entry in force.
     async fn write_policy(
         &self,
         spec: &ImageSpec,
-        have: &BTreeMap<String, String>,
+        img: &LiveImage,
+        want: &IndexValue,
         policy: Option<&Policy>,
-    ) -> Result<bool, CephError> {
-        let Some(p) = policy else { return Ok(false) };
-        let mut wrote = false;
-        for (k, v) in [
-            (META_POLICY, p.deletion),
-            (META_RETENTION, p.retention.as_str()),
-        ] {
-            if have.get(k).map(String::as_str) != Some(v) {
+    ) -> Result<IndexValue, CephError> {
+        let index = self.index(&spec.pool).await?;
+        let have = index.get(spec.image.as_str()).cloned().unwrap_or_default();
+        let Some(p) = policy else { return Ok(have) };
+        if have != *want {
+            self.index_set(spec, want).await?;
+        }
+        let retention = p.retention_secs.to_string();
+        for (k, v) in [(META_POLICY, p.deletion), (META_RETENTION, retention.as_str())] {
+            if img.metadata.get(k).is_some_and(|old| old != v) {
                 self.set_metadata(spec, k, v).await?;
-                wrote = true;
             }
         }
-        Ok(wrote)
+        Ok(want.clone())
     }
 
     /// Completes a create that was interrupted between `rbd create` and the metadata.
@@ -716,7 +1138,7 @@ impl<R: Runner> Ceph<R> {
         if !img.metadata.is_empty() || !img.watchers.is_empty() {
             return Ok(img);
         }
-        if !self.index(&spec.pool).await?.contains(spec.image.as_str()) {
+        if !self.index(&spec.pool).await?.contains_key(spec.image.as_str()) {
             return Ok(img);
         }
         tracing::warn!(image = %spec, volume = %owner.volume, "Adopting an image whose creation was interrupted.");
@@ -744,30 +1166,34 @@ impl<R: Runner> Ceph<R> {
         owner: &Owner,
     ) -> Result<ImageStatus, CephError> {
         check_size("size_bytes", size)?;
-        let img = self.owned_live(spec, owner).await?;
-        if size < img.size {
-            return Err(CephError::Shrink {
-                spec: spec.to_string(),
-                current: img.size,
-                requested: size,
-            });
-        }
-        if size > img.size {
-            // No --allow-shrink: rbd itself refuses to shrink too.
-            let inv = image_args(
-                rbd()
-                    .args(["resize", "--no-progress", "--size"])
-                    .arg(format!("{size}B")),
+        self.load().await?;
+        self.mutation(spec, async {
+            let mut img = self.owned_live(spec, owner).await?;
+            if size < img.size {
+                return Err(CephError::Shrink {
+                    spec: spec.to_string(),
+                    current: img.size,
+                    requested: size,
+                });
+            }
+            if size > img.size {
+                // No --allow-shrink: rbd itself refuses to shrink too.
+                let inv = image_args(
+                    rbd()
+                        .args(["resize", "--no-progress", "--size"])
+                        .arg(format!("{size}B")),
+                    spec,
+                );
+                self.run(inv).await?;
+                img.size = size;
+            }
+            let index = self.index(&spec.pool).await?;
+            Ok(self.record(
                 spec,
-            );
-            self.runner.run(inv).await?;
-        }
-        self.status_after(spec).await
-    }
-
-    async fn status_after(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
-        let trash = self.trash(&spec.pool).await?;
-        self.image_status(spec, &trash).await
+                Self::live_status(spec, &img, index.get(spec.image.as_str())),
+            ))
+        })
+        .await
     }
 
     /// Moves an owned, unused image to the trash, protected for `retain_secs`.
@@ -777,93 +1203,116 @@ impl<R: Runner> Ceph<R> {
         retain_secs: u64,
         owner: &Owner,
     ) -> Result<ImageStatus, CephError> {
-        match self.live(spec).await? {
-            Some(img) => {
-                Self::check_owner(spec, &img, owner)?;
-                self.refuse_in_use(spec, &img).await?;
-                let inv = image_args(
-                    rbd()
-                        .args(["trash", "mv", "--expires-at"])
-                        .arg(format!("{retain_secs} seconds")),
-                    spec,
-                );
-                self.runner.run(inv).await?;
-            }
-            None => {
-                // Already trashed (by us, as the index says) is success; anything else is not.
-                let trash = self.trash(&spec.pool).await?;
-                let ours = self.index(&spec.pool).await?.contains(spec.image.as_str());
-                if !(ours && trash.iter().any(|t| t.name == spec.image.as_str())) {
-                    return Err(CephError::NotFound {
-                        spec: spec.to_string(),
-                        hint: String::new(),
-                    });
+        self.load().await?;
+        self.mutation(spec, async {
+            match self.live(spec).await? {
+                Some(img) => {
+                    Self::check_owner(spec, &img, owner)?;
+                    self.refuse_in_use(spec, &img).await?;
+                    let inv = image_args(
+                        rbd()
+                            .args(["trash", "mv", "--expires-at"])
+                            .arg(format!("{retain_secs} seconds")),
+                        spec,
+                    );
+                    self.run(inv).await?;
+                }
+                None => {
+                    // Already trashed (by us, as the index says) is success; anything else is not.
+                    let trash = self.trash(&spec.pool).await?;
+                    let ours = self
+                        .index(&spec.pool)
+                        .await?
+                        .contains_key(spec.image.as_str());
+                    if !(ours && trash.iter().any(|t| t.name == spec.image.as_str())) {
+                        return Err(CephError::NotFound {
+                            spec: spec.to_string(),
+                            hint: String::new(),
+                        });
+                    }
                 }
             }
-        }
-        self.status_after(spec).await
+            let trash = self.trash(&spec.pool).await?;
+            Ok(self.record(spec, Self::gone_status(spec, &trash)))
+        })
+        .await
     }
 
     /// Restores an image unistor manages from the trash. A live owned image is success.
     pub async fn restore_image(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
-        if !self.index(&spec.pool).await?.contains(spec.image.as_str()) {
-            return Err(CephError::NotOwned {
-                spec: spec.to_string(),
-                volume: String::new(),
-                why: format!("it is not in the pool's {INDEX_OBJECT}"),
-            });
-        }
-        if self.info(spec).await?.is_some() {
-            return self.status_after(spec).await;
-        }
-        let trash = self.trash(&spec.pool).await?;
-        let entries: Vec<&TrashEntry> = trash
-            .iter()
-            .filter(|t| t.name == spec.image.as_str())
-            .collect();
-        let entry = match entries.as_slice() {
-            [] => {
-                return Err(CephError::NotFound {
+        self.load().await?;
+        self.mutation(spec, async {
+            if !self
+                .index(&spec.pool)
+                .await?
+                .contains_key(spec.image.as_str())
+            {
+                return Err(CephError::NotOwned {
                     spec: spec.to_string(),
-                    hint: " (neither live nor in the trash)".into(),
-                })
+                    volume: String::new(),
+                    why: format!("it is not in the pool's {INDEX_OBJECT}"),
+                });
             }
-            [one] => *one,
-            many => {
-                return Err(CephError::Conflict {
-                    spec: spec.to_string(),
-                    diff: format!("{} trash entries carry this name", many.len()),
-                })
+            if self.info(spec).await?.is_some() {
+                return self.reread(spec).await;
             }
-        };
-        protocol::names::check_trash_id("trash_id", &entry.id)?;
-        let inv = rbd()
-            .args(["trash", "restore", "--pool", spec.pool.as_str(), "--"])
-            .arg(&entry.id);
-        self.runner.run(inv).await?;
-        self.status_after(spec).await
+            let trash = self.trash(&spec.pool).await?;
+            let entries: Vec<&TrashEntry> = trash
+                .iter()
+                .filter(|t| t.name == spec.image.as_str())
+                .collect();
+            let entry = match entries.as_slice() {
+                [] => {
+                    return Err(CephError::NotFound {
+                        spec: spec.to_string(),
+                        hint: " (neither live nor in the trash)".into(),
+                    })
+                }
+                [one] => *one,
+                many => {
+                    return Err(CephError::Conflict {
+                        spec: spec.to_string(),
+                        diff: format!("{} trash entries carry this name", many.len()),
+                    })
+                }
+            };
+            protocol::names::check_trash_id("trash_id", &entry.id)?;
+            let inv = rbd()
+                .args(["trash", "restore", "--pool", spec.pool.as_str(), "--"])
+                .arg(&entry.id);
+            self.run(inv).await?;
+            self.reread(spec).await
+        })
+        .await
     }
 
     /// Deletes an owned image that has no watchers. Already gone is success.
     pub async fn delete_image(&self, spec: &ImageSpec, owner: &Owner) -> Result<(), CephError> {
-        match self.live(spec).await? {
-            Some(img) => {
-                Self::check_owner(spec, &img, owner)?;
-                self.refuse_in_use(spec, &img).await?;
-                let inv = image_args(rbd().args(["rm", "--no-progress"]), spec);
-                self.runner.run(inv).await?;
-            }
-            None => {
-                let trash = self.trash(&spec.pool).await?;
-                if trash.iter().any(|t| t.name == spec.image.as_str()) {
-                    return Err(CephError::NotFound {
-                        spec: spec.to_string(),
-                        hint: " live: it is in the trash; restore it first or let it expire".into(),
-                    });
+        self.load().await?;
+        self.mutation(spec, async {
+            match self.live(spec).await? {
+                Some(img) => {
+                    Self::check_owner(spec, &img, owner)?;
+                    self.refuse_in_use(spec, &img).await?;
+                    let inv = image_args(rbd().args(["rm", "--no-progress"]), spec);
+                    self.run(inv).await?;
+                }
+                None => {
+                    let trash = self.trash(&spec.pool).await?;
+                    if trash.iter().any(|t| t.name == spec.image.as_str()) {
+                        return Err(CephError::NotFound {
+                            spec: spec.to_string(),
+                            hint: " live: it is in the trash; restore it first or let it expire"
+                                .into(),
+                        });
+                    }
                 }
             }
-        }
-        self.index_remove(spec).await
+            self.index_remove(spec).await?;
+            self.with_view(|v| v.remove(spec));
+            Ok(())
+        })
+        .await
     }
 
     /// Refuses when the image has watchers. A watcher seen once is looked at twice more: any `rbd`
@@ -885,6 +1334,103 @@ impl<R: Runner> Ceph<R> {
             spec: spec.to_string(),
             watchers,
         })
+    }
+
+    /// One visit of the sweep: re-reads the image least recently checked (if one is due),
+    /// records what it finds unless a mutation ran meanwhile. Returns whether a report changed,
+    /// `None` when nothing was due.
+    pub async fn sweep_one(&self) -> Result<Option<bool>, CephError> {
+        let older_than = Instant::now()
+            .checked_sub(self.options.sweep_min_age)
+            .unwrap_or_else(Instant::now);
+        let Some((spec, ticket)) = self.view().next_to_sweep(older_than) else {
+            return Ok(None);
+        };
+        let status = match self.read(&spec).await? {
+            Some(img) => {
+                // The policy of entries without it on the image comes from the index, as known.
+                let known = self.view().get(&spec).map(|s| s.metadata.clone());
+                let idx = known.map(|m| IndexValue {
+                    policy: m.get(META_POLICY).cloned(),
+                    retention_secs: m.get(META_RETENTION).and_then(|r| r.parse().ok()),
+                    ..IndexValue::default()
+                });
+                Self::live_status(&spec, &img, idx.as_ref())
+            }
+            None => Self::gone_status(&spec, &self.trash(&spec.pool).await?),
+        };
+        let changed = self.with_view(|v| v.apply_sweep(&spec, ticket, status));
+        if changed {
+            tracing::info!(image = %spec, "The sweep found an image changed behind unistor's back.");
+        }
+        Ok(Some(changed))
+    }
+
+    /// Re-reads the per-pool listings (index and trash, two commands per pool): images added to
+    /// or removed from an index elsewhere, and trash entries that came or went.
+    pub async fn refresh_pools(&self) -> Result<(), CephError> {
+        for pool in self.rbd_pools().await? {
+            let index = self.index(&pool).await?;
+            let known: Vec<ImageSpec> = self.view().in_pool(pool.as_str()).cloned().collect();
+            if index.is_empty() && known.is_empty() {
+                continue;
+            }
+            let trash = self.trash(&pool).await?;
+            self.with_view(|v| {
+                for spec in &known {
+                    if !index.contains_key(spec.image.as_str()) {
+                        v.remove(spec);
+                    }
+                }
+                for (name, idx) in &index {
+                    let Ok(image) = ImageName::parse("image", name) else {
+                        continue;
+                    };
+                    let spec = ImageSpec {
+                        pool: pool.clone(),
+                        image,
+                    };
+                    match v.get(&spec).map(|s| s.state.clone()) {
+                        None => {
+                            v.add_unchecked(&spec, crate::view::unread(&spec, idx.metadata()));
+                        }
+                        // Trashed or restored behind our back: the trash listing says so now.
+                        Some(state) => {
+                            let in_trash = trash.iter().any(|t| t.name == spec.image.as_str());
+                            let said_trashed = matches!(state, ImageState::Trashed { .. });
+                            if in_trash != said_trashed || state == ImageState::Missing {
+                                v.mark_unchecked(&spec);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The sweep, forever: pool listings every [`ViewOptions::pool_refresh`], and one image
+    /// every `1 / sweep_rate` seconds. It never holds a lock that reports or mutations wait for.
+    pub async fn sweep_loop(&self) {
+        let pause = Duration::from_secs_f64(1.0 / self.options.sweep_rate.max(0.01));
+        let mut last_pools = Instant::now();
+        loop {
+            if let Err(e) = self.load().await {
+                tracing::warn!(error = %protocol::error::chain(&e), "Loading the images failed; retrying.");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+            if last_pools.elapsed() >= self.options.pool_refresh {
+                last_pools = Instant::now();
+                if let Err(e) = self.refresh_pools().await {
+                    tracing::warn!(error = %protocol::error::chain(&e), "Sweep: pool listings failed.");
+                }
+            }
+            if let Err(e) = self.sweep_one().await {
+                tracing::warn!(error = %protocol::error::chain(&e), "Sweep: reading an image failed.");
+            }
+            tokio::time::sleep(pause).await;
+        }
     }
 
     /// Creates or updates `client.<id>` with `profile rbd` on `pools` only, and returns its key.
@@ -926,7 +1472,7 @@ impl<R: Runner> Ceph<R> {
             Ok(v) => v,
             // EINVAL: the entity exists with other caps. Set ours, then read it back.
             Err(CephError::Cli(e)) if e.code() == Some(22) => {
-                self.runner.run(caps(&["auth", "caps"])).await?;
+                self.run(caps(&["auth", "caps"])).await?;
                 self.json(
                     Invocation::new(Tool::Ceph)
                         .args(["auth", "get"])

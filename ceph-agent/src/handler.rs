@@ -14,7 +14,13 @@ use crate::ceph::{Ceph, ImageSpec, Owner};
 use crate::runner::Runner;
 
 /// Mutations of different images that run at once (each is several CLI processes).
-pub const MAX_CONCURRENT_MUTATIONS: usize = 8;
+pub const MAX_CONCURRENT_MUTATIONS: usize = 16;
+
+/// Images per page of `ceph_changes` at most: a page stays well inside one 1 MiB frame.
+pub const MAX_PAGE: usize = 1000;
+
+/// Images whose watchers one `image_watchers` request may ask for.
+pub const MAX_WATCHER_LOOKUPS: usize = 64;
 
 /// What a mutation is serialized on: its image, or the cephx identity it issues.
 fn lock_key(c: &Command) -> String {
@@ -67,6 +73,36 @@ impl<R: Runner> CephHandler<R> {
             Command::CephReport(_) => Ok(Reply::CephReport(Box::new(
                 self.ceph.report().await.map_err(wire)?,
             ))),
+            Command::CephChanges(q) => {
+                let limit = (q.limit as usize).clamp(1, MAX_PAGE);
+                Ok(Reply::CephChanges(Box::new(
+                    self.ceph
+                        .changes(q.since, q.after.as_deref(), limit)
+                        .await
+                        .map_err(wire)?,
+                )))
+            }
+            Command::ImageWatchers(l) => {
+                if l.images.len() > MAX_WATCHER_LOOKUPS {
+                    return Err(WireError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "{} images asked for, at most {MAX_WATCHER_LOOKUPS} per request",
+                            l.images.len()
+                        ),
+                    )
+                    .with_field("images"));
+                }
+                let specs = l
+                    .images
+                    .iter()
+                    .map(|i| ImageSpec::parse(&i.pool, &i.image))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(WireError::from)?;
+                Ok(Reply::Watchers(
+                    self.ceph.image_watchers(&specs).await.map_err(wire)?,
+                ))
+            }
             c @ (Command::CreateImage(_)
             | Command::GrowImage(_)
             | Command::TrashImage(_)
@@ -157,30 +193,36 @@ impl<R: Runner> CephHandler<R> {
         })
     }
 
-    /// Pushes a report when it changes, and at least every `full_every` polls.
-    pub async fn report_loop(self: Arc<Self>, interval: Duration, full_every: u32) {
-        let mut last: Option<protocol::CephReport> = None;
-        let mut polls = 0u32;
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            polls += 1;
-            match self.ceph.report().await {
-                Ok(report) => {
-                    let changed = last.as_ref() != Some(&report);
-                    if changed || polls >= full_every {
-                        polls = 0;
-                        debug!(changed, "Pushing the cluster report.");
-                        let _ = self
-                            .events
-                            .send(Event::CephReport(Box::new(report.clone())));
-                        last = Some(report);
+    /// Re-reads the cluster's status every `interval`, and tells connected controllers whenever
+    /// the view's generation moves (at most every 100 ms: a burst of mutations is one nudge).
+    pub async fn report_loop(self: Arc<Self>, interval: Duration) {
+        let status = {
+            let me = self.clone();
+            async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = me.ceph.refresh_cluster(interval / 2).await {
+                        warn!(error = %protocol::error::chain(&e), "Reading the cluster's status failed.");
                     }
                 }
-                Err(e) => warn!(error = %protocol::error::chain(&e), "Cluster report failed."),
             }
-        }
+        };
+        let nudges = {
+            let me = self.clone();
+            async move {
+                let mut generation = me.ceph.subscribe_generation();
+                while generation.changed().await.is_ok() {
+                    let g = *generation.borrow_and_update();
+                    debug!(generation = g, "The view changed.");
+                    let _ = me.events.send(Event::CephChanged { generation: g });
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let sweep = self.ceph.sweep_loop();
+        tokio::join!(status, nudges, sweep);
     }
 }
 

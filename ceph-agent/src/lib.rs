@@ -11,6 +11,7 @@
 pub mod ceph;
 pub mod handler;
 pub mod runner;
+pub mod view;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,8 +41,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// How to run the Ceph CLI.
     pub cli: ProcessRunnerConfig,
-    /// Report polling interval.
+    /// How often the cluster's status is re-read.
     pub report_interval: Duration,
+    /// The image view's sweep.
+    pub view: crate::ceph::ViewOptions,
     /// Limits and timers of the protocol server.
     pub server: ServerConfig,
 }
@@ -52,11 +55,12 @@ pub use protocol::server::StartError;
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let p = protocol::server::prepare(config.listen, &config.pki, &config.state_dir).await?;
     let own_id = config.cli.client_id.clone();
-    let handler = Arc::new(CephHandler::new(Ceph::new(
+    let handler = Arc::new(CephHandler::new(Ceph::with_options(
         ProcessRunner::new(config.cli.clone()),
         own_id.as_deref(),
+        config.view.clone(),
     )));
-    let reporter = tokio::spawn(handler.clone().report_loop(config.report_interval, 10));
+    let reporter = tokio::spawn(handler.clone().report_loop(config.report_interval));
     info!(name = %config.name, addr = %config.listen, "ceph-agent listening.");
     protocol::server::run(
         p.listener,

@@ -40,9 +40,19 @@ struct Args {
     /// Deadline of every ceph/rbd/rados command; then SIGTERM, then SIGKILL.
     #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     command_timeout: Duration,
-    /// How often the cluster report is polled (pushed to controllers when it changes).
+    /// How often the cluster's status (health, capacity, pools) is re-read.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     report_interval: Duration,
+    /// Images the background sweep re-reads per second (two `rbd` commands each), to find
+    /// changes made behind unistor's back. 10/s re-reads 1,000 images in 100 s.
+    #[arg(long, default_value_t = 10.0)]
+    sweep_rate: f64,
+    /// Images read (or changed by the agent) more recently than this are not re-read yet.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    sweep_min_age: Duration,
+    /// How often the per-pool listings (unistor index, trash) are re-read.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pool_refresh: Duration,
     /// Connections allowed from one address.
     #[arg(long, default_value_t = 100)]
     max_connections_per_peer: usize,
@@ -93,6 +103,12 @@ fn config(args: Args) -> Result<Config, protocol::names::NameError> {
             ..ProcessRunnerConfig::default()
         },
         report_interval: args.report_interval,
+        view: ceph_agent::ceph::ViewOptions {
+            sweep_rate: args.sweep_rate,
+            sweep_min_age: args.sweep_min_age,
+            pool_refresh: args.pool_refresh,
+            ..Default::default()
+        },
         server,
     })
 }

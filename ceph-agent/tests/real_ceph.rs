@@ -168,7 +168,7 @@ async fn create_is_idempotent_and_writes_ownership() {
 }
 
 #[tokio::test]
-async fn the_deletion_policy_is_written_and_updated_on_the_image() {
+async fn the_deletion_policy_is_written_and_updated_in_the_index() {
     let c = cluster();
     let ceph = ceph_ops(&c);
     let name = unique("policy");
@@ -183,20 +183,31 @@ async fn the_deletion_policy_is_written_and_updated_on_the_image() {
         .await
         .unwrap();
     assert_eq!(st.metadata["unistor.deletion-policy"], "Trash");
+    // The policy lives in the pool's index (one command per pool reads it back), so an agent
+    // that starts afresh knows it without opening the image.
+    let policy_seen_afresh = || async {
+        let r = ceph_ops(&c).report().await.unwrap();
+        let img = r.images.iter().find(|i| i.image == name).cloned().unwrap();
+        (
+            img.metadata["unistor.deletion-policy"].clone(),
+            img.metadata["unistor.trash-retention-secs"].clone(),
+        )
+    };
+    assert_eq!(policy_seen_afresh().await, ("Trash".into(), "3600".into()));
     let meta = rbd_meta(&c, &c.pool, &name);
-    assert_eq!(meta["unistor.trash-retention-secs"], "3600");
+    assert_eq!(meta["unistor.managed-by"], "unistor-test");
+    assert_eq!(meta["unistor.volume"], name);
     let delete = ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
         deletion: "Delete".into(),
         trash_retention_secs: 0,
     })
     .unwrap();
-    ceph.create_image(&s, 64 * MIB, &[], &o, Some(&delete))
+    let st = ceph
+        .create_image(&s, 64 * MIB, &[], &o, Some(&delete))
         .await
         .unwrap();
-    assert_eq!(
-        rbd_meta(&c, &c.pool, &name)["unistor.deletion-policy"],
-        "Delete"
-    );
+    assert_eq!(st.metadata["unistor.deletion-policy"], "Delete");
+    assert_eq!(policy_seen_afresh().await, ("Delete".into(), "0".into()));
     assert!(ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
         deletion: "Shred".into(),
         trash_retention_secs: 0

@@ -1,13 +1,14 @@
 //! The agents of a manifest set: connect to all of them concurrently, each with its own deadline,
 //! and gather what they report. An agent that cannot be reached is Unknown, never empty.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::client::{AgentClient, ClientOptions};
 use protocol::names::PeerName;
-use protocol::{Command, Empty, Reply};
+use protocol::dpu::DpuReport;
+use protocol::{CephChanges, CephReport, ChangesQuery, Command, Empty, ImageStatus, Reply};
 use tokio::task::JoinSet;
 
 use crate::manifest::Desired;
@@ -76,47 +77,11 @@ impl Fleet {
         }
     }
 
-    /// Asks every connected agent for its report, concurrently, each within `timeout`.
+    /// Reads every connected agent from scratch, concurrently, each within `timeout`.
     pub async fn observe(&self, timeout: Duration) -> Observed {
-        let mut set = JoinSet::new();
-        for (t, c) in &self.agents {
-            let t = t.clone();
-            let c = c.clone();
-            set.spawn(async move {
-                let c = match c {
-                    Ok(c) => c,
-                    Err(e) => return (t, Err(e)),
-                };
-                let cmd = match t {
-                    Target::Cluster(_) => Command::CephReport(Empty {}),
-                    Target::Dpu(_) => Command::DpuReport(Empty {}),
-                };
-                let r = match tokio::time::timeout(timeout, c.request(cmd)).await {
-                    Ok(Ok(r)) => Ok(r),
-                    Ok(Err(e)) => Err(protocol::error::chain(&e)),
-                    Err(_) => Err(format!("no report within {timeout:?}")),
-                };
-                (t, r)
-            });
-        }
-        let mut o = Observed::default();
-        while let Some(Ok((t, r))) = set.join_next().await {
-            match (t, r) {
-                (Target::Cluster(n), Ok(Reply::CephReport(r))) => {
-                    o.clusters.insert(n, Known::Known { report: r });
-                }
-                (Target::Dpu(n), Ok(Reply::DpuReport(r))) => {
-                    o.dpus.insert(n, Known::Known { report: r });
-                }
-                (Target::Cluster(n), r) => {
-                    o.clusters.insert(n, Known::Unknown { reason: reason(r) });
-                }
-                (Target::Dpu(n), r) => {
-                    o.dpus.insert(n, Known::Unknown { reason: reason(r) });
-                }
-            }
-        }
-        o
+        let mut informer = Informer::default();
+        informer.refresh(self, timeout).await;
+        informer.observed().clone()
     }
 
     /// Closes every session cleanly.
@@ -131,9 +96,332 @@ impl Fleet {
     }
 }
 
-fn reason(r: Result<Reply, String>) -> String {
-    match r {
-        Ok(other) => format!("unexpected reply {other:?}"),
-        Err(e) => e,
+/// Images asked for per page of `ceph_changes` (the agent caps it too).
+const PAGE: u32 = 1000;
+
+/// What the controller knows of every agent, kept between passes: a cluster's images as of a
+/// generation of its agent (refreshed with the changes since), a DPU's last report. A pass
+/// re-reads only the agents marked stale (new sessions, agents a pass commanded, agents that said
+/// they changed), so its cost follows what changed, not the size of the fleet.
+#[derive(Debug, Default)]
+pub struct Informer {
+    observed: Observed,
+    /// Cluster name to the agent generation its images are as of.
+    generations: BTreeMap<String, u64>,
+    /// Targets to re-read at the next refresh.
+    stale: BTreeSet<Target>,
+}
+
+/// What one target's refresh brought back.
+pub enum Fetched {
+    /// Pages of a cluster agent's changes, in order.
+    Cluster(Result<Vec<CephChanges>, String>),
+    /// A DPU's report.
+    Dpu(Result<Box<DpuReport>, String>),
+}
+
+/// One target to read: its session, and for a cluster the generation its images are as of.
+pub struct Job {
+    target: Target,
+    client: Arc<AgentClient>,
+    since: u64,
+}
+
+impl Informer {
+    /// What is known now.
+    pub fn observed(&self) -> &Observed {
+        &self.observed
+    }
+
+    /// Re-read `target` at the next refresh.
+    pub fn mark(&mut self, target: Target) {
+        self.stale.insert(target);
+    }
+
+    /// Forget `target` (its session ended: a new one starts from scratch).
+    pub fn reset(&mut self, target: &Target) {
+        match target {
+            Target::Cluster(n) => {
+                self.generations.remove(n);
+                self.observed.clusters.remove(n);
+            }
+            Target::Dpu(n) => {
+                self.observed.dpus.remove(n);
+            }
+        }
+        self.stale.insert(target.clone());
+    }
+
+    /// A cluster's agent said its view is at `generation`: re-read it if that is news.
+    pub fn cluster_changed(&mut self, name: &str, generation: u64) -> bool {
+        if self.generations.get(name) == Some(&generation) {
+            return false;
+        }
+        self.stale.insert(Target::Cluster(name.to_string()));
+        true
+    }
+
+    /// A DPU pushed its report.
+    pub fn set_dpu(&mut self, name: &str, report: Box<DpuReport>) {
+        // A DPU marked stale stays so: this push may predate what a pass just did there.
+        self.observed.dpus.insert(name.to_string(), Known::Known { report });
+    }
+
+    /// Whether `target` has been read at all.
+    pub fn knows(&self, target: &Target) -> bool {
+        match target {
+            Target::Cluster(n) => self.generations.contains_key(n),
+            Target::Dpu(n) => matches!(self.observed.dpus.get(n), Some(Known::Known { .. })),
+        }
+    }
+
+    /// Brings every target of `fleet` up to date that is stale or not known yet; targets without
+    /// a session are Unknown; targets not in `fleet` are forgotten.
+    pub async fn refresh(&mut self, fleet: &Fleet, timeout: Duration) {
+        let jobs = self.jobs(fleet);
+        let results = run_jobs(jobs, timeout).await;
+        self.apply(results);
+    }
+
+    /// What [`Informer::refresh`] has to read (no I/O: a daemon holds its lock only for this and
+    /// for [`Informer::apply`], never while agents are read).
+    pub fn jobs(&mut self, fleet: &Fleet) -> Vec<Job> {
+        self.observed
+            .clusters
+            .retain(|n, _| fleet.agents.contains_key(&Target::Cluster(n.clone())));
+        self.observed
+            .dpus
+            .retain(|n, _| fleet.agents.contains_key(&Target::Dpu(n.clone())));
+        let mut jobs = vec![];
+        for (t, c) in &fleet.agents {
+            let client = match c {
+                Ok(c) => c.clone(),
+                Err(e) => {
+                    self.unknown(t, e.clone());
+                    continue;
+                }
+            };
+            if self.knows(t) && !self.stale.contains(t) {
+                continue;
+            }
+            let since = match t {
+                Target::Cluster(n) => self.generations.get(n).copied().unwrap_or(0),
+                Target::Dpu(_) => 0,
+            };
+            jobs.push(Job {
+                target: t.clone(),
+                client,
+                since,
+            });
+        }
+        jobs
+    }
+
+    /// Takes in what [`run_jobs`] read.
+    pub fn apply(&mut self, results: Vec<(Target, Fetched)>) {
+        for (t, fetched) in results {
+            self.stale.remove(&t);
+            match (t, fetched) {
+                (Target::Cluster(n), Fetched::Cluster(Ok(pages))) => {
+                    let mut report = match self.observed.clusters.remove(&n) {
+                        Some(Known::Known { report }) if self.generations.contains_key(&n) => {
+                            Some(report)
+                        }
+                        _ => None,
+                    };
+                    let mut generation = self.generations.get(&n).copied().unwrap_or(0);
+                    for page in pages {
+                        let r = match (report.as_mut(), page.full && page.restart) {
+                            (Some(r), false) => r,
+                            _ => report.insert(Box::new(empty_report())),
+                        };
+                        let images = std::mem::take(&mut r.images);
+                        **r = CephReport {
+                            images,
+                            ..page.cluster
+                        };
+                        apply_changes(&mut r.images, page.images, &page.removed);
+                        generation = page.generation;
+                    }
+                    if let Some(report) = report {
+                        self.generations.insert(n.clone(), generation);
+                        self.observed.clusters.insert(n, Known::Known { report });
+                    }
+                }
+                (Target::Dpu(n), Fetched::Dpu(Ok(report))) => {
+                    self.observed.dpus.insert(n, Known::Known { report });
+                }
+                (t, Fetched::Cluster(Err(e)) | Fetched::Dpu(Err(e))) => self.unknown(&t, e),
+                (t, _) => self.unknown(&t, "mismatched reply".into()),
+            }
+        }
+    }
+
+    fn unknown(&mut self, t: &Target, reason: String) {
+        match t {
+            Target::Cluster(n) => {
+                self.generations.remove(n);
+                self.observed
+                    .clusters
+                    .insert(n.clone(), Known::Unknown { reason });
+            }
+            Target::Dpu(n) => {
+                self.observed.dpus.insert(n.clone(), Known::Unknown { reason });
+            }
+        }
+    }
+}
+
+/// Reads `jobs` concurrently, each within `timeout`.
+pub async fn run_jobs(jobs: Vec<Job>, timeout: Duration) -> Vec<(Target, Fetched)> {
+    let mut set = JoinSet::new();
+    for job in jobs {
+        set.spawn(async move {
+            let late = || format!("no report within {timeout:?}");
+            let fetched = match &job.target {
+                Target::Cluster(_) => Fetched::Cluster(
+                    tokio::time::timeout(timeout, fetch_cluster(&job.client, job.since))
+                        .await
+                        .unwrap_or_else(|_| Err(late())),
+                ),
+                Target::Dpu(_) => Fetched::Dpu(
+                    match tokio::time::timeout(
+                        timeout,
+                        job.client.request(Command::DpuReport(Empty {})),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Reply::DpuReport(r))) => Ok(r),
+                        Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
+                        Ok(Err(e)) => Err(protocol::error::chain(&e)),
+                        Err(_) => Err(late()),
+                    },
+                ),
+            };
+            (job.target, fetched)
+        });
+    }
+    let mut out = vec![];
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Reads a cluster agent's changes since generation `since` (everything when 0, or when the
+/// agent no longer remembers it), page after page; changes made while paging are read once more
+/// at the end. The first page of a full read has `restart` set: it replaces what was known.
+async fn fetch_cluster(client: &AgentClient, mut since: u64) -> Result<Vec<CephChanges>, String> {
+    let mut pages = vec![];
+    // At most three rounds: the first (paged) read, and changes made meanwhile.
+    for _round in 0..3 {
+        let mut after: Option<String> = None;
+        let mut first_generation = None;
+        let mut last_generation;
+        let mut count = 0;
+        loop {
+            let reply = client
+                .request(Command::CephChanges(ChangesQuery {
+                    since,
+                    after: after.clone(),
+                    limit: PAGE,
+                }))
+                .await
+                .map_err(|e| protocol::error::chain(&e))?;
+            let Reply::CephChanges(page) = reply else {
+                return Err(format!("unexpected reply {reply:?}"));
+            };
+            let mut page = *page;
+            count += 1;
+            page.restart = page.full && after.is_none();
+            first_generation.get_or_insert(page.generation);
+            last_generation = page.generation;
+            let more = page.more;
+            after = page.images.last().map(ImageStatus::key).or(after);
+            pages.push(page);
+            if !more {
+                break;
+            }
+        }
+        let first = first_generation.unwrap_or(last_generation);
+        if count == 1 || last_generation == first {
+            return Ok(pages);
+        }
+        // Paged while the agent's view moved: read what changed since the first page.
+        since = first;
+    }
+    Ok(pages)
+}
+
+fn empty_report() -> CephReport {
+    CephReport {
+        fsid: String::new(),
+        health: protocol::CephHealth {
+            status: String::new(),
+            checks: BTreeMap::new(),
+        },
+        monitors: vec![],
+        capacity: protocol::Capacity {
+            total_bytes: 0,
+            used_bytes: 0,
+            avail_bytes: 0,
+        },
+        pools: vec![],
+        images: vec![],
+    }
+}
+
+/// Upserts `changed` into `images` (kept ordered by pool and name) and drops `removed`.
+pub fn apply_changes(images: &mut Vec<ImageStatus>, changed: Vec<ImageStatus>, removed: &[String]) {
+    let find = |images: &Vec<ImageStatus>, pool: &str, image: &str| {
+        images.binary_search_by(|i| (i.pool.as_str(), i.image.as_str()).cmp(&(pool, image)))
+    };
+    for c in changed {
+        match find(images, &c.pool, &c.image) {
+            Ok(at) => images[at] = c,
+            Err(at) => images.insert(at, c),
+        }
+    }
+    for r in removed {
+        let Some((pool, image)) = r.split_once('/') else {
+            continue;
+        };
+        if let Ok(at) = find(images, pool, image) {
+            images.remove(at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(pool: &str, image: &str, size: u64) -> ImageStatus {
+        ImageStatus {
+            pool: pool.into(),
+            image: image.into(),
+            state: protocol::ImageState::Live,
+            size_bytes: size,
+            features: vec![],
+            watchers: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn changes_are_upserted_in_order_and_removals_dropped() {
+        let mut v = vec![img("a", "1", 1), img("b", "1", 1)];
+        apply_changes(
+            &mut v,
+            vec![img("a", "2", 5), img("b", "1", 9), img("0", "z", 1)],
+            &["a/1".to_string(), "nope/x".to_string()],
+        );
+        let keys: Vec<(String, u64)> = v.iter().map(|i| (i.key(), i.size_bytes)).collect();
+        assert_eq!(
+            keys,
+            vec![("0/z".into(), 1), ("a/2".into(), 5), ("b/1".into(), 9)]
+        );
     }
 }

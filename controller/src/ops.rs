@@ -413,19 +413,7 @@ pub fn check_rails(
     a: &Rails,
 ) -> Result<(), OpsError> {
     let mut problems = vec![];
-    let removed: std::collections::BTreeSet<&str> = p
-        .steps
-        .iter()
-        .filter(|s| {
-            matches!(
-                s.action,
-                Action::DestroyNamespace { .. }
-                    | Action::TrashImage { .. }
-                    | Action::DeleteImage { .. }
-            )
-        })
-        .filter_map(|s| s.volume.as_deref())
-        .collect();
+    let removed = removed_volumes(p);
     if desired.volumes.is_empty() && !removed.is_empty() && !a.allow_empty {
         problems.push(format!(
             "the manifests name no volume, and the plan would remove all {} observed ones; if that is really wanted, pass --allow-empty",
@@ -465,7 +453,7 @@ pub fn check_rails(
                         "volume {v} is in use (image {}/{} has watchers {}); pass --allow-in-use to detach it anyway",
                         i.pool,
                         i.image,
-                        i.watchers.join(", ")
+                        i.watchers.as_deref().unwrap_or_default().join(", ")
                     ));
                 }
             }
@@ -482,6 +470,90 @@ pub fn check_rails(
                 .join("\n"),
         ))
     }
+}
+
+/// Volumes a plan removes.
+fn removed_volumes(p: &Plan) -> std::collections::BTreeSet<&str> {
+    p.steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.action,
+                Action::DestroyNamespace { .. }
+                    | Action::TrashImage { .. }
+                    | Action::DeleteImage { .. }
+            )
+        })
+        .filter_map(|s| s.volume.as_deref())
+        .collect()
+}
+
+/// `observed` with the watchers of the images of the volumes `p` removes looked up live (reports
+/// do not carry watchers): what the in-use rail decides on. A lookup that fails counts as in
+/// use, the safe side. Costs one request per cluster, and nothing when nothing is removed or
+/// `--allow-in-use` is given.
+pub async fn with_live_watchers(
+    p: &Plan,
+    observed: &Observed,
+    fleet: &Fleet,
+    rails: &Rails,
+) -> Observed {
+    let removed = removed_volumes(p);
+    let mut out = observed.clone();
+    if removed.is_empty() || rails.allow_in_use {
+        return out;
+    }
+    for (name, k) in out.clusters.iter_mut() {
+        let crate::plan::Known::Known { report } = k else {
+            continue;
+        };
+        let wanted: Vec<usize> = report
+            .images
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| {
+                i.metadata
+                    .get(plan::META_VOLUME)
+                    .is_some_and(|v| removed.contains(v.as_str()))
+            })
+            .map(|(n, _)| n)
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let client = fleet.get(&plan::Target::Cluster(name.clone()));
+        for chunk in wanted.chunks(64) {
+            let refs = chunk
+                .iter()
+                .map(|n| protocol::ImageRef {
+                    pool: report.images[*n].pool.clone(),
+                    image: report.images[*n].image.clone(),
+                })
+                .collect();
+            let answer = match &client {
+                Ok(c) => c
+                    .request(protocol::Command::ImageWatchers(protocol::ImageList {
+                        images: refs,
+                    }))
+                    .await
+                    .map_err(|e| protocol::error::chain(&e)),
+                Err(e) => Err(e.clone()),
+            };
+            for n in chunk {
+                let img = &mut report.images[*n];
+                img.watchers = Some(match &answer {
+                    Ok(protocol::Reply::Watchers(w)) => w
+                        .iter()
+                        .find(|w| w.pool == img.pool && w.image == img.image)
+                        .map(|w| w.watchers.clone())
+                        .unwrap_or_default(),
+                    Ok(_) => vec!["(unexpected reply to image_watchers)".into()],
+                    Err(e) => vec![format!("(watchers could not be looked up: {e})")],
+                });
+            }
+        }
+    }
+    out
 }
 
 fn confirm(p: &Plan) -> Result<(), OpsError> {
@@ -519,7 +591,10 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
     let (opts, exec) = run_options(&a.common, &a.rails);
-    let mut observed = fleet.observe(a.common.report_timeout).await;
+    // Observed once; each pass then re-reads only the agents it commanded.
+    let mut informer = crate::fleet::Informer::default();
+    informer.refresh(&fleet, a.common.report_timeout).await;
+    let mut observed = informer.observed().clone();
     let mut p = plan::plan(&desired, &observed, &opts);
     if let Some(path) = &a.plan {
         let bytes = std::fs::read(path).map_err(|source| OpsError::File {
@@ -549,7 +624,8 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    check_rails(&p, &desired, &observed, &a.rails)?;
+    let checked = with_live_watchers(&p, &observed, &fleet, &a.rails).await;
+    check_rails(&p, &desired, &checked, &a.rails)?;
     if !a.auto_approve && a.plan.is_none() {
         confirm(&p)?;
     }
@@ -569,7 +645,11 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     for pass in 1..=a.passes {
         println!("Pass {pass}: {} step(s)", p.steps.len());
         let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
-        observed = fleet.observe(a.common.report_timeout).await;
+        for s in &p.steps {
+            informer.mark(s.target.clone());
+        }
+        informer.refresh(&fleet, a.common.report_timeout).await;
+        observed = informer.observed().clone();
         let next = plan::plan(&desired, &observed, &opts);
         if next.is_empty() && !next.unknown.is_empty() {
             print!("{}", render::human(&next));
@@ -603,7 +683,8 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
             return Ok(ExitCode::FAILURE);
         }
         // Later passes only finish what this apply set out to do; new removals need a new plan.
-        check_rails(&next, &desired, &observed, &a.rails)?;
+        let checked = with_live_watchers(&next, &observed, &fleet, &a.rails).await;
+        check_rails(&next, &desired, &checked, &a.rails)?;
         p = next;
     }
     println!("Not converged after {} passes:", a.passes);
@@ -705,7 +786,7 @@ mod tests {
             .iter_mut()
             .find(|i| i.image == "db-data")
             .unwrap();
-        img.watchers = vec!["10.0.0.5:0/1234".into()];
+        img.watchers = Some(vec!["10.0.0.5:0/1234".into()]);
         let p = plan::plan(&fewer, &w.observed(), &Options::default());
         let e = check_rails(&p, &fewer, &w.observed(), &args())
             .unwrap_err()

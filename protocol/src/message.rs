@@ -151,8 +151,13 @@ pub enum Event {
         /// Milliseconds since the agent started.
         uptime_ms: u64,
     },
-    /// The Ceph cluster's report changed (or the periodic full report is due).
-    CephReport(Box<CephReport>),
+    /// The ceph-agent's view of the cluster changed: its generation is now `generation`. The
+    /// controller pulls what changed with [`Command::CephChanges`] (a nudge, never the data: a
+    /// report of thousands of images does not fit one event, and a missed nudge loses nothing).
+    CephChanged {
+        /// The agent's generation after the change.
+        generation: u64,
+    },
     /// The DPU's report changed (or the periodic full report is due).
     DpuReport(Box<DpuReport>),
     /// The DPU agent replayed its ledger into SNAP (e.g. after SNAP restarted).
@@ -169,8 +174,13 @@ pub enum Command {
     AcquireLease(AcquireLease),
     /// Give the lease up (only its holder may).
     ReleaseLease(Empty),
-    /// Full report of the Ceph cluster.
+    /// Full report of the Ceph cluster (every managed image in one reply: small clusters and
+    /// `unistor inspect`; the controller pages with [`Command::CephChanges`]).
     CephReport(Empty),
+    /// What changed in the agent's view since a generation, one page at a time.
+    CephChanges(ChangesQuery),
+    /// The live watchers of some images (looked up now, not from the agent's view).
+    ImageWatchers(ImageList),
     /// Create an RBD image owned by unistor (idempotent).
     CreateImage(CreateImage),
     /// Grow an image (never shrinks).
@@ -228,6 +238,8 @@ impl Command {
             Command::AcquireLease(_)
             | Command::ReleaseLease(_)
             | Command::CephReport(_)
+            | Command::CephChanges(_)
+            | Command::ImageWatchers(_)
             | Command::DpuReport(_) => false,
             Command::CreateImage(_)
             | Command::GrowImage(_)
@@ -261,6 +273,8 @@ impl Command {
             Command::AcquireLease(_) => "acquire_lease",
             Command::ReleaseLease(_) => "release_lease",
             Command::CephReport(_) => "ceph_report",
+            Command::CephChanges(_) => "ceph_changes",
+            Command::ImageWatchers(_) => "image_watchers",
             Command::CreateImage(_) => "create_image",
             Command::GrowImage(_) => "grow_image",
             Command::TrashImage(_) => "trash_image",
@@ -303,7 +317,7 @@ pub struct AcquireLease {
 }
 
 /// Names one image.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageRef {
     /// Pool name.
@@ -394,6 +408,28 @@ pub struct DeleteImage {
     pub owner: Ownership,
 }
 
+/// Parameters of [`Command::CephChanges`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesQuery {
+    /// The generation the controller has seen; 0 (or one the agent no longer remembers) asks for
+    /// everything.
+    pub since: u64,
+    /// Continue after this image (`pool/image`, from the previous page's last image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Images per page (the agent caps it so that a page fits one frame).
+    pub limit: u32,
+}
+
+/// Parameters of [`Command::ImageWatchers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageList {
+    /// The images.
+    pub images: Vec<ImageRef>,
+}
+
 /// Parameters of [`Command::IssueSnapIdentity`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -414,6 +450,10 @@ pub enum Reply {
     Done(Empty),
     /// The cluster report.
     CephReport(Box<CephReport>),
+    /// One page of what changed in the agent's view.
+    CephChanges(Box<CephChanges>),
+    /// Live watchers, one entry per image asked about.
+    Watchers(Vec<ImageWatchers>),
     /// An image's state after the command.
     Image(ImageStatus),
     /// A cephx identity.
@@ -450,6 +490,39 @@ pub struct CephReport {
     pub pools: Vec<PoolInfo>,
     /// Images unistor manages (found through its per-pool index, never `rbd ls -l`).
     pub images: Vec<ImageStatus>,
+}
+
+/// One page of [`Command::CephChanges`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CephChanges {
+    /// The agent's generation when the page was made.
+    pub generation: u64,
+    /// `images` is every managed image (from `after` on), not a difference: replace what is
+    /// known. Set when `since` was 0 or older than the agent remembers.
+    pub full: bool,
+    /// Another page follows: ask again with `after` = the last image of this one.
+    pub more: bool,
+    /// The cluster as last read (health, monitors, capacity, pools); its `images` are empty.
+    pub cluster: CephReport,
+    /// Images that changed since `since` (every image when `full`), ordered by pool and name.
+    pub images: Vec<ImageStatus>,
+    /// Images no longer managed (`pool/image`) since `since`; empty when `full`.
+    pub removed: Vec<String>,
+    /// Not on the wire: set by the reader on the first page of a full read (it replaces what
+    /// was known rather than adding to it).
+    #[serde(skip)]
+    pub restart: bool,
+}
+
+/// The watchers of one image, looked up live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageWatchers {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// Watcher addresses (empty: nobody has it open; the image may also be gone).
+    pub watchers: Vec<String>,
 }
 
 /// `ceph health`: status and the names and summaries of active checks.
@@ -527,16 +600,24 @@ pub struct ImageStatus {
     pub size_bytes: u64,
     /// Enabled features (empty unless live).
     pub features: Vec<String>,
-    /// Watcher addresses; non-empty means the image is in use.
-    pub watchers: Vec<String>,
+    /// Watcher addresses, when they were looked up (mutations' replies); reports leave them
+    /// out: watchers are looked up live where a decision depends on them
+    /// ([`Command::ImageWatchers`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchers: Option<Vec<String>>,
     /// `unistor.*` image metadata.
     pub metadata: BTreeMap<String, String>,
 }
 
 impl ImageStatus {
-    /// Whether a client has the image open.
+    /// Whether a client has the image open, as far as was looked up.
     pub fn in_use(&self) -> bool {
-        !self.watchers.is_empty()
+        self.watchers.as_ref().is_some_and(|w| !w.is_empty())
+    }
+
+    /// `pool/image`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.pool, self.image)
     }
 }
 

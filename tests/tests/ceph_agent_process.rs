@@ -9,7 +9,7 @@ use e2e::{free_port, unique, wait_until, Cluster};
 use protocol::client::{AgentClient, ClientOptions};
 use protocol::names::PeerName;
 use protocol::tls::{self, PkiPaths};
-use protocol::{Command as Cmd, CreateImage, DeleteImage, ErrorCode, Event, Ownership, Reply};
+use protocol::{ChangesQuery, Command as Cmd, CreateImage, DeleteImage, ErrorCode, Event, Ownership, Reply};
 
 const AGENT: &str = "ceph-e2e";
 
@@ -130,6 +130,24 @@ async fn ceph_agent_serves_an_authenticated_fenced_controller() {
     let mut events = a.take_events().unwrap();
     let lease = a.acquire_lease(Duration::from_secs(30)).await.unwrap();
     let image = unique("e2e");
+    let changes_since = |since: u64| {
+        let a = &a;
+        async move {
+            match a
+                .request(Cmd::CephChanges(ChangesQuery {
+                    since,
+                    after: None,
+                    limit: 1000,
+                }))
+                .await
+                .unwrap()
+            {
+                Reply::CephChanges(c) => c,
+                other => panic!("not a changes reply: {other:?}"),
+            }
+        }
+    };
+    let before = changes_since(0).await.generation;
     let owner = Ownership {
         managed_by: "unistor".into(),
         volume: image.clone(),
@@ -151,20 +169,27 @@ async fn ceph_agent_serves_an_authenticated_fenced_controller() {
         Some(256 << 20)
     );
 
-    // The agent pushes a report that shows the new image.
-    let pushed = tokio::time::timeout(Duration::from_secs(60), async {
+    // The agent says its view moved, and the changes since then show the new image.
+    let generation = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(ev) = events.recv().await {
-            if let Event::CephReport(r) = ev.event {
-                if r.images.iter().any(|i| i.image == image) {
-                    return true;
+            if let Event::CephChanged { generation } = ev.event {
+                if generation > before {
+                    return Some(generation);
                 }
             }
         }
-        false
+        None
     })
     .await
-    .expect("a report within a minute");
-    assert!(pushed);
+    .expect("a change notification within a minute")
+    .expect("events end with the session");
+    let changes = changes_since(before).await;
+    assert!(changes.generation >= generation);
+    assert!(!changes.full, "{changes:?}");
+    assert!(
+        changes.images.iter().any(|i| i.image == image),
+        "{changes:?}"
+    );
 
     // Another controller is fenced off while the lease is held.
     let b = session(&pki, &agent.addr, "controller-b").await;

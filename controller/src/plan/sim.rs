@@ -153,7 +153,7 @@ impl World {
                     state: ImageState::Live,
                     size_bytes: *size_bytes,
                     features: vec![],
-                    watchers: vec![],
+                    watchers: None,
                     metadata: [
                         (META_MANAGED_BY.to_string(), owner.to_string()),
                         (META_VOLUME.to_string(), volume.clone()),

@@ -259,7 +259,7 @@ fn foreign_snap_objects_and_images_are_never_touched() {
             state: ImageState::Live,
             size_bytes: 1,
             features: vec![],
-            watchers: vec![],
+            watchers: None,
             metadata: [
                 (
                     META_MANAGED_BY.to_string(),

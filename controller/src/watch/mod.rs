@@ -278,6 +278,7 @@ async fn reconcile_loop(
             },
             _ = resync.tick() => {
                 reload(&a.common.dir, &state, &sessions, &tx);
+                sessions.mark_all();
                 reasons.insert("periodic resync".into());
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
@@ -330,7 +331,7 @@ async fn reconcile(
     let (opts, exec) = crate::ops::run_options(&a.common, &a.rails);
     let plan_now =
         |o: &plan::Observed| without_suspended(plan::plan(&desired, o, &opts), &state.suspended());
-    let mut observed = fleet.observe(a.common.report_timeout).await;
+    let mut observed = sessions.observe(&fleet, a.common.report_timeout).await;
     state.observed(observed.clone());
     summary.result = "pending".into();
     for _pass in 0..a.passes.max(1) {
@@ -368,7 +369,8 @@ async fn reconcile(
             }
             break;
         }
-        if let Err(e) = check_rails(&p, &desired, &observed, &a.rails) {
+        let checked = crate::ops::with_live_watchers(&p, &observed, &fleet, &a.rails).await;
+        if let Err(e) = check_rails(&p, &desired, &checked, &a.rails) {
             let text = protocol::error::chain(&e);
             summary.result = "refused".into();
             summary.message = Some(text.clone());
@@ -379,7 +381,9 @@ async fn reconcile(
         let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
         summary.steps_done += report.done();
         summary.steps_failed += report.problems();
-        observed = fleet.observe(a.common.report_timeout).await;
+        // Read again only what this pass commanded.
+        sessions.mark(p.steps.iter().map(|s| &s.target));
+        observed = sessions.observe(&fleet, a.common.report_timeout).await;
         state.observed(observed.clone());
         if report.done() == 0 {
             break;

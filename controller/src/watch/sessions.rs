@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::state::Shared;
-use crate::fleet::{Fleet, FleetOptions};
+use crate::fleet::{Fleet, FleetOptions, Informer};
 use crate::manifest::Desired;
 use crate::plan::Target;
 
@@ -30,9 +30,10 @@ struct Slot {
     task: JoinHandle<()>,
 }
 
-/// The sessions, by target.
+/// The sessions, by target, and what the agents said over them.
 pub struct Sessions {
     slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
+    informer: Arc<Mutex<Informer>>,
     opts: FleetOptions,
     state: Arc<Shared>,
     trigger: mpsc::UnboundedSender<String>,
@@ -47,6 +48,7 @@ impl Sessions {
     ) -> Self {
         Self {
             slots: Arc::default(),
+            informer: Arc::default(),
             opts,
             state,
             trigger,
@@ -89,6 +91,7 @@ impl Sessions {
                 address.clone(),
                 self.opts.clone(),
                 self.slots.clone(),
+                self.informer.clone(),
                 self.state.clone(),
                 self.trigger.clone(),
             ));
@@ -103,6 +106,30 @@ impl Sessions {
                 },
             );
         }
+    }
+
+    /// What the agents report, brought up to date: only the agents marked stale (new sessions,
+    /// agents that said they changed, agents a pass commanded) are read.
+    pub async fn observe(&self, fleet: &Fleet, timeout: Duration) -> crate::plan::Observed {
+        let jobs = lock(&self.informer).jobs(fleet);
+        let results = crate::fleet::run_jobs(jobs, timeout).await;
+        let mut informer = lock(&self.informer);
+        informer.apply(results);
+        informer.observed().clone()
+    }
+
+    /// Re-read these agents at the next [`Sessions::observe`] (a pass commanded them).
+    pub fn mark<'a>(&self, targets: impl IntoIterator<Item = &'a Target>) {
+        let mut informer = lock(&self.informer);
+        for t in targets {
+            informer.mark(t.clone());
+        }
+    }
+
+    /// Re-read every agent at the next [`Sessions::observe`] (the periodic resync).
+    pub fn mark_all(&self) {
+        let targets: Vec<Target> = lock(&self.slots).keys().cloned().collect();
+        self.mark(targets.iter());
     }
 
     /// The sessions as they are now, for one reconcile.
@@ -126,6 +153,10 @@ impl Drop for Sessions {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn set_slot(
     slots: &Mutex<BTreeMap<Target, Slot>>,
     t: &Target,
@@ -146,7 +177,6 @@ fn stable(e: &Event) -> Option<serde_json::Value> {
             "snap": [&r.snap.state, &r.snap.image, r.snap.restarts],
             "inventory": r.inventory, "missing": r.missing,
         })),
-        Event::CephReport(r) => Some(serde_json::json!({"images": r.images, "pools": r.pools})),
         _ => None,
     }
 }
@@ -157,6 +187,7 @@ async fn supervise(
     address: String,
     opts: FleetOptions,
     slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
+    informer: Arc<Mutex<Informer>>,
     state: Arc<Shared>,
     trigger: mpsc::UnboundedSender<String>,
 ) {
@@ -169,6 +200,8 @@ async fn supervise(
                 failures = 0;
                 let events = client.take_events();
                 let client = Arc::new(client);
+                // A new session reads the agent from scratch (it may have restarted).
+                lock(&informer).reset(&target);
                 set_slot(&slots, &target, Some(client.clone()), "");
                 state.agent(&label, &address, None);
                 state.event("agent", "info", format!("{label}: session up ({address})"));
@@ -191,8 +224,18 @@ async fn supervise(
                             Event::ShuttingDown => {
                                 state.event("agent", "warning", format!("{label}: shutting down"));
                             }
-                            e => {
-                                let now = stable(e);
+                            Event::CephChanged { generation } => {
+                                if let Target::Cluster(n) = &target {
+                                    if lock(&informer).cluster_changed(n, *generation) {
+                                        let _ = trigger.send(format!("{label}: state changed"));
+                                    }
+                                }
+                            }
+                            Event::DpuReport(r) => {
+                                let now = stable(&event);
+                                if let Target::Dpu(n) = &target {
+                                    lock(&informer).set_dpu(n, r.clone());
+                                }
                                 if now.is_some() && now != last {
                                     if last.is_some() {
                                         let _ = trigger.send(format!("{label}: state changed"));
@@ -200,11 +243,13 @@ async fn supervise(
                                     last = now;
                                 }
                             }
+                            Event::Heartbeat { .. } => {}
                         }
                     }
                 }
                 drop(client);
                 set_slot(&slots, &target, None, "session lost");
+                lock(&informer).reset(&target);
                 state.agent(&label, &address, Some("session lost".into()));
                 state.event(
                     "agent",
