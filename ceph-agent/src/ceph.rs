@@ -740,9 +740,10 @@ impl<R: Runner> Ceph<R> {
     /// Pools with the rbd application whose names unistor accepts.
     async fn rbd_pools(&self) -> Result<Vec<PoolName>, CephError> {
         let pools: Vec<PoolDetailJson> = self
-            .json(Invocation::new(Tool::Ceph).args([
-                "osd", "pool", "ls", "detail", "--format", "json",
-            ]))
+            .json(
+                Invocation::new(Tool::Ceph)
+                    .args(["osd", "pool", "ls", "detail", "--format", "json"]),
+            )
             .await?;
         Ok(pools
             .iter()
@@ -908,7 +909,10 @@ impl<R: Runner> Ceph<R> {
                     .collect::<Vec<_>>(),
             )
         };
-        if cached.as_ref().is_some_and(|(_, old)| shape(old) != shape(&report)) {
+        if cached
+            .as_ref()
+            .is_some_and(|(_, old)| shape(old) != shape(&report))
+        {
             self.with_view(|v| v.bump());
         }
         *cached = Some((Instant::now(), report.clone()));
@@ -1120,7 +1124,10 @@ impl<R: Runner> Ceph<R> {
             self.index_set(spec, want).await?;
         }
         let retention = p.retention_secs.to_string();
-        for (k, v) in [(META_POLICY, p.deletion), (META_RETENTION, retention.as_str())] {
+        for (k, v) in [
+            (META_POLICY, p.deletion),
+            (META_RETENTION, retention.as_str()),
+        ] {
             if img.metadata.get(k).is_some_and(|old| old != v) {
                 self.set_metadata(spec, k, v).await?;
             }
@@ -1138,7 +1145,11 @@ impl<R: Runner> Ceph<R> {
         if !img.metadata.is_empty() || !img.watchers.is_empty() {
             return Ok(img);
         }
-        if !self.index(&spec.pool).await?.contains_key(spec.image.as_str()) {
+        if !self
+            .index(&spec.pool)
+            .await?
+            .contains_key(spec.image.as_str())
+        {
             return Ok(img);
         }
         tracing::warn!(image = %spec, volume = %owner.volume, "Adopting an image whose creation was interrupted.");

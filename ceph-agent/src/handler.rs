@@ -99,9 +99,9 @@ impl<R: Runner> CephHandler<R> {
                     .map(|i| ImageSpec::parse(&i.pool, &i.image))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(WireError::from)?;
-                Ok(Reply::Watchers(
-                    self.ceph.image_watchers(&specs).await.map_err(wire)?,
-                ))
+                Ok(Reply::Watchers(protocol::WatcherList {
+                    images: self.ceph.image_watchers(&specs).await.map_err(wire)?,
+                }))
             }
             c @ (Command::CreateImage(_)
             | Command::GrowImage(_)

@@ -238,10 +238,10 @@ impl View {
             ImageSpec::parse(pool, image).ok()
         });
         let range: Box<dyn Iterator<Item = (&ImageSpec, &Entry)>> = match &start {
-            Some(s) => Box::new(
-                self.images
-                    .range((std::ops::Bound::Excluded(s.clone()), std::ops::Bound::Unbounded)),
-            ),
+            Some(s) => Box::new(self.images.range((
+                std::ops::Bound::Excluded(s.clone()),
+                std::ops::Bound::Unbounded,
+            ))),
             None => Box::new(self.images.iter()),
         };
         for (_, e) in range {
@@ -319,7 +319,10 @@ mod tests {
         assert!(v.set(&spec("a"), live("a", 1), now));
         assert!(v.set(&spec("b"), live("b", 1), now));
         let g = v.generation();
-        assert!(!v.set(&spec("a"), live("a", 1), now), "same state is no change");
+        assert!(
+            !v.set(&spec("a"), live("a", 1), now),
+            "same state is no change"
+        );
         assert!(v.set(&spec("b"), live("b", 2), now));
         assert!(v.remove(&spec("a")));
         let c = v.changes(g, None, 100);
@@ -364,7 +367,10 @@ mod tests {
         v.begin(&s);
         v.set(&s, live("a", 2), Instant::now());
         v.end(&s);
-        assert!(!v.apply_sweep(&s, ticket, live("a", 1)), "stale read applied");
+        assert!(
+            !v.apply_sweep(&s, ticket, live("a", 1)),
+            "stale read applied"
+        );
         assert_eq!(v.get(&s).unwrap().size_bytes, 2);
         // A fresh ticket applies.
         let t = Ticket {

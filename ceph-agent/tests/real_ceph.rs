@@ -515,3 +515,152 @@ async fn snap_identity_is_least_privilege() {
     );
     assert!(as_snap(&c.pool2));
 }
+
+/// The report agrees with the cluster after a random mix of the agent's own mutations and
+/// changes made behind its back with the rbd CLI, once the sweep has been over every image.
+#[tokio::test]
+async fn after_own_and_out_of_band_changes_the_report_agrees_with_the_cluster_once_swept() {
+    let c = cluster();
+    let ceph = Ceph::with_options(
+        ProcessRunner::new(ProcessRunnerConfig {
+            conf: Some(c.conf.clone()),
+            keyring: Some(c.keyring.clone()),
+            client_id: Some(c.id.clone()),
+            timeout: Duration::from_secs(60),
+            ..ProcessRunnerConfig::default()
+        }),
+        Some(&c.id),
+        ceph_agent::ceph::ViewOptions {
+            sweep_min_age: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let seed = std::process::id() as u64;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let names: Vec<String> = (0..6).map(|i| unique(&format!("mix{i}"))).collect();
+    let mut created: Vec<String> = vec![];
+    for round in 0..24 {
+        let name = &names[rng.usize(..names.len())];
+        let s = spec(&c.pool, name);
+        let o = owner(name);
+        let live = rbd_info(&c, &c.pool, name);
+        let what = rng.u8(..6);
+        match (what, live.is_some(), created.contains(name)) {
+            (0 | 1, false, _) => {
+                ceph.create_image(&s, 64 * MIB, &[], &o, None)
+                    .await
+                    .unwrap();
+                created.push(name.clone());
+            }
+            (2, true, true) => {
+                // Refused when the image was re-tagged meanwhile; either way the report follows.
+                let size = live.unwrap()["size"].as_u64().unwrap() + 32 * MIB;
+                let _ = ceph.grow_image(&s, size, &o).await;
+            }
+            (3, true, true) => {
+                // Behind the agent's back: grown with the CLI.
+                let size = live.unwrap()["size"].as_u64().unwrap() / MIB + 16;
+                cli_ok(
+                    &c,
+                    "rbd",
+                    &[
+                        "resize",
+                        "--no-progress",
+                        "--size",
+                        &format!("{size}M"),
+                        &format!("{}/{name}", c.pool),
+                    ],
+                );
+            }
+            (4, true, true) => {
+                // Behind the agent's back: moved to the trash, or re-tagged.
+                if rng.bool() {
+                    cli_ok(&c, "rbd", &["trash", "mv", &format!("{}/{name}", c.pool)]);
+                } else {
+                    cli_ok(
+                        &c,
+                        "rbd",
+                        &[
+                            "image-meta",
+                            "set",
+                            &format!("{}/{name}", c.pool),
+                            "unistor.volume",
+                            "someone-else",
+                        ],
+                    );
+                }
+            }
+            (5, false, true) => {
+                let _ = ceph.restore_image(&s).await;
+            }
+            _ => {}
+        }
+        let _ = round;
+    }
+    // The sweep: pool listings, then every image once.
+    ceph.refresh_pools().await.unwrap();
+    let known = ceph.report().await.unwrap().images.len();
+    for _ in 0..known {
+        ceph.sweep_one().await.unwrap();
+    }
+    let report = ceph.report().await.unwrap();
+    for name in &created {
+        let got = report
+            .images
+            .iter()
+            .find(|i| &i.image == name)
+            .unwrap_or_else(|| panic!("seed {seed}: {name} missing from the report"));
+        match rbd_info(&c, &c.pool, name) {
+            Some(info) => {
+                assert_eq!(got.state, ImageState::Live, "seed {seed}: {name}");
+                assert_eq!(
+                    Some(got.size_bytes),
+                    info["size"].as_u64(),
+                    "seed {seed}: {name} size"
+                );
+                let meta = rbd_meta(&c, &c.pool, name);
+                assert_eq!(
+                    got.metadata.get("unistor.volume"),
+                    meta.get("unistor.volume"),
+                    "seed {seed}: {name} volume tag"
+                );
+            }
+            None => {
+                let trashed = trash_names(&c, &c.pool).contains(name);
+                assert_eq!(
+                    matches!(got.state, ImageState::Trashed { .. }),
+                    trashed,
+                    "seed {seed}: {name} is {:?}",
+                    got.state
+                );
+            }
+        }
+    }
+    // Clean up what this test made.
+    for name in &created {
+        let _ = cli(
+            &c,
+            "rbd",
+            &["rm", "--no-progress", &format!("{}/{name}", c.pool)],
+        );
+        for t in trash_ids(&c, &c.pool, name) {
+            let _ = cli(&c, "rbd", &["trash", "rm", "--pool", &c.pool, &t]);
+        }
+        let _ = cli(
+            &c,
+            "rados",
+            &["--pool", &c.pool, "rmomapkey", "unistor.index", name],
+        );
+    }
+}
+
+fn trash_ids(c: &Cluster, pool: &str, name: &str) -> Vec<String> {
+    let out = cli_ok(c, "rbd", &["trash", "ls", "--format", "json", pool]);
+    json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == name)
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
+}

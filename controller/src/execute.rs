@@ -1,9 +1,13 @@
 //! The executor: runs a plan's steps, one at a time per DPU, a few at a time per ceph-agent, in
-//! parallel across agents, each as soon as its dependencies are done (no waves). Transient failures are retried with capped exponential backoff;
-//! permanent ones are not. A failed step skips the steps that depend on it and nothing else, so
-//! one failing host never blocks the others. Mutations carry the agents' leases (fencing).
+//! parallel across agents, each as soon as its dependencies are done (a ready queue fed by
+//! dependency counts; no waves, no rescans). Transient failures are retried with capped
+//! exponential backoff; permanent ones are not ([`StepError`] decides which, in one place). A
+//! failed step skips the steps that depend on it and nothing else, so one failing host never
+//! blocks the others. Mutations carry the agents' leases (fencing), renewed for as long as the
+//! execution runs and taken again if lost. Every command has a deadline of its own
+//! ([`deadline_of`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +16,7 @@ use protocol::dpu::{
     Attachment, BdevSpec, ControllerSpec, NameRef, NamespaceRef, NamespaceSpec, NqnRef, RbdCluster,
     SubsystemSpec,
 };
+use protocol::ErrorCode;
 use protocol::{
     Command, CreateImage, DeleteImage, GrowImage, ImagePolicy, ImageRef, IssueSnapIdentity,
     Ownership, Reply, TrashImage,
@@ -24,7 +29,7 @@ use crate::manifest::Desired;
 use crate::plan::{Action, Observed, Plan, Step, Target};
 
 /// Steps one ceph-agent is given at once (it runs mutations of different images concurrently).
-pub const CLUSTER_PARALLEL: usize = 8;
+pub const CLUSTER_PARALLEL: usize = 16;
 
 /// Knobs of an execution.
 #[derive(Debug, Clone)]
@@ -39,6 +44,13 @@ pub struct ExecOptions {
     pub attempts: u32,
     /// First retry delay (doubles, capped at 5 s).
     pub backoff: Duration,
+    /// Deadline of installing SNAP (the platform's readiness wait is inside it).
+    pub install_deadline: Duration,
+    /// Deadline of one ceph-agent mutation (a few `rbd` commands, each with its own deadline
+    /// on the agent).
+    pub ceph_deadline: Duration,
+    /// Deadline of one SNAP call through a dpu-agent.
+    pub snap_deadline: Duration,
 }
 
 impl Default for ExecOptions {
@@ -49,6 +61,9 @@ impl Default for ExecOptions {
             lease_ttl: Duration::from_secs(120),
             attempts: 4,
             backoff: Duration::from_millis(200),
+            install_deadline: Duration::from_secs(15 * 60),
+            ceph_deadline: Duration::from_secs(6 * 60),
+            snap_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -71,6 +86,110 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+}
+
+/// How a failed step is to be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retrying later may succeed (timeouts, busy agents, lost sessions, failed CLI commands).
+    Transient,
+    /// Our lease lapsed or was superseded: take it again, then retry at once.
+    Lease,
+    /// Retrying the same thing cannot succeed (invalid, not owned, conflict, refused).
+    Permanent,
+}
+
+/// Why a step failed, and whether it is worth trying again.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct StepError {
+    /// What happened.
+    pub message: String,
+    /// Transient, lease, or permanent.
+    pub class: ErrorClass,
+    /// The agent whose lease to take again, when it is not the step's own.
+    pub agent_target: Option<Target>,
+}
+
+impl StepError {
+    /// The one place that decides what an agent's error means for a step.
+    pub fn from_client(e: &ClientError) -> Self {
+        let class = match e.wire() {
+            Some(w) => match w.code {
+                ErrorCode::NoLease | ErrorCode::StaleToken => ErrorClass::Lease,
+                c if c.is_transient() => ErrorClass::Transient,
+                _ => ErrorClass::Permanent,
+            },
+            // Timeouts, closed sessions, connection failures: the agent may come back.
+            None => ErrorClass::Transient,
+        };
+        Self {
+            message: protocol::error::chain(e),
+            class,
+            agent_target: None,
+        }
+    }
+
+    /// A permanent failure.
+    pub fn permanent(message: String) -> Self {
+        Self {
+            message,
+            class: ErrorClass::Permanent,
+            agent_target: None,
+        }
+    }
+
+    /// A transient failure.
+    pub fn transient(message: String) -> Self {
+        Self {
+            message,
+            class: ErrorClass::Transient,
+            agent_target: None,
+        }
+    }
+
+    /// No session with the agent (it may come back).
+    pub fn unreachable(message: String) -> Self {
+        Self::transient(message)
+    }
+
+    /// The agent answered with something else than the command's reply.
+    pub fn unexpected(reply: &Reply) -> Self {
+        Self::permanent(format!("unexpected reply {reply:?}"))
+    }
+
+    /// The error came from `target` (not the step's own agent).
+    fn on(mut self, target: Target) -> Self {
+        self.agent_target = Some(target);
+        self
+    }
+
+    fn into_outcome(self) -> Outcome {
+        Outcome::Failed {
+            error: self.message,
+            transient: self.class != ErrorClass::Permanent,
+        }
+    }
+}
+
+/// How long a command may take: installing SNAP waits for the platform's readiness; a
+/// ceph-agent mutation runs a few CLI commands; a SNAP call is quick.
+pub fn deadline_of(c: &Command, o: &ExecOptions) -> Duration {
+    match c {
+        Command::InstallSnap(_) | Command::UpgradeSnap(_) | Command::RemoveSnap(_) => {
+            o.install_deadline
+        }
+        Command::CreateImage(_)
+        | Command::GrowImage(_)
+        | Command::TrashImage(_)
+        | Command::RestoreImage(_)
+        | Command::DeleteImage(_)
+        | Command::IssueSnapIdentity(_)
+        | Command::CephReport(_)
+        | Command::CephChanges(_)
+        | Command::ImageWatchers(_) => o.ceph_deadline,
+        _ => o.snap_deadline,
+    }
 }
 
 /// Results of one execution, one per step.
@@ -104,19 +223,14 @@ struct Context {
     identities: tokio::sync::Mutex<BTreeMap<String, String>>,
 }
 
-fn err_text(e: &ClientError) -> (String, bool) {
-    let transient = match e.wire() {
-        Some(w) => w.code.is_transient(),
-        None => true,
-    };
-    (protocol::error::chain(e), transient)
-}
-
 /// Turns one action into agent commands (some actions need a command on another agent first).
-async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (String, bool)> {
-    let agent = fleet.get(&step.target).map_err(|e| (e, true))?;
+async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), StepError> {
+    let agent = fleet.get(&step.target).map_err(StepError::unreachable)?;
     let send = |c: Arc<AgentClient>, cmd: Command| async move {
-        c.request(cmd).await.map_err(|e| err_text(&e))
+        let deadline = deadline_of(&cmd, &ctx.opts);
+        c.request_within(cmd, deadline)
+            .await
+            .map_err(|e| StepError::from_client(&e))
     };
     let owner = |volume: &str| Ownership {
         managed_by: ctx.opts.owner.clone(),
@@ -126,18 +240,15 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
         Action::InstallSnap { spec } => {
             return match send(agent, Command::InstallSnap((**spec).clone())).await? {
                 Reply::Deploy(d) if d.ready => Ok(()),
-                Reply::Deploy(d) => Err((
-                    format!(
-                        "SNAP not ready: {}",
-                        d.steps
-                            .iter()
-                            .map(|s| format!("{} {:?}: {}", s.step, s.outcome, s.detail))
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    ),
-                    false,
-                )),
-                other => Err((format!("unexpected reply {other:?}"), false)),
+                Reply::Deploy(d) => Err(StepError::permanent(format!(
+                    "SNAP not ready: {}",
+                    d.steps
+                        .iter()
+                        .map(|s| format!("{} {:?}: {}", s.step, s.outcome, s.detail))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))),
+                other => Err(StepError::unexpected(&other)),
             };
         }
         Action::CreateImage {
@@ -191,12 +302,9 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
             volume,
         } => {
             if !ctx.opts.allow_delete {
-                return Err((
-                    format!(
-                        "deleting image {pool}/{image} (volume {volume}, policy Delete) needs --allow-delete"
-                    ),
-                    false,
-                ));
+                return Err(StepError::permanent(format!(
+                    "deleting image {pool}/{image} (volume {volume}, policy Delete) needs --allow-delete"
+                )));
             }
             Command::DeleteImage(DeleteImage {
                 pool: pool.clone(),
@@ -205,14 +313,12 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
             })
         }
         Action::RegisterCluster { name, cluster } => {
-            let c = ctx
-                .desired
-                .clusters
-                .get(cluster)
-                .ok_or_else(|| (format!("cluster {cluster} is not in the manifests"), false))?;
+            let c = ctx.desired.clusters.get(cluster).ok_or_else(|| {
+                StepError::permanent(format!("cluster {cluster} is not in the manifests"))
+            })?;
             let ceph = fleet
                 .get(&Target::Cluster(cluster.clone()))
-                .map_err(|e| (format!("cluster {cluster}: {e}"), true))?;
+                .map_err(|e| StepError::unreachable(format!("cluster {cluster}: {e}")))?;
             let key = {
                 let mut keys = ctx.identities.lock().await;
                 match keys.get(cluster) {
@@ -225,10 +331,11 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
                                 pools: c.pools.iter().map(|p| p.to_string()).collect(),
                             }),
                         )
-                        .await?
+                        .await
+                        .map_err(|e| e.on(Target::Cluster(cluster.clone())))?
                         {
                             Reply::Identity(i) => i,
-                            other => return Err((format!("unexpected reply {other:?}"), false)),
+                            other => return Err(StepError::unexpected(&other)),
                         };
                         keys.insert(cluster.clone(), identity.key.clone());
                         identity.key
@@ -241,10 +348,9 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), (St
                 c.monitors.clone()
             };
             if mon_hosts.is_empty() {
-                return Err((
-                    format!("no monitor addresses known for cluster {cluster}"),
-                    true,
-                ));
+                return Err(StepError::transient(format!(
+                    "no monitor addresses known for cluster {cluster}"
+                )));
             }
             Command::RegisterRbdCluster(RbdCluster {
                 name: name.clone(),
@@ -344,29 +450,229 @@ fn monitors_of(ctx: &Context, cluster: &str) -> Vec<String> {
     out
 }
 
+/// Lease errors re-acquired in one step before it gives up.
+const LEASE_RETRIES: u32 = 3;
+
 async fn run_with_retries(ctx: &Context, fleet: &Fleet, step: &Step) -> Outcome {
     let mut delay = ctx.opts.backoff;
-    let mut last = (String::new(), false);
-    for attempt in 1..=ctx.opts.attempts.max(1) {
-        match run_action(ctx, fleet, step).await {
+    let mut attempt = 0;
+    let mut lease_retries = 0;
+    loop {
+        attempt += 1;
+        let e = match run_action(ctx, fleet, step).await {
             Ok(()) => return Outcome::Done,
-            Err((e, transient)) => {
-                tracing::info!(step = step.id, attempt, transient, error = %e, "Step failed.");
-                last = (e, transient);
-                if !transient {
-                    break;
+            Err(e) => e,
+        };
+        tracing::info!(step = step.id, attempt, class = ?e.class, error = %e.message, "Step failed.");
+        match e.class {
+            ErrorClass::Lease if lease_retries < LEASE_RETRIES => {
+                // Our lease lapsed or was replaced: take it again and retry at once (not an
+                // attempt: the step itself did not fail).
+                lease_retries += 1;
+                attempt -= 1;
+                if let Some(t) = e.agent_target.as_ref().or(Some(&step.target)) {
+                    if let Ok(c) = fleet.get(t) {
+                        if let Err(err) = c.acquire_lease(ctx.opts.lease_ttl).await {
+                            tracing::warn!(agent = %t, error = %protocol::error::chain(&err), "Re-acquiring a lease failed.");
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
                 }
-                if attempt < ctx.opts.attempts {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+                continue;
+            }
+            ErrorClass::Permanent => return e.into_outcome(),
+            _ if attempt >= ctx.opts.attempts.max(1) => return e.into_outcome(),
+            _ => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
-    Outcome::Failed {
-        error: last.0,
-        transient: last.1,
+}
+
+/// Keeps the leases on `targets` for as long as it runs: renewed every third of their TTL,
+/// taken again when lost.
+async fn keep_leases(fleet: Arc<Fleet>, targets: Vec<Target>, ttl: Duration) {
+    let every = (ttl / 3).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let mut set = JoinSet::new();
+        for t in &targets {
+            if let Ok(c) = fleet.get(t) {
+                let t = t.clone();
+                set.spawn(async move {
+                    if let Err(e) = c.acquire_lease(ttl).await {
+                        tracing::warn!(agent = %t, error = %protocol::error::chain(&e), "Renewing a lease failed.");
+                    }
+                });
+            }
+        }
+        while set.join_next().await.is_some() {}
     }
+}
+
+/// How many steps may run at once on a target.
+fn slots(t: &Target) -> usize {
+    match t {
+        Target::Cluster(_) => CLUSTER_PARALLEL,
+        // SNAP works through its socket one call after the other.
+        Target::Dpu(_) => 1,
+    }
+}
+
+/// Runs `steps` with `run`, each as soon as its dependencies are done and its target has a free
+/// slot ([`slots`]), in plan order among the ready ones of a target. A step whose dependency did
+/// not succeed is skipped, and so are its dependents; steps on `unusable` targets are skipped.
+/// Scheduling is linear in steps and edges: a ready queue fed by dependency counts.
+pub async fn schedule<F, Fut>(
+    steps: &[Step],
+    unusable: &BTreeMap<Target, String>,
+    run: F,
+    progress: &(dyn Fn(&Step, &Outcome) + Sync),
+) -> ExecReport
+where
+    F: Fn(Step) -> Fut,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let mut report = ExecReport::default();
+    let index: HashMap<usize, usize> = steps.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+    let mut waiting: Vec<usize> = vec![0; steps.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![vec![]; steps.len()];
+    let mut orphans = vec![];
+    for (i, s) in steps.iter().enumerate() {
+        for d in &s.depends_on {
+            match index.get(d) {
+                Some(&j) => {
+                    waiting[i] += 1;
+                    dependents[j].push(i);
+                }
+                None => orphans.push((i, *d)),
+            }
+        }
+    }
+    let mut ready: BTreeMap<&Target, BTreeSet<usize>> = BTreeMap::new();
+    let mut running: BTreeMap<&Target, usize> = BTreeMap::new();
+    let mut done: Vec<bool> = vec![false; steps.len()];
+    let mut set = JoinSet::new();
+
+    // Ends step `i` and everything that depends on it, transitively, as skipped.
+    fn skip(
+        i: usize,
+        reason: String,
+        steps: &[Step],
+        dependents: &[Vec<usize>],
+        done: &mut [bool],
+        report: &mut ExecReport,
+        progress: &(dyn Fn(&Step, &Outcome) + Sync),
+    ) {
+        let mut work = vec![(i, reason)];
+        while let Some((i, reason)) = work.pop() {
+            if done[i] {
+                continue;
+            }
+            done[i] = true;
+            let o = Outcome::Skipped { reason };
+            progress(&steps[i], &o);
+            report.outcomes.insert(steps[i].id, o);
+            for &d in &dependents[i] {
+                work.push((d, format!("step {} did not succeed", steps[i].id)));
+            }
+        }
+    }
+
+    for (i, d) in orphans {
+        skip(
+            i,
+            format!("step {d} it depends on is not in the plan"),
+            steps,
+            &dependents,
+            &mut done,
+            &mut report,
+            progress,
+        );
+    }
+    let mut newly: Vec<usize> = (0..steps.len())
+        .filter(|&i| waiting[i] == 0 && !done[i])
+        .collect();
+    loop {
+        for i in newly.drain(..) {
+            if done[i] {
+                continue;
+            }
+            if let Some(why) = unusable.get(&steps[i].target) {
+                let reason = format!("{}: {why}", steps[i].target);
+                skip(
+                    i,
+                    reason,
+                    steps,
+                    &dependents,
+                    &mut done,
+                    &mut report,
+                    progress,
+                );
+                continue;
+            }
+            ready.entry(&steps[i].target).or_default().insert(i);
+        }
+        // Start what fits.
+        for (t, queue) in ready.iter_mut() {
+            let n = running.entry(t).or_default();
+            while *n < slots(t) {
+                let Some(i) = queue.pop_first() else { break };
+                *n += 1;
+                let fut = run(steps[i].clone());
+                set.spawn(async move { (i, fut.await) });
+            }
+        }
+        ready.retain(|_, q| !q.is_empty());
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let Ok((i, outcome)) = joined else {
+            // A step's task panicked: its slot stays taken, its dependents never run.
+            tracing::error!("A step's task failed.");
+            continue;
+        };
+        if let Some(n) = running.get_mut(&steps[i].target) {
+            *n -= 1;
+        }
+        done[i] = true;
+        progress(&steps[i], &outcome);
+        let ok = outcome == Outcome::Done;
+        report.outcomes.insert(steps[i].id, outcome);
+        for &d in &dependents[i] {
+            if ok {
+                waiting[d] -= 1;
+                if waiting[d] == 0 {
+                    newly.push(d);
+                }
+            } else {
+                let reason = format!("step {} did not succeed", steps[i].id);
+                skip(
+                    d,
+                    reason,
+                    steps,
+                    &dependents,
+                    &mut done,
+                    &mut report,
+                    progress,
+                );
+            }
+        }
+    }
+    for (i, s) in steps.iter().enumerate() {
+        if !done[i] {
+            let o = Outcome::Skipped {
+                reason: "a step it depends on did not finish".into(),
+            };
+            progress(s, &o);
+            report.outcomes.insert(s.id, o);
+        }
+    }
+    report
 }
 
 /// Runs `plan`. `progress` is told each step's outcome as it ends.
@@ -384,7 +690,6 @@ pub async fn execute(
         opts: opts.clone(),
         identities: Default::default(),
     });
-    let mut report = ExecReport::default();
     // Leases first: an agent whose lease cannot be taken runs nothing.
     let mut unusable: BTreeMap<Target, String> = BTreeMap::new();
     // Every agent a step commands: its own, and the cluster a SNAP registration asks for
@@ -400,97 +705,156 @@ pub async fn execute(
             std::iter::once(s.target.clone()).chain(also)
         })
         .collect();
+    let mut set = JoinSet::new();
     for t in &targets {
         match fleet.get(t) {
             Ok(c) => {
-                if let Err(e) = c.acquire_lease(opts.lease_ttl).await {
-                    unusable.insert(
-                        t.clone(),
-                        format!("no lease: {}", protocol::error::chain(&e)),
-                    );
-                }
+                let (t, ttl) = (t.clone(), opts.lease_ttl);
+                set.spawn(async move { (t, c.acquire_lease(ttl).await.err()) });
             }
             Err(e) => {
                 unusable.insert(t.clone(), e);
             }
         }
     }
-    // No barrier between steps: whenever one ends, whatever became runnable starts. One step
-    // per DPU at a time (SNAP works through its socket one call after the other), up to
-    // CLUSTER_PARALLEL per ceph-agent (which serializes per image); agents in parallel; a DPU's
-    // runnable steps start in plan order.
-    let mut pending: Vec<&Step> = plan.steps.iter().collect();
-    let mut running: BTreeMap<Target, usize> = BTreeMap::new();
-    let mut set = JoinSet::new();
-    loop {
-        let mut still = vec![];
-        for s in pending {
-            let failed_dep = s
-                .depends_on
-                .iter()
-                .find(|d| matches!(report.outcomes.get(d), Some(o) if *o != Outcome::Done));
-            if let Some(d) = failed_dep {
-                let o = Outcome::Skipped {
-                    reason: format!("step {d} did not succeed"),
-                };
-                progress(s, &o);
-                report.outcomes.insert(s.id, o);
-                continue;
-            }
-            if let Some(why) = unusable.get(&s.target) {
-                let o = Outcome::Skipped {
-                    reason: format!("{}: {why}", s.target),
-                };
-                progress(s, &o);
-                report.outcomes.insert(s.id, o);
-                continue;
-            }
-            let ready = s.depends_on.iter().all(|d| report.outcomes.contains_key(d));
-            let limit = match s.target {
-                Target::Cluster(_) => CLUSTER_PARALLEL,
-                Target::Dpu(_) => 1,
-            };
-            let n = running.entry(s.target.clone()).or_default();
-            if ready && *n < limit {
-                *n += 1;
-                let ctx = ctx.clone();
-                let s = s.clone();
-                let fleet = fleet.clone();
-                set.spawn(async move {
-                    let o = run_with_retries(&ctx, &fleet, &s).await;
-                    (s, o)
-                });
-            } else {
-                still.push(s);
-            }
+    while let Some(Ok((t, err))) = set.join_next().await {
+        if let Some(e) = err {
+            unusable.insert(t, format!("no lease: {}", protocol::error::chain(&e)));
         }
-        pending = still;
-        match set.join_next().await {
-            Some(Ok((s, o))) => {
-                if let Some(n) = running.get_mut(&s.target) {
+    }
+    let held: Vec<Target> = targets
+        .iter()
+        .filter(|t| !unusable.contains_key(*t))
+        .cloned()
+        .collect();
+    let keeper = tokio::spawn(keep_leases(fleet.clone(), held.clone(), opts.lease_ttl));
+    let run = |s: Step| {
+        let ctx = ctx.clone();
+        let fleet = fleet.clone();
+        async move { run_with_retries(&ctx, &fleet, &s).await }
+    };
+    let report = schedule(&plan.steps, &unusable, run, progress).await;
+    keeper.abort();
+    let mut set = JoinSet::new();
+    for t in held {
+        if let Ok(c) = fleet.get(&t) {
+            set.spawn(async move {
+                let _ = c.release_lease().await;
+            });
+        }
+    }
+    while set.join_next().await.is_some() {}
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::plan::{Risk, Step};
+
+    fn step(id: usize, target: Target, deps: &[usize]) -> Step {
+        Step {
+            id,
+            target,
+            action: Action::Resume {
+                controller: format!("c{id}"),
+            },
+            risk: Risk::Safe,
+            depends_on: deps.to_vec(),
+            volume: None,
+        }
+    }
+
+    /// A random DAG over a few targets: every step depends on some earlier ones.
+    fn random_plan(n: usize, rng: &mut fastrand::Rng) -> Vec<Step> {
+        let targets = [
+            Target::Cluster("c".into()),
+            Target::Dpu("d1".into()),
+            Target::Dpu("d2".into()),
+            Target::Dpu("d3".into()),
+        ];
+        (0..n)
+            .map(|i| {
+                let deps: Vec<usize> = (0..i).filter(|_| rng.u8(..) < 20).collect();
+                step(i, targets[rng.usize(..targets.len())].clone(), &deps)
+            })
+            .collect()
+    }
+
+    #[derive(Default)]
+    struct Log {
+        /// (step, started, ended) in event order.
+        events: Vec<(usize, bool)>,
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_dependency_edge_is_obeyed_when_steps_finish_in_random_order() {
+        for seed in 0..20 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let steps = random_plan(60, &mut rng);
+            let fails: BTreeSet<usize> = (0..60).filter(|_| rng.u8(..) < 15).collect();
+            let delays: Vec<u64> = (0..60).map(|_| rng.u64(1..50)).collect();
+            let log = Arc::new(Mutex::new(Log::default()));
+            let run = |s: Step| {
+                let log = log.clone();
+                let (delay, fail) = (delays[s.id], fails.contains(&s.id));
+                async move {
+                    log.lock().unwrap().events.push((s.id, true));
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    log.lock().unwrap().events.push((s.id, false));
+                    if fail {
+                        Outcome::Failed {
+                            error: "injected".into(),
+                            transient: false,
+                        }
+                    } else {
+                        Outcome::Done
+                    }
+                }
+            };
+            let report = schedule(&steps, &BTreeMap::new(), run, &|_, _| {}).await;
+            assert_eq!(report.outcomes.len(), steps.len(), "seed {seed}");
+            let events = log.lock().unwrap().events.clone();
+            let ended_at = |id: usize| events.iter().position(|e| *e == (id, false));
+            let started_at = |id: usize| events.iter().position(|e| *e == (id, true));
+            let mut running: BTreeMap<Target, usize> = BTreeMap::new();
+            for (id, start) in &events {
+                let n = running.entry(steps[*id].target.clone()).or_default();
+                if *start {
+                    *n += 1;
+                    assert!(*n <= slots(&steps[*id].target), "seed {seed}: slots");
+                } else {
                     *n -= 1;
                 }
-                progress(&s, &o);
-                report.outcomes.insert(s.id, o);
             }
-            // A step's task panicked: its agent's slot stays taken, its dependents never run.
-            Some(Err(e)) => tracing::error!(error = %e, "A step's task failed."),
-            None => break,
+            for s in &steps {
+                let outcome = &report.outcomes[&s.id];
+                let deps_ok = s
+                    .depends_on
+                    .iter()
+                    .all(|d| report.outcomes[d] == Outcome::Done);
+                match started_at(s.id) {
+                    Some(start) => {
+                        assert!(deps_ok, "seed {seed}: step {} ran after a failure", s.id);
+                        for d in &s.depends_on {
+                            assert!(
+                                ended_at(*d).is_some_and(|e| e < start),
+                                "seed {seed}: step {} started before its dependency {d} ended",
+                                s.id
+                            );
+                        }
+                    }
+                    None => {
+                        assert!(
+                            matches!(outcome, Outcome::Skipped { .. }) && !deps_ok,
+                            "seed {seed}: step {} never ran: {outcome:?}",
+                            s.id
+                        );
+                    }
+                }
+            }
         }
     }
-    for s in pending {
-        let o = Outcome::Skipped {
-            reason: "a step it depends on did not finish".into(),
-        };
-        progress(s, &o);
-        report.outcomes.insert(s.id, o);
-    }
-    for t in &targets {
-        if !unusable.contains_key(t) {
-            if let Ok(c) = fleet.get(t) {
-                let _ = c.release_lease().await;
-            }
-        }
-    }
-    report
 }

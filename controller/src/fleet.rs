@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::client::{AgentClient, ClientOptions};
-use protocol::names::PeerName;
 use protocol::dpu::DpuReport;
+use protocol::names::PeerName;
 use protocol::{CephChanges, CephReport, ChangesQuery, Command, Empty, ImageStatus, Reply};
 use tokio::task::JoinSet;
 
@@ -164,7 +164,9 @@ impl Informer {
     /// A DPU pushed its report.
     pub fn set_dpu(&mut self, name: &str, report: Box<DpuReport>) {
         // A DPU marked stale stays so: this push may predate what a pass just did there.
-        self.observed.dpus.insert(name.to_string(), Known::Known { report });
+        self.observed
+            .dpus
+            .insert(name.to_string(), Known::Known { report });
     }
 
     /// Whether `target` has been read at all.
@@ -266,7 +268,9 @@ impl Informer {
                     .insert(n.clone(), Known::Unknown { reason });
             }
             Target::Dpu(n) => {
-                self.observed.dpus.insert(n.clone(), Known::Unknown { reason });
+                self.observed
+                    .dpus
+                    .insert(n.clone(), Known::Unknown { reason });
             }
         }
     }

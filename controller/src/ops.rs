@@ -1,5 +1,6 @@
 //! `unistor plan` and `unistor apply`: observe, plan, check the safety rails, execute, re-plan.
 
+use std::io::IsTerminal;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +79,10 @@ pub struct ApplyArgs {
     /// Passes of observe-plan-execute before giving up.
     #[arg(long, default_value_t = 5)]
     pub passes: usize,
+    /// One line per step as it ends (the default when the output is not a terminal; on a
+    /// terminal a progress bar shows steps done, rate and ETA, and failures as they happen).
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// The safety rails: which removals a plan may make.
@@ -543,6 +548,7 @@ pub async fn with_live_watchers(
                 let img = &mut report.images[*n];
                 img.watchers = Some(match &answer {
                     Ok(protocol::Reply::Watchers(w)) => w
+                        .images
                         .iter()
                         .find(|w| w.pool == img.pool && w.image == img.image)
                         .map(|w| w.watchers.clone())
@@ -629,6 +635,16 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     if !a.auto_approve && a.plan.is_none() {
         confirm(&p)?;
     }
+    let lines = a.verbose || !std::io::stdout().is_terminal();
+    let bar = (!lines).then(|| {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps  {per_sec}  ETA {eta}  {msg}",
+            )
+            .expect("a valid template"),
+        )
+    });
+    let failures = std::sync::atomic::AtomicUsize::new(0);
     let progress = |s: &plan::Step, o: &Outcome| {
         let mark = match o {
             Outcome::Done => "done".to_string(),
@@ -640,11 +656,29 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
             }
             Outcome::Skipped { reason } => format!("skipped: {reason}"),
         };
-        println!("  [{}] {} ... {mark}", s.id, render::step_line(s));
+        let line = format!("  [{}] {} ... {mark}", s.id, render::step_line(s));
+        match &bar {
+            Some(bar) => {
+                if *o != Outcome::Done {
+                    let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    bar.set_message(format!("{n} failed or skipped"));
+                    bar.println(line);
+                }
+                bar.inc(1);
+            }
+            None => println!("{line}"),
+        }
     };
     for pass in 1..=a.passes {
         println!("Pass {pass}: {} step(s)", p.steps.len());
+        if let Some(bar) = &bar {
+            bar.reset();
+            bar.set_length(p.steps.len() as u64);
+        }
         let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
         for s in &p.steps {
             informer.mark(s.target.clone());
         }

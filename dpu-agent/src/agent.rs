@@ -266,7 +266,14 @@ impl DpuAgent {
         let bluefield = self.bluefield().await;
         let image = self.platform.deployed().await;
         let (version, inventory) = match self.snap.version().await {
-            Ok(v) => (Some(v), self.snap.inventory().await.ok()),
+            // The view (re-listed by every supervision pass, kept up to date by our own calls).
+            Ok(v) => (
+                Some(v),
+                match self.snap.cached() {
+                    Some(inv) => Some(inv),
+                    None => self.snap.list().await.ok(),
+                },
+            ),
             Err(_) => (None, None),
         };
         let ledger = self.ledger.lock().await.get().clone();

@@ -297,11 +297,35 @@ impl AgentClient {
         self.request_with_fence(command, fence).await
     }
 
+    /// As [`AgentClient::request`], with a deadline of its own instead of the client's default.
+    pub async fn request_within(
+        &self,
+        command: Command,
+        deadline: Duration,
+    ) -> Result<Reply, ClientError> {
+        let fence = if command.is_mutating() {
+            *self.fence.lock().expect("fence lock")
+        } else {
+            None
+        };
+        self.send(command, fence, deadline).await
+    }
+
     /// Sends a command with an explicit fencing token (or none).
     pub async fn request_with_fence(
         &self,
         command: Command,
         fence: Option<u64>,
+    ) -> Result<Reply, ClientError> {
+        self.send(command, fence, self.options.request_timeout)
+            .await
+    }
+
+    async fn send(
+        &self,
+        command: Command,
+        fence: Option<u64>,
+        after: Duration,
     ) -> Result<Reply, ClientError> {
         let name = command.name();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +339,6 @@ impl AgentClient {
             self.pending.lock().expect("pending lock").remove(&id);
             return Err(closed());
         }
-        let after = self.options.request_timeout;
         let outcome = match timeout(after, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => return Err(closed()),

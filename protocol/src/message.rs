@@ -453,7 +453,7 @@ pub enum Reply {
     /// One page of what changed in the agent's view.
     CephChanges(Box<CephChanges>),
     /// Live watchers, one entry per image asked about.
-    Watchers(Vec<ImageWatchers>),
+    Watchers(WatcherList),
     /// An image's state after the command.
     Image(ImageStatus),
     /// A cephx identity.
@@ -512,6 +512,13 @@ pub struct CephChanges {
     /// was known rather than adding to it).
     #[serde(skip)]
     pub restart: bool,
+}
+
+/// The reply to [`Command::ImageWatchers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatcherList {
+    /// One entry per image asked about.
+    pub images: Vec<ImageWatchers>,
 }
 
 /// The watchers of one image, looked up live.
@@ -683,6 +690,37 @@ mod tests {
             String::from_utf8(e.to_bytes()).unwrap(),
             r#"{"type":"event","seq":1,"event":{"kind":"heartbeat","uptime_ms":5}}"#
         );
+    }
+
+    #[test]
+    fn new_replies_and_events_round_trip() {
+        for m in [
+            Message::Response(Response {
+                id: 1,
+                outcome: Outcome::Ok(Reply::Watchers(WatcherList {
+                    images: vec![ImageWatchers {
+                        pool: "rbd".into(),
+                        image: "a".into(),
+                        watchers: vec!["10.0.0.1:0/1".into()],
+                    }],
+                })),
+            }),
+            Message::Event(EventEnvelope {
+                seq: 1,
+                event: Event::CephChanged { generation: 7 },
+            }),
+            Message::Request(Request {
+                id: 2,
+                fence: None,
+                command: Command::CephChanges(ChangesQuery {
+                    since: 3,
+                    after: Some("rbd/a".into()),
+                    limit: 10,
+                }),
+            }),
+        ] {
+            assert_eq!(Message::from_bytes(&m.to_bytes()).unwrap(), m);
+        }
     }
 
     #[test]

@@ -223,7 +223,18 @@ pub fn wait_listening(addr: &str) {
     });
 }
 
-/// Starts a ceph-agent named `name` on a free port; returns its address.
+/// Tests change images behind unistor's back and wait for the sweep to find it: a quick sweep
+/// over the few images a test has.
+pub const QUICK_SWEEP: &[&str] = &[
+    "--sweep-rate",
+    "50",
+    "--sweep-min-age",
+    "1s",
+    "--pool-refresh",
+    "2s",
+];
+
+/// Starts a ceph-agent named `name` (sweeping quickly) on a free port; returns its address.
 pub fn spawn_ceph_agent(
     procs: &mut Procs,
     c: &Cluster,
@@ -233,6 +244,7 @@ pub fn spawn_ceph_agent(
 ) -> String {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = ceph_agent_command(c, name, &addr, pki, state)
+        .args(QUICK_SWEEP)
         .spawn()
         .expect("start ceph-agent");
     procs.0.push(child);

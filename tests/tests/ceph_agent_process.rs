@@ -9,7 +9,9 @@ use e2e::{free_port, unique, wait_until, Cluster};
 use protocol::client::{AgentClient, ClientOptions};
 use protocol::names::PeerName;
 use protocol::tls::{self, PkiPaths};
-use protocol::{ChangesQuery, Command as Cmd, CreateImage, DeleteImage, ErrorCode, Event, Ownership, Reply};
+use protocol::{
+    ChangesQuery, Command as Cmd, CreateImage, DeleteImage, ErrorCode, Event, Ownership, Reply,
+};
 
 const AGENT: &str = "ceph-e2e";
 

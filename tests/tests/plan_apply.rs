@@ -4,9 +4,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
 
 use e2e::{
-    issue_pki, show, snap_call, spawn_ceph_agent, spawn_dpu_agent, unique, unistor, Cluster, Procs,
+    issue_pki, show, snap_call, spawn_ceph_agent, spawn_dpu_agent, unique, unistor, wait_until,
+    Cluster, Procs,
 };
 use serde_json::Value;
 
@@ -159,18 +161,21 @@ fn plan_and_apply_converge_then_follow_changes() {
     // Checked independently: images with ownership and policy, namespaces started on the DPUs.
     let info = c.rbd_info(&c.pool, &keep).expect("image created");
     assert_eq!(info["size"].as_u64(), Some(256 << 20));
-    let meta: Value = serde_json::from_str(&c.cli_ok(
-        "rbd",
+    // The policy is in the pool's unistor index, read back raw with `rados getomapval`.
+    let raw = tempfile::NamedTempFile::new().unwrap();
+    c.cli_ok(
+        "rados",
         &[
-            "image-meta",
-            "list",
-            "--format",
-            "json",
-            &format!("{}/{gone}", c.pool),
+            "--pool",
+            &c.pool,
+            "getomapval",
+            "unistor.index",
+            &gone,
+            raw.path().to_str().unwrap(),
         ],
-    ))
-    .unwrap();
-    assert_eq!(meta["unistor.deletion-policy"], "Trash");
+    );
+    let entry: Value = serde_json::from_slice(&std::fs::read(raw.path()).unwrap()).unwrap();
+    assert_eq!(entry["policy"], "Trash", "{entry}");
     let subs = probe(&lab.socket(0), "nvme_subsystem_list");
     let ns: Vec<&Value> = subs
         .as_array()
@@ -206,6 +211,15 @@ fn plan_and_apply_converge_then_follow_changes() {
             &format!("{}/{grow}", c.pool),
         ],
     );
+    // The agent's sweep finds the resize (within its bound; the test's agent sweeps quickly).
+    wait_until(
+        Duration::from_secs(60),
+        "the sweep to see the resize",
+        || {
+            let p = unistor(&[&["plan"][..], &args].concat());
+            String::from_utf8_lossy(&p.stdout).contains("192Mi -> 512Mi")
+        },
+    );
     let stale = unistor(&[&["apply", "--plan", saved.to_str().unwrap()][..], &args].concat());
     assert_eq!(code(&stale), 1, "{}", show(&stale));
     assert!(
@@ -233,6 +247,15 @@ fn plan_and_apply_converge_then_follow_changes() {
     // A broken link shows in status: the image moved to the trash behind unistor's back; apply
     // restores it.
     c.cli_ok("rbd", &["trash", "mv", &format!("{}/{keep}", c.pool)]);
+    // Found by the agent's sweep (its pool listings), within its bound.
+    wait_until(
+        Duration::from_secs(60),
+        "the sweep to see the trash move",
+        || {
+            let s = unistor(&[&["status"][..], &args].concat());
+            String::from_utf8_lossy(&s.stdout).contains("is in the trash")
+        },
+    );
     let status = unistor(&[&["status"][..], &args].concat());
     assert_eq!(code(&status), 1, "{}", show(&status));
     assert!(

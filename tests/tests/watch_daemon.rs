@@ -55,6 +55,7 @@ impl Lab {
             &lab.dir.path().join("ceph-state"),
         )
         .args(["--report-interval", "2s"])
+        .args(e2e::QUICK_SWEEP)
         .spawn()
         .unwrap();
         lab.procs.0.push(child);

@@ -90,8 +90,10 @@ impl Sessions {
                 name.clone(),
                 address.clone(),
                 self.opts.clone(),
-                self.slots.clone(),
-                self.informer.clone(),
+                Views {
+                    slots: self.slots.clone(),
+                    informer: self.informer.clone(),
+                },
                 self.state.clone(),
                 self.trigger.clone(),
             ));
@@ -153,6 +155,12 @@ impl Drop for Sessions {
     }
 }
 
+/// What a supervisor task writes: its slot, and what its agent says.
+struct Views {
+    slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
+    informer: Arc<Mutex<Informer>>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -186,11 +194,11 @@ async fn supervise(
     name: PeerName,
     address: String,
     opts: FleetOptions,
-    slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
-    informer: Arc<Mutex<Informer>>,
+    views: Views,
     state: Arc<Shared>,
     trigger: mpsc::UnboundedSender<String>,
 ) {
+    let Views { slots, informer } = views;
     let label = target.to_string();
     let mut failures: u32 = 0;
     let mut last: Option<serde_json::Value> = None;

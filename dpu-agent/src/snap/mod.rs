@@ -12,6 +12,8 @@
 pub mod client;
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use protocol::dpu::{
     BdevInfo, BdevSpec, ControllerInfo, ControllerSpec, FunctionInfo, FunctionRef, NamespaceInfo,
@@ -146,16 +148,59 @@ fn parse<T: for<'de> Deserialize<'de>>(method: &str, v: Value) -> Result<T, Snap
     })
 }
 
-/// SNAP behind its socket.
+/// An operation re-lists SNAP when its view is older than this (the agent's supervision
+/// re-lists far more often: every poll).
+pub const VIEW_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// SNAP behind its socket, and a view of its objects kept up to date by the agent's own calls,
+/// so that an operation costs the one call that does it, not a listing of everything.
 #[derive(Debug)]
 pub struct Snap {
     client: SnapClient,
+    /// The inventory as last listed, with the agent's own changes since applied; `None` after
+    /// SNAP stopped answering (it may have restarted and lost everything).
+    view: Mutex<Option<(Instant, SnapInventory)>>,
 }
 
 impl Snap {
     /// SNAP through `client`.
     pub fn new(client: SnapClient) -> Self {
-        Self { client }
+        Self {
+            client,
+            view: Mutex::new(None),
+        }
+    }
+
+    fn view_lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, SnapInventory)>> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The view, listing SNAP afresh when there is none or it is older than [`VIEW_MAX_AGE`].
+    pub async fn current(&self) -> Result<SnapInventory, SnapError> {
+        if let Some((at, inv)) = self.view_lock().as_ref() {
+            if at.elapsed() < VIEW_MAX_AGE {
+                return Ok(inv.clone());
+            }
+        }
+        self.inventory().await
+    }
+
+    /// The view as it is, without asking SNAP (`None` when SNAP was not listed yet, or stopped
+    /// answering since).
+    pub fn cached(&self) -> Option<SnapInventory> {
+        self.view_lock().as_ref().map(|(_, inv)| inv.clone())
+    }
+
+    /// Forgets the view: the next operation lists SNAP again.
+    pub fn invalidate(&self) {
+        *self.view_lock() = None;
+    }
+
+    /// Applies one of our own changes to the view.
+    fn update(&self, f: impl FnOnce(&mut SnapInventory)) {
+        if let Some((_, inv)) = self.view_lock().as_mut() {
+            f(inv);
+        }
     }
 
     /// The raw client.
@@ -172,8 +217,23 @@ impl Snap {
             .to_string())
     }
 
-    /// Reads every object SNAP has.
+    /// Lists every object SNAP has (four calls), and makes that the view.
     pub async fn inventory(&self) -> Result<SnapInventory, SnapError> {
+        match self.list().await {
+            Ok(inv) => {
+                *self.view_lock() = Some((Instant::now(), inv.clone()));
+                Ok(inv)
+            }
+            Err(e) => {
+                self.invalidate();
+                Err(e)
+            }
+        }
+    }
+
+    /// Lists every object SNAP has without touching the view (for readers outside the agent's
+    /// command lock, whose listing could predate a command that just ran).
+    pub async fn list(&self) -> Result<SnapInventory, SnapError> {
         let fns: Vec<RawFunction> = parse(
             "emulation_function_list",
             self.client
@@ -257,25 +317,7 @@ impl Snap {
                     .collect(),
             });
         }
-        let bdevs = bdevs
-            .into_iter()
-            .map(|b| {
-                let rbd = b.driver_specific.get("rbd");
-                let field = |k: &str| {
-                    rbd.and_then(|r| r.get(k))
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                };
-                BdevInfo {
-                    pool: field("pool_name"),
-                    image: field("rbd_name"),
-                    cluster: field("cluster_name"),
-                    name: b.name,
-                    block_size: b.block_size,
-                    num_blocks: b.num_blocks,
-                }
-            })
-            .collect();
+        let bdevs = bdevs.into_iter().map(bdev_info).collect();
         Ok(SnapInventory {
             functions,
             subsystems,
@@ -287,12 +329,22 @@ impl Snap {
 
     /// Runs `call`; on failure looks again with `check`, which says whether the wanted state
     /// holds after all.
-    async fn act<F>(&self, method: &str, params: Value, check: F) -> Result<Done, OpError>
+    /// On success `apply` records the change in the view.
+    async fn act<F>(
+        &self,
+        method: &str,
+        params: Value,
+        check: F,
+        apply: impl FnOnce(&mut SnapInventory),
+    ) -> Result<Done, OpError>
     where
         F: Fn(&SnapInventory) -> bool,
     {
         match self.client.call(method, Some(params)).await {
-            Ok(_) => Ok(Done::Changed),
+            Ok(_) => {
+                self.update(apply);
+                Ok(Done::Changed)
+            }
             Err(e) if !e.is_unreachable() => {
                 let inv = self.inventory().await?;
                 if check(&inv) {
@@ -301,14 +353,17 @@ impl Snap {
                     Err(e.into())
                 }
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                self.invalidate();
+                Err(e.into())
+            }
         }
     }
 
     /// Registers a Ceph cluster.
     pub async fn register_cluster(&self, c: &RbdCluster) -> Result<Done, OpError> {
         let has = |inv: &SnapInventory| inv.clusters.contains(&c.name);
-        if has(&self.inventory().await?) {
+        if has(&self.current().await?) {
             return Ok(Done::Unchanged);
         }
         let params = json!({
@@ -316,12 +371,15 @@ impl Snap {
             "user_id": c.user_id,
             "config_param": {"mon_host": c.mon_hosts.join(","), "key": c.key},
         });
-        self.act("bdev_rbd_register_cluster", params, has).await
+        self.act("bdev_rbd_register_cluster", params, has, |inv| {
+            inv.clusters.push(c.name.clone())
+        })
+        .await
     }
 
     /// Unregisters a cluster (SNAP refuses while bdevs use it).
     pub async fn unregister_cluster(&self, name: &str) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         if !inv.clusters.iter().any(|c| c == name) {
             return Ok(Done::Unchanged);
         }
@@ -341,13 +399,14 @@ impl Snap {
             "bdev_rbd_unregister_cluster",
             json!({"name": name}),
             |inv| !inv.clusters.iter().any(|c| c == name),
+            |inv| inv.clusters.retain(|c| c != name),
         )
         .await
     }
 
     /// Creates an rbd bdev.
     pub async fn create_bdev(&self, b: &BdevSpec) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         if let Some(have) = inv.bdevs.iter().find(|x| x.name == b.name) {
             let same = have.pool.as_deref() == Some(b.pool.as_str())
                 && have.image.as_deref() == Some(b.image.as_str())
@@ -375,15 +434,37 @@ impl Snap {
             "name": b.name, "pool_name": b.pool, "rbd_name": b.image,
             "block_size": b.block_size, "cluster_name": b.cluster,
         });
-        self.act("bdev_rbd_create", params, |inv| {
-            inv.bdevs.iter().any(|x| x.name == b.name)
-        })
-        .await
+        let done = self
+            .act(
+                "bdev_rbd_create",
+                params,
+                |inv| inv.bdevs.iter().any(|x| x.name == b.name),
+                |_| {},
+            )
+            .await?;
+        // The size comes from the image: ask SNAP for this one bdev.
+        if let Ok(v) = self
+            .client
+            .call("bdev_get_bdevs", Some(json!({"name": b.name})))
+            .await
+        {
+            if let Ok(raw) = parse::<Vec<RawBdev>>("bdev_get_bdevs", v) {
+                let new: Vec<BdevInfo> = raw.into_iter().map(bdev_info).collect();
+                self.update(|inv| {
+                    inv.bdevs.retain(|x| x.name != b.name);
+                    inv.bdevs.extend(new);
+                });
+                return Ok(done);
+            }
+        }
+        // Not listed: let the next operation list SNAP again.
+        self.invalidate();
+        Ok(done)
     }
 
     /// Deletes a bdev; refused while a namespace uses it.
     pub async fn delete_bdev(&self, name: &str) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         if !inv.bdevs.iter().any(|b| b.name == name) {
             return Ok(Done::Unchanged);
         }
@@ -398,15 +479,18 @@ impl Snap {
                 detail: format!("namespace {nqn}/{ns} uses it"),
             });
         }
-        self.act("bdev_rbd_delete", json!({"name": name}), |inv| {
-            !inv.bdevs.iter().any(|b| b.name == name)
-        })
+        self.act(
+            "bdev_rbd_delete",
+            json!({"name": name}),
+            |inv| !inv.bdevs.iter().any(|b| b.name == name),
+            |inv| inv.bdevs.retain(|b| b.name != name),
+        )
         .await
     }
 
     /// Creates a subsystem.
     pub async fn create_subsystem(&self, s: &SubsystemSpec) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         if let Some(have) = inv.subsystems.iter().find(|x| x.nqn == s.nqn) {
             return if have.serial == s.serial && have.model == s.model {
                 Ok(Done::Unchanged)
@@ -421,15 +505,25 @@ impl Snap {
             "nqn": s.nqn, "serial_number": s.serial, "model_number": s.model,
             "nn": s.max_namespaces, "mnan": s.max_namespaces,
         });
-        self.act("nvme_subsystem_create", params, |inv| {
-            inv.subsystems.iter().any(|x| x.nqn == s.nqn)
-        })
+        self.act(
+            "nvme_subsystem_create",
+            params,
+            |inv| inv.subsystems.iter().any(|x| x.nqn == s.nqn),
+            |inv| {
+                inv.subsystems.push(SubsystemInfo {
+                    nqn: s.nqn.clone(),
+                    serial: s.serial.clone(),
+                    model: s.model.clone(),
+                    namespaces: vec![],
+                })
+            },
+        )
         .await
     }
 
     /// Destroys an empty subsystem.
     pub async fn destroy_subsystem(&self, nqn: &str) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         let Some(sub) = inv.subsystems.iter().find(|s| s.nqn == nqn) else {
             return Ok(Done::Unchanged);
         };
@@ -449,15 +543,18 @@ impl Snap {
                 ),
             });
         }
-        self.act("nvme_subsystem_destroy", json!({"nqn": nqn}), |inv| {
-            !inv.subsystems.iter().any(|s| s.nqn == nqn)
-        })
+        self.act(
+            "nvme_subsystem_destroy",
+            json!({"nqn": nqn}),
+            |inv| !inv.subsystems.iter().any(|s| s.nqn == nqn),
+            |inv| inv.subsystems.retain(|s| s.nqn != nqn),
+        )
         .await
     }
 
     /// Creates a namespace with a fixed NSID and UUID.
     pub async fn create_namespace(&self, n: &NamespaceSpec) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         let Some(sub) = inv.subsystems.iter().find(|s| s.nqn == n.nqn) else {
             return Err(OpError::Missing {
                 what: format!("subsystem {}", n.nqn),
@@ -481,15 +578,27 @@ impl Snap {
         let params = json!({
             "nqn": n.nqn, "nsid": n.nsid, "bdev_name": n.bdev, "uuid": n.uuid, "bdev_type": "spdk",
         });
-        self.act("nvme_namespace_create", params, |inv| {
-            has_namespace(inv, &n.nqn, n.nsid)
-        })
+        self.act(
+            "nvme_namespace_create",
+            params,
+            |inv| has_namespace(inv, &n.nqn, n.nsid),
+            |inv| {
+                if let Some(s) = inv.subsystems.iter_mut().find(|s| s.nqn == n.nqn) {
+                    s.namespaces.push(NamespaceInfo {
+                        nsid: n.nsid,
+                        bdev: n.bdev.clone(),
+                        uuid: n.uuid.clone(),
+                        controller: None,
+                    });
+                }
+            },
+        )
         .await
     }
 
     /// Destroys a namespace (refused while attached).
     pub async fn destroy_namespace(&self, nqn: &str, nsid: u32) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         let Some(ns) = inv
             .subsystems
             .iter()
@@ -508,13 +617,18 @@ impl Snap {
             "nvme_namespace_destroy",
             json!({"nqn": nqn, "nsid": nsid}),
             |inv| !has_namespace(inv, nqn, nsid),
+            |inv| {
+                for s in inv.subsystems.iter_mut().filter(|s| s.nqn == nqn) {
+                    s.namespaces.retain(|n| n.nsid != nsid);
+                }
+            },
         )
         .await
     }
 
     /// Creates a controller, suspended, on a free function.
     pub async fn create_controller(&self, c: &ControllerSpec) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         if let Some(have) = inv.controllers.iter().find(|x| x.name == c.name) {
             return if have.nqn == c.nqn && have.function == Some(c.function) {
                 Ok(Done::Unchanged)
@@ -547,15 +661,35 @@ impl Snap {
             "nqn": c.nqn, "ctrl": c.name, "pci_bdf": f.pci_bdf,
             "num_queues": c.num_queues, "mdts": c.mdts, "suspended": true,
         });
-        self.act("nvme_controller_create", params, |inv| {
-            inv.controllers.iter().any(|x| x.name == c.name)
-        })
+        self.act(
+            "nvme_controller_create",
+            params,
+            |inv| inv.controllers.iter().any(|x| x.name == c.name),
+            |inv| {
+                for f in inv
+                    .functions
+                    .iter_mut()
+                    .filter(|f| f.function == c.function)
+                {
+                    f.controller = Some(c.name.clone());
+                }
+                inv.controllers.push(ControllerInfo {
+                    name: c.name.clone(),
+                    nqn: c.nqn.clone(),
+                    function: Some(c.function),
+                    num_queues: c.num_queues,
+                    mdts: c.mdts,
+                    state: "SUSPENDED".into(),
+                    namespaces: vec![],
+                });
+            },
+        )
         .await
     }
 
     /// Destroys a controller that has no namespaces attached.
     pub async fn destroy_controller(&self, name: &str) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         let Some(c) = inv.controllers.iter().find(|c| c.name == name) else {
             return Ok(Done::Unchanged);
         };
@@ -573,6 +707,14 @@ impl Snap {
             "nvme_controller_destroy",
             json!({"ctrl_id": name, "force": true}),
             |inv| !inv.controllers.iter().any(|c| c.name == name),
+            |inv| {
+                inv.controllers.retain(|c| c.name != name);
+                for f in inv.functions.iter_mut() {
+                    if f.controller.as_deref() == Some(name) {
+                        f.controller = None;
+                    }
+                }
+            },
         )
         .await
     }
@@ -588,7 +730,7 @@ impl Snap {
 
     /// Attaches a namespace of the controller's subsystem.
     pub async fn attach(&self, ctrl: &str, nsid: u32) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         let c = Self::controller(&inv, ctrl)?;
         if c.namespaces.contains(&nsid) {
             return Ok(Done::Unchanged);
@@ -602,6 +744,7 @@ impl Snap {
             "nvme_controller_attach_ns",
             json!({"ctrl_id": ctrl, "nsid": nsid}),
             |inv| Self::attached(inv, ctrl, nsid),
+            |inv| set_attached(inv, ctrl, nsid, true),
         )
         .await
     }
@@ -614,7 +757,7 @@ impl Snap {
 
     /// Detaches a namespace.
     pub async fn detach(&self, ctrl: &str, nsid: u32) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         let Some(c) = inv.controllers.iter().find(|c| c.name == ctrl) else {
             return Ok(Done::Unchanged);
         };
@@ -625,6 +768,7 @@ impl Snap {
             "nvme_controller_detach_ns",
             json!({"ctrl_id": ctrl, "nsid": nsid}),
             |inv| !Self::attached(inv, ctrl, nsid),
+            |inv| set_attached(inv, ctrl, nsid, false),
         )
         .await
     }
@@ -632,7 +776,7 @@ impl Snap {
     /// Suspends (`resume = false`) or resumes a controller. A controller that does not exist
     /// runs nothing: suspending it succeeds.
     pub async fn set_running(&self, ctrl: &str, resume: bool) -> Result<Done, OpError> {
-        let inv = self.inventory().await?;
+        let inv = self.current().await?;
         if !resume && !inv.controllers.iter().any(|c| c.name == ctrl) {
             return Ok(Done::Unchanged);
         }
@@ -646,12 +790,57 @@ impl Snap {
         } else {
             "nvme_controller_suspend"
         };
-        self.act(method, json!({"ctrl_id": ctrl}), |inv| {
-            inv.controllers
-                .iter()
-                .any(|c| c.name == ctrl && c.state.eq_ignore_ascii_case(want))
-        })
+        self.act(
+            method,
+            json!({"ctrl_id": ctrl}),
+            |inv| {
+                inv.controllers
+                    .iter()
+                    .any(|c| c.name == ctrl && c.state.eq_ignore_ascii_case(want))
+            },
+            |inv| {
+                for c in inv.controllers.iter_mut().filter(|c| c.name == ctrl) {
+                    c.state = want.to_string();
+                }
+            },
+        )
         .await
+    }
+}
+
+/// A listed bdev as the inventory shows it.
+fn bdev_info(b: RawBdev) -> BdevInfo {
+    let rbd = b.driver_specific.get("rbd");
+    let field = |k: &str| {
+        rbd.and_then(|r| r.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    BdevInfo {
+        pool: field("pool_name"),
+        image: field("rbd_name"),
+        cluster: field("cluster_name"),
+        name: b.name,
+        block_size: b.block_size,
+        num_blocks: b.num_blocks,
+    }
+}
+
+/// Records an attach (or a detach) of `nsid` to `ctrl` in a view.
+fn set_attached(inv: &mut SnapInventory, ctrl: &str, nsid: u32, on: bool) {
+    let mut nqn = None;
+    for c in inv.controllers.iter_mut().filter(|c| c.name == ctrl) {
+        c.namespaces.retain(|n| *n != nsid);
+        if on {
+            c.namespaces.push(nsid);
+        }
+        nqn = Some(c.nqn.clone());
+    }
+    let Some(nqn) = nqn else { return };
+    for s in inv.subsystems.iter_mut().filter(|s| s.nqn == nqn) {
+        for n in s.namespaces.iter_mut().filter(|n| n.nsid == nsid) {
+            n.controller = on.then(|| ctrl.to_string());
+        }
     }
 }
 

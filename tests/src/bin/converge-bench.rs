@@ -28,7 +28,7 @@ fn main() {
     let dpus: usize = arg("--dpus", 50);
     let per: usize = arg("--volumes", 4);
     let latency_ms: u64 = arg("--snap-latency-ms", 2);
-    let edits: usize = arg("--edits", 3);
+    let edits: usize = arg("--edits", 5);
     let c = Cluster::from_env();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = dir.path().join("pki");
@@ -216,6 +216,44 @@ fn main() {
         });
         edit_times.push(t.elapsed());
     }
+    // Behind unistor's back: an image grown with the rbd CLI, until the daemon's status shows it
+    // (found by the ceph-agent's sweep).
+    let (victim, _) = &vols[n - 1];
+    let t = Instant::now();
+    c.cli_ok(
+        "rbd",
+        &[
+            "resize",
+            "--no-progress",
+            "--size",
+            "96M",
+            &format!("{}/{victim}", c.pool),
+        ],
+    );
+    d.wait_for(
+        Duration::from_secs(900),
+        "the out-of-band resize to show",
+        |s| {
+            s["fleet"]["volumes"].as_array().is_some_and(|v| {
+                v.iter()
+                    .any(|v| v["volume"] == victim.as_str() && v["size_bytes"] == 96u64 << 20)
+            })
+        },
+    );
+    let found = t.elapsed();
+    let rss = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let daemon_rss = rss(d.child.id());
+    let ceph_rss = rss(procs.0[0].id());
+    let dpu_rss = procs.0[1..].iter().map(|p| rss(p.id())).max().unwrap_or(0);
     let metrics = d.get("/metrics");
     let reconcile_line = metrics
         .lines()
@@ -226,12 +264,28 @@ fn main() {
         .collect::<Vec<_>>()
         .join(", ");
 
+    let mut sorted = edit_times.clone();
+    sorted.sort();
     println!(
-        "  watch: manifest edit -> converged: {} (daemon: {reconcile_line})",
+        "  watch: manifest edit -> converged: {} (median {}; daemon: {reconcile_line})",
         edit_times
             .iter()
             .map(|d| ms(*d))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        sorted
+            .get(sorted.len() / 2)
+            .map(|d| ms(*d))
+            .unwrap_or_default()
+    );
+    println!(
+        "  watch: image resized with rbd by hand -> shown: {}",
+        ms(found)
+    );
+    println!(
+        "  peak RSS: daemon {} MiB, ceph-agent {} MiB, largest dpu-agent {} MiB",
+        daemon_rss / 1024,
+        ceph_rss / 1024,
+        dpu_rss / 1024
     );
 }
