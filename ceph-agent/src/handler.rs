@@ -464,3 +464,84 @@ mod tests {
         assert!(handler.ceph().runner().0.lock().unwrap().is_empty());
     }
 }
+
+#[cfg(test)]
+mod report_cost {
+    use std::fmt::Write as _;
+
+    use super::*;
+    use crate::runner::{CliError, Invocation, Output};
+
+    /// A one-pool cluster of `n` managed images, answered from canned CLI output.
+    struct Canned {
+        n: usize,
+    }
+
+    fn out(s: String) -> Output {
+        Output {
+            code: 0,
+            stdout: s.into_bytes(),
+            stderr: String::new(),
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Runner for Canned {
+        async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
+            let line = inv.display();
+            let reply = if line.starts_with("ceph status") {
+                r#"{"fsid":"f","health":{"status":"HEALTH_OK","checks":{}}}"#.to_string()
+            } else if line.starts_with("ceph mon dump") {
+                r#"{"mons":[{"name":"a","public_addrs":{"addrvec":[{"type":"v1","addr":"127.0.0.1:6789"}]}}]}"#.to_string()
+            } else if line.starts_with("ceph df") {
+                r#"{"stats":{"total_bytes":1,"total_avail_bytes":1,"total_used_raw_bytes":0},"pools":[{"name":"rbd","id":1,"stats":{"stored":0,"max_avail":1}}]}"#.to_string()
+            } else if line.starts_with("ceph osd pool ls detail") {
+                r#"[{"pool_name":"rbd","application_metadata":{"rbd":{}}}]"#.to_string()
+            } else if line.contains("listomapvals") {
+                let mut s = String::new();
+                for i in 0..self.n {
+                    let v = format!(
+                        r#"{{"managed_by":"unistor","volume":"v{i}","features":["layering"]}}"#
+                    );
+                    let _ = writeln!(s, "img{i}\nvalue ({} bytes) :", v.len());
+                    for (row, chunk) in v.as_bytes().chunks(16).enumerate() {
+                        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+                        let _ = writeln!(s, "{:08x}  {}  |x|", row * 16, hex.join(" "));
+                    }
+                    let _ = writeln!(s, "{:08x}\n", v.len());
+                }
+                s
+            } else if line.starts_with("rbd trash ls") {
+                "[]".to_string()
+            } else if line.starts_with("rbd ls") {
+                let items: Vec<String> = (0..self.n)
+                    .map(|i| format!(r#"{{"image":"img{i}","size":67108864}}"#))
+                    .collect();
+                format!("[{}]", items.join(","))
+            } else {
+                panic!("a report ran {line}");
+            }
+            .to_string();
+            Ok(out(reply))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_costs_four_commands_at_a_thousand_images() {
+        let ceph = Ceph::new(Canned { n: 1000 }, None);
+        ceph.load().await.unwrap();
+        let loaded = ceph.calls();
+        // Start-up: the pool list, then the index, the trash and `rbd ls --long` of the pool.
+        assert_eq!(loaded, 4);
+        let r = ceph.report().await.unwrap();
+        assert_eq!(r.images.len(), 1000);
+        assert!(r
+            .images
+            .iter()
+            .all(|i| i.size_bytes == 64 << 20 && i.metadata["unistor.managed-by"] == "unistor"));
+        assert_eq!(ceph.calls() - loaded, 4, "a report is four ceph commands");
+        let c = ceph.changes(0, None, MAX_PAGE).await.unwrap();
+        assert_eq!(c.images.len(), 1000);
+        assert!(ceph.calls() - loaded <= 8);
+    }
+}
