@@ -453,6 +453,23 @@ fn image_args(inv: Invocation, spec: &ImageSpec) -> Invocation {
         .arg(spec.image.as_str())
 }
 
+/// A pool's index entries whose names pass the allow-list (others were not written by unistor).
+fn index_entries<'a>(
+    pool: &'a PoolName,
+    index: &'a BTreeMap<String, IndexValue>,
+) -> impl Iterator<Item = (ImageSpec, &'a IndexValue)> + 'a {
+    index.iter().filter_map(move |(name, idx)| {
+        let image = ImageName::parse("image", name).ok()?;
+        Some((
+            ImageSpec {
+                pool: pool.clone(),
+                image,
+            },
+            idx,
+        ))
+    })
+}
+
 fn gone(e: &CephError) -> bool {
     matches!(e, CephError::Cli(c) if c.code() == Some(libc_enoent()))
 }
@@ -776,15 +793,8 @@ impl<R: Runner> Ceph<R> {
                     let sizes: BTreeMap<&str, u64> =
                         ls.iter().map(|e| (e.image.as_str(), e.size)).collect();
                     let mut legacy = vec![];
-                    for (name, idx) in &index {
-                        let Ok(image) = ImageName::parse("image", name) else {
-                            continue;
-                        };
-                        let spec = ImageSpec {
-                            pool: pool.clone(),
-                            image,
-                        };
-                        let status = match sizes.get(name.as_str()) {
+                    for (spec, idx) in index_entries(&pool, &index) {
+                        let status = match sizes.get(spec.image.as_str()) {
                             Some(_) if !idx.complete() => {
                                 legacy.push(spec);
                                 continue;
@@ -946,7 +956,6 @@ impl<R: Runner> Ceph<R> {
             cluster,
             images: c.images,
             removed: c.removed,
-            restart: false,
         })
     }
 
@@ -985,6 +994,18 @@ impl<R: Runner> Ceph<R> {
         let out = f.await;
         self.view().end(spec);
         out
+    }
+
+    /// The deletion policy the view holds for a live image (from its index entry, or keys an
+    /// older agent left on the image).
+    fn known_policy(&self, spec: &ImageSpec) -> Option<IndexValue> {
+        let v = self.view();
+        let m = &v.get(spec)?.metadata;
+        Some(IndexValue {
+            policy: m.get(META_POLICY).cloned(),
+            retention_secs: m.get(META_RETENTION).and_then(|r| r.parse().ok()),
+            ..IndexValue::default()
+        })
     }
 
     /// Records what a mutation left and returns it.
@@ -1135,7 +1156,8 @@ impl<R: Runner> Ceph<R> {
         Ok(want.clone())
     }
 
-    /// Completes a create that was interrupted between `rbd create` and the metadata.
+    /// Completes a create that was interrupted between `rbd create` and the metadata. Only for
+    /// images the index named before this create (the caller checks).
     async fn adopt_interrupted(
         &self,
         spec: &ImageSpec,
@@ -1143,13 +1165,6 @@ impl<R: Runner> Ceph<R> {
         owner: &Owner,
     ) -> Result<LiveImage, CephError> {
         if !img.metadata.is_empty() || !img.watchers.is_empty() {
-            return Ok(img);
-        }
-        if !self
-            .index(&spec.pool)
-            .await?
-            .contains_key(spec.image.as_str())
-        {
             return Ok(img);
         }
         tracing::warn!(image = %spec, volume = %owner.volume, "Adopting an image whose creation was interrupted.");
@@ -1198,11 +1213,8 @@ impl<R: Runner> Ceph<R> {
                 self.run(inv).await?;
                 img.size = size;
             }
-            let index = self.index(&spec.pool).await?;
-            Ok(self.record(
-                spec,
-                Self::live_status(spec, &img, index.get(spec.image.as_str())),
-            ))
+            let idx = self.known_policy(spec);
+            Ok(self.record(spec, Self::live_status(spec, &img, idx.as_ref())))
         })
         .await
     }
@@ -1359,13 +1371,18 @@ impl<R: Runner> Ceph<R> {
         };
         let status = match self.read(&spec).await? {
             Some(img) => {
-                // The policy of entries without it on the image comes from the index, as known.
-                let known = self.view().get(&spec).map(|s| s.metadata.clone());
-                let idx = known.map(|m| IndexValue {
-                    policy: m.get(META_POLICY).cloned(),
-                    retention_secs: m.get(META_RETENTION).and_then(|r| r.parse().ok()),
-                    ..IndexValue::default()
-                });
+                // The policy of entries without it on the image comes from the index: as the
+                // view knows it, or read when the view knew the image only as trashed or missing
+                // (restored behind our back), whose status carries no policy.
+                let was_live = self
+                    .view()
+                    .get(&spec)
+                    .is_some_and(|s| s.state == ImageState::Live);
+                let idx = if was_live {
+                    self.known_policy(&spec)
+                } else {
+                    self.index(&spec.pool).await?.remove(spec.image.as_str())
+                };
                 Self::live_status(&spec, &img, idx.as_ref())
             }
             None => Self::gone_status(&spec, &self.trash(&spec.pool).await?),
@@ -1393,14 +1410,7 @@ impl<R: Runner> Ceph<R> {
                         v.remove(spec);
                     }
                 }
-                for (name, idx) in &index {
-                    let Ok(image) = ImageName::parse("image", name) else {
-                        continue;
-                    };
-                    let spec = ImageSpec {
-                        pool: pool.clone(),
-                        image,
-                    };
+                for (spec, idx) in index_entries(&pool, &index) {
                     match v.get(&spec).map(|s| s.state.clone()) {
                         None => {
                             v.add_unchecked(&spec, crate::view::unread(&spec, idx.metadata()));

@@ -142,14 +142,7 @@ impl View {
             return false;
         }
         let changed = self.set(spec, status, Instant::now());
-        if let Some(e) = self.images.get_mut(spec) {
-            e.checked = None;
-        }
-        // Visit it first.
-        if let Some(pos) = self.ring.iter().rposition(|s| s == spec) {
-            self.ring.remove(pos);
-        }
-        self.ring.push_front(spec.clone());
+        self.mark_unchecked(spec);
         changed
     }
 

@@ -470,12 +470,11 @@ async fn run_with_retries(ctx: &Context, fleet: &Fleet, step: &Step) -> Outcome 
                 // attempt: the step itself did not fail).
                 lease_retries += 1;
                 attempt -= 1;
-                if let Some(t) = e.agent_target.as_ref().or(Some(&step.target)) {
-                    if let Ok(c) = fleet.get(t) {
-                        if let Err(err) = c.acquire_lease(ctx.opts.lease_ttl).await {
-                            tracing::warn!(agent = %t, error = %protocol::error::chain(&err), "Re-acquiring a lease failed.");
-                            tokio::time::sleep(delay).await;
-                        }
+                let t = e.agent_target.as_ref().unwrap_or(&step.target);
+                if let Ok(c) = fleet.get(t) {
+                    if let Err(err) = c.acquire_lease(ctx.opts.lease_ttl).await {
+                        tracing::warn!(agent = %t, error = %protocol::error::chain(&err), "Re-acquiring a lease failed.");
+                        tokio::time::sleep(delay).await;
                     }
                 }
                 continue;
@@ -537,82 +536,43 @@ where
     F: Fn(Step) -> Fut,
     Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
-    let mut report = ExecReport::default();
     let index: HashMap<usize, usize> = steps.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
     let mut waiting: Vec<usize> = vec![0; steps.len()];
-    let mut dependents: Vec<Vec<usize>> = vec![vec![]; steps.len()];
+    let mut book = Book {
+        steps,
+        dependents: vec![vec![]; steps.len()],
+        done: vec![false; steps.len()],
+        report: ExecReport::default(),
+        progress,
+    };
     let mut orphans = vec![];
     for (i, s) in steps.iter().enumerate() {
         for d in &s.depends_on {
             match index.get(d) {
                 Some(&j) => {
                     waiting[i] += 1;
-                    dependents[j].push(i);
+                    book.dependents[j].push(i);
                 }
                 None => orphans.push((i, *d)),
             }
         }
     }
+    for (i, d) in orphans {
+        book.skip(i, format!("step {d} it depends on is not in the plan"));
+    }
     let mut ready: BTreeMap<&Target, BTreeSet<usize>> = BTreeMap::new();
     let mut running: BTreeMap<&Target, usize> = BTreeMap::new();
-    let mut done: Vec<bool> = vec![false; steps.len()];
     let mut set = JoinSet::new();
-
-    // Ends step `i` and everything that depends on it, transitively, as skipped.
-    fn skip(
-        i: usize,
-        reason: String,
-        steps: &[Step],
-        dependents: &[Vec<usize>],
-        done: &mut [bool],
-        report: &mut ExecReport,
-        progress: &(dyn Fn(&Step, &Outcome) + Sync),
-    ) {
-        let mut work = vec![(i, reason)];
-        while let Some((i, reason)) = work.pop() {
-            if done[i] {
-                continue;
-            }
-            done[i] = true;
-            let o = Outcome::Skipped { reason };
-            progress(&steps[i], &o);
-            report.outcomes.insert(steps[i].id, o);
-            for &d in &dependents[i] {
-                work.push((d, format!("step {} did not succeed", steps[i].id)));
-            }
-        }
-    }
-
-    for (i, d) in orphans {
-        skip(
-            i,
-            format!("step {d} it depends on is not in the plan"),
-            steps,
-            &dependents,
-            &mut done,
-            &mut report,
-            progress,
-        );
-    }
     let mut newly: Vec<usize> = (0..steps.len())
-        .filter(|&i| waiting[i] == 0 && !done[i])
+        .filter(|&i| waiting[i] == 0 && !book.done[i])
         .collect();
     loop {
         for i in newly.drain(..) {
-            if done[i] {
+            if book.done[i] {
                 continue;
             }
             if let Some(why) = unusable.get(&steps[i].target) {
-                let reason = format!("{}: {why}", steps[i].target);
-                skip(
-                    i,
-                    reason,
-                    steps,
-                    &dependents,
-                    &mut done,
-                    &mut report,
-                    progress,
-                );
+                book.skip(i, format!("{}: {why}", steps[i].target));
                 continue;
             }
             ready.entry(&steps[i].target).or_default().insert(i);
@@ -639,40 +599,60 @@ where
         if let Some(n) = running.get_mut(&steps[i].target) {
             *n -= 1;
         }
-        done[i] = true;
-        progress(&steps[i], &outcome);
         let ok = outcome == Outcome::Done;
-        report.outcomes.insert(steps[i].id, outcome);
-        for &d in &dependents[i] {
+        book.end(i, outcome);
+        // Step i is done: nothing reads its dependents again.
+        for d in std::mem::take(&mut book.dependents[i]) {
             if ok {
                 waiting[d] -= 1;
                 if waiting[d] == 0 {
                     newly.push(d);
                 }
             } else {
-                let reason = format!("step {} did not succeed", steps[i].id);
-                skip(
-                    d,
-                    reason,
-                    steps,
-                    &dependents,
-                    &mut done,
-                    &mut report,
-                    progress,
-                );
+                book.skip(d, format!("step {} did not succeed", steps[i].id));
             }
         }
     }
-    for (i, s) in steps.iter().enumerate() {
-        if !done[i] {
-            let o = Outcome::Skipped {
-                reason: "a step it depends on did not finish".into(),
-            };
-            progress(s, &o);
-            report.outcomes.insert(s.id, o);
+    for i in 0..steps.len() {
+        if !book.done[i] {
+            let reason = "a step it depends on did not finish".to_string();
+            book.end(i, Outcome::Skipped { reason });
         }
     }
-    report
+    book.report
+}
+
+/// What [`schedule`] knows of its steps' ends.
+struct Book<'a> {
+    steps: &'a [Step],
+    /// Step index to the indices of the steps that depend on it.
+    dependents: Vec<Vec<usize>>,
+    done: Vec<bool>,
+    report: ExecReport,
+    progress: &'a (dyn Fn(&Step, &Outcome) + Sync),
+}
+
+impl Book<'_> {
+    /// Step `i` ended with `o`.
+    fn end(&mut self, i: usize, o: Outcome) {
+        self.done[i] = true;
+        (self.progress)(&self.steps[i], &o);
+        self.report.outcomes.insert(self.steps[i].id, o);
+    }
+
+    /// Ends step `i` and everything that depends on it, transitively, as skipped.
+    fn skip(&mut self, i: usize, reason: String) {
+        let mut work = vec![(i, reason)];
+        while let Some((i, reason)) = work.pop() {
+            if self.done[i] {
+                continue;
+            }
+            self.end(i, Outcome::Skipped { reason });
+            for &d in &self.dependents[i] {
+                work.push((d, format!("step {} did not succeed", self.steps[i].id)));
+            }
+        }
+    }
 }
 
 /// Runs `plan`. `progress` is told each step's outcome as it ends.

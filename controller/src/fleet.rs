@@ -115,9 +115,16 @@ pub struct Informer {
 /// What one target's refresh brought back.
 pub enum Fetched {
     /// Pages of a cluster agent's changes, in order.
-    Cluster(Result<Vec<CephChanges>, String>),
+    Cluster(Result<Vec<Page>, String>),
     /// A DPU's report.
     Dpu(Result<Box<DpuReport>, String>),
+}
+
+/// One page of a cluster agent's changes, as read.
+pub struct Page {
+    /// The first page of a full read: it replaces what was known rather than adding to it.
+    restart: bool,
+    changes: CephChanges,
 }
 
 /// One target to read: its session, and for a cluster the generation its images are as of.
@@ -232,8 +239,12 @@ impl Informer {
                         _ => None,
                     };
                     let mut generation = self.generations.get(&n).copied().unwrap_or(0);
-                    for page in pages {
-                        let r = match (report.as_mut(), page.full && page.restart) {
+                    for Page {
+                        restart,
+                        changes: page,
+                    } in pages
+                    {
+                        let r = match (report.as_mut(), restart) {
                             (Some(r), false) => r,
                             _ => report.insert(Box::new(empty_report())),
                         };
@@ -317,7 +328,7 @@ pub async fn run_jobs(jobs: Vec<Job>, timeout: Duration) -> Vec<(Target, Fetched
 /// Reads a cluster agent's changes since generation `since` (everything when 0, or when the
 /// agent no longer remembers it), page after page; changes made while paging are read once more
 /// at the end. The first page of a full read has `restart` set: it replaces what was known.
-async fn fetch_cluster(client: &AgentClient, mut since: u64) -> Result<Vec<CephChanges>, String> {
+async fn fetch_cluster(client: &AgentClient, mut since: u64) -> Result<Vec<Page>, String> {
     let mut pages = vec![];
     // At most three rounds: the first (paged) read, and changes made meanwhile.
     for _round in 0..3 {
@@ -337,14 +348,17 @@ async fn fetch_cluster(client: &AgentClient, mut since: u64) -> Result<Vec<CephC
             let Reply::CephChanges(page) = reply else {
                 return Err(format!("unexpected reply {reply:?}"));
             };
-            let mut page = *page;
+            let page = *page;
             count += 1;
-            page.restart = page.full && after.is_none();
             first_generation.get_or_insert(page.generation);
             last_generation = page.generation;
             let more = page.more;
+            let restart = page.full && after.is_none();
             after = page.images.last().map(ImageStatus::key).or(after);
-            pages.push(page);
+            pages.push(Page {
+                restart,
+                changes: page,
+            });
             if !more {
                 break;
             }

@@ -497,17 +497,17 @@ fn removed_volumes(p: &Plan) -> std::collections::BTreeSet<&str> {
 /// do not carry watchers): what the in-use rail decides on. A lookup that fails counts as in
 /// use, the safe side. Costs one request per cluster, and nothing when nothing is removed or
 /// `--allow-in-use` is given.
-pub async fn with_live_watchers(
+pub async fn with_live_watchers<'a>(
     p: &Plan,
-    observed: &Observed,
+    observed: &'a Observed,
     fleet: &Fleet,
     rails: &Rails,
-) -> Observed {
+) -> std::borrow::Cow<'a, Observed> {
     let removed = removed_volumes(p);
-    let mut out = observed.clone();
     if removed.is_empty() || rails.allow_in_use {
-        return out;
+        return std::borrow::Cow::Borrowed(observed);
     }
+    let mut out = observed.clone();
     for (name, k) in out.clusters.iter_mut() {
         let crate::plan::Known::Known { report } = k else {
             continue;
@@ -559,7 +559,7 @@ pub async fn with_live_watchers(
             }
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 fn confirm(p: &Plan) -> Result<(), OpsError> {

@@ -508,10 +508,6 @@ pub struct CephChanges {
     pub images: Vec<ImageStatus>,
     /// Images no longer managed (`pool/image`) since `since`; empty when `full`.
     pub removed: Vec<String>,
-    /// Not on the wire: set by the reader on the first page of a full read (it replaces what
-    /// was known rather than adding to it).
-    #[serde(skip)]
-    pub restart: bool,
 }
 
 /// The reply to [`Command::ImageWatchers`].
