@@ -11,7 +11,7 @@
 //! metadata at all and has no watchers is one whose creation was interrupted, and is adopted.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -396,6 +396,9 @@ pub fn parse_omap_dump(text: &str) -> Result<BTreeMap<String, Vec<u8>>, String> 
     Ok(out)
 }
 
+/// Image reads of the sweep at once.
+pub const SWEEP_PARALLEL: usize = 4;
+
 /// Tuning of the agent's view and its sweep.
 #[derive(Debug, Clone)]
 pub struct ViewOptions {
@@ -438,6 +441,8 @@ pub struct Ceph<R> {
     generation: watch::Sender<u64>,
     /// CLI commands run, for the benchmark and tests.
     calls: AtomicU64,
+    /// Mutations in flight (the sweep pauses meanwhile).
+    mutating: AtomicUsize,
     options: ViewOptions,
 }
 
@@ -493,6 +498,7 @@ impl<R: Runner> Ceph<R> {
             loaded: tokio::sync::OnceCell::new(),
             generation: watch::channel(0).0,
             calls: AtomicU64::new(0),
+            mutating: AtomicUsize::new(0),
             options,
         }
     }
@@ -990,10 +996,25 @@ impl<R: Runner> Ceph<R> {
         spec: &ImageSpec,
         f: impl std::future::Future<Output = Result<T, CephError>>,
     ) -> Result<T, CephError> {
+        /// Ends the mutation however its future ends (completed, failed or dropped).
+        struct Running<'a, R> {
+            ceph: &'a Ceph<R>,
+            spec: &'a ImageSpec,
+        }
+        impl<R> Drop for Running<'_, R> {
+            fn drop(&mut self) {
+                self.ceph.mutating.fetch_sub(1, Ordering::Relaxed);
+                self.ceph
+                    .view
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .end(self.spec);
+            }
+        }
         self.view().begin(spec);
-        let out = f.await;
-        self.view().end(spec);
-        out
+        self.mutating.fetch_add(1, Ordering::Relaxed);
+        let _running = Running { ceph: self, spec };
+        f.await
     }
 
     /// The deletion policy the view holds for a live image (from its index entry, or keys an
@@ -1051,8 +1072,13 @@ impl<R: Runner> Ceph<R> {
             features: features.clone(),
         };
         self.mutation(spec, async {
-            let live_known = known.as_ref().is_some_and(|k| k.state == ImageState::Live);
-            if !live_known {
+            // An image the view knows as live is looked at first; if it is gone after all
+            // (trashed or removed behind our back), it is created anew like any other.
+            let mut found = None;
+            if known.as_ref().is_some_and(|k| k.state == ImageState::Live) {
+                found = self.live(spec).await?;
+            }
+            if found.is_none() {
                 // Intent first: the index entry makes an interrupted create recognisable.
                 self.index_set(spec, &value).await?;
                 let inv = image_args(
@@ -1082,11 +1108,12 @@ impl<R: Runner> Ceph<R> {
                     Err(e) if e.code() == Some(libc_eexist()) => {
                         // It existed after all: ours from an interrupted create, or someone
                         // else's. Decide below by looking at it.
+                        found = self.live(spec).await?;
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
-            let Some(img) = self.live(spec).await? else {
+            let Some(img) = found else {
                 return Err(CephError::Conflict {
                     spec: spec.to_string(),
                     diff: "another client keeps creating and removing it".into(),
@@ -1431,27 +1458,44 @@ impl<R: Runner> Ceph<R> {
     }
 
     /// The sweep, forever: pool listings every [`ViewOptions::pool_refresh`], and one image
-    /// every `1 / sweep_rate` seconds. It never holds a lock that reports or mutations wait for.
+    /// every `1 / sweep_rate` seconds (up to [`SWEEP_PARALLEL`] reads at once, so that slow
+    /// commands do not lower the rate). Image reads pause while mutations run: the agent's own
+    /// work comes first, and what it mutates it knows. It never holds a lock that reports or
+    /// mutations wait for.
     pub async fn sweep_loop(&self) {
-        let pause = Duration::from_secs_f64(1.0 / self.options.sweep_rate.max(0.01));
-        let mut last_pools = Instant::now();
-        loop {
-            if let Err(e) = self.load().await {
-                tracing::warn!(error = %protocol::error::chain(&e), "Loading the images failed; retrying.");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                continue;
-            }
-            if last_pools.elapsed() >= self.options.pool_refresh {
-                last_pools = Instant::now();
+        while let Err(e) = self.load().await {
+            tracing::warn!(error = %protocol::error::chain(&e), "Loading the images failed; retrying.");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let pools = async {
+            loop {
+                tokio::time::sleep(self.options.pool_refresh).await;
                 if let Err(e) = self.refresh_pools().await {
                     tracing::warn!(error = %protocol::error::chain(&e), "Sweep: pool listings failed.");
                 }
             }
-            if let Err(e) = self.sweep_one().await {
-                tracing::warn!(error = %protocol::error::chain(&e), "Sweep: reading an image failed.");
+        };
+        let images = async {
+            let pause = Duration::from_secs_f64(1.0 / self.options.sweep_rate.max(0.01));
+            let mut tick = tokio::time::interval(pause);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut reads = futures::stream::FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if reads.len() < SWEEP_PARALLEL && self.mutating.load(Ordering::Relaxed) == 0 {
+                            reads.push(self.sweep_one());
+                        }
+                    }
+                    Some(r) = reads.next(), if !reads.is_empty() => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %protocol::error::chain(&e), "Sweep: reading an image failed.");
+                        }
+                    }
+                }
             }
-            tokio::time::sleep(pause).await;
-        }
+        };
+        tokio::join!(pools, images);
     }
 
     /// Creates or updates `client.<id>` with `profile rbd` on `pools` only, and returns its key.
