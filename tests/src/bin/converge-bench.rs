@@ -20,6 +20,37 @@ fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// CPU seconds of a process: (its own, its reaped children's), from /proc/PID/stat.
+fn cpu(pid: &str) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (0.0, 0.0);
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14-17; `rest` starts at field 3.
+    let tick = 100.0;
+    let at = |n: usize| f.get(n - 3).copied().unwrap_or(0.0) / tick;
+    (at(14) + at(15), at(16) + at(17))
+}
+
+/// CPU seconds, by program, of every process on the machine (own time only).
+fn cpu_by_program() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().to_string();
+        if !pid.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        *out.entry(comm.trim().to_string()).or_insert(0.0) += cpu(&pid).0;
+    }
+    out
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
@@ -147,6 +178,10 @@ fn main() {
     let ms_dir = m.display().to_string();
     let pki_s = pki.display().to_string();
     let owner = unique("bench");
+    let before = cpu_by_program();
+    let ceph_agent_pid = procs.0[0].id().to_string();
+    let (_, agent_children_before) = cpu(&ceph_agent_pid);
+    let (_, unistor_before) = cpu("self");
     let t = Instant::now();
     let apply = unistor(&[
         "apply",
@@ -158,6 +193,9 @@ fn main() {
         "--auto-approve",
     ]);
     let converge = t.elapsed();
+    let after = cpu_by_program();
+    let (_, agent_children_after) = cpu(&ceph_agent_pid);
+    let (_, unistor_after) = cpu("self");
     assert!(apply.status.success(), "{}", show(&apply));
     let plan = unistor(&["plan", &ms_dir, "--pki-dir", &pki_s, "--owner", &owner]);
     assert_eq!(plan.status.code(), Some(0), "{}", show(&plan));
@@ -170,6 +208,27 @@ fn main() {
     {
         println!("    {l}");
     }
+    let mut spent: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v >= 0.5)
+        .collect();
+    spent.push((
+        "ceph-agent's CLI commands".into(),
+        agent_children_after - agent_children_before,
+    ));
+    spent.push(("unistor apply".into(), unistor_after - unistor_before));
+    spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!(
+        "    CPU during the apply ({:.0} s of wall time on {} cores): {}",
+        converge.as_secs_f64(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        spent
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("  floor: {n} x rbd create:           {}", ms(rbd_floor));
     println!(
         "  floor: {snap_calls_per_dpu} SNAP calls per DPU:      {}",
