@@ -26,6 +26,8 @@ pub struct Exec {
     pub timeout: Duration,
     /// Time between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Bytes written to its standard input (then closed); `None`: `/dev/null`.
+    pub stdin: Option<Vec<u8>>,
 }
 
 impl Exec {
@@ -36,7 +38,14 @@ impl Exec {
             args: vec![],
             timeout: Duration::from_secs(90),
             kill_grace: Duration::from_secs(5),
+            stdin: None,
         }
+    }
+
+    /// Feeds `bytes` to its standard input.
+    pub fn stdin(mut self, bytes: Vec<u8>) -> Self {
+        self.stdin = Some(bytes);
+        self
     }
 
     /// Appends arguments.
@@ -137,7 +146,11 @@ pub async fn run(e: &Exec) -> Result<Output, ExecError> {
     let started = std::time::Instant::now();
     let mut child = Command::new(&e.program)
         .args(&e.args)
-        .stdin(Stdio::null())
+        .stdin(if e.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -148,6 +161,16 @@ pub async fn run(e: &Exec) -> Result<Output, ExecError> {
             command: command.clone(),
             source,
         })?;
+    // Written by a task of its own, so that a program that reads its input only after writing
+    // output cannot deadlock against us; a program that exits early closes the pipe (ignored).
+    let in_task = match (e.stdin.clone(), child.stdin.take()) {
+        (Some(bytes), Some(mut pipe)) => Some(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = pipe.write_all(&bytes).await;
+            let _ = pipe.shutdown().await;
+        })),
+        _ => None,
+    };
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let out_task = tokio::spawn(async move {
@@ -183,12 +206,18 @@ pub async fn run(e: &Exec) -> Result<Output, ExecError> {
             }
             out_task.abort();
             err_task.abort();
+            if let Some(t) = in_task {
+                t.abort();
+            }
             return Err(ExecError::Timeout {
                 command,
                 after: e.timeout,
             });
         }
     };
+    if let Some(t) = in_task {
+        let _ = t.await;
+    }
     let stdout = out_task.await.unwrap_or_default();
     let stderr = String::from_utf8_lossy(&err_task.await.unwrap_or_default()).into_owned();
     let code = status.code().unwrap_or(-1);
@@ -295,6 +324,15 @@ mod tests {
             .unwrap();
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         assert!(!alive, "process {pid} survived SIGKILL");
+    }
+
+    #[tokio::test]
+    async fn stdin_reaches_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = script(dir.path(), "count", "wc -c");
+        let bytes = vec![7u8; 300 * 1024];
+        let out = run(&Exec::new(p).stdin(bytes)).await.unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "307200");
     }
 
     #[tokio::test]

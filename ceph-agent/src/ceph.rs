@@ -398,6 +398,12 @@ pub fn parse_omap_dump(text: &str) -> Result<BTreeMap<String, Vec<u8>>, String> 
 
 /// Image reads of the sweep at once.
 pub const SWEEP_PARALLEL: usize = 4;
+/// The agent counts as busy with its own mutations while one runs and this long after.
+pub const SWEEP_QUIET: Duration = Duration::from_secs(2);
+/// While busy, the sweep reads one image per this many ticks: an apply of thousands of images
+/// gets the CPU (each sweep read is two CLI processes), yet a steady stream of mutations can
+/// only slow the sweep down by this factor, never stop it.
+pub const SWEEP_BUSY_SLOWDOWN: u32 = 10;
 
 /// Tuning of the agent's view and its sweep.
 #[derive(Debug, Clone)]
@@ -434,15 +440,17 @@ pub struct Ceph<R> {
     /// What the agent knows of its images.
     view: Mutex<View>,
     /// The cluster's status, monitors, capacity and pools, as last read.
-    cluster: tokio::sync::Mutex<Option<(Instant, CephReport)>>,
+    cluster: tokio::sync::Mutex<Option<ClusterCache>>,
     /// Set once the view was loaded.
     loaded: tokio::sync::OnceCell<()>,
     /// The view's generation, for whoever pushes change notifications.
     generation: watch::Sender<u64>,
     /// CLI commands run, for the benchmark and tests.
     calls: AtomicU64,
-    /// Mutations in flight (the sweep pauses meanwhile).
+    /// Mutations in flight (the sweep slows down meanwhile).
     mutating: AtomicUsize,
+    /// When the last mutation ended.
+    last_mutation: Mutex<Option<Instant>>,
     options: ViewOptions,
 }
 
@@ -499,6 +507,7 @@ impl<R: Runner> Ceph<R> {
             generation: watch::channel(0).0,
             calls: AtomicU64::new(0),
             mutating: AtomicUsize::new(0),
+            last_mutation: Mutex::new(None),
             options,
         }
     }
@@ -849,29 +858,51 @@ impl<R: Runner> Ceph<R> {
         Ok(())
     }
 
-    /// The cluster's status, monitors, capacity and pools (four `ceph` commands), re-read when
-    /// older than `max_age`. Health changes raise the view's generation.
+    /// The cluster's status, monitors, capacity and pools, re-read when older than `max_age`:
+    /// `ceph status` and `ceph df` each time; `ceph mon dump` and `ceph osd pool ls detail` only
+    /// when the status shows a new monitor or OSD map epoch (two commands in a steady state, four
+    /// the first time). Health changes raise the view's generation.
     async fn cluster(&self, max_age: Duration) -> Result<CephReport, CephError> {
         let mut cached = self.cluster.lock().await;
-        if let Some((at, r)) = cached.as_ref() {
-            if at.elapsed() < max_age {
-                return Ok(r.clone());
+        if let Some(c) = cached.as_ref() {
+            if c.at.elapsed() < max_age {
+                return Ok(c.report.clone());
             }
         }
         let ceph = |args: &[&str]| Invocation::new(Tool::Ceph).args(args.iter().copied());
-        let (status, mons, df, pools) = tokio::try_join!(
+        let (status, df) = tokio::try_join!(
             self.json::<CephStatusJson>(ceph(&["status", "--format", "json"])),
-            self.json::<MonDumpJson>(ceph(&["mon", "dump", "--format", "json"])),
             self.json::<DfJson>(ceph(&["df", "--format", "json"])),
-            self.json::<Vec<PoolDetailJson>>(ceph(&[
-                "osd", "pool", "ls", "detail", "--format", "json"
-            ])),
         )?;
-        let rbd_pools: BTreeSet<&str> = pools
-            .iter()
-            .filter(|p| p.application_metadata.contains_key("rbd"))
-            .map(|p| p.pool_name.as_str())
-            .collect();
+        let old = cached.as_ref();
+        let (monmap_epoch, osdmap_epoch) = (status.monmap.epoch, status.osdmap.epoch);
+        let mons = async {
+            match old.filter(|c| monmap_epoch != 0 && c.monmap_epoch == monmap_epoch) {
+                Some(c) => Ok(c.report.monitors.clone()),
+                None => self
+                    .json::<MonDumpJson>(ceph(&["mon", "dump", "--format", "json"]))
+                    .await
+                    .map(|m| m.monitors()),
+            }
+        };
+        let pools = async {
+            match old.filter(|c| osdmap_epoch != 0 && c.osdmap_epoch == osdmap_epoch) {
+                Some(c) => Ok(c.rbd_pools.clone()),
+                None => self
+                    .json::<Vec<PoolDetailJson>>(ceph(&[
+                        "osd", "pool", "ls", "detail", "--format", "json",
+                    ]))
+                    .await
+                    .map(|pools| {
+                        pools
+                            .into_iter()
+                            .filter(|p| p.application_metadata.contains_key("rbd"))
+                            .map(|p| p.pool_name)
+                            .collect::<BTreeSet<String>>()
+                    }),
+            }
+        };
+        let (monitors, rbd_pools) = tokio::try_join!(mons, pools)?;
         let report = CephReport {
             fsid: status.fsid,
             health: CephHealth {
@@ -883,19 +914,7 @@ impl<R: Runner> Ceph<R> {
                     .map(|(k, v)| (k, v.summary.message))
                     .collect(),
             },
-            monitors: mons
-                .mons
-                .into_iter()
-                .map(|m| MonitorInfo {
-                    name: m.name,
-                    addrs: m
-                        .public_addrs
-                        .addrvec
-                        .into_iter()
-                        .map(|a| format!("{}:{}", a.kind, a.addr))
-                        .collect(),
-                })
-                .collect(),
+            monitors,
             capacity: Capacity {
                 total_bytes: df.stats.total_bytes,
                 used_bytes: df.stats.total_used_raw_bytes,
@@ -927,16 +946,22 @@ impl<R: Runner> Ceph<R> {
         };
         if cached
             .as_ref()
-            .is_some_and(|(_, old)| shape(old) != shape(&report))
+            .is_some_and(|old| shape(&old.report) != shape(&report))
         {
             self.with_view(|v| v.bump());
         }
-        *cached = Some((Instant::now(), report.clone()));
+        *cached = Some(ClusterCache {
+            at: Instant::now(),
+            report: report.clone(),
+            monmap_epoch,
+            osdmap_epoch,
+            rbd_pools,
+        });
         Ok(report)
     }
 
     /// The whole report: the cluster (read now) and every image unistor manages, from the view.
-    /// Four commands, whatever the number of images.
+    /// Two to four commands (see [`Ceph::cluster`]), whatever the number of images.
     pub async fn report(&self) -> Result<CephReport, CephError> {
         self.load().await?;
         let mut r = self.cluster(Duration::ZERO).await?;
@@ -1004,6 +1029,11 @@ impl<R: Runner> Ceph<R> {
         impl<R> Drop for Running<'_, R> {
             fn drop(&mut self) {
                 self.ceph.mutating.fetch_sub(1, Ordering::Relaxed);
+                *self
+                    .ceph
+                    .last_mutation
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 self.ceph
                     .view
                     .lock()
@@ -1049,8 +1079,8 @@ impl<R: Runner> Ceph<R> {
 
     /// Creates an owned image, or succeeds when the same image already exists.
     ///
-    /// An image the view does not know costs four commands: the index entry (intent, owner,
-    /// policy), `rbd create`, and the two ownership keys on the image. One the view knows as
+    /// An image the view does not know costs two commands: the index entry (intent, owner,
+    /// policy), then `rbd import` of an empty stream that carries the ownership keys. One the view knows as
     /// live is read (it may have changed behind our back) and compared.
     pub async fn create_image(
         &self,
@@ -1081,19 +1111,23 @@ impl<R: Runner> Ceph<R> {
             if found.is_none() {
                 // Intent first: the index entry makes an interrupted create recognisable.
                 self.index_set(spec, &value).await?;
-                let inv = image_args(
-                    rbd()
-                        .args(["create", "--size"])
-                        .arg(format!("{size}B"))
-                        .args(["--image-feature", &features.join(",")]),
-                    spec,
+                // One process makes the image and its ownership keys: `rbd import` of an
+                // empty export-format-2 stream (see `import_stream`).
+                let stream = crate::import_stream::empty_image(
+                    size,
+                    [
+                        (META_MANAGED_BY, owner.managed_by.as_str()),
+                        (META_VOLUME, owner.volume.as_str()),
+                    ],
                 );
+                let inv = rbd()
+                    .args(["import", "--export-format", "2", "--no-progress"])
+                    .args(["--image-feature", &features.join(",")])
+                    .args(["--dest-pool", spec.pool.as_str(), "--", "-"])
+                    .arg(spec.image.as_str())
+                    .stdin(stream);
                 match self.run(inv).await {
                     Ok(_) => {
-                        self.set_metadata(spec, META_MANAGED_BY, owner.managed_by.as_str())
-                            .await?;
-                        self.set_metadata(spec, META_VOLUME, owner.volume.as_str())
-                            .await?;
                         let img = LiveImage {
                             size,
                             features: features.clone(),
@@ -1457,10 +1491,21 @@ impl<R: Runner> Ceph<R> {
         Ok(())
     }
 
+    /// Whether the agent's own mutations are running or ran within [`SWEEP_QUIET`].
+    fn busy(&self) -> bool {
+        self.mutating.load(Ordering::Relaxed) > 0
+            || self
+                .last_mutation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t.elapsed() < SWEEP_QUIET)
+    }
+
     /// The sweep, forever: pool listings every [`ViewOptions::pool_refresh`], and one image
     /// every `1 / sweep_rate` seconds (up to [`SWEEP_PARALLEL`] reads at once, so that slow
-    /// commands do not lower the rate). Image reads pause while mutations run: the agent's own
-    /// work comes first, and what it mutates it knows. It never holds a lock that reports or
+    /// commands do not lower the rate). While the agent is [busy](Self::busy) with its own
+    /// mutations, image reads slow down [`SWEEP_BUSY_SLOWDOWN`] times: the agent's own work
+    /// comes first, and what it mutates it knows. It never holds a lock that reports or
     /// mutations wait for.
     pub async fn sweep_loop(&self) {
         while let Err(e) = self.load().await {
@@ -1480,10 +1525,16 @@ impl<R: Runner> Ceph<R> {
             let mut tick = tokio::time::interval(pause);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut reads = futures::stream::FuturesUnordered::new();
+            let mut held_back = 0;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if reads.len() < SWEEP_PARALLEL && self.mutating.load(Ordering::Relaxed) == 0 {
+                        if self.busy() && held_back + 1 < SWEEP_BUSY_SLOWDOWN {
+                            held_back += 1;
+                            continue;
+                        }
+                        held_back = 0;
+                        if reads.len() < SWEEP_PARALLEL {
                             reads.push(self.sweep_one());
                         }
                     }
@@ -1575,6 +1626,28 @@ const fn libc_eexist() -> i32 {
 struct CephStatusJson {
     fsid: String,
     health: HealthJson,
+    #[serde(default)]
+    monmap: EpochJson,
+    #[serde(default)]
+    osdmap: EpochJson,
+}
+
+/// A map's epoch in `ceph status` (0 when absent: then the map is always re-read).
+#[derive(Debug, Default, Deserialize)]
+struct EpochJson {
+    #[serde(default)]
+    epoch: u64,
+}
+
+/// The cluster part of the last report, and the map epochs it was read at.
+#[derive(Debug)]
+struct ClusterCache {
+    at: Instant,
+    report: CephReport,
+    monmap_epoch: u64,
+    osdmap_epoch: u64,
+    /// Pools with the rbd application.
+    rbd_pools: BTreeSet<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1597,6 +1670,23 @@ struct SummaryJson {
 #[derive(Debug, Deserialize)]
 struct MonDumpJson {
     mons: Vec<MonJson>,
+}
+
+impl MonDumpJson {
+    fn monitors(self) -> Vec<MonitorInfo> {
+        self.mons
+            .into_iter()
+            .map(|m| MonitorInfo {
+                name: m.name,
+                addrs: m
+                    .public_addrs
+                    .addrvec
+                    .into_iter()
+                    .map(|a| format!("{}:{}", a.kind, a.addr))
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]

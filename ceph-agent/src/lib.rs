@@ -10,6 +10,7 @@
 
 pub mod ceph;
 pub mod handler;
+pub mod import_stream;
 pub mod runner;
 pub mod view;
 

@@ -39,12 +39,24 @@ pub struct Invocation {
     pub tool: Tool,
     /// Its arguments, each one argv element.
     pub args: Vec<OsString>,
+    /// Bytes for its standard input, if it reads any.
+    pub stdin: Option<Vec<u8>>,
 }
 
 impl Invocation {
     /// Starts an invocation of `tool`.
     pub fn new(tool: Tool) -> Self {
-        Self { tool, args: vec![] }
+        Self {
+            tool,
+            args: vec![],
+            stdin: None,
+        }
+    }
+
+    /// Feeds `bytes` to its standard input.
+    pub fn stdin(mut self, bytes: Vec<u8>) -> Self {
+        self.stdin = Some(bytes);
+        self
     }
 
     /// Appends one argument.
@@ -143,6 +155,7 @@ impl ProcessRunner {
         args.extend(inv.args.iter().cloned());
         let mut e = Exec::new(program).args(args).timeout(self.config.timeout);
         e.kill_grace = self.config.kill_grace;
+        e.stdin = inv.stdin.clone();
         e
     }
 }

@@ -133,9 +133,13 @@ async fn create_is_idempotent_and_writes_ownership() {
     let s = spec(&c.pool, &name);
     let o = owner(&name);
 
+    ceph.load().await.unwrap();
+    let before = ceph.calls();
     let st = ceph.create_image(&s, GIB, &[], &o, None).await.unwrap();
     assert_eq!(st.state, ImageState::Live);
     assert_eq!(st.size_bytes, GIB);
+    // The index entry, then one `rbd import` that makes the image with its ownership keys.
+    assert_eq!(ceph.calls() - before, 2, "a create is two CLI commands");
 
     let info = rbd_info(&c, &c.pool, &name).expect("rbd sees the image");
     assert_eq!(info["size"].as_u64(), Some(GIB));

@@ -51,6 +51,70 @@ fn cpu_by_program() -> std::collections::BTreeMap<String, f64> {
     out
 }
 
+/// Runs `unistor` (its output not a terminal: one line per step) and notes when the apply's
+/// phases happened: the first pass's start, the first and last step of each kind, the end.
+fn timed_apply(args: &[&str]) -> (std::process::Output, String) {
+    use std::io::BufRead;
+    let t = Instant::now();
+    let mut child = std::process::Command::new(e2e::bin("unistor"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run unistor");
+    let stderr = child.stderr.take().expect("piped");
+    let err = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = std::io::Read::read_to_end(&mut std::io::BufReader::new(stderr), &mut v);
+        v
+    });
+    let mut stdout = vec![];
+    // (kind, first, last) in order of first appearance.
+    let mut kinds: Vec<(String, Duration, Duration)> = vec![];
+    let mut marks = vec![];
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        let at = t.elapsed();
+        if line.starts_with("Pass ") || line.starts_with("Converged") {
+            marks.push(format!(
+                "{} at {}",
+                line.split(':').next().unwrap_or(""),
+                ms(at)
+            ));
+        }
+        // "  [id] + target create-image ... done": the kind is the word after the target.
+        if let Some(rest) = line.trim_start().strip_prefix('[') {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            if let Some(kind) = words.get(3) {
+                match kinds.iter_mut().find(|k| k.0 == *kind) {
+                    Some(k) => k.2 = at,
+                    None => kinds.push((kind.to_string(), at, at)),
+                }
+            }
+        }
+        stdout.extend_from_slice(line.as_bytes());
+        stdout.push(b'\n');
+    }
+    let status = child.wait().expect("wait for unistor");
+    let stderr = err.join().unwrap_or_default();
+    let steps: Vec<String> = kinds
+        .iter()
+        .map(|(k, a, b)| format!("{k} {}-{}", ms(*a), ms(*b)))
+        .collect();
+    let timeline = format!("{}; steps: {}", marks.join(", "), steps.join(", "));
+    (
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        },
+        timeline,
+    )
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
@@ -183,7 +247,7 @@ fn main() {
     let (_, agent_children_before) = cpu(&ceph_agent_pid);
     let (_, unistor_before) = cpu("self");
     let t = Instant::now();
-    let apply = unistor(&[
+    let (apply, timeline) = timed_apply(&[
         "apply",
         &ms_dir,
         "--pki-dir",
@@ -229,6 +293,7 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!("    timeline: {timeline}");
     println!("  floor: {n} x rbd create:           {}", ms(rbd_floor));
     println!(
         "  floor: {snap_calls_per_dpu} SNAP calls per DPU:      {}",
