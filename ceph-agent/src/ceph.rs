@@ -10,9 +10,9 @@
 //! entry is written before the image is created; an image that is in the index, carries no
 //! metadata at all and has no watchers is one whose creation was interrupted, and is adopted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::index::{KeyWrite, PoolIndex};
 use crate::view::View;
 
 pub use protocol::names::ImageName;
@@ -451,7 +452,26 @@ pub struct Ceph<R> {
     mutating: AtomicUsize,
     /// When the last mutation ended.
     last_mutation: Mutex<Option<Instant>>,
+    /// Each pool's index in memory, and the lock its flushes take (see [`crate::index`]).
+    indexes: Mutex<HashMap<String, Arc<IndexCell>>>,
+    /// Makes the batch keys this process opens unique.
+    batch_prefix: String,
     options: ViewOptions,
+}
+
+/// One pool's index: `None` until read; changes are written by group-committed flushes.
+#[derive(Debug, Default)]
+struct IndexCell {
+    state: Mutex<Option<PoolIndex>>,
+    /// Held by the flush in progress (and while the index is first read).
+    flush: tokio::sync::Mutex<()>,
+}
+
+impl IndexCell {
+    fn with<T>(&self, f: impl FnOnce(&mut PoolIndex) -> T) -> T {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(g.get_or_insert_with(PoolIndex::default))
+    }
 }
 
 fn rbd() -> Invocation {
@@ -508,6 +528,13 @@ impl<R: Runner> Ceph<R> {
             calls: AtomicU64::new(0),
             mutating: AtomicUsize::new(0),
             last_mutation: Mutex::new(None),
+            indexes: Mutex::default(),
+            batch_prefix: format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            ),
             options,
         }
     }
@@ -622,8 +649,8 @@ impl<R: Runner> Ceph<R> {
         self.json(inv).await
     }
 
-    /// A pool's unistor index: image name to its entry, one command.
-    async fn index(&self, pool: &PoolName) -> Result<BTreeMap<String, IndexValue>, CephError> {
+    /// Reads a pool's unistor index, one command.
+    async fn read_index(&self, pool: &PoolName) -> Result<PoolIndex, CephError> {
         let inv = Invocation::new(Tool::Rados).args([
             "--pool",
             pool.as_str(),
@@ -632,58 +659,116 @@ impl<R: Runner> Ceph<R> {
             INDEX_OBJECT,
         ]);
         let command = inv.display();
-        match self.run(inv).await {
+        let listing = match self.run(inv).await {
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stdout);
-                let dump = parse_omap_dump(&text).map_err(|e| CephError::Parse {
+                parse_omap_dump(&text).map_err(|e| CephError::Parse {
                     command,
                     source: serde::de::Error::custom(e),
-                })?;
-                Ok(dump
-                    .into_iter()
-                    .map(|(k, v)| (k, IndexValue::parse(&v)))
-                    .collect())
+                })?
             }
             // `rados` exits 1 for every failure; the index object not existing yet is the one
             // failure that means "empty", and only stderr tells it apart.
             Err(CliError::Failed { stderr, .. })
                 if stderr.contains("(2) No such file or directory") =>
             {
-                Ok(BTreeMap::new())
+                BTreeMap::new()
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(PoolIndex::from_listing(listing, &self.batch_prefix))
+    }
+
+    fn index_cell(&self, pool: &PoolName) -> Arc<IndexCell> {
+        self.indexes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(pool.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// A pool's index cell, read from the cluster the first time.
+    async fn index_of(&self, pool: &PoolName) -> Result<Arc<IndexCell>, CephError> {
+        let cell = self.index_cell(pool);
+        if cell
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            let _flush = cell.flush.lock().await;
+            let unread = cell
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none();
+            if unread {
+                let ix = self.read_index(pool).await?;
+                *cell.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(ix);
+            }
+        }
+        Ok(cell)
+    }
+
+    /// An image's index entry, as the agent holds it.
+    async fn index_entry(&self, spec: &ImageSpec) -> Result<Option<IndexValue>, CephError> {
+        let cell = self.index_of(&spec.pool).await?;
+        Ok(cell.with(|ix| ix.get(spec.image.as_str()).cloned()))
+    }
+
+    /// Sets (`Some`) or removes (`None`) an image's index entry and returns once it is written.
+    /// Concurrent changes are group-committed: whoever takes the flush lock writes every key
+    /// changed so far, and the others find their change already written.
+    async fn index_change(
+        &self,
+        spec: &ImageSpec,
+        value: Option<&IndexValue>,
+    ) -> Result<(), CephError> {
+        let cell = self.index_of(&spec.pool).await?;
+        let version = cell.with(|ix| match value {
+            Some(v) => ix.set(spec.image.as_str(), v.clone()),
+            None => ix.remove(spec.image.as_str()),
+        });
+        let _flush = cell.flush.lock().await;
+        let (reached, writes) = cell.with(|ix| {
+            if ix.durable(version) {
+                (version, vec![])
+            } else {
+                ix.take_dirty()
+            }
+        });
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let written = futures::future::try_join_all(
+            writes.iter().map(|w| self.write_index_key(&spec.pool, w)),
+        )
+        .await;
+        match written {
+            Ok(_) => {
+                cell.with(|ix| ix.flushed(reached));
+                Ok(())
+            }
+            Err(e) => {
+                cell.with(|ix| ix.flush_failed(&writes));
+                Err(e)
+            }
         }
     }
 
-    async fn index_set(&self, spec: &ImageSpec, value: &IndexValue) -> Result<(), CephError> {
-        let json = serde_json::to_string(value).expect("index values serialize");
-        let inv = Invocation::new(Tool::Rados)
-            .args([
-                "--pool",
-                spec.pool.as_str(),
-                "setomapval",
-                "--",
-                INDEX_OBJECT,
-                spec.image.as_str(),
-            ])
-            .arg(json);
-        self.run(inv).await?;
-        Ok(())
-    }
-
-    async fn index_remove(&self, spec: &ImageSpec) -> Result<(), CephError> {
-        let inv = Invocation::new(Tool::Rados).args([
-            "--pool",
-            spec.pool.as_str(),
-            "rmomapkey",
-            "--",
-            INDEX_OBJECT,
-            spec.image.as_str(),
-        ]);
+    async fn write_index_key(&self, pool: &PoolName, w: &KeyWrite) -> Result<(), CephError> {
+        let base = Invocation::new(Tool::Rados).args(["--pool", pool.as_str()]);
+        let inv = match &w.value {
+            Some(v) => base
+                .args(["setomapval", "--", INDEX_OBJECT, w.key.as_str()])
+                .arg(v),
+            None => base.args(["rmomapkey", "--", INDEX_OBJECT, w.key.as_str()]),
+        };
         match self.run(inv).await {
             Ok(_) => Ok(()),
             Err(CliError::Failed { stderr, .. })
-                if stderr.contains("(2) No such file or directory") =>
+                if w.value.is_none() && stderr.contains("(2) No such file or directory") =>
             {
                 Ok(())
             }
@@ -793,7 +878,13 @@ impl<R: Runner> Ceph<R> {
             .get_or_try_init(|| async {
                 let started = Instant::now();
                 for pool in self.rbd_pools().await? {
-                    let index = self.index(&pool).await?;
+                    let ix = self.read_index(&pool).await?;
+                    let index = ix.entries();
+                    *self
+                        .index_cell(&pool)
+                        .state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(ix);
                     if index.is_empty() {
                         continue;
                     }
@@ -1069,8 +1160,8 @@ impl<R: Runner> Ceph<R> {
     async fn reread(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
         let status = match self.read(spec).await? {
             Some(img) => {
-                let idx = self.index(&spec.pool).await?;
-                Self::live_status(spec, &img, idx.get(spec.image.as_str()))
+                let idx = self.index_entry(spec).await?;
+                Self::live_status(spec, &img, idx.as_ref())
             }
             None => Self::gone_status(spec, &self.trash(&spec.pool).await?),
         };
@@ -1110,7 +1201,7 @@ impl<R: Runner> Ceph<R> {
             }
             if found.is_none() {
                 // Intent first: the index entry makes an interrupted create recognisable.
-                self.index_set(spec, &value).await?;
+                self.index_change(spec, Some(&value)).await?;
                 // One process makes the image and its ownership keys: `rbd import` of an
                 // empty export-format-2 stream (see `import_stream`).
                 let stream = crate::import_stream::empty_image(
@@ -1162,7 +1253,7 @@ impl<R: Runner> Ceph<R> {
             if let Err(e) = Self::check_owner(spec, &img, owner) {
                 if known.is_none() {
                     // The entry this create wrote does not make a stranger's image ours.
-                    self.index_remove(spec).await?;
+                    self.index_change(spec, None).await?;
                 }
                 return Err(e);
             }
@@ -1199,11 +1290,10 @@ impl<R: Runner> Ceph<R> {
         want: &IndexValue,
         policy: Option<&Policy>,
     ) -> Result<IndexValue, CephError> {
-        let index = self.index(&spec.pool).await?;
-        let have = index.get(spec.image.as_str()).cloned().unwrap_or_default();
+        let have = self.index_entry(spec).await?.unwrap_or_default();
         let Some(p) = policy else { return Ok(have) };
         if have != *want {
-            self.index_set(spec, want).await?;
+            self.index_change(spec, Some(want)).await?;
         }
         let retention = p.retention_secs.to_string();
         for (k, v) in [
@@ -1304,10 +1394,7 @@ impl<R: Runner> Ceph<R> {
                 None => {
                     // Already trashed (by us, as the index says) is success; anything else is not.
                     let trash = self.trash(&spec.pool).await?;
-                    let ours = self
-                        .index(&spec.pool)
-                        .await?
-                        .contains_key(spec.image.as_str());
+                    let ours = self.index_entry(spec).await?.is_some();
                     if !(ours && trash.iter().any(|t| t.name == spec.image.as_str())) {
                         return Err(CephError::NotFound {
                             spec: spec.to_string(),
@@ -1326,11 +1413,7 @@ impl<R: Runner> Ceph<R> {
     pub async fn restore_image(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
         self.load().await?;
         self.mutation(spec, async {
-            if !self
-                .index(&spec.pool)
-                .await?
-                .contains_key(spec.image.as_str())
-            {
+            if self.index_entry(spec).await?.is_none() {
                 return Err(CephError::NotOwned {
                     spec: spec.to_string(),
                     volume: String::new(),
@@ -1392,7 +1475,7 @@ impl<R: Runner> Ceph<R> {
                     }
                 }
             }
-            self.index_remove(spec).await?;
+            self.index_change(spec, None).await?;
             self.with_view(|v| v.remove(spec));
             Ok(())
         })
@@ -1442,7 +1525,7 @@ impl<R: Runner> Ceph<R> {
                 let idx = if was_live {
                     self.known_policy(&spec)
                 } else {
-                    self.index(&spec.pool).await?.remove(spec.image.as_str())
+                    self.index_entry(&spec).await?
                 };
                 Self::live_status(&spec, &img, idx.as_ref())
             }
@@ -1459,7 +1542,18 @@ impl<R: Runner> Ceph<R> {
     /// or removed from an index elsewhere, and trash entries that came or went.
     pub async fn refresh_pools(&self) -> Result<(), CephError> {
         for pool in self.rbd_pools().await? {
-            let index = self.index(&pool).await?;
+            // Read under the flush lock, so that no index write is half-way meanwhile; the
+            // agent's own changes not written yet win over the listing.
+            let cell = self.index_cell(&pool);
+            let index = {
+                let _flush = cell.flush.lock().await;
+                let fresh = self.read_index(&pool).await?;
+                let mut st = cell.state.lock().unwrap_or_else(|e| e.into_inner());
+                if !st.as_ref().is_some_and(PoolIndex::has_dirty) {
+                    *st = Some(fresh);
+                }
+                st.as_ref().map(PoolIndex::entries).unwrap_or_default()
+            };
             let known: Vec<ImageSpec> = self.view().in_pool(pool.as_str()).cloned().collect();
             if index.is_empty() && known.is_empty() {
                 continue;

@@ -11,6 +11,7 @@
 pub mod ceph;
 pub mod handler;
 pub mod import_stream;
+pub mod index;
 pub mod runner;
 pub mod view;
 

@@ -67,13 +67,9 @@ fn trash_names(c: &Cluster, pool: &str) -> Vec<String> {
         .collect()
 }
 
-fn index_keys(c: &Cluster, pool: &str) -> Vec<String> {
-    let (_, out, _) = cli(
-        c,
-        "rados",
-        &["--pool", pool, "listomapkeys", "unistor.index"],
-    );
-    out.lines().map(str::to_string).collect()
+/// Whether the pool's index names the image (in its own key or in a batch key).
+fn indexed(c: &Cluster, pool: &str, image: &str) -> bool {
+    c.index_entry(pool, image).is_some()
 }
 
 fn owner(volume: &str) -> Owner {
@@ -153,7 +149,7 @@ async fn create_is_idempotent_and_writes_ownership() {
     let meta = rbd_meta(&c, &c.pool, &name);
     assert_eq!(meta["unistor.managed-by"], "unistor-test");
     assert_eq!(meta["unistor.volume"], name);
-    assert!(index_keys(&c, &c.pool).contains(&name));
+    assert!(indexed(&c, &c.pool, &name));
 
     // The same create again succeeds and changes nothing.
     let again = ceph.create_image(&s, GIB, &[], &o, None).await.unwrap();
@@ -169,6 +165,42 @@ async fn create_is_idempotent_and_writes_ownership() {
         rbd_info(&c, &c.pool, &name).unwrap()["size"].as_u64(),
         Some(GIB)
     );
+}
+
+#[tokio::test]
+async fn concurrent_creates_share_their_index_writes() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    ceph.load().await.unwrap();
+    let names: Vec<String> = (0..12).map(|i| unique(&format!("burst{i}"))).collect();
+    let before = ceph.calls();
+    let creates = names.iter().map(|n| {
+        let (s, o) = (spec(&c.pool, n), owner(n));
+        let ceph = &ceph;
+        async move { ceph.create_image(&s, 64 * MIB, &[], &o, None).await }
+    });
+    for r in futures::future::join_all(creates).await {
+        r.unwrap();
+    }
+    // One `rbd import` each; the index entries were group-committed: the first create's flush,
+    // then one flush (one key written) for the eleven that waited behind it.
+    let commands = ceph.calls() - before;
+    assert_eq!(commands, 12 + 2, "12 creates cost {commands} commands");
+    // Read back independently, and by an agent that starts afresh.
+    let fresh = ceph_ops(&c).report().await.unwrap();
+    for n in &names {
+        let entry = c
+            .index_entry(&c.pool, n)
+            .unwrap_or_else(|| panic!("{n} indexed"));
+        assert_eq!(entry["volume"], n.as_str());
+        let img = fresh
+            .images
+            .iter()
+            .find(|i| &i.image == n)
+            .unwrap_or_else(|| panic!("{n} reported"));
+        assert_eq!(img.metadata["unistor.volume"], n.as_str());
+        assert_eq!(rbd_meta(&c, &c.pool, n)["unistor.volume"], n.as_str());
+    }
 }
 
 #[tokio::test]
@@ -289,10 +321,7 @@ async fn trash_restore_and_delete() {
 
     ceph.delete_image(&s, &o).await.unwrap();
     assert!(rbd_info(&c, &c.pool, &name).is_none());
-    assert!(
-        !index_keys(&c, &c.pool).contains(&name),
-        "index entry removed"
-    );
+    assert!(!indexed(&c, &c.pool, &name), "index entry removed");
     // Deleting what is gone is success.
     ceph.delete_image(&s, &o).await.unwrap();
 }
@@ -354,7 +383,7 @@ async fn images_unistor_does_not_own_are_never_touched() {
         rbd_meta(&c, &c.pool, &name).is_empty(),
         "no metadata written"
     );
-    assert!(!index_keys(&c, &c.pool).contains(&name));
+    assert!(!indexed(&c, &c.pool, &name));
 
     // An image owned by another volume is not this volume's either.
     let other = unique("other");

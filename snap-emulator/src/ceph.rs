@@ -1,157 +1,134 @@
-//! Real-Ceph mode: `bdev_rbd_register_cluster` checks the credentials against the cluster and
-//! `bdev_rbd_create` checks that the image exists and takes its real size, as SPDK's librados and
-//! librbd calls would. Failures answer -1 "Operation not permitted", as SPDK does.
+//! Real-Ceph mode, through librados and librbd as SNAP does ([`crate::librbd`]):
+//! `bdev_rbd_register_cluster` connects a cluster handle with the given credentials and keeps it
+//! while the registration lasts (SPDK's `bdev_rbd_register_cluster` keeps its `rados_t` the same
+//! way); `bdev_rbd_create` opens the image through that handle (or a handle of its own for inline
+//! credentials) and takes its real size. Failures answer -1 "Operation not permitted", as SPDK
+//! does.
+//!
+//! No process is started per call: a check costs a librbd open (a few round trips), not a CLI
+//! process, so the lab's emulated DPUs no longer compete with the ceph-agent for the machine's
+//! CPU the way they would not on real BlueField-3s (SNAP runs on the DPU's own cores).
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
-use tokio::process::Command;
 use tracing::warn;
 
+use crate::librbd::{ConnectSpec, LibError, Rados};
 use crate::state::{ClusterParams, RbdCreateParams, RpcError};
 
-/// Where the Ceph CLI is and how long to wait for it.
+/// Real-Ceph mode: registered clusters' handles, and how long a call may block.
 #[derive(Debug, Clone)]
 pub struct RealCeph {
-    /// Directory of `rados` and `rbd`; `None` searches `PATH`.
-    pub bin_dir: Option<PathBuf>,
-    /// Deadline of each check (librados' own connect timeout plays this role in SPDK).
+    /// Deadline of each connect and call (librados' own timeouts are set to it).
     pub timeout: Duration,
+    clusters: Arc<Mutex<HashMap<String, Arc<Rados>>>>,
 }
 
-/// Connection arguments for one cluster; keeps the temporary key file alive.
-struct Conn {
-    args: Vec<String>,
-    _keyfile: Option<tempfile::NamedTempFile>,
+impl RealCeph {
+    /// Real-Ceph mode with `timeout` per call.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            clusters: Arc::default(),
+        }
+    }
 }
 
-fn conn_args(
+fn spec(
     user_id: Option<&str>,
     config: Option<&BTreeMap<String, String>>,
     config_file: Option<&str>,
     key_file: Option<&str>,
-) -> Result<Conn, RpcError> {
-    let mut args = vec![];
-    let mut keyfile = None;
-    match config_file {
-        Some(f) => args.extend(["--conf".into(), f.to_string()]),
-        // No config file at all: everything comes from the parameters.
-        None => args.extend(["--conf".into(), "/dev/null".into()]),
-    }
-    if let Some(k) = key_file {
-        args.extend(["--keyring".into(), k.to_string()]);
-    }
-    args.extend(["--id".into(), user_id.unwrap_or("admin").to_string()]);
+) -> Result<ConnectSpec, RpcError> {
+    let mut options = vec![];
     for (k, v) in config.into_iter().flatten() {
-        match k.as_str() {
-            // The secret goes through a 0600 file, never argv.
-            "key" => {
-                let mut f = tempfile::NamedTempFile::new().map_err(|_| RpcError::eperm())?;
-                f.write_all(v.as_bytes()).map_err(|_| RpcError::eperm())?;
-                args.extend(["--keyfile".into(), f.path().display().to_string()]);
-                keyfile = Some(f);
-            }
-            "mon_host" => args.extend(["--mon-host".into(), v.clone()]),
-            // Other options as `--name value` (librados' config names).
-            other if other.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
-                args.extend([format!("--{other}"), v.clone()]);
-            }
-            _ => return Err(RpcError::eperm()),
+        // librados' option names only (`mon_host`, `key`, ...).
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(RpcError::eperm());
         }
+        options.push((k.clone(), v.clone()));
     }
-    Ok(Conn {
-        args,
-        _keyfile: keyfile,
+    Ok(ConnectSpec {
+        user_id: user_id.map(str::to_string),
+        config_file: config_file.map(str::to_string),
+        key_file: key_file.map(str::to_string),
+        options,
     })
 }
 
-#[derive(Deserialize)]
-struct Info {
-    size: u64,
+fn eperm(what: &str, e: LibError) -> RpcError {
+    warn!(what, error = %e, "Ceph call failed.");
+    RpcError::eperm()
 }
 
 impl RealCeph {
-    async fn run(&self, tool: &str, conn: &Conn, tail: &[&str]) -> Result<Vec<u8>, RpcError> {
-        let program = match &self.bin_dir {
-            Some(d) => d.join(tool),
-            None => PathBuf::from(tool),
-        };
-        let child = Command::new(program)
-            .args(&conn.args)
-            .args([
-                "--client_mount_timeout",
-                &self.timeout.as_secs().max(1).to_string(),
-            ])
-            .args(tail)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                warn!(tool, error = %e, "Cannot run the Ceph CLI.");
-                RpcError::eperm()
-            })?;
-        let out = tokio::time::timeout(
-            self.timeout + Duration::from_secs(5),
-            child.wait_with_output(),
-        )
-        .await
-        .map_err(|_| RpcError::eperm())?
-        .map_err(|_| RpcError::eperm())?;
-        if !out.status.success() {
-            warn!(tool, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "Ceph check failed.");
-            return Err(RpcError::eperm());
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(u64) -> Result<T, LibError> + Send + 'static,
+    ) -> Result<T, RpcError> {
+        let secs = self.timeout.as_secs().max(1);
+        match tokio::task::spawn_blocking(move || f(secs)).await {
+            Ok(r) => r.map_err(|e| eperm(what, e)),
+            Err(_) => Err(RpcError::eperm()),
         }
-        Ok(out.stdout)
     }
 
-    /// Connects with the cluster's credentials (`rados lspools`).
-    pub async fn check_cluster(&self, p: &ClusterParams) -> Result<(), RpcError> {
-        let conn = conn_args(
+    /// Connects with the cluster's credentials and keeps the handle under its name.
+    pub async fn register_cluster(&self, p: &ClusterParams) -> Result<(), RpcError> {
+        let s = spec(
             p.user_id.as_deref(),
             p.config_param.as_ref(),
             p.config_file.as_deref(),
             p.key_file.as_deref(),
         )?;
-        self.run("rados", &conn, &["lspools"]).await.map(|_| ())
+        let handle = self
+            .blocking("connect", move |secs| Rados::connect(&s, secs))
+            .await?;
+        self.clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p.name.clone(), handle);
+        Ok(())
     }
 
-    /// Opens the image (`rbd info`) with the cluster's or the request's credentials; its size.
-    pub async fn image_size(
-        &self,
-        p: &RbdCreateParams,
-        cluster: Option<&ClusterParams>,
-    ) -> Result<u64, RpcError> {
-        let conn = match cluster {
-            Some(c) => conn_args(
-                c.user_id.as_deref(),
-                c.config_param.as_ref(),
-                c.config_file.as_deref(),
-                c.key_file.as_deref(),
-            )?,
-            None => conn_args(p.user_id.as_deref(), p.config.as_ref(), None, None)?,
+    /// Drops a cluster's handle (after its registration ended, or failed to start).
+    pub fn forget_cluster(&self, name: &str) {
+        self.clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    /// Opens the image through the named cluster's handle, or with the request's own
+    /// credentials; its size.
+    pub async fn image_size(&self, p: &RbdCreateParams) -> Result<u64, RpcError> {
+        let registered = match &p.cluster_name {
+            Some(c) => Some(
+                self.clusters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(c)
+                    .cloned()
+                    .ok_or_else(RpcError::eperm)?,
+            ),
+            None => None,
         };
-        let out = self
-            .run(
-                "rbd",
-                &conn,
-                &[
-                    "info",
-                    "--format",
-                    "json",
-                    "--pool",
-                    &p.pool_name,
-                    "--",
-                    &p.rbd_name,
-                ],
-            )
-            .await?;
-        let info: Info = serde_json::from_slice(&out).map_err(|_| RpcError::eperm())?;
-        Ok(info.size)
+        let inline = match registered {
+            Some(_) => None,
+            None => Some(spec(p.user_id.as_deref(), p.config.as_ref(), None, None)?),
+        };
+        let (pool, image) = (p.pool_name.clone(), p.rbd_name.clone());
+        self.blocking("open image", move |secs| {
+            let handle = match (registered, inline) {
+                (Some(h), _) => h,
+                (None, Some(s)) => Rados::connect(&s, secs)?,
+                (None, None) => unreachable!("one of the two is set above"),
+            };
+            handle.image_size(&pool, &image)
+        })
+        .await
     }
 }

@@ -13,6 +13,7 @@
 pub mod ceph;
 pub mod functions;
 pub mod init;
+pub mod librbd;
 pub mod server;
 pub mod state;
 
@@ -209,23 +210,29 @@ impl Emulator {
                 {
                     return Err(RpcError::eperm());
                 }
-                real.check_cluster(&p).await?;
-                self.state.lock().expect("state lock").register_cluster(p)
+                real.register_cluster(&p).await?;
+                let name = p.name.clone();
+                let r = self.state.lock().expect("state lock").register_cluster(p);
+                if r.is_err() {
+                    real.forget_cluster(&name);
+                }
+                r
+            }
+            ("bdev_rbd_unregister_cluster", Some(real), true) => {
+                let r = self.state.lock().expect("state lock").call(method, params);
+                if let (Ok(_), Some(name)) = (&r, params.get("name").and_then(Value::as_str)) {
+                    real.forget_cluster(name);
+                }
+                r
             }
             ("bdev_rbd_create", Some(real), true) => {
                 let p = State::parse_rbd_create(params)?;
-                let cluster = match &p.cluster_name {
-                    Some(c) => Some(
-                        self.state
-                            .lock()
-                            .expect("state lock")
-                            .cluster(c)
-                            .cloned()
-                            .ok_or_else(RpcError::eperm)?,
-                    ),
-                    None => None,
-                };
-                let size = real.image_size(&p, cluster.as_ref()).await?;
+                if let Some(c) = &p.cluster_name {
+                    if self.state.lock().expect("state lock").cluster(c).is_none() {
+                        return Err(RpcError::eperm());
+                    }
+                }
+                let size = real.image_size(&p).await?;
                 self.state
                     .lock()
                     .expect("state lock")

@@ -81,10 +81,7 @@ fn main() -> ExitCode {
         vfs_per_pf: a.vfs_per_pf,
         serial: a.serial,
         rbd: !a.no_rbd,
-        real_ceph: a.real_ceph.then(|| RealCeph {
-            bin_dir: None,
-            timeout: Duration::from_secs(20),
-        }),
+        real_ceph: a.real_ceph.then(|| RealCeph::new(Duration::from_secs(20))),
         init_files: a.init_conf,
         faults: Faults {
             latency: a.latency.into_iter().collect::<BTreeMap<_, _>>(),

@@ -14,10 +14,7 @@ fn emulator() -> std::sync::Arc<Emulator> {
         vfs_per_pf: 0,
         serial: "MT0000TEST".into(),
         rbd: true,
-        real_ceph: Some(RealCeph {
-            bin_dir: None,
-            timeout: Duration::from_secs(10),
-        }),
+        real_ceph: Some(RealCeph::new(Duration::from_secs(10))),
         init_files: vec![],
         faults: Faults::default(),
         default_image_size: 1 << 30,

@@ -86,6 +86,36 @@ impl Cluster {
         let (code, out, _) = self.cli("rbd", &["info", "--format", "json", &spec]);
         (code == 0).then(|| serde_json::from_str(&out).expect("rbd info prints JSON"))
     }
+
+    /// An image's entry in a pool's unistor index, read with `rados listomapkeys` and
+    /// `rados getomapval`, independently of the agent's own parser: the image's own key holds its
+    /// entry, a batch key (`~b.`...) a JSON map of images to entries.
+    pub fn index_entry(&self, pool: &str, image: &str) -> Option<serde_json::Value> {
+        let (code, keys, _) = self.cli("rados", &["--pool", pool, "listomapkeys", "unistor.index"]);
+        if code != 0 {
+            return None;
+        }
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let path = file.path().to_str().expect("utf-8 path");
+        let get = |key: &str| -> Vec<u8> {
+            self.cli_ok(
+                "rados",
+                &["--pool", pool, "getomapval", "unistor.index", key, path],
+            );
+            std::fs::read(path).expect("value written")
+        };
+        if keys.lines().any(|k| k == image) {
+            let raw = get(image);
+            return Some(serde_json::from_slice(&raw).unwrap_or_else(
+                |_| serde_json::json!({ "volume": String::from_utf8_lossy(&raw) }),
+            ));
+        }
+        keys.lines().filter(|k| k.starts_with("~b.")).find_map(|k| {
+            let batch: serde_json::Value =
+                serde_json::from_slice(&get(k)).expect("a batch key holds JSON");
+            batch.get(image).cloned()
+        })
+    }
 }
 
 /// A name no other test (or test process) uses.

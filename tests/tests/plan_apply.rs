@@ -162,19 +162,7 @@ fn plan_and_apply_converge_then_follow_changes() {
     let info = c.rbd_info(&c.pool, &keep).expect("image created");
     assert_eq!(info["size"].as_u64(), Some(256 << 20));
     // The policy is in the pool's unistor index, read back raw with `rados getomapval`.
-    let raw = tempfile::NamedTempFile::new().unwrap();
-    c.cli_ok(
-        "rados",
-        &[
-            "--pool",
-            &c.pool,
-            "getomapval",
-            "unistor.index",
-            &gone,
-            raw.path().to_str().unwrap(),
-        ],
-    );
-    let entry: Value = serde_json::from_slice(&std::fs::read(raw.path()).unwrap()).unwrap();
+    let entry = c.index_entry(&c.pool, &gone).expect("indexed");
     assert_eq!(entry["policy"], "Trash", "{entry}");
     let subs = probe(&lab.socket(0), "nvme_subsystem_list");
     let ns: Vec<&Value> = subs

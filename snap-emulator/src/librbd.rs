@@ -1,0 +1,212 @@
+//! librados and librbd, loaded at run time: the libraries SNAP itself uses (Debian's `librados2`
+//! and `librbd1`, installed with `ceph-common`). Loading them with `dlopen` instead of linking
+//! means the emulator builds without Ceph's development headers and runs without Ceph in
+//! simulation mode; only real-Ceph mode needs them.
+//!
+//! This module is the workspace's only `unsafe` code: the foreign calls, each on pointers this
+//! module created and owns ([`Rados`] shuts its handle down when dropped; pool and image handles
+//! never leave the function that opened them). The signatures are the C API of
+//! `include/rados/librados.h` and `include/rbd/librbd.h`.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::{Arc, OnceLock};
+
+use libloading::Library;
+
+type RadosT = *mut c_void;
+type IoctxT = *mut c_void;
+type ImageT = *mut c_void;
+
+/// Errors of this module: a message, or a negative errno from the library.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LibError {
+    /// The libraries could not be loaded.
+    #[error("cannot load librados/librbd: {0}")]
+    Load(String),
+    /// A string with a NUL byte.
+    #[error("{0} contains a NUL byte")]
+    Nul(&'static str),
+    /// A call failed.
+    #[error("{call} failed: errno {errno}")]
+    Call {
+        /// The C function.
+        call: &'static str,
+        /// Its (positive) errno.
+        errno: i32,
+    },
+}
+
+struct Api {
+    _rados: Library,
+    _rbd: Library,
+    create: unsafe extern "C" fn(*mut RadosT, *const c_char) -> c_int,
+    conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
+    conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
+    connect: unsafe extern "C" fn(RadosT) -> c_int,
+    shutdown: unsafe extern "C" fn(RadosT),
+    ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut IoctxT) -> c_int,
+    ioctx_destroy: unsafe extern "C" fn(IoctxT),
+    open_read_only:
+        unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    close: unsafe extern "C" fn(ImageT) -> c_int,
+}
+
+fn api() -> Result<&'static Api, LibError> {
+    static API: OnceLock<Result<Api, LibError>> = OnceLock::new();
+    API.get_or_init(|| {
+        let load = |name: &str| {
+            // SAFETY: loading Ceph's libraries runs their initialisers, which only set up
+            // library-internal state.
+            unsafe { Library::new(name) }.map_err(|e| LibError::Load(e.to_string()))
+        };
+        let rados = load("librados.so.2")?;
+        let rbd = load("librbd.so.1")?;
+        macro_rules! sym {
+            ($lib:expr, $name:literal) => {
+                // SAFETY: the symbol has the C signature declared in `Api` (librados.h/librbd.h).
+                *unsafe { $lib.get($name) }.map_err(|e| LibError::Load(e.to_string()))?
+            };
+        }
+        Ok(Api {
+            create: sym!(rados, b"rados_create\0"),
+            conf_read_file: sym!(rados, b"rados_conf_read_file\0"),
+            conf_set: sym!(rados, b"rados_conf_set\0"),
+            connect: sym!(rados, b"rados_connect\0"),
+            shutdown: sym!(rados, b"rados_shutdown\0"),
+            ioctx_create: sym!(rados, b"rados_ioctx_create\0"),
+            ioctx_destroy: sym!(rados, b"rados_ioctx_destroy\0"),
+            open_read_only: sym!(rbd, b"rbd_open_read_only\0"),
+            get_size: sym!(rbd, b"rbd_get_size\0"),
+            close: sym!(rbd, b"rbd_close\0"),
+            _rados: rados,
+            _rbd: rbd,
+        })
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+fn cstr(what: &'static str, s: &str) -> Result<CString, LibError> {
+    CString::new(s).map_err(|_| LibError::Nul(what))
+}
+
+fn check(call: &'static str, r: c_int) -> Result<(), LibError> {
+    if r < 0 {
+        Err(LibError::Call { call, errno: -r })
+    } else {
+        Ok(())
+    }
+}
+
+/// How to connect: what `bdev_rbd_register_cluster` (or an inline `bdev_rbd_create`) gives.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectSpec {
+    /// cephx user without `client.`; `admin` when absent (as SPDK does).
+    pub user_id: Option<String>,
+    /// A config file to read first.
+    pub config_file: Option<String>,
+    /// A keyring file.
+    pub key_file: Option<String>,
+    /// Options set after the file (`mon_host`, `key`, ...), in order.
+    pub options: Vec<(String, String)>,
+}
+
+/// A connected cluster handle (`rados_t`); shut down when the last reference goes.
+#[derive(Debug)]
+pub struct Rados {
+    handle: RadosT,
+}
+
+// SAFETY: a `rados_t` may be used from any thread (librados is thread-safe; SPDK shares one
+// handle between its reactor threads the same way).
+unsafe impl Send for Rados {}
+// SAFETY: as above.
+unsafe impl Sync for Rados {}
+
+impl Drop for Rados {
+    fn drop(&mut self) {
+        if let Ok(api) = api() {
+            // SAFETY: `handle` came from `rados_create` and is shut down exactly once, here.
+            unsafe { (api.shutdown)(self.handle) }
+        }
+    }
+}
+
+impl Rados {
+    /// Creates a handle, configures it as SPDK's `bdev_rbd_register_cluster` does (file, then
+    /// options) and connects. Blocking: at most `client_mount_timeout`.
+    pub fn connect(spec: &ConnectSpec, timeout_secs: u64) -> Result<Arc<Self>, LibError> {
+        let api = api()?;
+        let id = cstr("user_id", spec.user_id.as_deref().unwrap_or("admin"))?;
+        let mut handle: RadosT = std::ptr::null_mut();
+        // SAFETY: `handle` is a valid out-pointer; `id` outlives the call.
+        check("rados_create", unsafe {
+            (api.create)(&mut handle, id.as_ptr())
+        })?;
+        // From here on, dropping `me` shuts the handle down.
+        let me = Self { handle };
+        let set = |k: &str, v: &str| -> Result<(), LibError> {
+            let (k, v) = (cstr("option", k)?, cstr("value", v)?);
+            // SAFETY: a live handle and NUL-terminated strings that outlive the call.
+            check("rados_conf_set", unsafe {
+                (api.conf_set)(me.handle, k.as_ptr(), v.as_ptr())
+            })
+        };
+        // No admin socket and no log file: a client of a SNAP-like process, not a daemon.
+        set("admin_socket", "")?;
+        set("log_file", "")?;
+        if let Some(f) = &spec.config_file {
+            let f = cstr("config_file", f)?;
+            // SAFETY: a live handle and a NUL-terminated path that outlives the call.
+            check("rados_conf_read_file", unsafe {
+                (api.conf_read_file)(me.handle, f.as_ptr())
+            })?;
+        }
+        if let Some(k) = &spec.key_file {
+            set("keyring", k)?;
+        }
+        for (k, v) in &spec.options {
+            set(k, v)?;
+        }
+        let secs = timeout_secs.max(1).to_string();
+        for k in [
+            "client_mount_timeout",
+            "rados_mon_op_timeout",
+            "rados_osd_op_timeout",
+        ] {
+            set(k, &secs)?;
+        }
+        // SAFETY: a configured, live handle.
+        check("rados_connect", unsafe { (api.connect)(me.handle) })?;
+        Ok(Arc::new(me))
+    }
+
+    /// Opens `pool/image` read-only, reads its size and closes it again. Blocking.
+    pub fn image_size(&self, pool: &str, image: &str) -> Result<u64, LibError> {
+        let api = api()?;
+        let (pool, image) = (cstr("pool_name", pool)?, cstr("rbd_name", image)?);
+        let mut io: IoctxT = std::ptr::null_mut();
+        // SAFETY: a connected handle, a valid out-pointer and a string outliving the call.
+        check("rados_ioctx_create", unsafe {
+            (api.ioctx_create)(self.handle, pool.as_ptr(), &mut io)
+        })?;
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live until destroyed below; a null snapshot name means the head.
+        let opened = check("rbd_open_read_only", unsafe {
+            (api.open_read_only)(io, image.as_ptr(), &mut img, std::ptr::null())
+        });
+        let size = opened.and_then(|()| {
+            let mut size = 0u64;
+            // SAFETY: `img` was opened above and is closed right after.
+            let r = check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) });
+            // SAFETY: closes the image opened above, once.
+            unsafe { (api.close)(img) };
+            r.map(|()| size)
+        });
+        // SAFETY: destroys the pool handle created above, once, after its image was closed.
+        unsafe { (api.ioctx_destroy)(io) };
+        size
+    }
+}
