@@ -378,6 +378,23 @@ fn main() {
     let daemon_rss = rss(d.child.id());
     let ceph_rss = rss(procs.0[0].id());
     let dpu_rss = procs.0[1..].iter().map(|p| rss(p.id())).max().unwrap_or(0);
+    // The emulators are the dpu-agents' children (simulation's stand-in for SNAP).
+    let agents: std::collections::BTreeSet<u32> = procs.0[1..].iter().map(|p| p.id()).collect();
+    let emulator_rss = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            stat.contains("(snap-emulator)") && ppid.is_some_and(|p| agents.contains(&p))
+        })
+        .map(rss)
+        .max()
+        .unwrap_or(0);
     let metrics = d.get("/metrics");
     let reconcile_line = metrics
         .lines()
@@ -407,9 +424,10 @@ fn main() {
         ms(found)
     );
     println!(
-        "  peak RSS: daemon {} MiB, ceph-agent {} MiB, largest dpu-agent {} MiB",
+        "  peak RSS: daemon {} MiB, ceph-agent {} MiB, largest dpu-agent {} MiB, largest snap-emulator {} MiB",
         daemon_rss / 1024,
         ceph_rss / 1024,
-        dpu_rss / 1024
+        dpu_rss / 1024,
+        emulator_rss / 1024
     );
 }
