@@ -229,6 +229,10 @@ impl DpuAgent {
         ledger: LedgerStore,
         settings: AgentSettings,
     ) -> Self {
+        // SNAP does not list which registration a bdev uses; what the agent told it does.
+        for b in ledger.get().bdevs.values() {
+            snap.know_bdev_cluster(&b.name, &b.cluster);
+        }
         Self {
             snap,
             platform,

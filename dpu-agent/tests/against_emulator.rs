@@ -174,8 +174,21 @@ async fn assert_exposed(socket: &std::path::Path) {
     assert_eq!(ctrl["state"], "STARTED");
     assert_eq!(ctrl["namespaces"][0]["nsid"], 7);
     assert_eq!(ctrl["pci_bdf"], "26:0c.2", "PF0 VF2");
+    // SNAP (SPDK v24.01) lists the registration's credentials, never its name.
     let bdevs = probe(socket, "bdev_get_bdevs", json!({"name": "vol-a"})).await;
-    assert_eq!(bdevs[0]["driver_specific"]["rbd"]["cluster_name"], "ceph1");
+    let rbd = bdevs[0]["driver_specific"]["rbd"].as_object().unwrap();
+    assert!(!rbd.contains_key("cluster_name"), "{rbd:?}");
+    assert_eq!(rbd["user_id"], "snap-a");
+}
+
+/// The cluster registration the agent reports for bdev `vol-a`.
+async fn reported_cluster(agent: &DpuAgent) -> Option<String> {
+    let inv = report(agent).await.inventory.expect("an inventory");
+    inv.bdevs
+        .iter()
+        .find(|b| b.name == "vol-a")?
+        .cluster
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +213,13 @@ async fn create_path_retries_and_teardown() {
         .unwrap();
     assert_eq!(f.controller.as_deref(), Some("ctrl-host-a"));
     assert_eq!(f.vuid, "MT2328XZ17DFNVMES0D0F2VF3");
+    // Which registration a bdev uses comes from the agent's own calls (SNAP does not list it),
+    // and from its ledger after a restart, even once SNAP was listed afresh.
+    assert_eq!(reported_cluster(&s.agent).await.as_deref(), Some("ceph1"));
+    let restarted = build_agent(s._dir.path(), &s.emu.socket, true);
+    restarted.snap().list().await.unwrap();
+    assert_eq!(reported_cluster(&restarted).await.as_deref(), Some("ceph1"));
+    drop(restarted);
 
     run_all(&s.agent, teardown_path()).await;
     run_all(&s.agent, teardown_path()).await;

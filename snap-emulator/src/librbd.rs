@@ -154,21 +154,33 @@ impl Rados {
                 (api.conf_set)(me.handle, k.as_ptr(), v.as_ptr())
             })
         };
-        // No admin socket and no log file: a client of a SNAP-like process, not a daemon.
+        // As SPDK v24.01's `rbd_register_cluster` (module/bdev/rbd/bdev_rbd.c): the config file
+        // (without one, the default locations, whose absence is no error), then the
+        // `config_param` options in order, then `keyring` from the key file.
+        let file = spec
+            .config_file
+            .as_deref()
+            .map(|f| cstr("config_file", f))
+            .transpose()?;
+        // SAFETY: a live handle and a NUL-terminated path (or null) that outlives the call.
+        let read = unsafe {
+            (api.conf_read_file)(
+                me.handle,
+                file.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            )
+        };
+        if file.is_some() {
+            check("rados_conf_read_file", read)?;
+        }
+        // No admin socket and no log file (unless the options ask for them): one emulator per
+        // simulated DPU must not collide on either.
         set("admin_socket", "")?;
         set("log_file", "")?;
-        if let Some(f) = &spec.config_file {
-            let f = cstr("config_file", f)?;
-            // SAFETY: a live handle and a NUL-terminated path that outlives the call.
-            check("rados_conf_read_file", unsafe {
-                (api.conf_read_file)(me.handle, f.as_ptr())
-            })?;
+        for (k, v) in &spec.options {
+            set(k, v)?;
         }
         if let Some(k) = &spec.key_file {
             set("keyring", k)?;
-        }
-        for (k, v) in &spec.options {
-            set(k, v)?;
         }
         let secs = timeout_secs.max(1).to_string();
         for k in [

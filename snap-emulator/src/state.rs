@@ -903,18 +903,28 @@ impl State {
     }
 
     fn bdev_json(&self, name: &str, b: &Bdev) -> Value {
+        // As SPDK v24.01's `bdev_rbd_dump_info_json` and `bdev_rbd_cluster_dump_entry`
+        // (module/bdev/rbd/bdev_rbd.c): pool and image, then the registration's credentials
+        // where set; never the registration's name (nor its core mask).
         let mut rbd = json!({"pool_name": b.pool, "rbd_name": b.image});
-        match &b.cluster {
-            Some(c) => {
-                let cl = &self.clusters[c];
-                rbd["cluster_name"] = json!(c);
-                rbd["user_id"] = json!(cl.user_id);
-                rbd["config_param"] = json!(cl.config_param);
-                rbd["config_file"] = json!(cl.config_file);
-                rbd["key_file"] = json!(cl.key_file);
-                rbd["core_mask"] = json!(cl.core_mask);
+        let cl = b.cluster.as_ref().and_then(|c| self.clusters.get(c));
+        let user_id = match cl {
+            Some(cl) => cl.user_id.as_ref(),
+            None => b.user_id.as_ref(),
+        };
+        if let Some(u) = user_id {
+            rbd["user_id"] = json!(u);
+        }
+        if let Some(cl) = cl {
+            if let Some(p) = &cl.config_param {
+                rbd["config_param"] = json!(p);
             }
-            None => rbd["user_id"] = json!(b.user_id),
+            if let Some(f) = &cl.config_file {
+                rbd["config_file"] = json!(f);
+            }
+            if let Some(k) = &cl.key_file {
+                rbd["key_file"] = json!(k);
+            }
         }
         let claimed = self
             .subsystems

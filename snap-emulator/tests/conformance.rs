@@ -397,8 +397,14 @@ fn check_lists(subs: &Value, fns: &Value, bdevs: &Value, info: &Value) {
     assert_eq!(b["block_size"], 4096);
     assert_eq!(b["num_blocks"], (1u64 << 30) / 4096);
     assert_eq!(b["claimed"], true);
-    assert_eq!(b["driver_specific"]["rbd"]["cluster_name"], "ceph1");
-    assert_eq!(b["driver_specific"]["rbd"]["rbd_name"], "vol1");
+    // SPDK v24.01 `bdev_rbd_dump_info_json` / `bdev_rbd_cluster_dump_entry`
+    // (module/bdev/rbd/bdev_rbd.c): the registration's credentials, never its name.
+    let rbd = b["driver_specific"]["rbd"].as_object().unwrap();
+    assert_eq!(rbd["rbd_name"], "vol1");
+    assert_eq!(rbd["pool_name"], "rbd");
+    assert!(!rbd.contains_key("cluster_name"), "{rbd:?}");
+    assert!(!rbd.contains_key("core_mask"), "{rbd:?}");
+    assert_eq!(rbd["user_id"], info["user_id"]);
     assert_eq!(info["user_id"], "snap");
 }
 

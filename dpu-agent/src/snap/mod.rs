@@ -12,6 +12,7 @@
 pub mod client;
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,10 @@ pub struct Snap {
     /// The inventory as last listed, with the agent's own changes since applied; `None` after
     /// SNAP stopped answering (it may have restarted and lost everything).
     view: Mutex<Option<(Instant, SnapInventory)>>,
+    /// Which cluster registration each rbd bdev uses. SNAP does not list it (SPDK v24.01's
+    /// `bdev_rbd_dump_info_json` writes the registration's credentials, never its name), so it
+    /// comes from the agent's own calls and, across restarts, from its ledger.
+    bdev_clusters: Mutex<HashMap<String, String>>,
 }
 
 impl Snap {
@@ -168,7 +173,27 @@ impl Snap {
         Self {
             client,
             view: Mutex::new(None),
+            bdev_clusters: Mutex::default(),
         }
+    }
+
+    /// Records that bdev `bdev` uses cluster registration `cluster` (from the ledger at start).
+    pub fn know_bdev_cluster(&self, bdev: &str, cluster: &str) {
+        self.bdev_clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bdev.to_string(), cluster.to_string());
+    }
+
+    /// A listed bdev as the inventory shows it, with the cluster the agent knows it uses.
+    fn bdev_info(&self, b: RawBdev) -> BdevInfo {
+        let cluster = self
+            .bdev_clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&b.name)
+            .cloned();
+        bdev_info(b, cluster)
     }
 
     fn view_lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, SnapInventory)>> {
@@ -317,7 +342,7 @@ impl Snap {
                     .collect(),
             });
         }
-        let bdevs = bdevs.into_iter().map(bdev_info).collect();
+        let bdevs = bdevs.into_iter().map(|b| self.bdev_info(b)).collect();
         Ok(SnapInventory {
             functions,
             subsystems,
@@ -434,6 +459,7 @@ impl Snap {
             "name": b.name, "pool_name": b.pool, "rbd_name": b.image,
             "block_size": b.block_size, "cluster_name": b.cluster,
         });
+        self.know_bdev_cluster(&b.name, &b.cluster);
         let done = self
             .act(
                 "bdev_rbd_create",
@@ -449,7 +475,7 @@ impl Snap {
             .await
         {
             if let Ok(raw) = parse::<Vec<RawBdev>>("bdev_get_bdevs", v) {
-                let new: Vec<BdevInfo> = raw.into_iter().map(bdev_info).collect();
+                let new: Vec<BdevInfo> = raw.into_iter().map(|x| self.bdev_info(x)).collect();
                 self.update(|inv| {
                     inv.bdevs.retain(|x| x.name != b.name);
                     inv.bdevs.extend(new);
@@ -808,8 +834,8 @@ impl Snap {
     }
 }
 
-/// A listed bdev as the inventory shows it.
-fn bdev_info(b: RawBdev) -> BdevInfo {
+/// A listed bdev as the inventory shows it; `cluster` is what the agent knows (SNAP does not say).
+fn bdev_info(b: RawBdev, cluster: Option<String>) -> BdevInfo {
     let rbd = b.driver_specific.get("rbd");
     let field = |k: &str| {
         rbd.and_then(|r| r.get(k))
@@ -819,7 +845,7 @@ fn bdev_info(b: RawBdev) -> BdevInfo {
     BdevInfo {
         pool: field("pool_name"),
         image: field("rbd_name"),
-        cluster: field("cluster_name"),
+        cluster,
         name: b.name,
         block_size: b.block_size,
         num_blocks: b.num_blocks,
