@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use protocol::client::{AgentClient, ClientError};
 use protocol::dpu::{
-    Attachment, BdevSpec, ControllerSpec, NameRef, NamespaceRef, NamespaceSpec, NqnRef, RbdCluster,
-    SubsystemSpec,
+    Attachment, BdevResize, BdevSpec, ControllerSpec, NameRef, NamespaceRef, NamespaceSpec, NqnRef,
+    RbdCluster, SubsystemSpec,
 };
 use protocol::ErrorCode;
 use protocol::{
@@ -372,6 +372,10 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
             block_size: 4096,
         }),
         Action::DeleteBdev { name } => Command::DeleteBdev(NameRef { name: name.clone() }),
+        Action::ResizeBdev { name, new_size_mib } => Command::ResizeBdev(BdevResize {
+            name: name.clone(),
+            new_size_mib: *new_size_mib,
+        }),
         Action::CreateSubsystem { nqn } => Command::CreateSubsystem(SubsystemSpec {
             nqn: nqn.clone(),
             serial: serial(nqn),

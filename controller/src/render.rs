@@ -15,7 +15,10 @@ pub fn sign(a: &Action) -> char {
         | Action::CreateNamespace { .. }
         | Action::CreateController { .. }
         | Action::Attach { .. } => '+',
-        Action::GrowImage { .. } | Action::RestoreImage { .. } | Action::Resume { .. } => '~',
+        Action::GrowImage { .. }
+        | Action::ResizeBdev { .. }
+        | Action::RestoreImage { .. }
+        | Action::Resume { .. } => '~',
         Action::TrashImage { .. }
         | Action::DeleteImage { .. }
         | Action::DeleteBdev { .. }
@@ -79,6 +82,9 @@ pub fn describe(a: &Action) -> String {
             name, pool, image, ..
         } => format!("create bdev {name} on {pool}/{image}"),
         Action::DeleteBdev { name } => format!("delete bdev {name}"),
+        Action::ResizeBdev { name, new_size_mib } => {
+            format!("grow bdev {name} to {new_size_mib} MiB (the host sees the new size)")
+        }
         Action::CreateSubsystem { nqn } => format!("create subsystem {nqn}"),
         Action::DestroySubsystem { nqn } => format!("destroy subsystem {nqn}"),
         Action::CreateNamespace {

@@ -117,6 +117,10 @@ pub struct VolumeStatus {
     pub desired_bytes: u64,
     /// Size the image has (0 when unknown).
     pub size_bytes: u64,
+    /// Size the host sees: the bdev's (0 when unknown). Below `size_bytes` while SNAP has not
+    /// followed a grown image.
+    #[serde(default)]
+    pub host_bytes: u64,
     /// Function (`pf0`, `pf0vf3`).
     pub function: String,
     /// NSID as SNAP has it (or pinned).
@@ -293,8 +297,14 @@ impl FleetStatus {
             "VOLUME", "HOST", "SIZE", "STATE"
         );
         for v in &self.volumes {
-            let size = if v.size_bytes > 0 {
-                format!("{}Mi", v.size_bytes >> 20)
+            // What the host sees, once SNAP serves it; the image's size before.
+            let shown = if v.host_bytes > 0 {
+                v.host_bytes
+            } else {
+                v.size_bytes
+            };
+            let size = if shown > 0 {
+                format!("{}Mi", shown >> 20)
             } else {
                 "-".into()
             };
@@ -363,12 +373,20 @@ pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
     let bdev = names::bdev(v.name.as_str());
     chain.check("bdev", || {
         if dpu.inventory.is_none() {
-            Err(format!("SNAP on {} is {:?}", v.dpu, dpu.snap.state))
-        } else if inv.bdevs.iter().any(|b| b.name == bdev) {
-            Ok(bdev.clone())
-        } else {
-            Err(format!("bdev {bdev} missing on {}", v.dpu))
+            return Err(format!("SNAP on {} is {:?}", v.dpu, dpu.snap.state));
         }
+        let Some(b) = inv.bdevs.iter().find(|b| b.name == bdev) else {
+            return Err(format!("bdev {bdev} missing on {}", v.dpu));
+        };
+        s.host_bytes = b.num_blocks * u64::from(b.block_size);
+        if s.host_bytes < v.size_bytes {
+            return Err(format!(
+                "bdev {bdev} shows the host {}Mi of {}Mi",
+                s.host_bytes >> 20,
+                v.size_bytes >> 20
+            ));
+        }
+        Ok(bdev.clone())
     });
     let nqn = names::nqn(&v.dpu, v.function);
     let ns = inv.subsystems.iter().find(|x| x.nqn == nqn).and_then(|x| {

@@ -472,6 +472,12 @@ impl DpuAgent {
                 })
                 .await
             }
+            Command::ResizeBdev(r) => {
+                check_object_name("name", &r.name).map_err(name_err)?;
+                // Nothing for the ledger: a replayed bdev opens its image at the image's size.
+                self.with_ledger(self.snap.resize_bdev(&r.name, r.new_size_mib), |_| {})
+                    .await
+            }
             Command::CreateSubsystem(s) => {
                 check_subsystem(&s)?;
                 self.with_ledger(self.snap.create_subsystem(&s), |l| {

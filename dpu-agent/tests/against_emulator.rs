@@ -221,6 +221,19 @@ async fn create_path_retries_and_teardown() {
     assert_eq!(reported_cluster(&restarted).await.as_deref(), Some("ceph1"));
     drop(restarted);
 
+    // Growing the bdev (what the host sees): done once, unchanged again, never shrunk.
+    let grow = |mib| {
+        Command::ResizeBdev(protocol::dpu::BdevResize {
+            name: "vol-a".into(),
+            new_size_mib: mib,
+        })
+    };
+    run_all(&s.agent, vec![grow(2048), grow(2048)]).await;
+    let b = probe(&s.emu.socket, "bdev_get_bdevs", json!({"name": "vol-a"})).await;
+    assert_eq!(b[0]["num_blocks"], (2048u64 << 20) / 4096);
+    let e = s.agent.handle(grow(1024)).await.unwrap_err();
+    assert_eq!(e.code, protocol::ErrorCode::Conflict, "{e:?}");
+
     run_all(&s.agent, teardown_path()).await;
     run_all(&s.agent, teardown_path()).await;
     assert_eq!(

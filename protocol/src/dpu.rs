@@ -88,6 +88,17 @@ pub struct BdevSpec {
     pub block_size: u32,
 }
 
+/// Grows an rbd bdev to `new_size_mib` MiB: SPDK's `bdev_rbd_resize`, which resizes the image
+/// through the bdev's own librbd handle and tells the host the new capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BdevResize {
+    /// Bdev name.
+    pub name: String,
+    /// The new size in MiB (never smaller than the bdev).
+    pub new_size_mib: u64,
+}
+
 /// An NVMe subsystem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

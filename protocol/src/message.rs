@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::dpu::{
-    Attachment, BdevSpec, ControllerSpec, DeployReport, DpuReport, NameRef, NamespaceRef,
-    NamespaceSpec, NqnRef, RbdCluster, ReplayReport, SnapSpec, SubsystemSpec,
+    Attachment, BdevResize, BdevSpec, ControllerSpec, DeployReport, DpuReport, NameRef,
+    NamespaceRef, NamespaceSpec, NqnRef, RbdCluster, ReplayReport, SnapSpec, SubsystemSpec,
 };
 use crate::error::WireError;
 
@@ -209,6 +209,8 @@ pub enum Command {
     CreateBdev(BdevSpec),
     /// Delete a bdev.
     DeleteBdev(NameRef),
+    /// Grow a bdev (and its image) to a size in MiB.
+    ResizeBdev(BdevResize),
     /// Create an NVMe subsystem.
     CreateSubsystem(SubsystemSpec),
     /// Destroy an (empty) NVMe subsystem.
@@ -254,6 +256,7 @@ impl Command {
             | Command::UnregisterRbdCluster(_)
             | Command::CreateBdev(_)
             | Command::DeleteBdev(_)
+            | Command::ResizeBdev(_)
             | Command::CreateSubsystem(_)
             | Command::DestroySubsystem(_)
             | Command::CreateNamespace(_)
@@ -289,6 +292,7 @@ impl Command {
             Command::UnregisterRbdCluster(_) => "unregister_rbd_cluster",
             Command::CreateBdev(_) => "create_bdev",
             Command::DeleteBdev(_) => "delete_bdev",
+            Command::ResizeBdev(_) => "resize_bdev",
             Command::CreateSubsystem(_) => "create_subsystem",
             Command::DestroySubsystem(_) => "destroy_subsystem",
             Command::CreateNamespace(_) => "create_namespace",

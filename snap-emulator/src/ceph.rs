@@ -102,6 +102,29 @@ impl RealCeph {
             .remove(name);
     }
 
+    /// Grows `pool/image` to `bytes` through the named cluster's handle (`rbd_resize`, as SPDK's
+    /// `bdev_rbd_resize` does); an image already that large is left alone.
+    pub async fn resize_image(
+        &self,
+        cluster: &str,
+        pool: &str,
+        image: &str,
+        bytes: u64,
+    ) -> Result<(), RpcError> {
+        let handle = self
+            .clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .cloned()
+            .ok_or_else(RpcError::eperm)?;
+        let (pool, image) = (pool.to_string(), image.to_string());
+        self.blocking("resize image", move |_| {
+            handle.grow_image(&pool, &image, bytes)
+        })
+        .await
+    }
+
     /// Opens the image through the named cluster's handle, or with the request's own
     /// credentials; its size.
     pub async fn image_size(&self, p: &RbdCreateParams) -> Result<u64, RpcError> {

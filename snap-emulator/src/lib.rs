@@ -225,6 +225,18 @@ impl Emulator {
                 }
                 r
             }
+            ("bdev_rbd_resize", Some(real), true) => {
+                // SPDK resizes the image through the bdev's librbd handle, then the bdev.
+                let (pool, image, cluster, bytes) = self
+                    .state
+                    .lock()
+                    .expect("state lock")
+                    .resize_target(params)?;
+                if let Some(c) = cluster {
+                    real.resize_image(&c, &pool, &image, bytes).await?;
+                }
+                self.state.lock().expect("state lock").call(method, params)
+            }
             ("bdev_rbd_create", Some(real), true) => {
                 let p = State::parse_rbd_create(params)?;
                 if let Some(c) = &p.cluster_name {

@@ -49,6 +49,8 @@ struct Api {
     ioctx_destroy: unsafe extern "C" fn(IoctxT),
     open_read_only:
         unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    open: unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    resize: unsafe extern "C" fn(ImageT, u64) -> c_int,
     get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
     close: unsafe extern "C" fn(ImageT) -> c_int,
 }
@@ -78,6 +80,8 @@ fn api() -> Result<&'static Api, LibError> {
             ioctx_create: sym!(rados, b"rados_ioctx_create\0"),
             ioctx_destroy: sym!(rados, b"rados_ioctx_destroy\0"),
             open_read_only: sym!(rbd, b"rbd_open_read_only\0"),
+            open: sym!(rbd, b"rbd_open\0"),
+            resize: sym!(rbd, b"rbd_resize\0"),
             get_size: sym!(rbd, b"rbd_get_size\0"),
             close: sym!(rbd, b"rbd_close\0"),
             _rados: rados,
@@ -197,6 +201,36 @@ impl Rados {
 
     /// Opens `pool/image` read-only, reads its size and closes it again. Blocking.
     pub fn image_size(&self, pool: &str, image: &str) -> Result<u64, LibError> {
+        self.with_image(pool, image, false, |api, img| {
+            let mut size = 0u64;
+            // SAFETY: `img` is open for the duration of this closure.
+            check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) })?;
+            Ok(size)
+        })
+    }
+
+    /// Grows `pool/image` to `bytes` (never shrinks it). Blocking.
+    pub fn grow_image(&self, pool: &str, image: &str, bytes: u64) -> Result<(), LibError> {
+        self.with_image(pool, image, true, |api, img| {
+            let mut size = 0u64;
+            // SAFETY: `img` is open for the duration of this closure.
+            check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) })?;
+            if size < bytes {
+                // SAFETY: as above.
+                check("rbd_resize", unsafe { (api.resize)(img, bytes) })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on `pool/image`, opened (read-write when `write`) for the call only.
+    fn with_image<T>(
+        &self,
+        pool: &str,
+        image: &str,
+        write: bool,
+        f: impl FnOnce(&Api, ImageT) -> Result<T, LibError>,
+    ) -> Result<T, LibError> {
         let api = api()?;
         let (pool, image) = (cstr("pool_name", pool)?, cstr("rbd_name", image)?);
         let mut io: IoctxT = std::ptr::null_mut();
@@ -205,20 +239,19 @@ impl Rados {
             (api.ioctx_create)(self.handle, pool.as_ptr(), &mut io)
         })?;
         let mut img: ImageT = std::ptr::null_mut();
+        let open = if write { api.open } else { api.open_read_only };
         // SAFETY: `io` is live until destroyed below; a null snapshot name means the head.
-        let opened = check("rbd_open_read_only", unsafe {
-            (api.open_read_only)(io, image.as_ptr(), &mut img, std::ptr::null())
+        let opened = check("rbd_open", unsafe {
+            open(io, image.as_ptr(), &mut img, std::ptr::null())
         });
-        let size = opened.and_then(|()| {
-            let mut size = 0u64;
-            // SAFETY: `img` was opened above and is closed right after.
-            let r = check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) });
-            // SAFETY: closes the image opened above, once.
+        let out = opened.and_then(|()| {
+            let r = f(api, img);
+            // SAFETY: closes the image opened above, once, after its last use.
             unsafe { (api.close)(img) };
-            r.map(|()| size)
+            r
         });
         // SAFETY: destroys the pool handle created above, once, after its image was closed.
         unsafe { (api.ioctx_destroy)(io) };
-        size
+        out
     }
 }

@@ -1065,12 +1065,37 @@ impl State {
     }
 
     fn resize_bdev(&mut self, name: &str, new_size_mib: u64) -> Result<Value, RpcError> {
+        self.check_resize(name, new_size_mib)?;
         let b = self.bdevs.get_mut(name).ok_or_else(RpcError::enodev)?;
-        let new_blocks = (new_size_mib << 20) / u64::from(b.block_size);
-        if new_blocks < b.num_blocks {
+        b.num_blocks = (new_size_mib << 20) / u64::from(b.block_size);
+        Ok(json!(true))
+    }
+
+    /// SPDK v24.01's checks before `bdev_rbd_resize` resizes anything
+    /// (module/bdev/rbd/bdev_rbd.c, `bdev_rbd_resize`): the bdev exists (-ENODEV), and its size
+    /// in whole MiB is not above the new size (-EINVAL).
+    fn check_resize(&self, name: &str, new_size_mib: u64) -> Result<&Bdev, RpcError> {
+        let b = self.bdevs.get(name).ok_or_else(RpcError::enodev)?;
+        let current_mib = u64::from(b.block_size) * b.num_blocks / (1 << 20);
+        if current_mib > new_size_mib {
             return Err(RpcError::einval());
         }
-        b.num_blocks = new_blocks;
-        Ok(json!(true))
+        Ok(b)
+    }
+
+    /// For real-Ceph mode: decodes `bdev_rbd_resize`, checks it as SPDK does, and says which
+    /// image to grow (pool, image, the registration it was opened through) and to how many bytes.
+    pub fn resize_target(
+        &self,
+        params: &Value,
+    ) -> Result<(String, String, Option<String>, u64), RpcError> {
+        let p: Resize = spdk(params)?;
+        let b = self.check_resize(&p.name, p.new_size)?;
+        Ok((
+            b.pool.clone(),
+            b.image.clone(),
+            b.cluster.clone(),
+            p.new_size << 20,
+        ))
     }
 }

@@ -98,3 +98,47 @@ async fn clusters_and_images_are_checked_against_ceph() {
         "nothing created for a missing image"
     );
 }
+
+/// SPDK v24.01 `bdev_rbd_resize` (module/bdev/rbd/bdev_rbd.c): a size in MiB not below the
+/// bdev's (else -EINVAL, before anything changes), `rbd_resize` of the image through the bdev's
+/// handle, then the bdev's new block count.
+#[tokio::test]
+async fn resize_grows_the_image_and_the_bdev_and_never_shrinks() {
+    let c = Cluster::from_env();
+    let image = unique("emu-resize");
+    c.cli_ok(
+        "rbd",
+        &["create", "--size", "64M", &format!("{}/{image}", c.pool)],
+    );
+    let emu = emulator();
+    emu.call(
+        "bdev_rbd_register_cluster",
+        &json!({"name": "ceph1", "user_id": c.id, "config_file": c.conf, "key_file": c.keyring}),
+    )
+    .await
+    .unwrap();
+    emu.call(
+        "bdev_rbd_create",
+        &json!({"name": "b1", "pool_name": c.pool, "rbd_name": image, "block_size": 4096, "cluster_name": "ceph1"}),
+    )
+    .await
+    .unwrap();
+    let shrink = emu
+        .call("bdev_rbd_resize", &json!({"name": "b1", "new_size": 32}))
+        .await;
+    assert_eq!(shrink.unwrap_err().code, -22);
+    emu.call("bdev_rbd_resize", &json!({"name": "b1", "new_size": 160}))
+        .await
+        .unwrap();
+    let size = c.rbd_info(&c.pool, &image).unwrap()["size"].as_u64();
+    assert_eq!(size, Some(160 << 20), "the image grew through librbd");
+    let b = emu
+        .call("bdev_get_bdevs", &json!({"name": "b1"}))
+        .await
+        .unwrap();
+    assert_eq!(b[0]["num_blocks"], (160u64 << 20) / 4096);
+    let missing = emu
+        .call("bdev_rbd_resize", &json!({"name": "nope", "new_size": 160}))
+        .await;
+    assert_eq!(missing.unwrap_err().code, -19);
+}

@@ -223,6 +223,30 @@ fn plan_and_apply_converge_then_follow_changes() {
         c.rbd_info(&c.pool, &grow).unwrap()["size"].as_u64(),
         Some(512 << 20)
     );
+    // The host sees the new size too: SNAP's bdev followed the image (`bdev_rbd_resize`), and
+    // only then is the plan empty and the volume ok at 512Mi.
+    let bdevs = probe(&lab.socket(0), "bdev_get_bdevs");
+    let b = bdevs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == format!("unistor-{grow}"))
+        .unwrap_or_else(|| panic!("bdev for {grow}: {bdevs}"));
+    assert_eq!(
+        b["num_blocks"].as_u64().unwrap() * b["block_size"].as_u64().unwrap(),
+        512 << 20,
+        "{b}"
+    );
+    let after = unistor(&[&["plan"][..], &args].concat());
+    assert_eq!(code(&after), 0, "{}", show(&after));
+    let status = unistor(&[&["status"][..], &args].concat());
+    assert!(
+        String::from_utf8_lossy(&status.stdout)
+            .lines()
+            .any(|l| l.starts_with(grow.as_str()) && l.contains("512Mi") && l.contains(" ok ")),
+        "{}",
+        show(&status)
+    );
     assert!(c.rbd_info(&c.pool, &gone).is_none(), "trashed");
     assert!(c
         .cli_ok("rbd", &["trash", "ls", "--format", "json", &c.pool])

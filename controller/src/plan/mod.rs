@@ -490,6 +490,38 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                     if x.pool.as_deref() == Some(v.pool.as_str())
                         && x.image.as_deref() == Some(v.image.as_str()) =>
                 {
+                    // The host sees the bdev's size: a grown image is not grown for the host
+                    // until the bdev follows (SPDK's update watch does; `bdev_rbd_resize` makes
+                    // sure, in MiB).
+                    let host_bytes = x.num_blocks * u64::from(x.block_size);
+                    if host_bytes < v.size_bytes {
+                        b.drift(
+                            object(),
+                            "bdev.size",
+                            v.size_bytes.to_string(),
+                            host_bytes.to_string(),
+                        );
+                        if v.size_bytes.is_multiple_of(1 << 20) {
+                            b.push(
+                                d(),
+                                Action::ResizeBdev {
+                                    name: x.name.clone(),
+                                    new_size_mib: v.size_bytes >> 20,
+                                },
+                                Risk::HostVisible,
+                                &[first, &[image_step]].concat(),
+                                Some(vname),
+                            );
+                        } else {
+                            b.block(
+                                object(),
+                                format!(
+                                    "bdev {} shows the host {host_bytes} bytes; {} bytes is not a whole MiB, which SNAP's bdev_rbd_resize needs",
+                                    x.name, v.size_bytes
+                                ),
+                            );
+                        }
+                    }
                     None
                 }
                 Some(x) => {

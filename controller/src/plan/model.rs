@@ -170,6 +170,13 @@ pub enum Action {
         /// Bdev.
         name: String,
     },
+    /// Grow a bdev to its image's new size, so that the host sees it.
+    ResizeBdev {
+        /// Bdev.
+        name: String,
+        /// New size in MiB.
+        new_size_mib: u64,
+    },
     /// Create a subsystem.
     CreateSubsystem {
         /// NQN.

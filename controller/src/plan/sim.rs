@@ -205,6 +205,19 @@ impl World {
     }
 
     fn apply_snap(&mut self, d: &str, a: &Action) {
+        // A bdev opens its image at the image's size.
+        let image_bytes = match a {
+            Action::CreateBdev {
+                cluster,
+                pool,
+                image,
+                ..
+            } => {
+                let c = super::names::unprefixed(cluster).expect("a unistor cluster name");
+                self.image(c, pool, image).size_bytes
+            }
+            _ => 0,
+        };
         let inv = self.inv(d);
         match a {
             Action::RegisterCluster { name, .. } => {
@@ -225,8 +238,21 @@ impl World {
                     image: Some(image.clone()),
                     cluster: Some(cluster.clone()),
                     block_size: 4096,
-                    num_blocks: 1,
+                    num_blocks: image_bytes / 4096,
                 });
+            }
+            Action::ResizeBdev { name, new_size_mib } => {
+                let b = inv
+                    .bdevs
+                    .iter_mut()
+                    .find(|b| &b.name == name)
+                    .expect("bdev exists");
+                let want = new_size_mib << 20;
+                assert!(
+                    want > b.num_blocks * u64::from(b.block_size),
+                    "never shrink"
+                );
+                b.num_blocks = want / u64::from(b.block_size);
             }
             Action::DeleteBdev { name } => {
                 assert!(!inv

@@ -118,12 +118,30 @@ fn growing_and_refusing_to_shrink() {
     let mut bigger = d.clone();
     bigger.volumes.get_mut("db-wal").unwrap().size_bytes = 1 << 30;
     let p = plan(&bigger, &w.observed(), &Options::default());
-    assert_eq!(p.steps.len(), 1);
+    // The image grows, then the bdev follows so that the host sees the new size.
+    assert_eq!(p.steps.len(), 2, "{:?}", p.steps);
     assert!(matches!(p.steps[0].action, Action::GrowImage { to_bytes, .. } if to_bytes == 1 << 30));
-    assert!(p
-        .drift
-        .iter()
-        .any(|x| x.object == "volume/db-wal" && x.field == "size"));
+    assert!(
+        matches!(&p.steps[1].action, Action::ResizeBdev { name, new_size_mib: 1024 } if name == "unistor-db-wal")
+    );
+    assert_eq!(p.steps[1].depends_on, [p.steps[0].id]);
+    for field in ["size", "bdev.size"] {
+        assert!(p
+            .drift
+            .iter()
+            .any(|x| x.object == "volume/db-wal" && x.field == field));
+    }
+    // A bdev that did not follow an image grown earlier is grown alone; the plan is empty only
+    // once the host's view has the new size.
+    let mut grown = w.clone();
+    grown.apply(&p.steps[0], &Options::default().owner);
+    let p2 = plan(&bigger, &grown.observed(), &Options::default());
+    assert_eq!(p2.steps.len(), 1, "{:?}", p2.steps);
+    assert!(matches!(p2.steps[0].action, Action::ResizeBdev { .. }));
+    grown.apply(&p2.steps[0], &Options::default().owner);
+    assert!(plan(&bigger, &grown.observed(), &Options::default())
+        .steps
+        .is_empty());
     let mut smaller = d.clone();
     smaller.volumes.get_mut("db-wal").unwrap().size_bytes = 256 << 20;
     let p = plan(&smaller, &w.observed(), &Options::default());

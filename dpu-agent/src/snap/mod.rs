@@ -514,6 +514,44 @@ impl Snap {
         .await
     }
 
+    /// Grows a bdev to `new_size_mib` MiB (`bdev_rbd_resize`); a bdev already that large is
+    /// unchanged. SPDK refuses to shrink, and so does this, before asking.
+    pub async fn resize_bdev(&self, name: &str, new_size_mib: u64) -> Result<Done, OpError> {
+        let inv = self.current().await?;
+        let Some(have) = inv.bdevs.iter().find(|b| b.name == name) else {
+            return Err(OpError::Missing {
+                what: format!("bdev {name}"),
+            });
+        };
+        let bytes = have.num_blocks * u64::from(have.block_size);
+        let want = new_size_mib << 20;
+        if bytes == want {
+            return Ok(Done::Unchanged);
+        }
+        if bytes > want {
+            return Err(OpError::Conflict {
+                what: format!("bdev {name}"),
+                diff: format!("it has {bytes} bytes; {new_size_mib} MiB would shrink it"),
+            });
+        }
+        let block_size = u64::from(have.block_size.max(1));
+        self.act(
+            "bdev_rbd_resize",
+            json!({"name": name, "new_size": new_size_mib}),
+            |inv| {
+                inv.bdevs
+                    .iter()
+                    .any(|b| b.name == name && b.num_blocks * u64::from(b.block_size) >= want)
+            },
+            |inv| {
+                for b in inv.bdevs.iter_mut().filter(|b| b.name == name) {
+                    b.num_blocks = want / block_size;
+                }
+            },
+        )
+        .await
+    }
+
     /// Creates a subsystem.
     pub async fn create_subsystem(&self, s: &SubsystemSpec) -> Result<Done, OpError> {
         let inv = self.current().await?;
