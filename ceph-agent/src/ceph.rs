@@ -268,6 +268,34 @@ struct RbdWatcher {
     address: String,
 }
 
+/// One session in `ceph tell mon.X sessions`.
+#[derive(Debug, Deserialize)]
+struct MonSessionJson {
+    #[serde(default)]
+    entity_name: String,
+    addrs: SessionAddrsJson,
+}
+
+#[derive(Debug, Deserialize)]
+struct SessionAddrsJson {
+    #[serde(default)]
+    addrvec: Vec<SessionAddrJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SessionAddrJson {
+    addr: String,
+    #[serde(default)]
+    nonce: u64,
+}
+
+/// A watcher's address without a messenger prefix (`v1:`, `v2:`, `any:`).
+fn bare_addr(a: &str) -> &str {
+    a.split_once(':')
+        .filter(|(p, _)| matches!(*p, "v1" | "v2" | "any"))
+        .map_or(a, |(_, rest)| rest)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct TrashEntry {
     id: String,
@@ -1101,7 +1129,53 @@ impl<R: Runner> Ceph<R> {
                 pool: spec.pool.to_string(),
                 image: spec.image.to_string(),
                 watchers,
+                clients: vec![],
             });
+        }
+        // Who each watcher is: SNAP's own watch on an attached volume is expected, anybody
+        // else's means the image is in use. The monitors' sessions name each client's entity.
+        if out.iter().any(|w| !w.watchers.is_empty()) {
+            match self.client_entities().await {
+                Ok(entities) => {
+                    for w in &mut out {
+                        w.clients = w
+                            .watchers
+                            .iter()
+                            .map(|a| entities.get(bare_addr(a)).cloned().unwrap_or_default())
+                            .collect();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %protocol::error::chain(&e), "Cannot tell who the watchers are.");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Client address (`ip:port/nonce`) to cephx entity, from every monitor's sessions
+    /// (`ceph tell mon.<name> sessions`, one command per monitor).
+    async fn client_entities(&self) -> Result<HashMap<String, String>, CephError> {
+        let mons = self.cluster(self.options.status_max_age).await?.monitors;
+        let reads = mons.iter().map(|m| {
+            self.json::<Vec<MonSessionJson>>(Invocation::new(Tool::Ceph).args([
+                "tell".to_string(),
+                format!("mon.{}", m.name),
+                "sessions".into(),
+                "--format".into(),
+                "json".into(),
+            ]))
+        });
+        let mut out = HashMap::new();
+        for sessions in futures::future::join_all(reads).await {
+            for s in sessions? {
+                if s.entity_name.is_empty() {
+                    continue;
+                }
+                for a in s.addrs.addrvec {
+                    out.insert(format!("{}/{}", a.addr, a.nonce), s.entity_name.clone());
+                }
+            }
         }
         Ok(out)
     }

@@ -343,6 +343,11 @@ async fn images_with_watchers_are_neither_deleted_nor_trashed() {
         let e = ceph.trash_image(&s, 60, &o).await.unwrap_err();
         assert!(matches!(e, CephError::InUse { .. }), "{e}");
         assert!(rbd_info(&c, &c.pool, &name).is_some(), "still there");
+        // The live lookup names who watches: the monitors' sessions give each address its
+        // cephx entity (the test's `rbd watch` runs as the admin identity).
+        let w = ceph.image_watchers(std::slice::from_ref(&s)).await.unwrap();
+        assert_eq!(w[0].watchers.len(), 1, "{w:?}");
+        assert_eq!(w[0].clients, [format!("client.{}", c.id)], "{w:?}");
     }
     wait_until(Duration::from_secs(60), "the watcher to go", || {
         let out = cli_ok(

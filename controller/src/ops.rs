@@ -494,11 +494,14 @@ fn removed_volumes(p: &Plan) -> std::collections::BTreeSet<&str> {
 }
 
 /// `observed` with the watchers of the images of the volumes `p` removes looked up live (reports
-/// do not carry watchers): what the in-use rail decides on. A lookup that fails counts as in
-/// use, the safe side. Costs one request per cluster, and nothing when nothing is removed or
-/// `--allow-in-use` is given.
+/// do not carry watchers): what the in-use rail decides on. SNAP's own watch (the cluster's SNAP
+/// identity, `client.<snapClient>`) is expected on an attached volume and the plan's teardown
+/// closes it: it does not count. Anybody else's does, and so does a watcher whose entity could
+/// not be told, or a lookup that fails: the safe side. Costs one request per cluster, and
+/// nothing when nothing is removed or `--allow-in-use` is given.
 pub async fn with_live_watchers<'a>(
     p: &Plan,
+    desired: &Desired,
     observed: &'a Observed,
     fleet: &Fleet,
     rails: &Rails,
@@ -544,6 +547,10 @@ pub async fn with_live_watchers<'a>(
                     .map_err(|e| protocol::error::chain(&e)),
                 Err(e) => Err(e.clone()),
             };
+            let snap = desired
+                .clusters
+                .get(name.as_str())
+                .map(|c| format!("client.{}", c.snap_client));
             for n in chunk {
                 let img = &mut report.images[*n];
                 img.watchers = Some(match &answer {
@@ -551,7 +558,7 @@ pub async fn with_live_watchers<'a>(
                         .images
                         .iter()
                         .find(|w| w.pool == img.pool && w.image == img.image)
-                        .map(|w| w.watchers.clone())
+                        .map(|w| others(w, snap.as_deref()))
                         .unwrap_or_default(),
                     Ok(_) => vec!["(unexpected reply to image_watchers)".into()],
                     Err(e) => vec![format!("(watchers could not be looked up: {e})")],
@@ -560,6 +567,20 @@ pub async fn with_live_watchers<'a>(
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// An image's watchers other than SNAP's own (`snap`: SNAP's entity on that cluster), each
+/// shown with its entity when known.
+fn others(w: &protocol::ImageWatchers, snap: Option<&str>) -> Vec<String> {
+    w.watchers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, addr)| match w.clients.get(i).map(String::as_str) {
+            Some(c) if Some(c) == snap => None,
+            Some(c) if !c.is_empty() => Some(format!("{addr} ({c})")),
+            _ => Some(addr.clone()),
+        })
+        .collect()
 }
 
 fn confirm(p: &Plan) -> Result<(), OpsError> {
@@ -630,7 +651,7 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let checked = with_live_watchers(&p, &observed, &fleet, &a.rails).await;
+    let checked = with_live_watchers(&p, &desired, &observed, &fleet, &a.rails).await;
     check_rails(&p, &desired, &checked, &a.rails)?;
     if !a.auto_approve && a.plan.is_none() {
         confirm(&p)?;
@@ -717,7 +738,7 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
             return Ok(ExitCode::FAILURE);
         }
         // Later passes only finish what this apply set out to do; new removals need a new plan.
-        let checked = with_live_watchers(&next, &observed, &fleet, &a.rails).await;
+        let checked = with_live_watchers(&next, &desired, &observed, &fleet, &a.rails).await;
         check_rails(&next, &desired, &checked, &a.rails)?;
         p = next;
     }
@@ -738,6 +759,32 @@ mod tests {
             allow_in_use: false,
             max_removals: 5,
         }
+    }
+
+    #[test]
+    fn snaps_own_watch_is_not_in_use_but_anybody_elses_is() {
+        let w = protocol::ImageWatchers {
+            pool: "rbd".into(),
+            image: "a".into(),
+            watchers: vec![
+                "10.0.0.5:0/1".into(),
+                "10.0.0.9:0/2".into(),
+                "10.0.0.7:0/3".into(),
+            ],
+            clients: vec!["client.snap".into(), "client.admin".into(), String::new()],
+        };
+        assert_eq!(
+            others(&w, Some("client.snap")),
+            ["10.0.0.9:0/2 (client.admin)", "10.0.0.7:0/3"],
+            "SNAP's own is expected; a known stranger and an unknown one are not"
+        );
+        // Without a known SNAP identity (or entities), every watcher counts.
+        assert_eq!(others(&w, None).len(), 3);
+        let bare = protocol::ImageWatchers {
+            clients: vec![],
+            ..w
+        };
+        assert_eq!(others(&bare, Some("client.snap")).len(), 3);
     }
 
     fn converged() -> (Desired, World) {

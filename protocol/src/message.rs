@@ -530,6 +530,10 @@ pub struct ImageWatchers {
     pub image: String,
     /// Watcher addresses (empty: nobody has it open; the image may also be gone).
     pub watchers: Vec<String>,
+    /// The cephx entity of each watcher, in the order of `watchers` (`client.admin`, SNAP's
+    /// `client.<id>`...), from the monitors' sessions; empty when it could not be told.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<String>,
 }
 
 /// `ceph health`: status and the names and summaries of active checks.
@@ -702,6 +706,7 @@ mod tests {
                         pool: "rbd".into(),
                         image: "a".into(),
                         watchers: vec!["10.0.0.1:0/1".into()],
+                        clients: vec!["client.snap".into()],
                     }],
                 })),
             }),

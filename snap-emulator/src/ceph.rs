@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::librbd::{ConnectSpec, LibError, Rados};
+use crate::librbd::{ConnectSpec, LibError, OpenImage, Rados};
 use crate::state::{ClusterParams, RbdCreateParams, RpcError};
 
 /// Real-Ceph mode: registered clusters' handles, and how long a call may block.
@@ -24,6 +24,8 @@ pub struct RealCeph {
     /// Deadline of each connect and call (librados' own timeouts are set to it).
     pub timeout: Duration,
     clusters: Arc<Mutex<HashMap<String, Arc<Rados>>>>,
+    /// Each rbd bdev's image, held open while the bdev exists (so Ceph lists SNAP's watcher).
+    images: Arc<Mutex<HashMap<String, Arc<OpenImage>>>>,
 }
 
 impl RealCeph {
@@ -32,6 +34,7 @@ impl RealCeph {
         Self {
             timeout,
             clusters: Arc::default(),
+            images: Arc::default(),
         }
     }
 }
@@ -102,32 +105,10 @@ impl RealCeph {
             .remove(name);
     }
 
-    /// Grows `pool/image` to `bytes` through the named cluster's handle (`rbd_resize`, as SPDK's
-    /// `bdev_rbd_resize` does); an image already that large is left alone.
-    pub async fn resize_image(
-        &self,
-        cluster: &str,
-        pool: &str,
-        image: &str,
-        bytes: u64,
-    ) -> Result<(), RpcError> {
-        let handle = self
-            .clusters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(cluster)
-            .cloned()
-            .ok_or_else(RpcError::eperm)?;
-        let (pool, image) = (pool.to_string(), image.to_string());
-        self.blocking("resize image", move |_| {
-            handle.grow_image(&pool, &image, bytes)
-        })
-        .await
-    }
-
-    /// Opens the image through the named cluster's handle, or with the request's own
-    /// credentials; its size.
-    pub async fn image_size(&self, p: &RbdCreateParams) -> Result<u64, RpcError> {
+    /// Opens the image a bdev is about to serve, as SPDK's `bdev_rbd_init_context` does (through
+    /// the named registration, or a connection of its own for inline credentials): read-write,
+    /// with an update watch. Returns it and its size; [`RealCeph::hold`] keeps it open.
+    pub async fn open_image(&self, p: &RbdCreateParams) -> Result<(OpenImage, u64), RpcError> {
         let registered = match &p.cluster_name {
             Some(c) => Some(
                 self.clusters
@@ -150,7 +131,90 @@ impl RealCeph {
                 (None, Some(s)) => Rados::connect(&s, secs)?,
                 (None, None) => unreachable!("one of the two is set above"),
             };
-            handle.image_size(&pool, &image)
+            let img = handle.open_image(&pool, &image)?;
+            let size = img.size()?;
+            Ok((img, size))
+        })
+        .await
+    }
+
+    /// Keeps `img` open for bdev `bdev` until [`RealCeph::release`].
+    pub fn hold(&self, bdev: &str, img: OpenImage) {
+        self.images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bdev.to_string(), Arc::new(img));
+    }
+
+    /// Closes bdev `bdev`'s image (its watch goes with it).
+    pub async fn release(&self, bdev: &str) {
+        let img = self
+            .images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(bdev);
+        if let Some(img) = img {
+            // Closing flushes and talks to the cluster: not on the async threads.
+            let _ = tokio::task::spawn_blocking(move || drop(img)).await;
+        }
+    }
+
+    /// The images librbd said changed since last asked, with their sizes now: what SPDK's
+    /// update callback hands to `spdk_bdev_notify_blockcnt_change`.
+    pub async fn changed_sizes(&self) -> Vec<(String, u64)> {
+        let changed: Vec<(String, Arc<OpenImage>)> = self
+            .images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, i)| i.take_changed())
+            .map(|(n, i)| (n.clone(), i.clone()))
+            .collect();
+        if changed.is_empty() {
+            return vec![];
+        }
+        tokio::task::spawn_blocking(move || {
+            changed
+                .into_iter()
+                .filter_map(|(n, i)| Some((n, i.size().ok()?)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Grows bdev `bdev`'s image to `bytes` through the handle the bdev holds (`rbd_resize`, as
+    /// SPDK's `bdev_rbd_resize` does), or through the named cluster's handle when it holds none;
+    /// an image already that large is left alone.
+    pub async fn resize_image(
+        &self,
+        bdev: &str,
+        cluster: &str,
+        pool: &str,
+        image: &str,
+        bytes: u64,
+    ) -> Result<(), RpcError> {
+        let held = self
+            .images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bdev)
+            .cloned();
+        if let Some(img) = held {
+            return self
+                .blocking("resize image", move |_| img.grow(bytes))
+                .await;
+        }
+        let handle = self
+            .clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(cluster)
+            .cloned()
+            .ok_or_else(RpcError::eperm)?;
+        let (pool, image) = (pool.to_string(), image.to_string());
+        self.blocking("resize image", move |_| {
+            handle.grow_image(&pool, &image, bytes)
         })
         .await
     }

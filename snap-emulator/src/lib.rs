@@ -232,8 +232,9 @@ impl Emulator {
                     .lock()
                     .expect("state lock")
                     .resize_target(params)?;
+                let name = params.get("name").and_then(Value::as_str).unwrap_or("");
                 if let Some(c) = cluster {
-                    real.resize_image(&c, &pool, &image, bytes).await?;
+                    real.resize_image(name, &c, &pool, &image, bytes).await?;
                 }
                 self.state.lock().expect("state lock").call(method, params)
             }
@@ -244,11 +245,34 @@ impl Emulator {
                         return Err(RpcError::eperm());
                     }
                 }
-                let size = real.image_size(&p).await?;
-                self.state
+                // Opened as SPDK opens it, and held while the bdev exists.
+                let (img, size) = real.open_image(&p).await?;
+                let r = self
+                    .state
                     .lock()
                     .expect("state lock")
-                    .create_rbd_bdev(p, size)
+                    .create_rbd_bdev(p, size);
+                if let Ok(Value::String(name)) = &r {
+                    real.hold(name, img);
+                }
+                r
+            }
+            ("bdev_rbd_delete", Some(real), true) => {
+                let r = self.state.lock().expect("state lock").call(method, params);
+                if let (Ok(_), Some(name)) = (&r, params.get("name").and_then(Value::as_str)) {
+                    real.release(name).await;
+                }
+                r
+            }
+            ("bdev_get_bdevs", Some(real), true) => {
+                // A grown image shows in its bdev once librbd's update watch said so.
+                for (name, bytes) in real.changed_sizes().await {
+                    self.state
+                        .lock()
+                        .expect("state lock")
+                        .follow_image_size(&name, bytes);
+                }
+                self.state.lock().expect("state lock").call(method, params)
             }
             _ => self.state.lock().expect("state lock").call(method, params),
         }

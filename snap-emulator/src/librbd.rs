@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use libloading::Library;
@@ -51,6 +52,10 @@ struct Api {
         unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
     open: unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
     resize: unsafe extern "C" fn(ImageT, u64) -> c_int,
+    update_watch:
+        unsafe extern "C" fn(ImageT, *mut u64, extern "C" fn(*mut c_void), *mut c_void) -> c_int,
+    update_unwatch: unsafe extern "C" fn(ImageT, u64) -> c_int,
+    flush: unsafe extern "C" fn(ImageT) -> c_int,
     get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
     close: unsafe extern "C" fn(ImageT) -> c_int,
 }
@@ -82,6 +87,9 @@ fn api() -> Result<&'static Api, LibError> {
             open_read_only: sym!(rbd, b"rbd_open_read_only\0"),
             open: sym!(rbd, b"rbd_open\0"),
             resize: sym!(rbd, b"rbd_resize\0"),
+            update_watch: sym!(rbd, b"rbd_update_watch\0"),
+            update_unwatch: sym!(rbd, b"rbd_update_unwatch\0"),
+            flush: sym!(rbd, b"rbd_flush\0"),
             get_size: sym!(rbd, b"rbd_get_size\0"),
             close: sym!(rbd, b"rbd_close\0"),
             _rados: rados,
@@ -199,16 +207,6 @@ impl Rados {
         Ok(Arc::new(me))
     }
 
-    /// Opens `pool/image` read-only, reads its size and closes it again. Blocking.
-    pub fn image_size(&self, pool: &str, image: &str) -> Result<u64, LibError> {
-        self.with_image(pool, image, false, |api, img| {
-            let mut size = 0u64;
-            // SAFETY: `img` is open for the duration of this closure.
-            check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) })?;
-            Ok(size)
-        })
-    }
-
     /// Grows `pool/image` to `bytes` (never shrinks it). Blocking.
     pub fn grow_image(&self, pool: &str, image: &str, bytes: u64) -> Result<(), LibError> {
         self.with_image(pool, image, true, |api, img| {
@@ -253,5 +251,123 @@ impl Rados {
         // SAFETY: destroys the pool handle created above, once, after its image was closed.
         unsafe { (api.ioctx_destroy)(io) };
         out
+    }
+}
+
+/// An image held open the way SPDK's rbd bdev holds it while the bdev exists
+/// (`bdev_rbd_init_context`: `rbd_open`, then `rbd_update_watch`; `bdev_rbd_free`:
+/// `rbd_update_unwatch`, `rbd_flush`, `rbd_close`). Ceph lists the open image's watcher, as it
+/// lists SNAP's. Closed when dropped.
+pub struct OpenImage {
+    /// Keeps the cluster connected while the image is open.
+    _rados: Arc<Rados>,
+    io: IoctxT,
+    img: ImageT,
+    watch: Option<u64>,
+    /// Set by librbd's update callback (a header change: a resize, for one).
+    changed: Box<AtomicBool>,
+}
+
+// SAFETY: librbd image handles may be used from any thread (SPDK calls them from its reactors
+// and librbd's own threads); this type only calls thread-safe functions on them.
+unsafe impl Send for OpenImage {}
+// SAFETY: as above.
+unsafe impl Sync for OpenImage {}
+
+impl std::fmt::Debug for OpenImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenImage")
+            .field("watch", &self.watch)
+            .finish()
+    }
+}
+
+/// librbd's update callback: marks the image changed (called on a librbd thread).
+extern "C" fn image_updated(arg: *mut c_void) {
+    // SAFETY: `arg` is the `AtomicBool` boxed in the `OpenImage` that registered this callback;
+    // the watch is unregistered before the box is dropped.
+    let changed = unsafe { &*(arg as *const AtomicBool) };
+    changed.store(true, Ordering::SeqCst);
+}
+
+impl Rados {
+    /// Opens `pool/image` read-write and watches it for updates, as SPDK does. Blocking.
+    pub fn open_image(self: &Arc<Self>, pool: &str, image: &str) -> Result<OpenImage, LibError> {
+        let api = api()?;
+        let (pool, image) = (cstr("pool_name", pool)?, cstr("rbd_name", image)?);
+        let mut io: IoctxT = std::ptr::null_mut();
+        // SAFETY: a connected handle, a valid out-pointer and a string outliving the call.
+        check("rados_ioctx_create", unsafe {
+            (api.ioctx_create)(self.handle, pool.as_ptr(), &mut io)
+        })?;
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live; a null snapshot name means the head.
+        let opened = check("rbd_open", unsafe {
+            (api.open)(io, image.as_ptr(), &mut img, std::ptr::null())
+        });
+        if let Err(e) = opened {
+            // SAFETY: destroys the pool handle created above, once.
+            unsafe { (api.ioctx_destroy)(io) };
+            return Err(e);
+        }
+        let mut me = OpenImage {
+            _rados: self.clone(),
+            io,
+            img,
+            watch: None,
+            changed: Box::new(AtomicBool::new(false)),
+        };
+        let mut handle = 0u64;
+        let arg = &*me.changed as *const AtomicBool as *mut c_void;
+        // SAFETY: `img` is open; `arg` points into a box that outlives the watch (see Drop).
+        // SPDK logs a failed watch and goes on; so does this.
+        if unsafe { (api.update_watch)(img, &mut handle, image_updated, arg) } >= 0 {
+            me.watch = Some(handle);
+        }
+        Ok(me)
+    }
+}
+
+impl OpenImage {
+    /// The image's size now (librbd refreshes the header when it changed).
+    pub fn size(&self) -> Result<u64, LibError> {
+        let api = api()?;
+        let mut size = 0u64;
+        // SAFETY: the image is open until `self` is dropped.
+        check("rbd_get_size", unsafe {
+            (api.get_size)(self.img, &mut size)
+        })?;
+        Ok(size)
+    }
+
+    /// Whether librbd said the image changed since the last call.
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Grows the image through this handle to `bytes` (SPDK's `bdev_rbd_resize` does the same).
+    pub fn grow(&self, bytes: u64) -> Result<(), LibError> {
+        let api = api()?;
+        if self.size()? < bytes {
+            // SAFETY: the image is open until `self` is dropped.
+            check("rbd_resize", unsafe { (api.resize)(self.img, bytes) })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OpenImage {
+    fn drop(&mut self) {
+        let Ok(api) = api() else { return };
+        // SAFETY: each handle was created in `open_image` and is released exactly once, here,
+        // in SPDK's order: unwatch, flush, close the image, then its pool handle.
+        unsafe {
+            if let Some(h) = self.watch.take() {
+                (api.update_unwatch)(self.img, h);
+            }
+            (api.flush)(self.img);
+            (api.close)(self.img);
+            (api.ioctx_destroy)(self.io);
+        }
     }
 }

@@ -1083,6 +1083,17 @@ impl State {
         Ok(b)
     }
 
+    /// A bdev's image grew to `bytes`: the bdev shows it (as SPDK's update callback does with
+    /// `spdk_bdev_notify_blockcnt_change`); a smaller size is ignored.
+    pub fn follow_image_size(&mut self, name: &str, bytes: u64) {
+        if let Some(b) = self.bdevs.get_mut(name) {
+            let blocks = bytes / u64::from(b.block_size);
+            if blocks > b.num_blocks {
+                b.num_blocks = blocks;
+            }
+        }
+    }
+
     /// For real-Ceph mode: decodes `bdev_rbd_resize`, checks it as SPDK does, and says which
     /// image to grow (pool, image, the registration it was opened through) and to how many bytes.
     pub fn resize_target(

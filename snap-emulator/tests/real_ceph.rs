@@ -142,3 +142,78 @@ async fn resize_grows_the_image_and_the_bdev_and_never_shrinks() {
         .await;
     assert_eq!(missing.unwrap_err().code, -19);
 }
+
+/// The watchers of an image, as `rbd status` lists them.
+fn watchers(c: &Cluster, image: &str) -> Vec<serde_json::Value> {
+    let out = c.cli_ok(
+        "rbd",
+        &["status", "--format", "json", &format!("{}/{image}", c.pool)],
+    );
+    serde_json::from_str::<Value>(&out).unwrap()["watchers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// SPDK v24.01 `bdev_rbd_init_context` opens the image (`rbd_open`) and registers an update
+/// watch (`rbd_update_watch`) for as long as the bdev exists; `bdev_rbd_free` unwatches and
+/// closes it. So Ceph lists SNAP's watcher exactly while the bdev exists, and a grown image
+/// reaches the bdev through the update callback (`spdk_bdev_notify_blockcnt_change`).
+#[tokio::test]
+async fn a_bdev_holds_its_image_open_and_follows_a_grow() {
+    let c = Cluster::from_env();
+    let image = unique("emu-watch");
+    c.cli_ok(
+        "rbd",
+        &["create", "--size", "64M", &format!("{}/{image}", c.pool)],
+    );
+    let emu = emulator();
+    emu.call(
+        "bdev_rbd_register_cluster",
+        &json!({"name": "ceph1", "user_id": c.id, "config_file": c.conf, "key_file": c.keyring}),
+    )
+    .await
+    .unwrap();
+    assert!(watchers(&c, &image).is_empty());
+    emu.call(
+        "bdev_rbd_create",
+        &json!({"name": "b1", "pool_name": c.pool, "rbd_name": image, "block_size": 4096, "cluster_name": "ceph1"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(watchers(&c, &image).len(), 1, "SNAP's watcher");
+
+    c.cli_ok(
+        "rbd",
+        &[
+            "resize",
+            "--no-progress",
+            "--size",
+            "160M",
+            &format!("{}/{image}", c.pool),
+        ],
+    );
+    // The update callback arrives asynchronously, as in SPDK.
+    let blocks = || async {
+        emu.call("bdev_get_bdevs", &json!({"name": "b1"}))
+            .await
+            .ok()
+            .and_then(|b| b[0]["num_blocks"].as_u64())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while blocks().await != Some((160u64 << 20) / 4096) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bdev never saw the grow"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    emu.call("bdev_rbd_delete", &json!({"name": "b1"}))
+        .await
+        .unwrap();
+    assert!(
+        watchers(&c, &image).is_empty(),
+        "no watcher after the bdev is deleted"
+    );
+}

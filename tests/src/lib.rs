@@ -1,6 +1,7 @@
 //! Helpers for tests that need real things: the one-node Ceph cluster, the project's binaries,
 //! free loopback ports. The end-to-end tests themselves are in `tests/tests/`.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -166,17 +167,38 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Processes killed when dropped.
+/// Processes stopped, with everything they started, when dropped (see [`stop_group`]). Each
+/// is spawned as the leader of its own process group (the commands here set that up).
 #[derive(Default)]
 pub struct Procs(pub Vec<std::process::Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_group(c);
         }
     }
+}
+
+/// Stops `leader`'s process group: SIGTERM to all of it (a SNAP emulator then closes its images,
+/// so Ceph drops its watches at once instead of after the watch timeout), a poll until the group
+/// is gone (at most 10 s), then SIGKILL, and reaps the leader. Also reaches what a leader killed
+/// earlier left behind in its group (an emulator that outlived its agent).
+pub fn stop_group(leader: &mut std::process::Child) {
+    use nix::sys::signal::{killpg, Signal};
+    let pgid = nix::unistd::Pid::from_raw(leader.id() as i32);
+    let _ = killpg(pgid, Signal::SIGTERM);
+    let _ = leader.kill();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let _ = leader.try_wait();
+        if killpg(pgid, None).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let _ = leader.wait();
 }
 
 /// Runs `unistor` with `args`.
@@ -231,6 +253,7 @@ pub fn ceph_agent_command(
 ) -> Command {
     let mut cmd = Command::new(bin("ceph-agent"));
     cmd.args(["--name", name, "--listen", addr])
+        .process_group(0)
         .arg("--pki-dir")
         .arg(pki)
         .arg("--state-dir")
@@ -306,6 +329,7 @@ pub fn dpu_agent_command(
 ) -> Command {
     let mut cmd = Command::new(bin("dpu-agent"));
     cmd.args(["--name", name, "--listen", addr])
+        .process_group(0)
         .args(["--platform", "simulation"]);
     if !extra.iter().any(|a| a.starts_with("--poll-interval")) {
         cmd.args(["--poll-interval", "500ms"]);

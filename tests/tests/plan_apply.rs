@@ -72,6 +72,8 @@ fn write_manifests(lab: &Lab, c: &Cluster, volumes: &[(&str, usize, &str, &str)]
     let dir = lab.manifests();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    // One SNAP identity for the whole test: SNAP's watch is recognised by it.
+    let snap_id = format!("snap-e2e-{}", std::process::id());
     let base = format!(
         "apiVersion: unistor.io/v1alpha1
 kind: CephCluster
@@ -97,11 +99,7 @@ spec:
   host: host-1
   snap: {{version: 4.5.0, functions: {{pfs: 1, vfsPerPf: 2}}}}
 ",
-        lab.ceph_addr,
-        c.pool,
-        unique("snap-e2e"),
-        lab.dpu_addrs[0],
-        lab.dpu_addrs[1]
+        lab.ceph_addr, c.pool, snap_id, lab.dpu_addrs[0], lab.dpu_addrs[1]
     );
     std::fs::write(dir.join("fleet.yaml"), base).unwrap();
     let mut vols = String::new();

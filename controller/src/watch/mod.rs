@@ -369,7 +369,8 @@ async fn reconcile(
             }
             break;
         }
-        let checked = crate::ops::with_live_watchers(&p, &observed, &fleet, &a.rails).await;
+        let checked =
+            crate::ops::with_live_watchers(&p, &desired, &observed, &fleet, &a.rails).await;
         if let Err(e) = check_rails(&p, &desired, &checked, &a.rails) {
             let text = protocol::error::chain(&e);
             summary.result = "refused".into();
