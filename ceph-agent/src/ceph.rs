@@ -429,9 +429,11 @@ pub fn parse_omap_dump(text: &str) -> Result<BTreeMap<String, Vec<u8>>, String> 
 pub const SWEEP_PARALLEL: usize = 4;
 /// The agent counts as busy with its own mutations while one runs and this long after.
 pub const SWEEP_QUIET: Duration = Duration::from_secs(2);
-/// While busy, the sweep reads one image per this many ticks: an apply of thousands of images
-/// gets the CPU (each sweep read is two CLI processes), yet a steady stream of mutations can
-/// only slow the sweep down by this factor, never stop it.
+/// For this long into a busy spell the sweep reads nothing: an apply gets the CPU (each sweep
+/// read is two CLI processes), and what the agent mutates it knows anyway.
+pub const SWEEP_BUSY_GRACE: Duration = Duration::from_secs(60);
+/// After [`SWEEP_BUSY_GRACE`], while still busy, the sweep reads one image per this many ticks:
+/// a steady stream of mutations can slow the sweep down, never stop it.
 pub const SWEEP_BUSY_SLOWDOWN: u32 = 10;
 
 /// Tuning of the agent's view and its sweep.
@@ -1672,7 +1674,8 @@ impl<R: Runner> Ceph<R> {
     /// The sweep, forever: pool listings every [`ViewOptions::pool_refresh`], and one image
     /// every `1 / sweep_rate` seconds (up to [`SWEEP_PARALLEL`] reads at once, so that slow
     /// commands do not lower the rate). While the agent is [busy](Self::busy) with its own
-    /// mutations, image reads slow down [`SWEEP_BUSY_SLOWDOWN`] times: the agent's own work
+    /// mutations, image reads pause for [`SWEEP_BUSY_GRACE`], then go on
+    /// [`SWEEP_BUSY_SLOWDOWN`] times slower: the agent's own work
     /// comes first, and what it mutates it knows. It never holds a lock that reports or
     /// mutations wait for.
     pub async fn sweep_loop(&self) {
@@ -1694,10 +1697,16 @@ impl<R: Runner> Ceph<R> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut reads = futures::stream::FuturesUnordered::new();
             let mut held_back = 0;
+            let mut busy_since: Option<Instant> = None;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if self.busy() && held_back + 1 < SWEEP_BUSY_SLOWDOWN {
+                        let busy = self.busy();
+                        busy_since = if busy { busy_since.or(Some(Instant::now())) } else { None };
+                        if busy_since.is_some_and(|t| t.elapsed() < SWEEP_BUSY_GRACE) {
+                            continue;
+                        }
+                        if busy && held_back + 1 < SWEEP_BUSY_SLOWDOWN {
                             held_back += 1;
                             continue;
                         }

@@ -214,7 +214,7 @@ impl RealCeph {
             .ok_or_else(RpcError::eperm)?;
         let (pool, image) = (pool.to_string(), image.to_string());
         self.blocking("resize image", move |_| {
-            handle.grow_image(&pool, &image, bytes)
+            handle.open_image(&pool, &image)?.grow(bytes)
         })
         .await
     }

@@ -48,8 +48,6 @@ struct Api {
     shutdown: unsafe extern "C" fn(RadosT),
     ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut IoctxT) -> c_int,
     ioctx_destroy: unsafe extern "C" fn(IoctxT),
-    open_read_only:
-        unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
     open: unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
     resize: unsafe extern "C" fn(ImageT, u64) -> c_int,
     update_watch:
@@ -84,7 +82,6 @@ fn api() -> Result<&'static Api, LibError> {
             shutdown: sym!(rados, b"rados_shutdown\0"),
             ioctx_create: sym!(rados, b"rados_ioctx_create\0"),
             ioctx_destroy: sym!(rados, b"rados_ioctx_destroy\0"),
-            open_read_only: sym!(rbd, b"rbd_open_read_only\0"),
             open: sym!(rbd, b"rbd_open\0"),
             resize: sym!(rbd, b"rbd_resize\0"),
             update_watch: sym!(rbd, b"rbd_update_watch\0"),
@@ -205,52 +202,6 @@ impl Rados {
         // SAFETY: a configured, live handle.
         check("rados_connect", unsafe { (api.connect)(me.handle) })?;
         Ok(Arc::new(me))
-    }
-
-    /// Grows `pool/image` to `bytes` (never shrinks it). Blocking.
-    pub fn grow_image(&self, pool: &str, image: &str, bytes: u64) -> Result<(), LibError> {
-        self.with_image(pool, image, true, |api, img| {
-            let mut size = 0u64;
-            // SAFETY: `img` is open for the duration of this closure.
-            check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) })?;
-            if size < bytes {
-                // SAFETY: as above.
-                check("rbd_resize", unsafe { (api.resize)(img, bytes) })?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Runs `f` on `pool/image`, opened (read-write when `write`) for the call only.
-    fn with_image<T>(
-        &self,
-        pool: &str,
-        image: &str,
-        write: bool,
-        f: impl FnOnce(&Api, ImageT) -> Result<T, LibError>,
-    ) -> Result<T, LibError> {
-        let api = api()?;
-        let (pool, image) = (cstr("pool_name", pool)?, cstr("rbd_name", image)?);
-        let mut io: IoctxT = std::ptr::null_mut();
-        // SAFETY: a connected handle, a valid out-pointer and a string outliving the call.
-        check("rados_ioctx_create", unsafe {
-            (api.ioctx_create)(self.handle, pool.as_ptr(), &mut io)
-        })?;
-        let mut img: ImageT = std::ptr::null_mut();
-        let open = if write { api.open } else { api.open_read_only };
-        // SAFETY: `io` is live until destroyed below; a null snapshot name means the head.
-        let opened = check("rbd_open", unsafe {
-            open(io, image.as_ptr(), &mut img, std::ptr::null())
-        });
-        let out = opened.and_then(|()| {
-            let r = f(api, img);
-            // SAFETY: closes the image opened above, once, after its last use.
-            unsafe { (api.close)(img) };
-            r
-        });
-        // SAFETY: destroys the pool handle created above, once, after its image was closed.
-        unsafe { (api.ioctx_destroy)(io) };
-        out
     }
 }
 

@@ -99,13 +99,10 @@ async fn clusters_and_images_are_checked_against_ceph() {
     );
 }
 
-/// SPDK v24.01 `bdev_rbd_resize` (module/bdev/rbd/bdev_rbd.c): a size in MiB not below the
-/// bdev's (else -EINVAL, before anything changes), `rbd_resize` of the image through the bdev's
-/// handle, then the bdev's new block count.
-#[tokio::test]
-async fn resize_grows_the_image_and_the_bdev_and_never_shrinks() {
+/// A 64 MiB image and an emulator in real-Ceph mode with cluster `ceph1` registered.
+async fn with_registered_cluster(prefix: &str) -> (Cluster, std::sync::Arc<Emulator>, String) {
     let c = Cluster::from_env();
-    let image = unique("emu-resize");
+    let image = unique(prefix);
     c.cli_ok(
         "rbd",
         &["create", "--size", "64M", &format!("{}/{image}", c.pool)],
@@ -117,6 +114,15 @@ async fn resize_grows_the_image_and_the_bdev_and_never_shrinks() {
     )
     .await
     .unwrap();
+    (c, emu, image)
+}
+
+/// SPDK v24.01 `bdev_rbd_resize` (module/bdev/rbd/bdev_rbd.c): a size in MiB not below the
+/// bdev's (else -EINVAL, before anything changes), `rbd_resize` of the image through the bdev's
+/// handle, then the bdev's new block count.
+#[tokio::test]
+async fn resize_grows_the_image_and_the_bdev_and_never_shrinks() {
+    let (c, emu, image) = with_registered_cluster("emu-resize").await;
     emu.call(
         "bdev_rbd_create",
         &json!({"name": "b1", "pool_name": c.pool, "rbd_name": image, "block_size": 4096, "cluster_name": "ceph1"}),
@@ -161,19 +167,7 @@ fn watchers(c: &Cluster, image: &str) -> Vec<serde_json::Value> {
 /// reaches the bdev through the update callback (`spdk_bdev_notify_blockcnt_change`).
 #[tokio::test]
 async fn a_bdev_holds_its_image_open_and_follows_a_grow() {
-    let c = Cluster::from_env();
-    let image = unique("emu-watch");
-    c.cli_ok(
-        "rbd",
-        &["create", "--size", "64M", &format!("{}/{image}", c.pool)],
-    );
-    let emu = emulator();
-    emu.call(
-        "bdev_rbd_register_cluster",
-        &json!({"name": "ceph1", "user_id": c.id, "config_file": c.conf, "key_file": c.keyring}),
-    )
-    .await
-    .unwrap();
+    let (c, emu, image) = with_registered_cluster("emu-watch").await;
     assert!(watchers(&c, &image).is_empty());
     emu.call(
         "bdev_rbd_create",
