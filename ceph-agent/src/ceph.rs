@@ -967,6 +967,13 @@ impl<R: Runner> Ceph<R> {
                         self.with_view(|v| v.set(&spec, status, now));
                     }
                 }
+                // A loaded view is at generation 1 at least, even empty: 0 means "nothing read
+                // yet" to a controller, which could otherwise never ask for changes since it.
+                self.with_view(|v| {
+                    if v.generation() == 0 {
+                        v.bump();
+                    }
+                });
                 tracing::info!(
                     images = self.view().len(),
                     commands = self.calls(),

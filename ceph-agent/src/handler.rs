@@ -527,6 +527,22 @@ mod report_cost {
     }
 
     #[tokio::test]
+    async fn an_empty_view_still_has_a_generation_to_ask_changes_since() {
+        let ceph = Ceph::new(Canned { n: 0 }, None);
+        let first = ceph.changes(0, None, MAX_PAGE).await.unwrap();
+        assert!(first.full && first.images.is_empty());
+        assert!(first.generation >= 1, "{first:?}");
+        let next = ceph
+            .changes(first.generation, None, MAX_PAGE)
+            .await
+            .unwrap();
+        assert!(
+            !next.full,
+            "a controller that read everything gets deltas: {next:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_report_costs_at_most_four_commands_at_a_thousand_images() {
         let ceph = Ceph::new(Canned { n: 1000 }, None);
         ceph.load().await.unwrap();

@@ -191,9 +191,19 @@ struct Bdev {
     image: String,
     block_size: u32,
     num_blocks: u64,
+    /// Lower case.
     uuid: String,
     cluster: Option<String>,
     user_id: Option<String>,
+    /// Whether the UUID is also the name (then it is no alias).
+    uuid_is_name: bool,
+}
+
+impl Bdev {
+    /// The bdev's alias: its UUID, unless that is its name.
+    fn alias(&self) -> Option<&str> {
+        (!self.uuid_is_name).then_some(self.uuid.as_str())
+    }
 }
 
 /// The whole SNAP state.
@@ -932,7 +942,7 @@ impl State {
             .any(|s| s.namespaces.values().any(|n| n.bdev == name));
         json!({
             "name": name,
-            "aliases": [],
+            "aliases": b.alias().into_iter().collect::<Vec<_>>(),
             "product_name": "Ceph Rbd Disk",
             "block_size": b.block_size,
             "num_blocks": b.num_blocks,
@@ -950,7 +960,7 @@ impl State {
         let _ = p.timeout;
         match &p.name {
             Some(n) => {
-                let b = self.bdevs.get(n).ok_or_else(RpcError::enodev)?;
+                let (n, b) = self.bdev_by_name(n).ok_or_else(RpcError::enodev)?;
                 Ok(json!([self.bdev_json(n, b)]))
             }
             None => Ok(json!(self
@@ -959,6 +969,15 @@ impl State {
                 .map(|(n, b)| self.bdev_json(n, b))
                 .collect::<Vec<_>>())),
         }
+    }
+
+    /// A bdev by its name or an alias. SPDK v24.01 registers every bdev's lower-case UUID as an
+    /// alias (lib/bdev/bdev.c, `bdev_register`: `spdk_bdev_alias_add` unless the UUID is the
+    /// name), in the one name tree `spdk_bdev_get_by_name` searches.
+    fn bdev_by_name(&self, name: &str) -> Option<(&String, &Bdev)> {
+        self.bdevs
+            .get_key_value(name)
+            .or_else(|| self.bdevs.iter().find(|(_, b)| b.alias() == Some(name)))
     }
 
     /// Registers a cluster (after the caller checked the credentials, in real-Ceph mode).
@@ -1035,13 +1054,17 @@ impl State {
                 n
             }
         };
-        if self.bdevs.contains_key(&name) {
-            return Err(RpcError::eexist());
-        }
         let uuid = match p.uuid {
-            Some(u) => u,
+            Some(u) => u.to_ascii_lowercase(),
             None => self.new_uuid(),
         };
+        // One name tree for names and aliases (`bdev_name_add`: -EEXIST): neither the name nor the
+        // UUID alias may be taken by another bdev's name or alias.
+        if self.bdev_by_name(&name).is_some()
+            || (uuid != name && self.bdev_by_name(&uuid).is_some())
+        {
+            return Err(RpcError::eexist());
+        }
         self.bdevs.insert(
             name.clone(),
             Bdev {
@@ -1049,6 +1072,7 @@ impl State {
                 image: p.rbd_name,
                 block_size: p.block_size,
                 num_blocks: image_size / u64::from(p.block_size),
+                uuid_is_name: uuid == name,
                 uuid,
                 cluster: p.cluster_name,
                 user_id: p.user_id,

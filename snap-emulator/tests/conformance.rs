@@ -838,3 +838,35 @@ async fn connection_cap_and_request_size_limit() {
     let _ = c.s.write_all(big.as_bytes()).await;
     assert!(c.line().await.is_none());
 }
+
+/// SPDK v24.01 lib/bdev/bdev.c `bdev_register`: every bdev's lower-case UUID becomes an alias
+/// (`spdk_bdev_alias_add`, unless it is the name), in the one name tree that names and aliases
+/// share (`bdev_name_add`: `-EEXIST` for a taken one) and that `spdk_bdev_get_by_name` searches;
+/// lib/bdev/bdev_rpc.c `rpc_dump_bdev_info` lists the aliases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdev_uuids_are_aliases() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    c.ok(
+        "bdev_rbd_register_cluster",
+        json!({"name": "ceph1", "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD0nXFlAAAAABAAnb1T8z9wOLo5k6d2zC2h3Q=="}}),
+    )
+    .await;
+    let upper = UUID1.to_ascii_uppercase();
+    c.ok("bdev_rbd_create", json!({"name": "a", "pool_name": "rbd", "rbd_name": "a", "block_size": 4096, "cluster_name": "ceph1", "uuid": upper})).await;
+    let by_uuid = c.ok("bdev_get_bdevs", json!({"name": UUID1})).await;
+    assert_eq!(by_uuid[0]["name"], "a", "found by its UUID");
+    assert_eq!(by_uuid[0]["aliases"], json!([UUID1]), "listed lower-case");
+    assert_eq!(by_uuid[0]["uuid"], UUID1);
+    // The UUID is taken, as a name and as an alias.
+    assert_eq!(
+        c.err("bdev_rbd_create", json!({"name": "b", "pool_name": "rbd", "rbd_name": "b", "block_size": 4096, "cluster_name": "ceph1", "uuid": UUID1})).await,
+        -17
+    );
+    assert_eq!(
+        c.err("bdev_rbd_create", json!({"name": UUID1, "pool_name": "rbd", "rbd_name": "b", "block_size": 4096, "cluster_name": "ceph1"})).await,
+        -17
+    );
+    let all = c.ok("bdev_get_bdevs", Value::Null).await;
+    assert_eq!(all.as_array().unwrap().len(), 1);
+}
