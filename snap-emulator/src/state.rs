@@ -197,6 +197,9 @@ struct Bdev {
     user_id: Option<String>,
     /// Whether the UUID is also the name (then it is no alias).
     uuid_is_name: bool,
+    /// Registration order: SPDK lists bdevs in it (`spdk_bdev_first`/`spdk_bdev_next` walk
+    /// `g_bdev_mgr.bdevs`, a TAILQ appended to by `bdev_register`).
+    seq: u64,
 }
 
 impl Bdev {
@@ -216,6 +219,10 @@ pub struct State {
     clusters: BTreeMap<String, ClusterParams>,
     next_ctrl: u32,
     next_bdev: u32,
+    /// Registration counter (bdevs and clusters are listed in registration order).
+    registered: u64,
+    /// Cluster names in registration order (SPDK's `g_map_bdev_rbd_cluster` STAILQ).
+    cluster_order: Vec<String>,
     uuid_seed: u64,
     rbd_enabled: bool,
     /// Image size assumed for bdevs when no real cluster is consulted.
@@ -426,6 +433,8 @@ impl State {
             clusters: BTreeMap::new(),
             next_ctrl: 1,
             next_bdev: 0,
+            registered: 0,
+            cluster_order: vec![],
             uuid_seed,
             rbd_enabled,
             default_image_size: 1 << 30,
@@ -963,11 +972,14 @@ impl State {
                 let (n, b) = self.bdev_by_name(n).ok_or_else(RpcError::enodev)?;
                 Ok(json!([self.bdev_json(n, b)]))
             }
-            None => Ok(json!(self
-                .bdevs
-                .iter()
-                .map(|(n, b)| self.bdev_json(n, b))
-                .collect::<Vec<_>>())),
+            None => {
+                let mut all: Vec<(&String, &Bdev)> = self.bdevs.iter().collect();
+                all.sort_by_key(|(_, b)| b.seq);
+                Ok(json!(all
+                    .into_iter()
+                    .map(|(n, b)| self.bdev_json(n, b))
+                    .collect::<Vec<_>>()))
+            }
         }
     }
 
@@ -987,6 +999,7 @@ impl State {
         }
         let name = p.name.clone();
         self.clusters.insert(name.clone(), p);
+        self.cluster_order.push(name.clone());
         Ok(json!(name))
     }
 
@@ -1005,13 +1018,27 @@ impl State {
             return Err(RpcError::eperm());
         }
         self.clusters.remove(name);
+        self.cluster_order.retain(|n| n != name);
         Ok(json!(true))
     }
 
     fn clusters_info(&self, name: Option<&str>) -> Result<Value, RpcError> {
+        // SPDK v24.01 `dump_single_cluster_entry` (module/bdev/rbd/bdev_rbd.c): the name, then
+        // each of the others only where set; the list in registration order.
         let info = |(n, c): (&String, &ClusterParams)| {
-            json!({"cluster_name": n, "user_id": c.user_id, "config_param": c.config_param,
-                   "config_file": c.config_file, "key_file": c.key_file, "core_mask": c.core_mask})
+            let mut v = json!({"cluster_name": n});
+            for (k, x) in [
+                ("user_id", json!(c.user_id)),
+                ("config_param", json!(c.config_param)),
+                ("config_file", json!(c.config_file)),
+                ("key_file", json!(c.key_file)),
+                ("core_mask", json!(c.core_mask)),
+            ] {
+                if !x.is_null() {
+                    v[k] = x;
+                }
+            }
+            v
         };
         match name {
             Some(n) => {
@@ -1022,7 +1049,12 @@ impl State {
                 Ok(info(c))
             }
             None if self.clusters.is_empty() => Err(RpcError::enoent()),
-            None => Ok(json!(self.clusters.iter().map(info).collect::<Vec<_>>())),
+            None => Ok(json!(self
+                .cluster_order
+                .iter()
+                .filter_map(|n| self.clusters.get_key_value(n))
+                .map(info)
+                .collect::<Vec<_>>())),
         }
     }
 
@@ -1054,6 +1086,7 @@ impl State {
                 n
             }
         };
+        self.registered += 1;
         let uuid = match p.uuid {
             Some(u) => u.to_ascii_lowercase(),
             None => self.new_uuid(),
@@ -1073,6 +1106,7 @@ impl State {
                 block_size: p.block_size,
                 num_blocks: image_size / u64::from(p.block_size),
                 uuid_is_name: uuid == name,
+                seq: self.registered,
                 uuid,
                 cluster: p.cluster_name,
                 user_id: p.user_id,

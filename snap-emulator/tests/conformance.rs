@@ -870,3 +870,44 @@ async fn bdev_uuids_are_aliases() {
     let all = c.ok("bdev_get_bdevs", Value::Null).await;
     assert_eq!(all.as_array().unwrap().len(), 1);
 }
+
+/// SPDK v24.01 lists bdevs in registration order (`rpc_bdev_get_bdevs` walks
+/// `spdk_bdev_first`/`spdk_bdev_next` over the TAILQ `bdev_register` appends to) and rbd
+/// clusters likewise (`bdev_rbd_get_clusters_info` walks the `g_map_bdev_rbd_cluster` STAILQ),
+/// each cluster's optional fields only where set (`dump_single_cluster_entry`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_keep_registration_order() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    for name in ["zeta", "alpha"] {
+        c.ok(
+            "bdev_rbd_register_cluster",
+            json!({"name": name, "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD0nXFlAAAAABAAnb1T8z9wOLo5k6d2zC2h3Q=="}}),
+        )
+        .await;
+    }
+    for name in ["zz", "aa", "mm"] {
+        c.ok("bdev_rbd_create", json!({"name": name, "pool_name": "rbd", "rbd_name": name, "block_size": 4096, "cluster_name": "alpha"})).await;
+    }
+    let bdevs = c.ok("bdev_get_bdevs", Value::Null).await;
+    let names: Vec<&str> = bdevs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["zz", "aa", "mm"]);
+    let clusters = c.ok("bdev_rbd_get_clusters_info", Value::Null).await;
+    let names: Vec<&str> = clusters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["cluster_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["zeta", "alpha"]);
+    let zeta = clusters[0].as_object().unwrap();
+    assert!(
+        !zeta.contains_key("config_file") && !zeta.contains_key("core_mask"),
+        "{zeta:?}"
+    );
+}
