@@ -4,7 +4,8 @@
 //!   request may be split across reads and several may arrive in one read.
 //! - Each response is one JSON object followed by `\n`.
 //! - A parse error is answered with -32700 and the connection is closed (a stream has no resync
-//!   point). A batch (top-level array) or any other malformed request is -32600.
+//!   point); so is a request nested deeper than 64 or of more than 1,024 values (SPDK's limits).
+//!   A batch (top-level array) or any other malformed request is -32600.
 //! - A request without an id (or with `id: null`) gets no success response; errors are still sent.
 //! - At most 64 connections (SPDK's limit); a request may not exceed 32 KiB (SPDK's receive
 //!   buffer): a connection whose unparsed input reaches that size is closed.
@@ -26,6 +27,29 @@ use crate::Emulator;
 pub const MAX_CONNECTIONS: usize = 64;
 /// SPDK's receive buffer: the largest request accepted.
 pub const MAX_REQUEST: usize = 32 * 1024;
+/// JSON values per request (SPDK v24.01 `SPDK_JSONRPC_MAX_VALUES`, lib/jsonrpc/jsonrpc_internal.h).
+pub const MAX_VALUES: usize = 1024;
+/// Containers nested at most (SPDK v24.01 `SPDK_JSON_MAX_NESTING_DEPTH`, lib/json/json_parse.c).
+pub const MAX_NESTING: usize = 64;
+
+/// Values as `spdk_json_parse` counts them: one per scalar and per object member name, two per
+/// array or object (begin and end).
+pub fn spdk_values(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 2 + a.iter().map(spdk_values).sum::<usize>(),
+        Value::Object(o) => 2 + o.values().map(|x| 1 + spdk_values(x)).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// Containers nested in `v` (a scalar: 0).
+pub fn nesting(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(o) => 1 + o.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}
 
 /// Serves `listener` until `stop` turns true or the emulator decides to exit (`exit_after`).
 pub async fn serve(listener: UnixListener, emu: Arc<Emulator>, mut stop: watch::Receiver<bool>) {
@@ -100,6 +124,15 @@ async fn connection(mut stream: UnixStream, emu: Arc<Emulator>) {
         // Drain every complete request already buffered.
         loop {
             match next_value(&buf) {
+                // SPDK v24.01 `jsonrpc_parse_request` (lib/jsonrpc/jsonrpc_server.c): a value
+                // `spdk_json_parse` refuses (nested deeper than 64) or one of more than 1,024
+                // values is a parse error, and the connection is closed.
+                Next::Value(v, _) if spdk_values(&v) > MAX_VALUES || nesting(&v) > MAX_NESTING => {
+                    let _ =
+                        write_line(&mut stream, &error_response(Value::Null, parse_error())).await;
+                    debug!(conn, "Too many values or too deep; closing.");
+                    return;
+                }
                 Next::Value(v, used) => {
                     buf.drain(..used);
                     if let Some(out) = emu.handle_request(v).await {

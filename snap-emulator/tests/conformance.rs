@@ -911,3 +911,50 @@ async fn listings_keep_registration_order() {
         "{zeta:?}"
     );
 }
+
+/// SPDK v24.01 `jsonrpc_parse_request` (lib/jsonrpc/jsonrpc_server.c): a request `spdk_json_parse`
+/// refuses — nested deeper than `SPDK_JSON_MAX_NESTING_DEPTH` (64, lib/json/json_parse.c) — or
+/// one of more than `SPDK_JSONRPC_MAX_VALUES` (1,024) values, counted as `spdk_json_parse` counts
+/// (one per scalar and member name, two per container), is a parse error with `id: null`, and the
+/// connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_limits_are_spdks() {
+    let emu = Emu::start(|_| {}).await;
+    let nested = |depth: usize| {
+        format!(
+            r#"{{"id":1,"method":"spdk_get_version","params":{{"x":{}1{}}}}}"#,
+            "[".repeat(depth - 2),
+            "]".repeat(depth - 2)
+        )
+    };
+    // 64 containers deep (the request object, params, 62 arrays): answered.
+    let mut c = emu.client().await;
+    c.raw(nested(64).as_bytes()).await;
+    let ok: Value = serde_json::from_str(&c.line().await.expect("an answer")).unwrap();
+    assert_eq!(ok["id"], 1, "{ok}");
+    // 65: a parse error, then the connection closes.
+    c.raw(nested(65).as_bytes()).await;
+    let e: Value = serde_json::from_str(&c.line().await.expect("an answer")).unwrap();
+    assert_eq!(
+        (e["error"]["code"].as_i64(), &e["id"]),
+        (Some(-32700), &Value::Null)
+    );
+    assert!(c.line().await.is_none(), "closed");
+
+    // 1,024 values pass (the envelope: begin, 3 names, id, method, end = 7 values; params: an
+    // array of n numbers = n + 2 values, after its name), 1,025 do not.
+    let many = |n: usize| {
+        format!(
+            r#"{{"id":2,"method":"spdk_get_version","params":[{}]}}"#,
+            vec!["0"; n].join(",")
+        )
+    };
+    let mut c = emu.client().await;
+    c.raw(many(1024 - 9).as_bytes()).await;
+    let ok: Value = serde_json::from_str(&c.line().await.expect("an answer")).unwrap();
+    assert_eq!(ok["id"], 2, "{ok}");
+    c.raw(many(1024 - 8).as_bytes()).await;
+    let e: Value = serde_json::from_str(&c.line().await.expect("an answer")).unwrap();
+    assert_eq!(e["error"]["code"], -32700, "{e}");
+    assert!(c.line().await.is_none(), "closed");
+}

@@ -121,11 +121,13 @@ impl std::fmt::Debug for SnapClient {
     }
 }
 
+/// JSON values as SPDK counts them against its 1,024 (`spdk_json_parse`, lib/json/json_parse.c):
+/// one per scalar and per object member name, two per array or object (its begin and its end).
 fn count_values(v: &Value) -> usize {
-    1 + match v {
-        Value::Array(a) => a.iter().map(count_values).sum(),
-        Value::Object(o) => o.values().map(count_values).sum(),
-        _ => 0,
+    match v {
+        Value::Array(a) => 2 + a.iter().map(count_values).sum::<usize>(),
+        Value::Object(o) => 2 + o.values().map(|x| 1 + count_values(x)).sum::<usize>(),
+        _ => 1,
     }
 }
 
