@@ -264,17 +264,44 @@ impl Emulator {
                 }
                 r
             }
-            ("bdev_get_bdevs", Some(real), true) => {
+            ("bdev_get_bdevs", real, true) => {
                 // A grown image shows in its bdev once librbd's update watch said so.
-                for (name, bytes) in real.changed_sizes().await {
-                    self.state
-                        .lock()
-                        .expect("state lock")
-                        .follow_image_size(&name, bytes);
+                if let Some(real) = real {
+                    for (name, bytes) in real.changed_sizes().await {
+                        self.state
+                            .lock()
+                            .expect("state lock")
+                            .follow_image_size(&name, bytes);
+                    }
                 }
-                self.state.lock().expect("state lock").call(method, params)
+                self.get_bdevs_waiting(params).await
             }
             _ => self.state.lock().expect("state lock").call(method, params),
+        }
+    }
+
+    /// `bdev_get_bdevs`: a named bdev that does not exist yet is waited for up to `timeout` ms,
+    /// as SPDK v24.01's `rpc_bdev_get_bdevs` does (lib/bdev/bdev_rpc.c: `spdk_bdev_open_async`
+    /// with `timeout_ms`), then -19. Other calls go on meanwhile.
+    async fn get_bdevs_waiting(&self, params: &Value) -> Result<Value, RpcError> {
+        let timeout = params
+            .get("timeout")
+            .and_then(Value::as_u64)
+            .filter(|_| params.get("name").is_some_and(Value::is_string))
+            .unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
+        loop {
+            let r = self
+                .state
+                .lock()
+                .expect("state lock")
+                .call("bdev_get_bdevs", params);
+            match r {
+                Err(e) if e.code == -19 && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
         }
     }
 

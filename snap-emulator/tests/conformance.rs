@@ -958,3 +958,37 @@ async fn json_limits_are_spdks() {
     assert_eq!(e["error"]["code"], -32700, "{e}");
     assert!(c.line().await.is_none(), "closed");
 }
+
+/// SPDK v24.01 `rpc_bdev_get_bdevs` (lib/bdev/bdev_rpc.c): with a `name`, `timeout` (ms) waits for
+/// the bdev to appear (`spdk_bdev_open_async` with `timeout_ms`), then answers -19.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_bdevs_waits_for_a_named_bdev_up_to_its_timeout() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    c.ok(
+        "bdev_rbd_register_cluster",
+        json!({"name": "ceph1", "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD0nXFlAAAAABAAnb1T8z9wOLo5k6d2zC2h3Q=="}}),
+    )
+    .await;
+    // Nobody creates it: -19 once the timeout has passed (and not before).
+    let t = std::time::Instant::now();
+    assert_eq!(
+        c.err("bdev_get_bdevs", json!({"name": "late", "timeout": 300}))
+            .await,
+        -19
+    );
+    // A lower bound, not a speed check: the answer cannot come before the timeout ran out.
+    assert!(t.elapsed() >= Duration::from_millis(300), "it waited");
+    // Created by another client while the first waits: found.
+    let waiter = tokio::spawn({
+        let mut c = emu.client().await;
+        async move {
+            c.ok("bdev_get_bdevs", json!({"name": "late", "timeout": 30000}))
+                .await
+        }
+    });
+    let mut other = emu.client().await;
+    other.ok("bdev_rbd_create", json!({"name": "late", "pool_name": "rbd", "rbd_name": "late", "block_size": 4096, "cluster_name": "ceph1"})).await;
+    let found = waiter.await.unwrap();
+    assert_eq!(found[0]["name"], "late");
+}
