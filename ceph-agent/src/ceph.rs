@@ -900,6 +900,25 @@ impl<R: Runner> Ceph<R> {
             .collect())
     }
 
+    /// `rbd ls --long` of a pool. It opens every image it lists, so an image removed between its
+    /// listing and its opening fails the whole command with ENOENT: that race (someone else's
+    /// removal, not a state) is retried a few times before it counts as a failure.
+    async fn ls_long(&self, pool: &PoolName) -> Result<Vec<LsEntry>, CephError> {
+        let mut attempt = 0;
+        loop {
+            let inv = rbd()
+                .args(["ls", "--long", "--format", "json", "--"])
+                .arg(pool.as_str());
+            match self.json(inv).await {
+                Err(e) if gone(&e) && attempt < 4 => {
+                    attempt += 1;
+                    tracing::debug!(pool = %pool, attempt, "An image went while rbd ls --long listed it; again.");
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Reads every pool's index and trash, and the sizes of its live images (`rbd ls --long`,
     /// one command per pool), into the view; entries written by older agents (without owner and
     /// features) are read image by image. Runs once; later calls wait for the first.
@@ -919,13 +938,7 @@ impl<R: Runner> Ceph<R> {
                         continue;
                     }
                     let trash = self.trash(&pool).await?;
-                    let ls: Vec<LsEntry> = self
-                        .json(
-                            rbd()
-                                .args(["ls", "--long", "--format", "json", "--"])
-                                .arg(pool.as_str()),
-                        )
-                        .await?;
+                    let ls = self.ls_long(&pool).await?;
                     let sizes: BTreeMap<&str, u64> =
                         ls.iter().map(|e| (e.image.as_str(), e.size)).collect();
                     let mut legacy = vec![];

@@ -526,6 +526,49 @@ mod report_cost {
         }
     }
 
+    /// [`Canned`], except that the first `rbd ls --long` fails as it does when an image is removed
+    /// while it lists it.
+    struct RaceOnce {
+        inner: Canned,
+        raced: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Runner for RaceOnce {
+        async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
+            let line = inv.display();
+            if line.starts_with("rbd ls")
+                && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(CliError::Failed {
+                    command: line,
+                    code: 2,
+                    stderr: "rbd: error opening x: (2) No such file or directory".into(),
+                });
+            }
+            self.inner.run(inv).await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_image_removed_while_listed_does_not_fail_the_load() {
+        let ceph = Ceph::new(
+            RaceOnce {
+                inner: Canned { n: 3 },
+                raced: Default::default(),
+            },
+            None,
+        );
+        let r = ceph.report().await.unwrap();
+        assert_eq!(r.images.len(), 3);
+        assert!(
+            ceph.runner()
+                .raced
+                .load(std::sync::atomic::Ordering::SeqCst),
+            "the race happened"
+        );
+    }
+
     #[tokio::test]
     async fn an_empty_view_still_has_a_generation_to_ask_changes_since() {
         let ceph = Ceph::new(Canned { n: 0 }, None);
