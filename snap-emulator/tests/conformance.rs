@@ -839,6 +839,15 @@ async fn connection_cap_and_request_size_limit() {
     assert!(c.line().await.is_none());
 }
 
+/// Registers rbd cluster `name` with inline credentials.
+async fn register(c: &mut Client, name: &str) {
+    c.ok(
+        "bdev_rbd_register_cluster",
+        json!({"name": name, "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD0nXFlAAAAABAAnb1T8z9wOLo5k6d2zC2h3Q=="}}),
+    )
+    .await;
+}
+
 /// SPDK v24.01 lib/bdev/bdev.c `bdev_register`: every bdev's lower-case UUID becomes an alias
 /// (`spdk_bdev_alias_add`, unless it is the name), in the one name tree that names and aliases
 /// share (`bdev_name_add`: `-EEXIST` for a taken one) and that `spdk_bdev_get_by_name` searches;
@@ -847,11 +856,7 @@ async fn connection_cap_and_request_size_limit() {
 async fn bdev_uuids_are_aliases() {
     let emu = Emu::start(|_| {}).await;
     let mut c = emu.client().await;
-    c.ok(
-        "bdev_rbd_register_cluster",
-        json!({"name": "ceph1", "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD0nXFlAAAAABAAnb1T8z9wOLo5k6d2zC2h3Q=="}}),
-    )
-    .await;
+    register(&mut c, "ceph1").await;
     let upper = UUID1.to_ascii_uppercase();
     c.ok("bdev_rbd_create", json!({"name": "a", "pool_name": "rbd", "rbd_name": "a", "block_size": 4096, "cluster_name": "ceph1", "uuid": upper})).await;
     let by_uuid = c.ok("bdev_get_bdevs", json!({"name": UUID1})).await;
@@ -880,11 +885,7 @@ async fn listings_keep_registration_order() {
     let emu = Emu::start(|_| {}).await;
     let mut c = emu.client().await;
     for name in ["zeta", "alpha"] {
-        c.ok(
-            "bdev_rbd_register_cluster",
-            json!({"name": name, "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD0nXFlAAAAABAAnb1T8z9wOLo5k6d2zC2h3Q=="}}),
-        )
-        .await;
+        register(&mut c, name).await;
     }
     for name in ["zz", "aa", "mm"] {
         c.ok("bdev_rbd_create", json!({"name": name, "pool_name": "rbd", "rbd_name": name, "block_size": 4096, "cluster_name": "alpha"})).await;
@@ -965,11 +966,7 @@ async fn json_limits_are_spdks() {
 async fn get_bdevs_waits_for_a_named_bdev_up_to_its_timeout() {
     let emu = Emu::start(|_| {}).await;
     let mut c = emu.client().await;
-    c.ok(
-        "bdev_rbd_register_cluster",
-        json!({"name": "ceph1", "user_id": "snap", "config_param": {"mon_host": "127.0.0.1:6789", "key": "AQD0nXFlAAAAABAAnb1T8z9wOLo5k6d2zC2h3Q=="}}),
-    )
-    .await;
+    register(&mut c, "ceph1").await;
     // Nobody creates it: -19 once the timeout has passed (and not before).
     let t = std::time::Instant::now();
     assert_eq!(
