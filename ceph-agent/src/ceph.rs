@@ -498,6 +498,13 @@ struct IndexCell {
 }
 
 impl IndexCell {
+    fn is_read(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut PoolIndex) -> T) -> T {
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
         f(g.get_or_insert_with(PoolIndex::default))
@@ -721,19 +728,9 @@ impl<R: Runner> Ceph<R> {
     /// A pool's index cell, read from the cluster the first time.
     async fn index_of(&self, pool: &PoolName) -> Result<Arc<IndexCell>, CephError> {
         let cell = self.index_cell(pool);
-        if cell
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
+        if !cell.is_read() {
             let _flush = cell.flush.lock().await;
-            let unread = cell
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none();
-            if unread {
+            if !cell.is_read() {
                 let ix = self.read_index(pool).await?;
                 *cell.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(ix);
             }
@@ -885,7 +882,29 @@ impl<R: Runner> Ceph<R> {
     }
 
     /// Pools with the rbd application whose names unistor accepts.
+    /// The set of rbd pools as the cluster part of a report last read it, when younger than
+    /// [`ViewOptions::pool_refresh`] (it follows the OSD map's epoch); else read now.
     async fn rbd_pools(&self) -> Result<Vec<PoolName>, CephError> {
+        let cached = self
+            .cluster
+            .lock()
+            .await
+            .as_ref()
+            .filter(|c| c.at.elapsed() < self.options.pool_refresh)
+            .map(|c| c.rbd_pools.clone());
+        let names = match cached {
+            Some(names) => names,
+            None => self.read_rbd_pools().await?,
+        };
+        // Pools created outside unistor may have names unistor would refuse; skip those.
+        Ok(names
+            .iter()
+            .filter_map(|n| PoolName::parse("pool", n).ok())
+            .collect())
+    }
+
+    /// Pools with the rbd application (`ceph osd pool ls detail`).
+    async fn read_rbd_pools(&self) -> Result<BTreeSet<String>, CephError> {
         let pools: Vec<PoolDetailJson> = self
             .json(
                 Invocation::new(Tool::Ceph)
@@ -893,10 +912,9 @@ impl<R: Runner> Ceph<R> {
             )
             .await?;
         Ok(pools
-            .iter()
+            .into_iter()
             .filter(|p| p.application_metadata.contains_key("rbd"))
-            // Pools created outside unistor may have names unistor would refuse; skip those.
-            .filter_map(|p| PoolName::parse("pool", &p.pool_name).ok())
+            .map(|p| p.pool_name)
             .collect())
     }
 
@@ -1029,18 +1047,7 @@ impl<R: Runner> Ceph<R> {
         let pools = async {
             match old.filter(|c| osdmap_epoch != 0 && c.osdmap_epoch == osdmap_epoch) {
                 Some(c) => Ok(c.rbd_pools.clone()),
-                None => self
-                    .json::<Vec<PoolDetailJson>>(ceph(&[
-                        "osd", "pool", "ls", "detail", "--format", "json",
-                    ]))
-                    .await
-                    .map(|pools| {
-                        pools
-                            .into_iter()
-                            .filter(|p| p.application_metadata.contains_key("rbd"))
-                            .map(|p| p.pool_name)
-                            .collect::<BTreeSet<String>>()
-                    }),
+                None => self.read_rbd_pools().await,
             }
         };
         let (monitors, rbd_pools) = tokio::try_join!(mons, pools)?;

@@ -105,19 +105,22 @@ impl RealCeph {
             .remove(name);
     }
 
+    /// The connected handle of registered cluster `name` (-1, as SPDK answers, when none).
+    fn registered(&self, name: &str) -> Result<Arc<Rados>, RpcError> {
+        self.clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(RpcError::eperm)
+    }
+
     /// Opens the image a bdev is about to serve, as SPDK's `bdev_rbd_init_context` does (through
     /// the named registration, or a connection of its own for inline credentials): read-write,
     /// with an update watch. Returns it and its size; [`RealCeph::hold`] keeps it open.
     pub async fn open_image(&self, p: &RbdCreateParams) -> Result<(OpenImage, u64), RpcError> {
         let registered = match &p.cluster_name {
-            Some(c) => Some(
-                self.clusters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(c)
-                    .cloned()
-                    .ok_or_else(RpcError::eperm)?,
-            ),
+            Some(c) => Some(self.registered(c)?),
             None => None,
         };
         let inline = match registered {
@@ -205,13 +208,7 @@ impl RealCeph {
                 .blocking("resize image", move |_| img.grow(bytes))
                 .await;
         }
-        let handle = self
-            .clusters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(cluster)
-            .cloned()
-            .ok_or_else(RpcError::eperm)?;
+        let handle = self.registered(cluster)?;
         let (pool, image) = (pool.to_string(), image.to_string());
         self.blocking("resize image", move |_| {
             handle.open_image(&pool, &image)?.grow(bytes)
