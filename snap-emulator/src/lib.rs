@@ -65,6 +65,9 @@ pub struct Config {
     pub faults: Faults,
     /// Image size assumed when no real cluster is consulted.
     pub default_image_size: u64,
+    /// Start in SPDK's startup state (`--wait-for-rpc`): only `SPDK_RPC_STARTUP` methods are
+    /// served until `framework_start_init`.
+    pub wait_for_rpc: bool,
 }
 
 impl Config {
@@ -81,6 +84,7 @@ impl Config {
             init_files: vec![],
             faults: Faults::default(),
             default_image_size: 1 << 30,
+            wait_for_rpc: false,
         }
     }
 }
@@ -120,8 +124,15 @@ pub enum StartError {
     },
 }
 
+/// SPDK's app thread: every RPC runs on it, one at a time, in the order requests were read
+/// (lib/jsonrpc/jsonrpc_server_tcp.c `spdk_jsonrpc_server_poll` calls each handler from the one
+/// poller). A handler that completes later (a `bdev_get_bdevs` waiting for its bdev,
+/// `framework_wait_init`) gives the thread back while it waits.
+pub type AppThread = tokio::sync::OwnedMutexGuard<()>;
+
 /// The running emulator.
 pub struct Emulator {
+    app: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
     faults: Faults,
     real_ceph: Option<ceph::RealCeph>,
@@ -137,7 +148,9 @@ impl Emulator {
         let table = functions::bluefield3(config.pfs, config.vfs_per_pf, &config.serial)?;
         let mut state = State::new(table, config.rbd, config.faults.seed ^ 0x5eed_cafe);
         state.default_image_size = config.default_image_size;
+        state.runtime = !config.wait_for_rpc;
         Ok(Arc::new(Self {
+            app: Arc::new(tokio::sync::Mutex::new(())),
             state: Mutex::new(state),
             faults: config.faults.clone(),
             real_ceph: config.real_ceph.clone(),
@@ -161,13 +174,19 @@ impl Emulator {
         (*x >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Handles one decoded request; `None` means no response is sent.
-    pub async fn handle_request(&self, v: Value) -> Option<Value> {
+    /// Takes SPDK's app thread; requests are given it in the order they ask (tokio's mutex is
+    /// fair), which is the order they were read.
+    pub async fn app_thread(&self) -> AppThread {
+        self.app.clone().lock_owned().await
+    }
+
+    /// Handles one decoded request on the app thread; `None` means no response is sent.
+    pub async fn handle_request(&self, v: server::Parsed, app: AppThread) -> Option<Value> {
         let req = match server::validate(v) {
             Ok(r) => r,
             Err((id, e)) => return Some(server::error_response(id, e)),
         };
-        let result = self.call(&req.method, &req.params).await;
+        let result = self.call_on(&req.method, &req.params, app).await;
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         if self.faults.exit_after.is_some_and(|limit| n >= limit) {
             warn!(calls = n, "exit_after reached: exiting as a crash.");
@@ -181,8 +200,19 @@ impl Emulator {
         }
     }
 
-    /// Runs one method with faults and real-Ceph checks applied.
+    /// Runs one method with faults and real-Ceph checks applied, on the app thread.
     pub async fn call(&self, method: &str, params: &Value) -> Result<Value, RpcError> {
+        let app = self.app_thread().await;
+        self.call_on(method, params, app).await
+    }
+
+    async fn call_on(
+        &self,
+        method: &str,
+        params: &Value,
+        app: AppThread,
+    ) -> Result<Value, RpcError> {
+        self.state.lock().expect("state lock").allowed_now(method)?;
         let delay = self
             .faults
             .latency
@@ -197,9 +227,8 @@ impl Emulator {
         {
             return Err(RpcError::eio());
         }
-        let has = self.state.lock().expect("state lock").has_method(method);
-        match (method, &self.real_ceph, has) {
-            ("bdev_rbd_register_cluster", Some(real), true) => {
+        match (method, &self.real_ceph) {
+            ("bdev_rbd_register_cluster", Some(real)) => {
                 let p = State::parse_register(params)?;
                 if self
                     .state
@@ -218,14 +247,14 @@ impl Emulator {
                 }
                 r
             }
-            ("bdev_rbd_unregister_cluster", Some(real), true) => {
+            ("bdev_rbd_unregister_cluster", Some(real)) => {
                 let r = self.state.lock().expect("state lock").call(method, params);
                 if let (Ok(_), Some(name)) = (&r, params.get("name").and_then(Value::as_str)) {
                     real.forget_cluster(name);
                 }
                 r
             }
-            ("bdev_rbd_resize", Some(real), true) => {
+            ("bdev_rbd_resize", Some(real)) => {
                 // SPDK resizes the image through the bdev's librbd handle, then the bdev.
                 let (pool, image, cluster, bytes) = self
                     .state
@@ -238,7 +267,7 @@ impl Emulator {
                 }
                 self.state.lock().expect("state lock").call(method, params)
             }
-            ("bdev_rbd_create", Some(real), true) => {
+            ("bdev_rbd_create", Some(real)) => {
                 let p = State::parse_rbd_create(params)?;
                 if let Some(c) = &p.cluster_name {
                     if self.state.lock().expect("state lock").cluster(c).is_none() {
@@ -257,14 +286,15 @@ impl Emulator {
                 }
                 r
             }
-            ("bdev_rbd_delete", Some(real), true) => {
+            ("bdev_rbd_delete", Some(real)) => {
                 let r = self.state.lock().expect("state lock").call(method, params);
                 if let (Ok(_), Some(name)) = (&r, params.get("name").and_then(Value::as_str)) {
                     real.release(name).await;
                 }
                 r
             }
-            ("bdev_get_bdevs", real, true) => {
+            ("framework_wait_init", _) => self.wait_runtime(app).await,
+            ("bdev_get_bdevs", real) => {
                 // A grown image shows in its bdev once librbd's update watch said so.
                 if let Some(real) = real {
                     for (name, bytes) in real.changed_sizes().await {
@@ -274,7 +304,7 @@ impl Emulator {
                             .follow_image_size(&name, bytes);
                     }
                 }
-                self.get_bdevs_waiting(params).await
+                self.get_bdevs_waiting(params, app).await
             }
             _ => self.state.lock().expect("state lock").call(method, params),
         }
@@ -282,8 +312,9 @@ impl Emulator {
 
     /// `bdev_get_bdevs`: a named bdev that does not exist yet is waited for up to `timeout` ms,
     /// as SPDK v24.01's `rpc_bdev_get_bdevs` does (lib/bdev/bdev_rpc.c: `spdk_bdev_open_async`
-    /// with `timeout_ms`), then -19. Other calls go on meanwhile.
-    async fn get_bdevs_waiting(&self, params: &Value) -> Result<Value, RpcError> {
+    /// with `timeout_ms`), then -19. Other calls go on meanwhile: the app thread is given back.
+    async fn get_bdevs_waiting(&self, params: &Value, app: AppThread) -> Result<Value, RpcError> {
+        let mut app = Some(app);
         let timeout = params
             .get("timeout")
             .and_then(Value::as_u64)
@@ -298,11 +329,23 @@ impl Emulator {
                 .call("bdev_get_bdevs", params);
             match r {
                 Err(e) if e.code == -19 && tokio::time::Instant::now() < deadline => {
+                    drop(app.take());
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// `framework_wait_init`: true at once at runtime; in the startup state it answers once
+    /// `framework_start_init` is done (lib/event/app.c `rpc_framework_wait_init` polls for it),
+    /// without holding the app thread meanwhile.
+    async fn wait_runtime(&self, app: AppThread) -> Result<Value, RpcError> {
+        drop(app);
+        while !self.state.lock().expect("state lock").runtime {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(json!(true))
     }
 
     /// Replays init files (one `method --key value` command per line).

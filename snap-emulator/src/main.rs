@@ -48,6 +48,10 @@ struct Args {
     /// Exit (as a crash, leaving the socket file) after this many calls.
     #[arg(long)]
     exit_after: Option<u64>,
+    /// Start in SPDK's startup state: serve only `rpc_get_methods`, `spdk_get_version` and
+    /// `framework_*` until `framework_start_init` (as `snap_service --wait-for-rpc`).
+    #[arg(long)]
+    wait_for_rpc: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
             exit_after: a.exit_after,
         },
         default_image_size: a.default_image_size,
+        wait_for_rpc: a.wait_for_rpc,
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let shutdown = async {

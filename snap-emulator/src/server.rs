@@ -7,17 +7,27 @@
 //!   point); so is a request nested deeper than 64 or of more than 1,024 values (SPDK's limits).
 //!   A batch (top-level array) or any other malformed request is -32600.
 //! - A request without an id (or with `id: null`) gets no success response; errors are still sent.
-//! - At most 64 connections (SPDK's limit); a request may not exceed 32 KiB (SPDK's receive
-//!   buffer): a connection whose unparsed input reaches that size is closed.
+//! - At most 64 connections (SPDK's limit): more wait in the listen backlog, unanswered, until
+//!   one closes (SPDK v24.01 lib/jsonrpc/jsonrpc_server_tcp.c: `spdk_jsonrpc_server_poll` accepts
+//!   only while `free_conns` is not empty; `listen(…, 512)`). A request may not exceed 32 KiB
+//!   (SPDK's receive buffer): a connection whose unparsed input reaches that size is closed.
+//! - One RPC at a time, in the order read ([`crate::AppThread`]); responses go out as requests
+//!   complete. A request read before its client went away still runs
+//!   (`jsonrpc_server_free_conn_request` only tells outstanding requests their connection is
+//!   gone; `jsonrpc_server_send_response` then drops the response).
+//! - The envelope is decoded as `parse_single_request` (lib/jsonrpc/jsonrpc_server.c) does: an
+//!   unknown or duplicate key, a bad `jsonrpc` or a missing method is -32600 with `id: null`
+//!   (the id is taken only after those checks); a bad `params` after a good id echoes the id.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::state::RpcError;
@@ -55,17 +65,18 @@ pub fn nesting(v: &Value) -> usize {
 pub async fn serve(listener: UnixListener, emu: Arc<Emulator>, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        // Cancel safety: `accept` and `changed` are cancel-safe.
+        // A connection slot first: past 64 the kernel keeps new clients in the backlog.
+        // Cancel safety: `acquire_owned`, `accept` and `changed` are cancel-safe.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+            _ = stop.changed() => break,
+        };
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => { warn!(error = %e, "Accept failed."); continue; }
             },
             _ = stop.changed() => break,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            warn!("Connection refused: {MAX_CONNECTIONS} connections open.");
-            continue;
         };
         let emu = emu.clone();
         let mut stop = stop.clone();
@@ -92,9 +103,127 @@ pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// A request as read: its value, and whether an object in its envelope or its params named a
+/// member twice (`serde_json` keeps one of them silently; SPDK's decoders refuse the object).
+#[derive(Debug)]
+pub struct Parsed {
+    /// The value (for a duplicate key, its first occurrence, the one SPDK decodes).
+    pub value: Value,
+    /// The envelope object has a duplicate key.
+    pub duplicate_in_envelope: bool,
+    /// The `params` object has a duplicate key.
+    pub duplicate_in_params: bool,
+}
+
+impl Parsed {
+    /// A value read without duplicate keys.
+    pub fn plain(value: Value) -> Self {
+        Self {
+            value,
+            duplicate_in_envelope: false,
+            duplicate_in_params: false,
+        }
+    }
+
+    /// Parses one complete JSON value, noting duplicate keys at depth 0 and in `params`.
+    pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Self> {
+        let mut dups = Vec::new();
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let value = Checked {
+            path: Place::Root,
+            dups: &mut dups,
+        }
+        .deserialize(&mut de)?;
+        de.end()?;
+        Ok(Self {
+            value,
+            duplicate_in_envelope: dups.contains(&Place::Root),
+            duplicate_in_params: dups.contains(&Place::Params),
+        })
+    }
+}
+
+/// Where an object sits, as far as duplicate keys matter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Root,
+    Params,
+    Deeper,
+}
+
+/// Builds a `Value`, recording the objects that name a member twice.
+struct Checked<'a> {
+    path: Place,
+    dups: &'a mut Vec<Place>,
+}
+
+impl<'de> DeserializeSeed<'de> for Checked<'_> {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(Checked {
+            path: Place::Deeper,
+            dups: &mut *self.dups,
+        })? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let path = match (self.path, key.as_str()) {
+                (Place::Root, "params") => Place::Params,
+                _ => Place::Deeper,
+            };
+            let v = map.next_value_seed(Checked {
+                path,
+                dups: &mut *self.dups,
+            })?;
+            if out.contains_key(&key) {
+                self.dups.push(self.path);
+            } else {
+                out.insert(key, v);
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 enum Next {
     /// A complete value and the bytes it used.
-    Value(Value, usize),
+    Value(Parsed, usize),
     /// Need more input.
     Incomplete,
     /// Only whitespace is buffered.
@@ -104,9 +233,15 @@ enum Next {
 }
 
 fn next_value(buf: &[u8]) -> Next {
-    let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<Value>();
+    let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<serde::de::IgnoredAny>();
     match stream.next() {
-        Some(Ok(v)) => Next::Value(v, stream.byte_offset()),
+        Some(Ok(_)) => {
+            let used = stream.byte_offset();
+            match Parsed::from_slice(&buf[..used]) {
+                Ok(p) => Next::Value(p, used),
+                Err(_) => Next::ParseError,
+            }
+        }
         Some(Err(e)) if e.is_eof() => Next::Incomplete,
         Some(Err(_)) => Next::ParseError,
         None => Next::Empty,
@@ -115,34 +250,38 @@ fn next_value(buf: &[u8]) -> Next {
 
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
-async fn connection(mut stream: UnixStream, emu: Arc<Emulator>) {
+async fn connection(stream: UnixStream, emu: Arc<Emulator>) {
     let conn = CONN_IDS.fetch_add(1, Ordering::Relaxed);
     debug!(conn, "Client connected.");
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Value>();
+    let writer = tokio::spawn(write_responses(wr, rx));
+    let mut running = tokio::task::JoinSet::new();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
-    loop {
-        // Drain every complete request already buffered.
+    // Why the connection ends: `Some(answer)` for a request it cannot parse.
+    let last: Option<Value> = 'read: loop {
+        // Hand every complete request already buffered to the app thread, in order.
         loop {
             match next_value(&buf) {
                 // SPDK v24.01 `jsonrpc_parse_request` (lib/jsonrpc/jsonrpc_server.c): a value
                 // `spdk_json_parse` refuses (nested deeper than 64) or one of more than 1,024
                 // values is a parse error, and the connection is closed.
-                Next::Value(v, _) if spdk_values(&v) > MAX_VALUES || nesting(&v) > MAX_NESTING => {
-                    let _ =
-                        write_line(&mut stream, &error_response(Value::Null, parse_error())).await;
+                Next::Value(p, _)
+                    if spdk_values(&p.value) > MAX_VALUES || nesting(&p.value) > MAX_NESTING =>
+                {
                     debug!(conn, "Too many values or too deep; closing.");
-                    return;
+                    break 'read Some(error_response(Value::Null, parse_error()));
                 }
-                Next::Value(v, used) => {
+                Next::Value(p, used) => {
                     buf.drain(..used);
-                    if let Some(out) = emu.handle_request(v).await {
-                        if write_line(&mut stream, &out).await.is_err() {
-                            return;
+                    let app = emu.app_thread().await;
+                    let (emu, tx) = (emu.clone(), tx.clone());
+                    running.spawn(async move {
+                        if let Some(out) = emu.handle_request(p, app).await {
+                            let _ = tx.send(out);
                         }
-                    }
-                    if emu.should_exit() {
-                        return;
-                    }
+                    });
                 }
                 Next::Incomplete => break,
                 Next::Empty => {
@@ -150,12 +289,13 @@ async fn connection(mut stream: UnixStream, emu: Arc<Emulator>) {
                     break;
                 }
                 Next::ParseError => {
-                    let _ =
-                        write_line(&mut stream, &error_response(Value::Null, parse_error())).await;
                     debug!(conn, "Parse error; closing.");
-                    return;
+                    break 'read Some(error_response(Value::Null, parse_error()));
                 }
             }
+        }
+        if emu.should_exit() {
+            break None;
         }
         if buf.len() >= MAX_REQUEST {
             warn!(
@@ -163,20 +303,45 @@ async fn connection(mut stream: UnixStream, emu: Arc<Emulator>) {
                 size = buf.len(),
                 "Request exceeds the receive buffer; closing."
             );
-            return;
+            break None;
         }
-        let n = match stream.read(&mut chunk).await {
+        match rd.read(&mut chunk).await {
             Ok(0) | Err(_) => {
                 debug!(conn, "Client disconnected.");
+                // Requests already read still run to the end; their answers go nowhere.
+                running.detach_all();
                 return;
             }
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    // Closing: the requests read before are answered first.
+    while running.join_next().await.is_some() {}
+    if let Some(v) = last {
+        let _ = tx.send(v);
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Writes response lines as requests complete; once the peer is gone, keeps draining (requests
+/// still finish) without writing. Ends when every sender is gone.
+async fn write_responses(
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Value>,
+) {
+    let mut open = true;
+    while let Some(v) = rx.recv().await {
+        if open {
+            open = write_line(&mut wr, &v).await.is_ok();
+        }
     }
 }
 
-async fn write_line(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+async fn write_line(
+    stream: &mut tokio::net::unix::OwnedWriteHalf,
+    v: &Value,
+) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec(v).expect("serializable");
     bytes.push(b'\n');
     stream.write_all(&bytes).await
@@ -206,47 +371,46 @@ pub struct Request {
     pub params: Value,
 }
 
-/// Checks the JSON-RPC envelope. On failure returns the id to answer with.
-pub fn validate(v: Value) -> Result<Request, (Value, RpcError)> {
-    let obj: Map<String, Value> = match v {
+/// Checks the JSON-RPC envelope as SPDK v24.01's `parse_single_request` does. On failure
+/// returns the id to answer with: `null` unless the id had been taken (only a bad `params`
+/// comes after that).
+pub fn validate(p: Parsed) -> Result<Request, (Value, RpcError)> {
+    let refused = Err((Value::Null, invalid_request()));
+    let obj: Map<String, Value> = match p.value {
         Value::Object(o) => o,
         // A batch, or anything that is not an object.
-        _ => return Err((Value::Null, invalid_request())),
+        _ => return refused,
     };
-    let id = obj.get("id").cloned();
-    let id_ok = matches!(
-        id,
-        None | Some(Value::Null) | Some(Value::String(_)) | Some(Value::Number(_))
-    );
-    let echo = if id_ok {
-        id.clone().unwrap_or(Value::Null)
-    } else {
-        Value::Null
-    };
-    let bad = |e| Err((echo.clone(), e));
-    if !id_ok {
-        return bad(invalid_request());
-    }
-    if obj
-        .keys()
-        .any(|k| !matches!(k.as_str(), "jsonrpc" | "method" | "params" | "id"))
+    // `spdk_json_decode_object` over the four envelope keys: unknown or duplicate keys fail.
+    if p.duplicate_in_envelope
+        || obj
+            .keys()
+            .any(|k| !matches!(k.as_str(), "jsonrpc" | "method" | "params" | "id"))
     {
-        return bad(invalid_request());
+        return refused;
     }
-    if let Some(j) = obj.get("jsonrpc") {
-        if j != "2.0" {
-            return bad(invalid_request());
-        }
+    if obj.get("jsonrpc").is_some_and(|j| j != "2.0") {
+        return refused;
     }
     let Some(Value::String(method)) = obj.get("method") else {
-        return bad(invalid_request());
+        return refused;
     };
-    let params = obj.get("params").cloned().unwrap_or(Value::Null);
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => None,
+        Some(i @ (Value::String(_) | Value::Number(_))) => Some(i.clone()),
+        Some(_) => return refused,
+    };
+    let mut params = obj.get("params").cloned().unwrap_or(Value::Null);
     if !matches!(params, Value::Null | Value::Object(_) | Value::Array(_)) {
-        return bad(invalid_request());
+        return Err((id.unwrap_or(Value::Null), invalid_request()));
+    }
+    if p.duplicate_in_params {
+        if let Value::Object(o) = &mut params {
+            o.insert(crate::state::DUPLICATE_KEY.into(), Value::Bool(true));
+        }
     }
     Ok(Request {
-        id: id.filter(|i| !i.is_null()),
+        id,
         method: method.clone(),
         params,
     })

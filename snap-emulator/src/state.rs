@@ -90,7 +90,29 @@ pub const SNAP_METHODS: &[&str] = &[
     "bdev_get_bdevs",
     "spdk_get_version",
     "rpc_get_methods",
+    "framework_start_init",
+    "framework_wait_init",
 ];
+
+/// Methods SPDK serves before `framework_start_init` (registered with `SPDK_RPC_STARTUP` in
+/// SPDK v24.01: `rpc_get_methods` and `spdk_get_version` in lib/rpc/rpc.c, `framework_start_init`
+/// and `framework_wait_init` in lib/event/app.c). Every other method is `SPDK_RPC_RUNTIME` only.
+pub const STARTUP_METHODS: &[&str] = &[
+    "rpc_get_methods",
+    "spdk_get_version",
+    "framework_start_init",
+    "framework_wait_init",
+];
+
+/// Methods SPDK serves once initialized; `framework_start_init` is the one that is not.
+fn runtime_method(method: &str) -> bool {
+    method != "framework_start_init"
+}
+
+/// A key the server adds to `params` when the request named one member twice: SPDK's
+/// `spdk_json_decode_object` (lib/json/json_util.c `_json_decode_object`) fails an object with a
+/// duplicate key, so the method answers as for any undecodable params. No decoder knows it.
+pub const DUPLICATE_KEY: &str = "\u{0}duplicate key";
 
 /// The SPDK RBD methods (absent when SPDK is "built without RBD").
 pub const RBD_METHODS: &[&str] = &[
@@ -225,17 +247,35 @@ pub struct State {
     cluster_order: Vec<String>,
     uuid_seed: u64,
     rbd_enabled: bool,
+    /// Past `framework_start_init` (SPDK's `SPDK_RPC_RUNTIME` state); false only for an SPDK
+    /// started with `--wait-for-rpc` until that call.
+    pub runtime: bool,
     /// Image size assumed for bdevs when no real cluster is consulted.
     pub default_image_size: u64,
 }
 
+/// Decodes params as SPDK's `spdk_json_decode_object` does: an object (absent params are an
+/// empty one), no unknown or duplicate key ([`DUPLICATE_KEY`]), and no `null` member: SPDK's
+/// decoders of strings, numbers and booleans (lib/json/json_util.c `spdk_json_decode_string`,
+/// via `spdk_json_strdup`, `spdk_json_decode_uint32`, `spdk_json_decode_bool`) refuse a `null`,
+/// so an optional key sent as `null` is an error, never "absent".
 fn decode<T: DeserializeOwned>(params: &Value, err: fn() -> RpcError) -> Result<T, RpcError> {
     let obj = match params {
         Value::Null => Value::Object(Default::default()),
+        Value::Object(o) if o.values().any(Value::is_null) => return Err(err()),
         Value::Object(_) => params.clone(),
         _ => return Err(err()),
     };
     serde_json::from_value(obj).map_err(|_| err())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetMethods {
+    #[serde(default)]
+    current: bool,
+    #[serde(default)]
+    include_aliases: bool,
 }
 
 fn snap<T: DeserializeOwned>(params: &Value) -> Result<T, RpcError> {
@@ -437,6 +477,7 @@ impl State {
             cluster_order: vec![],
             uuid_seed,
             rbd_enabled,
+            runtime: true,
             default_image_size: 1 << 30,
         }
     }
@@ -444,6 +485,37 @@ impl State {
     /// Whether `method` exists in this build.
     pub fn has_method(&self, method: &str) -> bool {
         SNAP_METHODS.contains(&method) || (self.rbd_enabled && RBD_METHODS.contains(&method))
+    }
+
+    /// Whether `method` may run in the current state (its `state_mask` covers it).
+    fn serves_now(&self, method: &str) -> bool {
+        if self.runtime {
+            runtime_method(method)
+        } else {
+            STARTUP_METHODS.contains(&method)
+        }
+    }
+
+    /// SPDK v24.01 lib/rpc/rpc.c `jsonrpc_handler`: an unknown method is -32601; a known one
+    /// outside its state is `SPDK_JSONRPC_ERROR_INVALID_STATE` (-1) with SPDK's message.
+    pub fn allowed_now(&self, method: &str) -> Result<(), RpcError> {
+        if !self.has_method(method) {
+            return Err(RpcError::method_not_found());
+        }
+        match (self.serves_now(method), self.runtime) {
+            (true, _) => Ok(()),
+            (false, false) => Err(RpcError::new(
+                -1,
+                "Method may only be called after framework is initialized using \
+                 framework_start_init RPC.",
+            )),
+            (false, true) => Err(RpcError::new(
+                -1,
+                "Method may only be called before framework is initialized. Use \
+                 --wait-for-rpc command line parameter and then issue this RPC before the \
+                 framework_start_init RPC.",
+            )),
+        }
     }
 
     fn new_uuid(&mut self) -> String {
@@ -470,9 +542,7 @@ impl State {
     /// Runs a method that needs no I/O. `bdev_rbd_register_cluster` and `bdev_rbd_create` come
     /// through [`State::register_cluster`] and [`State::create_rbd_bdev`] after their checks.
     pub fn call(&mut self, method: &str, params: &Value) -> Result<Value, RpcError> {
-        if !self.has_method(method) {
-            return Err(RpcError::method_not_found());
-        }
+        self.allowed_now(method)?;
         match method {
             "spdk_get_version" => {
                 if !matches!(params, Value::Null) {
@@ -487,13 +557,31 @@ impl State {
                 }))
             }
             "rpc_get_methods" => {
+                // lib/rpc/rpc.c `rpc_get_methods`: `current` lists only what this state serves.
+                let p: GetMethods = decode(params, RpcError::invalid_params)?;
+                let _ = p.include_aliases;
                 let mut m: Vec<&str> = SNAP_METHODS.to_vec();
                 if self.rbd_enabled {
                     m.extend(RBD_METHODS);
                 }
+                m.retain(|x| !p.current || self.serves_now(x));
                 m.sort_unstable();
                 Ok(json!(m))
             }
+            "framework_start_init" => {
+                // lib/event/app.c `rpc_framework_start_init`: no params; then SPDK_RPC_RUNTIME.
+                if !params.is_null() {
+                    return Err(RpcError::new(
+                        -32602,
+                        "framework_start_init requires no parameters",
+                    ));
+                }
+                self.runtime = true;
+                Ok(json!(true))
+            }
+            // Only reached at runtime: in the startup state the server waits instead
+            // (lib/event/app.c `rpc_framework_wait_init`).
+            "framework_wait_init" => Ok(json!(true)),
             "emulation_function_list" => {
                 let _: FnListParams = snap(params)?;
                 Ok(self.function_list())
@@ -994,7 +1082,9 @@ impl State {
 
     /// Registers a cluster (after the caller checked the credentials, in real-Ceph mode).
     pub fn register_cluster(&mut self, p: ClusterParams) -> Result<Value, RpcError> {
-        if self.clusters.contains_key(&p.name) || p.name.is_empty() {
+        // module/bdev/rbd/bdev_rbd.c `rbd_register_cluster`: a taken name is -1; an empty one is a
+        // name like any other.
+        if self.clusters.contains_key(&p.name) {
             return Err(RpcError::eperm());
         }
         let name = p.name.clone();
@@ -1078,14 +1168,14 @@ impl State {
                 return Err(RpcError::einval());
             }
         }
-        let name = match p.name {
-            Some(n) => n,
-            None => {
-                let n = format!("Ceph{}", self.next_bdev);
-                self.next_bdev += 1;
-                n
-            }
-        };
+        // module/bdev/rbd/bdev_rbd.c `bdev_rbd_create`: "Ceph<count>" when unnamed, and the
+        // count goes up for every bdev that got this far, named or not.
+        let name = p.name.unwrap_or_else(|| format!("Ceph{}", self.next_bdev));
+        self.next_bdev += 1;
+        // lib/bdev/bdev.c `bdev_register`: "Bdev name must not be an empty string".
+        if name.is_empty() {
+            return Err(RpcError::einval());
+        }
         self.registered += 1;
         let uuid = match p.uuid {
             Some(u) => u.to_ascii_lowercase(),

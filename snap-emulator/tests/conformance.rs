@@ -259,36 +259,46 @@ async fn parse_error_closes_the_connection() {
     c.ok("spdk_get_version", Value::Null).await;
 }
 
+/// SPDK v24.01 lib/jsonrpc/jsonrpc_server.c `parse_single_request`: the envelope is decoded
+/// with `spdk_json_decode_object` (unknown and duplicate keys fail), then `jsonrpc` and `method`
+/// are checked, and only then is the id taken; so every envelope error but a bad `params` is
+/// answered with `id: null`. `jsonrpc_parse_request`: a batch or a scalar is -32600 too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_requests_and_batches_are_refused() {
     let emu = Emu::start(|_| {}).await;
     let mut c = emu.client().await;
+    let raw = |v: Value| serde_json::to_string(&v).unwrap();
     for (bad, echo) in [
         (
-            json!([{"jsonrpc":"2.0","id":1,"method":"spdk_get_version"}]),
+            raw(json!([{"jsonrpc":"2.0","id":1,"method":"spdk_get_version"}])),
             Value::Null,
         ),
         (
-            json!({"jsonrpc":"1.0","id":2,"method":"spdk_get_version"}),
-            json!(2),
+            raw(json!({"jsonrpc":"1.0","id":2,"method":"spdk_get_version"})),
+            Value::Null,
         ),
-        (json!({"jsonrpc":"2.0","id":3}), json!(3)),
-        (json!({"jsonrpc":"2.0","id":4,"method":7}), json!(4)),
+        (raw(json!({"jsonrpc":"2.0","id":3})), Value::Null),
+        (raw(json!({"jsonrpc":"2.0","id":4,"method":7})), Value::Null),
         (
-            json!({"jsonrpc":"2.0","id":5,"method":"spdk_get_version","params":"x"}),
+            raw(json!({"jsonrpc":"2.0","id":5,"method":"spdk_get_version","params":"x"})),
             json!(5),
         ),
         (
-            json!({"jsonrpc":"2.0","id":{"x":1},"method":"spdk_get_version"}),
+            raw(json!({"jsonrpc":"2.0","id":{"x":1},"method":"spdk_get_version"})),
             Value::Null,
         ),
         (
-            json!({"jsonrpc":"2.0","id":7,"method":"spdk_get_version","extra":1}),
-            json!(7),
+            raw(json!({"jsonrpc":"2.0","id":7,"method":"spdk_get_version","extra":1})),
+            Value::Null,
         ),
-        (json!("just a string"), Value::Null),
+        (
+            r#"{"jsonrpc":"2.0","id":8,"method":"spdk_get_version","method":"spdk_get_version"}"#
+                .to_string(),
+            Value::Null,
+        ),
+        (raw(json!("just a string")), Value::Null),
     ] {
-        c.raw(&serde_json::to_vec(&bad).unwrap()).await;
+        c.raw(bad.as_bytes()).await;
         let r = c.response().await;
         assert_eq!(r["error"]["code"], -32600, "{bad} -> {r}");
         assert_eq!(r["error"]["message"], "Invalid request");
@@ -296,6 +306,64 @@ async fn invalid_requests_and_batches_are_refused() {
     }
     // The connection survives them all.
     c.ok("spdk_get_version", Value::Null).await;
+}
+
+/// SPDK's decoders (lib/json/json_util.c `_json_decode_object`, `spdk_json_decode_string` via
+/// `spdk_json_strdup`): a duplicate key or a `null` where a string, number or boolean is
+/// expected fails the params, optional or not; module/bdev/rbd/bdev_rbd_rpc.c answers that with
+/// -32603 "spdk_json_decode_object failed". An empty bdev name is refused by lib/bdev/bdev.c
+/// `bdev_register` (-EINVAL) and found by no lookup (-ENODEV); an empty cluster name is a name
+/// like any other to module/bdev/rbd/bdev_rbd.c `rbd_register_cluster`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoders_refuse_nulls_duplicates_and_empty_bdev_names() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    register(&mut c, "ceph1").await;
+    let create = json!({"name": "b1", "pool_name": "p", "rbd_name": "i", "block_size": 4096, "cluster_name": "ceph1"});
+    // `null` for optional strings: not "absent".
+    for (method, params) in [
+        ("bdev_get_bdevs", json!({"name": null})),
+        ("bdev_rbd_get_clusters_info", json!({"name": null})),
+        ("bdev_rbd_create", {
+            let mut p = create.clone();
+            p["uuid"] = Value::Null;
+            p
+        }),
+    ] {
+        let r = c.call_raw(method, params.clone()).await;
+        assert_eq!(r["error"]["code"], -32603, "{method} {params}: {r}");
+        assert_eq!(r["error"]["message"], "spdk_json_decode_object failed");
+    }
+    // SNAP's methods decode the same way and answer -32602.
+    assert_eq!(
+        c.err(
+            "nvme_subsystem_create",
+            json!({"nqn": NQN, "serial_number": null})
+        )
+        .await,
+        -32602
+    );
+    // A key given twice.
+    c.raw(br#"{"jsonrpc":"2.0","id":"d","method":"bdev_get_bdevs","params":{"name":"b1","name":"b1"}}"#)
+        .await;
+    let r = c.response().await;
+    assert_eq!(r["id"], "d", "the envelope was fine: {r}");
+    assert_eq!(r["error"]["code"], -32603, "{r}");
+    // Empty names.
+    let mut empty = create.clone();
+    empty["name"] = json!("");
+    let r = c.call_raw("bdev_rbd_create", empty).await;
+    assert_eq!(r["error"]["code"], -22, "{r}");
+    assert_eq!(r["error"]["message"], "Invalid argument");
+    assert_eq!(c.err("bdev_get_bdevs", json!({"name": ""})).await, -19);
+    assert_eq!(c.err("bdev_rbd_delete", json!({"name": ""})).await, -19);
+    register(&mut c, "").await;
+    let info = c
+        .ok("bdev_rbd_get_clusters_info", json!({"name": ""}))
+        .await;
+    assert_eq!(info["user_id"], "snap", "{info}");
+    // Nothing was created by the refused calls.
+    assert_eq!(c.ok("bdev_get_bdevs", Value::Null).await, json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,9 +709,12 @@ async fn invariants() {
         .await,
         -22
     );
-    // Default bdev names follow SPDK (`Ceph<N>`); `sn`/`mn` are accepted as aliases.
+    // Default bdev names follow SPDK (`Ceph<N>`, N counting every bdev created so far, named or
+    // not, even one refused as a duplicate name: module/bdev/rbd/bdev_rbd.c `bdev_rbd_create`
+    // counts before `spdk_bdev_register`): here b1, b2 and the second b2. `sn`/`mn` are accepted
+    // as aliases.
     let n = c.ok("bdev_rbd_create", json!({"pool_name": "rbd", "rbd_name": "vol3", "block_size": 512, "cluster_name": "ceph1"})).await;
-    assert_eq!(n, "Ceph0");
+    assert_eq!(n, "Ceph3");
     c.ok(
         "nvme_subsystem_create",
         json!({"nqn": "nqn.2022-10.io.nvda.nvme:9", "sn": "S9", "mn": "M9"}),
@@ -774,8 +845,11 @@ async fn injected_errors_take_no_effect() {
     assert_eq!(list.as_array().unwrap().len(), created);
 }
 
+/// SPDK runs every RPC handler on its one app thread (lib/jsonrpc/jsonrpc_server_tcp.c
+/// `spdk_jsonrpc_server_poll` calls them in turn): a slow call holds back a fast one on another
+/// connection, which is answered right after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn latency_delays_only_the_slow_method() {
+async fn rpcs_run_one_at_a_time_on_the_app_thread() {
     let emu = Emu::start(|c| {
         c.faults
             .latency
@@ -786,14 +860,141 @@ async fn latency_delays_only_the_slow_method() {
     let mut fast = emu.client().await;
     slow.raw(br#"{"id":1,"method":"nvme_subsystem_list"}"#)
         .await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The slow call holds the app thread before the fast one is sent.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     fast.raw(br#"{"id":2,"method":"spdk_get_version"}"#).await;
-    // The fast connection is answered while the slow one is still waiting.
-    let f = fast.response().await;
-    assert_eq!(f["id"], 2);
-    let pending = tokio::time::timeout(Duration::from_millis(1), slow.line()).await;
-    assert!(pending.is_err(), "the slow call is not answered yet");
+    let pending = tokio::time::timeout(Duration::from_millis(200), fast.line()).await;
+    assert!(pending.is_err(), "the fast call waits for the slow one");
     assert_eq!(slow.response().await["id"], 1);
+    assert_eq!(fast.response().await["id"], 2);
+}
+
+/// A handler that completes later gives the app thread back (lib/bdev/bdev_rpc.c
+/// `rpc_bdev_get_bdevs` waits in `spdk_bdev_open_async`), so requests pipelined behind it on the
+/// same connection run and are answered first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_call_lets_the_next_ones_run_and_answers_last() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    register(&mut c, "ceph1").await;
+    c.raw(
+        serde_json::to_string(&json!([
+            {"jsonrpc": "2.0", "id": "wait", "method": "bdev_get_bdevs", "params": {"name": "late", "timeout": 5000}},
+        ])[0])
+        .unwrap()
+        .as_bytes(),
+    )
+    .await;
+    c.raw(serde_json::to_string(&json!({"jsonrpc": "2.0", "id": "make", "method": "bdev_rbd_create", "params": {"name": "late", "pool_name": "p", "rbd_name": "i", "block_size": 4096, "cluster_name": "ceph1"}})).unwrap().as_bytes()).await;
+    let first = c.response().await;
+    assert_eq!(first["id"], "make", "{first}");
+    let second = c.response().await;
+    assert_eq!(second["id"], "wait", "{second}");
+    assert_eq!(second["result"][0]["name"], "late", "{second}");
+}
+
+/// Requests read before the client went away still run (lib/jsonrpc/jsonrpc_server_tcp.c
+/// `jsonrpc_server_free_conn_request` leaves outstanding requests to finish; their responses are
+/// dropped by `jsonrpc_server_send_response`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_run_after_the_client_is_gone() {
+    let emu = Emu::start(|c| {
+        c.faults
+            .latency
+            .insert("nvme_subsystem_create".into(), Duration::from_millis(100));
+    })
+    .await;
+    let mut gone = emu.client().await;
+    let mut reqs = String::new();
+    for i in 0..3 {
+        reqs.push_str(
+            &serde_json::to_string(&json!({"jsonrpc": "2.0", "id": i, "method": "nvme_subsystem_create", "params": {"nqn": format!("nqn.2022-10.io.nvda.nvme:{i}")}}))
+                .unwrap(),
+        );
+    }
+    gone.raw(reqs.as_bytes()).await;
+    drop(gone);
+    let mut c = emu.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = c.ok("nvme_subsystem_list", Value::Null).await;
+        if list.as_array().unwrap().len() == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests of a departed client were dropped: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `--wait-for-rpc`: SPDK starts in `SPDK_RPC_STARTUP` (lib/rpc/rpc.c `g_rpc_state`) and
+/// `jsonrpc_handler` answers -1 with its message for a runtime method; `framework_start_init`
+/// (lib/event/app.c `rpc_framework_start_init`) switches to runtime, after which it is the one
+/// refused; `framework_wait_init` answers once initialized; `rpc_get_methods {current}` lists
+/// what the state serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_state_until_framework_start_init() {
+    let emu = Emu::start(|c| c.wait_for_rpc = true).await;
+    let mut c = emu.client().await;
+    c.ok("spdk_get_version", Value::Null).await;
+    let r = c.call_raw("nvme_subsystem_list", Value::Null).await;
+    assert_eq!(r["error"]["code"], -1, "{r}");
+    assert_eq!(
+        r["error"]["message"],
+        "Method may only be called after framework is initialized using framework_start_init RPC."
+    );
+    let now = c.ok("rpc_get_methods", json!({"current": true})).await;
+    let mut now: Vec<&str> = now
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    now.sort_unstable();
+    assert_eq!(
+        now,
+        [
+            "framework_start_init",
+            "framework_wait_init",
+            "rpc_get_methods",
+            "spdk_get_version"
+        ]
+    );
+    assert!(
+        c.ok("rpc_get_methods", Value::Null)
+            .await
+            .as_array()
+            .unwrap()
+            .len()
+            > 4,
+        "without `current`, every method"
+    );
+    // Someone waits for the framework on another connection.
+    let mut waiter = emu.client().await;
+    waiter
+        .raw(br#"{"jsonrpc":"2.0","id":"w","method":"framework_wait_init"}"#)
+        .await;
+    let early = tokio::time::timeout(Duration::from_millis(100), waiter.line()).await;
+    assert!(
+        early.is_err(),
+        "framework_wait_init waits in the startup state"
+    );
+    assert_eq!(c.err("framework_start_init", json!({"x": 1})).await, -32602);
+    assert_eq!(c.ok("framework_start_init", Value::Null).await, json!(true));
+    assert_eq!(waiter.response().await["result"], true);
+    c.ok("nvme_subsystem_list", Value::Null).await;
+    let r = c.call_raw("framework_start_init", Value::Null).await;
+    assert_eq!(r["error"]["code"], -1, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Method may only be called before framework is initialized."),
+        "{r}"
+    );
+    assert_eq!(c.ok("framework_wait_init", Value::Null).await, json!(true));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -805,32 +1006,25 @@ async fn connection_cap_and_request_size_limit() {
         c.ok("spdk_get_version", Value::Null).await;
         open.push(c);
     }
+    // SPDK v24.01 lib/jsonrpc/jsonrpc_server_tcp.c: `spdk_jsonrpc_server_poll` accepts only
+    // while one of its 64 connection slots is free; the 65th waits in the listen backlog.
     let mut extra = emu.client().await;
-    // The emulator may close it before the write: a broken pipe is the same answer.
-    let _ = extra
+    extra
         .s
-        .write_all(br#"{"id":1,"method":"spdk_get_version"}"#)
-        .await;
+        .write_all(br#"{"id":65,"method":"spdk_get_version"}"#)
+        .await
+        .unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(300), extra.line()).await;
     assert!(
-        extra.line().await.is_none(),
-        "the 65th connection is closed"
+        waiting.is_err(),
+        "the 65th connection is neither served nor closed"
     );
+    // One closes: the waiting one is served, neither refused nor lost.
+    drop(open.pop());
+    assert_eq!(extra.response().await["id"], 65);
     drop(open);
     // A request over 32 KiB is refused by closing the connection.
-    let mut c = loop {
-        let mut c = emu.client().await;
-        let r = tokio::time::timeout(Duration::from_millis(200), async {
-            // Until the dropped connections are gone, new ones are closed at once.
-            c.s.write_all(br#"{"id":0,"method":"spdk_get_version"}"#)
-                .await
-                .ok()?;
-            c.line().await
-        })
-        .await;
-        if matches!(r, Ok(Some(_))) {
-            break c;
-        }
-    };
+    let mut c = emu.client().await;
     let big = format!(
         r#"{{"id":1,"method":"nvme_subsystem_create","params":{{"nqn":"nqn.{}"#,
         "x".repeat(40 * 1024)

@@ -18,6 +18,7 @@ fn emulator() -> std::sync::Arc<Emulator> {
         init_files: vec![],
         faults: Faults::default(),
         default_image_size: 1 << 30,
+        wait_for_rpc: false,
     })
     .unwrap()
 }
