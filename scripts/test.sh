@@ -15,6 +15,15 @@ if ! command -v chromium >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
+# The simulated hosts do I/O with qemu-io and qemu-img (Debian's qemu-utils).
+if ! command -v qemu-io >/dev/null 2>&1; then
+  echo "test.sh: installing qemu-utils (the simulated hosts' I/O)" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
+fi
+
 dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-ceph.XXXXXX")
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT

@@ -141,6 +141,15 @@ impl RealCeph {
         .await
     }
 
+    /// Bdev `bdev`'s open image (the host's reads and writes go through it).
+    pub fn image(&self, bdev: &str) -> Option<Arc<OpenImage>> {
+        self.images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bdev)
+            .cloned()
+    }
+
     /// Keeps `img` open for bdev `bdev` until [`RealCeph::release`].
     pub fn hold(&self, bdev: &str, img: OpenImage) {
         self.images

@@ -12,8 +12,10 @@
 
 pub mod ceph;
 pub mod functions;
+pub mod host;
 pub mod init;
 pub mod librbd;
+pub mod nbd;
 pub mod server;
 pub mod state;
 
@@ -68,6 +70,8 @@ pub struct Config {
     /// Start in SPDK's startup state (`--wait-for-rpc`): only `SPDK_RPC_STARTUP` methods are
     /// served until `framework_start_init`.
     pub wait_for_rpc: bool,
+    /// Where the simulated host's devices are served ([`host`]); none when absent.
+    pub host_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -85,6 +89,7 @@ impl Config {
             faults: Faults::default(),
             default_image_size: 1 << 30,
             wait_for_rpc: false,
+            host_dir: None,
         }
     }
 }
@@ -108,6 +113,15 @@ pub enum StartError {
     #[error("cannot listen on {path}")]
     Bind {
         /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host's directory could not be prepared.
+    #[error("cannot serve host devices in {path}")]
+    HostDir {
+        /// The directory.
         path: PathBuf,
         /// Cause.
         #[source]
@@ -140,6 +154,29 @@ pub struct Emulator {
     rng: Mutex<u64>,
     exit: AtomicBool,
     exit_tx: watch::Sender<bool>,
+    host_dir: Option<PathBuf>,
+    /// The simulated host (set by [`run`] when a host directory is configured).
+    host: std::sync::OnceLock<Arc<host::Host>>,
+    /// Bdevs' blocks when no real cluster backs them.
+    mem_disks: Mutex<std::collections::HashMap<String, Arc<nbd::MemDisk>>>,
+}
+
+impl host::Devices for Emulator {
+    fn export(&self, bdev: &str) -> Option<nbd::Export> {
+        let size = self.state.lock().expect("state lock").bdev_bytes(bdev)?;
+        let backend = match &self.real_ceph {
+            Some(real) => nbd::Backend::Rbd(real.image(bdev)?),
+            None => nbd::Backend::Memory(
+                self.mem_disks
+                    .lock()
+                    .expect("disks lock")
+                    .entry(bdev.to_string())
+                    .or_default()
+                    .clone(),
+            ),
+        };
+        Some(nbd::Export { size, backend })
+    }
 }
 
 impl Emulator {
@@ -158,6 +195,9 @@ impl Emulator {
             rng: Mutex::new(config.faults.seed.max(1)),
             exit: AtomicBool::new(false),
             exit_tx: watch::channel(false).0,
+            host_dir: config.host_dir.clone(),
+            host: std::sync::OnceLock::new(),
+            mem_disks: Mutex::default(),
         }))
     }
 
@@ -207,6 +247,45 @@ impl Emulator {
     }
 
     async fn call_on(
+        &self,
+        method: &str,
+        params: &Value,
+        app: AppThread,
+    ) -> Result<Value, RpcError> {
+        let r = self.dispatch(method, params, app).await;
+        if r.is_ok() {
+            self.after(method);
+        }
+        r
+    }
+
+    /// After a call took effect: the host's devices follow SNAP's objects.
+    fn after(&self, method: &str) {
+        if method == "bdev_rbd_delete" {
+            // Its blocks (memory mode) go with it; a namespace over it is hot-removed.
+            if self.real_ceph.is_none() {
+                let names: std::collections::HashSet<String> = {
+                    let st = self.state.lock().expect("state lock");
+                    let disks = self.mem_disks.lock().expect("disks lock");
+                    disks
+                        .keys()
+                        .filter(|b| st.bdev_bytes(b).is_some())
+                        .cloned()
+                        .collect()
+                };
+                self.mem_disks
+                    .lock()
+                    .expect("disks lock")
+                    .retain(|b, _| names.contains(b));
+            }
+        }
+        if let Some(h) = self.host.get() {
+            let want = self.state.lock().expect("state lock").exposures();
+            h.sync(want);
+        }
+    }
+
+    async fn dispatch(
         &self,
         method: &str,
         params: &Value,
@@ -395,6 +474,14 @@ pub async fn run(
     };
     server::clear_stale_socket(&config.socket).map_err(bind_err)?;
     let listener = UnixListener::bind(&config.socket).map_err(bind_err)?;
+    if let Some(dir) = &emu.host_dir {
+        let devices: std::sync::Weak<dyn host::Devices> = Arc::downgrade(&emu) as _;
+        let h = host::Host::new(dir, devices).map_err(|source| StartError::HostDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let _ = emu.host.set(h);
+    }
     emu.replay(&config.init_files).await?;
     server::announce(
         &config.socket,
@@ -410,6 +497,10 @@ pub async fn run(
     let _ = serving.await;
     if exit == Exit::Stopped {
         let _ = std::fs::remove_file(&config.socket);
+        // SNAP stopping takes the host's devices away.
+        if let Some(h) = emu.host.get() {
+            h.shutdown();
+        }
     }
     Ok(exit)
 }

@@ -54,6 +54,8 @@ struct Api {
         unsafe extern "C" fn(ImageT, *mut u64, extern "C" fn(*mut c_void), *mut c_void) -> c_int,
     update_unwatch: unsafe extern "C" fn(ImageT, u64) -> c_int,
     flush: unsafe extern "C" fn(ImageT) -> c_int,
+    read: unsafe extern "C" fn(ImageT, u64, usize, *mut c_char) -> isize,
+    write: unsafe extern "C" fn(ImageT, u64, usize, *const c_char) -> isize,
     get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
     close: unsafe extern "C" fn(ImageT) -> c_int,
 }
@@ -87,6 +89,8 @@ fn api() -> Result<&'static Api, LibError> {
             update_watch: sym!(rbd, b"rbd_update_watch\0"),
             update_unwatch: sym!(rbd, b"rbd_update_unwatch\0"),
             flush: sym!(rbd, b"rbd_flush\0"),
+            read: sym!(rbd, b"rbd_read\0"),
+            write: sym!(rbd, b"rbd_write\0"),
             get_size: sym!(rbd, b"rbd_get_size\0"),
             close: sym!(rbd, b"rbd_close\0"),
             _rados: rados,
@@ -294,6 +298,82 @@ impl OpenImage {
     /// Whether librbd said the image changed since the last call.
     pub fn take_changed(&self) -> bool {
         self.changed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (`rbd_read`; librbd reads past the end as an error).
+    /// Blocking.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), LibError> {
+        let api = api()?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: the image is open until `self` is dropped; `rest` is valid for its length.
+            let n = unsafe {
+                (api.read)(
+                    self.img,
+                    offset + done as u64,
+                    rest.len(),
+                    rest.as_mut_ptr().cast(),
+                )
+            };
+            match n {
+                n if n < 0 => {
+                    return Err(LibError::Call {
+                        call: "rbd_read",
+                        errno: -(n as i32),
+                    })
+                }
+                0 => {
+                    return Err(LibError::Call {
+                        call: "rbd_read",
+                        errno: 5,
+                    })
+                }
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (`rbd_write`). Blocking.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), LibError> {
+        let api = api()?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            // SAFETY: as in `read_at`; librbd only reads from `rest`.
+            let n = unsafe {
+                (api.write)(
+                    self.img,
+                    offset + done as u64,
+                    rest.len(),
+                    rest.as_ptr().cast(),
+                )
+            };
+            match n {
+                n if n < 0 => {
+                    return Err(LibError::Call {
+                        call: "rbd_write",
+                        errno: -(n as i32),
+                    })
+                }
+                0 => {
+                    return Err(LibError::Call {
+                        call: "rbd_write",
+                        errno: 5,
+                    })
+                }
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes writes to the cluster (`rbd_flush`). Blocking.
+    pub fn flush(&self) -> Result<(), LibError> {
+        let api = api()?;
+        // SAFETY: the image is open until `self` is dropped.
+        check("rbd_flush", unsafe { (api.flush)(self.img) })
     }
 
     /// Grows the image through this handle to `bytes` (SPDK's `bdev_rbd_resize` does the same).

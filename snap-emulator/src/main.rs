@@ -52,6 +52,10 @@ struct Args {
     /// `framework_*` until `framework_start_init` (as `snap_service --wait-for-rpc`).
     #[arg(long)]
     wait_for_rpc: bool,
+    /// Serve the simulated host's devices here: an NBD socket per namespace attached to a
+    /// started controller (`<controller>-n<nsid>.nbd`), and the host's account (`host.json`).
+    #[arg(long)]
+    host_dir: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         },
         default_image_size: a.default_image_size,
         wait_for_rpc: a.wait_for_rpc,
+        host_dir: a.host_dir,
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let shutdown = async {

@@ -1074,6 +1074,42 @@ impl State {
     /// A bdev by its name or an alias. SPDK v24.01 registers every bdev's lower-case UUID as an
     /// alias (lib/bdev/bdev.c, `bdev_register`: `spdk_bdev_alias_add` unless the UUID is the
     /// name), in the one name tree `spdk_bdev_get_by_name` searches.
+    /// What the host sees: every namespace attached to a started, not admin-only controller,
+    /// whose bdev exists (a namespace whose bdev was deleted is hot-removed).
+    pub fn exposures(&self) -> Vec<crate::host::Exposure> {
+        let mut out = vec![];
+        for (id, c) in &self.controllers {
+            if c.state != CtrlState::Started || c.admin_only {
+                continue;
+            }
+            for nsid in &c.nsids {
+                let Some(ns) = self
+                    .subsystems
+                    .get(&c.nqn)
+                    .and_then(|s| s.namespaces.get(nsid))
+                else {
+                    continue;
+                };
+                if let Some((bdev, b)) = self.bdev_by_name(&ns.bdev) {
+                    out.push(crate::host::Exposure {
+                        ctrl: id.clone(),
+                        nsid: *nsid,
+                        bdev: bdev.clone(),
+                        uuid: ns.uuid.clone(),
+                        size: b.num_blocks * u64::from(b.block_size),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Bdev `name`'s size in bytes (by name or alias).
+    pub fn bdev_bytes(&self, name: &str) -> Option<u64> {
+        self.bdev_by_name(name)
+            .map(|(_, b)| b.num_blocks * u64::from(b.block_size))
+    }
+
     fn bdev_by_name(&self, name: &str) -> Option<(&String, &Bdev)> {
         self.bdevs
             .get_key_value(name)

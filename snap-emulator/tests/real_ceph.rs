@@ -19,6 +19,7 @@ fn emulator() -> std::sync::Arc<Emulator> {
         faults: Faults::default(),
         default_image_size: 1 << 30,
         wait_for_rpc: false,
+        host_dir: None,
     })
     .unwrap()
 }

@@ -586,3 +586,154 @@ pub fn write_like_an_editor(path: &Path, text: &str) {
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
 }
+
+/// The simulated host of a DPU: its devices (NBD sockets the SNAP emulator serves in the host
+/// directory) used with qemu-utils, as a host uses its NVMe namespaces.
+pub mod host {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Output, Stdio};
+
+    const HOW_TO_GET_QEMU: &str = "the simulated host's I/O needs qemu-io and qemu-img: \
+        `apt-get install qemu-utils` (scripts/test.sh installs it)";
+
+    fn url(device: &Path) -> String {
+        format!("nbd+unix:///?socket={}", device.display())
+    }
+
+    fn qemu(tool: &str) -> Command {
+        if std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            panic!("{tool} not found: {HOW_TO_GET_QEMU}");
+        }
+        Command::new(tool)
+    }
+
+    /// The host's account (`host.json`): controllers, and per device NSID, UUID, size, openers.
+    pub fn view(host_dir: &Path) -> serde_json::Value {
+        std::fs::read(host_dir.join("host.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The host's devices: (device socket, controller, NSID, UUID, size, openers).
+    pub fn devices(host_dir: &Path) -> Vec<Device> {
+        let v = view(host_dir);
+        let mut out = vec![];
+        for c in v["controllers"].as_array().into_iter().flatten() {
+            for n in c["namespaces"].as_array().into_iter().flatten() {
+                out.push(Device {
+                    path: PathBuf::from(n["device"].as_str().unwrap_or_default()),
+                    controller: c["name"].as_str().unwrap_or_default().to_string(),
+                    enabled: c["enabled"].as_bool().unwrap_or(false),
+                    nsid: n["nsid"].as_u64().unwrap_or(0) as u32,
+                    uuid: n["uuid"].as_str().unwrap_or_default().to_string(),
+                    size: n["size_bytes"].as_u64().unwrap_or(0),
+                    open: n["open"].as_u64().unwrap_or(0) as u32,
+                });
+            }
+        }
+        out
+    }
+
+    /// One device of the host.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Device {
+        /// Its NBD socket.
+        pub path: PathBuf,
+        /// Its controller.
+        pub controller: String,
+        /// Whether the host's driver has that controller enabled.
+        pub enabled: bool,
+        /// NSID.
+        pub nsid: u32,
+        /// UUID.
+        pub uuid: String,
+        /// Bytes.
+        pub size: u64,
+        /// Openers.
+        pub open: u32,
+    }
+
+    /// Runs qemu-io commands (`-c`) on `device`; the output, whatever the exit.
+    pub fn io(device: &Path, cmds: &[&str]) -> Output {
+        let mut c = qemu("qemu-io");
+        c.args(["-f", "raw", &url(device)]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        c.stdin(Stdio::null()).output().expect("run qemu-io")
+    }
+
+    /// Writes `len` bytes of `pattern` at `offset` (`qemu-io write -P`); true when it worked.
+    pub fn write_pattern(device: &Path, pattern: u8, offset: u64, len: u64) -> bool {
+        let o = io(device, &[&format!("write -P {pattern} {offset} {len}")]);
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("wrote ")
+    }
+
+    /// Whether `len` bytes at `offset` read back as `pattern` (`qemu-io read -P`).
+    pub fn reads_pattern(device: &Path, pattern: u8, offset: u64, len: u64) -> bool {
+        let o = io(device, &[&format!("read -P {pattern} {offset} {len}")]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        o.status.success() && out.contains("read ") && !out.contains("Pattern verification failed")
+    }
+
+    /// The device's size as the host reads it on opening (`qemu-img info`); `None` when it
+    /// cannot be opened.
+    pub fn size(device: &Path) -> Option<u64> {
+        let o = qemu("qemu-img")
+            .args(["info", "--output=json", &url(device)])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v["virtual-size"].as_u64()
+    }
+
+    /// The host holding a device open (an interactive qemu-io on it), until dropped.
+    pub struct Opener {
+        child: Child,
+    }
+
+    impl Opener {
+        /// Opens `device` and keeps it open.
+        pub fn open(device: &Path) -> Self {
+            let child = qemu("qemu-io")
+                .args(["-f", "raw", &url(device)])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run qemu-io");
+            Self { child }
+        }
+
+        /// Whether the program still runs (it ends when the device goes away and it is told
+        /// to read, or when its stdin closes).
+        pub fn running(&mut self) -> bool {
+            matches!(self.child.try_wait(), Ok(None))
+        }
+    }
+
+    impl Drop for Opener {
+        fn drop(&mut self) {
+            if let Some(stdin) = self.child.stdin.as_mut() {
+                let _ = stdin.write_all(b"quit\n");
+            }
+            drop(self.child.stdin.take());
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_secs(5) {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
