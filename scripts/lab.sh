@@ -75,6 +75,21 @@ up() {
   done
   "$bin/unistor" status examples/lab --pki-dir "$lab/pki" --daemon "http://$http" || true
   echo
+  # Each DPU's host sees its namespaces as block devices: NBD sockets the SNAP emulator serves.
+  echo "the hosts' NVMe namespaces (use them with qemu-io -f raw 'nbd+unix:///?socket=DEVICE'):"
+  for d in dpu-a dpu-b dpu-c; do
+    python3 - "$lab/$d/host/host.json" "$d" <<'PY'
+import json, sys
+try:
+    view = json.load(open(sys.argv[1]))
+except OSError:
+    view = {"controllers": []}
+for c in view["controllers"]:
+    for n in c["namespaces"]:
+        print(f"  {sys.argv[2]}: {c['name']} nsid {n['nsid']} {n['size_bytes'] >> 20}Mi uuid {n['uuid']}\n    {n['device']}")
+PY
+  done
+  echo
   echo "lab is up: manifests in examples/lab, certificates in $lab/pki, logs in $lab/*.log"
   echo "dashboard: http://$http/   (JSON: /api/v1/status, Prometheus: /metrics)"
   echo "the watch daemon follows edits to examples/lab; try: $bin/unistor plan examples/lab --pki-dir $lab/pki"

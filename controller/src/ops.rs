@@ -448,6 +448,7 @@ pub fn check_rails(
         }
     }
     if !a.allow_in_use {
+        problems.extend(used_by_hosts(p, observed, &removed));
         for r in observed.clusters.values().filter_map(|k| k.get()) {
             for i in &r.images {
                 let Some(v) = i.metadata.get(plan::META_VOLUME) else {
@@ -475,6 +476,69 @@ pub fn check_rails(
                 .join("\n"),
         ))
     }
+}
+
+/// The removals a host would notice, from the hosts' own accounts in the DPU reports: a
+/// detach of a namespace the host holds open, and the destruction of a controller the host's
+/// driver has enabled (every device on it goes). A detach of a device nobody opened is not
+/// "in use": the host sees a namespace go, as it would a hot-unplug of an idle disk. Where a
+/// platform cannot tell (`host_use` absent), only the images' watchers speak.
+fn used_by_hosts(
+    p: &Plan,
+    observed: &Observed,
+    removed: &std::collections::BTreeSet<&str>,
+) -> Vec<String> {
+    let mut problems = vec![];
+    for s in &p.steps {
+        let plan::Target::Dpu(dpu) = &s.target else {
+            continue;
+        };
+        let Some(host) = observed
+            .dpus
+            .get(dpu)
+            .and_then(|k| k.get())
+            .and_then(|r| r.host_use.as_ref())
+        else {
+            continue;
+        };
+        match &s.action {
+            Action::Detach { controller, nsid } => {
+                let Some(v) = s.volume.as_deref().filter(|v| removed.contains(v)) else {
+                    continue;
+                };
+                if let Some(d) = host.device(controller, *nsid).filter(|d| d.open > 0) {
+                    problems.push(format!(
+                        "volume {v} is in use (the host of dpu {dpu} holds {} open: nsid {nsid} of {controller}, {} opener(s)); pass --allow-in-use to detach it anyway",
+                        d.device, d.open
+                    ));
+                }
+            }
+            Action::DestroyController { name }
+                if host.controller(name).is_some_and(|c| c.enabled) =>
+            {
+                let detached = |x: &&plan::Step| {
+                    x.target == s.target
+                        && matches!(&x.action, Action::Detach { controller, .. } if controller == name)
+                };
+                let on_it: Vec<&str> = p
+                    .steps
+                    .iter()
+                    .filter(detached)
+                    .filter_map(|x| x.volume.as_deref())
+                    .collect();
+                let on_it = if on_it.is_empty() {
+                    "-".to_string()
+                } else {
+                    on_it.join(", ")
+                };
+                problems.push(format!(
+                    "controller {name} on dpu {dpu} is enabled by the host's driver (volumes {on_it}); destroying it pulls the device from a running driver; pass --allow-in-use to do it anyway"
+                ));
+            }
+            _ => {}
+        }
+    }
+    problems
 }
 
 /// Volumes a plan removes.
@@ -876,6 +940,62 @@ mod tests {
             e.contains("db-data is in use") && e.contains("--allow-in-use"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_device_the_host_holds_open_or_a_controller_it_enabled_is_in_use() {
+        use protocol::dpu::{HostController, HostDevice, HostUse};
+        let (d, mut w) = converged();
+        let device = |nsid, open| HostDevice {
+            nsid,
+            uuid: String::new(),
+            size_bytes: 0,
+            device: format!("/host/unistor-pf0-n{nsid}.nbd"),
+            open,
+        };
+        w.dpus.get_mut("dpu-a").unwrap().host_use = Some(HostUse {
+            controllers: vec![HostController {
+                name: "unistor-pf0".into(),
+                enabled: true,
+                namespaces: vec![device(1, 1), device(2, 0)],
+            }],
+        });
+        let without = |w: &World, names: &[&str]| {
+            let mut fewer = d.clone();
+            for n in names {
+                fewer.volumes.remove(*n);
+            }
+            let p = plan::plan(&fewer, &w.observed(), &Options::default());
+            (fewer, p)
+        };
+        // An idle device on a controller that stays: the host only sees it go.
+        let (fewer, p) = without(&w, &["db-wal"]);
+        check_rails(&p, &fewer, &w.observed(), &args()).unwrap();
+        // The device the host holds open.
+        let (fewer, p) = without(&w, &["db-data"]);
+        let e = check_rails(&p, &fewer, &w.observed(), &args())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("volume db-data is in use (the host of dpu dpu-a holds /host/unistor-pf0-n1.nbd open"),
+            "{e}"
+        );
+        let mut anyway = args();
+        anyway.allow_in_use = true;
+        check_rails(&p, &fewer, &w.observed(), &anyway).unwrap();
+        // Both: the controller goes too, from under the host's driver.
+        let (fewer, p) = without(&w, &["db-data", "db-wal"]);
+        let e = check_rails(&p, &fewer, &w.observed(), &args())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("controller unistor-pf0 on dpu dpu-a is enabled by the host's driver (volumes db-data, db-wal)"),
+            "{e}"
+        );
+        // A platform that cannot tell: only the images' watchers speak.
+        w.dpus.get_mut("dpu-a").unwrap().host_use = None;
+        let (fewer, p) = without(&w, &["db-data", "db-wal"]);
+        check_rails(&p, &fewer, &w.observed(), &args()).unwrap();
     }
 
     #[test]

@@ -139,6 +139,17 @@ pub struct VolumeStatus {
     pub last_error: Option<String>,
     /// Whether reconciliation is suspended for it (the daemon fills it in).
     pub suspended: bool,
+    /// Where the host has the volume's device, when the DPU's platform can tell.
+    #[serde(default)]
+    pub host_device: Option<String>,
+    /// What the host does with it: `open` (held open by `host_openers`), `enabled` (not open,
+    /// but the host's driver has its controller enabled), `idle`, or `unknown` (the platform
+    /// cannot tell). Either of the first two makes removing the volume "in use".
+    #[serde(default)]
+    pub host_use: String,
+    /// How many openers the host has on the device.
+    #[serde(default)]
+    pub host_openers: u32,
 }
 
 impl FleetStatus {
@@ -293,8 +304,8 @@ impl FleetStatus {
         }
         let _ = writeln!(
             out,
-            "\n{:<20} {:<10} {:>10} {:<9} DETAIL",
-            "VOLUME", "HOST", "SIZE", "STATE"
+            "\n{:<20} {:<10} {:>10} {:<9} {:<8} DETAIL",
+            "VOLUME", "HOST", "SIZE", "STATE", "HOST USE"
         );
         for v in &self.volumes {
             // What the host sees, once SNAP serves it; the image's size before.
@@ -313,13 +324,19 @@ impl FleetStatus {
             } else {
                 v.state.clone()
             };
+            let host_use = match v.host_use.as_str() {
+                "open" => format!("open({})", v.host_openers),
+                "" | "unknown" => "-".into(),
+                other => other.into(),
+            };
             let _ = writeln!(
                 out,
-                "{:<20} {:<10} {:>10} {:<9} {}{}",
+                "{:<20} {:<10} {:>10} {:<9} {:<8} {}{}",
                 v.volume,
                 v.host,
                 size,
                 state,
+                host_use,
                 v.detail,
                 v.last_error
                     .as_deref()
@@ -413,12 +430,44 @@ pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
         }
         _ => Err(format!("namespace not attached to {ctrl}")),
     });
-    chain.check("host", || match c {
-        Some(c) if c.state.eq_ignore_ascii_case("STARTED") => {
-            Ok(format!("{} {} on {}", v.host, v.function, v.dpu))
+    s.host_use = "unknown".into();
+    let seen = match (&dpu.host_use, ns) {
+        (Some(h), Some(n)) => Some(h.device(&ctrl, n.nsid).map(|d| {
+            let enabled = h.controller(&ctrl).is_some_and(|c| c.enabled);
+            (d, enabled)
+        })),
+        _ => None,
+    };
+    if let Some(Some((d, enabled))) = &seen {
+        s.host_device = Some(d.device.clone());
+        s.host_openers = d.open;
+        s.host_use = match (d.open, enabled) {
+            (n, _) if n > 0 => "open",
+            (_, true) => "enabled",
+            _ => "idle",
         }
-        Some(c) => Err(format!("controller {ctrl} is {}", c.state)),
-        None => Err("no controller".into()),
+        .into();
+    }
+    chain.check("host", || match (c, &seen) {
+        (Some(c), _) if !c.state.eq_ignore_ascii_case("STARTED") => {
+            Err(format!("controller {ctrl} is {}", c.state))
+        }
+        (None, _) => Err("no controller".into()),
+        // The host's own account, when the platform has it: the device, with this identity.
+        (Some(_), Some(None)) => Err(format!(
+            "{} does not see nsid {} of {ctrl}",
+            v.host,
+            s.nsid.unwrap_or(0)
+        )),
+        (Some(_), Some(Some((d, _)))) if d.uuid != v.uuid => Err(format!(
+            "{} sees UUID {} at nsid {}, not {}",
+            v.host, d.uuid, d.nsid, v.uuid
+        )),
+        (Some(_), Some(Some((d, _)))) => Ok(format!(
+            "{} has {} ({} {} on {})",
+            v.host, d.device, v.function, ctrl, v.dpu
+        )),
+        (Some(_), None) => Ok(format!("{} {} on {}", v.host, v.function, v.dpu)),
     });
     s.state = if chain.broken.is_some() {
         "degraded"
@@ -459,5 +508,81 @@ impl Chain {
             state: state.into(),
             detail,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::sim::World;
+    use protocol::dpu::{HostController, HostDevice, HostUse};
+
+    fn converged() -> (Desired, World) {
+        let d = crate::manifest::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"),
+        )
+        .unwrap();
+        let mut w = World::empty(&d);
+        w.converge(&d, 5);
+        (d, w)
+    }
+
+    fn db_data(d: &Desired, w: &World) -> VolumeStatus {
+        volume_status(&d.volumes["db-data"], &w.observed())
+    }
+
+    #[test]
+    fn status_says_what_the_host_does_with_a_volume() {
+        let (d, mut w) = converged();
+        let v = db_data(&d, &w);
+        assert_eq!(
+            (v.state.as_str(), v.host_use.as_str()),
+            ("ok", "unknown"),
+            "a platform that cannot tell: {v:?}"
+        );
+        let uuid = d.volumes["db-data"].uuid.clone();
+        let mut host = HostUse {
+            controllers: vec![HostController {
+                name: "unistor-pf0".into(),
+                enabled: true,
+                namespaces: vec![HostDevice {
+                    nsid: 1,
+                    uuid: uuid.clone(),
+                    size_bytes: 2 << 30,
+                    device: "/h/unistor-pf0-n1.nbd".into(),
+                    open: 2,
+                }],
+            }],
+        };
+        w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
+        let v = db_data(&d, &w);
+        assert_eq!(v.state, "ok", "{v:?}");
+        assert_eq!(v.host_use, "open");
+        assert_eq!(v.host_openers, 2);
+        assert_eq!(v.host_device.as_deref(), Some("/h/unistor-pf0-n1.nbd"));
+        assert!(FleetStatus::new(&d, &w.observed())
+            .render()
+            .contains("open(2)"));
+        host.controllers[0].namespaces[0].open = 0;
+        w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
+        assert_eq!(db_data(&d, &w).host_use, "enabled");
+        host.controllers[0].enabled = false;
+        w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
+        assert_eq!(db_data(&d, &w).host_use, "idle");
+        // The host sees another namespace there: not ok.
+        host.controllers[0].namespaces[0].uuid = "00000000-0000-4000-8000-000000000000".into();
+        w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
+        let v = db_data(&d, &w);
+        assert_eq!(v.state, "degraded");
+        assert!(v.detail.contains("sees UUID 00000000"), "{v:?}");
+        // Or none at all.
+        host.controllers.clear();
+        w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host);
+        let v = db_data(&d, &w);
+        assert_eq!(v.state, "degraded");
+        assert!(
+            v.detail.contains("does not see nsid 1 of unistor-pf0"),
+            "{v:?}"
+        );
     }
 }

@@ -280,6 +280,7 @@ impl DpuAgent {
             ),
             Err(_) => (None, None),
         };
+        let host_use = self.platform.host_use().await;
         let ledger = self.ledger.lock().await.get().clone();
         let missing = inventory
             .as_ref()
@@ -306,6 +307,7 @@ impl DpuAgent {
             missing,
             ledger_generation: ledger.generation,
             last_replay: obs.last_replay.clone(),
+            host_use,
         }
     }
 
@@ -383,7 +385,7 @@ impl DpuAgent {
             let stable = serde_json::json!({
                 "snap": report.snap, "inventory": report.inventory, "missing": report.missing,
                 "ledger": report.ledger_generation, "replay": report.last_replay,
-                "bluefield": report.bluefield,
+                "bluefield": report.bluefield, "host_use": report.host_use,
             });
             let due = last_full.elapsed() >= self.settings.full_report_every;
             if due || last.as_ref() != Some(&stable) {

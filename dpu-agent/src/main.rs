@@ -112,6 +112,7 @@ fn main() -> ExitCode {
                 state_file: a.state_dir.join("simulated-snap.json"),
                 log_file: a.state_dir.join("snap-emulator.log"),
                 extra_args: a.emulator_args,
+                host_dir: a.state_dir.join("host"),
                 ready_timeout: a.ready_timeout,
             })
         }

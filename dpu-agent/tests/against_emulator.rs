@@ -41,6 +41,7 @@ fn build_agent(dir: &std::path::Path, socket: &std::path::Path, replay: bool) ->
             state_file: dir.join("state/simulated-snap.json"),
             log_file: dir.join("emu.log"),
             extra_args: vec![],
+            host_dir: dir.join("host"),
             ready_timeout: Duration::from_secs(5),
         }),
         AgentSettings {

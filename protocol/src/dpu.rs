@@ -441,4 +441,56 @@ pub struct DpuReport {
     pub ledger_generation: u64,
     /// The last replay of the ledger.
     pub last_replay: Option<ReplayReport>,
+    /// What the host the DPU sits in does with SNAP's controllers, when the platform can tell
+    /// (`None`: unknown; SNAP's own RPCs do not say).
+    #[serde(default)]
+    pub host_use: Option<HostUse>,
+}
+
+/// The host's use of SNAP's controllers and namespaces, as the host itself accounts for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostUse {
+    /// Controllers the host sees.
+    pub controllers: Vec<HostController>,
+}
+
+/// One controller as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostController {
+    /// SNAP's name of the controller.
+    pub name: String,
+    /// Whether the host's driver has it enabled.
+    pub enabled: bool,
+    /// Its namespaces the host sees as devices.
+    pub namespaces: Vec<HostDevice>,
+}
+
+/// One namespace as a host device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDevice {
+    /// NSID.
+    pub nsid: u32,
+    /// The namespace's UUID as the host reads it.
+    pub uuid: String,
+    /// Bytes, as the host reads them.
+    pub size_bytes: u64,
+    /// Where the host has it (a device path; an NBD socket in simulation).
+    pub device: String,
+    /// How many openers the host has on it.
+    pub open: u32,
+}
+
+impl HostUse {
+    /// Controller `name`, if the host sees it.
+    pub fn controller(&self, name: &str) -> Option<&HostController> {
+        self.controllers.iter().find(|c| c.name == name)
+    }
+
+    /// Namespace `nsid` of controller `ctrl`, if the host sees it.
+    pub fn device(&self, ctrl: &str, nsid: u32) -> Option<&HostDevice> {
+        self.controller(ctrl)?
+            .namespaces
+            .iter()
+            .find(|n| n.nsid == nsid)
+    }
 }

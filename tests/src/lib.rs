@@ -1,6 +1,8 @@
 //! Helpers for tests that need real things: the one-node Ceph cluster, the project's binaries,
 //! free loopback ports. The end-to-end tests themselves are in `tests/tests/`.
 
+pub mod lab;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

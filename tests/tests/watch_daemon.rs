@@ -4,186 +4,20 @@
 //! lost with the same NSID and UUID, finishes an apply interrupted by a dead agent, honours
 //! suspensions, and its dashboard renders in a real headless browser.
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use e2e::lab::{namespaces, volume, Lab};
 use e2e::{
-    browser_dom, ceph_agent_command, dpu_agent_command, emulator_pids, fleet_yaml, free_port,
-    issue_pki, reconciled, show, snap_call, unique, unistor, volume_yaml, wait_listening,
-    write_like_an_editor, Cluster, Daemon, Procs,
+    browser_dom, emulator_pids, reconciled, show, snap_call, unique, unistor, volume_yaml, Cluster,
 };
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(120);
 
-/// A ceph-agent (cluster report every 2 s) and `n` dpu-agents, each with `dpu_args`.
-struct Lab {
-    dir: tempfile::TempDir,
-    ceph_agent: String,
-    ceph_addr: String,
-    dpus: Vec<(String, String)>,
-    dpu_args: Vec<String>,
-    procs: Procs,
-    owner: String,
-    snap_id: String,
-}
-
-impl Lab {
-    fn start(c: &Cluster, n: usize, dpu_args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ceph_agent = unique("ceph-w");
-        let dpu_names: Vec<String> = (0..n).map(|i| unique(&format!("dpu-w{i}"))).collect();
-        let mut agents: Vec<&str> = vec![&ceph_agent];
-        agents.extend(dpu_names.iter().map(String::as_str));
-        issue_pki(&dir.path().join("pki"), &agents);
-        let mut lab = Lab {
-            ceph_addr: format!("127.0.0.1:{}", free_port()),
-            ceph_agent,
-            dpus: vec![],
-            dpu_args: dpu_args.iter().map(|s| s.to_string()).collect(),
-            procs: Procs::default(),
-            owner: unique("owner"),
-            snap_id: unique("snap-w"),
-            dir,
-        };
-        let child = ceph_agent_command(
-            c,
-            &lab.ceph_agent,
-            &lab.ceph_addr,
-            &lab.pki(),
-            &lab.dir.path().join("ceph-state"),
-        )
-        .args(["--report-interval", "2s"])
-        .args(e2e::QUICK_SWEEP)
-        .spawn()
-        .unwrap();
-        lab.procs.0.push(child);
-        wait_listening(&lab.ceph_addr);
-        for (i, name) in dpu_names.into_iter().enumerate() {
-            let addr = format!("127.0.0.1:{}", free_port());
-            lab.dpus.push((name, addr));
-            lab.start_dpu(i);
-        }
-        std::fs::create_dir_all(lab.manifests()).unwrap();
-        lab
-    }
-
-    /// Starts (or restarts) dpu-agent `i` on its address and state directory; returns the
-    /// index of its process in `procs`.
-    fn start_dpu(&mut self, i: usize) -> usize {
-        let (name, addr) = &self.dpus[i];
-        let extra: Vec<&str> = self.dpu_args.iter().map(String::as_str).collect();
-        let child = dpu_agent_command(name, addr, &self.pki(), &self.state(i), &extra)
-            .spawn()
-            .unwrap();
-        self.procs.0.push(child);
-        wait_listening(addr);
-        self.procs.0.len() - 1
-    }
-
-    fn pki(&self) -> PathBuf {
-        self.dir.path().join("pki")
-    }
-    fn state(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("dpu{i}"))
-    }
-    fn socket(&self, i: usize) -> PathBuf {
-        self.state(i).join("spdk.sock")
-    }
-    fn manifests(&self) -> PathBuf {
-        self.dir.path().join("manifests")
-    }
-
-    /// Writes the fleet and `volumes` (name, dpu index, size, policy).
-    fn write(&self, c: &Cluster, volumes: &[(&str, usize, &str, &str)]) {
-        self.write_in(&self.manifests(), c, volumes);
-    }
-
-    /// Writes the fleet and `volumes` into `dir`.
-    fn write_in(&self, dir: &Path, c: &Cluster, volumes: &[(&str, usize, &str, &str)]) {
-        std::fs::create_dir_all(dir).unwrap();
-        let dpus: Vec<(&str, &str)> = self
-            .dpus
-            .iter()
-            .map(|(n, a)| (n.as_str(), a.as_str()))
-            .collect();
-        write_like_an_editor(
-            &dir.join("fleet.yaml"),
-            &fleet_yaml(
-                &self.ceph_agent,
-                &self.ceph_addr,
-                &c.pool,
-                &self.snap_id,
-                &dpus,
-            ),
-        );
-        let vols: String = volumes
-            .iter()
-            .map(|(n, h, s, p)| volume_yaml(n, *h, s, &c.pool, p))
-            .collect();
-        write_like_an_editor(&dir.join("volumes.yaml"), &vols);
-    }
-
-    /// `unistor watch` on the manifests, with `extra` flags.
-    fn daemon(&self, extra: &[&str]) -> Daemon {
-        self.daemon_on(&self.manifests(), extra)
-    }
-
-    /// `unistor watch` on the manifest directory `dir`, with `extra` flags.
-    fn daemon_on(&self, dir: &Path, extra: &[&str]) -> Daemon {
-        let m = dir.display().to_string();
-        let pki = self.pki().display().to_string();
-        let state = self.dir.path().join("watch").display().to_string();
-        let mut args = vec![
-            m.as_str(),
-            "--pki-dir",
-            &pki,
-            "--owner",
-            &self.owner,
-            "--state-dir",
-            &state,
-            "--resync",
-            "1h",
-            "--debounce",
-            "200ms",
-        ];
-        args.extend_from_slice(extra);
-        Daemon::start(&args, &self.dir.path().join("watch.log"))
-    }
-}
-
-/// Namespaces SNAP has on `socket`: (bdev, nsid, uuid), sorted.
-fn namespaces(socket: &Path) -> Vec<(String, u64, String)> {
-    let subs = snap_call(socket, "nvme_subsystem_list");
-    let mut out: Vec<(String, u64, String)> = subs
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-        .iter()
-        .flat_map(|s| s["namespaces"].as_array().cloned().unwrap_or_default())
-        .map(|n| {
-            (
-                n["bdev"].as_str().unwrap_or("?").to_string(),
-                n["nsid"].as_u64().unwrap_or(0),
-                n["uuid"].as_str().unwrap_or("?").to_string(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 fn in_trash(c: &Cluster, image: &str) -> bool {
     c.cli_ok("rbd", &["trash", "ls", "--format", "json", &c.pool])
         .contains(image)
-}
-
-fn volume<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["fleet"]["volumes"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["volume"] == name))
-        .unwrap_or(&Value::Null)
 }
 
 #[test]
@@ -350,6 +184,29 @@ fn snap_state_is_restored_by_the_daemon_and_the_dashboard_shows_it() {
             "{v} ok in:\n{dom}"
         );
     }
+    // The host opens b's device: status and the dashboard say so.
+    let s = d.status();
+    let dev = std::path::PathBuf::from(volume(&s, &b)["host_device"].as_str().unwrap());
+    let holder = e2e::host::Opener::open(&dev);
+    d.wait_for(Duration::from_secs(30), "the host's use to show", |s| {
+        // a is on the same controller, which the host's driver now has enabled.
+        volume(s, &b)["host_use"] == "open" && volume(s, &a)["host_use"] == "enabled"
+    });
+    let dom = browser_dom(&format!("{}/", d.url));
+    let row = |v: &str| {
+        dom.split("<tr")
+            .find(|r| r.contains(&format!(r#"data-volume="{v}""#)))
+            .unwrap_or_else(|| panic!("a row for {v} in:\n{dom}"))
+            .to_string()
+    };
+    assert!(row(&b).contains(r#"data-host-use="open""#), "{}", row(&b));
+    assert!(row(&b).contains("open by 1"), "{}", row(&b));
+    assert!(
+        row(&a).contains(r#"data-host-use="enabled""#),
+        "{}",
+        row(&a)
+    );
+    drop(holder);
 
     // Suspended, a volume's drift is shown and left alone; the first broken link is marked.
     let susp = unistor(&["suspend", &format!("volume/{a}"), "--daemon", &d.url]);

@@ -54,6 +54,7 @@ fn bare_dpu() -> DpuReport {
         missing: vec![],
         ledger_generation: 0,
         last_replay: None,
+        host_use: None,
     }
 }
 

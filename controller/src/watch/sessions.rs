@@ -178,13 +178,27 @@ fn set_slot(
     }
 }
 
-/// What in a pushed report counts as a change worth a reconcile: the objects, not the counters.
+/// What in a pushed report counts as a change worth a reconcile: the objects, not the counters;
+/// of the host's use, whether each device is in use (a removal held back for it may go on; the
+/// status shows it), not how many openers it has.
 fn stable(e: &Event) -> Option<serde_json::Value> {
     match e {
-        Event::DpuReport(r) => Some(serde_json::json!({
-            "snap": [&r.snap.state, &r.snap.image, r.snap.restarts],
-            "inventory": r.inventory, "missing": r.missing,
-        })),
+        Event::DpuReport(r) => {
+            let in_use: Option<Vec<_>> = r.host_use.as_ref().map(|h| {
+                h.controllers
+                    .iter()
+                    .map(|c| {
+                        let open: Vec<_> =
+                            c.namespaces.iter().map(|n| (n.nsid, n.open > 0)).collect();
+                        (&c.name, c.enabled, open)
+                    })
+                    .collect()
+            });
+            Some(serde_json::json!({
+                "snap": [&r.snap.state, &r.snap.image, r.snap.restarts],
+                "inventory": r.inventory, "missing": r.missing, "host_use": in_use,
+            }))
+        }
         _ => None,
     }
 }

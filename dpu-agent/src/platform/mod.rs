@@ -54,6 +54,11 @@ pub trait Platform: Send + Sync + 'static {
     /// BlueField facts, when the tools are there.
     async fn bluefield_facts(&self) -> Option<BlueFieldFacts>;
 
+    /// What the host does with SNAP's devices, when this platform can tell (`None`: it cannot).
+    async fn host_use(&self) -> Option<protocol::dpu::HostUse> {
+        None
+    }
+
     /// Called on every supervision tick: a platform that runs SNAP itself restarts it here.
     /// Returns true when SNAP was (re)started.
     async fn supervise(&self) -> bool {

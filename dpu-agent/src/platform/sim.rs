@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use protocol::dpu::{BlueFieldFacts, DeployReport, SnapSpec, StepOutcome};
+use protocol::dpu::{BlueFieldFacts, DeployReport, HostUse, SnapSpec, StepOutcome};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -33,6 +33,8 @@ pub struct SimConfig {
     pub log_file: PathBuf,
     /// Extra emulator arguments (e.g. `--real-ceph`, `--latency *=5ms`).
     pub extra_args: Vec<String>,
+    /// The simulated host's directory: its devices and its account (`host.json`).
+    pub host_dir: PathBuf,
     /// How long to wait for the socket.
     pub ready_timeout: Duration,
 }
@@ -169,6 +171,8 @@ impl Simulation {
                 "--vfs-per-pf",
                 &spec.firmware.nvme_vfs.to_string(),
             ])
+            .arg("--host-dir")
+            .arg(&self.config.host_dir)
             .args(&self.config.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -260,6 +264,22 @@ impl Platform for Simulation {
 
     async fn bluefield_facts(&self) -> Option<BlueFieldFacts> {
         None
+    }
+
+    /// The simulated host's own account, while its SNAP runs (a stopped SNAP's devices are
+    /// gone; a crashed one's account is stale until the next SNAP rewrites it).
+    async fn host_use(&self) -> Option<HostUse> {
+        let alive = {
+            let mut running = self.running.lock().await;
+            running
+                .as_mut()
+                .is_some_and(|r| r.alive(&self.config.socket))
+        };
+        if !alive {
+            return Some(HostUse::default());
+        }
+        let bytes = std::fs::read(self.config.host_dir.join("host.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     async fn supervise(&self) -> bool {

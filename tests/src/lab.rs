@@ -1,0 +1,187 @@
+//! A lab for end-to-end tests: a ceph-agent and simulated DPUs (dpu-agent + SNAP emulator in
+//! real-Ceph mode, with a simulated host) on the real cluster, manifests, and the watch daemon.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{
+    ceph_agent_command, dpu_agent_command, fleet_yaml, free_port, issue_pki, snap_call, unique,
+    volume_yaml, wait_listening, write_like_an_editor, Cluster, Daemon, Procs,
+};
+
+/// A ceph-agent (cluster report every 2 s) and `n` dpu-agents, each with `dpu_args`.
+pub struct Lab {
+    /// Everything of the lab lives here.
+    pub dir: tempfile::TempDir,
+    /// The ceph-agent's name.
+    pub ceph_agent: String,
+    /// Its address.
+    pub ceph_addr: String,
+    /// DPU names and addresses.
+    pub dpus: Vec<(String, String)>,
+    /// Extra dpu-agent arguments.
+    pub dpu_args: Vec<String>,
+    /// Every process started (agents; emulators are in their agents' process groups).
+    pub procs: Procs,
+    /// The controller owner.
+    pub owner: String,
+    /// SNAP's cephx id.
+    pub snap_id: String,
+}
+
+impl Lab {
+    pub fn start(c: &Cluster, n: usize, dpu_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ceph_agent = unique("ceph-w");
+        let dpu_names: Vec<String> = (0..n).map(|i| unique(&format!("dpu-w{i}"))).collect();
+        let mut agents: Vec<&str> = vec![&ceph_agent];
+        agents.extend(dpu_names.iter().map(String::as_str));
+        issue_pki(&dir.path().join("pki"), &agents);
+        let mut lab = Lab {
+            ceph_addr: format!("127.0.0.1:{}", free_port()),
+            ceph_agent,
+            dpus: vec![],
+            dpu_args: dpu_args.iter().map(|s| s.to_string()).collect(),
+            procs: Procs::default(),
+            owner: unique("owner"),
+            snap_id: unique("snap-w"),
+            dir,
+        };
+        let child = ceph_agent_command(
+            c,
+            &lab.ceph_agent,
+            &lab.ceph_addr,
+            &lab.pki(),
+            &lab.dir.path().join("ceph-state"),
+        )
+        .args(["--report-interval", "2s"])
+        .args(crate::QUICK_SWEEP)
+        .spawn()
+        .unwrap();
+        lab.procs.0.push(child);
+        wait_listening(&lab.ceph_addr);
+        for (i, name) in dpu_names.into_iter().enumerate() {
+            let addr = format!("127.0.0.1:{}", free_port());
+            lab.dpus.push((name, addr));
+            lab.start_dpu(i);
+        }
+        std::fs::create_dir_all(lab.manifests()).unwrap();
+        lab
+    }
+
+    /// Starts (or restarts) dpu-agent `i` on its address and state directory; returns the
+    /// index of its process in `procs`.
+    pub fn start_dpu(&mut self, i: usize) -> usize {
+        let (name, addr) = &self.dpus[i];
+        let extra: Vec<&str> = self.dpu_args.iter().map(String::as_str).collect();
+        let child = dpu_agent_command(name, addr, &self.pki(), &self.state(i), &extra)
+            .spawn()
+            .unwrap();
+        self.procs.0.push(child);
+        wait_listening(addr);
+        self.procs.0.len() - 1
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+    pub fn state(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("dpu{i}"))
+    }
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.state(i).join("spdk.sock")
+    }
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+    /// DPU `i`'s simulated host: its devices and `host.json`.
+    pub fn host_dir(&self, i: usize) -> PathBuf {
+        self.state(i).join("host")
+    }
+
+    /// Writes the fleet and `volumes` (name, dpu index, size, policy).
+    pub fn write(&self, c: &Cluster, volumes: &[(&str, usize, &str, &str)]) {
+        self.write_in(&self.manifests(), c, volumes);
+    }
+
+    /// Writes the fleet and `volumes` into `dir`.
+    pub fn write_in(&self, dir: &Path, c: &Cluster, volumes: &[(&str, usize, &str, &str)]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let dpus: Vec<(&str, &str)> = self
+            .dpus
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str()))
+            .collect();
+        write_like_an_editor(
+            &dir.join("fleet.yaml"),
+            &fleet_yaml(
+                &self.ceph_agent,
+                &self.ceph_addr,
+                &c.pool,
+                &self.snap_id,
+                &dpus,
+            ),
+        );
+        let vols: String = volumes
+            .iter()
+            .map(|(n, h, s, p)| volume_yaml(n, *h, s, &c.pool, p))
+            .collect();
+        write_like_an_editor(&dir.join("volumes.yaml"), &vols);
+    }
+
+    /// `unistor watch` on the manifests, with `extra` flags.
+    pub fn daemon(&self, extra: &[&str]) -> Daemon {
+        self.daemon_on(&self.manifests(), extra)
+    }
+
+    /// `unistor watch` on the manifest directory `dir`, with `extra` flags.
+    pub fn daemon_on(&self, dir: &Path, extra: &[&str]) -> Daemon {
+        let m = dir.display().to_string();
+        let pki = self.pki().display().to_string();
+        let state = self.dir.path().join("watch").display().to_string();
+        let mut args = vec![
+            m.as_str(),
+            "--pki-dir",
+            &pki,
+            "--owner",
+            &self.owner,
+            "--state-dir",
+            &state,
+            "--resync",
+            "1h",
+            "--debounce",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, &self.dir.path().join("watch.log"))
+    }
+}
+
+/// Namespaces SNAP has on `socket`: (bdev, nsid, uuid), sorted.
+pub fn namespaces(socket: &Path) -> Vec<(String, u64, String)> {
+    let subs = snap_call(socket, "nvme_subsystem_list");
+    let mut out: Vec<(String, u64, String)> = subs
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .flat_map(|s| s["namespaces"].as_array().cloned().unwrap_or_default())
+        .map(|n| {
+            (
+                n["bdev"].as_str().unwrap_or("?").to_string(),
+                n["nsid"].as_u64().unwrap_or(0),
+                n["uuid"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn volume<'a>(s: &'a Value, name: &str) -> &'a Value {
+    s["fleet"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["volume"] == name))
+        .unwrap_or(&Value::Null)
+}

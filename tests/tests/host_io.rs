@@ -1,0 +1,275 @@
+//! A host that does I/O, end to end on the real cluster: the simulated host of a DPU writes and
+//! reads its NVMe namespaces (NBD devices served by the SNAP emulator, with qemu-io), and the
+//! bytes are in the RBD image; they survive a SNAP crash (same NSID and UUID after the agent's
+//! replay) and an agent restart (the devices stay readable the whole time); a grown volume is
+//! seen grown by the host; a volume whose device the host holds open is not removed unless
+//! asked to.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::host::{self, Opener};
+use e2e::lab::{volume, Lab};
+use e2e::{emulator_pids, show, unique, unistor, wait_until, Cluster};
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+/// The host device of volume `v`, as the daemon's status names it.
+fn device_of(s: &Value, v: &str) -> PathBuf {
+    PathBuf::from(
+        volume(s, v)["host_device"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no host device for {v}: {}", volume(s, v))),
+    )
+}
+
+/// The bytes of `len` at `offset` of image `pool/image`, read with `rbd export`.
+fn image_bytes(c: &Cluster, pool: &str, image: &str, offset: u64, len: u64) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export");
+    c.cli_ok(
+        "rbd",
+        &["export", &format!("{pool}/{image}"), file.to_str().unwrap()],
+    );
+    let all = std::fs::read(&file).unwrap();
+    all[offset as usize..(offset + len) as usize].to_vec()
+}
+
+fn the_device(host_dir: &Path, path: &Path) -> Option<host::Device> {
+    host::devices(host_dir).into_iter().find(|d| d.path == path)
+}
+
+#[test]
+fn host_writes_reach_the_image_and_survive_a_snap_crash_and_a_grow() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 1, &[]);
+    let v = unique("hostio");
+    lab.write(&c, &[(&v, 0, "64Mi", "Retain")]);
+    let d = lab.daemon(&[]);
+    let s = d.wait_converged(CONVERGE, 1);
+    let dev = device_of(&s, &v);
+    let seen = the_device(&lab.host_dir(0), &dev).expect("the host lists it");
+    assert_eq!(seen.uuid, volume(&s, &v)["uuid"], "{seen:?}");
+    assert_eq!(seen.size, 64 << 20);
+
+    // The host writes; the bytes are in the image.
+    const AT: u64 = 3 << 20;
+    const LEN: u64 = 256 << 10;
+    assert!(host::write_pattern(&dev, 0x5a, AT, LEN), "host write");
+    let bytes = image_bytes(&c, &c.pool, &v, AT - 4096, LEN + 8192);
+    assert!(
+        bytes[4096..4096 + LEN as usize].iter().all(|b| *b == 0x5a),
+        "the pattern is in the image"
+    );
+    assert!(
+        bytes[..4096].iter().all(|b| *b == 0)
+            && bytes[4096 + LEN as usize..].iter().all(|b| *b == 0),
+        "and nothing around it"
+    );
+    // SNAP's watcher is on the image while the bdev exists.
+    let status = c.cli_ok(
+        "rbd",
+        &["status", "--format", "json", &format!("{}/{v}", c.pool)],
+    );
+    let watchers: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        watchers["watchers"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+
+    // SNAP crashes; the agent restarts it and replays its ledger: the host finds the same
+    // bytes at the same NSID and UUID, on the same device.
+    let pids = emulator_pids(&lab.socket(0));
+    assert_eq!(pids.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(CONVERGE, "SNAP back with the device", || {
+        emulator_pids(&lab.socket(0))
+            .first()
+            .is_some_and(|p| *p != pids[0])
+            && the_device(&lab.host_dir(0), &dev).is_some_and(|x| x.nsid == seen.nsid)
+    });
+    let again = the_device(&lab.host_dir(0), &dev).unwrap();
+    assert_eq!((again.nsid, &again.uuid), (seen.nsid, &seen.uuid));
+    assert!(
+        host::reads_pattern(&dev, 0x5a, AT, LEN),
+        "same bytes after the crash"
+    );
+
+    // Grown in the manifest: image, bdev and the host's device all show the new size.
+    lab.write(&c, &[(&v, 0, "128Mi", "Retain")]);
+    let s = d.wait_for(CONVERGE, "the grown volume ok", |s| {
+        volume(s, &v)["state"] == "ok" && volume(s, &v)["host_bytes"].as_u64() == Some(128 << 20)
+    });
+    assert_eq!(volume(&s, &v)["size_bytes"].as_u64(), Some(128 << 20));
+    assert_eq!(
+        host::size(&dev),
+        Some(128 << 20),
+        "the host reads the new size"
+    );
+    assert_eq!(the_device(&lab.host_dir(0), &dev).unwrap().size, 128 << 20);
+    assert!(host::reads_pattern(&dev, 0x5a, AT, LEN));
+}
+
+#[test]
+fn a_device_the_host_holds_open_is_not_removed_unless_asked() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 1, &[]);
+    let [busy, idle] = ["busy", "idle"].map(unique);
+    lab.write(
+        &c,
+        &[(&busy, 0, "64Mi", "Retain"), (&idle, 0, "64Mi", "Retain")],
+    );
+    let m = lab.manifests().display().to_string();
+    let pki = lab.pki().display().to_string();
+    let apply = |extra: &[&str]| {
+        let mut a = vec![
+            "apply",
+            &m,
+            "--pki-dir",
+            &pki,
+            "--owner",
+            &lab.owner,
+            "--auto-approve",
+        ];
+        a.extend_from_slice(extra);
+        unistor(&a)
+    };
+    let first = apply(&[]);
+    assert_eq!(first.status.code(), Some(0), "{}", show(&first));
+    let status = unistor(&[
+        "status",
+        &m,
+        "--pki-dir",
+        &pki,
+        "--owner",
+        &lab.owner,
+        "--output",
+        "json",
+        "--direct",
+    ]);
+    let s: Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&status)));
+    let s = serde_json::json!({ "fleet": s });
+    let dev = device_of(&s, &busy);
+    let _holder = Opener::open(&dev);
+    wait_until(Duration::from_secs(10), "the host to hold it open", || {
+        the_device(&lab.host_dir(0), &dev).is_some_and(|d| d.open == 1)
+    });
+
+    // Removing the open one is refused, naming the device.
+    lab.write(&c, &[(&idle, 0, "64Mi", "Retain")]);
+    let refused = apply(&[]);
+    assert_ne!(refused.status.code(), Some(0), "{}", show(&refused));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&format!("volume {busy} is in use"))
+            && err.contains(&dev.display().to_string()),
+        "{}",
+        show(&refused)
+    );
+    assert!(
+        the_device(&lab.host_dir(0), &dev).is_some(),
+        "still attached"
+    );
+
+    // The idle one goes without the flag (the other stays in the manifests).
+    lab.write(&c, &[(&busy, 0, "64Mi", "Retain")]);
+    let gone = apply(&[]);
+    assert_eq!(gone.status.code(), Some(0), "{}", show(&gone));
+    assert_eq!(host::devices(&lab.host_dir(0)).len(), 1);
+
+    // Asked to, it detaches the open one too.
+    lab.write(&c, &[]);
+    let forced = apply(&["--allow-in-use", "--allow-empty"]);
+    assert_eq!(forced.status.code(), Some(0), "{}", show(&forced));
+    assert!(host::devices(&lab.host_dir(0)).is_empty());
+}
+
+#[test]
+fn a_dpu_agent_restart_leaves_the_hosts_devices_readable_throughout() {
+    let c = Cluster::from_env();
+    let mut lab = Lab::start(&c, 1, &[]);
+    let v = unique("steady");
+    lab.write(&c, &[(&v, 0, "64Mi", "Retain")]);
+    let d = lab.daemon(&[]);
+    let s = d.wait_converged(CONVERGE, 1);
+    let dev = device_of(&s, &v);
+    assert!(host::write_pattern(&dev, 0x3c, 0, 65536));
+    let emulator = emulator_pids(&lab.socket(0));
+    let holder = Opener::open(&dev);
+
+    // A reader on the host, all the while.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failures) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let reader = {
+        let (stop, reads, failures, dev) =
+            (stop.clone(), reads.clone(), failures.clone(), dev.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if host::reads_pattern(&dev, 0x3c, 0, 65536) {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    // The agent alone is stopped (SIGTERM, not its group), then started again.
+    let agent = lab.procs.0[1].id() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = lab.procs.0[1].wait();
+    let during = reads.load(Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(10),
+        "reads while the agent is down",
+        || reads.load(Ordering::SeqCst) >= during + 3,
+    );
+    lab.start_dpu(0);
+    d.wait_for(CONVERGE, "the agent back", |s| {
+        s["agents"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|a| a["connected"] == true))
+    });
+    let after = reads.load(Ordering::SeqCst);
+    wait_until(Duration::from_secs(10), "reads after the restart", || {
+        reads.load(Ordering::SeqCst) >= after + 3
+    });
+    stop.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "every read worked ({} reads)",
+        reads.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        emulator_pids(&lab.socket(0)),
+        emulator,
+        "the same SNAP throughout"
+    );
+    let mut holder = holder;
+    assert!(
+        holder.running(),
+        "the host's open device was never taken away"
+    );
+    let s = d.wait_converged(CONVERGE, 1);
+    assert_eq!(
+        s["fleet"]["dpus"][0]["snap_restarts"].as_u64(),
+        Some(0),
+        "the new agent adopted SNAP: {}",
+        s["fleet"]["dpus"][0]
+    );
+    assert_eq!(the_device(&lab.host_dir(0), &dev).map(|d| d.open), Some(1));
+}
