@@ -526,13 +526,24 @@ pub fn browser_dom(url: &str) -> String {
 
 /// One JSON-RPC call to SNAP's socket, directly (not through an agent); the `result`.
 pub fn snap_call(socket: &Path, method: &str) -> serde_json::Value {
+    try_snap_call(socket, method)
+        .unwrap_or_else(|e| panic!("{method} on {}: {e}", socket.display()))
+}
+
+/// [`snap_call`] that says why it got no answer instead of panicking: for conditions polled
+/// while SNAP may be restarting (not listening yet, closing).
+pub fn try_snap_call(socket: &Path, method: &str) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("SNAP socket");
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
     let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method});
-    s.write_all(req.to_string().as_bytes()).expect("write");
+    s.write_all(req.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("read");
-    serde_json::from_str::<serde_json::Value>(&line).expect("json")["result"].clone()
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
+    Ok(v["result"].clone())
 }
 
 /// Manifests of a fleet: one cluster (agent `ceph_agent` at `ceph_addr`, pool `pool`, SNAP's

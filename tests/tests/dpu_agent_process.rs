@@ -236,7 +236,8 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
         "SNAP to be back with its namespace",
         || {
             emulator_pid(&socket).is_some_and(|p| p != before)
-                && probe(&socket, "nvme_subsystem_list")[0]["controllers"][0]["state"] == "STARTED"
+                && e2e::try_snap_call(&socket, "nvme_subsystem_list")
+                    .is_ok_and(|s| s[0]["controllers"][0]["state"] == "STARTED")
         },
     );
     let subs = probe(&socket, "nvme_subsystem_list");
