@@ -1,11 +1,13 @@
-//! `unistor`: flags in, [`controller::run`] out. Exit codes: 0 success, 1 error, 64 bad usage.
+//! `unistor`: flags in, [`controller::run`] out. Exit codes: 0 success, 1 error, 2 changes
+//! pending (`plan`), 64 bad usage (never 2: a misspelt flag must not read as drift).
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = controller::Cli::parse();
+    let cli = match agent_kit::cli::parse::<controller::Cli>() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -77,7 +77,10 @@ enum PlatformArg {
 }
 
 fn main() -> ExitCode {
-    let a = Args::parse();
+    let a = match agent_kit::cli::parse::<Args>() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

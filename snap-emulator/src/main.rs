@@ -76,7 +76,18 @@ fn parse_latency(s: &str) -> Result<(String, Duration), String> {
 }
 
 fn main() -> ExitCode {
-    let a = Args::parse();
+    // A usage error exits 64, as unistor's other programs do (clap's own code is 2).
+    let a = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -12,12 +12,22 @@ use e2e::{
     unique, unistor, volume_yaml, wait_listening, write_like_an_editor, Cluster, Daemon, Procs,
 };
 
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
+/// Converges N simulated DPUs x M volumes from empty against the real Ceph cluster
+/// (`UNISTOR_CEPH_*`, as `scripts/bench.sh` sets them) and reports the time against its floor.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Simulated DPUs.
+    #[arg(long, default_value_t = 50)]
+    dpus: usize,
+    /// Volumes per DPU.
+    #[arg(long, default_value_t = 4)]
+    volumes: usize,
+    /// The emulator's latency per SNAP call, in ms.
+    #[arg(long, default_value_t = 2)]
+    snap_latency_ms: u64,
+    /// Manifest edits timed in watch mode.
+    #[arg(long, default_value_t = 5)]
+    edits: usize,
 }
 
 /// CPU seconds of a process: (its own, its reaped children's), from /proc/PID/stat.
@@ -119,11 +129,13 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
-fn main() {
-    let dpus: usize = arg("--dpus", 50);
-    let per: usize = arg("--volumes", 4);
-    let latency_ms: u64 = arg("--snap-latency-ms", 2);
-    let edits: usize = arg("--edits", 5);
+fn main() -> std::process::ExitCode {
+    // Arguments first: `--help` and a typo need no cluster.
+    let a = match agent_kit::cli::parse::<Args>() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let (dpus, per, latency_ms, edits) = (a.dpus, a.volumes, a.snap_latency_ms, a.edits);
     let c = Cluster::from_env();
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = dir.path().join("pki");
@@ -430,4 +442,5 @@ fn main() {
         dpu_rss / 1024,
         emulator_rss / 1024
     );
+    std::process::ExitCode::SUCCESS
 }
