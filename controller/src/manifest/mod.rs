@@ -311,54 +311,56 @@ fn split_documents<'a>(file: &'a Path, text: &str) -> Vec<Doc<'a>> {
     docs
 }
 
-/// Flow collections (`[`, `{`) nested deeper than this are refused before parsing.
-const MAX_FLOW_DEPTH: usize = 32;
-/// Lines indented further than this are refused before parsing.
-const MAX_INDENT: usize = 256;
+/// Collections nested deeper than this are refused before deserializing.
+const MAX_DEPTH: usize = 32;
 
-/// Looks for what a manifest never needs and a hostile document uses: YAML anchors (`&a`) and
-/// aliases (`*a`) outside quotes and comments (alias expansion is how "billion laughs" documents
-/// blow up), flow nesting deeper than [`MAX_FLOW_DEPTH`] and indentation deeper than
-/// [`MAX_INDENT`]. Returns the 1-based line and the reason. Runs in one pass over the text.
+/// Looks, with a YAML parser's events (`yaml-rust2`), for what a manifest never needs and a
+/// hostile document uses: anchors (`&a`) and aliases (`*a`) — alias expansion is how "billion
+/// laughs" documents blow up — and collections nested deeper than [`MAX_DEPTH`], flow or block.
+/// Events, not text: `note: storage & compute` is a plain scalar, `"*1Gi"` a quoted one. Stops at
+/// the first finding (the parser does not recurse and never expands an alias), so hostile input
+/// costs one pass at most. Returns the 1-based line and the reason (a syntax error too).
 fn prescan(text: &str) -> Option<(usize, String)> {
+    use yaml_rust2::parser::{Event, Parser};
+    const ANCHORS: &str = "YAML anchors and aliases are not allowed in manifests";
+    let mut parser = Parser::new_from_str(text);
     let mut depth = 0usize;
-    for (n, line) in text.lines().enumerate() {
-        let indent = line.len() - line.trim_start().len();
-        if indent > MAX_INDENT {
-            return Some((n + 1, format!("indented more than {MAX_INDENT} columns")));
-        }
-        let mut quote: Option<char> = None;
-        let mut prev = ' ';
-        for c in line.chars() {
-            match quote {
-                Some(q) if c == q => quote = None,
-                Some(_) => {}
-                None if c == '"' || c == '\'' => quote = Some(c),
-                None if c == '#' && prev.is_whitespace() => break,
-                None if (c == '*' || c == '&')
-                    && (prev.is_whitespace() || "[{,:-".contains(prev)) =>
-                {
-                    return Some((
-                        n + 1,
-                        "YAML anchors and aliases are not allowed in manifests".into(),
-                    ))
-                }
-                None if c == '[' || c == '{' => {
-                    depth += 1;
-                    if depth > MAX_FLOW_DEPTH {
-                        return Some((
-                            n + 1,
-                            format!("nested deeper than {MAX_FLOW_DEPTH} levels"),
-                        ));
-                    }
-                }
-                None if c == ']' || c == '}' => depth = depth.saturating_sub(1),
-                None => {}
+    loop {
+        let (event, mark) = match parser.next_token() {
+            Ok(t) => t,
+            // The scanner's own nesting limit (it counts flow levels in a byte).
+            Err(e) if e.info().contains("recursion limit") => {
+                return Some((
+                    e.marker().line(),
+                    format!("nested deeper than {MAX_DEPTH} levels"),
+                ))
             }
-            prev = c;
+            // Not YAML: said here, with the parser's reason, rather than handing a document
+            // that defeats one parser to another.
+            Err(e) => return Some((e.marker().line(), format!("not valid YAML: {}", e.info()))),
+        };
+        match event {
+            Event::StreamEnd => return None,
+            Event::Alias(_) => return Some((mark.line(), ANCHORS.into())),
+            Event::Scalar(_, _, anchor, _) if anchor > 0 => {
+                return Some((mark.line(), ANCHORS.into()))
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                if anchor > 0 {
+                    return Some((mark.line(), ANCHORS.into()));
+                }
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some((
+                        mark.line(),
+                        format!("nested deeper than {MAX_DEPTH} levels"),
+                    ));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
         }
     }
-    None
 }
 
 /// Finds the line of `path` (keys from the document's root) in `text`; 0-based.

@@ -259,6 +259,18 @@ fn set_wide_rules() {
 }
 
 #[test]
+fn plain_text_with_ampersands_and_stars_is_not_an_anchor() {
+    // A label value in plain YAML: `&` and `*` inside a plain scalar are text.
+    let v = volume("v", "").replace(
+        "  name: v\n",
+        "  name: v\n  labels:\n    note: storage & compute\n    glob: a *b\n    amp: \"&x\"\n",
+    );
+    assert!(v.contains("storage & compute"));
+    let d = load(&[("base.yaml", BASE), ("v.yaml", &v)]).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(d.volumes.contains_key("v"));
+}
+
+#[test]
 fn hostile_yaml_is_refused_quickly() {
     // An alias bomb ("billion laughs").
     let mut bomb = String::from(
@@ -287,10 +299,15 @@ fn hostile_yaml_is_refused_quickly() {
     for i in 0..300 {
         block.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
     }
-    assert!(errors(&[("block.yaml", &block)])[0].contains("indented more than 256"));
-    // Quoted look-alikes are fine.
+    let e = errors(&[("block.yaml", &block)]);
+    assert!(e[0].contains("nested deeper than 32 levels"), "{e:?}");
+    // Look-alikes are fine: quoted, or plain scalars that merely hold `&` or `*`.
     let quoted = volume("v", "").replace("size: 1Gi", "size: \"*1Gi\"");
     assert!(errors(&[("base.yaml", BASE), ("q.yaml", &quoted)])[0].contains("spec.size"));
+    // An anchor in block style, and one on a scalar, are found at their line.
+    let anchored = volume("v", "").replace("  size: 1Gi\n", "  size: &s 1Gi\n");
+    assert!(errors(&[("base.yaml", BASE), ("a.yaml", &anchored)])[0]
+        .contains("anchors and aliases are not allowed"));
     // A file over the size limit is not even parsed.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
