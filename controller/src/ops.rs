@@ -328,8 +328,9 @@ async fn connect(c: &Common, desired: &Desired) -> Result<Arc<Fleet>, OpsError> 
     Ok(Arc::new(Fleet::connect(desired, &fleet_options(c)?).await))
 }
 
-/// A fingerprint of what the plan was made from: the desired state's plan inputs and the
-/// observed objects (not the fast-moving host counters).
+/// A fingerprint of what the plan was made from: the desired state as it serializes (what it
+/// means, not where it was written: no file, line or label) and the observed objects (not the
+/// fast-moving host counters). Canonical: struct fields in declaration order, maps sorted.
 pub fn fingerprint(desired: &Desired, observed: &Observed) -> String {
     let mut stable = serde_json::Map::new();
     for (n, k) in &observed.clusters {
@@ -350,7 +351,10 @@ pub fn fingerprint(desired: &Desired, observed: &Observed) -> String {
         };
         stable.insert(format!("dpu/{n}"), v);
     }
-    stable.insert("desired".into(), serde_json::json!(format!("{desired:?}")));
+    stable.insert(
+        "desired".into(),
+        serde_json::to_value(desired).expect("the desired state serializes"),
+    );
     let text = serde_json::Value::Object(stable).to_string();
     format!("{:016x}", plan::fnv(&text))
 }
@@ -1006,5 +1010,33 @@ mod tests {
         assert_eq!(fingerprint(&d, &w.observed()), before);
         w.clusters.get_mut("ceph-lab").unwrap().images[0].size_bytes += 1 << 20;
         assert_ne!(fingerprint(&d, &w.observed()), before);
+    }
+
+    #[test]
+    fn a_document_moved_to_another_file_leaves_a_saved_plan_fresh() {
+        let (d, w) = converged();
+        let before = fingerprint(&d, &w.observed());
+        let mut moved = d.clone();
+        for v in moved.volumes.values_mut() {
+            v.source.file = "elsewhere/all-volumes.yaml".into();
+            v.source.line += 40;
+            v.labels.insert("team".into(), "storage".into());
+        }
+        moved.dpus.get_mut("dpu-a").unwrap().source.line = 999;
+        assert_eq!(fingerprint(&moved, &w.observed()), before);
+        let mut grown = d.clone();
+        grown.volumes.get_mut("db-data").unwrap().size_bytes += 1 << 30;
+        assert_ne!(
+            fingerprint(&grown, &w.observed()),
+            before,
+            "what it means counts"
+        );
+        let mut retargeted = d.clone();
+        retargeted
+            .volumes
+            .get_mut("db-data")
+            .unwrap()
+            .deletion_policy = crate::manifest::DeletionPolicy::Delete;
+        assert_ne!(fingerprint(&retargeted, &w.observed()), before);
     }
 }

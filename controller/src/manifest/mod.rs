@@ -66,7 +66,7 @@ impl fmt::Display for Source {
 }
 
 /// A resolved Ceph cluster.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Cluster {
     /// Name.
     pub name: String,
@@ -80,12 +80,14 @@ pub struct Cluster {
     pub pools: Vec<PoolName>,
     /// SNAP's cephx id.
     pub snap_client: CephClientId,
-    /// Where it was defined.
+    /// Where it was defined (not part of what it means: moving a document to another file
+    /// changes nothing, so it is not serialized).
+    #[serde(skip)]
     pub source: Source,
 }
 
 /// A resolved DPU.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Dpu {
     /// Name.
     pub name: String,
@@ -97,12 +99,14 @@ pub struct Dpu {
     pub host: String,
     /// SNAP deployment.
     pub snap: SnapSpec,
-    /// Where it was defined.
+    /// Where it was defined (not part of what it means: moving a document to another file
+    /// changes nothing, so it is not serialized).
+    #[serde(skip)]
     pub source: Source,
 }
 
 /// A resolved volume.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Volume {
     /// Name.
     pub name: VolumeName,
@@ -130,14 +134,17 @@ pub struct Volume {
     pub deletion_policy: DeletionPolicy,
     /// Trash retention.
     pub trash_retention: Duration,
-    /// Labels.
+    /// Labels (for people and tools; the plan does not read them).
+    #[serde(skip)]
     pub labels: BTreeMap<String, String>,
-    /// Where it was defined.
+    /// Where it was defined (not part of what it means: moving a document to another file
+    /// changes nothing, so it is not serialized).
+    #[serde(skip)]
     pub source: Source,
 }
 
 /// The desired state, resolved and checked.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Desired {
     /// Clusters by name.
     pub clusters: BTreeMap<String, Cluster>,
