@@ -63,7 +63,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.view.clone(),
     )));
     let reporter = tokio::spawn(handler.clone().report_loop(config.report_interval));
-    info!(name = %config.name, addr = %config.listen, "ceph-agent listening.");
+    info!(name = %config.name, addr = %p.local, "ceph-agent listening.");
+    protocol::server::announce(config.name.as_str(), p.local);
     protocol::server::run(
         p.listener,
         p.tls,

@@ -130,7 +130,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.settings,
     )?;
     let supervisor = tokio::spawn(agent.clone().supervise_loop(config.poll_interval));
-    info!(name = %config.name, addr = %config.listen, "dpu-agent listening.");
+    info!(name = %config.name, addr = %p.local, "dpu-agent listening.");
+    protocol::server::announce(config.name.as_str(), p.local);
     protocol::server::run(
         p.listener,
         p.tls,

@@ -168,6 +168,8 @@ pub enum StartError {
 pub struct Prepared {
     /// The bound listener.
     pub listener: TcpListener,
+    /// The address it is bound to (the port the system chose, for `--listen HOST:0`).
+    pub local: SocketAddr,
     /// TLS configuration.
     pub tls: Arc<rustls::ServerConfig>,
     /// The lease table, its fencing token kept in the state directory.
@@ -192,11 +194,25 @@ pub async fn prepare(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
     Ok(Prepared {
         listener,
+        local,
         tls,
         leases,
     })
+}
+
+/// Says where an agent listens, as the first line on stdout (`NAME: listening on HOST:PORT`):
+/// with `--listen HOST:0` the system picks the port, and whoever started the agent reads it
+/// here instead of guessing a free one beforehand.
+pub fn announce(name: &str, local: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{name}: listening on {local}");
+    let _ = out.flush();
 }
 
 /// Serves `listener` until `shutdown` completes, then drains.

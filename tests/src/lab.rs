@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::{
-    ceph_agent_command, dpu_agent_command, fleet_yaml, free_port, issue_pki, snap_call, unique,
-    volume_yaml, wait_listening, write_like_an_editor, Cluster, Daemon, Procs,
+    ceph_agent_command, dpu_agent_command, fleet_yaml, issue_pki, snap_call, spawn_announced,
+    unique, volume_yaml, write_like_an_editor, Cluster, Daemon, Procs, ANY_PORT,
 };
 
 /// A ceph-agent (cluster report every 2 s) and `n` dpu-agents, each with `dpu_args`.
@@ -39,7 +39,7 @@ impl Lab {
         agents.extend(dpu_names.iter().map(String::as_str));
         issue_pki(&dir.path().join("pki"), &agents);
         let mut lab = Lab {
-            ceph_addr: format!("127.0.0.1:{}", free_port()),
+            ceph_addr: String::new(),
             ceph_agent,
             dpus: vec![],
             dpu_args: dpu_args.iter().map(|s| s.to_string()).collect(),
@@ -48,38 +48,41 @@ impl Lab {
             snap_id: unique("snap-w"),
             dir,
         };
-        let child = ceph_agent_command(
-            c,
-            &lab.ceph_agent,
-            &lab.ceph_addr,
-            &lab.pki(),
-            &lab.dir.path().join("ceph-state"),
-        )
-        .args(["--report-interval", "2s"])
-        .args(crate::QUICK_SWEEP)
-        .spawn()
-        .unwrap();
+        let (child, addr) = spawn_announced(
+            ceph_agent_command(
+                c,
+                &lab.ceph_agent,
+                ANY_PORT,
+                &lab.pki(),
+                &lab.dir.path().join("ceph-state"),
+            )
+            .args(["--report-interval", "2s"])
+            .args(crate::QUICK_SWEEP),
+            "listening on ",
+        );
         lab.procs.0.push(child);
-        wait_listening(&lab.ceph_addr);
+        lab.ceph_addr = addr;
         for (i, name) in dpu_names.into_iter().enumerate() {
-            let addr = format!("127.0.0.1:{}", free_port());
-            lab.dpus.push((name, addr));
+            // The system picks the port; a restart binds the same one again.
+            lab.dpus.push((name, ANY_PORT.to_string()));
             lab.start_dpu(i);
         }
         std::fs::create_dir_all(lab.manifests()).unwrap();
         lab
     }
 
-    /// Starts (or restarts) dpu-agent `i` on its address and state directory; returns the
-    /// index of its process in `procs`.
+    /// Starts dpu-agent `i` on its state directory: the first time on a port the system picks,
+    /// then (a restart, after the previous agent exited) on the same address, which the
+    /// manifests name. Returns the index of its process in `procs`.
     pub fn start_dpu(&mut self, i: usize) -> usize {
         let (name, addr) = &self.dpus[i];
         let extra: Vec<&str> = self.dpu_args.iter().map(String::as_str).collect();
-        let child = dpu_agent_command(name, addr, &self.pki(), &self.state(i), &extra)
-            .spawn()
-            .unwrap();
+        let (child, bound) = spawn_announced(
+            &mut dpu_agent_command(name, addr, &self.pki(), &self.state(i), &extra),
+            "listening on ",
+        );
+        self.dpus[i].1 = bound;
         self.procs.0.push(child);
-        wait_listening(addr);
         self.procs.0.len() - 1
     }
 

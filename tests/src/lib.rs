@@ -149,12 +149,49 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+/// Spawns `cmd` (which binds port 0 and says where it listens on stdout) and returns it with the
+/// address it announced: the text after `after` in its first such line, up to a space or `/`.
+/// No port is guessed beforehand, so none can be taken meanwhile. The rest of its stdout is
+/// drained. Panics, with what it printed, if it says nothing within 30 s.
+pub fn spawn_announced(cmd: &mut Command, after: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let after = after.to_string();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        let mut said = vec![];
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Some((_, rest)) = line.split_once(after.as_str()) {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '/')
+                    .collect();
+                let _ = tx.send(Ok(addr));
+                // Keep reading so that the child never blocks on a full pipe.
+                for _ in lines.by_ref() {}
+                return;
+            }
+            said.push(line);
+        }
+        let _ = tx.send(Err(said.join("\n")));
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(addr)) => (child, addr),
+        Ok(Err(said)) => {
+            let status = child.wait().ok();
+            panic!(
+                "{cmd:?} ended ({status:?}) without saying where it listens; it printed:\n{said}"
+            )
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} said nothing about where it listens within 30 s")
+        }
+    }
 }
 
 /// Polls `cond` every 100 ms until it holds; panics after `limit`, naming `what`.
@@ -271,12 +308,8 @@ pub fn ceph_agent_command(
     cmd
 }
 
-/// Waits until something listens on `addr`.
-pub fn wait_listening(addr: &str) {
-    wait_until(Duration::from_secs(30), "the agent to listen", || {
-        std::net::TcpStream::connect(addr).is_ok()
-    });
-}
+/// The address agents and tests bind to: the system picks the port.
+pub const ANY_PORT: &str = "127.0.0.1:0";
 
 /// Tests change images behind unistor's back and wait for the sweep to find it: a quick sweep
 /// over the few images a test has.
@@ -289,7 +322,8 @@ pub const QUICK_SWEEP: &[&str] = &[
     "2s",
 ];
 
-/// Starts a ceph-agent named `name` (sweeping quickly) on a free port; returns its address.
+/// Starts a ceph-agent named `name` (sweeping quickly) on a port of the system's choosing;
+/// returns its address.
 pub fn spawn_ceph_agent(
     procs: &mut Procs,
     c: &Cluster,
@@ -297,26 +331,22 @@ pub fn spawn_ceph_agent(
     pki: &Path,
     state: &Path,
 ) -> String {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = ceph_agent_command(c, name, &addr, pki, state)
-        .args(QUICK_SWEEP)
-        .spawn()
-        .expect("start ceph-agent");
+    let (child, addr) = spawn_announced(
+        ceph_agent_command(c, name, ANY_PORT, pki, state).args(QUICK_SWEEP),
+        "listening on ",
+    );
     procs.0.push(child);
-    wait_listening(&addr);
     addr
 }
 
 /// Starts a simulated dpu-agent (SNAP emulator in real-Ceph mode, socket `state/spdk.sock`);
 /// returns its address.
 pub fn spawn_dpu_agent(procs: &mut Procs, name: &str, pki: &Path, state: &Path) -> String {
-    let addr = format!("127.0.0.1:{}", free_port());
-    procs.0.push(
-        dpu_agent_command(name, &addr, pki, state, &[])
-            .spawn()
-            .expect("start dpu-agent"),
+    let (child, addr) = spawn_announced(
+        &mut dpu_agent_command(name, ANY_PORT, pki, state, &[]),
+        "listening on ",
     );
-    wait_listening(&addr);
+    procs.0.push(child);
     addr
 }
 
@@ -385,19 +415,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `unistor watch` with `args` (the manifest directory first), logging to `log`.
     pub fn start(args: &[&str], log: &Path) -> Self {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let child = Command::new(bin("unistor"))
-            .arg("watch")
-            .args(args)
-            .args(["--listen", &listen])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("daemon log"))
-            .spawn()
-            .expect("start unistor watch");
-        wait_listening(&listen);
+        let (child, listen) = spawn_announced(
+            Command::new(bin("unistor"))
+                .arg("watch")
+                .args(args)
+                .args(["--listen", ANY_PORT])
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stderr(std::fs::File::create(log).expect("daemon log")),
+            "dashboard on http://",
+        );
         Daemon {
             child,
             url: format!("http://{listen}"),
@@ -442,6 +469,21 @@ impl Daemon {
         }
     }
 
+    /// Asks for a reconcile and waits until one that started after the request has ended;
+    /// returns the status then. What a test checks afterwards ("nothing happened") has had its
+    /// chance to happen, without a fixed sleep.
+    pub fn reconcile_now(&self, limit: Duration) -> serde_json::Value {
+        let answer = http_post(&format!("{}/api/v1/reconcile", self.url));
+        let v: serde_json::Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        let at = v["done_at_seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{answer}"));
+        self.wait_for(limit, "the requested reconcile to end", |s| {
+            s["last_reconcile"]["seq"].as_u64() >= Some(at)
+        })
+    }
+
     /// Waits until the last reconcile converged with every volume ok (`n` of them).
     pub fn wait_converged(&self, limit: Duration, n: usize) -> serde_json::Value {
         self.wait_for(limit, &format!("{n} volume(s) converged"), |s| {
@@ -467,6 +509,22 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// POSTs nothing to `url` over plain HTTP; the body of the answer, whatever the status.
+pub fn http_post(url: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .post(url)
+        .send_empty()
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
 /// GET over plain HTTP (the daemon listens on loopback); the body, whatever the status.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use e2e::{free_port, unique, wait_until, Cluster};
+use e2e::{unique, wait_until, Cluster};
 use protocol::client::{AgentClient, ClientOptions};
 use protocol::names::PeerName;
 use protocol::tls::{self, PkiPaths};
@@ -44,13 +44,12 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start(c: &Cluster, pki: &Path, state: &Path) -> Self {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let child = e2e::ceph_agent_command(c, AGENT, &addr, pki, state)
-            .args(["--report-interval", "500ms"])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ceph-agent");
-        e2e::wait_listening(&addr);
+        let (child, addr) = e2e::spawn_announced(
+            e2e::ceph_agent_command(c, AGENT, e2e::ANY_PORT, pki, state)
+                .args(["--report-interval", "500ms"])
+                .stderr(Stdio::inherit()),
+            "listening on ",
+        );
         Self { child, addr }
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use e2e::{bin, free_port, unique, wait_until, Cluster};
+use e2e::{bin, unique, wait_until, Cluster};
 use protocol::client::{AgentClient, ClientOptions};
 use protocol::dpu::{
     Attachment, BdevSpec, ControllerSpec, FirmwareSpec, FunctionRef, NameRef, NamespaceSpec,
@@ -45,14 +45,13 @@ impl Drop for Agent {
 }
 
 fn start_agent(pki: &Path, state: &Path, socket: &Path) -> Agent {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(bin("dpu-agent"))
-        .process_group(0)
+    let mut cmd = Command::new(bin("dpu-agent"));
+    cmd.process_group(0)
         .args([
             "--name",
             AGENT,
             "--listen",
-            &addr,
+            e2e::ANY_PORT,
             "--platform",
             "simulation",
         ])
@@ -74,13 +73,8 @@ fn start_agent(pki: &Path, state: &Path, socket: &Path) -> Agent {
         .arg(bin("snap-emulator"))
         .args(["--emulator-arg=--real-ceph"])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    wait_until(Duration::from_secs(30), "dpu-agent to listen", || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+        .stderr(Stdio::inherit());
+    let (child, addr) = e2e::spawn_announced(&mut cmd, "listening on ");
     Agent {
         child,
         addr,

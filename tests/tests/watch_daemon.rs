@@ -111,7 +111,7 @@ fn the_daemon_converges_follows_edits_and_removes_by_policy() {
         err.contains("volumes.yaml:") && err.contains("sise"),
         "names file, line and field: {err}"
     );
-    std::thread::sleep(Duration::from_secs(2));
+    d.reconcile_now(CONVERGE);
     assert_eq!(
         namespaces(&lab.socket(0)),
         before,
@@ -226,7 +226,7 @@ fn snap_state_is_restored_by_the_daemon_and_the_dashboard_shows_it() {
         "the image link is marked broken:\n{row}"
     );
     assert!(row.contains("suspended"), "{row}");
-    std::thread::sleep(Duration::from_secs(3));
+    d.reconcile_now(CONVERGE);
     assert!(in_trash(&c, &a), "a suspended volume is left alone");
 
     // Resumed, it is healed.
@@ -285,7 +285,6 @@ fn an_apply_interrupted_by_a_dead_agent_finishes_when_it_is_back() {
         "{}",
         show(&plan)
     );
-    std::thread::sleep(Duration::from_secs(1));
     lab.start_dpu(0);
     d.wait_converged(CONVERGE, 3);
     let ns = namespaces(&lab.socket(0));
@@ -373,7 +372,7 @@ fn report_only_mode_shows_what_it_would_do_and_does_nothing() {
             .any(|p| p.as_str().unwrap().contains("create image")),
         "{s}"
     );
-    std::thread::sleep(Duration::from_secs(2));
+    d.reconcile_now(CONVERGE);
     assert!(c.rbd_info(&c.pool, &v).is_none(), "nothing created");
     assert!(
         !lab.socket(0).exists() || namespaces(&lab.socket(0)).is_empty(),

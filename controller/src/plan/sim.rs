@@ -391,6 +391,25 @@ impl World {
         }
     }
 
+    /// Plans and applies until the plan is empty, each plan's steps in a random order that only
+    /// respects `depends_on` (seeded; the executor runs independent steps at once, in any
+    /// order): a dependency edge the planner forgot makes some order apply a step before what
+    /// it needs, which [`World::apply`] refuses. Returns the passes it took.
+    pub fn converge_shuffled(&mut self, d: &Desired, rounds: usize, seed: u64) -> usize {
+        let opts = Options::default();
+        let mut rng = seed | 1;
+        for round in 0..rounds {
+            let p = plan(d, &self.observed(), &opts);
+            if p.is_empty() {
+                return round;
+            }
+            for i in random_topological_order(&p.steps, &mut rng) {
+                self.apply(&p.steps[i], &opts.owner);
+            }
+        }
+        panic!("did not converge in {rounds} rounds");
+    }
+
     /// Plans and applies until the plan is empty; returns the passes it took.
     pub fn converge(&mut self, d: &Desired, rounds: usize) -> usize {
         let opts = Options::default();
@@ -409,4 +428,26 @@ impl World {
         }
         panic!("did not converge in {rounds} rounds");
     }
+}
+
+/// Positions of `steps` in an order that runs each step after everything it depends on, chosen
+/// at random among the steps ready at each point (xorshift over `rng`).
+pub fn random_topological_order(steps: &[Step], rng: &mut u64) -> Vec<usize> {
+    let at: std::collections::HashMap<usize, usize> =
+        steps.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+    let mut done = vec![false; steps.len()];
+    let mut order = Vec::with_capacity(steps.len());
+    while order.len() < steps.len() {
+        let ready: Vec<usize> = (0..steps.len())
+            .filter(|&i| !done[i] && steps[i].depends_on.iter().all(|d| done[at[d]]))
+            .collect();
+        assert!(!ready.is_empty(), "a dependency cycle");
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let pick = ready[(*rng % ready.len() as u64) as usize];
+        done[pick] = true;
+        order.push(pick);
+    }
+    order
 }

@@ -393,12 +393,13 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn any_fleet_converges_deterministically(vols in arb_volumes(), keep in proptest::collection::vec(any::<bool>(), 12)) {
+    fn any_fleet_converges_deterministically(vols in arb_volumes(), keep in proptest::collection::vec(any::<bool>(), 12), seed in any::<u64>()) {
         let Some(d) = fleet(&vols) else { return Ok(()) };
         let mut w = World::empty(&d);
         let o = w.observed();
         prop_assert_eq!(plan(&d, &o, &Options::default()), plan(&d, &o, &Options::default()));
-        w.converge(&d, 5);
+        // Steps in any order their dependencies allow, as the executor may run them.
+        w.converge_shuffled(&d, 5, seed);
         prop_assert!(plan(&d, &w.observed(), &Options::default()).is_empty());
         // Every desired volume is exposed: namespace attached to a started controller.
         for v in d.volumes.values() {
@@ -414,7 +415,7 @@ proptest! {
         let subset: Vec<_> = vols.iter().enumerate().filter(|(i, _)| keep[*i]).map(|(_, v)| *v).collect();
         if let Some(d2) = fleet(&subset) {
             let images_before = w.clusters["c"].images.len();
-            w.converge(&d2, 5);
+            w.converge_shuffled(&d2, 5, seed.rotate_left(17));
             prop_assert_eq!(w.clusters["c"].images.len(), images_before, "Retain is the default");
         }
     }
@@ -466,4 +467,45 @@ fn golden_plans() {
         "examples-changed.json",
         &(serde_json::to_string_pretty(&p).unwrap() + "\n"),
     );
+}
+
+#[test]
+fn the_examples_converge_and_change_in_any_order_their_dependencies_allow() {
+    let d = examples();
+    let mut changed = d.clone();
+    changed.volumes.remove("logs-c");
+    changed.volumes.remove("scratch-b");
+    changed.volumes.get_mut("db-wal").unwrap().size_bytes = 1 << 30;
+    for seed in 0..300u64 {
+        let mut w = World::empty(&d);
+        w.converge_shuffled(&d, 5, seed);
+        w.converge_shuffled(&changed, 5, seed ^ 0x9e37_79b9);
+        assert!(plan(&changed, &w.observed(), &Options::default()).is_empty());
+        // And back: what was removed comes again.
+        w.converge_shuffled(&d, 5, seed.wrapping_mul(31));
+    }
+}
+
+#[test]
+fn a_forgotten_dependency_is_caught_by_some_order() {
+    // The check itself can fail: drop every edge of a plan from empty, and some order applies
+    // a step before what it needs.
+    let d = examples();
+    let w = World::empty(&d);
+    let mut p = plan(&d, &w.observed(), &Options::default());
+    for s in &mut p.steps {
+        s.depends_on.clear();
+    }
+    let caught = (0..50u64).any(|seed| {
+        let mut w = World::empty(&d);
+        let mut rng = seed | 1;
+        let order = crate::plan::sim::random_topological_order(&p.steps, &mut rng);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for i in order {
+                w.apply(&p.steps[i], &Options::default().owner);
+            }
+        }))
+        .is_err()
+    });
+    assert!(caught, "no order broke a plan without dependencies");
 }

@@ -64,9 +64,16 @@ async fn status(State(app): State<App>) -> Response {
     Json(app.state.view()).into_response()
 }
 
+/// Queues a reconcile. The answer says which one will have run when it is done: the last
+/// reconcile's `seq` reaching `done_at_seq` means one that started after this request ended.
 async fn reconcile(State(app): State<App>) -> Response {
+    let done_at_seq = app.state.started() + 1;
     let _ = app.trigger.send("requested over the API".into());
-    (StatusCode::ACCEPTED, "reconcile queued\n").into_response()
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "queued": true, "done_at_seq": done_at_seq })),
+    )
+        .into_response()
 }
 
 fn error(code: StatusCode, message: String) -> Response {

@@ -315,6 +315,7 @@ async fn reconcile(
 ) -> ReconcileSummary {
     let started = Instant::now();
     let mut summary = ReconcileSummary {
+        seq: state.begin_reconcile(),
         at: state::now(),
         reason: reason.into(),
         ..ReconcileSummary::default()

@@ -58,6 +58,9 @@ pub struct ManifestState {
 /// How the last reconcile went.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileSummary {
+    /// Its number: reconciles are numbered from 1 in the order they start.
+    #[serde(default)]
+    pub seq: u64,
     /// When it started.
     pub at: String,
     /// What triggered it.
@@ -251,6 +254,8 @@ struct Inner {
     observed: Observed,
     last_reconcile: Option<ReconcileSummary>,
     reconciling: bool,
+    /// The number of the last reconcile started.
+    started: u64,
     agents: BTreeMap<String, AgentState>,
     pending: Vec<String>,
     drift: Vec<Drift>,
@@ -387,6 +392,18 @@ impl Shared {
     /// A reconcile starts.
     pub fn reconciling(&self, on: bool) {
         self.write().reconciling = on;
+    }
+
+    /// A reconcile starts: its number.
+    pub fn begin_reconcile(&self) -> u64 {
+        let mut g = self.write();
+        g.started += 1;
+        g.started
+    }
+
+    /// The number of the last reconcile started: one numbered above it starts after now.
+    pub fn started(&self) -> u64 {
+        self.read().started
     }
 
     /// What the last plan found.

@@ -8,8 +8,9 @@
 use std::time::{Duration, Instant};
 
 use e2e::{
-    ceph_agent_command, dpu_agent_command, fleet_yaml, free_port, issue_pki, reconciled, show,
-    unique, unistor, volume_yaml, wait_listening, write_like_an_editor, Cluster, Daemon, Procs,
+    ceph_agent_command, dpu_agent_command, fleet_yaml, issue_pki, reconciled, show,
+    spawn_announced, unique, unistor, volume_yaml, write_like_an_editor, Cluster, Daemon, Procs,
+    ANY_PORT,
 };
 
 /// Converges N simulated DPUs x M volumes from empty against the real Ceph cluster
@@ -166,48 +167,29 @@ fn main() -> std::process::ExitCode {
     }
 
     let mut procs = Procs::default();
-    let ceph_addr = format!("127.0.0.1:{}", free_port());
-    procs.0.push(
-        ceph_agent_command(&c, &ceph_name, &ceph_addr, &pki, &dir.path().join("ceph"))
-            .args(["--report-interval", "10s"])
-            .spawn()
-            .expect("ceph-agent"),
+    // Every agent binds port 0 and says which port it got.
+    let (child, ceph_addr) = spawn_announced(
+        ceph_agent_command(&c, &ceph_name, ANY_PORT, &pki, &dir.path().join("ceph"))
+            .args(["--report-interval", "10s"]),
+        "listening on ",
     );
+    procs.0.push(child);
     let latency = format!("--emulator-arg=--latency=*={latency_ms}ms");
-    // Distinct ports (a port freed by `free_port` can be handed out again).
-    let mut ports = std::collections::BTreeSet::new();
-    ports.insert(
-        ceph_addr
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .parse::<u16>()
-            .unwrap(),
-    );
     let mut addrs = vec![];
     for (i, name) in dpu_names.iter().enumerate() {
-        let mut port = free_port();
-        while !ports.insert(port) {
-            port = free_port();
-        }
-        let addr = format!("127.0.0.1:{port}");
         let state = dir.path().join(format!("dpu{i}"));
-        procs.0.push(
-            dpu_agent_command(
+        let (child, addr) = spawn_announced(
+            &mut dpu_agent_command(
                 name,
-                &addr,
+                ANY_PORT,
                 &pki,
                 &state,
                 &[&latency, "--poll-interval", "2s"],
-            )
-            .spawn()
-            .expect("dpu-agent"),
+            ),
+            "listening on ",
         );
+        procs.0.push(child);
         addrs.push(addr);
-    }
-    wait_listening(&ceph_addr);
-    for a in &addrs {
-        wait_listening(a);
     }
     let m = dir.path().join("manifests");
     std::fs::create_dir_all(&m).unwrap();
