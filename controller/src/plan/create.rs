@@ -1,0 +1,548 @@
+//! Creation: each wanted volume's chain — image, cluster registered in SNAP, bdev, subsystem,
+//! namespace, controller (created suspended), attachment — then each controller's resume once
+//! all its namespaces are attached. Existing matching objects are adopted; anything in the way
+//! blocks the volume with the reason, and the rest of the fleet goes on.
+
+use std::collections::BTreeSet;
+
+use protocol::dpu::{DpuReport, FunctionRef, SnapInventory};
+use protocol::{ImageState, ImageStatus};
+
+use super::place::Placement;
+use super::teardown::ImageIndex;
+use super::{
+    after, names, Action, Builder, HashMap, Known, Observed, Options, Risk, Target,
+    META_MANAGED_BY, META_POLICY, META_RETENTION, META_VOLUME,
+};
+use crate::manifest::Volume;
+
+/// What every volume's planning reads.
+pub(super) struct Context<'a> {
+    pub(super) observed: &'a Observed,
+    pub(super) opts: &'a Options,
+    pub(super) placement: &'a Placement<'a>,
+    pub(super) images: &'a ImageIndex<'a>,
+}
+
+/// One DPU's volumes being planned: the steps made once per cluster or function, and the
+/// attachments each controller's resume waits for.
+pub(super) struct DpuChain<'a> {
+    name: &'a str,
+    report: Option<&'a DpuReport>,
+    /// SNAP's install step on this DPU, when there is one.
+    snap: Option<usize>,
+    /// What every step on this DPU waits for (its removals, then SNAP).
+    first: &'a [Option<usize>],
+    registered: HashMap<&'a str, Option<usize>>,
+    subsystems: HashMap<FunctionRef, Option<usize>>,
+    controllers: HashMap<FunctionRef, Option<usize>>,
+    attaches: HashMap<FunctionRef, Vec<usize>>,
+    resume_needed: BTreeSet<FunctionRef>,
+}
+
+/// A volume the plan cannot go on with (the reason is in the plan's `blocked`).
+struct Held;
+
+impl<'a> DpuChain<'a> {
+    /// DPU `name` (with its report, if any), whose steps wait for `first` and SNAP's install
+    /// step `snap`.
+    pub(super) fn new(
+        name: &'a str,
+        report: Option<&'a DpuReport>,
+        snap: Option<usize>,
+        first: &'a [Option<usize>],
+    ) -> Self {
+        Self {
+            name,
+            report,
+            snap,
+            first,
+            registered: HashMap::default(),
+            subsystems: HashMap::default(),
+            controllers: HashMap::default(),
+            attaches: HashMap::default(),
+            resume_needed: BTreeSet::new(),
+        }
+    }
+
+    /// Plans the volumes at positions `idxs` (in name order), then the resumes.
+    pub(super) fn plan(
+        mut self,
+        b: &mut Builder,
+        cx: &Context<'a>,
+        idxs: &[usize],
+        ctrl_names: &mut HashMap<FunctionRef, String>,
+    ) {
+        for &i in idxs {
+            let _held: Result<(), Held> = self.volume(b, cx, i, ctrl_names);
+        }
+        self.resumes(b);
+    }
+
+    fn target(&self) -> Target {
+        Target::Dpu(self.name.to_string())
+    }
+
+    fn volume(
+        &mut self,
+        b: &mut Builder,
+        cx: &Context<'a>,
+        i: usize,
+        ctrl_names: &mut HashMap<FunctionRef, String>,
+    ) -> Result<(), Held> {
+        let v: &'a Volume = cx.placement.volumes[i];
+        let report = self.ready(b, cx, v)?;
+        let image_step = image(b, cx, v)?;
+        let empty = SnapInventory::default();
+        let inv = match (self.snap, report.inventory.as_ref()) {
+            (None, Some(inv)) => inv,
+            // SNAP is being (re)installed: plan against an empty SNAP.
+            _ => &empty,
+        };
+        let reg = self.register(b, inv, v);
+        let bdev_step = self.bdev(b, inv, v, &[reg, image_step])?;
+        let (nqn, nsid) = (&cx.placement.nqn[i], cx.placement.nsid[i]);
+        let sub = self.subsystem(b, inv, v.function, nqn);
+        let ns_step = self.namespace(b, inv, v, (nqn, nsid), &[sub, bdev_step])?;
+        let ctrl = ctrl_names
+            .entry(v.function)
+            .or_insert_with(|| names::controller(v.function));
+        self.controller(b, inv, v, ctrl, (nqn, nsid), sub, ns_step)
+    }
+
+    /// The DPU's report, when the volume's cluster and DPU are both known.
+    fn ready(&self, b: &mut Builder, cx: &Context<'a>, v: &Volume) -> Result<&'a DpuReport, Held> {
+        let cluster = cx.observed.clusters.get(&v.cluster).and_then(Known::get);
+        match (cluster, self.report) {
+            (Some(_), Some(r)) => Ok(r),
+            _ => {
+                let unknown = if cluster.is_none() {
+                    format!("cluster/{}", v.cluster)
+                } else {
+                    format!("dpu/{}", v.dpu)
+                };
+                b.block(
+                    object(v),
+                    format!("waiting for {unknown}: its state is unknown"),
+                );
+                Err(Held)
+            }
+        }
+    }
+
+    /// The volume's cluster registered in SNAP (once per DPU).
+    fn register(&mut self, b: &mut Builder, inv: &SnapInventory, v: &'a Volume) -> Option<usize> {
+        let (target, first) = (self.target(), self.first);
+        *self
+            .registered
+            .entry(v.cluster.as_str())
+            .or_insert_with(|| {
+                let registered = inv
+                    .clusters
+                    .iter()
+                    .any(|c| names::unprefixed(c) == Some(v.cluster.as_str()));
+                (!registered).then(|| {
+                    b.push(
+                        target,
+                        Action::RegisterCluster {
+                            name: names::cluster(&v.cluster),
+                            cluster: v.cluster.clone(),
+                        },
+                        Risk::Safe,
+                        first,
+                        None,
+                    )
+                })
+            })
+    }
+
+    /// The volume's bdev: created, adopted, or grown for the host; held when another image's
+    /// bdev has its name. `before`: the registration and the image steps.
+    fn bdev(
+        &self,
+        b: &mut Builder,
+        inv: &SnapInventory,
+        v: &Volume,
+        before: &[Option<usize>],
+    ) -> Result<Option<usize>, Held> {
+        let vname = v.name.as_str();
+        let is_bdev = |name: &str| names::unprefixed(name) == Some(vname);
+        match inv.bdevs.iter().find(|x| is_bdev(&x.name)) {
+            Some(x)
+                if x.pool.as_deref() == Some(v.pool.as_str())
+                    && x.image.as_deref() == Some(v.image.as_str()) =>
+            {
+                self.grow_for_host(
+                    b,
+                    v,
+                    &x.name,
+                    x.num_blocks * u64::from(x.block_size),
+                    before[1],
+                );
+                Ok(None)
+            }
+            Some(x) => {
+                b.block(
+                    object(v),
+                    format!(
+                        "bdev {} on dpu/{} serves {}/{}",
+                        x.name,
+                        v.dpu,
+                        x.pool.as_deref().unwrap_or("?"),
+                        x.image.as_deref().unwrap_or("?")
+                    ),
+                );
+                Err(Held)
+            }
+            None => Ok(Some(b.push(
+                self.target(),
+                Action::CreateBdev {
+                    name: names::bdev(vname),
+                    cluster: names::cluster(&v.cluster),
+                    pool: v.pool.to_string(),
+                    image: v.image.to_string(),
+                },
+                Risk::Safe,
+                &[self.first, before].concat(),
+                Some(vname),
+            ))),
+        }
+    }
+
+    /// The host sees the bdev's size: a grown image is not grown for the host until the bdev
+    /// follows (SPDK's update watch does; `bdev_rbd_resize` makes sure, in MiB).
+    fn grow_for_host(
+        &self,
+        b: &mut Builder,
+        v: &Volume,
+        bdev: &str,
+        host_bytes: u64,
+        image_step: Option<usize>,
+    ) {
+        if host_bytes >= v.size_bytes {
+            return;
+        }
+        b.drift(
+            object(v),
+            "bdev.size",
+            v.size_bytes.to_string(),
+            host_bytes.to_string(),
+        );
+        if v.size_bytes.is_multiple_of(1 << 20) {
+            b.push(
+                self.target(),
+                Action::ResizeBdev {
+                    name: bdev.to_string(),
+                    new_size_mib: v.size_bytes >> 20,
+                },
+                Risk::HostVisible,
+                &[self.first, &[image_step]].concat(),
+                Some(v.name.as_str()),
+            );
+        } else {
+            b.block(
+                object(v),
+                format!(
+                    "bdev {bdev} shows the host {host_bytes} bytes; {} bytes is not a whole MiB, which SNAP's bdev_rbd_resize needs",
+                    v.size_bytes
+                ),
+            );
+        }
+    }
+
+    /// The function's subsystem (once per DPU and function).
+    fn subsystem(
+        &mut self,
+        b: &mut Builder,
+        inv: &SnapInventory,
+        function: FunctionRef,
+        nqn: &str,
+    ) -> Option<usize> {
+        let (target, first) = (self.target(), self.first);
+        *self.subsystems.entry(function).or_insert_with(|| {
+            (!inv.subsystems.iter().any(|s| s.nqn == nqn)).then(|| {
+                b.push(
+                    target,
+                    Action::CreateSubsystem { nqn: nqn.into() },
+                    Risk::Safe,
+                    first,
+                    None,
+                )
+            })
+        })
+    }
+
+    /// The volume's namespace at its NSID; held when another namespace has the NSID.
+    /// `before`: the subsystem and bdev steps.
+    fn namespace(
+        &self,
+        b: &mut Builder,
+        inv: &SnapInventory,
+        v: &Volume,
+        (nqn, nsid): (&str, u32),
+        before: &[Option<usize>],
+    ) -> Result<Option<usize>, Held> {
+        let vname = v.name.as_str();
+        let have = inv
+            .subsystems
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
+        match have {
+            Some(n)
+                if names::unprefixed(&n.bdev) == Some(vname)
+                    && n.uuid.eq_ignore_ascii_case(&v.uuid) =>
+            {
+                Ok(None)
+            }
+            Some(n) => {
+                b.block(
+                    object(v),
+                    format!(
+                        "NSID {nsid} of {nqn} is taken by bdev {} (uuid {})",
+                        n.bdev, n.uuid
+                    ),
+                );
+                Err(Held)
+            }
+            None => Ok(Some(b.push(
+                self.target(),
+                Action::CreateNamespace {
+                    nqn: nqn.into(),
+                    nsid,
+                    bdev: names::bdev(vname),
+                    uuid: v.uuid.clone(),
+                },
+                Risk::Safe,
+                &[self.first, before].concat(),
+                Some(vname),
+            ))),
+        }
+    }
+
+    /// The function's controller (once per DPU and function, created suspended) and the
+    /// namespace attached to it; held when the function has a controller not unistor's.
+    #[allow(clippy::too_many_arguments)]
+    fn controller(
+        &mut self,
+        b: &mut Builder,
+        inv: &SnapInventory,
+        v: &Volume,
+        ctrl: &str,
+        (nqn, nsid): (&str, u32),
+        sub: Option<usize>,
+        ns_step: Option<usize>,
+    ) -> Result<(), Held> {
+        let f = inv.functions.iter().find(|f| f.function == v.function);
+        if let Some(other) = f
+            .and_then(|f| f.controller.as_ref())
+            .filter(|c| c.as_str() != ctrl)
+        {
+            b.block(
+                object(v),
+                format!(
+                    "function {} of dpu/{} is bound to controller {other}, not unistor's",
+                    v.function, v.dpu
+                ),
+            );
+            return Err(Held);
+        }
+        let have = inv.controllers.iter().find(|c| c.name == ctrl);
+        if let Some(c) = have.filter(|c| c.num_queues != v.queues) {
+            b.drift(
+                object(v),
+                "queues",
+                v.queues.to_string(),
+                c.num_queues.to_string(),
+            );
+        }
+        let (target, first) = (self.target(), self.first);
+        let ctrl_step = *self.controllers.entry(v.function).or_insert_with(|| {
+            have.is_none().then(|| {
+                b.push(
+                    target,
+                    Action::CreateController {
+                        name: ctrl.into(),
+                        nqn: nqn.into(),
+                        function: v.function,
+                        queues: v.queues,
+                    },
+                    Risk::Safe,
+                    &[first, &[sub]].concat(),
+                    None,
+                )
+            })
+        });
+        if !have.is_some_and(|c| c.namespaces.contains(&nsid)) {
+            let a = b.push(
+                self.target(),
+                Action::Attach {
+                    controller: ctrl.into(),
+                    nsid,
+                },
+                Risk::Safe,
+                &[ctrl_step, ns_step],
+                Some(v.name.as_str()),
+            );
+            self.attaches.entry(v.function).or_default().push(a);
+            self.resume_needed.insert(v.function);
+        }
+        if !have.is_some_and(|c| c.state.eq_ignore_ascii_case("STARTED")) {
+            self.resume_needed.insert(v.function);
+        }
+        Ok(())
+    }
+
+    /// Controllers resume after all their namespaces are attached.
+    fn resumes(&self, b: &mut Builder) {
+        for key in &self.resume_needed {
+            let mut deps = after(self.attaches.get(key));
+            deps.push(self.controllers.get(key).copied().flatten());
+            b.push(
+                self.target(),
+                Action::Resume {
+                    controller: names::controller(*key),
+                },
+                Risk::Safe,
+                &deps,
+                None,
+            );
+        }
+    }
+}
+
+fn object(v: &Volume) -> String {
+    format!("volume/{}", v.name)
+}
+
+/// The volume's image: created, restored from the trash, its policy rewritten, grown; held when
+/// it belongs to someone else. The step the SNAP chain waits for, if any.
+fn image(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>, Held> {
+    let img = cx
+        .images
+        .get(v.cluster.as_str())
+        .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
+        .copied();
+    let ceph = Target::Cluster(v.cluster.clone());
+    match img {
+        None => Ok(Some(b.push(
+            ceph,
+            create(v),
+            Risk::Safe,
+            &[],
+            Some(v.name.as_str()),
+        ))),
+        Some(i) => match i.state {
+            ImageState::Missing => Ok(Some(b.push(
+                ceph,
+                create(v),
+                Risk::Safe,
+                &[],
+                Some(v.name.as_str()),
+            ))),
+            ImageState::Trashed { .. } => {
+                b.drift(object(v), "rbd.state", "live".into(), "trashed".into());
+                Ok(Some(b.push(
+                    ceph,
+                    Action::RestoreImage {
+                        pool: v.pool.to_string(),
+                        image: v.image.to_string(),
+                    },
+                    Risk::Safe,
+                    &[],
+                    Some(v.name.as_str()),
+                )))
+            }
+            ImageState::Live => live_image(b, cx.opts, v, i),
+        },
+    }
+}
+
+fn create(v: &Volume) -> Action {
+    Action::CreateImage {
+        pool: v.pool.to_string(),
+        image: v.image.to_string(),
+        size_bytes: v.size_bytes,
+        volume: v.name.to_string(),
+        policy: v.deletion_policy.as_str().into(),
+        retain_secs: v.trash_retention.as_secs(),
+    }
+}
+
+/// A live image: ours and this volume's, or held; its policy and size brought to the manifest
+/// (never shrunk).
+fn live_image(
+    b: &mut Builder,
+    opts: &Options,
+    v: &Volume,
+    i: &ImageStatus,
+) -> Result<Option<usize>, Held> {
+    let vname = v.name.as_str();
+    let ceph = || Target::Cluster(v.cluster.clone());
+    let owner = i.metadata.get(META_MANAGED_BY).map(String::as_str);
+    let owned_by = i.metadata.get(META_VOLUME).map(String::as_str);
+    if owner != Some(opts.owner.as_str()) || owned_by != Some(vname) {
+        b.block(
+            object(v),
+            format!(
+                "image {}/{} belongs to {}/{}, not to this volume",
+                v.pool,
+                v.image,
+                owner.unwrap_or("-"),
+                owned_by.unwrap_or("-")
+            ),
+        );
+        return Err(Held);
+    }
+    let (policy, retain_secs) = (v.deletion_policy.as_str(), v.trash_retention.as_secs());
+    let have_policy = i
+        .metadata
+        .get(META_POLICY)
+        .map(String::as_str)
+        .unwrap_or("Retain");
+    let have_retention = i.metadata.get(META_RETENTION).and_then(|r| r.parse().ok());
+    if have_policy != policy || have_retention != Some(retain_secs) {
+        b.drift(
+            object(v),
+            "deletionPolicy",
+            format!("{policy}/{retain_secs}s"),
+            format!("{have_policy}/{}s", have_retention.unwrap_or(0)),
+        );
+        // The create command is idempotent and rewrites the policy.
+        if i.size_bytes == v.size_bytes {
+            b.push(ceph(), create(v), Risk::Safe, &[], Some(vname));
+        }
+    }
+    if i.size_bytes == v.size_bytes {
+        return Ok(None);
+    }
+    b.drift(
+        object(v),
+        "size",
+        v.size_bytes.to_string(),
+        i.size_bytes.to_string(),
+    );
+    if i.size_bytes > v.size_bytes {
+        b.block(
+            object(v),
+            format!(
+                "shrinking from {} to {} bytes is refused: grow the manifest back or move the data",
+                i.size_bytes, v.size_bytes
+            ),
+        );
+        return Ok(None);
+    }
+    Ok(Some(b.push(
+        ceph(),
+        Action::GrowImage {
+            pool: v.pool.to_string(),
+            image: v.image.to_string(),
+            from_bytes: i.size_bytes,
+            to_bytes: v.size_bytes,
+            volume: vname.into(),
+        },
+        Risk::Safe,
+        &[],
+        Some(vname),
+    )))
+}

@@ -1,0 +1,308 @@
+//! Removal: what unistor owns and the manifests no longer want (or want elsewhere), in reverse
+//! order of creation — namespaces (detached first), then controllers and subsystems left with
+//! nothing wanted, then bdevs, then images by the policy written on them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use protocol::dpu::{DpuReport, SnapInventory};
+use protocol::{ImageState, ImageStatus};
+
+use super::place::Placement;
+use super::{
+    after, names, Action, Builder, HashMap, Observed, Options, Risk, Target, META_MANAGED_BY,
+    META_POLICY, META_RETENTION, META_VOLUME,
+};
+
+/// Images of every known cluster by (pool, image).
+pub(super) type ImageIndex<'a> = BTreeMap<&'a str, HashMap<(&'a str, &'a str), &'a ImageStatus>>;
+
+/// Steps that remove a volume's SNAP objects, by volume: its image waits for them.
+type ByVolume = HashMap<String, Vec<usize>>;
+
+/// Plans every removal. Returns the removal steps per DPU (what is created there waits for
+/// them: a moved volume's bdev or function is freed before it is used again).
+pub(super) fn teardown(
+    b: &mut Builder,
+    observed: &Observed,
+    opts: &Options,
+    placement: &Placement<'_>,
+    images: &ImageIndex<'_>,
+) -> BTreeMap<String, Vec<usize>> {
+    let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut nqns_on: HashMap<&str, rustc_hash::FxHashSet<&str>> = HashMap::default();
+    for (dpu, idxs) in &placement.by_dpu {
+        nqns_on.insert(
+            dpu,
+            idxs.iter().map(|&i| placement.nqn[i].as_str()).collect(),
+        );
+    }
+    let none = rustc_hash::FxHashSet::default();
+    let mut of_volume = ByVolume::default();
+    for (dpu_name, k) in &observed.dpus {
+        let Some(DpuReport {
+            inventory: Some(inv),
+            ..
+        }) = k.get()
+        else {
+            continue;
+        };
+        let first_step = b.plan.steps.len();
+        let dpu = DpuTeardown {
+            name: dpu_name,
+            target: Target::Dpu(dpu_name.clone()),
+            inv,
+            owner: Owner {
+                inv,
+                images,
+                owner: &opts.owner,
+            },
+            placement,
+            wanted_nqns: nqns_on.get(dpu_name.as_str()).unwrap_or(&none),
+        };
+        dpu.plan(b, &mut of_volume);
+        let steps: Vec<usize> = (first_step..b.plan.steps.len()).collect();
+        if !steps.is_empty() {
+            removed_on.insert(dpu_name.clone(), steps);
+        }
+    }
+    images_of_gone_volumes(b, observed, opts, placement, &of_volume);
+    removed_on
+}
+
+/// Whose a unistor-named bdev is: ours only when its image says so. Two deployments (owners)
+/// may share a DPU, and neither may tear down the other's volumes.
+struct Owner<'a> {
+    inv: &'a SnapInventory,
+    images: &'a ImageIndex<'a>,
+    owner: &'a str,
+}
+
+impl Owner<'_> {
+    /// Whether bdev `bdev` is this deployment's; why that cannot be told, when it cannot.
+    fn ours(&self, bdev: &str) -> Result<bool, String> {
+        let x = self
+            .inv
+            .bdevs
+            .iter()
+            .find(|x| x.name == bdev)
+            .ok_or_else(|| "SNAP does not list it".to_string())?;
+        let (Some(cluster), Some(pool), Some(image)) = (
+            x.cluster.as_deref().and_then(names::unprefixed),
+            x.pool.as_deref(),
+            x.image.as_deref(),
+        ) else {
+            return Err("it names no unistor cluster, pool and image".into());
+        };
+        let index = self
+            .images
+            .get(cluster)
+            .ok_or_else(|| format!("cluster {cluster} is not reporting"))?;
+        let img = index
+            .get(&(pool, image))
+            .filter(|i| i.state == ImageState::Live)
+            .ok_or_else(|| format!("its image {pool}/{image} is not live"))?;
+        Ok(img.metadata.get(META_MANAGED_BY).map(String::as_str) == Some(self.owner))
+    }
+}
+
+/// One DPU's removals.
+struct DpuTeardown<'a> {
+    name: &'a str,
+    target: Target,
+    inv: &'a SnapInventory,
+    owner: Owner<'a>,
+    placement: &'a Placement<'a>,
+    /// Subsystems the manifests want on this DPU.
+    wanted_nqns: &'a rustc_hash::FxHashSet<&'a str>,
+}
+
+/// What the namespace removals left behind for the next phases.
+#[derive(Default)]
+struct Namespaces<'a> {
+    /// Subsystems that keep a namespace (wanted, or not ours): they and their controllers stay.
+    kept: BTreeSet<&'a str>,
+    /// Removal steps by subsystem (what its controller's and its own removal wait for).
+    by_nqn: BTreeMap<String, Vec<usize>>,
+    /// The namespace removal of each bdev.
+    of_bdev: BTreeMap<String, usize>,
+}
+
+impl<'a> DpuTeardown<'a> {
+    fn plan(&self, b: &mut Builder, of_volume: &mut ByVolume) {
+        let mut ns = self.namespaces(b, of_volume);
+        self.controllers_and_subsystems(b, &mut ns);
+        self.bdevs(b, &ns, of_volume);
+    }
+
+    /// Namespaces whose bdev is unistor's, this deployment's and no longer wanted (there):
+    /// detached, then destroyed.
+    fn namespaces(&self, b: &mut Builder, of_volume: &mut ByVolume) -> Namespaces<'a> {
+        let mut out = Namespaces::default();
+        for s in self.inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
+            for n in &s.namespaces {
+                if !names::owned(&n.bdev)
+                    || self
+                        .placement
+                        .wants(&n.bdev, self.name, Some((&s.nqn, n.nsid)))
+                    || self.owner.ours(&n.bdev) != Ok(true)
+                {
+                    out.kept.insert(&s.nqn);
+                    continue;
+                }
+                let volume = n.bdev.trim_start_matches(names::PREFIX).to_string();
+                let detach = n.controller.as_ref().map(|c| {
+                    b.push(
+                        self.target.clone(),
+                        Action::Detach {
+                            controller: c.clone(),
+                            nsid: n.nsid,
+                        },
+                        Risk::HostVisible,
+                        &[],
+                        Some(&volume),
+                    )
+                });
+                let destroy = b.push(
+                    self.target.clone(),
+                    Action::DestroyNamespace {
+                        nqn: s.nqn.clone(),
+                        nsid: n.nsid,
+                    },
+                    Risk::HostVisible,
+                    &[detach],
+                    Some(&volume),
+                );
+                out.by_nqn.entry(s.nqn.clone()).or_default().push(destroy);
+                out.of_bdev.insert(n.bdev.clone(), destroy);
+                of_volume.entry(volume).or_default().push(destroy);
+            }
+        }
+        out
+    }
+
+    /// Whether unistor's subsystem `nqn` goes: nothing wanted in it, nothing kept.
+    fn goes(&self, nqn: &str, ns: &Namespaces<'_>) -> bool {
+        !self.wanted_nqns.contains(nqn) && !ns.kept.contains(nqn)
+    }
+
+    /// Controllers, then subsystems, left with nothing wanted.
+    fn controllers_and_subsystems(&self, b: &mut Builder, ns: &mut Namespaces<'_>) {
+        for c in self
+            .inv
+            .controllers
+            .iter()
+            .filter(|c| names::owned(&c.name))
+        {
+            if !self.goes(&c.nqn, ns) {
+                continue;
+            }
+            let deps = after(ns.by_nqn.get(&c.nqn));
+            let step = b.push(
+                self.target.clone(),
+                Action::DestroyController {
+                    name: c.name.clone(),
+                },
+                Risk::HostVisible,
+                &deps,
+                None,
+            );
+            ns.by_nqn.entry(c.nqn.clone()).or_default().push(step);
+        }
+        for s in self.inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
+            if !self.goes(&s.nqn, ns) {
+                continue;
+            }
+            let deps = after(ns.by_nqn.get(&s.nqn));
+            b.push(
+                self.target.clone(),
+                Action::DestroySubsystem { nqn: s.nqn.clone() },
+                Risk::Safe,
+                &deps,
+                None,
+            );
+        }
+    }
+
+    /// Bdevs of this deployment no longer wanted here, after their namespace; a bdev whose
+    /// owner cannot be confirmed stays, and says why.
+    fn bdevs(&self, b: &mut Builder, ns: &Namespaces<'_>, of_volume: &mut ByVolume) {
+        for x in self.inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
+            if self.placement.wants(&x.name, self.name, None) {
+                continue;
+            }
+            match self.owner.ours(&x.name) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(why) => {
+                    b.block(
+                        format!("dpu/{}", self.name),
+                        format!(
+                            "leaving bdev {} in place: {why}, so its owner cannot be confirmed",
+                            x.name
+                        ),
+                    );
+                    continue;
+                }
+            }
+            let dep = ns.of_bdev.get(&x.name).copied();
+            let volume = x.name.trim_start_matches(names::PREFIX).to_string();
+            let step = b.push(
+                self.target.clone(),
+                Action::DeleteBdev {
+                    name: x.name.clone(),
+                },
+                Risk::Safe,
+                &[dep],
+                Some(&volume),
+            );
+            of_volume.entry(volume).or_default().push(step);
+        }
+    }
+}
+
+/// Images of this deployment's volumes that are gone, by the policy written on them, after the
+/// volume's SNAP objects.
+fn images_of_gone_volumes(
+    b: &mut Builder,
+    observed: &Observed,
+    opts: &Options,
+    placement: &Placement<'_>,
+    of_volume: &ByVolume,
+) {
+    for (cname, k) in &observed.clusters {
+        let Some(report) = k.get() else { continue };
+        for i in &report.images {
+            if i.state != ImageState::Live || i.metadata.get(META_MANAGED_BY) != Some(&opts.owner) {
+                continue;
+            }
+            let Some(volume) = i.metadata.get(META_VOLUME) else {
+                continue;
+            };
+            if placement.by_name.contains_key(volume.as_str()) {
+                continue;
+            }
+            let deps = after(of_volume.get(volume));
+            let target = Target::Cluster(cname.clone());
+            let action = match i.metadata.get(META_POLICY).map(String::as_str) {
+                Some("Trash") => Action::TrashImage {
+                    pool: i.pool.clone(),
+                    image: i.image.clone(),
+                    retain_secs: i
+                        .metadata
+                        .get(META_RETENTION)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(7 * 86400),
+                    volume: volume.clone(),
+                },
+                Some("Delete") => Action::DeleteImage {
+                    pool: i.pool.clone(),
+                    image: i.image.clone(),
+                    volume: volume.clone(),
+                },
+                // Retain (or none written): the image stays, only the volume's SNAP objects go.
+                _ => continue,
+            };
+            b.push(target, action, Risk::DataDestroying, &deps, Some(volume));
+        }
+    }
+}
