@@ -32,14 +32,11 @@ pub use protocol::names::ImageName;
 
 use crate::runner::{CliError, Invocation, Runner, Tool};
 
-/// Image metadata key naming the owning unistor deployment.
-pub const META_MANAGED_BY: &str = "unistor.managed-by";
-/// Image metadata key naming the volume the image backs.
-pub const META_VOLUME: &str = "unistor.volume";
-/// Image metadata key holding the deletion policy.
-pub const META_POLICY: &str = "unistor.deletion-policy";
-/// Image metadata key holding the trash retention in seconds.
-pub const META_RETENTION: &str = "unistor.trash-retention-secs";
+/// Image metadata keys (their one home is [`protocol::meta`]).
+pub use protocol::meta::{
+    MANAGED_BY as META_MANAGED_BY, POLICY as META_POLICY, RETENTION as META_RETENTION,
+    VOLUME as META_VOLUME,
+};
 
 /// A checked deletion policy.
 #[derive(Debug, Clone, PartialEq, Eq)]

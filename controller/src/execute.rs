@@ -12,10 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::client::{AgentClient, ClientError};
-use protocol::dpu::{
-    Attachment, BdevResize, BdevSpec, ControllerSpec, NameRef, NamespaceRef, NamespaceSpec, NqnRef,
-    RbdCluster, SubsystemSpec,
-};
+use protocol::dpu::{BdevResize, NameRef, NamespaceRef, NqnRef, RbdCluster};
 use protocol::ErrorCode;
 use protocol::{
     Command, CreateImage, DeleteImage, GrowImage, ImagePolicy, ImageRef, IssueSnapIdentity,
@@ -359,79 +356,30 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
                 key,
             })
         }
-        Action::CreateBdev {
-            name,
-            cluster,
-            pool,
-            image,
-        } => Command::CreateBdev(BdevSpec {
-            name: name.clone(),
-            cluster: cluster.clone(),
-            pool: pool.clone(),
-            image: image.clone(),
-            block_size: 4096,
-        }),
+        Action::CreateBdev(spec) => Command::CreateBdev(spec.clone()),
         Action::DeleteBdev { name } => Command::DeleteBdev(NameRef { name: name.clone() }),
         Action::ResizeBdev { name, new_size_mib } => Command::ResizeBdev(BdevResize {
             name: name.clone(),
             new_size_mib: *new_size_mib,
         }),
-        Action::CreateSubsystem { nqn } => Command::CreateSubsystem(SubsystemSpec {
-            nqn: nqn.clone(),
-            serial: serial(nqn),
-            model: "unistor volume".into(),
-            max_namespaces: 1024,
-        }),
+        Action::CreateSubsystem(spec) => Command::CreateSubsystem(spec.clone()),
         Action::DestroySubsystem { nqn } => Command::DestroySubsystem(NqnRef { nqn: nqn.clone() }),
-        Action::CreateNamespace {
-            nqn,
-            nsid,
-            bdev,
-            uuid,
-        } => Command::CreateNamespace(NamespaceSpec {
-            nqn: nqn.clone(),
-            nsid: *nsid,
-            bdev: bdev.clone(),
-            uuid: uuid.clone(),
-        }),
+        Action::CreateNamespace(spec) => Command::CreateNamespace(spec.clone()),
         Action::DestroyNamespace { nqn, nsid } => Command::DestroyNamespace(NamespaceRef {
             nqn: nqn.clone(),
             nsid: *nsid,
         }),
-        Action::CreateController {
-            name,
-            nqn,
-            function,
-            queues,
-        } => Command::CreateController(ControllerSpec {
-            name: name.clone(),
-            nqn: nqn.clone(),
-            function: *function,
-            num_queues: *queues,
-            mdts: 7,
-        }),
+        Action::CreateController(spec) => Command::CreateController(spec.clone()),
         Action::DestroyController { name } => {
             Command::DestroyController(NameRef { name: name.clone() })
         }
-        Action::Attach { controller, nsid } => Command::AttachNamespace(Attachment {
-            controller: controller.clone(),
-            nsid: *nsid,
-        }),
-        Action::Detach { controller, nsid } => Command::DetachNamespace(Attachment {
-            controller: controller.clone(),
-            nsid: *nsid,
-        }),
+        Action::Attach(a) => Command::AttachNamespace(a.clone()),
+        Action::Detach(a) => Command::DetachNamespace(a.clone()),
         Action::Resume { controller } => Command::ResumeController(NameRef {
             name: controller.clone(),
         }),
     };
     send(agent, cmd).await.map(|_| ())
-}
-
-/// A 20-character NVMe serial derived from the NQN.
-fn serial(nqn: &str) -> String {
-    let h = crate::plan::fnv(nqn);
-    format!("UNISTOR{:013X}", h & 0x000F_FFFF_FFFF_FFFF)
 }
 
 /// Monitor `host:port` addresses from a cluster's report (v1 first, as librados dials them).

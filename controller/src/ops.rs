@@ -506,7 +506,7 @@ fn used_by_hosts(
             continue;
         };
         match &s.action {
-            Action::Detach { controller, nsid } => {
+            Action::Detach(plan::Attachment { controller, nsid }) => {
                 let Some(v) = s.volume.as_deref().filter(|v| removed.contains(v)) else {
                     continue;
                 };
@@ -522,7 +522,7 @@ fn used_by_hosts(
             {
                 let detached = |x: &&plan::Step| {
                     x.target == s.target
-                        && matches!(&x.action, Action::Detach { controller, .. } if controller == name)
+                        && matches!(&x.action, Action::Detach(a) if &a.controller == name)
                 };
                 let on_it: Vec<&str> = p
                     .steps

@@ -10,11 +10,11 @@ pub fn sign(a: &Action) -> char {
         Action::InstallSnap { .. }
         | Action::CreateImage { .. }
         | Action::RegisterCluster { .. }
-        | Action::CreateBdev { .. }
-        | Action::CreateSubsystem { .. }
-        | Action::CreateNamespace { .. }
-        | Action::CreateController { .. }
-        | Action::Attach { .. } => '+',
+        | Action::CreateBdev(_)
+        | Action::CreateSubsystem(_)
+        | Action::CreateNamespace(_)
+        | Action::CreateController(_)
+        | Action::Attach(_) => '+',
         Action::GrowImage { .. }
         | Action::ResizeBdev { .. }
         | Action::RestoreImage { .. }
@@ -25,7 +25,7 @@ pub fn sign(a: &Action) -> char {
         | Action::DestroySubsystem { .. }
         | Action::DestroyNamespace { .. }
         | Action::DestroyController { .. }
-        | Action::Detach { .. } => '-',
+        | Action::Detach(_) => '-',
     }
 }
 
@@ -78,28 +78,24 @@ pub fn describe(a: &Action) -> String {
         Action::RegisterCluster { name, cluster } => {
             format!("register Ceph cluster {cluster} as {name}")
         }
-        Action::CreateBdev {
-            name, pool, image, ..
-        } => format!("create bdev {name} on {pool}/{image}"),
+        Action::CreateBdev(b) => format!("create bdev {} on {}/{}", b.name, b.pool, b.image),
         Action::DeleteBdev { name } => format!("delete bdev {name}"),
         Action::ResizeBdev { name, new_size_mib } => {
             format!("grow bdev {name} to {new_size_mib} MiB (the host sees the new size)")
         }
-        Action::CreateSubsystem { nqn } => format!("create subsystem {nqn}"),
+        Action::CreateSubsystem(s) => format!("create subsystem {}", s.nqn),
         Action::DestroySubsystem { nqn } => format!("destroy subsystem {nqn}"),
-        Action::CreateNamespace {
-            nqn, nsid, uuid, ..
-        } => format!("create namespace {nqn} nsid {nsid} uuid {uuid}"),
+        Action::CreateNamespace(n) => {
+            format!("create namespace {} nsid {} uuid {}", n.nqn, n.nsid, n.uuid)
+        }
         Action::DestroyNamespace { nqn, nsid } => format!("destroy namespace {nqn} nsid {nsid}"),
-        Action::CreateController {
-            name,
-            function,
-            queues,
-            ..
-        } => format!("create controller {name} on {function} ({queues} queues, suspended)"),
+        Action::CreateController(c) => format!(
+            "create controller {} on {} ({} queues, suspended)",
+            c.name, c.function, c.num_queues
+        ),
         Action::DestroyController { name } => format!("destroy controller {name}"),
-        Action::Attach { controller, nsid } => format!("attach nsid {nsid} to {controller}"),
-        Action::Detach { controller, nsid } => format!("detach nsid {nsid} from {controller}"),
+        Action::Attach(a) => format!("attach nsid {} to {}", a.nsid, a.controller),
+        Action::Detach(a) => format!("detach nsid {} from {}", a.nsid, a.controller),
         Action::Resume { controller } => format!("resume controller {controller}"),
     }
 }

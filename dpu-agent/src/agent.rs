@@ -111,18 +111,9 @@ fn check_snap_spec(s: &SnapSpec) -> Result<(), WireError> {
     };
     quantity("cpu", &s.cpu)?;
     quantity("memory", &s.memory)?;
-    let fw = &s.firmware;
-    if !(1..=4).contains(&fw.nvme_pfs) || fw.nvme_vfs > 127 {
-        return Err(WireError::new(
-            ErrorCode::InvalidArgument,
-            format!(
-                "a BlueField-3 offers 1-4 static NVMe PFs and 0-127 VFs each; asked {} and {}",
-                fw.nvme_pfs, fw.nvme_vfs
-            ),
-        )
-        .with_field("firmware"));
-    }
-    Ok(())
+    s.firmware
+        .check()
+        .map_err(|why| WireError::new(ErrorCode::InvalidArgument, why).with_field("firmware"))
 }
 
 fn check_cluster(c: &RbdCluster) -> Result<(), WireError> {

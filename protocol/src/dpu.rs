@@ -39,6 +39,11 @@ fn default_memory() -> String {
     "4Gi".into()
 }
 
+/// Static NVMe PFs a BlueField-3 can expose (`NVME_EMULATION_NUM_PF`).
+pub const BLUEFIELD3_PFS: std::ops::RangeInclusive<u32> = 1..=4;
+/// VFs per PF a BlueField-3 can expose (`NVME_EMULATION_NUM_VF`).
+pub const BLUEFIELD3_MAX_VFS: u32 = 127;
+
 /// The NVMe emulation the firmware must expose.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +52,22 @@ pub struct FirmwareSpec {
     pub nvme_pfs: u32,
     /// `NVME_EMULATION_NUM_VF` (0-127).
     pub nvme_vfs: u32,
+}
+
+impl FirmwareSpec {
+    /// Why a BlueField-3 cannot expose this, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !BLUEFIELD3_PFS.contains(&self.nvme_pfs) || self.nvme_vfs > BLUEFIELD3_MAX_VFS {
+            return Err(format!(
+                "a BlueField-3 offers {}-{} static NVMe PFs and 0-{BLUEFIELD3_MAX_VFS} VFs each; asked {} and {}",
+                BLUEFIELD3_PFS.start(),
+                BLUEFIELD3_PFS.end(),
+                self.nvme_pfs,
+                self.nvme_vfs
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for FirmwareSpec {

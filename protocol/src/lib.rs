@@ -21,6 +21,7 @@ pub mod error;
 pub mod frame;
 pub mod lease;
 pub mod message;
+pub mod meta;
 pub mod names;
 pub mod server;
 pub mod tls;

@@ -773,19 +773,25 @@ fn resolve_dpu(ctx: &mut Ctx<'_>, i: usize, o: &Object<DpuSpec>) -> Option<Dpu> 
         }
     };
     let f = &s.functions;
-    if !(1..=4).contains(&f.pfs) {
+    use protocol::dpu::{BLUEFIELD3_MAX_VFS, BLUEFIELD3_PFS};
+    if !BLUEFIELD3_PFS.contains(&f.pfs) {
         ctx.err(
             i,
             "spec.snap.functions.pfs",
-            format!("{} PFs; a BlueField-3 offers 1-4 static NVMe PFs", f.pfs),
+            format!(
+                "{} PFs; a BlueField-3 offers {}-{} static NVMe PFs",
+                f.pfs,
+                BLUEFIELD3_PFS.start(),
+                BLUEFIELD3_PFS.end()
+            ),
         );
     }
-    if f.vfs_per_pf > 127 {
+    if f.vfs_per_pf > BLUEFIELD3_MAX_VFS {
         ctx.err(
             i,
             "spec.snap.functions.vfsPerPf",
             format!(
-                "{} VFs per PF; a BlueField-3 offers at most 127",
+                "{} VFs per PF; a BlueField-3 offers at most {BLUEFIELD3_MAX_VFS}",
                 f.vfs_per_pf
             ),
         );

@@ -11,8 +11,9 @@ use protocol::{ImageState, ImageStatus};
 use super::place::Placement;
 use super::teardown::ImageIndex;
 use super::{
-    after, names, Action, Builder, HashMap, Known, Observed, Options, Risk, Target,
-    META_MANAGED_BY, META_POLICY, META_RETENTION, META_VOLUME,
+    after, names, snap_values, Action, Attachment, BdevSpec, Builder, ControllerSpec, HashMap,
+    Known, NamespaceSpec, Observed, Options, Risk, SubsystemSpec, Target, META_MANAGED_BY,
+    META_POLICY, META_RETENTION, META_VOLUME,
 };
 use crate::manifest::Volume;
 
@@ -196,12 +197,13 @@ impl<'a> DpuChain<'a> {
             }
             None => Ok(Some(b.push(
                 self.target(),
-                Action::CreateBdev {
+                Action::CreateBdev(BdevSpec {
                     name: names::bdev(vname),
                     cluster: names::cluster(&v.cluster),
                     pool: v.pool.to_string(),
                     image: v.image.to_string(),
-                },
+                    block_size: snap_values::BLOCK_SIZE,
+                }),
                 Risk::Safe,
                 &[self.first, before].concat(),
                 Some(vname),
@@ -263,7 +265,12 @@ impl<'a> DpuChain<'a> {
             (!inv.subsystems.iter().any(|s| s.nqn == nqn)).then(|| {
                 b.push(
                     target,
-                    Action::CreateSubsystem { nqn: nqn.into() },
+                    Action::CreateSubsystem(SubsystemSpec {
+                        nqn: nqn.into(),
+                        serial: snap_values::serial(nqn),
+                        model: snap_values::MODEL.into(),
+                        max_namespaces: snap_values::MAX_NAMESPACES,
+                    }),
                     Risk::Safe,
                     first,
                     None,
@@ -307,12 +314,12 @@ impl<'a> DpuChain<'a> {
             }
             None => Ok(Some(b.push(
                 self.target(),
-                Action::CreateNamespace {
+                Action::CreateNamespace(NamespaceSpec {
                     nqn: nqn.into(),
                     nsid,
                     bdev: names::bdev(vname),
                     uuid: v.uuid.clone(),
-                },
+                }),
                 Risk::Safe,
                 &[self.first, before].concat(),
                 Some(vname),
@@ -361,12 +368,13 @@ impl<'a> DpuChain<'a> {
             have.is_none().then(|| {
                 b.push(
                     target,
-                    Action::CreateController {
+                    Action::CreateController(ControllerSpec {
                         name: ctrl.into(),
                         nqn: nqn.into(),
                         function: v.function,
-                        queues: v.queues,
-                    },
+                        num_queues: v.queues,
+                        mdts: snap_values::MDTS,
+                    }),
                     Risk::Safe,
                     &[first, &[sub]].concat(),
                     None,
@@ -376,10 +384,10 @@ impl<'a> DpuChain<'a> {
         if !have.is_some_and(|c| c.namespaces.contains(&nsid)) {
             let a = b.push(
                 self.target(),
-                Action::Attach {
+                Action::Attach(Attachment {
                     controller: ctrl.into(),
                     nsid,
-                },
+                }),
                 Risk::Safe,
                 &[ctrl_step, ns_step],
                 Some(v.name.as_str()),

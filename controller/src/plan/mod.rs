@@ -59,6 +59,26 @@ pub mod names {
     }
 }
 
+/// The values unistor gives every SNAP object it creates, in one place: each is in the plan
+/// (`plan --output json` shows it) and is what the dpu-agent is sent.
+pub mod snap_values {
+    /// Block size of every bdev (4 KiB: what NVMe hosts and RBD objects align to).
+    pub const BLOCK_SIZE: u32 = 4096;
+    /// Model number of every subsystem.
+    pub const MODEL: &str = "unistor volume";
+    /// Namespaces a subsystem may hold (SNAP's `nn`/`mnan`).
+    pub const MAX_NAMESPACES: u32 = 1024;
+    /// Maximum data transfer size of every controller, as a power of two of 4 KiB pages (7 =
+    /// 512 KiB).
+    pub const MDTS: u32 = 7;
+
+    /// A 20-character NVMe serial derived from the NQN.
+    pub fn serial(nqn: &str) -> String {
+        let h = super::fnv(nqn);
+        format!("UNISTOR{:013X}", h & 0x000F_FFFF_FFFF_FFFF)
+    }
+}
+
 /// Knobs of a plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
@@ -74,14 +94,11 @@ impl Default for Options {
     }
 }
 
-/// Metadata keys unistor reads on images.
-pub const META_MANAGED_BY: &str = "unistor.managed-by";
-/// The volume an image backs.
-pub const META_VOLUME: &str = "unistor.volume";
-/// What removal does (`Retain`, `Trash`, `Delete`); absent means `Retain`.
-pub const META_POLICY: &str = "unistor.deletion-policy";
-/// Trash retention in seconds.
-pub const META_RETENTION: &str = "unistor.trash-retention-secs";
+/// Metadata keys unistor reads on images (their one home is [`protocol::meta`]).
+pub use protocol::meta::{
+    MANAGED_BY as META_MANAGED_BY, POLICY as META_POLICY, RETENTION as META_RETENTION,
+    VOLUME as META_VOLUME,
+};
 
 struct Builder {
     plan: Plan,

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use protocol::dpu::{DpuReport, FunctionRef, SnapSpec};
+pub use protocol::dpu::{Attachment, BdevSpec, ControllerSpec, NamespaceSpec, SubsystemSpec};
+use protocol::dpu::{DpuReport, SnapSpec};
 use protocol::CephReport;
 use serde::{Deserialize, Serialize};
 
@@ -154,17 +155,8 @@ pub enum Action {
         /// The manifest's cluster.
         cluster: String,
     },
-    /// Create a bdev.
-    CreateBdev {
-        /// Bdev.
-        name: String,
-        /// SNAP cluster name.
-        cluster: String,
-        /// Pool.
-        pool: String,
-        /// Image.
-        image: String,
-    },
+    /// Create a bdev: exactly what the dpu-agent is sent (block size included).
+    CreateBdev(BdevSpec),
     /// Delete a bdev.
     DeleteBdev {
         /// Bdev.
@@ -177,27 +169,15 @@ pub enum Action {
         /// New size in MiB.
         new_size_mib: u64,
     },
-    /// Create a subsystem.
-    CreateSubsystem {
-        /// NQN.
-        nqn: String,
-    },
+    /// Create a subsystem (serial, model and namespace limit included).
+    CreateSubsystem(SubsystemSpec),
     /// Destroy a subsystem.
     DestroySubsystem {
         /// NQN.
         nqn: String,
     },
     /// Create a namespace.
-    CreateNamespace {
-        /// NQN.
-        nqn: String,
-        /// NSID.
-        nsid: u32,
-        /// Bdev.
-        bdev: String,
-        /// UUID.
-        uuid: String,
-    },
+    CreateNamespace(NamespaceSpec),
     /// Destroy a namespace.
     DestroyNamespace {
         /// NQN.
@@ -205,36 +185,17 @@ pub enum Action {
         /// NSID.
         nsid: u32,
     },
-    /// Create a controller (suspended).
-    CreateController {
-        /// Name.
-        name: String,
-        /// NQN.
-        nqn: String,
-        /// Function.
-        function: FunctionRef,
-        /// Queues.
-        queues: u32,
-    },
+    /// Create a controller, suspended (queues and MDTS included).
+    CreateController(ControllerSpec),
     /// Destroy a controller.
     DestroyController {
         /// Name.
         name: String,
     },
     /// Attach a namespace.
-    Attach {
-        /// Controller.
-        controller: String,
-        /// NSID.
-        nsid: u32,
-    },
+    Attach(Attachment),
     /// Detach a namespace.
-    Detach {
-        /// Controller.
-        controller: String,
-        /// NSID.
-        nsid: u32,
-    },
+    Detach(Attachment),
     /// Resume a controller.
     Resume {
         /// Controller.

@@ -208,12 +208,12 @@ impl World {
     fn apply_snap(&mut self, d: &str, a: &Action) {
         // A bdev opens its image at the image's size.
         let image_bytes = match a {
-            Action::CreateBdev {
+            Action::CreateBdev(BdevSpec {
                 cluster,
                 pool,
                 image,
                 ..
-            } => {
+            }) => {
                 let c = super::names::unprefixed(cluster).expect("a unistor cluster name");
                 self.image(c, pool, image).size_bytes
             }
@@ -225,12 +225,13 @@ impl World {
                 assert!(!inv.clusters.contains(name));
                 inv.clusters.push(name.clone());
             }
-            Action::CreateBdev {
+            Action::CreateBdev(BdevSpec {
                 name,
                 cluster,
                 pool,
                 image,
-            } => {
+                block_size,
+            }) => {
                 assert!(inv.clusters.contains(cluster), "cluster registered first");
                 assert!(!inv.bdevs.iter().any(|b| &b.name == name));
                 inv.bdevs.push(BdevInfo {
@@ -238,8 +239,8 @@ impl World {
                     pool: Some(pool.clone()),
                     image: Some(image.clone()),
                     cluster: Some(cluster.clone()),
-                    block_size: 4096,
-                    num_blocks: image_bytes / 4096,
+                    block_size: *block_size,
+                    num_blocks: image_bytes / u64::from(*block_size),
                 });
             }
             Action::ResizeBdev { name, new_size_mib } => {
@@ -262,7 +263,7 @@ impl World {
                     .any(|s| s.namespaces.iter().any(|n| &n.bdev == name)));
                 inv.bdevs.retain(|b| &b.name != name);
             }
-            Action::CreateSubsystem { nqn } => {
+            Action::CreateSubsystem(SubsystemSpec { nqn, .. }) => {
                 assert!(!inv.subsystems.iter().any(|s| &s.nqn == nqn));
                 inv.subsystems.push(SubsystemInfo {
                     nqn: nqn.clone(),
@@ -277,12 +278,12 @@ impl World {
                 assert!(!inv.controllers.iter().any(|c| &c.nqn == nqn));
                 inv.subsystems.retain(|s| &s.nqn != nqn);
             }
-            Action::CreateNamespace {
+            Action::CreateNamespace(NamespaceSpec {
                 nqn,
                 nsid,
                 bdev,
                 uuid,
-            } => {
+            }) => {
                 assert!(inv.bdevs.iter().any(|b| &b.name == bdev), "bdev first");
                 assert!(
                     !inv.subsystems
@@ -313,12 +314,13 @@ impl World {
                 );
                 s.namespaces.retain(|n| n.nsid != *nsid);
             }
-            Action::CreateController {
+            Action::CreateController(ControllerSpec {
                 name,
                 nqn,
                 function,
-                queues,
-            } => {
+                num_queues,
+                mdts,
+            }) => {
                 let f = inv
                     .functions
                     .iter_mut()
@@ -330,8 +332,8 @@ impl World {
                     name: name.clone(),
                     nqn: nqn.clone(),
                     function: Some(*function),
-                    num_queues: *queues,
-                    mdts: 7,
+                    num_queues: *num_queues,
+                    mdts: *mdts,
                     state: "SUSPENDED".into(),
                     namespaces: vec![],
                 });
@@ -346,7 +348,7 @@ impl World {
                 }
                 inv.controllers.retain(|c| &c.name != name);
             }
-            Action::Attach { controller, nsid } => {
+            Action::Attach(Attachment { controller, nsid }) => {
                 let c = inv
                     .controllers
                     .iter_mut()
@@ -364,7 +366,7 @@ impl World {
                 assert!(n.controller.is_none(), "one controller per namespace");
                 n.controller = Some(controller.clone());
             }
-            Action::Detach { controller, nsid } => {
+            Action::Detach(Attachment { controller, nsid }) => {
                 let c = inv
                     .controllers
                     .iter_mut()

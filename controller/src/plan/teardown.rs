@@ -9,8 +9,8 @@ use protocol::{ImageState, ImageStatus};
 
 use super::place::Placement;
 use super::{
-    after, names, Action, Builder, HashMap, Observed, Options, Risk, Target, META_MANAGED_BY,
-    META_POLICY, META_RETENTION, META_VOLUME,
+    after, names, Action, Attachment, Builder, HashMap, Observed, Options, Risk, Target,
+    META_MANAGED_BY, META_POLICY, META_RETENTION, META_VOLUME,
 };
 
 /// Images of every known cluster by (pool, image).
@@ -153,10 +153,10 @@ impl<'a> DpuTeardown<'a> {
                 let detach = n.controller.as_ref().map(|c| {
                     b.push(
                         self.target.clone(),
-                        Action::Detach {
+                        Action::Detach(Attachment {
                             controller: c.clone(),
                             nsid: n.nsid,
-                        },
+                        }),
                         Risk::HostVisible,
                         &[],
                         Some(&volume),
