@@ -38,31 +38,21 @@ pub use protocol::meta::{
     VOLUME as META_VOLUME,
 };
 
-/// A checked deletion policy.
+/// A deletion policy with its trash retention (the wire's type only admits the three
+/// policies).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    deletion: &'static str,
+    deletion: protocol::meta::DeletionPolicy,
     retention_secs: u64,
 }
 
 impl Policy {
-    /// Checks the wire form.
-    pub fn parse(p: &protocol::ImagePolicy) -> Result<Self, CephError> {
-        let deletion = match p.deletion.as_str() {
-            "Retain" => "Retain",
-            "Trash" => "Trash",
-            "Delete" => "Delete",
-            _ => {
-                return Err(CephError::Invalid {
-                    field: "policy.deletion",
-                    message: format!("{:?} is not Retain, Trash or Delete", p.deletion),
-                })
-            }
-        };
-        Ok(Self {
-            deletion,
+    /// From the wire form.
+    pub fn parse(p: &protocol::ImagePolicy) -> Self {
+        Self {
+            deletion: p.deletion,
             retention_secs: p.trash_retention_secs,
-        })
+        }
     }
 }
 /// The RADOS object (in each pool) whose omap keys index the images unistor manages.
@@ -1288,7 +1278,7 @@ impl<R: Runner> Ceph<R> {
         let value = IndexValue {
             managed_by: Some(owner.managed_by.to_string()),
             volume: owner.volume.to_string(),
-            policy: policy.map(|p| p.deletion.to_string()),
+            policy: policy.map(|p| p.deletion.as_str().to_string()),
             retention_secs: policy.map(|p| p.retention_secs),
             features: features.clone(),
         };
@@ -1397,7 +1387,7 @@ impl<R: Runner> Ceph<R> {
         }
         let retention = p.retention_secs.to_string();
         for (k, v) in [
-            (META_POLICY, p.deletion),
+            (META_POLICY, p.deletion.as_str()),
             (META_RETENTION, retention.as_str()),
         ] {
             if img.metadata.get(k).is_some_and(|old| old != v) {

@@ -143,11 +143,7 @@ impl<R: Runner> CephHandler<R> {
             Command::CreateImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
-                let policy = c
-                    .policy
-                    .as_ref()
-                    .map(crate::ceph::Policy::parse)
-                    .transpose()?;
+                let policy = c.policy.as_ref().map(crate::ceph::Policy::parse);
                 Reply::Image(
                     self.ceph
                         .create_image(&spec, c.size_bytes, &c.features, &owner, policy.as_ref())

@@ -210,10 +210,9 @@ async fn the_deletion_policy_is_written_and_updated_in_the_index() {
     let name = unique("policy");
     let (s, o) = (spec(&c.pool, &name), owner(&name));
     let trash = ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
-        deletion: "Trash".into(),
+        deletion: protocol::meta::DeletionPolicy::Trash,
         trash_retention_secs: 3600,
-    })
-    .unwrap();
+    });
     let st = ceph
         .create_image(&s, 64 * MIB, &[], &o, Some(&trash))
         .await
@@ -234,20 +233,19 @@ async fn the_deletion_policy_is_written_and_updated_in_the_index() {
     assert_eq!(meta["unistor.managed-by"], "unistor-test");
     assert_eq!(meta["unistor.volume"], name);
     let delete = ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
-        deletion: "Delete".into(),
+        deletion: protocol::meta::DeletionPolicy::Delete,
         trash_retention_secs: 0,
-    })
-    .unwrap();
+    });
     let st = ceph
         .create_image(&s, 64 * MIB, &[], &o, Some(&delete))
         .await
         .unwrap();
     assert_eq!(st.metadata["unistor.deletion-policy"], "Delete");
     assert_eq!(policy_seen_afresh().await, ("Delete".into(), "0".into()));
-    assert!(ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
-        deletion: "Shred".into(),
-        trash_retention_secs: 0
-    })
+    // An unknown policy does not even decode from the wire.
+    assert!(serde_json::from_value::<protocol::ImagePolicy>(
+        serde_json::json!({"deletion": "Shred", "trash_retention_secs": 0})
+    )
     .is_err());
 }
 

@@ -262,7 +262,7 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
             features: vec![],
             owner: owner(volume),
             policy: Some(ImagePolicy {
-                deletion: policy.clone(),
+                deletion: *policy,
                 trash_retention_secs: *retain_secs,
             }),
         }),

@@ -367,7 +367,7 @@ pub struct CreateImage {
 #[serde(deny_unknown_fields)]
 pub struct ImagePolicy {
     /// `Retain`, `Trash` or `Delete`.
-    pub deletion: String,
+    pub deletion: crate::meta::DeletionPolicy,
     /// How long a trashed image is protected.
     pub trash_retention_secs: u64,
 }

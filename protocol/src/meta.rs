@@ -11,3 +11,79 @@ pub const VOLUME: &str = "unistor.volume";
 pub const POLICY: &str = "unistor.deletion-policy";
 /// Trash retention in seconds (as [`POLICY`]).
 pub const RETENTION: &str = "unistor.trash-retention-secs";
+
+/// What removing a volume does to its image: a closed set, from the manifest through the wire
+/// to the agent and back in reports. An unknown name is an error wherever it is read, never a
+/// quiet `Retain`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub enum DeletionPolicy {
+    /// Keep the image.
+    #[default]
+    Retain,
+    /// Move it to the RBD trash for a retention period.
+    Trash,
+    /// Delete it.
+    Delete,
+}
+
+impl DeletionPolicy {
+    /// The name written on the wire and in metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retain => "Retain",
+            Self::Trash => "Trash",
+            Self::Delete => "Delete",
+        }
+    }
+}
+
+impl std::fmt::Display for DeletionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeletionPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "Retain" => Ok(Self::Retain),
+            "Trash" => Ok(Self::Trash),
+            "Delete" => Ok(Self::Delete),
+            other => Err(format!("{other:?} is not Retain, Trash or Delete")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeletionPolicy;
+
+    #[test]
+    fn policies_round_trip_and_unknown_ones_are_errors() {
+        for p in [
+            DeletionPolicy::Retain,
+            DeletionPolicy::Trash,
+            DeletionPolicy::Delete,
+        ] {
+            assert_eq!(p.as_str().parse::<DeletionPolicy>(), Ok(p));
+            let wire = serde_json::to_string(&p).unwrap();
+            assert_eq!(wire, format!("\"{p}\""));
+            assert_eq!(serde_json::from_str::<DeletionPolicy>(&wire).unwrap(), p);
+        }
+        assert!("retain".parse::<DeletionPolicy>().is_err());
+        assert!(serde_json::from_str::<DeletionPolicy>("\"Trsh\"").is_err());
+    }
+}

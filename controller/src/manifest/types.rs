@@ -157,6 +157,16 @@ impl DeletionPolicy {
     }
 }
 
+impl From<DeletionPolicy> for protocol::meta::DeletionPolicy {
+    fn from(p: DeletionPolicy) -> Self {
+        match p {
+            DeletionPolicy::Retain => Self::Retain,
+            DeletionPolicy::Trash => Self::Trash,
+            DeletionPolicy::Delete => Self::Delete,
+        }
+    }
+}
+
 /// A volume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -472,7 +472,7 @@ fn create(v: &Volume) -> Action {
         image: v.image.to_string(),
         size_bytes: v.size_bytes,
         volume: v.name.to_string(),
-        policy: v.deletion_policy.as_str().into(),
+        policy: v.deletion_policy.into(),
         retain_secs: v.trash_retention.as_secs(),
     }
 }
@@ -503,6 +503,7 @@ fn live_image(
         return Err(Held);
     }
     let (policy, retain_secs) = (v.deletion_policy.as_str(), v.trash_retention.as_secs());
+    // Absent means Retain; an unknown name is drift the create rewrites.
     let have_policy = i
         .metadata
         .get(META_POLICY)

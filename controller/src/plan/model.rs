@@ -104,7 +104,7 @@ pub enum Action {
         /// Volume.
         volume: String,
         /// Deletion policy to write on it.
-        policy: String,
+        policy: protocol::meta::DeletionPolicy,
         /// Trash retention to write on it.
         retain_secs: u64,
     },

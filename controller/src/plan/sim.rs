@@ -143,7 +143,7 @@ impl World {
                         i.size_bytes, *size_bytes,
                         "an existing image only gets its policy"
                     );
-                    i.metadata.insert(META_POLICY.into(), policy.clone());
+                    i.metadata.insert(META_POLICY.into(), policy.to_string());
                     i.metadata
                         .insert(META_RETENTION.into(), retain_secs.to_string());
                     return;
@@ -158,7 +158,7 @@ impl World {
                     metadata: [
                         (META_MANAGED_BY.to_string(), owner.to_string()),
                         (META_VOLUME.to_string(), volume.clone()),
-                        (META_POLICY.to_string(), policy.clone()),
+                        (META_POLICY.to_string(), policy.to_string()),
                         (META_RETENTION.to_string(), retain_secs.to_string()),
                     ]
                     .into(),

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use protocol::dpu::{DpuReport, SnapInventory};
+use protocol::meta::DeletionPolicy;
 use protocol::{ImageState, ImageStatus};
 
 use super::place::Placement;
@@ -283,8 +284,24 @@ fn images_of_gone_volumes(
             }
             let deps = after(of_volume.get(volume));
             let target = Target::Cluster(cname.clone());
-            let action = match i.metadata.get(META_POLICY).map(String::as_str) {
-                Some("Trash") => Action::TrashImage {
+            // Absent means Retain; an unknown name is never taken for one: the image stays,
+            // and the plan says why.
+            let policy = match i.metadata.get(META_POLICY).map(|p| p.parse()) {
+                None => DeletionPolicy::Retain,
+                Some(Ok(p)) => p,
+                Some(Err(why)) => {
+                    b.block(
+                        format!("volume/{volume}"),
+                        format!(
+                            "image {}/{} carries deletion policy {why}: left alone",
+                            i.pool, i.image
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let action = match policy {
+                DeletionPolicy::Trash => Action::TrashImage {
                     pool: i.pool.clone(),
                     image: i.image.clone(),
                     retain_secs: i
@@ -294,13 +311,13 @@ fn images_of_gone_volumes(
                         .unwrap_or(7 * 86400),
                     volume: volume.clone(),
                 },
-                Some("Delete") => Action::DeleteImage {
+                DeletionPolicy::Delete => Action::DeleteImage {
                     pool: i.pool.clone(),
                     image: i.image.clone(),
                     volume: volume.clone(),
                 },
-                // Retain (or none written): the image stays, only the volume's SNAP objects go.
-                _ => continue,
+                // The image stays; only the volume's SNAP objects go.
+                DeletionPolicy::Retain => continue,
             };
             b.push(target, action, Risk::DataDestroying, &deps, Some(volume));
         }

@@ -510,3 +510,41 @@ fn a_forgotten_dependency_is_caught_by_some_order() {
     });
     assert!(caught, "no order broke a plan without dependencies");
 }
+
+#[test]
+fn an_unknown_deletion_policy_on_an_image_is_reported_never_taken_for_retain() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let img = w
+        .clusters
+        .get_mut("ceph-lab")
+        .unwrap()
+        .images
+        .iter_mut()
+        .find(|i| i.image == "logs-c")
+        .unwrap();
+    img.metadata.insert(META_POLICY.into(), "Trsh".into());
+    let mut fewer = d.clone();
+    fewer.volumes.remove("logs-c");
+    let p = plan(&fewer, &w.observed(), &Options::default());
+    assert!(
+        !p.steps.iter().any(|s| matches!(
+            s.action,
+            Action::TrashImage { .. } | Action::DeleteImage { .. }
+        )),
+        "{:?}",
+        p.steps
+    );
+    assert!(
+        p.blocked.iter().any(|b| b.object == "volume/logs-c"
+            && b.reason.contains("\"Trsh\" is not Retain, Trash or Delete")),
+        "{:?}",
+        p.blocked
+    );
+    // Its SNAP objects still go: the host-side teardown does not depend on the policy.
+    assert!(p
+        .steps
+        .iter()
+        .any(|s| matches!(&s.action, Action::DeleteBdev { name } if name == "unistor-logs-c")));
+}
