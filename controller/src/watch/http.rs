@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use protocol::names::{PeerName, VolumeName};
 use tokio::sync::mpsc;
 
-use super::state::Shared;
+use super::state::{Level, Shared};
 
 #[derive(Clone)]
 struct App {
@@ -100,7 +100,7 @@ fn set(app: &App, kind: &str, name: &str, on: bool) -> Response {
         Ok(changed) => {
             if changed {
                 app.state
-                    .event("suspend", "info", format!("{kind}/{name} {verb}"));
+                    .event("suspend", Level::Info, format!("{kind}/{name} {verb}"));
                 let _ = app.trigger.send(format!("{kind}/{name} {verb}"));
             }
             Json(serde_json::json!({ "kind": kind, "name": name, "state": verb, "changed": changed }))

@@ -25,7 +25,7 @@ use crate::manifest;
 use crate::ops::{check_rails, Common, OpsError, Rails};
 use crate::plan::{self, Plan, Step, Target};
 use sessions::Sessions;
-use state::{ReconcileSummary, Shared};
+use state::{Level, ReconcileResult, ReconcileSummary, Shared};
 
 /// `unistor watch`
 #[derive(Debug, Clone, Args)]
@@ -79,7 +79,7 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     println!("unistor watch: dashboard on http://{local}/ (API /api/v1/status, metrics /metrics)");
     state.event(
         "daemon",
-        "info",
+        Level::Info,
         format!(
             "started: manifests {}, {} mode, resync every {}",
             a.common.dir.display(),
@@ -106,7 +106,7 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     ));
 
     shutdown_signal().await;
-    state.event("daemon", "info", "stopping");
+    state.event("daemon", Level::Info, "stopping");
     drop(watcher);
     reconciler.abort();
     server.abort();
@@ -135,7 +135,7 @@ fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &mpsc::UnboundedS
             );
             sessions.update(&d);
             if state.set_desired(d) {
-                state.event("manifests", "info", format!("loaded: {summary}"));
+                state.event("manifests", Level::Info, format!("loaded: {summary}"));
                 let _ = tx.send("manifests changed".into());
             }
         }
@@ -147,7 +147,7 @@ fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &mpsc::UnboundedS
                 .join("\n");
             state.event(
                 "manifests",
-                "error",
+                Level::Error,
                 format!(
                     "{} problem(s); the last good manifests stay in force:\n{list}",
                     errors.len()
@@ -292,8 +292,8 @@ async fn reconcile_loop(
         }
         let reason = reasons.into_iter().collect::<Vec<_>>().join("; ");
         let summary = reconcile(&a, &state, &sessions, &reason).await;
-        retry = match summary.result.as_str() {
-            "pending" => {
+        retry = match summary.result {
+            ReconcileResult::Pending => {
                 let n = retry.map_or(0, |(_, n)| n + 1);
                 let delay = (Duration::from_secs(2) * 2u32.saturating_pow(n.min(5)))
                     .min(Duration::from_secs(60))
@@ -321,7 +321,7 @@ async fn reconcile(
         ..ReconcileSummary::default()
     };
     let Some((desired, generation)) = state.desired() else {
-        summary.result = "waiting".into();
+        summary.result = ReconcileResult::Waiting;
         summary.message = Some("no valid manifests yet".into());
         state.reconciled(summary.clone());
         return summary;
@@ -334,25 +334,25 @@ async fn reconcile(
         |o: &plan::Observed| without_suspended(plan::plan(&desired, o, &opts), &state.suspended());
     let mut observed = sessions.observe(&fleet, a.common.report_timeout).await;
     state.observed(observed.clone());
-    summary.result = "pending".into();
+    summary.result = ReconcileResult::Pending;
     for _pass in 0..a.passes.max(1) {
         let (p, held) = plan_now(&observed);
         state.planned(&p);
         if p.is_empty() && !p.unknown.is_empty() {
             // Nothing to do on what can be seen; the rest waits for its agents to come back.
-            summary.result = "waiting".into();
+            summary.result = ReconcileResult::Waiting;
             summary.message = Some(format!("not observed: {}", p.unknown.join("; ")));
             break;
         }
         if p.is_empty() {
-            summary.result = "converged".into();
+            summary.result = ReconcileResult::Converged;
             if held > 0 {
                 summary.message = Some(format!("{held} step(s) of suspended objects held back"));
             }
             break;
         }
         if a.no_heal {
-            summary.result = "drift".into();
+            summary.result = ReconcileResult::Drift;
             summary.message = Some(format!(
                 "report-only: {} step(s) would run, {} drift item(s)",
                 p.steps.len(),
@@ -361,7 +361,7 @@ async fn reconcile(
             for d in &p.drift {
                 state.event(
                     "drift",
-                    "warning",
+                    Level::Warning,
                     format!(
                         "{} {}: want {}, found {}",
                         d.object, d.field, d.desired, d.observed
@@ -374,9 +374,9 @@ async fn reconcile(
             crate::ops::with_live_watchers(&p, &desired, &observed, &fleet, &a.rails).await;
         if let Err(e) = check_rails(&p, &desired, &checked, &a.rails) {
             let text = protocol::error::chain(&e);
-            summary.result = "refused".into();
+            summary.result = ReconcileResult::Refused;
             summary.message = Some(text.clone());
-            state.event("reconcile", "error", text);
+            state.event("reconcile", Level::Error, text);
             break;
         }
         let progress = |s: &Step, o: &Outcome| step_done(state, s, o);
@@ -391,23 +391,24 @@ async fn reconcile(
             break;
         }
     }
-    if summary.result == "pending" {
+    if summary.result == ReconcileResult::Pending {
         // Out of passes or stuck: the plan that is left says why.
         let (p, _) = plan_now(&observed);
         state.planned(&p);
         if p.is_empty() {
-            summary.result = "converged".into();
+            summary.result = ReconcileResult::Converged;
         } else {
             summary.message = Some(format!("{} step(s) remain", p.steps.len()));
         }
     }
     summary.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let level = if summary.result == "converged" {
-        "info"
+    let level = if summary.result == ReconcileResult::Converged {
+        Level::Info
     } else {
-        "warning"
+        Level::Warning
     };
-    if summary.steps_done + summary.steps_failed > 0 || summary.result != "converged" {
+    if summary.steps_done + summary.steps_failed > 0 || summary.result != ReconcileResult::Converged
+    {
         state.event(
             "reconcile",
             level,
@@ -438,7 +439,7 @@ fn step_done(state: &Shared, s: &Step, o: &Outcome) {
             if let Some(v) = &s.volume {
                 state.volume_error(v, None);
             }
-            state.event("step", "info", format!("done: {line}"));
+            state.event("step", Level::Info, format!("done: {line}"));
         }
         Outcome::Failed { error, transient } => {
             state.metrics.step("failed");
@@ -447,7 +448,7 @@ fn step_done(state: &Shared, s: &Step, o: &Outcome) {
             }
             state.event(
                 "step",
-                "error",
+                Level::Error,
                 format!(
                     "failed{}: {line}: {error}",
                     if *transient { " (will retry)" } else { "" }
@@ -456,7 +457,7 @@ fn step_done(state: &Shared, s: &Step, o: &Outcome) {
         }
         Outcome::Skipped { reason } => {
             state.metrics.step("skipped");
-            state.event("step", "warning", format!("skipped: {line}: {reason}"));
+            state.event("step", Level::Warning, format!("skipped: {line}: {reason}"));
         }
     }
 }

@@ -13,7 +13,7 @@ use protocol::{Event, EventEnvelope};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::state::Shared;
+use super::state::{Level, Shared};
 use crate::fleet::{Fleet, FleetOptions, Informer};
 use crate::manifest::Desired;
 use crate::plan::Target;
@@ -226,15 +226,17 @@ async fn supervise(
                 lock(&informer).reset(&target);
                 set_slot(&slots, &target, Some(client.clone()), "");
                 state.agent(&label, &address, None);
-                state.event("agent", "info", format!("{label}: session up ({address})"));
+                state.event(
+                    "agent",
+                    Level::Info,
+                    format!("{label}: session up ({address})"),
+                );
                 let _ = trigger.send(format!("{label} connected"));
                 if let Some(mut events) = events {
                     while let Some(EventEnvelope { event, .. }) = events.recv().await {
                         match &event {
                             Event::SnapReplayed(r) => {
-                                state.event(
-                                    "drift",
-                                    "warning",
+                                state.event("drift", Level::Warning,
                                     format!(
                                         "{label}: SNAP lost its state; the agent restored {} object(s), {} failed",
                                         r.restored.len(),
@@ -244,7 +246,11 @@ async fn supervise(
                                 let _ = trigger.send(format!("{label}: SNAP replayed"));
                             }
                             Event::ShuttingDown => {
-                                state.event("agent", "warning", format!("{label}: shutting down"));
+                                state.event(
+                                    "agent",
+                                    Level::Warning,
+                                    format!("{label}: shutting down"),
+                                );
                             }
                             Event::CephChanged { generation } => {
                                 if let Target::Cluster(n) = &target {
@@ -275,7 +281,7 @@ async fn supervise(
                 state.agent(&label, &address, Some("session lost".into()));
                 state.event(
                     "agent",
-                    "warning",
+                    Level::Warning,
                     format!("{label}: session lost; reconnecting"),
                 );
                 let _ = trigger.send(format!("{label} disconnected"));
@@ -287,7 +293,7 @@ async fn supervise(
                     state.agent(&label, &address, Some(why.clone()));
                     state.event(
                         "agent",
-                        "warning",
+                        Level::Warning,
                         format!("{label}: cannot connect to {address}: {why}"),
                     );
                 }

@@ -34,8 +34,8 @@ pub struct EventRecord {
     pub at: String,
     /// `manifests`, `agent`, `reconcile`, `step`, `drift`, `suspend`.
     pub kind: String,
-    /// `info`, `warning` or `error`.
-    pub level: String,
+    /// How much it matters.
+    pub level: Level,
     /// What.
     pub message: String,
 }
@@ -55,6 +55,54 @@ pub struct ManifestState {
     pub generation: u64,
 }
 
+/// How much an event matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Things going as they should.
+    Info,
+    /// Something to look at (a failed step, a lost session).
+    Warning,
+    /// Something that stopped work (a refused plan).
+    Error,
+}
+
+/// How a reconcile ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconcileResult {
+    /// No valid manifests yet, or agents not observed.
+    #[default]
+    Waiting,
+    /// Everything as the manifests say.
+    Converged,
+    /// Steps failed or were skipped; retried with backoff.
+    Pending,
+    /// Report-only mode found differences.
+    Drift,
+    /// The safety rails refused the plan.
+    Refused,
+}
+
+impl ReconcileResult {
+    /// The name in the API and the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Converged => "converged",
+            Self::Pending => "pending",
+            Self::Drift => "drift",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for ReconcileResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How the last reconcile went.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileSummary {
@@ -67,9 +115,8 @@ pub struct ReconcileSummary {
     pub reason: String,
     /// How long it took.
     pub duration_ms: u64,
-    /// `converged`, `pending` (steps failed or skipped), `drift` (report-only), `refused`,
-    /// `waiting` (no manifests yet, or agents not observed).
-    pub result: String,
+    /// How it ended.
+    pub result: ReconcileResult,
     /// Steps done.
     pub steps_done: usize,
     /// Steps failed or skipped.
@@ -309,12 +356,12 @@ impl Shared {
     }
 
     /// Records an event (and logs it).
-    pub fn event(&self, kind: &str, level: &str, message: impl Into<String>) {
+    pub fn event(&self, kind: &str, level: Level, message: impl Into<String>) {
         let message = message.into();
         match level {
-            "error" => tracing::error!(kind, "{message}"),
-            "warning" => tracing::warn!(kind, "{message}"),
-            _ => tracing::info!(kind, "{message}"),
+            Level::Error => tracing::error!(kind, "{message}"),
+            Level::Warning => tracing::warn!(kind, "{message}"),
+            Level::Info => tracing::info!(kind, "{message}"),
         }
         let mut g = self.write();
         if g.events.len() == EVENTS_KEPT {
@@ -323,7 +370,7 @@ impl Shared {
         g.events.push_back(EventRecord {
             at: now(),
             kind: kind.into(),
-            level: level.into(),
+            level,
             message,
         });
     }
@@ -455,7 +502,7 @@ impl Shared {
         self.metrics
             .reconciles
             .get_or_create(&ResultLabel {
-                result: s.result.clone(),
+                result: s.result.as_str().into(),
             })
             .inc();
         let mut g = self.write();
