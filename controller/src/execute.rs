@@ -146,8 +146,8 @@ impl StepError {
     }
 
     /// No session with the agent (it may come back).
-    pub fn unreachable(message: String) -> Self {
-        Self::transient(message)
+    pub fn unreachable(why: impl std::fmt::Display) -> Self {
+        Self::transient(why.to_string())
     }
 
     /// The agent answered with something else than the command's reply.
@@ -645,7 +645,7 @@ pub async fn execute(
                 set.spawn(async move { (t, c.acquire_lease(ttl).await.err()) });
             }
             Err(e) => {
-                unusable.insert(t.clone(), e);
+                unusable.insert(t.clone(), e.to_string());
             }
         }
     }

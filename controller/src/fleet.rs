@@ -14,10 +14,26 @@ use tokio::task::JoinSet;
 use crate::manifest::Desired;
 use crate::plan::{Known, Observed, Target};
 
-/// Connected agents, by target; the error text for those that could not be reached.
+/// Why the fleet has no session with an agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    /// It could not be reached (connection, TLS, identity), or its session was lost.
+    #[error("{reason}")]
+    Unreachable {
+        /// The agent.
+        target: Target,
+        /// What went wrong, as the client said it.
+        reason: String,
+    },
+    /// The manifests name no such agent.
+    #[error("not in the manifests")]
+    NotInManifests(Target),
+}
+
+/// Connected agents, by target; why for those that could not be reached.
 pub struct Fleet {
     /// Sessions.
-    pub agents: BTreeMap<Target, Result<Arc<AgentClient>, String>>,
+    pub agents: BTreeMap<Target, Result<Arc<AgentClient>, FleetError>>,
 }
 
 /// How the fleet is reached.
@@ -57,7 +73,10 @@ impl Fleet {
                 let r = AgentClient::connect(&addr, &name, tls, client)
                     .await
                     .map(Arc::new)
-                    .map_err(|e| protocol::error::chain(&e));
+                    .map_err(|e| FleetError::Unreachable {
+                        target: target.clone(),
+                        reason: protocol::error::chain(&e),
+                    });
                 (target, r)
             });
         }
@@ -69,11 +88,11 @@ impl Fleet {
     }
 
     /// The session with `target`, or why there is none.
-    pub fn get(&self, target: &Target) -> Result<Arc<AgentClient>, String> {
+    pub fn get(&self, target: &Target) -> Result<Arc<AgentClient>, FleetError> {
         match self.agents.get(target) {
             Some(Ok(c)) => Ok(c.clone()),
             Some(Err(e)) => Err(e.clone()),
-            None => Err("not in the manifests".into()),
+            None => Err(FleetError::NotInManifests(target.clone())),
         }
     }
 
@@ -206,7 +225,7 @@ impl Informer {
             let client = match c {
                 Ok(c) => c.clone(),
                 Err(e) => {
-                    self.unknown(t, e.clone());
+                    self.unknown(t, e.to_string());
                     continue;
                 }
             };

@@ -613,7 +613,7 @@ pub async fn with_live_watchers<'a>(
                     }))
                     .await
                     .map_err(|e| protocol::error::chain(&e)),
-                Err(e) => Err(e.clone()),
+                Err(e) => Err(e.to_string()),
             };
             let snap = desired
                 .clusters

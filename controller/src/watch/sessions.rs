@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::state::{Level, Shared};
+use crate::fleet::FleetError;
 use crate::fleet::{Fleet, FleetOptions, Informer};
 use crate::manifest::Desired;
 use crate::plan::Target;
@@ -140,7 +141,13 @@ impl Sessions {
         Fleet {
             agents: slots
                 .iter()
-                .map(|(t, s)| (t.clone(), s.client.clone().ok_or_else(|| s.error.clone())))
+                .map(|(t, s)| {
+                    let session = s.client.clone().ok_or_else(|| FleetError::Unreachable {
+                        target: t.clone(),
+                        reason: s.error.clone(),
+                    });
+                    (t.clone(), session)
+                })
                 .collect(),
         }
     }
