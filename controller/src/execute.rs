@@ -220,34 +220,55 @@ struct Context {
     identities: tokio::sync::Mutex<BTreeMap<String, String>>,
 }
 
-/// Turns one action into agent commands (some actions need a command on another agent first).
+/// Runs one step: the action's command on its agent (a SNAP install, and a registration that
+/// first needs SNAP's identity from the cluster, have their own paths).
 async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), StepError> {
     let agent = fleet.get(&step.target).map_err(StepError::unreachable)?;
-    let send = |c: Arc<AgentClient>, cmd: Command| async move {
-        let deadline = deadline_of(&cmd, &ctx.opts);
-        c.request_within(cmd, deadline)
-            .await
-            .map_err(|e| StepError::from_client(&e))
+    let cmd = match &step.action {
+        Action::InstallSnap { spec } => return install_snap(ctx, agent, spec).await,
+        Action::RegisterCluster { name, cluster } => {
+            registration(ctx, fleet, name, cluster).await?
+        }
+        other => command_of(ctx, other)?,
     };
+    send(ctx, &agent, cmd).await.map(|_| ())
+}
+
+/// Sends `cmd` within its deadline.
+async fn send(ctx: &Context, c: &AgentClient, cmd: Command) -> Result<Reply, StepError> {
+    let deadline = deadline_of(&cmd, &ctx.opts);
+    c.request_within(cmd, deadline)
+        .await
+        .map_err(|e| StepError::from_client(&e))
+}
+
+/// Deploys SNAP; the step fails, saying what was last seen, when SNAP does not come up ready.
+async fn install_snap(
+    ctx: &Context,
+    agent: Arc<AgentClient>,
+    spec: &protocol::dpu::SnapSpec,
+) -> Result<(), StepError> {
+    match send(ctx, &agent, Command::InstallSnap(spec.clone())).await? {
+        Reply::Deploy(d) if d.ready => Ok(()),
+        Reply::Deploy(d) => Err(StepError::permanent(format!(
+            "SNAP not ready: {}",
+            d.steps
+                .iter()
+                .map(|s| format!("{} {:?}: {}", s.step, s.outcome, s.detail))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))),
+        other => Err(StepError::unexpected(&other)),
+    }
+}
+
+/// The command of an action that needs nothing but itself (and the execution's options).
+fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
     let owner = |volume: &str| Ownership {
         managed_by: ctx.opts.owner.clone(),
         volume: volume.into(),
     };
-    let cmd = match &step.action {
-        Action::InstallSnap { spec } => {
-            return match send(agent, Command::InstallSnap((**spec).clone())).await? {
-                Reply::Deploy(d) if d.ready => Ok(()),
-                Reply::Deploy(d) => Err(StepError::permanent(format!(
-                    "SNAP not ready: {}",
-                    d.steps
-                        .iter()
-                        .map(|s| format!("{} {:?}: {}", s.step, s.outcome, s.detail))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ))),
-                other => Err(StepError::unexpected(&other)),
-            };
-        }
+    Ok(match action {
         Action::CreateImage {
             pool,
             image,
@@ -309,53 +330,6 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
                 owner: owner(volume),
             })
         }
-        Action::RegisterCluster { name, cluster } => {
-            let c = ctx.desired.clusters.get(cluster).ok_or_else(|| {
-                StepError::permanent(format!("cluster {cluster} is not in the manifests"))
-            })?;
-            let ceph = fleet
-                .get(&Target::Cluster(cluster.clone()))
-                .map_err(|e| StepError::unreachable(format!("cluster {cluster}: {e}")))?;
-            let key = {
-                let mut keys = ctx.identities.lock().await;
-                match keys.get(cluster) {
-                    Some(k) => k.clone(),
-                    None => {
-                        let identity = match send(
-                            ceph,
-                            Command::IssueSnapIdentity(IssueSnapIdentity {
-                                client_id: c.snap_client.to_string(),
-                                pools: c.pools.iter().map(|p| p.to_string()).collect(),
-                            }),
-                        )
-                        .await
-                        .map_err(|e| e.on(Target::Cluster(cluster.clone())))?
-                        {
-                            Reply::Identity(i) => i,
-                            other => return Err(StepError::unexpected(&other)),
-                        };
-                        keys.insert(cluster.clone(), identity.key.clone());
-                        identity.key
-                    }
-                }
-            };
-            let mon_hosts = if c.monitors.is_empty() {
-                monitors_of(ctx, cluster)
-            } else {
-                c.monitors.clone()
-            };
-            if mon_hosts.is_empty() {
-                return Err(StepError::transient(format!(
-                    "no monitor addresses known for cluster {cluster}"
-                )));
-            }
-            Command::RegisterRbdCluster(RbdCluster {
-                name: name.clone(),
-                user_id: c.snap_client.to_string(),
-                mon_hosts,
-                key,
-            })
-        }
         Action::CreateBdev(spec) => Command::CreateBdev(spec.clone()),
         Action::DeleteBdev { name } => Command::DeleteBdev(NameRef { name: name.clone() }),
         Action::ResizeBdev { name, new_size_mib } => Command::ResizeBdev(BdevResize {
@@ -378,8 +352,69 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
         Action::Resume { controller } => Command::ResumeController(NameRef {
             name: controller.clone(),
         }),
+        Action::InstallSnap { .. } | Action::RegisterCluster { .. } => {
+            unreachable!("run_action sends these itself")
+        }
+    })
+}
+
+/// SNAP's cephx key for `cluster`: issued by its ceph-agent once per execution and shared by
+/// every DPU's registration (the lock also keeps those requests from piling up).
+async fn snap_key(
+    ctx: &Context,
+    fleet: &Fleet,
+    cluster: &str,
+    c: &crate::manifest::Cluster,
+) -> Result<String, StepError> {
+    let mut keys = ctx.identities.lock().await;
+    if let Some(k) = keys.get(cluster) {
+        return Ok(k.clone());
+    }
+    let ceph = fleet
+        .get(&Target::Cluster(cluster.to_string()))
+        .map_err(|e| StepError::unreachable(format!("cluster {cluster}: {e}")))?;
+    let issue = Command::IssueSnapIdentity(IssueSnapIdentity {
+        client_id: c.snap_client.to_string(),
+        pools: c.pools.iter().map(|p| p.to_string()).collect(),
+    });
+    let identity = match send(ctx, &ceph, issue)
+        .await
+        .map_err(|e| e.on(Target::Cluster(cluster.to_string())))?
+    {
+        Reply::Identity(i) => i,
+        other => return Err(StepError::unexpected(&other)),
     };
-    send(agent, cmd).await.map(|_| ())
+    keys.insert(cluster.to_string(), identity.key.clone());
+    Ok(identity.key)
+}
+
+/// The registration of `cluster` in SNAP as `name`: SNAP's identity and the monitors.
+async fn registration(
+    ctx: &Context,
+    fleet: &Fleet,
+    name: &str,
+    cluster: &str,
+) -> Result<Command, StepError> {
+    let c = ctx.desired.clusters.get(cluster).ok_or_else(|| {
+        StepError::permanent(format!("cluster {cluster} is not in the manifests"))
+    })?;
+    let key = snap_key(ctx, fleet, cluster, c).await?;
+    let mon_hosts = if c.monitors.is_empty() {
+        monitors_of(ctx, cluster)
+    } else {
+        c.monitors.clone()
+    };
+    if mon_hosts.is_empty() {
+        return Err(StepError::transient(format!(
+            "no monitor addresses known for cluster {cluster}"
+        )));
+    }
+    Ok(Command::RegisterRbdCluster(RbdCluster {
+        name: name.to_string(),
+        user_id: c.snap_client.to_string(),
+        mon_hosts,
+        key,
+    }))
 }
 
 /// Monitor `host:port` addresses from a cluster's report (v1 first, as librados dials them).

@@ -220,176 +220,8 @@ impl World {
             _ => 0,
         };
         let inv = self.inv(d);
-        match a {
-            Action::RegisterCluster { name, .. } => {
-                assert!(!inv.clusters.contains(name));
-                inv.clusters.push(name.clone());
-            }
-            Action::CreateBdev(BdevSpec {
-                name,
-                cluster,
-                pool,
-                image,
-                block_size,
-            }) => {
-                assert!(inv.clusters.contains(cluster), "cluster registered first");
-                assert!(!inv.bdevs.iter().any(|b| &b.name == name));
-                inv.bdevs.push(BdevInfo {
-                    name: name.clone(),
-                    pool: Some(pool.clone()),
-                    image: Some(image.clone()),
-                    cluster: Some(cluster.clone()),
-                    block_size: *block_size,
-                    num_blocks: image_bytes / u64::from(*block_size),
-                });
-            }
-            Action::ResizeBdev { name, new_size_mib } => {
-                let b = inv
-                    .bdevs
-                    .iter_mut()
-                    .find(|b| &b.name == name)
-                    .expect("bdev exists");
-                let want = new_size_mib << 20;
-                assert!(
-                    want > b.num_blocks * u64::from(b.block_size),
-                    "never shrink"
-                );
-                b.num_blocks = want / u64::from(b.block_size);
-            }
-            Action::DeleteBdev { name } => {
-                assert!(!inv
-                    .subsystems
-                    .iter()
-                    .any(|s| s.namespaces.iter().any(|n| &n.bdev == name)));
-                inv.bdevs.retain(|b| &b.name != name);
-            }
-            Action::CreateSubsystem(SubsystemSpec { nqn, .. }) => {
-                assert!(!inv.subsystems.iter().any(|s| &s.nqn == nqn));
-                inv.subsystems.push(SubsystemInfo {
-                    nqn: nqn.clone(),
-                    serial: String::new(),
-                    model: String::new(),
-                    namespaces: vec![],
-                });
-            }
-            Action::DestroySubsystem { nqn } => {
-                let s = inv.subsystems.iter().find(|s| &s.nqn == nqn).unwrap();
-                assert!(s.namespaces.is_empty());
-                assert!(!inv.controllers.iter().any(|c| &c.nqn == nqn));
-                inv.subsystems.retain(|s| &s.nqn != nqn);
-            }
-            Action::CreateNamespace(NamespaceSpec {
-                nqn,
-                nsid,
-                bdev,
-                uuid,
-            }) => {
-                assert!(inv.bdevs.iter().any(|b| &b.name == bdev), "bdev first");
-                assert!(
-                    !inv.subsystems
-                        .iter()
-                        .any(|s| s.namespaces.iter().any(|n| &n.bdev == bdev)),
-                    "a bdev backs one namespace"
-                );
-                let s = inv
-                    .subsystems
-                    .iter_mut()
-                    .find(|s| &s.nqn == nqn)
-                    .expect("subsystem first");
-                assert!(!s.namespaces.iter().any(|n| n.nsid == *nsid), "NSID unique");
-                s.namespaces.push(NamespaceInfo {
-                    nsid: *nsid,
-                    bdev: bdev.clone(),
-                    uuid: uuid.clone(),
-                    controller: None,
-                });
-            }
-            Action::DestroyNamespace { nqn, nsid } => {
-                let s = inv.subsystems.iter_mut().find(|s| &s.nqn == nqn).unwrap();
-                assert!(
-                    s.namespaces
-                        .iter()
-                        .any(|n| n.nsid == *nsid && n.controller.is_none()),
-                    "detached first"
-                );
-                s.namespaces.retain(|n| n.nsid != *nsid);
-            }
-            Action::CreateController(ControllerSpec {
-                name,
-                nqn,
-                function,
-                num_queues,
-                mdts,
-            }) => {
-                let f = inv
-                    .functions
-                    .iter_mut()
-                    .find(|f| f.function == *function)
-                    .expect("function exists");
-                assert!(f.controller.is_none(), "one controller per function");
-                f.controller = Some(name.clone());
-                inv.controllers.push(ControllerInfo {
-                    name: name.clone(),
-                    nqn: nqn.clone(),
-                    function: Some(*function),
-                    num_queues: *num_queues,
-                    mdts: *mdts,
-                    state: "SUSPENDED".into(),
-                    namespaces: vec![],
-                });
-            }
-            Action::DestroyController { name } => {
-                let c = inv.controllers.iter().find(|c| &c.name == name).unwrap();
-                assert!(c.namespaces.is_empty(), "namespaces detached first");
-                for f in &mut inv.functions {
-                    if f.controller.as_ref() == Some(name) {
-                        f.controller = None;
-                    }
-                }
-                inv.controllers.retain(|c| &c.name != name);
-            }
-            Action::Attach(Attachment { controller, nsid }) => {
-                let c = inv
-                    .controllers
-                    .iter_mut()
-                    .find(|c| &c.name == controller)
-                    .unwrap();
-                let nqn = c.nqn.clone();
-                assert!(!c.namespaces.contains(nsid));
-                c.namespaces.push(*nsid);
-                let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
-                let n = s
-                    .namespaces
-                    .iter_mut()
-                    .find(|n| n.nsid == *nsid)
-                    .expect("namespace first");
-                assert!(n.controller.is_none(), "one controller per namespace");
-                n.controller = Some(controller.clone());
-            }
-            Action::Detach(Attachment { controller, nsid }) => {
-                let c = inv
-                    .controllers
-                    .iter_mut()
-                    .find(|c| &c.name == controller)
-                    .unwrap();
-                c.namespaces.retain(|n| n != nsid);
-                let nqn = c.nqn.clone();
-                let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
-                s.namespaces
-                    .iter_mut()
-                    .find(|n| n.nsid == *nsid)
-                    .unwrap()
-                    .controller = None;
-            }
-            Action::Resume { controller } => {
-                let c = inv
-                    .controllers
-                    .iter_mut()
-                    .find(|c| &c.name == controller)
-                    .unwrap();
-                c.state = "STARTED".into();
-            }
-            other => panic!("not a SNAP action: {other:?}"),
+        if !apply_storage(inv, a, image_bytes) && !apply_controllers(inv, a) {
+            panic!("not a SNAP action: {a:?}");
         }
     }
 
@@ -430,6 +262,193 @@ impl World {
         }
         panic!("did not converge in {rounds} rounds");
     }
+}
+
+/// Clusters, bdevs, subsystems and namespaces, as SNAP applies them (with its checks); false
+/// for another action.
+fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool {
+    match a {
+        Action::RegisterCluster { name, .. } => {
+            assert!(!inv.clusters.contains(name));
+            inv.clusters.push(name.clone());
+        }
+        Action::CreateBdev(BdevSpec {
+            name,
+            cluster,
+            pool,
+            image,
+            block_size,
+        }) => {
+            assert!(inv.clusters.contains(cluster), "cluster registered first");
+            assert!(!inv.bdevs.iter().any(|b| &b.name == name));
+            inv.bdevs.push(BdevInfo {
+                name: name.clone(),
+                pool: Some(pool.clone()),
+                image: Some(image.clone()),
+                cluster: Some(cluster.clone()),
+                block_size: *block_size,
+                num_blocks: image_bytes / u64::from(*block_size),
+            });
+        }
+        Action::ResizeBdev { name, new_size_mib } => {
+            let b = inv
+                .bdevs
+                .iter_mut()
+                .find(|b| &b.name == name)
+                .expect("bdev exists");
+            let want = new_size_mib << 20;
+            assert!(
+                want > b.num_blocks * u64::from(b.block_size),
+                "never shrink"
+            );
+            b.num_blocks = want / u64::from(b.block_size);
+        }
+        Action::DeleteBdev { name } => {
+            assert!(!inv
+                .subsystems
+                .iter()
+                .any(|s| s.namespaces.iter().any(|n| &n.bdev == name)));
+            inv.bdevs.retain(|b| &b.name != name);
+        }
+        Action::CreateSubsystem(SubsystemSpec { nqn, .. }) => {
+            assert!(!inv.subsystems.iter().any(|s| &s.nqn == nqn));
+            inv.subsystems.push(SubsystemInfo {
+                nqn: nqn.clone(),
+                serial: String::new(),
+                model: String::new(),
+                namespaces: vec![],
+            });
+        }
+        Action::DestroySubsystem { nqn } => {
+            let s = inv.subsystems.iter().find(|s| &s.nqn == nqn).unwrap();
+            assert!(s.namespaces.is_empty());
+            assert!(!inv.controllers.iter().any(|c| &c.nqn == nqn));
+            inv.subsystems.retain(|s| &s.nqn != nqn);
+        }
+        Action::CreateNamespace(NamespaceSpec {
+            nqn,
+            nsid,
+            bdev,
+            uuid,
+        }) => {
+            assert!(inv.bdevs.iter().any(|b| &b.name == bdev), "bdev first");
+            assert!(
+                !inv.subsystems
+                    .iter()
+                    .any(|s| s.namespaces.iter().any(|n| &n.bdev == bdev)),
+                "a bdev backs one namespace"
+            );
+            let s = inv
+                .subsystems
+                .iter_mut()
+                .find(|s| &s.nqn == nqn)
+                .expect("subsystem first");
+            assert!(!s.namespaces.iter().any(|n| n.nsid == *nsid), "NSID unique");
+            s.namespaces.push(NamespaceInfo {
+                nsid: *nsid,
+                bdev: bdev.clone(),
+                uuid: uuid.clone(),
+                controller: None,
+            });
+        }
+        Action::DestroyNamespace { nqn, nsid } => {
+            let s = inv.subsystems.iter_mut().find(|s| &s.nqn == nqn).unwrap();
+            assert!(
+                s.namespaces
+                    .iter()
+                    .any(|n| n.nsid == *nsid && n.controller.is_none()),
+                "detached first"
+            );
+            s.namespaces.retain(|n| n.nsid != *nsid);
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// Controllers and attachments, as SNAP applies them (with its checks); false for another
+/// action.
+fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
+    match a {
+        Action::CreateController(ControllerSpec {
+            name,
+            nqn,
+            function,
+            num_queues,
+            mdts,
+        }) => {
+            let f = inv
+                .functions
+                .iter_mut()
+                .find(|f| f.function == *function)
+                .expect("function exists");
+            assert!(f.controller.is_none(), "one controller per function");
+            f.controller = Some(name.clone());
+            inv.controllers.push(ControllerInfo {
+                name: name.clone(),
+                nqn: nqn.clone(),
+                function: Some(*function),
+                num_queues: *num_queues,
+                mdts: *mdts,
+                state: "SUSPENDED".into(),
+                namespaces: vec![],
+            });
+        }
+        Action::DestroyController { name } => {
+            let c = inv.controllers.iter().find(|c| &c.name == name).unwrap();
+            assert!(c.namespaces.is_empty(), "namespaces detached first");
+            for f in &mut inv.functions {
+                if f.controller.as_ref() == Some(name) {
+                    f.controller = None;
+                }
+            }
+            inv.controllers.retain(|c| &c.name != name);
+        }
+        Action::Attach(Attachment { controller, nsid }) => {
+            let c = inv
+                .controllers
+                .iter_mut()
+                .find(|c| &c.name == controller)
+                .unwrap();
+            let nqn = c.nqn.clone();
+            assert!(!c.namespaces.contains(nsid));
+            c.namespaces.push(*nsid);
+            let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
+            let n = s
+                .namespaces
+                .iter_mut()
+                .find(|n| n.nsid == *nsid)
+                .expect("namespace first");
+            assert!(n.controller.is_none(), "one controller per namespace");
+            n.controller = Some(controller.clone());
+        }
+        Action::Detach(Attachment { controller, nsid }) => {
+            let c = inv
+                .controllers
+                .iter_mut()
+                .find(|c| &c.name == controller)
+                .unwrap();
+            c.namespaces.retain(|n| n != nsid);
+            let nqn = c.nqn.clone();
+            let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
+            s.namespaces
+                .iter_mut()
+                .find(|n| n.nsid == *nsid)
+                .unwrap()
+                .controller = None;
+        }
+        Action::Resume { controller } => {
+            let c = inv
+                .controllers
+                .iter_mut()
+                .find(|c| &c.name == controller)
+                .unwrap();
+            c.state = "STARTED".into();
+        }
+
+        _ => return false,
+    }
+    true
 }
 
 /// Positions of `steps` in an order that runs each step after everything it depends on, chosen
