@@ -417,26 +417,54 @@ impl DpuAgent {
                 }
                 self.install(&spec).await
             }
-            Command::RemoveSnap(_) => {
-                let store = self.ledger.lock().await;
-                let mut ctrls: Vec<String> = store.get().controllers.keys().cloned().collect();
-                if let Ok(inv) = self.snap.inventory().await {
-                    ctrls.extend(inv.controllers.into_iter().map(|c| c.name));
-                }
-                ctrls.sort();
-                ctrls.dedup();
-                if !ctrls.is_empty() {
-                    return Err(WireError::new(
-                        ErrorCode::InUse,
-                        format!(
-                            "SNAP still backs controllers {}: destroy them first, or the host sees dead functions",
-                            ctrls.join(", ")
-                        ),
-                    ));
-                }
-                let report = self.platform.remove().await.map_err(deploy_err)?;
-                Ok(Reply::Deploy(report))
-            }
+            Command::RemoveSnap(_) => self.remove_snap().await,
+            c @ (Command::RegisterRbdCluster(_)
+            | Command::UnregisterRbdCluster(_)
+            | Command::CreateBdev(_)
+            | Command::DeleteBdev(_)
+            | Command::ResizeBdev(_)
+            | Command::CreateSubsystem(_)
+            | Command::DestroySubsystem(_)
+            | Command::CreateNamespace(_)
+            | Command::DestroyNamespace(_)) => self.storage(c).await,
+            c @ (Command::CreateController(_)
+            | Command::DestroyController(_)
+            | Command::AttachNamespace(_)
+            | Command::DetachNamespace(_)
+            | Command::SuspendController(_)
+            | Command::ResumeController(_)) => self.controllers(c).await,
+            other => Err(WireError::new(
+                ErrorCode::UnsupportedCommand,
+                format!("the dpu agent does not serve {}", other.name()),
+            )),
+        }
+    }
+
+    /// Removes SNAP, unless it still backs controllers (the host would see dead functions).
+    async fn remove_snap(&self) -> Result<Reply, WireError> {
+        let store = self.ledger.lock().await;
+        let mut ctrls: Vec<String> = store.get().controllers.keys().cloned().collect();
+        if let Ok(inv) = self.snap.inventory().await {
+            ctrls.extend(inv.controllers.into_iter().map(|c| c.name));
+        }
+        ctrls.sort();
+        ctrls.dedup();
+        if !ctrls.is_empty() {
+            return Err(WireError::new(
+                ErrorCode::InUse,
+                format!(
+                    "SNAP still backs controllers {}: destroy them first, or the host sees dead functions",
+                    ctrls.join(", ")
+                ),
+            ));
+        }
+        let report = self.platform.remove().await.map_err(deploy_err)?;
+        Ok(Reply::Deploy(report))
+    }
+
+    /// Clusters, bdevs, subsystems and namespaces: checked, done in SNAP, kept in the ledger.
+    async fn storage(&self, command: Command) -> Result<Reply, WireError> {
+        match command {
             Command::RegisterRbdCluster(c) => {
                 check_cluster(&c)?;
                 self.with_ledger(self.snap.register_cluster(&c), |l| {
@@ -500,6 +528,13 @@ impl DpuAgent {
                 })
                 .await
             }
+            other => unreachable!("not a storage command: {}", other.name()),
+        }
+    }
+
+    /// Controllers and attachments: checked, done in SNAP, kept in the ledger.
+    async fn controllers(&self, command: Command) -> Result<Reply, WireError> {
+        match command {
             Command::CreateController(c) => {
                 check_controller(&c)?;
                 self.with_ledger(self.snap.create_controller(&c), |l| {
@@ -556,10 +591,7 @@ impl DpuAgent {
                 })
                 .await
             }
-            other => Err(WireError::new(
-                ErrorCode::UnsupportedCommand,
-                format!("the dpu agent does not serve {}", other.name()),
-            )),
+            other => unreachable!("not a controller command: {}", other.name()),
         }
     }
 
