@@ -1,0 +1,72 @@
+//! `unistor plan`: the diff, and a saved plan for `apply --plan`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::{agent_kit_write, connect, fingerprint, load, Common, Format, OpsError, SavedPlan};
+use crate::plan::{self, Options};
+use crate::render;
+
+/// `unistor plan`
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Manifests and agents.
+    #[command(flatten)]
+    pub common: Common,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Format,
+    /// Save the plan (with a fingerprint of what was observed) for `unistor apply --plan FILE`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `unistor plan`: exit 0 when nothing is to do, 2 when changes are pending, 1 on error.
+pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
+    let desired = load(&a.common.dir)?;
+    let fleet = connect(&a.common, &desired).await?;
+    let observed = fleet.observe(a.common.report_timeout).await;
+    let p = plan::plan(
+        &desired,
+        &observed,
+        &Options {
+            owner: a.common.owner.clone(),
+        },
+    );
+    if let Some(path) = &a.out {
+        let saved = SavedPlan {
+            version: 1,
+            fingerprint: fingerprint(&desired, &observed),
+            plan: p.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&saved).expect("serializable");
+        agent_kit_write(path, &bytes)?;
+    }
+    match a.output {
+        Format::Text => print!("{}", render::human(&p)),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&p).expect("serializable")
+        ),
+    }
+    if let Ok(f) = Arc::try_unwrap(fleet) {
+        f.close().await;
+    }
+    // "No changes" is only said of a fleet that was seen whole.
+    if !p.unknown.is_empty() {
+        eprintln!(
+            "unistor: {} agent(s) could not be observed; nothing of theirs was planned:\n  {}",
+            p.unknown.len(),
+            p.unknown.join("\n  ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(if p.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
