@@ -48,6 +48,9 @@ pub struct ExecOptions {
     pub ceph_deadline: Duration,
     /// Deadline of one SNAP call through a dpu-agent.
     pub snap_deadline: Duration,
+    /// Set when the caller is stopping: steps not started yet are skipped, steps running
+    /// finish (the execution ends at a step boundary, leases released).
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for ExecOptions {
@@ -61,6 +64,7 @@ impl Default for ExecOptions {
             install_deadline: Duration::from_secs(15 * 60),
             ceph_deadline: Duration::from_secs(6 * 60),
             snap_deadline: Duration::from_secs(30),
+            stop: None,
         }
     }
 }
@@ -698,7 +702,15 @@ pub async fn execute(
     let run = |s: Step| {
         let ctx = ctx.clone();
         let fleet = fleet.clone();
-        async move { run_with_retries(&ctx, &fleet, &s).await }
+        let stopping = opts.stop.as_ref().is_some_and(|s| *s.borrow());
+        async move {
+            if stopping {
+                return Outcome::Skipped {
+                    reason: "stopping: not started".into(),
+                };
+            }
+            run_with_retries(&ctx, &fleet, &s).await
+        }
     };
     let report = schedule(&plan.steps, &unusable, run, progress).await;
     keeper.abort();

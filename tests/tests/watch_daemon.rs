@@ -415,3 +415,53 @@ fn a_manifest_directory_swapped_like_git_sync_is_followed() {
     lab.write_in(&root.join("rev2"), &c, &[(&v, 0, "192Mi", "Retain")]);
     d.wait_for(CONVERGE, "an edit in the new worktree", size_is(192 << 20));
 }
+
+#[test]
+fn a_stopping_daemon_ends_its_pass_at_a_step_boundary() {
+    let c = Cluster::from_env();
+    // Slow SNAP, so that SIGTERM arrives in the middle of the work.
+    let lab = Lab::start(&c, 1, &["--emulator-arg=--latency=*=300ms"]);
+    let vols: Vec<String> = (0..3).map(|i| unique(&format!("stop{i}"))).collect();
+    let spec: Vec<(&str, usize, &str, &str)> = vols
+        .iter()
+        .map(|v| (v.as_str(), 0, "64Mi", "Retain"))
+        .collect();
+    lab.write(&c, &spec);
+    let mut d = lab.daemon(&[]);
+    d.wait_for(CONVERGE, "the first SNAP steps done", |s| {
+        s["events"].as_array().is_some_and(|e| {
+            e.iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("done: + dpu/"))
+            })
+        })
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // It exits by itself, cleanly, once the steps in flight are done.
+    let mut status = None;
+    e2e::wait_until(Duration::from_secs(60), "the daemon to exit", || {
+        status = d.child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{status:?}");
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(
+        log.contains("stopping: a pass in progress ends at a step boundary"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stopping: not started"),
+        "steps not started are skipped:\n{log}"
+    );
+    // A new daemon finishes the work: nothing done twice, nothing half-done left behind.
+    let d = lab.daemon(&[]);
+    d.wait_converged(CONVERGE, 3);
+    assert_eq!(namespaces(&lab.socket(0)).len(), 3);
+    let bdevs = snap_call(&lab.socket(0), "bdev_get_bdevs");
+    assert_eq!(bdevs.as_array().unwrap().len(), 3, "{bdevs}");
+}

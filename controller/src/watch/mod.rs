@@ -106,9 +106,18 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     ));
 
     shutdown_signal().await;
-    state.event("daemon", Level::Info, "stopping");
+    state.event(
+        "daemon",
+        Level::Info,
+        "stopping: a pass in progress ends at a step boundary (a second signal: now)",
+    );
+    state.stop();
     drop(watcher);
-    reconciler.abort();
+    let mut reconciler = reconciler;
+    tokio::select! {
+        _ = &mut reconciler => {}
+        _ = shutdown_signal() => reconciler.abort(),
+    }
     server.abort();
     Ok(())
 }
@@ -268,7 +277,11 @@ async fn reconcile_loop(
     resync.tick().await;
     // Retries of an unfinished reconcile: 2 s, doubling, capped at a minute (or the resync).
     let mut retry: Option<(tokio::time::Instant, u32)> = None;
+    let mut stopping = state.stopping();
     loop {
+        if state.is_stopping() {
+            return;
+        }
         let retry_at = retry.map(|(at, _)| at);
         let mut reasons: BTreeSet<String> = BTreeSet::new();
         tokio::select! {
@@ -276,6 +289,7 @@ async fn reconcile_loop(
                 Some(r) => { reasons.insert(r); }
                 None => return,
             },
+            _ = stopping.changed() => return,
             _ = resync.tick() => {
                 reload(&a.common.dir, &state, &sessions, &tx);
                 sessions.mark_all();
@@ -329,7 +343,8 @@ async fn reconcile(
     summary.generation = generation;
     state.reconciling(true);
     let fleet = Arc::new(sessions.snapshot());
-    let (opts, exec) = crate::ops::run_options(&a.common, &a.rails);
+    let (opts, mut exec) = crate::ops::run_options(&a.common, &a.rails);
+    exec.stop = Some(state.stopping());
     let plan_now =
         |o: &plan::Observed| without_suspended(plan::plan(&desired, o, &opts), &state.suspended());
     let mut observed = sessions.observe(&fleet, a.common.report_timeout).await;

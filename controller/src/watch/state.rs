@@ -320,6 +320,8 @@ pub struct Shared {
     suspend_file: PathBuf,
     /// Metrics.
     pub metrics: Metrics,
+    /// Turns true when the daemon stops: the pass in progress ends at a step boundary.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -344,7 +346,23 @@ impl Shared {
             heal,
             suspend_file,
             metrics: Metrics::new(),
+            stop: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// The daemon is stopping: no step starts from now on, no pass either.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// What an execution watches to end at a step boundary when the daemon stops.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Whether the daemon is stopping.
+    pub fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {

@@ -136,158 +136,20 @@ fn main() -> std::process::ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let (dpus, per, latency_ms, edits) = (a.dpus, a.volumes, a.snap_latency_ms, a.edits);
     let c = Cluster::from_env();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = dir.path().join("pki");
-    let ceph_name = unique("ceph-bench");
-    let dpu_names: Vec<String> = (0..dpus)
-        .map(|i| format!("{}-{i}", unique("dpu-bench")))
-        .collect();
-    let mut names: Vec<&str> = vec![&ceph_name];
-    names.extend(dpu_names.iter().map(String::as_str));
-    issue_pki(&pki, &names);
-
+    let n = a.dpus * a.volumes;
     // The floor, part one: plain `rbd create` of the same number of images, back to back.
-    let n = dpus * per;
-    let floor_names: Vec<String> = (0..n).map(|i| unique(&format!("floor{i}"))).collect();
-    let t = Instant::now();
-    for img in &floor_names {
-        c.cli_ok(
-            "rbd",
-            &["create", "--size", "64M", &format!("{}/{img}", c.pool)],
-        );
-    }
-    let rbd_floor = t.elapsed();
-    for img in &floor_names {
-        c.cli_ok(
-            "rbd",
-            &["rm", "--no-progress", &format!("{}/{img}", c.pool)],
-        );
-    }
-
-    let mut procs = Procs::default();
-    // Every agent binds port 0 and says which port it got.
-    let (child, ceph_addr) = spawn_announced(
-        ceph_agent_command(&c, &ceph_name, ANY_PORT, &pki, &dir.path().join("ceph"))
-            .args(["--report-interval", "10s"]),
-        "listening on ",
-    );
-    procs.0.push(child);
-    let latency = format!("--emulator-arg=--latency=*={latency_ms}ms");
-    let mut addrs = vec![];
-    for (i, name) in dpu_names.iter().enumerate() {
-        let state = dir.path().join(format!("dpu{i}"));
-        let (child, addr) = spawn_announced(
-            &mut dpu_agent_command(
-                name,
-                ANY_PORT,
-                &pki,
-                &state,
-                &[&latency, "--poll-interval", "2s"],
-            ),
-            "listening on ",
-        );
-        procs.0.push(child);
-        addrs.push(addr);
-    }
-    let m = dir.path().join("manifests");
-    std::fs::create_dir_all(&m).unwrap();
-    let pairs: Vec<(&str, &str)> = dpu_names
-        .iter()
-        .zip(&addrs)
-        .map(|(n, a)| (n.as_str(), a.as_str()))
-        .collect();
-    std::fs::write(
-        m.join("fleet.yaml"),
-        fleet_yaml(
-            &ceph_name,
-            &ceph_addr,
-            &c.pool,
-            &unique("snap-bench"),
-            &pairs,
-        ),
-    )
-    .unwrap();
-    let vols: Vec<(String, usize)> = (0..n)
-        .map(|i| (unique(&format!("bv{i}")), i / per))
-        .collect();
-    let write_volumes = |grown: Option<(usize, &str)>| {
-        let text: String = vols
-            .iter()
-            .enumerate()
-            .map(|(i, (v, h))| {
-                let size = match grown {
-                    Some((g, s)) if g == i => s,
-                    _ => "64Mi",
-                };
-                volume_yaml(v, *h, size, &c.pool, "Retain")
-            })
-            .collect();
-        write_like_an_editor(&m.join("volumes.yaml"), &text);
-    };
-    write_volumes(None);
-
+    let rbd_floor = rbd_floor(&c, n);
+    let lab = BenchLab::start(&c, &a);
     // The floor, part two: SNAP calls per DPU (DPUs work in parallel, each serially):
     // register, subsystem, controller, resume, and per volume bdev, namespace, attach.
-    let snap_calls_per_dpu = 4 + 3 * per;
-    let snap_floor = Duration::from_millis(latency_ms * snap_calls_per_dpu as u64);
-
-    let ms_dir = m.display().to_string();
-    let pki_s = pki.display().to_string();
-    let owner = unique("bench");
-    let before = cpu_by_program();
-    let ceph_agent_pid = procs.0[0].id().to_string();
-    let (_, agent_children_before) = cpu(&ceph_agent_pid);
-    let (_, unistor_before) = cpu("self");
-    let t = Instant::now();
-    let (apply, timeline) = timed_apply(&[
-        "apply",
-        &ms_dir,
-        "--pki-dir",
-        &pki_s,
-        "--owner",
-        &owner,
-        "--auto-approve",
-    ]);
-    let converge = t.elapsed();
-    let after = cpu_by_program();
-    let (_, agent_children_after) = cpu(&ceph_agent_pid);
-    let (_, unistor_after) = cpu("self");
-    assert!(apply.status.success(), "{}", show(&apply));
-    let plan = unistor(&["plan", &ms_dir, "--pki-dir", &pki_s, "--owner", &owner]);
-    assert_eq!(plan.status.code(), Some(0), "{}", show(&plan));
-    println!("converge-bench: {dpus} DPUs x {per} volumes = {n} volumes, SNAP latency {latency_ms} ms/call");
-    println!("  unistor apply from empty:        {}", ms(converge));
-    for l in String::from_utf8_lossy(&apply.stdout)
-        .lines()
-        .filter(|l| l.starts_with("Pass") || l.starts_with("Converged") || l.contains("FAILED"))
-        .take(20)
-    {
-        println!("    {l}");
-    }
-    let mut spent: Vec<(String, f64)> = after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .filter(|(_, v)| *v >= 0.5)
-        .collect();
-    spent.push((
-        "ceph-agent's CLI commands".into(),
-        agent_children_after - agent_children_before,
-    ));
-    spent.push(("unistor apply".into(), unistor_after - unistor_before));
-    spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let snap_calls_per_dpu = 4 + 3 * a.volumes;
+    let snap_floor = Duration::from_millis(a.snap_latency_ms * snap_calls_per_dpu as u64);
     println!(
-        "    CPU during the apply ({:.0} s of wall time on {} cores): {}",
-        converge.as_secs_f64(),
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        spent
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.1} s"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "converge-bench: {} DPUs x {} volumes = {n} volumes, SNAP latency {} ms/call",
+        a.dpus, a.volumes, a.snap_latency_ms
     );
-    println!("    timeline: {timeline}");
+    let converge = lab.apply();
     println!("  floor: {n} x rbd create:           {}", ms(rbd_floor));
     println!(
         "  floor: {snap_calls_per_dpu} SNAP calls per DPU:      {}",
@@ -297,132 +159,331 @@ fn main() -> std::process::ExitCode {
         "  apply / floor:                   {:.2}x",
         converge.as_secs_f64() / (rbd_floor + snap_floor).as_secs_f64()
     );
+    lab.watch(a.edits);
+    std::process::ExitCode::SUCCESS
+}
 
-    // Watch mode: a manifest edit (one volume grown) to convergence.
-    let d = Daemon::start(
-        &[
+/// `n` plain `rbd create` back to back (then removed): the floor of creating `n` images.
+fn rbd_floor(c: &Cluster, n: usize) -> Duration {
+    let floor_names: Vec<String> = (0..n).map(|i| unique(&format!("floor{i}"))).collect();
+    let t = Instant::now();
+    for img in &floor_names {
+        c.cli_ok(
+            "rbd",
+            &["create", "--size", "64M", &format!("{}/{img}", c.pool)],
+        );
+    }
+    let took = t.elapsed();
+    for img in &floor_names {
+        c.cli_ok(
+            "rbd",
+            &["rm", "--no-progress", &format!("{}/{img}", c.pool)],
+        );
+    }
+    took
+}
+
+/// The benchmark's fleet: a ceph-agent and simulated DPUs, manifests of `vols`.
+struct BenchLab<'a> {
+    c: &'a Cluster,
+    dir: tempfile::TempDir,
+    procs: Procs,
+    /// (volume, DPU index).
+    vols: Vec<(String, usize)>,
+    owner: String,
+}
+
+impl<'a> BenchLab<'a> {
+    fn start(c: &'a Cluster, a: &Args) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        let ceph_name = unique("ceph-bench");
+        let dpu_names: Vec<String> = (0..a.dpus)
+            .map(|i| format!("{}-{i}", unique("dpu-bench")))
+            .collect();
+        let mut names: Vec<&str> = vec![&ceph_name];
+        names.extend(dpu_names.iter().map(String::as_str));
+        issue_pki(&pki, &names);
+        let mut procs = Procs::default();
+        // Every agent binds port 0 and says which port it got.
+        let (child, ceph_addr) = spawn_announced(
+            ceph_agent_command(c, &ceph_name, ANY_PORT, &pki, &dir.path().join("ceph"))
+                .args(["--report-interval", "10s"]),
+            "listening on ",
+        );
+        procs.0.push(child);
+        let latency = format!("--emulator-arg=--latency=*={}ms", a.snap_latency_ms);
+        let mut pairs = vec![];
+        for (i, name) in dpu_names.iter().enumerate() {
+            let state = dir.path().join(format!("dpu{i}"));
+            let (child, addr) = spawn_announced(
+                &mut dpu_agent_command(
+                    name,
+                    ANY_PORT,
+                    &pki,
+                    &state,
+                    &[&latency, "--poll-interval", "2s"],
+                ),
+                "listening on ",
+            );
+            procs.0.push(child);
+            pairs.push((name.as_str(), addr));
+        }
+        let m = dir.path().join("manifests");
+        std::fs::create_dir_all(&m).unwrap();
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(n, a)| (*n, a.as_str())).collect();
+        let fleet = fleet_yaml(
+            &ceph_name,
+            &ceph_addr,
+            &c.pool,
+            &unique("snap-bench"),
+            &pairs,
+        );
+        std::fs::write(m.join("fleet.yaml"), fleet).unwrap();
+        let vols = (0..a.dpus * a.volumes)
+            .map(|i| (unique(&format!("bv{i}")), i / a.volumes))
+            .collect();
+        let lab = Self {
+            c,
+            dir,
+            procs,
+            vols,
+            owner: unique("bench"),
+        };
+        lab.write_volumes(None);
+        lab
+    }
+
+    fn manifests(&self) -> String {
+        self.dir.path().join("manifests").display().to_string()
+    }
+
+    fn pki(&self) -> String {
+        self.dir.path().join("pki").display().to_string()
+    }
+
+    /// Writes every volume at 64 MiB, volume `grown.0` at `grown.1`.
+    fn write_volumes(&self, grown: Option<(usize, &str)>) {
+        let text: String = self
+            .vols
+            .iter()
+            .enumerate()
+            .map(|(i, (v, h))| {
+                let size = match grown {
+                    Some((g, s)) if g == i => s,
+                    _ => "64Mi",
+                };
+                volume_yaml(v, *h, size, &self.c.pool, "Retain")
+            })
+            .collect();
+        write_like_an_editor(
+            &self.dir.path().join("manifests").join("volumes.yaml"),
+            &text,
+        );
+    }
+
+    /// `unistor apply` from empty, timed, with the CPU it cost by program; then a plan that
+    /// must be empty. Returns the apply's wall time.
+    fn apply(&self) -> Duration {
+        let (ms_dir, pki_s) = (self.manifests(), self.pki());
+        let before = cpu_by_program();
+        let ceph_agent_pid = self.procs.0[0].id().to_string();
+        let (_, agent_children_before) = cpu(&ceph_agent_pid);
+        let (_, unistor_before) = cpu("self");
+        let t = Instant::now();
+        let (apply, timeline) = timed_apply(&[
+            "apply",
             &ms_dir,
             "--pki-dir",
             &pki_s,
             "--owner",
-            &owner,
-            "--state-dir",
-            &dir.path().join("watch").display().to_string(),
-            "--resync",
-            "1h",
-            "--debounce",
-            "200ms",
-        ],
-        &dir.path().join("watch.log"),
-    );
-    d.wait_converged(Duration::from_secs(600), n);
-    let mut edit_times = vec![];
-    for (e, (name, _)) in vols.iter().enumerate().take(edits) {
-        let size = format!("{}Mi", 128 + 64 * e);
-        let bytes = (128 + 64 * e as u64) << 20;
-        let t = Instant::now();
-        write_volumes(Some((e, &size)));
-        d.wait_for(Duration::from_secs(600), "the edit to converge", |s| {
-            reconciled(s)
-                && s["fleet"]["volumes"].as_array().is_some_and(|v| {
-                    v.iter().any(|v| {
-                        v["volume"] == name.as_str()
-                            && v["size_bytes"] == bytes
-                            && v["state"] == "ok"
-                    })
-                })
-        });
-        edit_times.push(t.elapsed());
-    }
-    // Behind unistor's back: an image grown with the rbd CLI, until the daemon's status shows it
-    // (found by the ceph-agent's sweep).
-    let (victim, _) = &vols[n - 1];
-    let t = Instant::now();
-    c.cli_ok(
-        "rbd",
-        &[
-            "resize",
-            "--no-progress",
-            "--size",
-            "96M",
-            &format!("{}/{victim}", c.pool),
-        ],
-    );
-    d.wait_for(
-        Duration::from_secs(900),
-        "the out-of-band resize to show",
-        |s| {
-            s["fleet"]["volumes"].as_array().is_some_and(|v| {
-                v.iter()
-                    .any(|v| v["volume"] == victim.as_str() && v["size_bytes"] == 96u64 << 20)
-            })
-        },
-    );
-    let found = t.elapsed();
-    let rss = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
-            .unwrap_or(0)
-    };
-    let daemon_rss = rss(d.child.id());
-    let ceph_rss = rss(procs.0[0].id());
-    let dpu_rss = procs.0[1..].iter().map(|p| rss(p.id())).max().unwrap_or(0);
-    // The emulators are the dpu-agents' children (simulation's stand-in for SNAP).
-    let agents: std::collections::BTreeSet<u32> = procs.0[1..].iter().map(|p| p.id()).collect();
-    let emulator_rss = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
-            stat.contains("(snap-emulator)") && ppid.is_some_and(|p| agents.contains(&p))
-        })
-        .map(rss)
-        .max()
-        .unwrap_or(0);
-    let metrics = d.get("/metrics");
-    let reconcile_line = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("unistor_reconcile_duration_seconds_sum")
-                || l.starts_with("unistor_reconcile_duration_seconds_count")
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-
-    let mut sorted = edit_times.clone();
-    sorted.sort();
-    println!(
-        "  watch: manifest edit -> converged: {} (median {}; daemon: {reconcile_line})",
-        edit_times
+            &self.owner,
+            "--auto-approve",
+        ]);
+        let converge = t.elapsed();
+        let after = cpu_by_program();
+        let (_, agent_children_after) = cpu(&ceph_agent_pid);
+        let (_, unistor_after) = cpu("self");
+        assert!(apply.status.success(), "{}", show(&apply));
+        let plan = unistor(&["plan", &ms_dir, "--pki-dir", &pki_s, "--owner", &self.owner]);
+        assert_eq!(plan.status.code(), Some(0), "{}", show(&plan));
+        println!("  unistor apply from empty:        {}", ms(converge));
+        for l in String::from_utf8_lossy(&apply.stdout)
+            .lines()
+            .filter(|l| l.starts_with("Pass") || l.starts_with("Converged") || l.contains("FAILED"))
+            .take(20)
+        {
+            println!("    {l}");
+        }
+        let mut spent: Vec<(String, f64)> = after
             .iter()
-            .map(|d| ms(*d))
+            .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, v)| *v >= 0.5)
+            .collect();
+        spent.push((
+            "ceph-agent's CLI commands".into(),
+            agent_children_after - agent_children_before,
+        ));
+        spent.push(("unistor apply".into(), unistor_after - unistor_before));
+        spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!(
+            "    CPU during the apply ({:.0} s of wall time on {} cores): {}",
+            converge.as_secs_f64(),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            spent
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("    timeline: {timeline}");
+        converge
+    }
+
+    /// Watch mode: `edits` manifest edits (a volume grown each) to convergence, then an image
+    /// grown behind unistor's back until the status shows it; the peak memory of everything.
+    fn watch(&self, edits: usize) {
+        let d = Daemon::start(
+            &[
+                &self.manifests(),
+                "--pki-dir",
+                &self.pki(),
+                "--owner",
+                &self.owner,
+                "--state-dir",
+                &self.dir.path().join("watch").display().to_string(),
+                "--resync",
+                "1h",
+                "--debounce",
+                "200ms",
+            ],
+            &self.dir.path().join("watch.log"),
+        );
+        d.wait_converged(Duration::from_secs(600), self.vols.len());
+        let edit_times = self.edits(&d, edits);
+        let found = self.out_of_band_resize(&d);
+        let metrics = d.get("/metrics");
+        let reconcile_line = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("unistor_reconcile_duration_seconds_sum")
+                    || l.starts_with("unistor_reconcile_duration_seconds_count")
+            })
             .collect::<Vec<_>>()
-            .join(", "),
-        sorted
-            .get(sorted.len() / 2)
-            .map(|d| ms(*d))
-            .unwrap_or_default()
-    );
-    println!(
-        "  watch: image resized with rbd by hand -> shown: {}",
-        ms(found)
-    );
-    println!(
-        "  peak RSS: daemon {} MiB, ceph-agent {} MiB, largest dpu-agent {} MiB, largest snap-emulator {} MiB",
-        daemon_rss / 1024,
-        ceph_rss / 1024,
-        dpu_rss / 1024,
-        emulator_rss / 1024
-    );
-    std::process::ExitCode::SUCCESS
+            .join(", ");
+        let mut sorted = edit_times.clone();
+        sorted.sort();
+        println!(
+            "  watch: manifest edit -> converged: {} (median {}; daemon: {reconcile_line})",
+            edit_times
+                .iter()
+                .map(|d| ms(*d))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sorted
+                .get(sorted.len() / 2)
+                .map(|d| ms(*d))
+                .unwrap_or_default()
+        );
+        println!(
+            "  watch: image resized with rbd by hand -> shown: {}",
+            ms(found)
+        );
+        self.print_rss(&d);
+    }
+
+    /// Times each of `edits` manifest edits to convergence.
+    fn edits(&self, d: &Daemon, edits: usize) -> Vec<Duration> {
+        let mut edit_times = vec![];
+        for (e, (name, _)) in self.vols.iter().enumerate().take(edits) {
+            let size = format!("{}Mi", 128 + 64 * e);
+            let bytes = (128 + 64 * e as u64) << 20;
+            let t = Instant::now();
+            self.write_volumes(Some((e, &size)));
+            d.wait_for(Duration::from_secs(600), "the edit to converge", |s| {
+                reconciled(s)
+                    && s["fleet"]["volumes"].as_array().is_some_and(|v| {
+                        v.iter().any(|v| {
+                            v["volume"] == name.as_str()
+                                && v["size_bytes"] == bytes
+                                && v["state"] == "ok"
+                        })
+                    })
+            });
+            edit_times.push(t.elapsed());
+        }
+        edit_times
+    }
+
+    /// An image grown with the rbd CLI behind unistor's back, until the daemon's status shows it
+    /// (found by the ceph-agent's sweep).
+    fn out_of_band_resize(&self, d: &Daemon) -> Duration {
+        let (victim, _) = &self.vols[self.vols.len() - 1];
+        let t = Instant::now();
+        self.c.cli_ok(
+            "rbd",
+            &[
+                "resize",
+                "--no-progress",
+                "--size",
+                "96M",
+                &format!("{}/{victim}", self.c.pool),
+            ],
+        );
+        d.wait_for(
+            Duration::from_secs(900),
+            "the out-of-band resize to show",
+            |s| {
+                s["fleet"]["volumes"].as_array().is_some_and(|v| {
+                    v.iter()
+                        .any(|v| v["volume"] == victim.as_str() && v["size_bytes"] == 96u64 << 20)
+                })
+            },
+        );
+        t.elapsed()
+    }
+
+    /// Peak RSS of the daemon, the ceph-agent, the largest dpu-agent and the largest emulator.
+    fn print_rss(&self, d: &Daemon) {
+        let daemon_rss = peak_rss(d.child.id());
+        let ceph_rss = peak_rss(self.procs.0[0].id());
+        let agents = &self.procs.0[1..];
+        let dpu_rss = agents.iter().map(|p| peak_rss(p.id())).max().unwrap_or(0);
+        // The emulators are the dpu-agents' children (simulation's stand-in for SNAP).
+        let agents: std::collections::BTreeSet<u32> = agents.iter().map(|p| p.id()).collect();
+        let emulator_rss = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+                stat.contains("(snap-emulator)") && ppid.is_some_and(|p| agents.contains(&p))
+            })
+            .map(peak_rss)
+            .max()
+            .unwrap_or(0);
+        println!(
+            "  peak RSS: daemon {} MiB, ceph-agent {} MiB, largest dpu-agent {} MiB, largest snap-emulator {} MiB",
+            daemon_rss / 1024,
+            ceph_rss / 1024,
+            dpu_rss / 1024,
+            emulator_rss / 1024
+        );
+    }
+}
+
+/// A process's peak resident memory (KiB), from /proc.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
 }
