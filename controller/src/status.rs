@@ -517,15 +517,7 @@ mod tests {
     use crate::plan::sim::World;
     use protocol::dpu::{HostController, HostDevice, HostUse};
 
-    fn converged() -> (Desired, World) {
-        let d = crate::manifest::load_dir(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"),
-        )
-        .unwrap();
-        let mut w = World::empty(&d);
-        w.converge(&d, 5);
-        (d, w)
-    }
+    use crate::plan::sim::converged_examples as converged;
 
     fn db_data(d: &Desired, w: &World) -> VolumeStatus {
         volume_status(&d.volumes["db-data"], &w.observed())

@@ -12,9 +12,10 @@ pub const POLICY: &str = "unistor.deletion-policy";
 /// Trash retention in seconds (as [`POLICY`]).
 pub const RETENTION: &str = "unistor.trash-retention-secs";
 
-/// What removing a volume does to its image: a closed set, from the manifest through the wire
-/// to the agent and back in reports. An unknown name is an error wherever it is read, never a
-/// quiet `Retain`.
+/// What happens to the image when the volume is removed from the manifests.
+///
+/// One type from the manifest through the wire to the agent and back in reports: an unknown
+/// name is an error wherever it is read, never a quiet `Retain`.
 #[derive(
     Debug,
     Clone,
@@ -28,13 +29,14 @@ pub const RETENTION: &str = "unistor.trash-retention-secs";
     serde::Serialize,
     serde::Deserialize,
 )]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum DeletionPolicy {
-    /// Keep the image.
+    /// Detach from the host; keep the image (default).
     #[default]
     Retain,
-    /// Move it to the RBD trash for a retention period.
+    /// Detach; move the image to the RBD trash for `trashRetention`.
     Trash,
-    /// Delete it.
+    /// Detach; delete the image (also needs `--allow-delete` on apply).
     Delete,
 }
 

@@ -304,69 +304,35 @@ impl OpenImage {
     /// Blocking.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), LibError> {
         let api = api()?;
-        let mut done = 0usize;
-        while done < buf.len() {
+        all_of(buf.len(), "rbd_read", |done| {
             let rest = &mut buf[done..];
             // SAFETY: the image is open until `self` is dropped; `rest` is valid for its length.
-            let n = unsafe {
+            unsafe {
                 (api.read)(
                     self.img,
                     offset + done as u64,
                     rest.len(),
                     rest.as_mut_ptr().cast(),
                 )
-            };
-            match n {
-                n if n < 0 => {
-                    return Err(LibError::Call {
-                        call: "rbd_read",
-                        errno: -(n as i32),
-                    })
-                }
-                0 => {
-                    return Err(LibError::Call {
-                        call: "rbd_read",
-                        errno: 5,
-                    })
-                }
-                n => done += n as usize,
             }
-        }
-        Ok(())
+        })
     }
 
     /// Writes `data` at `offset` (`rbd_write`). Blocking.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), LibError> {
         let api = api()?;
-        let mut done = 0usize;
-        while done < data.len() {
+        all_of(data.len(), "rbd_write", |done| {
             let rest = &data[done..];
             // SAFETY: as in `read_at`; librbd only reads from `rest`.
-            let n = unsafe {
+            unsafe {
                 (api.write)(
                     self.img,
                     offset + done as u64,
                     rest.len(),
                     rest.as_ptr().cast(),
                 )
-            };
-            match n {
-                n if n < 0 => {
-                    return Err(LibError::Call {
-                        call: "rbd_write",
-                        errno: -(n as i32),
-                    })
-                }
-                0 => {
-                    return Err(LibError::Call {
-                        call: "rbd_write",
-                        errno: 5,
-                    })
-                }
-                n => done += n as usize,
             }
-        }
-        Ok(())
+        })
     }
 
     /// Flushes writes to the cluster (`rbd_flush`). Blocking.
@@ -385,6 +351,29 @@ impl OpenImage {
         }
         Ok(())
     }
+}
+
+/// Repeats `io(done)` (bytes done so far in, bytes done by this call or a negative errno out)
+/// until `len` bytes are done; no progress is an I/O error.
+fn all_of(
+    len: usize,
+    call: &'static str,
+    mut io: impl FnMut(usize) -> isize,
+) -> Result<(), LibError> {
+    let mut done = 0usize;
+    while done < len {
+        match io(done) {
+            n if n < 0 => {
+                return Err(LibError::Call {
+                    call,
+                    errno: -(n as i32),
+                })
+            }
+            0 => return Err(LibError::Call { call, errno: 5 }),
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 impl Drop for OpenImage {

@@ -511,14 +511,18 @@ impl Drop for Daemon {
     }
 }
 
-/// POSTs nothing to `url` over plain HTTP; the body of the answer, whatever the status.
-pub fn http_post(url: &str) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// A plain-HTTP client for the daemon on loopback: answers whatever their status, 10 s at most.
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .http_status_as_error(false)
         .build()
-        .into();
-    agent
+        .into()
+}
+
+/// POSTs nothing to `url`; the body of the answer.
+pub fn http_post(url: &str) -> String {
+    http()
         .post(url)
         .send_empty()
         .unwrap_or_else(|e| panic!("POST {url}: {e}"))
@@ -527,14 +531,9 @@ pub fn http_post(url: &str) -> String {
         .unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
-/// GET over plain HTTP (the daemon listens on loopback); the body, whatever the status.
+/// GETs `url`; the body of the answer.
 pub fn http_get(url: &str) -> String {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    agent
+    http()
         .get(url)
         .call()
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))

@@ -134,38 +134,9 @@ impl Default for FunctionSettings {
     }
 }
 
-/// What happens to the image when the volume is removed from the manifests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum DeletionPolicy {
-    /// Detach from the host; keep the image (default).
-    #[default]
-    Retain,
-    /// Detach; move the image to the RBD trash for `trashRetention`.
-    Trash,
-    /// Detach; delete the image (also needs `--allow-delete` on apply).
-    Delete,
-}
-
-impl DeletionPolicy {
-    /// The name written into image metadata (`unistor.deletion-policy`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeletionPolicy::Retain => "Retain",
-            DeletionPolicy::Trash => "Trash",
-            DeletionPolicy::Delete => "Delete",
-        }
-    }
-}
-
-impl From<DeletionPolicy> for protocol::meta::DeletionPolicy {
-    fn from(p: DeletionPolicy) -> Self {
-        match p {
-            DeletionPolicy::Retain => Self::Retain,
-            DeletionPolicy::Trash => Self::Trash,
-            DeletionPolicy::Delete => Self::Delete,
-        }
-    }
-}
+/// What happens to the image when the volume is removed from the manifests: the wire's type,
+/// one definition from manifest to agent.
+pub use protocol::meta::DeletionPolicy;
 
 /// A volume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

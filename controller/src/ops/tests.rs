@@ -39,14 +39,7 @@ fn snaps_own_watch_is_not_in_use_but_anybody_elses_is() {
     assert_eq!(others(&bare, Some("client.snap")).len(), 3);
 }
 
-fn converged() -> (Desired, World) {
-    let d =
-        manifest::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))
-            .unwrap();
-    let mut w = World::empty(&d);
-    w.converge(&d, 5);
-    (d, w)
-}
+use crate::plan::sim::converged_examples as converged;
 
 #[test]
 fn the_empty_manifest_guard() {

@@ -472,7 +472,7 @@ fn create(v: &Volume) -> Action {
         image: v.image.to_string(),
         size_bytes: v.size_bytes,
         volume: v.name.to_string(),
-        policy: v.deletion_policy.into(),
+        policy: v.deletion_policy,
         retain_secs: v.trash_retention.as_secs(),
     }
 }

@@ -451,6 +451,22 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
     true
 }
 
+/// `examples/` of this repository, loaded (what the tests plan against).
+#[cfg(test)]
+pub fn examples() -> Desired {
+    crate::manifest::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))
+        .expect("the examples load")
+}
+
+/// `examples/`, and a world converged to them.
+#[cfg(test)]
+pub fn converged_examples() -> (Desired, World) {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    (d, w)
+}
+
 /// Positions of `steps` in an order that runs each step after everything it depends on, chosen
 /// at random among the steps ready at each point (xorshift over `rng`).
 pub fn random_topological_order(steps: &[Step], rng: &mut u64) -> Vec<usize> {

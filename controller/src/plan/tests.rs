@@ -26,10 +26,7 @@ fn desired(files: &[(&str, String)]) -> Desired {
     load_texts(&texts).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
-fn examples() -> Desired {
-    crate::manifest::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))
-        .unwrap()
-}
+use super::sim::examples;
 
 #[test]
 fn examples_converge_from_empty_in_one_pass_and_then_plan_nothing() {
