@@ -430,10 +430,34 @@ pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
         }
         _ => Err(format!("namespace not attached to {ctrl}")),
     });
+    let seen = host_seen(&mut s, dpu, &ctrl, ns.map(|n| n.nsid));
+    chain.check("host", || host_link(v, &ctrl, c, &seen, s.nsid));
+    s.state = if chain.broken.is_some() {
+        "degraded"
+    } else {
+        "ok"
+    }
+    .into();
+    s.detail = match chain.broken {
+        Some(why) => why,
+        None => format!("{} nsid {} on {}", v.function, s.nsid.unwrap_or(0), v.dpu),
+    };
+    s.chain = chain.links;
+    s
+}
+
+/// What the host's account says of the volume's device (`None`: the platform cannot tell;
+/// `Some(None)`: the host does not see it), with the status' host fields filled in.
+fn host_seen<'a>(
+    s: &mut VolumeStatus,
+    dpu: &'a protocol::dpu::DpuReport,
+    ctrl: &str,
+    nsid: Option<u32>,
+) -> Option<Option<(&'a protocol::dpu::HostDevice, bool)>> {
     s.host_use = "unknown".into();
-    let seen = match (&dpu.host_use, ns) {
-        (Some(h), Some(n)) => Some(h.device(&ctrl, n.nsid).map(|d| {
-            let enabled = h.controller(&ctrl).is_some_and(|c| c.enabled);
+    let seen = match (&dpu.host_use, nsid) {
+        (Some(h), Some(nsid)) => Some(h.device(ctrl, nsid).map(|d| {
+            let enabled = h.controller(ctrl).is_some_and(|c| c.enabled);
             (d, enabled)
         })),
         _ => None,
@@ -448,7 +472,19 @@ pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
         }
         .into();
     }
-    chain.check("host", || match (c, &seen) {
+    seen
+}
+
+/// The chain's last link: the controller started and, when the host's account is known, the
+/// host seeing the namespace with the volume's identity.
+fn host_link(
+    v: &Volume,
+    ctrl: &str,
+    c: Option<&protocol::dpu::ControllerInfo>,
+    seen: &Option<Option<(&protocol::dpu::HostDevice, bool)>>,
+    nsid: Option<u32>,
+) -> Result<String, String> {
+    match (c, seen) {
         (Some(c), _) if !c.state.eq_ignore_ascii_case("STARTED") => {
             Err(format!("controller {ctrl} is {}", c.state))
         }
@@ -457,7 +493,7 @@ pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
         (Some(_), Some(None)) => Err(format!(
             "{} does not see nsid {} of {ctrl}",
             v.host,
-            s.nsid.unwrap_or(0)
+            nsid.unwrap_or(0)
         )),
         (Some(_), Some(Some((d, _)))) if d.uuid != v.uuid => Err(format!(
             "{} sees UUID {} at nsid {}, not {}",
@@ -468,19 +504,7 @@ pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
             v.host, d.device, v.function, ctrl, v.dpu
         )),
         (Some(_), None) => Ok(format!("{} {} on {}", v.host, v.function, v.dpu)),
-    });
-    s.state = if chain.broken.is_some() {
-        "degraded"
-    } else {
-        "ok"
     }
-    .into();
-    s.detail = match chain.broken {
-        Some(why) => why,
-        None => format!("{} nsid {} on {}", v.function, s.nsid.unwrap_or(0), v.dpu),
-    };
-    s.chain = chain.links;
-    s
 }
 
 /// A chain being walked: links after the first broken one are not checked.

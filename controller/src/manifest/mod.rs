@@ -879,41 +879,7 @@ fn resolve_volume(
         pf: s.nvme.pf,
         vf: s.nvme.vf,
     };
-    if let Some(dpu) = dpu {
-        let fw = &dpu.snap.firmware;
-        if s.nvme.pf >= fw.nvme_pfs {
-            ctx.err(
-                i,
-                "spec.nvme.pf",
-                format!(
-                    "PF {} but DPU {} exposes {} PF(s)",
-                    s.nvme.pf, dpu.name, fw.nvme_pfs
-                ),
-            );
-        }
-        if let Some(vf) = s.nvme.vf {
-            if vf >= fw.nvme_vfs {
-                ctx.err(
-                    i,
-                    "spec.nvme.vf",
-                    format!(
-                        "VF {vf} but DPU {} exposes {} VF(s) per PF",
-                        dpu.name, fw.nvme_vfs
-                    ),
-                );
-            }
-        }
-    }
-    if let Some(n) = s.nvme.nsid {
-        if !(1..=1024).contains(&n) {
-            ctx.err(i, "spec.nvme.nsid", format!("NSID {n} is not 1-1024"));
-        }
-    }
-    if let Some(u) = &s.nvme.uuid {
-        if let Err(e) = check_uuid("spec.nvme.uuid", u) {
-            ctx.name_err(i, "spec.nvme.uuid", e);
-        }
-    }
+    check_nvme(ctx, i, &s.nvme, dpu);
     if !(1..=32).contains(&s.queues) {
         ctx.err(i, "spec.queues", format!("{} queues; 1-32", s.queues));
     }
@@ -952,6 +918,45 @@ fn resolve_volume(
         labels: o.metadata.labels.clone(),
         source: ctx.source(i),
     })
+}
+
+/// A volume's NVMe placement against its DPU: the PF and VF exist, the NSID and UUID are valid.
+fn check_nvme(ctx: &mut Ctx<'_>, i: usize, nvme: &types::NvmePlacement, dpu: Option<&Dpu>) {
+    if let Some(dpu) = dpu {
+        let fw = &dpu.snap.firmware;
+        if nvme.pf >= fw.nvme_pfs {
+            ctx.err(
+                i,
+                "spec.nvme.pf",
+                format!(
+                    "PF {} but DPU {} exposes {} PF(s)",
+                    nvme.pf, dpu.name, fw.nvme_pfs
+                ),
+            );
+        }
+        if let Some(vf) = nvme.vf {
+            if vf >= fw.nvme_vfs {
+                ctx.err(
+                    i,
+                    "spec.nvme.vf",
+                    format!(
+                        "VF {vf} but DPU {} exposes {} VF(s) per PF",
+                        dpu.name, fw.nvme_vfs
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(n) = nvme.nsid {
+        if !(1..=1024).contains(&n) {
+            ctx.err(i, "spec.nvme.nsid", format!("NSID {n} is not 1-1024"));
+        }
+    }
+    if let Some(u) = &nvme.uuid {
+        if let Err(e) = check_uuid("spec.nvme.uuid", u) {
+            ctx.name_err(i, "spec.nvme.uuid", e);
+        }
+    }
 }
 
 /// The JSON Schema of a manifest document, for editors.

@@ -367,22 +367,7 @@ async fn reconcile(
             break;
         }
         if a.no_heal {
-            summary.result = ReconcileResult::Drift;
-            summary.message = Some(format!(
-                "report-only: {} step(s) would run, {} drift item(s)",
-                p.steps.len(),
-                p.drift.len()
-            ));
-            for d in &p.drift {
-                state.event(
-                    "drift",
-                    Level::Warning,
-                    format!(
-                        "{} {}: want {}, found {}",
-                        d.object, d.field, d.desired, d.observed
-                    ),
-                );
-            }
+            report_drift(state, &p, &mut summary);
             break;
         }
         let checked =
@@ -417,33 +402,60 @@ async fn reconcile(
         }
     }
     summary.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    record_end(state, reason, &summary);
+    state.reconciled(summary.clone());
+    summary
+}
+
+/// Report-only mode: what would run, and every drift item as an event.
+fn report_drift(state: &Shared, p: &plan::Plan, summary: &mut ReconcileSummary) {
+    summary.result = ReconcileResult::Drift;
+    summary.message = Some(format!(
+        "report-only: {} step(s) would run, {} drift item(s)",
+        p.steps.len(),
+        p.drift.len()
+    ));
+    for d in &p.drift {
+        state.event(
+            "drift",
+            Level::Warning,
+            format!(
+                "{} {}: want {}, found {}",
+                d.object, d.field, d.desired, d.observed
+            ),
+        );
+    }
+}
+
+/// The reconcile's event: what it did, unless it found everything converged and did nothing.
+fn record_end(state: &Shared, reason: &str, summary: &ReconcileSummary) {
     let level = if summary.result == ReconcileResult::Converged {
         Level::Info
     } else {
         Level::Warning
     };
-    if summary.steps_done + summary.steps_failed > 0 || summary.result != ReconcileResult::Converged
+    if summary.steps_done + summary.steps_failed == 0
+        && summary.result == ReconcileResult::Converged
     {
-        state.event(
-            "reconcile",
-            level,
-            format!(
-                "{} after {} ms ({}): {} step(s) done, {} failed or skipped{}",
-                summary.result,
-                summary.duration_ms,
-                reason,
-                summary.steps_done,
-                summary.steps_failed,
-                summary
-                    .message
-                    .as_deref()
-                    .map(|m| format!("; {m}"))
-                    .unwrap_or_default()
-            ),
-        );
+        return;
     }
-    state.reconciled(summary.clone());
-    summary
+    state.event(
+        "reconcile",
+        level,
+        format!(
+            "{} after {} ms ({}): {} step(s) done, {} failed or skipped{}",
+            summary.result,
+            summary.duration_ms,
+            reason,
+            summary.steps_done,
+            summary.steps_failed,
+            summary
+                .message
+                .as_deref()
+                .map(|m| format!("; {m}"))
+                .unwrap_or_default()
+        ),
+    );
 }
 
 fn step_done(state: &Shared, s: &Step, o: &Outcome) {
