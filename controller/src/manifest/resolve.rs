@@ -1,0 +1,447 @@
+//! Resolution: typed documents checked one by one and against each other (duplicates, shared
+//! images, NSID collisions, hosts without a DPU...) into the desired state.
+
+use std::collections::BTreeMap;
+
+use protocol::dpu::{FirmwareSpec, FunctionRef, SnapSpec};
+use protocol::names::{
+    check_env, check_host_port, check_image_ref, check_image_tag, check_uuid, CephClientId,
+    ImageName, NameError, PeerName, PoolName, VolumeName,
+};
+
+use super::types::{self, *};
+use super::yaml::{locate, Doc};
+use super::{derived_uuid, parse_size, Cluster, Desired, Dpu, LoadError, Source, Volume};
+
+pub(super) struct Ctx<'a> {
+    pub(super) errors: Vec<LoadError>,
+    pub(super) docs: &'a [(Doc<'a>, Document)],
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, doc: usize, path: &str, message: impl Into<String>) {
+        let d = &self.docs[doc].0;
+        let keys: Vec<&str> = path.split('.').filter(|k| !k.is_empty()).collect();
+        let line = d.first_line + locate(&d.text, &keys).unwrap_or(0);
+        self.errors.push(LoadError {
+            file: d.file.to_path_buf(),
+            line,
+            field: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn name_err(&mut self, doc: usize, path: &str, e: NameError) {
+        self.err(doc, path, format!("{}: {}", e.shown, e.reason));
+    }
+
+    fn source(&self, doc: usize) -> Source {
+        let d = &self.docs[doc].0;
+        Source {
+            file: d.file.to_path_buf(),
+            line: d.first_line,
+        }
+    }
+}
+
+fn check_meta<S>(ctx: &mut Ctx<'_>, i: usize, o: &Object<S>) -> bool {
+    let mut ok = true;
+    if o.api_version != API_VERSION {
+        ctx.err(
+            i,
+            "apiVersion",
+            format!("{:?} is not {API_VERSION:?}", o.api_version),
+        );
+        ok = false;
+    }
+    if let Err(e) = VolumeName::parse("metadata.name", &o.metadata.name) {
+        ctx.name_err(i, "metadata.name", e);
+        ok = false;
+    }
+    ok
+}
+
+pub(super) fn resolve(ctx: &mut Ctx<'_>) -> Desired {
+    let mut d = Desired::default();
+    let mut seen: BTreeMap<(&str, String), usize> = BTreeMap::new();
+    let docs = ctx.docs;
+    // Names are unique per kind.
+    for (i, (_, doc)) in docs.iter().enumerate() {
+        let (kind, name) = match doc {
+            Document::CephCluster(o) => ("CephCluster", &o.metadata.name),
+            Document::Dpu(o) => ("Dpu", &o.metadata.name),
+            Document::Volume(o) => ("Volume", &o.metadata.name),
+        };
+        if let Some(first) = seen.insert((kind, name.clone()), i) {
+            let at = ctx.source(first);
+            ctx.err(
+                i,
+                "metadata.name",
+                format!("{kind} {name:?} is defined twice (also at {at})"),
+            );
+        }
+    }
+    for (i, (_, doc)) in docs.iter().enumerate() {
+        match doc {
+            Document::CephCluster(o) => {
+                if let Some(c) = resolve_cluster(ctx, i, o) {
+                    d.clusters.entry(c.name.clone()).or_insert(c);
+                }
+            }
+            Document::Dpu(o) => {
+                if let Some(x) = resolve_dpu(ctx, i, o) {
+                    d.dpus.entry(x.name.clone()).or_insert(x);
+                }
+            }
+            Document::Volume(_) => {}
+        }
+    }
+    // One DPU per host.
+    let mut hosts: BTreeMap<String, String> = BTreeMap::new();
+    for (i, (_, doc)) in docs.iter().enumerate() {
+        if let Document::Dpu(o) = doc {
+            if let Some(other) = hosts.insert(o.spec.host.clone(), o.metadata.name.clone()) {
+                if other != o.metadata.name {
+                    ctx.err(
+                        i,
+                        "spec.host",
+                        format!(
+                            "host {:?} already has DPU {other:?}; volumes name hosts, so a host has one DPU",
+                            o.spec.host
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let mut queues: BTreeMap<(String, FunctionRef), (u32, String, usize)> = BTreeMap::new();
+    let mut images: BTreeMap<(String, String, String), (String, usize)> = BTreeMap::new();
+    let mut slots: BTreeMap<(String, FunctionRef, u32), (String, usize)> = BTreeMap::new();
+    for (i, (_, doc)) in docs.iter().enumerate() {
+        let Document::Volume(o) = doc else { continue };
+        let Some(v) = resolve_volume(ctx, i, o, &d, &hosts) else {
+            continue;
+        };
+        let img = (v.cluster.clone(), v.pool.to_string(), v.image.to_string());
+        if let Some((other, at)) = images.get(&img) {
+            let at = ctx.source(*at);
+            ctx.err(
+                i,
+                "spec.rbd",
+                format!(
+                    "image {}/{}/{} is already used by volume {other:?} ({at})",
+                    img.0, img.1, img.2
+                ),
+            );
+            continue;
+        }
+        images.insert(img, (v.name.to_string(), i));
+        // Volumes on one function share its controller, and so its queue count.
+        let key = (v.dpu.clone(), v.function);
+        if let Some((q, other, at)) = queues.get(&key) {
+            if *q != v.queues {
+                let at = ctx.source(*at);
+                ctx.err(
+                    i,
+                    "spec.queues",
+                    format!(
+                        "{} queues, but volume {other:?} ({at}) on the same function ({} of DPU {}) has {q}: they share one controller",
+                        v.queues, v.function, v.dpu
+                    ),
+                );
+                continue;
+            }
+        } else {
+            queues.insert(key, (v.queues, v.name.to_string(), i));
+        }
+        if let Some(nsid) = v.nsid {
+            let slot = (v.dpu.clone(), v.function, nsid);
+            if let Some((other, at)) = slots.get(&slot) {
+                let at = ctx.source(*at);
+                ctx.err(
+                    i,
+                    "spec.nvme.nsid",
+                    format!(
+                        "DPU {} function {} NSID {nsid} is already volume {other:?} ({at})",
+                        v.dpu, v.function
+                    ),
+                );
+                continue;
+            }
+            slots.insert(slot, (v.name.to_string(), i));
+        }
+        d.volumes.entry(v.name.to_string()).or_insert(v);
+    }
+    d
+}
+
+fn resolve_agent(ctx: &mut Ctx<'_>, i: usize, a: &AgentRef) -> Option<PeerName> {
+    let name = PeerName::parse("spec.agent.name", &a.name)
+        .map_err(|e| ctx.name_err(i, "spec.agent.name", e))
+        .ok();
+    if let Err(e) = check_host_port("spec.agent.address", &a.address) {
+        ctx.name_err(i, "spec.agent.address", e);
+        return None;
+    }
+    name
+}
+
+fn resolve_cluster(ctx: &mut Ctx<'_>, i: usize, o: &Object<CephClusterSpec>) -> Option<Cluster> {
+    let ok = check_meta(ctx, i, o);
+    let agent = resolve_agent(ctx, i, &o.spec.agent);
+    let mut pools = vec![];
+    if o.spec.pools.is_empty() {
+        ctx.err(i, "spec.pools", "at least one pool is needed");
+    }
+    for (n, p) in o.spec.pools.iter().enumerate() {
+        match PoolName::parse(&format!("spec.pools[{n}]"), p) {
+            Ok(p) => pools.push(p),
+            Err(e) => ctx.name_err(i, "spec.pools", e),
+        }
+    }
+    for m in &o.spec.monitors {
+        if let Err(e) = check_host_port("spec.monitors", m) {
+            ctx.name_err(i, "spec.monitors", e);
+        }
+    }
+    let client = CephClientId::parse(
+        "spec.snapIdentity.clientId",
+        &o.spec.snap_identity.client_id,
+    )
+    .map_err(|e| ctx.name_err(i, "spec.snapIdentity.clientId", e))
+    .ok();
+    if o.spec.snap_identity.client_id == "admin" {
+        ctx.err(
+            i,
+            "spec.snapIdentity.clientId",
+            "SNAP must not use client.admin: name a least-privilege identity",
+        );
+        return None;
+    }
+    Some(Cluster {
+        name: o.metadata.name.clone(),
+        agent: agent?,
+        address: o.spec.agent.address.clone(),
+        monitors: o.spec.monitors.clone(),
+        pools: if ok && pools.len() == o.spec.pools.len() {
+            pools
+        } else {
+            return None;
+        },
+        snap_client: client?,
+        source: ctx.source(i),
+    })
+}
+
+fn resolve_dpu(ctx: &mut Ctx<'_>, i: usize, o: &Object<DpuSpec>) -> Option<Dpu> {
+    let before = ctx.errors.len();
+    check_meta(ctx, i, o);
+    let agent = resolve_agent(ctx, i, &o.spec.agent);
+    if let Err(e) = VolumeName::parse("spec.host", &o.spec.host) {
+        ctx.name_err(i, "spec.host", e);
+    }
+    let s = &o.spec.snap;
+    if let Err(e) = check_image_ref("spec.snap.image", &s.image) {
+        ctx.name_err(i, "spec.snap.image", e);
+    }
+    if let Err(e) = check_image_tag("spec.snap.version", &s.version) {
+        ctx.name_err(i, "spec.snap.version", e);
+    }
+    for (k, v) in &s.env {
+        if let Err(e) = check_env("spec.snap.env", k, v) {
+            ctx.name_err(i, "spec.snap.env", e);
+        }
+    }
+    let hugepages = match parse_size(&s.hugepages) {
+        Ok(b) => b >> 20,
+        Err(e) => {
+            ctx.err(i, "spec.snap.hugepages", e);
+            0
+        }
+    };
+    let f = &s.functions;
+    use protocol::dpu::{BLUEFIELD3_MAX_VFS, BLUEFIELD3_PFS};
+    if !BLUEFIELD3_PFS.contains(&f.pfs) {
+        ctx.err(
+            i,
+            "spec.snap.functions.pfs",
+            format!(
+                "{} PFs; a BlueField-3 offers {}-{} static NVMe PFs",
+                f.pfs,
+                BLUEFIELD3_PFS.start(),
+                BLUEFIELD3_PFS.end()
+            ),
+        );
+    }
+    if f.vfs_per_pf > BLUEFIELD3_MAX_VFS {
+        ctx.err(
+            i,
+            "spec.snap.functions.vfsPerPf",
+            format!(
+                "{} VFs per PF; a BlueField-3 offers at most {BLUEFIELD3_MAX_VFS}",
+                f.vfs_per_pf
+            ),
+        );
+    }
+    if ctx.errors.len() > before {
+        return None;
+    }
+    Some(Dpu {
+        name: o.metadata.name.clone(),
+        agent: agent?,
+        address: o.spec.agent.address.clone(),
+        host: o.spec.host.clone(),
+        snap: SnapSpec {
+            image: s.image.clone(),
+            tag: s.version.clone(),
+            env: s.env.clone(),
+            hugepages_mib: hugepages,
+            cpu: "8".into(),
+            memory: "2Gi".into(),
+            firmware: FirmwareSpec {
+                nvme_pfs: f.pfs,
+                nvme_vfs: f.vfs_per_pf,
+            },
+        },
+        source: ctx.source(i),
+    })
+}
+
+fn resolve_volume(
+    ctx: &mut Ctx<'_>,
+    i: usize,
+    o: &Object<VolumeSpec>,
+    d: &Desired,
+    hosts: &BTreeMap<String, String>,
+) -> Option<Volume> {
+    let before = ctx.errors.len();
+    check_meta(ctx, i, o);
+    let s = &o.spec;
+    let dpu = match hosts.get(&s.host) {
+        Some(dpu) => d.dpus.get(dpu),
+        None => {
+            ctx.err(
+                i,
+                "spec.host",
+                format!("host {:?} has no DPU: no Dpu manifest names it", s.host),
+            );
+            None
+        }
+    };
+    let size = parse_size(&s.size)
+        .map_err(|e| ctx.err(i, "spec.size", e))
+        .ok();
+    let cluster = match d.clusters.get(&s.rbd.cluster) {
+        Some(c) => Some(c),
+        None => {
+            ctx.err(
+                i,
+                "spec.rbd.cluster",
+                format!("no CephCluster named {:?}", s.rbd.cluster),
+            );
+            None
+        }
+    };
+    let pool = PoolName::parse("spec.rbd.pool", &s.rbd.pool)
+        .map_err(|e| ctx.name_err(i, "spec.rbd.pool", e))
+        .ok();
+    if let (Some(c), Some(p)) = (cluster, &pool) {
+        if !c.pools.contains(p) {
+            ctx.err(
+                i,
+                "spec.rbd.pool",
+                format!("pool {p:?} is not one of cluster {:?}'s pools", c.name),
+            );
+        }
+    }
+    let image_name = s
+        .rbd
+        .image
+        .clone()
+        .unwrap_or_else(|| o.metadata.name.clone());
+    let image = ImageName::parse("spec.rbd.image", &image_name)
+        .map_err(|e| ctx.name_err(i, "spec.rbd.image", e))
+        .ok();
+    let function = FunctionRef {
+        pf: s.nvme.pf,
+        vf: s.nvme.vf,
+    };
+    check_nvme(ctx, i, &s.nvme, dpu);
+    if !(1..=32).contains(&s.queues) {
+        ctx.err(i, "spec.queues", format!("{} queues; 1-32", s.queues));
+    }
+    let retention = humantime::parse_duration(&s.trash_retention)
+        .map_err(|e| {
+            ctx.err(
+                i,
+                "spec.trashRetention",
+                format!("{:?}: {e}", s.trash_retention),
+            )
+        })
+        .ok();
+    if ctx.errors.len() > before {
+        return None;
+    }
+    let (dpu, size, cluster, pool, image, retention) =
+        (dpu?, size?, cluster?, pool?, image?, retention?);
+    Some(Volume {
+        name: VolumeName::parse("metadata.name", &o.metadata.name).ok()?,
+        host: s.host.clone(),
+        dpu: dpu.name.clone(),
+        size_bytes: size,
+        uuid: s
+            .nvme
+            .uuid
+            .clone()
+            .unwrap_or_else(|| derived_uuid(&cluster.name, pool.as_str(), image.as_str())),
+        cluster: cluster.name.clone(),
+        pool,
+        image,
+        function,
+        nsid: s.nvme.nsid,
+        queues: s.queues,
+        deletion_policy: s.deletion_policy,
+        trash_retention: retention,
+        labels: o.metadata.labels.clone(),
+        source: ctx.source(i),
+    })
+}
+
+/// A volume's NVMe placement against its DPU: the PF and VF exist, the NSID and UUID are valid.
+fn check_nvme(ctx: &mut Ctx<'_>, i: usize, nvme: &types::NvmePlacement, dpu: Option<&Dpu>) {
+    if let Some(dpu) = dpu {
+        let fw = &dpu.snap.firmware;
+        if nvme.pf >= fw.nvme_pfs {
+            ctx.err(
+                i,
+                "spec.nvme.pf",
+                format!(
+                    "PF {} but DPU {} exposes {} PF(s)",
+                    nvme.pf, dpu.name, fw.nvme_pfs
+                ),
+            );
+        }
+        if let Some(vf) = nvme.vf {
+            if vf >= fw.nvme_vfs {
+                ctx.err(
+                    i,
+                    "spec.nvme.vf",
+                    format!(
+                        "VF {vf} but DPU {} exposes {} VF(s) per PF",
+                        dpu.name, fw.nvme_vfs
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(n) = nvme.nsid {
+        if !(1..=1024).contains(&n) {
+            ctx.err(i, "spec.nvme.nsid", format!("NSID {n} is not 1-1024"));
+        }
+    }
+    if let Some(u) = &nvme.uuid {
+        if let Err(e) = check_uuid("spec.nvme.uuid", u) {
+            ctx.name_err(i, "spec.nvme.uuid", e);
+        }
+    }
+}
