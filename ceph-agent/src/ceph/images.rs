@@ -1,0 +1,349 @@
+//! Mutations of images: create (one `rbd import` after the index entry), grow, trash,
+//! restore, delete — each checking ownership, each idempotent.
+
+use super::*;
+
+impl<R: Runner> Ceph<R> {
+    /// Creates an owned image, or succeeds when the same image already exists.
+    ///
+    /// An image the view does not know costs two commands: the index entry (intent, owner,
+    /// policy), then `rbd import` of an empty stream that carries the ownership keys. One the view knows as
+    /// live is read (it may have changed behind our back) and compared.
+    pub async fn create_image(
+        &self,
+        spec: &ImageSpec,
+        size: u64,
+        features: &[String],
+        owner: &Owner,
+        policy: Option<&Policy>,
+    ) -> Result<ImageStatus, CephError> {
+        check_size("size_bytes", size)?;
+        let features = check_features(features)?;
+        self.load().await?;
+        let known = self.view().get(spec).cloned();
+        let value = IndexValue {
+            managed_by: Some(owner.managed_by.to_string()),
+            volume: owner.volume.to_string(),
+            policy: policy.map(|p| p.deletion.as_str().to_string()),
+            retention_secs: policy.map(|p| p.retention_secs),
+            features: features.clone(),
+        };
+        self.mutation(spec, async {
+            // An image the view knows as live is looked at first; if it is gone after all
+            // (trashed or removed behind our back), it is created anew like any other.
+            let mut found = None;
+            if known.as_ref().is_some_and(|k| k.state == ImageState::Live) {
+                found = self.live(spec).await?;
+            }
+            if found.is_none() {
+                // Intent first: the index entry makes an interrupted create recognisable.
+                self.index_change(spec, Some(&value)).await?;
+                // One process makes the image and its ownership keys: `rbd import` of an
+                // empty export-format-2 stream (see `import_stream`).
+                let stream = crate::import_stream::empty_image(
+                    size,
+                    [
+                        (META_MANAGED_BY, owner.managed_by.as_str()),
+                        (META_VOLUME, owner.volume.as_str()),
+                    ],
+                );
+                let inv = rbd()
+                    .args(["import", "--export-format", "2", "--no-progress"])
+                    .args(["--image-feature", &features.join(",")])
+                    .args(["--dest-pool", spec.pool.as_str(), "--", "-"])
+                    .arg(spec.image.as_str())
+                    .stdin(stream);
+                match self.run(inv).await {
+                    Ok(_) => {
+                        let img = LiveImage {
+                            size,
+                            features: features.clone(),
+                            metadata: BTreeMap::from([
+                                (META_MANAGED_BY.to_string(), owner.managed_by.to_string()),
+                                (META_VOLUME.to_string(), owner.volume.to_string()),
+                            ]),
+                            watchers: vec![],
+                        };
+                        return Ok(self.record(spec, Self::live_status(spec, &img, Some(&value))));
+                    }
+                    Err(e) if e.code() == Some(libc_eexist()) => {
+                        // It existed after all: ours from an interrupted create, or someone
+                        // else's. Decide below by looking at it.
+                        found = self.live(spec).await?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let Some(img) = found else {
+                return Err(CephError::Conflict {
+                    spec: spec.to_string(),
+                    diff: "another client keeps creating and removing it".into(),
+                });
+            };
+            // Ours only if the index named it before this create wrote its entry.
+            let img = if known.is_some() {
+                self.adopt_interrupted(spec, img, owner).await?
+            } else {
+                img
+            };
+            if let Err(e) = Self::check_owner(spec, &img, owner) {
+                if known.is_none() {
+                    // The entry this create wrote does not make a stranger's image ours.
+                    self.index_change(spec, None).await?;
+                }
+                return Err(e);
+            }
+            let mut diff = vec![];
+            if img.size != size {
+                diff.push(format!("size is {} bytes, wanted {size}", img.size));
+            }
+            let have: BTreeSet<&String> = img.features.iter().collect();
+            let want: BTreeSet<&String> = features.iter().collect();
+            if have != want {
+                diff.push(format!(
+                    "features are {:?}, wanted {:?}",
+                    img.features, features
+                ));
+            }
+            if !diff.is_empty() {
+                return Err(CephError::Conflict {
+                    spec: spec.to_string(),
+                    diff: diff.join("; "),
+                });
+            }
+            let idx = self.write_policy(spec, &img, &value, policy).await?;
+            Ok(self.record(spec, Self::live_status(spec, &img, Some(&idx))))
+        })
+        .await
+    }
+
+    /// Makes the index entry (and any policy keys an older agent left on the image) say
+    /// `policy`; returns the entry in force.
+    pub(super) async fn write_policy(
+        &self,
+        spec: &ImageSpec,
+        img: &LiveImage,
+        want: &IndexValue,
+        policy: Option<&Policy>,
+    ) -> Result<IndexValue, CephError> {
+        let have = self.index_entry(spec).await?.unwrap_or_default();
+        let Some(p) = policy else { return Ok(have) };
+        if have != *want {
+            self.index_change(spec, Some(want)).await?;
+        }
+        let retention = p.retention_secs.to_string();
+        for (k, v) in [
+            (META_POLICY, p.deletion.as_str()),
+            (META_RETENTION, retention.as_str()),
+        ] {
+            if img.metadata.get(k).is_some_and(|old| old != v) {
+                self.set_metadata(spec, k, v).await?;
+            }
+        }
+        Ok(want.clone())
+    }
+
+    /// Completes a create that was interrupted between `rbd create` and the metadata. Only for
+    /// images the index named before this create (the caller checks).
+    pub(super) async fn adopt_interrupted(
+        &self,
+        spec: &ImageSpec,
+        img: LiveImage,
+        owner: &Owner,
+    ) -> Result<LiveImage, CephError> {
+        if !img.metadata.is_empty() || !img.watchers.is_empty() {
+            return Ok(img);
+        }
+        tracing::warn!(image = %spec, volume = %owner.volume, "Adopting an image whose creation was interrupted.");
+        self.set_metadata(spec, META_MANAGED_BY, owner.managed_by.as_str())
+            .await?;
+        self.set_metadata(spec, META_VOLUME, owner.volume.as_str())
+            .await?;
+        Ok(self.live(spec).await?.unwrap_or(img))
+    }
+
+    pub(super) async fn owned_live(
+        &self,
+        spec: &ImageSpec,
+        owner: &Owner,
+    ) -> Result<LiveImage, CephError> {
+        let img = self.live(spec).await?.ok_or_else(|| CephError::NotFound {
+            spec: spec.to_string(),
+            hint: String::new(),
+        })?;
+        Self::check_owner(spec, &img, owner)?;
+        Ok(img)
+    }
+
+    /// Grows an owned image; equal size is a no-op; smaller is refused.
+    pub async fn grow_image(
+        &self,
+        spec: &ImageSpec,
+        size: u64,
+        owner: &Owner,
+    ) -> Result<ImageStatus, CephError> {
+        check_size("size_bytes", size)?;
+        self.load().await?;
+        self.mutation(spec, async {
+            let mut img = self.owned_live(spec, owner).await?;
+            if size < img.size {
+                return Err(CephError::Shrink {
+                    spec: spec.to_string(),
+                    current: img.size,
+                    requested: size,
+                });
+            }
+            if size > img.size {
+                // No --allow-shrink: rbd itself refuses to shrink too.
+                let inv = image_args(
+                    rbd()
+                        .args(["resize", "--no-progress", "--size"])
+                        .arg(format!("{size}B")),
+                    spec,
+                );
+                self.run(inv).await?;
+                img.size = size;
+            }
+            let idx = self.known_policy(spec);
+            Ok(self.record(spec, Self::live_status(spec, &img, idx.as_ref())))
+        })
+        .await
+    }
+
+    /// Moves an owned, unused image to the trash, protected for `retain_secs`.
+    pub async fn trash_image(
+        &self,
+        spec: &ImageSpec,
+        retain_secs: u64,
+        owner: &Owner,
+    ) -> Result<ImageStatus, CephError> {
+        self.load().await?;
+        self.mutation(spec, async {
+            match self.live(spec).await? {
+                Some(img) => {
+                    Self::check_owner(spec, &img, owner)?;
+                    self.refuse_in_use(spec, &img).await?;
+                    let inv = image_args(
+                        rbd()
+                            .args(["trash", "mv", "--expires-at"])
+                            .arg(format!("{retain_secs} seconds")),
+                        spec,
+                    );
+                    self.run(inv).await?;
+                }
+                None => {
+                    // Already trashed (by us, as the index says) is success; anything else is not.
+                    let trash = self.trash(&spec.pool).await?;
+                    let ours = self.index_entry(spec).await?.is_some();
+                    if !(ours && trash.iter().any(|t| t.name == spec.image.as_str())) {
+                        return Err(CephError::NotFound {
+                            spec: spec.to_string(),
+                            hint: String::new(),
+                        });
+                    }
+                }
+            }
+            let trash = self.trash(&spec.pool).await?;
+            Ok(self.record(spec, Self::gone_status(spec, &trash)))
+        })
+        .await
+    }
+
+    /// Restores an image unistor manages from the trash. A live owned image is success.
+    pub async fn restore_image(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
+        self.load().await?;
+        self.mutation(spec, async {
+            if self.index_entry(spec).await?.is_none() {
+                return Err(CephError::NotOwned {
+                    spec: spec.to_string(),
+                    volume: String::new(),
+                    why: format!("it is not in the pool's {INDEX_OBJECT}"),
+                });
+            }
+            if self.info(spec).await?.is_some() {
+                return self.reread(spec).await;
+            }
+            let trash = self.trash(&spec.pool).await?;
+            let entries: Vec<&TrashEntry> = trash
+                .iter()
+                .filter(|t| t.name == spec.image.as_str())
+                .collect();
+            let entry = match entries.as_slice() {
+                [] => {
+                    return Err(CephError::NotFound {
+                        spec: spec.to_string(),
+                        hint: " (neither live nor in the trash)".into(),
+                    })
+                }
+                [one] => *one,
+                many => {
+                    return Err(CephError::Conflict {
+                        spec: spec.to_string(),
+                        diff: format!("{} trash entries carry this name", many.len()),
+                    })
+                }
+            };
+            protocol::names::check_trash_id("trash_id", &entry.id)?;
+            let inv = rbd()
+                .args(["trash", "restore", "--pool", spec.pool.as_str(), "--"])
+                .arg(&entry.id);
+            self.run(inv).await?;
+            self.reread(spec).await
+        })
+        .await
+    }
+
+    /// Deletes an owned image that has no watchers. Already gone is success.
+    pub async fn delete_image(&self, spec: &ImageSpec, owner: &Owner) -> Result<(), CephError> {
+        self.load().await?;
+        self.mutation(spec, async {
+            match self.live(spec).await? {
+                Some(img) => {
+                    Self::check_owner(spec, &img, owner)?;
+                    self.refuse_in_use(spec, &img).await?;
+                    let inv = image_args(rbd().args(["rm", "--no-progress"]), spec);
+                    self.run(inv).await?;
+                }
+                None => {
+                    let trash = self.trash(&spec.pool).await?;
+                    if trash.iter().any(|t| t.name == spec.image.as_str()) {
+                        return Err(CephError::NotFound {
+                            spec: spec.to_string(),
+                            hint: " live: it is in the trash; restore it first or let it expire"
+                                .into(),
+                        });
+                    }
+                }
+            }
+            self.index_change(spec, None).await?;
+            self.with_view(|v| v.remove(spec));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Refuses when the image has watchers. A watcher seen once is looked at twice more: any `rbd`
+    /// command that opens an image shows up as a watcher for a few milliseconds, while a real user
+    /// (SNAP's librbd, a mapped device) keeps its watch. Refusing is always the safe side.
+    pub(super) async fn refuse_in_use(
+        &self,
+        spec: &ImageSpec,
+        img: &LiveImage,
+    ) -> Result<(), CephError> {
+        let mut watchers = img.watchers.clone();
+        for _ in 0..2 {
+            if watchers.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            watchers = self.watchers(spec).await?;
+        }
+        if watchers.is_empty() {
+            return Ok(());
+        }
+        Err(CephError::InUse {
+            spec: spec.to_string(),
+            watchers,
+        })
+    }
+}
