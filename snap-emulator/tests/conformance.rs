@@ -349,6 +349,15 @@ async fn invariants() {
     let emu = Emu::start(|_| {}).await;
     let mut c = emu.client().await;
     create_path(&mut c).await;
+    // One SNAP, its state built up step by step.
+    duplicates_and_namespaces(&mut c).await;
+    one_controller_per_function_and_namespace(&mut c).await;
+    busy_and_unknown_objects(&mut c).await;
+    sizes_names_and_hot_removal(&mut c).await;
+}
+
+/// Duplicate objects are -17; a namespace needs its bdev, a bdev backs one namespace; auto NSIDs take the lowest free one.
+async fn duplicates_and_namespaces(c: &mut Client) {
     // Duplicates: -17.
     assert_eq!(
         c.err("nvme_subsystem_create", json!({"nqn": NQN})).await,
@@ -393,6 +402,10 @@ async fn invariants() {
     .await;
     let ns = c.ok("nvme_namespace_list", json!({"nqn": NQN})).await;
     assert_eq!(ns[1]["nsid"], 2);
+}
+
+/// One controller per function, by any selector; one controller per namespace.
+async fn one_controller_per_function_and_namespace(c: &mut Client) {
     // One controller per function (by any selector).
     assert_eq!(
         c.err("nvme_controller_create", json!({"nqn": NQN, "pf_id": 0}))
@@ -468,6 +481,10 @@ async fn invariants() {
         .await,
         -19
     );
+}
+
+/// Objects in use are -16 (or -1 for a cluster); unknown ones -19 or -2.
+async fn busy_and_unknown_objects(c: &mut Client) {
     // Busy objects.
     assert_eq!(
         c.err("nvme_controller_destroy", json!({"ctrl_id": "NVMeCtrl1"}))
@@ -511,6 +528,10 @@ async fn invariants() {
         -1,
         "duplicate cluster"
     );
+}
+
+/// Sizes and identities are checked; default names follow SPDK; deleting a bdev under a namespace hot-removes it.
+async fn sizes_names_and_hot_removal(c: &mut Client) {
     // Sizes and identities.
     assert_eq!(
         c.err("bdev_rbd_resize", json!({"name": "b2", "new_size": 1}))

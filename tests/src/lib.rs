@@ -83,6 +83,19 @@ impl Cluster {
         out
     }
 
+    /// How long a test agent's sweep may take to come round to an image in `pool`: it re-reads
+    /// every image of the pool (the suite's other tests leave theirs there too), at most a few
+    /// at a time; a second each on a loaded 2-core machine, a minute at least.
+    pub fn sweep_bound(&self, pool: &str) -> Duration {
+        let images = self
+            .cli("rbd", &["ls", pool])
+            .1
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count();
+        Duration::from_secs(60 + 2 * images as u64)
+    }
+
     /// `rbd info` of an image as JSON, or `None` when it does not exist.
     pub fn rbd_info(&self, pool: &str, image: &str) -> Option<serde_json::Value> {
         let spec = format!("{pool}/{image}");

@@ -118,13 +118,30 @@ fn common<'a>(m: &'a str, pki: &'a str, owner: &'a str) -> Vec<&'a str> {
     vec![m, "--pki-dir", pki, "--owner", owner]
 }
 
+/// One lab and its volumes through a story: converge, go stale, change, repair, refuse.
+struct Scenario<'a> {
+    c: &'a Cluster,
+    lab: Lab,
+    keep: String,
+    grow: String,
+    gone: String,
+    manifests: String,
+    pki: String,
+    owner: String,
+}
+
+impl Scenario<'_> {
+    /// `unistor` with `cmd` then the manifests, certificates and owner.
+    fn unistor(&self, cmd: &[&str]) -> Output {
+        unistor(&[cmd, &common(&self.manifests, &self.pki, &self.owner)].concat())
+    }
+}
+
 #[test]
 fn plan_and_apply_converge_then_follow_changes() {
     let c = Cluster::from_env();
     let lab = start(&c);
-    let keep = unique("keep");
-    let grow = unique("grow");
-    let gone = unique("gone");
+    let [keep, grow, gone] = ["keep", "grow", "gone"].map(unique);
     write_manifests(
         &lab,
         &c,
@@ -134,20 +151,38 @@ fn plan_and_apply_converge_then_follow_changes() {
             (&gone, 1, "64Mi", "Trash"),
         ],
     );
-    let m = lab.manifests().display().to_string();
-    let pki = lab.pki();
-    let owner = unique("owner");
-    let args = common(&m, &pki, &owner);
+    let s = Scenario {
+        c: &c,
+        manifests: lab.manifests().display().to_string(),
+        pki: lab.pki().to_string(),
+        owner: unique("owner"),
+        lab,
+        keep,
+        grow,
+        gone,
+    };
+    converges_from_empty(&s);
+    a_saved_plan_goes_stale(&s);
+    the_changed_set_applies(&s);
+    a_broken_link_is_repaired(&s);
+    an_empty_manifest_set_detaches_nothing(&s);
+}
 
-    let plan = unistor(&[&["plan"][..], &args].concat());
+/// `plan` shows the work, `apply` does it, `plan` is then empty and `status` ok; checked independently on the cluster and on SNAP.
+fn converges_from_empty(s: &Scenario<'_>) {
+    let c = s.c;
+    let lab = &s.lab;
+    let keep = s.keep.as_str();
+    let gone = s.gone.as_str();
+    let plan = s.unistor(&["plan"]);
     assert_eq!(code(&plan), 2, "changes pending: {}", show(&plan));
     assert!(String::from_utf8_lossy(&plan.stdout).contains("+ dpu/dpu-0 install SNAP"));
 
-    let apply = unistor(&[&["apply", "--auto-approve"][..], &args].concat());
+    let apply = s.unistor(&["apply", "--auto-approve"]);
     assert_eq!(code(&apply), 0, "{}", show(&apply));
-    let again = unistor(&[&["plan"][..], &args].concat());
+    let again = s.unistor(&["plan"]);
     assert_eq!(code(&again), 0, "converged: {}", show(&again));
-    let status = unistor(&[&["status"][..], &args].concat());
+    let status = s.unistor(&["status"]);
     assert_eq!(code(&status), 0, "{}", show(&status));
     let text = String::from_utf8_lossy(&status.stdout);
     let volumes_ok = text
@@ -157,10 +192,10 @@ fn plan_and_apply_converge_then_follow_changes() {
     assert_eq!(volumes_ok, 3, "{text}");
 
     // Checked independently: images with ownership and policy, namespaces started on the DPUs.
-    let info = c.rbd_info(&c.pool, &keep).expect("image created");
+    let info = c.rbd_info(&c.pool, keep).expect("image created");
     assert_eq!(info["size"].as_u64(), Some(256 << 20));
     // The policy is in the pool's unistor index, read back raw with `rados getomapval`.
-    let entry = c.index_entry(&c.pool, &gone).expect("indexed");
+    let entry = c.index_entry(&c.pool, gone).expect("indexed");
     assert_eq!(entry["policy"], "Trash", "{entry}");
     let subs = probe(&lab.socket(0), "nvme_subsystem_list");
     let ns: Vec<&Value> = subs
@@ -171,15 +206,22 @@ fn plan_and_apply_converge_then_follow_changes() {
         .collect();
     assert_eq!(ns.len(), 2, "{subs}");
     assert!(subs[0]["controllers"][0]["state"] == "STARTED", "{subs}");
+}
 
+/// A saved plan is refused once the world changed since it was made.
+fn a_saved_plan_goes_stale(s: &Scenario<'_>) {
+    let c = s.c;
+    let lab = &s.lab;
+    let keep = s.keep.as_str();
+    let grow = s.grow.as_str();
     // A saved plan goes stale when the world changes.
     write_manifests(
-        &lab,
-        &c,
-        &[(&keep, 0, "256Mi", "Retain"), (&grow, 0, "512Mi", "Retain")],
+        lab,
+        c,
+        &[(keep, 0, "256Mi", "Retain"), (grow, 0, "512Mi", "Retain")],
     );
     let saved = lab.dir.path().join("plan.json");
-    let plan = unistor(&[&["plan", "--out", saved.to_str().unwrap()][..], &args].concat());
+    let plan = s.unistor(&["plan", "--out", saved.to_str().unwrap()]);
     assert_eq!(code(&plan), 2, "{}", show(&plan));
     let text = String::from_utf8_lossy(&plan.stdout);
     assert!(text.contains("~ cluster/ceph grow image"), "{text}");
@@ -197,30 +239,35 @@ fn plan_and_apply_converge_then_follow_changes() {
             &format!("{}/{grow}", c.pool),
         ],
     );
-    // The agent's sweep finds the resize (within its bound; the test's agent sweeps quickly,
-    // but it sweeps every image in the pool's index, and the suite's other tests leave theirs:
-    // the bound grows with them).
+    // The agent's sweep finds the resize, within its bound (which grows with the pool).
     wait_until(
-        Duration::from_secs(180),
+        c.sweep_bound(&c.pool),
         "the sweep to see the resize",
         || {
-            let p = unistor(&[&["plan"][..], &args].concat());
+            let p = s.unistor(&["plan"]);
             String::from_utf8_lossy(&p.stdout).contains("192Mi -> 512Mi")
         },
     );
-    let stale = unistor(&[&["apply", "--plan", saved.to_str().unwrap()][..], &args].concat());
+    let stale = s.unistor(&["apply", "--plan", saved.to_str().unwrap()]);
     assert_eq!(code(&stale), 1, "{}", show(&stale));
     assert!(
         String::from_utf8_lossy(&stale.stderr).contains("stale"),
         "{}",
         show(&stale)
     );
+}
 
+/// The changed set: grown (for the host too) and the removed Trash volume trashed.
+fn the_changed_set_applies(s: &Scenario<'_>) {
+    let c = s.c;
+    let lab = &s.lab;
+    let grow = s.grow.as_str();
+    let gone = s.gone.as_str();
     // Applying the changed set: grown, and the removed Trash volume trashed.
-    let apply = unistor(&[&["apply", "--auto-approve"][..], &args].concat());
+    let apply = s.unistor(&["apply", "--auto-approve"]);
     assert_eq!(code(&apply), 0, "{}", show(&apply));
     assert_eq!(
-        c.rbd_info(&c.pool, &grow).unwrap()["size"].as_u64(),
+        c.rbd_info(&c.pool, grow).unwrap()["size"].as_u64(),
         Some(512 << 20)
     );
     // The host sees the new size too: SNAP's bdev followed the image (`bdev_rbd_resize`), and
@@ -237,54 +284,64 @@ fn plan_and_apply_converge_then_follow_changes() {
         512 << 20,
         "{b}"
     );
-    let after = unistor(&[&["plan"][..], &args].concat());
+    let after = s.unistor(&["plan"]);
     assert_eq!(code(&after), 0, "{}", show(&after));
-    let status = unistor(&[&["status"][..], &args].concat());
+    let status = s.unistor(&["status"]);
     assert!(
         String::from_utf8_lossy(&status.stdout)
             .lines()
-            .any(|l| l.starts_with(grow.as_str()) && l.contains("512Mi") && l.contains(" ok ")),
+            .any(|l| l.starts_with(grow) && l.contains("512Mi") && l.contains(" ok ")),
         "{}",
         show(&status)
     );
-    assert!(c.rbd_info(&c.pool, &gone).is_none(), "trashed");
+    assert!(c.rbd_info(&c.pool, gone).is_none(), "trashed");
     assert!(c
         .cli_ok("rbd", &["trash", "ls", "--format", "json", &c.pool])
-        .contains(&gone));
+        .contains(gone));
     assert!(probe(&lab.socket(1), "nvme_subsystem_list")
         .as_array()
         .unwrap()
         .is_empty());
+}
 
+/// An image trashed behind unistor's back shows in status, and apply restores it.
+fn a_broken_link_is_repaired(s: &Scenario<'_>) {
+    let c = s.c;
+    let keep = s.keep.as_str();
     // A broken link shows in status: the image moved to the trash behind unistor's back; apply
     // restores it.
     c.cli_ok("rbd", &["trash", "mv", &format!("{}/{keep}", c.pool)]);
     // Found by the agent's sweep (its pool listings), within its bound.
     wait_until(
-        Duration::from_secs(60),
+        c.sweep_bound(&c.pool),
         "the sweep to see the trash move",
         || {
-            let s = unistor(&[&["status"][..], &args].concat());
+            let s = s.unistor(&["status"]);
             String::from_utf8_lossy(&s.stdout).contains("is in the trash")
         },
     );
-    let status = unistor(&[&["status"][..], &args].concat());
+    let status = s.unistor(&["status"]);
     assert_eq!(code(&status), 1, "{}", show(&status));
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("is in the trash"),
         "{}",
         show(&status)
     );
-    let fix = unistor(&[&["apply", "--auto-approve"][..], &args].concat());
+    let fix = s.unistor(&["apply", "--auto-approve"]);
     assert_eq!(code(&fix), 0, "drift is repaired: {}", show(&fix));
     assert!(
-        c.rbd_info(&c.pool, &keep).is_some(),
+        c.rbd_info(&c.pool, keep).is_some(),
         "restored from the trash"
     );
+}
 
+/// The empty-manifest guard: nothing is detached.
+fn an_empty_manifest_set_detaches_nothing(s: &Scenario<'_>) {
+    let c = s.c;
+    let lab = &s.lab;
     // The empty-manifest guard: nothing is detached.
-    write_manifests(&lab, &c, &[]);
-    let apply = unistor(&[&["apply", "--auto-approve"][..], &args].concat());
+    write_manifests(lab, c, &[]);
+    let apply = s.unistor(&["apply", "--auto-approve"]);
     assert_eq!(code(&apply), 1, "{}", show(&apply));
     assert!(
         String::from_utf8_lossy(&apply.stderr).contains("--allow-empty"),

@@ -212,7 +212,7 @@ fn snap_state_is_restored_by_the_daemon_and_the_dashboard_shows_it() {
     let susp = unistor(&["suspend", &format!("volume/{a}"), "--daemon", &d.url]);
     assert!(susp.status.success(), "{}", show(&susp));
     c.cli_ok("rbd", &["trash", "mv", &format!("{}/{a}", c.pool)]);
-    d.wait_for(Duration::from_secs(60), "the trashed image to show", |s| {
+    d.wait_for(c.sweep_bound(&c.pool), "the trashed image to show", |s| {
         volume(s, &a)["state"] == "degraded" && volume(s, &a)["suspended"] == true
     });
     let dom = browser_dom(&format!("{}/", d.url));
