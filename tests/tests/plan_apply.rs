@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Duration;
 
 use e2e::{
     issue_pki, show, snap_call, spawn_ceph_agent, spawn_dpu_agent, unique, unistor, wait_until,
