@@ -103,14 +103,7 @@ fn deletes_need_the_flag_and_volumes_in_use_stay() {
     assert!(e.contains("needs --allow-delete"), "{e}");
     let mut fewer = d.clone();
     fewer.volumes.remove("db-data");
-    let img = w
-        .clusters
-        .get_mut("ceph-lab")
-        .unwrap()
-        .images
-        .iter_mut()
-        .find(|i| i.image == "db-data")
-        .unwrap();
+    let img = w.image_named("ceph-lab", "db-data");
     img.watchers = Some(vec!["10.0.0.5:0/1234".into()]);
     let p = plan::plan(&fewer, &w.observed(), &Options::default());
     let e = check_rails(&p, &fewer, &w.observed(), &args())

@@ -195,6 +195,18 @@ impl World {
         }
     }
 
+    /// Image `image` (of any pool) of cluster `c`, to change behind the planner's back.
+    #[cfg(test)]
+    pub fn image_named(&mut self, c: &str, image: &str) -> &mut ImageStatus {
+        self.clusters
+            .get_mut(c)
+            .expect("cluster exists")
+            .images
+            .iter_mut()
+            .find(|i| i.image == image)
+            .expect("image exists")
+    }
+
     fn image(&mut self, c: &str, pool: &str, image: &str) -> &mut ImageStatus {
         self.clusters
             .get_mut(c)

@@ -513,15 +513,9 @@ fn an_unknown_deletion_policy_on_an_image_is_reported_never_taken_for_retain() {
     let d = examples();
     let mut w = World::empty(&d);
     w.converge(&d, 5);
-    let img = w
-        .clusters
-        .get_mut("ceph-lab")
-        .unwrap()
-        .images
-        .iter_mut()
-        .find(|i| i.image == "logs-c")
-        .unwrap();
-    img.metadata.insert(META_POLICY.into(), "Trsh".into());
+    w.image_named("ceph-lab", "logs-c")
+        .metadata
+        .insert(META_POLICY.into(), "Trsh".into());
     let mut fewer = d.clone();
     fewer.volumes.remove("logs-c");
     let p = plan(&fewer, &w.observed(), &Options::default());
