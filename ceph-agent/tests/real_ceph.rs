@@ -640,13 +640,25 @@ async fn after_own_and_out_of_band_changes_the_report_agrees_with_the_cluster_on
         ceph.sweep_one().await.unwrap();
     }
     let report = ceph.report().await.unwrap();
-    for name in &created {
+    agrees_with_the_cluster(&c, &report, &created, seed);
+    remove_what_it_made(&c, &created);
+}
+
+/// The report says of each image in `created` what the cluster says: live with its size and
+/// volume tag, or trashed.
+fn agrees_with_the_cluster(
+    c: &Cluster,
+    report: &protocol::CephReport,
+    created: &[String],
+    seed: u64,
+) {
+    for name in created {
         let got = report
             .images
             .iter()
             .find(|i| &i.image == name)
             .unwrap_or_else(|| panic!("seed {seed}: {name} missing from the report"));
-        match rbd_info(&c, &c.pool, name) {
+        match rbd_info(c, &c.pool, name) {
             Some(info) => {
                 assert_eq!(got.state, ImageState::Live, "seed {seed}: {name}");
                 assert_eq!(
@@ -654,7 +666,7 @@ async fn after_own_and_out_of_band_changes_the_report_agrees_with_the_cluster_on
                     info["size"].as_u64(),
                     "seed {seed}: {name} size"
                 );
-                let meta = rbd_meta(&c, &c.pool, name);
+                let meta = rbd_meta(c, &c.pool, name);
                 assert_eq!(
                     got.metadata.get("unistor.volume"),
                     meta.get("unistor.volume"),
@@ -662,7 +674,7 @@ async fn after_own_and_out_of_band_changes_the_report_agrees_with_the_cluster_on
                 );
             }
             None => {
-                let trashed = trash_names(&c, &c.pool).contains(name);
+                let trashed = trash_names(c, &c.pool).contains(&name.to_string());
                 assert_eq!(
                     matches!(got.state, ImageState::Trashed { .. }),
                     trashed,
@@ -672,18 +684,21 @@ async fn after_own_and_out_of_band_changes_the_report_agrees_with_the_cluster_on
             }
         }
     }
-    // Clean up what this test made.
-    for name in &created {
+}
+
+/// Removes the images (live or trashed) and index entries named in `created`.
+fn remove_what_it_made(c: &Cluster, created: &[String]) {
+    for name in created {
         let _ = cli(
-            &c,
+            c,
             "rbd",
             &["rm", "--no-progress", &format!("{}/{name}", c.pool)],
         );
-        for t in trash_ids(&c, &c.pool, name) {
-            let _ = cli(&c, "rbd", &["trash", "rm", "--pool", &c.pool, &t]);
+        for t in trash_ids(c, &c.pool, name) {
+            let _ = cli(c, "rbd", &["trash", "rm", "--pool", &c.pool, &t]);
         }
         let _ = cli(
-            &c,
+            c,
             "rados",
             &["--pool", &c.pool, "rmomapkey", "unistor.index", name],
         );

@@ -326,47 +326,9 @@ async fn ledger_replay_restores_the_same_identity_without_a_controller() {
     assert_exposed(&s.emu.socket).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicts_busy_objects_and_hostile_input() {
-    let s = setup(true).await;
-    run_all(&s.agent, create_path()).await;
-    let gen = report(&s.agent).await.ledger_generation;
-
-    let same_nsid_other_uuid = Command::CreateNamespace(NamespaceSpec {
-        nqn: NQN.into(),
-        nsid: 7,
-        bdev: "vol-a".into(),
-        uuid: "00000000-0000-4000-8000-000000000001".into(),
-    });
-    let e = s.agent.handle(same_nsid_other_uuid).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
-    let busy = Command::DestroyController(NameRef {
-        name: "ctrl-host-a".into(),
-    });
-    assert_eq!(
-        s.agent.handle(busy).await.unwrap_err().code,
-        ErrorCode::InUse
-    );
-    let e = s
-        .agent
-        .handle(Command::RemoveSnap(Empty {}))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code, ErrorCode::InUse);
-    assert!(e.message.contains("ctrl-host-a"), "{}", e.message);
-    let other_fn_taken = Command::CreateController(ControllerSpec {
-        name: "second".into(),
-        nqn: NQN.into(),
-        function: FunctionRef { pf: 0, vf: Some(2) },
-        num_queues: 4,
-        mdts: 6,
-    });
-    assert_eq!(
-        s.agent.handle(other_fn_taken).await.unwrap_err().code,
-        ErrorCode::InUse
-    );
-
-    for (field, cmd) in [
+/// Commands with one hostile or impossible field each, and that field's name.
+fn hostile_commands() -> Vec<(&'static str, Command)> {
+    vec![
         (
             "nqn",
             Command::CreateSubsystem(SubsystemSpec {
@@ -440,7 +402,50 @@ async fn conflicts_busy_objects_and_hostile_input() {
                 nsid: 0,
             }),
         ),
-    ] {
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_busy_objects_and_hostile_input() {
+    let s = setup(true).await;
+    run_all(&s.agent, create_path()).await;
+    let gen = report(&s.agent).await.ledger_generation;
+
+    let same_nsid_other_uuid = Command::CreateNamespace(NamespaceSpec {
+        nqn: NQN.into(),
+        nsid: 7,
+        bdev: "vol-a".into(),
+        uuid: "00000000-0000-4000-8000-000000000001".into(),
+    });
+    let e = s.agent.handle(same_nsid_other_uuid).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
+    let busy = Command::DestroyController(NameRef {
+        name: "ctrl-host-a".into(),
+    });
+    assert_eq!(
+        s.agent.handle(busy).await.unwrap_err().code,
+        ErrorCode::InUse
+    );
+    let e = s
+        .agent
+        .handle(Command::RemoveSnap(Empty {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InUse);
+    assert!(e.message.contains("ctrl-host-a"), "{}", e.message);
+    let other_fn_taken = Command::CreateController(ControllerSpec {
+        name: "second".into(),
+        nqn: NQN.into(),
+        function: FunctionRef { pf: 0, vf: Some(2) },
+        num_queues: 4,
+        mdts: 6,
+    });
+    assert_eq!(
+        s.agent.handle(other_fn_taken).await.unwrap_err().code,
+        ErrorCode::InUse
+    );
+
+    for (field, cmd) in hostile_commands() {
         let e = s.agent.handle(cmd).await.unwrap_err();
         assert_eq!(e.field.as_deref(), Some(field), "{e:?}");
         assert!(matches!(

@@ -85,22 +85,16 @@ async fn session(pki: &Path, addr: &str, controller: &str) -> AgentClient {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ceph_agent_serves_an_authenticated_fenced_controller() {
-    let c = Cluster::from_env();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    let state = dir.path().join("state");
-    issue_pki(&pki);
-    let agent = AgentProcess::start(&c, &pki, &state);
-
+/// `unistor inspect` prints the agent's report (its fsid is the cluster's); dialled under the
+/// wrong name, the agent is refused by the controller.
+fn inspect_reads_the_report_and_checks_the_name(c: &Cluster, pki: &Path, addr: &str) {
     // `unistor inspect` prints the report; its fsid is the cluster's.
     let out = unistor(&[
         "inspect",
         "--agent",
         AGENT,
         "--addr",
-        &agent.addr,
+        addr,
         "--pki-dir",
         pki.to_str().unwrap(),
         "--output",
@@ -119,12 +113,24 @@ async fn ceph_agent_serves_an_authenticated_fenced_controller() {
         "--agent",
         "ceph-other",
         "--addr",
-        &agent.addr,
+        addr,
         "--pki-dir",
         pki.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ceph-other"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ceph_agent_serves_an_authenticated_fenced_controller() {
+    let c = Cluster::from_env();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let state = dir.path().join("state");
+    issue_pki(&pki);
+    let agent = AgentProcess::start(&c, &pki, &state);
+
+    inspect_reads_the_report_and_checks_the_name(&c, &pki, &agent.addr);
 
     // A fenced create through a controller session, checked with the real rbd CLI.
     let a = session(&pki, &agent.addr, "controller").await;

@@ -128,6 +128,53 @@ fn mon_host(c: &Cluster) -> String {
         .unwrap()
 }
 
+/// The commands that expose `image` to the host: cluster, bdev, subsystem, namespace 3,
+/// controller on PF 0 VF 1, attachment, resume.
+fn exposure_commands(c: &Cluster, key: &str, image: &str) -> Vec<Cmd> {
+    let image = image.to_string();
+    vec![
+        Cmd::RegisterRbdCluster(RbdCluster {
+            name: "ceph1".into(),
+            user_id: c.id.clone(),
+            mon_hosts: vec![mon_host(c)],
+            key: key.trim().into(),
+        }),
+        Cmd::CreateBdev(BdevSpec {
+            name: image.clone(),
+            cluster: "ceph1".into(),
+            pool: c.pool.clone(),
+            image: image.clone(),
+            block_size: 4096,
+        }),
+        Cmd::CreateSubsystem(SubsystemSpec {
+            nqn: NQN.into(),
+            serial: "E2E0001".into(),
+            model: "unistor e2e".into(),
+            max_namespaces: 8,
+        }),
+        Cmd::CreateNamespace(NamespaceSpec {
+            nqn: NQN.into(),
+            nsid: 3,
+            bdev: image.clone(),
+            uuid: UUID.into(),
+        }),
+        Cmd::CreateController(ControllerSpec {
+            name: "ctrl-e2e".into(),
+            nqn: NQN.into(),
+            function: FunctionRef { pf: 0, vf: Some(1) },
+            num_queues: 8,
+            mdts: 7,
+        }),
+        Cmd::AttachNamespace(Attachment {
+            controller: "ctrl-e2e".into(),
+            nsid: 3,
+        }),
+        Cmd::ResumeController(NameRef {
+            name: "ctrl-e2e".into(),
+        }),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone() {
     let c = Cluster::from_env();
@@ -167,47 +214,7 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
         other => panic!("{other:?}"),
     }
 
-    for cmd in [
-        Cmd::RegisterRbdCluster(RbdCluster {
-            name: "ceph1".into(),
-            user_id: c.id.clone(),
-            mon_hosts: vec![mon_host(&c)],
-            key: key.trim().into(),
-        }),
-        Cmd::CreateBdev(BdevSpec {
-            name: image.clone(),
-            cluster: "ceph1".into(),
-            pool: c.pool.clone(),
-            image: image.clone(),
-            block_size: 4096,
-        }),
-        Cmd::CreateSubsystem(SubsystemSpec {
-            nqn: NQN.into(),
-            serial: "E2E0001".into(),
-            model: "unistor e2e".into(),
-            max_namespaces: 8,
-        }),
-        Cmd::CreateNamespace(NamespaceSpec {
-            nqn: NQN.into(),
-            nsid: 3,
-            bdev: image.clone(),
-            uuid: UUID.into(),
-        }),
-        Cmd::CreateController(ControllerSpec {
-            name: "ctrl-e2e".into(),
-            nqn: NQN.into(),
-            function: FunctionRef { pf: 0, vf: Some(1) },
-            num_queues: 8,
-            mdts: 7,
-        }),
-        Cmd::AttachNamespace(Attachment {
-            controller: "ctrl-e2e".into(),
-            nsid: 3,
-        }),
-        Cmd::ResumeController(NameRef {
-            name: "ctrl-e2e".into(),
-        }),
-    ] {
+    for cmd in exposure_commands(&c, &key, &image) {
         let name = cmd.name();
         a.request(cmd)
             .await
