@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::client::{AgentClient, ClientError};
-use protocol::dpu::{BdevResize, NameRef, NamespaceRef, NqnRef, RbdCluster};
+use protocol::dpu::{Attachment, BdevResize, NameRef, NamespaceRef, NqnRef, RbdCluster};
 use protocol::ErrorCode;
 use protocol::{
     Command, CreateImage, DeleteImage, GrowImage, ImagePolicy, ImageRef, IssueSnapIdentity,
@@ -35,6 +35,8 @@ pub struct ExecOptions {
     pub owner: String,
     /// Whether `DeleteImage` steps may run.
     pub allow_delete: bool,
+    /// Whether a detach may pull a device the host holds open (`--allow-in-use`).
+    pub allow_in_use: bool,
     /// Lease duration taken on each agent.
     pub lease_ttl: Duration,
     /// Attempts per step for transient errors.
@@ -58,6 +60,7 @@ impl Default for ExecOptions {
         Self {
             owner: "unistor".into(),
             allow_delete: false,
+            allow_in_use: false,
             lease_ttl: Duration::from_secs(120),
             attempts: 4,
             backoff: Duration::from_millis(200),
@@ -352,7 +355,11 @@ fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
             Command::DestroyController(NameRef { name: name.clone() })
         }
         Action::Attach(a) => Command::AttachNamespace(a.clone()),
-        Action::Detach(a) => Command::DetachNamespace(a.clone()),
+        // The rails decided at plan time; the agent checks again when the step runs.
+        Action::Detach(a) => Command::DetachNamespace(Attachment {
+            force: ctx.opts.allow_in_use,
+            ..a.clone()
+        }),
         Action::Resume { controller } => Command::ResumeController(NameRef {
             name: controller.clone(),
         }),

@@ -440,6 +440,25 @@ impl DpuAgent {
         }
     }
 
+    /// A detach the host would feel is refused while the host holds the device open, when the
+    /// platform can tell: the controller's plan-time check may be older than the host's open.
+    async fn refuse_if_open(&self, a: &protocol::dpu::Attachment) -> Result<(), WireError> {
+        let Some(host) = self.platform.host_use().await else {
+            return Ok(());
+        };
+        match host.device(&a.controller, a.nsid).filter(|d| d.open > 0) {
+            Some(d) => Err(WireError::new(
+                ErrorCode::InUse,
+                format!(
+                    "the host holds {} open (nsid {} of {}, {} opener(s)); detach with force (--allow-in-use) to pull it anyway",
+                    d.device, a.nsid, a.controller, d.open
+                ),
+            )
+            .with_field("nsid")),
+            None => Ok(()),
+        }
+    }
+
     /// Removes SNAP, unless it still backs controllers (the host would see dead functions).
     async fn remove_snap(&self) -> Result<Reply, WireError> {
         let store = self.ledger.lock().await;
@@ -566,6 +585,9 @@ impl DpuAgent {
             }
             Command::DetachNamespace(a) => {
                 check_attachment(&a)?;
+                if !a.force {
+                    self.refuse_if_open(&a).await?;
+                }
                 self.with_ledger(self.snap.detach(&a.controller, a.nsid), |l| {
                     if let Some(c) = l.controllers.get_mut(&a.controller) {
                         c.attached.remove(&a.nsid);

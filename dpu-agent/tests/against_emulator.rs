@@ -104,6 +104,7 @@ fn create_path() -> Vec<Command> {
         Command::AttachNamespace(Attachment {
             controller: "ctrl-host-a".into(),
             nsid: 7,
+            force: false,
         }),
         Command::ResumeController(NameRef {
             name: "ctrl-host-a".into(),
@@ -119,6 +120,7 @@ fn teardown_path() -> Vec<Command> {
         Command::DetachNamespace(Attachment {
             controller: "ctrl-host-a".into(),
             nsid: 7,
+            force: false,
         }),
         Command::DestroyController(NameRef {
             name: "ctrl-host-a".into(),
@@ -400,6 +402,7 @@ fn hostile_commands() -> Vec<(&'static str, Command)> {
             Command::AttachNamespace(Attachment {
                 controller: "ctrl-host-a".into(),
                 nsid: 0,
+                force: false,
             }),
         ),
     ]
@@ -523,4 +526,57 @@ async fn unreachable_snap_fails_commands_and_reports_state() {
     assert_eq!(r.snap.state, SnapState::NotInstalled);
     assert!(r.inventory.is_none());
     assert!(r.host.cpus >= 1);
+}
+
+/// The controller's plan-time check can be older than the host's open: the agent refuses a
+/// detach of a device the host holds open unless it is forced (`--allow-in-use`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detach_of_a_device_the_host_holds_open_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spdk.sock");
+    let host = dir.path().join("host");
+    let _emu = Emu::start_with_host(&socket, &host).await;
+    let agent = build_agent(dir.path(), &socket, false);
+    run_all(&agent, create_path()).await;
+    let dev = e2e::host::devices(&host)
+        .into_iter()
+        .find(|d| d.controller == "ctrl-host-a" && d.nsid == 7)
+        .expect("the host sees nsid 7")
+        .path;
+    let p = dev.clone();
+    let opener = tokio::task::spawn_blocking(move || e2e::host::Opener::open(&p))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !e2e::host::devices(&host).iter().any(|d| d.open == 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host never opened it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let detach = |force| {
+        Command::DetachNamespace(Attachment {
+            controller: "ctrl-host-a".into(),
+            nsid: 7,
+            force,
+        })
+    };
+    let e = agent.handle(detach(false)).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InUse, "{e:?}");
+    assert!(
+        e.message.contains(&dev.display().to_string()),
+        "{}",
+        e.message
+    );
+    let ctrls = probe(&socket, "nvme_controller_list", Value::Null).await;
+    assert_eq!(
+        ctrls[0]["namespaces"][0]["nsid"], 7,
+        "still attached: {ctrls}"
+    );
+    agent.handle(detach(true)).await.unwrap();
+    assert!(e2e::host::devices(&host).is_empty(), "pulled from the host");
+    tokio::task::spawn_blocking(move || drop(opener))
+        .await
+        .unwrap();
 }

@@ -192,6 +192,10 @@ pub struct Attachment {
     pub controller: String,
     /// NSID (in the controller's subsystem).
     pub nsid: u32,
+    /// Detach even while the host holds the namespace's device open (`--allow-in-use`); without
+    /// it the dpu-agent refuses, when its platform can tell (absent on the wire means false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// Names an object.

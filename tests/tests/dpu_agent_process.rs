@@ -168,6 +168,7 @@ fn exposure_commands(c: &Cluster, key: &str, image: &str) -> Vec<Cmd> {
         Cmd::AttachNamespace(Attachment {
             controller: "ctrl-e2e".into(),
             nsid: 3,
+            force: false,
         }),
         Cmd::ResumeController(NameRef {
             name: "ctrl-e2e".into(),

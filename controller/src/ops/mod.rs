@@ -190,6 +190,7 @@ pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {
     let exec = ExecOptions {
         owner: c.owner.clone(),
         allow_delete: rails.allow_delete,
+        allow_in_use: rails.allow_in_use,
         ..ExecOptions::default()
     };
     (opts, exec)

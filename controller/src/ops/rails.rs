@@ -118,7 +118,9 @@ fn used_by_hosts(
             continue;
         };
         match &s.action {
-            Action::Detach(plan::Attachment { controller, nsid }) => {
+            Action::Detach(plan::Attachment {
+                controller, nsid, ..
+            }) => {
                 let Some(v) = s.volume.as_deref().filter(|v| removed.contains(v)) else {
                     continue;
                 };

@@ -387,6 +387,7 @@ impl<'a> DpuChain<'a> {
                 Action::Attach(Attachment {
                     controller: ctrl.into(),
                     nsid,
+                    force: false,
                 }),
                 Risk::Safe,
                 &[ctrl_step, ns_step],

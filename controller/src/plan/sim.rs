@@ -416,7 +416,9 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
             }
             inv.controllers.retain(|c| &c.name != name);
         }
-        Action::Attach(Attachment { controller, nsid }) => {
+        Action::Attach(Attachment {
+            controller, nsid, ..
+        }) => {
             let c = inv
                 .controllers
                 .iter_mut()
@@ -434,7 +436,9 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
             assert!(n.controller.is_none(), "one controller per namespace");
             n.controller = Some(controller.clone());
         }
-        Action::Detach(Attachment { controller, nsid }) => {
+        Action::Detach(Attachment {
+            controller, nsid, ..
+        }) => {
             let c = inv
                 .controllers
                 .iter_mut()

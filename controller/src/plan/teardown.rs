@@ -157,6 +157,7 @@ impl<'a> DpuTeardown<'a> {
                         Action::Detach(Attachment {
                             controller: c.clone(),
                             nsid: n.nsid,
+                            force: false,
                         }),
                         Risk::HostVisible,
                         &[],

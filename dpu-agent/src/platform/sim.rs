@@ -266,16 +266,10 @@ impl Platform for Simulation {
         None
     }
 
-    /// The simulated host's own account, while its SNAP runs (a stopped SNAP's devices are
-    /// gone; a crashed one's account is stale until the next SNAP rewrites it).
+    /// The simulated host's own account, while a SNAP serves the socket (a stopped SNAP's
+    /// devices are gone; a crashed one's account is stale until the next SNAP rewrites it).
     async fn host_use(&self) -> Option<HostUse> {
-        let alive = {
-            let mut running = self.running.lock().await;
-            running
-                .as_mut()
-                .is_some_and(|r| r.alive(&self.config.socket))
-        };
-        if !alive {
+        if std::os::unix::net::UnixStream::connect(&self.config.socket).is_err() {
             return Some(HostUse::default());
         }
         let bytes = std::fs::read(self.config.host_dir.join("host.json")).ok()?;

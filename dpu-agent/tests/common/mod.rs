@@ -28,6 +28,16 @@ impl Emu {
         }
     }
 
+    /// An emulator that also plays the host, its devices in `host_dir`.
+    pub async fn start_with_host(socket: &Path, host_dir: &Path) -> Self {
+        let mut config = emu_config(socket);
+        config.host_dir = Some(host_dir.to_path_buf());
+        Self {
+            socket: socket.to_path_buf(),
+            inner: InProcess::start(config).await,
+        }
+    }
+
     pub async fn stop(&mut self) {
         self.inner.stop().await;
     }
