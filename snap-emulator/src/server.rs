@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -41,25 +42,6 @@ pub const MAX_REQUEST: usize = 32 * 1024;
 pub const MAX_VALUES: usize = 1024;
 /// Containers nested at most (SPDK v24.01 `SPDK_JSON_MAX_NESTING_DEPTH`, lib/json/json_parse.c).
 pub const MAX_NESTING: usize = 64;
-
-/// Values as `spdk_json_parse` counts them: one per scalar and per object member name, two per
-/// array or object (begin and end).
-pub fn spdk_values(v: &Value) -> usize {
-    match v {
-        Value::Array(a) => 2 + a.iter().map(spdk_values).sum::<usize>(),
-        Value::Object(o) => 2 + o.values().map(|x| 1 + spdk_values(x)).sum::<usize>(),
-        _ => 1,
-    }
-}
-
-/// Containers nested in `v` (a scalar: 0).
-pub fn nesting(v: &Value) -> usize {
-    match v {
-        Value::Array(a) => 1 + a.iter().map(nesting).max().unwrap_or(0),
-        Value::Object(o) => 1 + o.values().map(nesting).max().unwrap_or(0),
-        _ => 0,
-    }
-}
 
 /// Serves `listener` until `stop` turns true or the emulator decides to exit (`exit_after`).
 pub async fn serve(listener: UnixListener, emu: Arc<Emulator>, mut stop: watch::Receiver<bool>) {
@@ -103,8 +85,9 @@ pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// A request as read: its value, and whether an object in its envelope or its params named a
-/// member twice (`serde_json` keeps one of them silently; SPDK's decoders refuse the object).
+/// A request as read in one pass: its value, whether an object in its envelope or its params
+/// named a member twice (`serde_json` keeps one of them silently; SPDK's decoders refuse the
+/// object), and its size as SPDK measures it.
 #[derive(Debug)]
 pub struct Parsed {
     /// The value (for a duplicate key, its first occurrence, the one SPDK decodes).
@@ -113,32 +96,28 @@ pub struct Parsed {
     pub duplicate_in_envelope: bool,
     /// The `params` object has a duplicate key.
     pub duplicate_in_params: bool,
+    /// Values as `spdk_json_parse` counts them: one per scalar and per object member name, two
+    /// per array or object (begin and end).
+    pub values: usize,
+    /// Containers nested (a scalar: 0).
+    pub nesting: usize,
 }
 
-impl Parsed {
-    /// A value read without duplicate keys.
-    pub fn plain(value: Value) -> Self {
-        Self {
-            value,
-            duplicate_in_envelope: false,
-            duplicate_in_params: false,
-        }
-    }
-
-    /// Parses one complete JSON value, noting duplicate keys at depth 0 and in `params`.
-    pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Self> {
-        let mut dups = Vec::new();
-        let mut de = serde_json::Deserializer::from_slice(bytes);
+impl<'de> Deserialize<'de> for Parsed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut tally = Tally::default();
         let value = Checked {
             path: Place::Root,
-            dups: &mut dups,
+            depth: 0,
+            tally: &mut tally,
         }
-        .deserialize(&mut de)?;
-        de.end()?;
+        .deserialize(d)?;
         Ok(Self {
             value,
-            duplicate_in_envelope: dups.contains(&Place::Root),
-            duplicate_in_params: dups.contains(&Place::Params),
+            duplicate_in_envelope: tally.dups.contains(&Place::Root),
+            duplicate_in_params: tally.dups.contains(&Place::Params),
+            values: tally.values,
+            nesting: tally.nesting,
         })
     }
 }
@@ -151,10 +130,35 @@ enum Place {
     Deeper,
 }
 
-/// Builds a `Value`, recording the objects that name a member twice.
+/// What one pass over a request finds besides its value.
+#[derive(Default)]
+struct Tally {
+    /// Objects that name a member twice.
+    dups: Vec<Place>,
+    values: usize,
+    nesting: usize,
+}
+
+/// Builds a `Value`, counting values and depth and recording duplicate keys as it goes.
 struct Checked<'a> {
     path: Place,
-    dups: &'a mut Vec<Place>,
+    /// Containers around this value.
+    depth: usize,
+    tally: &'a mut Tally,
+}
+
+impl Checked<'_> {
+    fn scalar<E>(self, v: Value) -> Result<Value, E> {
+        self.tally.values += 1;
+        Ok(v)
+    }
+
+    /// A container begins: two values (begin and end), one level deeper.
+    fn container(&mut self) -> usize {
+        self.tally.values += 2;
+        self.tally.nesting = self.tally.nesting.max(self.depth + 1);
+        self.depth + 1
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Checked<'_> {
@@ -170,49 +174,54 @@ impl<'de> Visitor<'de> for Checked<'_> {
         f.write_str("a JSON value")
     }
     fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+        self.scalar(Value::Bool(v))
     }
     fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
+        self.scalar(Value::from(v))
     }
     fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
+        self.scalar(Value::from(v))
     }
     fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+        self.scalar(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
     }
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+        self.scalar(Value::String(v.to_owned()))
     }
     fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+        self.scalar(Value::String(v))
     }
     fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+        self.scalar(Value::Null)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Value, A::Error> {
+        let depth = self.container();
         let mut out = Vec::new();
         while let Some(v) = seq.next_element_seed(Checked {
             path: Place::Deeper,
-            dups: &mut *self.dups,
+            depth,
+            tally: &mut *self.tally,
         })? {
             out.push(v);
         }
         Ok(Value::Array(out))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Value, A::Error> {
+        let depth = self.container();
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
+            self.tally.values += 1;
             let path = match (self.path, key.as_str()) {
                 (Place::Root, "params") => Place::Params,
                 _ => Place::Deeper,
             };
             let v = map.next_value_seed(Checked {
                 path,
-                dups: &mut *self.dups,
+                depth,
+                tally: &mut *self.tally,
             })?;
             if out.contains_key(&key) {
-                self.dups.push(self.path);
+                self.tally.dups.push(self.path);
             } else {
                 out.insert(key, v);
             }
@@ -233,15 +242,9 @@ enum Next {
 }
 
 fn next_value(buf: &[u8]) -> Next {
-    let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<serde::de::IgnoredAny>();
+    let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<Parsed>();
     match stream.next() {
-        Some(Ok(_)) => {
-            let used = stream.byte_offset();
-            match Parsed::from_slice(&buf[..used]) {
-                Ok(p) => Next::Value(p, used),
-                Err(_) => Next::ParseError,
-            }
-        }
+        Some(Ok(p)) => Next::Value(p, stream.byte_offset()),
         Some(Err(e)) if e.is_eof() => Next::Incomplete,
         Some(Err(_)) => Next::ParseError,
         None => Next::Empty,
@@ -268,7 +271,7 @@ async fn connection(stream: UnixStream, emu: Arc<Emulator>) {
                 // `spdk_json_parse` refuses (nested deeper than 64) or one of more than 1,024
                 // values is a parse error, and the connection is closed.
                 Next::Value(p, _)
-                    if spdk_values(&p.value) > MAX_VALUES || nesting(&p.value) > MAX_NESTING =>
+                    if p.values > MAX_VALUES || p.nesting > MAX_NESTING =>
                 {
                     debug!(conn, "Too many values or too deep; closing.");
                     break 'read Some(error_response(Value::Null, parse_error()));
