@@ -254,30 +254,18 @@ impl Emulator {
     ) -> Result<Value, RpcError> {
         let r = self.dispatch(method, params, app).await;
         if r.is_ok() {
-            self.after(method);
+            self.after(method, params);
         }
         r
     }
 
     /// After a call took effect: the host's devices follow SNAP's objects.
-    fn after(&self, method: &str) {
-        if method == "bdev_rbd_delete" {
-            // Its blocks (memory mode) go with it; a namespace over it is hot-removed.
-            if self.real_ceph.is_none() {
-                let names: std::collections::HashSet<String> = {
-                    let st = self.state.lock().expect("state lock");
-                    let disks = self.mem_disks.lock().expect("disks lock");
-                    disks
-                        .keys()
-                        .filter(|b| st.bdev_bytes(b).is_some())
-                        .cloned()
-                        .collect()
-                };
-                self.mem_disks
-                    .lock()
-                    .expect("disks lock")
-                    .retain(|b, _| names.contains(b));
-            }
+    fn after(&self, method: &str, params: &Value) {
+        // A deleted bdev's blocks (memory mode) go with it; a namespace over it is hot-removed.
+        if let ("bdev_rbd_delete", Some(name)) =
+            (method, params.get("name").and_then(Value::as_str))
+        {
+            self.mem_disks.lock().expect("disks lock").remove(name);
         }
         if let Some(h) = self.host.get() {
             let want = self.state.lock().expect("state lock").exposures();

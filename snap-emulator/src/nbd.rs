@@ -112,11 +112,7 @@ impl Backend {
                 Ok(buf)
             }
             Self::Rbd(img) => {
-                let img = img.clone();
-                tokio::task::spawn_blocking(move || img.read_at(offset, &mut buf).map(|_| buf))
-                    .await
-                    .map_err(|_| ())?
-                    .map_err(|_| ())
+                blocking(img, move |img| img.read_at(offset, &mut buf).map(|_| buf)).await
             }
         }
     }
@@ -127,27 +123,27 @@ impl Backend {
                 m.write(offset, &data);
                 Ok(())
             }
-            Self::Rbd(img) => {
-                let img = img.clone();
-                tokio::task::spawn_blocking(move || img.write_at(offset, &data))
-                    .await
-                    .map_err(|_| ())?
-                    .map_err(|_| ())
-            }
+            Self::Rbd(img) => blocking(img, move |img| img.write_at(offset, &data)).await,
         }
     }
 
     async fn flush(&self) -> Result<(), ()> {
         match self {
             Self::Memory(_) => Ok(()),
-            Self::Rbd(img) => {
-                let img = img.clone();
-                tokio::task::spawn_blocking(move || img.flush())
-                    .await
-                    .map_err(|_| ())?
-                    .map_err(|_| ())
-            }
+            Self::Rbd(img) => blocking(img, |img| img.flush()).await,
         }
+    }
+}
+
+/// Runs a librbd call off the async threads; any failure is the device's I/O error.
+async fn blocking<T: Send + 'static>(
+    img: &Arc<OpenImage>,
+    call: impl FnOnce(&OpenImage) -> Result<T, crate::librbd::LibError> + Send + 'static,
+) -> Result<T, ()> {
+    let img = img.clone();
+    match tokio::task::spawn_blocking(move || call(&img)).await {
+        Ok(Ok(v)) => Ok(v),
+        _ => Err(()),
     }
 }
 

@@ -270,9 +270,7 @@ async fn connection(stream: UnixStream, emu: Arc<Emulator>) {
                 // SPDK v24.01 `jsonrpc_parse_request` (lib/jsonrpc/jsonrpc_server.c): a value
                 // `spdk_json_parse` refuses (nested deeper than 64) or one of more than 1,024
                 // values is a parse error, and the connection is closed.
-                Next::Value(p, _)
-                    if p.values > MAX_VALUES || p.nesting > MAX_NESTING =>
-                {
+                Next::Value(p, _) if p.values > MAX_VALUES || p.nesting > MAX_NESTING => {
                     debug!(conn, "Too many values or too deep; closing.");
                     break 'read Some(error_response(Value::Null, parse_error()));
                 }

@@ -276,6 +276,24 @@ impl World {
     }
 }
 
+fn controller_mut<'a>(inv: &'a mut SnapInventory, name: &str) -> &'a mut ControllerInfo {
+    inv.controllers
+        .iter_mut()
+        .find(|c| c.name == name)
+        .expect("controller exists")
+}
+
+fn namespace_mut<'a>(inv: &'a mut SnapInventory, nqn: &str, nsid: u32) -> &'a mut NamespaceInfo {
+    inv.subsystems
+        .iter_mut()
+        .find(|s| s.nqn == nqn)
+        .expect("subsystem exists")
+        .namespaces
+        .iter_mut()
+        .find(|n| n.nsid == nsid)
+        .expect("namespace first")
+}
+
 /// Clusters, bdevs, subsystems and namespaces, as SNAP applies them (with its checks); false
 /// for another action.
 fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool {
@@ -419,46 +437,24 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
         Action::Attach(Attachment {
             controller, nsid, ..
         }) => {
-            let c = inv
-                .controllers
-                .iter_mut()
-                .find(|c| &c.name == controller)
-                .unwrap();
-            let nqn = c.nqn.clone();
+            let c = controller_mut(inv, controller);
             assert!(!c.namespaces.contains(nsid));
             c.namespaces.push(*nsid);
-            let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
-            let n = s
-                .namespaces
-                .iter_mut()
-                .find(|n| n.nsid == *nsid)
-                .expect("namespace first");
+            let nqn = c.nqn.clone();
+            let n = namespace_mut(inv, &nqn, *nsid);
             assert!(n.controller.is_none(), "one controller per namespace");
             n.controller = Some(controller.clone());
         }
         Action::Detach(Attachment {
             controller, nsid, ..
         }) => {
-            let c = inv
-                .controllers
-                .iter_mut()
-                .find(|c| &c.name == controller)
-                .unwrap();
+            let c = controller_mut(inv, controller);
             c.namespaces.retain(|n| n != nsid);
             let nqn = c.nqn.clone();
-            let s = inv.subsystems.iter_mut().find(|s| s.nqn == nqn).unwrap();
-            s.namespaces
-                .iter_mut()
-                .find(|n| n.nsid == *nsid)
-                .unwrap()
-                .controller = None;
+            namespace_mut(inv, &nqn, *nsid).controller = None;
         }
         Action::Resume { controller } => {
-            let c = inv
-                .controllers
-                .iter_mut()
-                .find(|c| &c.name == controller)
-                .unwrap();
+            let c = controller_mut(inv, controller);
             c.state = "STARTED".into();
         }
 
