@@ -726,9 +726,9 @@ async fn a_waiting_call_lets_the_next_ones_run_and_answers_last() {
     let mut c = emu.client().await;
     register(&mut c, "ceph1").await;
     c.raw(
-        serde_json::to_string(&json!([
-            {"jsonrpc": "2.0", "id": "wait", "method": "bdev_get_bdevs", "params": {"name": "late", "timeout": 5000}},
-        ])[0])
+        serde_json::to_string(&json!(
+            {"jsonrpc": "2.0", "id": "wait", "method": "bdev_get_bdevs", "params": {"name": "late", "timeout": 5000}}
+        ))
         .unwrap()
         .as_bytes(),
     )

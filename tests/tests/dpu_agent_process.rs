@@ -84,25 +84,7 @@ fn start_agent(pki: &Path, state: &Path, socket: &Path) -> Agent {
 
 /// The pid of the snap-emulator serving `socket`.
 fn emulator_pid(socket: &Path) -> Option<i32> {
-    let want = socket.to_str()?;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.ends_with("snap-emulator"))
-            && args.iter().any(|a| a == want)
-        {
-            return Some(pid);
-        }
-    }
-    None
+    e2e::emulator_pids(socket).first().copied()
 }
 
 async fn session(pki: &Path, addr: &str) -> AgentClient {
