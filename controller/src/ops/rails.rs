@@ -105,6 +105,9 @@ fn used_by_hosts(
     removed: &std::collections::BTreeSet<&str>,
 ) -> Vec<String> {
     let mut problems = vec![];
+    // Volumes detached from each controller, as the steps go (a controller's removal comes after
+    // its detaches in a plan).
+    let mut detached: std::collections::HashMap<(&str, &str), Vec<&str>> = Default::default();
     for s in &p.steps {
         let plan::Target::Dpu(dpu) = &s.target else {
             continue;
@@ -121,6 +124,9 @@ fn used_by_hosts(
             Action::Detach(plan::Attachment {
                 controller, nsid, ..
             }) => {
+                if let Some(v) = s.volume.as_deref() {
+                    detached.entry((dpu, controller)).or_default().push(v);
+                }
                 let Some(v) = s.volume.as_deref().filter(|v| removed.contains(v)) else {
                     continue;
                 };
@@ -134,20 +140,9 @@ fn used_by_hosts(
             Action::DestroyController { name }
                 if host.controller(name).is_some_and(|c| c.enabled) =>
             {
-                let detached = |x: &&plan::Step| {
-                    x.target == s.target
-                        && matches!(&x.action, Action::Detach(a) if &a.controller == name)
-                };
-                let on_it: Vec<&str> = p
-                    .steps
-                    .iter()
-                    .filter(detached)
-                    .filter_map(|x| x.volume.as_deref())
-                    .collect();
-                let on_it = if on_it.is_empty() {
-                    "-".to_string()
-                } else {
-                    on_it.join(", ")
+                let on_it = match detached.get(&(dpu.as_str(), name.as_str())) {
+                    Some(v) => v.join(", "),
+                    None => "-".to_string(),
                 };
                 problems.push(format!(
                     "controller {name} on dpu {dpu} is enabled by the host's driver (volumes {on_it}); destroying it pulls the device from a running driver; pass --allow-in-use to do it anyway"
