@@ -685,12 +685,14 @@ pub mod host {
     }
 
     fn qemu(tool: &str) -> Command {
-        if std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            panic!("{tool} not found: {HOW_TO_GET_QEMU}");
+        // Checked once per tool and process, not before every command.
+        static FOUND: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut found = FOUND.lock().unwrap_or_else(|e| e.into_inner());
+        if !found.iter().any(|t| t == tool) {
+            if Command::new(tool).arg("--version").output().is_err() {
+                panic!("{tool} not found: {HOW_TO_GET_QEMU}");
+            }
+            found.push(tool.to_string());
         }
         Command::new(tool)
     }
