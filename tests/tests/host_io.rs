@@ -90,11 +90,13 @@ fn host_writes_reach_the_image_and_survive_a_snap_crash_and_a_grow() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // The new emulator serving the device, not the crashed one's account left behind.
     wait_until(CONVERGE, "SNAP back with the device", || {
         emulator_pids(&lab.socket(0))
             .first()
             .is_some_and(|p| *p != pids[0])
             && the_device(&lab.host_dir(0), &dev).is_some_and(|x| x.nsid == seen.nsid)
+            && host::size(&dev).is_some()
     });
     let again = the_device(&lab.host_dir(0), &dev).unwrap();
     assert_eq!((again.nsid, &again.uuid), (seen.nsid, &seen.uuid));
