@@ -37,6 +37,8 @@ pub enum PlatformConfig {
     BlueField3(platform::bf3::Bf3Config),
     /// The SNAP emulator, supervised by the agent.
     Simulation(platform::sim::SimConfig),
+    /// A platform the caller built (the fleet simulator runs SNAP in its own process).
+    Custom(Arc<dyn Platform>),
 }
 
 /// Everything the agent needs to start.
@@ -114,6 +116,7 @@ pub fn build(
             Arc::new(platform::bf3::BlueField3::new(c))
         }
         PlatformConfig::Simulation(c) => Arc::new(platform::sim::Simulation::new(c)),
+        PlatformConfig::Custom(p) => p,
     };
     let snap = Snap::new(SnapClient::new(snap_socket, snap_timeout));
     Ok(Arc::new(DpuAgent::new(snap, platform, ledger, settings)))
@@ -121,6 +124,17 @@ pub fn build(
 
 /// Binds and serves until `shutdown` completes, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    run_counted(config, Arc::new(ServerStats::default()), |_| {}, shutdown).await
+}
+
+/// As [`run`], counting the protocol server's connections and requests into `stats` (shared by
+/// the agents of one fleet simulator), and telling `bound` the address it listens on.
+pub async fn run_counted(
+    config: Config,
+    stats: Arc<ServerStats>,
+    bound: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let p = protocol::server::prepare(config.listen, &config.pki, &config.state_dir).await?;
     let agent = build(
         &config.state_dir,
@@ -132,13 +146,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let supervisor = tokio::spawn(agent.clone().supervise_loop(config.poll_interval));
     info!(name = %config.name, addr = %p.local, "dpu-agent listening.");
     protocol::server::announce(config.name.as_str(), p.local);
+    bound(p.local);
     protocol::server::run(
         p.listener,
         p.tls,
         agent,
         p.leases,
         config.server,
-        Arc::new(ServerStats::default()),
+        stats,
         shutdown,
     )
     .await;

@@ -26,7 +26,15 @@ pub struct RealCeph {
     clusters: Arc<Mutex<HashMap<String, Arc<Rados>>>>,
     /// Each rbd bdev's image, held open while the bdev exists (so Ceph lists SNAP's watcher).
     images: Arc<Mutex<HashMap<String, Arc<OpenImage>>>>,
+    /// Connections shared with other emulators in this process, by how they connect.
+    shared: Option<SharedConnections>,
 }
+
+/// Cluster connections shared by the emulators of one process (the fleet simulator): DPUs that
+/// register the same cluster with the same credentials use one `rados_t`, as each real SNAP would
+/// use its own. It closes when the last registration using it ends.
+#[derive(Debug, Clone, Default)]
+pub struct SharedConnections(Arc<Mutex<HashMap<String, std::sync::Weak<Rados>>>>);
 
 impl RealCeph {
     /// Real-Ceph mode with `timeout` per call.
@@ -35,6 +43,15 @@ impl RealCeph {
             timeout,
             clusters: Arc::default(),
             images: Arc::default(),
+            shared: None,
+        }
+    }
+
+    /// Real-Ceph mode whose cluster registrations share `connections` with other emulators.
+    pub fn sharing(timeout: Duration, connections: SharedConnections) -> Self {
+        Self {
+            shared: Some(connections),
+            ..Self::new(timeout)
         }
     }
 }
@@ -87,14 +104,49 @@ impl RealCeph {
             p.config_file.as_deref(),
             p.key_file.as_deref(),
         )?;
-        let handle = self
-            .blocking("connect", move |secs| Rados::connect(&s, secs))
-            .await?;
+        let handle = match &self.shared {
+            Some(shared) => self.connect_shared(shared, s).await?,
+            None => {
+                self.blocking("connect", move |secs| Rados::connect(&s, secs))
+                    .await?
+            }
+        };
         self.clusters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(p.name.clone(), handle);
         Ok(())
+    }
+
+    /// A connection made the way `s` says: the one another emulator holds, or a new one.
+    async fn connect_shared(
+        &self,
+        shared: &SharedConnections,
+        s: ConnectSpec,
+    ) -> Result<Arc<Rados>, RpcError> {
+        let key = format!("{s:?}");
+        let live = shared
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(h) = live {
+            return Ok(h);
+        }
+        let handle = self
+            .blocking("connect", move |secs| Rados::connect(&s, secs))
+            .await?;
+        let mut map = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+        // Two emulators may have connected at once: keep the first, drop ours.
+        match map.get(&key).and_then(std::sync::Weak::upgrade) {
+            Some(first) => Ok(first),
+            None => {
+                map.insert(key, Arc::downgrade(&handle));
+                Ok(handle)
+            }
+        }
     }
 
     /// Drops a cluster's handle (after its registration ended, or failed to start).

@@ -539,6 +539,11 @@ impl InProcess {
         &self.socket
     }
 
+    /// Whether it has ended (a simulated crash, or stopped).
+    pub fn finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Stops it (as a process exit would: connections close, state is gone).
     pub async fn stop(&mut self) -> Option<Exit> {
         if let Some(s) = self.stop.take() {

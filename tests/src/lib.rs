@@ -822,3 +822,109 @@ pub mod host {
         }
     }
 }
+
+/// A `fleet-sim` process: many simulated DPUs (each a dpu-agent endpoint over its own SNAP
+/// emulator) in one process, driven through its stdin. Stopped with `quit` when dropped (each
+/// SNAP closes its images), then with its process group.
+pub struct FleetSim {
+    /// The process.
+    pub child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Each DPU's agent name and address, in order.
+    pub agents: Vec<(String, String)>,
+}
+
+impl FleetSim {
+    /// Starts `dpus` DPUs named `prefix-<i>` (certificates issued from the CA in `pki` when
+    /// missing), state under `state`, with `extra` arguments; returns once all listen.
+    pub fn start(pki: &Path, state: &Path, prefix: &str, dpus: usize, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("fleet-sim"))
+            .arg("--pki-dir")
+            .arg(pki)
+            .arg("--issue-missing")
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--prefix", prefix, "--dpus", &dpus.to_string()])
+            .args(extra)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fleet-sim");
+        let out = child.stdout.take().expect("piped stdout");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut f = Self {
+            child,
+            stdin,
+            lines,
+            agents: vec![],
+        };
+        let up = f.answer(Duration::from_secs(60 + dpus as u64 / 5));
+        assert!(up.ends_with("DPUs up"), "fleet-sim said {up:?}");
+        assert_eq!(f.agents.len(), dpus, "every DPU said where it listens");
+        f
+    }
+
+    /// The next `fleet-sim: ` line within `limit`; agents' `listening on` lines seen meanwhile
+    /// update [`FleetSim::agents`].
+    fn answer(&mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(l) => l,
+                Err(e) => panic!("fleet-sim said nothing within {limit:?}: {e}"),
+            };
+            if let Some(a) = line.strip_prefix("fleet-sim: ") {
+                return a.to_string();
+            }
+            if let Some((name, addr)) = line.split_once(": listening on ") {
+                match self.agents.iter_mut().find(|(n, _)| n == name) {
+                    Some(a) => a.1 = addr.to_string(),
+                    None => self.agents.push((name.to_string(), addr.to_string())),
+                }
+            }
+        }
+    }
+
+    /// Sends `cmd` (`stop A B`, `start A B`, `stats`, `reset-peak`) and returns the answer.
+    pub fn command(&mut self, cmd: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stdin, "{cmd}").expect("fleet-sim reads commands");
+        self.stdin.flush().expect("flush");
+        self.answer(Duration::from_secs(120))
+    }
+
+    /// The fleet's counters.
+    pub fn stats(&mut self) -> serde_json::Value {
+        let s = self.command("stats");
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("stats {s:?}: {e}"))
+    }
+}
+
+impl Drop for FleetSim {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop_group(&mut self.child);
+    }
+}

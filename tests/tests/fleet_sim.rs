@@ -1,0 +1,140 @@
+//! The fleet simulator end to end: many DPUs in one `fleet-sim` process, each a dpu-agent
+//! endpoint of its own over its own SNAP emulator (real-Ceph mode), converged by the watch
+//! daemon; part of the fleet lost and found again.
+
+use std::time::Duration;
+
+use e2e::{
+    fleet_yaml, issue_pki, reconciled, spawn_ceph_agent, unique, volume_yaml, write_like_an_editor,
+    Cluster, Daemon, FleetSim, Procs,
+};
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(180);
+const DPUS: usize = 12;
+const PER_DPU: usize = 2;
+
+fn volumes(s: &Value) -> &[Value] {
+    s["fleet"]["volumes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn steps_done(d: &Daemon) -> u64 {
+    d.get("/metrics")
+        .lines()
+        .find(|l| l.starts_with("unistor_steps_total{outcome=\"done\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
+    let c = Cluster::from_env();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let ceph = unique("ceph-fleet");
+    issue_pki(&pki, &[&ceph]);
+    let mut procs = Procs::default();
+    let ceph_addr = spawn_ceph_agent(&mut procs, &c, &ceph, &pki, &dir.path().join("ceph"));
+    let prefix = unique("fsim");
+    let mut fleet = FleetSim::start(
+        &pki,
+        &dir.path().join("fleet"),
+        &prefix,
+        DPUS,
+        &["--real-ceph", "--poll-interval", "1s", "--heartbeat", "2s"],
+    );
+    // Every DPU is its own endpoint: its own name and port.
+    let ports: std::collections::BTreeSet<&str> =
+        fleet.agents.iter().map(|(_, a)| a.as_str()).collect();
+    assert_eq!(ports.len(), DPUS, "{:?}", fleet.agents);
+
+    let m = dir.path().join("manifests");
+    std::fs::create_dir_all(&m).unwrap();
+    let pairs: Vec<(&str, &str)> = fleet
+        .agents
+        .iter()
+        .map(|(n, a)| (n.as_str(), a.as_str()))
+        .collect();
+    std::fs::write(
+        m.join("fleet.yaml"),
+        fleet_yaml(&ceph, &ceph_addr, &c.pool, &unique("snap-fleet"), &pairs),
+    )
+    .unwrap();
+    let names: Vec<String> = (0..DPUS * PER_DPU)
+        .map(|i| unique(&format!("fv{i}")))
+        .collect();
+    let write = |grown: Option<usize>| {
+        let text: String = names
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let size = if grown == Some(i) { "128Mi" } else { "64Mi" };
+                volume_yaml(v, i / PER_DPU, size, &c.pool, "Retain")
+            })
+            .collect();
+        write_like_an_editor(&m.join("volumes.yaml"), &text);
+    };
+    write(None);
+    let owner = unique("fleet");
+    let d = Daemon::start(
+        &[
+            m.to_str().unwrap(),
+            "--pki-dir",
+            pki.to_str().unwrap(),
+            "--owner",
+            &owner,
+            "--state-dir",
+            dir.path().join("watch").to_str().unwrap(),
+        ],
+        &dir.path().join("watch.log"),
+    );
+    d.wait_converged(CONVERGE, DPUS * PER_DPU);
+    let stats = fleet.stats();
+    assert_eq!(stats["up"], DPUS, "{stats}");
+    assert!(stats["accepted"].as_u64() >= Some(DPUS as u64), "{stats}");
+
+    // Three DPUs go away: their volumes are Unknown and untouched, the others keep converging.
+    assert_eq!(fleet.command("stop 0 2"), "stopped 3");
+    let lost: Vec<&String> = names[..3 * PER_DPU].iter().collect();
+    d.wait_for(CONVERGE, "the lost DPUs' volumes unknown", |s| {
+        volumes(s)
+            .iter()
+            .filter(|v| lost.iter().any(|n| v["volume"] == n.as_str()))
+            .all(|v| v["state"] == "unknown")
+    });
+    let grown = names.len() - 1;
+    write(Some(grown));
+    let s = d.wait_for(CONVERGE, "the edit on a DPU still up", |s| {
+        reconciled(s)
+            && volumes(s).iter().any(|v| {
+                v["volume"] == names[grown].as_str()
+                    && v["size_bytes"] == 128u64 << 20
+                    && v["state"] == "ok"
+            })
+    });
+    for v in volumes(&s)
+        .iter()
+        .filter(|v| lost.iter().any(|n| v["volume"] == n.as_str()))
+    {
+        assert_eq!(v["state"], "unknown", "{v}");
+    }
+    for n in &lost {
+        assert!(c.rbd_info(&c.pool, n).is_some(), "image {n} kept");
+    }
+
+    // They come back (SNAP kept running): nothing is replaced, everything converges.
+    let before = steps_done(&d);
+    assert_eq!(fleet.command("start 0 2"), "started 3");
+    d.wait_converged(CONVERGE, DPUS * PER_DPU);
+    d.reconcile_now(CONVERGE);
+    assert_eq!(
+        steps_done(&d),
+        before,
+        "no step ran for the DPUs that came back"
+    );
+    drop(d);
+    drop(fleet);
+}
