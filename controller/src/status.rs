@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use protocol::dpu::SnapInventory;
-use protocol::ImageState;
+use protocol::{ImageState, ImageStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Desired, Volume};
@@ -21,6 +21,128 @@ pub struct FleetStatus {
     pub dpus: Vec<DpuStatus>,
     /// Volumes.
     pub volumes: Vec<VolumeStatus>,
+    /// Counts over the whole fleet (whatever page the lists above are).
+    #[serde(default)]
+    pub summary: Summary,
+    /// Which part of the fleet the lists above are, when a [`Selection`] chose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<Page>,
+}
+
+/// The counts a fleet's status leads with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Volumes the manifests want.
+    pub volumes: usize,
+    /// Whose whole chain is in place.
+    pub volumes_ok: usize,
+    /// With a link missing or wrong (pending work, or held back).
+    pub volumes_degraded: usize,
+    /// On an agent that does not answer.
+    pub volumes_unknown: usize,
+    /// DPUs the manifests name.
+    pub dpus: usize,
+    /// Whose agent reports.
+    pub dpus_up: usize,
+    /// Whose agent does not.
+    pub dpus_down: usize,
+    /// Up, but SNAP not running or objects missing.
+    pub dpus_degraded: usize,
+    /// Ceph clusters.
+    pub clusters: usize,
+    /// Not reachable or not `HEALTH_OK`.
+    pub clusters_unhealthy: usize,
+}
+
+/// Which volumes and DPUs a view lists: filters, then a page. Every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Selection {
+    /// A volume's state (`ok`, `degraded`, `unknown`) or a DPU's health; `problems` for every
+    /// volume and DPU that is not ok.
+    pub state: Option<String>,
+    /// Exactly this host.
+    pub host: Option<String>,
+    /// Exactly this DPU.
+    pub dpu: Option<String>,
+    /// A volume label: `key` (present) or `key=value`.
+    pub label: Option<String>,
+    /// Text found in a volume's, image's, host's or DPU's name.
+    pub q: Option<String>,
+    /// Matches skipped before the page.
+    pub offset: usize,
+    /// Matches on the page (volumes and DPUs each).
+    pub limit: Option<usize>,
+}
+
+/// Which part of the fleet a view lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// Matches skipped.
+    pub offset: usize,
+    /// Page size.
+    pub limit: usize,
+    /// Volumes that match the filters.
+    pub volumes_matched: usize,
+    /// DPUs that match the filters.
+    pub dpus_matched: usize,
+}
+
+impl Selection {
+    /// A page of `limit` when none is set.
+    pub const DEFAULT_LIMIT: usize = 1000;
+
+    fn state_matches(&self, state: &str) -> bool {
+        match self.state.as_deref() {
+            None | Some("") => true,
+            Some("problems") => state != "ok",
+            Some(s) => s == state,
+        }
+    }
+
+    fn volume(&self, v: &VolumeStatus) -> bool {
+        let label = match self.label.as_deref() {
+            None | Some("") => true,
+            Some(l) => match l.split_once('=') {
+                Some((k, val)) => v.labels.get(k).is_some_and(|x| x == val),
+                None => v.labels.contains_key(l),
+            },
+        };
+        let text = match self.q.as_deref() {
+            None | Some("") => true,
+            Some(q) => [&v.volume, &v.image, &v.host, &v.dpu]
+                .iter()
+                .any(|f| f.contains(q)),
+        };
+        self.state_matches(&v.state)
+            && self
+                .host
+                .as_ref()
+                .is_none_or(|h| h.is_empty() || *h == v.host)
+            && self
+                .dpu
+                .as_ref()
+                .is_none_or(|d| d.is_empty() || *d == v.dpu)
+            && label
+            && text
+    }
+
+    fn dpu(&self, d: &DpuStatus) -> bool {
+        let text = match self.q.as_deref() {
+            None | Some("") => true,
+            Some(q) => d.name.contains(q) || d.host.contains(q),
+        };
+        self.state_matches(&d.health)
+            && self
+                .host
+                .as_ref()
+                .is_none_or(|h| h.is_empty() || *h == d.host)
+            && self
+                .dpu
+                .as_ref()
+                .is_none_or(|n| n.is_empty() || *n == d.name)
+            && text
+    }
 }
 
 /// One Ceph cluster.
@@ -150,6 +272,9 @@ pub struct VolumeStatus {
     /// How many openers the host has on the device.
     #[serde(default)]
     pub host_openers: u32,
+    /// The volume's labels, from its manifest.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl FleetStatus {
@@ -233,21 +358,139 @@ impl FleetStatus {
                 s
             })
             .collect();
+        // Each cluster's images by (pool, name), once: a volume's lookup costs no scan.
+        let images: std::collections::HashMap<(&str, &str, &str), &ImageStatus> = observed
+            .clusters
+            .iter()
+            .filter_map(|(name, k)| Some((name, k.get()?)))
+            .flat_map(|(name, r)| {
+                r.images
+                    .iter()
+                    .map(move |i| ((name.as_str(), i.pool.as_str(), i.image.as_str()), i))
+            })
+            .collect();
         let volumes = desired
             .volumes
             .values()
-            .map(|v| volume_status(v, observed))
+            .map(|v| {
+                let key = (v.cluster.as_str(), v.pool.as_str(), v.image.as_str());
+                chain_of(v, observed, images.get(&key).copied())
+            })
             .collect();
-        Self {
+        let mut s = Self {
             clusters,
             dpus,
             volumes,
+            ..Self::default()
+        };
+        s.count();
+        s
+    }
+
+    /// Whether every volume is ok (the whole fleet's, whatever page is listed).
+    pub fn all_ok(&self) -> bool {
+        self.summary.volumes_ok == self.summary.volumes
+    }
+
+    /// Counts the fleet.
+    fn count(&mut self) {
+        let vol = |state: &str| self.volumes.iter().filter(|v| v.state == state).count();
+        let dpu = |f: &dyn Fn(&DpuStatus) -> bool| self.dpus.iter().filter(|d| f(d)).count();
+        self.summary = Summary {
+            volumes: self.volumes.len(),
+            volumes_ok: vol("ok"),
+            volumes_degraded: vol("degraded"),
+            volumes_unknown: vol("unknown"),
+            dpus: self.dpus.len(),
+            dpus_up: dpu(&|d| d.reachable),
+            dpus_down: dpu(&|d| !d.reachable),
+            dpus_degraded: dpu(&|d| d.reachable && d.health != "ok"),
+            clusters: self.clusters.len(),
+            clusters_unhealthy: self
+                .clusters
+                .iter()
+                .filter(|c| !c.reachable || c.health != "HEALTH_OK")
+                .count(),
+        };
+    }
+
+    /// The volumes and DPUs `sel` chooses, a page of each (the clusters and the summary stay
+    /// the whole fleet's); only what is on the page is copied.
+    pub fn selected(&self, sel: &Selection) -> Self {
+        let limit = sel.limit.unwrap_or(Selection::DEFAULT_LIMIT);
+        let mut volumes_matched = 0;
+        let mut volumes = vec![];
+        for v in self.volumes.iter().filter(|v| sel.volume(v)) {
+            if volumes_matched >= sel.offset && volumes.len() < limit {
+                volumes.push(v.clone());
+            }
+            volumes_matched += 1;
+        }
+        let mut dpus_matched = 0;
+        let mut dpus = vec![];
+        for d in self.dpus.iter().filter(|d| sel.dpu(d)) {
+            if dpus_matched >= sel.offset && dpus.len() < limit {
+                dpus.push(d.clone());
+            }
+            dpus_matched += 1;
+        }
+        Self {
+            clusters: self.clusters.clone(),
+            dpus,
+            volumes,
+            summary: self.summary.clone(),
+            page: Some(Page {
+                offset: sel.offset,
+                limit,
+                volumes_matched,
+                dpus_matched,
+            }),
         }
     }
 
-    /// Whether every volume is ok.
-    pub fn all_ok(&self) -> bool {
-        self.volumes.iter().all(|v| v.state == "ok")
+    /// The counts, first of all: one line each for volumes, DPUs and clusters.
+    pub fn render_summary(&self) -> String {
+        let m = &self.summary;
+        format!(
+            "Volumes: {} ({} ok, {} degraded, {} unknown)\nDPUs:    {} ({} up, {} down, {} degraded)\nClusters: {} ({} not healthy)\n\n",
+            m.volumes,
+            m.volumes_ok,
+            m.volumes_degraded,
+            m.volumes_unknown,
+            m.dpus,
+            m.dpus_up,
+            m.dpus_down,
+            m.dpus_degraded,
+            m.clusters,
+            m.clusters_unhealthy
+        )
+    }
+
+    /// The problems (a selection of what is not ok), one line each.
+    pub fn render_problems(&self) -> String {
+        let mut out = String::from("Problems:\n");
+        for d in &self.dpus {
+            let why = d.error.as_deref().unwrap_or(&d.snap_state);
+            let _ = writeln!(out, "  dpu {:<20} {:<9} {why}", d.name, d.health);
+        }
+        for v in &self.volumes {
+            let _ = writeln!(out, "  volume {:<18} {:<9} {}", v.volume, v.state, v.detail);
+        }
+        if let Some(p) = &self.page {
+            let (shown, all) = (
+                self.volumes.len() + self.dpus.len(),
+                p.volumes_matched + p.dpus_matched,
+            );
+            if all > shown {
+                let _ = writeln!(
+                    out,
+                    "  ... {} more: unistor status --state problems",
+                    all - shown
+                );
+            }
+        }
+        out.push('\n');
+        out
     }
 
     /// The status tables, for people.
@@ -344,12 +587,46 @@ impl FleetStatus {
                     .unwrap_or_default()
             );
         }
+        if let Some(p) = &self.page {
+            let more = |what: &str, shown: usize, matched: usize| {
+                (matched > shown).then(|| {
+                    format!(
+                        "({what} {}-{} of {matched} listed: --offset and --limit page, --state, --host, --dpu, --label and --search filter)\n",
+                        p.offset + 1.min(shown),
+                        p.offset + shown
+                    )
+                })
+            };
+            for line in [
+                more("DPUs", self.dpus.len(), p.dpus_matched),
+                more("volumes", self.volumes.len(), p.volumes_matched),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                out.push_str(&line);
+            }
+        }
         out
     }
 }
 
 /// Walks one volume's chain; the first link that is not there breaks it.
 pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
+    let img = observed
+        .clusters
+        .get(&v.cluster)
+        .and_then(|k| k.get())
+        .and_then(|c| {
+            c.images
+                .iter()
+                .find(|i| i.pool == v.pool.as_str() && i.image == v.image.as_str())
+        });
+    chain_of(v, observed, img)
+}
+
+/// [`volume_status`] with the volume's image already looked up.
+fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> VolumeStatus {
     let mut s = VolumeStatus {
         volume: v.name.to_string(),
         host: v.host.clone(),
@@ -361,22 +638,24 @@ pub fn volume_status(v: &Volume, observed: &Observed) -> VolumeStatus {
         uuid: v.uuid.clone(),
         policy: v.deletion_policy.as_str().into(),
         state: "unknown".into(),
+        labels: v.labels.clone(),
         ..VolumeStatus::default()
     };
-    let Some(cluster) = observed.clusters.get(&v.cluster).and_then(|k| k.get()) else {
+    if observed
+        .clusters
+        .get(&v.cluster)
+        .and_then(|k| k.get())
+        .is_none()
+    {
         s.detail = format!("cluster {} not reporting", v.cluster);
         return s;
-    };
+    }
     let Some(dpu) = observed.dpus.get(&v.dpu).and_then(|k| k.get()) else {
         s.detail = format!("dpu {} not reporting", v.dpu);
         return s;
     };
     // Each check: Ok(what was found) or Err(what is missing).
     let mut chain = Chain::default();
-    let img = cluster
-        .images
-        .iter()
-        .find(|i| i.pool == v.pool.as_str() && i.image == v.image.as_str());
     chain.check("image", || match img {
         Some(i) if i.state == ImageState::Live => {
             s.size_bytes = i.size_bytes;

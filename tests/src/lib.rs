@@ -452,7 +452,12 @@ impl Daemon {
 
     /// The JSON API's status.
     pub fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.get("/api/v1/status")).expect("status is JSON")
+        self.status_at("")
+    }
+
+    /// The JSON API's status with `query` (`limit=0`: the counts alone; `q=NAME`...).
+    pub fn status_at(&self, query: &str) -> serde_json::Value {
+        serde_json::from_str(&self.get(&format!("/api/v1/status?{query}"))).expect("status is JSON")
     }
 
     /// Waits until `cond` holds on the status; on timeout panics with the last status and
@@ -461,11 +466,22 @@ impl Daemon {
         &self,
         limit: Duration,
         what: &str,
+        cond: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_for_at("", limit, what, cond)
+    }
+
+    /// [`Daemon::wait_for`] on the status with `query`.
+    pub fn wait_for_at(
+        &self,
+        query: &str,
+        limit: Duration,
+        what: &str,
         mut cond: impl FnMut(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
         let start = Instant::now();
         loop {
-            let s = self.status();
+            let s = self.status_at(query);
             if cond(&s) {
                 return s;
             }

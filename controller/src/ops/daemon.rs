@@ -72,11 +72,24 @@ pub fn suspend_cmd(a: SuspendArgs, on: bool) -> Result<ExitCode, OpsError> {
 pub(super) fn from_daemon(
     url: &str,
     dir: &std::path::Path,
+    sel: &crate::status::Selection,
 ) -> Option<crate::watch::state::DaemonView> {
-    let mut resp = http_agent()
-        .get(&format!("{}/api/v1/status", url.trim_end_matches('/')))
-        .call()
-        .ok()?;
+    let mut req = http_agent().get(&format!("{}/api/v1/status", url.trim_end_matches('/')));
+    let q = [
+        ("state", sel.state.clone()),
+        ("host", sel.host.clone()),
+        ("dpu", sel.dpu.clone()),
+        ("label", sel.label.clone()),
+        ("q", sel.q.clone()),
+        ("offset", Some(sel.offset.to_string())),
+        ("limit", sel.limit.map(|l| l.to_string())),
+    ];
+    for (k, v) in q {
+        if let Some(v) = v {
+            req = req.query(k, v);
+        }
+    }
+    let mut resp = req.call().ok()?;
     if !resp.status().is_success() {
         return None;
     }

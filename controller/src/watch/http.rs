@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,6 +14,7 @@ use protocol::names::{PeerName, VolumeName};
 use tokio::sync::mpsc;
 
 use super::state::{Level, Shared};
+use crate::status::Selection;
 
 #[derive(Clone)]
 struct App {
@@ -60,8 +61,10 @@ async fn metrics(State(app): State<App>) -> Response {
         .into_response()
 }
 
-async fn status(State(app): State<App>) -> Response {
-    Json(app.state.view()).into_response()
+/// `GET /api/v1/status?state=&host=&dpu=&label=&q=&offset=&limit=`: the counts of the whole
+/// fleet, and a page of the volumes and DPUs the filters choose (see [`Selection`]).
+async fn status(State(app): State<App>, Query(sel): Query<Selection>) -> Response {
+    Json(app.state.view_of(&sel)).into_response()
 }
 
 /// Queues a reconcile. The answer says which one will have run when it is done: the last

@@ -54,6 +54,10 @@ pub struct WatchArgs {
     /// Passes of observe-plan-execute per reconcile before waiting for the next trigger.
     #[arg(long, default_value_t = 5)]
     pub passes: usize,
+    /// New agent sessions per second, all agents together: after a restart, a fleet's sessions
+    /// come back at this rate instead of all at once (1,000 agents: 10 s at 100/s).
+    #[arg(long, default_value_t = 100.0)]
+    pub connect_rate: f64,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -62,6 +66,7 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     let (tx, rx) = mpsc::unbounded_channel::<String>();
     let sessions = Arc::new(Sessions::new(
         crate::ops::fleet_options(&a.common)?,
+        a.connect_rate,
         state.clone(),
         tx.clone(),
     ));

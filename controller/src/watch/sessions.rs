@@ -31,8 +31,40 @@ struct Slot {
     task: JoinHandle<()>,
 }
 
+/// Paces new connections, all agents together: each attempt takes the next free slot, slots
+/// `1 / rate` apart. A daemon that restarts in front of a fleet dials it at this rate, not all
+/// at once (and the agents' TLS handshakes, and the first reads, are spread the same way).
+#[derive(Debug)]
+pub struct ConnectGate {
+    interval: Duration,
+    next: Mutex<tokio::time::Instant>,
+}
+
+impl ConnectGate {
+    /// At most `rate` connection attempts per second (at least one a minute).
+    pub fn new(rate: f64) -> Self {
+        let interval = Duration::from_secs_f64(1.0 / rate.clamp(1.0 / 60.0, 1e6));
+        Self {
+            interval,
+            next: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for this attempt's slot.
+    pub async fn pass(&self) {
+        let at = {
+            let mut next = lock(&self.next);
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 /// The sessions, by target, and what the agents said over them.
 pub struct Sessions {
+    gate: Arc<ConnectGate>,
     slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
     informer: Arc<Mutex<Informer>>,
     opts: FleetOptions,
@@ -44,10 +76,12 @@ impl Sessions {
     /// No sessions yet.
     pub fn new(
         opts: FleetOptions,
+        connect_rate: f64,
         state: Arc<Shared>,
         trigger: mpsc::UnboundedSender<String>,
     ) -> Self {
         Self {
+            gate: Arc::new(ConnectGate::new(connect_rate)),
             slots: Arc::default(),
             informer: Arc::default(),
             opts,
@@ -94,6 +128,7 @@ impl Sessions {
                 Views {
                     slots: self.slots.clone(),
                     informer: self.informer.clone(),
+                    gate: self.gate.clone(),
                 },
                 self.state.clone(),
                 self.trigger.clone(),
@@ -166,6 +201,7 @@ impl Drop for Sessions {
 struct Views {
     slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
     informer: Arc<Mutex<Informer>>,
+    gate: Arc<ConnectGate>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -219,11 +255,16 @@ async fn supervise(
     state: Arc<Shared>,
     trigger: mpsc::UnboundedSender<String>,
 ) {
-    let Views { slots, informer } = views;
+    let Views {
+        slots,
+        informer,
+        gate,
+    } = views;
     let label = target.to_string();
     let mut failures: u32 = 0;
     let mut last: Option<serde_json::Value> = None;
     loop {
+        gate.pass().await;
         match AgentClient::connect(&address, &name, opts.tls.clone(), opts.client.clone()).await {
             Ok(client) => {
                 failures = 0;
@@ -312,5 +353,35 @@ async fn supervise(
             .min(BACKOFF_MAX);
         let jitter = 0.5 + fastrand::f64();
         tokio::time::sleep(base.mul_f64(jitter)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_spreads_a_storm_of_attempts_at_its_rate() {
+        let gate = Arc::new(ConnectGate::new(100.0));
+        let start = tokio::time::Instant::now();
+        let mut tasks = vec![];
+        for _ in 0..50 {
+            let g = gate.clone();
+            tasks.push(tokio::spawn(async move {
+                g.pass().await;
+                tokio::time::Instant::now()
+            }));
+        }
+        let mut at = vec![];
+        for t in tasks {
+            at.push(t.await.unwrap() - start);
+        }
+        at.sort();
+        assert_eq!(at[0], Duration::ZERO, "the first goes at once");
+        // 50 attempts at 100/s: the last one 490 ms after the first, each 10 ms apart.
+        assert_eq!(at[49], Duration::from_millis(490));
+        assert!(at
+            .windows(2)
+            .all(|w| w[1] - w[0] == Duration::from_millis(10)));
     }
 }

@@ -180,6 +180,18 @@ pub struct DaemonView {
     pub suspended: Suspended,
     /// Recent events, newest last.
     pub events: Vec<EventRecord>,
+    /// Steps the last plan had (`pending` lists at most a page of them).
+    #[serde(default)]
+    pub pending_total: usize,
+    /// Agents the manifests name (`agents` lists those of the listed clusters and DPUs).
+    #[serde(default)]
+    pub agents_total: usize,
+    /// Of them, with a session up.
+    #[serde(default)]
+    pub agents_connected: usize,
+    /// The last hour, one sample per reconcile, oldest first.
+    #[serde(default)]
+    pub history: Vec<Sample>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -305,11 +317,36 @@ struct Inner {
     started: u64,
     agents: BTreeMap<String, AgentState>,
     pending: Vec<String>,
+    pending_total: usize,
     drift: Vec<Drift>,
     blocked: Vec<Blocked>,
     suspended: Suspended,
     events: VecDeque<EventRecord>,
     last_errors: BTreeMap<String, String>,
+    /// The status of the whole fleet as of the last observation (walked once per pass, not
+    /// once per request).
+    fleet: Option<Arc<FleetStatus>>,
+    history: VecDeque<Sample>,
+}
+
+/// How long the dashboard's charts look back.
+const HISTORY: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Samples kept at most (one per reconcile: reconciles come at least 5 s apart here on average).
+const HISTORY_KEPT: usize = 720;
+
+/// One point of the dashboard's charts, taken when a reconcile ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// The reconcile's duration.
+    pub reconcile_ms: u64,
+    /// Steps its plan had left.
+    pub pending: usize,
+    /// Agents with a session up.
+    pub agents_connected: usize,
+    /// Agents the manifests name.
+    pub agents: usize,
 }
 
 /// The daemon's shared state.
@@ -412,6 +449,7 @@ impl Shared {
             .set(i64::try_from(d.volumes.len()).unwrap_or(i64::MAX));
         self.metrics.manifests_valid.set(1);
         g.desired = Some(Arc::new(d));
+        g.fleet = None;
         g.manifests.loaded_at = Some(now());
         g.manifests.generation += 1;
         true
@@ -480,7 +518,14 @@ impl Shared {
             .pending
             .set(i64::try_from(p.steps.len()).unwrap_or(i64::MAX));
         let mut g = self.write();
-        g.pending = p.steps.iter().map(crate::render::step_line).collect();
+        g.pending_total = p.steps.len();
+        // A page of them: a plan of the whole fleet is not formatted line by line each pass.
+        g.pending = p
+            .steps
+            .iter()
+            .take(crate::status::Selection::DEFAULT_LIMIT)
+            .map(crate::render::step_line)
+            .collect();
         g.drift = p.drift.clone();
         g.blocked = p.blocked.clone();
     }
@@ -488,14 +533,16 @@ impl Shared {
     /// What the agents reported last.
     pub fn observed(&self, o: Observed) {
         // The chains are walked outside the lock: the dashboard keeps reading meanwhile.
-        if let Some(d) = self.read().desired.clone() {
+        let fleet = self.read().desired.clone().map(|d| {
             let fs = FleetStatus::new(&d, &o);
-            let ok = fs.volumes.iter().filter(|v| v.state == "ok").count();
             self.metrics
                 .volumes_converged
-                .set(i64::try_from(ok).unwrap_or(i64::MAX));
-        }
-        self.write().observed = o;
+                .set(i64::try_from(fs.summary.volumes_ok).unwrap_or(i64::MAX));
+            Arc::new(fs)
+        });
+        let mut g = self.write();
+        g.observed = o;
+        g.fleet = fleet;
     }
 
     /// The observed state last recorded.
@@ -524,6 +571,24 @@ impl Shared {
             })
             .inc();
         let mut g = self.write();
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let sample = Sample {
+            at,
+            reconcile_ms: s.duration_ms,
+            pending: g.pending_total,
+            agents_connected: g.agents.values().filter(|a| a.connected).count(),
+            agents: g.agents.len(),
+        };
+        while g
+            .history
+            .front()
+            .is_some_and(|f| f.at + HISTORY.as_secs() < at || g.history.len() >= HISTORY_KEPT)
+        {
+            g.history.pop_front();
+        }
+        g.history.push_back(sample);
         g.reconciling = false;
         g.last_reconcile = Some(s);
     }
@@ -556,18 +621,31 @@ impl Shared {
         Ok(changed)
     }
 
-    /// The JSON API's view.
+    /// The JSON API's view of the whole fleet (its first page).
     pub fn view(&self) -> DaemonView {
+        self.view_of(&crate::status::Selection::default())
+    }
+
+    /// The JSON API's view: the counts of the whole fleet, the volumes and DPUs `sel` chooses.
+    pub fn view_of(&self, sel: &crate::status::Selection) -> DaemonView {
         let g = self.read();
-        let mut fleet = match &g.desired {
-            Some(d) => FleetStatus::new(d, &g.observed),
-            None => FleetStatus::default(),
+        let mut fleet = match (&g.fleet, &g.desired) {
+            (Some(f), _) => f.selected(sel),
+            (None, Some(d)) => FleetStatus::new(d, &g.observed).selected(sel),
+            (None, None) => FleetStatus::default(),
         };
         for v in &mut fleet.volumes {
             v.last_error = g.last_errors.get(&v.volume).cloned();
             v.suspended =
                 g.suspended.volumes.contains(&v.volume) || g.suspended.dpus.contains(&v.dpu);
         }
+        // The sessions of what is listed.
+        let listed: BTreeSet<String> = fleet
+            .clusters
+            .iter()
+            .map(|c| format!("cluster/{}", c.name))
+            .chain(fleet.dpus.iter().map(|d| format!("dpu/{}", d.name)))
+            .collect();
         DaemonView {
             generated_at: now(),
             started_at: self.started_at.clone(),
@@ -575,13 +653,25 @@ impl Shared {
             reconciling: g.reconciling,
             manifests: g.manifests.clone(),
             last_reconcile: g.last_reconcile.clone(),
-            agents: g.agents.values().cloned().collect(),
+            agents: listed
+                .iter()
+                .filter_map(|t| g.agents.get(t).cloned())
+                .collect(),
             fleet,
-            pending: g.pending.clone(),
+            pending: g
+                .pending
+                .iter()
+                .take(sel.limit.unwrap_or(crate::status::Selection::DEFAULT_LIMIT))
+                .cloned()
+                .collect(),
             drift: g.drift.clone(),
             blocked: g.blocked.clone(),
             suspended: g.suspended.clone(),
             events: g.events.iter().cloned().collect(),
+            pending_total: g.pending_total,
+            agents_total: g.agents.len(),
+            agents_connected: g.agents.values().filter(|a| a.connected).count(),
+            history: g.history.iter().cloned().collect(),
         }
     }
 }

@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 
 use e2e::{
     ceph_agent_command, dpu_agent_command, fleet_yaml, issue_pki, reconciled, show,
-    spawn_announced, unique, unistor, volume_yaml, write_like_an_editor, Cluster, Daemon, Procs,
-    ANY_PORT,
+    spawn_announced, unique, unistor, volume_yaml, write_like_an_editor, Cluster, Daemon, FleetSim,
+    Procs, ANY_PORT,
 };
+
+#[path = "converge-bench/fleet.rs"]
+mod fleet;
 
 /// Converges N simulated DPUs x M volumes from empty against the real Ceph cluster
 /// (`UNISTOR_CEPH_*`, as `scripts/bench.sh` sets them) and reports the time against its floor.
@@ -29,6 +32,11 @@ struct Args {
     /// Manifest edits timed in watch mode.
     #[arg(long, default_value_t = 5)]
     edits: usize,
+    /// Simulate the DPUs in one `fleet-sim` process instead of a dpu-agent and an emulator
+    /// process each; then also time a daemon restart (the reconnect storm) and the loss of a
+    /// tenth of the fleet.
+    #[arg(long)]
+    fleet: bool,
 }
 
 /// CPU seconds of a process: (its own, its reaped children's), from /proc/PID/stat.
@@ -159,7 +167,11 @@ fn main() -> std::process::ExitCode {
         "  apply / floor:                   {:.2}x",
         converge.as_secs_f64() / (rbd_floor + snap_floor).as_secs_f64()
     );
-    lab.watch(a.edits);
+    if a.fleet {
+        fleet::watch(&lab, a.edits);
+    } else {
+        lab.watch(a.edits);
+    }
     std::process::ExitCode::SUCCESS
 }
 
@@ -188,6 +200,10 @@ struct BenchLab<'a> {
     c: &'a Cluster,
     dir: tempfile::TempDir,
     procs: Procs,
+    /// Sizes edits gave volumes, by index.
+    sizes: std::cell::RefCell<std::collections::BTreeMap<usize, String>>,
+    /// The DPUs, when one process simulates them all.
+    fleet: std::cell::RefCell<Option<FleetSim>>,
     /// (volume, DPU index).
     vols: Vec<(String, usize)>,
     owner: String,
@@ -202,7 +218,9 @@ impl<'a> BenchLab<'a> {
             .map(|i| format!("{}-{i}", unique("dpu-bench")))
             .collect();
         let mut names: Vec<&str> = vec![&ceph_name];
-        names.extend(dpu_names.iter().map(String::as_str));
+        if !a.fleet {
+            names.extend(dpu_names.iter().map(String::as_str));
+        }
         issue_pki(&pki, &names);
         let mut procs = Procs::default();
         // Every agent binds port 0 and says which port it got.
@@ -214,7 +232,31 @@ impl<'a> BenchLab<'a> {
         procs.0.push(child);
         let latency = format!("--emulator-arg=--latency=*={}ms", a.snap_latency_ms);
         let mut pairs = vec![];
-        for (i, name) in dpu_names.iter().enumerate() {
+        let sim = a.fleet.then(|| {
+            // Each DPU as on its own machine: SNAP answers at its latency, the agent polls SNAP
+            // every 10 s and heartbeats every 10 s (1,000 agents: 100 heartbeats/s in all).
+            let latency = format!("{}ms", a.snap_latency_ms);
+            let prefix = unique("dpu-bench");
+            FleetSim::start(
+                &pki,
+                &dir.path().join("fleet"),
+                &prefix,
+                a.dpus,
+                &[
+                    "--real-ceph",
+                    "--snap-latency",
+                    &latency,
+                    "--poll-interval",
+                    "10s",
+                    "--heartbeat",
+                    "10s",
+                ],
+            )
+        });
+        if let Some(f) = &sim {
+            pairs.clone_from(&f.agents);
+        }
+        for (i, name) in dpu_names.iter().enumerate().filter(|_| !a.fleet) {
             let state = dir.path().join(format!("dpu{i}"));
             let (child, addr) = spawn_announced(
                 &mut dpu_agent_command(
@@ -227,11 +269,14 @@ impl<'a> BenchLab<'a> {
                 "listening on ",
             );
             procs.0.push(child);
-            pairs.push((name.as_str(), addr));
+            pairs.push((name.clone(), addr));
         }
         let m = dir.path().join("manifests");
         std::fs::create_dir_all(&m).unwrap();
-        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(n, a)| (*n, a.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.as_str()))
+            .collect();
         let fleet = fleet_yaml(
             &ceph_name,
             &ceph_addr,
@@ -247,6 +292,8 @@ impl<'a> BenchLab<'a> {
             c,
             dir,
             procs,
+            fleet: std::cell::RefCell::new(sim),
+            sizes: Default::default(),
             vols,
             owner: unique("bench"),
         };
@@ -262,17 +309,19 @@ impl<'a> BenchLab<'a> {
         self.dir.path().join("pki").display().to_string()
     }
 
-    /// Writes every volume at 64 MiB, volume `grown.0` at `grown.1`.
+    /// Writes every volume at 64 MiB or the size an earlier edit gave it, volume `grown.0` at
+    /// `grown.1` (images only grow: an edit never undoes an earlier one).
     fn write_volumes(&self, grown: Option<(usize, &str)>) {
+        let mut sizes = self.sizes.borrow_mut();
+        if let Some((g, size)) = grown {
+            sizes.insert(g, size.to_string());
+        }
         let text: String = self
             .vols
             .iter()
             .enumerate()
             .map(|(i, (v, h))| {
-                let size = match grown {
-                    Some((g, s)) if g == i => s,
-                    _ => "64Mi",
-                };
+                let size = sizes.get(&i).map_or("64Mi", String::as_str);
                 volume_yaml(v, *h, size, &self.c.pool, "Retain")
             })
             .collect();

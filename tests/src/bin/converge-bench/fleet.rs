@@ -1,0 +1,176 @@
+//! The watch daemon at fleet size (`--fleet`): the DPUs are one `fleet-sim` process. Reads the
+//! daemon's counts (`?limit=0`) and single volumes (`?q=NAME`), never the whole list.
+
+use std::time::{Duration, Instant};
+
+use e2e::{reconciled, Daemon};
+use serde_json::Value;
+
+use super::{cpu, ms, peak_rss, BenchLab};
+
+const LIMIT: Duration = Duration::from_secs(1800);
+
+fn converged(s: &Value, n: usize) -> bool {
+    let sum = &s["fleet"]["summary"];
+    reconciled(s)
+        && s["last_reconcile"]["result"] == "converged"
+        && sum["volumes"] == n
+        && sum["volumes_ok"] == n
+}
+
+fn steps_done(d: &Daemon) -> u64 {
+    d.get("/metrics")
+        .lines()
+        .find(|l| l.starts_with("unistor_steps_total{outcome=\"done\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+impl BenchLab<'_> {
+    fn daemon(&self) -> Daemon {
+        Daemon::start(
+            &[
+                &self.manifests(),
+                "--pki-dir",
+                &self.pki(),
+                "--owner",
+                &self.owner,
+                "--state-dir",
+                &self.dir.path().join("watch").display().to_string(),
+                "--resync",
+                "1h",
+                "--debounce",
+                "200ms",
+            ],
+            &self.dir.path().join("watch.log"),
+        )
+    }
+
+    fn fleet_command(&self, cmd: &str) -> String {
+        let mut f = self.fleet.borrow_mut();
+        f.as_mut().expect("fleet mode").command(cmd)
+    }
+
+    fn fleet_stats(&self) -> Value {
+        let mut f = self.fleet.borrow_mut();
+        f.as_mut().expect("fleet mode").stats()
+    }
+
+    /// Grows volume `i` to `mib` and times it to ok, read through a search for its name.
+    fn edit(&self, d: &Daemon, i: usize, mib: u64) -> Duration {
+        let name = &self.vols[i].0;
+        let t = Instant::now();
+        self.write_volumes(Some((i, &format!("{mib}Mi"))));
+        d.wait_for_at(
+            &format!("q={name}&limit=5"),
+            LIMIT,
+            "the edit to converge",
+            |s| {
+                reconciled(s)
+                    && s["fleet"]["volumes"].as_array().is_some_and(|v| {
+                        v.iter().any(|v| {
+                            v["volume"] == name.as_str()
+                                && v["size_bytes"] == mib << 20
+                                && v["state"] == "ok"
+                        })
+                    })
+            },
+        );
+        t.elapsed()
+    }
+}
+
+/// The daemon at fleet size: converged, edits, steady state, a restart, a lost tenth.
+pub(super) fn watch(lab: &BenchLab<'_>, edits: usize) {
+    let n = lab.vols.len();
+    let mut d = lab.daemon();
+    let t = Instant::now();
+    d.wait_for_at("limit=0", LIMIT, "converged", |s| converged(s, n));
+    println!(
+        "  watch: daemon started -> {n} volumes seen converged: {}",
+        ms(t.elapsed())
+    );
+    let times: Vec<Duration> = (0..edits)
+        .map(|e| lab.edit(&d, e, 128 + 64 * e as u64))
+        .collect();
+    println!(
+        "  watch: one-volume edit -> converged: {} (median {})",
+        times.iter().map(|t| ms(*t)).collect::<Vec<_>>().join(", "),
+        ms(median(times.clone()))
+    );
+    // Steady state: nothing to do, heartbeats and reports only.
+    let pid = d.child.id().to_string();
+    let (c0, t0) = (cpu(&pid).0, Instant::now());
+    std::thread::sleep(Duration::from_secs(60));
+    let share = (cpu(&pid).0 - c0) / t0.elapsed().as_secs_f64();
+    let stats = lab.fleet_stats();
+    let dpus = stats["dpus"].as_u64().unwrap_or(1).max(1);
+    println!(
+        "  steady state: daemon CPU {:.1}% of a core over 60 s; peak RSS daemon {} MiB, fleet-sim {} MiB ({} KiB per DPU), ceph-agent {} MiB",
+        share * 100.0,
+        peak_rss(d.child.id()) / 1024,
+        stats["peak_rss_kib"].as_u64().unwrap_or(0) / 1024,
+        stats["peak_rss_kib"].as_u64().unwrap_or(0) / dpus,
+        peak_rss(lab.procs.0[0].id()) / 1024,
+    );
+    restart(lab, &mut d, n);
+    lose_a_tenth(lab, &d, n, dpus as usize);
+}
+
+/// The daemon killed and started again: until every session is back, until converged.
+fn restart(lab: &BenchLab<'_>, d: &mut Daemon, n: usize) {
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    lab.fleet_command("reset-peak");
+    let t = Instant::now();
+    *d = lab.daemon();
+    let s = d.wait_for_at("limit=0", LIMIT, "every session back", |s| {
+        s["agents_total"].as_u64() > Some(0) && s["agents_total"] == s["agents_connected"]
+    });
+    let sessions = t.elapsed();
+    d.wait_for_at("limit=0", LIMIT, "converged", |s| converged(s, n));
+    let stats = lab.fleet_stats();
+    println!(
+        "  daemon restart: {} sessions back after {}, converged after {}; peak {} connections/s seen by the agents; steps run after the restart: {}",
+        s["agents_total"],
+        ms(sessions),
+        ms(t.elapsed()),
+        stats["peak_accepts_per_sec"],
+        steps_done(d)
+    );
+}
+
+/// A tenth of the DPUs stop: an edit elsewhere converges; they return; nothing is replaced.
+fn lose_a_tenth(lab: &BenchLab<'_>, d: &Daemon, n: usize, dpus: usize) {
+    let lost = (dpus / 10).max(1);
+    let per_dpu = n / dpus;
+    lab.fleet_command(&format!("stop 0 {}", lost - 1));
+    let t = Instant::now();
+    d.wait_for_at("limit=0", LIMIT, "the lost DPUs' volumes unknown", |s| {
+        s["fleet"]["summary"]["volumes_unknown"] == lost * per_dpu
+    });
+    let unknown = t.elapsed();
+    // A volume on the last DPU, still up.
+    let edit = lab.edit(d, n - 1, 512);
+    let before = steps_done(d);
+    let s = d.status_at("limit=0");
+    let still = &s["fleet"]["summary"]["volumes_unknown"];
+    lab.fleet_command(&format!("start 0 {}", lost - 1));
+    let t = Instant::now();
+    d.wait_for_at("limit=0", LIMIT, "converged", |s| converged(s, n));
+    let back = t.elapsed();
+    d.reconcile_now(LIMIT);
+    println!(
+        "  {lost} DPUs lost: their {} volumes unknown after {}; an edit elsewhere converged in {} ({still} still unknown); back and converged after {}; steps for their return: {}",
+        lost * per_dpu,
+        ms(unknown),
+        ms(edit),
+        ms(back),
+        steps_done(d) - before
+    );
+}
