@@ -5,6 +5,10 @@
 #                          (dpu-agent + SNAP emulator in real-Ceph mode), `unistor apply
 #                          examples/lab`, then the watch daemon (`unistor watch examples/lab`)
 #                          with its dashboard, and the fleet's status
+#   scripts/lab.sh up --fleet N
+#                          the same with N simulated DPUs in one fleet-sim process (each its
+#                          own dpu-agent endpoint and SNAP emulator) and 2 volumes each, from
+#                          manifests generated in lab/fleet-manifests
 #   scripts/lab.sh down    stop everything, remove ./lab
 #
 # Ports: ceph-agent 127.0.0.1:7400, dpu-a/b/c 127.0.0.1:7411-7413 (as examples/lab names them),
@@ -31,7 +35,42 @@ wait_port() {
   exit 1
 }
 
+# N DPUs in one fleet-sim process; writes lab/fleet-manifests (the lab's cluster, the DPUs at
+# the addresses fleet-sim announced, two 64 MiB volumes per DPU).
+fleet() {
+  local n=$1 m=$lab/fleet-manifests
+  mkdir -p "$m"
+  # stdin stays open (a FIFO nobody writes) so that fleet-sim serves until `down` stops it.
+  [ -p "$lab/fleet.in" ] || mkfifo "$lab/fleet.in"
+  start fleet "$lab/fleet.pid" "$lab/fleet.out" \
+    sh -c 'exec "$0" "$@" <>"'"$lab/fleet.in"'"' "$bin/fleet-sim" --pki-dir "$lab/pki" \
+    --issue-missing --state-dir "$lab/fleet" --dpus "$n" --prefix fleet --real-ceph
+  for _ in $(seq 1 300); do
+    grep -q "DPUs up" "$lab/fleet.out" 2>/dev/null && break
+    sleep 0.2
+  done
+  grep -q "DPUs up" "$lab/fleet.out" || { echo "fleet-sim did not start; see $lab/fleet.out" >&2; exit 1; }
+  cp examples/lab/ceph.yaml "$m/ceph.yaml"
+  python3 - "$lab/fleet.out" "$m" <<'PY'
+import sys
+out, m = sys.argv[1], sys.argv[2]
+dpus = [l.split(": listening on ") for l in open(out).read().splitlines() if ": listening on " in l]
+with open(f"{m}/dpus.yaml", "w") as f:
+    for name, addr in dpus:
+        f.write(f"---\napiVersion: unistor.io/v1alpha1\nkind: Dpu\nmetadata: {{name: {name}}}\nspec:\n"
+                f"  agent: {{name: {name}, address: '{addr}'}}\n  host: host-{name}\n"
+                f"  snap: {{version: 4.5.0-6-doca2.9.0, functions: {{pfs: 1, vfsPerPf: 4}}}}\n")
+with open(f"{m}/volumes.yaml", "w") as f:
+    for name, _ in dpus:
+        for j in range(2):
+            f.write(f"---\napiVersion: unistor.io/v1alpha1\nkind: Volume\nmetadata: {{name: {name}-v{j}, labels: {{fleet: lab}}}}\n"
+                    f"spec:\n  host: host-{name}\n  size: 64Mi\n  rbd: {{cluster: ceph-lab, pool: rbd}}\n")
+PY
+}
+
 up() {
+  local n=0
+  if [ "${1:-}" = --fleet ]; then n=${2:?usage: $0 up --fleet N}; fi
   cargo build --release --workspace --bins
   mkdir -p "$lab"
   if [ ! -e "$lab/ceph/ceph.conf" ]; then
@@ -50,6 +89,10 @@ up() {
     "$bin/ceph-agent" --name ceph-1 --listen 127.0.0.1:7400 --pki-dir "$lab/pki" \
     --state-dir "$lab/ceph-agent" --ceph-conf "$UNISTOR_CEPH_CONF" \
     --keyring "$UNISTOR_CEPH_KEYRING" --client-id "$UNISTOR_CEPH_ID"
+  if [ "$n" -gt 0 ]; then
+    up_fleet "$n"
+    return
+  fi
   port=7411
   for d in dpu-a dpu-b dpu-c; do
     mkdir -p "$lab/$d"
@@ -96,19 +139,46 @@ PY
   echo "stop it with: scripts/lab.sh down"
 }
 
+# The rest of `up --fleet N`: apply the generated manifests, then the daemon on them.
+up_fleet() {
+  fleet "$1"
+  wait_port 127.0.0.1:7400
+  local m=$lab/fleet-manifests
+  "$bin/unistor" apply "$m" --pki-dir "$lab/pki" --auto-approve | tail -3
+  start watch "$lab/watch.pid" "$lab/watch.log" \
+    "$bin/unistor" watch "$m" --pki-dir "$lab/pki" --listen "$http" \
+    --state-dir "$lab/watch" --resync 10m
+  wait_port "$http"
+  echo
+  "$bin/unistor" status "$m" --pki-dir "$lab/pki" --daemon "http://$http" --limit 10 || true
+  echo
+  echo "lab is up: $1 simulated DPUs in one fleet-sim process (pid $(cat "$lab/fleet.pid")), manifests in $m"
+  echo "dashboard: http://$http/   (JSON: /api/v1/status?state=problems, Prometheus: /metrics)"
+  echo "stop it with: scripts/lab.sh down"
+}
+
 down() {
+  local pids=()
   for f in "$lab"/*.pid; do
     [ -e "$f" ] || continue
-    kill "$(cat "$f")" 2>/dev/null || true
+    pids+=("$(cat "$f")")
+    kill "${pids[-1]}" 2>/dev/null || true
   done
-  sleep 0.5
+  # Until they are gone (fleet-sim closes every DPU's images first), at most 30 s, then KILL.
+  for _ in $(seq 1 150); do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.2
+  done
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   pkill -f "snap-emulator --socket $lab/" 2>/dev/null || true
   scripts/ceph-dev-cluster.sh down "$lab/ceph"
   rm -rf "$lab"
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) shift; up "$@" ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 64 ;;
+  *) echo "usage: $0 up [--fleet N]|down" >&2; exit 64 ;;
 esac

@@ -574,6 +574,31 @@ pub fn http_get(url: &str) -> String {
 /// A headless browser's view of `url` after its scripts ran: Debian's chromium, `--dump-dom`.
 /// Panics with how to install it when it is missing.
 pub fn browser_dom(url: &str) -> String {
+    let out = browser(url, &["--dump-dom".into()]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A screenshot of `url` (1280 x `height`) in headless chromium, as PNG bytes: the page after its
+/// scripts ran. Panics unless the browser wrote a PNG of that size.
+pub fn browser_screenshot(url: &str, height: u32) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("screenshot dir");
+    let path = dir.path().join("shot.png");
+    browser(
+        url,
+        &[
+            format!("--screenshot={}", path.display()),
+            format!("--window-size=1280,{height}"),
+            "--hide-scrollbars".into(),
+        ],
+    );
+    let png = std::fs::read(&path).expect("the browser wrote a screenshot");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
+    let be = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes"));
+    assert_eq!((be(16), be(20)), (1280, height), "the PNG's size (IHDR)");
+    png
+}
+
+fn browser(url: &str, what: &[String]) -> std::process::Output {
     let bin = ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
         .find(|b| {
@@ -597,7 +622,7 @@ pub fn browser_dom(url: &str) -> String {
             "--virtual-time-budget=5000",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--dump-dom")
+        .args(what)
         .arg(url)
         .stdin(Stdio::null())
         .output()
@@ -607,7 +632,7 @@ pub fn browser_dom(url: &str) -> String {
         "{bin} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out
 }
 
 /// One JSON-RPC call to SNAP's socket, directly (not through an agent); the `result`.

@@ -92,6 +92,7 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
         &dir.path().join("watch.log"),
     );
     d.wait_converged(CONVERGE, DPUS * PER_DPU);
+    dashboard_leads_with_counts_and_charts(&d);
     let stats = fleet.stats();
     assert_eq!(stats["up"], DPUS, "{stats}");
     assert!(stats["accepted"].as_u64() >= Some(DPUS as u64), "{stats}");
@@ -124,6 +125,27 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
     for n in &lost {
         assert!(c.rbd_info(&c.pool, n).is_some(), "image {n} kept");
     }
+    // The counts and the problems lead; the API filters and pages.
+    let s = d.status_at("state=unknown&limit=4");
+    let sum = &s["fleet"]["summary"];
+    assert_eq!(sum["volumes_unknown"], 3 * PER_DPU, "{sum}");
+    assert_eq!(
+        (sum["dpus_down"].as_u64(), sum["dpus_up"].as_u64()),
+        (Some(3), Some(DPUS as u64 - 3))
+    );
+    assert_eq!(s["fleet"]["page"]["volumes_matched"], 3 * PER_DPU);
+    assert_eq!(volumes(&s).len(), 4, "a page of 4");
+    assert!(volumes(&s).iter().all(|v| v["state"] == "unknown"));
+    assert_eq!(s["agents_connected"], DPUS + 1 - 3);
+    let dom = e2e::browser_dom(&format!("{}/", d.url));
+    let problems = section(&dom, r#"id="problems""#, "</ul>");
+    for i in 0..3 {
+        assert!(
+            problems.contains(&format!("DPU dpu-{i}: unknown")),
+            "{problems}"
+        );
+    }
+    assert!(!problems.contains("DPU dpu-3:"), "{problems}");
 
     // They come back (SNAP kept running): nothing is replaced, everything converges.
     let before = steps_done(&d);
@@ -137,4 +159,46 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
     );
     drop(d);
     drop(fleet);
+}
+
+/// The HTML from `marker` to the first `end` after it.
+fn section<'a>(dom: &'a str, marker: &str, end: &str) -> &'a str {
+    let at = dom
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker} in:\n{dom}"));
+    let rest = &dom[at..];
+    &rest[..rest.find(end).unwrap_or(rest.len())]
+}
+
+/// The dashboard in headless chromium: the counts and the three charts of the last hour, and
+/// a screenshot of it.
+fn dashboard_leads_with_counts_and_charts(d: &Daemon) {
+    let dom = e2e::browser_dom(&format!("{}/", d.url));
+    assert!(dom.contains(r#"data-loaded="true""#), "{dom}");
+    let counts = section(&dom, r#"data-count="volumes""#, "</div></div>");
+    assert!(
+        counts.contains(&format!(">{}<", DPUS * PER_DPU)),
+        "{counts}"
+    );
+    assert!(
+        counts.contains(&format!("{} ok", DPUS * PER_DPU)),
+        "{counts}"
+    );
+    let agents = section(&dom, r#"data-count="agents""#, "</div></div>");
+    assert!(agents.contains(&format!(">{0}/{0}<", DPUS + 1)), "{agents}");
+    for chart in ["reconcile", "pending", "agents"] {
+        let fig = section(&dom, &format!(r#"data-chart="{chart}""#), "</figure>");
+        let points = fig
+            .split(r#"points=""#)
+            .nth(1)
+            .and_then(|p| p.split('"').next())
+            .unwrap_or_else(|| panic!("a line in {fig}"));
+        assert!(!points.trim().is_empty(), "chart {chart} has points: {fig}");
+    }
+    let png = e2e::browser_screenshot(&format!("{}/", d.url), 900);
+    assert!(
+        png.len() > 10_000,
+        "a page, not a blank: {} bytes",
+        png.len()
+    );
 }

@@ -19,6 +19,22 @@ pub struct World {
     pub clusters: BTreeMap<String, CephReport>,
     /// DPUs.
     pub dpus: BTreeMap<String, DpuReport>,
+    /// Where each image was put in its cluster's list, by cluster (a hint: checked before use).
+    at: BTreeMap<String, ImagesAt>,
+}
+
+/// One cluster's images by (pool, name), and the list's length when indexed.
+#[derive(Debug, Default, Clone)]
+struct ImagesAt {
+    at: std::collections::HashMap<(String, String), usize>,
+    len: usize,
+}
+
+/// A cache: two worlds are equal by what they hold, whatever each has indexed.
+impl PartialEq for ImagesAt {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 fn empty_ceph() -> CephReport {
@@ -68,6 +84,7 @@ impl World {
                 .map(|k| (k.clone(), empty_ceph()))
                 .collect(),
             dpus: d.dpus.keys().map(|k| (k.clone(), bare_dpu())).collect(),
+            at: Default::default(),
         }
     }
 
@@ -133,12 +150,7 @@ impl World {
                     retain_secs,
                 },
             ) => {
-                let r = self.clusters.get_mut(c).unwrap();
-                if let Some(i) = r
-                    .images
-                    .iter_mut()
-                    .find(|i| &i.pool == pool && &i.image == image)
-                {
+                if let Some(i) = self.find(c, pool, image) {
                     assert_eq!(
                         i.size_bytes, *size_bytes,
                         "an existing image only gets its policy"
@@ -147,6 +159,14 @@ impl World {
                     i.metadata
                         .insert(META_RETENTION.into(), retain_secs.to_string());
                     return;
+                }
+                let r = self.clusters.get_mut(c).unwrap();
+                let index = self.at.entry(c.clone()).or_default();
+                if index.len == r.images.len() {
+                    index
+                        .at
+                        .insert((pool.clone(), image.clone()), r.images.len());
+                    index.len += 1;
                 }
                 r.images.push(ImageStatus {
                     pool: pool.clone(),
@@ -208,13 +228,35 @@ impl World {
     }
 
     fn image(&mut self, c: &str, pool: &str, image: &str) -> &mut ImageStatus {
-        self.clusters
-            .get_mut(c)
-            .unwrap()
-            .images
-            .iter_mut()
-            .find(|i| i.pool == pool && i.image == image)
-            .expect("image exists")
+        self.find(c, pool, image).expect("image exists")
+    }
+
+    /// Image `pool/image` of cluster `c`, by where it was put; a cluster's index is rebuilt when
+    /// its list changed behind it (images added or removed through the public fields).
+    fn find(&mut self, c: &str, pool: &str, image: &str) -> Option<&mut ImageStatus> {
+        let images = &mut self.clusters.get_mut(c)?.images;
+        let index = self.at.entry(c.to_string()).or_default();
+        let key = (pool.to_string(), image.to_string());
+        let hit = |index: &ImagesAt| {
+            index.at.get(&key).copied().filter(|&n| {
+                images
+                    .get(n)
+                    .is_some_and(|i| i.pool == pool && i.image == image)
+            })
+        };
+        let fresh = index.len == images.len();
+        let mut n = fresh.then(|| hit(index)).flatten();
+        // Absent from a fresh index: not there (unless a position moved: then rebuild).
+        if n.is_none() && (!fresh || index.at.contains_key(&key)) {
+            index.at = images
+                .iter()
+                .enumerate()
+                .map(|(n, i)| ((i.pool.clone(), i.image.clone()), n))
+                .collect();
+            index.len = images.len();
+            n = hit(index);
+        }
+        n.and_then(|n| images.get_mut(n))
     }
 
     fn apply_snap(&mut self, d: &str, a: &Action) {

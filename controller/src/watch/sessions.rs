@@ -120,6 +120,9 @@ impl Sessions {
             if slots.contains_key(&t) {
                 continue;
             }
+            // Listed from now on (the counts of agents connected are of all the named ones).
+            self.state
+                .agent(&t.to_string(), &address, Some("connecting".into()));
             let task = tokio::spawn(supervise(
                 t.clone(),
                 name.clone(),

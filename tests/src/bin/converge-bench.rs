@@ -186,14 +186,24 @@ fn rbd_floor(c: &Cluster, n: usize) -> Duration {
         );
     }
     let took = t.elapsed();
-    for img in &floor_names {
-        c.cli_ok(
-            "rbd",
-            &["rm", "--no-progress", &format!("{}/{img}", c.pool)],
-        );
-    }
+    // Removing them is not measured: 8 at a time.
+    std::thread::scope(|s| {
+        for chunk in floor_names.chunks(floor_names.len().div_ceil(8).max(1)) {
+            s.spawn(move || {
+                for img in chunk {
+                    c.cli_ok(
+                        "rbd",
+                        &["rm", "--no-progress", &format!("{}/{img}", c.pool)],
+                    );
+                }
+            });
+        }
+    });
     took
 }
+
+/// Volumes per manifest file.
+const PER_FILE: usize = 500;
 
 /// The benchmark's fleet: a ceph-agent and simulated DPUs, manifests of `vols`.
 struct BenchLab<'a> {
@@ -309,26 +319,36 @@ impl<'a> BenchLab<'a> {
         self.dir.path().join("pki").display().to_string()
     }
 
-    /// Writes every volume at 64 MiB or the size an earlier edit gave it, volume `grown.0` at
-    /// `grown.1` (images only grow: an edit never undoes an earlier one).
+    /// Writes the volumes at 64 MiB or the size an earlier edit gave them, volume `grown.0` at
+    /// `grown.1` (images only grow: an edit never undoes an earlier one). The volumes are split
+    /// in files of [`PER_FILE`] (a manifest file is at most 1 MiB), and an edit rewrites only its
+    /// own file, as an operator's commit would.
     fn write_volumes(&self, grown: Option<(usize, &str)>) {
         let mut sizes = self.sizes.borrow_mut();
         if let Some((g, size)) = grown {
             sizes.insert(g, size.to_string());
         }
-        let text: String = self
-            .vols
-            .iter()
-            .enumerate()
-            .map(|(i, (v, h))| {
-                let size = sizes.get(&i).map_or("64Mi", String::as_str);
-                volume_yaml(v, *h, size, &self.c.pool, "Retain")
-            })
-            .collect();
-        write_like_an_editor(
-            &self.dir.path().join("manifests").join("volumes.yaml"),
-            &text,
-        );
+        let files = self.vols.len().div_ceil(PER_FILE);
+        for f in 0..files {
+            if grown.is_some_and(|(g, _)| g / PER_FILE != f) {
+                continue;
+            }
+            let text: String = (f * PER_FILE..((f + 1) * PER_FILE).min(self.vols.len()))
+                .map(|i| {
+                    let (v, h) = &self.vols[i];
+                    let size = sizes.get(&i).map_or("64Mi", String::as_str);
+                    volume_yaml(v, *h, size, &self.c.pool, "Retain")
+                })
+                .collect();
+            write_like_an_editor(
+                &self
+                    .dir
+                    .path()
+                    .join("manifests")
+                    .join(format!("volumes-{f:03}.yaml")),
+                &text,
+            );
+        }
     }
 
     /// `unistor apply` from empty, timed, with the CPU it cost by program; then a plan that

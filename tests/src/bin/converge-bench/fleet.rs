@@ -95,6 +95,21 @@ pub(super) fn watch(lab: &BenchLab<'_>, edits: usize) {
         "  watch: daemon started -> {n} volumes seen converged: {}",
         ms(t.elapsed())
     );
+    // The dashboard at this size, in headless chromium (process start to the DOM after the first
+    // render; the page fetches the counts, the problems and one page of volumes).
+    let t = Instant::now();
+    let dom = e2e::browser_dom(&format!("{}/", d.url));
+    let rendered = t.elapsed();
+    assert!(
+        dom.contains(r#"data-loaded="true""#),
+        "the dashboard rendered"
+    );
+    assert!(dom.contains(&format!(">{n}<")), "the volume count shows");
+    println!(
+        "  dashboard with {n} volumes: rendered in headless chromium in {} (browser start included), {} KiB of DOM",
+        ms(rendered),
+        dom.len() / 1024
+    );
     let times: Vec<Duration> = (0..edits)
         .map(|e| lab.edit(&d, e, 128 + 64 * e as u64))
         .collect();
