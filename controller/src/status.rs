@@ -818,9 +818,104 @@ impl Chain {
 mod tests {
     use super::*;
     use crate::plan::sim::World;
+    use crate::plan::Known;
     use protocol::dpu::{HostController, HostDevice, HostUse};
 
     use crate::plan::sim::converged_examples as converged;
+
+    /// The examples converged, then one DPU gone: counts of the whole fleet, filters, pages.
+    #[test]
+    fn the_status_counts_the_whole_fleet_and_lists_a_filtered_page() {
+        let (d, w) = converged();
+        let all = FleetStatus::new(&d, &w.observed());
+        let n = d.volumes.len();
+        assert_eq!((all.summary.volumes, all.summary.volumes_ok), (n, n));
+        assert!(all.all_ok());
+        let mut observed = w.observed();
+        let gone = d.volumes["db-data"].dpu.clone();
+        observed.dpus.insert(
+            gone.clone(),
+            Known::Unknown {
+                reason: "no session".into(),
+            },
+        );
+        let fs = FleetStatus::new(&d, &observed);
+        let on_gone = d.volumes.values().filter(|v| v.dpu == gone).count();
+        assert!(on_gone >= 2, "the test needs two volumes on one DPU");
+        assert_eq!(fs.summary.volumes_unknown, on_gone);
+        assert_eq!(fs.summary.volumes_ok, n - on_gone);
+        assert_eq!(
+            (fs.summary.dpus_down, fs.summary.dpus_up),
+            (1, d.dpus.len() - 1)
+        );
+        assert!(!fs.all_ok());
+
+        // Problems, a page of one: the counts stay the whole fleet's.
+        let page = fs.selected(&Selection {
+            state: Some("problems".into()),
+            limit: Some(1),
+            ..Selection::default()
+        });
+        assert_eq!(page.summary, fs.summary);
+        assert_eq!(page.volumes.len(), 1);
+        assert_eq!(page.volumes[0].state, "unknown");
+        let p = page.page.clone().unwrap();
+        assert_eq!((p.volumes_matched, p.dpus_matched), (on_gone, 1));
+        assert_eq!(page.dpus[0].name, gone);
+        // The next page, then past the end.
+        let next = fs.selected(&Selection {
+            state: Some("problems".into()),
+            offset: 1,
+            limit: Some(1),
+            ..Selection::default()
+        });
+        assert_ne!(next.volumes[0].volume, page.volumes[0].volume);
+        let past = fs.selected(&Selection {
+            offset: n + 5,
+            ..Selection::default()
+        });
+        assert!(past.volumes.is_empty());
+        // By label, by text, by DPU.
+        let (name, v) = d
+            .volumes
+            .iter()
+            .find(|(_, v)| !v.labels.is_empty())
+            .expect("an example volume with a label");
+        let (k, val) = v.labels.iter().next().unwrap();
+        let by_label = fs.selected(&Selection {
+            label: Some(format!("{k}={val}")),
+            ..Selection::default()
+        });
+        assert!(by_label.volumes.iter().any(|x| &x.volume == name));
+        assert!(by_label
+            .volumes
+            .iter()
+            .all(|x| x.labels.get(k) == Some(val)));
+        let by_key = fs.selected(&Selection {
+            label: Some(k.clone()),
+            ..Selection::default()
+        });
+        assert!(by_key.volumes.len() >= by_label.volumes.len());
+        let by_text = fs.selected(&Selection {
+            q: Some(name[1..name.len() - 1].to_string()),
+            ..Selection::default()
+        });
+        assert!(by_text.volumes.iter().any(|x| &x.volume == name));
+        let by_dpu = fs.selected(&Selection {
+            dpu: Some(gone.clone()),
+            ..Selection::default()
+        });
+        assert_eq!(by_dpu.volumes.len(), on_gone);
+        assert_eq!(by_dpu.dpus.len(), 1);
+        let text = fs.render_summary();
+        assert!(
+            text.contains(&format!(
+                "Volumes: {n} ({} ok, 0 degraded, {on_gone} unknown)",
+                n - on_gone
+            )),
+            "{text}"
+        );
+    }
 
     fn db_data(d: &Desired, w: &World) -> VolumeStatus {
         volume_status(&d.volumes["db-data"], &w.observed())

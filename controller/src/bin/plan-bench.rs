@@ -2,6 +2,7 @@
 //! empty and when already converged. Prints one line per case; `--dpus` and `--volumes` change
 //! the size (default 10,000 × 8). Run it with `cargo run --release --bin plan-bench`.
 
+use std::alloc::System;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,6 +11,23 @@ use controller::manifest::{self, Cluster, DeletionPolicy, Desired, Dpu, Source, 
 use controller::plan::{self, sim::World, Options};
 use protocol::dpu::{FirmwareSpec, FunctionRef, SnapSpec};
 use protocol::names::{CephClientId, ImageName, PeerName, PoolName, VolumeName};
+
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+/// Counts the heap: what the inputs hold, what a plan allocates.
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Bytes live on the heap now.
+fn live_heap() -> usize {
+    let s = GLOBAL.stats();
+    let live = s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated;
+    live.max(0) as usize
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
 
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -144,10 +162,20 @@ fn main() {
     for _ in 0..arg("--repeat", 0) {
         std::hint::black_box(plan::plan(&d, &observed, &opts));
     }
+    let inputs = live_heap();
+    let region = Region::new(GLOBAL);
     let t = Instant::now();
     let p = plan::plan(&d, &observed, &opts);
     let converged = t.elapsed();
+    let during = region.change();
     assert!(p.is_empty(), "converged state plans nothing");
+    println!(
+        "plan when converged: heap of the inputs (desired + observed) {:.0} MiB; the plan allocated {:.0} MiB in {} allocations (its peak is at most inputs + that: {:.0} MiB)",
+        mib(inputs),
+        mib(during.bytes_allocated),
+        during.allocations,
+        mib(inputs + during.bytes_allocated)
+    );
     println!(
         "plan when converged: {} steps in {:.1} ms; peak RSS {} MiB (before planning: {} MiB{})",
         p.steps.len(),

@@ -133,7 +133,7 @@ impl<'a> DpuChain<'a> {
 
     /// The volume's cluster registered in SNAP (once per DPU).
     fn register(&mut self, b: &mut Builder, inv: &SnapInventory, v: &'a Volume) -> Option<usize> {
-        let (target, first) = (self.target(), self.first);
+        let (name, first) = (self.name, self.first);
         *self
             .registered
             .entry(v.cluster.as_str())
@@ -144,7 +144,7 @@ impl<'a> DpuChain<'a> {
                     .any(|c| names::unprefixed(c) == Some(v.cluster.as_str()));
                 (!registered).then(|| {
                     b.push(
-                        target,
+                        Target::Dpu(name.to_string()),
                         Action::RegisterCluster {
                             name: names::cluster(&v.cluster),
                             cluster: v.cluster.clone(),
@@ -260,11 +260,11 @@ impl<'a> DpuChain<'a> {
         function: FunctionRef,
         nqn: &str,
     ) -> Option<usize> {
-        let (target, first) = (self.target(), self.first);
+        let (name, first) = (self.name, self.first);
         *self.subsystems.entry(function).or_insert_with(|| {
             (!inv.subsystems.iter().any(|s| s.nqn == nqn)).then(|| {
                 b.push(
-                    target,
+                    Target::Dpu(name.to_string()),
                     Action::CreateSubsystem(SubsystemSpec {
                         nqn: nqn.into(),
                         serial: snap_values::serial(nqn),
@@ -363,11 +363,11 @@ impl<'a> DpuChain<'a> {
                 c.num_queues.to_string(),
             );
         }
-        let (target, first) = (self.target(), self.first);
+        let (name, first) = (self.name, self.first);
         let ctrl_step = *self.controllers.entry(v.function).or_insert_with(|| {
             have.is_none().then(|| {
                 b.push(
-                    target,
+                    Target::Dpu(name.to_string()),
                     Action::CreateController(ControllerSpec {
                         name: ctrl.into(),
                         nqn: nqn.into(),
@@ -432,10 +432,10 @@ fn image(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>,
         .get(v.cluster.as_str())
         .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
         .copied();
-    let ceph = Target::Cluster(v.cluster.clone());
+    let ceph = || Target::Cluster(v.cluster.clone());
     match img {
         None => Ok(Some(b.push(
-            ceph,
+            ceph(),
             create(v),
             Risk::Safe,
             &[],
@@ -443,7 +443,7 @@ fn image(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>,
         ))),
         Some(i) => match i.state {
             ImageState::Missing => Ok(Some(b.push(
-                ceph,
+                ceph(),
                 create(v),
                 Risk::Safe,
                 &[],
@@ -452,7 +452,7 @@ fn image(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>,
             ImageState::Trashed { .. } => {
                 b.drift(object(v), "rbd.state", "live".into(), "trashed".into());
                 Ok(Some(b.push(
-                    ceph,
+                    ceph(),
                     Action::RestoreImage {
                         pool: v.pool.to_string(),
                         image: v.image.to_string(),

@@ -241,16 +241,20 @@ fn install_snap<'a>(
             continue;
         };
         let mut first = after(removed_on.get(name));
-        let want = format!("{}:{}", dpu.snap.image, dpu.snap.tag);
-        let have = report.snap.image.clone();
+        // `image:tag`, compared without formatting it for every DPU.
+        let have = report.snap.image.as_deref();
+        let same = have
+            .and_then(|h| h.strip_prefix(dpu.snap.image.as_str()))
+            .and_then(|t| t.strip_prefix(':'))
+            == Some(dpu.snap.tag.as_str());
         let running = report.snap.state == SnapState::Running;
-        let step = (have.as_deref() != Some(want.as_str()) || !running).then(|| {
-            if let Some(h) = &have {
+        let step = (!same || !running).then(|| {
+            if let Some(h) = have {
                 b.drift(
                     format!("dpu/{name}"),
                     "snap.version",
-                    want.clone(),
-                    h.clone(),
+                    format!("{}:{}", dpu.snap.image, dpu.snap.tag),
+                    h.to_string(),
                 );
             }
             // Replacing a running SNAP restarts every controller on it.

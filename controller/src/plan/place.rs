@@ -1,7 +1,5 @@
 //! Where every wanted volume goes, before anything is planned: its subsystem and NSID.
 
-use std::collections::BTreeSet;
-
 use protocol::dpu::{DpuReport, FunctionRef};
 
 use super::{fnv, names, HashMap};
@@ -21,6 +19,13 @@ pub(super) struct Placement<'a> {
 }
 
 impl Placement<'_> {
+    /// The volumes wanted on `dpu` (positions, in name order); none when it has none.
+    pub(super) fn on(&self, dpu: &str) -> &[usize] {
+        self.by_dpu
+            .binary_search_by(|(d, _)| (*d).cmp(dpu))
+            .map_or(&[], |at| self.by_dpu[at].1.as_slice())
+    }
+
     /// Whether unistor's bdev `bdev` is wanted on `dpu` (as `nqn`/`nsid` when given).
     pub(super) fn wants(&self, bdev: &str, dpu: &str, at: Option<(&str, u32)>) -> bool {
         names::unprefixed(bdev)
@@ -56,18 +61,21 @@ pub(super) fn place<'a>(
     by_dpu.sort_unstable_by(|a, b| a.0.cmp(b.0));
 
     let mut nsid = vec![0; volumes.len()];
+    // NSIDs taken per function (= per subsystem) of one DPU: a handful each, so a list reused
+    // from DPU to DPU rather than maps allocated per DPU.
+    let mut taken: Vec<(FunctionRef, u32)> = vec![];
     for (dpu, idxs) in &by_dpu {
         let inv = reports.get(dpu).and_then(|r| r.inventory.as_ref());
-        // NSIDs taken per function (= per subsystem) of this DPU.
-        let mut taken: HashMap<FunctionRef, BTreeSet<u32>> = HashMap::default();
+        taken.clear();
         for &i in idxs {
             if let Some(n) = volumes[i].nsid {
-                taken.entry(volumes[i].function).or_default().insert(n);
+                taken.push((volumes[i].function, n));
                 nsid[i] = n;
             }
         }
         for &i in idxs.iter().filter(|&&i| volumes[i].nsid.is_none()) {
             let v = volumes[i];
+            let used = |n: u32| taken.contains(&(v.function, n));
             let sub = inv.and_then(|inv| inv.subsystems.iter().find(|s| s.nqn == nqn[i]));
             let existing = sub.and_then(|s| {
                 s.namespaces
@@ -75,8 +83,7 @@ pub(super) fn place<'a>(
                     .find(|n| n.uuid.eq_ignore_ascii_case(&v.uuid))
                     .map(|n| n.nsid)
             });
-            let used = taken.entry(v.function).or_default();
-            let n = match existing.filter(|n| !used.contains(n)) {
+            let n = match existing.filter(|n| !used(*n)) {
                 Some(n) => n,
                 None => {
                     let foreign =
@@ -84,11 +91,11 @@ pub(super) fn place<'a>(
                     let start = (fnv(v.name.as_str()) % 1024) as u32;
                     (0..1024)
                         .map(|k| (start + k) % 1024 + 1)
-                        .find(|n| !used.contains(n) && !foreign(*n))
+                        .find(|n| !used(*n) && !foreign(*n))
                         .unwrap_or(1)
                 }
             };
-            used.insert(n);
+            taken.push((v.function, n));
             nsid[i] = n;
         }
     }

@@ -30,14 +30,6 @@ pub(super) fn teardown(
     images: &ImageIndex<'_>,
 ) -> BTreeMap<String, Vec<usize>> {
     let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut nqns_on: HashMap<&str, rustc_hash::FxHashSet<&str>> = HashMap::default();
-    for (dpu, idxs) in &placement.by_dpu {
-        nqns_on.insert(
-            dpu,
-            idxs.iter().map(|&i| placement.nqn[i].as_str()).collect(),
-        );
-    }
-    let none = rustc_hash::FxHashSet::default();
     let mut of_volume = ByVolume::default();
     for (dpu_name, k) in &observed.dpus {
         let Some(DpuReport {
@@ -50,7 +42,6 @@ pub(super) fn teardown(
         let first_step = b.plan.steps.len();
         let dpu = DpuTeardown {
             name: dpu_name,
-            target: Target::Dpu(dpu_name.clone()),
             inv,
             owner: Owner {
                 inv,
@@ -58,7 +49,7 @@ pub(super) fn teardown(
                 owner: &opts.owner,
             },
             placement,
-            wanted_nqns: nqns_on.get(dpu_name.as_str()).unwrap_or(&none),
+            wanted: placement.on(dpu_name),
         };
         dpu.plan(b, &mut of_volume);
         let steps: Vec<usize> = (first_step..b.plan.steps.len()).collect();
@@ -109,12 +100,11 @@ impl Owner<'_> {
 /// One DPU's removals.
 struct DpuTeardown<'a> {
     name: &'a str,
-    target: Target,
     inv: &'a SnapInventory,
     owner: Owner<'a>,
     placement: &'a Placement<'a>,
-    /// Subsystems the manifests want on this DPU.
-    wanted_nqns: &'a rustc_hash::FxHashSet<&'a str>,
+    /// The volumes the manifests want on this DPU (positions in the placement).
+    wanted: &'a [usize],
 }
 
 /// What the namespace removals left behind for the next phases.
@@ -129,6 +119,11 @@ struct Namespaces<'a> {
 }
 
 impl<'a> DpuTeardown<'a> {
+    /// Made only for a step (a converged DPU allocates nothing for it).
+    fn target(&self) -> Target {
+        Target::Dpu(self.name.to_string())
+    }
+
     fn plan(&self, b: &mut Builder, of_volume: &mut ByVolume) {
         let mut ns = self.namespaces(b, of_volume);
         self.controllers_and_subsystems(b, &mut ns);
@@ -153,7 +148,7 @@ impl<'a> DpuTeardown<'a> {
                 let volume = n.bdev.trim_start_matches(names::PREFIX).to_string();
                 let detach = n.controller.as_ref().map(|c| {
                     b.push(
-                        self.target.clone(),
+                        self.target(),
                         Action::Detach(Attachment {
                             controller: c.clone(),
                             nsid: n.nsid,
@@ -165,7 +160,7 @@ impl<'a> DpuTeardown<'a> {
                     )
                 });
                 let destroy = b.push(
-                    self.target.clone(),
+                    self.target(),
                     Action::DestroyNamespace {
                         nqn: s.nqn.clone(),
                         nsid: n.nsid,
@@ -182,9 +177,9 @@ impl<'a> DpuTeardown<'a> {
         out
     }
 
-    /// Whether unistor's subsystem `nqn` goes: nothing wanted in it, nothing kept.
+    /// Whether unistor's subsystem `nqn` goes: nothing kept in it, nothing wanted.
     fn goes(&self, nqn: &str, ns: &Namespaces<'_>) -> bool {
-        !self.wanted_nqns.contains(nqn) && !ns.kept.contains(nqn)
+        !ns.kept.contains(nqn) && !self.wanted.iter().any(|&i| self.placement.nqn[i] == nqn)
     }
 
     /// Controllers, then subsystems, left with nothing wanted.
@@ -200,7 +195,7 @@ impl<'a> DpuTeardown<'a> {
             }
             let deps = after(ns.by_nqn.get(&c.nqn));
             let step = b.push(
-                self.target.clone(),
+                self.target(),
                 Action::DestroyController {
                     name: c.name.clone(),
                 },
@@ -216,7 +211,7 @@ impl<'a> DpuTeardown<'a> {
             }
             let deps = after(ns.by_nqn.get(&s.nqn));
             b.push(
-                self.target.clone(),
+                self.target(),
                 Action::DestroySubsystem { nqn: s.nqn.clone() },
                 Risk::Safe,
                 &deps,
@@ -249,7 +244,7 @@ impl<'a> DpuTeardown<'a> {
             let dep = ns.of_bdev.get(&x.name).copied();
             let volume = x.name.trim_start_matches(names::PREFIX).to_string();
             let step = b.push(
-                self.target.clone(),
+                self.target(),
                 Action::DeleteBdev {
                     name: x.name.clone(),
                 },
