@@ -149,6 +149,11 @@ up_fleet() {
     "$bin/unistor" watch "$m" --pki-dir "$lab/pki" --listen "$http" \
     --state-dir "$lab/watch" --resync 10m
   wait_port "$http"
+  # Until the daemon has a session with every agent and has seen every chain whole.
+  for _ in $(seq 1 300); do
+    if "$bin/unistor" status "$m" --pki-dir "$lab/pki" --daemon "http://$http" --limit 0 >/dev/null 2>&1; then break; fi
+    sleep 0.3
+  done
   echo
   "$bin/unistor" status "$m" --pki-dir "$lab/pki" --daemon "http://$http" --limit 10 || true
   echo
