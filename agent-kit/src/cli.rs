@@ -31,6 +31,18 @@ where
     })
 }
 
+/// Logs to stderr at `RUST_LOG`'s levels, or `default` (`info`, `warn`) when it is not set: the
+/// same for every program of the project.
+pub fn init_tracing(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

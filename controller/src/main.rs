@@ -8,12 +8,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    agent_kit::cli::init_tracing("warn");
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(controller::run(cli)) {
         Ok(code) => code,

@@ -59,12 +59,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    agent_kit::cli::init_tracing("warn");
     let timeout = Duration::from_secs(20);
     let config = FleetConfig {
         pki_dir: a.pki_dir,

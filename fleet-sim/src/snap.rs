@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dpu_agent::platform::{wait_for_socket, DeployError, Platform, Steps};
+use dpu_agent::platform::{DeployError, Platform, Steps};
 use dpu_agent::snap::Snap;
 use protocol::dpu::{BlueFieldFacts, DeployReport, SnapSpec, StepOutcome};
 use snap_emulator::{ceph::RealCeph, Config, InProcess};
@@ -119,13 +119,7 @@ impl Platform for InProcessSnap {
             });
         }
         drop(running);
-        match wait_for_socket(snap, self.template.ready_timeout).await {
-            Ok(v) => {
-                steps.push("ready", StepOutcome::Unchanged, format!("answers: {v}"));
-                Ok(steps.finish(true))
-            }
-            Err(e) => Err(steps.not_ready(self.template.ready_timeout, e)),
-        }
+        steps.until_ready(snap, self.template.ready_timeout).await
     }
 
     async fn remove(&self) -> Result<DeployReport, DeployError> {

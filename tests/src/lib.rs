@@ -450,6 +450,16 @@ impl Daemon {
         http_get(&format!("{}{path}", self.url))
     }
 
+    /// Steps the daemon has run to completion (`unistor_steps_total{outcome="done"}`; 0 before
+    /// the first).
+    pub fn steps_done(&self) -> u64 {
+        self.get("/metrics")
+            .lines()
+            .find(|l| l.starts_with("unistor_steps_total{outcome=\"done\"}"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The JSON API's status.
     pub fn status(&self) -> serde_json::Value {
         self.status_at("")

@@ -21,14 +21,6 @@ fn volumes(s: &Value) -> &[Value] {
         .unwrap_or(&[])
 }
 
-fn steps_done(d: &Daemon) -> u64 {
-    d.get("/metrics")
-        .lines()
-        .find(|l| l.starts_with("unistor_steps_total{outcome=\"done\"}"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
     let c = Cluster::from_env();
@@ -148,12 +140,12 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
     assert!(!problems.contains("DPU dpu-3:"), "{problems}");
 
     // They come back (SNAP kept running): nothing is replaced, everything converges.
-    let before = steps_done(&d);
+    let before = d.steps_done();
     assert_eq!(fleet.command("start 0 2"), "started 3");
     d.wait_converged(CONVERGE, DPUS * PER_DPU);
     d.reconcile_now(CONVERGE);
     assert_eq!(
-        steps_done(&d),
+        d.steps_done(),
         before,
         "no step ran for the DPUs that came back"
     );

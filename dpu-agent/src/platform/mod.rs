@@ -120,6 +120,22 @@ impl Steps {
         self.report.ready = ready;
         self.report
     }
+
+    /// The last step of a deployment that started SNAP: waits until it answers (`ready`), or
+    /// fails after `timeout`.
+    pub async fn until_ready(
+        mut self,
+        snap: &Snap,
+        timeout: Duration,
+    ) -> Result<DeployReport, DeployError> {
+        match wait_for_socket(snap, timeout).await {
+            Ok(v) => {
+                self.push("ready", StepOutcome::Unchanged, format!("answers: {v}"));
+                Ok(self.finish(true))
+            }
+            Err(e) => Err(self.not_ready(timeout, e)),
+        }
+    }
 }
 
 /// Polls `snap` until `spdk_get_version` answers or `deadline` passes; the last error otherwise.

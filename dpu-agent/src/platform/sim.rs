@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use super::{wait_for_socket, DeployError, Platform, Steps};
+use super::{DeployError, Platform, Steps};
 use crate::snap::Snap;
 
 /// How the emulator is run.
@@ -225,13 +225,7 @@ impl Platform for Simulation {
             });
         }
         drop(running);
-        match wait_for_socket(snap, self.config.ready_timeout).await {
-            Ok(v) => {
-                steps.push("ready", StepOutcome::Unchanged, format!("answers: {v}"));
-                Ok(steps.finish(true))
-            }
-            Err(e) => Err(steps.not_ready(self.config.ready_timeout, e)),
-        }
+        steps.until_ready(snap, self.config.ready_timeout).await
     }
 
     async fn remove(&self) -> Result<DeployReport, DeployError> {

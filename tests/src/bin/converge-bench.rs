@@ -409,10 +409,9 @@ impl<'a> BenchLab<'a> {
         converge
     }
 
-    /// Watch mode: `edits` manifest edits (a volume grown each) to convergence, then an image
-    /// grown behind unistor's back until the status shows it; the peak memory of everything.
-    fn watch(&self, edits: usize) {
-        let d = Daemon::start(
+    /// The watch daemon on the benchmark's manifests (its state in the benchmark's directory).
+    fn daemon(&self) -> Daemon {
+        Daemon::start(
             &[
                 &self.manifests(),
                 "--pki-dir",
@@ -427,7 +426,13 @@ impl<'a> BenchLab<'a> {
                 "200ms",
             ],
             &self.dir.path().join("watch.log"),
-        );
+        )
+    }
+
+    /// Watch mode: `edits` manifest edits (a volume grown each) to convergence, then an image
+    /// grown behind unistor's back until the status shows it; the peak memory of everything.
+    fn watch(&self, edits: usize) {
+        let d = self.daemon();
         d.wait_converged(Duration::from_secs(600), self.vols.len());
         let edit_times = self.edits(&d, edits);
         let found = self.out_of_band_resize(&d);

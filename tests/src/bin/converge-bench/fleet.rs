@@ -18,39 +18,12 @@ fn converged(s: &Value, n: usize) -> bool {
         && sum["volumes_ok"] == n
 }
 
-fn steps_done(d: &Daemon) -> u64 {
-    d.get("/metrics")
-        .lines()
-        .find(|l| l.starts_with("unistor_steps_total{outcome=\"done\"}"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 impl BenchLab<'_> {
-    fn daemon(&self) -> Daemon {
-        Daemon::start(
-            &[
-                &self.manifests(),
-                "--pki-dir",
-                &self.pki(),
-                "--owner",
-                &self.owner,
-                "--state-dir",
-                &self.dir.path().join("watch").display().to_string(),
-                "--resync",
-                "1h",
-                "--debounce",
-                "200ms",
-            ],
-            &self.dir.path().join("watch.log"),
-        )
-    }
-
     fn fleet_command(&self, cmd: &str) -> String {
         let mut f = self.fleet.borrow_mut();
         f.as_mut().expect("fleet mode").command(cmd)
@@ -156,7 +129,7 @@ fn restart(lab: &BenchLab<'_>, d: &mut Daemon, n: usize) {
         ms(sessions),
         ms(t.elapsed()),
         stats["peak_accepts_per_sec"],
-        steps_done(d)
+        d.steps_done()
     );
 }
 
@@ -172,7 +145,7 @@ fn lose_a_tenth(lab: &BenchLab<'_>, d: &Daemon, n: usize, dpus: usize) {
     let unknown = t.elapsed();
     // A volume on the last DPU, still up.
     let edit = lab.edit(d, n - 1, 512);
-    let before = steps_done(d);
+    let before = d.steps_done();
     let s = d.status_at("limit=0");
     let still = &s["fleet"]["summary"]["volumes_unknown"];
     lab.fleet_command(&format!("start 0 {}", lost - 1));
@@ -186,6 +159,6 @@ fn lose_a_tenth(lab: &BenchLab<'_>, d: &Daemon, n: usize, dpus: usize) {
         ms(unknown),
         ms(edit),
         ms(back),
-        steps_done(d) - before
+        d.steps_done() - before
     );
 }
