@@ -21,8 +21,8 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 /// Bytes live on the heap now.
 fn live_heap() -> usize {
     let s = GLOBAL.stats();
-    let live = s.bytes_allocated as isize - s.bytes_deallocated as isize + s.bytes_reallocated;
-    live.max(0) as usize
+    // A realloc counts its growth as allocated and its shrinking as deallocated.
+    s.bytes_allocated.saturating_sub(s.bytes_deallocated)
 }
 
 fn mib(bytes: usize) -> f64 {
@@ -136,6 +136,7 @@ fn main() {
     let dpus = arg("--dpus", 10_000);
     let per = arg("--volumes", 8);
     let d = fleet(dpus, per);
+    let desired_heap = live_heap();
     let mut world = World::empty(&d);
     let opts = Options::default();
     let observed = world.observed();
@@ -144,6 +145,7 @@ fn main() {
     let p = plan::plan(&d, &observed, &opts);
     let from_empty = t.elapsed();
     let steps = p.steps.len();
+    drop(observed);
     println!(
         "plan from empty: {dpus} DPUs x {per} volumes: {steps} steps in {:.1} ms; peak RSS {} MiB (inputs built: {} MiB)",
         from_empty.as_secs_f64() * 1e3,
@@ -154,7 +156,23 @@ fn main() {
         world.apply(s, &opts.owner);
     }
     drop(p);
+    let h0 = live_heap();
+    let clusters = world.clusters.clone();
+    let h1 = live_heap();
+    drop(clusters);
+    let h1b = live_heap();
+    let reports = world.dpus.clone();
+    let h2 = live_heap();
+    drop(reports);
+    println!(
+        "observed when converged: the cluster's {} images {:.0} MiB, {dpus} DPU reports {:.0} MiB",
+        dpus * per,
+        mib(h1 - h0),
+        mib(h2 - h1b)
+    );
+    let before_observed = live_heap();
     let observed = world.observed();
+    let observed_heap = live_heap() - before_observed;
     drop(world);
     let reset = reset_peak_rss();
     let base = peak_rss_kib();
@@ -179,11 +197,12 @@ fn main() {
     let converged = runs[2];
     assert!(p.is_empty(), "converged state plans nothing");
     println!(
-        "plan when converged: heap of the inputs (desired + observed) {:.0} MiB; the plan allocated {:.0} MiB in {} allocations (its peak is at most inputs + that: {:.0} MiB)",
+        "plan when converged: heap of the inputs: desired {:.0} MiB, observed {:.0} MiB (the process holds {:.0} MiB); the plan allocated {:.0} MiB in {} allocations",
+        mib(desired_heap),
+        mib(observed_heap),
         mib(inputs),
         mib(during.bytes_allocated),
         during.allocations,
-        mib(inputs + during.bytes_allocated)
     );
     println!(
         "plan when converged: {} steps in {:.1} ms (median of 5); peak RSS {} MiB (before planning: {} MiB{})",
