@@ -85,6 +85,15 @@ pub enum ReconcileResult {
 }
 
 impl ReconcileResult {
+    /// Every result.
+    pub const ALL: [Self; 5] = [
+        Self::Waiting,
+        Self::Converged,
+        Self::Pending,
+        Self::Drift,
+        Self::Refused,
+    ];
+
     /// The name in the API and the metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -209,6 +218,9 @@ struct AgentLabel {
     agent: String,
 }
 
+/// How a step can end, as `unistor_steps_total` labels it.
+pub const STEP_OUTCOMES: &[&str] = &["done", "failed", "skipped"];
+
 /// The daemon's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -273,6 +285,18 @@ impl Metrics {
             "1 when the last read of the manifests was valid",
             manifests_valid.clone(),
         );
+        // Every series exists from the start, at 0: a rate over a counter that appears only
+        // with its first increment misses that increment, and an alert on it has no series.
+        for outcome in STEP_OUTCOMES {
+            let _ = steps.get_or_create(&OutcomeLabel {
+                outcome: (*outcome).into(),
+            });
+        }
+        for result in ReconcileResult::ALL {
+            let _ = reconciles.get_or_create(&ResultLabel {
+                result: result.as_str().into(),
+            });
+        }
         Self {
             registry,
             reconcile_seconds,
@@ -295,7 +319,7 @@ impl Metrics {
         out
     }
 
-    /// Counts one step's outcome.
+    /// Counts one step's outcome (one of [`STEP_OUTCOMES`]).
     pub fn step(&self, outcome: &str) {
         self.steps
             .get_or_create(&OutcomeLabel {
@@ -673,5 +697,28 @@ impl Shared {
             agents_connected: g.agents.values().filter(|a| a.connected).count(),
             history: g.history.iter().cloned().collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_exported_from_zero() {
+        let text = Metrics::new().encode();
+        for outcome in STEP_OUTCOMES {
+            let line = format!("unistor_steps_total{{outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
+        for r in ReconcileResult::ALL {
+            let line = format!("unistor_reconciles_total{{result=\"{r}\"}} 0");
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
+        let m = Metrics::new();
+        m.step("done");
+        assert!(m
+            .encode()
+            .contains("unistor_steps_total{outcome=\"done\"} 1"));
     }
 }
