@@ -121,8 +121,17 @@ pub fn human(p: &Plan) -> String {
     let mut out = String::new();
     let count = |c: char| p.steps.iter().filter(|s| sign(&s.action) == c).count();
     let risk = |r: Risk| p.steps.iter().filter(|s| s.risk == r).count();
-    if p.steps.is_empty() {
+    // What is held back leads: it is what needs a person.
+    if !p.blocked.is_empty() {
+        let _ = writeln!(out, "Held back ({}):", p.blocked.len());
+        for b in &p.blocked {
+            let _ = writeln!(out, "  ! {}: {}", b.object, b.reason);
+        }
+    }
+    if p.steps.is_empty() && p.blocked.is_empty() && p.unknown.is_empty() {
         out.push_str("No changes: the fleet matches the manifests.\n");
+    } else if p.steps.is_empty() {
+        out.push_str("No steps to run, but the fleet does not match the manifests.\n");
     } else {
         let _ = writeln!(
             out,
@@ -146,12 +155,6 @@ pub fn human(p: &Plan) -> String {
                 "  ~ {} {}: desired {}, observed {}",
                 d.object, d.field, d.desired, d.observed
             );
-        }
-    }
-    if !p.blocked.is_empty() {
-        out.push_str("Held back:\n");
-        for b in &p.blocked {
-            let _ = writeln!(out, "  ! {}: {}", b.object, b.reason);
         }
     }
     if !p.unknown.is_empty() {

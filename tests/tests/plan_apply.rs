@@ -164,7 +164,44 @@ fn plan_and_apply_converge_then_follow_changes() {
     a_saved_plan_goes_stale(&s);
     the_changed_set_applies(&s);
     a_broken_link_is_repaired(&s);
+    a_refused_shrink_exits_1(&s);
     an_empty_manifest_set_detaches_nothing(&s);
+}
+
+/// A shrink is refused: `plan` and `apply` lead with it and exit 1, never "No changes" and 0.
+fn a_refused_shrink_exits_1(s: &Scenario<'_>) {
+    let (c, lab) = (s.c, &s.lab);
+    write_manifests(
+        lab,
+        c,
+        &[
+            (&s.keep, 0, "128Mi", "Retain"),
+            (&s.grow, 0, "512Mi", "Retain"),
+        ],
+    );
+    for cmd in [&["plan"][..], &["apply", "--auto-approve"]] {
+        let o = s.unistor(cmd);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(code(&o), 1, "{cmd:?}: {}", show(&o));
+        assert!(out.starts_with("Held back (1):"), "{cmd:?}: {}", show(&o));
+        assert!(out.contains("shrinking"), "{cmd:?}: {}", show(&o));
+        assert!(!out.contains("No changes"), "{cmd:?}: {}", show(&o));
+    }
+    assert_eq!(
+        c.rbd_info(&c.pool, &s.keep).unwrap()["size"].as_u64(),
+        Some(256 << 20),
+        "never shrunk"
+    );
+    write_manifests(
+        lab,
+        c,
+        &[
+            (&s.keep, 0, "256Mi", "Retain"),
+            (&s.grow, 0, "512Mi", "Retain"),
+        ],
+    );
+    let back = s.unistor(&["plan"]);
+    assert_eq!(code(&back), 0, "{}", show(&back));
 }
 
 /// `plan` shows the work, `apply` does it, `plan` is then empty and `status` ok; checked independently on the cluster and on SNAP.

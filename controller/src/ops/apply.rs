@@ -54,7 +54,8 @@ fn confirm(p: &Plan) -> Result<(), OpsError> {
     }
 }
 
-/// `unistor apply`: exit 0 when converged, 1 otherwise (error, refusal, or steps that failed).
+/// `unistor apply`: exit 0 when converged, 1 otherwise (error, refusal, steps that failed, an
+/// agent not observed, or anything held back).
 pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
@@ -69,7 +70,9 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     }
     print!("{}", render::human(&p));
     if p.is_empty() {
-        return Ok(not_observed(&p).unwrap_or(ExitCode::SUCCESS));
+        return Ok(not_observed(&p)
+            .or_else(|| held_back(&p))
+            .unwrap_or(ExitCode::SUCCESS));
     }
     let checked = with_live_watchers(&p, &desired, &observed, &fleet, &a.rails).await;
     check_rails(&p, &desired, &checked, &a.rails)?;
@@ -259,16 +262,23 @@ fn converged(next: &Plan, done: usize) -> ExitCode {
         print!("{}", render::human(next));
         return not_observed(next).unwrap_or(ExitCode::FAILURE);
     }
-    println!(
-        "Converged: {done} step(s) done{}.",
-        if next.blocked.is_empty() {
-            ""
-        } else {
-            " (some objects held back)"
-        }
-    );
     if !next.blocked.is_empty() {
+        println!("{done} step(s) done.");
         print!("{}", render::human(next));
+        return held_back(next).unwrap_or(ExitCode::FAILURE);
     }
+    println!("Converged: {done} step(s) done.");
     ExitCode::SUCCESS
+}
+
+/// A plan with objects held back is not converged, whatever ran: it says so and exits 1.
+fn held_back(p: &Plan) -> Option<ExitCode> {
+    if p.blocked.is_empty() {
+        return None;
+    }
+    println!(
+        "Not converged: {} object(s) held back (listed above).",
+        p.blocked.len()
+    );
+    Some(ExitCode::FAILURE)
 }

@@ -24,7 +24,8 @@ pub struct PlanArgs {
     pub out: Option<PathBuf>,
 }
 
-/// `unistor plan`: exit 0 when nothing is to do, 2 when changes are pending, 1 on error.
+/// `unistor plan`: exit 0 when nothing is to do, 2 when changes are pending, 1 on error, when an
+/// agent could not be observed or when anything is held back.
 pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
@@ -61,6 +62,14 @@ pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
             "unistor: {} agent(s) could not be observed; nothing of theirs was planned:\n  {}",
             p.unknown.len(),
             p.unknown.join("\n  ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    // Something held back is never "nothing to do": a person has to act.
+    if !p.blocked.is_empty() {
+        eprintln!(
+            "unistor: {} object(s) held back (listed first above)",
+            p.blocked.len()
         );
         return Ok(ExitCode::FAILURE);
     }

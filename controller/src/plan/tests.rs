@@ -147,6 +147,13 @@ fn growing_and_refusing_to_shrink() {
         .blocked
         .iter()
         .any(|b| b.object == "volume/db-wal" && b.reason.contains("shrinking")));
+    // Held back leads the text, and "No changes" is not said of it.
+    let text = crate::render::human(&p);
+    assert!(
+        text.starts_with("Held back (1):\n  ! volume/db-wal: shrinking"),
+        "{text}"
+    );
+    assert!(!text.contains("No changes"), "{text}");
 }
 
 #[test]
