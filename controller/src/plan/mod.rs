@@ -218,8 +218,11 @@ fn unknown(desired: &Desired, observed: &Observed) -> Vec<String> {
             out.push(format!("cluster/{name}: not observed"));
         }
     }
+    // Both in name order: one walk, not a search per DPU.
+    let mut seen = observed.dpus.keys().peekable();
     for name in desired.dpus.keys() {
-        if !observed.dpus.contains_key(name) {
+        while seen.next_if(|n| *n < name).is_some() {}
+        if seen.peek() != Some(&name) {
             out.push(format!("dpu/{name}: not observed"));
         }
     }

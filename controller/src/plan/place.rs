@@ -19,13 +19,6 @@ pub(super) struct Placement<'a> {
 }
 
 impl Placement<'_> {
-    /// The volumes wanted on `dpu` (positions, in name order); none when it has none.
-    pub(super) fn on(&self, dpu: &str) -> &[usize] {
-        self.by_dpu
-            .binary_search_by(|(d, _)| (*d).cmp(dpu))
-            .map_or(&[], |at| self.by_dpu[at].1.as_slice())
-    }
-
     /// Whether unistor's bdev `bdev` is wanted on `dpu` (as `nqn`/`nsid` when given).
     pub(super) fn wants(&self, bdev: &str, dpu: &str, at: Option<(&str, u32)>) -> bool {
         names::unprefixed(bdev)

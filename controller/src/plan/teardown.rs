@@ -31,7 +31,14 @@ pub(super) fn teardown(
 ) -> BTreeMap<String, Vec<usize>> {
     let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut of_volume = ByVolume::default();
+    // Both in name order: each DPU's wanted volumes found by walking along, not by a search.
+    let mut wanted = placement.by_dpu.iter().peekable();
     for (dpu_name, k) in &observed.dpus {
+        while wanted.next_if(|(d, _)| *d < dpu_name.as_str()).is_some() {}
+        let here: &[usize] = match wanted.peek() {
+            Some((d, idxs)) if *d == dpu_name.as_str() => idxs,
+            _ => &[],
+        };
         let Some(DpuReport {
             inventory: Some(inv),
             ..
@@ -49,7 +56,7 @@ pub(super) fn teardown(
                 owner: &opts.owner,
             },
             placement,
-            wanted: placement.on(dpu_name),
+            wanted: here,
         };
         dpu.plan(b, &mut of_volume);
         let steps: Vec<usize> = (first_step..b.plan.steps.len()).collect();
@@ -135,6 +142,7 @@ impl<'a> DpuTeardown<'a> {
     fn namespaces(&self, b: &mut Builder, of_volume: &mut ByVolume) -> Namespaces<'a> {
         let mut out = Namespaces::default();
         for s in self.inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
+            let mut keeps = false;
             for n in &s.namespaces {
                 if !names::owned(&n.bdev)
                     || self
@@ -142,7 +150,7 @@ impl<'a> DpuTeardown<'a> {
                         .wants(&n.bdev, self.name, Some((&s.nqn, n.nsid)))
                     || self.owner.ours(&n.bdev) != Ok(true)
                 {
-                    out.kept.insert(&s.nqn);
+                    keeps = true;
                     continue;
                 }
                 let volume = n.bdev.trim_start_matches(names::PREFIX).to_string();
@@ -172,6 +180,9 @@ impl<'a> DpuTeardown<'a> {
                 out.by_nqn.entry(s.nqn.clone()).or_default().push(destroy);
                 out.of_bdev.insert(n.bdev.clone(), destroy);
                 of_volume.entry(volume).or_default().push(destroy);
+            }
+            if keeps {
+                out.kept.insert(&s.nqn);
             }
         }
         out
