@@ -67,6 +67,24 @@ impl<R: Runner> CephHandler<R> {
         &self.ceph
     }
 
+    /// The lock of `key` (an image or an identity), made when first wanted.
+    fn lock_for(&self, key: &str) -> Arc<Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Done with `lock`: it is forgotten when nobody else holds or waits for it.
+    fn release_lock(&self, key: &str, lock: Arc<Mutex<()>>) {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(key);
+        }
+    }
+
     async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
         let wire = |e: crate::ceph::CephError| e.to_wire();
         match command {
@@ -99,9 +117,26 @@ impl<R: Runner> CephHandler<R> {
                     .map(|i| ImageSpec::parse(&i.pool, &i.image))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(WireError::from)?;
-                Ok(Reply::Watchers(protocol::WatcherList {
-                    images: self.ceph.image_watchers(&specs).await.map_err(wire)?,
-                }))
+                // A mutation of one of these images in flight here opens it with `rbd`, which
+                // shows as a watcher (another controller's trash of the same volume looked "in
+                // use"): the lookup waits for them and holds them off meanwhile.
+                let mut keys: Vec<String> = specs
+                    .iter()
+                    .map(|s| format!("image:{}/{}", s.pool, s.image))
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                let locks: Vec<_> = keys.iter().map(|k| self.lock_for(k)).collect();
+                let mut held = vec![];
+                for l in &locks {
+                    held.push(l.clone().lock_owned().await);
+                }
+                let result = self.ceph.image_watchers(&specs).await.map_err(wire);
+                drop(held);
+                for (k, l) in keys.iter().zip(locks) {
+                    self.release_lock(k, l);
+                }
+                Ok(Reply::Watchers(protocol::WatcherList { images: result? }))
             }
             c @ (Command::CreateImage(_)
             | Command::GrowImage(_)
@@ -110,25 +145,18 @@ impl<R: Runner> CephHandler<R> {
             | Command::DeleteImage(_)
             | Command::IssueSnapIdentity(_)) => {
                 let key = lock_key(&c);
-                let lock = self
-                    .locks
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(key.clone())
-                    .or_default()
-                    .clone();
+                let lock = self.lock_for(&key);
                 let result = {
                     let _one = lock.lock().await;
-                    let _slot = self.mutations.acquire().await.map_err(|_| {
-                        WireError::new(ErrorCode::Internal, "shutting down".to_string())
-                    })?;
-                    self.mutate(c).await.map_err(wire)
+                    match self.mutations.acquire().await {
+                        Ok(_slot) => self.mutate(c).await.map_err(wire),
+                        Err(_) => Err(WireError::new(
+                            ErrorCode::Internal,
+                            "shutting down".to_string(),
+                        )),
+                    }
                 };
-                // Forget the lock when nobody else waits for it.
-                let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-                if Arc::strong_count(&lock) == 2 {
-                    locks.remove(&key);
-                }
+                self.release_lock(&key, lock);
                 result
             }
             other => Err(WireError::new(
@@ -544,6 +572,56 @@ mod report_cost {
             }
             self.inner.run(inv).await
         }
+    }
+
+    /// Answers `rbd status` with no watchers; anything else is not expected.
+    struct NoWatchers;
+
+    #[async_trait::async_trait]
+    impl Runner for NoWatchers {
+        async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
+            let line = inv.display();
+            assert!(line.starts_with("rbd status"), "ran {line}");
+            Ok(out(r#"{"watchers":[]}"#.into()))
+        }
+    }
+
+    /// A mutation of an image in flight here (its lock held) opens the image with `rbd`, which
+    /// shows as a watcher: a watcher lookup of that image waits for it, one of another image
+    /// does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_lookup_waits_for_a_mutation_of_the_same_image() {
+        let h = Arc::new(CephHandler::new(Ceph::new(NoWatchers, None)));
+        let lookup = |image: &str| {
+            Command::ImageWatchers(protocol::ImageList {
+                images: vec![protocol::ImageRef {
+                    pool: "rbd".into(),
+                    image: image.into(),
+                }],
+            })
+        };
+        let mutation = h.lock_for("image:rbd/busy");
+        let in_flight = mutation.clone().lock_owned().await;
+        // Another image: answered at once.
+        h.dispatch(lookup("idle")).await.unwrap();
+        // The busy one: not before the mutation ends (paused time runs out the hour first).
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_secs(3600),
+            h.dispatch(lookup("busy")),
+        )
+        .await;
+        assert!(waiting.is_err(), "answered while the image's mutation ran");
+        let pending = tokio::spawn({
+            let h = h.clone();
+            async move { h.dispatch(lookup("busy")).await }
+        });
+        drop(in_flight);
+        assert!(matches!(pending.await.unwrap(), Ok(Reply::Watchers(_))));
+        h.release_lock("image:rbd/busy", mutation);
+        assert!(
+            h.locks.lock().unwrap().is_empty(),
+            "locks nobody holds are forgotten"
+        );
     }
 
     #[tokio::test]
