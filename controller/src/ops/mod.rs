@@ -46,6 +46,11 @@ pub struct Common {
     /// Deadline of each agent's report.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub report_timeout: Duration,
+    /// Which Ceph health halts every step that writes to the cluster: `standard` (HEALTH_ERR,
+    /// OSD_FULL, POOL_FULL, PG_AVAILABILITY), `off`, or a comma-separated list of HEALTH_ERR
+    /// and health check names.
+    #[arg(long, default_value = "standard", value_parser = crate::plan::HealthGate::parse)]
+    pub health_gate: crate::plan::HealthGate,
 }
 
 /// Output formats.
@@ -186,6 +191,7 @@ fn agent_kit_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), OpsError>
 pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {
     let opts = Options {
         owner: c.owner.clone(),
+        health_gate: c.health_gate.clone(),
     };
     let exec = ExecOptions {
         owner: c.owner.clone(),

@@ -35,6 +35,7 @@ pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
         &observed,
         &Options {
             owner: a.common.owner.clone(),
+            health_gate: a.common.health_gate.clone(),
         },
     );
     if let Some(path) = &a.out {

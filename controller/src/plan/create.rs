@@ -23,6 +23,8 @@ pub(super) struct Context<'a> {
     pub(super) opts: &'a Options,
     pub(super) placement: &'a Placement<'a>,
     pub(super) images: &'a ImageIndex<'a>,
+    /// Clusters closed to writes by the health gate, with the reason.
+    pub(super) halted: &'a std::collections::BTreeMap<&'a str, String>,
 }
 
 /// One DPU's volumes being planned: the steps made once per cluster or function, and the
@@ -101,7 +103,9 @@ impl<'a> DpuChain<'a> {
             _ => &empty,
         };
         let reg = self.register(b, inv, v);
-        let bdev_step = self.bdev(b, inv, v, &[reg, image_step])?;
+        // `bdev_rbd_resize` grows the image through SNAP: a write, held with the image's.
+        let may_write = !cx.halted.contains_key(v.cluster.as_str());
+        let bdev_step = self.bdev(b, inv, v, &[reg, image_step], may_write)?;
         let (nqn, nsid) = (&cx.placement.nqn[i], cx.placement.nsid[i]);
         let sub = self.subsystem(b, inv, v.function, nqn);
         let ns_step = self.namespace(b, inv, v, (nqn, nsid), &[sub, bdev_step])?;
@@ -157,14 +161,16 @@ impl<'a> DpuChain<'a> {
             })
     }
 
-    /// The volume's bdev: created, adopted, or grown for the host; held when another image's
-    /// bdev has its name. `before`: the registration and the image steps.
+    /// The volume's bdev: created, adopted, or grown for the host (when the cluster may be
+    /// written); held when another image's bdev has its name. `before`: the registration and
+    /// the image steps.
     fn bdev(
         &self,
         b: &mut Builder,
         inv: &SnapInventory,
         v: &Volume,
         before: &[Option<usize>],
+        may_write: bool,
     ) -> Result<Option<usize>, Held> {
         let vname = v.name.as_str();
         let is_bdev = |name: &str| names::unprefixed(name) == Some(vname);
@@ -173,6 +179,9 @@ impl<'a> DpuChain<'a> {
                 if x.pool.as_deref() == Some(v.pool.as_str())
                     && x.image.as_deref() == Some(v.image.as_str()) =>
             {
+                if !may_write {
+                    return Ok(None);
+                }
                 self.grow_for_host(
                     b,
                     v,
@@ -427,6 +436,33 @@ fn object(v: &Volume) -> String {
 /// The volume's image: created, restored from the trash, its policy rewritten, grown; held when
 /// it belongs to someone else. The step the SNAP chain waits for, if any.
 fn image(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>, Held> {
+    let Some(why) = cx.halted.get(v.cluster.as_str()) else {
+        return image_steps(b, cx, v);
+    };
+    // Closed to writes: whatever the image needs is held back, with the reason. A volume whose
+    // image must first be made (or restored) waits whole; one whose image is only to be grown
+    // or relabelled keeps its SNAP chain.
+    let first = b.plan.steps.len();
+    let step = image_steps(b, cx, v)?;
+    if b.plan.steps.len() == first {
+        return Ok(step);
+    }
+    b.plan.steps.truncate(first);
+    let exists = cx
+        .images
+        .get(v.cluster.as_str())
+        .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
+        .is_some_and(|i| i.state == ImageState::Live);
+    b.block(object(v), why.clone());
+    if exists {
+        Ok(None)
+    } else {
+        Err(Held)
+    }
+}
+
+/// [`image`] with the cluster open to writes.
+fn image_steps(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>, Held> {
     let img = cx
         .images
         .get(v.cluster.as_str())

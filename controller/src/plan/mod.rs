@@ -84,14 +84,108 @@ pub mod snap_values {
 pub struct Options {
     /// Value of `unistor.managed-by` on images this deployment owns.
     pub owner: String,
+    /// Which cluster health halts the steps that write to the cluster.
+    pub health_gate: HealthGate,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             owner: "unistor".into(),
+            health_gate: HealthGate::standard(),
         }
     }
+}
+
+/// Which health of a Ceph cluster halts every step that writes to it (images created, grown,
+/// restored, trashed, deleted, their policy rewritten). Steps that need no write to it go on:
+/// SNAP objects over images that are already right, other clusters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthGate {
+    /// `HEALTH_ERR` halts.
+    pub on_error: bool,
+    /// Each of these health checks halts, whatever the overall status.
+    pub checks: Vec<String>,
+}
+
+impl HealthGate {
+    /// `HEALTH_ERR`, a full OSD or pool, or inactive placement groups.
+    pub fn standard() -> Self {
+        Self {
+            on_error: true,
+            checks: ["OSD_FULL", "POOL_FULL", "PG_AVAILABILITY"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+
+    /// Nothing halts.
+    pub fn off() -> Self {
+        Self {
+            on_error: false,
+            checks: vec![],
+        }
+    }
+
+    /// `standard`, `off`, or a comma-separated list of `HEALTH_ERR` and check names
+    /// (`HEALTH_ERR,OSD_FULL,OSD_NEARFULL`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "standard" => return Ok(Self::standard()),
+            "off" => return Ok(Self::off()),
+            _ => {}
+        }
+        let mut gate = Self::off();
+        for item in s.split(',').map(str::trim) {
+            let valid = !item.is_empty()
+                && item
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if !valid {
+                return Err(format!(
+                    "{item:?} is not a health check name: use standard, off, or names like HEALTH_ERR,OSD_FULL"
+                ));
+            }
+            if item == "HEALTH_ERR" {
+                gate.on_error = true;
+            } else {
+                gate.checks.push(item.to_string());
+            }
+        }
+        Ok(gate)
+    }
+
+    /// Why `report`'s cluster is closed to writes, when it is.
+    pub fn halts(&self, report: &CephReport) -> Option<String> {
+        let h = &report.health;
+        let failing: Vec<String> = self
+            .checks
+            .iter()
+            .filter_map(|c| h.checks.get(c).map(|summary| format!("{c}: {summary}")))
+            .collect();
+        if !failing.is_empty() {
+            return Some(failing.join("; "));
+        }
+        (self.on_error && h.status == "HEALTH_ERR").then(|| {
+            let checks: Vec<String> = h.checks.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("HEALTH_ERR ({})", checks.join("; "))
+        })
+    }
+}
+
+/// Clusters closed to writes by the health gate, with the reason.
+fn halted<'a>(observed: &'a Observed, gate: &HealthGate) -> BTreeMap<&'a str, String> {
+    observed
+        .clusters
+        .iter()
+        .filter_map(|(name, k)| {
+            let why = gate.halts(k.get()?)?;
+            Some((
+                name.as_str(),
+                format!("cluster {name} is closed to writes by the health gate: {why}"),
+            ))
+        })
+        .collect()
 }
 
 /// Metadata keys unistor reads on images (their one home is [`protocol::meta`]).
@@ -174,14 +268,16 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         .collect();
     let placement = place::place(desired, &reports);
     let images = index_images(observed);
+    let halted = halted(observed, &opts.health_gate);
     // Removals first: what is created on a DPU waits for what is removed there.
-    let removed_on = teardown::teardown(&mut b, observed, opts, &placement, &images);
+    let removed_on = teardown::teardown(&mut b, observed, opts, &placement, &images, &halted);
     let first_on = install_snap(&mut b, desired, &reports, &removed_on);
     let cx = create::Context {
         observed,
         opts,
         placement: &placement,
         images: &images,
+        halted: &halted,
     };
     let no_deps = (None, Vec::new());
     // Controller names by function: a handful, formatted once.

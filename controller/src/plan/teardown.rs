@@ -28,6 +28,7 @@ pub(super) fn teardown(
     opts: &Options,
     placement: &Placement<'_>,
     images: &ImageIndex<'_>,
+    halted: &BTreeMap<&str, String>,
 ) -> BTreeMap<String, Vec<usize>> {
     let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut of_volume = ByVolume::default();
@@ -64,7 +65,7 @@ pub(super) fn teardown(
             removed_on.insert(dpu_name.clone(), steps);
         }
     }
-    images_of_gone_volumes(b, observed, opts, placement, &of_volume);
+    images_of_gone_volumes(b, observed, opts, placement, &of_volume, halted);
     removed_on
 }
 
@@ -276,9 +277,11 @@ fn images_of_gone_volumes(
     opts: &Options,
     placement: &Placement<'_>,
     of_volume: &ByVolume,
+    halted: &BTreeMap<&str, String>,
 ) {
     for (cname, k) in &observed.clusters {
         let Some(report) = k.get() else { continue };
+        let closed = halted.get(cname.as_str());
         for i in &report.images {
             if i.state != ImageState::Live || i.metadata.get(META_MANAGED_BY) != Some(&opts.owner) {
                 continue;
@@ -326,6 +329,10 @@ fn images_of_gone_volumes(
                 // The image stays; only the volume's SNAP objects go.
                 DeletionPolicy::Retain => continue,
             };
+            if let Some(why) = closed {
+                b.block(format!("volume/{volume}"), why.clone());
+                continue;
+            }
             b.push(target, action, Risk::DataDestroying, &deps, Some(volume));
         }
     }

@@ -318,6 +318,7 @@ fn two_deployments_on_one_dpu_leave_each_other_alone() {
     };
     let b = Options {
         owner: "team-b".into(),
+        ..Options::default()
     };
     let p = plan(&other, &w.observed(), &b);
     assert!(
@@ -545,4 +546,81 @@ fn an_unknown_deletion_policy_on_an_image_is_reported_never_taken_for_retain() {
         .steps
         .iter()
         .any(|s| matches!(&s.action, Action::DeleteBdev { name } if name == "unistor-logs-c")));
+}
+
+/// A cluster in HEALTH_ERR (or with a gated check) gets no write: images are neither created,
+/// grown, nor trashed, and the plan says why; what needs no write to it goes on. Off, it plans.
+#[test]
+fn the_health_gate_holds_every_write_to_a_failing_cluster() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let cluster = d.clusters.keys().next().unwrap().clone();
+    let mut changed = d.clone();
+    changed.volumes.get_mut("db-wal").unwrap().size_bytes = 1 << 30;
+    let gone = changed
+        .volumes
+        .iter()
+        .find(|(_, v)| v.deletion_policy != protocol::meta::DeletionPolicy::Retain)
+        .map(|(n, _)| n.clone())
+        .expect("an example volume that is not retained");
+    changed.volumes.remove(&gone);
+    let mut failing = w.clone();
+    let report = failing.clusters.get_mut(&cluster).unwrap();
+    report.health.status = "HEALTH_ERR".into();
+    report.health.checks.insert(
+        "OSD_OUT_OF_ORDER_FULL".into(),
+        "full ratio(s) out of order".into(),
+    );
+    let p = plan(&changed, &failing.observed(), &Options::default());
+    assert!(
+        p.steps.iter().all(|s| matches!(s.target, Target::Dpu(_))
+            && !matches!(s.action, Action::ResizeBdev { .. })),
+        "no write to the cluster: {}",
+        crate::render::human(&p)
+    );
+    // The removed volume's SNAP objects go (no write to Ceph); its image stays, said so.
+    assert!(p
+        .steps
+        .iter()
+        .any(|s| s.volume.as_deref() == Some(gone.as_str())));
+    for object in ["volume/db-wal".to_string(), format!("volume/{gone}")] {
+        assert!(
+            p.blocked.iter().any(|b| b.object == object
+                && b.reason.contains("health gate")
+                && b.reason.contains("OSD_OUT_OF_ORDER_FULL")),
+            "{object} held with the reason: {:?}",
+            p.blocked
+        );
+    }
+    // Off, the same world plans the writes.
+    let off = Options {
+        health_gate: HealthGate::off(),
+        ..Options::default()
+    };
+    let p = plan(&changed, &failing.observed(), &off);
+    assert!(p
+        .steps
+        .iter()
+        .any(|s| matches!(s.action, Action::GrowImage { .. })));
+    assert!(p.blocked.is_empty(), "{:?}", p.blocked);
+    // A gated check halts whatever the overall status; an unlisted warning does not.
+    let mut near = w.clone();
+    let report = near.clusters.get_mut(&cluster).unwrap();
+    report.health.status = "HEALTH_WARN".into();
+    report
+        .health
+        .checks
+        .insert("OSD_NEARFULL".into(), "1 nearfull osd(s)".into());
+    let strict = Options {
+        health_gate: HealthGate::parse("HEALTH_ERR,OSD_NEARFULL").unwrap(),
+        ..Options::default()
+    };
+    assert!(!plan(&changed, &near.observed(), &strict).blocked.is_empty());
+    let standard = plan(&changed, &near.observed(), &Options::default());
+    assert!(standard
+        .steps
+        .iter()
+        .any(|s| matches!(s.action, Action::GrowImage { .. })));
+    assert!(HealthGate::parse("osd full").is_err());
 }
