@@ -45,6 +45,8 @@ struct Observed {
     reachable: bool,
     restarts: u64,
     missing: Vec<String>,
+    /// SNAP held none of the ledger's objects at the last look.
+    emptied: bool,
     last_replay: Option<ReplayReport>,
     bluefield: Option<(tokio::time::Instant, Option<BlueFieldFacts>)>,
 }
@@ -313,23 +315,33 @@ impl DpuAgent {
             return None;
         };
         let missing = ledger::missing(store.get(), &inv);
-        {
+        // A SNAP that restarted (the platform started it again, or it holds none of what it
+        // was told) lost its in-memory state: the replay is its documented crash recovery and
+        // waits for nobody. Anything less — one object changed out of band — is drift: reported
+        // (`missing`), and repaired only by the controller when its mode says so.
+        let emptied = ledger::emptied(store.get(), &inv);
+        let restart = {
             let mut obs = self.observed();
-            // Objects that were there (or a SNAP we just restarted) and now are not: SNAP lost
-            // its in-memory state.
-            let lost = !missing.is_empty() && obs.missing.is_empty();
-            if restarted || lost {
+            let restart = restarted || (emptied && !obs.emptied);
+            if restart {
                 obs.restarts += 1;
                 warn!(
                     missing = missing.len(),
                     restarts = obs.restarts,
-                    "SNAP lost its configuration."
+                    "SNAP restarted and lost its configuration."
+                );
+            } else if !missing.is_empty() && missing != obs.missing {
+                warn!(
+                    missing = ?missing,
+                    "SNAP's objects changed out of band; left for the controller."
                 );
             }
+            obs.emptied = emptied;
             obs.reachable = true;
             obs.missing = missing.clone();
-        }
-        if missing.is_empty() || !self.settings.replay {
+            restart || emptied
+        };
+        if missing.is_empty() || !self.settings.replay || !restart {
             return None;
         }
         let reason = format!(

@@ -166,6 +166,28 @@ pub fn missing(ledger: &Ledger, inv: &SnapInventory) -> Vec<String> {
     out
 }
 
+/// Whether SNAP holds none of the objects the ledger says it was told about (and it was told
+/// some): it restarted, or was reset, and lost its in-memory state.
+pub fn emptied(ledger: &Ledger, inv: &SnapInventory) -> bool {
+    let told = !ledger.clusters.is_empty()
+        || !ledger.bdevs.is_empty()
+        || !ledger.subsystems.is_empty()
+        || !ledger.controllers.is_empty();
+    told && !ledger.clusters.keys().any(|n| inv.clusters.contains(n))
+        && !ledger
+            .bdevs
+            .keys()
+            .any(|n| inv.bdevs.iter().any(|b| &b.name == n))
+        && !ledger
+            .subsystems
+            .keys()
+            .any(|q| inv.subsystems.iter().any(|s| &s.nqn == q))
+        && !ledger
+            .controllers
+            .keys()
+            .any(|c| inv.controllers.iter().any(|x| &x.name == c))
+}
+
 /// Re-creates in SNAP everything in the ledger, in dependency order: clusters, bdevs, subsystems,
 /// namespaces (same NSID and UUID), controllers (suspended, same queues), attachments, and only
 /// then resumes the controllers that were running. One failure does not stop the rest, except

@@ -288,6 +288,40 @@ async fn snap_restart_shows_as_lost_state_when_replay_is_off() {
     );
 }
 
+/// One object changed out of band (a namespace detached and destroyed through SNAP's socket,
+/// SNAP still running): drift, reported and left for the controller — no replay by the agent,
+/// and not counted as a SNAP restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_changed_out_of_band_is_drift_not_a_restart() {
+    let s = setup(true).await;
+    run_all(&s.agent, create_path()).await;
+    assert!(s.agent.supervise_once().await.is_none());
+    probe(
+        &s.emu.socket,
+        "nvme_controller_detach_ns",
+        json!({"ctrl_id": "ctrl-host-a", "nsid": 7}),
+    )
+    .await;
+    probe(
+        &s.emu.socket,
+        "nvme_namespace_destroy",
+        json!({"nqn": NQN, "nsid": 7}),
+    )
+    .await;
+    assert!(s.agent.supervise_once().await.is_none(), "no replay");
+    assert!(s.agent.supervise_once().await.is_none(), "still none");
+    let r = report(&s.agent).await;
+    assert_eq!(r.snap.restarts, 0, "SNAP did not restart");
+    assert!(
+        r.missing.contains(&format!("namespace {NQN}/7")),
+        "{:?}",
+        r.missing
+    );
+    assert!(r.last_replay.is_none(), "{:?}", r.last_replay);
+    let subs = probe(&s.emu.socket, "nvme_subsystem_list", Value::Null).await;
+    assert_eq!(subs[0]["namespaces"], json!([]), "left deleted: {subs}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_replay_restores_the_same_identity_without_a_controller() {
     let mut s = setup(true).await;

@@ -654,9 +654,21 @@ pub fn snap_call(socket: &Path, method: &str) -> serde_json::Value {
 /// [`snap_call`] that says why it got no answer instead of panicking: for conditions polled
 /// while SNAP may be restarting (not listening yet, closing).
 pub fn try_snap_call(socket: &Path, method: &str) -> Result<serde_json::Value, String> {
+    try_snap_call_with(socket, method, serde_json::Value::Null)
+}
+
+/// [`try_snap_call`] with `params` (none when null).
+pub fn try_snap_call_with(
+    socket: &Path,
+    method: &str,
+    params: serde_json::Value,
+) -> Result<serde_json::Value, String> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method});
+    let mut req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method});
+    if !params.is_null() {
+        req["params"] = params;
+    }
     s.write_all(req.to_string().as_bytes())
         .map_err(|e| e.to_string())?;
     let mut line = String::new();

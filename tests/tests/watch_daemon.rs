@@ -465,3 +465,67 @@ fn a_stopping_daemon_ends_its_pass_at_a_step_boundary() {
     let bdevs = snap_call(&lab.socket(0), "bdev_get_bdevs");
     assert_eq!(bdevs.as_array().unwrap().len(), 3, "{bdevs}");
 }
+
+/// A namespace deleted out of band through SNAP's socket while SNAP runs: with `--no-heal`
+/// nobody repairs it (the agent does not replay drift) and the daemon reports it; in heal mode
+/// the daemon repairs it with the same NSID and UUID. Either way it is drift, not a restart.
+#[test]
+fn an_out_of_band_delete_is_drift_reported_in_report_only_and_repaired_when_healing() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 1, &[]);
+    let a = unique("drift");
+    lab.write(&c, &[(&a, 0, "64Mi", "Retain")]);
+    let healing = lab.daemon(&[]);
+    healing.wait_converged(CONVERGE, 1);
+    drop(healing);
+    let before = namespaces(&lab.socket(0));
+    assert_eq!(before.len(), 1);
+    let subs = snap_call(&lab.socket(0), "nvme_subsystem_list");
+    let nqn = subs[0]["nqn"].as_str().unwrap().to_string();
+    let nsid = subs[0]["namespaces"][0]["nsid"].as_u64().unwrap();
+    let ctrls = snap_call(&lab.socket(0), "nvme_controller_list");
+    let ctrl = ctrls[0]["ctrl_id"].as_str().unwrap().to_string();
+
+    let report_only = lab.daemon(&["--no-heal"]);
+    report_only.wait_for(CONVERGE, "the report-only daemon sees the fleet", |s| {
+        volume(s, &a)["state"] == "ok"
+    });
+    for (method, params) in [
+        (
+            "nvme_controller_detach_ns",
+            serde_json::json!({"ctrl_id": ctrl, "nsid": nsid}),
+        ),
+        (
+            "nvme_namespace_destroy",
+            serde_json::json!({"nqn": nqn, "nsid": nsid}),
+        ),
+    ] {
+        e2e::try_snap_call_with(&lab.socket(0), method, params).unwrap();
+    }
+    let s = report_only.wait_for(CONVERGE, "the drift reported", |s| {
+        volume(s, &a)["state"] == "degraded"
+            && s["events"].as_array().is_some_and(|e| {
+                e.iter().any(|e| {
+                    e["kind"] == "drift"
+                        && e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("out of band") && m.contains(&nqn))
+                })
+            })
+    });
+    assert_eq!(s["fleet"]["dpus"][0]["snap_restarts"], 0, "not a restart");
+    report_only.reconcile_now(CONVERGE);
+    assert!(
+        namespaces(&lab.socket(0)).is_empty(),
+        "left deleted: nobody heals in report-only"
+    );
+    drop(report_only);
+
+    let healing = lab.daemon(&[]);
+    let s = healing.wait_converged(CONVERGE, 1);
+    assert_eq!(namespaces(&lab.socket(0)), before, "the same NSID and UUID");
+    assert_eq!(
+        s["fleet"]["dpus"][0]["snap_restarts"], 0,
+        "still not a restart"
+    );
+}

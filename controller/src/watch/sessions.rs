@@ -249,6 +249,14 @@ fn stable(e: &Event) -> Option<serde_json::Value> {
     }
 }
 
+/// What a DPU's last pushed report said of SNAP: a change of `missing` without a restart is
+/// drift.
+#[derive(Default)]
+struct Seen {
+    restarts: u64,
+    missing: Vec<String>,
+}
+
 async fn supervise(
     target: Target,
     name: PeerName,
@@ -266,6 +274,7 @@ async fn supervise(
     let label = target.to_string();
     let mut failures: u32 = 0;
     let mut last: Option<serde_json::Value> = None;
+    let mut seen = Seen::default();
     loop {
         gate.pass().await;
         match AgentClient::connect(&address, &name, opts.tls.clone(), opts.client.clone()).await {
@@ -311,6 +320,23 @@ async fn supervise(
                                 }
                             }
                             Event::DpuReport(r) => {
+                                // Objects gone from SNAP while it kept running: drift, said once.
+                                let restarted = r.snap.restarts != seen.restarts;
+                                if !r.missing.is_empty() && r.missing != seen.missing && !restarted
+                                {
+                                    state.event(
+                                        "drift",
+                                        Level::Warning,
+                                        format!(
+                                            "{label}: SNAP's objects changed out of band: {}",
+                                            r.missing.join(", ")
+                                        ),
+                                    );
+                                }
+                                seen = Seen {
+                                    restarts: r.snap.restarts,
+                                    missing: r.missing.clone(),
+                                };
                                 let now = stable(&event);
                                 if let Target::Dpu(n) = &target {
                                     lock(&informer).set_dpu(n, r.clone());
