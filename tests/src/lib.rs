@@ -608,6 +608,20 @@ pub fn browser_screenshot(url: &str, height: u32) -> Vec<u8> {
     png
 }
 
+/// Pixels of the PNG `png` within `tolerance` of colour `rgb` (each channel).
+pub fn pixels_like(png: &[u8], rgb: [u8; 3], tolerance: u8) -> usize {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(png));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("a frame");
+    let channels = info.color_type.samples();
+    buf[..info.buffer_size()]
+        .chunks(channels)
+        .filter(|p| p.len() >= 3 && (0..3).all(|c| p[c].abs_diff(rgb[c]) <= tolerance))
+        .count()
+}
+
 fn browser(url: &str, what: &[String]) -> std::process::Output {
     let bin = ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
