@@ -40,6 +40,10 @@ struct Args {
     /// Deadline of every ceph/rbd/rados command; then SIGTERM, then SIGKILL.
     #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     command_timeout: Duration,
+    /// Deadline of a command that only reads (the cluster's status, listings, an image's
+    /// watchers): a full or stuck cluster fails a report after this, not after a create's time.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    read_timeout: Duration,
     /// How often the cluster's status (health, capacity, pools) is re-read.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     report_interval: Duration,
@@ -98,6 +102,7 @@ fn config(args: Args) -> Result<Config, protocol::names::NameError> {
             keyring: args.keyring,
             client_id: args.client_id,
             timeout: args.command_timeout,
+            read_timeout: args.read_timeout,
             ..ProcessRunnerConfig::default()
         },
         report_interval: args.report_interval,

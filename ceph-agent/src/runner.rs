@@ -75,6 +75,35 @@ impl Invocation {
         self
     }
 
+    /// Whether it only reads: a report's `ceph` commands, `rbd` and `rados` listings and
+    /// lookups. Reads get their own, shorter deadline: a stuck cluster must not hold a report
+    /// (or an in-use check) for as long as a create may take.
+    pub fn is_read(&self) -> bool {
+        let words: Vec<std::borrow::Cow<'_, str>> = self
+            .args
+            .iter()
+            .take(2)
+            .map(|a| a.to_string_lossy())
+            .collect();
+        let first = words.first().map(|w| w.as_ref()).unwrap_or("");
+        let second = words.get(1).map(|w| w.as_ref()).unwrap_or("");
+        match self.tool {
+            Tool::Ceph => !matches!(first, "auth"),
+            Tool::Rbd => match first {
+                "info" | "status" | "ls" | "list" | "du" => true,
+                "image-meta" => matches!(second, "list" | "get"),
+                "trash" => matches!(second, "ls" | "list"),
+                _ => false,
+            },
+            Tool::Rados => self.args.iter().any(|a| {
+                matches!(
+                    a.to_string_lossy().as_ref(),
+                    "listomapvals" | "listomapkeys" | "getomapval" | "ls" | "stat"
+                )
+            }),
+        }
+    }
+
     /// The command line for logs and errors. Every argument was checked before it got here.
     pub fn display(&self) -> String {
         let mut s = self.tool.name().to_string();
@@ -106,6 +135,8 @@ pub struct ProcessRunnerConfig {
     pub client_id: Option<String>,
     /// Deadline of every command.
     pub timeout: Duration,
+    /// Deadline of a command that only reads (at most `timeout`).
+    pub read_timeout: Duration,
     /// Time between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
     /// Directory holding the `ceph`, `rbd` and `rados` binaries; `None` searches `PATH`.
@@ -119,6 +150,7 @@ impl Default for ProcessRunnerConfig {
             keyring: None,
             client_id: None,
             timeout: Duration::from_secs(90),
+            read_timeout: Duration::from_secs(20),
             kill_grace: Duration::from_secs(5),
             bin_dir: None,
         }
@@ -153,7 +185,12 @@ impl ProcessRunner {
             args.extend(["--id".into(), id.into()]);
         }
         args.extend(inv.args.iter().cloned());
-        let mut e = Exec::new(program).args(args).timeout(self.config.timeout);
+        let timeout = if inv.is_read() {
+            self.config.read_timeout.min(self.config.timeout)
+        } else {
+            self.config.timeout
+        };
+        let mut e = Exec::new(program).args(args).timeout(timeout);
         e.kill_grace = self.config.kill_grace;
         e.stdin = inv.stdin.clone();
         e
@@ -170,6 +207,62 @@ impl Runner for ProcessRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn inv(tool: Tool, args: &[&str]) -> Invocation {
+        Invocation::new(tool).args(args.iter().copied())
+    }
+
+    #[test]
+    fn reads_are_told_from_writes() {
+        for (tool, args) in [
+            (Tool::Ceph, &["status", "--format", "json"][..]),
+            (Tool::Ceph, &["tell", "mon.a", "sessions"]),
+            (Tool::Rbd, &["status", "--format", "json", "--", "rbd/a"]),
+            (Tool::Rbd, &["image-meta", "list", "--", "rbd/a"]),
+            (Tool::Rbd, &["trash", "ls", "--format", "json", "rbd"]),
+            (Tool::Rados, &["-p", "rbd", "listomapvals", "unistor.index"]),
+        ] {
+            assert!(inv(tool, args).is_read(), "{tool:?} {args:?}");
+        }
+        for (tool, args) in [
+            (Tool::Ceph, &["auth", "get-or-create", "client.snap"][..]),
+            (Tool::Rbd, &["import", "--export-format", "2", "-", "rbd/a"]),
+            (Tool::Rbd, &["image-meta", "set", "--", "rbd/a", "k", "v"]),
+            (Tool::Rbd, &["trash", "mv", "--", "rbd/a"]),
+            (
+                Tool::Rados,
+                &["-p", "rbd", "setomapval", "unistor.index", "a"],
+            ),
+        ] {
+            assert!(!inv(tool, args).is_read(), "{tool:?} {args:?}");
+        }
+    }
+
+    /// A stuck cluster: a read is killed at the read deadline, not at the (long) deadline of
+    /// every command, and the error says so.
+    #[tokio::test]
+    async fn a_stuck_read_ends_at_its_own_deadline() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ceph = dir.path().join("ceph");
+        std::fs::write(&ceph, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&ceph, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runner = ProcessRunner::new(ProcessRunnerConfig {
+            timeout: Duration::from_secs(600),
+            read_timeout: Duration::from_millis(300),
+            kill_grace: Duration::from_millis(100),
+            bin_dir: Some(dir.path().to_path_buf()),
+            ..ProcessRunnerConfig::default()
+        });
+        let e = runner
+            .run(inv(Tool::Ceph, &["status", "--format", "json"]))
+            .await
+            .unwrap_err();
+        match e {
+            CliError::Timeout { after, .. } => assert_eq!(after, Duration::from_millis(300)),
+            other => panic!("{other}"),
+        }
+    }
 
     #[test]
     fn connection_options_come_first_and_arguments_verbatim() {
