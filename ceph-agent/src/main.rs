@@ -40,8 +40,9 @@ struct Args {
     /// Deadline of every ceph/rbd/rados command; then SIGTERM, then SIGKILL.
     #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
     command_timeout: Duration,
-    /// Deadline of a command that only reads (the cluster's status, listings, an image's
-    /// watchers): a full or stuck cluster fails a report after this, not after a create's time.
+    /// Deadline of a short read (the cluster's status, one image's info, watchers or metadata):
+    /// a full or stuck cluster fails a report after this, not after a create's time. Listings
+    /// of a whole pool keep --command-timeout.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     read_timeout: Duration,
     /// How often the cluster's status (health, capacity, pools) is re-read.

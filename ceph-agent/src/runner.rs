@@ -75,9 +75,11 @@ impl Invocation {
         self
     }
 
-    /// Whether it only reads: a report's `ceph` commands, `rbd` and `rados` listings and
-    /// lookups. Reads get their own, shorter deadline: a stuck cluster must not hold a report
-    /// (or an in-use check) for as long as a create may take.
+    /// Whether it is a short read: a report's `ceph` commands, one image's info, watchers or
+    /// metadata, one index entry. These get their own, shorter deadline: a stuck cluster must
+    /// not hold a report (or an in-use check) for as long as a create may take. Listings of a
+    /// whole pool (`rbd ls --long` opens every image; the index; the trash) grow with the pool
+    /// and keep the long deadline.
     pub fn is_read(&self) -> bool {
         let words: Vec<std::borrow::Cow<'_, str>> = self
             .args
@@ -90,17 +92,14 @@ impl Invocation {
         match self.tool {
             Tool::Ceph => !matches!(first, "auth"),
             Tool::Rbd => match first {
-                "info" | "status" | "ls" | "list" | "du" => true,
+                "info" | "status" => true,
                 "image-meta" => matches!(second, "list" | "get"),
-                "trash" => matches!(second, "ls" | "list"),
                 _ => false,
             },
-            Tool::Rados => self.args.iter().any(|a| {
-                matches!(
-                    a.to_string_lossy().as_ref(),
-                    "listomapvals" | "listomapkeys" | "getomapval" | "ls" | "stat"
-                )
-            }),
+            Tool::Rados => self
+                .args
+                .iter()
+                .any(|a| matches!(a.to_string_lossy().as_ref(), "getomapval" | "stat")),
         }
     }
 
@@ -219,12 +218,18 @@ mod tests {
             (Tool::Ceph, &["tell", "mon.a", "sessions"]),
             (Tool::Rbd, &["status", "--format", "json", "--", "rbd/a"]),
             (Tool::Rbd, &["image-meta", "list", "--", "rbd/a"]),
-            (Tool::Rbd, &["trash", "ls", "--format", "json", "rbd"]),
-            (Tool::Rados, &["-p", "rbd", "listomapvals", "unistor.index"]),
+            (
+                Tool::Rados,
+                &["-p", "rbd", "getomapval", "unistor.index", "a"],
+            ),
         ] {
             assert!(inv(tool, args).is_read(), "{tool:?} {args:?}");
         }
         for (tool, args) in [
+            // Whole-pool listings grow with the pool: the long deadline.
+            (Tool::Rbd, &["ls", "--long", "--format", "json", "rbd"][..]),
+            (Tool::Rbd, &["trash", "ls", "--format", "json", "rbd"]),
+            (Tool::Rados, &["-p", "rbd", "listomapvals", "unistor.index"]),
             (Tool::Ceph, &["auth", "get-or-create", "client.snap"][..]),
             (Tool::Rbd, &["import", "--export-format", "2", "-", "rbd/a"]),
             (Tool::Rbd, &["image-meta", "set", "--", "rbd/a", "k", "v"]),
