@@ -25,14 +25,19 @@ pub const MAX_WATCHER_LOOKUPS: usize = 64;
 /// What a mutation is serialized on: its image, or the cephx identity it issues.
 fn lock_key(c: &Command) -> String {
     match c {
-        Command::CreateImage(c) => format!("image:{}/{}", c.pool, c.image),
-        Command::GrowImage(c) => format!("image:{}/{}", c.pool, c.image),
-        Command::TrashImage(c) => format!("image:{}/{}", c.pool, c.image),
-        Command::RestoreImage(c) => format!("image:{}/{}", c.pool, c.image),
-        Command::DeleteImage(c) => format!("image:{}/{}", c.pool, c.image),
+        Command::CreateImage(c) => image_key(&c.pool, &c.image),
+        Command::GrowImage(c) => image_key(&c.pool, &c.image),
+        Command::TrashImage(c) => image_key(&c.pool, &c.image),
+        Command::RestoreImage(c) => image_key(&c.pool, &c.image),
+        Command::DeleteImage(c) => image_key(&c.pool, &c.image),
         Command::IssueSnapIdentity(c) => format!("identity:{}", c.client_id),
         other => format!("other:{}", other.name()),
     }
+}
+
+/// The lock of one image: its mutations and its watcher lookups share it.
+fn image_key(pool: &str, image: &str) -> String {
+    format!("image:{pool}/{image}")
 }
 
 /// Command families this agent serves.
@@ -122,7 +127,7 @@ impl<R: Runner> CephHandler<R> {
                 // use"): the lookup waits for them and holds them off meanwhile.
                 let mut keys: Vec<String> = specs
                     .iter()
-                    .map(|s| format!("image:{}/{}", s.pool, s.image))
+                    .map(|s| image_key(s.pool.as_str(), s.image.as_str()))
                     .collect();
                 keys.sort();
                 keys.dedup();

@@ -100,6 +100,18 @@ impl Selection {
         }
     }
 
+    /// The common filters: state (or health), exact host and DPU, text in any of `names`.
+    fn common(&self, state: &str, host: &str, dpu: &str, names: &[&str]) -> bool {
+        let exact = |want: &Option<String>, have: &str| {
+            want.as_deref().is_none_or(|w| w.is_empty() || w == have)
+        };
+        let text = match self.q.as_deref() {
+            None | Some("") => true,
+            Some(q) => names.iter().any(|n| n.contains(q)),
+        };
+        self.state_matches(state) && exact(&self.host, host) && exact(&self.dpu, dpu) && text
+    }
+
     fn volume(&self, v: &VolumeStatus) -> bool {
         let label = match self.label.as_deref() {
             None | Some("") => true,
@@ -108,40 +120,17 @@ impl Selection {
                 None => v.labels.contains_key(l),
             },
         };
-        let text = match self.q.as_deref() {
-            None | Some("") => true,
-            Some(q) => [&v.volume, &v.image, &v.host, &v.dpu]
-                .iter()
-                .any(|f| f.contains(q)),
-        };
-        self.state_matches(&v.state)
-            && self
-                .host
-                .as_ref()
-                .is_none_or(|h| h.is_empty() || *h == v.host)
-            && self
-                .dpu
-                .as_ref()
-                .is_none_or(|d| d.is_empty() || *d == v.dpu)
-            && label
-            && text
+        label
+            && self.common(
+                &v.state,
+                &v.host,
+                &v.dpu,
+                &[&v.volume, &v.image, &v.host, &v.dpu],
+            )
     }
 
     fn dpu(&self, d: &DpuStatus) -> bool {
-        let text = match self.q.as_deref() {
-            None | Some("") => true,
-            Some(q) => d.name.contains(q) || d.host.contains(q),
-        };
-        self.state_matches(&d.health)
-            && self
-                .host
-                .as_ref()
-                .is_none_or(|h| h.is_empty() || *h == d.host)
-            && self
-                .dpu
-                .as_ref()
-                .is_none_or(|n| n.is_empty() || *n == d.name)
-            && text
+        self.common(&d.health, &d.host, &d.name, &[&d.name, &d.host])
     }
 }
 
