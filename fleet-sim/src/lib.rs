@@ -254,14 +254,6 @@ impl Fleet {
         self.dpus.iter().filter(|d| d.agent.is_some()).count()
     }
 
-    /// Each DPU's name and address, in order.
-    pub fn addresses(&self) -> Vec<(String, Option<SocketAddr>)> {
-        self.dpus
-            .iter()
-            .map(|d| (d.name.to_string(), d.addr))
-            .collect()
-    }
-
     /// The fleet's counters as one JSON line.
     pub fn stats(&self) -> serde_json::Value {
         let rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
