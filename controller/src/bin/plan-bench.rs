@@ -138,7 +138,9 @@ fn main() {
     let d = fleet(dpus, per);
     let desired_heap = live_heap();
     let mut world = World::empty(&d);
-    let opts = Options::default();
+    let mut opts = Options::default();
+    // `--threads N`: how many threads the planner may use (default: the machine's cores).
+    opts.threads = arg("--threads", opts.threads);
     let observed = world.observed();
     let base = peak_rss_kib();
     let t = Instant::now();

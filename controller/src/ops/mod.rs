@@ -192,6 +192,7 @@ pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {
     let opts = Options {
         owner: c.owner.clone(),
         health_gate: c.health_gate.clone(),
+        ..Options::default()
     };
     let exec = ExecOptions {
         owner: c.owner.clone(),

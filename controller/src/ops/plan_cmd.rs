@@ -36,6 +36,7 @@ pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
         &Options {
             owner: a.common.owner.clone(),
             health_gate: a.common.health_gate.clone(),
+            ..Options::default()
         },
     );
     if let Some(path) = &a.out {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use protocol::dpu::{DpuReport, FunctionRef, SnapInventory};
+use protocol::dpu::{ControllerInfo, DpuReport, FunctionRef, SnapInventory, SubsystemInfo};
 use protocol::{ImageState, ImageStatus};
 
 use super::place::Placement;
@@ -41,7 +41,26 @@ pub(super) struct DpuChain<'a> {
     controllers: HashMap<FunctionRef, Option<usize>>,
     attaches: HashMap<FunctionRef, Vec<usize>>,
     resume_needed: BTreeSet<FunctionRef>,
+    /// Where the next volume's bdev is looked for first: SNAP lists bdevs in the order they
+    /// were made, which is this DPU's volumes in name order, so a converged DPU finds each at
+    /// once instead of scanning.
+    bdev_hint: usize,
+    /// Each function's subsystem and controller in the inventory, once looked up.
+    found: Vec<(
+        FunctionRef,
+        Option<&'a SubsystemInfo>,
+        Option<&'a ControllerInfo>,
+    )>,
 }
+
+/// The inventory planned against while SNAP is being (re)installed.
+static EMPTY: SnapInventory = SnapInventory {
+    functions: Vec::new(),
+    subsystems: Vec::new(),
+    controllers: Vec::new(),
+    bdevs: Vec::new(),
+    clusters: Vec::new(),
+};
 
 /// A volume the plan cannot go on with (the reason is in the plan's `blocked`).
 struct Held;
@@ -65,7 +84,27 @@ impl<'a> DpuChain<'a> {
             controllers: HashMap::default(),
             attaches: HashMap::default(),
             resume_needed: BTreeSet::new(),
+            bdev_hint: 0,
+            found: Vec::new(),
         }
+    }
+
+    /// Function `f`'s subsystem (`nqn`) and controller (`ctrl`) in `inv`, looked up once per
+    /// DPU.
+    fn found(
+        &mut self,
+        inv: &'a SnapInventory,
+        f: FunctionRef,
+        nqn: &str,
+        ctrl: &str,
+    ) -> (Option<&'a SubsystemInfo>, Option<&'a ControllerInfo>) {
+        if let Some(&(_, s, c)) = self.found.iter().find(|(g, ..)| *g == f) {
+            return (s, c);
+        }
+        let s = inv.subsystems.iter().find(|s| s.nqn == nqn);
+        let c = inv.controllers.iter().find(|c| c.name == ctrl);
+        self.found.push((f, s, c));
+        (s, c)
     }
 
     /// Plans the volumes at positions `idxs` (in name order), then the resumes.
@@ -96,23 +135,23 @@ impl<'a> DpuChain<'a> {
         let v: &'a Volume = cx.placement.volumes[i];
         let report = self.ready(b, cx, v)?;
         let image_step = image(b, cx, v)?;
-        let empty = SnapInventory::default();
-        let inv = match (self.snap, report.inventory.as_ref()) {
+        let inv: &'a SnapInventory = match (self.snap, report.inventory.as_ref()) {
             (None, Some(inv)) => inv,
             // SNAP is being (re)installed: plan against an empty SNAP.
-            _ => &empty,
+            _ => &EMPTY,
         };
         let reg = self.register(b, inv, v);
         // `bdev_rbd_resize` grows the image through SNAP: a write, held with the image's.
         let may_write = !cx.halted.contains_key(v.cluster.as_str());
         let bdev_step = self.bdev(b, inv, v, &[reg, image_step], may_write)?;
-        let (nqn, nsid) = (&cx.placement.nqn[i], cx.placement.nsid[i]);
-        let sub = self.subsystem(b, inv, v.function, nqn);
-        let ns_step = self.namespace(b, inv, v, (nqn, nsid), &[sub, bdev_step])?;
+        let (nqn, nsid) = (cx.placement.nqn(i), cx.placement.nsid[i]);
         let ctrl = ctrl_names
             .entry(v.function)
             .or_insert_with(|| names::controller(v.function));
-        self.controller(b, inv, v, ctrl, (nqn, nsid), sub, ns_step)
+        let (have_sub, have_ctrl) = self.found(inv, v.function, nqn, ctrl);
+        let sub = self.subsystem(b, have_sub.is_some(), v.function, nqn);
+        let ns_step = self.namespace(b, have_sub, v, (nqn, nsid), &[sub, bdev_step])?;
+        self.controller(b, inv, v, (ctrl, have_ctrl), (nqn, nsid), sub, ns_step)
     }
 
     /// The DPU's report, when the volume's cluster and DPU are both known.
@@ -165,7 +204,7 @@ impl<'a> DpuChain<'a> {
     /// written); held when another image's bdev has its name. `before`: the registration and
     /// the image steps.
     fn bdev(
-        &self,
+        &mut self,
         b: &mut Builder,
         inv: &SnapInventory,
         v: &Volume,
@@ -174,7 +213,14 @@ impl<'a> DpuChain<'a> {
     ) -> Result<Option<usize>, Held> {
         let vname = v.name.as_str();
         let is_bdev = |name: &str| names::unprefixed(name) == Some(vname);
-        match inv.bdevs.iter().find(|x| is_bdev(&x.name)) {
+        let at = match inv.bdevs.get(self.bdev_hint) {
+            Some(x) if is_bdev(&x.name) => Some(self.bdev_hint),
+            _ => inv.bdevs.iter().position(|x| is_bdev(&x.name)),
+        };
+        if let Some(at) = at {
+            self.bdev_hint = at + 1;
+        }
+        match at.map(|at| &inv.bdevs[at]) {
             Some(x)
                 if x.pool.as_deref() == Some(v.pool.as_str())
                     && x.image.as_deref() == Some(v.image.as_str()) =>
@@ -265,13 +311,13 @@ impl<'a> DpuChain<'a> {
     fn subsystem(
         &mut self,
         b: &mut Builder,
-        inv: &SnapInventory,
+        exists: bool,
         function: FunctionRef,
         nqn: &str,
     ) -> Option<usize> {
         let (name, first) = (self.name, self.first);
         *self.subsystems.entry(function).or_insert_with(|| {
-            (!inv.subsystems.iter().any(|s| s.nqn == nqn)).then(|| {
+            (!exists).then(|| {
                 b.push(
                     Target::Dpu(name.to_string()),
                     Action::CreateSubsystem(SubsystemSpec {
@@ -293,17 +339,13 @@ impl<'a> DpuChain<'a> {
     fn namespace(
         &self,
         b: &mut Builder,
-        inv: &SnapInventory,
+        sub: Option<&SubsystemInfo>,
         v: &Volume,
         (nqn, nsid): (&str, u32),
         before: &[Option<usize>],
     ) -> Result<Option<usize>, Held> {
         let vname = v.name.as_str();
-        let have = inv
-            .subsystems
-            .iter()
-            .find(|s| s.nqn == nqn)
-            .and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
+        let have = sub.and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
         match have {
             Some(n)
                 if names::unprefixed(&n.bdev) == Some(vname)
@@ -344,7 +386,7 @@ impl<'a> DpuChain<'a> {
         b: &mut Builder,
         inv: &SnapInventory,
         v: &Volume,
-        ctrl: &str,
+        (ctrl, have): (&str, Option<&ControllerInfo>),
         (nqn, nsid): (&str, u32),
         sub: Option<usize>,
         ns_step: Option<usize>,
@@ -363,7 +405,6 @@ impl<'a> DpuChain<'a> {
             );
             return Err(Held);
         }
-        let have = inv.controllers.iter().find(|c| c.name == ctrl);
         if let Some(c) = have.filter(|c| c.num_queues != v.queues) {
             b.drift(
                 object(v),

@@ -86,6 +86,9 @@ pub struct Options {
     pub owner: String,
     /// Which cluster health halts the steps that write to the cluster.
     pub health_gate: HealthGate,
+    /// Threads the per-DPU phases may use (1: all on the caller's). The plan is the same,
+    /// byte for byte, whatever the number.
+    pub threads: usize,
 }
 
 impl Default for Options {
@@ -93,6 +96,7 @@ impl Default for Options {
         Self {
             owner: "unistor".into(),
             health_gate: HealthGate::standard(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -194,11 +198,50 @@ pub use protocol::meta::{
     VOLUME as META_VOLUME,
 };
 
+/// Steps, drift and holds being written. A builder may be a fragment of the plan, made on its
+/// own thread for part of the fleet: its step ids start at `base` (the plan's length when the
+/// phase began) and [`Builder::absorb`] renumbers them in place, so a plan made on many threads
+/// is the plan made on one, byte for byte.
+#[derive(Default)]
 struct Builder {
+    base: usize,
     plan: Plan,
 }
 
 impl Builder {
+    /// The id the next step gets.
+    fn next_id(&self) -> usize {
+        self.base + self.plan.steps.len()
+    }
+
+    /// An empty fragment whose first step will be `base` (the plan's [`Builder::next_id`] when
+    /// the phase began).
+    fn at(base: usize) -> Builder {
+        Builder {
+            base,
+            plan: Plan::default(),
+        }
+    }
+
+    /// Appends a fragment made by [`Builder::at`] while this builder was unchanged or
+    /// only grew by other fragments; returns how far its step ids moved.
+    fn absorb(&mut self, frag: Builder) -> usize {
+        let shift = self.next_id() - frag.base;
+        for mut s in frag.plan.steps {
+            s.id += shift;
+            // Ids below the fragment's base are steps of earlier phases: they stay.
+            for d in &mut s.depends_on {
+                if *d >= frag.base {
+                    *d += shift;
+                }
+            }
+            self.plan.steps.push(s);
+        }
+        self.plan.drift.extend(frag.plan.drift);
+        self.plan.blocked.extend(frag.plan.blocked);
+        shift
+    }
+
     fn push(
         &mut self,
         target: Target,
@@ -207,7 +250,7 @@ impl Builder {
         deps: &[Option<usize>],
         volume: Option<&str>,
     ) -> usize {
-        let id = self.plan.steps.len();
+        let id = self.next_id();
         let mut depends_on: Vec<usize> = deps.iter().flatten().copied().collect();
         depends_on.sort_unstable();
         depends_on.dedup();
@@ -236,6 +279,27 @@ impl Builder {
     }
 }
 
+/// Runs `f` over `items` in contiguous chunks, on up to `threads` threads, and returns each
+/// chunk's result in item order (so what is merged from them does not depend on `threads`).
+fn par_chunks<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&[T]) -> R + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    // Below this many items a chunk costs more to hand over than it saves.
+    const MIN_CHUNK: usize = 64;
+    // A few chunks per thread: DPUs differ in work, the threads pick up what is left.
+    let chunks = (threads * 4).min(items.len() / MIN_CHUNK);
+    if threads <= 1 || chunks <= 1 {
+        return vec![f(items)];
+    }
+    items
+        .par_chunks(items.len().div_ceil(chunks))
+        .map(f)
+        .collect()
+}
+
 /// FNV-1a: a stable hash (the same on every machine and release) for derived NSIDs, NVMe
 /// serials and plan fingerprints.
 pub fn fnv(s: &str) -> u64 {
@@ -256,9 +320,7 @@ fn after(ids: Option<&Vec<usize>>) -> Vec<Option<usize>> {
 /// Computes the plan, phase by phase: what is unknown; where each volume goes; removals; SNAP on
 /// every DPU; then each DPU's volume chains (see [`create`] and [`teardown`]).
 pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
-    let mut b = Builder {
-        plan: Plan::default(),
-    };
+    let mut b = Builder::default();
     b.plan.unknown = unknown(desired, observed);
     // Reports by DPU, looked up once per DPU (hashing beats comparing long shared prefixes).
     let reports: HashMap<&str, &DpuReport> = observed
@@ -266,8 +328,12 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         .iter()
         .filter_map(|(n, k)| Some((n.as_str(), k.get()?)))
         .collect();
-    let placement = place::place(desired, &reports);
-    let images = index_images(observed);
+    let place = || place::place(desired, &reports, opts.threads);
+    let (placement, images) = if opts.threads > 1 {
+        rayon::join(place, || index_images(observed))
+    } else {
+        (place(), index_images(observed))
+    };
     let halted = halted(observed, &opts.health_gate);
     // Removals first: what is created on a DPU waits for what is removed there.
     let removed_on = teardown::teardown(&mut b, observed, opts, &placement, &images, &halted);
@@ -280,17 +346,26 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         halted: &halted,
     };
     let no_deps = (None, Vec::new());
-    // Controller names by function: a handful, formatted once.
-    let mut ctrl_names: HashMap<FunctionRef, String> = HashMap::default();
-    // DPU by DPU (in name order), each DPU's volumes in name order, then its resumes.
-    for (dpu, idxs) in &placement.by_dpu {
-        let (snap, first) = first_on.get(dpu).unwrap_or(&no_deps);
-        create::DpuChain::new(dpu, reports.get(dpu).copied(), *snap, first).plan(
-            &mut b,
-            &cx,
-            idxs,
-            &mut ctrl_names,
-        );
+    // DPU by DPU (in name order), each DPU's volumes in name order, then its resumes; DPUs
+    // are independent here, so they are planned on all threads and merged in order.
+    let base = b.next_id();
+    let fragments = par_chunks(&placement.by_dpu, opts.threads, |dpus| {
+        let mut frag = Builder::at(base);
+        // Controller names by function: a handful, formatted once.
+        let mut ctrl_names: HashMap<FunctionRef, String> = HashMap::default();
+        for (dpu, idxs) in dpus {
+            let (snap, first) = first_on.get(dpu).unwrap_or(&no_deps);
+            create::DpuChain::new(dpu, reports.get(dpu).copied(), *snap, first).plan(
+                &mut frag,
+                &cx,
+                idxs,
+                &mut ctrl_names,
+            );
+        }
+        frag
+    });
+    for frag in fragments {
+        b.absorb(frag);
     }
     b.plan
 }

@@ -30,39 +30,62 @@ pub(super) fn teardown(
     images: &ImageIndex<'_>,
     halted: &BTreeMap<&str, String>,
 ) -> BTreeMap<String, Vec<usize>> {
-    let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut of_volume = ByVolume::default();
     // Both in name order: each DPU's wanted volumes found by walking along, not by a search.
     let mut wanted = placement.by_dpu.iter().peekable();
+    let mut dpus: Vec<(&str, &SnapInventory, &[usize])> = vec![];
     for (dpu_name, k) in &observed.dpus {
         while wanted.next_if(|(d, _)| *d < dpu_name.as_str()).is_some() {}
         let here: &[usize] = match wanted.peek() {
             Some((d, idxs)) if *d == dpu_name.as_str() => idxs,
             _ => &[],
         };
-        let Some(DpuReport {
+        if let Some(DpuReport {
             inventory: Some(inv),
             ..
         }) = k.get()
-        else {
-            continue;
-        };
-        let first_step = b.plan.steps.len();
-        let dpu = DpuTeardown {
-            name: dpu_name,
-            inv,
-            owner: Owner {
+        {
+            dpus.push((dpu_name, inv, here));
+        }
+    }
+    // DPUs are independent here: planned on all threads, merged in DPU order.
+    let base = b.next_id();
+    let fragments = super::par_chunks(&dpus, opts.threads, |dpus| {
+        let mut frag = Builder::at(base);
+        let mut of_volume = ByVolume::default();
+        let mut ranges = vec![];
+        for &(name, inv, wanted) in dpus {
+            let first = frag.next_id();
+            let dpu = DpuTeardown {
+                name,
                 inv,
-                images,
-                owner: &opts.owner,
-            },
-            placement,
-            wanted: here,
-        };
-        dpu.plan(b, &mut of_volume);
-        let steps: Vec<usize> = (first_step..b.plan.steps.len()).collect();
-        if !steps.is_empty() {
-            removed_on.insert(dpu_name.clone(), steps);
+                owner: Owner {
+                    inv,
+                    images,
+                    owner: &opts.owner,
+                },
+                placement,
+                wanted,
+            };
+            dpu.plan(&mut frag, &mut of_volume);
+            if frag.next_id() > first {
+                ranges.push((name, first..frag.next_id()));
+            }
+        }
+        (frag, of_volume, ranges)
+    });
+    let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut of_volume = ByVolume::default();
+    for (frag, volumes, ranges) in fragments {
+        let shift = b.absorb(frag);
+        for (volume, steps) in volumes {
+            of_volume
+                .entry(volume)
+                .or_default()
+                .extend(steps.into_iter().map(|s| s + shift));
+        }
+        for (name, steps) in ranges {
+            let steps = (steps.start + shift)..(steps.end + shift);
+            removed_on.insert(name.to_string(), steps.collect());
         }
     }
     images_of_gone_volumes(b, observed, opts, placement, &of_volume, halted);
@@ -148,7 +171,7 @@ impl<'a> DpuTeardown<'a> {
                 if !names::owned(&n.bdev)
                     || self
                         .placement
-                        .wants(&n.bdev, self.name, Some((&s.nqn, n.nsid)))
+                        .wants(&n.bdev, self.wanted, Some((&s.nqn, n.nsid)))
                     || self.owner.ours(&n.bdev) != Ok(true)
                 {
                     keeps = true;
@@ -191,7 +214,7 @@ impl<'a> DpuTeardown<'a> {
 
     /// Whether unistor's subsystem `nqn` goes: nothing kept in it, nothing wanted.
     fn goes(&self, nqn: &str, ns: &Namespaces<'_>) -> bool {
-        !ns.kept.contains(nqn) && !self.wanted.iter().any(|&i| self.placement.nqn[i] == nqn)
+        !ns.kept.contains(nqn) && !self.wanted.iter().any(|&i| self.placement.nqn(i) == nqn)
     }
 
     /// Controllers, then subsystems, left with nothing wanted.
@@ -236,7 +259,7 @@ impl<'a> DpuTeardown<'a> {
     /// owner cannot be confirmed stays, and says why.
     fn bdevs(&self, b: &mut Builder, ns: &Namespaces<'_>, of_volume: &mut ByVolume) {
         for x in self.inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
-            if self.placement.wants(&x.name, self.name, None) {
+            if self.placement.wants(&x.name, self.wanted, None) {
                 continue;
             }
             match self.owner.ours(&x.name) {
@@ -282,58 +305,81 @@ fn images_of_gone_volumes(
     for (cname, k) in &observed.clusters {
         let Some(report) = k.get() else { continue };
         let closed = halted.get(cname.as_str());
-        for i in &report.images {
-            if i.state != ImageState::Live || i.metadata.get(META_MANAGED_BY) != Some(&opts.owner) {
-                continue;
+        // Images are independent here: looked at on all threads, merged in image order.
+        let base = b.next_id();
+        let fragments = super::par_chunks(&report.images, opts.threads, |images| {
+            let mut frag = Builder::at(base);
+            for i in images {
+                gone_image(&mut frag, cname, i, opts, placement, of_volume, closed);
             }
-            let Some(volume) = i.metadata.get(META_VOLUME) else {
-                continue;
-            };
-            if placement.by_name.contains_key(volume.as_str()) {
-                continue;
-            }
-            let deps = after(of_volume.get(volume));
-            let target = Target::Cluster(cname.clone());
-            // Absent means Retain; an unknown name is never taken for one: the image stays,
-            // and the plan says why.
-            let policy = match i.metadata.get(META_POLICY).map(|p| p.parse()) {
-                None => DeletionPolicy::Retain,
-                Some(Ok(p)) => p,
-                Some(Err(why)) => {
-                    b.block(
-                        format!("volume/{volume}"),
-                        format!(
-                            "image {}/{} carries deletion policy {why}: left alone",
-                            i.pool, i.image
-                        ),
-                    );
-                    continue;
-                }
-            };
-            let action = match policy {
-                DeletionPolicy::Trash => Action::TrashImage {
-                    pool: i.pool.clone(),
-                    image: i.image.clone(),
-                    retain_secs: i
-                        .metadata
-                        .get(META_RETENTION)
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(7 * 86400),
-                    volume: volume.clone(),
-                },
-                DeletionPolicy::Delete => Action::DeleteImage {
-                    pool: i.pool.clone(),
-                    image: i.image.clone(),
-                    volume: volume.clone(),
-                },
-                // The image stays; only the volume's SNAP objects go.
-                DeletionPolicy::Retain => continue,
-            };
-            if let Some(why) = closed {
-                b.block(format!("volume/{volume}"), why.clone());
-                continue;
-            }
-            b.push(target, action, Risk::DataDestroying, &deps, Some(volume));
+            frag
+        });
+        for frag in fragments {
+            b.absorb(frag);
         }
     }
+}
+
+/// [`images_of_gone_volumes`] for image `i` of cluster `cname` (`closed`: why the health gate
+/// closed it to writes, if it did).
+fn gone_image(
+    b: &mut Builder,
+    cname: &str,
+    i: &ImageStatus,
+    opts: &Options,
+    placement: &Placement<'_>,
+    of_volume: &ByVolume,
+    closed: Option<&String>,
+) {
+    if i.state != ImageState::Live || i.metadata.get(META_MANAGED_BY) != Some(&opts.owner) {
+        return;
+    }
+    let Some(volume) = i.metadata.get(META_VOLUME) else {
+        return;
+    };
+    if placement.by_name.contains_key(volume.as_str()) {
+        return;
+    }
+    let deps = after(of_volume.get(volume));
+    let target = Target::Cluster(cname.to_string());
+    // Absent means Retain; an unknown name is never taken for one: the image stays, and the
+    // plan says why.
+    let policy = match i.metadata.get(META_POLICY).map(|p| p.parse()) {
+        None => DeletionPolicy::Retain,
+        Some(Ok(p)) => p,
+        Some(Err(why)) => {
+            b.block(
+                format!("volume/{volume}"),
+                format!(
+                    "image {}/{} carries deletion policy {why}: left alone",
+                    i.pool, i.image
+                ),
+            );
+            return;
+        }
+    };
+    let action = match policy {
+        DeletionPolicy::Trash => Action::TrashImage {
+            pool: i.pool.clone(),
+            image: i.image.clone(),
+            retain_secs: i
+                .metadata
+                .get(META_RETENTION)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(7 * 86400),
+            volume: volume.clone(),
+        },
+        DeletionPolicy::Delete => Action::DeleteImage {
+            pool: i.pool.clone(),
+            image: i.image.clone(),
+            volume: volume.clone(),
+        },
+        // The image stays; only the volume's SNAP objects go.
+        DeletionPolicy::Retain => return,
+    };
+    if let Some(why) = closed {
+        b.block(format!("volume/{volume}"), why.clone());
+        return;
+    }
+    b.push(target, action, Risk::DataDestroying, &deps, Some(volume));
 }

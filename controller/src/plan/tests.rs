@@ -624,3 +624,94 @@ fn the_health_gate_holds_every_write_to_a_failing_cluster() {
         .any(|s| matches!(s.action, Action::GrowImage { .. })));
     assert!(HealthGate::parse("osd full").is_err());
 }
+
+/// 300 DPUs with two volumes each; `changed` moves, removes, grows and adds some.
+fn wide_fleet(changed: bool) -> Desired {
+    let mut text = String::from(
+        "apiVersion: unistor.io/v1alpha1\nkind: CephCluster\nmetadata: {name: c}\nspec:\n  agent: {name: ceph-1, address: 127.0.0.1:1}\n  pools: [rbd]\n  snapIdentity: {clientId: snap}\n",
+    );
+    let dpus = 300;
+    for h in 0..dpus {
+        text.push_str(&format!(
+            "---\napiVersion: unistor.io/v1alpha1\nkind: Dpu\nmetadata: {{name: dpu-{h}}}\nspec:\n  agent: {{name: dpu-{h}, address: 127.0.0.1:2}}\n  host: host-{h}\n  snap: {{version: '4.5', functions: {{pfs: 1, vfsPerPf: 4}}}}\n"
+        ));
+    }
+    for i in 0..dpus * 2 {
+        let mut host = i / 2;
+        let mut size = 64;
+        if changed {
+            match i % 10 {
+                // Gone, its image deleted.
+                0 => continue,
+                // Moved to the next DPU.
+                3 => host = (host + 1) % dpus,
+                // Grown.
+                5 => size = 128,
+                _ => {}
+            }
+        }
+        text.push_str(&format!(
+            "---\napiVersion: unistor.io/v1alpha1\nkind: Volume\nmetadata: {{name: v{i}}}\nspec:\n  host: host-{host}\n  size: {size}Mi\n  deletionPolicy: Delete\n  rbd: {{cluster: c, pool: rbd}}\n  nvme: {{pf: 0, vf: {}}}\n",
+            i % 4
+        ));
+    }
+    if changed {
+        for h in (0..dpus).step_by(7) {
+            text.push_str(&format!(
+                "---\napiVersion: unistor.io/v1alpha1\nkind: Volume\nmetadata: {{name: new{h}}}\nspec:\n  host: host-{h}\n  size: 64Mi\n  rbd: {{cluster: c, pool: rbd}}\n  nvme: {{pf: 0}}\n"
+            ));
+        }
+    }
+    desired(&[("wide.yaml", text)])
+}
+
+#[test]
+fn a_plan_made_on_many_threads_is_the_plan_made_on_one() {
+    // Wide enough that every per-DPU phase is cut into chunks planned on their own threads.
+    let before = wide_fleet(false);
+    let mut w = World::empty(&before);
+    w.converge(&before, 3);
+    let after = wide_fleet(true);
+    let o = w.observed();
+    let one = Options {
+        threads: 1,
+        ..Options::default()
+    };
+    let p = plan(&after, &o, &one);
+    check_order(&p);
+    // Every phase has work: removals, images deleted and grown, new chains.
+    for kind in [
+        "destroy_namespace",
+        "delete_bdev",
+        "delete_image",
+        "grow_image",
+        "create_image",
+        "create_namespace",
+        "attach",
+        "resume",
+    ] {
+        let n = p
+            .steps
+            .iter()
+            .filter(|s| serde_json::to_value(&s.action).unwrap()["op"] == kind)
+            .count();
+        assert!(n > 10, "{kind}: {n} steps");
+    }
+    for threads in [2, 3, 8] {
+        let many = Options {
+            threads,
+            ..Options::default()
+        };
+        assert_eq!(plan(&after, &o, &many), p, "{threads} threads");
+    }
+    // And the fleet converges from the plan made on many threads.
+    let mut w2 = w.clone();
+    let many = Options {
+        threads: 4,
+        ..Options::default()
+    };
+    for s in &plan(&after, &o, &many).steps {
+        w2.apply(s, &many.owner);
+    }
+    assert!(plan(&after, &w2.observed(), &many).is_empty());
+}
