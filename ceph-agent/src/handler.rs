@@ -26,6 +26,7 @@ pub const MAX_WATCHER_LOOKUPS: usize = 64;
 fn lock_key(c: &Command) -> String {
     match c {
         Command::CreateImage(c) => image_key(&c.pool, &c.image),
+        Command::AdoptImage(c) => image_key(&c.pool, &c.image),
         Command::GrowImage(c) => image_key(&c.pool, &c.image),
         Command::TrashImage(c) => image_key(&c.pool, &c.image),
         Command::RestoreImage(c) => image_key(&c.pool, &c.image),
@@ -33,6 +34,26 @@ fn lock_key(c: &Command) -> String {
         Command::IssueSnapIdentity(c) => format!("identity:{}", c.client_id),
         other => format!("other:{}", other.name()),
     }
+}
+
+/// The images of a lookup, checked: at most [`MAX_WATCHER_LOOKUPS`] (each costs commands now),
+/// every name allowed.
+fn image_specs(l: &protocol::ImageList) -> Result<Vec<ImageSpec>, WireError> {
+    if l.images.len() > MAX_WATCHER_LOOKUPS {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} images asked for, at most {MAX_WATCHER_LOOKUPS} per request",
+                l.images.len()
+            ),
+        )
+        .with_field("images"));
+    }
+    l.images
+        .iter()
+        .map(|i| ImageSpec::parse(&i.pool, &i.image))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(WireError::from)
 }
 
 /// The lock of one image: its mutations and its watcher lookups share it.
@@ -105,23 +126,14 @@ impl<R: Runner> CephHandler<R> {
                         .map_err(wire)?,
                 )))
             }
+            Command::ProbeImages(l) => {
+                let specs = image_specs(&l)?;
+                Ok(Reply::Images(protocol::ImageStatusList {
+                    images: self.ceph.probe_images(&specs).await.map_err(wire)?,
+                }))
+            }
             Command::ImageWatchers(l) => {
-                if l.images.len() > MAX_WATCHER_LOOKUPS {
-                    return Err(WireError::new(
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "{} images asked for, at most {MAX_WATCHER_LOOKUPS} per request",
-                            l.images.len()
-                        ),
-                    )
-                    .with_field("images"));
-                }
-                let specs = l
-                    .images
-                    .iter()
-                    .map(|i| ImageSpec::parse(&i.pool, &i.image))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(WireError::from)?;
+                let specs = image_specs(&l)?;
                 // A mutation of one of these images in flight here opens it with `rbd`, which
                 // shows as a watcher (another controller's trash of the same volume looked "in
                 // use"): the lookup waits for them and holds them off meanwhile.
@@ -144,6 +156,7 @@ impl<R: Runner> CephHandler<R> {
                 Ok(Reply::Watchers(protocol::WatcherList { images: result? }))
             }
             c @ (Command::CreateImage(_)
+            | Command::AdoptImage(_)
             | Command::GrowImage(_)
             | Command::TrashImage(_)
             | Command::RestoreImage(_)
@@ -180,6 +193,16 @@ impl<R: Runner> CephHandler<R> {
                 Reply::Image(
                     self.ceph
                         .create_image(&spec, c.size_bytes, &c.features, &owner, policy.as_ref())
+                        .await?,
+                )
+            }
+            Command::AdoptImage(c) => {
+                let spec = ImageSpec::parse(&c.pool, &c.image)?;
+                let owner = Owner::parse(&c.owner)?;
+                let policy = c.policy.as_ref().map(crate::ceph::Policy::parse);
+                Reply::Image(
+                    self.ceph
+                        .adopt_image(&spec, &owner, policy.as_ref())
                         .await?,
                 )
             }

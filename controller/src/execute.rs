@@ -15,8 +15,8 @@ use protocol::client::{AgentClient, ClientError};
 use protocol::dpu::{Attachment, BdevResize, NameRef, NamespaceRef, NqnRef, RbdCluster};
 use protocol::ErrorCode;
 use protocol::{
-    Command, CreateImage, DeleteImage, GrowImage, ImagePolicy, ImageRef, IssueSnapIdentity,
-    Ownership, Reply, TrashImage,
+    AdoptImage, Command, CreateImage, DeleteImage, GrowImage, ImagePolicy, ImageRef,
+    IssueSnapIdentity, Ownership, Reply, TrashImage,
 };
 use serde::Serialize;
 use tokio::task::JoinSet;
@@ -288,6 +288,21 @@ fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
             image: image.clone(),
             size_bytes: *size_bytes,
             features: vec![],
+            owner: owner(volume),
+            policy: Some(ImagePolicy {
+                deletion: *policy,
+                trash_retention_secs: *retain_secs,
+            }),
+        }),
+        Action::AdoptImage {
+            pool,
+            image,
+            volume,
+            policy,
+            retain_secs,
+        } => Command::AdoptImage(AdoptImage {
+            pool: pool.clone(),
+            image: image.clone(),
             owner: owner(volume),
             policy: Some(ImagePolicy {
                 deletion: *policy,

@@ -115,6 +115,72 @@ impl Fleet {
     }
 }
 
+/// Asks the clusters about the images `p` would create that their reports do not hold: one that
+/// exists after all (made outside unistor) joins `observed`, so that the plan made again shows
+/// it as not owned, or adopts it when the volume asks. Returns how many were found. Costs
+/// commands only for images about to be created; a cluster that cannot answer keeps the plan
+/// as it is (its agent still refuses to create over an image it does not own).
+pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet: &Fleet) -> usize {
+    use crate::plan::Action;
+    let mut wanted: BTreeMap<&str, BTreeSet<(&str, &str)>> = BTreeMap::new();
+    for s in &p.steps {
+        if let (Target::Cluster(c), Action::CreateImage { pool, image, .. }) =
+            (&s.target, &s.action)
+        {
+            wanted
+                .entry(c.as_str())
+                .or_default()
+                .insert((pool.as_str(), image.as_str()));
+        }
+    }
+    let mut found = 0;
+    for (cluster, mut images) in wanted {
+        let Some(Known::Known { report }) = observed.clusters.get_mut(cluster) else {
+            continue;
+        };
+        // A create that only rewrites the policy of an image the report holds is not asked.
+        for i in &report.images {
+            images.remove(&(i.pool.as_str(), i.image.as_str()));
+        }
+        let refs: Vec<protocol::ImageRef> = images
+            .into_iter()
+            .map(|(pool, image)| protocol::ImageRef {
+                pool: pool.into(),
+                image: image.into(),
+            })
+            .collect();
+        let client = match fleet.get(&Target::Cluster(cluster.to_string())) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(cluster, error = %e, "Cannot ask the cluster about the images to create.");
+                continue;
+            }
+        };
+        for chunk in refs.chunks(64) {
+            let asked = protocol::ImageList {
+                images: chunk.to_vec(),
+            };
+            match client.request(Command::ProbeImages(asked)).await {
+                Ok(Reply::Images(l)) => {
+                    for i in l.images {
+                        if i.state == protocol::ImageState::Live {
+                            report.images.push(i);
+                            found += 1;
+                        }
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(cluster, reply = ?other, "Unexpected reply to probe_images.");
+                }
+                Err(e) => {
+                    tracing::warn!(cluster, error = %protocol::error::chain(&e), "Cannot ask the cluster about the images to create.");
+                }
+            }
+        }
+    }
+    found
+}
+
 /// Images asked for per page of `ceph_changes` (the agent caps it too).
 const PAGE: u32 = 1000;
 

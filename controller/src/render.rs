@@ -16,6 +16,7 @@ pub fn sign(a: &Action) -> char {
         | Action::CreateController(_)
         | Action::Attach(_) => '+',
         Action::GrowImage { .. }
+        | Action::AdoptImage { .. }
         | Action::ResizeBdev { .. }
         | Action::RestoreImage { .. }
         | Action::Resume { .. } => '~',
@@ -51,6 +52,13 @@ pub fn describe(a: &Action) -> String {
             "create image {pool}/{image} {} (policy {policy})",
             gib(*size_bytes)
         ),
+        Action::AdoptImage {
+            pool,
+            image,
+            volume,
+            policy,
+            ..
+        } => format!("adopt image {pool}/{image} as volume {volume} (policy {policy})"),
         Action::GrowImage {
             pool,
             image,

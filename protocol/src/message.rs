@@ -181,8 +181,15 @@ pub enum Command {
     CephChanges(ChangesQuery),
     /// The live watchers of some images (looked up now, not from the agent's view).
     ImageWatchers(ImageList),
+    /// Some images as the cluster has them now, whoever owns them: the controller asks about
+    /// the images its volumes name that the agent's view does not hold (an image made outside
+    /// unistor must show in a plan as not owned, not as one to create).
+    ProbeImages(ImageList),
     /// Create an RBD image owned by unistor (idempotent).
     CreateImage(CreateImage),
+    /// Take over an existing image that carries no owner: write the ownership and policy keys
+    /// (refused while it has watchers, or when it belongs to someone; idempotent).
+    AdoptImage(AdoptImage),
     /// Grow an image (never shrinks).
     GrowImage(GrowImage),
     /// Move an image to the RBD trash.
@@ -242,8 +249,10 @@ impl Command {
             | Command::CephReport(_)
             | Command::CephChanges(_)
             | Command::ImageWatchers(_)
+            | Command::ProbeImages(_)
             | Command::DpuReport(_) => false,
             Command::CreateImage(_)
+            | Command::AdoptImage(_)
             | Command::GrowImage(_)
             | Command::TrashImage(_)
             | Command::RestoreImage(_)
@@ -278,6 +287,8 @@ impl Command {
             Command::CephReport(_) => "ceph_report",
             Command::CephChanges(_) => "ceph_changes",
             Command::ImageWatchers(_) => "image_watchers",
+            Command::ProbeImages(_) => "probe_images",
+            Command::AdoptImage(_) => "adopt_image",
             Command::CreateImage(_) => "create_image",
             Command::GrowImage(_) => "grow_image",
             Command::TrashImage(_) => "trash_image",
@@ -357,6 +368,21 @@ pub struct CreateImage {
     pub owner: Ownership,
     /// What removing the volume does to the image, written as image metadata so that it
     /// survives the manifest. Also updated when the image already exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ImagePolicy>,
+}
+
+/// Parameters of [`Command::AdoptImage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptImage {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// Ownership metadata to write.
+    pub owner: Ownership,
+    /// The deletion policy to write with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<ImagePolicy>,
 }
@@ -458,6 +484,8 @@ pub enum Reply {
     CephChanges(Box<CephChanges>),
     /// Live watchers, one entry per image asked about.
     Watchers(WatcherList),
+    /// Images as the cluster has them, one per image asked about ([`Command::ProbeImages`]).
+    Images(ImageStatusList),
     /// An image's state after the command.
     Image(ImageStatus),
     /// A cephx identity.
@@ -512,6 +540,13 @@ pub struct CephChanges {
     pub images: Vec<ImageStatus>,
     /// Images no longer managed (`pool/image`) since `since`; empty when `full`.
     pub removed: Vec<String>,
+}
+
+/// The reply to [`Command::ProbeImages`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageStatusList {
+    /// One entry per image asked about: live (with its metadata and watchers), or missing.
+    pub images: Vec<ImageStatus>,
 }
 
 /// The reply to [`Command::ImageWatchers`].

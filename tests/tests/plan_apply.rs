@@ -165,7 +165,109 @@ fn plan_and_apply_converge_then_follow_changes() {
     the_changed_set_applies(&s);
     a_broken_link_is_repaired(&s);
     a_refused_shrink_exits_1(&s);
+    an_image_made_outside_is_adopted_only_when_asked(&s);
     an_empty_manifest_set_detaches_nothing(&s);
+}
+
+/// Marks volume `name` in the written manifests as adopting its image (`rbd: {adopt: true}`).
+fn adopting(lab: &Lab, pool: &str, name: &str) {
+    let path = lab.manifests().join("volumes.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let at = text.find(&format!("metadata: {{name: {name}}}")).unwrap();
+    let (head, tail) = text.split_at(at);
+    let from = format!("pool: {pool}}}");
+    assert!(tail.contains(&from));
+    let tail = tail.replacen(&from, &format!("pool: {pool}, adopt: true}}"), 1);
+    std::fs::write(&path, format!("{head}{tail}")).unwrap();
+}
+
+/// An image made outside unistor (`rbd create`): `plan` and `apply` say it is not owned and exit
+/// 1, never create over it or touch it; with `adopt: true` the plan adopts it as its own step,
+/// refused while somebody has it open; then `apply` takes it over, grown to the manifest's size,
+/// and the image carries the owner's keys.
+fn an_image_made_outside_is_adopted_only_when_asked(s: &Scenario<'_>) {
+    let (c, lab) = (s.c, &s.lab);
+    let legacy = unique("legacy");
+    let spec = format!("{}/{legacy}", c.pool);
+    c.cli_ok("rbd", &["create", "--size", "64M", &spec]);
+    let volumes = [
+        (&s.keep[..], 0, "256Mi", "Retain"),
+        (&s.grow, 0, "512Mi", "Retain"),
+        (&legacy, 1, "128Mi", "Retain"),
+    ];
+    write_manifests(lab, c, &volumes);
+    for cmd in [&["plan"][..], &["apply", "--auto-approve"]] {
+        let o = s.unistor(cmd);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(code(&o), 1, "{cmd:?}: {}", show(&o));
+        assert!(out.starts_with("Held back (1):"), "{cmd:?}: {}", show(&o));
+        assert!(out.contains("carries no owner"), "{cmd:?}: {}", show(&o));
+        assert!(
+            !out.contains(&format!("create image {spec}")),
+            "{cmd:?}: {}",
+            show(&o)
+        );
+    }
+    let meta = c.cli_ok("rbd", &["image-meta", "list", "--format", "json", &spec]);
+    assert!(!meta.contains("unistor"), "untouched: {meta}");
+    // Somebody has it open: adoption is refused, with the reason.
+    adopting(lab, &c.pool, &legacy);
+    let mut watch = c.command("rbd");
+    // `rbd watch` holds its watch until its standard input ends: a pipe kept open.
+    watch
+        .args(["watch", &spec])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut watch, 0);
+    let watcher = Procs(vec![watch.spawn().unwrap()]);
+    let watched = || {
+        let st = c.cli("rbd", &["status", "--format", "json", &spec]).1;
+        serde_json::from_str::<Value>(&st)
+            .ok()
+            .and_then(|v| v["watchers"].as_array().map(|w| !w.is_empty()))
+    };
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "rbd watch holds the image",
+        || watched() == Some(true),
+    );
+    let o = s.unistor(&["plan"]);
+    assert_eq!(code(&o), 1, "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("in use"),
+        "{}",
+        show(&o)
+    );
+    drop(watcher);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the watch is gone",
+        || watched() == Some(false),
+    );
+    // Asked and free: its own step in the plan, then applied.
+    let o = s.unistor(&["plan"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 2, "{}", show(&o));
+    assert!(out.contains(&format!("adopt image {spec}")), "{}", show(&o));
+    assert!(
+        !out.contains(&format!("create image {spec}")),
+        "{}",
+        show(&o)
+    );
+    let o = s.unistor(&["apply", "--auto-approve"]);
+    assert_eq!(code(&o), 0, "{}", show(&o));
+    let meta: Value =
+        serde_json::from_str(&c.cli_ok("rbd", &["image-meta", "list", "--format", "json", &spec]))
+            .unwrap();
+    assert_eq!(meta["unistor.managed-by"], s.owner.as_str(), "{meta}");
+    assert_eq!(meta["unistor.volume"], legacy.as_str(), "{meta}");
+    assert_eq!(
+        c.rbd_info(&c.pool, &legacy).unwrap()["size"].as_u64(),
+        Some(128 << 20)
+    );
+    let o = s.unistor(&["plan"]);
+    assert_eq!(code(&o), 0, "{}", show(&o));
 }
 
 /// A shrink is refused: `plan` and `apply` lead with it and exit 1, never "No changes" and 0.

@@ -117,6 +117,72 @@ impl<R: Runner> Ceph<R> {
         .await
     }
 
+    /// Takes over an image that exists without an owner: refused while anyone has it open
+    /// (a watcher) and when it carries another owner's keys; the index entry first (intent),
+    /// then the ownership and policy keys. An image already this volume's is success.
+    pub async fn adopt_image(
+        &self,
+        spec: &ImageSpec,
+        owner: &Owner,
+        policy: Option<&Policy>,
+    ) -> Result<ImageStatus, CephError> {
+        self.load().await?;
+        self.mutation(spec, async {
+            let img = self.live(spec).await?.ok_or_else(|| CephError::NotFound {
+                spec: spec.to_string(),
+                hint: " (there is nothing to adopt)".into(),
+            })?;
+            let claimed = img.metadata.contains_key(META_MANAGED_BY)
+                || img.metadata.contains_key(META_VOLUME);
+            if claimed {
+                // Ours already (an adoption that completed), or someone else's: never taken.
+                Self::check_owner(spec, &img, owner)?;
+            } else {
+                self.refuse_in_use(spec, &img).await?;
+            }
+            let value = IndexValue {
+                managed_by: Some(owner.managed_by.to_string()),
+                volume: owner.volume.to_string(),
+                policy: policy.map(|p| p.deletion.as_str().to_string()),
+                retention_secs: policy.map(|p| p.retention_secs),
+                features: img.features.clone(),
+            };
+            self.index_change(spec, Some(&value)).await?;
+            if !claimed {
+                tracing::info!(image = %spec, volume = %owner.volume, "Adopting an image on request.");
+                self.set_metadata(spec, META_MANAGED_BY, owner.managed_by.as_str())
+                    .await?;
+                self.set_metadata(spec, META_VOLUME, owner.volume.as_str())
+                    .await?;
+            }
+            let img = self.owned_live(spec, owner).await?;
+            let idx = self.write_policy(spec, &img, &value, policy).await?;
+            Ok(self.record(spec, Self::live_status(spec, &img, Some(&idx))))
+        })
+        .await
+    }
+
+    /// Images as the cluster has them now (whoever owns them): the view's status when it holds
+    /// the image, else read (live with its metadata and watchers, or missing).
+    pub async fn probe_images(&self, specs: &[ImageSpec]) -> Result<Vec<ImageStatus>, CephError> {
+        self.load().await?;
+        let mut out = vec![];
+        for spec in specs {
+            if let Some(known) = self.view().get(spec).cloned() {
+                out.push(known);
+                continue;
+            }
+            out.push(match self.live(spec).await? {
+                Some(img) => Self::live_status(spec, &img, None),
+                None => ImageStatus {
+                    state: ImageState::Missing,
+                    ..crate::view::unread(spec, BTreeMap::new())
+                },
+            });
+        }
+        Ok(out)
+    }
+
     /// Makes the index entry (and any policy keys an older agent left on the image) say
     /// `policy`; returns the entry in force.
     pub(super) async fn write_policy(

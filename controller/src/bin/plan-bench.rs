@@ -115,6 +115,7 @@ fn fleet(dpus: usize, per: usize) -> Desired {
                     queues: 8,
                     deletion_policy: DeletionPolicy::Retain,
                     trash_retention: Duration::from_secs(86400),
+                    adopt: false,
                     labels: BTreeMap::new(),
                     source: source.clone(),
                 },

@@ -138,6 +138,8 @@ pub struct Volume {
     pub deletion_policy: DeletionPolicy,
     /// Trash retention.
     pub trash_retention: Duration,
+    /// Take over the image when it exists without an owner (`rbd.adopt`).
+    pub adopt: bool,
     /// Labels (for people and tools; the plan does not read them).
     #[serde(skip)]
     pub labels: BTreeMap<String, String>,

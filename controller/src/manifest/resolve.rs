@@ -402,6 +402,7 @@ fn resolve_volume(
         queues: s.queues,
         deletion_policy: s.deletion_policy,
         trash_retention: retention,
+        adopt: s.rbd.adopt,
         labels: o.metadata.labels.clone(),
         source: ctx.source(i),
     })

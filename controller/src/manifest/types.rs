@@ -180,6 +180,12 @@ pub struct RbdRef {
     /// Image name; default: the volume's name.
     #[serde(default)]
     pub image: Option<String>,
+    /// Take over the image when it exists without an owner (made outside unistor): the plan
+    /// shows an `adopt image` step, which writes unistor's ownership and policy keys. Refused
+    /// while the image has watchers or belongs to someone. Without it such an image is only
+    /// reported as not owned.
+    #[serde(default)]
+    pub adopt: bool,
 }
 
 /// NVMe placement. Anything left out is derived from the volume, the same every time.

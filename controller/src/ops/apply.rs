@@ -63,8 +63,8 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     // Observed once; each pass then re-reads only the agents it commanded.
     let mut informer = crate::fleet::Informer::default();
     informer.refresh(&fleet, a.common.report_timeout).await;
-    let observed = informer.observed().clone();
-    let p = plan::plan(&desired, &observed, &opts);
+    let mut observed = informer.observed().clone();
+    let p = super::plan_probed(&desired, &mut observed, &fleet, &opts).await;
     if let Some(path) = &a.plan {
         still_fresh(path, &desired, &observed, &p)?;
     }
@@ -230,8 +230,8 @@ impl Run<'_> {
                 informer.mark(s.target.clone());
             }
             informer.refresh(self.fleet, a.common.report_timeout).await;
-            let observed = informer.observed().clone();
-            let next = plan::plan(self.desired, &observed, self.opts);
+            let mut observed = informer.observed().clone();
+            let next = super::plan_probed(self.desired, &mut observed, self.fleet, self.opts).await;
             if next.is_empty() {
                 return Ok(converged(&next, report.done()));
             }

@@ -186,6 +186,22 @@ fn agent_kit_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), OpsError>
     })
 }
 
+/// Plans, first asking the clusters about any image the plan would create (see
+/// [`crate::fleet::probe_creates`]): an image that exists without unistor's keys then shows as
+/// not owned, or is adopted when its volume asks, instead of planned as a create.
+pub async fn plan_probed(
+    desired: &Desired,
+    observed: &mut Observed,
+    fleet: &Fleet,
+    opts: &Options,
+) -> Plan {
+    let p = plan::plan(desired, observed, opts);
+    if crate::fleet::probe_creates(&p, observed, fleet).await == 0 {
+        return p;
+    }
+    plan::plan(desired, observed, opts)
+}
+
 /// What planning and executing need from the command line: the owner, and whether deletes may
 /// run.
 pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {

@@ -544,6 +544,80 @@ fn image_steps(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<u
     }
 }
 
+/// A live image that carries no owner (made outside unistor): adopted when the volume asks for
+/// it and nobody has it open, never shrunk; otherwise the volume is held, and says why.
+fn adopt(b: &mut Builder, v: &Volume, i: &ImageStatus) -> Result<Option<usize>, Held> {
+    let what = format!(
+        "image {}/{} exists and carries no owner (made outside unistor)",
+        v.pool, v.image
+    );
+    let refuse = |b: &mut Builder, why: String| {
+        b.block(object(v), why);
+        Err(Held)
+    };
+    if !v.adopt {
+        return refuse(
+            b,
+            format!("{what}: not owned, so not used; set `rbd: {{adopt: true}}` on the volume to take it over"),
+        );
+    }
+    if let Some(w) = i.watchers.as_ref().filter(|w| !w.is_empty()) {
+        return refuse(
+            b,
+            format!(
+                "{what} and is in use (watchers {}): adoption refused",
+                w.join(", ")
+            ),
+        );
+    }
+    if i.size_bytes > v.size_bytes {
+        return refuse(
+            b,
+            format!(
+                "{what} and holds {} bytes, more than the volume's {}: adoption refused (it would never be shrunk; give the volume at least the image's size)",
+                i.size_bytes, v.size_bytes
+            ),
+        );
+    }
+    let ceph = || Target::Cluster(v.cluster.clone());
+    let vname = v.name.as_str();
+    let adopted = b.push(
+        ceph(),
+        Action::AdoptImage {
+            pool: v.pool.to_string(),
+            image: v.image.to_string(),
+            volume: vname.into(),
+            policy: v.deletion_policy,
+            retain_secs: v.trash_retention.as_secs(),
+        },
+        Risk::Safe,
+        &[],
+        Some(vname),
+    );
+    if i.size_bytes == v.size_bytes {
+        return Ok(Some(adopted));
+    }
+    b.drift(
+        object(v),
+        "size",
+        v.size_bytes.to_string(),
+        i.size_bytes.to_string(),
+    );
+    Ok(Some(b.push(
+        ceph(),
+        Action::GrowImage {
+            pool: v.pool.to_string(),
+            image: v.image.to_string(),
+            from_bytes: i.size_bytes,
+            to_bytes: v.size_bytes,
+            volume: vname.into(),
+        },
+        Risk::Safe,
+        &[Some(adopted)],
+        Some(vname),
+    )))
+}
+
 fn create(v: &Volume) -> Action {
     Action::CreateImage {
         pool: v.pool.to_string(),
@@ -567,6 +641,9 @@ fn live_image(
     let ceph = || Target::Cluster(v.cluster.clone());
     let owner = i.metadata.get(META_MANAGED_BY).map(String::as_str);
     let owned_by = i.metadata.get(META_VOLUME).map(String::as_str);
+    if owner.is_none() && owned_by.is_none() {
+        return adopt(b, v, i);
+    }
     if owner != Some(opts.owner.as_str()) || owned_by != Some(vname) {
         b.block(
             object(v),

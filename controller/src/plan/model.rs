@@ -108,6 +108,20 @@ pub enum Action {
         /// Trash retention to write on it.
         retain_secs: u64,
     },
+    /// Take over an image that exists without an owner (the volume says `adopt: true`):
+    /// write the ownership and policy keys.
+    AdoptImage {
+        /// Pool.
+        pool: String,
+        /// Image.
+        image: String,
+        /// Volume.
+        volume: String,
+        /// Deletion policy to write on it.
+        policy: protocol::meta::DeletionPolicy,
+        /// Trash retention to write on it.
+        retain_secs: u64,
+    },
     /// Grow an image.
     GrowImage {
         /// Pool.

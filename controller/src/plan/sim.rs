@@ -186,6 +186,30 @@ impl World {
             }
             (
                 Target::Cluster(c),
+                Action::AdoptImage {
+                    pool,
+                    image,
+                    volume,
+                    policy,
+                    retain_secs,
+                },
+            ) => {
+                let i = self.image(c, pool, image);
+                assert!(
+                    !i.metadata.contains_key(META_MANAGED_BY),
+                    "only an unowned image is adopted"
+                );
+                assert!(i.watchers.is_none(), "never an image in use");
+                i.metadata = [
+                    (META_MANAGED_BY.to_string(), owner.to_string()),
+                    (META_VOLUME.to_string(), volume.clone()),
+                    (META_POLICY.to_string(), policy.to_string()),
+                    (META_RETENTION.to_string(), retain_secs.to_string()),
+                ]
+                .into();
+            }
+            (
+                Target::Cluster(c),
                 Action::GrowImage {
                     pool,
                     image,

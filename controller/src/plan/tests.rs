@@ -715,3 +715,115 @@ fn a_plan_made_on_many_threads_is_the_plan_made_on_one() {
     }
     assert!(plan(&after, &w2.observed(), &many).is_empty());
 }
+
+#[test]
+fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
+    let d = examples();
+    let v = d.volumes["db-wal"].clone();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    // The cluster holds an image for a new volume that nobody owns (made with `rbd create`).
+    let mut wanted = d.clone();
+    let mut new = v.clone();
+    new.name = protocol::names::VolumeName::parse("v", "legacy").unwrap();
+    new.image = protocol::names::ImageName::parse("i", "legacy-img").unwrap();
+    new.size_bytes = 1 << 30;
+    new.nsid = None;
+    new.uuid = crate::manifest::derived_uuid(&new.cluster, new.pool.as_str(), "legacy-img");
+    wanted.volumes.insert("legacy".into(), new.clone());
+    let foreign = |size: u64, watchers: Option<Vec<String>>| protocol::ImageStatus {
+        pool: new.pool.to_string(),
+        image: new.image.to_string(),
+        state: protocol::ImageState::Live,
+        size_bytes: size,
+        features: vec![],
+        watchers,
+        metadata: Default::default(),
+    };
+    let with = |img: protocol::ImageStatus| {
+        let mut o = w.observed();
+        let Known::Known { report } = o.clusters.get_mut(&new.cluster).unwrap() else {
+            unreachable!()
+        };
+        report.images.push(img);
+        o
+    };
+    let creates = |p: &Plan| {
+        p.steps
+            .iter()
+            .filter(|s| matches!(s.action, Action::CreateImage { .. }))
+            .count()
+    };
+    // Not asked: reported as not owned, nothing planned for it, never a create over it.
+    let p = plan(
+        &wanted,
+        &with(foreign(512 << 20, None)),
+        &Options::default(),
+    );
+    assert_eq!(creates(&p), 0, "{:?}", p.steps);
+    assert!(p
+        .steps
+        .iter()
+        .all(|s| s.volume.as_deref() != Some("legacy")));
+    assert!(
+        p.blocked.iter().any(|b| b.object == "volume/legacy"
+            && b.reason.contains("carries no owner")
+            && b.reason.contains("adopt: true")),
+        "{:?}",
+        p.blocked
+    );
+    // Asked: its own step first, then grown to the manifest's size, then its SNAP chain.
+    wanted.volumes.get_mut("legacy").unwrap().adopt = true;
+    let o = with(foreign(512 << 20, None));
+    let p = plan(&wanted, &o, &Options::default());
+    assert!(p.blocked.is_empty(), "{:?}", p.blocked);
+    assert_eq!(creates(&p), 0);
+    let adopt = p
+        .steps
+        .iter()
+        .find(|s| matches!(&s.action, Action::AdoptImage { image, volume, .. } if image == "legacy-img" && volume == "legacy"))
+        .expect("an adopt step");
+    let grow = p
+        .steps
+        .iter()
+        .find(|s| matches!(s.action, Action::GrowImage { from_bytes, to_bytes, .. } if from_bytes == 512 << 20 && to_bytes == 1 << 30))
+        .expect("grown to the manifest's size");
+    assert_eq!(grow.depends_on, [adopt.id]);
+    let bdev = p
+        .steps
+        .iter()
+        .find(|s| matches!(&s.action, Action::CreateBdev(b) if b.image == "legacy-img"))
+        .expect("its bdev");
+    assert!(bdev.depends_on.contains(&grow.id), "{bdev:?}");
+    assert!(crate::render::human(&p).contains("adopt image"));
+    // Applied, the image is ours and the fleet converges.
+    let mut w2 = w.clone();
+    let img = foreign(512 << 20, None);
+    let report = w2.clusters.get_mut(&new.cluster).unwrap();
+    report.images.push(img);
+    for s in &p.steps {
+        w2.apply(s, "unistor");
+    }
+    assert!(plan(&wanted, &w2.observed(), &Options::default()).is_empty());
+    // In use, or larger than the manifest: refused, with the reason.
+    for (img, why) in [
+        (
+            foreign(512 << 20, Some(vec!["10.0.0.9:0/42".into()])),
+            "in use",
+        ),
+        (foreign(2 << 30, None), "more than the volume's"),
+    ] {
+        let p = plan(&wanted, &with(img), &Options::default());
+        assert!(p.steps.iter().all(|s| !matches!(
+            s.action,
+            Action::AdoptImage { .. } | Action::CreateImage { .. }
+        ) || s.volume.as_deref() != Some("legacy")));
+        assert!(
+            p.blocked
+                .iter()
+                .any(|b| b.object == "volume/legacy" && b.reason.contains(why)),
+            "{why}: {:?}",
+            p.blocked
+        );
+    }
+}

@@ -356,7 +356,10 @@ async fn reconcile(
     state.observed(observed.clone());
     summary.result = ReconcileResult::Pending;
     for _pass in 0..a.passes.max(1) {
-        let (p, held) = plan_now(&observed);
+        let (mut p, mut held) = plan_now(&observed);
+        if crate::fleet::probe_creates(&p, &mut observed, &fleet).await > 0 {
+            (p, held) = plan_now(&observed);
+        }
         state.planned(&p);
         if p.is_empty() && !p.unknown.is_empty() {
             // Nothing to do on what can be seen; the rest waits for its agents to come back.
