@@ -1,12 +1,12 @@
 //! Command lines: clap's parse, with unistor's exit codes. A usage error (an unknown or
-//! misspelt flag, a bad value) exits 64 (`EX_USAGE`), never 2: `unistor plan` exits 2 for
-//! "changes pending", and a pipeline must not read a typo as drift. `--help` and `--version`
+//! misspelt flag, a bad value) exits 1 like any other failure, never clap's 2: `unistor plan`
+//! exits 2 for "changes pending", and a pipeline must not read a typo as drift. `--help` and `--version`
 //! print and exit 0.
 
 use std::process::ExitCode;
 
 /// The exit code of a usage error.
-pub const USAGE: u8 = 64;
+pub const USAGE: u8 = 1;
 
 /// Parses the process's arguments into `T`; on a usage error (or `--help`), prints what clap
 /// says and returns the exit code to end with.
@@ -54,10 +54,10 @@ mod tests {
     }
 
     #[test]
-    fn a_usage_error_is_64_and_help_is_0() {
+    fn a_usage_error_is_1_and_help_is_0() {
         assert!(parse_from::<Args, _, _>(["x", "--pki-dir", "p"]).is_ok());
         let typo = parse_from::<Args, _, _>(["x", "--pki-dirr", "p"]).unwrap_err();
-        assert_eq!(format!("{typo:?}"), format!("{:?}", ExitCode::from(64)));
+        assert_eq!(format!("{typo:?}"), format!("{:?}", ExitCode::from(1)));
         let help = parse_from::<Args, _, _>(["x", "--help"]).unwrap_err();
         assert_eq!(format!("{help:?}"), format!("{:?}", ExitCode::SUCCESS));
     }

@@ -73,7 +73,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ceph-agent: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(agent_kit::cli::USAGE);
         }
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

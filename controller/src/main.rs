@@ -1,5 +1,5 @@
-//! `unistor`: flags in, [`controller::run`] out. Exit codes: 0 success, 1 error, 2 changes
-//! pending (`plan`), 64 bad usage (never 2: a misspelt flag must not read as drift).
+//! `unistor`: flags in, [`controller::run`] out. Exit codes: 0 success, 1 error, refusal or bad
+//! usage, 2 changes pending (`plan`; never a usage error: a misspelt flag must not read as drift).
 
 use std::process::ExitCode;
 

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         Ok(n) => n,
         Err(e) => {
             eprintln!("dpu-agent: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(agent_kit::cli::USAGE);
         }
     };
     let platform = match a.platform {

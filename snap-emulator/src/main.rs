@@ -76,13 +76,13 @@ fn parse_latency(s: &str) -> Result<(String, Duration), String> {
 }
 
 fn main() -> ExitCode {
-    // A usage error exits 64, as unistor's other programs do (clap's own code is 2).
+    // A usage error exits 1, as unistor's other programs do (clap's own code is 2).
     let a = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
-                ExitCode::from(64)
+                ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
             };

@@ -1,4 +1,4 @@
-//! The programs' command lines, as a user or a pipeline meets them: a usage error exits 64 (never
+//! The programs' command lines, as a user or a pipeline meets them: a usage error exits 1 (never
 //! 2, which `unistor plan` means as "changes pending"), `--help` exits 0 and needs nothing (no
 //! cluster, no agents).
 
@@ -21,7 +21,7 @@ fn a_mistyped_flag_is_a_usage_error_not_drift() {
         "unistor",
         &["plan", "examples/lab", "--pki-dirr", "lab/pki"],
     );
-    assert_eq!(o.status.code(), Some(64), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("--pki-dirr"),
         "the error names the flag: {}",
@@ -29,7 +29,7 @@ fn a_mistyped_flag_is_a_usage_error_not_drift() {
     );
     for program in ["dpu-agent", "ceph-agent", "snap-emulator", "converge-bench"] {
         let o = run(program, &["--no-such-flag"]);
-        assert_eq!(o.status.code(), Some(64), "{program}: {}", show(&o));
+        assert_eq!(o.status.code(), Some(1), "{program}: {}", show(&o));
     }
 }
 
