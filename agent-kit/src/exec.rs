@@ -99,7 +99,7 @@ pub enum ExecError {
         source: std::io::Error,
     },
     /// The deadline passed; the process was terminated.
-    #[error("`{command}` did not finish within {after:?} and was killed")]
+    #[error("`{command}` timed out after {after:?} and was killed")]
     Timeout {
         /// The command line.
         command: String,

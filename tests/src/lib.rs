@@ -145,6 +145,80 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A one-node cluster of a test's own (`scripts/ceph-dev-cluster.sh` in a temporary directory),
+/// for what must not happen to the suite's shared cluster: making it unhealthy or full. Stopped
+/// and removed on drop.
+pub struct PrivateCluster {
+    dir: tempfile::TempDir,
+    /// The cluster, as the other helpers take it.
+    pub cluster: Cluster,
+}
+
+impl PrivateCluster {
+    /// Starts one (about 15 s). The monitor's port must be written into the monitor map before
+    /// the monitor runs, so it cannot be the system's choice: ports below the ephemeral range,
+    /// derived from the process id, and the next one tried when a port is taken.
+    pub fn up() -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-dev-cluster.sh");
+        let mut tried = vec![];
+        for attempt in 0..5u32 {
+            let port = 20_000 + (std::process::id() * 7 + attempt * 1_031) % 10_000;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out = Command::new("bash")
+                .arg(&script)
+                .arg("up")
+                .arg(dir.path())
+                .args(["--port", &port.to_string()])
+                .stdin(Stdio::null())
+                .output()
+                .expect("runs the cluster script");
+            if out.status.success() {
+                let d = dir.path();
+                return PrivateCluster {
+                    cluster: Cluster {
+                        conf: d.join("ceph.conf"),
+                        keyring: d.join("admin.keyring"),
+                        id: "admin".into(),
+                        pool: "rbd".into(),
+                        pool2: "rbd2".into(),
+                    },
+                    dir,
+                };
+            }
+            tried.push(format!(
+                "port {port}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+            stop_cluster(&script, dir.path());
+        }
+        panic!("no private cluster could start:\n{}", tried.join("\n"));
+    }
+
+    /// `ceph health` (the status word and the checks' summary).
+    pub fn health(&self) -> String {
+        self.cluster.cli("ceph", &["health"]).1
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-dev-cluster.sh");
+        stop_cluster(&script, self.dir.path());
+    }
+}
+
+/// `ceph-dev-cluster.sh down DIR`: its daemons stopped by pid.
+fn stop_cluster(script: &Path, dir: &Path) {
+    let _ = Command::new("bash")
+        .arg(script)
+        .arg("down")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
 /// Path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {
     // Test executables live in target/<profile>/deps, binaries (the benchmark too) one level up.
