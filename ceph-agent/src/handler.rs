@@ -126,6 +126,12 @@ impl<R: Runner> CephHandler<R> {
                         .map_err(wire)?,
                 )))
             }
+            Command::CephHealth(_) => Ok(Reply::Health(
+                self.ceph
+                    .health(Duration::from_secs(1))
+                    .await
+                    .map_err(wire)?,
+            )),
             Command::ProbeImages(l) => {
                 let specs = image_specs(&l)?;
                 Ok(Reply::Images(protocol::ImageStatusList {

@@ -53,6 +53,9 @@ pub struct ExecOptions {
     /// Set when the caller is stopping: steps not started yet are skipped, steps running
     /// finish (the execution ends at a step boundary, leases released).
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The health gate, checked again before each step that writes to a cluster (the plan
+    /// was gated on the health it saw; a cluster may fail during the pass).
+    pub health_gate: crate::plan::HealthGate,
 }
 
 impl Default for ExecOptions {
@@ -68,6 +71,7 @@ impl Default for ExecOptions {
             ceph_deadline: Duration::from_secs(6 * 60),
             snap_deadline: Duration::from_secs(30),
             stop: None,
+            health_gate: crate::plan::HealthGate::standard(),
         }
     }
 }
@@ -225,6 +229,102 @@ struct Context {
     /// SNAP's cephx key per cluster, issued once per execution and shared by every DPU's
     /// registration (the lock also keeps those requests from piling up on the ceph-agent).
     identities: tokio::sync::Mutex<BTreeMap<String, String>>,
+    health: HealthChecks,
+}
+
+/// How long a cluster's health, once read, holds for the steps that write to it.
+const HEALTH_FRESH: Duration = Duration::from_secs(2);
+
+/// The health gate during a pass: each cluster's health read again at most every
+/// [`HEALTH_FRESH`], however many steps write to it (one lookup at a time per execution).
+struct HealthChecks {
+    gate: crate::plan::HealthGate,
+    seen: tokio::sync::Mutex<BTreeMap<String, (tokio::time::Instant, Option<String>)>>,
+}
+
+impl HealthChecks {
+    fn new(gate: crate::plan::HealthGate) -> Self {
+        Self {
+            gate,
+            seen: Default::default(),
+        }
+    }
+
+    /// Why `cluster` is closed to writes now, if it is; `read` fetches its health. A health
+    /// that cannot be read does not close it (the step itself then finds out what is wrong).
+    async fn closed<F, Fut>(&self, cluster: &str, read: F) -> Option<String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<protocol::CephHealth, String>>,
+    {
+        if self.gate == crate::plan::HealthGate::off() {
+            return None;
+        }
+        let mut seen = self.seen.lock().await;
+        if let Some((at, why)) = seen.get(cluster) {
+            if at.elapsed() < HEALTH_FRESH {
+                return why.clone();
+            }
+        }
+        let why = match read().await {
+            Ok(h) => self.gate.halts_health(&h).map(|why| {
+                format!("cluster {cluster} is closed to writes by the health gate: {why}")
+            }),
+            Err(e) => {
+                tracing::warn!(cluster, error = %e, "Cannot read the cluster's health between steps.");
+                None
+            }
+        };
+        seen.insert(
+            cluster.to_string(),
+            (tokio::time::Instant::now(), why.clone()),
+        );
+        why
+    }
+}
+
+/// The cluster a step writes to, if it writes to one: its image steps, and a bdev resize
+/// (which grows the image through SNAP).
+fn writes_to<'a>(desired: &'a Desired, step: &'a Step) -> Option<&'a str> {
+    match (&step.target, &step.action) {
+        (
+            Target::Cluster(c),
+            Action::CreateImage { .. }
+            | Action::AdoptImage { .. }
+            | Action::GrowImage { .. }
+            | Action::RestoreImage { .. }
+            | Action::TrashImage { .. }
+            | Action::DeleteImage { .. },
+        ) => Some(c),
+        (Target::Dpu(_), Action::ResizeBdev { .. }) => step
+            .volume
+            .as_deref()
+            .and_then(|v| desired.volumes.get(v))
+            .map(|v| v.cluster.as_str()),
+        _ => None,
+    }
+}
+
+/// [`HealthChecks::closed`] for the cluster `step` writes to, read through its agent.
+async fn gate_closed(ctx: &Context, fleet: &Fleet, step: &Step) -> Option<String> {
+    let cluster = writes_to(&ctx.desired, step)?;
+    let read = || async {
+        let c = fleet
+            .get(&Target::Cluster(cluster.to_string()))
+            .map_err(|e| e.to_string())?;
+        match c
+            .request_within(
+                Command::CephHealth(protocol::Empty {}),
+                Duration::from_secs(20),
+            )
+            .await
+        {
+            Ok(Reply::Health(h)) => Ok(h),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(protocol::error::chain(&e)),
+        }
+    };
+    ctx.health.closed(cluster, read).await
 }
 
 /// Runs one step: the action's command on its agent (a SNAP install, and a registration that
@@ -682,6 +782,7 @@ pub async fn execute(
         observed: observed.clone(),
         opts: opts.clone(),
         identities: Default::default(),
+        health: HealthChecks::new(opts.health_gate.clone()),
     });
     // Leases first: an agent whose lease cannot be taken runs nothing.
     let mut unusable: BTreeMap<Target, String> = BTreeMap::new();
@@ -730,6 +831,9 @@ pub async fn execute(
                 return Outcome::Skipped {
                     reason: "stopping: not started".into(),
                 };
+            }
+            if let Some(reason) = gate_closed(&ctx, &fleet, &s).await {
+                return Outcome::Skipped { reason };
             }
             run_with_retries(&ctx, &fleet, &s).await
         }
@@ -857,5 +961,90 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_health_gate_is_read_again_between_steps_at_most_every_two_seconds() {
+        let checks = HealthChecks::new(crate::plan::HealthGate::standard());
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let health = |status: &str| protocol::CephHealth {
+            status: status.into(),
+            checks: [("OSD_FULL".to_string(), "1 full osd(s)".to_string())]
+                .into_iter()
+                .filter(|_| status == "HEALTH_ERR")
+                .collect(),
+        };
+        let read = |status: &'static str| {
+            reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let h = health(status);
+            async move { Ok(h) }
+        };
+        assert_eq!(checks.closed("ceph", || read("HEALTH_OK")).await, None);
+        // Within the window the health is not read again, whatever it became.
+        assert_eq!(checks.closed("ceph", || read("HEALTH_ERR")).await, None);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // After it, a cluster that failed mid-pass closes the next write, with the reason.
+        tokio::time::advance(HEALTH_FRESH).await;
+        let why = checks.closed("ceph", || read("HEALTH_ERR")).await.unwrap();
+        assert!(
+            why.contains("cluster ceph is closed to writes by the health gate")
+                && why.contains("OSD_FULL"),
+            "{why}"
+        );
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // Another cluster is read on its own; one whose health cannot be read stays open.
+        assert_eq!(
+            checks
+                .closed("other", || async { Err("unreachable".to_string()) })
+                .await,
+            None
+        );
+        // Off, nothing is read.
+        let off = HealthChecks::new(crate::plan::HealthGate::off());
+        assert_eq!(off.closed("ceph", || read("HEALTH_ERR")).await, None);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_steps_that_write_to_a_cluster_are_gated_and_the_others_are_not() {
+        let d = crate::plan::sim::examples();
+        let v = d.volumes.values().next().unwrap();
+        let on = |target: Target, action: Action, volume: Option<&str>| Step {
+            id: 0,
+            target,
+            action,
+            risk: Risk::Safe,
+            depends_on: vec![],
+            volume: volume.map(String::from),
+        };
+        let grow = on(
+            Target::Cluster(v.cluster.clone()),
+            Action::GrowImage {
+                pool: v.pool.to_string(),
+                image: v.image.to_string(),
+                from_bytes: 1,
+                to_bytes: 2,
+                volume: v.name.to_string(),
+            },
+            Some(v.name.as_str()),
+        );
+        assert_eq!(writes_to(&d, &grow), Some(v.cluster.as_str()));
+        let resize = on(
+            Target::Dpu(v.dpu.clone()),
+            Action::ResizeBdev {
+                name: "unistor-x".into(),
+                new_size_mib: 2,
+            },
+            Some(v.name.as_str()),
+        );
+        assert_eq!(writes_to(&d, &resize), Some(v.cluster.as_str()));
+        let resume = on(
+            Target::Dpu(v.dpu.clone()),
+            Action::Resume {
+                controller: "unistor-pf0".into(),
+            },
+            None,
+        );
+        assert_eq!(writes_to(&d, &resume), None);
     }
 }

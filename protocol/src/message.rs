@@ -179,6 +179,9 @@ pub enum Command {
     CephReport(Empty),
     /// What changed in the agent's view since a generation, one page at a time.
     CephChanges(ChangesQuery),
+    /// The cluster's health, at most a second old: what an apply checks between the steps
+    /// that write to the cluster (the health gate).
+    CephHealth(Empty),
     /// The live watchers of some images (looked up now, not from the agent's view).
     ImageWatchers(ImageList),
     /// Some images as the cluster has them now, whoever owns them: the controller asks about
@@ -248,6 +251,7 @@ impl Command {
             | Command::ReleaseLease(_)
             | Command::CephReport(_)
             | Command::CephChanges(_)
+            | Command::CephHealth(_)
             | Command::ImageWatchers(_)
             | Command::ProbeImages(_)
             | Command::DpuReport(_) => false,
@@ -286,6 +290,7 @@ impl Command {
             Command::ReleaseLease(_) => "release_lease",
             Command::CephReport(_) => "ceph_report",
             Command::CephChanges(_) => "ceph_changes",
+            Command::CephHealth(_) => "ceph_health",
             Command::ImageWatchers(_) => "image_watchers",
             Command::ProbeImages(_) => "probe_images",
             Command::AdoptImage(_) => "adopt_image",
@@ -482,6 +487,8 @@ pub enum Reply {
     CephReport(Box<CephReport>),
     /// One page of what changed in the agent's view.
     CephChanges(Box<CephChanges>),
+    /// The cluster's health ([`Command::CephHealth`]).
+    Health(CephHealth),
     /// Live watchers, one entry per image asked about.
     Watchers(WatcherList),
     /// Images as the cluster has them, one per image asked about ([`Command::ProbeImages`]).

@@ -162,6 +162,11 @@ impl<R: Runner> Ceph<R> {
         })
     }
 
+    /// The cluster's health, read again when older than `max_age`.
+    pub async fn health(&self, max_age: Duration) -> Result<protocol::CephHealth, CephError> {
+        Ok(self.cluster(max_age).await?.health)
+    }
+
     /// Re-reads the cluster's status when it is due (the report loop calls this).
     pub async fn refresh_cluster(&self, max_age: Duration) -> Result<(), CephError> {
         self.cluster(max_age).await.map(|_| ())

@@ -214,6 +214,7 @@ pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {
         owner: c.owner.clone(),
         allow_delete: rails.allow_delete,
         allow_in_use: rails.allow_in_use,
+        health_gate: c.health_gate.clone(),
         ..ExecOptions::default()
     };
     (opts, exec)

@@ -161,7 +161,11 @@ impl HealthGate {
 
     /// Why `report`'s cluster is closed to writes, when it is.
     pub fn halts(&self, report: &CephReport) -> Option<String> {
-        let h = &report.health;
+        self.halts_health(&report.health)
+    }
+
+    /// Why a cluster of health `h` is closed to writes, when it is.
+    pub fn halts_health(&self, h: &protocol::CephHealth) -> Option<String> {
         let failing: Vec<String> = self
             .checks
             .iter()
