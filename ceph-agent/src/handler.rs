@@ -195,7 +195,11 @@ impl<R: Runner> CephHandler<R> {
             Command::CreateImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
-                let policy = c.policy.as_ref().map(crate::ceph::Policy::parse);
+                let policy = c
+                    .policy
+                    .as_ref()
+                    .map(crate::ceph::Policy::parse)
+                    .transpose()?;
                 Reply::Image(
                     self.ceph
                         .create_image(&spec, c.size_bytes, &c.features, &owner, policy.as_ref())
@@ -205,7 +209,11 @@ impl<R: Runner> CephHandler<R> {
             Command::AdoptImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
-                let policy = c.policy.as_ref().map(crate::ceph::Policy::parse);
+                let policy = c
+                    .policy
+                    .as_ref()
+                    .map(crate::ceph::Policy::parse)
+                    .transpose()?;
                 Reply::Image(
                     self.ceph
                         .adopt_image(&spec, &owner, policy.as_ref())
@@ -519,6 +527,69 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.message.contains("requires"), "{}", e.message);
+        assert!(handler.ceph().runner().0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn out_of_range_sizes_and_retentions_are_invalid_arguments_with_nothing_written() {
+        let handler = CephHandler::new(Ceph::new(Recording::default(), None));
+        let huge = u64::MAX - (1 << 20) + 1;
+        let policy = |secs| {
+            Some(protocol::ImagePolicy {
+                deletion: protocol::meta::DeletionPolicy::Trash,
+                trash_retention_secs: secs,
+            })
+        };
+        let cases = [
+            (
+                "size_bytes",
+                Command::CreateImage(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: huge,
+                    features: vec![],
+                    owner: owner("v"),
+                    policy: None,
+                }),
+            ),
+            (
+                "size_bytes",
+                Command::GrowImage(GrowImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: protocol::limits::MAX_VOLUME_BYTES + (1 << 20),
+                    owner: owner("v"),
+                }),
+            ),
+            (
+                "retain_secs",
+                Command::TrashImage(TrashImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    retain_secs: u64::MAX,
+                    owner: owner("v"),
+                }),
+            ),
+            (
+                "policy.trash_retention_secs",
+                Command::CreateImage(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: 1 << 30,
+                    features: vec![],
+                    owner: owner("v"),
+                    policy: policy(u64::MAX),
+                }),
+            ),
+        ];
+        for (field, command) in cases {
+            let name = command.name();
+            let e = handler.handle(command).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{name}: {e:?}");
+            assert!(!e.code.is_transient(), "{name}: {e:?}");
+            assert_eq!(e.field.as_deref(), Some(field), "{name}: {e:?}");
+        }
+        // Not one command ran: no index entry, no rbd, no date arithmetic.
         assert!(handler.ceph().runner().0.lock().unwrap().is_empty());
     }
 }

@@ -212,7 +212,8 @@ async fn the_deletion_policy_is_written_and_updated_in_the_index() {
     let trash = ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
         deletion: protocol::meta::DeletionPolicy::Trash,
         trash_retention_secs: 3600,
-    });
+    })
+    .expect("a valid policy");
     let st = ceph
         .create_image(&s, 64 * MIB, &[], &o, Some(&trash))
         .await
@@ -235,7 +236,8 @@ async fn the_deletion_policy_is_written_and_updated_in_the_index() {
     let delete = ceph_agent::ceph::Policy::parse(&protocol::ImagePolicy {
         deletion: protocol::meta::DeletionPolicy::Delete,
         trash_retention_secs: 0,
-    });
+    })
+    .expect("a valid policy");
     let st = ceph
         .create_image(&s, 64 * MIB, &[], &o, Some(&delete))
         .await

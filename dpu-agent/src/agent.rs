@@ -168,6 +168,20 @@ fn check_subsystem(s: &SubsystemSpec) -> Result<(), WireError> {
     Ok(())
 }
 
+/// A bdev resize: at least 1 MiB, at most the largest volume.
+fn check_resize(mib: u64) -> Result<(), WireError> {
+    let bytes = mib.checked_mul(1 << 20).unwrap_or(u64::MAX);
+    if mib == 0 {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            "new_size_mib must be at least 1",
+        )
+        .with_field("new_size_mib"));
+    }
+    protocol::limits::check_volume_bytes(bytes)
+        .map_err(|why| WireError::new(ErrorCode::InvalidArgument, why).with_field("new_size_mib"))
+}
+
 fn check_nsid(nsid: u32) -> Result<(), WireError> {
     if nsid == 0 || nsid > 1024 {
         return Err(WireError::new(
@@ -526,6 +540,7 @@ impl DpuAgent {
             }
             Command::ResizeBdev(r) => {
                 check_object_name("name", &r.name).map_err(name_err)?;
+                check_resize(r.new_size_mib)?;
                 // Nothing for the ledger: a replayed bdev opens its image at the image's size.
                 self.with_ledger(self.snap.resize_bdev(&r.name, r.new_size_mib), |_| {})
                     .await

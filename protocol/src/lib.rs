@@ -8,6 +8,7 @@
 //! - [`names`]: allow-lists for every name that may reach a command line or a certificate;
 //! - [`tls`]: the private CA, certificates and rustls configurations (mutual TLS);
 //! - [`lease`]: fencing of mutating commands (one controller at a time, rising tokens);
+//! - [`limits`]: bounds on sizes and durations, checked where they enter;
 //! - [`server`]: the agent side (accept, caps, handshake deadline, fencing, dispatch, drain);
 //! - [`client`]: the controller side (dial by name, verify, correlate, keepalive).
 //!
@@ -20,6 +21,7 @@ pub mod dpu;
 pub mod error;
 pub mod frame;
 pub mod lease;
+pub mod limits;
 pub mod message;
 pub mod meta;
 pub mod names;

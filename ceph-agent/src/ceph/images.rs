@@ -283,6 +283,7 @@ impl<R: Runner> Ceph<R> {
         retain_secs: u64,
         owner: &Owner,
     ) -> Result<ImageStatus, CephError> {
+        check_retention("retain_secs", retain_secs)?;
         self.load().await?;
         self.mutation(spec, async {
             match self.live(spec).await? {

@@ -56,12 +56,14 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// From the wire form.
-    pub fn parse(p: &protocol::ImagePolicy) -> Self {
-        Self {
+    /// From the wire form; a retention past [`protocol::limits::MAX_RETENTION_SECS`] is
+    /// invalid.
+    pub fn parse(p: &protocol::ImagePolicy) -> Result<Self, CephError> {
+        check_retention("policy.trash_retention_secs", p.trash_retention_secs)?;
+        Ok(Self {
             deletion: p.deletion,
             retention_secs: p.trash_retention_secs,
-        }
+        })
     }
 }
 /// The RADOS object (in each pool) whose omap keys index the images unistor manages.
@@ -219,7 +221,14 @@ pub fn check_size(field: &'static str, bytes: u64) -> Result<(), CephError> {
             message: format!("{bytes} bytes is not a positive whole number of MiB"),
         });
     }
-    Ok(())
+    protocol::limits::check_volume_bytes(bytes)
+        .map_err(|message| CephError::Invalid { field, message })
+}
+
+/// Checks a trash retention (`field` names it in the error).
+pub fn check_retention(field: &'static str, secs: u64) -> Result<(), CephError> {
+    protocol::limits::check_retention_secs(secs)
+        .map_err(|message| CephError::Invalid { field, message })
 }
 
 /// Checks requested features (names, dependencies) and returns them sorted, or the defaults.

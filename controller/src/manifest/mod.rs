@@ -183,6 +183,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if bytes == 0 || !bytes.is_multiple_of(1 << 20) {
         return Err(format!("{s:?} is not a positive whole number of MiB"));
     }
+    protocol::limits::check_volume_bytes(bytes).map_err(|why| format!("{s:?}: {why}"))?;
     Ok(bytes)
 }
 
@@ -212,32 +213,26 @@ pub fn load_dir(dir: &Path) -> Result<Desired, Vec<LoadError>> {
             ),
         }]);
     }
+    let root = match dir.canonicalize() {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(vec![LoadError {
+                file: dir.to_path_buf(),
+                line: 0,
+                field: String::new(),
+                message: format!("cannot read directory: {e}"),
+            }])
+        }
+    };
     let mut texts = vec![];
     for f in files {
-        match std::fs::metadata(&f) {
-            Ok(m) if m.len() > MAX_FILE_BYTES => errors.push(LoadError {
+        match files::read_bounded(&root, &f) {
+            Ok(t) => texts.push((f, t)),
+            Err(message) => errors.push(LoadError {
                 file: f,
                 line: 0,
                 field: String::new(),
-                message: format!(
-                    "{} bytes; manifest files are at most {MAX_FILE_BYTES}",
-                    m.len()
-                ),
-            }),
-            Ok(_) => match std::fs::read_to_string(&f) {
-                Ok(t) => texts.push((f, t)),
-                Err(e) => errors.push(LoadError {
-                    file: f,
-                    line: 0,
-                    field: String::new(),
-                    message: format!("cannot read: {e}"),
-                }),
-            },
-            Err(e) => errors.push(LoadError {
-                file: f,
-                line: 0,
-                field: String::new(),
-                message: format!("cannot read: {e}"),
+                message,
             }),
         }
     }

@@ -371,6 +371,8 @@ fn resolve_volume(
         ctx.err(i, "spec.queues", format!("{} queues; 1-32", s.queues));
     }
     let retention = humantime::parse_duration(&s.trash_retention)
+        .map_err(|e| e.to_string())
+        .and_then(|d| protocol::limits::check_retention_secs(d.as_secs()).map(|()| d))
         .map_err(|e| {
             ctx.err(
                 i,

@@ -360,3 +360,71 @@ fn schema_covers_every_kind() {
         assert!(s.contains(k), "{k} missing from the schema");
     }
 }
+
+#[test]
+fn hostile_files_in_the_tree_are_refused_by_name_and_never_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("base.yaml"), BASE).unwrap();
+    std::fs::create_dir(root.join("real")).unwrap();
+    std::fs::write(root.join("real/v.txt"), volume("linked", "")).unwrap();
+    // A link that stays inside the tree, to a regular file, is followed.
+    std::os::unix::fs::symlink(root.join("real/v.txt"), root.join("inside.yaml")).unwrap();
+    let d = load_dir(root).unwrap();
+    assert!(d.volumes.contains_key("linked"));
+    // Endless, outside, and never-ending: each refused, named, and none of them read.
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(outside.path(), volume("stolen", "")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", root.join("zero.yaml")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("out.yaml")).unwrap();
+    std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling.yaml")).unwrap();
+    let fifo = root.join("zz.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let e = load_dir(root).unwrap_err();
+    let text: Vec<String> = e.iter().map(ToString::to_string).collect();
+    let says = |file: &str, what: &str| {
+        assert!(
+            text.iter().any(|t| t.contains(file) && t.contains(what)),
+            "{file}: {what}: {text:#?}"
+        )
+    };
+    says(
+        "zero.yaml",
+        "a symbolic link to /dev/zero, outside the manifest directory",
+    );
+    says("out.yaml", "outside the manifest directory");
+    says("dangling.yaml", "cannot be followed");
+    says("zz.yaml", "a FIFO, not a regular file");
+    assert_eq!(e.len(), 4, "{text:#?}");
+}
+
+#[test]
+fn sizes_and_retentions_past_their_bounds_are_refused_where_they_enter() {
+    let e = errors(&[
+        ("base.yaml", BASE),
+        (
+            "v.yaml",
+            &volume("v", "").replace("size: 1Gi", "size: 2048Ti"),
+        ),
+    ]);
+    assert!(
+        e[0].contains("spec.size") && e[0].contains("largest volume"),
+        "{e:?}"
+    );
+    let e = errors(&[
+        ("base.yaml", BASE),
+        ("v.yaml", &volume("v", "  trashRetention: 100years\n")),
+    ]);
+    assert!(
+        e[0].contains("spec.trashRetention") && e[0].contains("longest trash retention"),
+        "{e:?}"
+    );
+    assert_eq!(
+        parse_size("1024Ti").unwrap(),
+        protocol::limits::MAX_VOLUME_BYTES
+    );
+}

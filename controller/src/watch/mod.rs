@@ -92,7 +92,7 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
             humantime::format_duration(a.resync)
         ),
     );
-    reload(&a.common.dir, &state, &sessions, &tx);
+    reload(&a.common.dir, &state, &sessions, &tx).await;
 
     let watcher = watch_dir(
         &a.common.dir,
@@ -137,9 +137,25 @@ async fn shutdown_signal() {
 }
 
 /// Reads the manifests; a valid new set replaces the one in force, an invalid one is reported
-/// and changes nothing.
-fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &mpsc::UnboundedSender<String>) {
-    match manifest::load_dir(dir) {
+/// and changes nothing. The files are read on a blocking thread, never on the runtime's: the
+/// API, the sessions and the dashboard go on answering while they are read.
+async fn reload(
+    dir: &Path,
+    state: &Shared,
+    sessions: &Sessions,
+    tx: &mpsc::UnboundedSender<String>,
+) {
+    let owned = dir.to_path_buf();
+    let loaded = match tokio::task::spawn_blocking(move || manifest::load_dir(&owned)).await {
+        Ok(r) => r,
+        Err(e) => Err(vec![manifest::LoadError {
+            file: dir.to_path_buf(),
+            line: 0,
+            field: String::new(),
+            message: format!("reading the manifests failed: {e}"),
+        }]),
+    };
+    match loaded {
         Ok(d) => {
             let summary = format!(
                 "{} cluster(s), {} DPU(s), {} volume(s)",
@@ -224,7 +240,7 @@ fn watch_dir(
                 }
                 target = now;
             }
-            reload(&dir, &state, &sessions, &tx);
+            reload(&dir, &state, &sessions, &tx).await;
         }
     });
     Ok(watcher)
@@ -296,7 +312,7 @@ async fn reconcile_loop(
             },
             _ = stopping.changed() => return,
             _ = resync.tick() => {
-                reload(&a.common.dir, &state, &sessions, &tx);
+                reload(&a.common.dir, &state, &sessions, &tx).await;
                 sessions.mark_all();
                 reasons.insert("periodic resync".into());
             }
