@@ -170,7 +170,7 @@ fn check_subsystem(s: &SubsystemSpec) -> Result<(), WireError> {
 
 /// A bdev resize: at least 1 MiB, at most the largest volume.
 fn check_resize(mib: u64) -> Result<(), WireError> {
-    let bytes = mib.checked_mul(1 << 20).unwrap_or(u64::MAX);
+    let bytes = mib.saturating_mul(1 << 20);
     if mib == 0 {
         return Err(WireError::new(
             ErrorCode::InvalidArgument,
