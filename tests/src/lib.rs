@@ -633,11 +633,12 @@ fn http() -> ureq::Agent {
         .into()
 }
 
-/// POSTs nothing to `url`; the body of the answer.
+/// POSTs an empty JSON object to `url` (the daemon takes nothing else); the body of the answer.
 pub fn http_post(url: &str) -> String {
     http()
         .post(url)
-        .send_empty()
+        .header("Content-Type", "application/json")
+        .send("{}")
         .unwrap_or_else(|e| panic!("POST {url}: {e}"))
         .body_mut()
         .read_to_string()

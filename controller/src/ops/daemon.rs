@@ -45,7 +45,9 @@ pub fn suspend_cmd(a: SuspendArgs, on: bool) -> Result<ExitCode, OpsError> {
     };
     let mut resp = http_agent()
         .post(&url)
-        .send_empty()
+        // The daemon takes state changes only as JSON (cross-site forms cannot send it).
+        .header("Content-Type", "application/json")
+        .send("{}")
         .map_err(|e| daemon_err(e.to_string()))?;
     let body: serde_json::Value = resp
         .body_mut()

@@ -39,6 +39,14 @@ pub struct WatchArgs {
     /// Address of the dashboard, the JSON API and the metrics.
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub listen: SocketAddr,
+    /// Another name the HTTP API answers to (`host` or `host:port`; repeatable), e.g. behind
+    /// a proxy. Requests naming any other `Host` are refused (DNS rebinding); loopback names
+    /// and the listen address are always allowed.
+    #[arg(long = "allow-host")]
+    pub allow_host: Vec<String>,
+    /// How long an HTTP client has to send a request's headers; slower ones are dropped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
     /// Full reconcile (manifests re-read, every agent observed) at least this often.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub resync: Duration,
@@ -101,7 +109,11 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
         sessions.clone(),
         tx.clone(),
     )?;
-    let server = tokio::spawn(http::serve(listener, state.clone(), tx.clone()));
+    let limits = http::Limits {
+        allowed: http::AllowedHosts::new(local, &a.allow_host),
+        header_timeout: a.http_header_timeout,
+    };
+    let server = tokio::spawn(http::serve(listener, state.clone(), tx.clone(), limits));
     let reconciler = tokio::spawn(reconcile_loop(
         a.clone(),
         state.clone(),
