@@ -1,10 +1,14 @@
 //! The agent side of a session: accept, authenticate, fence, dispatch, push events, shut down.
 //!
 //! Tasks and channels:
-//! - the accept loop (`run`) takes a global connection permit and a per-peer-address slot before
-//!   it spawns a connection task; over either cap the TCP connection is closed at once;
-//! - each connection task does the TLS handshake and the hello exchange within the handshake
-//!   deadline, then loops over: frames from the controller, responses from request tasks
+//! - the accept loop (`run`) admits every TCP connection into the handshake budget, which
+//!   unauthenticated peers alone use: bounded in all and per peer address, and when either
+//!   bound is reached the oldest handshake (of that address, or of all) is dropped for the
+//!   newcomer. Silent connections therefore cannot lock a controller out: its handshake takes
+//!   milliseconds, theirs wait until evicted or the deadline;
+//! - each connection task does the TLS handshake within the handshake deadline; an
+//!   authenticated peer then takes a session permit (global, and per peer address: a budget of
+//!   its own, which unauthenticated peers never touch), exchanges hellos, and loops over: frames from the controller, responses from request tasks
 //!   (bounded `mpsc`), events from the agent (`broadcast`) and the shutdown signal (`watch`);
 //! - each request runs in its own task (at most `max_in_flight` per connection); lease commands
 //!   and fencing checks are done by the connection task itself, before dispatch.
@@ -61,10 +65,16 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// A connection that sends nothing (not even a ping) for this long is closed.
     pub idle_timeout: Duration,
-    /// Connections open at once, all peers together.
+    /// Authenticated sessions open at once, all peers together.
     pub max_connections: usize,
-    /// Connections open at once from one peer address.
+    /// Authenticated sessions open at once from one peer address.
     pub max_connections_per_peer: usize,
+    /// Connections not yet authenticated (in their TLS handshake), all peers together; a new
+    /// one past it evicts the oldest.
+    pub max_handshakes: usize,
+    /// Connections not yet authenticated from one peer address; a new one past it evicts that
+    /// address's oldest.
+    pub max_handshakes_per_peer: usize,
     /// Requests running at once on one connection; more are answered `busy`.
     pub max_in_flight: usize,
     /// How long shutdown waits for requests in flight.
@@ -82,6 +92,8 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 256,
             max_connections_per_peer: 100,
+            max_handshakes: 64,
+            max_handshakes_per_peer: 8,
             max_in_flight: 32,
             shutdown_grace: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
@@ -94,8 +106,10 @@ impl ServerConfig {
 pub struct ServerStats {
     /// Connections accepted past the caps.
     pub accepted: AtomicU64,
-    /// Connections closed at once because a cap was reached.
+    /// Authenticated sessions refused because a session cap was reached.
     pub rejected_over_cap: AtomicU64,
+    /// Unauthenticated connections dropped for a newer one (the handshake budget was full).
+    pub evicted_handshakes: AtomicU64,
     /// TLS handshakes that failed (no or bad certificate...).
     pub tls_failures: AtomicU64,
     /// Peers dropped for not finishing the handshake in time.
@@ -117,7 +131,94 @@ struct Shared<H> {
     leases: Mutex<LeaseTable>,
     stats: Arc<ServerStats>,
     per_peer: Mutex<HashMap<IpAddr, usize>>,
+    handshakes: Mutex<Handshakes>,
+    sessions: Arc<Semaphore>,
+    /// Refusals and drops of unauthenticated peers, logged at most once a second.
+    refusals: Throttled,
     started: Instant,
+}
+
+/// The connections in their handshake, oldest first (ids rise), each with the means to drop it.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    open: std::collections::BTreeMap<u64, (IpAddr, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl Handshakes {
+    /// Admits a connection from `ip`, first evicting the oldest of `ip` (past `per_peer`) or of
+    /// all (past `all`); returns its id, the signal that it was evicted, and how many were.
+    fn admit(
+        &mut self,
+        ip: IpAddr,
+        all: usize,
+        per_peer: usize,
+    ) -> (u64, tokio::sync::oneshot::Receiver<()>, u64) {
+        let mut evicted = 0;
+        let of_peer: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, (i, _))| *i == ip)
+            .map(|(id, _)| *id)
+            .collect();
+        if of_peer.len() >= per_peer.max(1) {
+            // Dropping the sender tells the connection task.
+            self.open.remove(&of_peer[0]);
+            evicted += 1;
+        }
+        while self.open.len() >= all.max(1) {
+            self.open.pop_first();
+            evicted += 1;
+        }
+        let id = self.next;
+        self.next += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.open.insert(id, (ip, tx));
+        (id, rx, evicted)
+    }
+}
+
+/// A warning that may come thousands of times a second (a flood of bad peers), logged at most
+/// once a second with the count of those not logged.
+#[derive(Default)]
+struct Throttled {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttled {
+    /// Logs `what` now, unless something was logged less than a second ago; whether it was.
+    fn warn(&self, peer: SocketAddr, what: &str) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if s.0
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            s.1 += 1;
+            return false;
+        }
+        let suppressed = std::mem::take(&mut s.1);
+        s.0 = Some(now);
+        drop(s);
+        warn!(peer = %peer, suppressed, "{what}");
+        true
+    }
+}
+
+/// Removes a connection from the handshake budget when its handshake ends, however it ends.
+struct HandshakeSlot<H: Handler> {
+    shared: Arc<Shared<H>>,
+    id: u64,
+}
+
+impl<H: Handler> Drop for HandshakeSlot<H> {
+    fn drop(&mut self) {
+        let mut h = self
+            .shared
+            .handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        h.open.remove(&self.id);
+    }
 }
 
 /// Releases a per-peer slot when the connection ends.
@@ -230,11 +331,13 @@ pub async fn run<H: Handler>(
         leases: Mutex::new(leases),
         stats,
         per_peer: Mutex::new(HashMap::new()),
+        handshakes: Mutex::new(Handshakes::default()),
+        sessions: Arc::new(Semaphore::new(config.max_connections)),
+        refusals: Throttled::default(),
         started: Instant::now(),
         config,
     });
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
@@ -252,44 +355,36 @@ pub async fn run<H: Handler>(
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let (id, evicted_rx, evicted) = shared
+            .handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(
+                addr.ip(),
+                shared.config.max_handshakes,
+                shared.config.max_handshakes_per_peer,
+            );
+        if evicted > 0 {
             shared
                 .stats
-                .rejected_over_cap
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %addr, "Connection refused: global connection cap reached.");
-            continue;
-        };
-        let slot = {
-            let mut map = shared.per_peer.lock().expect("per_peer lock");
-            let n = map.entry(addr.ip()).or_insert(0);
-            if *n >= shared.config.max_connections_per_peer {
-                None
-            } else {
-                *n += 1;
-                Some(PeerSlot {
-                    shared: shared.clone(),
-                    ip: addr.ip(),
-                })
-            }
-        };
-        let Some(slot) = slot else {
-            shared
-                .stats
-                .rejected_over_cap
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %addr, "Connection refused: per-peer connection cap reached.");
-            continue;
-        };
+                .evicted_handshakes
+                .fetch_add(evicted, Ordering::Relaxed);
+            shared.refusals.warn(
+                addr,
+                "Handshake budget full: the oldest unauthenticated connection dropped for a new one.",
+            );
+        }
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         set_keepalive(&stream);
+        let slot = HandshakeSlot {
+            shared: shared.clone(),
+            id,
+        };
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let stop = stop_rx.clone();
         conns.spawn(async move {
-            let _permit = permit;
-            let _slot = slot;
-            serve_connection(shared, acceptor, stream, addr, stop).await;
+            serve_connection(shared, acceptor, stream, addr, stop, slot, evicted_rx).await;
         });
     }
     info!(
@@ -318,28 +413,69 @@ fn set_keepalive(stream: &TcpStream) {
     }
 }
 
+/// A session's permits: one of all sessions, one of its peer address's.
+struct SessionPermits<H: Handler> {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    _peer: PeerSlot<H>,
+}
+
+/// Takes a session permit for an authenticated peer at `addr`, if the session budget allows.
+fn session_permits<H: Handler>(
+    shared: &Arc<Shared<H>>,
+    addr: SocketAddr,
+) -> Option<SessionPermits<H>> {
+    let all = shared.sessions.clone().try_acquire_owned().ok()?;
+    let mut map = shared.per_peer.lock().expect("per_peer lock");
+    let n = map.entry(addr.ip()).or_insert(0);
+    if *n >= shared.config.max_connections_per_peer {
+        return None;
+    }
+    *n += 1;
+    Some(SessionPermits {
+        _all: all,
+        _peer: PeerSlot {
+            shared: shared.clone(),
+            ip: addr.ip(),
+        },
+    })
+}
+
 async fn serve_connection<H: Handler>(
     shared: Arc<Shared<H>>,
     acceptor: TlsAcceptor,
     stream: TcpStream,
     addr: SocketAddr,
     stop: watch::Receiver<bool>,
+    slot: HandshakeSlot<H>,
+    evicted: tokio::sync::oneshot::Receiver<()>,
 ) {
     let deadline = shared.config.handshake_timeout;
+    let tls_handshake = async {
+        tokio::select! {
+            r = acceptor.accept(stream) => Some(r),
+            // Evicted for a newer connection (the sender is dropped).
+            _ = evicted => None,
+        }
+    };
     let handshake = async {
-        let tls = match acceptor.accept(stream).await {
-            Ok(tls) => tls,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        let tls = match tls_handshake.await {
+            None => return Err(()),
+            Some(Ok(tls)) => tls,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 // A port probe or a peer that gave up: nothing was offered, nothing refused.
                 debug!(peer = %addr, "Closed before the TLS handshake.");
-                return None;
+                return Ok(None);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(peer = %addr, error = %e, "TLS handshake refused.");
-                return None;
+                shared
+                    .refusals
+                    .warn(addr, &format!("TLS handshake refused: {e}"));
+                return Ok(None);
             }
         };
+        // Authenticated: out of the handshake budget, into the sessions'.
+        drop(slot);
         let peer = tls
             .get_ref()
             .1
@@ -348,27 +484,45 @@ async fn serve_connection<H: Handler>(
             .and_then(crate::tls::peer_name);
         let Some(peer) = peer else {
             shared.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %addr, "Client certificate names nobody.");
-            return None;
+            shared
+                .refusals
+                .warn(addr, "Client certificate names nobody.");
+            return Ok(None);
         };
         let mut conn = Connection::new(tls);
+        let Some(permits) = session_permits(&shared, addr) else {
+            shared
+                .stats
+                .rejected_over_cap
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %addr, controller = %peer, "Session refused: the session cap is reached.");
+            let e = WireError::new(ErrorCode::Busy, "too many sessions open; try again later");
+            let _ = send(&mut conn, &Message::Error(e)).await;
+            return Ok(None);
+        };
         match hello(&shared, &mut conn, &peer).await {
-            Ok(()) => Some((conn, peer)),
+            Ok(()) => Ok(Some((conn, peer, permits))),
             Err(reason) => {
                 warn!(peer = %addr, controller = %peer, reason, "Handshake failed.");
-                None
+                Ok(None)
             }
         }
     };
-    let (conn, peer) = match timeout(deadline, handshake).await {
-        Ok(Some(x)) => x,
-        Ok(None) => return,
+    let (conn, peer, _permits) = match timeout(deadline, handshake).await {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err(())) => {
+            debug!(peer = %addr, "Dropped in its handshake for a newer connection.");
+            return;
+        }
         Err(_) => {
             shared
                 .stats
                 .handshake_timeouts
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %addr, ?deadline, "Dropped peer: no handshake within the deadline.");
+            shared
+                .refusals
+                .warn(addr, "Dropped peer: no handshake within the deadline.");
             return;
         }
     };
@@ -740,5 +894,57 @@ fn type_name(m: &Message) -> &'static str {
         Message::Ping { .. } => "ping",
         Message::Pong { .. } => "pong",
         Message::Error(_) => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_refusals_is_logged_once_a_second() {
+        let t = Throttled::default();
+        let peer: SocketAddr = "127.0.0.2:5".parse().unwrap();
+        let logged = (0..10_000).filter(|_| t.warn(peer, "refused")).count();
+        assert_eq!(logged, 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            t.warn(peer, "refused"),
+            "a second later, the next is logged"
+        );
+    }
+
+    #[test]
+    fn the_handshake_budget_evicts_the_oldest_of_the_address_then_of_all() {
+        let mut h = Handshakes::default();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let mut signals = vec![];
+        for _ in 0..3 {
+            let (_, rx, evicted) = h.admit(a, 5, 3);
+            assert_eq!(evicted, 0);
+            signals.push(rx);
+        }
+        // A fourth from `a`: its oldest goes (its sender dropped), the others stay.
+        let (_, _rx, evicted) = h.admit(a, 5, 3);
+        assert_eq!(evicted, 1);
+        assert!(signals[0]
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Closed));
+        assert!(signals[1]
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty));
+        // Another address fills the budget: the oldest of all goes, whoever's it is.
+        let (idb, _rxb, evicted) = h.admit(b, 5, 3);
+        assert_eq!(evicted, 0);
+        let (_, _rxb2, evicted) = h.admit(b, 5, 3);
+        assert_eq!((evicted, h.open.len()), (0, 5));
+        let (_, _rxb3, evicted) = h.admit(b, 5, 3);
+        assert_eq!(evicted, 1);
+        assert_eq!(h.open.len(), 5);
+        assert!(h.open.contains_key(&idb));
+        assert!(signals[1]
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Closed));
     }
 }

@@ -522,3 +522,64 @@ async fn heartbeats_are_pushed() {
     }
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_gets_in_during_a_flood_of_silent_connections_from_several_addresses() {
+    let pki = Pki::new();
+    // The production deadline: silent peers hold their connection as long as they may.
+    let agent = start(
+        &pki,
+        |c| c.handshake_timeout = Duration::from_secs(5),
+        Duration::ZERO,
+    )
+    .await;
+    let target: std::net::SocketAddr = agent.addr.parse().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = vec![];
+    // Three addresses, a hundred connections each, every one reopened as soon as it drops.
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        for _ in 0..100 {
+            let stop = stop.clone();
+            flood.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+                    let Ok(mut tcp) = sock.connect(target).await else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    // Silent until the agent lets go.
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = tcp.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    let started = tokio::time::Instant::now();
+    while agent.stats.accepted.load(Ordering::SeqCst) < 300 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the flood started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Thirty-three controller sessions, one after another, while the flood goes on: all get in.
+    for i in 0..33 {
+        let c = connect(&pki, &agent, "ctl-a")
+            .await
+            .unwrap_or_else(|e| panic!("session {i} kept out by the flood: {e}"));
+        drop(c);
+    }
+    assert!(
+        agent.stats.evicted_handshakes.load(Ordering::SeqCst) > 0,
+        "the flood filled the handshake budget"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for f in flood {
+        f.abort();
+    }
+}
