@@ -195,11 +195,7 @@ impl<R: Runner> CephHandler<R> {
             Command::CreateImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
-                let policy = c
-                    .policy
-                    .as_ref()
-                    .map(crate::ceph::Policy::parse)
-                    .transpose()?;
+                let policy = crate::ceph::Policy::parse_opt(c.policy.as_ref())?;
                 Reply::Image(
                     self.ceph
                         .create_image(&spec, c.size_bytes, &c.features, &owner, policy.as_ref())
@@ -209,11 +205,7 @@ impl<R: Runner> CephHandler<R> {
             Command::AdoptImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
-                let policy = c
-                    .policy
-                    .as_ref()
-                    .map(crate::ceph::Policy::parse)
-                    .transpose()?;
+                let policy = crate::ceph::Policy::parse_opt(c.policy.as_ref())?;
                 Reply::Image(
                     self.ceph
                         .adopt_image(&spec, &owner, policy.as_ref())

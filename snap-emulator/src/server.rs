@@ -230,7 +230,8 @@ impl<'de> Visitor<'de> for Checked<'_> {
     }
 }
 
-enum Next {
+/// What the front of a connection's receive buffer holds.
+pub enum Next {
     /// A complete value and the bytes it used.
     Value(Parsed, usize),
     /// Need more input.
@@ -241,7 +242,8 @@ enum Next {
     ParseError,
 }
 
-fn next_value(buf: &[u8]) -> Next {
+/// Reads the first value at the front of `buf` (requests arrive back to back, no framing).
+pub fn next_value(buf: &[u8]) -> Next {
     let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<Parsed>();
     match stream.next() {
         Some(Ok(p)) => Next::Value(p, stream.byte_offset()),

@@ -25,6 +25,14 @@ fn size(pc: &PrivateCluster, image: &str) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(&out).ok()?["size"].as_u64()
 }
 
+/// Sets the cluster's fullness ratios, in the order given (`ceph osd set-<kind>-ratio`).
+fn ratios(pc: &PrivateCluster, set: &[(&str, &str)]) {
+    for (kind, value) in set {
+        let cmd = format!("set-{kind}-ratio");
+        pc.cluster.cli_ok("ceph", &["osd", &cmd, value]);
+    }
+}
+
 fn write(dir: &Path, fleet: &str, volumes: &[(&str, &str)]) {
     let mut text = fleet.to_string();
     for (name, size) in volumes {
@@ -72,7 +80,7 @@ fn an_unhealthy_or_full_cluster_gets_no_write_and_the_apply_says_why() {
     );
 
     // HEALTH_ERR (full ratios out of order): nothing is written, the apply says why, exits 1.
-    c.cli_ok("ceph", &["osd", "set-nearfull-ratio", "0.97"]);
+    ratios(&pc, &[("nearfull", "0.97")]);
     wait_until(Duration::from_secs(60), "HEALTH_ERR", || {
         pc.health().starts_with("HEALTH_ERR")
     });
@@ -98,13 +106,14 @@ fn an_unhealthy_or_full_cluster_gets_no_write_and_the_apply_says_why() {
     assert_eq!(code(&o), 2, "{}", show(&o));
 
     // Really full: writes to the OSD block. The apply still ends, says why, and writes nothing.
-    for (k, v) in [
-        ("set-nearfull-ratio", "0.000001"),
-        ("set-backfillfull-ratio", "0.000005"),
-        ("set-full-ratio", "0.00001"),
-    ] {
-        c.cli_ok("ceph", &["osd", k, v]);
-    }
+    ratios(
+        &pc,
+        &[
+            ("nearfull", "0.000001"),
+            ("backfillfull", "0.000005"),
+            ("full", "0.00001"),
+        ],
+    );
     wait_until(Duration::from_secs(60), "OSD_FULL", || {
         pc.health().contains("full osd")
     });
@@ -160,13 +169,14 @@ fn an_unhealthy_or_full_cluster_gets_no_write_and_the_apply_says_why() {
     );
 
     // Healthy again: the same manifests converge.
-    for (k, v) in [
-        ("set-full-ratio", "0.95"),
-        ("set-backfillfull-ratio", "0.90"),
-        ("set-nearfull-ratio", "0.85"),
-    ] {
-        c.cli_ok("ceph", &["osd", k, v]);
-    }
+    ratios(
+        &pc,
+        &[
+            ("full", "0.95"),
+            ("backfillfull", "0.90"),
+            ("nearfull", "0.85"),
+        ],
+    );
     wait_until(Duration::from_secs(60), "no longer HEALTH_ERR", || {
         !pc.health().starts_with("HEALTH_ERR")
     });

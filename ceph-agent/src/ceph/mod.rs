@@ -65,6 +65,11 @@ impl Policy {
             retention_secs: p.trash_retention_secs,
         })
     }
+
+    /// [`Policy::parse`] of a command's optional policy.
+    pub fn parse_opt(p: Option<&protocol::ImagePolicy>) -> Result<Option<Self>, CephError> {
+        p.map(Self::parse).transpose()
+    }
 }
 /// The RADOS object (in each pool) whose omap keys index the images unistor manages.
 pub const INDEX_OBJECT: &str = "unistor.index";

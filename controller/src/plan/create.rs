@@ -603,19 +603,24 @@ fn adopt(b: &mut Builder, v: &Volume, i: &ImageStatus) -> Result<Option<usize>, 
         v.size_bytes.to_string(),
         i.size_bytes.to_string(),
     );
-    Ok(Some(b.push(
-        ceph(),
+    Ok(Some(grow(b, v, i.size_bytes, Some(adopted))))
+}
+
+/// Grows volume `v`'s image from `from_bytes` to the manifest's size, after `after`.
+fn grow(b: &mut Builder, v: &Volume, from_bytes: u64, after: Option<usize>) -> usize {
+    b.push(
+        Target::Cluster(v.cluster.clone()),
         Action::GrowImage {
             pool: v.pool.to_string(),
             image: v.image.to_string(),
-            from_bytes: i.size_bytes,
+            from_bytes,
             to_bytes: v.size_bytes,
-            volume: vname.into(),
+            volume: v.name.to_string(),
         },
         Risk::Safe,
-        &[Some(adopted)],
-        Some(vname),
-    )))
+        &[after],
+        Some(v.name.as_str()),
+    )
 }
 
 fn create(v: &Volume) -> Action {
@@ -696,17 +701,5 @@ fn live_image(
         );
         return Ok(None);
     }
-    Ok(Some(b.push(
-        ceph(),
-        Action::GrowImage {
-            pool: v.pool.to_string(),
-            image: v.image.to_string(),
-            from_bytes: i.size_bytes,
-            to_bytes: v.size_bytes,
-            volume: vname.into(),
-        },
-        Risk::Safe,
-        &[],
-        Some(vname),
-    )))
+    Ok(Some(grow(b, v, i.size_bytes, None)))
 }

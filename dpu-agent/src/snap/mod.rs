@@ -259,97 +259,28 @@ impl Snap {
     /// Lists every object SNAP has without touching the view (for readers outside the agent's
     /// command lock, whose listing could predate a command that just ran).
     pub async fn list(&self) -> Result<SnapInventory, SnapError> {
-        let fns: Vec<RawFunction> = parse(
-            "emulation_function_list",
-            self.client
-                .call("emulation_function_list", Some(json!({"all": true})))
-                .await?,
-        )?;
-        let subs: Vec<RawSubsystem> = parse(
-            "nvme_subsystem_list",
-            self.client.call("nvme_subsystem_list", None).await?,
-        )?;
-        let bdevs: Vec<RawBdev> = parse(
-            "bdev_get_bdevs",
-            self.client.call("bdev_get_bdevs", None).await?,
-        )?;
-        let clusters: Vec<RawCluster> =
-            match self.client.call("bdev_rbd_get_clusters_info", None).await {
-                Ok(v) => parse("bdev_rbd_get_clusters_info", v)?,
-                // -2: none registered; -32601: SPDK built without RBD.
-                Err(e) if matches!(e.code(), Some(-2) | Some(-32601)) => vec![],
-                Err(e) => return Err(e),
-            };
-
-        let mut functions = vec![];
-        let mut bdf_to_fn = BTreeMap::new();
-        for pf in fns {
-            for f in std::iter::once(&pf).chain(pf.vfs.iter()) {
-                let function = FunctionRef {
-                    pf: f.pf_index,
-                    vf: f.vf_index,
-                };
-                bdf_to_fn.insert(f.pci_bdf.clone(), function);
-                functions.push(FunctionInfo {
-                    function,
-                    pci_bdf: f.pci_bdf.clone(),
-                    vhca_id: f.vhca_id,
-                    vuid: f.vuid.clone(),
-                    controller: f.ctrl_id.clone().filter(|c| !c.is_empty()),
-                });
-            }
-        }
-        let mut controllers = vec![];
-        let mut subsystems = vec![];
-        for s in subs {
-            for c in &s.controllers {
-                controllers.push(ControllerInfo {
-                    name: c.ctrl_id.clone(),
-                    nqn: if c.nqn.is_empty() {
-                        s.nqn.clone()
-                    } else {
-                        c.nqn.clone()
-                    },
-                    function: c
-                        .pci_bdf
-                        .as_ref()
-                        .and_then(|b| bdf_to_fn.get(b).copied())
-                        .or_else(|| {
-                            functions
-                                .iter()
-                                .find(|f| f.controller.as_deref() == Some(&c.ctrl_id))
-                                .map(|f| f.function)
-                        }),
-                    num_queues: c.num_queues,
-                    mdts: c.mdts,
-                    state: c.state.clone(),
-                    namespaces: c.namespaces.iter().map(|n| n.nsid).collect(),
-                });
-            }
-            subsystems.push(SubsystemInfo {
-                nqn: s.nqn,
-                serial: s.sn,
-                model: s.mn,
-                namespaces: s
-                    .namespaces
-                    .into_iter()
-                    .map(|n| NamespaceInfo {
-                        nsid: n.nsid,
-                        bdev: n.bdev,
-                        uuid: n.uuid,
-                        controller: n.controllers.into_iter().next().map(|c| c.ctrl_id),
-                    })
-                    .collect(),
-            });
-        }
-        let bdevs = bdevs.into_iter().map(|b| self.bdev_info(b)).collect();
-        Ok(SnapInventory {
-            functions,
-            subsystems,
-            controllers,
-            bdevs,
-            clusters: clusters.into_iter().map(|c| c.cluster_name).collect(),
-        })
+        let functions = self
+            .client
+            .call("emulation_function_list", Some(json!({"all": true})))
+            .await?;
+        let subsystems = self.client.call("nvme_subsystem_list", None).await?;
+        let bdevs = self.client.call("bdev_get_bdevs", None).await?;
+        let clusters = match self.client.call("bdev_rbd_get_clusters_info", None).await {
+            Ok(v) => Some(v),
+            // -2: none registered; -32601: SPDK built without RBD.
+            Err(e) if matches!(e.code(), Some(-2) | Some(-32601)) => None,
+            Err(e) => return Err(e),
+        };
+        let known = self.bdev_clusters.lock().unwrap_or_else(|e| e.into_inner());
+        inventory_from_replies(
+            SnapReplies {
+                functions,
+                subsystems,
+                bdevs,
+                clusters,
+            },
+            |bdev| known.get(bdev).cloned(),
+        )
     }
 
     /// Runs `call`; on failure looks again with `check`, which says whether the wanted state
@@ -873,6 +804,112 @@ impl Snap {
 }
 
 /// A listed bdev as the inventory shows it; `cluster` is what the agent knows (SNAP does not say).
+/// What SNAP answered to the four list calls an inventory is made of
+/// (`emulation_function_list`, `nvme_subsystem_list`, `bdev_get_bdevs`,
+/// `bdev_rbd_get_clusters_info`; the last absent when none is registered).
+#[derive(Debug, Clone)]
+pub struct SnapReplies {
+    /// `emulation_function_list {all: true}`.
+    pub functions: Value,
+    /// `nvme_subsystem_list`.
+    pub subsystems: Value,
+    /// `bdev_get_bdevs`.
+    pub bdevs: Value,
+    /// `bdev_rbd_get_clusters_info`, when SNAP has any.
+    pub clusters: Option<Value>,
+}
+
+/// The inventory SNAP's list replies describe: what the agent makes of whatever SNAP answers
+/// (pure, and fuzzed: a reply of the wrong shape is a protocol error, never a panic).
+/// `cluster_of` names the cluster a bdev uses, as the agent remembers it.
+pub fn inventory_from_replies(
+    r: SnapReplies,
+    cluster_of: impl Fn(&str) -> Option<String>,
+) -> Result<SnapInventory, SnapError> {
+    let fns: Vec<RawFunction> = parse("emulation_function_list", r.functions)?;
+    let subs: Vec<RawSubsystem> = parse("nvme_subsystem_list", r.subsystems)?;
+    let bdevs: Vec<RawBdev> = parse("bdev_get_bdevs", r.bdevs)?;
+    let clusters: Vec<RawCluster> = match r.clusters {
+        Some(v) => parse("bdev_rbd_get_clusters_info", v)?,
+        None => vec![],
+    };
+    let mut functions = vec![];
+    let mut bdf_to_fn = BTreeMap::new();
+    for pf in fns {
+        for f in std::iter::once(&pf).chain(pf.vfs.iter()) {
+            let function = FunctionRef {
+                pf: f.pf_index,
+                vf: f.vf_index,
+            };
+            bdf_to_fn.insert(f.pci_bdf.clone(), function);
+            functions.push(FunctionInfo {
+                function,
+                pci_bdf: f.pci_bdf.clone(),
+                vhca_id: f.vhca_id,
+                vuid: f.vuid.clone(),
+                controller: f.ctrl_id.clone().filter(|c| !c.is_empty()),
+            });
+        }
+    }
+    let mut controllers = vec![];
+    let mut subsystems = vec![];
+    for s in subs {
+        for c in &s.controllers {
+            controllers.push(ControllerInfo {
+                name: c.ctrl_id.clone(),
+                nqn: if c.nqn.is_empty() {
+                    s.nqn.clone()
+                } else {
+                    c.nqn.clone()
+                },
+                function: c
+                    .pci_bdf
+                    .as_ref()
+                    .and_then(|b| bdf_to_fn.get(b).copied())
+                    .or_else(|| {
+                        functions
+                            .iter()
+                            .find(|f| f.controller.as_deref() == Some(&c.ctrl_id))
+                            .map(|f| f.function)
+                    }),
+                num_queues: c.num_queues,
+                mdts: c.mdts,
+                state: c.state.clone(),
+                namespaces: c.namespaces.iter().map(|n| n.nsid).collect(),
+            });
+        }
+        subsystems.push(SubsystemInfo {
+            nqn: s.nqn,
+            serial: s.sn,
+            model: s.mn,
+            namespaces: s
+                .namespaces
+                .into_iter()
+                .map(|n| NamespaceInfo {
+                    nsid: n.nsid,
+                    bdev: n.bdev,
+                    uuid: n.uuid,
+                    controller: n.controllers.into_iter().next().map(|c| c.ctrl_id),
+                })
+                .collect(),
+        });
+    }
+    let bdevs = bdevs
+        .into_iter()
+        .map(|b| {
+            let cluster = cluster_of(&b.name);
+            bdev_info(b, cluster)
+        })
+        .collect();
+    Ok(SnapInventory {
+        functions,
+        subsystems,
+        controllers,
+        bdevs,
+        clusters: clusters.into_iter().map(|c| c.cluster_name).collect(),
+    })
+}
+
 fn bdev_info(b: RawBdev, cluster: Option<String>) -> BdevInfo {
     let rbd = b.driver_specific.get("rbd");
     let field = |k: &str| {
