@@ -35,8 +35,8 @@ done
 printf '%-14s %12s %10s %8s %s\n' target execs exec/s corpus crashes
 for t in "${targets[@]}"; do
   log="logs/$t.log"
-  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}' | tail -1)
-  speed=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | awk '{print $2}' | tail -1)
+  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | awk '{print $2}' | tail -1)
+  speed=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | awk '{print $2}' | tail -1)
   corpus=$(find "work/$t" -type f | wc -l)
   crashes=$(find "artifacts/$t" -type f | wc -l)
   printf '%-14s %12s %10s %8s %s\n' "$t" "${execs:-?}" "${speed:-?}" "$corpus" "$crashes"
