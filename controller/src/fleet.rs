@@ -135,12 +135,15 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
     }
     let mut found = 0;
     for (cluster, mut images) in wanted {
-        let Some(Known::Known { report }) = observed.clusters.get_mut(cluster) else {
+        let Some(Known::Known { report }) = observed.clusters.get(cluster) else {
             continue;
         };
         // A create that only rewrites the policy of an image the report holds is not asked.
         for i in &report.images {
             images.remove(&(i.pool.as_str(), i.image.as_str()));
+        }
+        if images.is_empty() {
+            continue;
         }
         let refs: Vec<protocol::ImageRef> = images
             .into_iter()
@@ -156,19 +159,17 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
                 continue;
             }
         };
+        let mut existing = vec![];
         for chunk in refs.chunks(64) {
             let asked = protocol::ImageList {
                 images: chunk.to_vec(),
             };
             match client.request(Command::ProbeImages(asked)).await {
-                Ok(Reply::Images(l)) => {
-                    for i in l.images {
-                        if i.state == protocol::ImageState::Live {
-                            report.images.push(i);
-                            found += 1;
-                        }
-                    }
-                }
+                Ok(Reply::Images(l)) => existing.extend(
+                    l.images
+                        .into_iter()
+                        .filter(|i| i.state == protocol::ImageState::Live),
+                ),
                 Ok(other) => {
                     tracing::warn!(cluster, reply = ?other, "Unexpected reply to probe_images.");
                 }
@@ -176,6 +177,14 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
                     tracing::warn!(cluster, error = %protocol::error::chain(&e), "Cannot ask the cluster about the images to create.");
                 }
             }
+        }
+        if existing.is_empty() {
+            continue;
+        }
+        found += existing.len();
+        // This pass's copy only: the informer's report is not changed.
+        if let Some(Known::Known { report }) = observed.clusters.get_mut(cluster) {
+            Arc::make_mut(report).images.extend(existing);
         }
     }
     found
@@ -256,6 +265,7 @@ impl Informer {
     /// A DPU pushed its report.
     pub fn set_dpu(&mut self, name: &str, report: Box<DpuReport>) {
         // A DPU marked stale stays so: this push may predate what a pass just did there.
+        let report = Arc::from(report);
         self.observed
             .dpus
             .insert(name.to_string(), Known::Known { report });
@@ -330,11 +340,11 @@ impl Informer {
                     } in pages
                     {
                         let r = match (report.as_mut(), restart) {
-                            (Some(r), false) => r,
-                            _ => report.insert(Box::new(empty_report())),
+                            (Some(r), false) => Arc::make_mut(r),
+                            _ => Arc::make_mut(report.insert(Arc::new(empty_report()))),
                         };
                         let images = std::mem::take(&mut r.images);
-                        **r = CephReport {
+                        *r = CephReport {
                             images,
                             ..page.cluster
                         };
@@ -347,6 +357,7 @@ impl Informer {
                     }
                 }
                 (Target::Dpu(n), Fetched::Dpu(Ok(report))) => {
+                    let report = Arc::from(report);
                     self.observed.dpus.insert(n, Known::Known { report });
                 }
                 (t, Fetched::Cluster(Err(e)) | Fetched::Dpu(Err(e))) => self.unknown(&t, e),
@@ -526,5 +537,42 @@ mod tests {
             keys,
             vec![("0/z".into(), 1), ("a/2".into(), 5), ("b/1".into(), 9)]
         );
+    }
+
+    #[test]
+    fn a_pass_reads_the_informers_reports_without_copying_them_and_a_change_copies_one() {
+        let mut informer = Informer::default();
+        let page = |images: Vec<ImageStatus>, generation| Page {
+            restart: true,
+            changes: CephChanges {
+                generation,
+                full: true,
+                more: false,
+                cluster: empty_report(),
+                images,
+                removed: vec![],
+            },
+        };
+        let c = Target::Cluster("ceph".into());
+        informer.apply(vec![(
+            c.clone(),
+            Fetched::Cluster(Ok(vec![page(vec![img("rbd", "a", 1)], 1)])),
+        )]);
+        let pass = informer.observed().clone();
+        let report = |o: &Observed| match &o.clusters["ceph"] {
+            Known::Known { report } => report.clone(),
+            Known::Unknown { reason } => panic!("{reason}"),
+        };
+        assert!(Arc::ptr_eq(&report(&pass), &report(informer.observed())));
+        // A change while the pass still reads the old report: the pass keeps what it read.
+        informer.apply(vec![(
+            c,
+            Fetched::Cluster(Ok(vec![Page {
+                restart: false,
+                ..page(vec![img("rbd", "b", 2)], 2)
+            }])),
+        )]);
+        assert_eq!(report(&pass).images.len(), 1);
+        assert_eq!(report(informer.observed()).images.len(), 2);
     }
 }

@@ -206,6 +206,8 @@ pub async fn with_live_watchers<'a>(
         if wanted.is_empty() {
             continue;
         }
+        // Copied only now: what the watchers are written into is this pass's alone.
+        let report = std::sync::Arc::make_mut(report);
         let client = fleet.get(&plan::Target::Cluster(name.clone()));
         for chunk in wanted.chunks(64) {
             let refs = chunk

@@ -9,13 +9,17 @@ use protocol::CephReport;
 use serde::{Deserialize, Serialize};
 
 /// An agent's state, or why it is not known. Unknown is never treated as empty.
+///
+/// A report is shared (`Arc`): the informer keeps the last one of each agent, and every pass,
+/// the daemon's status and a plan read it without copying; it is copied only when changed while
+/// someone still reads the old one (`Arc::make_mut`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Known<T> {
     /// Reported.
     Known {
         /// The report.
-        report: Box<T>,
+        report: std::sync::Arc<T>,
     },
     /// Not reachable or not answering.
     Unknown {

@@ -93,7 +93,7 @@ impl World {
         fn known<T: Clone>(m: &BTreeMap<String, T>) -> BTreeMap<String, Known<T>> {
             m.iter()
                 .map(|(k, v)| {
-                    let report = Box::new(v.clone());
+                    let report = std::sync::Arc::new(v.clone());
                     (k.clone(), Known::Known { report })
                 })
                 .collect()

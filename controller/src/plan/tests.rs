@@ -745,7 +745,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         let Known::Known { report } = o.clusters.get_mut(&new.cluster).unwrap() else {
             unreachable!()
         };
-        report.images.push(img);
+        std::sync::Arc::make_mut(report).images.push(img);
         o
     };
     let creates = |p: &Plan| {
