@@ -54,13 +54,10 @@ fn an_unhealthy_or_full_cluster_gets_no_write_and_the_apply_says_why() {
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
     let snap_id = unique("snap-gate");
-    let fleet = fleet_yaml(
-        "ceph-gate",
-        &ceph_addr,
-        "rbd",
-        &snap_id,
-        &[("dpu-gate-0", &dpu_addr)],
-    );
+    let fleet_of = |ceph: &str, dpu: &str| {
+        fleet_yaml("ceph-gate", ceph, "rbd", &snap_id, &[("dpu-gate-0", dpu)])
+    };
+    let fleet = fleet_of(&ceph_addr, &dpu_addr);
     let (m, p) = (manifests.display().to_string(), pki.display().to_string());
     let run = |cmd: &[&str]| unistor(&[cmd, &[m.as_str(), "--pki-dir", p.as_str()]].concat());
     let (a, b) = (unique("a"), unique("b"));
@@ -150,13 +147,7 @@ fn an_unhealthy_or_full_cluster_gets_no_write_and_the_apply_says_why() {
     );
     procs.0.push(agent);
     let dpu_addr = spawn_dpu_agent(&mut procs, "dpu-gate-0", &pki, &dir.path().join("dpu0"));
-    let fleet = fleet_yaml(
-        "ceph-gate",
-        &ceph_addr,
-        "rbd",
-        &snap_id,
-        &[("dpu-gate-0", &dpu_addr)],
-    );
+    let fleet = fleet_of(&ceph_addr, &dpu_addr);
     write(&manifests, &fleet, &[(&a, "128Mi"), (&b, "64Mi")]);
     let o = run(&["plan"]);
     let err = String::from_utf8_lossy(&o.stderr);
