@@ -25,7 +25,9 @@ spec:
 ";
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let texts = [
         (PathBuf::from("base.yaml"), BASE.to_string()),
         (PathBuf::from("fuzz.yaml"), text.to_string()),
