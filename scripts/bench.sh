@@ -7,9 +7,8 @@ cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
 target/release/plan-bench
 dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-bench.XXXXXX")
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT
-scripts/ceph-dev-cluster.sh up "$dir" --port "$port"
+scripts/ceph-dev-cluster.sh up "$dir" --port auto
 # shellcheck disable=SC1091
 . "$dir/env"
 target/release/converge-bench "$@"

@@ -2,7 +2,10 @@
 # A one-node Ceph cluster for tests and the lab: one monitor, one manager, one memstore OSD, all on
 # 127.0.0.1, all inside DIR. No systemd, no disks, nothing outside DIR.
 #
-#   scripts/ceph-dev-cluster.sh up DIR [--port PORT]   install packages if missing, start, wait
+#   scripts/ceph-dev-cluster.sh up DIR [--port PORT|auto]   install packages if missing, start, wait
+#     (`auto`: a port below the ephemeral range, derived from this process's id, that nothing
+#     listens on now; the monitor's port must be in its map before it runs, so the system
+#     cannot pick it)
 #   scripts/ceph-dev-cluster.sh down DIR               stop the daemons by pid, remove DIR
 #   scripts/ceph-dev-cluster.sh status DIR             ceph -s
 #
@@ -25,6 +28,28 @@ while [ $# -gt 0 ]; do
 done
 
 log() { echo "ceph-dev-cluster: $*" >&2; }
+
+# Whether something listens on TCP port $1 (read from /proc: nothing is bound to find out).
+listening() {
+  local hex
+  hex=$(printf '%04X' "$1")
+  awk -v p=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { found = 1 } END { exit !found }' \
+    /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# A port for `--port auto`.
+auto_port() {
+  local i p
+  for i in $(seq 0 99); do
+    p=$((20000 + ($$ * 7 + i * 1031) % 10000))
+    if ! listening "$p"; then
+      echo "$p"
+      return 0
+    fi
+  done
+  log "no free port found for the monitor"
+  return 1
+}
 
 install_packages() {
   local missing=()
@@ -55,6 +80,9 @@ wait_for() {
 
 up() {
   install_packages
+  if [ "$port" = auto ]; then
+    port=$(auto_port)
+  fi
   if [ -e "$dir/ceph.conf" ]; then
     log "$dir already holds a cluster; run '$0 down $dir' first"
     exit 1

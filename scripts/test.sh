@@ -25,9 +25,8 @@ if ! command -v qemu-io >/dev/null 2>&1; then
 fi
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-ceph.XXXXXX")
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT
-scripts/ceph-dev-cluster.sh up "$dir" --port "$port"
+scripts/ceph-dev-cluster.sh up "$dir" --port auto
 # shellcheck disable=SC1091
 . "$dir/env"
 

@@ -156,19 +156,18 @@ pub struct PrivateCluster {
 
 impl PrivateCluster {
     /// Starts one (about 15 s). The monitor's port must be written into the monitor map before
-    /// the monitor runs, so it cannot be the system's choice: ports below the ephemeral range,
-    /// derived from the process id, and the next one tried when a port is taken.
+    /// the monitor runs, so it cannot be the system's choice: the script's `--port auto` (below
+    /// the ephemeral range, nothing listening on it), tried again should another take it first.
     pub fn up() -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-dev-cluster.sh");
         let mut tried = vec![];
-        for attempt in 0..5u32 {
-            let port = 20_000 + (std::process::id() * 7 + attempt * 1_031) % 10_000;
+        for attempt in 1..=3 {
             let dir = tempfile::tempdir().expect("tempdir");
             let out = Command::new("bash")
                 .arg(&script)
                 .arg("up")
                 .arg(dir.path())
-                .args(["--port", &port.to_string()])
+                .args(["--port", "auto"])
                 .stdin(Stdio::null())
                 .output()
                 .expect("runs the cluster script");
@@ -186,7 +185,7 @@ impl PrivateCluster {
                 };
             }
             tried.push(format!(
-                "port {port}: {}",
+                "attempt {attempt}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
             stop_cluster(&script, dir.path());
