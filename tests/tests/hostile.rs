@@ -83,6 +83,12 @@ fn cross_site_and_rebound_requests_are_refused_and_slow_clients_dropped() {
         !rebound.contains("\"fleet\""),
         "no status leaked: {rebound}"
     );
+    // A liveness probe naming the address it dialled is answered (it learns only "ok").
+    let probe = raw(
+        &d,
+        "GET /healthz HTTP/1.1\r\nHost: 10.0.0.7:7480\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status_line(&probe).contains(" 200 "), "{probe}");
     // The daemon's own clients: JSON, its own Host and Origin. The suspension is new, so the
     // refused requests did not make it.
     let own = raw(
