@@ -375,6 +375,12 @@ fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
         managed_by: ctx.opts.owner.clone(),
         volume: volume.into(),
     };
+    let policy_of = |deletion: &protocol::meta::DeletionPolicy, retain_secs: &u64| {
+        Some(ImagePolicy {
+            deletion: *deletion,
+            trash_retention_secs: *retain_secs,
+        })
+    };
     Ok(match action {
         Action::CreateImage {
             pool,
@@ -389,10 +395,7 @@ fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
             size_bytes: *size_bytes,
             features: vec![],
             owner: owner(volume),
-            policy: Some(ImagePolicy {
-                deletion: *policy,
-                trash_retention_secs: *retain_secs,
-            }),
+            policy: policy_of(policy, retain_secs),
         }),
         Action::AdoptImage {
             pool,
@@ -404,10 +407,7 @@ fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
             pool: pool.clone(),
             image: image.clone(),
             owner: owner(volume),
-            policy: Some(ImagePolicy {
-                deletion: *policy,
-                trash_retention_secs: *retain_secs,
-            }),
+            policy: policy_of(policy, retain_secs),
         }),
         Action::GrowImage {
             pool,

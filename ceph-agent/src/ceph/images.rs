@@ -21,13 +21,7 @@ impl<R: Runner> Ceph<R> {
         let features = check_features(features)?;
         self.load().await?;
         let known = self.view().get(spec).cloned();
-        let value = IndexValue {
-            managed_by: Some(owner.managed_by.to_string()),
-            volume: owner.volume.to_string(),
-            policy: policy.map(|p| p.deletion.as_str().to_string()),
-            retention_secs: policy.map(|p| p.retention_secs),
-            features: features.clone(),
-        };
+        let value = IndexValue::of(owner, policy, features.clone());
         self.mutation(spec, async {
             // An image the view knows as live is looked at first; if it is gone after all
             // (trashed or removed behind our back), it is created anew like any other.
@@ -140,13 +134,7 @@ impl<R: Runner> Ceph<R> {
             } else {
                 self.refuse_in_use(spec, &img).await?;
             }
-            let value = IndexValue {
-                managed_by: Some(owner.managed_by.to_string()),
-                volume: owner.volume.to_string(),
-                policy: policy.map(|p| p.deletion.as_str().to_string()),
-                retention_secs: policy.map(|p| p.retention_secs),
-                features: img.features.clone(),
-            };
+            let value = IndexValue::of(owner, policy, img.features.clone());
             self.index_change(spec, Some(&value)).await?;
             if !claimed {
                 tracing::info!(image = %spec, volume = %owner.volume, "Adopting an image on request.");
@@ -174,10 +162,7 @@ impl<R: Runner> Ceph<R> {
             }
             out.push(match self.live(spec).await? {
                 Some(img) => Self::live_status(spec, &img, None),
-                None => ImageStatus {
-                    state: ImageState::Missing,
-                    ..crate::view::unread(spec, BTreeMap::new())
-                },
+                None => Self::gone_status(spec, &[]),
             });
         }
         Ok(out)

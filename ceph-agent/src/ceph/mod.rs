@@ -298,6 +298,17 @@ pub struct IndexValue {
 }
 
 impl IndexValue {
+    /// The entry of an image `owner` manages under `policy`, made with `features`.
+    pub fn of(owner: &Owner, policy: Option<&Policy>, features: Vec<String>) -> Self {
+        Self {
+            managed_by: Some(owner.managed_by.to_string()),
+            volume: owner.volume.to_string(),
+            policy: policy.map(|p| p.deletion.as_str().to_string()),
+            retention_secs: policy.map(|p| p.retention_secs),
+            features,
+        }
+    }
+
     /// Parses a stored value: JSON, or an older agent's bare volume name.
     pub fn parse(bytes: &[u8]) -> Self {
         let text = String::from_utf8_lossy(bytes);

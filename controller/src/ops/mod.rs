@@ -202,14 +202,19 @@ pub async fn plan_probed(
     plan::plan(desired, observed, opts)
 }
 
-/// What planning and executing need from the command line: the owner, and whether deletes may
-/// run.
-pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {
-    let opts = Options {
+/// What planning needs from the command line: the owner and the health gate.
+pub fn plan_options(c: &Common) -> Options {
+    Options {
         owner: c.owner.clone(),
         health_gate: c.health_gate.clone(),
         ..Options::default()
-    };
+    }
+}
+
+/// What planning and executing need from the command line: the owner, and whether deletes may
+/// run.
+pub fn run_options(c: &Common, rails: &Rails) -> (Options, ExecOptions) {
+    let opts = plan_options(c);
     let exec = ExecOptions {
         owner: c.owner.clone(),
         allow_delete: rails.allow_delete,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::{agent_kit_write, connect, fingerprint, load, Common, Format, OpsError, SavedPlan};
-use crate::plan::Options;
 use crate::render;
 
 /// `unistor plan`
@@ -30,11 +29,7 @@ pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
     let mut observed = fleet.observe(a.common.report_timeout).await;
-    let opts = Options {
-        owner: a.common.owner.clone(),
-        health_gate: a.common.health_gate.clone(),
-        ..Options::default()
-    };
+    let opts = super::plan_options(&a.common);
     let p = super::plan_probed(&desired, &mut observed, &fleet, &opts).await;
     if let Some(path) = &a.out {
         let saved = SavedPlan {

@@ -384,10 +384,8 @@ async fn reconcile(
     state.observed(observed.clone());
     summary.result = ReconcileResult::Pending;
     for _pass in 0..a.passes.max(1) {
-        let (mut p, mut held) = plan_now(&observed);
-        if crate::fleet::probe_creates(&p, &mut observed, &fleet).await > 0 {
-            (p, held) = plan_now(&observed);
-        }
+        let planned = crate::ops::plan_probed(&desired, &mut observed, &fleet, &opts).await;
+        let (p, held) = without_suspended(planned, &state.suspended());
         state.planned(&p);
         if p.is_empty() && !p.unknown.is_empty() {
             // Nothing to do on what can be seen; the rest waits for its agents to come back.
