@@ -35,7 +35,17 @@ pub mod names {
 
     /// The subsystem of one function of one DPU.
     pub fn nqn(dpu: &str, f: FunctionRef) -> String {
-        format!("{NQN_PREFIX}{}:{f}", dpu.to_ascii_lowercase())
+        let mut s = String::new();
+        push_nqn(&mut s, dpu, f);
+        s
+    }
+    /// [`nqn`] appended to `out` (no allocation of its own).
+    pub fn push_nqn(out: &mut String, dpu: &str, f: FunctionRef) {
+        use std::fmt::Write;
+        out.push_str(NQN_PREFIX);
+        out.extend(dpu.chars().map(|c| c.to_ascii_lowercase()));
+        // Writing to a String cannot fail.
+        let _ = write!(out, ":{f}");
     }
     /// The controller of one function.
     pub fn controller(f: FunctionRef) -> String {
@@ -357,12 +367,12 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         let mut frag = Builder::at(base);
         // Controller names by function: a handful, formatted once.
         let mut ctrl_names: HashMap<FunctionRef, String> = HashMap::default();
-        for (dpu, idxs) in dpus {
+        for (dpu, range) in dpus {
             let (snap, first) = first_on.get(dpu).unwrap_or(&no_deps);
             create::DpuChain::new(dpu, reports.get(dpu).copied(), *snap, first).plan(
                 &mut frag,
                 &cx,
-                idxs,
+                placement.members(range),
                 &mut ctrl_names,
             );
         }

@@ -36,7 +36,7 @@ pub(super) fn teardown(
     for (dpu_name, k) in &observed.dpus {
         while wanted.next_if(|(d, _)| *d < dpu_name.as_str()).is_some() {}
         let here: &[usize] = match wanted.peek() {
-            Some((d, idxs)) if *d == dpu_name.as_str() => idxs,
+            Some((d, range)) if *d == dpu_name.as_str() => placement.members(range),
             _ => &[],
         };
         if let Some(DpuReport {
