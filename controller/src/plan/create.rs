@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use protocol::dpu::{ControllerInfo, DpuReport, FunctionRef, SnapInventory, SubsystemInfo};
 use protocol::{ImageState, ImageStatus};
 
-use super::place::Placement;
+use super::place::DpuPlacement;
 use super::teardown::ImageIndex;
 use super::{
     after, names, snap_values, Action, Attachment, BdevSpec, Builder, ControllerSpec, HashMap,
@@ -21,7 +21,6 @@ use crate::manifest::Volume;
 pub(super) struct Context<'a> {
     pub(super) observed: &'a Observed,
     pub(super) opts: &'a Options,
-    pub(super) placement: &'a Placement<'a>,
     pub(super) images: &'a ImageIndex<'a>,
     /// Clusters closed to writes by the health gate, with the reason.
     pub(super) halted: &'a std::collections::BTreeMap<&'a str, String>,
@@ -29,13 +28,13 @@ pub(super) struct Context<'a> {
 
 /// One DPU's volumes being planned: the steps made once per cluster or function, and the
 /// attachments each controller's resume waits for.
-pub(super) struct DpuChain<'a> {
+pub(super) struct DpuChain<'a, 'f> {
     name: &'a str,
     report: Option<&'a DpuReport>,
     /// SNAP's install step on this DPU, when there is one.
     snap: Option<usize>,
     /// What every step on this DPU waits for (its removals, then SNAP).
-    first: &'a [Option<usize>],
+    first: &'f [Option<usize>],
     registered: HashMap<&'a str, Option<usize>>,
     subsystems: HashMap<FunctionRef, Option<usize>>,
     controllers: HashMap<FunctionRef, Option<usize>>,
@@ -65,14 +64,18 @@ static EMPTY: SnapInventory = SnapInventory {
 /// A volume the plan cannot go on with (the reason is in the plan's `blocked`).
 struct Held;
 
-impl<'a> DpuChain<'a> {
+/// Images found to be a wanted volume's own (cluster, position in its report): their volume
+/// is wanted, so they are not gone.
+pub(super) type Claims<'a> = Vec<(&'a str, u32)>;
+
+impl<'a, 'f> DpuChain<'a, 'f> {
     /// DPU `name` (with its report, if any), whose steps wait for `first` and SNAP's install
     /// step `snap`.
     pub(super) fn new(
         name: &'a str,
         report: Option<&'a DpuReport>,
         snap: Option<usize>,
-        first: &'a [Option<usize>],
+        first: &'f [Option<usize>],
     ) -> Self {
         Self {
             name,
@@ -107,16 +110,18 @@ impl<'a> DpuChain<'a> {
         (s, c)
     }
 
-    /// Plans the volumes at positions `idxs` (in name order), then the resumes.
+    /// Plans the volumes `placed` (in name order), then the resumes; the images found to be
+    /// theirs go to `claims`.
     pub(super) fn plan(
         mut self,
         b: &mut Builder,
         cx: &Context<'a>,
-        idxs: &[usize],
+        placed: &DpuPlacement<'a>,
         ctrl_names: &mut HashMap<FunctionRef, String>,
+        claims: &mut Claims<'a>,
     ) {
-        for &i in idxs {
-            let _held: Result<(), Held> = self.volume(b, cx, i, ctrl_names);
+        for k in 0..placed.len() {
+            let _held: Result<(), Held> = self.volume(b, cx, placed, k, ctrl_names, claims);
         }
         self.resumes(b);
     }
@@ -129,12 +134,14 @@ impl<'a> DpuChain<'a> {
         &mut self,
         b: &mut Builder,
         cx: &Context<'a>,
-        i: usize,
+        placed: &DpuPlacement<'a>,
+        k: usize,
         ctrl_names: &mut HashMap<FunctionRef, String>,
+        claims: &mut Claims<'a>,
     ) -> Result<(), Held> {
-        let v: &'a Volume = cx.placement.volumes[i];
+        let v: &'a Volume = placed.volume(k);
         let report = self.ready(b, cx, v)?;
-        let image_step = image(b, cx, v)?;
+        let image_step = image(b, cx, v, claims)?;
         let inv: &'a SnapInventory = match (self.snap, report.inventory.as_ref()) {
             (None, Some(inv)) => inv,
             // SNAP is being (re)installed: plan against an empty SNAP.
@@ -144,7 +151,7 @@ impl<'a> DpuChain<'a> {
         // `bdev_rbd_resize` grows the image through SNAP: a write, held with the image's.
         let may_write = !cx.halted.contains_key(v.cluster.as_str());
         let bdev_step = self.bdev(b, inv, v, &[reg, image_step], may_write)?;
-        let (nqn, nsid) = (cx.placement.nqn(i), cx.placement.nsid[i]);
+        let (nqn, nsid) = (placed.nqn(k), placed.nsid(k));
         let ctrl = ctrl_names
             .entry(v.function)
             .or_insert_with(|| names::controller(v.function));
@@ -476,24 +483,25 @@ fn object(v: &Volume) -> String {
 
 /// The volume's image: created, restored from the trash, its policy rewritten, grown; held when
 /// it belongs to someone else. The step the SNAP chain waits for, if any.
-fn image(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>, Held> {
+fn image<'a>(
+    b: &mut Builder,
+    cx: &Context<'a>,
+    v: &Volume,
+    claims: &mut Claims<'a>,
+) -> Result<Option<usize>, Held> {
     let Some(why) = cx.halted.get(v.cluster.as_str()) else {
-        return image_steps(b, cx, v);
+        return image_steps(b, cx, v, claims);
     };
     // Closed to writes: whatever the image needs is held back, with the reason. A volume whose
     // image must first be made (or restored) waits whole; one whose image is only to be grown
     // or relabelled keeps its SNAP chain.
     let first = b.plan.steps.len();
-    let step = image_steps(b, cx, v)?;
+    let step = image_steps(b, cx, v, claims)?;
     if b.plan.steps.len() == first {
         return Ok(step);
     }
     b.plan.steps.truncate(first);
-    let exists = cx
-        .images
-        .get(v.cluster.as_str())
-        .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
-        .is_some_and(|i| i.state == ImageState::Live);
+    let exists = find_image(cx, v).is_some_and(|(_, i)| i.state == ImageState::Live);
     b.block(object(v), why.clone());
     if exists {
         Ok(None)
@@ -502,13 +510,21 @@ fn image(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>,
     }
 }
 
+/// Volume `v`'s image, with its position in its cluster's report.
+fn find_image<'a>(cx: &Context<'a>, v: &Volume) -> Option<(u32, &'a ImageStatus)> {
+    cx.images
+        .get(v.cluster.as_str())?
+        .find(v.pool.as_str(), v.image.as_str())
+}
+
 /// [`image`] with the cluster open to writes.
-fn image_steps(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<usize>, Held> {
-    let img = cx
-        .images
-        .get(v.cluster.as_str())
-        .and_then(|m| m.get(&(v.pool.as_str(), v.image.as_str())))
-        .copied();
+fn image_steps<'a>(
+    b: &mut Builder,
+    cx: &Context<'a>,
+    v: &Volume,
+    claims: &mut Claims<'a>,
+) -> Result<Option<usize>, Held> {
+    let img = find_image(cx, v);
     let ceph = || Target::Cluster(v.cluster.clone());
     match img {
         None => Ok(Some(b.push(
@@ -518,7 +534,7 @@ fn image_steps(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<u
             &[],
             Some(v.name.as_str()),
         ))),
-        Some(i) => match i.state {
+        Some((at, i)) => match i.state {
             ImageState::Missing => Ok(Some(b.push(
                 ceph(),
                 create(v),
@@ -539,7 +555,11 @@ fn image_steps(b: &mut Builder, cx: &Context<'_>, v: &Volume) -> Result<Option<u
                     Some(v.name.as_str()),
                 )))
             }
-            ImageState::Live => live_image(b, cx.opts, v, i),
+            ImageState::Live => live_image(b, cx.opts, v, i, || {
+                if let Some((cluster, _)) = cx.images.get_key_value(v.cluster.as_str()) {
+                    claims.push((cluster, at));
+                }
+            }),
         },
     }
 }
@@ -634,13 +654,14 @@ fn create(v: &Volume) -> Action {
     }
 }
 
-/// A live image: ours and this volume's, or held; its policy and size brought to the manifest
-/// (never shrunk).
+/// A live image: ours and this volume's (then `ours` is called), or held; its policy and size
+/// brought to the manifest (never shrunk).
 fn live_image(
     b: &mut Builder,
     opts: &Options,
     v: &Volume,
     i: &ImageStatus,
+    ours: impl FnOnce(),
 ) -> Result<Option<usize>, Held> {
     let vname = v.name.as_str();
     let ceph = || Target::Cluster(v.cluster.clone());
@@ -662,6 +683,7 @@ fn live_image(
         );
         return Err(Held);
     }
+    ours();
     let (policy, retain_secs) = (v.deletion_policy.as_str(), v.trash_retention.as_secs());
     // Absent means Retain; an unknown name is drift the create rewrites.
     let have_policy = i

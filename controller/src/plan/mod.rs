@@ -21,7 +21,7 @@ type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 use protocol::dpu::{DpuReport, FunctionRef, SnapState};
 use protocol::CephReport;
 
-use crate::manifest::Desired;
+use crate::manifest::{Desired, Dpu, Volume};
 pub use model::*;
 
 /// Names of the SNAP objects unistor makes; anything else on a DPU is never touched.
@@ -238,22 +238,31 @@ impl Builder {
     }
 
     /// Appends a fragment made by [`Builder::at`] while this builder was unchanged or
-    /// only grew by other fragments; returns how far its step ids moved.
+    /// only grew by other fragments; returns the id its first step got (its step `x` is now
+    /// `x - base + that`).
     fn absorb(&mut self, frag: Builder) -> usize {
-        let shift = self.next_id() - frag.base;
+        // Ids below the fragment's base are steps of earlier phases: they stay.
+        self.absorb_with(frag, |d| d)
+    }
+
+    /// [`Builder::absorb`], the ids below the fragment's base (steps of other fragments it
+    /// depends on) mapped by `earlier` to where those steps now are.
+    fn absorb_with(&mut self, frag: Builder, earlier: impl Fn(usize) -> usize) -> usize {
+        let (at, base) = (self.next_id(), frag.base);
         for mut s in frag.plan.steps {
-            s.id += shift;
-            // Ids below the fragment's base are steps of earlier phases: they stay.
+            s.id = s.id - base + at;
             for d in &mut s.depends_on {
-                if *d >= frag.base {
-                    *d += shift;
-                }
+                *d = if *d >= base {
+                    *d - base + at
+                } else {
+                    earlier(*d)
+                };
             }
             self.plan.steps.push(s);
         }
         self.plan.drift.extend(frag.plan.drift);
         self.plan.blocked.extend(frag.plan.blocked);
-        shift
+        at
     }
 
     fn push(
@@ -300,17 +309,27 @@ fn par_chunks<T: Sync, R: Send>(
     threads: usize,
     f: impl Fn(&[T]) -> R + Sync + Send,
 ) -> Vec<R> {
+    par_ranges(items.len(), threads, |r| f(&items[r]))
+}
+
+/// [`par_chunks`] over the positions `0..len`, given as contiguous ranges.
+fn par_ranges<R: Send>(
+    len: usize,
+    threads: usize,
+    f: impl Fn(std::ops::Range<usize>) -> R + Sync + Send,
+) -> Vec<R> {
     use rayon::prelude::*;
     // Below this many items a chunk costs more to hand over than it saves.
     const MIN_CHUNK: usize = 64;
     // A few chunks per thread: DPUs differ in work, the threads pick up what is left.
-    let chunks = (threads * 4).min(items.len() / MIN_CHUNK);
+    let chunks = (threads * 4).min(len / MIN_CHUNK);
     if threads <= 1 || chunks <= 1 {
-        return vec![f(items)];
+        return vec![f(0..len)];
     }
-    items
-        .par_chunks(items.len().div_ceil(chunks))
-        .map(f)
+    let size = len.div_ceil(chunks);
+    (0..len.div_ceil(size))
+        .into_par_iter()
+        .map(|c| f(c * size..((c + 1) * size).min(len)))
         .collect()
 }
 
@@ -331,57 +350,207 @@ fn after(ids: Option<&Vec<usize>>) -> Vec<Option<usize>> {
     ids.into_iter().flatten().map(|s| Some(*s)).collect()
 }
 
-/// Computes the plan, phase by phase: what is unknown; where each volume goes; removals; SNAP on
-/// every DPU; then each DPU's volume chains (see [`create`] and [`teardown`]).
+/// Computes the plan: what is unknown; then, DPU by DPU, where its volumes go, its removals,
+/// SNAP, and its volume chains (see [`place`], [`teardown`] and [`create`]); then the images of
+/// gone volumes.
+///
+/// The plan lists every DPU's removals first, then the images of gone volumes, then SNAP on
+/// every DPU, then every DPU's chains. It is made DPU by DPU all the same, each DPU's phases one
+/// after the other while its report is in the cache (a fleet's reports are far larger than the
+/// cache, so a pass per phase would fetch each report from memory once per phase), DPUs in
+/// chunks on all threads; each chunk's phases are fragments of the plan, merged in that order.
 pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     let mut b = Builder::default();
     b.plan.unknown = unknown(desired, observed);
-    // Reports by DPU, looked up once per DPU (hashing beats comparing long shared prefixes).
-    let reports: HashMap<&str, &DpuReport> = observed
-        .dpus
-        .iter()
-        .filter_map(|(n, k)| Some((n.as_str(), k.get()?)))
-        .collect();
-    let place = || place::place(desired, &reports, opts.threads);
-    let (placement, images) = if opts.threads > 1 {
-        rayon::join(place, || index_images(observed))
+    let volumes: Vec<&Volume> = desired.volumes.values().collect();
+    let group = || place::group_by_dpu(desired, &volumes);
+    let ((by_dpu, members), images) = if opts.threads > 1 {
+        rayon::join(group, || index_images(observed))
     } else {
-        (place(), index_images(observed))
+        (group(), index_images(observed))
     };
     let halted = halted(observed, &opts.health_gate);
-    // Removals first: what is created on a DPU waits for what is removed there.
-    let removed_on = teardown::teardown(&mut b, observed, opts, &placement, &images, &halted);
-    let first_on = install_snap(&mut b, desired, &reports, &removed_on);
+    let dpus = dpus(desired, observed, &by_dpu, &members);
     let cx = create::Context {
         observed,
         opts,
-        placement: &placement,
         images: &images,
         halted: &halted,
     };
-    let no_deps = (None, Vec::new());
-    // DPU by DPU (in name order), each DPU's volumes in name order, then its resumes; DPUs
-    // are independent here, so they are planned on all threads and merged in order.
-    let base = b.next_id();
-    let fragments = par_chunks(&placement.by_dpu, opts.threads, |dpus| {
-        let mut frag = Builder::at(base);
-        // Controller names by function: a handful, formatted once.
-        let mut ctrl_names: HashMap<FunctionRef, String> = HashMap::default();
-        for (dpu, range) in dpus {
-            let (snap, first) = first_on.get(dpu).unwrap_or(&no_deps);
-            create::DpuChain::new(dpu, reports.get(dpu).copied(), *snap, first).plan(
-                &mut frag,
-                &cx,
-                placement.members(range),
-                &mut ctrl_names,
-            );
+    let parts = par_chunks(&dpus, opts.threads, |dpus| plan_dpus(&cx, &volumes, dpus));
+    // Every DPU's removals; then the images of gone volumes, which wait for them.
+    let mut moved = Vec::with_capacity(parts.len());
+    let mut of_volume = teardown::ByVolume::default();
+    let mut claimed: BTreeMap<&str, Vec<bool>> = BTreeMap::new();
+    let mut rest = Vec::with_capacity(parts.len());
+    for part in parts {
+        // Removals number from 0: each one's id moves by where the fragment starts.
+        let at = b.absorb(part.removals);
+        moved.push(at);
+        for (volume, steps) in part.of_volume {
+            of_volume
+                .entry(volume)
+                .or_default()
+                .extend(steps.into_iter().map(|s| s + at));
         }
-        frag
-    });
-    for frag in fragments {
-        b.absorb(frag);
+        for (cluster, at) in part.claims {
+            let bits = claimed
+                .entry(cluster)
+                .or_insert_with(|| vec![false; images.get(cluster).map_or(0, |c| c.images.len())]);
+            bits[at as usize] = true;
+        }
+        rest.push((part.installs, part.chains));
+    }
+    teardown::images_of_gone_volumes(
+        &mut b, observed, opts, &volumes, &of_volume, &claimed, &halted,
+    );
+    // SNAP on every DPU (after its removals), then every DPU's chains (after its SNAP).
+    let mut installed = Vec::with_capacity(rest.len());
+    let mut chains = Vec::with_capacity(rest.len());
+    for ((installs, c), removals) in rest.into_iter().zip(&moved) {
+        let at = b.next_id();
+        b.absorb_with(installs, |d| d + removals);
+        installed.push(at);
+        chains.push(c);
+    }
+    for ((c, removals), installs) in chains.into_iter().zip(&moved).zip(installed) {
+        b.absorb_with(c, |d| {
+            if d >= INSTALLS {
+                d - INSTALLS + installs
+            } else {
+                d + removals
+            }
+        });
     }
     b.plan
+}
+
+/// Where a chunk's SNAP installs and chains number their steps, until merged: above any plan's
+/// length, so that a dependency tells which fragment it is in (removals number from 0).
+const INSTALLS: usize = 1 << 48;
+const CHAINS: usize = 2 << 48;
+
+/// One DPU to plan for: what is known of it, what the manifests want of it.
+struct DpuWork<'a> {
+    name: &'a str,
+    /// Its report, when it reported.
+    report: Option<&'a DpuReport>,
+    /// Its manifest, when it has one.
+    spec: Option<&'a Dpu>,
+    /// The volumes wanted on it (positions in name order), with their DPU.
+    wanted: &'a [usize],
+}
+
+/// Every DPU there is something to plan for, in name order: those that report (their
+/// removals), those in the manifests (SNAP), those volumes are wanted on (chains).
+fn dpus<'a>(
+    desired: &'a Desired,
+    observed: &'a Observed,
+    by_dpu: &'a [(&'a str, std::ops::Range<usize>)],
+    members: &'a [usize],
+) -> Vec<DpuWork<'a>> {
+    let mut reported = observed
+        .dpus
+        .iter()
+        .map(|(n, k)| (n.as_str(), k.get()))
+        .peekable();
+    let mut specs = desired.dpus.iter().map(|(n, d)| (n.as_str(), d)).peekable();
+    let mut wanted = by_dpu.iter().peekable();
+    let mut out = Vec::with_capacity(desired.dpus.len().max(observed.dpus.len()));
+    loop {
+        // The least name among the three walks, each already in name order.
+        let next = [
+            reported.peek().map(|r| r.0),
+            specs.peek().map(|s| s.0),
+            wanted.peek().map(|w| w.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(name) = next else { break };
+        out.push(DpuWork {
+            name,
+            report: reported.next_if(|r| r.0 == name).and_then(|r| r.1),
+            spec: specs.next_if(|s| s.0 == name).map(|s| s.1),
+            wanted: wanted
+                .next_if(|w| w.0 == name)
+                .map_or(&[][..], |(_, r)| &members[r.clone()]),
+        });
+    }
+    out
+}
+
+/// What a chunk of DPUs planned: fragments of the plan, each numbered from its own base.
+struct Part<'a> {
+    /// Removals (ids from 0).
+    removals: Builder,
+    /// SNAP installs (ids from [`INSTALLS`]; they wait for removals).
+    installs: Builder,
+    /// Chains (ids from [`CHAINS`]; they wait for removals and installs).
+    chains: Builder,
+    /// Removal steps by volume (what its image's removal waits for).
+    of_volume: teardown::ByVolume,
+    /// Images found to be their wanted volume's own.
+    claims: create::Claims<'a>,
+}
+
+/// Plans a chunk of DPUs, each one's phases in turn.
+fn plan_dpus<'a>(
+    cx: &create::Context<'a>,
+    volumes: &'a [&'a Volume],
+    dpus: &[DpuWork<'a>],
+) -> Part<'a> {
+    let mut part = Part {
+        removals: Builder::at(0),
+        installs: Builder::at(INSTALLS),
+        chains: Builder::at(CHAINS),
+        of_volume: teardown::ByVolume::default(),
+        claims: Vec::new(),
+    };
+    let mut placed = place::DpuPlacement::default();
+    // Controller names by function: a handful, formatted once.
+    let mut ctrl_names: HashMap<FunctionRef, String> = HashMap::default();
+    for dpu in dpus {
+        let inv = dpu.report.and_then(|r| r.inventory.as_ref());
+        placed.place(dpu.name, volumes, dpu.wanted, inv);
+        // Removals first: what is created on a DPU waits for what is removed there.
+        let first_removal = part.removals.next_id();
+        if let Some(inv) = inv {
+            let owner = teardown::Owner {
+                inv,
+                images: cx.images,
+                owner: &cx.opts.owner,
+            };
+            teardown::DpuTeardown {
+                name: dpu.name,
+                inv,
+                owner,
+                placed: &placed,
+            }
+            .plan(&mut part.removals, &mut part.of_volume);
+        }
+        // What every later step there waits for: the DPU's removals, then SNAP.
+        let (snap, first) = match (dpu.spec, dpu.report) {
+            (Some(spec), Some(report)) => {
+                let mut first: Vec<Option<usize>> =
+                    (first_removal..part.removals.next_id()).map(Some).collect();
+                let step = install_snap(&mut part.installs, dpu.name, spec, report, &first);
+                first.push(step);
+                (step, first)
+            }
+            _ => (None, Vec::new()),
+        };
+        if placed.len() > 0 {
+            create::DpuChain::new(dpu.name, dpu.report, snap, &first).plan(
+                &mut part.chains,
+                cx,
+                &placed,
+                &mut ctrl_names,
+                &mut part.claims,
+            );
+        }
+    }
+    part
 }
 
 /// Agents whose state is unknown (unreachable, or not observed at all): nothing of theirs is
@@ -414,62 +583,53 @@ fn unknown(desired: &Desired, observed: &Observed) -> Vec<String> {
     out
 }
 
-/// SNAP on every reporting DPU, installed when it is not the wanted version or not running.
-/// Returns, per DPU, the install step (if any) and what every later step there waits for: the
-/// DPU's removals, then SNAP.
-fn install_snap<'a>(
+/// SNAP on DPU `name`, installed when it is not the wanted version or not running, after
+/// `first` (the DPU's removals); the install step, if any.
+fn install_snap(
     b: &mut Builder,
-    desired: &'a Desired,
-    reports: &HashMap<&str, &DpuReport>,
-    removed_on: &BTreeMap<String, Vec<usize>>,
-) -> HashMap<&'a str, (Option<usize>, Vec<Option<usize>>)> {
-    let mut first_on = HashMap::default();
-    for (name, dpu) in &desired.dpus {
-        let Some(report) = reports.get(name.as_str()) else {
-            continue;
-        };
-        let mut first = after(removed_on.get(name));
-        // `image:tag`, compared without formatting it for every DPU.
-        let have = report.snap.image.as_deref();
-        let same = have
-            .and_then(|h| h.strip_prefix(dpu.snap.image.as_str()))
-            .and_then(|t| t.strip_prefix(':'))
-            == Some(dpu.snap.tag.as_str());
-        let running = report.snap.state == SnapState::Running;
-        let step = (!same || !running).then(|| {
-            if let Some(h) = have {
-                b.drift(
-                    format!("dpu/{name}"),
-                    "snap.version",
-                    format!("{}:{}", dpu.snap.image, dpu.snap.tag),
-                    h.to_string(),
-                );
-            }
-            // Replacing a running SNAP restarts every controller on it.
-            let risk = if running
-                && report
-                    .inventory
-                    .as_ref()
-                    .is_some_and(|i| !i.controllers.is_empty())
-            {
-                Risk::HostVisible
-            } else {
-                Risk::Safe
-            };
-            b.push(
-                Target::Dpu(name.clone()),
-                Action::InstallSnap {
-                    spec: Box::new(dpu.snap.clone()),
-                },
-                risk,
-                &first,
-                None,
-            )
-        });
-        first.push(step);
-        first_on.insert(name.as_str(), (step, first));
+    name: &str,
+    dpu: &Dpu,
+    report: &DpuReport,
+    first: &[Option<usize>],
+) -> Option<usize> {
+    // `image:tag`, compared without formatting it for every DPU.
+    let have = report.snap.image.as_deref();
+    let same = have
+        .and_then(|h| h.strip_prefix(dpu.snap.image.as_str()))
+        .and_then(|t| t.strip_prefix(':'))
+        == Some(dpu.snap.tag.as_str());
+    let running = report.snap.state == SnapState::Running;
+    if same && running {
+        return None;
     }
-    first_on
+    if let Some(h) = have {
+        b.drift(
+            format!("dpu/{name}"),
+            "snap.version",
+            format!("{}:{}", dpu.snap.image, dpu.snap.tag),
+            h.to_string(),
+        );
+    }
+    // Replacing a running SNAP restarts every controller on it.
+    let risk = if running
+        && report
+            .inventory
+            .as_ref()
+            .is_some_and(|i| !i.controllers.is_empty())
+    {
+        Risk::HostVisible
+    } else {
+        Risk::Safe
+    };
+    Some(b.push(
+        Target::Dpu(name.to_string()),
+        Action::InstallSnap {
+            spec: Box::new(dpu.snap.clone()),
+        },
+        risk,
+        first,
+        None,
+    ))
 }
 
 /// Images of every known cluster by (pool, image): one lookup per volume, not one scan.
@@ -479,12 +639,17 @@ fn index_images(observed: &Observed) -> teardown::ImageIndex<'_> {
         .iter()
         .filter_map(|(name, k)| {
             let r: &CephReport = k.get()?;
-            let m = r
+            let by_key = r
                 .images
                 .iter()
-                .map(|i| ((i.pool.as_str(), i.image.as_str()), i))
+                .enumerate()
+                .map(|(at, i)| ((i.pool.as_str(), i.image.as_str()), at as u32))
                 .collect();
-            Some((name.as_str(), m))
+            let images = teardown::ClusterImages {
+                images: &r.images,
+                by_key,
+            };
+            Some((name.as_str(), images))
         })
         .collect()
 }

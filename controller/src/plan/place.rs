@@ -1,54 +1,138 @@
-//! Where every wanted volume goes, before anything is planned: its subsystem and NSID.
+//! Where a DPU's wanted volumes go, before anything is planned there: each one's subsystem and
+//! NSID.
 
 use std::ops::Range;
 
-use protocol::dpu::{DpuReport, FunctionRef};
+use protocol::dpu::{FunctionRef, SnapInventory};
 
 use super::{fnv, names, HashMap};
 use crate::manifest::{Desired, Volume};
 
-/// Where every wanted volume goes, resolved before planning: its subsystem and NSID, by the
-/// volume's position in `desired.volumes` (name order), and the volumes of each DPU. Vectors
-/// indexed by position instead of maps keyed by name, and names kept in one string rather
-/// than one allocation each: planning 80k volumes is bound by memory lookups, and these are the
-/// hot ones.
-pub(super) struct Placement<'a> {
-    pub(super) volumes: Vec<&'a Volume>,
+/// Where one DPU's wanted volumes go: each one's subsystem and NSID, by its place in the DPU's
+/// list. Made afresh for each DPU in the same allocations, and names kept in one string rather
+/// than one allocation each: planning 80k volumes is bound by memory lookups.
+#[derive(Default)]
+pub(super) struct DpuPlacement<'a> {
+    /// Every wanted volume of the fleet, in name order.
+    volumes: &'a [&'a Volume],
+    /// This DPU's (positions in `volumes`, in name order).
+    wanted: &'a [usize],
+    nsid: Vec<u32>,
     /// Each volume's subsystem, as a position in `nqns` (a DPU's volumes share a handful).
     nqn_of: Vec<u32>,
     nqns: Names,
-    pub(super) nsid: Vec<u32>,
-    pub(super) by_name: HashMap<&'a str, usize>,
-    /// DPUs with wanted volumes, sorted by name, each with its volumes: a range of `members`.
-    pub(super) by_dpu: Vec<(&'a str, Range<usize>)>,
-    /// Volume positions grouped by DPU, each group in name order.
-    members: Vec<usize>,
+    /// NSIDs taken per function (= per subsystem): a handful each, a list kept from DPU to DPU.
+    taken: Vec<(FunctionRef, u32)>,
+    /// Each function's subsystem, as a position in `nqns`.
+    subsystems: Vec<(FunctionRef, u32)>,
 }
 
-impl Placement<'_> {
-    /// The subsystem of the volume at position `i`.
-    pub(super) fn nqn(&self, i: usize) -> &str {
-        self.nqns.get(self.nqn_of[i])
+impl<'a> DpuPlacement<'a> {
+    /// How many volumes the DPU wants.
+    pub(super) fn len(&self) -> usize {
+        self.wanted.len()
     }
 
-    /// The volumes (positions, in name order) of a DPU's range in [`Placement::by_dpu`].
-    pub(super) fn members(&self, r: &Range<usize>) -> &[usize] {
-        &self.members[r.clone()]
+    /// The `k`-th wanted volume (name order).
+    pub(super) fn volume(&self, k: usize) -> &'a Volume {
+        self.volumes[self.wanted[k]]
     }
 
-    /// Whether unistor's bdev `bdev` is wanted on a DPU whose wanted volumes are `wanted`
-    /// (positions, in name order), as `nqn`/`nsid` when given.
-    pub(super) fn wants(&self, bdev: &str, wanted: &[usize], at: Option<(&str, u32)>) -> bool {
+    /// The subsystem of the `k`-th wanted volume.
+    pub(super) fn nqn(&self, k: usize) -> &str {
+        self.nqns.get(self.nqn_of[k])
+    }
+
+    /// The NSID of the `k`-th wanted volume.
+    pub(super) fn nsid(&self, k: usize) -> u32 {
+        self.nsid[k]
+    }
+
+    /// Whether any wanted volume is in subsystem `nqn`.
+    pub(super) fn uses(&self, nqn: &str) -> bool {
+        (0..self.nqns.len()).any(|q| self.nqns.get(q as u32) == nqn)
+    }
+
+    /// Whether unistor's bdev `bdev` is wanted here, as `nqn`/`nsid` when given.
+    pub(super) fn wants(&self, bdev: &str, at: Option<(&str, u32)>) -> bool {
         let Some(name) = names::unprefixed(bdev) else {
             return false;
         };
         // A DPU's handful of volumes, searched in place: no lookup in a fleet-wide map.
-        wanted
+        self.wanted
             .binary_search_by(|&i| self.volumes[i].name.as_str().cmp(name))
-            .is_ok_and(|k| {
-                let i = wanted[k];
-                at.is_none_or(|(nqn, nsid)| self.nsid[i] == nsid && self.nqn(i) == nqn)
-            })
+            .is_ok_and(|k| at.is_none_or(|(nqn, nsid)| self.nsid[k] == nsid && self.nqn(k) == nqn))
+    }
+
+    /// Places DPU `dpu`'s volumes `wanted` (positions in `volumes`, in name order) against its
+    /// inventory `inv`: NSID pinned; else the NSID SNAP already gives its UUID; else derived from
+    /// its name (probing upwards past taken NSIDs).
+    pub(super) fn place(
+        &mut self,
+        dpu: &str,
+        volumes: &'a [&'a Volume],
+        wanted: &'a [usize],
+        inv: Option<&SnapInventory>,
+    ) {
+        self.volumes = volumes;
+        self.wanted = wanted;
+        self.nsid.clear();
+        self.nsid.resize(wanted.len(), 0);
+        self.nqn_of.clear();
+        self.nqn_of.resize(wanted.len(), 0);
+        self.nqns.clear();
+        self.taken.clear();
+        self.subsystems.clear();
+        for (k, &i) in wanted.iter().enumerate() {
+            let v = volumes[i];
+            if let Some(n) = v.nsid {
+                self.taken.push((v.function, n));
+                self.nsid[k] = n;
+                self.nqn_of[k] = self.subsystem(dpu, v.function);
+            }
+        }
+        for (k, &i) in wanted.iter().enumerate() {
+            let v = volumes[i];
+            if v.nsid.is_some() {
+                continue;
+            }
+            let q = self.subsystem(dpu, v.function);
+            self.nqn_of[k] = q;
+            let nqn = self.nqns.get(q);
+            let taken = &self.taken;
+            let used = |n: u32| taken.contains(&(v.function, n));
+            let sub = inv.and_then(|inv| inv.subsystems.iter().find(|s| s.nqn == nqn));
+            let existing = sub.and_then(|s| {
+                s.namespaces
+                    .iter()
+                    .find(|n| n.uuid.eq_ignore_ascii_case(&v.uuid))
+                    .map(|n| n.nsid)
+            });
+            let n = match existing.filter(|n| !used(*n)) {
+                Some(n) => n,
+                None => {
+                    let foreign =
+                        |n: u32| sub.is_some_and(|s| s.namespaces.iter().any(|x| x.nsid == n));
+                    let start = (fnv(v.name.as_str()) % 1024) as u32;
+                    (0..1024)
+                        .map(|k| (start + k) % 1024 + 1)
+                        .find(|n| !used(*n) && !foreign(*n))
+                        .unwrap_or(1)
+                }
+            };
+            self.taken.push((v.function, n));
+            self.nsid[k] = n;
+        }
+    }
+
+    /// Function `f`'s subsystem on DPU `dpu`, as a position in `nqns`.
+    fn subsystem(&mut self, dpu: &str, f: FunctionRef) -> u32 {
+        if let Some(&(_, n)) = self.subsystems.iter().find(|(g, _)| *g == f) {
+            return n;
+        }
+        let n = self.nqns.push(|s| names::push_nqn(s, dpu, f));
+        self.subsystems.push((f, n));
+        n
     }
 }
 
@@ -74,19 +158,20 @@ impl Names {
         (self.ends.len() - 1) as u32
     }
 
-    /// Appends `other`; returns the position its first string now has.
-    fn extend(&mut self, other: Names) -> u32 {
-        let (shift, first) = (self.text.len() as u32, self.ends.len() as u32);
-        self.text.push_str(&other.text);
-        self.ends.extend(other.ends.into_iter().map(|e| e + shift));
-        first
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.ends.clear();
     }
 }
 
 /// Groups volume positions by their DPU: DPUs in name order, each DPU's volumes in the order
 /// given (name order). A counting sort over each volume's DPU position: two allocations, not
 /// one per DPU.
-fn group_by_dpu<'a>(
+pub(super) fn group_by_dpu<'a>(
     desired: &'a Desired,
     volumes: &[&'a Volume],
 ) -> (Vec<(&'a str, Range<usize>)>, Vec<usize>) {
@@ -142,114 +227,6 @@ fn group_by_dpu<'a>(
     (by_dpu, members)
 }
 
-/// What placing one DPU's volumes decided: per volume (position, NSID, subsystem as a
-/// position in `nqns`).
-#[derive(Default)]
-struct Placed {
-    volumes: Vec<(usize, u32, u32)>,
-    nqns: Names,
-}
-
-/// Resolves every volume's NSID: pinned; else the NSID SNAP already gives its UUID; else derived
-/// from its name (probing upwards past taken NSIDs). Volumes are visited in name order, DPUs
-/// (independent here) on up to `threads` threads.
-pub(super) fn place<'a>(
-    desired: &'a Desired,
-    reports: &HashMap<&str, &DpuReport>,
-    threads: usize,
-) -> Placement<'a> {
-    let volumes: Vec<&Volume> = desired.volumes.values().collect();
-    // Two walks over every volume, independent: one on each of two threads when allowed.
-    let by_name = || {
-        volumes
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.name.as_str(), i))
-            .collect()
-    };
-    let (by_name, (by_dpu, members)) = if threads > 1 {
-        rayon::join(by_name, || group_by_dpu(desired, &volumes))
-    } else {
-        (by_name(), group_by_dpu(desired, &volumes))
-    };
-
-    let chunks = super::par_chunks(&by_dpu, threads, |dpus| {
-        let mut out = Placed::default();
-        // NSIDs taken per function (= per subsystem) of one DPU: a handful each, so a list
-        // reused from DPU to DPU rather than maps allocated per DPU.
-        let mut taken: Vec<(FunctionRef, u32)> = vec![];
-        let mut subsystems: Vec<(FunctionRef, u32)> = vec![];
-        for (dpu, range) in dpus {
-            let idxs = &members[range.clone()];
-            let inv = reports.get(dpu).and_then(|r| r.inventory.as_ref());
-            taken.clear();
-            subsystems.clear();
-            let mut nqn_of = |f: FunctionRef, out: &mut Placed| -> u32 {
-                if let Some(&(_, n)) = subsystems.iter().find(|(g, _)| *g == f) {
-                    return n;
-                }
-                let n = out.nqns.push(|s| names::push_nqn(s, dpu, f));
-                subsystems.push((f, n));
-                n
-            };
-            for &i in idxs {
-                if let Some(n) = volumes[i].nsid {
-                    taken.push((volumes[i].function, n));
-                    let q = nqn_of(volumes[i].function, &mut out);
-                    out.volumes.push((i, n, q));
-                }
-            }
-            for &i in idxs.iter().filter(|&&i| volumes[i].nsid.is_none()) {
-                let v = volumes[i];
-                let q = nqn_of(v.function, &mut out);
-                let nqn = out.nqns.get(q);
-                let used = |n: u32| taken.contains(&(v.function, n));
-                let sub = inv.and_then(|inv| inv.subsystems.iter().find(|s| s.nqn == *nqn));
-                let existing = sub.and_then(|s| {
-                    s.namespaces
-                        .iter()
-                        .find(|n| n.uuid.eq_ignore_ascii_case(&v.uuid))
-                        .map(|n| n.nsid)
-                });
-                let n = match existing.filter(|n| !used(*n)) {
-                    Some(n) => n,
-                    None => {
-                        let foreign =
-                            |n: u32| sub.is_some_and(|s| s.namespaces.iter().any(|x| x.nsid == n));
-                        let start = (fnv(v.name.as_str()) % 1024) as u32;
-                        (0..1024)
-                            .map(|k| (start + k) % 1024 + 1)
-                            .find(|n| !used(*n) && !foreign(*n))
-                            .unwrap_or(1)
-                    }
-                };
-                taken.push((v.function, n));
-                out.volumes.push((i, n, q));
-            }
-        }
-        out
-    });
-    let mut nsid = vec![0; volumes.len()];
-    let mut nqn_of = vec![0; volumes.len()];
-    let mut nqns = Names::default();
-    for chunk in chunks {
-        let offset = nqns.extend(chunk.nqns);
-        for (i, n, q) in chunk.volumes {
-            nsid[i] = n;
-            nqn_of[i] = offset + q;
-        }
-    }
-    Placement {
-        volumes,
-        nqn_of,
-        nqns,
-        nsid,
-        by_name,
-        by_dpu,
-        members,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,9 +280,11 @@ mod tests {
         let mut a = Names::default();
         assert_eq!(a.push(|s| s.push_str("one")), 0);
         assert_eq!(a.push(|s| s.push_str("")), 1);
-        let mut b = Names::default();
-        b.push(|s| s.push_str("three"));
-        assert_eq!(a.extend(b), 2);
+        assert_eq!(a.push(|s| s.push_str("three")), 2);
         assert_eq!([a.get(0), a.get(1), a.get(2)], ["one", "", "three"]);
+        assert_eq!(a.len(), 3);
+        a.clear();
+        assert_eq!(a.push(|s| s.push_str("again")), 0);
+        assert_eq!(a.get(0), "again");
     }
 }

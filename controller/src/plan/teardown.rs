@@ -4,100 +4,43 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use protocol::dpu::{DpuReport, SnapInventory};
+use protocol::dpu::SnapInventory;
 use protocol::meta::DeletionPolicy;
 use protocol::{ImageState, ImageStatus};
 
-use super::place::Placement;
+use super::place::DpuPlacement;
 use super::{
     after, names, Action, Attachment, Builder, HashMap, Observed, Options, Risk, Target,
     META_MANAGED_BY, META_POLICY, META_RETENTION, META_VOLUME,
 };
+use crate::manifest::Volume;
 
-/// Images of every known cluster by (pool, image).
-pub(super) type ImageIndex<'a> = BTreeMap<&'a str, HashMap<(&'a str, &'a str), &'a ImageStatus>>;
+/// Images of every known cluster, found by (pool, image).
+pub(super) type ImageIndex<'a> = BTreeMap<&'a str, ClusterImages<'a>>;
+
+/// A cluster's images and where each is in its report.
+pub(super) struct ClusterImages<'a> {
+    pub(super) images: &'a [ImageStatus],
+    pub(super) by_key: HashMap<(&'a str, &'a str), u32>,
+}
+
+impl<'a> ClusterImages<'a> {
+    /// Image `pool/image`, with its position in the report.
+    pub(super) fn find(&self, pool: &str, image: &str) -> Option<(u32, &'a ImageStatus)> {
+        let &at = self.by_key.get(&(pool, image))?;
+        Some((at, &self.images[at as usize]))
+    }
+}
 
 /// Steps that remove a volume's SNAP objects, by volume: its image waits for them.
-type ByVolume = HashMap<String, Vec<usize>>;
-
-/// Plans every removal. Returns the removal steps per DPU (what is created there waits for
-/// them: a moved volume's bdev or function is freed before it is used again).
-pub(super) fn teardown(
-    b: &mut Builder,
-    observed: &Observed,
-    opts: &Options,
-    placement: &Placement<'_>,
-    images: &ImageIndex<'_>,
-    halted: &BTreeMap<&str, String>,
-) -> BTreeMap<String, Vec<usize>> {
-    // Both in name order: each DPU's wanted volumes found by walking along, not by a search.
-    let mut wanted = placement.by_dpu.iter().peekable();
-    let mut dpus: Vec<(&str, &SnapInventory, &[usize])> = vec![];
-    for (dpu_name, k) in &observed.dpus {
-        while wanted.next_if(|(d, _)| *d < dpu_name.as_str()).is_some() {}
-        let here: &[usize] = match wanted.peek() {
-            Some((d, range)) if *d == dpu_name.as_str() => placement.members(range),
-            _ => &[],
-        };
-        if let Some(DpuReport {
-            inventory: Some(inv),
-            ..
-        }) = k.get()
-        {
-            dpus.push((dpu_name, inv, here));
-        }
-    }
-    // DPUs are independent here: planned on all threads, merged in DPU order.
-    let base = b.next_id();
-    let fragments = super::par_chunks(&dpus, opts.threads, |dpus| {
-        let mut frag = Builder::at(base);
-        let mut of_volume = ByVolume::default();
-        let mut ranges = vec![];
-        for &(name, inv, wanted) in dpus {
-            let first = frag.next_id();
-            let dpu = DpuTeardown {
-                name,
-                inv,
-                owner: Owner {
-                    inv,
-                    images,
-                    owner: &opts.owner,
-                },
-                placement,
-                wanted,
-            };
-            dpu.plan(&mut frag, &mut of_volume);
-            if frag.next_id() > first {
-                ranges.push((name, first..frag.next_id()));
-            }
-        }
-        (frag, of_volume, ranges)
-    });
-    let mut removed_on: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut of_volume = ByVolume::default();
-    for (frag, volumes, ranges) in fragments {
-        let shift = b.absorb(frag);
-        for (volume, steps) in volumes {
-            of_volume
-                .entry(volume)
-                .or_default()
-                .extend(steps.into_iter().map(|s| s + shift));
-        }
-        for (name, steps) in ranges {
-            let steps = (steps.start + shift)..(steps.end + shift);
-            removed_on.insert(name.to_string(), steps.collect());
-        }
-    }
-    images_of_gone_volumes(b, observed, opts, placement, &of_volume, halted);
-    removed_on
-}
+pub(super) type ByVolume = HashMap<String, Vec<usize>>;
 
 /// Whose a unistor-named bdev is: ours only when its image says so. Two deployments (owners)
 /// may share a DPU, and neither may tear down the other's volumes.
-struct Owner<'a> {
-    inv: &'a SnapInventory,
-    images: &'a ImageIndex<'a>,
-    owner: &'a str,
+pub(super) struct Owner<'a> {
+    pub(super) inv: &'a SnapInventory,
+    pub(super) images: &'a ImageIndex<'a>,
+    pub(super) owner: &'a str,
 }
 
 impl Owner<'_> {
@@ -120,22 +63,21 @@ impl Owner<'_> {
             .images
             .get(cluster)
             .ok_or_else(|| format!("cluster {cluster} is not reporting"))?;
-        let img = index
-            .get(&(pool, image))
-            .filter(|i| i.state == ImageState::Live)
+        let (_, img) = index
+            .find(pool, image)
+            .filter(|(_, i)| i.state == ImageState::Live)
             .ok_or_else(|| format!("its image {pool}/{image} is not live"))?;
         Ok(img.metadata.get(META_MANAGED_BY).map(String::as_str) == Some(self.owner))
     }
 }
 
 /// One DPU's removals.
-struct DpuTeardown<'a> {
-    name: &'a str,
-    inv: &'a SnapInventory,
-    owner: Owner<'a>,
-    placement: &'a Placement<'a>,
-    /// The volumes the manifests want on this DPU (positions in the placement).
-    wanted: &'a [usize],
+pub(super) struct DpuTeardown<'a, 'p> {
+    pub(super) name: &'a str,
+    pub(super) inv: &'a SnapInventory,
+    pub(super) owner: Owner<'a>,
+    /// Where the manifests want this DPU's volumes.
+    pub(super) placed: &'p DpuPlacement<'a>,
 }
 
 /// What the namespace removals left behind for the next phases.
@@ -149,13 +91,13 @@ struct Namespaces<'a> {
     of_bdev: BTreeMap<String, usize>,
 }
 
-impl<'a> DpuTeardown<'a> {
+impl<'a> DpuTeardown<'a, '_> {
     /// Made only for a step (a converged DPU allocates nothing for it).
     fn target(&self) -> Target {
         Target::Dpu(self.name.to_string())
     }
 
-    fn plan(&self, b: &mut Builder, of_volume: &mut ByVolume) {
+    pub(super) fn plan(&self, b: &mut Builder, of_volume: &mut ByVolume) {
         let mut ns = self.namespaces(b, of_volume);
         self.controllers_and_subsystems(b, &mut ns);
         self.bdevs(b, &ns, of_volume);
@@ -169,9 +111,7 @@ impl<'a> DpuTeardown<'a> {
             let mut keeps = false;
             for n in &s.namespaces {
                 if !names::owned(&n.bdev)
-                    || self
-                        .placement
-                        .wants(&n.bdev, self.wanted, Some((&s.nqn, n.nsid)))
+                    || self.placed.wants(&n.bdev, Some((&s.nqn, n.nsid)))
                     || self.owner.ours(&n.bdev) != Ok(true)
                 {
                     keeps = true;
@@ -214,7 +154,7 @@ impl<'a> DpuTeardown<'a> {
 
     /// Whether unistor's subsystem `nqn` goes: nothing kept in it, nothing wanted.
     fn goes(&self, nqn: &str, ns: &Namespaces<'_>) -> bool {
-        !ns.kept.contains(nqn) && !self.wanted.iter().any(|&i| self.placement.nqn(i) == nqn)
+        !ns.kept.contains(nqn) && !self.placed.uses(nqn)
     }
 
     /// Controllers, then subsystems, left with nothing wanted.
@@ -259,7 +199,7 @@ impl<'a> DpuTeardown<'a> {
     /// owner cannot be confirmed stays, and says why.
     fn bdevs(&self, b: &mut Builder, ns: &Namespaces<'_>, of_volume: &mut ByVolume) {
         for x in self.inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
-            if self.placement.wants(&x.name, self.wanted, None) {
+            if self.placed.wants(&x.name, None) {
                 continue;
             }
             match self.owner.ours(&x.name) {
@@ -293,24 +233,44 @@ impl<'a> DpuTeardown<'a> {
 }
 
 /// Images of this deployment's volumes that are gone, by the policy written on them, after the
-/// volume's SNAP objects.
-fn images_of_gone_volumes(
+/// volume's SNAP objects. `volumes`: the wanted ones, in name order; `claimed`: images of each
+/// cluster (by position) already found to be a wanted volume's own.
+pub(super) fn images_of_gone_volumes(
     b: &mut Builder,
     observed: &Observed,
     opts: &Options,
-    placement: &Placement<'_>,
+    volumes: &[&Volume],
     of_volume: &ByVolume,
+    claimed: &BTreeMap<&str, Vec<bool>>,
     halted: &BTreeMap<&str, String>,
 ) {
     for (cname, k) in &observed.clusters {
         let Some(report) = k.get() else { continue };
         let closed = halted.get(cname.as_str());
+        let claimed = claimed.get(cname.as_str()).map_or(&[][..], Vec::as_slice);
+        // An image's volume is wanted: known at once for an image a wanted volume claimed, else
+        // looked for among the wanted names.
+        let wanted = |at: usize, volume: &str| {
+            claimed.get(at).copied().unwrap_or(false)
+                || volumes
+                    .binary_search_by(|v| v.name.as_str().cmp(volume))
+                    .is_ok()
+        };
         // Images are independent here: looked at on all threads, merged in image order.
         let base = b.next_id();
-        let fragments = super::par_chunks(&report.images, opts.threads, |images| {
+        let fragments = super::par_ranges(report.images.len(), opts.threads, |range| {
             let mut frag = Builder::at(base);
-            for i in images {
-                gone_image(&mut frag, cname, i, opts, placement, of_volume, closed);
+            for at in range {
+                let i = &report.images[at];
+                gone_image(
+                    &mut frag,
+                    cname,
+                    i,
+                    opts,
+                    |v| wanted(at, v),
+                    of_volume,
+                    closed,
+                );
             }
             frag
         });
@@ -320,14 +280,14 @@ fn images_of_gone_volumes(
     }
 }
 
-/// [`images_of_gone_volumes`] for image `i` of cluster `cname` (`closed`: why the health gate
-/// closed it to writes, if it did).
+/// [`images_of_gone_volumes`] for image `i` of cluster `cname` (`wanted`: whether a volume
+/// name is wanted; `closed`: why the health gate closed the cluster to writes, if it did).
 fn gone_image(
     b: &mut Builder,
     cname: &str,
     i: &ImageStatus,
     opts: &Options,
-    placement: &Placement<'_>,
+    wanted: impl Fn(&str) -> bool,
     of_volume: &ByVolume,
     closed: Option<&String>,
 ) {
@@ -337,7 +297,7 @@ fn gone_image(
     let Some(volume) = i.metadata.get(META_VOLUME) else {
         return;
     };
-    if placement.by_name.contains_key(volume.as_str()) {
+    if wanted(volume) {
         return;
     }
     let deps = after(of_volume.get(volume));
