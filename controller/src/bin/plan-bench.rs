@@ -189,15 +189,16 @@ fn main() {
     let p = plan::plan(&d, &observed, &opts);
     let first = t.elapsed();
     let during = region.change();
-    // The machine is noisy: the median of five (the first included).
+    // The machine is noisy: the median of `--runs` (11 by default, the first included).
     let mut runs = vec![first];
-    for _ in 0..4 {
+    for _ in 1..arg("--runs", 11).max(1) {
         let t = Instant::now();
         std::hint::black_box(plan::plan(&d, &observed, &opts));
         runs.push(t.elapsed());
     }
     runs.sort();
-    let converged = runs[2];
+    let converged = runs[runs.len() / 2];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     assert!(p.is_empty(), "converged state plans nothing");
     println!(
         "plan when converged: heap of the inputs: desired {:.0} MiB, observed {:.0} MiB (the process holds {:.0} MiB); the plan allocated {:.0} MiB in {} allocations",
@@ -208,9 +209,12 @@ fn main() {
         during.allocations,
     );
     println!(
-        "plan when converged: {} steps in {:.1} ms (median of 5); peak RSS {} MiB (before planning: {} MiB{})",
+        "plan when converged: {} steps in {:.1} ms (median of {}; fastest {:.1}, slowest {:.1}); peak RSS {} MiB (before planning: {} MiB{})",
         p.steps.len(),
-        converged.as_secs_f64() * 1e3,
+        ms(converged),
+        runs.len(),
+        ms(runs[0]),
+        ms(runs[runs.len() - 1]),
         peak_rss_kib() / 1024,
         base / 1024,
         if reset {

@@ -248,29 +248,23 @@ pub(super) fn images_of_gone_volumes(
         let Some(report) = k.get() else { continue };
         let closed = halted.get(cname.as_str());
         let claimed = claimed.get(cname.as_str()).map_or(&[][..], Vec::as_slice);
-        // An image's volume is wanted: known at once for an image a wanted volume claimed, else
-        // looked for among the wanted names.
-        let wanted = |at: usize, volume: &str| {
-            claimed.get(at).copied().unwrap_or(false)
-                || volumes
-                    .binary_search_by(|v| v.name.as_str().cmp(volume))
-                    .is_ok()
+        // An image's volume is wanted: known at once for an image a wanted volume claimed
+        // (without reading the image), else looked for among the wanted names.
+        let wanted = |volume: &str| {
+            volumes
+                .binary_search_by(|v| v.name.as_str().cmp(volume))
+                .is_ok()
         };
         // Images are independent here: looked at on all threads, merged in image order.
         let base = b.next_id();
         let fragments = super::par_ranges(report.images.len(), opts.threads, |range| {
             let mut frag = Builder::at(base);
             for at in range {
+                if claimed.get(at).copied().unwrap_or(false) {
+                    continue;
+                }
                 let i = &report.images[at];
-                gone_image(
-                    &mut frag,
-                    cname,
-                    i,
-                    opts,
-                    |v| wanted(at, v),
-                    of_volume,
-                    closed,
-                );
+                gone_image(&mut frag, cname, i, opts, wanted, of_volume, closed);
             }
             frag
         });
