@@ -3,17 +3,15 @@
 //! all its namespaces are attached. Existing matching objects are adopted; anything in the way
 //! blocks the volume with the reason, and the rest of the fleet goes on.
 
-use std::collections::BTreeSet;
-
 use protocol::dpu::{ControllerInfo, DpuReport, FunctionRef, SnapInventory, SubsystemInfo};
 use protocol::{ImageState, ImageStatus};
 
 use super::place::DpuPlacement;
 use super::teardown::ImageIndex;
 use super::{
-    after, names, snap_values, Action, Attachment, BdevSpec, Builder, ControllerSpec, HashMap,
-    Known, NamespaceSpec, Observed, Options, Risk, SubsystemSpec, Target, META_MANAGED_BY,
-    META_POLICY, META_RETENTION, META_VOLUME,
+    names, snap_values, Action, Attachment, BdevSpec, Builder, ControllerSpec, HashMap, Known,
+    NamespaceSpec, Observed, Options, Risk, SubsystemSpec, Target, META_MANAGED_BY, META_POLICY,
+    META_RETENTION, META_VOLUME,
 };
 use crate::manifest::Volume;
 
@@ -35,21 +33,37 @@ pub(super) struct DpuChain<'a, 'f> {
     snap: Option<usize>,
     /// What every step on this DPU waits for (its removals, then SNAP).
     first: &'f [Option<usize>],
-    registered: HashMap<&'a str, Option<usize>>,
-    subsystems: HashMap<FunctionRef, Option<usize>>,
-    controllers: HashMap<FunctionRef, Option<usize>>,
-    attaches: HashMap<FunctionRef, Vec<usize>>,
-    resume_needed: BTreeSet<FunctionRef>,
     /// Where the next volume's bdev is looked for first: SNAP lists bdevs in the order they
     /// were made, which is this DPU's volumes in name order, so a converged DPU finds each at
     /// once instead of scanning.
     bdev_hint: usize,
-    /// Each function's subsystem and controller in the inventory, once looked up.
-    found: Vec<(
-        FunctionRef,
-        Option<&'a SubsystemInfo>,
-        Option<&'a ControllerInfo>,
-    )>,
+    s: &'f mut Scratch<'a>,
+}
+
+/// What planning a DPU's volumes keeps per cluster and per function: a handful of each, in
+/// lists cleared for every DPU and whose allocations are kept from DPU to DPU.
+#[derive(Default)]
+pub(super) struct Scratch<'a> {
+    /// Each cluster's registration in SNAP (the step, if one is needed).
+    registered: Vec<(&'a str, Option<usize>)>,
+    functions: Vec<Function<'a>>,
+}
+
+/// One function of the DPU, as planned so far.
+struct Function<'a> {
+    f: FunctionRef,
+    /// Its subsystem and controller in the inventory.
+    sub: Option<&'a SubsystemInfo>,
+    ctrl: Option<&'a ControllerInfo>,
+    /// The controller SNAP has bound to it, when one is.
+    bound: Option<&'a str>,
+    /// The steps creating its subsystem and its controller (if needed), once decided.
+    subsystem: Option<Option<usize>>,
+    controller: Option<Option<usize>>,
+    /// The attachments its resume waits for.
+    attaches: Vec<usize>,
+    /// Whether its controller must be resumed.
+    resume: bool,
 }
 
 /// The inventory planned against while SNAP is being (re)installed.
@@ -70,44 +84,47 @@ pub(super) type Claims<'a> = Vec<(&'a str, u32)>;
 
 impl<'a, 'f> DpuChain<'a, 'f> {
     /// DPU `name` (with its report, if any), whose steps wait for `first` and SNAP's install
-    /// step `snap`.
+    /// step `snap`; `s` is cleared for it.
     pub(super) fn new(
         name: &'a str,
         report: Option<&'a DpuReport>,
         snap: Option<usize>,
         first: &'f [Option<usize>],
+        s: &'f mut Scratch<'a>,
     ) -> Self {
+        s.registered.clear();
+        s.functions.clear();
         Self {
             name,
             report,
             snap,
             first,
-            registered: HashMap::default(),
-            subsystems: HashMap::default(),
-            controllers: HashMap::default(),
-            attaches: HashMap::default(),
-            resume_needed: BTreeSet::new(),
             bdev_hint: 0,
-            found: Vec::new(),
+            s,
         }
     }
 
-    /// Function `f`'s subsystem (`nqn`) and controller (`ctrl`) in `inv`, looked up once per
-    /// DPU.
-    fn found(
-        &mut self,
-        inv: &'a SnapInventory,
-        f: FunctionRef,
-        nqn: &str,
-        ctrl: &str,
-    ) -> (Option<&'a SubsystemInfo>, Option<&'a ControllerInfo>) {
-        if let Some(&(_, s, c)) = self.found.iter().find(|(g, ..)| *g == f) {
-            return (s, c);
+    /// Function `f` (its position in the scratch), its subsystem (`nqn`), controller (`ctrl`)
+    /// and binding looked up in `inv` once per DPU.
+    fn function(&mut self, inv: &'a SnapInventory, f: FunctionRef, nqn: &str, ctrl: &str) -> usize {
+        if let Some(at) = self.s.functions.iter().position(|g| g.f == f) {
+            return at;
         }
-        let s = inv.subsystems.iter().find(|s| s.nqn == nqn);
-        let c = inv.controllers.iter().find(|c| c.name == ctrl);
-        self.found.push((f, s, c));
-        (s, c)
+        self.s.functions.push(Function {
+            f,
+            sub: inv.subsystems.iter().find(|s| s.nqn == nqn),
+            ctrl: inv.controllers.iter().find(|c| c.name == ctrl),
+            bound: inv
+                .functions
+                .iter()
+                .find(|x| x.function == f)
+                .and_then(|x| x.controller.as_deref()),
+            subsystem: None,
+            controller: None,
+            attaches: Vec::new(),
+            resume: false,
+        });
+        self.s.functions.len() - 1
     }
 
     /// Plans the volumes `placed` (in name order), then the resumes; the images found to be
@@ -155,10 +172,11 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         let ctrl = ctrl_names
             .entry(v.function)
             .or_insert_with(|| names::controller(v.function));
-        let (have_sub, have_ctrl) = self.found(inv, v.function, nqn, ctrl);
-        let sub = self.subsystem(b, have_sub.is_some(), v.function, nqn);
+        let f = self.function(inv, v.function, nqn, ctrl);
+        let sub = self.subsystem(b, f, nqn);
+        let have_sub = self.s.functions[f].sub;
         let ns_step = self.namespace(b, have_sub, v, (nqn, nsid), &[sub, bdev_step])?;
-        self.controller(b, inv, v, (ctrl, have_ctrl), (nqn, nsid), sub, ns_step)
+        self.controller(b, f, v, ctrl, (nqn, nsid), sub, ns_step)
     }
 
     /// The DPU's report, when the volume's cluster and DPU are both known.
@@ -183,28 +201,28 @@ impl<'a, 'f> DpuChain<'a, 'f> {
 
     /// The volume's cluster registered in SNAP (once per DPU).
     fn register(&mut self, b: &mut Builder, inv: &SnapInventory, v: &'a Volume) -> Option<usize> {
-        let (name, first) = (self.name, self.first);
-        *self
-            .registered
-            .entry(v.cluster.as_str())
-            .or_insert_with(|| {
-                let registered = inv
-                    .clusters
-                    .iter()
-                    .any(|c| names::unprefixed(c) == Some(v.cluster.as_str()));
-                (!registered).then(|| {
-                    b.push(
-                        Target::Dpu(name.to_string()),
-                        Action::RegisterCluster {
-                            name: names::cluster(&v.cluster),
-                            cluster: v.cluster.clone(),
-                        },
-                        Risk::Safe,
-                        first,
-                        None,
-                    )
-                })
-            })
+        let cluster = v.cluster.as_str();
+        if let Some(&(_, step)) = self.s.registered.iter().find(|(c, _)| *c == cluster) {
+            return step;
+        }
+        let registered = inv
+            .clusters
+            .iter()
+            .any(|c| names::unprefixed(c) == Some(cluster));
+        let step = (!registered).then(|| {
+            b.push(
+                self.target(),
+                Action::RegisterCluster {
+                    name: names::cluster(cluster),
+                    cluster: cluster.to_string(),
+                },
+                Risk::Safe,
+                self.first,
+                None,
+            )
+        });
+        self.s.registered.push((cluster, step));
+        step
     }
 
     /// The volume's bdev: created, adopted, or grown for the host (when the cluster may be
@@ -315,30 +333,26 @@ impl<'a, 'f> DpuChain<'a, 'f> {
     }
 
     /// The function's subsystem (once per DPU and function).
-    fn subsystem(
-        &mut self,
-        b: &mut Builder,
-        exists: bool,
-        function: FunctionRef,
-        nqn: &str,
-    ) -> Option<usize> {
-        let (name, first) = (self.name, self.first);
-        *self.subsystems.entry(function).or_insert_with(|| {
-            (!exists).then(|| {
-                b.push(
-                    Target::Dpu(name.to_string()),
-                    Action::CreateSubsystem(SubsystemSpec {
-                        nqn: nqn.into(),
-                        serial: snap_values::serial(nqn),
-                        model: snap_values::MODEL.into(),
-                        max_namespaces: snap_values::MAX_NAMESPACES,
-                    }),
-                    Risk::Safe,
-                    first,
-                    None,
-                )
-            })
-        })
+    fn subsystem(&mut self, b: &mut Builder, f: usize, nqn: &str) -> Option<usize> {
+        if let Some(step) = self.s.functions[f].subsystem {
+            return step;
+        }
+        let step = self.s.functions[f].sub.is_none().then(|| {
+            b.push(
+                self.target(),
+                Action::CreateSubsystem(SubsystemSpec {
+                    nqn: nqn.into(),
+                    serial: snap_values::serial(nqn),
+                    model: snap_values::MODEL.into(),
+                    max_namespaces: snap_values::MAX_NAMESPACES,
+                }),
+                Risk::Safe,
+                self.first,
+                None,
+            )
+        });
+        self.s.functions[f].subsystem = Some(step);
+        step
     }
 
     /// The volume's namespace at its NSID; held when another namespace has the NSID.
@@ -391,18 +405,17 @@ impl<'a, 'f> DpuChain<'a, 'f> {
     fn controller(
         &mut self,
         b: &mut Builder,
-        inv: &SnapInventory,
+        f: usize,
         v: &Volume,
-        (ctrl, have): (&str, Option<&ControllerInfo>),
+        ctrl: &str,
         (nqn, nsid): (&str, u32),
         sub: Option<usize>,
         ns_step: Option<usize>,
     ) -> Result<(), Held> {
-        let f = inv.functions.iter().find(|f| f.function == v.function);
-        if let Some(other) = f
-            .and_then(|f| f.controller.as_ref())
-            .filter(|c| c.as_str() != ctrl)
-        {
+        let Function {
+            ctrl: have, bound, ..
+        } = self.s.functions[f];
+        if let Some(other) = bound.filter(|c| *c != ctrl) {
             b.block(
                 object(v),
                 format!(
@@ -420,27 +433,32 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 c.num_queues.to_string(),
             );
         }
-        let (name, first) = (self.name, self.first);
-        let ctrl_step = *self.controllers.entry(v.function).or_insert_with(|| {
-            have.is_none().then(|| {
-                b.push(
-                    Target::Dpu(name.to_string()),
-                    Action::CreateController(ControllerSpec {
-                        name: ctrl.into(),
-                        nqn: nqn.into(),
-                        function: v.function,
-                        num_queues: v.queues,
-                        mdts: snap_values::MDTS,
-                    }),
-                    Risk::Safe,
-                    &[first, &[sub]].concat(),
-                    None,
-                )
-            })
-        });
+        let ctrl_step = match self.s.functions[f].controller {
+            Some(step) => step,
+            None => {
+                let step = have.is_none().then(|| {
+                    b.push(
+                        self.target(),
+                        Action::CreateController(ControllerSpec {
+                            name: ctrl.into(),
+                            nqn: nqn.into(),
+                            function: v.function,
+                            num_queues: v.queues,
+                            mdts: snap_values::MDTS,
+                        }),
+                        Risk::Safe,
+                        &[self.first, &[sub]].concat(),
+                        None,
+                    )
+                });
+                self.s.functions[f].controller = Some(step);
+                step
+            }
+        };
+        let function = &mut self.s.functions[f];
         if !have.is_some_and(|c| c.namespaces.contains(&nsid)) {
             let a = b.push(
-                self.target(),
+                Target::Dpu(self.name.to_string()),
                 Action::Attach(Attachment {
                     controller: ctrl.into(),
                     nsid,
@@ -450,24 +468,26 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 &[ctrl_step, ns_step],
                 Some(v.name.as_str()),
             );
-            self.attaches.entry(v.function).or_default().push(a);
-            self.resume_needed.insert(v.function);
+            function.attaches.push(a);
+            function.resume = true;
         }
         if !have.is_some_and(|c| c.state.eq_ignore_ascii_case("STARTED")) {
-            self.resume_needed.insert(v.function);
+            function.resume = true;
         }
         Ok(())
     }
 
-    /// Controllers resume after all their namespaces are attached.
-    fn resumes(&self, b: &mut Builder) {
-        for key in &self.resume_needed {
-            let mut deps = after(self.attaches.get(key));
-            deps.push(self.controllers.get(key).copied().flatten());
+    /// Controllers resume after all their namespaces are attached (in function order).
+    fn resumes(&mut self, b: &mut Builder) {
+        let functions = &mut self.s.functions;
+        functions.sort_unstable_by_key(|x| x.f);
+        for x in functions.iter().filter(|x| x.resume) {
+            let mut deps: Vec<Option<usize>> = x.attaches.iter().map(|&a| Some(a)).collect();
+            deps.push(x.controller.flatten());
             b.push(
-                self.target(),
+                Target::Dpu(self.name.to_string()),
                 Action::Resume {
-                    controller: names::controller(*key),
+                    controller: names::controller(x.f),
                 },
                 Risk::Safe,
                 &deps,

@@ -508,6 +508,8 @@ fn plan_dpus<'a>(
         claims: Vec::new(),
     };
     let mut placed = place::DpuPlacement::default();
+    let mut scratch = create::Scratch::default();
+    let mut first: Vec<Option<usize>> = Vec::new();
     // Controller names by function: a handful, formatted once.
     let mut ctrl_names: HashMap<FunctionRef, String> = HashMap::default();
     for dpu in dpus {
@@ -530,18 +532,18 @@ fn plan_dpus<'a>(
             .plan(&mut part.removals, &mut part.of_volume);
         }
         // What every later step there waits for: the DPU's removals, then SNAP.
-        let (snap, first) = match (dpu.spec, dpu.report) {
+        first.clear();
+        let snap = match (dpu.spec, dpu.report) {
             (Some(spec), Some(report)) => {
-                let mut first: Vec<Option<usize>> =
-                    (first_removal..part.removals.next_id()).map(Some).collect();
+                first.extend((first_removal..part.removals.next_id()).map(Some));
                 let step = install_snap(&mut part.installs, dpu.name, spec, report, &first);
                 first.push(step);
-                (step, first)
+                step
             }
-            _ => (None, Vec::new()),
+            _ => None,
         };
         if placed.len() > 0 {
-            create::DpuChain::new(dpu.name, dpu.report, snap, &first).plan(
+            create::DpuChain::new(dpu.name, dpu.report, snap, &first, &mut scratch).plan(
                 &mut part.chains,
                 cx,
                 &placed,
