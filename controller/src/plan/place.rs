@@ -48,20 +48,35 @@ impl<'a> DpuPlacement<'a> {
         self.nsid[k]
     }
 
-    /// Whether any wanted volume is in subsystem `nqn`.
-    pub(super) fn uses(&self, nqn: &str) -> bool {
-        (0..self.nqns.len()).any(|q| self.nqns.get(q as u32) == nqn)
+    /// Subsystem `nqn`, as a position among the wanted volumes' (none when no wanted volume
+    /// is in it).
+    pub(super) fn subsystem_of(&self, nqn: &str) -> Option<u32> {
+        (0..self.nqns.len() as u32).find(|&q| self.nqns.get(q) == nqn)
     }
 
-    /// Whether unistor's bdev `bdev` is wanted here, as `nqn`/`nsid` when given.
-    pub(super) fn wants(&self, bdev: &str, at: Option<(&str, u32)>) -> bool {
-        let Some(name) = names::unprefixed(bdev) else {
+    /// Whether the namespace `nsid` of subsystem `q` (from [`DpuPlacement::subsystem_of`]) over
+    /// unistor's bdev `bdev` is wanted: found by subsystem and NSID, then its name compared.
+    pub(super) fn wants_namespace(&self, bdev: &str, q: Option<u32>, nsid: u32) -> bool {
+        let (Some(q), Some(name)) = (q, names::unprefixed(bdev)) else {
             return false;
         };
+        (0..self.len()).any(|k| {
+            self.nqn_of[k] == q && self.nsid[k] == nsid && self.volume(k).name.as_str() == name
+        })
+    }
+
+    /// The position of unistor's bdev `bdev` among the wanted volumes, if it is wanted here;
+    /// position `hint` is tried first (SNAP lists bdevs in the order they were made, which is
+    /// usually name order).
+    pub(super) fn bdev_position(&self, bdev: &str, hint: usize) -> Option<usize> {
+        let name = names::unprefixed(bdev)?;
+        if hint < self.len() && self.volume(hint).name.as_str() == name {
+            return Some(hint);
+        }
         // A DPU's handful of volumes, searched in place: no lookup in a fleet-wide map.
         self.wanted
             .binary_search_by(|&i| self.volumes[i].name.as_str().cmp(name))
-            .is_ok_and(|k| at.is_none_or(|(nqn, nsid)| self.nsid[k] == nsid && self.nqn(k) == nqn))
+            .ok()
     }
 
     /// Places DPU `dpu`'s volumes `wanted` (positions in `volumes`, in name order) against its

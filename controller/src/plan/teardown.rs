@@ -109,9 +109,10 @@ impl<'a> DpuTeardown<'a, '_> {
         let mut out = Namespaces::default();
         for s in self.inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
             let mut keeps = false;
+            let q = self.placed.subsystem_of(&s.nqn);
             for n in &s.namespaces {
                 if !names::owned(&n.bdev)
-                    || self.placed.wants(&n.bdev, Some((&s.nqn, n.nsid)))
+                    || self.placed.wants_namespace(&n.bdev, q, n.nsid)
                     || self.owner.ours(&n.bdev) != Ok(true)
                 {
                     keeps = true;
@@ -154,7 +155,7 @@ impl<'a> DpuTeardown<'a, '_> {
 
     /// Whether unistor's subsystem `nqn` goes: nothing kept in it, nothing wanted.
     fn goes(&self, nqn: &str, ns: &Namespaces<'_>) -> bool {
-        !ns.kept.contains(nqn) && !self.placed.uses(nqn)
+        !ns.kept.contains(nqn) && self.placed.subsystem_of(nqn).is_none()
     }
 
     /// Controllers, then subsystems, left with nothing wanted.
@@ -198,8 +199,11 @@ impl<'a> DpuTeardown<'a, '_> {
     /// Bdevs of this deployment no longer wanted here, after their namespace; a bdev whose
     /// owner cannot be confirmed stays, and says why.
     fn bdevs(&self, b: &mut Builder, ns: &Namespaces<'_>, of_volume: &mut ByVolume) {
+        // Where the next wanted bdev is looked for first.
+        let mut next = 0;
         for x in self.inv.bdevs.iter().filter(|x| names::owned(&x.name)) {
-            if self.placed.wants(&x.name, None) {
+            if let Some(k) = self.placed.bdev_position(&x.name, next) {
+                next = k + 1;
                 continue;
             }
             match self.owner.ours(&x.name) {
