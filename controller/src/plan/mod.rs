@@ -641,17 +641,7 @@ fn index_images(observed: &Observed) -> teardown::ImageIndex<'_> {
         .iter()
         .filter_map(|(name, k)| {
             let r: &CephReport = k.get()?;
-            let by_key = r
-                .images
-                .iter()
-                .enumerate()
-                .map(|(at, i)| ((i.pool.as_str(), i.image.as_str()), at as u32))
-                .collect();
-            let images = teardown::ClusterImages {
-                images: &r.images,
-                by_key,
-            };
-            Some((name.as_str(), images))
+            Some((name.as_str(), teardown::ClusterImages::new(&r.images)))
         })
         .collect()
 }

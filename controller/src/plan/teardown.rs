@@ -18,18 +18,48 @@ use crate::manifest::Volume;
 /// Images of every known cluster, found by (pool, image).
 pub(super) type ImageIndex<'a> = BTreeMap<&'a str, ClusterImages<'a>>;
 
-/// A cluster's images and where each is in its report.
+/// A cluster's images, found by (pool, image): a table of positions in the report, small
+/// enough to stay in the cache while 80k volumes look their image up (the keys are the
+/// report's own).
 pub(super) struct ClusterImages<'a> {
     pub(super) images: &'a [ImageStatus],
-    pub(super) by_key: HashMap<(&'a str, &'a str), u32>,
+    by_key: hashbrown::HashTable<u32>,
 }
 
 impl<'a> ClusterImages<'a> {
+    /// Indexes `images`; of images with the same key, the last is found.
+    pub(super) fn new(images: &'a [ImageStatus]) -> Self {
+        let mut by_key = hashbrown::HashTable::with_capacity(images.len());
+        let hash = |at: &u32| key_hash(&images[*at as usize].pool, &images[*at as usize].image);
+        for (at, i) in images.iter().enumerate() {
+            let same = |p: &u32| {
+                let o = &images[*p as usize];
+                o.pool == i.pool && o.image == i.image
+            };
+            match by_key.entry(key_hash(&i.pool, &i.image), same, hash) {
+                hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = at as u32,
+                hashbrown::hash_table::Entry::Vacant(e) => {
+                    e.insert(at as u32);
+                }
+            }
+        }
+        Self { images, by_key }
+    }
+
     /// Image `pool/image`, with its position in the report.
     pub(super) fn find(&self, pool: &str, image: &str) -> Option<(u32, &'a ImageStatus)> {
-        let &at = self.by_key.get(&(pool, image))?;
-        Some((at, &self.images[at as usize]))
+        let images = self.images;
+        let &at = self.by_key.find(key_hash(pool, image), |p| {
+            let i = &images[*p as usize];
+            i.pool == pool && i.image == image
+        })?;
+        Some((at, &images[at as usize]))
     }
+}
+
+fn key_hash(pool: &str, image: &str) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one((pool, image))
 }
 
 /// Steps that remove a volume's SNAP objects, by volume: its image waits for them.
