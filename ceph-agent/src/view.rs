@@ -281,7 +281,7 @@ pub fn unread(spec: &ImageSpec, metadata: BTreeMap<String, String>) -> ImageStat
         size_bytes: 0,
         features: vec![],
         watchers: None,
-        metadata,
+        metadata: metadata.into(),
     }
 }
 
@@ -301,7 +301,7 @@ mod tests {
             size_bytes: size,
             features: vec![],
             watchers: None,
-            metadata: BTreeMap::new(),
+            metadata: Default::default(),
         }
     }
 

@@ -520,7 +520,7 @@ mod tests {
             size_bytes: size,
             features: vec![],
             watchers: None,
-            metadata: BTreeMap::new(),
+            metadata: Default::default(),
         }
     }
 

@@ -659,7 +659,7 @@ pub struct ImageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchers: Option<Vec<String>>,
     /// `unistor.*` image metadata.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: crate::meta::ImageMeta,
 }
 
 impl ImageStatus {

@@ -69,9 +69,189 @@ impl std::str::FromStr for DeletionPolicy {
     }
 }
 
+/// An image's `unistor.*` metadata, as reported. The four keys unistor decides by are held
+/// apart, at hand: a plan reads them for every volume, and a map of strings costs a search and
+/// several memory fetches per key. Any other key is kept as it is. On the wire it is a plain
+/// map of key to value, as `rbd image-meta` has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(from = "BTreeMap<String, String>")]
+pub struct ImageMeta {
+    managed_by: Option<String>,
+    volume: Option<String>,
+    policy: Option<String>,
+    retention: Option<String>,
+    other: BTreeMap<String, String>,
+}
+
+use std::collections::BTreeMap;
+
+impl ImageMeta {
+    /// [`MANAGED_BY`]: the deployment managing the image.
+    pub fn managed_by(&self) -> Option<&str> {
+        self.managed_by.as_deref()
+    }
+
+    /// [`VOLUME`]: the volume the image backs.
+    pub fn volume(&self) -> Option<&str> {
+        self.volume.as_deref()
+    }
+
+    /// [`POLICY`], as written (absent means `Retain`).
+    pub fn policy(&self) -> Option<&str> {
+        self.policy.as_deref()
+    }
+
+    /// [`RETENTION`], as written.
+    pub fn retention(&self) -> Option<&str> {
+        self.retention.as_deref()
+    }
+
+    fn known(&self, key: &str) -> Option<&Option<String>> {
+        match key {
+            MANAGED_BY => Some(&self.managed_by),
+            VOLUME => Some(&self.volume),
+            POLICY => Some(&self.policy),
+            RETENTION => Some(&self.retention),
+            _ => None,
+        }
+    }
+
+    fn known_mut(&mut self, key: &str) -> Option<&mut Option<String>> {
+        match key {
+            MANAGED_BY => Some(&mut self.managed_by),
+            VOLUME => Some(&mut self.volume),
+            POLICY => Some(&mut self.policy),
+            RETENTION => Some(&mut self.retention),
+            _ => None,
+        }
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&String> {
+        match self.known(key) {
+            Some(slot) => slot.as_ref(),
+            None => self.other.get(key),
+        }
+    }
+
+    /// Whether `key` is set.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Sets `key`; returns its previous value.
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        match self.known_mut(&key) {
+            Some(slot) => slot.replace(value),
+            None => self.other.insert(key, value),
+        }
+    }
+
+    /// Removes `key`; returns its value.
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        match self.known_mut(key) {
+            Some(slot) => slot.take(),
+            None => self.other.remove(key),
+        }
+    }
+
+    /// How many keys are set.
+    pub fn len(&self) -> usize {
+        [
+            &self.managed_by,
+            &self.volume,
+            &self.policy,
+            &self.retention,
+        ]
+        .into_iter()
+        .filter(|v| v.is_some())
+        .count()
+            + self.other.len()
+    }
+
+    /// Whether no key is set.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every key and value, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let known = [
+            (MANAGED_BY, &self.managed_by),
+            (VOLUME, &self.volume),
+            (POLICY, &self.policy),
+            (RETENTION, &self.retention),
+        ];
+        let mut all: Vec<(&str, &str)> = known
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_deref()?)))
+            .chain(self.other.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .collect();
+        all.sort_unstable_by_key(|(k, _)| *k);
+        all.into_iter()
+    }
+}
+
+impl From<BTreeMap<String, String>> for ImageMeta {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        map.into_iter().collect()
+    }
+}
+
+impl FromIterator<(String, String)> for ImageMeta {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let mut meta = ImageMeta::default();
+        for (k, v) in iter {
+            meta.insert(k, v);
+        }
+        meta
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for ImageMeta {
+    fn from(pairs: [(String, String); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl std::ops::Index<&str> for ImageMeta {
+    type Output = String;
+    fn index(&self, key: &str) -> &String {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no metadata key {key:?}"))
+    }
+}
+
+impl serde::Serialize for ImageMeta {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::DeletionPolicy;
+
+    #[test]
+    fn metadata_is_a_plain_map_on_the_wire_with_the_known_keys_at_hand() {
+        let json = r#"{"unistor.deletion-policy":"Trash","unistor.managed-by":"me","unistor.other":"x","unistor.trash-retention-secs":"60","unistor.volume":"v"}"#;
+        let m: super::ImageMeta = serde_json::from_str(json).unwrap();
+        assert_eq!(m.managed_by(), Some("me"));
+        assert_eq!(m.volume(), Some("v"));
+        assert_eq!(m.policy(), Some("Trash"));
+        assert_eq!(m.retention(), Some("60"));
+        assert_eq!(m.get("unistor.other").map(String::as_str), Some("x"));
+        assert_eq!(m.len(), 5);
+        // Written back in key order, byte for byte.
+        assert_eq!(serde_json::to_string(&m).unwrap(), json);
+        let mut m = m;
+        assert_eq!(m.remove(super::VOLUME).as_deref(), Some("v"));
+        assert_eq!(m.volume(), None);
+        assert!(!m.contains_key(super::VOLUME));
+        assert_eq!(m.insert(super::VOLUME.into(), "w".into()), None);
+        assert_eq!(m[super::VOLUME], "w");
+        assert!(super::ImageMeta::default().is_empty());
+    }
 
     #[test]
     fn policies_round_trip_and_unknown_ones_are_errors() {

@@ -130,7 +130,7 @@ impl<R: Runner> Ceph<R> {
             } else {
                 Some(img.watchers.clone())
             },
-            metadata,
+            metadata: metadata.into(),
         }
     }
 
@@ -212,7 +212,7 @@ impl<R: Runner> Ceph<R> {
                                 state: ImageState::Live,
                                 size_bytes: *size,
                                 features: idx.features.clone(),
-                                metadata: idx.metadata(),
+                                metadata: idx.metadata().into(),
                                 ..crate::view::unread(&spec, BTreeMap::new())
                             },
                             None => Self::gone_status(&spec, &trash),

@@ -10,8 +10,7 @@ use super::place::DpuPlacement;
 use super::teardown::ImageIndex;
 use super::{
     names, snap_values, Action, Attachment, BdevSpec, Builder, ControllerSpec, HashMap, Known,
-    NamespaceSpec, Observed, Options, Risk, SubsystemSpec, Target, META_MANAGED_BY, META_POLICY,
-    META_RETENTION, META_VOLUME,
+    NamespaceSpec, Observed, Options, Risk, SubsystemSpec, Target,
 };
 use crate::manifest::Volume;
 
@@ -685,8 +684,8 @@ fn live_image(
 ) -> Result<Option<usize>, Held> {
     let vname = v.name.as_str();
     let ceph = || Target::Cluster(v.cluster.clone());
-    let owner = i.metadata.get(META_MANAGED_BY).map(String::as_str);
-    let owned_by = i.metadata.get(META_VOLUME).map(String::as_str);
+    let owner = i.metadata.managed_by();
+    let owned_by = i.metadata.volume();
     if owner.is_none() && owned_by.is_none() {
         return adopt(b, v, i);
     }
@@ -706,12 +705,8 @@ fn live_image(
     ours();
     let (policy, retain_secs) = (v.deletion_policy.as_str(), v.trash_retention.as_secs());
     // Absent means Retain; an unknown name is drift the create rewrites.
-    let have_policy = i
-        .metadata
-        .get(META_POLICY)
-        .map(String::as_str)
-        .unwrap_or("Retain");
-    let have_retention = i.metadata.get(META_RETENTION).and_then(|r| r.parse().ok());
+    let have_policy = i.metadata.policy().unwrap_or("Retain");
+    let have_retention = i.metadata.retention().and_then(|r| r.parse().ok());
     if have_policy != policy || have_retention != Some(retain_secs) {
         b.drift(
             object(v),

@@ -9,10 +9,7 @@ use protocol::meta::DeletionPolicy;
 use protocol::{ImageState, ImageStatus};
 
 use super::place::DpuPlacement;
-use super::{
-    after, names, Action, Attachment, Builder, HashMap, Observed, Options, Risk, Target,
-    META_MANAGED_BY, META_POLICY, META_RETENTION, META_VOLUME,
-};
+use super::{after, names, Action, Attachment, Builder, HashMap, Observed, Options, Risk, Target};
 use crate::manifest::Volume;
 
 /// Images of every known cluster, found by (pool, image).
@@ -97,7 +94,7 @@ impl Owner<'_> {
             .find(pool, image)
             .filter(|(_, i)| i.state == ImageState::Live)
             .ok_or_else(|| format!("its image {pool}/{image} is not live"))?;
-        Ok(img.metadata.get(META_MANAGED_BY).map(String::as_str) == Some(self.owner))
+        Ok(img.metadata.managed_by() == Some(self.owner))
     }
 }
 
@@ -319,10 +316,10 @@ fn gone_image(
     of_volume: &ByVolume,
     closed: Option<&String>,
 ) {
-    if i.state != ImageState::Live || i.metadata.get(META_MANAGED_BY) != Some(&opts.owner) {
+    if i.state != ImageState::Live || i.metadata.managed_by() != Some(opts.owner.as_str()) {
         return;
     }
-    let Some(volume) = i.metadata.get(META_VOLUME) else {
+    let Some(volume) = i.metadata.volume() else {
         return;
     };
     if wanted(volume) {
@@ -332,7 +329,7 @@ fn gone_image(
     let target = Target::Cluster(cname.to_string());
     // Absent means Retain; an unknown name is never taken for one: the image stays, and the
     // plan says why.
-    let policy = match i.metadata.get(META_POLICY).map(|p| p.parse()) {
+    let policy = match i.metadata.policy().map(|p| p.parse()) {
         None => DeletionPolicy::Retain,
         Some(Ok(p)) => p,
         Some(Err(why)) => {
@@ -352,15 +349,15 @@ fn gone_image(
             image: i.image.clone(),
             retain_secs: i
                 .metadata
-                .get(META_RETENTION)
+                .retention()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(7 * 86400),
-            volume: volume.clone(),
+            volume: volume.to_string(),
         },
         DeletionPolicy::Delete => Action::DeleteImage {
             pool: i.pool.clone(),
             image: i.image.clone(),
-            volume: volume.clone(),
+            volume: volume.to_string(),
         },
         // The image stays; only the volume's SNAP objects go.
         DeletionPolicy::Retain => return,
