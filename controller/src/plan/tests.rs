@@ -108,6 +108,51 @@ fn unknown_agents_are_never_treated_as_empty() {
 }
 
 #[test]
+fn a_wanted_volume_held_back_keeps_its_image_while_a_gone_one_loses_its() {
+    // Every image is to be deleted with its volume.
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    for img in &mut w.clusters.get_mut("ceph-lab").unwrap().images {
+        img.metadata.insert(META_POLICY.into(), "Delete".into());
+    }
+    // scratch-b is gone from the manifests; logs-c is still wanted, but its DPU is unknown, so
+    // its chain is not planned and its image is not found through it: the name decides.
+    let mut fewer = d.clone();
+    fewer.volumes.remove("scratch-b");
+    let mut o = w.observed();
+    o.dpus.insert(
+        "dpu-c".into(),
+        Known::Unknown {
+            reason: "connection refused".into(),
+        },
+    );
+    for threads in [1, 4] {
+        let p = plan(
+            &fewer,
+            &o,
+            &Options {
+                threads,
+                ..Options::default()
+            },
+        );
+        check_order(&p);
+        let deleted: Vec<&str> = p
+            .steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::DeleteImage { volume, .. } | Action::TrashImage { volume, .. } => {
+                    Some(volume.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted, ["scratch-b"], "{threads} threads");
+        assert!(p.blocked.iter().any(|b| b.object == "volume/logs-c"));
+    }
+}
+
+#[test]
 fn growing_and_refusing_to_shrink() {
     let d = examples();
     let mut w = World::empty(&d);
