@@ -647,10 +647,11 @@ mod report_cost {
         }
     }
 
-    /// [`Canned`], except that the first `rbd ls --long` fails as it does when an image is removed
-    /// while it lists it.
+    /// [`Canned`], except that the first listing starting with `listing` (`rbd ls`, `rbd trash
+    /// ls`) fails as it does when an image is removed (or purged) while it lists it.
     struct RaceOnce {
         inner: Canned,
+        listing: &'static str,
         raced: std::sync::atomic::AtomicBool,
     }
 
@@ -658,7 +659,7 @@ mod report_cost {
     impl Runner for RaceOnce {
         async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
             let line = inv.display();
-            if line.starts_with("rbd ls")
+            if line.starts_with(self.listing)
                 && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst)
             {
                 return Err(CliError::Failed {
@@ -723,21 +724,24 @@ mod report_cost {
 
     #[tokio::test]
     async fn an_image_removed_while_listed_does_not_fail_the_load() {
-        let ceph = Ceph::new(
-            RaceOnce {
-                inner: Canned { n: 3 },
-                raced: Default::default(),
-            },
-            None,
-        );
-        let r = ceph.report().await.unwrap();
-        assert_eq!(r.images.len(), 3);
-        assert!(
-            ceph.runner()
-                .raced
-                .load(std::sync::atomic::Ordering::SeqCst),
-            "the race happened"
-        );
+        for listing in ["rbd ls", "rbd trash ls"] {
+            let ceph = Ceph::new(
+                RaceOnce {
+                    inner: Canned { n: 3 },
+                    listing,
+                    raced: Default::default(),
+                },
+                None,
+            );
+            let r = ceph.report().await.unwrap();
+            assert_eq!(r.images.len(), 3);
+            assert!(
+                ceph.runner()
+                    .raced
+                    .load(std::sync::atomic::Ordering::SeqCst),
+                "the race happened in {listing}"
+            );
+        }
     }
 
     #[tokio::test]

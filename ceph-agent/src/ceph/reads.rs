@@ -67,26 +67,33 @@ impl<R: Runner> Ceph<R> {
         Ok(Some(img))
     }
 
+    /// `rbd trash ls --long` of a pool (it opens every trashed image: see [`Ceph::listing`]).
     pub(super) async fn trash(&self, pool: &PoolName) -> Result<Vec<TrashEntry>, CephError> {
-        let inv = rbd()
-            .args(["trash", "ls", "--long", "--format", "json", "--"])
-            .arg(pool.as_str());
-        self.json(inv).await
+        self.listing(&["trash", "ls", "--long", "--format", "json", "--"], pool)
+            .await
     }
 
-    /// `rbd ls --long` of a pool. It opens every image it lists, so an image removed between its
-    /// listing and its opening fails the whole command with ENOENT: that race (someone else's
-    /// removal, not a state) is retried a few times before it counts as a failure.
+    /// `rbd ls --long` of a pool (it opens every image: see [`Ceph::listing`]).
     pub(super) async fn ls_long(&self, pool: &PoolName) -> Result<Vec<LsEntry>, CephError> {
+        self.listing(&["ls", "--long", "--format", "json", "--"], pool)
+            .await
+    }
+
+    /// An `rbd` listing of `pool` that opens every image it lists: an image removed between its
+    /// listing and its opening (someone else's removal or purge, not a state) fails the whole
+    /// command with ENOENT, so that race is retried a few times before it counts as a failure.
+    async fn listing<T: serde::de::DeserializeOwned>(
+        &self,
+        args: &[&str],
+        pool: &PoolName,
+    ) -> Result<T, CephError> {
         let mut attempt = 0;
         loop {
-            let inv = rbd()
-                .args(["ls", "--long", "--format", "json", "--"])
-                .arg(pool.as_str());
+            let inv = rbd().args(args.iter().copied()).arg(pool.as_str());
             match self.json(inv).await {
                 Err(e) if gone(&e) && attempt < 4 => {
                     attempt += 1;
-                    tracing::debug!(pool = %pool, attempt, "An image went while rbd ls --long listed it; again.");
+                    tracing::debug!(pool = %pool, attempt, command = args[0], "An image went while rbd listed it; again.");
                 }
                 other => return other,
             }
