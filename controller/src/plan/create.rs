@@ -103,15 +103,19 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         }
     }
 
-    /// Function `f` (its position in the scratch), its subsystem (`nqn`), controller (`ctrl`)
-    /// and binding looked up in `inv` once per DPU.
-    fn function(&mut self, inv: &'a SnapInventory, f: FunctionRef, nqn: &str, ctrl: &str) -> usize {
+    /// Function `f` (its position in the scratch), its subsystem, controller (`ctrl`) and
+    /// binding looked up in `inv` once per DPU.
+    fn function(&mut self, inv: &'a SnapInventory, f: FunctionRef, ctrl: &str) -> usize {
         if let Some(at) = self.s.functions.iter().position(|g| g.f == f) {
             return at;
         }
+        let dpu = self.name;
         self.s.functions.push(Function {
             f,
-            sub: inv.subsystems.iter().find(|s| s.nqn == nqn),
+            sub: inv
+                .subsystems
+                .iter()
+                .find(|s| names::is_nqn(&s.nqn, dpu, f)),
             ctrl: inv.controllers.iter().find(|c| c.name == ctrl),
             bound: inv
                 .functions
@@ -167,15 +171,15 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         // `bdev_rbd_resize` grows the image through SNAP: a write, held with the image's.
         let may_write = !cx.halted.contains_key(v.cluster.as_str());
         let bdev_step = self.bdev(b, inv, v, &[reg, image_step], may_write)?;
-        let (nqn, nsid) = (placed.nqn(k), placed.nsid(k));
+        let nsid = placed.nsid(k);
         let ctrl = ctrl_names
             .entry(v.function)
             .or_insert_with(|| names::controller(v.function));
-        let f = self.function(inv, v.function, nqn, ctrl);
-        let sub = self.subsystem(b, f, nqn);
+        let f = self.function(inv, v.function, ctrl);
+        let sub = self.subsystem(b, f);
         let have_sub = self.s.functions[f].sub;
-        let ns_step = self.namespace(b, have_sub, v, (nqn, nsid), &[sub, bdev_step])?;
-        self.controller(b, f, v, ctrl, (nqn, nsid), sub, ns_step)
+        let ns_step = self.namespace(b, have_sub, v, nsid, &[sub, bdev_step])?;
+        self.controller(b, f, v, ctrl, nsid, sub, ns_step)
     }
 
     /// The DPU's report, when the volume's cluster and DPU are both known.
@@ -332,16 +336,17 @@ impl<'a, 'f> DpuChain<'a, 'f> {
     }
 
     /// The function's subsystem (once per DPU and function).
-    fn subsystem(&mut self, b: &mut Builder, f: usize, nqn: &str) -> Option<usize> {
+    fn subsystem(&mut self, b: &mut Builder, f: usize) -> Option<usize> {
         if let Some(step) = self.s.functions[f].subsystem {
             return step;
         }
         let step = self.s.functions[f].sub.is_none().then(|| {
+            let nqn = names::nqn(self.name, self.s.functions[f].f);
             b.push(
                 self.target(),
                 Action::CreateSubsystem(SubsystemSpec {
-                    nqn: nqn.into(),
-                    serial: snap_values::serial(nqn),
+                    serial: snap_values::serial(&nqn),
+                    nqn,
                     model: snap_values::MODEL.into(),
                     max_namespaces: snap_values::MAX_NAMESPACES,
                 }),
@@ -361,10 +366,11 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         b: &mut Builder,
         sub: Option<&SubsystemInfo>,
         v: &Volume,
-        (nqn, nsid): (&str, u32),
+        nsid: u32,
         before: &[Option<usize>],
     ) -> Result<Option<usize>, Held> {
         let vname = v.name.as_str();
+        let nqn = || names::nqn(self.name, v.function);
         let have = sub.and_then(|s| s.namespaces.iter().find(|n| n.nsid == nsid));
         match have {
             Some(n)
@@ -377,8 +383,10 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 b.block(
                     object(v),
                     format!(
-                        "NSID {nsid} of {nqn} is taken by bdev {} (uuid {})",
-                        n.bdev, n.uuid
+                        "NSID {nsid} of {} is taken by bdev {} (uuid {})",
+                        nqn(),
+                        n.bdev,
+                        n.uuid
                     ),
                 );
                 Err(Held)
@@ -386,7 +394,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
             None => Ok(Some(b.push(
                 self.target(),
                 Action::CreateNamespace(NamespaceSpec {
-                    nqn: nqn.into(),
+                    nqn: nqn(),
                     nsid,
                     bdev: names::bdev(vname),
                     uuid: v.uuid.clone(),
@@ -407,7 +415,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         f: usize,
         v: &Volume,
         ctrl: &str,
-        (nqn, nsid): (&str, u32),
+        nsid: u32,
         sub: Option<usize>,
         ns_step: Option<usize>,
     ) -> Result<(), Held> {
@@ -440,7 +448,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                         self.target(),
                         Action::CreateController(ControllerSpec {
                             name: ctrl.into(),
-                            nqn: nqn.into(),
+                            nqn: names::nqn(self.name, v.function),
                             function: v.function,
                             num_queues: v.queues,
                             mdts: snap_values::MDTS,

@@ -35,17 +35,51 @@ pub mod names {
 
     /// The subsystem of one function of one DPU.
     pub fn nqn(dpu: &str, f: FunctionRef) -> String {
-        let mut s = String::new();
-        push_nqn(&mut s, dpu, f);
-        s
+        format!("{NQN_PREFIX}{}:{f}", dpu.to_ascii_lowercase())
     }
-    /// [`nqn`] appended to `out` (no allocation of its own).
-    pub fn push_nqn(out: &mut String, dpu: &str, f: FunctionRef) {
-        use std::fmt::Write;
-        out.push_str(NQN_PREFIX);
-        out.extend(dpu.chars().map(|c| c.to_ascii_lowercase()));
-        // Writing to a String cannot fail.
-        let _ = write!(out, ":{f}");
+    /// Whether `nqn` is [`nqn`]`(dpu, f)`, told without formatting it: a plan compares every
+    /// subsystem SNAP reports with the one it wants, and a converged one formats nothing.
+    pub fn is_nqn(nqn: &str, dpu: &str, f: FunctionRef) -> bool {
+        let Some(rest) = nqn.strip_prefix(NQN_PREFIX) else {
+            return false;
+        };
+        let (Some(d), Some(func)) = (rest.get(..dpu.len()), rest.get(dpu.len()..)) else {
+            return false;
+        };
+        // The DPU's name in lower case (ASCII: the same length), then `:` and the function.
+        d.bytes()
+            .zip(dpu.bytes())
+            .all(|(a, b)| a == b.to_ascii_lowercase())
+            && func
+                .strip_prefix(':')
+                .is_some_and(|func| is_function(func, f))
+    }
+
+    /// Whether `s` is `f` as [`FunctionRef`]'s `Display` writes it (`pf0`, `pf0vf3`).
+    fn is_function(s: &str, f: FunctionRef) -> bool {
+        let Some(s) = s.strip_prefix("pf") else {
+            return false;
+        };
+        match (s.split_once("vf"), f.vf) {
+            (None, None) => is_decimal(s, f.pf),
+            (Some((pf, vf)), Some(n)) => is_decimal(pf, f.pf) && is_decimal(vf, n),
+            _ => false,
+        }
+    }
+
+    /// Whether `s` is `n` written in decimal (no sign, no leading zero).
+    fn is_decimal(s: &str, n: u32) -> bool {
+        let mut digits = [0u8; 10];
+        let (mut at, mut n) = (digits.len(), n);
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        s.as_bytes() == &digits[at..]
     }
     /// The controller of one function.
     pub fn controller(f: FunctionRef) -> String {

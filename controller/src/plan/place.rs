@@ -8,23 +8,20 @@ use protocol::dpu::{FunctionRef, SnapInventory};
 use super::{fnv, names, HashMap};
 use crate::manifest::{Desired, Volume};
 
-/// Where one DPU's wanted volumes go: each one's subsystem and NSID, by its place in the DPU's
-/// list. Made afresh for each DPU in the same allocations, and names kept in one string rather
-/// than one allocation each: planning 80k volumes is bound by memory lookups.
+/// Where one DPU's wanted volumes go: each one's subsystem (its function's) and NSID, by its
+/// place in the DPU's list. Made afresh for each DPU in the same allocations; NQNs are never
+/// formatted to be compared (only for a step or a message): planning 80k volumes is bound by
+/// memory, and a converged plan allocates nothing per volume.
 #[derive(Default)]
 pub(super) struct DpuPlacement<'a> {
+    dpu: &'a str,
     /// Every wanted volume of the fleet, in name order.
     volumes: &'a [&'a Volume],
     /// This DPU's (positions in `volumes`, in name order).
     wanted: &'a [usize],
     nsid: Vec<u32>,
-    /// Each volume's subsystem, as a position in `nqns` (a DPU's volumes share a handful).
-    nqn_of: Vec<u32>,
-    nqns: Names,
     /// NSIDs taken per function (= per subsystem): a handful each, a list kept from DPU to DPU.
     taken: Vec<(FunctionRef, u32)>,
-    /// Each function's subsystem, as a position in `nqns`.
-    subsystems: Vec<(FunctionRef, u32)>,
 }
 
 impl<'a> DpuPlacement<'a> {
@@ -38,30 +35,28 @@ impl<'a> DpuPlacement<'a> {
         self.volumes[self.wanted[k]]
     }
 
-    /// The subsystem of the `k`-th wanted volume.
-    pub(super) fn nqn(&self, k: usize) -> &str {
-        self.nqns.get(self.nqn_of[k])
-    }
-
     /// The NSID of the `k`-th wanted volume.
     pub(super) fn nsid(&self, k: usize) -> u32 {
         self.nsid[k]
     }
 
-    /// Subsystem `nqn`, as a position among the wanted volumes' (none when no wanted volume
-    /// is in it).
-    pub(super) fn subsystem_of(&self, nqn: &str) -> Option<u32> {
-        (0..self.nqns.len() as u32).find(|&q| self.nqns.get(q) == nqn)
+    /// The function whose subsystem `nqn` is, when a wanted volume is on it.
+    pub(super) fn function_of(&self, nqn: &str) -> Option<FunctionRef> {
+        (0..self.len())
+            .map(|k| self.volume(k).function)
+            .find(|&f| names::is_nqn(nqn, self.dpu, f))
     }
 
-    /// Whether the namespace `nsid` of subsystem `q` (from [`DpuPlacement::subsystem_of`]) over
-    /// unistor's bdev `bdev` is wanted: found by subsystem and NSID, then its name compared.
-    pub(super) fn wants_namespace(&self, bdev: &str, q: Option<u32>, nsid: u32) -> bool {
-        let (Some(q), Some(name)) = (q, names::unprefixed(bdev)) else {
+    /// Whether the namespace `nsid` of function `f`'s subsystem (from
+    /// [`DpuPlacement::function_of`]) over unistor's bdev `bdev` is wanted: found by function
+    /// and NSID, then its name compared.
+    pub(super) fn wants_namespace(&self, bdev: &str, f: Option<FunctionRef>, nsid: u32) -> bool {
+        let (Some(f), Some(name)) = (f, names::unprefixed(bdev)) else {
             return false;
         };
         (0..self.len()).any(|k| {
-            self.nqn_of[k] == q && self.nsid[k] == nsid && self.volume(k).name.as_str() == name
+            let v = self.volume(k);
+            v.function == f && self.nsid[k] == nsid && v.name.as_str() == name
         })
     }
 
@@ -84,26 +79,21 @@ impl<'a> DpuPlacement<'a> {
     /// its name (probing upwards past taken NSIDs).
     pub(super) fn place(
         &mut self,
-        dpu: &str,
+        dpu: &'a str,
         volumes: &'a [&'a Volume],
         wanted: &'a [usize],
         inv: Option<&SnapInventory>,
     ) {
+        self.dpu = dpu;
         self.volumes = volumes;
         self.wanted = wanted;
         self.nsid.clear();
         self.nsid.resize(wanted.len(), 0);
-        self.nqn_of.clear();
-        self.nqn_of.resize(wanted.len(), 0);
-        self.nqns.clear();
         self.taken.clear();
-        self.subsystems.clear();
         for (k, &i) in wanted.iter().enumerate() {
-            let v = volumes[i];
-            if let Some(n) = v.nsid {
-                self.taken.push((v.function, n));
+            if let Some(n) = volumes[i].nsid {
+                self.taken.push((volumes[i].function, n));
                 self.nsid[k] = n;
-                self.nqn_of[k] = self.subsystem(dpu, v.function);
             }
         }
         for (k, &i) in wanted.iter().enumerate() {
@@ -111,12 +101,13 @@ impl<'a> DpuPlacement<'a> {
             if v.nsid.is_some() {
                 continue;
             }
-            let q = self.subsystem(dpu, v.function);
-            self.nqn_of[k] = q;
-            let nqn = self.nqns.get(q);
             let taken = &self.taken;
             let used = |n: u32| taken.contains(&(v.function, n));
-            let sub = inv.and_then(|inv| inv.subsystems.iter().find(|s| s.nqn == nqn));
+            let sub = inv.and_then(|inv| {
+                inv.subsystems
+                    .iter()
+                    .find(|s| names::is_nqn(&s.nqn, dpu, v.function))
+            });
             let existing = sub.and_then(|s| {
                 s.namespaces
                     .iter()
@@ -138,48 +129,6 @@ impl<'a> DpuPlacement<'a> {
             self.taken.push((v.function, n));
             self.nsid[k] = n;
         }
-    }
-
-    /// Function `f`'s subsystem on DPU `dpu`, as a position in `nqns`.
-    fn subsystem(&mut self, dpu: &str, f: FunctionRef) -> u32 {
-        if let Some(&(_, n)) = self.subsystems.iter().find(|(g, _)| *g == f) {
-            return n;
-        }
-        let n = self.nqns.push(|s| names::push_nqn(s, dpu, f));
-        self.subsystems.push((f, n));
-        n
-    }
-}
-
-/// Strings one after the other in one allocation, each found by its position.
-#[derive(Default)]
-struct Names {
-    text: String,
-    /// Where each string ends in `text`.
-    ends: Vec<u32>,
-}
-
-impl Names {
-    fn get(&self, at: u32) -> &str {
-        let at = at as usize;
-        let start = at.checked_sub(1).map_or(0, |p| self.ends[p] as usize);
-        &self.text[start..self.ends[at] as usize]
-    }
-
-    /// Adds the string `write` appends; returns its position.
-    fn push(&mut self, write: impl FnOnce(&mut String)) -> u32 {
-        write(&mut self.text);
-        self.ends.push(self.text.len() as u32);
-        (self.ends.len() - 1) as u32
-    }
-
-    fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    fn clear(&mut self) {
-        self.text.clear();
-        self.ends.clear();
     }
 }
 
@@ -288,18 +237,5 @@ mod tests {
         want.sort();
         // Listed DPUs without volumes have no group.
         assert_eq!(groups, want);
-    }
-
-    #[test]
-    fn names_are_found_by_position_after_being_appended() {
-        let mut a = Names::default();
-        assert_eq!(a.push(|s| s.push_str("one")), 0);
-        assert_eq!(a.push(|s| s.push_str("")), 1);
-        assert_eq!(a.push(|s| s.push_str("three")), 2);
-        assert_eq!([a.get(0), a.get(1), a.get(2)], ["one", "", "three"]);
-        assert_eq!(a.len(), 3);
-        a.clear();
-        assert_eq!(a.push(|s| s.push_str("again")), 0);
-        assert_eq!(a.get(0), "again");
     }
 }

@@ -136,10 +136,10 @@ impl<'a> DpuTeardown<'a, '_> {
         let mut out = Namespaces::default();
         for s in self.inv.subsystems.iter().filter(|s| names::owned(&s.nqn)) {
             let mut keeps = false;
-            let q = self.placed.subsystem_of(&s.nqn);
+            let f = self.placed.function_of(&s.nqn);
             for n in &s.namespaces {
                 if !names::owned(&n.bdev)
-                    || self.placed.wants_namespace(&n.bdev, q, n.nsid)
+                    || self.placed.wants_namespace(&n.bdev, f, n.nsid)
                     || self.owner.ours(&n.bdev) != Ok(true)
                 {
                     keeps = true;
@@ -182,7 +182,7 @@ impl<'a> DpuTeardown<'a, '_> {
 
     /// Whether unistor's subsystem `nqn` goes: nothing kept in it, nothing wanted.
     fn goes(&self, nqn: &str, ns: &Namespaces<'_>) -> bool {
-        !ns.kept.contains(nqn) && self.placed.subsystem_of(nqn).is_none()
+        !ns.kept.contains(nqn) && self.placed.function_of(nqn).is_none()
     }
 
     /// Controllers, then subsystems, left with nothing wanted.

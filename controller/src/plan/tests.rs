@@ -872,3 +872,57 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         );
     }
 }
+
+#[test]
+fn an_nqn_is_recognised_without_being_formatted() {
+    use protocol::dpu::FunctionRef;
+    let functions = [
+        FunctionRef { pf: 0, vf: None },
+        FunctionRef { pf: 1, vf: None },
+        FunctionRef { pf: 10, vf: None },
+        FunctionRef { pf: 0, vf: Some(0) },
+        FunctionRef { pf: 0, vf: Some(3) },
+        FunctionRef {
+            pf: 1,
+            vf: Some(12),
+        },
+        FunctionRef {
+            pf: u32::MAX,
+            vf: Some(u32::MAX),
+        },
+    ];
+    for dpu in ["dpu-a", "DPU-B", "d"] {
+        for &f in &functions {
+            for &g in &functions {
+                for other in ["dpu-a", "dpu-b", "DPU-B", "d", "dd"] {
+                    let nqn = names::nqn(other, g);
+                    assert_eq!(
+                        names::is_nqn(&nqn, dpu, f),
+                        nqn == names::nqn(dpu, f),
+                        "{nqn} against {dpu} {f}"
+                    );
+                }
+            }
+        }
+    }
+    // What the formatter never writes is never taken for it.
+    let f = FunctionRef { pf: 0, vf: Some(3) };
+    for nqn in [
+        "nqn.2024-01.io.unistor:dpu-a:pf00vf3",
+        "nqn.2024-01.io.unistor:dpu-a:pf0vf03",
+        "nqn.2024-01.io.unistor:DPU-A:pf0vf3",
+        "nqn.2024-01.io.unistor:dpu-a:pf0vf3x",
+        "nqn.2024-01.io.unistor:dpu-a:pf0vf",
+        "nqn.2024-01.io.unistor:dpu-a:pf+0vf3",
+        "nqn.2024-01.io.unistor:dpu-apf0vf3",
+        "nqn.2024-01.io.unistor:dpu-a",
+        "nqn.2024-01.io.other:dpu-a:pf0vf3",
+    ] {
+        assert!(!names::is_nqn(nqn, "dpu-a", f), "{nqn}");
+    }
+    assert!(names::is_nqn(
+        "nqn.2024-01.io.unistor:dpu-a:pf0vf3",
+        "dpu-a",
+        f
+    ));
+}
