@@ -1,6 +1,8 @@
 //! Planning benchmark: time and peak memory of `plan()` for N DPUs with M volumes each, from
 //! empty and when already converged. Prints one line per case; `--dpus` and `--volumes` change
-//! the size (default 10,000 × 8). Run it with `cargo run --release --bin plan-bench`.
+//! the size (default 10,000 × 8), `--threads` the planner's threads (default: the cores), `--runs`
+//! how many converged plans the median is of (11). Run it with
+//! `cargo run --release --bin plan-bench`.
 
 use std::alloc::System;
 use std::collections::BTreeMap;
