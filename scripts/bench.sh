@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
-target/release/plan-bench
+bin="${CARGO_TARGET_DIR:-target}/release"
+"$bin/plan-bench"
 dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-bench.XXXXXX")
 trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT
 scripts/ceph-dev-cluster.sh up "$dir" --port auto
 # shellcheck disable=SC1091
 . "$dir/env"
-target/release/converge-bench "$@"
+"$bin/converge-bench" "$@"
