@@ -493,8 +493,9 @@ pub enum Reply {
     Watchers(WatcherList),
     /// Images as the cluster has them, one per image asked about ([`Command::ProbeImages`]).
     Images(ImageStatusList),
-    /// An image's state after the command.
-    Image(ImageStatus),
+    /// An image's state after the command (boxed: the largest reply by far; the wire is the
+    /// same).
+    Image(Box<ImageStatus>),
     /// A cephx identity.
     Identity(CephIdentity),
     /// A DPU's report.

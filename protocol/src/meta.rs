@@ -81,6 +81,9 @@ pub struct ImageMeta {
     policy: Option<String>,
     retention: Option<String>,
     other: BTreeMap<String, String>,
+    /// `policy` read when set: whether it names a policy, and which.
+    #[serde(skip)]
+    policy_read: Option<Option<DeletionPolicy>>,
 }
 
 use std::collections::BTreeMap;
@@ -104,6 +107,25 @@ impl ImageMeta {
     /// [`RETENTION`], as written.
     pub fn retention(&self) -> Option<&str> {
         self.retention.as_deref()
+    }
+
+    /// Whether the image's policy is `p` (absent means `Retain`; a value that names no policy
+    /// is none of them). Read when the value was set, not on every call.
+    pub fn policy_is(&self, p: DeletionPolicy) -> bool {
+        match self.policy_read {
+            None => p == DeletionPolicy::Retain,
+            Some(read) => read == Some(p),
+        }
+    }
+
+    /// [`RETENTION`] in seconds, when it is set and a number.
+    pub fn retention_secs(&self) -> Option<u64> {
+        self.retention.as_deref().and_then(|r| r.parse().ok())
+    }
+
+    /// Reads `policy` again after it was set or removed.
+    fn reread(&mut self) {
+        self.policy_read = self.policy.as_deref().map(|p| p.parse().ok());
     }
 
     fn known(&self, key: &str) -> Option<&Option<String>> {
@@ -142,7 +164,11 @@ impl ImageMeta {
     /// Sets `key`; returns its previous value.
     pub fn insert(&mut self, key: String, value: String) -> Option<String> {
         match self.known_mut(&key) {
-            Some(slot) => slot.replace(value),
+            Some(slot) => {
+                let old = slot.replace(value);
+                self.reread();
+                old
+            }
             None => self.other.insert(key, value),
         }
     }
@@ -150,7 +176,11 @@ impl ImageMeta {
     /// Removes `key`; returns its value.
     pub fn remove(&mut self, key: &str) -> Option<String> {
         match self.known_mut(key) {
-            Some(slot) => slot.take(),
+            Some(slot) => {
+                let old = slot.take();
+                self.reread();
+                old
+            }
             None => self.other.remove(key),
         }
     }
@@ -240,6 +270,9 @@ mod tests {
         assert_eq!(m.volume(), Some("v"));
         assert_eq!(m.policy(), Some("Trash"));
         assert_eq!(m.retention(), Some("60"));
+        assert_eq!(m.retention_secs(), Some(60));
+        assert!(m.policy_is(super::DeletionPolicy::Trash));
+        assert!(!m.policy_is(super::DeletionPolicy::Retain));
         assert_eq!(m.get("unistor.other").map(String::as_str), Some("x"));
         assert_eq!(m.len(), 5);
         // Written back in key order, byte for byte.
@@ -251,6 +284,20 @@ mod tests {
         assert_eq!(m.insert(super::VOLUME.into(), "w".into()), None);
         assert_eq!(m[super::VOLUME], "w");
         assert!(super::ImageMeta::default().is_empty());
+        // Absent is Retain; a value that names no policy is none; a retention read again.
+        assert!(super::ImageMeta::default().policy_is(super::DeletionPolicy::Retain));
+        m.insert(super::POLICY.into(), "Shred".into());
+        m.insert(super::RETENTION.into(), "soon".into());
+        for p in [
+            super::DeletionPolicy::Retain,
+            super::DeletionPolicy::Trash,
+            super::DeletionPolicy::Delete,
+        ] {
+            assert!(!m.policy_is(p));
+        }
+        assert_eq!(m.retention_secs(), None);
+        m.remove(super::POLICY);
+        assert!(m.policy_is(super::DeletionPolicy::Retain));
     }
 
     #[test]

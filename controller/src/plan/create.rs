@@ -713,9 +713,9 @@ fn live_image(
     ours();
     let (policy, retain_secs) = (v.deletion_policy.as_str(), v.trash_retention.as_secs());
     // Absent means Retain; an unknown name is drift the create rewrites.
-    let have_policy = i.metadata.policy().unwrap_or("Retain");
-    let have_retention = i.metadata.retention().and_then(|r| r.parse().ok());
-    if have_policy != policy || have_retention != Some(retain_secs) {
+    let have_retention = i.metadata.retention_secs();
+    if !i.metadata.policy_is(v.deletion_policy) || have_retention != Some(retain_secs) {
+        let have_policy = i.metadata.policy().unwrap_or("Retain");
         b.drift(
             object(v),
             "deletionPolicy",

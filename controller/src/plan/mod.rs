@@ -427,11 +427,11 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
                 .or_default()
                 .extend(steps.into_iter().map(|s| s + at));
         }
-        for (cluster, at) in part.claims {
+        for (cluster, image) in part.claims {
             let bits = claimed
                 .entry(cluster)
                 .or_insert_with(|| vec![false; images.get(cluster).map_or(0, |c| c.images.len())]);
-            bits[at as usize] = true;
+            bits[image as usize] = true;
         }
         rest.push((part.installs, part.chains));
     }
@@ -442,9 +442,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     let mut installed = Vec::with_capacity(rest.len());
     let mut chains = Vec::with_capacity(rest.len());
     for ((installs, c), removals) in rest.into_iter().zip(&moved) {
-        let at = b.next_id();
-        b.absorb_with(installs, |d| d + removals);
-        installed.push(at);
+        installed.push(b.absorb_with(installs, |d| d + removals));
         chains.push(c);
     }
     for ((c, removals), installs) in chains.into_iter().zip(&moved).zip(installed) {
@@ -460,7 +458,8 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
 }
 
 /// Where a chunk's SNAP installs and chains number their steps, until merged: above any plan's
-/// length, so that a dependency tells which fragment it is in (removals number from 0).
+/// length, so that a dependency tells which fragment it is in (removals number from 0). The
+/// controller runs on 64-bit machines only.
 const INSTALLS: usize = 1 << 48;
 const CHAINS: usize = 2 << 48;
 

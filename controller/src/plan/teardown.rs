@@ -347,11 +347,7 @@ fn gone_image(
         DeletionPolicy::Trash => Action::TrashImage {
             pool: i.pool.clone(),
             image: i.image.clone(),
-            retain_secs: i
-                .metadata
-                .retention()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(7 * 86400),
+            retain_secs: i.metadata.retention_secs().unwrap_or(7 * 86400),
             volume: volume.to_string(),
         },
         DeletionPolicy::Delete => Action::DeleteImage {
