@@ -196,35 +196,39 @@ impl<R: Runner> CephHandler<R> {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
                 let policy = crate::ceph::Policy::parse_opt(c.policy.as_ref())?;
-                Reply::Image(
+                Reply::Image(Box::new(
                     self.ceph
                         .create_image(&spec, c.size_bytes, &c.features, &owner, policy.as_ref())
                         .await?,
-                )
+                ))
             }
             Command::AdoptImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
                 let policy = crate::ceph::Policy::parse_opt(c.policy.as_ref())?;
-                Reply::Image(
+                Reply::Image(Box::new(
                     self.ceph
                         .adopt_image(&spec, &owner, policy.as_ref())
                         .await?,
-                )
+                ))
             }
             Command::GrowImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
-                Reply::Image(self.ceph.grow_image(&spec, c.size_bytes, &owner).await?)
+                Reply::Image(Box::new(
+                    self.ceph.grow_image(&spec, c.size_bytes, &owner).await?,
+                ))
             }
             Command::TrashImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
-                Reply::Image(self.ceph.trash_image(&spec, c.retain_secs, &owner).await?)
+                Reply::Image(Box::new(
+                    self.ceph.trash_image(&spec, c.retain_secs, &owner).await?,
+                ))
             }
             Command::RestoreImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
-                Reply::Image(self.ceph.restore_image(&spec).await?)
+                Reply::Image(Box::new(self.ceph.restore_image(&spec).await?))
             }
             Command::DeleteImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
@@ -670,6 +674,69 @@ mod report_cost {
             }
             self.inner.run(inv).await
         }
+    }
+
+    /// [`Canned`] with no image in the view, and a pool whose listing holds one image, `here`
+    /// (1 MiB, no metadata, no watchers); records every command it runs.
+    struct OneOutside {
+        inner: Canned,
+        ran: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Runner for OneOutside {
+        async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
+            let line = inv.display();
+            self.ran.lock().unwrap().push(line.clone());
+            let here = line.ends_with("-- here");
+            let reply = if line.starts_with("rbd ls --format json") {
+                r#"["here"]"#
+            } else if line.starts_with("rbd info") && here {
+                r#"{"size":1048576,"features":["layering"]}"#
+            } else if line.starts_with("rbd image-meta list") && here {
+                ""
+            } else if line.starts_with("rbd status") && here {
+                r#"{"watchers":[]}"#
+            } else if line.starts_with("rbd info") {
+                panic!("{line}: an image the pool does not list was read");
+            } else {
+                return self.inner.run(inv).await;
+            };
+            Ok(out(reply.to_string()))
+        }
+    }
+
+    #[tokio::test]
+    async fn probing_images_reads_only_those_the_pool_lists() {
+        let ceph = Ceph::new(
+            OneOutside {
+                inner: Canned { n: 0 },
+                ran: Default::default(),
+            },
+            None,
+        );
+        let specs: Vec<ImageSpec> = ["gone-1", "here", "gone-2"]
+            .iter()
+            .map(|i| ImageSpec::parse("rbd", i).unwrap())
+            .collect();
+        let st = ceph.probe_images(&specs).await.unwrap();
+        let states: Vec<(&str, bool)> = st
+            .iter()
+            .map(|i| (i.image.as_str(), i.state == protocol::ImageState::Live))
+            .collect();
+        assert_eq!(
+            states,
+            [("gone-1", false), ("here", true), ("gone-2", false)]
+        );
+        assert_eq!(st[1].size_bytes, 1 << 20);
+        let ran = ceph.runner().ran.lock().unwrap().clone();
+        let count = |prefix: &str| ran.iter().filter(|l| l.starts_with(prefix)).count();
+        assert_eq!(
+            count("rbd ls --format json"),
+            1,
+            "one listing per pool: {ran:?}"
+        );
+        assert_eq!(count("rbd info"), 1, "{ran:?}");
     }
 
     /// Answers `rbd status` with no watchers; anything else is not expected.

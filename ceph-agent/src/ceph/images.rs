@@ -151,16 +151,29 @@ impl<R: Runner> Ceph<R> {
     }
 
     /// Images as the cluster has them now (whoever owns them): the view's status when it holds
-    /// the image, else read (live with its metadata and watchers, or missing).
+    /// the image, else read (live with its metadata and watchers, or missing). The images not in
+    /// the view are first looked for in their pool's listing (`rbd ls`, one command per pool):
+    /// only those listed are read, so probing the images of a fleet about to be created costs a
+    /// listing, not a command per image.
     pub async fn probe_images(&self, specs: &[ImageSpec]) -> Result<Vec<ImageStatus>, CephError> {
         self.load().await?;
+        let mut listed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         let mut out = vec![];
         for spec in specs {
             if let Some(known) = self.view().get(spec).cloned() {
                 out.push(known);
                 continue;
             }
-            out.push(match self.live(spec).await? {
+            let pool = spec.pool.as_str();
+            if !listed.contains_key(pool) {
+                listed.insert(pool, self.ls_names(&spec.pool).await?);
+            }
+            let live = if listed[pool].contains(spec.image.as_str()) {
+                self.live(spec).await?
+            } else {
+                None
+            };
+            out.push(match live {
                 Some(img) => Self::live_status(spec, &img, None),
                 None => Self::gone_status(spec, &[]),
             });

@@ -73,6 +73,14 @@ impl<R: Runner> Ceph<R> {
             .await
     }
 
+    /// The names of a pool's images (`rbd ls`: the pool's directory, no image opened).
+    pub(super) async fn ls_names(&self, pool: &PoolName) -> Result<BTreeSet<String>, CephError> {
+        let inv = rbd()
+            .args(["ls", "--format", "json", "--"])
+            .arg(pool.as_str());
+        self.json(inv).await
+    }
+
     /// `rbd ls --long` of a pool (it opens every image: see [`Ceph::listing`]).
     pub(super) async fn ls_long(&self, pool: &PoolName) -> Result<Vec<LsEntry>, CephError> {
         self.listing(&["ls", "--long", "--format", "json", "--"], pool)
