@@ -81,8 +81,8 @@ pub struct ImageMeta {
     policy: Option<String>,
     retention: Option<String>,
     other: BTreeMap<String, String>,
-    /// `policy` read when set: whether it names a policy, and which.
-    #[serde(skip)]
+    /// `policy` read when set: whether it names a policy, and which (derived: the wire carries
+    /// the string only).
     policy_read: Option<Option<DeletionPolicy>>,
 }
 

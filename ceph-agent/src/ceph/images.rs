@@ -157,6 +157,7 @@ impl<R: Runner> Ceph<R> {
     /// listing, not a command per image.
     pub async fn probe_images(&self, specs: &[ImageSpec]) -> Result<Vec<ImageStatus>, CephError> {
         self.load().await?;
+        use std::collections::btree_map::Entry;
         let mut listed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         let mut out = vec![];
         for spec in specs {
@@ -164,11 +165,11 @@ impl<R: Runner> Ceph<R> {
                 out.push(known);
                 continue;
             }
-            let pool = spec.pool.as_str();
-            if !listed.contains_key(pool) {
-                listed.insert(pool, self.ls_names(&spec.pool).await?);
-            }
-            let live = if listed[pool].contains(spec.image.as_str()) {
+            let names = match listed.entry(spec.pool.as_str()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(self.ls_names(&spec.pool).await?),
+            };
+            let live = if names.contains(spec.image.as_str()) {
                 self.live(spec).await?
             } else {
                 None

@@ -513,7 +513,7 @@ fn object(v: &Volume) -> String {
 fn image<'a>(
     b: &mut Builder,
     cx: &Context<'a>,
-    v: &Volume,
+    v: &'a Volume,
     claims: &mut Claims<'a>,
 ) -> Result<Option<usize>, Held> {
     let Some(why) = cx.halted.get(v.cluster.as_str()) else {
@@ -548,7 +548,7 @@ fn find_image<'a>(cx: &Context<'a>, v: &Volume) -> Option<(u32, &'a ImageStatus)
 fn image_steps<'a>(
     b: &mut Builder,
     cx: &Context<'a>,
-    v: &Volume,
+    v: &'a Volume,
     claims: &mut Claims<'a>,
 ) -> Result<Option<usize>, Held> {
     let img = find_image(cx, v);
@@ -583,9 +583,7 @@ fn image_steps<'a>(
                 )))
             }
             ImageState::Live => live_image(b, cx.opts, v, i, || {
-                if let Some((cluster, _)) = cx.images.get_key_value(v.cluster.as_str()) {
-                    claims.push((cluster, at));
-                }
+                claims.push((v.cluster.as_str(), at));
             }),
         },
     }

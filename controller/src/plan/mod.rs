@@ -439,13 +439,12 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         &mut b, observed, opts, &volumes, &of_volume, &claimed, &halted,
     );
     // SNAP on every DPU (after its removals), then every DPU's chains (after its SNAP).
-    let mut installed = Vec::with_capacity(rest.len());
     let mut chains = Vec::with_capacity(rest.len());
-    for ((installs, c), removals) in rest.into_iter().zip(&moved) {
-        installed.push(b.absorb_with(installs, |d| d + removals));
-        chains.push(c);
+    for ((installs, c), &removals) in rest.into_iter().zip(&moved) {
+        let installs = b.absorb_with(installs, |d| d + removals);
+        chains.push((c, removals, installs));
     }
-    for ((c, removals), installs) in chains.into_iter().zip(&moved).zip(installed) {
+    for (c, removals, installs) in chains {
         b.absorb_with(c, |d| {
             if d >= INSTALLS {
                 d - INSTALLS + installs
