@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use protocol::lease::Fence;
 use protocol::names::{CephClientId, PoolName};
 use protocol::server::Handler;
 use protocol::{AgentKind, Command, ErrorCode, Event, Reply, WireError};
@@ -111,7 +112,7 @@ impl<R: Runner> CephHandler<R> {
         }
     }
 
-    async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
+    async fn dispatch(&self, command: Command, fence: &Fence) -> Result<Reply, WireError> {
         let wire = |e: crate::ceph::CephError| e.to_wire();
         match command {
             Command::CephReport(_) => Ok(Reply::CephReport(Box::new(
@@ -173,7 +174,12 @@ impl<R: Runner> CephHandler<R> {
                 let result = {
                     let _one = lock.lock().await;
                     match self.mutations.acquire().await {
-                        Ok(_slot) => self.mutate(c).await.map_err(wire),
+                        // The lease again, now that the command starts: it may have waited
+                        // for this image behind another controller's command.
+                        Ok(_slot) => match fence.enter() {
+                            Ok(_executing) => self.mutate(c).await.map_err(wire),
+                            Err(e) => Err(e),
+                        },
                         Err(_) => Err(WireError::new(
                             ErrorCode::Internal,
                             "shutting down".to_string(),
@@ -298,8 +304,8 @@ impl<R: Runner> Handler for CephHandler<R> {
         CAPABILITIES.iter().map(|s| s.to_string()).collect()
     }
 
-    async fn handle(&self, command: Command) -> Result<Reply, WireError> {
-        self.dispatch(command).await
+    async fn handle(&self, command: Command, fence: Fence) -> Result<Reply, WireError> {
+        self.dispatch(command, &fence).await
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<Event>> {
@@ -461,7 +467,7 @@ mod tests {
         for bad in cases {
             for (field, command) in commands_with(bad) {
                 let name = command.name();
-                let e = handler.handle(command).await.unwrap_err();
+                let e = handler.handle(command, Fence::none()).await.unwrap_err();
                 assert_eq!(
                     e.field.as_deref(),
                     Some(field),
@@ -489,37 +495,46 @@ mod tests {
         let handler = CephHandler::new(Ceph::new(Recording::default(), Some("unistor-agent")));
         for size in [0, 1, (1 << 20) + 512] {
             let e = handler
-                .handle(Command::CreateImage(CreateImage {
-                    pool: "rbd".into(),
-                    image: "img".into(),
-                    size_bytes: size,
-                    features: vec![],
-                    owner: owner("v"),
-                    policy: None,
-                }))
+                .handle(
+                    Command::CreateImage(CreateImage {
+                        pool: "rbd".into(),
+                        image: "img".into(),
+                        size_bytes: size,
+                        features: vec![],
+                        owner: owner("v"),
+                        policy: None,
+                    }),
+                    Fence::none(),
+                )
                 .await
                 .unwrap_err();
             assert_eq!(e.field.as_deref(), Some("size_bytes"));
         }
         for id in ["admin", "unistor-agent"] {
             let e = handler
-                .handle(Command::IssueSnapIdentity(IssueSnapIdentity {
-                    client_id: id.into(),
-                    pools: vec!["rbd".into()],
-                }))
+                .handle(
+                    Command::IssueSnapIdentity(IssueSnapIdentity {
+                        client_id: id.into(),
+                        pools: vec!["rbd".into()],
+                    }),
+                    Fence::none(),
+                )
                 .await
                 .unwrap_err();
             assert_eq!(e.field.as_deref(), Some("client_id"), "{e:?}");
         }
         let e = handler
-            .handle(Command::CreateImage(CreateImage {
-                pool: "rbd".into(),
-                image: "img".into(),
-                size_bytes: 1 << 30,
-                features: vec!["fast-diff".into()],
-                owner: owner("v"),
-                policy: None,
-            }))
+            .handle(
+                Command::CreateImage(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: 1 << 30,
+                    features: vec!["fast-diff".into()],
+                    owner: owner("v"),
+                    policy: None,
+                }),
+                Fence::none(),
+            )
             .await
             .unwrap_err();
         assert!(e.message.contains("requires"), "{}", e.message);
@@ -580,7 +595,7 @@ mod tests {
         ];
         for (field, command) in cases {
             let name = command.name();
-            let e = handler.handle(command).await.unwrap_err();
+            let e = handler.handle(command, Fence::none()).await.unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidArgument, "{name}: {e:?}");
             assert!(!e.code.is_transient(), "{name}: {e:?}");
             assert_eq!(e.field.as_deref(), Some(field), "{name}: {e:?}");
@@ -768,17 +783,17 @@ mod report_cost {
         let mutation = h.lock_for("image:rbd/busy");
         let in_flight = mutation.clone().lock_owned().await;
         // Another image: answered at once.
-        h.dispatch(lookup("idle")).await.unwrap();
+        h.dispatch(lookup("idle"), &Fence::none()).await.unwrap();
         // The busy one: not before the mutation ends (paused time runs out the hour first).
         let waiting = tokio::time::timeout(
             std::time::Duration::from_secs(3600),
-            h.dispatch(lookup("busy")),
+            h.dispatch(lookup("busy"), &Fence::none()),
         )
         .await;
         assert!(waiting.is_err(), "answered while the image's mutation ran");
         let pending = tokio::spawn({
             let h = h.clone();
-            async move { h.dispatch(lookup("busy")).await }
+            async move { h.dispatch(lookup("busy"), &Fence::none()).await }
         });
         drop(in_flight);
         assert!(matches!(pending.await.unwrap(), Ok(Reply::Watchers(_))));

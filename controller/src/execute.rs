@@ -39,6 +39,8 @@ pub struct ExecOptions {
     pub allow_in_use: bool,
     /// Lease duration taken on each agent.
     pub lease_ttl: Duration,
+    /// How long to wait for a lease another controller holds (0: refused at once).
+    pub lease_wait: Duration,
     /// Attempts per step for transient errors.
     pub attempts: u32,
     /// First retry delay (doubles, capped at 5 s).
@@ -65,6 +67,7 @@ impl Default for ExecOptions {
             allow_delete: false,
             allow_in_use: false,
             lease_ttl: Duration::from_secs(120),
+            lease_wait: Duration::ZERO,
             attempts: 4,
             backoff: Duration::from_millis(200),
             install_deadline: Duration::from_secs(15 * 60),
@@ -602,6 +605,33 @@ async fn run_with_retries(ctx: &Context, fleet: &Fleet, step: &Step) -> Outcome 
     }
 }
 
+/// Takes the agent's lease, waiting up to `wait` while another controller holds it (polled at
+/// most every second, sooner when the holder's lease ends sooner).
+async fn acquire_waiting(
+    c: &protocol::client::AgentClient,
+    ttl: Duration,
+    wait: Duration,
+) -> Result<protocol::LeaseInfo, ClientError> {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        let e = match c.acquire_lease(ttl).await {
+            Ok(l) => return Ok(l),
+            Err(e) => e,
+        };
+        let held = e.wire().filter(|w| w.code == ErrorCode::LeaseHeld);
+        let now = tokio::time::Instant::now();
+        let Some(w) = held.filter(|_| now < until) else {
+            return Err(e);
+        };
+        let ends = w
+            .lease
+            .as_ref()
+            .map(|l| Duration::from_millis(l.remaining_ms + 50))
+            .unwrap_or(Duration::from_secs(1));
+        tokio::time::sleep(ends.min(Duration::from_secs(1)).min(until - now)).await;
+    }
+}
+
 /// Keeps the leases on `targets` for as long as it runs: renewed every third of their TTL,
 /// taken again when lost.
 async fn keep_leases(fleet: Arc<Fleet>, targets: Vec<Target>, ttl: Duration) {
@@ -803,8 +833,8 @@ pub async fn execute(
     for t in &targets {
         match fleet.get(t) {
             Ok(c) => {
-                let (t, ttl) = (t.clone(), opts.lease_ttl);
-                set.spawn(async move { (t, c.acquire_lease(ttl).await.err()) });
+                let (t, ttl, wait) = (t.clone(), opts.lease_ttl, opts.lease_wait);
+                set.spawn(async move { (t, acquire_waiting(&c, ttl, wait).await.err()) });
             }
             Err(e) => {
                 unusable.insert(t.clone(), e.to_string());

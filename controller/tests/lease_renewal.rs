@@ -10,7 +10,7 @@ use controller::execute::{execute, ExecOptions, Outcome};
 use controller::fleet::Fleet;
 use controller::plan::{Action, Observed, Plan, Risk, Step, Target};
 use protocol::client::{AgentClient, ClientOptions};
-use protocol::lease::LeaseTable;
+use protocol::lease::{Fence, LeaseTable};
 use protocol::names::PeerName;
 use protocol::server::{self, Handler, ServerConfig, ServerStats};
 use protocol::tls::{self, PkiPaths, Role};
@@ -35,8 +35,9 @@ impl Handler for Slow {
     fn capabilities(&self) -> Vec<String> {
         vec!["lease".into()]
     }
-    async fn handle(&self, command: Command) -> Result<Reply, WireError> {
+    async fn handle(&self, command: Command, fence: Fence) -> Result<Reply, WireError> {
         if command.is_mutating() {
+            let _executing = fence.enter()?;
             tokio::time::sleep(self.slow).await;
             self.done.fetch_add(1, Ordering::SeqCst);
         }

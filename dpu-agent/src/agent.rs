@@ -11,6 +11,7 @@ use protocol::dpu::{
     Attachment, BdevSpec, BlueFieldFacts, ControllerSpec, DpuReport, NamespaceSpec, RbdCluster,
     ReplayReport, SnapInventory, SnapSpec, SnapState, SnapStatus, SubsystemSpec,
 };
+use protocol::lease::Fence;
 use protocol::names::{
     check_cephx_key, check_env, check_host_port, check_image_ref, check_image_tag, check_nqn,
     check_object_name, check_uuid, CephClientId, ImageName, NameError, PoolName,
@@ -20,7 +21,7 @@ use protocol::{AgentKind, Command, ErrorCode, Event, Reply, WireError};
 use tokio::sync::{broadcast, Mutex};
 use tracing::{info, warn};
 
-use crate::ledger::{self, ns_key, LedgerController, LedgerStore};
+use crate::ledger::{self, Intent, LedgerStore};
 use crate::platform::{DeployError, Platform};
 use crate::snap::{Done, OpError, Snap};
 
@@ -322,12 +323,17 @@ impl DpuAgent {
     /// and replay the ledger when SNAP lost objects. Returns the replay, if one ran.
     pub async fn supervise_once(&self) -> Option<ReplayReport> {
         let restarted = self.platform.supervise().await;
-        let store = self.ledger.lock().await;
+        let mut store = self.ledger.lock().await;
         let inv: Option<SnapInventory> = self.snap.inventory().await.ok();
         let Some(inv) = inv else {
             self.observed().reachable = false;
             return None;
         };
+        // A command whose outcome was not known (the agent died, or SNAP did not answer):
+        // settled before anything is compared, so the replay below restores it if it was done.
+        if let Err(e) = self.settle_pending(&mut store, &inv) {
+            warn!(error = %protocol::error::chain(&e), "Cannot settle the ledger's pending command.");
+        }
         let missing = ledger::missing(store.get(), &inv);
         // A SNAP that restarted (the platform started it again, or it holds none of what it
         // was told) lost its in-memory state: the replay is its documented crash recovery and
@@ -413,24 +419,77 @@ impl DpuAgent {
         }
     }
 
+    /// Runs `op` on SNAP under the ledger lock and the command's lease, its `intent` written
+    /// ahead and settled after (see `ledger`'s docs). Dies before the intent is written: nothing
+    /// happened. Between it and SNAP's answer: the intent is resolved by the next agent against
+    /// SNAP. After the answer, before the settle: the same, and SNAP shows it done.
     async fn with_ledger(
         &self,
+        fence: &Fence,
+        intent: Option<Intent>,
         op: impl std::future::Future<Output = Result<Done, OpError>>,
-        record: impl FnOnce(&mut ledger::Ledger),
     ) -> Result<Reply, WireError> {
+        let internal = |e: ledger::LedgerError| {
+            WireError::new(ErrorCode::Internal, protocol::error::chain(&e))
+        };
         let mut store = self.ledger.lock().await;
-        op.await.map_err(op_err)?;
-        store
-            .update(record)
-            .map_err(|e| WireError::new(ErrorCode::Internal, protocol::error::chain(&e)))?;
+        let _executing = fence.enter()?;
+        if store.get().pending.is_some() {
+            // An earlier command's outcome is still open (SNAP did not answer it): settle it
+            // first, so the ledger never holds two guesses.
+            match self.snap.inventory().await {
+                Ok(inv) => self.settle_pending(&mut store, &inv).map_err(internal)?,
+                Err(e) => {
+                    return Err(WireError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "SNAP cannot be asked whether an earlier command took effect: {}",
+                            protocol::error::chain(&e)
+                        ),
+                    ))
+                }
+            }
+        }
+        let Some(intent) = intent else {
+            op.await.map_err(op_err)?;
+            return Ok(Reply::Done(protocol::Empty {}));
+        };
+        store.begin(intent).map_err(internal)?;
+        let result = op.await;
+        match result {
+            Ok(_) => store.settle(true).map_err(internal)?,
+            // Refused, or never sent: SNAP is as it was.
+            Err(ref e) if !e.outcome_unknown() => store.settle(false).map_err(internal)?,
+            // No answer: SNAP decides, now or at the next supervision pass.
+            Err(_) => {
+                if let Ok(inv) = self.snap.inventory().await {
+                    self.settle_pending(&mut store, &inv).map_err(internal)?;
+                }
+            }
+        }
+        result.map_err(op_err)?;
         Ok(Reply::Done(protocol::Empty {}))
     }
 
-    async fn dispatch(&self, command: Command) -> Result<Reply, WireError> {
+    /// Settles the ledger's pending intent against `inv` (see [`ledger::resolve`]).
+    fn settle_pending(
+        &self,
+        store: &mut LedgerStore,
+        inv: &SnapInventory,
+    ) -> Result<(), ledger::LedgerError> {
+        let Some(resolution) = ledger::resolve(store.get(), inv) else {
+            return Ok(());
+        };
+        info!(intent = ?store.get().pending, ?resolution, "Settled a command whose outcome was not known.");
+        store.settle(resolution != ledger::Resolution::NotDone)
+    }
+
+    async fn dispatch(&self, command: Command, fence: &Fence) -> Result<Reply, WireError> {
         match command {
             Command::DpuReport(_) => Ok(Reply::DpuReport(Box::new(self.report().await))),
             Command::InstallSnap(spec) => {
                 check_snap_spec(&spec)?;
+                let _executing = fence.enter()?;
                 self.install(&spec).await
             }
             Command::UpgradeSnap(spec) => {
@@ -441,9 +500,10 @@ impl DpuAgent {
                         "SNAP is not installed; install it first",
                     ));
                 }
+                let _executing = fence.enter()?;
                 self.install(&spec).await
             }
-            Command::RemoveSnap(_) => self.remove_snap().await,
+            Command::RemoveSnap(_) => self.remove_snap(fence).await,
             c @ (Command::RegisterRbdCluster(_)
             | Command::UnregisterRbdCluster(_)
             | Command::CreateBdev(_)
@@ -452,13 +512,13 @@ impl DpuAgent {
             | Command::CreateSubsystem(_)
             | Command::DestroySubsystem(_)
             | Command::CreateNamespace(_)
-            | Command::DestroyNamespace(_)) => self.storage(c).await,
+            | Command::DestroyNamespace(_)) => self.storage(c, fence).await,
             c @ (Command::CreateController(_)
             | Command::DestroyController(_)
             | Command::AttachNamespace(_)
             | Command::DetachNamespace(_)
             | Command::SuspendController(_)
-            | Command::ResumeController(_)) => self.controllers(c).await,
+            | Command::ResumeController(_)) => self.controllers(c, fence).await,
             other => Err(WireError::new(
                 ErrorCode::UnsupportedCommand,
                 format!("the dpu agent does not serve {}", other.name()),
@@ -486,8 +546,9 @@ impl DpuAgent {
     }
 
     /// Removes SNAP, unless it still backs controllers (the host would see dead functions).
-    async fn remove_snap(&self) -> Result<Reply, WireError> {
+    async fn remove_snap(&self, fence: &Fence) -> Result<Reply, WireError> {
         let store = self.ledger.lock().await;
+        let _executing = fence.enter()?;
         let mut ctrls: Vec<String> = store.get().controllers.keys().cloned().collect();
         if let Ok(inv) = self.snap.inventory().await {
             ctrls.extend(inv.controllers.into_iter().map(|c| c.name));
@@ -508,140 +569,134 @@ impl DpuAgent {
     }
 
     /// Clusters, bdevs, subsystems and namespaces: checked, done in SNAP, kept in the ledger.
-    async fn storage(&self, command: Command) -> Result<Reply, WireError> {
+    async fn storage(&self, command: Command, fence: &Fence) -> Result<Reply, WireError> {
         match command {
             Command::RegisterRbdCluster(c) => {
                 check_cluster(&c)?;
-                self.with_ledger(self.snap.register_cluster(&c), |l| {
-                    l.clusters.insert(c.name.clone(), c.clone());
-                })
-                .await
+                let op = self.snap.register_cluster(&c);
+                self.with_ledger(fence, Some(Intent::RegisterCluster(c.clone())), op)
+                    .await
             }
             Command::UnregisterRbdCluster(n) => {
                 check_object_name("name", &n.name).map_err(name_err)?;
-                self.with_ledger(self.snap.unregister_cluster(&n.name), |l| {
-                    l.clusters.remove(&n.name);
-                })
-                .await
+                let op = self.snap.unregister_cluster(&n.name);
+                let intent = Intent::UnregisterCluster {
+                    name: n.name.clone(),
+                };
+                self.with_ledger(fence, Some(intent), op).await
             }
             Command::CreateBdev(b) => {
                 check_bdev(&b)?;
-                self.with_ledger(self.snap.create_bdev(&b), |l| {
-                    l.bdevs.insert(b.name.clone(), b.clone());
-                })
-                .await
+                let op = self.snap.create_bdev(&b);
+                self.with_ledger(fence, Some(Intent::CreateBdev(b.clone())), op)
+                    .await
             }
             Command::DeleteBdev(n) => {
                 check_object_name("name", &n.name).map_err(name_err)?;
-                self.with_ledger(self.snap.delete_bdev(&n.name), |l| {
-                    l.bdevs.remove(&n.name);
-                })
-                .await
+                let op = self.snap.delete_bdev(&n.name);
+                let intent = Intent::DeleteBdev {
+                    name: n.name.clone(),
+                };
+                self.with_ledger(fence, Some(intent), op).await
             }
             Command::ResizeBdev(r) => {
                 check_object_name("name", &r.name).map_err(name_err)?;
                 check_resize(r.new_size_mib)?;
                 // Nothing for the ledger: a replayed bdev opens its image at the image's size.
-                self.with_ledger(self.snap.resize_bdev(&r.name, r.new_size_mib), |_| {})
-                    .await
+                let op = self.snap.resize_bdev(&r.name, r.new_size_mib);
+                self.with_ledger(fence, None, op).await
             }
             Command::CreateSubsystem(s) => {
                 check_subsystem(&s)?;
-                self.with_ledger(self.snap.create_subsystem(&s), |l| {
-                    l.subsystems.insert(s.nqn.clone(), s.clone());
-                })
-                .await
+                let op = self.snap.create_subsystem(&s);
+                self.with_ledger(fence, Some(Intent::CreateSubsystem(s.clone())), op)
+                    .await
             }
             Command::DestroySubsystem(n) => {
                 check_nqn("nqn", &n.nqn).map_err(name_err)?;
-                self.with_ledger(self.snap.destroy_subsystem(&n.nqn), |l| {
-                    l.subsystems.remove(&n.nqn);
-                })
-                .await
+                let op = self.snap.destroy_subsystem(&n.nqn);
+                let intent = Intent::DestroySubsystem { nqn: n.nqn.clone() };
+                self.with_ledger(fence, Some(intent), op).await
             }
             Command::CreateNamespace(n) => {
                 check_namespace(&n)?;
-                self.with_ledger(self.snap.create_namespace(&n), |l| {
-                    l.namespaces.insert(ns_key(&n.nqn, n.nsid), n.clone());
-                })
-                .await
+                let op = self.snap.create_namespace(&n);
+                self.with_ledger(fence, Some(Intent::CreateNamespace(n.clone())), op)
+                    .await
             }
             Command::DestroyNamespace(n) => {
                 check_nqn("nqn", &n.nqn).map_err(name_err)?;
                 check_nsid(n.nsid)?;
-                self.with_ledger(self.snap.destroy_namespace(&n.nqn, n.nsid), |l| {
-                    l.namespaces.remove(&ns_key(&n.nqn, n.nsid));
-                })
-                .await
+                let op = self.snap.destroy_namespace(&n.nqn, n.nsid);
+                let intent = Intent::DestroyNamespace {
+                    nqn: n.nqn.clone(),
+                    nsid: n.nsid,
+                };
+                self.with_ledger(fence, Some(intent), op).await
             }
             other => unreachable!("not a storage command: {}", other.name()),
         }
     }
 
     /// Controllers and attachments: checked, done in SNAP, kept in the ledger.
-    async fn controllers(&self, command: Command) -> Result<Reply, WireError> {
+    async fn controllers(&self, command: Command, fence: &Fence) -> Result<Reply, WireError> {
         match command {
             Command::CreateController(c) => {
                 check_controller(&c)?;
-                self.with_ledger(self.snap.create_controller(&c), |l| {
-                    l.controllers
-                        .entry(c.name.clone())
-                        .or_insert_with(|| LedgerController {
-                            spec: c.clone(),
-                            attached: Default::default(),
-                            running: false,
-                        });
-                })
-                .await
+                let op = self.snap.create_controller(&c);
+                self.with_ledger(fence, Some(Intent::CreateController(c.clone())), op)
+                    .await
             }
             Command::DestroyController(n) => {
                 check_object_name("name", &n.name).map_err(name_err)?;
-                self.with_ledger(self.snap.destroy_controller(&n.name), |l| {
-                    l.controllers.remove(&n.name);
-                })
-                .await
+                let op = self.snap.destroy_controller(&n.name);
+                let intent = Intent::DestroyController {
+                    name: n.name.clone(),
+                };
+                self.with_ledger(fence, Some(intent), op).await
             }
             Command::AttachNamespace(a) => {
                 check_attachment(&a)?;
-                self.with_ledger(self.snap.attach(&a.controller, a.nsid), |l| {
-                    if let Some(c) = l.controllers.get_mut(&a.controller) {
-                        c.attached.insert(a.nsid);
-                    }
-                })
-                .await
+                let op = self.snap.attach(&a.controller, a.nsid);
+                let intent = Intent::Attach {
+                    controller: a.controller.clone(),
+                    nsid: a.nsid,
+                    attached: true,
+                };
+                self.with_ledger(fence, Some(intent), op).await
             }
             Command::DetachNamespace(a) => {
                 check_attachment(&a)?;
                 if !a.force {
                     self.refuse_if_open(&a).await?;
                 }
-                self.with_ledger(self.snap.detach(&a.controller, a.nsid), |l| {
-                    if let Some(c) = l.controllers.get_mut(&a.controller) {
-                        c.attached.remove(&a.nsid);
-                    }
-                })
-                .await
+                let op = self.snap.detach(&a.controller, a.nsid);
+                let intent = Intent::Attach {
+                    controller: a.controller.clone(),
+                    nsid: a.nsid,
+                    attached: false,
+                };
+                self.with_ledger(fence, Some(intent), op).await
             }
-            Command::SuspendController(n) => {
-                check_object_name("name", &n.name).map_err(name_err)?;
-                self.with_ledger(self.snap.set_running(&n.name, false), |l| {
-                    if let Some(c) = l.controllers.get_mut(&n.name) {
-                        c.running = false;
-                    }
-                })
-                .await
-            }
-            Command::ResumeController(n) => {
-                check_object_name("name", &n.name).map_err(name_err)?;
-                self.with_ledger(self.snap.set_running(&n.name, true), |l| {
-                    if let Some(c) = l.controllers.get_mut(&n.name) {
-                        c.running = true;
-                    }
-                })
-                .await
-            }
+            Command::SuspendController(n) => self.set_running(fence, &n.name, false).await,
+            Command::ResumeController(n) => self.set_running(fence, &n.name, true).await,
             other => unreachable!("not a controller command: {}", other.name()),
         }
+    }
+
+    async fn set_running(
+        &self,
+        fence: &Fence,
+        name: &str,
+        running: bool,
+    ) -> Result<Reply, WireError> {
+        check_object_name("name", name).map_err(name_err)?;
+        let op = self.snap.set_running(name, running);
+        let intent = Intent::Run {
+            controller: name.to_string(),
+            running,
+        };
+        self.with_ledger(fence, Some(intent), op).await
     }
 
     async fn install(&self, spec: &SnapSpec) -> Result<Reply, WireError> {
@@ -668,8 +723,8 @@ impl Handler for DpuAgent {
         CAPABILITIES.iter().map(|s| s.to_string()).collect()
     }
 
-    async fn handle(&self, command: Command) -> Result<Reply, WireError> {
-        self.dispatch(command).await
+    async fn handle(&self, command: Command, fence: Fence) -> Result<Reply, WireError> {
+        self.dispatch(command, &fence).await
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<Event>> {

@@ -41,6 +41,186 @@ pub struct Ledger {
     pub namespaces: BTreeMap<String, NamespaceSpec>,
     /// Controllers by name.
     pub controllers: BTreeMap<String, LedgerController>,
+    /// The command being applied to SNAP, written before the call (see the module's docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Intent>,
+}
+
+/// What one command does to SNAP, as the ledger records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Intent {
+    /// Register an rbd cluster.
+    RegisterCluster(RbdCluster),
+    /// Unregister one.
+    UnregisterCluster {
+        /// Its name.
+        name: String,
+    },
+    /// Create a bdev.
+    CreateBdev(BdevSpec),
+    /// Delete one.
+    DeleteBdev {
+        /// Its name.
+        name: String,
+    },
+    /// Create a subsystem.
+    CreateSubsystem(SubsystemSpec),
+    /// Destroy one.
+    DestroySubsystem {
+        /// Its NQN.
+        nqn: String,
+    },
+    /// Create a namespace.
+    CreateNamespace(NamespaceSpec),
+    /// Destroy one.
+    DestroyNamespace {
+        /// Its subsystem.
+        nqn: String,
+        /// Its NSID.
+        nsid: u32,
+    },
+    /// Create a controller.
+    CreateController(ControllerSpec),
+    /// Destroy one.
+    DestroyController {
+        /// Its name.
+        name: String,
+    },
+    /// Attach (or detach) a namespace.
+    Attach {
+        /// The controller.
+        controller: String,
+        /// The NSID.
+        nsid: u32,
+        /// Attach (true) or detach (false).
+        attached: bool,
+    },
+    /// Resume (or suspend) a controller.
+    Run {
+        /// The controller.
+        controller: String,
+        /// Resume (true) or suspend (false).
+        running: bool,
+    },
+}
+
+impl Intent {
+    /// Records the command as done.
+    pub fn record(&self, l: &mut Ledger) {
+        match self {
+            Intent::RegisterCluster(c) => {
+                l.clusters.insert(c.name.clone(), c.clone());
+            }
+            Intent::UnregisterCluster { name } => {
+                l.clusters.remove(name);
+            }
+            Intent::CreateBdev(b) => {
+                l.bdevs.insert(b.name.clone(), b.clone());
+            }
+            Intent::DeleteBdev { name } => {
+                l.bdevs.remove(name);
+            }
+            Intent::CreateSubsystem(s) => {
+                l.subsystems.insert(s.nqn.clone(), s.clone());
+            }
+            Intent::DestroySubsystem { nqn } => {
+                l.subsystems.remove(nqn);
+            }
+            Intent::CreateNamespace(n) => {
+                l.namespaces.insert(ns_key(&n.nqn, n.nsid), n.clone());
+            }
+            Intent::DestroyNamespace { nqn, nsid } => {
+                l.namespaces.remove(&ns_key(nqn, *nsid));
+            }
+            Intent::CreateController(c) => {
+                l.controllers
+                    .entry(c.name.clone())
+                    .or_insert_with(|| LedgerController {
+                        spec: c.clone(),
+                        attached: Default::default(),
+                        running: false,
+                    });
+            }
+            Intent::DestroyController { name } => {
+                l.controllers.remove(name);
+            }
+            Intent::Attach {
+                controller,
+                nsid,
+                attached,
+            } => {
+                if let Some(c) = l.controllers.get_mut(controller) {
+                    if *attached {
+                        c.attached.insert(*nsid);
+                    } else {
+                        c.attached.remove(nsid);
+                    }
+                }
+            }
+            Intent::Run {
+                controller,
+                running,
+            } => {
+                if let Some(c) = l.controllers.get_mut(controller) {
+                    c.running = *running;
+                }
+            }
+        }
+    }
+
+    /// Whether SNAP's inventory shows the command's effect (an object of that name present,
+    /// or absent for a removal; an attachment or a run state as asked).
+    pub fn in_effect(&self, inv: &SnapInventory) -> bool {
+        let ctrl = |name: &str| inv.controllers.iter().find(|c| c.name == name);
+        match self {
+            Intent::RegisterCluster(c) => inv.clusters.contains(&c.name),
+            Intent::UnregisterCluster { name } => !inv.clusters.contains(name),
+            Intent::CreateBdev(b) => inv.bdevs.iter().any(|x| x.name == b.name),
+            Intent::DeleteBdev { name } => !inv.bdevs.iter().any(|x| &x.name == name),
+            Intent::CreateSubsystem(s) => inv.subsystems.iter().any(|x| x.nqn == s.nqn),
+            Intent::DestroySubsystem { nqn } => !inv.subsystems.iter().any(|x| &x.nqn == nqn),
+            Intent::CreateNamespace(n) => has_namespace(inv, &n.nqn, n.nsid),
+            Intent::DestroyNamespace { nqn, nsid } => !has_namespace(inv, nqn, *nsid),
+            Intent::CreateController(c) => ctrl(&c.name).is_some(),
+            Intent::DestroyController { name } => ctrl(name).is_none(),
+            Intent::Attach {
+                controller,
+                nsid,
+                attached,
+            } => ctrl(controller).is_some_and(|c| c.namespaces.contains(nsid)) == *attached,
+            Intent::Run {
+                controller,
+                running,
+            } => {
+                ctrl(controller).is_some_and(|c| c.state.eq_ignore_ascii_case("STARTED"))
+                    == *running
+            }
+        }
+    }
+}
+
+/// How a pending intent was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// SNAP shows it done: recorded.
+    Done,
+    /// SNAP lost its state: recorded, for the replay to make it so.
+    Replayed,
+    /// SNAP shows it not done: dropped.
+    NotDone,
+}
+
+/// Settles `ledger`'s pending intent against SNAP's inventory `inv` (see the module's docs).
+pub fn resolve(ledger: &Ledger, inv: &SnapInventory) -> Option<Resolution> {
+    let intent = ledger.pending.as_ref()?;
+    Some(if intent.in_effect(inv) {
+        Resolution::Done
+    } else if emptied(ledger, inv) {
+        Resolution::Replayed
+    } else {
+        Resolution::NotDone
+    })
 }
 
 /// The key of a namespace in [`Ledger::namespaces`].
@@ -114,7 +294,17 @@ impl LedgerStore {
         if next == self.ledger {
             return Ok(());
         }
-        next.generation += 1;
+        // The generation counts changes of what SNAP was told; an intent written ahead or
+        // dropped is not one.
+        let told_changed = {
+            let (mut a, mut b) = (next.clone(), self.ledger.clone());
+            a.pending = None;
+            b.pending = None;
+            a != b
+        };
+        if told_changed {
+            next.generation += 1;
+        }
         let bytes = serde_json::to_vec_pretty(&next).expect("serializable");
         agent_kit::fsutil::write_atomic(&self.path, &bytes).map_err(|source| LedgerError::Io {
             path: self.path.clone(),
@@ -122,6 +312,22 @@ impl LedgerStore {
         })?;
         self.ledger = next;
         Ok(())
+    }
+
+    /// Writes `intent` ahead of its SNAP call.
+    pub fn begin(&mut self, intent: Intent) -> Result<(), LedgerError> {
+        self.update(|l| l.pending = Some(intent))
+    }
+
+    /// Settles the pending intent: recorded when `done`, dropped otherwise.
+    pub fn settle(&mut self, done: bool) -> Result<(), LedgerError> {
+        self.update(|l| {
+            if let Some(i) = l.pending.take() {
+                if done {
+                    i.record(l);
+                }
+            }
+        })
     }
 }
 
@@ -283,5 +489,77 @@ mod tests {
             LedgerStore::open(&path),
             Err(LedgerError::Corrupt { .. })
         ));
+    }
+
+    fn subsystem(nqn: &str) -> SubsystemSpec {
+        SubsystemSpec {
+            nqn: nqn.into(),
+            serial: "S".into(),
+            model: "M".into(),
+            max_namespaces: 8,
+        }
+    }
+
+    fn inventory(nqns: &[&str]) -> SnapInventory {
+        SnapInventory {
+            functions: vec![],
+            subsystems: nqns
+                .iter()
+                .map(|n| protocol::dpu::SubsystemInfo {
+                    nqn: n.to_string(),
+                    serial: "S".into(),
+                    model: "M".into(),
+                    namespaces: vec![],
+                })
+                .collect(),
+            controllers: vec![],
+            bdevs: vec![],
+            clusters: vec![],
+        }
+    }
+
+    /// Every outcome of a command whose answer never came, for a create and a removal.
+    #[test]
+    fn a_pending_intent_is_settled_by_what_snap_shows() {
+        let mut told = Ledger::default();
+        Intent::CreateSubsystem(subsystem("nqn.x:old")).record(&mut told);
+        let with = |i: Intent| Ledger {
+            pending: Some(i),
+            ..told.clone()
+        };
+        let create = with(Intent::CreateSubsystem(subsystem("nqn.x:new")));
+        let remove = with(Intent::DestroySubsystem {
+            nqn: "nqn.x:old".into(),
+        });
+        let r = |l: &Ledger, inv: &[&str]| resolve(l, &inventory(inv)).unwrap();
+        // SNAP did it.
+        assert_eq!(r(&create, &["nqn.x:old", "nqn.x:new"]), Resolution::Done);
+        assert_eq!(r(&remove, &[]), Resolution::Done);
+        // SNAP never got it (it still holds what it was told before).
+        assert_eq!(r(&create, &["nqn.x:old"]), Resolution::NotDone);
+        assert_eq!(r(&remove, &["nqn.x:old"]), Resolution::NotDone);
+        // SNAP restarted and lost everything: the create is kept for the replay.
+        assert_eq!(r(&create, &[]), Resolution::Replayed);
+        assert_eq!(resolve(&told, &inventory(&[])), None);
+
+        // Settling writes it (or not), clears it, and only a recorded change is a generation.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = LedgerStore::open(&dir.path().join("l.json")).unwrap();
+        s.update(|l| *l = told.clone()).unwrap();
+        let g = s.get().generation;
+        s.begin(Intent::CreateSubsystem(subsystem("nqn.x:new")))
+            .unwrap();
+        assert_eq!(s.get().generation, g, "an intent is not a change");
+        let reopened = LedgerStore::open(&dir.path().join("l.json")).unwrap();
+        assert!(reopened.get().pending.is_some(), "written ahead, on disk");
+        s.settle(false).unwrap();
+        assert_eq!(
+            (s.get().pending.is_none(), s.get().subsystems.len()),
+            (true, 1)
+        );
+        s.begin(Intent::CreateSubsystem(subsystem("nqn.x:new")))
+            .unwrap();
+        s.settle(true).unwrap();
+        assert_eq!((s.get().subsystems.len(), s.get().generation), (2, g + 1));
     }
 }

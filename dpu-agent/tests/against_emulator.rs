@@ -14,6 +14,7 @@ use protocol::dpu::{
     Attachment, BdevSpec, ControllerSpec, FunctionRef, NameRef, NamespaceRef, NamespaceSpec,
     NqnRef, RbdCluster, SnapState, SubsystemSpec,
 };
+use protocol::lease::Fence;
 use protocol::server::Handler;
 use protocol::{Command, Empty, ErrorCode, Reply};
 use serde_json::{json, Value};
@@ -142,7 +143,7 @@ fn teardown_path() -> Vec<Command> {
 async fn run_all(agent: &DpuAgent, cmds: Vec<Command>) {
     for c in cmds {
         let name = c.name();
-        if let Err(e) = agent.handle(c).await {
+        if let Err(e) = agent.handle(c, Fence::none()).await {
             panic!("{name} failed: {e:?}");
         }
     }
@@ -234,7 +235,7 @@ async fn create_path_retries_and_teardown() {
     run_all(&s.agent, vec![grow(2048), grow(2048)]).await;
     let b = probe(&s.emu.socket, "bdev_get_bdevs", json!({"name": "vol-a"})).await;
     assert_eq!(b[0]["num_blocks"], (2048u64 << 20) / 4096);
-    let e = s.agent.handle(grow(1024)).await.unwrap_err();
+    let e = s.agent.handle(grow(1024), Fence::none()).await.unwrap_err();
     assert_eq!(e.code, protocol::ErrorCode::Conflict, "{e:?}");
 
     run_all(&s.agent, teardown_path()).await;
@@ -254,7 +255,11 @@ async fn create_path_retries_and_teardown() {
 }
 
 async fn report(agent: &DpuAgent) -> protocol::dpu::DpuReport {
-    match agent.handle(Command::DpuReport(Empty {})).await.unwrap() {
+    match agent
+        .handle(Command::DpuReport(Empty {}), Fence::none())
+        .await
+        .unwrap()
+    {
         Reply::DpuReport(r) => *r,
         other => panic!("{other:?}"),
     }
@@ -454,18 +459,22 @@ async fn conflicts_busy_objects_and_hostile_input() {
         bdev: "vol-a".into(),
         uuid: "00000000-0000-4000-8000-000000000001".into(),
     });
-    let e = s.agent.handle(same_nsid_other_uuid).await.unwrap_err();
+    let e = s
+        .agent
+        .handle(same_nsid_other_uuid, Fence::none())
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::Conflict, "{e:?}");
     let busy = Command::DestroyController(NameRef {
         name: "ctrl-host-a".into(),
     });
     assert_eq!(
-        s.agent.handle(busy).await.unwrap_err().code,
+        s.agent.handle(busy, Fence::none()).await.unwrap_err().code,
         ErrorCode::InUse
     );
     let e = s
         .agent
-        .handle(Command::RemoveSnap(Empty {}))
+        .handle(Command::RemoveSnap(Empty {}), Fence::none())
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::InUse);
@@ -478,12 +487,16 @@ async fn conflicts_busy_objects_and_hostile_input() {
         mdts: 6,
     });
     assert_eq!(
-        s.agent.handle(other_fn_taken).await.unwrap_err().code,
+        s.agent
+            .handle(other_fn_taken, Fence::none())
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::InUse
     );
 
     for (field, cmd) in hostile_commands() {
-        let e = s.agent.handle(cmd).await.unwrap_err();
+        let e = s.agent.handle(cmd, Fence::none()).await.unwrap_err();
         assert_eq!(e.field.as_deref(), Some(field), "{e:?}");
         assert!(matches!(
             e.code,
@@ -492,12 +505,15 @@ async fn conflicts_busy_objects_and_hostile_input() {
     }
     let e = s
         .agent
-        .handle(Command::RegisterRbdCluster(RbdCluster {
-            name: "c2".into(),
-            user_id: "u".into(),
-            mon_hosts: vec!["h:1".into()],
-            key: "not a key".into(),
-        }))
+        .handle(
+            Command::RegisterRbdCluster(RbdCluster {
+                name: "c2".into(),
+                user_id: "u".into(),
+                mon_hosts: vec!["h:1".into()],
+                key: "not a key".into(),
+            }),
+            Fence::none(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -552,7 +568,11 @@ async fn oversized_requests_are_never_sent() {
 async fn unreachable_snap_fails_commands_and_reports_state() {
     let mut s = setup(true).await;
     s.emu.stop().await;
-    let e = s.agent.handle(create_path().remove(2)).await.unwrap_err();
+    let e = s
+        .agent
+        .handle(create_path().remove(2), Fence::none())
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::CommandFailed);
     assert!(e.message.contains("not answering"), "{}", e.message);
     assert!(e.code.is_transient());
@@ -596,7 +616,10 @@ async fn a_detach_of_a_device_the_host_holds_open_needs_force() {
             force,
         })
     };
-    let e = agent.handle(detach(false)).await.unwrap_err();
+    let e = agent
+        .handle(detach(false), Fence::none())
+        .await
+        .unwrap_err();
     assert_eq!(e.code, ErrorCode::InUse, "{e:?}");
     assert!(
         e.message.contains(&dev.display().to_string()),
@@ -608,7 +631,7 @@ async fn a_detach_of_a_device_the_host_holds_open_needs_force() {
         ctrls[0]["namespaces"][0]["nsid"], 7,
         "still attached: {ctrls}"
     );
-    agent.handle(detach(true)).await.unwrap();
+    agent.handle(detach(true), Fence::none()).await.unwrap();
     assert!(e2e::host::devices(&host).is_empty(), "pulled from the host");
     tokio::task::spawn_blocking(move || drop(opener))
         .await

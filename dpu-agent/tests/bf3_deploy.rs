@@ -13,6 +13,7 @@ use dpu_agent::agent::{AgentSettings, DpuAgent};
 use dpu_agent::platform::bf3::Bf3Config;
 use dpu_agent::PlatformConfig;
 use protocol::dpu::{FirmwareSpec, SnapSpec, StepOutcome, SubsystemSpec};
+use protocol::lease::Fence;
 use protocol::server::Handler;
 use protocol::{Command, Empty, ErrorCode, Reply};
 use serde_json::Value;
@@ -202,7 +203,11 @@ async fn firmware_changes_need_a_power_cycle_and_nothing_is_rebooted() {
         2048,
         Duration::from_secs(5),
     );
-    let r = deploy_report(d.agent.handle(Command::InstallSnap(spec("4.5.0"))).await);
+    let r = deploy_report(
+        d.agent
+            .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
+            .await,
+    );
     assert!(!r.ready);
     assert_eq!(outcome(&r, "firmware"), StepOutcome::PowerCycleRequired);
     let detail = &r.steps[0].detail;
@@ -216,7 +221,11 @@ async fn firmware_changes_need_a_power_cycle_and_nothing_is_rebooted() {
     );
 
     // Asked again before the power cycle: still pending, nothing set twice.
-    let r = deploy_report(d.agent.handle(Command::InstallSnap(spec("4.5.0"))).await);
+    let r = deploy_report(
+        d.agent
+            .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
+            .await,
+    );
     assert_eq!(outcome(&r, "firmware"), StepOutcome::PowerCycleRequired);
     assert!(r.steps[0].detail.contains("not active"), "{:?}", r.steps);
     assert_eq!(d.calls().matches(" -y s ").count(), 1);
@@ -232,7 +241,10 @@ async fn deploy_upgrade_and_remove() {
 
     let r = deploy_report(
         d.agent
-            .handle(Command::InstallSnap(spec("4.5.0-6-doca2.9.0")))
+            .handle(
+                Command::InstallSnap(spec("4.5.0-6-doca2.9.0")),
+                Fence::none(),
+            )
             .await,
     );
     assert!(r.ready, "{r:?}");
@@ -265,7 +277,10 @@ async fn deploy_upgrade_and_remove() {
     // Idempotent.
     let r = deploy_report(
         d.agent
-            .handle(Command::InstallSnap(spec("4.5.0-6-doca2.9.0")))
+            .handle(
+                Command::InstallSnap(spec("4.5.0-6-doca2.9.0")),
+                Fence::none(),
+            )
             .await,
     );
     assert!(r.ready);
@@ -273,17 +288,23 @@ async fn deploy_upgrade_and_remove() {
 
     // Configuration made before an upgrade is replayed into the new SNAP.
     d.agent
-        .handle(Command::CreateSubsystem(SubsystemSpec {
-            nqn: "nqn.2024-01.io.unistor:a".into(),
-            serial: "S1".into(),
-            model: "M1".into(),
-            max_namespaces: 4,
-        }))
+        .handle(
+            Command::CreateSubsystem(SubsystemSpec {
+                nqn: "nqn.2024-01.io.unistor:a".into(),
+                serial: "S1".into(),
+                model: "M1".into(),
+                max_namespaces: 4,
+            }),
+            Fence::none(),
+        )
         .await
         .unwrap();
     let r = deploy_report(
         d.agent
-            .handle(Command::UpgradeSnap(spec("4.6.0-doca2.10.0")))
+            .handle(
+                Command::UpgradeSnap(spec("4.6.0-doca2.10.0")),
+                Fence::none(),
+            )
             .await,
     );
     assert!(r.ready, "{r:?}");
@@ -297,7 +318,12 @@ async fn deploy_upgrade_and_remove() {
         subs[0]["nqn"], "nqn.2024-01.io.unistor:a",
         "replayed after the upgrade"
     );
-    let report = match d.agent.handle(Command::DpuReport(Empty {})).await.unwrap() {
+    let report = match d
+        .agent
+        .handle(Command::DpuReport(Empty {}), Fence::none())
+        .await
+        .unwrap()
+    {
         Reply::DpuReport(r) => r,
         other => panic!("{other:?}"),
     };
@@ -311,13 +337,17 @@ async fn deploy_upgrade_and_remove() {
     assert_eq!(bf.temperature_c, Some(52));
     assert!(bf.release.unwrap().starts_with("bf-bundle"));
 
-    let r = deploy_report(d.agent.handle(Command::RemoveSnap(Empty {})).await);
+    let r = deploy_report(
+        d.agent
+            .handle(Command::RemoveSnap(Empty {}), Fence::none())
+            .await,
+    );
     assert!(!r.ready);
     assert!(!d.pod_file().exists());
     assert_eq!(outcome(&r, "stopped"), StepOutcome::Changed);
     let e = d
         .agent
-        .handle(Command::UpgradeSnap(spec("4.6.0")))
+        .handle(Command::UpgradeSnap(spec("4.6.0")), Fence::none())
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound, "nothing to upgrade");
@@ -329,7 +359,7 @@ async fn a_container_that_never_becomes_ready_is_a_clear_timeout() {
     let d = dpu(FW_READY, 2048, Duration::from_secs(2));
     let e = d
         .agent
-        .handle(Command::InstallSnap(spec("4.5.0")))
+        .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::Timeout, "{e:?}");
@@ -350,7 +380,7 @@ async fn too_few_hugepages_is_refused_before_anything_is_deployed() {
     let d = dpu(FW_READY, 16, Duration::from_secs(2));
     let e = d
         .agent
-        .handle(Command::InstallSnap(spec("4.5.0")))
+        .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::CommandFailed);
@@ -382,7 +412,11 @@ async fn hostile_snap_specs_are_refused() {
         ("image", bad_image),
         ("firmware", too_many),
     ] {
-        let e = d.agent.handle(Command::InstallSnap(s)).await.unwrap_err();
+        let e = d
+            .agent
+            .handle(Command::InstallSnap(s), Fence::none())
+            .await
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some(field), "{e:?}");
     }
     assert!(d.calls().is_empty(), "no tool ran: {}", d.calls());

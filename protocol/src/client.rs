@@ -20,8 +20,8 @@ use tracing::{debug, warn};
 use crate::error::WireError;
 use crate::frame::{Connection, FrameError};
 use crate::message::{
-    AcquireLease, AgentHello, Command, ControllerHello, Empty, EventEnvelope, LeaseInfo, Message,
-    Outcome, Reply, Request, PROTOCOL_VERSION,
+    AcquireLease, AgentHello, Command, ControllerHello, ControllerInstance, EventEnvelope,
+    LeaseInfo, Message, Outcome, ReleaseLease, Reply, Request, PROTOCOL_VERSION,
 };
 use crate::names::PeerName;
 
@@ -110,6 +110,8 @@ pub struct ClientOptions {
     pub ping_interval: Duration,
     /// The connection is considered dead when nothing arrives for this long.
     pub dead_after: Duration,
+    /// The controller process, named in its leases (one per process by default).
+    pub instance: ControllerInstance,
 }
 
 impl Default for ClientOptions {
@@ -120,6 +122,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(120),
             ping_interval: Duration::from_secs(15),
             dead_after: Duration::from_secs(45),
+            instance: ControllerInstance::this_process(),
         }
     }
 }
@@ -266,6 +269,7 @@ impl AgentClient {
             .request_with_fence(
                 Command::AcquireLease(AcquireLease {
                     ttl_ms: ttl.as_millis() as u64,
+                    instance: Some(self.options.instance.clone()),
                 }),
                 None,
             )
@@ -281,8 +285,13 @@ impl AgentClient {
 
     /// Gives the lease up.
     pub async fn release_lease(&self) -> Result<(), ClientError> {
-        self.request_with_fence(Command::ReleaseLease(Empty {}), None)
-            .await?;
+        self.request_with_fence(
+            Command::ReleaseLease(ReleaseLease {
+                instance: Some(self.options.instance.clone()),
+            }),
+            None,
+        )
+        .await?;
         *self.fence.lock().expect("fence lock") = None;
         Ok(())
     }

@@ -82,7 +82,7 @@ pub struct WireError {
     pub field: Option<String>,
     /// The lease in force, for lease errors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lease: Option<LeaseInfo>,
+    pub lease: Option<Box<LeaseInfo>>,
 }
 
 impl WireError {
@@ -104,7 +104,7 @@ impl WireError {
 
     /// Attaches the lease in force.
     pub fn with_lease(mut self, lease: LeaseInfo) -> Self {
-        self.lease = Some(lease);
+        self.lease = Some(Box::new(lease));
         self
     }
 }

@@ -1,18 +1,26 @@
-//! Fencing: an agent grants its lease to one controller at a time.
+//! Fencing: an agent grants its lease to one controller process at a time.
 //!
-//! A lease has a holder (the authenticated name in the controller's certificate), an expiry on the
-//! agent's monotonic clock (so wall-clock jumps never expire or extend it) and a fencing token.
-//! Every new grant gets a token one higher than any token this agent ever issued; the highest
-//! token is persisted before the grant is answered, so tokens keep growing across restarts. A
-//! mutating command must carry the current token of a live lease held by the sender.
+//! A lease has a holder (the authenticated name in the controller's certificate and, beside it,
+//! the controller process's [`ControllerInstance`]: two processes with one certificate are two
+//! holders), an expiry on the agent's monotonic clock (so wall-clock jumps never expire or extend
+//! it) and a fencing token. Every new grant gets a token one higher than any token this agent
+//! ever issued; the highest token is persisted before the grant is answered, so tokens keep
+//! growing across restarts.
+//!
+//! A mutating command is checked twice: when it is admitted (the current token of a live lease
+//! held by the sender), and again when it starts executing ([`Fence::enter`], after any wait for
+//! the agent's own locks), which also counts it as executing until its guard drops. No new
+//! lease is granted while a command admitted under an older one still executes, so nothing
+//! admitted under an old token writes after a newer token was handed out.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::error::{ErrorCode, WireError};
-use crate::message::LeaseInfo;
+use crate::message::{ControllerInstance, LeaseInfo};
 
 /// Shortest lease granted.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
@@ -22,8 +30,15 @@ pub const MAX_TTL: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone)]
 struct Lease {
     holder: String,
+    instance: Option<ControllerInstance>,
     token: u64,
     expires: Instant,
+}
+
+impl Lease {
+    fn held_by(&self, holder: &str, instance: Option<&ControllerInstance>) -> bool {
+        self.holder == holder && self.instance.as_ref().map(|i| &i.id) == instance.map(|i| &i.id)
+    }
 }
 
 /// The lease state of one agent.
@@ -32,6 +47,9 @@ pub struct LeaseTable {
     current: Option<Lease>,
     last_token: u64,
     store: Option<PathBuf>,
+    /// Mutating commands executing now; all under `executing_under` (no grant while any runs).
+    executing: u32,
+    executing_under: Option<Lease>,
 }
 
 /// Errors loading or saving the token store.
@@ -67,6 +85,8 @@ impl LeaseTable {
             current: None,
             last_token,
             store: store.map(Path::to_path_buf),
+            executing: 0,
+            executing_under: None,
         })
     }
 
@@ -91,6 +111,7 @@ impl LeaseTable {
             holder: lease.holder.clone(),
             token: lease.token,
             remaining_ms: lease.expires.saturating_duration_since(now).as_millis() as u64,
+            instance: lease.instance.clone(),
         }
     }
 
@@ -99,16 +120,24 @@ impl LeaseTable {
         self.live(now).map(|l| Self::info(l, now))
     }
 
-    /// Grants or renews the lease for `holder`. Renewal keeps the token; a new grant raises it.
+    /// Mutating commands executing now.
+    pub fn executing(&self) -> u32 {
+        self.executing
+    }
+
+    /// Grants or renews the lease for `holder`'s process `instance`. Renewal (same holder, same
+    /// instance, lease live) keeps the token; a new grant raises it, and waits for nothing: it
+    /// is refused while a command admitted under an earlier lease still executes.
     pub fn acquire(
         &mut self,
         holder: &str,
+        instance: Option<&ControllerInstance>,
         ttl: Duration,
         now: Instant,
     ) -> Result<LeaseInfo, WireError> {
         let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
         if let Some(lease) = self.live(now) {
-            if lease.holder != holder {
+            if !lease.held_by(holder, instance) {
                 return Err(held_by_other(Self::info(lease, now)));
             }
             let renewed = Lease {
@@ -118,6 +147,25 @@ impl LeaseTable {
             let info = Self::info(&renewed, now);
             self.current = Some(renewed);
             return Ok(info);
+        }
+        if self.executing > 0 {
+            let old = self
+                .executing_under
+                .as_ref()
+                .expect("executing under a lease");
+            let mut info = Self::info(old, now);
+            info.remaining_ms = 0;
+            return Err(WireError::new(
+                ErrorCode::LeaseHeld,
+                format!(
+                    "the lease of controller {:?}{} (token {}) has ended but {} command(s) it started are still executing: no new lease until they end (each has a deadline)",
+                    old.holder,
+                    describe(old.instance.as_ref()),
+                    old.token,
+                    self.executing
+                ),
+            )
+            .with_lease(info));
         }
         let token = self.last_token + 1;
         self.persist(token).map_err(|e| {
@@ -129,6 +177,7 @@ impl LeaseTable {
         self.last_token = token;
         let lease = Lease {
             holder: holder.to_string(),
+            instance: instance.cloned(),
             token,
             expires: now + ttl,
         };
@@ -137,10 +186,16 @@ impl LeaseTable {
         Ok(info)
     }
 
-    /// Ends `holder`'s lease early. Releasing a lease one does not hold is an error.
-    pub fn release(&mut self, holder: &str, now: Instant) -> Result<(), WireError> {
+    /// Ends `holder`'s lease early. Releasing a lease one does not hold is an error. Commands
+    /// it started and still executing keep any new grant off until they end.
+    pub fn release(
+        &mut self,
+        holder: &str,
+        instance: Option<&ControllerInstance>,
+        now: Instant,
+    ) -> Result<(), WireError> {
         match self.live(now) {
-            Some(lease) if lease.holder == holder => {
+            Some(lease) if lease.held_by(holder, instance) => {
                 self.current = None;
                 Ok(())
             }
@@ -149,7 +204,8 @@ impl LeaseTable {
         }
     }
 
-    /// Checks that `holder` may run a mutating command with fencing token `token`.
+    /// Checks that `holder` may run a mutating command with fencing token `token`. Tokens are
+    /// unique to a grant, and a grant to one instance: the token names the process.
     pub fn check(&self, holder: &str, token: Option<u64>, now: Instant) -> Result<(), WireError> {
         let Some(token) = token else {
             return Err(WireError::new(
@@ -174,25 +230,107 @@ impl LeaseTable {
             return Err(WireError::new(
                 ErrorCode::StaleToken,
                 format!(
-                    "fencing token {token} is stale: the current lease of {} has token {}, ending in {} ms",
-                    info.holder, info.token, info.remaining_ms
+                    "fencing token {token} is stale: the current lease of {:?}{} has token {}, ending in {} ms",
+                    info.holder,
+                    describe(info.instance.as_ref()),
+                    info.token,
+                    info.remaining_ms
                 ),
             )
             .with_lease(info));
         }
         Ok(())
     }
+
+    /// [`LeaseTable::check`], then counts the command as executing until [`LeaseTable::exit`].
+    fn enter(&mut self, holder: &str, token: u64, now: Instant) -> Result<(), WireError> {
+        self.check(holder, Some(token), now)?;
+        if self.executing == 0 {
+            self.executing_under = self.current.clone();
+        }
+        self.executing += 1;
+        Ok(())
+    }
+
+    fn exit(&mut self) {
+        self.executing = self.executing.saturating_sub(1);
+        if self.executing == 0 {
+            self.executing_under = None;
+        }
+    }
+}
+
+fn describe(instance: Option<&ControllerInstance>) -> String {
+    instance.map(|i| format!(", {i}")).unwrap_or_default()
 }
 
 fn held_by_other(info: LeaseInfo) -> WireError {
     WireError::new(
         ErrorCode::LeaseHeld,
         format!(
-            "lease held by controller {:?} (token {}) for another {} ms",
-            info.holder, info.token, info.remaining_ms
+            "lease held by controller {:?}{} (token {}) for another {} ms: wait for it (`unistor apply --lease-wait 2m`), suspend that controller's daemon (`unistor suspend`) or stop it",
+            info.holder,
+            describe(info.instance.as_ref()),
+            info.token,
+            info.remaining_ms
         ),
     )
     .with_lease(info)
+}
+
+/// Shared lease state of an agent (the server's, handed to each admitted command).
+pub type SharedLeases = Arc<Mutex<LeaseTable>>;
+
+/// How one command was admitted: for a mutating command, the lease (holder and token) it was
+/// admitted under, to be checked again when it starts executing.
+#[derive(Debug)]
+pub struct Fence {
+    admitted: Option<(SharedLeases, String, u64)>,
+}
+
+impl Fence {
+    /// No lease to check: reads, and an agent's own work (tests, replays it decides itself).
+    pub fn none() -> Self {
+        Self { admitted: None }
+    }
+
+    /// A mutating command admitted under `holder`'s lease with `token`.
+    pub fn admitted(leases: SharedLeases, holder: String, token: u64) -> Self {
+        Self {
+            admitted: Some((leases, holder, token)),
+        }
+    }
+
+    /// Checks the lease again, now, and counts the command as executing until the guard drops.
+    /// A handler calls it after waiting for its own locks and before its first side effect, and
+    /// holds the guard until its last; no new lease is granted meanwhile.
+    pub fn enter(&self) -> Result<Executing, WireError> {
+        let Some((leases, holder, token)) = &self.admitted else {
+            return Ok(Executing { leases: None });
+        };
+        leases
+            .lock()
+            .expect("lease lock")
+            .enter(holder, *token, Instant::now())?;
+        Ok(Executing {
+            leases: Some(leases.clone()),
+        })
+    }
+}
+
+/// A command executing under a lease (see [`Fence::enter`]).
+#[derive(Debug)]
+#[must_use = "the command counts as executing only while the guard lives"]
+pub struct Executing {
+    leases: Option<SharedLeases>,
+}
+
+impl Drop for Executing {
+    fn drop(&mut self) {
+        if let Some(l) = &self.leases {
+            l.lock().expect("lease lock").exit();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,18 +343,21 @@ mod tests {
     fn one_holder_at_a_time_and_tokens_only_grow() {
         let t0 = Instant::now();
         let mut t = LeaseTable::open(None).unwrap();
-        let a = t.acquire("ctl-a", TTL, t0).unwrap();
+        let a = t.acquire("ctl-a", None, TTL, t0).unwrap();
         assert_eq!(a.token, 1);
-        let e = t.acquire("ctl-b", TTL, t0).unwrap_err();
+        let e = t.acquire("ctl-b", None, TTL, t0).unwrap_err();
         assert_eq!(e.code, ErrorCode::LeaseHeld);
         assert!(e.message.contains("ctl-a"), "{}", e.message);
         assert_eq!(e.lease.as_ref().unwrap().remaining_ms, 10_000);
         // Renewal keeps the token.
-        assert_eq!(t.acquire("ctl-a", TTL, t0 + TTL / 2).unwrap().token, 1);
+        assert_eq!(
+            t.acquire("ctl-a", None, TTL, t0 + TTL / 2).unwrap().token,
+            1
+        );
         t.check("ctl-a", Some(1), t0 + TTL).unwrap();
         // After expiry another controller gets a higher token; the old one is stale/foreign.
         let later = t0 + TTL * 2;
-        let b = t.acquire("ctl-b", TTL, later).unwrap();
+        let b = t.acquire("ctl-b", None, TTL, later).unwrap();
         assert_eq!(b.token, 2);
         assert_eq!(
             t.check("ctl-a", Some(1), later).unwrap_err().code,
@@ -240,20 +381,119 @@ mod tests {
         let now = Instant::now();
         {
             let mut t = LeaseTable::open(Some(&path)).unwrap();
-            t.acquire("a", TTL, now).unwrap();
-            t.release("a", now).unwrap();
-            assert_eq!(t.acquire("a", TTL, now).unwrap().token, 2);
+            t.acquire("a", None, TTL, now).unwrap();
+            t.release("a", None, now).unwrap();
+            assert_eq!(t.acquire("a", None, TTL, now).unwrap().token, 2);
         }
         let mut t = LeaseTable::open(Some(&path)).unwrap();
         assert!(t.current(now).is_none(), "leases do not survive a restart");
-        assert_eq!(t.acquire("b", TTL, now).unwrap().token, 3);
+        assert_eq!(t.acquire("b", None, TTL, now).unwrap().token, 3);
     }
 
     #[test]
     fn ttl_is_clamped() {
         let now = Instant::now();
         let mut t = LeaseTable::open(None).unwrap();
-        let l = t.acquire("a", Duration::from_secs(100_000), now).unwrap();
+        let l = t
+            .acquire("a", None, Duration::from_secs(100_000), now)
+            .unwrap();
         assert_eq!(l.remaining_ms, MAX_TTL.as_millis() as u64);
+    }
+
+    fn instance(cmd: &str) -> ControllerInstance {
+        ControllerInstance::new("mgmt-1".into(), cmd.into())
+    }
+
+    #[test]
+    fn one_certificate_two_processes_two_holders() {
+        let t0 = Instant::now();
+        let mut t = LeaseTable::open(None).unwrap();
+        let (daemon, ci) = (instance("unistor watch m/"), instance("unistor apply m/"));
+        let a = t.acquire("controller", Some(&daemon), TTL, t0).unwrap();
+        // The same certificate from another process is another holder, named in the refusal.
+        let e = t.acquire("controller", Some(&ci), TTL, t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::LeaseHeld);
+        for part in [
+            "unistor watch m/",
+            "mgmt-1",
+            "--lease-wait",
+            &daemon.pid.to_string(),
+        ] {
+            assert!(e.message.contains(part), "{part}: {}", e.message);
+        }
+        assert_eq!(e.lease.as_ref().unwrap().instance.as_ref(), Some(&daemon));
+        // Nor may it release it, nor may an older controller without an instance renew it.
+        assert!(t.release("controller", Some(&ci), t0).is_err());
+        assert!(t.acquire("controller", None, TTL, t0).is_err());
+        // The holder renews with the same token.
+        assert_eq!(
+            t.acquire("controller", Some(&daemon), TTL, t0)
+                .unwrap()
+                .token,
+            a.token
+        );
+        t.release("controller", Some(&daemon), t0).unwrap();
+        assert_eq!(
+            t.acquire("controller", Some(&ci), TTL, t0).unwrap().token,
+            a.token + 1
+        );
+    }
+
+    #[test]
+    fn no_new_grant_while_a_command_of_the_old_one_executes() {
+        let t0 = Instant::now();
+        let leases: SharedLeases = Arc::new(Mutex::new(LeaseTable::open(None).unwrap()));
+        let (one, two) = (instance("one"), instance("two"));
+        let old = leases
+            .lock()
+            .unwrap()
+            .acquire("controller", Some(&one), MIN_TTL, t0)
+            .unwrap();
+        // Admitted, then executing; a second one admitted but still waiting for a lock.
+        let running = Fence::admitted(leases.clone(), "controller".into(), old.token);
+        let waiting = Fence::admitted(leases.clone(), "controller".into(), old.token);
+        let guard = running.enter().unwrap();
+        assert_eq!(leases.lock().unwrap().executing(), 1);
+        // The lease ends (expiry or release): the other process is still kept off.
+        leases
+            .lock()
+            .unwrap()
+            .release("controller", Some(&one), t0)
+            .unwrap();
+        let e = leases
+            .lock()
+            .unwrap()
+            .acquire("controller", Some(&two), TTL, t0)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::LeaseHeld);
+        assert!(e.message.contains("still executing"), "{}", e.message);
+        drop(guard);
+        let new = leases
+            .lock()
+            .unwrap()
+            .acquire("controller", Some(&two), TTL, t0)
+            .unwrap();
+        assert!(new.token > old.token);
+        // The command that waited for its lock is refused when it starts: its token is old.
+        let e = waiting.enter().unwrap_err();
+        assert_eq!(e.code, ErrorCode::StaleToken);
+        assert_eq!(leases.lock().unwrap().executing(), 0);
+        // Unfenced work (reads, the agent's own) always enters.
+        drop(Fence::none().enter().unwrap());
+    }
+
+    #[test]
+    fn a_lease_that_lapsed_while_waiting_refuses_the_command_at_its_start() {
+        let t0 = Instant::now();
+        let leases: SharedLeases = Arc::new(Mutex::new(LeaseTable::open(None).unwrap()));
+        let l = leases
+            .lock()
+            .unwrap()
+            .acquire("controller", None, MIN_TTL, t0)
+            .unwrap();
+        let fence = Fence::admitted(leases.clone(), "controller".into(), l.token);
+        // Admitted now, starts after the lease ended (real clock: MIN_TTL is 1 s).
+        leases.lock().unwrap().current = None;
+        assert_eq!(fence.enter().unwrap_err().code, ErrorCode::NoLease);
     }
 }

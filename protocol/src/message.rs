@@ -173,7 +173,7 @@ pub enum Command {
     /// Take or renew the agent's lease for `ttl_ms` milliseconds.
     AcquireLease(AcquireLease),
     /// Give the lease up (only its holder may).
-    ReleaseLease(Empty),
+    ReleaseLease(ReleaseLease),
     /// Full report of the Ceph cluster (every managed image in one reply: small clusters and
     /// `unistor inspect`; the controller pages with [`Command::CephChanges`]).
     CephReport(Empty),
@@ -334,6 +334,104 @@ pub struct Empty {}
 pub struct AcquireLease {
     /// Requested lease duration; the agent clamps it to its own bounds.
     pub ttl_ms: u64,
+    /// The controller process asking. Two processes with one certificate are two holders: a
+    /// lease is renewed only for the instance it was granted to. Absent (older controllers):
+    /// the certificate's name alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<ControllerInstance>,
+}
+
+/// Parameters of [`Command::ReleaseLease`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseLease {
+    /// The process releasing it: only the one it was granted to may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<ControllerInstance>,
+}
+
+/// One controller process: what a lease is granted to, beside the certificate's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerInstance {
+    /// Random, drawn once per process.
+    pub id: String,
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id there.
+    pub pid: u32,
+    /// Its command line, shortened (e.g. `unistor watch manifests/`).
+    pub command: String,
+}
+
+impl ControllerInstance {
+    /// Longest `id`, `host` or `command` an agent accepts.
+    pub const MAX_FIELD: usize = 256;
+
+    /// This process, the same value for every call (one id per process).
+    pub fn this_process() -> Self {
+        static ME: std::sync::OnceLock<ControllerInstance> = std::sync::OnceLock::new();
+        ME.get_or_init(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "unknown-host".into());
+            let mut command = std::env::args()
+                .map(|a| {
+                    std::path::Path::new(&a)
+                        .file_name()
+                        .filter(|_| a.starts_with('/'))
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or(a)
+                })
+                .take(4)
+                .collect::<Vec<_>>()
+                .join(" ");
+            command.truncate(Self::MAX_FIELD / 2);
+            Self::new(host, command)
+        })
+        .clone()
+    }
+
+    /// A new instance with a fresh random id (tests run several in one process).
+    pub fn new(host: String, command: String) -> Self {
+        Self {
+            id: format!("{:016x}{:08x}", fastrand::u64(..), std::process::id()),
+            host,
+            pid: std::process::id(),
+            command,
+        }
+    }
+
+    /// Checks the bounds an agent holds a peer's instance to.
+    pub fn check(&self) -> Result<(), crate::WireError> {
+        let ok = |s: &str| s.len() <= Self::MAX_FIELD && !s.chars().any(char::is_control);
+        if self.id.is_empty() || !ok(&self.id) || !ok(&self.host) || !ok(&self.command) {
+            return Err(crate::WireError::new(
+                crate::ErrorCode::InvalidArgument,
+                format!(
+                    "controller instance: id, host and command must be at most {} characters without control characters",
+                    Self::MAX_FIELD
+                ),
+            )
+            .with_field("instance"));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for ControllerInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` (pid {} on {}, instance {})",
+            self.command,
+            self.pid,
+            self.host,
+            self.id.chars().take(8).collect::<String>()
+        )
+    }
 }
 
 /// Names one image.
@@ -513,6 +611,9 @@ pub struct LeaseInfo {
     pub token: u64,
     /// Milliseconds until the lease ends, on the agent's monotonic clock.
     pub remaining_ms: u64,
+    /// The controller process holding it (absent for an older controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<ControllerInstance>,
 }
 
 /// The state of a Ceph cluster.

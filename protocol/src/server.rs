@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{ErrorCode, WireError};
 use crate::frame::{Connection, FrameError};
-use crate::lease::LeaseTable;
+use crate::lease::{Fence, LeaseTable, SharedLeases};
 use crate::message::{
     AgentHello, AgentKind, Command, Empty, Event, EventEnvelope, Message, Outcome, Reply, Request,
     Response, PROTOCOL_VERSION,
@@ -48,8 +48,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Command families served (sent in the hello).
     fn capabilities(&self) -> Vec<String>;
     /// Runs one command. Lease commands never reach the handler; mutating commands reach it only
-    /// with a valid fencing token.
-    async fn handle(&self, command: Command) -> Result<Reply, WireError>;
+    /// with a valid fencing token, and must call [`Fence::enter`] after waiting for the
+    /// handler's own locks and before their first side effect, holding its guard until their
+    /// last (reads get [`Fence::none`]).
+    async fn handle(&self, command: Command, fence: Fence) -> Result<Reply, WireError>;
     /// Events to push to every connected controller.
     fn subscribe(&self) -> Option<broadcast::Receiver<Event>> {
         None
@@ -128,7 +130,7 @@ pub struct ServerStats {
 struct Shared<H> {
     handler: Arc<H>,
     config: ServerConfig,
-    leases: Mutex<LeaseTable>,
+    leases: SharedLeases,
     stats: Arc<ServerStats>,
     per_peer: Mutex<HashMap<IpAddr, usize>>,
     handshakes: Mutex<Handshakes>,
@@ -328,7 +330,7 @@ pub async fn run<H: Handler>(
 ) {
     let shared = Arc::new(Shared {
         handler,
-        leases: Mutex::new(leases),
+        leases: Arc::new(Mutex::new(leases)),
         stats,
         per_peer: Mutex::new(HashMap::new()),
         handshakes: Mutex::new(Handshakes::default()),
@@ -786,14 +788,24 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let immediate = match &req.command {
-            Command::AcquireLease(a) => Some(
+            Command::AcquireLease(a) => {
+                let result = match a.instance.as_ref().map(|i| i.check()) {
+                    Some(Err(e)) => Err(e),
+                    _ => self
+                        .leases()
+                        .acquire(
+                            &self.peer,
+                            a.instance.as_ref(),
+                            Duration::from_millis(a.ttl_ms),
+                            now,
+                        )
+                        .map(Reply::Lease),
+                };
+                Some(result)
+            }
+            Command::ReleaseLease(r) => Some(
                 self.leases()
-                    .acquire(&self.peer, Duration::from_millis(a.ttl_ms), now)
-                    .map(Reply::Lease),
-            ),
-            Command::ReleaseLease(_) => Some(
-                self.leases()
-                    .release(&self.peer, now)
+                    .release(&self.peer, r.instance.as_ref(), now)
                     .map(|()| Reply::Done(Empty {})),
             ),
             cmd if cmd.is_mutating() => match self.leases().check(&self.peer, req.fence, now) {
@@ -830,9 +842,15 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
         let handler = self.shared.handler.clone();
         let done = done.clone();
         let peer = self.peer.clone();
+        let fence = match req.fence {
+            Some(token) if req.command.is_mutating() => {
+                Fence::admitted(self.shared.leases.clone(), peer.clone(), token)
+            }
+            _ => Fence::none(),
+        };
         tasks.spawn(async move {
             let name = req.command.name();
-            let result = handler.handle(req.command).await;
+            let result = handler.handle(req.command, fence).await;
             if let Err(e) = &result {
                 info!(controller = %peer, command = name, code = ?e.code, error = %e.message, "Command failed.");
             } else {

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use protocol::client::{AgentClient, ClientError, ClientOptions};
 use protocol::frame::Connection;
-use protocol::lease::LeaseTable;
+use protocol::lease::{Fence, LeaseTable};
 use protocol::names::PeerName;
 use protocol::server::{self, Handler, ServerConfig, ServerStats};
 use protocol::tls::{self, PkiPaths, Role};
 use protocol::{
-    AgentKind, Command, ControllerHello, CreateImage, Empty, ErrorCode, Event, Message, Ownership,
-    Reply, WireError, PROTOCOL_VERSION,
+    AgentKind, Command, ControllerHello, ControllerInstance, CreateImage, Empty, ErrorCode, Event,
+    Message, Ownership, Reply, WireError, PROTOCOL_VERSION,
 };
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +28,8 @@ struct Counting {
     calls: AtomicU64,
     slow: Duration,
     events: broadcast::Sender<Event>,
+    /// While true, mutating commands wait once executing (their lease entered).
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 #[async_trait::async_trait]
@@ -38,10 +40,15 @@ impl Handler for Counting {
     fn capabilities(&self) -> Vec<String> {
         vec!["lease".into(), "test".into()]
     }
-    async fn handle(&self, command: Command) -> Result<Reply, WireError> {
+    async fn handle(&self, command: Command, fence: Fence) -> Result<Reply, WireError> {
+        let _executing = fence.enter()?;
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Command::CephReport(_) = command {
             tokio::time::sleep(self.slow).await;
+        }
+        if command.is_mutating() {
+            let mut hold = self.hold.subscribe();
+            let _ = hold.wait_for(|h| !*h).await;
         }
         Ok(Reply::Done(Empty {}))
     }
@@ -103,6 +110,7 @@ async fn start(pki: &Pki, tune: impl FnOnce(&mut ServerConfig), slow: Duration) 
         calls: AtomicU64::new(0),
         slow,
         events: broadcast::channel(16).0,
+        hold: tokio::sync::watch::channel(false).0,
     });
     let (stop, stopped) = oneshot::channel();
     let done = tokio::spawn(server::run(
@@ -126,8 +134,19 @@ async fn start(pki: &Pki, tune: impl FnOnce(&mut ServerConfig), slow: Duration) 
 }
 
 async fn connect(pki: &Pki, agent: &Agent, controller: &str) -> Result<AgentClient, ClientError> {
+    connect_as(pki, agent, controller, ControllerInstance::this_process()).await
+}
+
+/// A client of controller `controller` as the process `instance`.
+async fn connect_as(
+    pki: &Pki,
+    agent: &Agent,
+    controller: &str,
+    instance: ControllerInstance,
+) -> Result<AgentClient, ClientError> {
     let opts = ClientOptions {
         request_timeout: Duration::from_secs(10),
+        instance,
         ..ClientOptions::default()
     };
     AgentClient::connect(&agent.addr, &peer(AGENT), pki.client(controller), opts).await
@@ -250,6 +269,64 @@ async fn fencing_refuses_no_lease_other_holder_and_stale_tokens() {
 
     assert_eq!(agent.handler.calls.load(Ordering::SeqCst), 2);
     assert_eq!(agent.stats.fenced.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn one_certificate_in_two_processes_is_two_holders_and_a_new_one_waits_for_the_old_commands()
+{
+    let pki = Pki::new();
+    let agent = start(&pki, |_| {}, Duration::ZERO).await;
+    let daemon = ControllerInstance::new("mgmt-1".into(), "unistor watch manifests".into());
+    let ci = ControllerInstance::new("ci-runner".into(), "unistor apply manifests".into());
+    let d = Arc::new(
+        connect_as(&pki, &agent, "ctl-a", daemon.clone())
+            .await
+            .unwrap(),
+    );
+    let c = connect_as(&pki, &agent, "ctl-a", ci.clone()).await.unwrap();
+
+    let lease = d.acquire_lease(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(lease.instance.as_ref(), Some(&daemon));
+    // The CI's apply, same certificate, is refused and told who holds it and what to do.
+    let err = c.acquire_lease(Duration::from_secs(30)).await.unwrap_err();
+    let wire = err.wire().unwrap();
+    assert_eq!(wire.code, ErrorCode::LeaseHeld);
+    for part in ["unistor watch manifests", "mgmt-1", "--lease-wait"] {
+        assert!(wire.message.contains(part), "{part}: {}", wire.message);
+    }
+    assert_eq!(code(c.request(create()).await), ErrorCode::NoLease);
+    // Nor can it end the daemon's lease.
+    assert!(c.release_lease().await.is_err());
+    assert_eq!(
+        d.acquire_lease(Duration::from_secs(30))
+            .await
+            .unwrap()
+            .token,
+        lease.token,
+        "the daemon still renews its own"
+    );
+
+    // A command of the daemon executing: its lease ends, and still nobody else gets one.
+    agent.handler.hold.send_replace(true);
+    let running = tokio::spawn({
+        let d = d.clone();
+        async move { d.request(create()).await }
+    });
+    let calls = || agent.handler.calls.load(Ordering::SeqCst);
+    while calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    d.release_lease().await.unwrap();
+    let err = c.acquire_lease(Duration::from_secs(30)).await.unwrap_err();
+    assert!(
+        err.wire().unwrap().message.contains("still executing"),
+        "{err:?}"
+    );
+    agent.handler.hold.send_replace(false);
+    running.await.unwrap().unwrap();
+    let next = c.acquire_lease(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.token, lease.token + 1);
+    c.request(create()).await.unwrap();
 }
 
 #[tokio::test]

@@ -37,6 +37,9 @@ use crate::state::{RpcError, State};
 pub struct Faults {
     /// Delay before answering, per method (`*` for every method).
     pub latency: BTreeMap<String, Duration>,
+    /// Delay after a call took effect and before its answer, per method (`*` for every
+    /// method): the window where a client killed has changed SNAP without knowing it.
+    pub reply_latency: BTreeMap<String, Duration>,
     /// Probability (0..1) that a call fails with -5 before taking effect
     /// (never `spdk_get_version` or `rpc_get_methods`).
     pub error_rate: f64,
@@ -255,6 +258,14 @@ impl Emulator {
         let r = self.dispatch(method, params, app).await;
         if r.is_ok() {
             self.after(method, params);
+        }
+        let delay = self
+            .faults
+            .reply_latency
+            .get(method)
+            .or_else(|| self.faults.reply_latency.get("*"));
+        if let Some(d) = delay {
+            tokio::time::sleep(*d).await;
         }
         r
     }

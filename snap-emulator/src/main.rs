@@ -39,6 +39,9 @@ struct Args {
     /// Latency per method, `METHOD=DURATION` or `*=DURATION` (repeatable).
     #[arg(long, value_parser = parse_latency)]
     latency: Vec<(String, Duration)>,
+    /// Latency per method after the call took effect, before its answer (repeatable).
+    #[arg(long, value_parser = parse_latency)]
+    reply_latency: Vec<(String, Duration)>,
     /// Probability that a call fails with -5 before taking effect.
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         init_files: a.init_conf,
         faults: Faults {
             latency: a.latency.into_iter().collect::<BTreeMap<_, _>>(),
+            reply_latency: a.reply_latency.into_iter().collect::<BTreeMap<_, _>>(),
             error_rate: a.error_rate,
             seed: a.seed,
             exit_after: a.exit_after,

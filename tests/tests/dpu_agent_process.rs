@@ -45,6 +45,11 @@ impl Drop for Agent {
 }
 
 fn start_agent(pki: &Path, state: &Path, socket: &Path) -> Agent {
+    start_agent_with(pki, state, socket, &[])
+}
+
+/// An agent whose emulator gets `emulator_args` besides `--real-ceph`.
+fn start_agent_with(pki: &Path, state: &Path, socket: &Path, emulator_args: &[&str]) -> Agent {
     let mut cmd = Command::new(bin("dpu-agent"));
     cmd.process_group(0)
         .args([
@@ -72,6 +77,7 @@ fn start_agent(pki: &Path, state: &Path, socket: &Path) -> Agent {
         .arg("--emulator")
         .arg(bin("snap-emulator"))
         .args(["--emulator-arg=--real-ceph"])
+        .args(emulator_args.iter().map(|a| format!("--emulator-arg={a}")))
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
     let (child, addr) = e2e::spawn_announced(&mut cmd, "listening on ");
@@ -263,6 +269,118 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
     e2e::wait_until(
         Duration::from_secs(90),
         "the crashed emulator's watch to time out",
+        || c.cli("rbd", &["rm", "--no-progress", &spec]).0 == 0,
+    );
+}
+
+/// SNAP installed and everything of `exposure_commands` before the namespace done, on a
+/// fresh session.
+async fn install_and_expose_up_to_the_namespace(a: &AgentClient, cmds: &mut Vec<Cmd>) {
+    a.acquire_lease(Duration::from_secs(60)).await.unwrap();
+    let spec = SnapSpec {
+        image: "nvcr.io/nvidia/doca/doca_snap".into(),
+        tag: "4.5.0-6-doca2.9.0".into(),
+        env: Default::default(),
+        hugepages_mib: 0,
+        cpu: "2".into(),
+        memory: "1Gi".into(),
+        firmware: FirmwareSpec {
+            nvme_pfs: 1,
+            nvme_vfs: 2,
+        },
+    };
+    a.request(Cmd::InstallSnap(spec)).await.unwrap();
+    while !matches!(cmds.first(), Some(Cmd::CreateNamespace(_))) {
+        let cmd = cmds.remove(0);
+        let name = cmd.name();
+        a.request(cmd)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {}", protocol::error::chain(&e)));
+    }
+}
+
+fn namespace_3(socket: &Path) -> bool {
+    e2e::try_snap_call(socket, "nvme_subsystem_list").is_ok_and(|s| {
+        s[0]["namespaces"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["nsid"] == 3 && n["uuid"] == UUID))
+    })
+}
+
+/// Write-ahead: the agent is SIGKILLed after SNAP created a namespace and before the ledger said
+/// so (the emulator answers 20 s after the change), then SNAP is SIGKILLed too, with no controller
+/// connected. The next agent finds the command pending, SNAP empty, and restores the namespace
+/// with its NSID and UUID. Before write-ahead, the replay did not know the namespace.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_between_snaps_change_and_its_ledger_loses_nothing_when_snap_dies_too() {
+    let c = Cluster::from_env();
+    let image = unique("dpu-wal");
+    let spec = format!("{}/{image}", c.pool);
+    c.cli_ok("rbd", &["create", "--size", "64M", &spec]);
+    let key = c.cli_ok("ceph", &["auth", "get-key", &format!("client.{}", c.id)]);
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    e2e::issue_pki(&pki_dir, &[AGENT]);
+    let (state, socket) = (dir.path().join("state"), dir.path().join("spdk.sock"));
+
+    let mut agent = start_agent_with(
+        &pki_dir,
+        &state,
+        &socket,
+        &["--reply-latency=nvme_namespace_create=20s"],
+    );
+    let a = session(&pki_dir, &agent.addr).await;
+    let mut cmds = exposure_commands(&c, &key, &image);
+    install_and_expose_up_to_the_namespace(&a, &mut cmds).await;
+    let create_ns = cmds.remove(0);
+    let pending = tokio::spawn(async move { a.request(create_ns).await });
+    wait_until(
+        Duration::from_secs(30),
+        "SNAP to have the namespace (its answer held back)",
+        || namespace_3(&socket),
+    );
+    let ledger = std::fs::read_to_string(state.join("snap-ledger.json")).unwrap();
+    assert!(
+        ledger.contains("\"pending\""),
+        "the intent is written ahead: {ledger}"
+    );
+
+    // The agent alone dies (not its group: SNAP runs on), then SNAP.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = agent.child.wait();
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the controller got no answer"
+    );
+    let snap = emulator_pid(&socket).expect("SNAP outlives its agent");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(snap),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "SNAP to be gone", || {
+        emulator_pid(&socket).is_none()
+    });
+
+    // A new agent, no controller: SNAP back with the namespace the old agent was killed over.
+    let agent2 = start_agent(&pki_dir, &state, &socket);
+    wait_until(
+        Duration::from_secs(60),
+        "SNAP back with namespace 3 and its UUID",
+        || namespace_3(&socket),
+    );
+    let ledger = std::fs::read_to_string(state.join("snap-ledger.json")).unwrap();
+    assert!(!ledger.contains("\"pending\""), "settled: {ledger}");
+    assert!(ledger.contains(UUID), "recorded: {ledger}");
+    drop(agent2);
+    drop(agent);
+    e2e::wait_until(
+        Duration::from_secs(90),
+        "the killed emulator's watch to time out",
         || c.cli("rbd", &["rm", "--no-progress", &spec]).0 == 0,
     );
 }

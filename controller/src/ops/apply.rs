@@ -32,6 +32,10 @@ pub struct ApplyArgs {
     /// Passes of observe-plan-execute before giving up.
     #[arg(long, default_value_t = 5)]
     pub passes: usize,
+    /// How long to wait for an agent's lease held by another controller (e.g. the watch
+    /// daemon between two passes) before its steps are given up; 0 refuses at once.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub lease_wait: std::time::Duration,
     /// One line per step as it ends (the default when the output is not a terminal; on a
     /// terminal a progress bar shows steps done, rate and ETA, and failures as they happen).
     #[arg(long, short)]
@@ -59,7 +63,8 @@ fn confirm(p: &Plan) -> Result<(), OpsError> {
 pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
-    let (opts, exec) = run_options(&a.common, &a.rails);
+    let (opts, mut exec) = run_options(&a.common, &a.rails);
+    exec.lease_wait = a.lease_wait;
     // Observed once; each pass then re-reads only the agents it commanded.
     let mut informer = crate::fleet::Informer::default();
     informer.refresh(&fleet, a.common.report_timeout).await;

@@ -55,6 +55,20 @@ pub enum OpError {
     },
 }
 
+impl OpError {
+    /// Whether SNAP may have applied the call although no answer says so: it was sent and no
+    /// answer came (timeout, connection lost, garbled reply). Refusals, and checks that stopped
+    /// before any call, left SNAP as it was.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            OpError::Snap(
+                SnapError::Timeout { .. } | SnapError::Io { .. } | SnapError::Protocol { .. }
+            )
+        )
+    }
+}
+
 /// Whether an operation changed anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Done {
