@@ -275,3 +275,70 @@ fn a_dpu_agent_restart_leaves_the_hosts_devices_readable_throughout() {
     );
     assert_eq!(the_device(&lab.host_dir(0), &dev).map(|d| d.open), Some(1));
 }
+
+/// The clients (`rbd status` watchers) that have `pool/image` open.
+fn watchers(c: &Cluster, pool: &str, image: &str) -> usize {
+    let out = c.cli_ok(
+        "rbd",
+        &["status", "--format", "json", &format!("{pool}/{image}")],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["watchers"].as_array().map_or(0, Vec::len)
+}
+
+/// One image is never open on two DPUs. dpu 0's agent is stopped (its SNAP still serves host 0)
+/// and the manifests move the volume to dpu 1: `plan` and `apply` hold it, naming the silent DPU,
+/// and nothing is made on dpu 1 (one watcher, host 1 has no device). Back, dpu 0 lets it go
+/// first, then dpu 1 exposes it with the bytes host 0 wrote.
+#[test]
+fn a_volume_moved_off_a_silent_dpu_is_held_until_that_dpu_reports() {
+    let c = Cluster::from_env();
+    let mut lab = Lab::start(&c, 2, &[]);
+    let v = unique("moving");
+    lab.write(&c, &[(&v, 0, "64Mi", "Retain")]);
+    let d = lab.daemon(&[]);
+    let s = d.wait_converged(CONVERGE, 1);
+    let dev = device_of(&s, &v);
+    assert!(host::write_pattern(&dev, 0x5a, 0, 65536));
+    drop(d);
+
+    // dpu 0's agent alone goes (its SNAP keeps serving host 0); the volume moves to dpu 1.
+    let agent = lab.procs.0[1].id() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = lab.procs.0[1].wait();
+    lab.write(&c, &[(&v, 1, "64Mi", "Retain")]);
+    let (m, p) = (
+        lab.manifests().display().to_string(),
+        lab.pki().display().to_string(),
+    );
+    let owner = lab.owner.clone();
+    let common = ["--pki-dir", p.as_str(), "--owner", owner.as_str()];
+    let plan = unistor(&[&["plan", m.as_str()][..], &common].concat());
+    let text = show(&plan);
+    assert_eq!(plan.status.code(), Some(1), "{text}");
+    let silent = "dpu/dpu-0 is not reporting";
+    assert!(text.contains(silent), "{text}");
+    assert!(!text.contains("create bdev"), "{text}");
+    let apply = unistor(&[&["apply", m.as_str(), "--auto-approve"][..], &common].concat());
+    assert_eq!(apply.status.code(), Some(1), "{}", show(&apply));
+    assert_eq!(watchers(&c, &c.pool, &v), 1, "open on dpu 0 only");
+    assert!(host::devices(&lab.host_dir(1)).is_empty());
+    assert!(
+        host::reads_pattern(&dev, 0x5a, 0, 65536),
+        "host 0 still served"
+    );
+
+    // dpu 0 is back: the move goes through, one DPU at a time, the bytes intact.
+    lab.start_dpu(0);
+    let apply = unistor(&[&["apply", m.as_str(), "--auto-approve"][..], &common].concat());
+    assert_eq!(apply.status.code(), Some(0), "{}", show(&apply));
+    assert!(host::devices(&lab.host_dir(0)).is_empty());
+    let moved = host::devices(&lab.host_dir(1));
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(host::reads_pattern(&moved[0].path, 0x5a, 0, 65536));
+    assert_eq!(watchers(&c, &c.pool, &v), 1);
+}

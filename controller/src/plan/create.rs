@@ -21,6 +21,8 @@ pub(super) struct Context<'a> {
     pub(super) images: &'a ImageIndex<'a>,
     /// Clusters closed to writes by the health gate, with the reason.
     pub(super) halted: &'a std::collections::BTreeMap<&'a str, String>,
+    /// DPUs whose state is not known: any of them may still expose an existing image.
+    pub(super) silent: &'a [&'a str],
 }
 
 /// One DPU's volumes being planned: the steps made once per cluster or function, and the
@@ -170,7 +172,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         let reg = self.register(b, inv, v);
         // `bdev_rbd_resize` grows the image through SNAP: a write, held with the image's.
         let may_write = !cx.halted.contains_key(v.cluster.as_str());
-        let bdev_step = self.bdev(b, inv, v, &[reg, image_step], may_write)?;
+        let bdev_step = self.bdev(b, cx, inv, v, &[reg, image_step], may_write)?;
         let nsid = placed.nsid(k);
         let ctrl = ctrl_names
             .entry(v.function)
@@ -234,6 +236,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
     fn bdev(
         &mut self,
         b: &mut Builder,
+        cx: &Context<'a>,
         inv: &SnapInventory,
         v: &Volume,
         before: &[Option<usize>],
@@ -278,6 +281,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 );
                 Err(Held)
             }
+            None if self.maybe_open_elsewhere(b, cx, v, before[1]) => Err(Held),
             None => Ok(Some(b.push(
                 self.target(),
                 Action::CreateBdev(BdevSpec {
@@ -292,6 +296,45 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 Some(vname),
             ))),
         }
+    }
+
+    /// A bdev is to be made here for `v`'s image: held (true) while a DPU whose state is not
+    /// known may still expose that image — an agent down or cut off leaves its SNAP serving
+    /// its host, and one image is never open on two DPUs. An image this plan makes
+    /// (`image_step`) is nobody's yet. The volume goes on when the silent DPUs report again
+    /// (without it; or with it, and their removals of it come first).
+    fn maybe_open_elsewhere(
+        &self,
+        b: &mut Builder,
+        cx: &Context<'a>,
+        v: &Volume,
+        image_step: Option<usize>,
+    ) -> bool {
+        if image_step.is_some() || cx.silent.iter().all(|d| *d == self.name) {
+            return false;
+        }
+        if !find_image(cx, v).is_some_and(|(_, i)| i.state == ImageState::Live) {
+            return false;
+        }
+        let silent: Vec<String> = cx
+            .silent
+            .iter()
+            .filter(|d| **d != self.name)
+            .map(|d| format!("dpu/{d}"))
+            .collect();
+        let named = match silent.len() {
+            n if n > 3 => format!("{} and {} more are", silent[..3].join(", "), n - 3),
+            1 => format!("{} is", silent[0]),
+            _ => format!("{} are", silent.join(", ")),
+        };
+        b.block(
+            object(v),
+            format!(
+                "image {}/{} exists and {named} not reporting: it may still be exposed there, and one image is never open on two DPUs; held until they report",
+                v.pool, v.image
+            ),
+        );
+        true
     }
 
     /// The host sees the bdev's size: a grown image is not grown for the host until the bdev

@@ -405,11 +405,13 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     };
     let halted = halted(observed, &opts.health_gate);
     let dpus = dpus(desired, observed, &by_dpu, &members);
+    let silent = silent_dpus(desired, observed);
     let cx = create::Context {
         observed,
         opts,
         images: &images,
         halted: &halted,
+        silent: &silent,
     };
     let parts = par_chunks(&dpus, opts.threads, |dpus| plan_dpus(&cx, &volumes, dpus));
     // Every DPU's removals; then the images of gone volumes, which wait for them.
@@ -444,6 +446,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
         let installs = b.absorb_with(installs, |d| d + removals);
         chains.push((c, removals, installs));
     }
+    let first_chain = b.next_id();
     for (c, removals, installs) in chains {
         b.absorb_with(c, |d| {
             if d >= INSTALLS {
@@ -453,7 +456,46 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
             }
         });
     }
+    one_dpu_at_a_time(&mut b.plan.steps[first_chain..], &of_volume);
     b.plan
+}
+
+/// One image is never open on two DPUs: a volume moving between DPUs gets its new bdev only
+/// after every removal of it elsewhere succeeded (a removal that fails — the host holds the
+/// device open — skips the new chain, which the next pass plans again). Steps `chains` are the
+/// plan's chains; `of_volume` its removals by volume. A converged plan has neither.
+fn one_dpu_at_a_time(chains: &mut [Step], of_volume: &teardown::ByVolume) {
+    if of_volume.is_empty() {
+        return;
+    }
+    for s in chains {
+        let (Action::CreateBdev(_), Some(v)) = (&s.action, &s.volume) else {
+            continue;
+        };
+        if let Some(removals) = of_volume.get(v) {
+            s.depends_on.extend(removals);
+            s.depends_on.sort_unstable();
+            s.depends_on.dedup();
+        }
+    }
+}
+
+/// DPUs the manifests name whose state is not known (not answering, or not observed): what
+/// they expose cannot be told.
+fn silent_dpus<'a>(desired: &'a Desired, observed: &'a Observed) -> Vec<&'a str> {
+    // Both in name order: one walk, not a search per DPU.
+    let mut seen = observed.dpus.iter().peekable();
+    let mut out = vec![];
+    for name in desired.dpus.keys() {
+        while seen.next_if(|(n, _)| *n < name).is_some() {}
+        let known = seen
+            .peek()
+            .is_some_and(|(n, k)| *n == name && matches!(k, Known::Known { .. }));
+        if !known {
+            out.push(name.as_str());
+        }
+    }
+    out
 }
 
 /// Where a chunk's SNAP installs and chains number their steps, until merged: above any plan's

@@ -292,6 +292,18 @@ impl World {
                 image,
                 ..
             }) => {
+                // One image is never open on two DPUs.
+                for (other, r) in &self.dpus {
+                    let open = r.inventory.iter().flat_map(|i| &i.bdevs).any(|b| {
+                        b.cluster.as_deref() == Some(cluster.as_str())
+                            && b.pool.as_deref() == Some(pool.as_str())
+                            && b.image.as_deref() == Some(image.as_str())
+                    });
+                    assert!(
+                        !open || other == d,
+                        "{pool}/{image} opened on dpu/{d} while dpu/{other} has it open"
+                    );
+                }
                 let c = super::names::unprefixed(cluster).expect("a unistor cluster name");
                 self.image(c, pool, image).size_bytes
             }

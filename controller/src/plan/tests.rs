@@ -107,6 +107,75 @@ fn unknown_agents_are_never_treated_as_empty() {
         .any(|s| s.target == Target::Dpu("dpu-a".into())));
 }
 
+/// One image is never open on two DPUs: a volume moved off a DPU that does not report is held
+/// with the reason; off one that reports, its new bdev waits for every removal on the old one.
+#[test]
+fn a_moved_volume_is_never_exposed_by_two_dpus() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let mut moved = d.clone();
+    let v = moved.volumes.get_mut("db-wal").unwrap();
+    v.host = "host-b".into();
+    v.dpu = "dpu-b".into();
+    let creates_bdev_on_b = |p: &Plan| {
+        p.steps
+            .iter()
+            .find(|s| {
+                s.target == Target::Dpu("dpu-b".into())
+                    && matches!(&s.action, Action::CreateBdev(b) if b.image.as_str() == "db-wal")
+            })
+            .cloned()
+    };
+
+    // dpu-a silent (its SNAP may still serve host-a): nothing of db-wal is made on dpu-b.
+    let mut o = w.observed();
+    o.dpus.insert(
+        "dpu-a".into(),
+        Known::Unknown {
+            reason: "connection refused".into(),
+        },
+    );
+    let p = plan(&moved, &o, &Options::default());
+    assert!(creates_bdev_on_b(&p).is_none(), "{:#?}", p.steps);
+    let held = p
+        .blocked
+        .iter()
+        .find(|b| b.object == "volume/db-wal")
+        .expect("db-wal is held");
+    for part in ["dpu/dpu-a is not reporting", "never open on two DPUs"] {
+        assert!(held.reason.contains(part), "{part}: {}", held.reason);
+    }
+    // A volume whose image this plan creates is nobody's yet: not held.
+    let mut fresh = moved.clone();
+    let f = fresh.volumes.get_mut("db-wal").unwrap();
+    f.image = protocol::names::ImageName::parse("i", "db-wal-new").unwrap();
+    assert!(plan(&fresh, &o, &Options::default())
+        .blocked
+        .iter()
+        .all(|b| b.object != "volume/db-wal"));
+
+    // dpu-a reports: its removals of db-wal come first, the new bdev waits for each of them.
+    let p = plan(&moved, &w.observed(), &Options::default());
+    let create = creates_bdev_on_b(&p).expect("created on dpu-b");
+    let delete = p
+        .steps
+        .iter()
+        .find(|s| {
+            s.target == Target::Dpu("dpu-a".into()) && matches!(s.action, Action::DeleteBdev { .. })
+        })
+        .expect("dpu-a lets its bdev go");
+    assert!(
+        create.depends_on.contains(&delete.id),
+        "{create:?} waits for {delete:?}"
+    );
+    // Applied in any order its dependencies allow, with the simulator's invariant.
+    for seed in 1..20 {
+        let mut w = w.clone();
+        w.converge_shuffled(&moved, 5, seed);
+    }
+}
+
 #[test]
 fn a_wanted_volume_held_back_keeps_its_image_while_a_gone_one_loses_its() {
     // Every image is to be deleted with its volume.
