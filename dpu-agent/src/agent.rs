@@ -60,6 +60,10 @@ pub struct DpuAgent {
     events: broadcast::Sender<Event>,
     settings: AgentSettings,
     observed: StdMutex<Observed>,
+    /// Commands that changed SNAP. Part of what makes a report new: after a controller's heal,
+    /// a drift that takes the same objects away again looks like the last push, and must be
+    /// pushed all the same.
+    applied: std::sync::atomic::AtomicU64,
 }
 
 fn name_err(e: NameError) -> WireError {
@@ -248,6 +252,7 @@ impl DpuAgent {
             events: broadcast::channel(64).0,
             settings,
             observed: StdMutex::new(Observed::default()),
+            applied: Default::default(),
         }
     }
 
@@ -409,6 +414,7 @@ impl DpuAgent {
                 "snap": report.snap, "inventory": report.inventory, "missing": report.missing,
                 "ledger": report.ledger_generation, "replay": report.last_replay,
                 "bluefield": report.bluefield, "host_use": report.host_use,
+                "applied": self.applied.load(std::sync::atomic::Ordering::Relaxed),
             });
             let due = last_full.elapsed() >= self.settings.full_report_every;
             if due || last.as_ref() != Some(&stable) {
@@ -452,10 +458,14 @@ impl DpuAgent {
         }
         let Some(intent) = intent else {
             op.await.map_err(op_err)?;
+            self.applied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(Reply::Done(protocol::Empty {}));
         };
         store.begin(intent).map_err(internal)?;
         let result = op.await;
+        self.applied
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match result {
             Ok(_) => store.settle(true).map_err(internal)?,
             // Refused, or never sent: SNAP is as it was.

@@ -204,6 +204,16 @@ impl LeaseTable {
         }
     }
 
+    /// Ends the lease granted with `token`, if it is still the one in force (the session that
+    /// took it closed). Whether it ended one.
+    pub fn release_token(&mut self, token: u64) -> bool {
+        if self.current.as_ref().is_some_and(|l| l.token == token) {
+            self.current = None;
+            return true;
+        }
+        false
+    }
+
     /// Checks that `holder` may run a mutating command with fencing token `token`. Tokens are
     /// unique to a grant, and a grant to one instance: the token names the process.
     pub fn check(&self, holder: &str, token: Option<u64>, now: Instant) -> Result<(), WireError> {

@@ -535,6 +535,7 @@ async fn serve_connection<H: Handler>(
         peer,
         addr,
         event_seq: 0,
+        leased: None,
     }
     .run(stop)
     .await;
@@ -628,6 +629,23 @@ struct Session<H, S> {
     peer: String,
     addr: SocketAddr,
     event_seq: u64,
+    /// The token of the lease this session took, if any: released when the session ends.
+    leased: Option<u64>,
+}
+
+/// A lease lives as long as the session that took it (as an ephemeral node does): a controller
+/// that dies closes its connections and its lease ends with them, so the next controller does
+/// not wait out the TTL. A partition keeps the connection half open; the TTL ends that one.
+/// Commands of the lease still executing keep any new grant off until they end.
+impl<H, S> Drop for Session<H, S> {
+    fn drop(&mut self) {
+        if let Some(token) = self.leased {
+            let mut leases = self.shared.leases.lock().unwrap_or_else(|e| e.into_inner());
+            if leases.release_token(token) {
+                info!(controller = %self.peer, token, "Session closed; its lease ends with it.");
+            }
+        }
+    }
 }
 
 impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
@@ -801,6 +819,9 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
                         )
                         .map(Reply::Lease),
                 };
+                if let Ok(Reply::Lease(l)) = &result {
+                    self.leased = Some(l.token);
+                }
                 Some(result)
             }
             Command::ReleaseLease(r) => Some(

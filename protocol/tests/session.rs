@@ -327,6 +327,16 @@ async fn one_certificate_in_two_processes_is_two_holders_and_a_new_one_waits_for
     let next = c.acquire_lease(Duration::from_secs(30)).await.unwrap();
     assert_eq!(next.token, lease.token + 1);
     c.request(create()).await.unwrap();
+
+    // The apply's process dies (its connection closes): its lease ends with its session, and
+    // the daemon does not wait out the 30 s.
+    c.close().await;
+    let mut again = d.acquire_lease(Duration::from_secs(30)).await;
+    while again.is_err() {
+        tokio::task::yield_now().await;
+        again = d.acquire_lease(Duration::from_secs(30)).await;
+    }
+    assert_eq!(again.unwrap().token, next.token + 1);
 }
 
 #[tokio::test]

@@ -214,11 +214,14 @@ async fn status(State(app): State<App>, Query(sel): Query<Selection>) -> Respons
     Json(app.state.view_of(&sel)).into_response()
 }
 
+/// The reason of a reconcile asked for over the API (it re-reads every agent first).
+pub const RECONCILE_REQUESTED: &str = "requested over the API";
+
 /// Queues a reconcile. The answer says which one will have run when it is done: the last
 /// reconcile's `seq` reaching `done_at_seq` means one that started after this request ended.
 async fn reconcile(State(app): State<App>) -> Response {
     let done_at_seq = app.state.started() + 1;
-    let _ = app.trigger.send("requested over the API".into());
+    let _ = app.trigger.send(RECONCILE_REQUESTED.into());
     (
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "queued": true, "done_at_seq": done_at_seq })),

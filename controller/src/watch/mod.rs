@@ -337,6 +337,10 @@ async fn reconcile_loop(
         while let Ok(r) = rx.try_recv() {
             reasons.insert(r);
         }
+        if reasons.contains(http::RECONCILE_REQUESTED) {
+            // Asked for now: planned on reports read after the request, not on what is held.
+            sessions.mark_all();
+        }
         let reason = reasons.into_iter().collect::<Vec<_>>().join("; ");
         let summary = reconcile(&a, &state, &sessions, &reason).await;
         retry = match summary.result {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::client::AgentClient;
+use protocol::dpu::DpuReport;
 use protocol::names::PeerName;
 use protocol::{Event, EventEnvelope};
 use tokio::sync::mpsc;
@@ -17,7 +18,7 @@ use super::state::{Level, Shared};
 use crate::fleet::FleetError;
 use crate::fleet::{Fleet, FleetOptions, Informer};
 use crate::manifest::Desired;
-use crate::plan::Target;
+use crate::plan::{Known, Target};
 
 /// First reconnect delay; doubles per failure up to [`BACKOFF_MAX`], each with ±50 % jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -227,26 +228,20 @@ fn set_slot(
 /// What in a pushed report counts as a change worth a reconcile: the objects, not the counters;
 /// of the host's use, whether each device is in use (a removal held back for it may go on; the
 /// status shows it), not how many openers it has.
-fn stable(e: &Event) -> Option<serde_json::Value> {
-    match e {
-        Event::DpuReport(r) => {
-            let in_use: Option<Vec<_>> = r.host_use.as_ref().map(|h| {
-                h.controllers
-                    .iter()
-                    .map(|c| {
-                        let open: Vec<_> =
-                            c.namespaces.iter().map(|n| (n.nsid, n.open > 0)).collect();
-                        (&c.name, c.enabled, open)
-                    })
-                    .collect()
-            });
-            Some(serde_json::json!({
-                "snap": [&r.snap.state, &r.snap.image, r.snap.restarts],
-                "inventory": r.inventory, "missing": r.missing, "host_use": in_use,
-            }))
-        }
-        _ => None,
-    }
+fn stable(r: &DpuReport) -> serde_json::Value {
+    let in_use: Option<Vec<_>> = r.host_use.as_ref().map(|h| {
+        h.controllers
+            .iter()
+            .map(|c| {
+                let open: Vec<_> = c.namespaces.iter().map(|n| (n.nsid, n.open > 0)).collect();
+                (&c.name, c.enabled, open)
+            })
+            .collect()
+    });
+    serde_json::json!({
+        "snap": [&r.snap.state, &r.snap.image, r.snap.restarts],
+        "inventory": r.inventory, "missing": r.missing, "host_use": in_use,
+    })
 }
 
 /// What a DPU's last pushed report said of SNAP: a change of `missing` without a restart is
@@ -273,7 +268,6 @@ async fn supervise(
     } = views;
     let label = target.to_string();
     let mut failures: u32 = 0;
-    let mut last: Option<serde_json::Value> = None;
     let mut seen = Seen::default();
     loop {
         gate.pass().await;
@@ -337,15 +331,23 @@ async fn supervise(
                                     restarts: r.snap.restarts,
                                     missing: r.missing.clone(),
                                 };
-                                let now = stable(&event);
+                                // Compared with what the daemon holds now — a report a pass
+                                // read after its steps included —, not with the last push: a
+                                // drift that comes back after a heal pushes what was pushed
+                                // before the heal.
                                 if let Target::Dpu(n) = &target {
-                                    lock(&informer).set_dpu(n, r.clone());
-                                }
-                                if now.is_some() && now != last {
-                                    if last.is_some() {
+                                    let mut informer = lock(&informer);
+                                    let held = informer
+                                        .observed()
+                                        .dpus
+                                        .get(n)
+                                        .and_then(Known::get)
+                                        .map(stable);
+                                    informer.set_dpu(n, r.clone());
+                                    drop(informer);
+                                    if held.is_some_and(|h| h != stable(r)) {
                                         let _ = trigger.send(format!("{label}: state changed"));
                                     }
-                                    last = now;
                                 }
                             }
                             Event::Heartbeat { .. } => {}
