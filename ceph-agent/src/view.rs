@@ -282,6 +282,7 @@ pub fn unread(spec: &ImageSpec, metadata: BTreeMap<String, String>) -> ImageStat
         features: vec![],
         watchers: None,
         metadata: metadata.into(),
+        unverified: false,
     }
 }
 
@@ -302,6 +303,7 @@ mod tests {
             features: vec![],
             watchers: None,
             metadata: Default::default(),
+            unverified: false,
         }
     }
 

@@ -134,8 +134,9 @@ async fn create_is_idempotent_and_writes_ownership() {
     let st = ceph.create_image(&s, GIB, &[], &o, None).await.unwrap();
     assert_eq!(st.state, ImageState::Live);
     assert_eq!(st.size_bytes, GIB);
-    // The index entry, then one `rbd import` that makes the image with its ownership keys.
-    assert_eq!(ceph.calls() - before, 2, "a create is two CLI commands");
+    // The index entry, one `rbd import` that makes the image with its ownership keys under a
+    // temporary name, and the `rbd rename` that puts it in place.
+    assert_eq!(ceph.calls() - before, 3, "a create is three CLI commands");
 
     let info = rbd_info(&c, &c.pool, &name).expect("rbd sees the image");
     assert_eq!(info["size"].as_u64(), Some(GIB));
@@ -182,10 +183,11 @@ async fn concurrent_creates_share_their_index_writes() {
     for r in futures::future::join_all(creates).await {
         r.unwrap();
     }
-    // One `rbd import` each; the index entries were group-committed: the first create's flush,
-    // then one flush (one key written) for the eleven that waited behind it.
+    // One `rbd import` (under the temporary name) and one `rbd rename` each; the index entries
+    // were group-committed: the first create's flush, then one flush (one key written) for the
+    // eleven that waited behind it.
     let commands = ceph.calls() - before;
-    assert_eq!(commands, 12 + 2, "12 creates cost {commands} commands");
+    assert_eq!(commands, 12 * 2 + 2, "12 creates cost {commands} commands");
     // Read back independently, and by an agent that starts afresh.
     let fresh = ceph_ops(&c).report().await.unwrap();
     for n in &names {
@@ -405,41 +407,84 @@ async fn images_unistor_does_not_own_are_never_touched() {
     cli_ok(&c, "rbd", &["rm", "--no-progress", &full]);
 }
 
+fn images_of(c: &Cluster, pool: &str) -> Vec<String> {
+    serde_json::from_str(&cli_ok(c, "rbd", &["ls", "--format", "json", pool])).unwrap()
+}
+
+/// An image is made under a temporary name and renamed once complete: what a create cut short
+/// leaves is a temporary image, which the next create of it (or the next agent) removes; an
+/// image under the final name without unistor's keys is never taken for unistor's, even when
+/// the pool's index names it.
 #[tokio::test]
-async fn an_interrupted_create_is_adopted() {
+async fn an_interrupted_create_leaves_only_a_temporary_image_and_keyless_images_are_not_ours() {
     let c = cluster();
     let ceph = ceph_ops(&c);
     let name = unique("interrupted");
-    // What a crash between the index entry and the metadata leaves behind.
-    cli_ok(
-        &c,
-        "rados",
-        &[
-            "--pool",
-            &c.pool,
-            "setomapval",
-            "unistor.index",
-            &name,
-            &name,
-        ],
-    );
+    let (s, o) = (spec(&c.pool, &name), owner(&name));
+    let tmp = format!(".unistor-new.{name}");
+    let index_intent = |n: &str| {
+        let v = format!(r#"{{"managed_by":"unistor","volume":"{n}","features":["layering"]}}"#);
+        cli_ok(
+            &c,
+            "rados",
+            &["--pool", &c.pool, "setomapval", "unistor.index", n, &v],
+        );
+    };
+    // What a create killed during `rbd import` leaves: its intent, a partial temporary image.
+    index_intent(&name);
     cli_ok(
         &c,
         "rbd",
-        &[
-            "create",
-            "--size",
-            "64M",
-            "--image-feature",
-            "layering,exclusive-lock",
-            &format!("{}/{name}", c.pool),
-        ],
+        &["create", "--size", "1M", "--pool", &c.pool, "--", &tmp],
     );
-    let (s, o) = (spec(&c.pool, &name), owner(&name));
     ceph.create_image(&s, 64 * MIB, &[], &o, None)
         .await
         .unwrap();
     assert_eq!(rbd_meta(&c, &c.pool, &name)["unistor.volume"], name);
+    assert!(
+        !images_of(&c, &c.pool).contains(&tmp),
+        "the leftover is gone"
+    );
+
+    // A new agent's start-up load removes a leftover whose create never came back.
+    let other = unique("abandoned");
+    let tmp2 = format!(".unistor-new.{other}");
+    index_intent(&other);
+    cli_ok(
+        &c,
+        "rbd",
+        &["create", "--size", "1M", "--pool", &c.pool, "--", &tmp2],
+    );
+    let fresh = ceph_ops(&c);
+    fresh.report().await.unwrap();
+    assert!(!images_of(&c, &c.pool).contains(&tmp2), "removed at load");
+
+    // Under the final name without keys: someone's hand-made image, whatever the index says.
+    let hand = unique("handmade");
+    index_intent(&hand);
+    cli_ok(
+        &c,
+        "rbd",
+        &["create", "--size", "64M", &format!("{}/{hand}", c.pool)],
+    );
+    // A starting agent reports it from the index, marked as such; asked, it reads the keys.
+    let fresh = ceph_ops(&c);
+    let report = fresh.report().await.unwrap();
+    let listed = report.images.iter().find(|i| i.image == hand).unwrap();
+    assert!(listed.unverified, "{listed:?}");
+    let probed = fresh
+        .probe_images(&[spec(&c.pool, &hand)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(!probed.unverified);
+    assert_eq!(probed.metadata.managed_by(), None, "no keys: nobody's");
+    let e = fresh
+        .create_image(&spec(&c.pool, &hand), 64 * MIB, &[], &owner(&hand), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not created by unistor"), "{e}");
+    assert!(rbd_meta(&c, &c.pool, &hand).is_empty(), "left untouched");
 }
 
 #[tokio::test]

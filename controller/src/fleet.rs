@@ -115,9 +115,11 @@ impl Fleet {
     }
 }
 
-/// Asks the clusters about the images `p` would create that their reports do not hold: one that
-/// exists after all (made outside unistor) joins `observed`, so that the plan made again shows
-/// it as not owned, or adopts it when the volume asks. Returns how many were found. Costs
+/// Asks the clusters about the images `p` would create that their reports do not hold, and
+/// those `p` held because their report came from the pool's index alone: one that exists
+/// after all (made outside unistor) joins `observed`, and an index-only one is replaced by what
+/// its own keys say, so that the plan made again shows it as not owned, or adopts it when the
+/// volume asks. Returns how many were found. Costs
 /// commands only for images about to be created; a cluster that cannot answer keeps the plan
 /// as it is (its agent still refuses to create over an image it does not own).
 pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet: &Fleet) -> usize {
@@ -133,6 +135,16 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
                 .insert((pool.as_str(), image.as_str()));
         }
     }
+    let mut unverified: BTreeMap<&str, BTreeSet<(&str, &str)>> = BTreeMap::new();
+    for (c, pool, image) in &p.unverified {
+        unverified
+            .entry(c.as_str())
+            .or_default()
+            .insert((pool.as_str(), image.as_str()));
+    }
+    for c in unverified.keys() {
+        wanted.entry(c).or_default();
+    }
     let mut found = 0;
     for (cluster, mut images) in wanted {
         let Some(Known::Known { report }) = observed.clusters.get(cluster) else {
@@ -142,6 +154,8 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
         for i in &report.images {
             images.remove(&(i.pool.as_str(), i.image.as_str()));
         }
+        // Images reported from the index alone are read from the image itself.
+        images.extend(unverified.remove(cluster).unwrap_or_default());
         if images.is_empty() {
             continue;
         }
@@ -184,7 +198,17 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
         found += existing.len();
         // This pass's copy only: the informer's report is not changed.
         if let Some(Known::Known { report }) = observed.clusters.get_mut(cluster) {
-            Arc::make_mut(report).images.extend(existing);
+            let report = Arc::make_mut(report);
+            for i in existing {
+                match report
+                    .images
+                    .iter_mut()
+                    .find(|r| r.pool == i.pool && r.image == i.image)
+                {
+                    Some(held) => *held = i,
+                    None => report.images.push(i),
+                }
+            }
         }
     }
     found
@@ -572,6 +596,7 @@ mod tests {
             features: vec![],
             watchers: None,
             metadata: Default::default(),
+            unverified: false,
         }
     }
 

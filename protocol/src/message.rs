@@ -762,6 +762,11 @@ pub struct ImageStatus {
     pub watchers: Option<Vec<String>>,
     /// `unistor.*` image metadata.
     pub metadata: crate::meta::ImageMeta,
+    /// Live, but reported from the pool's index and not read from the image yet (its agent
+    /// just started; the sweep reads it): the index records intent, only the keys the image
+    /// carries make it unistor's, so nothing is exposed on it until it is read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
 }
 
 impl ImageStatus {

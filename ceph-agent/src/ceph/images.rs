@@ -32,23 +32,11 @@ impl<R: Runner> Ceph<R> {
             if found.is_none() {
                 // Intent first: the index entry makes an interrupted create recognisable.
                 self.index_change(spec, Some(&value)).await?;
-                // One process makes the image and its ownership keys: `rbd import` of an
-                // empty export-format-2 stream (see `import_stream`).
-                let stream = crate::import_stream::empty_image(
-                    size,
-                    [
-                        (META_MANAGED_BY, owner.managed_by.as_str()),
-                        (META_VOLUME, owner.volume.as_str()),
-                    ],
-                );
-                let inv = rbd()
-                    .args(["import", "--export-format", "2", "--no-progress"])
-                    .args(["--image-feature", &features.join(",")])
-                    .args(["--dest-pool", spec.pool.as_str(), "--", "-"])
-                    .arg(spec.image.as_str())
-                    .stdin(stream);
-                match self.run(inv).await {
-                    Ok(_) => {
+                match self
+                    .import_then_rename(spec, size, &features, owner)
+                    .await?
+                {
+                    true => {
                         let img = LiveImage {
                             size,
                             features: features.clone(),
@@ -60,12 +48,9 @@ impl<R: Runner> Ceph<R> {
                         };
                         return Ok(self.record(spec, Self::live_status(spec, &img, Some(&value))));
                     }
-                    Err(e) if e.code() == Some(libc_eexist()) => {
-                        // It existed after all: ours from an interrupted create, or someone
-                        // else's. Decide below by looking at it.
-                        found = self.live(spec).await?;
-                    }
-                    Err(e) => return Err(e.into()),
+                    // The name was taken after all: ours from a create whose answer was lost,
+                    // or someone else's. Decided below by its own keys.
+                    false => found = self.live(spec).await?,
                 }
             }
             let Some(img) = found else {
@@ -74,12 +59,9 @@ impl<R: Runner> Ceph<R> {
                     diff: "another client keeps creating and removing it".into(),
                 });
             };
-            // Ours only if the index named it before this create wrote its entry.
-            let img = if known.is_some() {
-                self.adopt_interrupted(spec, img, owner).await?
-            } else {
-                img
-            };
+            // Ours only by its own keys: an image under its final name always carries them
+            // (made under a temporary name, renamed once complete), so one without them is
+            // someone else's, whatever the index says.
             if let Err(e) = Self::check_owner(spec, &img, owner) {
                 if known.is_none() {
                     // The entry this create wrote does not make a stranger's image ours.
@@ -161,7 +143,9 @@ impl<R: Runner> Ceph<R> {
         let mut listed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         let mut out = vec![];
         for spec in specs {
-            if let Some(known) = self.view().get(spec).cloned() {
+            let known = self.view().get(spec).cloned();
+            // Reported from the index alone: read from the image, whose keys decide.
+            if let Some(known) = known.filter(|k| !k.unverified) {
                 out.push(known);
                 continue;
             }
@@ -175,7 +159,10 @@ impl<R: Runner> Ceph<R> {
                 None
             };
             out.push(match live {
-                Some(img) => Self::live_status(spec, &img, None),
+                Some(img) => {
+                    let idx = self.index_entry(spec).await?;
+                    Self::live_status(spec, &img, idx.as_ref())
+                }
                 None => Self::gone_status(spec, &[]),
             });
         }
@@ -210,21 +197,107 @@ impl<R: Runner> Ceph<R> {
 
     /// Completes a create that was interrupted between `rbd create` and the metadata. Only for
     /// images the index named before this create (the caller checks).
-    pub(super) async fn adopt_interrupted(
+    /// Makes the image and its ownership keys under a temporary name (`.unistor-new.<name>`:
+    /// no manifest can name it, image names start with a letter or digit), in one process
+    /// (`rbd import` of an empty export-format-2 stream, see `import_stream`), then renames it
+    /// into place: the final name never exists without the keys. False when the final name is
+    /// taken (the temporary image is removed then).
+    ///
+    /// Killed before the import: the index entry alone (the next create makes the image).
+    /// During it: a partial temporary image, removed by the next create of that image or by
+    /// the agent's start-up load. Between the import and the rename: a complete temporary
+    /// image, likewise. After the rename: the image, with its keys.
+    async fn import_then_rename(
         &self,
         spec: &ImageSpec,
-        img: LiveImage,
+        size: u64,
+        features: &[String],
         owner: &Owner,
-    ) -> Result<LiveImage, CephError> {
-        if !img.metadata.is_empty() || !img.watchers.is_empty() {
-            return Ok(img);
+    ) -> Result<bool, CephError> {
+        let tmp = temporary_name(spec.image.as_str());
+        let import = || {
+            let stream = crate::import_stream::empty_image(
+                size,
+                [
+                    (META_MANAGED_BY, owner.managed_by.as_str()),
+                    (META_VOLUME, owner.volume.as_str()),
+                ],
+            );
+            rbd()
+                .args(["import", "--export-format", "2", "--no-progress"])
+                .args(["--image-feature", &features.join(",")])
+                .args(["--dest-pool", spec.pool.as_str(), "--", "-"])
+                .arg(&tmp)
+                .stdin(stream)
+        };
+        match self.run(import()).await {
+            Ok(_) => {}
+            // A leftover of an earlier create cut short: removed, then made again.
+            Err(e) if e.code() == Some(libc_eexist()) => {
+                self.remove_leftover(&spec.pool, &tmp, owner).await?;
+                self.run(import()).await?;
+            }
+            Err(e) => return Err(e.into()),
         }
-        tracing::warn!(image = %spec, volume = %owner.volume, "Adopting an image whose creation was interrupted.");
-        self.set_metadata(spec, META_MANAGED_BY, owner.managed_by.as_str())
-            .await?;
-        self.set_metadata(spec, META_VOLUME, owner.volume.as_str())
-            .await?;
-        Ok(self.live(spec).await?.unwrap_or(img))
+        let rename = rbd()
+            .args(["rename", "--pool", spec.pool.as_str(), "--"])
+            .arg(&tmp)
+            .arg(spec.image.as_str());
+        match self.run(rename).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some(libc_eexist()) => {
+                self.remove_leftover(&spec.pool, &tmp, owner).await?;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the temporary image `tmp` of an interrupted create, when it is there and not
+    /// another deployment's (it carries this owner's keys, or none: cut short before them). A
+    /// temporary image is never exposed nor written: it holds no data.
+    pub(super) async fn remove_leftover(
+        &self,
+        pool: &PoolName,
+        tmp: &str,
+        owner: &Owner,
+    ) -> Result<(), CephError> {
+        let meta = rbd()
+            .args([
+                "image-meta",
+                "list",
+                "--format",
+                "json",
+                "--pool",
+                pool.as_str(),
+                "--",
+            ])
+            .arg(tmp);
+        let out = match self.run(meta).await {
+            Ok(out) => out,
+            Err(e) if e.code() == Some(libc_enoent()) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let keys: BTreeMap<String, String> = if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            BTreeMap::new()
+        } else {
+            serde_json::from_slice(&out.stdout).unwrap_or_default()
+        };
+        if keys
+            .get(META_MANAGED_BY)
+            .is_some_and(|m| m != owner.managed_by.as_str())
+        {
+            return Ok(());
+        }
+        tracing::warn!(pool = %pool, image = tmp, "Removing what an interrupted create left.");
+        let rm = rbd()
+            .args(["rm", "--no-progress", "--pool", pool.as_str(), "--"])
+            .arg(tmp);
+        match self.run(rm).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(libc_enoent()) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(super) async fn owned_live(

@@ -660,6 +660,14 @@ const fn libc_enoent() -> i32 {
     2
 }
 
+/// Where an image is made before it is renamed into place (see `Ceph::create_image`).
+pub(crate) const TEMPORARY_PREFIX: &str = ".unistor-new.";
+
+/// The temporary name of image `image` while it is made.
+pub(crate) fn temporary_name(image: &str) -> String {
+    format!("{TEMPORARY_PREFIX}{image}")
+}
+
 /// EEXIST.
 const fn libc_eexist() -> i32 {
     17

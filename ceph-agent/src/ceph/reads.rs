@@ -146,6 +146,7 @@ impl<R: Runner> Ceph<R> {
                 Some(img.watchers.clone())
             },
             metadata: metadata.into(),
+            unverified: false,
         }
     }
 
@@ -214,6 +215,21 @@ impl<R: Runner> Ceph<R> {
                     }
                     let trash = self.trash(&pool).await?;
                     let ls = self.ls_long(&pool).await?;
+                    // What creates cut short left: temporary images, never exposed nor
+                    // written, removed when the index names their intended owner.
+                    for e in ls.iter().filter(|e| e.image.starts_with(TEMPORARY_PREFIX)) {
+                        let intended = index.get(&e.image[TEMPORARY_PREFIX.len()..]);
+                        let owner = intended.and_then(|i| {
+                            Owner::parse(&protocol::Ownership {
+                                managed_by: i.managed_by.clone()?,
+                                volume: i.volume.clone(),
+                            })
+                            .ok()
+                        });
+                        if let Some(owner) = owner {
+                            self.remove_leftover(&pool, &e.image, &owner).await?;
+                        }
+                    }
                     let sizes: BTreeMap<&str, u64> =
                         ls.iter().map(|e| (e.image.as_str(), e.size)).collect();
                     let mut legacy = vec![];
@@ -228,6 +244,7 @@ impl<R: Runner> Ceph<R> {
                                 size_bytes: *size,
                                 features: idx.features.clone(),
                                 metadata: idx.metadata().into(),
+                                unverified: true,
                                 ..crate::view::unread(&spec, BTreeMap::new())
                             },
                             None => Self::gone_status(&spec, &trash),

@@ -310,10 +310,27 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         v: &Volume,
         image_step: Option<usize>,
     ) -> bool {
-        if image_step.is_some() || cx.silent.iter().all(|d| *d == self.name) {
+        if image_step.is_some() {
             return false;
         }
-        if !find_image(cx, v).is_some_and(|(_, i)| i.state == ImageState::Live) {
+        let Some((_, img)) = find_image(cx, v).filter(|(_, i)| i.state == ImageState::Live) else {
+            return false;
+        };
+        if img.unverified {
+            // Its keys are not read yet: nothing is exposed on an image not known to be ours.
+            b.block(
+                object(v),
+                format!(
+                    "image {}/{} is known from the pool's index only (its agent just started): held until its own keys are read",
+                    v.pool, v.image
+                ),
+            );
+            b.plan
+                .unverified
+                .push((v.cluster.clone(), v.pool.to_string(), v.image.to_string()));
+            return true;
+        }
+        if cx.silent.iter().all(|d| *d == self.name) {
             return false;
         }
         let silent: Vec<String> = cx

@@ -296,6 +296,7 @@ impl Builder {
         }
         self.plan.drift.extend(frag.plan.drift);
         self.plan.blocked.extend(frag.plan.blocked);
+        self.plan.unverified.extend(frag.plan.unverified);
         at
     }
 

@@ -271,6 +271,10 @@ pub struct Plan {
     pub blocked: Vec<Blocked>,
     /// Agents whose state is unknown: nothing of theirs is touched.
     pub unknown: Vec<String>,
+    /// Images a volume was held for because their report came from the pool's index alone
+    /// (cluster, pool, image): read them (`probe_images`) and plan again.
+    #[serde(skip)]
+    pub unverified: Vec<(String, String, String)>,
 }
 
 impl Plan {

@@ -182,6 +182,7 @@ impl World {
                         (META_RETENTION.to_string(), retain_secs.to_string()),
                     ]
                     .into(),
+                    unverified: false,
                 });
             }
             (

@@ -405,6 +405,7 @@ fn foreign_snap_objects_and_images_are_never_touched() {
                 (META_POLICY.to_string(), "Delete".to_string()),
             ]
             .into(),
+            unverified: false,
         });
     // Even the empty manifest set removes nothing foreign.
     let p = plan(&Desired::default(), &w.observed(), &Options::default());
@@ -830,6 +831,81 @@ fn a_plan_made_on_many_threads_is_the_plan_made_on_one() {
     assert!(plan(&after, &w2.observed(), &many).is_empty());
 }
 
+/// The pool's index records intent; only the image's own keys make it unistor's. An image the
+/// report holds from the index alone (its agent just started) gets no bdev until it is read:
+/// held, and listed for the probe; read with unistor's keys it is exposed, read without them
+/// it is not owned.
+#[test]
+fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() {
+    let d = examples();
+    let v = d.volumes["db-wal"].clone();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let mut wanted = d.clone();
+    let mut new = v.clone();
+    new.name = protocol::names::VolumeName::parse("v", "indexed").unwrap();
+    new.image = protocol::names::ImageName::parse("i", "indexed-img").unwrap();
+    new.nsid = None;
+    new.uuid = crate::manifest::derived_uuid(&new.cluster, new.pool.as_str(), "indexed-img");
+    wanted.volumes.insert("indexed".into(), new.clone());
+    let image = |unverified: bool, keys: bool| protocol::ImageStatus {
+        pool: new.pool.to_string(),
+        image: new.image.to_string(),
+        state: protocol::ImageState::Live,
+        size_bytes: new.size_bytes,
+        features: vec![],
+        watchers: None,
+        metadata: if keys {
+            [
+                (META_MANAGED_BY.to_string(), "unistor".to_string()),
+                (META_VOLUME.to_string(), "indexed".to_string()),
+            ]
+            .into()
+        } else {
+            Default::default()
+        },
+        unverified,
+    };
+    let with = |img: protocol::ImageStatus| {
+        let mut o = w.observed();
+        let Known::Known { report } = o.clusters.get_mut(&new.cluster).unwrap() else {
+            unreachable!()
+        };
+        std::sync::Arc::make_mut(report).images.push(img);
+        o
+    };
+    let bdev = |p: &Plan| {
+        p.steps.iter().any(
+            |s| matches!(&s.action, Action::CreateBdev(b) if b.image.as_str() == "indexed-img"),
+        )
+    };
+    // From the index: held, asked about.
+    let p = plan(&wanted, &with(image(true, true)), &Options::default());
+    assert!(!bdev(&p), "{:?}", p.steps);
+    assert!(p
+        .blocked
+        .iter()
+        .any(|b| b.object == "volume/indexed" && b.reason.contains("index only")));
+    assert_eq!(
+        p.unverified,
+        vec![(
+            new.cluster.clone(),
+            new.pool.to_string(),
+            "indexed-img".to_string()
+        )]
+    );
+    // Read, with unistor's keys: exposed.
+    let p = plan(&wanted, &with(image(false, true)), &Options::default());
+    assert!(bdev(&p) && p.unverified.is_empty(), "{:?}", p.blocked);
+    // Read, without them (made by hand under a name the index still holds): not owned.
+    let p = plan(&wanted, &with(image(false, false)), &Options::default());
+    assert!(!bdev(&p));
+    assert!(p
+        .blocked
+        .iter()
+        .any(|b| b.object == "volume/indexed" && b.reason.contains("carries no owner")));
+}
+
 #[test]
 fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
     let d = examples();
@@ -853,6 +929,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         features: vec![],
         watchers,
         metadata: Default::default(),
+        unverified: false,
     };
     let with = |img: protocol::ImageStatus| {
         let mut o = w.observed();
