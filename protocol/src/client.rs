@@ -97,6 +97,15 @@ impl ClientError {
     }
 }
 
+/// Liveness messages (heartbeat events and pongs) every client of this process received: what
+/// keeping a fleet's sessions alive costs the controller (the daemon's metrics show it).
+static LIVENESS_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// How many liveness messages (heartbeats, pongs) this process's clients received so far.
+pub fn liveness_received() -> u64 {
+    LIVENESS_RECEIVED.load(Ordering::Relaxed)
+}
+
 /// Timers of a client.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -112,6 +121,11 @@ pub struct ClientOptions {
     pub dead_after: Duration,
     /// The controller process, named in its leases (one per process by default).
     pub instance: ControllerInstance,
+    /// When set, the liveness interval asked of the agent (see
+    /// [`ControllerHello::heartbeat_ms`]): the client pings this often and declares the agent
+    /// dead after [`crate::message::silence_limit`] of it, instead of `ping_interval` and
+    /// `dead_after`; the agent sends no heartbeats of its own.
+    pub liveness: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -123,6 +137,7 @@ impl Default for ClientOptions {
             ping_interval: Duration::from_secs(15),
             dead_after: Duration::from_secs(45),
             instance: ControllerInstance::this_process(),
+            liveness: None,
         }
     }
 }
@@ -186,6 +201,7 @@ impl AgentClient {
             let hello = Message::ControllerHello(ControllerHello {
                 version: PROTOCOL_VERSION,
                 name: options.controller_name.clone(),
+                heartbeat_ms: options.liveness.map(|d| d.as_millis() as u64),
             });
             let handshake = |reason: String| ClientError::Handshake {
                 agent: name.clone(),
@@ -388,7 +404,11 @@ async fn connection_task<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut ping = tokio::time::interval(options.ping_interval);
+    let (ping_every, dead_after) = match options.liveness {
+        Some(every) => (every, crate::message::silence_limit(every)),
+        None => (options.ping_interval, options.dead_after),
+    };
+    let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut nonce = 0u64;
     let mut last_heard = Instant::now();
@@ -406,6 +426,9 @@ async fn connection_task<S>(
                             }
                         }
                         Ok(Message::Event(ev)) => {
+                            if matches!(ev.event, crate::message::Event::Heartbeat { .. }) {
+                                LIVENESS_RECEIVED.fetch_add(1, Ordering::Relaxed);
+                            }
                             if events.try_send(ev).is_err() {
                                 debug!(agent = %agent, "Event dropped: nobody is reading, or the reader lags.");
                             }
@@ -415,7 +438,9 @@ async fn connection_task<S>(
                                 break "write failed".into();
                             }
                         }
-                        Ok(Message::Pong { .. }) => {}
+                        Ok(Message::Pong { .. }) => {
+                            LIVENESS_RECEIVED.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(Message::Error(e)) => {
                             warn!(agent = %agent, code = ?e.code, error = %e.message, "Agent reported a connection error.");
                         }
@@ -435,8 +460,8 @@ async fn connection_task<S>(
                 None => break "client dropped".into(),
             },
             _ = ping.tick() => {
-                if last_heard.elapsed() > options.dead_after {
-                    break format!("agent silent for {:?}", options.dead_after);
+                if last_heard.elapsed() > dead_after {
+                    break format!("agent silent for {dead_after:?}");
                 }
                 nonce += 1;
                 if let Err(e) = write(&mut conn, &Message::Ping { nonce }).await {

@@ -63,6 +63,24 @@ pub struct ControllerHello {
     pub version: u32,
     /// Informational name of the controller instance.
     pub name: String,
+    /// The controller's liveness interval: it pings this often and takes the agent for dead
+    /// after three silent intervals; the agent then pushes no heartbeats of its own (the pongs
+    /// are) and takes the controller for gone after three intervals without a frame. Absent:
+    /// the agent's own heartbeat interval and idle timeout. A fleet of N agents asks about N/50
+    /// seconds, so the controller hears at most 50 a second whatever N.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// Bounds of [`ControllerHello::heartbeat_ms`] (an agent clamps what it is asked to them).
+pub const HEARTBEAT_BOUNDS: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(300),
+);
+
+/// Three silent liveness intervals, plus a margin for a busy peer: then the peer is gone.
+pub fn silence_limit(interval: std::time::Duration) -> std::time::Duration {
+    interval * 3 + std::time::Duration::from_secs(5)
 }
 
 /// What kind of agent answers.

@@ -36,8 +36,8 @@ use crate::error::{ErrorCode, WireError};
 use crate::frame::{Connection, FrameError};
 use crate::lease::{Fence, LeaseTable, SharedLeases};
 use crate::message::{
-    AgentHello, AgentKind, Command, Empty, Event, EventEnvelope, Message, Outcome, Reply, Request,
-    Response, PROTOCOL_VERSION,
+    silence_limit, AgentHello, AgentKind, Command, Empty, Event, EventEnvelope, Message, Outcome,
+    Reply, Request, Response, HEARTBEAT_BOUNDS, PROTOCOL_VERSION,
 };
 
 /// What an agent does with commands. Only routing and fencing live in the server.
@@ -503,14 +503,14 @@ async fn serve_connection<H: Handler>(
             return Ok(None);
         };
         match hello(&shared, &mut conn, &peer).await {
-            Ok(()) => Ok(Some((conn, peer, permits))),
+            Ok(liveness) => Ok(Some((conn, peer, permits, liveness))),
             Err(reason) => {
                 warn!(peer = %addr, controller = %peer, reason, "Handshake failed.");
                 Ok(None)
             }
         }
     };
-    let (conn, peer, _permits) = match timeout(deadline, handshake).await {
+    let (conn, peer, _permits, liveness) = match timeout(deadline, handshake).await {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
         Ok(Err(())) => {
@@ -536,17 +536,19 @@ async fn serve_connection<H: Handler>(
         addr,
         event_seq: 0,
         leased: None,
+        liveness,
     }
     .run(stop)
     .await;
 }
 
-/// Reads the controller's hello and answers with the agent's.
+/// Reads the controller's hello and answers with the agent's; the liveness interval the
+/// controller asked for, clamped to [`HEARTBEAT_BOUNDS`].
 async fn hello<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared<H>,
     conn: &mut Connection<S>,
     peer: &str,
-) -> Result<(), &'static str> {
+) -> Result<Option<Duration>, &'static str> {
     let frame = match conn.read_frame().await {
         Ok(Some(f)) => f,
         Ok(None) => return Err("closed before hello"),
@@ -604,7 +606,10 @@ async fn hello<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
             .expect("lease lock")
             .current(Instant::now()),
     });
-    send(conn, &reply).await.map_err(|_| "cannot send hello")
+    send(conn, &reply).await.map_err(|_| "cannot send hello")?;
+    Ok(hello
+        .heartbeat_ms
+        .map(|ms| Duration::from_millis(ms).clamp(HEARTBEAT_BOUNDS.0, HEARTBEAT_BOUNDS.1)))
 }
 
 async fn send<S: AsyncRead + AsyncWrite + Unpin>(
@@ -631,6 +636,8 @@ struct Session<H, S> {
     event_seq: u64,
     /// The token of the lease this session took, if any: released when the session ends.
     leased: Option<u64>,
+    /// The controller's liveness interval, when it asked for one (it pings; no heartbeats).
+    liveness: Option<Duration>,
 }
 
 /// A lease lives as long as the session that took it (as an ephemeral node does): a controller
@@ -654,11 +661,18 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
         let (done_tx, mut done_rx) = mpsc::channel::<Response>(cfg.max_in_flight);
         let mut tasks = JoinSet::new();
         let mut events = self.shared.handler.subscribe();
-        let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A controller that pings at its own interval needs no heartbeats: its pongs are.
+        let (mut heartbeat, idle_timeout) = match self.liveness {
+            Some(every) => (None, cfg.idle_timeout.max(silence_limit(every))),
+            None => {
+                let mut beat = tokio::time::interval(cfg.heartbeat_interval);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                (Some(beat), cfg.idle_timeout)
+            }
+        };
         let mut last_heard = Instant::now();
         loop {
-            let idle_deadline = last_heard + cfg.idle_timeout;
+            let idle_deadline = last_heard + idle_timeout;
             // Cancel safety: `read_frame` keeps partial input in its buffer; `recv` on mpsc,
             // broadcast and watch channels is cancel-safe; `interval.tick` is cancel-safe.
             tokio::select! {
@@ -701,14 +715,19 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
                         None => events = None,
                     }
                 }
-                _ = heartbeat.tick() => {
+                _ = async {
+                    match heartbeat.as_mut() {
+                        Some(beat) => beat.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     let uptime_ms = self.shared.started.elapsed().as_millis() as u64;
                     if self.push(Event::Heartbeat { uptime_ms }).await.is_err() {
                         return;
                     }
                 }
                 _ = tokio::time::sleep_until(idle_deadline) => {
-                    warn!(peer = %self.addr, idle = ?cfg.idle_timeout, "Controller silent; closing.");
+                    warn!(peer = %self.addr, idle = ?idle_timeout, "Controller silent; closing.");
                     break;
                 }
                 _ = stop.changed() => {

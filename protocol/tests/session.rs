@@ -184,6 +184,7 @@ async fn raw_session(
     let hello = Message::ControllerHello(ControllerHello {
         version: PROTOCOL_VERSION,
         name: "raw".into(),
+        heartbeat_ms: None,
     });
     conn.write_frame(&hello.to_bytes()).await.unwrap();
     let first = conn.read_frame().await.unwrap().unwrap();
@@ -439,6 +440,7 @@ async fn assert_refused(pki_client: Arc<rustls::ClientConfig>, agent: &Agent) {
     let hello = Message::ControllerHello(ControllerHello {
         version: PROTOCOL_VERSION,
         name: "x".into(),
+        heartbeat_ms: None,
     });
     let _ = conn.write_frame(&hello.to_bytes()).await;
     let got = tokio::time::timeout(Duration::from_secs(10), conn.read_frame())
@@ -510,6 +512,7 @@ async fn version_mismatch_and_requests_before_hello_are_refused() {
             Message::ControllerHello(ControllerHello {
                 version: 99,
                 name: "future".into(),
+                heartbeat_ms: None,
             }),
             ErrorCode::UnsupportedVersion,
         ),
@@ -608,6 +611,40 @@ async fn heartbeats_are_pushed() {
         seqs.push(ev.seq);
     }
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
+
+/// A controller that asks for a liveness interval pings at it and the agent pushes no
+/// heartbeats: one message a interval per agent reaches the controller (its pong), and the
+/// agent keeps a session quiet for longer than its own idle timeout.
+#[tokio::test]
+async fn a_controller_paced_session_carries_only_its_pings() {
+    let pki = Pki::new();
+    let agent = start(
+        &pki,
+        |c| {
+            c.heartbeat_interval = Duration::from_millis(50);
+            c.idle_timeout = Duration::from_millis(300);
+        },
+        Duration::ZERO,
+    )
+    .await;
+    let opts = ClientOptions {
+        liveness: Some(Duration::from_secs(1)),
+        ..ClientOptions::default()
+    };
+    let c = AgentClient::connect(&agent.addr, &peer(AGENT), pki.client("ctl-a"), opts)
+        .await
+        .unwrap();
+    let mut events = c.take_events().unwrap();
+    let pongs = protocol::client::liveness_received();
+    // Two of its pings answered: two seconds, past the agent's 300 ms idle timeout.
+    while protocol::client::liveness_received() < pongs + 2 {
+        tokio::select! {
+            ev = events.recv() => panic!("no heartbeat on a paced session: {ev:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    c.request(Command::CephReport(Empty {})).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,6 +252,18 @@ struct Seen {
     missing: Vec<String>,
 }
 
+/// Liveness messages (pongs) the daemon is willing to receive per second, whatever the fleet.
+pub const LIVENESS_PER_SEC: usize = 50;
+
+/// The liveness interval for a fleet of `agents`: at least 5 s, and long enough that the
+/// whole fleet answers at most [`LIVENESS_PER_SEC`] pings a second (1,000 agents: 20 s, so a
+/// silent agent is declared gone after 65 s; a dead one closes its connection at once).
+pub fn liveness_interval(agents: usize) -> Duration {
+    Duration::from_secs(5).max(Duration::from_millis(
+        (agents as u64 * 1000).div_ceil(LIVENESS_PER_SEC as u64),
+    ))
+}
+
 async fn supervise(
     target: Target,
     name: PeerName,
@@ -271,7 +283,10 @@ async fn supervise(
     let mut seen = Seen::default();
     loop {
         gate.pass().await;
-        match AgentClient::connect(&address, &name, opts.tls.clone(), opts.client.clone()).await {
+        // Liveness paced for the fleet as it is now (a reconnect follows its growth).
+        let mut client_opts = opts.client.clone();
+        client_opts.liveness = Some(liveness_interval(lock(&slots).len()));
+        match AgentClient::connect(&address, &name, opts.tls.clone(), client_opts).await {
             Ok(client) => {
                 failures = 0;
                 let events = client.take_events();
@@ -390,6 +405,16 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_liveness_interval_keeps_the_fleet_under_its_budget() {
+        assert_eq!(liveness_interval(3), Duration::from_secs(5));
+        assert_eq!(liveness_interval(1000), Duration::from_secs(20));
+        for n in [1usize, 10, 250, 251, 1000, 4321, 10_000] {
+            let ms = liveness_interval(n).as_millis() as usize;
+            assert!(n * 1000 <= LIVENESS_PER_SEC * ms, "{n} agents every {ms} ms");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_gate_spreads_a_storm_of_attempts_at_its_rate() {

@@ -233,6 +233,7 @@ pub struct Metrics {
     volumes_desired: Gauge,
     volumes_converged: Gauge,
     manifests_valid: Gauge,
+    liveness: Counter,
 }
 
 impl Metrics {
@@ -285,6 +286,12 @@ impl Metrics {
             "1 when the last read of the manifests was valid",
             manifests_valid.clone(),
         );
+        let liveness = Counter::default();
+        registry.register(
+            "liveness_messages_received",
+            "Liveness messages (pongs, agent heartbeats) the daemon received from its agents",
+            liveness.clone(),
+        );
         // Every series exists from the start, at 0: a rate over a counter that appears only
         // with its first increment misses that increment, and an alert on it has no series.
         for outcome in STEP_OUTCOMES {
@@ -308,11 +315,15 @@ impl Metrics {
             volumes_desired,
             volumes_converged,
             manifests_valid,
+            liveness,
         }
     }
 
     /// The OpenMetrics text.
     pub fn encode(&self) -> String {
+        let seen = protocol::client::liveness_received();
+        self.liveness
+            .inc_by(seen.saturating_sub(self.liveness.get()));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
