@@ -32,9 +32,16 @@ scripts/ceph-dev-cluster.sh up "$dir" --port auto
 
 # The end-to-end tests run the real binaries.
 cargo build --workspace --bins
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
   echo "test.sh: cargo-nextest not found; using cargo test" >&2
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+# The chaos suite's quick run (a few iterations of each loop) on the same cluster; the whole
+# workspace only (a run narrowed with arguments skips it).
+if [ $# -eq 0 ]; then
+  "${CARGO_TARGET_DIR:-target}/debug/chaos" --quick --max-time 8m || status=$?
+fi
+exit $status

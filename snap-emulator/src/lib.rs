@@ -49,6 +49,13 @@ pub struct Faults {
     pub exit_after: Option<u64>,
 }
 
+/// Sleeps as long as `latencies` says for `method` (its own entry, else `*`), if at all.
+async fn delay(latencies: &BTreeMap<String, Duration>, method: &str) {
+    if let Some(d) = latencies.get(method).or_else(|| latencies.get("*")) {
+        tokio::time::sleep(*d).await;
+    }
+}
+
 /// How the emulator starts.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -259,14 +266,7 @@ impl Emulator {
         if r.is_ok() {
             self.after(method, params);
         }
-        let delay = self
-            .faults
-            .reply_latency
-            .get(method)
-            .or_else(|| self.faults.reply_latency.get("*"));
-        if let Some(d) = delay {
-            tokio::time::sleep(*d).await;
-        }
+        delay(&self.faults.reply_latency, method).await;
         r
     }
 
@@ -300,14 +300,7 @@ impl Emulator {
         app: AppThread,
     ) -> Result<Value, RpcError> {
         self.state.lock().expect("state lock").allowed_now(method)?;
-        let delay = self
-            .faults
-            .latency
-            .get(method)
-            .or_else(|| self.faults.latency.get("*"));
-        if let Some(d) = delay {
-            tokio::time::sleep(*d).await;
-        }
+        delay(&self.faults.latency, method).await;
         if !matches!(method, "spdk_get_version" | "rpc_get_methods")
             && self.faults.error_rate > 0.0
             && self.roll() < self.faults.error_rate

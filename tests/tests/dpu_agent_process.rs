@@ -116,6 +116,22 @@ fn mon_host(c: &Cluster) -> String {
         .unwrap()
 }
 
+/// SNAP as the tests install it: one PF with two VFs.
+fn snap_spec() -> SnapSpec {
+    SnapSpec {
+        image: "nvcr.io/nvidia/doca/doca_snap".into(),
+        tag: "4.5.0-6-doca2.9.0".into(),
+        env: Default::default(),
+        hugepages_mib: 0,
+        cpu: "2".into(),
+        memory: "1Gi".into(),
+        firmware: FirmwareSpec {
+            nvme_pfs: 1,
+            nvme_vfs: 2,
+        },
+    }
+}
+
 /// The commands that expose `image` to the host: cluster, bdev, subsystem, namespace 3,
 /// controller on PF 0 VF 1, attachment, resume.
 fn exposure_commands(c: &Cluster, key: &str, image: &str) -> Vec<Cmd> {
@@ -183,18 +199,7 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
     let a = session(&pki_dir, &agent.addr).await;
     assert_eq!(a.hello().kind, protocol::AgentKind::Dpu);
     // Mutations are fenced.
-    let spec = SnapSpec {
-        image: "nvcr.io/nvidia/doca/doca_snap".into(),
-        tag: "4.5.0-6-doca2.9.0".into(),
-        env: Default::default(),
-        hugepages_mib: 0,
-        cpu: "2".into(),
-        memory: "1Gi".into(),
-        firmware: FirmwareSpec {
-            nvme_pfs: 1,
-            nvme_vfs: 2,
-        },
-    };
+    let spec = snap_spec();
     let e = a.request(Cmd::InstallSnap(spec.clone())).await.unwrap_err();
     assert_eq!(e.wire().unwrap().code, ErrorCode::NoLease);
     a.acquire_lease(Duration::from_secs(60)).await.unwrap();
@@ -277,19 +282,7 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
 /// fresh session.
 async fn install_and_expose_up_to_the_namespace(a: &AgentClient, cmds: &mut Vec<Cmd>) {
     a.acquire_lease(Duration::from_secs(60)).await.unwrap();
-    let spec = SnapSpec {
-        image: "nvcr.io/nvidia/doca/doca_snap".into(),
-        tag: "4.5.0-6-doca2.9.0".into(),
-        env: Default::default(),
-        hugepages_mib: 0,
-        cpu: "2".into(),
-        memory: "1Gi".into(),
-        firmware: FirmwareSpec {
-            nvme_pfs: 1,
-            nvme_vfs: 2,
-        },
-    };
-    a.request(Cmd::InstallSnap(spec)).await.unwrap();
+    a.request(Cmd::InstallSnap(snap_spec())).await.unwrap();
     while !matches!(cmds.first(), Some(Cmd::CreateNamespace(_))) {
         let cmd = cmds.remove(0);
         let name = cmd.name();

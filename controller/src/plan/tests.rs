@@ -831,6 +831,29 @@ fn a_plan_made_on_many_threads_is_the_plan_made_on_one() {
     assert!(plan(&after, &w2.observed(), &many).is_empty());
 }
 
+/// `d` with one more volume `name` (db-wal's spec, 1 GiB, NSID derived) on image `image`.
+fn one_more_volume(d: &Desired, name: &str, image: &str) -> (Desired, crate::manifest::Volume) {
+    let mut new = d.volumes["db-wal"].clone();
+    new.name = protocol::names::VolumeName::parse("v", name).unwrap();
+    new.image = protocol::names::ImageName::parse("i", image).unwrap();
+    new.size_bytes = 1 << 30;
+    new.nsid = None;
+    new.uuid = crate::manifest::derived_uuid(&new.cluster, new.pool.as_str(), image);
+    let mut wanted = d.clone();
+    wanted.volumes.insert(name.into(), new.clone());
+    (wanted, new)
+}
+
+/// What `w` shows, with `img` added to cluster `cluster`'s report.
+fn observed_with(w: &World, cluster: &str, img: protocol::ImageStatus) -> Observed {
+    let mut o = w.observed();
+    let Known::Known { report } = o.clusters.get_mut(cluster).unwrap() else {
+        unreachable!()
+    };
+    std::sync::Arc::make_mut(report).images.push(img);
+    o
+}
+
 /// The pool's index records intent; only the image's own keys make it unistor's. An image the
 /// report holds from the index alone (its agent just started) gets no bdev until it is read:
 /// held, and listed for the probe; read with unistor's keys it is exposed, read without them
@@ -838,16 +861,9 @@ fn a_plan_made_on_many_threads_is_the_plan_made_on_one() {
 #[test]
 fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() {
     let d = examples();
-    let v = d.volumes["db-wal"].clone();
     let mut w = World::empty(&d);
     w.converge(&d, 5);
-    let mut wanted = d.clone();
-    let mut new = v.clone();
-    new.name = protocol::names::VolumeName::parse("v", "indexed").unwrap();
-    new.image = protocol::names::ImageName::parse("i", "indexed-img").unwrap();
-    new.nsid = None;
-    new.uuid = crate::manifest::derived_uuid(&new.cluster, new.pool.as_str(), "indexed-img");
-    wanted.volumes.insert("indexed".into(), new.clone());
+    let (wanted, new) = one_more_volume(&d, "indexed", "indexed-img");
     let image = |unverified: bool, keys: bool| protocol::ImageStatus {
         pool: new.pool.to_string(),
         image: new.image.to_string(),
@@ -866,14 +882,7 @@ fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() 
         },
         unverified,
     };
-    let with = |img: protocol::ImageStatus| {
-        let mut o = w.observed();
-        let Known::Known { report } = o.clusters.get_mut(&new.cluster).unwrap() else {
-            unreachable!()
-        };
-        std::sync::Arc::make_mut(report).images.push(img);
-        o
-    };
+    let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
     let bdev = |p: &Plan| {
         p.steps.iter().any(
             |s| matches!(&s.action, Action::CreateBdev(b) if b.image.as_str() == "indexed-img"),
@@ -909,18 +918,10 @@ fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() 
 #[test]
 fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
     let d = examples();
-    let v = d.volumes["db-wal"].clone();
     let mut w = World::empty(&d);
     w.converge(&d, 5);
     // The cluster holds an image for a new volume that nobody owns (made with `rbd create`).
-    let mut wanted = d.clone();
-    let mut new = v.clone();
-    new.name = protocol::names::VolumeName::parse("v", "legacy").unwrap();
-    new.image = protocol::names::ImageName::parse("i", "legacy-img").unwrap();
-    new.size_bytes = 1 << 30;
-    new.nsid = None;
-    new.uuid = crate::manifest::derived_uuid(&new.cluster, new.pool.as_str(), "legacy-img");
-    wanted.volumes.insert("legacy".into(), new.clone());
+    let (mut wanted, new) = one_more_volume(&d, "legacy", "legacy-img");
     let foreign = |size: u64, watchers: Option<Vec<String>>| protocol::ImageStatus {
         pool: new.pool.to_string(),
         image: new.image.to_string(),
@@ -931,14 +932,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         metadata: Default::default(),
         unverified: false,
     };
-    let with = |img: protocol::ImageStatus| {
-        let mut o = w.observed();
-        let Known::Known { report } = o.clusters.get_mut(&new.cluster).unwrap() else {
-            unreachable!()
-        };
-        std::sync::Arc::make_mut(report).images.push(img);
-        o
-    };
+    let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
     let creates = |p: &Plan| {
         p.steps
             .iter()

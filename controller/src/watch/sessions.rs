@@ -412,7 +412,10 @@ mod tests {
         assert_eq!(liveness_interval(1000), Duration::from_secs(20));
         for n in [1usize, 10, 250, 251, 1000, 4321, 10_000] {
             let ms = liveness_interval(n).as_millis() as usize;
-            assert!(n * 1000 <= LIVENESS_PER_SEC * ms, "{n} agents every {ms} ms");
+            assert!(
+                n * 1000 <= LIVENESS_PER_SEC * ms,
+                "{n} agents every {ms} ms"
+            );
         }
     }
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The chaos suite (tests/src/bin/chaos.rs): faults injected into a lab on a real one-node Ceph
+# cluster — the controller, the ceph-agent and a dpu-agent SIGKILLed mid-work, two controllers
+# with one certificate — each followed by a re-run and the same invariants. Seeded (printed;
+# `--seed N` replays a run), bounded in iterations and time; ends with `N passed, M failed`.
+#   scripts/chaos.sh            the full suite (a benchmark-style run, minutes)
+#   scripts/chaos.sh --quick    a few iterations of each loop (what scripts/test.sh runs)
+# Uses the cluster of UNISTOR_CEPH_* when set, else starts a private one and stops it on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --workspace --bins
+bin="${CARGO_TARGET_DIR:-target}/debug"
+if [ -z "${UNISTOR_CEPH_CONF:-}" ]; then
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-chaos.XXXXXX")
+  trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT
+  scripts/ceph-dev-cluster.sh up "$dir" --port auto
+  # shellcheck disable=SC1091
+  . "$dir/env"
+fi
+"$bin/chaos" "$@"

@@ -1,0 +1,712 @@
+//! The chaos suite: faults injected into a lab on the real Ceph cluster (a ceph-agent, simulated
+//! DPUs — dpu-agent + SNAP emulator in real-Ceph mode, each with a simulated host), each loop
+//! followed by a re-run to convergence and the same invariants:
+//!
+//! - no duplicate bdev, no NSID twice in a subsystem, no UUID twice in the fleet;
+//! - no image open on two DPUs (sampled after every fault, and by `rbd status`);
+//! - every wanted volume exposed on its DPU, its image live with this deployment's keys;
+//! - the pool's index and the live images carrying this deployment's keys match one to one;
+//! - every removed volume's image kept, trashed or deleted as its policy says;
+//! - every kept volume's bytes, written through its host before the faults, read back.
+//!
+//! Loops (seeded, bounded in iterations and time): the controller SIGKILLed part way through
+//! create, grow, move and remove plans; the ceph-agent's process group SIGKILLed during creates
+//! and removals; a dpu-agent SIGKILLed between SNAP's change and its ledger, then SNAP killed
+//! with no controller connected; two controllers with one certificate (the watch daemon and a
+//! CI `apply`). Prints the seed and `N passed, M failed`; exits 1 when any failed.
+//!
+//! Run it with `scripts/chaos.sh` (a private cluster) or by hand with `UNISTOR_CEPH_*` set:
+//! `cargo run -p e2e --bin chaos -- --quick --seed 7`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::lab::{namespaces, Lab};
+use e2e::{
+    bin, ceph_agent_command, emulator_pids, host, reconciled, show, snap_call, spawn_announced,
+    try_snap_call, unique, Cluster, QUICK_SWEEP,
+};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Seed of every random choice (the time when absent); printed, to replay a run.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A few iterations of each loop (the test suite's run).
+    #[arg(long)]
+    quick: bool,
+    /// Iterations of the controller-kill loop (the others scale from it).
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// Stop starting iterations after this long.
+    #[arg(long, default_value = "40m", value_parser = humantime::parse_duration)]
+    max_time: Duration,
+}
+
+/// xorshift64*: enough randomness, and a run replays from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A wanted volume as the suite tracks it.
+#[derive(Debug, Clone)]
+struct Vol {
+    dpu: usize,
+    size_mib: u64,
+    policy: &'static str,
+    /// The byte written through its host, once it was exposed.
+    pattern: Option<u8>,
+}
+
+const POLICIES: [&str; 3] = ["Retain", "Trash", "Delete"];
+/// What each volume's host writes, and reads back.
+const SPAN: u64 = 64 * 1024;
+
+struct World<'c> {
+    c: &'c Cluster,
+    lab: Lab,
+    /// Position in `lab.procs` of the ceph-agent and of each DPU's agent.
+    ceph_proc: usize,
+    dpu_procs: Vec<usize>,
+    vols: BTreeMap<String, Vol>,
+    removed: Vec<(String, &'static str)>,
+    prefix: String,
+    next: usize,
+}
+
+impl<'c> World<'c> {
+    fn new(c: &'c Cluster, dpus: usize, dpu_args: &[&str], prefix: &str) -> Self {
+        let lab = Lab::start(c, dpus, dpu_args);
+        Self {
+            c,
+            lab,
+            ceph_proc: 0,
+            dpu_procs: (1..=dpus).collect(),
+            vols: BTreeMap::new(),
+            removed: vec![],
+            prefix: unique(prefix),
+            next: 0,
+        }
+    }
+
+    fn write(&self) {
+        let sizes: Vec<String> = self
+            .vols
+            .values()
+            .map(|v| format!("{}Mi", v.size_mib))
+            .collect();
+        let list: Vec<(&str, usize, &str, &str)> = self
+            .vols
+            .iter()
+            .zip(&sizes)
+            .map(|((n, v), s)| (n.as_str(), v.dpu, s.as_str(), v.policy))
+            .collect();
+        self.lab.write(self.c, &list);
+    }
+
+    fn add(&mut self, rng: &mut Rng) -> String {
+        let name = format!("{}-{}", self.prefix, self.next);
+        self.next += 1;
+        let dpu = rng.below(self.dpu_procs.len() as u64) as usize;
+        let policy = POLICIES[rng.below(3) as usize];
+        self.vols.insert(
+            name.clone(),
+            Vol {
+                dpu,
+                size_mib: 64,
+                policy,
+                pattern: None,
+            },
+        );
+        name
+    }
+
+    /// Removes a volume, never the last one (an empty manifest set is refused by design).
+    fn remove(&mut self, rng: &mut Rng) {
+        if self.vols.len() < 2 {
+            return;
+        }
+        if let Some(name) = self.pick(rng) {
+            let v = self.vols.remove(&name).expect("picked");
+            self.removed.push((name, v.policy));
+        }
+    }
+
+    fn pick(&self, rng: &mut Rng) -> Option<String> {
+        let n = self.vols.len() as u64;
+        (n > 0).then(|| {
+            self.vols
+                .keys()
+                .nth(rng.below(n) as usize)
+                .expect("in range")
+                .clone()
+        })
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            self.lab.manifests().display().to_string(),
+            "--pki-dir".into(),
+            self.lab.pki().display().to_string(),
+            "--owner".into(),
+            self.lab.owner.clone(),
+            "--auto-approve".into(),
+            "--allow-delete".into(),
+        ]
+    }
+
+    /// `unistor apply`, started (its own process group) but not waited for.
+    fn spawn_apply(&self, extra: &[&str]) -> Child {
+        let mut cmd = Command::new(bin("unistor"));
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.arg("apply")
+            .args(self.args())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run unistor apply")
+    }
+
+    /// Applies until converged (a few passes: a fault may leave work for several).
+    fn converge(&self) -> Result<(), String> {
+        let mut last = String::new();
+        for _ in 0..4 {
+            let o = Command::new(bin("unistor"))
+                .arg("apply")
+                .args(self.args())
+                .args(["--lease-wait", "3m"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("run unistor apply");
+            if o.status.success() {
+                return Ok(());
+            }
+            last = show(&o);
+        }
+        Err(format!("did not converge: {last}"))
+    }
+
+    /// The host of every newly exposed volume writes its pattern.
+    fn write_patterns(&mut self, rng: &mut Rng) -> Result<(), String> {
+        let todo: Vec<String> = self
+            .vols
+            .iter()
+            .filter(|(_, v)| v.pattern.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in todo {
+            let pattern = 1 + rng.below(250) as u8;
+            let dev = self.device(&name)?;
+            if !host::write_pattern(&dev, pattern, 0, SPAN) {
+                return Err(format!("{name}: the host cannot write {}", dev.display()));
+            }
+            self.vols.get_mut(&name).expect("listed").pattern = Some(pattern);
+        }
+        Ok(())
+    }
+
+    /// The host device of volume `name` (on its DPU, by its namespace's UUID).
+    fn device(&self, name: &str) -> Result<std::path::PathBuf, String> {
+        let v = &self.vols[name];
+        let bdev = format!("unistor-{name}");
+        let uuid = namespaces(&self.lab.socket(v.dpu))
+            .into_iter()
+            .find(|(b, _, _)| *b == bdev)
+            .map(|(_, _, u)| u)
+            .ok_or_else(|| format!("{name}: no namespace on dpu-{}", v.dpu))?;
+        // The host sees a device once its controller is started: polled, bounded.
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = host::devices(&self.lab.host_dir(v.dpu))
+                .into_iter()
+                .find(|d| d.uuid == uuid);
+            match found {
+                Some(d) => return Ok(d.path),
+                None if Instant::now() > until => {
+                    return Err(format!("{name}: host-{} has no device {uuid}", v.dpu))
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// (DPU, pool, image) of every bdev in the fleet.
+    fn bdevs(&self) -> Vec<(usize, String, String)> {
+        let mut out = vec![];
+        for d in 0..self.dpu_procs.len() {
+            let Ok(list) = try_snap_call(&self.lab.socket(d), "bdev_get_bdevs") else {
+                continue;
+            };
+            for b in list.as_array().into_iter().flatten() {
+                let rbd = &b["driver_specific"]["rbd"];
+                out.push((
+                    d,
+                    rbd["pool_name"].as_str().unwrap_or("?").to_string(),
+                    rbd["rbd_name"].as_str().unwrap_or("?").to_string(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// No image open on two DPUs, now.
+    fn one_dpu_per_image(&self) -> Result<(), String> {
+        let mut on: BTreeMap<(String, String), BTreeSet<usize>> = BTreeMap::new();
+        for (d, pool, image) in self.bdevs() {
+            on.entry((pool, image)).or_default().insert(d);
+        }
+        match on.iter().find(|(_, d)| d.len() > 1) {
+            Some(((p, i), d)) => Err(format!("{p}/{i} open on DPUs {d:?}")),
+            None => Ok(()),
+        }
+    }
+
+    fn live_images(&self) -> BTreeSet<String> {
+        let out = self
+            .c
+            .cli_ok("rbd", &["ls", "--format", "json", &self.c.pool]);
+        let all: Vec<String> = serde_json::from_str(&out).unwrap_or_default();
+        all.into_iter()
+            .filter(|n| n.starts_with(&self.prefix))
+            .collect()
+    }
+
+    fn trashed(&self) -> BTreeSet<String> {
+        let out = self
+            .c
+            .cli_ok("rbd", &["trash", "ls", "--format", "json", &self.c.pool]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn keys(&self, image: &str) -> BTreeMap<String, String> {
+        let spec = format!("{}/{image}", self.c.pool);
+        let out = self
+            .c
+            .cli_ok("rbd", &["image-meta", "list", "--format", "json", &spec]);
+        if out.trim().is_empty() {
+            return BTreeMap::new();
+        }
+        serde_json::from_str(&out).unwrap_or_default()
+    }
+
+    fn watchers(&self, image: &str) -> usize {
+        let spec = format!("{}/{image}", self.c.pool);
+        let out = self.c.cli_ok("rbd", &["status", "--format", "json", &spec]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["watchers"].as_array().map_or(0, Vec::len)
+    }
+
+    /// Every invariant of the module's docs.
+    fn check(&self) -> Result<(), String> {
+        self.one_dpu_per_image()?;
+        let bdevs = self.bdevs();
+        let mut seen = BTreeSet::new();
+        for b in &bdevs {
+            if !seen.insert(b) {
+                return Err(format!("bdev twice: {b:?}"));
+            }
+        }
+        let mut uuids = BTreeSet::new();
+        for d in 0..self.dpu_procs.len() {
+            let subs = snap_call(&self.lab.socket(d), "nvme_subsystem_list");
+            for s in subs.as_array().into_iter().flatten() {
+                let mut nsids = BTreeSet::new();
+                for n in s["namespaces"].as_array().into_iter().flatten() {
+                    if !nsids.insert(n["nsid"].as_u64()) {
+                        return Err(format!("NSID twice in {}: {n}", s["nqn"]));
+                    }
+                    if !uuids.insert(n["uuid"].as_str().unwrap_or("").to_string()) {
+                        return Err(format!("UUID twice in the fleet: {n}"));
+                    }
+                }
+            }
+        }
+        let live = self.live_images();
+        let trash = self.trashed();
+        for (name, v) in &self.vols {
+            if !live.contains(name) {
+                return Err(format!("{name}: wanted, its image is not live"));
+            }
+            let keys = self.keys(name);
+            if keys.get("unistor.managed-by") != Some(&self.lab.owner) {
+                return Err(format!(
+                    "{name}: its image lacks the owner's keys: {keys:?}"
+                ));
+            }
+            if !bdevs.iter().any(|(d, _, i)| *d == v.dpu && i == name) {
+                return Err(format!("{name}: not exposed on dpu-{}", v.dpu));
+            }
+            // A SNAP killed with the image open leaves its watch until Ceph times it out
+            // (30 s): a dead process, not a second DPU. Polled, bounded.
+            let until = Instant::now() + Duration::from_secs(45);
+            while self.watchers(name) > 1 {
+                if Instant::now() > until {
+                    return Err(format!("{name}: more than one watcher for 45 s"));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        for (name, policy) in &self.removed {
+            let ok = match *policy {
+                "Retain" => live.contains(name),
+                "Trash" => !live.contains(name) && trash.contains(name),
+                _ => !live.contains(name) && !trash.contains(name),
+            };
+            if !ok {
+                return Err(format!(
+                    "{name}: removed with {policy}, live {}, in the trash {}",
+                    live.contains(name),
+                    trash.contains(name)
+                ));
+            }
+        }
+        // The index and the images carrying this deployment's keys, one to one.
+        for name in &live {
+            let ours = self.keys(name).get("unistor.managed-by") == Some(&self.lab.owner);
+            let indexed = self
+                .c
+                .index_entry(&self.c.pool, name)
+                .is_some_and(|e| e["managed_by"].as_str() == Some(self.lab.owner.as_str()));
+            if ours != indexed {
+                return Err(format!(
+                    "{name}: carries the owner's keys {ours}, in the index {indexed}"
+                ));
+            }
+        }
+        for (name, v) in &self.vols {
+            let Some(p) = v.pattern else { continue };
+            let dev = self.device(name)?;
+            if !host::reads_pattern(&dev, p, 0, SPAN) {
+                return Err(format!(
+                    "{name}: the bytes written before the faults changed"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn restart_ceph_agent(&mut self) {
+        let addr = self.lab.ceph_addr.clone();
+        let (child, _) = spawn_announced(
+            ceph_agent_command(
+                self.c,
+                &self.lab.ceph_agent,
+                &addr,
+                &self.lab.pki(),
+                &self.lab.dir.path().join("ceph-state"),
+            )
+            .args(["--report-interval", "2s"])
+            .args(QUICK_SWEEP),
+            "listening on ",
+        );
+        self.lab.procs.0.push(child);
+        self.ceph_proc = self.lab.procs.0.len() - 1;
+    }
+}
+
+fn sigkill_group(child: &mut Child) {
+    let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+/// Sleeps `ms`, sampling every 100 ms that no image is open on two DPUs.
+fn sample_for(w: &World<'_>, ms: u64) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_millis(ms);
+    loop {
+        w.one_dpu_per_image()?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}
+
+/// The controller SIGKILLed 0-1.5 s into a create, grow, move or remove plan.
+fn controller_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
+    let what = match rng.below(4) {
+        0 => {
+            w.add(rng);
+            w.add(rng);
+            "create"
+        }
+        1 => {
+            let Some(n) = w.pick(rng) else {
+                return Ok("nothing to grow".into());
+            };
+            w.vols.get_mut(&n).expect("picked").size_mib += 64;
+            "grow"
+        }
+        2 => {
+            let Some(n) = w.pick(rng) else {
+                return Ok("nothing to move".into());
+            };
+            let dpus = w.dpu_procs.len();
+            let v = w.vols.get_mut(&n).expect("picked");
+            v.dpu = (v.dpu + 1) % dpus;
+            "move"
+        }
+        _ => {
+            w.remove(rng);
+            "remove"
+        }
+    };
+    w.write();
+    let after = rng.below(1500);
+    let mut apply = w.spawn_apply(&[]);
+    let sampled = sample_for(w, after);
+    sigkill_group(&mut apply);
+    sampled?;
+    w.converge()?;
+    w.write_patterns(rng)?;
+    w.check()?;
+    Ok(format!("{what}, killed after {after} ms"))
+}
+
+/// The ceph-agent's process group SIGKILLed 0-2 s into creates or removals, then started again.
+fn ceph_agent_kill(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<String, String> {
+    let creating = w.vols.len() < batch || rng.below(2) == 0;
+    for _ in 0..batch {
+        if creating {
+            w.add(rng);
+        } else {
+            w.remove(rng);
+        }
+    }
+    w.write();
+    let after = rng.below(2000);
+    let mut apply = w.spawn_apply(&[]);
+    std::thread::sleep(Duration::from_millis(after));
+    stop_now(&mut w.lab.procs.0[w.ceph_proc]);
+    sigkill_group(&mut apply);
+    w.restart_ceph_agent();
+    w.converge()?;
+    w.write_patterns(rng)?;
+    w.check()?;
+    Ok(format!(
+        "{} {batch}, ceph-agent killed after {after} ms",
+        if creating { "create" } else { "remove" }
+    ))
+}
+
+fn stop_now(child: &mut Child) {
+    let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+/// A dpu-agent SIGKILLed while SNAP holds the answer to a namespace it created (the emulator
+/// answers 2 s after the change), then SNAP SIGKILLed, with no controller connected; the next
+/// agent restores the namespace alone.
+fn dpu_agent_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
+    let name = w.add(rng);
+    let d = w.vols[&name].dpu;
+    w.write();
+    let socket = w.lab.socket(d);
+    let bdev = format!("unistor-{name}");
+    let mut apply = w.spawn_apply(&[]);
+    let until = Instant::now() + Duration::from_secs(60);
+    while !namespaces_or_none(&socket)
+        .iter()
+        .any(|(b, _, _)| *b == bdev)
+    {
+        if Instant::now() > until {
+            sigkill_group(&mut apply);
+            return Err(format!("{name}: its namespace never appeared"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The agent alone (SNAP runs on), before SNAP's answer reaches it.
+    let agent = &mut w.lab.procs.0[w.dpu_procs[d]];
+    let _ = kill(Pid::from_raw(agent.id() as i32), Signal::SIGKILL);
+    let _ = agent.wait();
+    sigkill_group(&mut apply);
+    for pid in emulator_pids(&socket) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    w.dpu_procs[d] = w.lab.start_dpu(d);
+    let until = Instant::now() + Duration::from_secs(60);
+    while !namespaces_or_none(&socket)
+        .iter()
+        .any(|(b, _, _)| *b == bdev)
+    {
+        if Instant::now() > until {
+            return Err(format!("{name}: not restored by the new agent alone"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.converge()?;
+    w.write_patterns(rng)?;
+    w.check()?;
+    Ok(format!("{name} on dpu-{d}"))
+}
+
+fn namespaces_or_none(socket: &Path) -> Vec<(String, u64, String)> {
+    if try_snap_call(socket, "nvme_subsystem_list").is_err() {
+        return vec![];
+    }
+    namespaces(socket)
+}
+
+/// The watch daemon and a CI `apply`, one certificate, one change between them.
+fn two_controllers(
+    w: &mut World<'_>,
+    rng: &mut Rng,
+    daemon: &e2e::Daemon,
+) -> Result<String, String> {
+    if rng.below(2) == 0 || w.vols.is_empty() {
+        w.add(rng);
+    } else {
+        w.remove(rng);
+    }
+    w.write();
+    let mut apply = w.spawn_apply(&["--lease-wait", "2m"]);
+    let sampled = sample_for(w, 500);
+    let status = apply.wait().map_err(|e| e.to_string())?;
+    sampled?;
+    let until = Instant::now() + Duration::from_secs(120);
+    while !reconciled(&daemon.status()) {
+        if Instant::now() > until {
+            return Err("the daemon did not converge".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.converge()?;
+    w.write_patterns(rng)?;
+    w.check()?;
+    Ok(format!("apply exited {:?}", status.code()))
+}
+
+struct Tally {
+    passed: usize,
+    failed: usize,
+}
+
+impl Tally {
+    /// Runs one iteration; a panic in it (a helper's assertion) is that iteration's failure.
+    fn run(&mut self, loop_name: &str, i: usize, f: impl FnOnce() -> Result<String, String>) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(format!("panicked: {why}"))
+        });
+        self.record(loop_name, i, r);
+    }
+
+    fn record(&mut self, loop_name: &str, i: usize, r: Result<String, String>) {
+        match r {
+            Ok(what) => {
+                self.passed += 1;
+                println!("chaos: {loop_name} #{i}: ok ({what})");
+            }
+            Err(why) => {
+                self.failed += 1;
+                println!("chaos: {loop_name} #{i}: FAILED: {why}");
+            }
+        }
+    }
+}
+
+fn main() {
+    let a = <Args as clap::Parser>::parse();
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    println!(
+        "chaos: seed {seed}{}",
+        if a.quick { " (quick)" } else { "" }
+    );
+    let mut rng = Rng(seed | 1);
+    let c = Cluster::from_env();
+    let started = Instant::now();
+    let in_time = || started.elapsed() < a.max_time;
+    let n = if a.quick { 3 } else { a.iterations };
+    let mut tally = Tally {
+        passed: 0,
+        failed: 0,
+    };
+
+    {
+        let mut w = World::new(&c, 2, &[], "chaos-ctl");
+        for _ in 0..3 {
+            w.add(&mut rng);
+        }
+        w.write();
+        let setup = w.converge().and_then(|()| w.write_patterns(&mut rng));
+        tally.record("setup", 0, setup.map(|()| "3 volumes".into()));
+        for i in 0..n {
+            if !in_time() {
+                break;
+            }
+            tally.run("controller-kill", i, || controller_kill(&mut w, &mut rng));
+        }
+        let batch = if a.quick { 4 } else { 10 };
+        for i in 0..(n / 2).max(2) {
+            if !in_time() {
+                break;
+            }
+            tally.run("ceph-agent-kill", i, || {
+                ceph_agent_kill(&mut w, &mut rng, batch)
+            });
+        }
+        let daemon = w.lab.daemon(&[]);
+        for i in 0..(n / 2).max(2) {
+            if !in_time() {
+                break;
+            }
+            tally.run("two-controllers", i, || {
+                two_controllers(&mut w, &mut rng, &daemon)
+            });
+        }
+        drop(daemon);
+    }
+    {
+        let mut w = World::new(
+            &c,
+            1,
+            &["--emulator-arg=--reply-latency=nvme_namespace_create=2s"],
+            "chaos-dpu",
+        );
+        for i in 0..(n / 2).max(2) {
+            if !in_time() {
+                break;
+            }
+            tally.run("dpu-agent-kill", i, || dpu_agent_kill(&mut w, &mut rng));
+        }
+    }
+    println!(
+        "chaos: seed {seed}: {} passed, {} failed in {:.0} s",
+        tally.passed,
+        tally.failed,
+        started.elapsed().as_secs_f64()
+    );
+    if tally.failed > 0 {
+        std::process::exit(1);
+    }
+}
