@@ -560,7 +560,7 @@ fn median(mut v: Vec<u128>) -> u128 {
 
 /// Drift heals in seconds: a namespace destroyed out of band comes back as soon as the agent
 /// reports it gone (the report is pushed at its next poll; the daemon reconciles on it), and
-/// in report-only mode it shows in `/api/v1/status` as fast. Latencies printed (medians of 3).
+/// in report-only mode it shows in `/api/v1/status` as fast. Latencies printed (medians of 5).
 #[test]
 fn drift_is_healed_or_shown_within_seconds_of_the_agent_seeing_it() {
     let c = Cluster::from_env();
@@ -574,7 +574,7 @@ fn drift_is_healed_or_shown_within_seconds_of_the_agent_seeing_it() {
         let d = lab.daemon(&[]);
         d.wait_converged(CONVERGE, 1);
         let before = namespaces(&socket);
-        for _ in 0..3 {
+        for _ in 0..5 {
             destroy_namespace_out_of_band(&socket);
             let t = Instant::now();
             e2e::wait_until(CONVERGE, "the namespace back", || {
@@ -592,7 +592,7 @@ fn drift_is_healed_or_shown_within_seconds_of_the_agent_seeing_it() {
                 .and_then(|c| c.iter().find(|l| l["link"] == "namespace"))
                 .map(|l| l["state"].as_str().unwrap_or("").to_string())
         };
-        for round in 0..3 {
+        for round in 0..5 {
             d.wait_for(CONVERGE, "the namespace seen ok", |s| {
                 link(s).as_deref() == Some("ok")
             });
@@ -602,7 +602,7 @@ fn drift_is_healed_or_shown_within_seconds_of_the_agent_seeing_it() {
                 link(s).as_deref().is_some_and(|l| l != "ok")
             });
             shown.push(t.elapsed().as_millis());
-            if round < 2 {
+            if round < 4 {
                 // Put back by hand (report-only changes nothing) for the next round.
                 let back = unistor(&[
                     "apply",

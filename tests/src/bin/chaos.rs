@@ -11,9 +11,10 @@
 //!
 //! Loops (seeded, bounded in iterations and time): the controller SIGKILLed part way through
 //! create, grow, move and remove plans; the ceph-agent's process group SIGKILLed during creates
-//! and removals; a dpu-agent SIGKILLed between SNAP's change and its ledger, then SNAP killed
-//! with no controller connected; two controllers with one certificate (the watch daemon and a
-//! CI `apply`). Prints the seed and `N passed, M failed`; exits 1 when any failed.
+//! and removals; two controllers with one certificate (the watch daemon and a CI `apply`); the
+//! daemon's link to a DPU blackholed (sockets left open) while a volume moves off it; a
+//! dpu-agent SIGKILLed between SNAP's change and its ledger, then SNAP killed with no controller
+//! connected. Prints the seed and `N passed, M failed`; exits 1 when any failed.
 //!
 //! Run it with `scripts/chaos.sh` (a private cluster) or by hand with `UNISTOR_CEPH_*` set:
 //! `cargo run -p e2e --bin chaos -- --quick --seed 7`.
@@ -597,6 +598,124 @@ fn two_controllers(
     Ok(format!("apply exited {:?}", status.code()))
 }
 
+/// A TCP forwarder between the controller and one agent whose link can be cut: blackholed,
+/// it keeps both sockets open and drops every byte (a partition, not a refusal).
+struct Link {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Link {
+    fn to(upstream: String) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the forwarder");
+        let addr = listener.local_addr().expect("its address").to_string();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (cut, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (c, s) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let Ok((down, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                let Ok(up) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let _ = down.set_nonblocking(false);
+                for (from, to) in [
+                    (down.try_clone(), up.try_clone()),
+                    (up.try_clone(), down.try_clone()),
+                ] {
+                    let (Ok(mut from), Ok(mut to)) = (from, to) else {
+                        continue;
+                    };
+                    let (c, s) = (c.clone(), s.clone());
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 16 * 1024];
+                        while !s.load(Ordering::SeqCst) {
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                // Cut: read and dropped, the sockets left open.
+                                Ok(_) if c.load(Ordering::SeqCst) => {}
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, cut, stop }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The daemon's link to dpu-0 blackholed (sockets left open) while the manifests move a volume
+/// off it: sampled every 100 ms for 30 s, the image is never exposed by both DPUs; the link
+/// healed, the move completes with the bytes intact.
+fn partition(
+    w: &mut World<'_>,
+    rng: &mut Rng,
+    link: &Link,
+    daemon: &e2e::Daemon,
+) -> Result<String, String> {
+    let wait_converged = |what: &str| -> Result<(), String> {
+        let until = Instant::now() + Duration::from_secs(180);
+        while !reconciled(&daemon.status()) {
+            if Instant::now() > until {
+                return Err(format!("the daemon did not converge {what}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    };
+    // A volume on dpu-0, exposed and written.
+    let name = w.add(rng);
+    w.vols.get_mut(&name).expect("added").dpu = 0;
+    w.write();
+    wait_converged("before the cut")?;
+    w.converge()?;
+    w.write_patterns(rng)?;
+    link.set_cut(true);
+    w.vols.get_mut(&name).expect("added").dpu = 1;
+    w.write();
+    let sampled = sample_for(w, 30_000);
+    link.set_cut(false);
+    sampled?;
+    wait_converged("after the heal")?;
+    w.converge()?;
+    w.check()?;
+    Ok(format!("{name} moved off a cut-off dpu-0"))
+}
+
 struct Tally {
     passed: usize,
     failed: usize,
@@ -682,6 +801,24 @@ fn main() {
             }
             tally.run("two-controllers", i, || {
                 two_controllers(&mut w, &mut rng, &daemon)
+            });
+        }
+        drop(daemon);
+    }
+    {
+        // dpu-0 reached through a link that can be cut.
+        let mut w = World::new(&c, 2, &[], "chaos-cut");
+        let link = Link::to(w.lab.dpus[0].1.clone());
+        w.lab.dpus[0].1 = link.addr.clone();
+        w.add(&mut rng);
+        w.write();
+        let daemon = w.lab.daemon(&[]);
+        for i in 0..(n / 3).max(1) {
+            if !in_time() {
+                break;
+            }
+            tally.run("partition", i, || {
+                partition(&mut w, &mut rng, &link, &daemon)
             });
         }
         drop(daemon);

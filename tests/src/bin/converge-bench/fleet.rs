@@ -58,6 +58,15 @@ impl BenchLab<'_> {
     }
 }
 
+/// The daemon's count of liveness messages received (its metrics).
+fn liveness(d: &Daemon) -> u64 {
+    d.get("/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("unistor_liveness_messages_received_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The daemon at fleet size: converged, edits, steady state, a restart, a lost tenth.
 pub(super) fn watch(lab: &BenchLab<'_>, edits: usize) {
     let n = lab.vols.len();
@@ -93,11 +102,17 @@ pub(super) fn watch(lab: &BenchLab<'_>, edits: usize) {
     );
     // Steady state: nothing to do, heartbeats and reports only.
     let pid = d.child.id().to_string();
-    let (c0, t0) = (cpu(&pid).0, Instant::now());
+    let (c0, t0, l0) = (cpu(&pid).0, Instant::now(), liveness(&d));
     std::thread::sleep(Duration::from_secs(60));
-    let share = (cpu(&pid).0 - c0) / t0.elapsed().as_secs_f64();
+    let secs = t0.elapsed().as_secs_f64();
+    let share = (cpu(&pid).0 - c0) / secs;
+    let received = (liveness(&d) - l0) as f64 / secs;
     let stats = lab.fleet_stats();
     let dpus = stats["dpus"].as_u64().unwrap_or(1).max(1);
+    println!(
+        "  steady state: {received:.1} liveness messages/s received by the daemon from {} agents (budget 50/s)",
+        dpus + 1
+    );
     println!(
         "  steady state: daemon CPU {:.1}% of a core over 60 s; peak RSS daemon {} MiB, fleet-sim {} MiB ({} KiB per DPU), ceph-agent {} MiB",
         share * 100.0,
