@@ -10,11 +10,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins
 bin="${CARGO_TARGET_DIR:-target}/debug"
+# In a session of its own: agents and emulators run in process groups of their own, and
+# whatever ends this script (a signal included) ends all of them with it, then the cluster it
+# started.
+sid=""
+dir=""
+stop_all() {
+  [ -n "$sid" ] && pkill -KILL -s "$sid" 2>/dev/null
+  [ -n "$dir" ] && scripts/ceph-dev-cluster.sh down "$dir"
+  return 0
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
 if [ -z "${UNISTOR_CEPH_CONF:-}" ]; then
   dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-chaos.XXXXXX")
-  trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT
   scripts/ceph-dev-cluster.sh up "$dir" --port auto
   # shellcheck disable=SC1091
   . "$dir/env"
 fi
-"$bin/chaos" "$@"
+# A background job of a script is no group leader, so setsid makes it a session leader
+# without forking: its pid is the session's id.
+setsid "$bin/chaos" "$@" &
+sid=$!
+wait "$sid"

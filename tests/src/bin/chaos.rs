@@ -167,6 +167,9 @@ impl<'c> World<'c> {
             self.lab.owner.clone(),
             "--auto-approve".into(),
             "--allow-delete".into(),
+            // The loops remove batches (ten at a time in the full run).
+            "--max-removals".into(),
+            "50".into(),
         ]
     }
 
