@@ -16,9 +16,8 @@ bin="${CARGO_TARGET_DIR:-target}/debug"
 sid=""
 dir=""
 stop_all() {
-  [ -n "$sid" ] && pkill -KILL -s "$sid" 2>/dev/null
-  [ -n "$dir" ] && scripts/ceph-dev-cluster.sh down "$dir"
-  return 0
+  if [ -n "$sid" ]; then pkill -KILL -s "$sid" 2>/dev/null || true; fi
+  if [ -n "$dir" ]; then scripts/ceph-dev-cluster.sh down "$dir" || true; fi
 }
 trap stop_all EXIT
 trap 'exit 130' INT TERM

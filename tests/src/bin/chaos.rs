@@ -43,6 +43,10 @@ struct Args {
     /// Iterations of the controller-kill loop (the others scale from it).
     #[arg(long, default_value_t = 20)]
     iterations: usize,
+    /// Run only these loops (comma-separated: controller, ceph-agent, two-controllers,
+    /// partition, dpu-agent); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Stop starting iterations after this long.
     #[arg(long, default_value = "40m", value_parser = humantime::parse_duration)]
     max_time: Duration,
@@ -768,13 +772,14 @@ fn main() {
     let c = Cluster::from_env();
     let started = Instant::now();
     let in_time = || started.elapsed() < a.max_time;
+    let wanted = |l: &str| a.only.is_empty() || a.only.iter().any(|o| o == l);
     let n = if a.quick { 3 } else { a.iterations };
     let mut tally = Tally {
         passed: 0,
         failed: 0,
     };
 
-    {
+    if wanted("controller") || wanted("ceph-agent") || wanted("two-controllers") {
         let mut w = World::new(&c, 2, &[], "chaos-ctl");
         for _ in 0..3 {
             w.add(&mut rng);
@@ -783,14 +788,14 @@ fn main() {
         let setup = w.converge().and_then(|()| w.write_patterns(&mut rng));
         tally.record("setup", 0, setup.map(|()| "3 volumes".into()));
         for i in 0..n {
-            if !in_time() {
+            if !in_time() || !wanted("controller") {
                 break;
             }
             tally.run("controller-kill", i, || controller_kill(&mut w, &mut rng));
         }
         let batch = if a.quick { 4 } else { 10 };
         for i in 0..(n / 2).max(2) {
-            if !in_time() {
+            if !in_time() || !wanted("ceph-agent") {
                 break;
             }
             tally.run("ceph-agent-kill", i, || {
@@ -799,7 +804,7 @@ fn main() {
         }
         let daemon = w.lab.daemon(&[]);
         for i in 0..(n / 2).max(2) {
-            if !in_time() {
+            if !in_time() || !wanted("two-controllers") {
                 break;
             }
             tally.run("two-controllers", i, || {
@@ -808,7 +813,7 @@ fn main() {
         }
         drop(daemon);
     }
-    {
+    if wanted("partition") {
         // dpu-0 reached through a link that can be cut.
         let mut w = World::new(&c, 2, &[], "chaos-cut");
         let link = Link::to(w.lab.dpus[0].1.clone());
@@ -826,7 +831,7 @@ fn main() {
         }
         drop(daemon);
     }
-    {
+    if wanted("dpu-agent") {
         let mut w = World::new(
             &c,
             1,
