@@ -198,14 +198,25 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
         found += existing.len();
         // This pass's copy only: the informer's report is not changed.
         if let Some(Known::Known { report }) = observed.clusters.get_mut(cluster) {
+            // One walk of the report: what it holds of the probed images is replaced, the rest
+            // appended.
             let report = Arc::make_mut(report);
-            for i in existing {
-                match report
-                    .images
-                    .iter_mut()
-                    .find(|r| r.pool == i.pool && r.image == i.image)
-                {
-                    Some(held) => *held = i,
+            let mut at = vec![None; existing.len()];
+            {
+                let probed: std::collections::HashMap<(&str, &str), usize> = existing
+                    .iter()
+                    .enumerate()
+                    .map(|(k, i)| ((i.pool.as_str(), i.image.as_str()), k))
+                    .collect();
+                for (p, held) in report.images.iter().enumerate() {
+                    if let Some(&k) = probed.get(&(held.pool.as_str(), held.image.as_str())) {
+                        at[k] = Some(p);
+                    }
+                }
+            }
+            for (i, p) in existing.into_iter().zip(at) {
+                match p {
+                    Some(p) => report.images[p] = i,
                     None => report.images.push(i),
                 }
             }

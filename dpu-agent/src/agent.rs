@@ -440,45 +440,53 @@ impl DpuAgent {
         };
         let mut store = self.ledger.lock().await;
         let _executing = fence.enter()?;
-        if store.get().pending.is_some() {
-            // An earlier command's outcome is still open (SNAP did not answer it): settle it
-            // first, so the ledger never holds two guesses.
-            match self.snap.inventory().await {
-                Ok(inv) => self.settle_pending(&mut store, &inv).map_err(internal)?,
-                Err(e) => {
-                    return Err(WireError::new(
-                        ErrorCode::Busy,
-                        format!(
-                            "SNAP cannot be asked whether an earlier command took effect: {}",
-                            protocol::error::chain(&e)
-                        ),
-                    ))
-                }
-            }
+        // An earlier command's outcome still open (SNAP did not answer it) is settled first,
+        // so that the ledger never holds two guesses.
+        if store.get().pending.is_some()
+            && !self
+                .settle_against_snap(&mut store)
+                .await
+                .map_err(internal)?
+        {
+            return Err(WireError::new(
+                ErrorCode::Busy,
+                "SNAP cannot be asked whether an earlier command took effect; try again",
+            ));
         }
-        let Some(intent) = intent else {
-            op.await.map_err(op_err)?;
-            self.applied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(Reply::Done(protocol::Empty {}));
-        };
-        store.begin(intent).map_err(internal)?;
+        let written_ahead = intent.is_some();
+        if let Some(intent) = intent {
+            store.begin(intent).map_err(internal)?;
+        }
         let result = op.await;
         self.applied
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match result {
-            Ok(_) => store.settle(true).map_err(internal)?,
-            // Refused, or never sent: SNAP is as it was.
-            Err(ref e) if !e.outcome_unknown() => store.settle(false).map_err(internal)?,
-            // No answer: SNAP decides, now or at the next supervision pass.
-            Err(_) => {
-                if let Ok(inv) = self.snap.inventory().await {
-                    self.settle_pending(&mut store, &inv).map_err(internal)?;
+        if written_ahead {
+            match &result {
+                Ok(_) => store.settle(true).map_err(internal)?,
+                // Refused, or never sent: SNAP is as it was.
+                Err(e) if !e.outcome_unknown() => store.settle(false).map_err(internal)?,
+                // No answer: SNAP decides, now or at the next supervision pass.
+                Err(_) => {
+                    self.settle_against_snap(&mut store)
+                        .await
+                        .map_err(internal)?;
                 }
             }
         }
         result.map_err(op_err)?;
         Ok(Reply::Done(protocol::Empty {}))
+    }
+
+    /// Settles the pending intent against a fresh listing of SNAP; false when SNAP cannot be
+    /// listed (the intent stays pending).
+    async fn settle_against_snap(
+        &self,
+        store: &mut LedgerStore,
+    ) -> Result<bool, ledger::LedgerError> {
+        match self.snap.inventory().await {
+            Ok(inv) => self.settle_pending(store, &inv).map(|()| true),
+            Err(_) => Ok(false),
+        }
     }
 
     /// Settles the ledger's pending intent against `inv` (see [`ledger::resolve`]).

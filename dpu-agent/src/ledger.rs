@@ -223,6 +223,17 @@ pub fn resolve(ledger: &Ledger, inv: &SnapInventory) -> Option<Resolution> {
     })
 }
 
+impl Ledger {
+    /// Whether both say SNAP was told the same (the generation and any pending intent aside).
+    fn same_told(&self, other: &Ledger) -> bool {
+        self.clusters == other.clusters
+            && self.bdevs == other.bdevs
+            && self.subsystems == other.subsystems
+            && self.namespaces == other.namespaces
+            && self.controllers == other.controllers
+    }
+}
+
 /// The key of a namespace in [`Ledger::namespaces`].
 pub fn ns_key(nqn: &str, nsid: u32) -> String {
     format!("{nqn}/{nsid}")
@@ -296,13 +307,7 @@ impl LedgerStore {
         }
         // The generation counts changes of what SNAP was told; an intent written ahead or
         // dropped is not one.
-        let told_changed = {
-            let (mut a, mut b) = (next.clone(), self.ledger.clone());
-            a.pending = None;
-            b.pending = None;
-            a != b
-        };
-        if told_changed {
+        if !next.same_told(&self.ledger) {
             next.generation += 1;
         }
         let bytes = serde_json::to_vec_pretty(&next).expect("serializable");

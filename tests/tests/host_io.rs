@@ -38,6 +38,16 @@ fn image_bytes(c: &Cluster, pool: &str, image: &str, offset: u64, len: u64) -> V
     all[offset as usize..(offset + len) as usize].to_vec()
 }
 
+/// SIGTERM to the agent at `lab.procs[at]` alone, not its group (its SNAP runs on); reaped.
+fn stop_agent_alone(lab: &mut Lab, at: usize) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lab.procs.0[at].id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = lab.procs.0[at].wait();
+}
+
 fn the_device(host_dir: &Path, path: &Path) -> Option<host::Device> {
     host::devices(host_dir).into_iter().find(|d| d.path == path)
 }
@@ -225,13 +235,7 @@ fn a_dpu_agent_restart_leaves_the_hosts_devices_readable_throughout() {
         })
     };
     // The agent alone is stopped (SIGTERM, not its group), then started again.
-    let agent = lab.procs.0[1].id() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let _ = lab.procs.0[1].wait();
+    stop_agent_alone(&mut lab, 1);
     let during = reads.load(Ordering::SeqCst);
     wait_until(
         Duration::from_secs(10),
@@ -303,13 +307,7 @@ fn a_volume_moved_off_a_silent_dpu_is_held_until_that_dpu_reports() {
     drop(d);
 
     // dpu 0's agent alone goes (its SNAP keeps serving host 0); the volume moves to dpu 1.
-    let agent = lab.procs.0[1].id() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let _ = lab.procs.0[1].wait();
+    stop_agent_alone(&mut lab, 1);
     lab.write(&c, &[(&v, 1, "64Mi", "Retain")]);
     let (m, p) = (
         lab.manifests().display().to_string(),

@@ -273,15 +273,10 @@ impl<R: Runner> Ceph<R> {
                 "--",
             ])
             .arg(tmp);
-        let out = match self.run(meta).await {
-            Ok(out) => out,
-            Err(e) if e.code() == Some(libc_enoent()) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let keys: BTreeMap<String, String> = if out.stdout.iter().all(u8::is_ascii_whitespace) {
-            BTreeMap::new()
-        } else {
-            serde_json::from_slice(&out.stdout).unwrap_or_default()
+        let keys = match self.metadata_of(meta).await {
+            Ok(keys) => keys,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(e),
         };
         if keys
             .get(META_MANAGED_BY)

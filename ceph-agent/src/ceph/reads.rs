@@ -19,6 +19,14 @@ impl<R: Runner> Ceph<R> {
         spec: &ImageSpec,
     ) -> Result<BTreeMap<String, String>, CephError> {
         let inv = image_args(rbd().args(["image-meta", "list", "--format", "json"]), spec);
+        self.metadata_of(inv).await
+    }
+
+    /// Runs `rbd image-meta list --format json` as `inv` names it and reads its answer.
+    pub(super) async fn metadata_of(
+        &self,
+        inv: Invocation,
+    ) -> Result<BTreeMap<String, String>, CephError> {
         let command = inv.display();
         let out = self.run(inv).await?;
         // `rbd image-meta list` prints nothing at all for an image without metadata.

@@ -281,7 +281,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 );
                 Err(Held)
             }
-            None if self.maybe_open_elsewhere(b, cx, v, before[1]) => Err(Held),
+            None if self.held_before_a_bdev(b, cx, v, before[1]) => Err(Held),
             None => Ok(Some(b.push(
                 self.target(),
                 Action::CreateBdev(BdevSpec {
@@ -298,12 +298,10 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         }
     }
 
-    /// A bdev is to be made here for `v`'s image: held (true) while a DPU whose state is not
-    /// known may still expose that image — an agent down or cut off leaves its SNAP serving
-    /// its host, and one image is never open on two DPUs. An image this plan makes
-    /// (`image_step`) is nobody's yet. The volume goes on when the silent DPUs report again
-    /// (without it; or with it, and their removals of it come first).
-    fn maybe_open_elsewhere(
+    /// A bdev is to be made here for `v`'s image: held (true, with the reason) while that image
+    /// is not known to be ours, or may be open on another DPU. An image this plan makes
+    /// (`image_step`) is ours and nobody's elsewhere.
+    fn held_before_a_bdev(
         &self,
         b: &mut Builder,
         cx: &Context<'a>,
@@ -317,7 +315,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
             return false;
         };
         if img.unverified {
-            // Its keys are not read yet: nothing is exposed on an image not known to be ours.
+            // Known from the pool's index alone: its own keys decide, and are not read yet.
             b.block(
                 object(v),
                 format!(
@@ -330,9 +328,14 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 .push((v.cluster.clone(), v.pool.to_string(), v.image.to_string()));
             return true;
         }
-        if cx.silent.iter().all(|d| *d == self.name) {
-            return false;
-        }
+        self.maybe_open_elsewhere(b, cx, v)
+    }
+
+    /// Held (true) while a DPU whose state is not known may still expose `v`'s existing image:
+    /// an agent down or cut off leaves its SNAP serving its host, and one image is never open
+    /// on two DPUs. The volume goes on when the silent DPUs report again (without it; or with
+    /// it, and their removals of it come first).
+    fn maybe_open_elsewhere(&self, b: &mut Builder, cx: &Context<'a>, v: &Volume) -> bool {
         let silent: Vec<String> = cx
             .silent
             .iter()
@@ -340,8 +343,9 @@ impl<'a, 'f> DpuChain<'a, 'f> {
             .map(|d| format!("dpu/{d}"))
             .collect();
         let named = match silent.len() {
-            n if n > 3 => format!("{} and {} more are", silent[..3].join(", "), n - 3),
+            0 => return false,
             1 => format!("{} is", silent[0]),
+            n if n > 3 => format!("{} and {} more are", silent[..3].join(", "), n - 3),
             _ => format!("{} are", silent.join(", ")),
         };
         b.block(

@@ -52,19 +52,12 @@ struct Args {
     max_time: Duration,
 }
 
-/// xorshift64*: enough randomness, and a run replays from its seed.
-struct Rng(u64);
+/// Every random choice, from the run's seed (a run replays from it).
+type Rng = fastrand::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// A number below `n` (0 when `n` is 0).
+fn below(rng: &mut Rng, n: u64) -> u64 {
+    rng.u64(..n.max(1))
 }
 
 /// A wanted volume as the suite tracks it.
@@ -126,8 +119,8 @@ impl<'c> World<'c> {
     fn add(&mut self, rng: &mut Rng) -> String {
         let name = format!("{}-{}", self.prefix, self.next);
         self.next += 1;
-        let dpu = rng.below(self.dpu_procs.len() as u64) as usize;
-        let policy = POLICIES[rng.below(3) as usize];
+        let dpu = below(rng, self.dpu_procs.len() as u64) as usize;
+        let policy = POLICIES[below(rng, 3) as usize];
         self.vols.insert(
             name.clone(),
             Vol {
@@ -156,7 +149,7 @@ impl<'c> World<'c> {
         (n > 0).then(|| {
             self.vols
                 .keys()
-                .nth(rng.below(n) as usize)
+                .nth(below(rng, n) as usize)
                 .expect("in range")
                 .clone()
         })
@@ -219,7 +212,7 @@ impl<'c> World<'c> {
             .map(|(n, _)| n.clone())
             .collect();
         for name in todo {
-            let pattern = 1 + rng.below(250) as u8;
+            let pattern = 1 + below(rng, 250) as u8;
             let dev = self.device(&name)?;
             if !host::write_pattern(&dev, pattern, 0, SPAN) {
                 return Err(format!("{name}: the host cannot write {}", dev.display()));
@@ -453,7 +446,7 @@ fn sample_for(w: &World<'_>, ms: u64) -> Result<(), String> {
 
 /// The controller SIGKILLed 0-1.5 s into a create, grow, move or remove plan.
 fn controller_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
-    let what = match rng.below(4) {
+    let what = match below(rng, 4) {
         0 => {
             w.add(rng);
             w.add(rng);
@@ -481,7 +474,7 @@ fn controller_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
         }
     };
     w.write();
-    let after = rng.below(1500);
+    let after = below(rng, 1500);
     let mut apply = w.spawn_apply(&[]);
     let sampled = sample_for(w, after);
     sigkill_group(&mut apply);
@@ -494,7 +487,7 @@ fn controller_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
 
 /// The ceph-agent's process group SIGKILLed 0-2 s into creates or removals, then started again.
 fn ceph_agent_kill(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<String, String> {
-    let creating = w.vols.len() < batch || rng.below(2) == 0;
+    let creating = w.vols.len() < batch || below(rng, 2) == 0;
     for _ in 0..batch {
         if creating {
             w.add(rng);
@@ -503,10 +496,10 @@ fn ceph_agent_kill(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<Str
         }
     }
     w.write();
-    let after = rng.below(2000);
+    let after = below(rng, 2000);
     let mut apply = w.spawn_apply(&[]);
     std::thread::sleep(Duration::from_millis(after));
-    stop_now(&mut w.lab.procs.0[w.ceph_proc]);
+    sigkill_group(&mut w.lab.procs.0[w.ceph_proc]);
     sigkill_group(&mut apply);
     w.restart_ceph_agent();
     w.converge()?;
@@ -516,11 +509,6 @@ fn ceph_agent_kill(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<Str
         "{} {batch}, ceph-agent killed after {after} ms",
         if creating { "create" } else { "remove" }
     ))
-}
-
-fn stop_now(child: &mut Child) {
-    let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-    let _ = child.wait();
 }
 
 /// A dpu-agent SIGKILLed while SNAP holds the answer to a namespace it created (the emulator
@@ -582,7 +570,7 @@ fn two_controllers(
     rng: &mut Rng,
     daemon: &e2e::Daemon,
 ) -> Result<String, String> {
-    if rng.below(2) == 0 || w.vols.is_empty() {
+    if below(rng, 2) == 0 || w.vols.is_empty() {
         w.add(rng);
     } else {
         w.remove(rng);
@@ -768,7 +756,7 @@ fn main() {
         "chaos: seed {seed}{}",
         if a.quick { " (quick)" } else { "" }
     );
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::with_seed(seed);
     let c = Cluster::from_env();
     let started = Instant::now();
     let in_time = || started.elapsed() < a.max_time;
