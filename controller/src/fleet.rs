@@ -297,13 +297,23 @@ impl Informer {
         true
     }
 
-    /// A DPU pushed its report.
-    pub fn set_dpu(&mut self, name: &str, report: Box<DpuReport>) {
+    /// A DPU pushed its report. False, and nothing changes, when a newer report of the same
+    /// agent process is held (a read answered after this push was made, applied before it).
+    pub fn set_dpu(&mut self, name: &str, report: Box<DpuReport>) -> bool {
         // A DPU marked stale stays so: this push may predate what a pass just did there.
-        let report = Arc::from(report);
-        self.observed
-            .dpus
-            .insert(name.to_string(), Known::Known { report });
+        self.put_dpu(name.to_string(), Arc::from(report))
+    }
+
+    /// Holds `report` for DPU `name` unless the one held is newer (see
+    /// [`protocol::dpu::ReportOrder`]); says whether it did.
+    fn put_dpu(&mut self, name: String, report: Arc<DpuReport>) -> bool {
+        if let Some(Known::Known { report: held }) = self.observed.dpus.get(&name) {
+            if report.order.older_than(&held.order) {
+                return false;
+            }
+        }
+        self.observed.dpus.insert(name, Known::Known { report });
+        true
     }
 
     /// Whether `target` has been read at all.
@@ -392,8 +402,7 @@ impl Informer {
                     }
                 }
                 (Target::Dpu(n), Fetched::Dpu(Ok(report))) => {
-                    let report = Arc::from(report);
-                    self.observed.dpus.insert(n, Known::Known { report });
+                    self.put_dpu(n, Arc::from(report));
                 }
                 (t, Fetched::Cluster(Err(e)) | Fetched::Dpu(Err(e))) => self.unknown(&t, e),
                 (t, _) => self.unknown(&t, "mismatched reply".into()),
@@ -684,5 +693,41 @@ mod tests {
         )]);
         assert_eq!(report(&pass).images.len(), 1);
         assert_eq!(report(informer.observed()).images.len(), 2);
+    }
+
+    /// A read answered before a push but applied after it must not put the older view back
+    /// (found by CI: a report-only daemon kept showing a namespace destroyed out of band).
+    #[test]
+    fn an_older_report_of_the_same_agent_never_replaces_a_newer_one() {
+        let mut informer = Informer::default();
+        let report = |instance, seq, missing: &[&str]| {
+            let mut r = crate::plan::sim::bare_dpu();
+            r.order = protocol::dpu::ReportOrder { instance, seq };
+            r.missing = missing.iter().map(|m| m.to_string()).collect();
+            Box::new(r)
+        };
+        let held = |i: &Informer| match &i.observed().dpus["d"] {
+            Known::Known { report } => (report.order.seq, report.missing.clone()),
+            Known::Unknown { reason } => panic!("{reason}"),
+        };
+        assert!(informer.set_dpu("d", report(7, 5, &["ns 1"])));
+        // The read the pass started before the push comes back now: older, ignored.
+        informer.apply(vec![(
+            Target::Dpu("d".into()),
+            Fetched::Dpu(Ok(report(7, 4, &[]))),
+        )]);
+        assert_eq!(held(&informer), (5, vec!["ns 1".to_string()]));
+        assert!(
+            !informer.set_dpu("d", report(7, 3, &[])),
+            "an older push too"
+        );
+        assert!(informer.set_dpu("d", report(7, 6, &[])));
+        assert_eq!(held(&informer), (6, vec![]));
+        // A restarted agent numbers from 1 again: another process, taken.
+        assert!(informer.set_dpu("d", report(9, 1, &["ns 2"])));
+        assert_eq!(held(&informer), (1, vec!["ns 2".to_string()]));
+        // Agents that do not number their reports: the last one in wins, as before.
+        assert!(informer.set_dpu("d", report(0, 0, &[])));
+        assert!(informer.set_dpu("d", report(0, 0, &["x"])));
     }
 }

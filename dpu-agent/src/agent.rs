@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use protocol::dpu::{
     Attachment, BdevSpec, BlueFieldFacts, ControllerSpec, DpuReport, NamespaceSpec, RbdCluster,
-    ReplayReport, SnapInventory, SnapSpec, SnapState, SnapStatus, SubsystemSpec,
+    ReplayReport, ReportOrder, SnapInventory, SnapSpec, SnapState, SnapStatus, SubsystemSpec,
 };
 use protocol::lease::Fence;
 use protocol::names::{
@@ -64,6 +64,9 @@ pub struct DpuAgent {
     /// a drift that takes the same objects away again looks like the last push, and must be
     /// pushed all the same.
     applied: std::sync::atomic::AtomicU64,
+    /// This process's report numbering: reports are built one at a time, each numbered as it
+    /// starts, so a higher number never holds an older view than a lower one.
+    reports: Mutex<ReportOrder>,
 }
 
 fn name_err(e: NameError) -> WireError {
@@ -253,6 +256,10 @@ impl DpuAgent {
             settings,
             observed: StdMutex::new(Observed::default()),
             applied: Default::default(),
+            reports: Mutex::new(ReportOrder {
+                instance: fastrand::u64(1..),
+                seq: 0,
+            }),
         }
     }
 
@@ -279,6 +286,9 @@ impl DpuAgent {
 
     /// The full report.
     pub async fn report(&self) -> DpuReport {
+        let mut numbering = self.reports.lock().await;
+        numbering.seq += 1;
+        let order = *numbering;
         let host = crate::status::host_facts(&self.settings.proc_root, &self.settings.sys_root);
         let bluefield = self.bluefield().await;
         let image = self.platform.deployed().await;
@@ -321,6 +331,7 @@ impl DpuAgent {
             ledger_generation: ledger.generation,
             last_replay: obs.last_replay.clone(),
             host_use,
+            order,
         }
     }
 

@@ -470,6 +470,29 @@ pub struct DpuReport {
     /// (`None`: unknown; SNAP's own RPCs do not say).
     #[serde(default)]
     pub host_use: Option<HostUse>,
+    /// Which report this is: a controller holding a newer one from the same agent process
+    /// ignores an older one that arrives later (a read answered before a push, applied after
+    /// it). Zero from agents that do not number their reports.
+    #[serde(default)]
+    pub order: ReportOrder,
+}
+
+/// The order of a DPU agent's reports: `seq` rises with every report one agent process makes
+/// (pushed or asked for), and `instance` tells processes apart (a restarted agent starts again).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportOrder {
+    /// Drawn at random when the agent process starts.
+    pub instance: u64,
+    /// Rises with every report of that process.
+    pub seq: u64,
+}
+
+impl ReportOrder {
+    /// Whether a report numbered `self` is older than one numbered `held` (same process, lower
+    /// number). Reports of different processes, or not numbered, are never older.
+    pub fn older_than(&self, held: &ReportOrder) -> bool {
+        self.instance != 0 && self.instance == held.instance && self.seq < held.seq
+    }
 }
 
 /// The host's use of SNAP's controllers and namespaces, as the host itself accounts for it.

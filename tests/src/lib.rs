@@ -571,9 +571,20 @@ impl Daemon {
             if start.elapsed() > limit {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                // The newest events, one line each: a long run's list would hide the rest.
+                let mut s = s;
+                let events: Vec<String> = s["events"]
+                    .as_array()
+                    .map(|e| {
+                        let from = e.len().saturating_sub(30);
+                        e[from..].iter().map(|e| e.to_string()).collect()
+                    })
+                    .unwrap_or_default();
+                s["events"] = serde_json::Value::Null;
                 panic!(
-                    "gave up after {limit:?} waiting for {what}\nlast status: {}\ndaemon log (end):\n{}",
-                    serde_json::to_string_pretty(&s).unwrap_or_default(),
+                    "gave up after {limit:?} waiting for {what}\nlast status (events below): {}\nnewest events:\n{}\ndaemon log (end):\n{}",
+                    serde_json::to_string(&s).unwrap_or_default(),
+                    events.join("\n"),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }

@@ -582,6 +582,8 @@ fn drift_is_healed_or_shown_within_seconds_of_the_agent_seeing_it() {
             });
             healed.push(t.elapsed().as_millis());
         }
+        // Its heal finished (attached, resumed) before the next daemon looks.
+        d.wait_converged(CONVERGE, 1);
     }
     let mut shown = vec![];
     {

@@ -55,7 +55,8 @@ fn empty_ceph() -> CephReport {
     }
 }
 
-fn bare_dpu() -> DpuReport {
+/// A DPU report of nothing: SNAP not installed, no objects.
+pub fn bare_dpu() -> DpuReport {
     DpuReport {
         platform: "simulation".into(),
         host: HostFacts::default(),
@@ -71,6 +72,7 @@ fn bare_dpu() -> DpuReport {
         ledger_generation: 0,
         last_replay: None,
         host_use: None,
+        order: Default::default(),
     }
 }
 

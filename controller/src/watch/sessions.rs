@@ -358,9 +358,11 @@ async fn supervise(
                                         .get(n)
                                         .and_then(Known::get)
                                         .map(stable);
-                                    informer.set_dpu(n, r.clone());
+                                    let taken = informer.set_dpu(n, r.clone());
                                     drop(informer);
-                                    if held.is_some_and(|h| h != stable(r)) {
+                                    // Unknown before (never read, or its read failed) and
+                                    // known now is a change too.
+                                    if taken && held.is_none_or(|h| h != stable(r)) {
                                         let _ = trigger.send(format!("{label}: state changed"));
                                     }
                                 }
