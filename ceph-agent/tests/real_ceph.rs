@@ -762,3 +762,125 @@ fn trash_ids(c: &Cluster, pool: &str, name: &str) -> Vec<String> {
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// The fence's crash window: an agent killed after it recorded the fence (`fencing`, with the
+/// caps to restore) and revoked the caps, before the end. Run again, the fence resumes from the
+/// record (the caps restored later are those recorded first, not the revoked ones); meanwhile
+/// and after, the fenced identity is not issued again (a registration would give its caps
+/// back). The unfence restores them, and the key works again.
+#[tokio::test]
+async fn an_interrupted_fence_resumes_from_its_record_and_is_undone() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let id = unique("snapf");
+    let dpu = unique("dpu");
+    let cid = CephClientId::parse("client_id", &id).unwrap();
+    let pool = PoolName::parse("pool", &c.pool).unwrap();
+    let ident = ceph
+        .issue_identity(&cid, std::slice::from_ref(&pool))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring");
+    std::fs::write(
+        &keyring,
+        format!("[{}]\n\tkey = {}\n", ident.entity, ident.key),
+    )
+    .unwrap();
+    let as_snap = || {
+        Command::new("rbd")
+            .arg("--conf")
+            .arg(&c.conf)
+            .arg("--keyring")
+            .arg(&keyring)
+            .args(["--id", &id, "ls", &c.pool])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(as_snap());
+
+    // What a killed fence leaves: its record, `fencing`, and the caps already revoked.
+    let record = protocol::FenceRecord {
+        dpu: dpu.clone(),
+        client_id: id.clone(),
+        state: protocol::FenceState::Fencing,
+        at_unix_ms: 1,
+        by: "a controller that died".into(),
+        reason: "agent silent".into(),
+        caps_before: ident.caps.clone(),
+        blocklisted: vec![],
+    };
+    cli_ok(
+        &c,
+        "ceph",
+        &[
+            "config-key",
+            "set",
+            &format!("unistor/fence/{dpu}"),
+            &serde_json::to_string(&record).unwrap(),
+        ],
+    );
+    cli_ok(
+        &c,
+        "ceph",
+        &["auth", "caps", &ident.entity, "mon", "allow r"],
+    );
+    let fences = ceph.fences().await.unwrap();
+    let mine = fences.iter().find(|f| f.dpu == dpu).expect("recorded");
+    assert_eq!(mine.state, protocol::FenceState::Fencing);
+    let refused = ceph
+        .issue_identity(&cid, std::slice::from_ref(&pool))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("is fenced"), "{refused}");
+    assert!(!as_snap(), "no OSD caps");
+
+    let req = protocol::FenceRequest {
+        dpu: dpu.clone(),
+        client_id: id.clone(),
+        by: "ops".into(),
+        reason: "agent silent".into(),
+    };
+    let done = ceph.fence(&req).await.unwrap();
+    assert_eq!(done.state, protocol::FenceState::Fenced);
+    assert_eq!(done.caps_before, ident.caps, "the caps recorded first");
+    assert_eq!(
+        done.by, "a controller that died",
+        "the record is resumed, not rewritten"
+    );
+    let report = ceph.report().await.unwrap();
+    assert!(report
+        .fences
+        .iter()
+        .any(|f| f.dpu == dpu && f.state == protocol::FenceState::Fenced));
+    assert!(!as_snap());
+
+    ceph.unfence(&protocol::UnfenceRequest {
+        dpu: dpu.clone(),
+        client_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(ceph.fences().await.unwrap().iter().all(|f| f.dpu != dpu));
+    let got = json(&cli_ok(
+        &c,
+        "ceph",
+        &["auth", "get", &ident.entity, "--format", "json"],
+    ));
+    assert_eq!(
+        got[0]["caps"]["osd"].as_str(),
+        ident.caps.get("osd").map(String::as_str)
+    );
+    wait_until(Duration::from_secs(30), "the key to work again", as_snap);
+    // Unfenced, it is issued again (a registration may go on).
+    ceph.issue_identity(&cid, std::slice::from_ref(&pool))
+        .await
+        .unwrap();
+    // An unfence of what is not fenced is nothing to do.
+    ceph.unfence(&protocol::UnfenceRequest { dpu, client_id: id })
+        .await
+        .unwrap();
+}

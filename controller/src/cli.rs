@@ -46,6 +46,11 @@ pub enum Command {
     Suspend(crate::ops::SuspendArgs),
     /// Tell the daemon to reconcile a suspended volume or DPU again.
     Resume(crate::ops::SuspendArgs),
+    /// Cut a silent DPU's SNAP off the clusters (`dpu/NAME`: its cephx identity loses its OSD
+    /// caps, its clients are blocklisted), so its volumes may be exposed elsewhere.
+    Fence(crate::ops::FenceArgs),
+    /// Undo `fence`.
+    Unfence(crate::ops::FenceArgs),
 }
 
 /// `unistor pki ...`

@@ -196,6 +196,8 @@ pub fn deadline_of(c: &Command, o: &ExecOptions) -> Duration {
         | Command::RestoreImage(_)
         | Command::DeleteImage(_)
         | Command::IssueSnapIdentity(_)
+        | Command::FenceClient(_)
+        | Command::UnfenceClient(_)
         | Command::CephReport(_)
         | Command::CephChanges(_)
         | Command::ImageWatchers(_) => o.ceph_deadline,
@@ -224,14 +226,17 @@ impl ExecReport {
     }
 }
 
+/// One SNAP identity's key, issued once (concurrent registrations wait for the same issue).
+type KeyCell = Arc<tokio::sync::OnceCell<String>>;
+
 /// The data a step needs besides its action.
 struct Context {
     desired: Desired,
     observed: Observed,
     opts: ExecOptions,
-    /// SNAP's cephx key per cluster, issued once per execution and shared by every DPU's
-    /// registration (the lock also keeps those requests from piling up on the ceph-agent).
-    identities: tokio::sync::Mutex<BTreeMap<String, String>>,
+    /// SNAP's cephx key per cluster and DPU, issued once per execution (each DPU's SNAP has an
+    /// identity of its own: a fence cuts that DPU alone off the cluster).
+    identities: std::sync::Mutex<BTreeMap<(String, String), KeyCell>>,
     health: HealthChecks,
 }
 
@@ -337,7 +342,13 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
     let cmd = match &step.action {
         Action::InstallSnap { spec } => return install_snap(ctx, agent, spec).await,
         Action::RegisterCluster { name, cluster } => {
-            registration(ctx, fleet, name, cluster).await?
+            let Target::Dpu(dpu) = &step.target else {
+                return Err(StepError::permanent(format!(
+                    "a registration is a DPU's step, not {}'s",
+                    step.target
+                )));
+            };
+            registration(ctx, fleet, name, cluster, dpu).await?
         }
         other => command_of(ctx, other)?,
     };
@@ -487,47 +498,59 @@ fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
     })
 }
 
-/// SNAP's cephx key for `cluster`: issued by its ceph-agent once per execution and shared by
-/// every DPU's registration (the lock also keeps those requests from piling up).
+/// SNAP's cephx key on `dpu` for `cluster`: issued by its ceph-agent once per execution (a
+/// fenced DPU's identity is refused there).
 async fn snap_key(
     ctx: &Context,
     fleet: &Fleet,
     cluster: &str,
     c: &crate::manifest::Cluster,
+    dpu: &str,
 ) -> Result<String, StepError> {
-    let mut keys = ctx.identities.lock().await;
-    if let Some(k) = keys.get(cluster) {
-        return Ok(k.clone());
-    }
-    let ceph = fleet
-        .get(&Target::Cluster(cluster.to_string()))
-        .map_err(|e| StepError::unreachable(format!("cluster {cluster}: {e}")))?;
-    let issue = Command::IssueSnapIdentity(IssueSnapIdentity {
-        client_id: c.snap_client.to_string(),
-        pools: c.pools.iter().map(|p| p.to_string()).collect(),
-    });
-    let identity = match send(ctx, &ceph, issue)
-        .await
-        .map_err(|e| e.on(Target::Cluster(cluster.to_string())))?
-    {
-        Reply::Identity(i) => i,
-        other => return Err(StepError::unexpected(&other)),
-    };
-    keys.insert(cluster.to_string(), identity.key.clone());
-    Ok(identity.key)
+    let client_id = c
+        .snap_client_of(dpu)
+        .map_err(|e| StepError::permanent(e.to_string()))?;
+    let cell = ctx
+        .identities
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry((cluster.to_string(), dpu.to_string()))
+        .or_default()
+        .clone();
+    let key = cell
+        .get_or_try_init(|| async {
+            let ceph = fleet
+                .get(&Target::Cluster(cluster.to_string()))
+                .map_err(|e| StepError::unreachable(format!("cluster {cluster}: {e}")))?;
+            let issue = Command::IssueSnapIdentity(IssueSnapIdentity {
+                client_id: client_id.to_string(),
+                pools: c.pools.iter().map(|p| p.to_string()).collect(),
+            });
+            match send(ctx, &ceph, issue)
+                .await
+                .map_err(|e| e.on(Target::Cluster(cluster.to_string())))?
+            {
+                Reply::Identity(i) => Ok(i.key),
+                other => Err(StepError::unexpected(&other)),
+            }
+        })
+        .await?;
+    Ok(key.clone())
 }
 
-/// The registration of `cluster` in SNAP as `name`: SNAP's identity and the monitors.
+/// The registration of `cluster` in SNAP on `dpu` as `name`: that DPU's SNAP identity and the
+/// monitors.
 async fn registration(
     ctx: &Context,
     fleet: &Fleet,
     name: &str,
     cluster: &str,
+    dpu: &str,
 ) -> Result<Command, StepError> {
     let c = ctx.desired.clusters.get(cluster).ok_or_else(|| {
         StepError::permanent(format!("cluster {cluster} is not in the manifests"))
     })?;
-    let key = snap_key(ctx, fleet, cluster, c).await?;
+    let key = snap_key(ctx, fleet, cluster, c, dpu).await?;
     let mon_hosts = if c.monitors.is_empty() {
         monitors_of(ctx, cluster)
     } else {
@@ -540,7 +563,10 @@ async fn registration(
     }
     Ok(Command::RegisterRbdCluster(RbdCluster {
         name: name.to_string(),
-        user_id: c.snap_client.to_string(),
+        user_id: c
+            .snap_client_of(dpu)
+            .map_err(|e| StepError::permanent(e.to_string()))?
+            .to_string(),
         mon_hosts,
         key,
     }))
@@ -630,6 +656,33 @@ async fn acquire_waiting(
             .unwrap_or(Duration::from_secs(1));
         tokio::time::sleep(ends.min(Duration::from_secs(1)).min(until - now)).await;
     }
+}
+
+/// Runs one command on `agent` under this controller's lease (another holder's waited for up
+/// to `wait`), released after. For one-off writes outside a plan (`unistor fence`).
+pub async fn with_lease(
+    agent: &protocol::client::AgentClient,
+    wait: Duration,
+    cmd: Command,
+) -> Result<Reply, String> {
+    let opts = ExecOptions::default();
+    acquire_waiting(agent, opts.lease_ttl, wait)
+        .await
+        .map_err(|e| protocol::error::chain(&e))?;
+    let deadline = deadline_of(&cmd, &opts);
+    let result = agent
+        .request_within(cmd, deadline)
+        .await
+        .map_err(|e| protocol::error::chain(&e));
+    // Best effort: the lease also ends with this process's session.
+    let _ = agent.release_lease().await;
+    result
+}
+
+/// Who a one-off write is recorded as made by: this controller process.
+pub fn this_instance() -> String {
+    let me = protocol::ControllerInstance::this_process();
+    format!("{} pid {}", me.host, me.pid)
 }
 
 /// Keeps the leases on `targets` for as long as it runs: renewed every third of their TTL,

@@ -528,6 +528,7 @@ fn empty_report() -> CephReport {
         },
         pools: vec![],
         images: vec![],
+        fences: vec![],
     }
 }
 

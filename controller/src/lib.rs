@@ -52,6 +52,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         cli::Command::Suspend(a) => Ok(ops::suspend_cmd(a, true)?),
         cli::Command::Resume(a) => Ok(ops::suspend_cmd(a, false)?),
+        cli::Command::Fence(a) => Ok(ops::fence_cmd(a, true).await?),
+        cli::Command::Unfence(a) => Ok(ops::fence_cmd(a, false).await?),
         cli::Command::Schema => {
             let s = serde_json::to_string_pretty(&manifest::schema()).expect("serializable");
             println!("{s}");

@@ -200,6 +200,9 @@ pub struct DpuStatus {
     pub missing: Vec<String>,
     /// Why it is unknown.
     pub error: Option<String>,
+    /// Fences of its SNAP, one per cluster (`cluster/ceph: fenced 2026-...Z by ...: reason`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<String>,
 }
 
 /// One link of a volume's chain.
@@ -343,6 +346,12 @@ impl FleetStatus {
                     }
                     Some(crate::plan::Known::Unknown { reason }) => s.error = Some(reason.clone()),
                     None => s.error = Some("not observed".into()),
+                }
+                for (cluster, k) in &observed.clusters {
+                    let Some(r) = k.get() else { continue };
+                    for f in r.fences.iter().filter(|f| f.dpu == d.name) {
+                        s.fenced.push(fence_line(cluster, f));
+                    }
                 }
                 s
             })
@@ -532,6 +541,9 @@ impl FleetStatus {
                     "UNKNOWN",
                     d.error.as_deref().unwrap_or("")
                 );
+            }
+            for f in &d.fenced {
+                let _ = writeln!(out, "{:<12} FENCED {f}", "");
             }
         }
         let _ = writeln!(
@@ -801,6 +813,27 @@ impl Chain {
             detail,
         });
     }
+}
+
+/// One fence, as the status shows it.
+fn fence_line(cluster: &str, f: &protocol::FenceRecord) -> String {
+    let at = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(f.at_unix_ms),
+    );
+    let state = match f.state {
+        protocol::FenceState::Fenced => "fenced",
+        protocol::FenceState::Fencing => "fence interrupted (run `unistor fence` again)",
+    };
+    format!(
+        "cluster/{cluster}: {state} {at} by {}{}; {} client(s) blocklisted",
+        f.by,
+        if f.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", f.reason)
+        },
+        f.blocklisted.len()
+    )
 }
 
 #[cfg(test)]

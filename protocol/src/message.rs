@@ -221,6 +221,11 @@ pub enum Command {
     DeleteImage(DeleteImage),
     /// Create (or update) a least-privilege cephx identity for SNAP and return its key.
     IssueSnapIdentity(IssueSnapIdentity),
+    /// Fence one DPU's SNAP off the cluster: its identity loses its OSD caps, its connected
+    /// clients are blocklisted, and the fence is recorded in the cluster.
+    FenceClient(FenceRequest),
+    /// Undo [`Command::FenceClient`]: caps restored, blocklist entries removed, record removed.
+    UnfenceClient(UnfenceRequest),
     /// Full report of a DPU.
     DpuReport(Empty),
     /// Deploy SNAP (or converge an existing deployment to this spec).
@@ -280,6 +285,8 @@ impl Command {
             | Command::RestoreImage(_)
             | Command::DeleteImage(_)
             | Command::IssueSnapIdentity(_)
+            | Command::FenceClient(_)
+            | Command::UnfenceClient(_)
             | Command::InstallSnap(_)
             | Command::UpgradeSnap(_)
             | Command::RemoveSnap(_)
@@ -318,6 +325,8 @@ impl Command {
             Command::RestoreImage(_) => "restore_image",
             Command::DeleteImage(_) => "delete_image",
             Command::IssueSnapIdentity(_) => "issue_snap_identity",
+            Command::FenceClient(_) => "fence_client",
+            Command::UnfenceClient(_) => "unfence_client",
             Command::DpuReport(_) => "dpu_report",
             Command::InstallSnap(_) => "install_snap",
             Command::UpgradeSnap(_) => "upgrade_snap",
@@ -591,6 +600,65 @@ pub struct IssueSnapIdentity {
     pub pools: Vec<String>,
 }
 
+/// Parameters of [`Command::FenceClient`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FenceRequest {
+    /// The DPU fenced (its name in the manifests).
+    pub dpu: String,
+    /// Its SNAP's cephx id, without `client.`.
+    pub client_id: String,
+    /// Who asked (the controller process, for the record).
+    pub by: String,
+    /// Why (free text, at most [`FENCE_REASON_MAX`] characters).
+    pub reason: String,
+}
+
+/// Longest reason a fence records.
+pub const FENCE_REASON_MAX: usize = 200;
+
+/// Parameters of [`Command::UnfenceClient`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnfenceRequest {
+    /// The DPU.
+    pub dpu: String,
+    /// Its SNAP's cephx id, without `client.` (must match the record).
+    pub client_id: String,
+}
+
+/// Where a fence stands. Only `Fenced` lets a controller expose the DPU's volumes elsewhere:
+/// a fence interrupted part way is `Fencing` until it is run again (or undone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceState {
+    /// Recorded, not yet complete.
+    Fencing,
+    /// Caps revoked and every connected client blocklisted.
+    Fenced,
+}
+
+/// A fence as the cluster records it (`ceph config-key`, `unistor/fence/<dpu>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    /// The DPU.
+    pub dpu: String,
+    /// Its SNAP's cephx id, without `client.`.
+    pub client_id: String,
+    /// Where it stands.
+    pub state: FenceState,
+    /// When it was asked for (Unix milliseconds, the agent's clock).
+    pub at_unix_ms: u64,
+    /// Who asked.
+    pub by: String,
+    /// Why.
+    pub reason: String,
+    /// The identity's caps before the fence (restored by the unfence).
+    pub caps_before: BTreeMap<String, String>,
+    /// Client addresses blocklisted (`ip:port/nonce`).
+    pub blocklisted: Vec<String>,
+}
+
 /// Successful results.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -614,6 +682,8 @@ pub enum Reply {
     Image(Box<ImageStatus>),
     /// A cephx identity.
     Identity(CephIdentity),
+    /// A fence as recorded.
+    Fence(FenceRecord),
     /// A DPU's report.
     DpuReport(Box<DpuReport>),
     /// What a SNAP deployment did.
@@ -649,6 +719,9 @@ pub struct CephReport {
     pub pools: Vec<PoolInfo>,
     /// Images unistor manages (found through its per-pool index, never `rbd ls -l`).
     pub images: Vec<ImageStatus>,
+    /// DPUs fenced off the cluster (see [`Command::FenceClient`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fences: Vec<FenceRecord>,
 }
 
 /// One page of [`Command::CephChanges`].

@@ -916,6 +916,34 @@ pub mod host {
         c.stdin(Stdio::null()).output().expect("run qemu-io")
     }
 
+    /// [`io`], given up (killed) after `limit`: None when it did not end by then (an I/O a
+    /// fenced SNAP can no longer complete).
+    pub fn io_within(device: &Path, cmds: &[&str], limit: std::time::Duration) -> Option<Output> {
+        let mut c = qemu("qemu-io");
+        c.args(["-f", "raw", &url(device)]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run qemu-io");
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return child.wait_with_output().ok();
+            }
+            if std::time::Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Writes `len` bytes of `pattern` at `offset` (`qemu-io write -P`); true when it worked.
     pub fn write_pattern(device: &Path, pattern: u8, offset: u64, len: u64) -> bool {
         let o = io(device, &[&format!("write -P {pattern} {offset} {len}")]);

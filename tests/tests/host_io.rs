@@ -340,3 +340,99 @@ fn a_volume_moved_off_a_silent_dpu_is_held_until_that_dpu_reports() {
     assert!(host::reads_pattern(&moved[0].path, 0x5a, 0, 65536));
     assert_eq!(watchers(&c, &c.pool, &v), 1);
 }
+
+/// A silent DPU fenced: `unistor fence dpu/dpu-0` takes its SNAP's own cephx identity's OSD caps
+/// and blocklists its clients, records the fence in the cluster (shown by `status`); the volume
+/// held for it then moves to dpu 1 with the bytes host 0 wrote, and what host 0 tries to write
+/// after the fence never reaches the image. Back, dpu 0 lets go of its stale exposure; the
+/// unfence gives the identity its caps back and lifts the blocklist.
+#[test]
+fn a_fenced_dpu_can_no_longer_write_and_its_volume_moves_with_its_bytes() {
+    let c = Cluster::from_env();
+    let mut lab = Lab::start(&c, 2, &[]);
+    let v = unique("fenced");
+    lab.write(&c, &[(&v, 0, "64Mi", "Retain")]);
+    let d = lab.daemon(&[]);
+    let s = d.wait_converged(CONVERGE, 1);
+    let dev = device_of(&s, &v);
+    assert!(host::write_pattern(&dev, 0x5a, 0, 65536));
+    drop(d);
+    stop_agent_alone(&mut lab, 1);
+    lab.write(&c, &[(&v, 1, "64Mi", "Retain")]);
+    let (m, p) = (
+        lab.manifests().display().to_string(),
+        lab.pki().display().to_string(),
+    );
+    let owner = lab.owner.clone();
+    let common = ["--pki-dir", p.as_str(), "--owner", owner.as_str()];
+    let run = |args: &[&str]| unistor(&[args, &[m.as_str()], &common].concat());
+    let plan = run(&["plan"]);
+    assert!(
+        show(&plan).contains("dpu/dpu-0 is not reporting"),
+        "{}",
+        show(&plan)
+    );
+
+    let entity = format!("client.{}.dpu-0", lab.snap_id);
+    let fence = run(&["fence", "dpu/dpu-0", "--reason", "agent dead since 09:12"]);
+    let text = show(&fence);
+    assert_eq!(fence.status.code(), Some(0), "{text}");
+    assert!(text.contains("fenced off cluster/ceph"), "{text}");
+    assert!(
+        !text.contains(" 0 client(s) blocklisted"),
+        "its SNAP was connected: {text}"
+    );
+    let caps = c.cli_ok("ceph", &["auth", "get", &entity, "--format", "json"]);
+    assert!(!caps.contains("\"osd\""), "no OSD caps left: {caps}");
+    let status = run(&["status"]);
+    assert!(
+        show(&status).contains("FENCED cluster/ceph: fenced")
+            && show(&status).contains("agent dead"),
+        "{}",
+        show(&status)
+    );
+    // Host 0 writes after the fence: it fails, or never ends; it does not land.
+    let late = host::io_within(&dev, &["write -P 17 0 65536"], Duration::from_secs(10));
+    assert!(
+        late.as_ref().is_none_or(
+            |o| !String::from_utf8_lossy(&o.stdout).contains("wrote ") || !o.status.success()
+        ),
+        "a fenced SNAP wrote: {late:?}"
+    );
+
+    eprintln!(
+        "fence: {}; host 0's write after it: {}",
+        String::from_utf8_lossy(&fence.stdout).trim(),
+        match &late {
+            None => "never ended (killed after 10 s)".to_string(),
+            Some(o) => format!("failed: {}", String::from_utf8_lossy(&o.stdout).trim()),
+        }
+    );
+    // The move goes on to dpu 1 (dpu 0, fenced, no longer holds it back), bytes intact.
+    let apply = run(&["apply", "--auto-approve"]);
+    let moved = host::devices(&lab.host_dir(1));
+    assert_eq!(moved.len(), 1, "{moved:?} {}", show(&apply));
+    assert!(
+        host::reads_pattern(&moved[0].path, 0x5a, 0, 65536),
+        "the bytes of before the fence, not the fenced host's late write"
+    );
+
+    // dpu 0 back: its stale exposure goes; then the unfence lifts the blocklist and the caps.
+    lab.start_dpu(0);
+    let apply = run(&["apply", "--auto-approve"]);
+    assert_eq!(apply.status.code(), Some(0), "{}", show(&apply));
+    assert!(host::devices(&lab.host_dir(0)).is_empty());
+    let unfence = run(&["unfence", "dpu/dpu-0"]);
+    assert_eq!(unfence.status.code(), Some(0), "{}", show(&unfence));
+    let caps = c.cli_ok("ceph", &["auth", "get", &entity, "--format", "json"]);
+    assert!(caps.contains("\"osd\""), "caps restored: {caps}");
+    assert!(!show(&run(&["status"])).contains("FENCED"));
+    let blocklist = c.cli_ok("ceph", &["osd", "blocklist", "ls", "--format", "json"]);
+    for a in text
+        .split(['(', ')', ',', ' '])
+        .filter(|w| w.contains(":") && w.contains('/'))
+    {
+        assert!(!blocklist.contains(a), "{a} still blocklisted: {blocklist}");
+    }
+    assert!(host::reads_pattern(&moved[0].path, 0x5a, 0, 65536));
+}

@@ -74,7 +74,15 @@ impl<R: Runner> Ceph<R> {
                 None => self.read_rbd_pools().await,
             }
         };
-        let (monitors, rbd_pools) = tokio::try_join!(mons, pools)?;
+        // Fences follow the OSD map too: a fence blocklists, and this agent's own fences and
+        // unfences drop the cache.
+        let fences = async {
+            match old.filter(|c| osdmap_epoch != 0 && c.osdmap_epoch == osdmap_epoch) {
+                Some(c) => Ok(c.report.fences.clone()),
+                None => self.fences().await,
+            }
+        };
+        let (monitors, rbd_pools, fences) = tokio::try_join!(mons, pools, fences)?;
         let report = CephReport {
             fsid: status.fsid,
             health: CephHealth {
@@ -104,6 +112,7 @@ impl<R: Runner> Ceph<R> {
                 })
                 .collect(),
             images: vec![],
+            fences,
         };
         // What a controller reacts to: health, monitors, the pool set; not the byte counters.
         let shape = |r: &CephReport| {
@@ -114,6 +123,7 @@ impl<R: Runner> Ceph<R> {
                     .iter()
                     .map(|p| (p.name.clone(), p.rbd_enabled))
                     .collect::<Vec<_>>(),
+                r.fences.clone(),
             )
         };
         if cached
@@ -248,6 +258,15 @@ impl<R: Runner> Ceph<R> {
             return Err(CephError::Invalid {
                 field: "client_id",
                 message: format!("client.{id} is reserved (admin or the agent's own identity)"),
+            });
+        }
+        if let Some(f) = self.fence_of_identity(id).await? {
+            return Err(CephError::Invalid {
+                field: "client_id",
+                message: format!(
+                    "client.{id} is fenced (dpu/{}: {}): `unistor unfence dpu/{}` first",
+                    f.dpu, f.reason, f.dpu
+                ),
             });
         }
         if pools.is_empty() {

@@ -29,6 +29,7 @@ use crate::index::{KeyWrite, PoolIndex};
 use crate::view::View;
 
 mod cluster;
+mod fence;
 mod images;
 mod json;
 mod pool_index;

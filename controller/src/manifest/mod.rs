@@ -90,6 +90,26 @@ pub struct Cluster {
     pub source: Source,
 }
 
+impl Cluster {
+    /// The cephx id SNAP uses on `dpu`: one per DPU (`<snapIdentity.clientId>.<dpu>`), so a
+    /// fence (`unistor fence dpu/NAME`) cuts that DPU alone off the cluster.
+    pub fn snap_client_of(&self, dpu: &str) -> Result<CephClientId, protocol::names::NameError> {
+        CephClientId::parse(
+            "spec.snapIdentity.clientId (with the DPU's name)",
+            &format!("{}.{dpu}", self.snap_client),
+        )
+    }
+
+    /// Whether `entity` (`client.X`) is SNAP's, on any DPU (or the shared identity of
+    /// registrations made before identities were per DPU).
+    pub fn is_snap_entity(&self, entity: &str) -> bool {
+        entity
+            .strip_prefix("client.")
+            .and_then(|id| id.strip_prefix(self.snap_client.as_str()))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    }
+}
+
 /// A resolved DPU.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Dpu {

@@ -4,12 +4,14 @@
 
 mod apply;
 mod daemon;
+mod fence;
 mod plan_cmd;
 mod rails;
 mod status;
 
 pub use apply::{apply_cmd, ApplyArgs};
 pub use daemon::{suspend_cmd, SuspendArgs};
+pub use fence::{fence_cmd, FenceArgs};
 pub use plan_cmd::{plan_cmd, PlanArgs};
 pub use rails::{check_rails, with_live_watchers, Rails};
 pub use status::{status_cmd, StatusArgs};
@@ -90,6 +92,9 @@ pub enum OpsError {
     /// The safety rails refused the plan.
     #[error("refused:\n{0}")]
     Refused(String),
+    /// A command's argument, or what it asked for, is wrong.
+    #[error("{0}")]
+    Invalid(String),
     /// The saved plan is stale.
     #[error("the saved plan {path} is stale: {why}; run `unistor plan` again")]
     Stale {

@@ -226,10 +226,7 @@ pub async fn with_live_watchers<'a>(
                     .map_err(|e| protocol::error::chain(&e)),
                 Err(e) => Err(e.to_string()),
             };
-            let snap = desired
-                .clusters
-                .get(name.as_str())
-                .map(|c| format!("client.{}", c.snap_client));
+            let snap = desired.clusters.get(name.as_str());
             for n in chunk {
                 let img = &mut report.images[*n];
                 img.watchers = Some(match &answer {
@@ -237,7 +234,7 @@ pub async fn with_live_watchers<'a>(
                         .images
                         .iter()
                         .find(|w| w.pool == img.pool && w.image == img.image)
-                        .map(|w| others(w, snap.as_deref()))
+                        .map(|w| others(w, snap))
                         .unwrap_or_default(),
                     Ok(_) => vec!["(unexpected reply to image_watchers)".into()],
                     Err(e) => vec![format!("(watchers could not be looked up: {e})")],
@@ -250,12 +247,15 @@ pub async fn with_live_watchers<'a>(
 
 /// An image's watchers other than SNAP's own (`snap`: SNAP's entity on that cluster), each
 /// shown with its entity when known.
-pub(super) fn others(w: &protocol::ImageWatchers, snap: Option<&str>) -> Vec<String> {
+pub(super) fn others(
+    w: &protocol::ImageWatchers,
+    snap: Option<&crate::manifest::Cluster>,
+) -> Vec<String> {
     w.watchers
         .iter()
         .enumerate()
         .filter_map(|(i, addr)| match w.clients.get(i).map(String::as_str) {
-            Some(c) if Some(c) == snap => None,
+            Some(c) if snap.is_some_and(|s| s.is_snap_entity(c)) => None,
             Some(c) if !c.is_empty() => Some(format!("{addr} ({c})")),
             _ => Some(addr.clone()),
         })

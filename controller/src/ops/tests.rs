@@ -15,28 +15,48 @@ fn args() -> Rails {
 
 #[test]
 fn snaps_own_watch_is_not_in_use_but_anybody_elses_is() {
+    let (desired, _) = converged();
+    let mut cluster = desired.clusters.values().next().expect("a cluster").clone();
+    cluster.snap_client = protocol::names::CephClientId::parse("c", "snap").unwrap();
     let w = protocol::ImageWatchers {
         pool: "rbd".into(),
         image: "a".into(),
         watchers: vec![
             "10.0.0.5:0/1".into(),
+            "10.0.0.6:0/4".into(),
             "10.0.0.9:0/2".into(),
             "10.0.0.7:0/3".into(),
+            "10.0.0.8:0/5".into(),
         ],
-        clients: vec!["client.snap".into(), "client.admin".into(), String::new()],
+        clients: vec![
+            "client.snap".into(),
+            "client.snap.dpu-a".into(),
+            "client.admin".into(),
+            String::new(),
+            "client.snapshot".into(),
+        ],
     };
     assert_eq!(
-        others(&w, Some("client.snap")),
-        ["10.0.0.9:0/2 (client.admin)", "10.0.0.7:0/3"],
-        "SNAP's own is expected; a known stranger and an unknown one are not"
+        others(&w, Some(&cluster)),
+        [
+            "10.0.0.9:0/2 (client.admin)",
+            "10.0.0.7:0/3",
+            "10.0.0.8:0/5 (client.snapshot)"
+        ],
+        "SNAP's own (shared or per DPU) is expected; a known stranger, an unknown one and a \
+         look-alike are not"
     );
     // Without a known SNAP identity (or entities), every watcher counts.
-    assert_eq!(others(&w, None).len(), 3);
+    assert_eq!(others(&w, None).len(), 5);
     let bare = protocol::ImageWatchers {
         clients: vec![],
         ..w
     };
-    assert_eq!(others(&bare, Some("client.snap")).len(), 3);
+    assert_eq!(others(&bare, Some(&cluster)).len(), 5);
+    assert_eq!(
+        cluster.snap_client_of("dpu-a").unwrap().as_str(),
+        "snap.dpu-a"
+    );
 }
 
 use crate::plan::sim::converged_examples as converged;

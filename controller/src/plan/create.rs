@@ -23,6 +23,20 @@ pub(super) struct Context<'a> {
     pub(super) halted: &'a std::collections::BTreeMap<&'a str, String>,
     /// DPUs whose state is not known: any of them may still expose an existing image.
     pub(super) silent: &'a [&'a str],
+    /// Per cluster, the DPUs fenced off it (`unistor fence`): their SNAP can no longer reach
+    /// its images, so they count as not exposing them; and nothing is exposed on them.
+    pub(super) fenced: &'a std::collections::BTreeMap<&'a str, Vec<&'a protocol::FenceRecord>>,
+}
+
+impl Context<'_> {
+    /// The fence of `dpu` on `cluster`, complete (`fenced`), if there is one.
+    pub(super) fn fence(&self, cluster: &str, dpu: &str) -> Option<&protocol::FenceRecord> {
+        self.fenced
+            .get(cluster)?
+            .iter()
+            .copied()
+            .find(|f| f.dpu == dpu && f.state == protocol::FenceState::Fenced)
+    }
 }
 
 /// One DPU's volumes being planned: the steps made once per cluster or function, and the
@@ -308,6 +322,16 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         v: &Volume,
         image_step: Option<usize>,
     ) -> bool {
+        if let Some(f) = cx.fence(&v.cluster, self.name) {
+            b.block(
+                object(v),
+                format!(
+                    "dpu/{} is fenced off cluster {} ({}): nothing is exposed there until `unistor unfence dpu/{}`",
+                    self.name, v.cluster, f.reason, self.name
+                ),
+            );
+            return true;
+        }
         if image_step.is_some() {
             return false;
         }
@@ -339,7 +363,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         let silent: Vec<String> = cx
             .silent
             .iter()
-            .filter(|d| **d != self.name)
+            .filter(|d| **d != self.name && cx.fence(&v.cluster, d).is_none())
             .map(|d| format!("dpu/{d}"))
             .collect();
         let named = match silent.len() {
@@ -351,7 +375,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         b.block(
             object(v),
             format!(
-                "image {}/{} exists and {named} not reporting: it may still be exposed there, and one image is never open on two DPUs; held until they report",
+                "image {}/{} exists and {named} not reporting: it may still be exposed there, and one image is never open on two DPUs; held until they report (or `unistor fence` them)",
                 v.pool, v.image
             ),
         );

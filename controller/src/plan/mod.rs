@@ -407,12 +407,18 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &Options) -> Plan {
     let halted = halted(observed, &opts.health_gate);
     let dpus = dpus(desired, observed, &by_dpu, &members);
     let silent = silent_dpus(desired, observed);
+    let fenced: BTreeMap<&str, Vec<&protocol::FenceRecord>> = observed
+        .clusters
+        .iter()
+        .filter_map(|(n, k)| Some((n.as_str(), k.get()?.fences.iter().collect())))
+        .collect();
     let cx = create::Context {
         observed,
         opts,
         images: &images,
         halted: &halted,
         silent: &silent,
+        fenced: &fenced,
     };
     let parts = par_chunks(&dpus, opts.threads, |dpus| plan_dpus(&cx, &volumes, dpus));
     // Every DPU's removals; then the images of gone volumes, which wait for them.

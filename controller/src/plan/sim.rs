@@ -52,6 +52,7 @@ fn empty_ceph() -> CephReport {
         },
         pools: vec![],
         images: vec![],
+        fences: vec![],
     }
 }
 

@@ -176,6 +176,78 @@ fn a_moved_volume_is_never_exposed_by_two_dpus() {
     }
 }
 
+/// A silent DPU fenced off the volume's cluster no longer holds the move back; a fence still in
+/// progress (`fencing`) does; and nothing is exposed on a fenced DPU.
+#[test]
+fn a_fenced_dpu_lets_its_volumes_go_and_gets_none() {
+    let d = examples();
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let mut moved = d.clone();
+    let v = moved.volumes.get_mut("db-wal").unwrap();
+    v.host = "host-b".into();
+    v.dpu = "dpu-b".into();
+    let cluster = v.cluster.clone();
+    let bdev_on = |p: &Plan, dpu: &str| {
+        p.steps.iter().any(|s| {
+            s.target == Target::Dpu(dpu.into())
+                && matches!(&s.action, Action::CreateBdev(b) if b.image.as_str() == "db-wal")
+        })
+    };
+    let fenced = |o: &mut Observed, dpu: &str, state| {
+        let Some(Known::Known { report }) = o.clusters.get_mut(&cluster) else {
+            panic!("the cluster is known")
+        };
+        std::sync::Arc::make_mut(report).fences = vec![protocol::FenceRecord {
+            dpu: dpu.into(),
+            client_id: format!("snap.{dpu}"),
+            state,
+            at_unix_ms: 1,
+            by: "ops".into(),
+            reason: "dead".into(),
+            caps_before: Default::default(),
+            blocklisted: vec!["10.0.0.1:0/7".into()],
+        }];
+    };
+    let mut o = w.observed();
+    o.dpus.insert(
+        "dpu-a".into(),
+        Known::Unknown {
+            reason: "connection refused".into(),
+        },
+    );
+    fenced(&mut o, "dpu-a", protocol::FenceState::Fencing);
+    assert!(
+        !bdev_on(&plan(&moved, &o, &Options::default()), "dpu-b"),
+        "half a fence is none"
+    );
+    fenced(&mut o, "dpu-a", protocol::FenceState::Fenced);
+    let p = plan(&moved, &o, &Options::default());
+    assert!(bdev_on(&p, "dpu-b"), "{:#?} {:#?}", p.steps, p.blocked);
+
+    // The volume back to dpu-a, fenced and reporting again: nothing made there.
+    let mut back = moved.clone();
+    let v = back.volumes.get_mut("db-wal").unwrap();
+    v.host = "host-a".into();
+    v.dpu = "dpu-a".into();
+    let mut w2 = World::empty(&d);
+    w2.converge(&moved, 5);
+    let mut o = w2.observed();
+    fenced(&mut o, "dpu-a", protocol::FenceState::Fenced);
+    let p = plan(&back, &o, &Options::default());
+    assert!(!bdev_on(&p, "dpu-a"), "{:#?}", p.steps);
+    let held = p
+        .blocked
+        .iter()
+        .find(|b| b.object == "volume/db-wal")
+        .expect("held");
+    assert!(
+        held.reason.contains("is fenced off cluster"),
+        "{}",
+        held.reason
+    );
+}
+
 #[test]
 fn a_wanted_volume_held_back_keeps_its_image_while_a_gone_one_loses_its() {
     // Every image is to be deleted with its volume.
