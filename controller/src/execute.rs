@@ -104,7 +104,9 @@ pub enum Outcome {
 pub enum ErrorClass {
     /// Retrying later may succeed (timeouts, busy agents, lost sessions, failed CLI commands).
     Transient,
-    /// Our lease lapsed or was superseded: take it again, then retry at once.
+    /// Our lease lapsed or was superseded: another controller may have written since the plan
+    /// was made, so the rest of this plan is not run on that agent (the next pass re-plans on
+    /// fresh observations).
     Lease,
     /// Retrying the same thing cannot succeed (invalid, not owned, conflict, refused).
     Permanent,
@@ -210,6 +212,11 @@ pub fn deadline_of(c: &Command, o: &ExecOptions) -> Duration {
 pub struct ExecReport {
     /// Step id to outcome.
     pub outcomes: BTreeMap<usize, Outcome>,
+    /// Agents whose lease was lost during the execution: another controller may have held it
+    /// and written there, so whatever was planned before is stale (callers stop, observe
+    /// everything again).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lost_leases: Vec<Target>,
 }
 
 impl ExecReport {
@@ -237,7 +244,26 @@ struct Context {
     /// SNAP's cephx key per cluster and DPU, issued once per execution (each DPU's SNAP has an
     /// identity of its own: a fence cuts that DPU alone off the cluster).
     identities: std::sync::Mutex<BTreeMap<(String, String), KeyCell>>,
+    /// Agents whose lease this execution lost: nothing more of the plan runs there.
+    lost: Arc<std::sync::Mutex<BTreeSet<Target>>>,
     health: HealthChecks,
+}
+
+impl Context {
+    /// The agent `step` would command whose lease this execution lost, if any.
+    fn lost_lease(&self, step: &Step) -> Option<Target> {
+        let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.contains(&step.target) {
+            return Some(step.target.clone());
+        }
+        match &step.action {
+            Action::RegisterCluster { cluster, .. } => {
+                let t = Target::Cluster(cluster.clone());
+                lost.contains(&t).then_some(t)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// How long a cluster's health, once read, holds for the steps that write to it.
@@ -592,34 +618,38 @@ fn monitors_of(ctx: &Context, cluster: &str) -> Vec<String> {
     out
 }
 
-/// Lease errors re-acquired in one step before it gives up.
-const LEASE_RETRIES: u32 = 3;
-
 async fn run_with_retries(ctx: &Context, fleet: &Fleet, step: &Step) -> Outcome {
     let mut delay = ctx.opts.backoff;
     let mut attempt = 0;
-    let mut lease_retries = 0;
     loop {
         attempt += 1;
+        if let Some(t) = ctx.lost_lease(step) {
+            return Outcome::Failed {
+                error: format!(
+                    "not run: the lease on {t} was lost during this execution (another controller may have written since the plan was made); re-planned at the next pass"
+                ),
+                transient: true,
+            };
+        }
         let e = match run_action(ctx, fleet, step).await {
             Ok(()) => return Outcome::Done,
             Err(e) => e,
         };
         tracing::info!(step = step.id, attempt, class = ?e.class, error = %e.message, "Step failed.");
         match e.class {
-            ErrorClass::Lease if lease_retries < LEASE_RETRIES => {
-                // Our lease lapsed or was replaced: take it again and retry at once (not an
-                // attempt: the step itself did not fail).
-                lease_retries += 1;
-                attempt -= 1;
-                let t = e.agent_target.as_ref().unwrap_or(&step.target);
-                if let Ok(c) = fleet.get(t) {
-                    if let Err(err) = c.acquire_lease(ctx.opts.lease_ttl).await {
-                        tracing::warn!(agent = %t, error = %protocol::error::chain(&err), "Re-acquiring a lease failed.");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-                continue;
+            ErrorClass::Lease => {
+                // Never taken again within this plan: a lease that lapsed may have been used
+                // by another controller meanwhile, and this plan's view is older than its
+                // writes. The next pass observes again.
+                let t = e
+                    .agent_target
+                    .clone()
+                    .unwrap_or_else(|| step.target.clone());
+                ctx.lost.lock().unwrap_or_else(|p| p.into_inner()).insert(t);
+                return Outcome::Failed {
+                    error: format!("{}; re-planned at the next pass", e.message),
+                    transient: true,
+                };
             }
             ErrorClass::Permanent => return e.into_outcome(),
             _ if attempt >= ctx.opts.attempts.max(1) => return e.into_outcome(),
@@ -685,9 +715,17 @@ pub fn this_instance() -> String {
     format!("{} pid {}", me.host, me.pid)
 }
 
-/// Keeps the leases on `targets` for as long as it runs: renewed every third of their TTL,
-/// taken again when lost.
-async fn keep_leases(fleet: Arc<Fleet>, targets: Vec<Target>, ttl: Duration) {
+/// Keeps the leases on `targets` (with the tokens they were taken with) for as long as it
+/// runs: renewed every third of their TTL. A renewal that comes back with another token means
+/// the lease lapsed in between (this process was paused, the link was cut...) and another
+/// controller may have held it: that one is released, and the target marked `lost` — the
+/// plan goes on nowhere it was made under a token that is no longer ours.
+async fn keep_leases(
+    fleet: Arc<Fleet>,
+    mut targets: BTreeMap<Target, u64>,
+    ttl: Duration,
+    lost: Arc<std::sync::Mutex<BTreeSet<Target>>>,
+) {
     let every = (ttl / 3).max(Duration::from_millis(50));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -695,17 +733,32 @@ async fn keep_leases(fleet: Arc<Fleet>, targets: Vec<Target>, ttl: Duration) {
     loop {
         tick.tick().await;
         let mut set = JoinSet::new();
-        for t in &targets {
+        for (t, token) in &targets {
             if let Ok(c) = fleet.get(t) {
-                let t = t.clone();
+                let (t, token) = (t.clone(), *token);
                 set.spawn(async move {
-                    if let Err(e) = c.acquire_lease(ttl).await {
-                        tracing::warn!(agent = %t, error = %protocol::error::chain(&e), "Renewing a lease failed.");
-                    }
+                    let gone = match c.acquire_lease(ttl).await {
+                        Ok(l) if l.token == token => false,
+                        Ok(l) => {
+                            tracing::warn!(agent = %t, was = token, now = l.token, "The lease lapsed and was granted anew: this plan stops there.");
+                            let _ = c.release_lease().await;
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(agent = %t, error = %protocol::error::chain(&e), "Renewing a lease failed.");
+                            e.wire().is_some_and(|w| w.code == ErrorCode::LeaseHeld)
+                        }
+                    };
+                    (t, gone)
                 });
             }
         }
-        while set.join_next().await.is_some() {}
+        while let Some(Ok((t, gone))) = set.join_next().await {
+            if gone {
+                targets.remove(&t);
+                lost.lock().unwrap_or_else(|p| p.into_inner()).insert(t);
+            }
+        }
     }
 }
 
@@ -865,6 +918,7 @@ pub async fn execute(
         observed: observed.clone(),
         opts: opts.clone(),
         identities: Default::default(),
+        lost: Default::default(),
         health: HealthChecks::new(opts.health_gate.clone()),
     });
     // Leases first: an agent whose lease cannot be taken runs nothing.
@@ -887,24 +941,31 @@ pub async fn execute(
         match fleet.get(t) {
             Ok(c) => {
                 let (t, ttl, wait) = (t.clone(), opts.lease_ttl, opts.lease_wait);
-                set.spawn(async move { (t, acquire_waiting(&c, ttl, wait).await.err()) });
+                set.spawn(async move { (t, acquire_waiting(&c, ttl, wait).await) });
             }
             Err(e) => {
                 unusable.insert(t.clone(), e.to_string());
             }
         }
     }
-    while let Some(Ok((t, err))) = set.join_next().await {
-        if let Some(e) = err {
-            unusable.insert(t, format!("no lease: {}", protocol::error::chain(&e)));
+    let mut tokens: BTreeMap<Target, u64> = BTreeMap::new();
+    while let Some(Ok((t, got))) = set.join_next().await {
+        match got {
+            Ok(l) => {
+                tokens.insert(t, l.token);
+            }
+            Err(e) => {
+                unusable.insert(t, format!("no lease: {}", protocol::error::chain(&e)));
+            }
         }
     }
-    let held: Vec<Target> = targets
-        .iter()
-        .filter(|t| !unusable.contains_key(*t))
-        .cloned()
-        .collect();
-    let keeper = tokio::spawn(keep_leases(fleet.clone(), held.clone(), opts.lease_ttl));
+    let held: Vec<Target> = tokens.keys().cloned().collect();
+    let keeper = tokio::spawn(keep_leases(
+        fleet.clone(),
+        tokens,
+        opts.lease_ttl,
+        ctx.lost.clone(),
+    ));
     let run = |s: Step| {
         let ctx = ctx.clone();
         let fleet = fleet.clone();
@@ -921,8 +982,15 @@ pub async fn execute(
             run_with_retries(&ctx, &fleet, &s).await
         }
     };
-    let report = schedule(&plan.steps, &unusable, run, progress).await;
+    let mut report = schedule(&plan.steps, &unusable, run, progress).await;
     keeper.abort();
+    report.lost_leases = ctx
+        .lost
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect();
     let mut set = JoinSet::new();
     for t in held {
         if let Ok(c) = fleet.get(&t) {

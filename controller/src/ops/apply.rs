@@ -36,6 +36,10 @@ pub struct ApplyArgs {
     /// daemon between two passes) before its steps are given up; 0 refuses at once.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub lease_wait: std::time::Duration,
+    /// How long each agent's lease lasts unless renewed (every third of it). A controller
+    /// paused longer than this loses it: its plan then stops on that agent.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: std::time::Duration,
     /// One line per step as it ends (the default when the output is not a terminal; on a
     /// terminal a progress bar shows steps done, rate and ETA, and failures as they happen).
     #[arg(long, short)]
@@ -65,6 +69,7 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     let fleet = connect(&a.common, &desired).await?;
     let (opts, mut exec) = run_options(&a.common, &a.rails);
     exec.lease_wait = a.lease_wait;
+    exec.lease_ttl = a.lease_ttl;
     // Observed once; each pass then re-reads only the agents it commanded.
     let mut informer = crate::fleet::Informer::default();
     informer.refresh(&fleet, a.common.report_timeout).await;
@@ -231,8 +236,19 @@ impl Run<'_> {
             )
             .await;
             self.progress.finish();
-            for s in &p.steps {
-                informer.mark(s.target.clone());
+            if !report.lost_leases.is_empty() {
+                let lost: Vec<String> = report.lost_leases.iter().map(|t| t.to_string()).collect();
+                println!(
+                    "Stopped: the lease on {} was lost during pass {pass} (this process was paused, or cut off, longer than --lease-ttl); another controller may have written since this plan was made, so nothing more is done here: run apply again.",
+                    lost.join(", ")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            // Every agent read again, not only those this pass commanded: while this process
+            // held no lease on the others (between passes too), another controller may have
+            // written there, and one image is never exposed by two DPUs on a stale view.
+            for t in self.fleet.agents.keys() {
+                informer.mark(t.clone());
             }
             informer.refresh(self.fleet, a.common.report_timeout).await;
             let mut observed = informer.observed().clone();

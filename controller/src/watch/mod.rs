@@ -421,6 +421,17 @@ async fn reconcile(
         let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
         summary.steps_done += report.done();
         summary.steps_failed += report.problems();
+        if !report.lost_leases.is_empty() {
+            // Another controller may have written: this reconcile stops; the next reads every
+            // agent again (it is retried as unfinished).
+            sessions.mark_all();
+            let lost: Vec<String> = report.lost_leases.iter().map(|t| t.to_string()).collect();
+            summary.message = Some(format!(
+                "lease lost on {} during the pass: stopped, to be re-planned on fresh reports",
+                lost.join(", ")
+            ));
+            break;
+        }
         // Read again only what this pass commanded.
         sessions.mark(p.steps.iter().map(|s| &s.target));
         observed = sessions.observe(&fleet, a.common.report_timeout).await;

@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     iterations: usize,
     /// Run only these loops (comma-separated: controller, ceph-agent, two-controllers,
-    /// partition, dpu-agent); all when absent.
+    /// paused-controller, partition, dpu-agent); all when absent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Stop starting iterations after this long.
@@ -174,12 +174,28 @@ impl<'c> World<'c> {
     fn spawn_apply(&self, extra: &[&str]) -> Child {
         let mut cmd = Command::new(bin("unistor"));
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // What it printed, for a failed iteration's post-mortem (CHAOS_LOGS=DIR).
+        let (out, err) = match std::env::var_os("CHAOS_LOGS") {
+            Some(dir) => {
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let f = |ext: &str| {
+                    std::fs::File::create(Path::new(&dir).join(format!("apply-{at}.{ext}")))
+                        .map(Stdio::from)
+                        .unwrap_or_else(|_| Stdio::null())
+                };
+                (f("out"), f("err"))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
         cmd.arg("apply")
             .args(self.args())
             .args(extra)
+            .arg("--verbose")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("run unistor apply")
     }
@@ -593,6 +609,68 @@ fn two_controllers(
     Ok(format!("apply exited {:?}", status.code()))
 }
 
+/// A controller SIGSTOPped part way through creating two volumes on dpu-0, for longer than its
+/// lease; meanwhile another moves one of them to dpu-1. Continued, the first writes nothing
+/// under its old token and does not take the lease again to go on with its stale plan: one
+/// image is never exposed by two DPUs (sampled every 100 ms), and a re-run converges.
+fn paused_controller(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
+    let a = w.add(rng);
+    let b = w.add(rng);
+    for n in [&a, &b] {
+        w.vols.get_mut(n).expect("added").dpu = 0;
+    }
+    w.write();
+    let mut first = w.spawn_apply(&["--lease-ttl", "2s"]);
+    let after = 200 + below(rng, 800);
+    let sampled = sample_for(w, after);
+    let group = Pid::from_raw(first.id() as i32);
+    let _ = killpg(group, Signal::SIGSTOP);
+    let result: Result<(), String> = (|| {
+        sampled?;
+        w.vols.get_mut(&a).expect("added").dpu = 1;
+        w.write();
+        // Past the paused one's lease: the other takes over.
+        sample_for(w, 2500)?;
+        let mut second = w.spawn_apply(&["--lease-wait", "1m"]);
+        let until = Instant::now() + Duration::from_secs(180);
+        let ran = loop {
+            if let Err(e) = w.one_dpu_per_image() {
+                break Err(e);
+            }
+            match second.try_wait() {
+                Ok(Some(_)) => break Ok(()),
+                Ok(None) if Instant::now() > until => {
+                    break Err("the second controller did not finish".to_string())
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        sigkill_group(&mut second);
+        ran?;
+        let _ = killpg(group, Signal::SIGCONT);
+        // The first goes on where it stopped: sampled until it ends.
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            w.one_dpu_per_image()?;
+            if first.try_wait().map_err(|e| e.to_string())?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                return Err("the continued controller did not end".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })();
+    let _ = killpg(group, Signal::SIGCONT);
+    sigkill_group(&mut first);
+    result?;
+    w.converge()?;
+    w.write_patterns(rng)?;
+    w.check()?;
+    Ok(format!("paused after {after} ms; {a} moved meanwhile"))
+}
+
 /// A TCP forwarder between the controller and one agent whose link can be cut: blackholed,
 /// it keeps both sockets open and drops every byte (a partition, not a refusal).
 struct Link {
@@ -681,6 +759,7 @@ fn partition(
     rng: &mut Rng,
     link: &Link,
     daemon: &e2e::Daemon,
+    cut_ms: u64,
 ) -> Result<String, String> {
     let wait_converged = |what: &str| -> Result<(), String> {
         let until = Instant::now() + Duration::from_secs(180);
@@ -702,7 +781,7 @@ fn partition(
     link.set_cut(true);
     w.vols.get_mut(&name).expect("added").dpu = 1;
     w.write();
-    let sampled = sample_for(w, 30_000);
+    let sampled = sample_for(w, cut_ms);
     link.set_cut(false);
     sampled?;
     wait_converged("after the heal")?;
@@ -714,6 +793,8 @@ fn partition(
 struct Tally {
     passed: usize,
     failed: usize,
+    /// Iterations not started because the time was up.
+    not_run: usize,
 }
 
 impl Tally {
@@ -761,13 +842,39 @@ fn main() {
     let started = Instant::now();
     let in_time = || started.elapsed() < a.max_time;
     let wanted = |l: &str| a.only.is_empty() || a.only.iter().any(|o| o == l);
-    let n = if a.quick { 3 } else { a.iterations };
+    // Iterations per loop: the quick run (scripts/test.sh) one or two of each, in minutes; the
+    // full run scales from --iterations.
+    let n = a.iterations;
+    let count = |quick: usize, full: usize| if a.quick { quick } else { full.max(1) };
     let mut tally = Tally {
         passed: 0,
         failed: 0,
+        not_run: 0,
     };
 
-    if wanted("controller") || wanted("ceph-agent") || wanted("two-controllers") {
+    // Runs `loop_name` `times` times (unless not wanted); iterations the time does not allow
+    // are counted and said, never dropped silently.
+    macro_rules! repeat {
+        ($loop_name:expr, $times:expr, $body:expr) => {
+            if wanted($loop_name) {
+                for i in 0..$times {
+                    if !in_time() {
+                        tally.not_run += $times - i;
+                        println!("chaos: {} #{i}..: not run (out of time)", $loop_name);
+                        break;
+                    }
+                    tally.run($loop_name, i, || $body);
+                }
+            }
+        };
+    }
+    let controllers = [
+        "controller",
+        "ceph-agent",
+        "two-controllers",
+        "paused-controller",
+    ];
+    if controllers.iter().any(|l| wanted(l)) {
         let mut w = World::new(&c, 2, &[], "chaos-ctl");
         for _ in 0..3 {
             w.add(&mut rng);
@@ -775,31 +882,27 @@ fn main() {
         w.write();
         let setup = w.converge().and_then(|()| w.write_patterns(&mut rng));
         tally.record("setup", 0, setup.map(|()| "3 volumes".into()));
-        for i in 0..n {
-            if !in_time() || !wanted("controller") {
-                break;
-            }
-            tally.run("controller-kill", i, || controller_kill(&mut w, &mut rng));
-        }
+        repeat!("controller", count(2, n), controller_kill(&mut w, &mut rng));
         let batch = if a.quick { 4 } else { 10 };
-        for i in 0..(n / 2).max(2) {
-            if !in_time() || !wanted("ceph-agent") {
-                break;
-            }
-            tally.run("ceph-agent-kill", i, || {
-                ceph_agent_kill(&mut w, &mut rng, batch)
-            });
-        }
-        let daemon = w.lab.daemon(&[]);
-        for i in 0..(n / 2).max(2) {
-            if !in_time() || !wanted("two-controllers") {
-                break;
-            }
-            tally.run("two-controllers", i, || {
+        repeat!(
+            "ceph-agent",
+            count(1, n / 2),
+            ceph_agent_kill(&mut w, &mut rng, batch)
+        );
+        repeat!(
+            "paused-controller",
+            count(1, n / 4),
+            paused_controller(&mut w, &mut rng)
+        );
+        if wanted("two-controllers") {
+            let daemon = w.lab.daemon(&[]);
+            repeat!(
+                "two-controllers",
+                count(1, n / 2),
                 two_controllers(&mut w, &mut rng, &daemon)
-            });
+            );
+            drop(daemon);
         }
-        drop(daemon);
     }
     if wanted("partition") {
         // dpu-0 reached through a link that can be cut.
@@ -809,14 +912,12 @@ fn main() {
         w.add(&mut rng);
         w.write();
         let daemon = w.lab.daemon(&[]);
-        for i in 0..(n / 3).max(1) {
-            if !in_time() {
-                break;
-            }
-            tally.run("partition", i, || {
-                partition(&mut w, &mut rng, &link, &daemon)
-            });
-        }
+        let cut_ms = if a.quick { 10_000 } else { 30_000 };
+        repeat!(
+            "partition",
+            count(1, n / 3),
+            partition(&mut w, &mut rng, &link, &daemon, cut_ms)
+        );
         drop(daemon);
     }
     if wanted("dpu-agent") {
@@ -826,18 +927,22 @@ fn main() {
             &["--emulator-arg=--reply-latency=nvme_namespace_create=2s"],
             "chaos-dpu",
         );
-        for i in 0..(n / 2).max(2) {
-            if !in_time() {
-                break;
-            }
-            tally.run("dpu-agent-kill", i, || dpu_agent_kill(&mut w, &mut rng));
-        }
+        repeat!(
+            "dpu-agent",
+            count(1, n / 2),
+            dpu_agent_kill(&mut w, &mut rng)
+        );
     }
     println!(
-        "chaos: seed {seed}: {} passed, {} failed in {:.0} s",
+        "chaos: seed {seed}: {} passed, {} failed in {:.0} s{}",
         tally.passed,
         tally.failed,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if tally.not_run > 0 {
+            format!(" ({} iteration(s) not run: out of time)", tally.not_run)
+        } else {
+            String::new()
+        }
     );
     if tally.failed > 0 {
         std::process::exit(1);
