@@ -42,6 +42,6 @@ fi
 # The chaos suite's quick run (a few iterations of each loop) on the same cluster; the whole
 # workspace only (a run narrowed with arguments skips it).
 if [ $# -eq 0 ]; then
-  scripts/chaos.sh --quick --max-time 4m || status=$?
+  scripts/chaos.sh --quick --max-time 4m30s || status=$?
 fi
 exit $status

@@ -453,10 +453,7 @@ pub async fn replay(snap: &Snap, ledger: &Ledger, reason: String) -> ReplayRepor
         }
     }
     ReplayReport {
-        at_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        at_unix_ms: protocol::clock::unix_ms(),
         reason,
         restored,
         failed,

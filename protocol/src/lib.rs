@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod clock;
 pub mod dpu;
 pub mod error;
 pub mod frame;

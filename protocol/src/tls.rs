@@ -204,7 +204,7 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 pub fn server_config(paths: &PkiPaths) -> Result<Arc<ServerConfig>, TlsError> {
     let roots = Arc::new(load_roots(&paths.ca_cert)?);
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
-    let config = ServerConfig::builder_with_provider(provider())
+    let config = ServerConfig::builder_with_details(provider(), Arc::new(crate::clock::WallClock))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&paths.cert)?, load_key(&paths.key)?)?;
@@ -214,7 +214,7 @@ pub fn server_config(paths: &PkiPaths) -> Result<Arc<ServerConfig>, TlsError> {
 /// The controller side: trust only the CA, present the controller certificate.
 pub fn client_config(paths: &PkiPaths) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = load_roots(&paths.ca_cert)?;
-    let config = ClientConfig::builder_with_provider(provider())
+    let config = ClientConfig::builder_with_details(provider(), Arc::new(crate::clock::WallClock))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(load_certs(&paths.cert)?, load_key(&paths.key)?)?;

@@ -28,10 +28,22 @@ pub struct Lab {
     pub owner: String,
     /// SNAP's cephx id.
     pub snap_id: String,
+    /// Environment every agent of the lab is started with (e.g. the clock seam).
+    pub env: Vec<(String, PathBuf)>,
 }
 
 impl Lab {
     pub fn start(c: &Cluster, n: usize, dpu_args: &[&str]) -> Self {
+        Self::start_with_env(c, n, dpu_args, &[])
+    }
+
+    /// [`Lab::start`], every agent with `env` set too.
+    pub fn start_with_env(
+        c: &Cluster,
+        n: usize,
+        dpu_args: &[&str],
+        env: &[(String, PathBuf)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ceph_agent = unique("ceph-w");
         let dpu_names: Vec<String> = (0..n).map(|i| unique(&format!("dpu-w{i}"))).collect();
@@ -46,6 +58,7 @@ impl Lab {
             procs: Procs::default(),
             owner: unique("owner"),
             snap_id: unique("snap-w"),
+            env: env.to_vec(),
             dir,
         };
         let (child, addr) = spawn_announced(
@@ -57,7 +70,8 @@ impl Lab {
                 &lab.dir.path().join("ceph-state"),
             )
             .args(["--report-interval", "2s"])
-            .args(crate::QUICK_SWEEP),
+            .args(crate::QUICK_SWEEP)
+            .envs(lab.env.iter().map(|(k, v)| (k, v))),
             "listening on ",
         );
         lab.procs.0.push(child);
@@ -78,7 +92,8 @@ impl Lab {
         let (name, addr) = &self.dpus[i];
         let extra: Vec<&str> = self.dpu_args.iter().map(String::as_str).collect();
         let (child, bound) = spawn_announced(
-            &mut dpu_agent_command(name, addr, &self.pki(), &self.state(i), &extra),
+            dpu_agent_command(name, addr, &self.pki(), &self.state(i), &extra)
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
             "listening on ",
         );
         self.dpus[i].1 = bound;

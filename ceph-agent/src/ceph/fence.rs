@@ -30,12 +30,6 @@ fn key(dpu: &PeerName) -> String {
     format!("{PREFIX}{dpu}")
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A reason as recorded: bounded, printable.
 fn check_reason(reason: &str) -> Result<(), CephError> {
     if reason.chars().count() > FENCE_REASON_MAX || reason.chars().any(char::is_control) {
@@ -162,7 +156,7 @@ impl<R: Runner> Ceph<R> {
                     dpu: dpu.to_string(),
                     client_id: id.to_string(),
                     state: FenceState::Fencing,
-                    at_unix_ms: now_ms(),
+                    at_unix_ms: protocol::clock::unix_ms(),
                     by: req.by.clone(),
                     reason: req.reason.clone(),
                     caps_before: caps,

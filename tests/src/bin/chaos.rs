@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     iterations: usize,
     /// Run only these loops (comma-separated: controller, ceph-agent, two-controllers,
-    /// paused-controller, partition, dpu-agent); all when absent.
+    /// osd-pause, paused-controller, partition, dpu-agent, clock); all when absent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Stop starting iterations after this long.
@@ -88,7 +88,18 @@ struct World<'c> {
 
 impl<'c> World<'c> {
     fn new(c: &'c Cluster, dpus: usize, dpu_args: &[&str], prefix: &str) -> Self {
-        let lab = Lab::start(c, dpus, dpu_args);
+        Self::new_with_env(c, dpus, dpu_args, prefix, &[])
+    }
+
+    /// [`World::new`], every agent with `env` set too.
+    fn new_with_env(
+        c: &'c Cluster,
+        dpus: usize,
+        dpu_args: &[&str],
+        prefix: &str,
+        env: &[(String, std::path::PathBuf)],
+    ) -> Self {
+        let lab = Lab::start_with_env(c, dpus, dpu_args, env);
         Self {
             c,
             lab,
@@ -196,6 +207,20 @@ impl<'c> World<'c> {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            .spawn()
+            .expect("run unistor apply")
+    }
+
+    /// `unistor apply --verbose` with its stdout piped (one line per step as it ends).
+    fn spawn_apply_piped(&self) -> Child {
+        let mut cmd = Command::new(bin("unistor"));
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.arg("apply")
+            .args(self.args())
+            .arg("--verbose")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .expect("run unistor apply")
     }
@@ -424,6 +449,11 @@ impl<'c> World<'c> {
     }
 
     fn restart_ceph_agent(&mut self) {
+        self.restart_ceph_agent_with(&[]);
+    }
+
+    /// A new ceph-agent (on the same address and state) with `extra` arguments.
+    fn restart_ceph_agent_with(&mut self, extra: &[&str]) {
         let addr = self.lab.ceph_addr.clone();
         let (child, _) = spawn_announced(
             ceph_agent_command(
@@ -434,12 +464,100 @@ impl<'c> World<'c> {
                 &self.lab.dir.path().join("ceph-state"),
             )
             .args(["--report-interval", "2s"])
-            .args(QUICK_SWEEP),
+            .args(QUICK_SWEEP)
+            .args(extra)
+            .envs(self.lab.env.iter().map(|(k, v)| (k, v))),
             "listening on ",
         );
         self.lab.procs.0.push(child);
         self.ceph_proc = self.lab.procs.0.len() - 1;
     }
+}
+
+/// Runs `ceph osd unpause` when dropped.
+struct Unpause<'c>(&'c Cluster);
+
+impl Drop for Unpause<'_> {
+    fn drop(&mut self) {
+        let (code, _, err) = self.0.cli("ceph", &["osd", "unpause"]);
+        if code != 0 {
+            eprintln!("chaos: ceph osd unpause failed: {err}");
+        }
+    }
+}
+
+/// `ceph osd pause` for longer than the ceph-agent's command deadline (6 s here) during creates
+/// or removals: its commands are killed at their deadline, the apply fails what they were, and
+/// once the cluster is unpaused a re-run converges with every invariant.
+fn osd_pause(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<String, String> {
+    sigkill_group(&mut w.lab.procs.0[w.ceph_proc]);
+    w.restart_ceph_agent_with(&["--command-timeout", "6s", "--read-timeout", "3s"]);
+    let creating = w.vols.len() < batch || below(rng, 2) == 0;
+    for _ in 0..batch {
+        if creating {
+            w.add(rng);
+        } else {
+            w.remove(rng);
+        }
+    }
+    w.write();
+    // Paused as the apply starts its steps (its creates or removals run into it); unpaused
+    // 9 s later, past their 6 s deadline, whatever happens meanwhile (a panic included).
+    let mut apply = w.spawn_apply_piped();
+    let lines = read_lines(&mut apply);
+    let paused = (|| {
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            match lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) if l.starts_with("Pass 1:") => break,
+                Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err("the apply ended before its first pass".to_string())
+                }
+            }
+            if Instant::now() > until {
+                return Err("the apply did not start its steps".into());
+            }
+        }
+        let _unpause = Unpause(w.c);
+        match w.c.cli("ceph", &["osd", "pause"]) {
+            (0, _, _) => sample_for(w, 9_000),
+            (_, _, err) => Err(format!("ceph osd pause: {err}")),
+        }
+    })();
+    // What it said of its steps (the failures at the deadline among them), for the summary.
+    let failed_at_deadline = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = failed_at_deadline.clone();
+    std::thread::spawn(move || {
+        for l in lines {
+            if l.contains("timed out") || l.contains("Timeout") {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(180);
+    let ended = loop {
+        match apply.try_wait() {
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) if Instant::now() > until => break Err("apply did not end".to_string()),
+            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    sigkill_group(&mut apply);
+    sigkill_group(&mut w.lab.procs.0[w.ceph_proc]);
+    w.restart_ceph_agent();
+    paused?;
+    let status = ended?;
+    w.converge()?;
+    w.write_patterns(rng)?;
+    w.check()?;
+    Ok(format!(
+        "{} {batch} with the OSDs paused for 9 s; apply exited {:?}, {} line(s) of it timed out",
+        if creating { "create" } else { "remove" },
+        status.code(),
+        failed_at_deadline.load(std::sync::atomic::Ordering::Relaxed)
+    ))
 }
 
 fn sigkill_group(child: &mut Child) {
@@ -460,7 +578,8 @@ fn sample_for(w: &World<'_>, ms: u64) -> Result<(), String> {
     }
 }
 
-/// The controller SIGKILLed 0-1.5 s into a create, grow, move or remove plan.
+/// The controller SIGKILLed at a random step of its plan, 0-300 ms after the step before it
+/// ended (its `--verbose` lines say when each step ends), in a create, grow, move or remove plan.
 fn controller_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
     let what = match below(rng, 4) {
         0 => {
@@ -490,15 +609,84 @@ fn controller_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
         }
     };
     w.write();
-    let after = below(rng, 1500);
-    let mut apply = w.spawn_apply(&[]);
-    let sampled = sample_for(w, after);
+    let mut apply = w.spawn_apply_piped();
+    let lines = read_lines(&mut apply);
+    let killed = kill_at_a_step(w, rng, &mut apply, &lines);
     sigkill_group(&mut apply);
-    sampled?;
+    let at = killed?;
     w.converge()?;
     w.write_patterns(rng)?;
     w.check()?;
-    Ok(format!("{what}, killed after {after} ms"))
+    Ok(format!("{what}, killed {at}"))
+}
+
+/// The lines `child` prints, as they come (a thread reads them).
+fn read_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Waits for the first pass's step count, picks a step k, waits until k steps ended, then 0-300
+/// ms more, sampling the one-DPU-per-image invariant all along; says where it stopped (the
+/// caller kills). An apply that ends first (nothing to do) is fine.
+fn kill_at_a_step(
+    w: &World<'_>,
+    rng: &mut Rng,
+    apply: &mut Child,
+    lines: &std::sync::mpsc::Receiver<String>,
+) -> Result<String, String> {
+    let until = Instant::now() + Duration::from_secs(120);
+    let mut steps: Option<u64> = None;
+    let mut k = 0;
+    let mut ended = 0;
+    loop {
+        w.one_dpu_per_image()?;
+        if Instant::now() > until {
+            return Err("the apply neither planned nor ended in time".into());
+        }
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if steps.is_none() {
+                    if let Some(n) = line
+                        .strip_prefix("Pass 1: ")
+                        .and_then(|r| r.split_whitespace().next())
+                        .and_then(|n| n.parse::<u64>().ok())
+                    {
+                        steps = Some(n);
+                        k = below(rng, n);
+                    }
+                } else if line.trim_start().starts_with('[')
+                    && (line.contains("... done")
+                        || line.contains("... FAILED")
+                        || line.contains("... skipped"))
+                {
+                    ended += 1;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = apply.wait();
+                return Ok(format!("never: it ended after {ended} step(s)"));
+            }
+        }
+        if let Some(n) = steps {
+            if ended >= k {
+                let extra = below(rng, 301);
+                sample_for(w, extra)?;
+                return Ok(format!("at step {} of {n} (+{extra} ms)", k + 1));
+            }
+        }
+    }
 }
 
 /// The ceph-agent's process group SIGKILLed 0-2 s into creates or removals, then started again.
@@ -669,6 +857,44 @@ fn paused_controller(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String>
     w.write_patterns(rng)?;
     w.check()?;
     Ok(format!("paused after {after} ms; {a} moved meanwhile"))
+}
+
+/// The agents' wall clocks jumped by 300 s one way, then the other (through their seam, the
+/// file `UNISTOR_CLOCK_SKEW_FILE` names) while an `apply` runs: it converges (exit 0: no lease
+/// lost or stolen, no certificate refused — they are valid from an hour before their issue).
+fn clock_jump(w: &mut World<'_>, rng: &mut Rng, skew: &Path) -> Result<String, String> {
+    w.add(rng);
+    w.add(rng);
+    w.write();
+    let first: i64 = if below(rng, 2) == 0 { 300 } else { -300 };
+    let at = below(rng, 1000);
+    let mut apply = w.spawn_apply(&[]);
+    let ran = (|| {
+        sample_for(w, at)?;
+        std::fs::write(skew, first.to_string()).map_err(|e| e.to_string())?;
+        sample_for(w, 1000)?;
+        std::fs::write(skew, (-first).to_string()).map_err(|e| e.to_string())?;
+        let until = Instant::now() + Duration::from_secs(180);
+        loop {
+            w.one_dpu_per_image()?;
+            match apply.try_wait().map_err(|e| e.to_string())? {
+                Some(s) if s.success() => return Ok(()),
+                Some(s) => return Err(format!("apply across the jumps exited {s}")),
+                None if Instant::now() > until => return Err("apply did not end".into()),
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })();
+    sigkill_group(&mut apply);
+    let _ = std::fs::write(skew, "0");
+    ran?;
+    w.converge()?;
+    w.write_patterns(rng)?;
+    w.check()?;
+    Ok(format!(
+        "clocks {first:+} s after {at} ms, then {:+} s",
+        -first
+    ))
 }
 
 /// A TCP forwarder between the controller and one agent whose link can be cut: blackholed,
@@ -871,23 +1097,35 @@ fn main() {
     let controllers = [
         "controller",
         "ceph-agent",
+        "osd-pause",
         "two-controllers",
         "paused-controller",
+        "clock",
     ];
     if controllers.iter().any(|l| wanted(l)) {
-        let mut w = World::new(&c, 2, &[], "chaos-ctl");
+        // The agents (not the controllers) get the clock seam; its file says 0 but in the
+        // clock loop.
+        let skew = std::env::temp_dir().join(format!("chaos-skew-{}", std::process::id()));
+        let _ = std::fs::write(&skew, "0");
+        let env = [("UNISTOR_CLOCK_SKEW_FILE".to_string(), skew.clone())];
+        let mut w = World::new_with_env(&c, 2, &[], "chaos-ctl", &env);
         for _ in 0..3 {
             w.add(&mut rng);
         }
         w.write();
         let setup = w.converge().and_then(|()| w.write_patterns(&mut rng));
         tally.record("setup", 0, setup.map(|()| "3 volumes".into()));
-        repeat!("controller", count(2, n), controller_kill(&mut w, &mut rng));
-        let batch = if a.quick { 4 } else { 10 };
+        repeat!("controller", count(1, n), controller_kill(&mut w, &mut rng));
+        let batch = if a.quick { 3 } else { 10 };
         repeat!(
             "ceph-agent",
             count(1, n / 2),
             ceph_agent_kill(&mut w, &mut rng, batch)
+        );
+        repeat!(
+            "osd-pause",
+            count(1, n / 2),
+            osd_pause(&mut w, &mut rng, batch)
         );
         repeat!(
             "paused-controller",
@@ -903,6 +1141,13 @@ fn main() {
             );
             drop(daemon);
         }
+        repeat!(
+            "clock",
+            count(1, n / 4),
+            clock_jump(&mut w, &mut rng, &skew)
+        );
+        drop(w);
+        let _ = std::fs::remove_file(&skew);
     }
     if wanted("partition") {
         // dpu-0 reached through a link that can be cut.
