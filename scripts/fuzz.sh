@@ -9,7 +9,9 @@
 # snap_replies (the dpu-agent's reading of SNAP's list replies). Seeds: fuzz/corpus/TARGET
 # (committed); what the fuzzer finds grows fuzz/work/TARGET (not committed). A crash is written
 # to fuzz/artifacts/TARGET/ and stops that target: turn it into a regression test, fix, re-run.
-# Needs the nightly toolchain (sanitizers) and cargo-fuzz; installs cargo-fuzz when missing.
+# Sanitizers need nightly features: the nightly toolchain when it is installed, else the stable
+# one with RUSTC_BOOTSTRAP=1 (what CI has: a machine gets one toolchain). Installs cargo-fuzz
+# when missing. Exits 1 when any target crashed or could not run.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
@@ -18,14 +20,19 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(frame manifest snap_rpc snap_replies)
 
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+toolchain=()
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  toolchain=(+nightly)
+else
+  export RUSTC_BOOTSTRAP=1
+fi
 
 mkdir -p logs
 status=0
 for t in "${targets[@]}"; do
   mkdir -p "work/$t" "artifacts/$t"
   echo "fuzz.sh: $t for ${secs}s" >&2
-  if ! cargo +nightly fuzz run -O "$t" "work/$t" "corpus/$t" -- \
+  if ! cargo "${toolchain[@]}" fuzz run -O "$t" "work/$t" "corpus/$t" -- \
       -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 -timeout=10 \
       -print_final_stats=1 >"logs/$t.log" 2>&1; then
     status=1
