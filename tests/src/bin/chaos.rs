@@ -319,13 +319,21 @@ impl<'c> World<'c> {
         }
     }
 
-    fn live_images(&self) -> BTreeSet<String> {
+    /// This run's live images with their sizes in bytes (one `rbd ls --long`).
+    fn live_sizes(&self) -> BTreeMap<String, u64> {
         let out = self
             .c
-            .cli_ok("rbd", &["ls", "--format", "json", &self.c.pool]);
-        let all: Vec<String> = serde_json::from_str(&out).unwrap_or_default();
+            .cli_ok("rbd", &["ls", "--long", "--format", "json", &self.c.pool]);
+        let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
         all.into_iter()
-            .filter(|n| n.starts_with(&self.prefix))
+            .filter_map(|i| {
+                let name = i["image"].as_str()?;
+                // Snapshots are listed too; images only.
+                if i.get("snapshot").is_some() || !name.starts_with(&self.prefix) {
+                    return None;
+                }
+                Some((name.to_string(), i["size"].as_u64().unwrap_or(0)))
+            })
             .collect()
     }
 
@@ -384,11 +392,18 @@ impl<'c> World<'c> {
                 }
             }
         }
-        let live = self.live_images();
+        let sizes = self.live_sizes();
+        let live: BTreeSet<String> = sizes.keys().cloned().collect();
         let trash = self.trashed();
         for (name, v) in &self.vols {
-            if !live.contains(name) {
+            let Some(&size) = sizes.get(name) else {
                 return Err(format!("{name}: wanted, its image is not live"));
+            };
+            if size != v.size_mib << 20 {
+                return Err(format!(
+                    "{name}: {size} bytes, the manifests say {} MiB",
+                    v.size_mib
+                ));
             }
             let keys = self.keys(name);
             if keys.get("unistor.managed-by") != Some(&self.lab.owner) {
@@ -691,12 +706,25 @@ fn kill_at_a_step(
 
 /// The ceph-agent's process group SIGKILLed 0-2 s into creates or removals, then started again.
 fn ceph_agent_kill(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<String, String> {
-    let creating = w.vols.len() < batch || below(rng, 2) == 0;
+    let what = if w.vols.len() < batch {
+        "create"
+    } else {
+        ["create", "grow", "remove"][below(rng, 3) as usize]
+    };
+    let mut grown = BTreeSet::new();
     for _ in 0..batch {
-        if creating {
-            w.add(rng);
-        } else {
-            w.remove(rng);
+        match what {
+            "create" => {
+                w.add(rng);
+            }
+            "grow" => {
+                if let Some(n) = w.pick(rng) {
+                    if grown.insert(n.clone()) {
+                        w.vols.get_mut(&n).expect("picked").size_mib += 64;
+                    }
+                }
+            }
+            _ => w.remove(rng),
         }
     }
     w.write();
@@ -710,8 +738,7 @@ fn ceph_agent_kill(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<Str
     w.write_patterns(rng)?;
     w.check()?;
     Ok(format!(
-        "{} {batch}, ceph-agent killed after {after} ms",
-        if creating { "create" } else { "remove" }
+        "{what} {batch}, ceph-agent killed after {after} ms"
     ))
 }
 
