@@ -541,17 +541,60 @@ async fn report_describes_the_cluster() {
     assert!(!r.images.iter().any(|i| i.image == foreign));
 }
 
-#[tokio::test]
-async fn snap_identity_is_least_privilege() {
-    let c = cluster();
-    let ceph = ceph_ops(&c);
-    let id = unique("snap");
+/// A SNAP identity (named from `prefix`) issued on the test pool: its id, the checked id, the
+/// pool, and what the agent answered.
+async fn issued(
+    ceph: &Ceph<ProcessRunner>,
+    c: &Cluster,
+    prefix: &str,
+) -> (String, CephClientId, PoolName, protocol::CephIdentity) {
+    let id = unique(prefix);
     let cid = CephClientId::parse("client_id", &id).unwrap();
     let pool = PoolName::parse("pool", &c.pool).unwrap();
     let ident = ceph
         .issue_identity(&cid, std::slice::from_ref(&pool))
         .await
         .unwrap();
+    (id, cid, pool, ident)
+}
+
+/// Whether `rbd ls POOL` works as `ident` (its keyring written into `dir`).
+fn lists_as<'a>(
+    c: &'a Cluster,
+    ident: &protocol::CephIdentity,
+    dir: &tempfile::TempDir,
+) -> impl Fn(&str) -> bool + 'a {
+    let keyring = dir.path().join("keyring");
+    std::fs::write(
+        &keyring,
+        format!("[{}]\n\tkey = {}\n", ident.entity, ident.key),
+    )
+    .unwrap();
+    let id = ident
+        .entity
+        .strip_prefix("client.")
+        .expect("a client entity")
+        .to_string();
+    move |pool: &str| {
+        Command::new("rbd")
+            .arg("--conf")
+            .arg(&c.conf)
+            .arg("--keyring")
+            .arg(&keyring)
+            .args(["--id", &id, "ls", pool])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+}
+
+#[tokio::test]
+async fn snap_identity_is_least_privilege() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let (id, cid, pool, ident) = issued(&ceph, &c, "snap").await;
     assert_eq!(ident.entity, format!("client.{id}"));
     assert_eq!(ident.caps["mon"], "profile rbd");
     assert_eq!(ident.caps["osd"], format!("profile rbd pool={}", c.pool));
@@ -564,25 +607,7 @@ async fn snap_identity_is_least_privilege() {
 
     // The key works on its pool and nowhere else.
     let dir = tempfile::tempdir().unwrap();
-    let keyring = dir.path().join("keyring");
-    std::fs::write(
-        &keyring,
-        format!("[{}]\n\tkey = {}\n", ident.entity, ident.key),
-    )
-    .unwrap();
-    let as_snap = |pool: &str| {
-        Command::new("rbd")
-            .arg("--conf")
-            .arg(&c.conf)
-            .arg("--keyring")
-            .arg(&keyring)
-            .args(["--id", &id, "ls", pool])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
+    let as_snap = lists_as(&c, &ident, &dir);
     assert!(as_snap(&c.pool), "SNAP's key can use its pool");
     assert!(!as_snap(&c.pool2), "SNAP's key cannot use another pool");
 
@@ -772,34 +797,11 @@ fn trash_ids(c: &Cluster, pool: &str, name: &str) -> Vec<String> {
 async fn an_interrupted_fence_resumes_from_its_record_and_is_undone() {
     let c = cluster();
     let ceph = ceph_ops(&c);
-    let id = unique("snapf");
     let dpu = unique("dpu");
-    let cid = CephClientId::parse("client_id", &id).unwrap();
-    let pool = PoolName::parse("pool", &c.pool).unwrap();
-    let ident = ceph
-        .issue_identity(&cid, std::slice::from_ref(&pool))
-        .await
-        .unwrap();
+    let (id, cid, pool, ident) = issued(&ceph, &c, "snapf").await;
     let dir = tempfile::tempdir().unwrap();
-    let keyring = dir.path().join("keyring");
-    std::fs::write(
-        &keyring,
-        format!("[{}]\n\tkey = {}\n", ident.entity, ident.key),
-    )
-    .unwrap();
-    let as_snap = || {
-        Command::new("rbd")
-            .arg("--conf")
-            .arg(&c.conf)
-            .arg("--keyring")
-            .arg(&keyring)
-            .args(["--id", &id, "ls", &c.pool])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
+    let lists = lists_as(&c, &ident, &dir);
+    let as_snap = || lists(&c.pool);
     assert!(as_snap());
 
     // What a killed fence leaves: its record, `fencing`, and the caps already revoked.

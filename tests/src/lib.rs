@@ -345,6 +345,22 @@ pub fn show(o: &std::process::Output) -> String {
     )
 }
 
+/// `unistor inspect` of agent `agent` at `addr` with the controller's certificate in `pki`,
+/// JSON output.
+pub fn inspect(agent: &str, addr: &str, pki: &Path) -> std::process::Output {
+    unistor(&[
+        "inspect",
+        "--agent",
+        agent,
+        "--addr",
+        addr,
+        "--pki-dir",
+        pki.to_str().expect("utf-8 path"),
+        "--output",
+        "json",
+    ])
+}
+
 /// Creates a CA in `dir` and certificates for the controller and `agents`.
 pub fn issue_pki(dir: &Path, agents: &[&str]) {
     let d = dir.to_str().expect("utf-8 path");

@@ -89,17 +89,7 @@ async fn session(pki: &Path, addr: &str, controller: &str) -> AgentClient {
 /// wrong name, the agent is refused by the controller.
 fn inspect_reads_the_report_and_checks_the_name(c: &Cluster, pki: &Path, addr: &str) {
     // `unistor inspect` prints the report; its fsid is the cluster's.
-    let out = unistor(&[
-        "inspect",
-        "--agent",
-        AGENT,
-        "--addr",
-        addr,
-        "--pki-dir",
-        pki.to_str().unwrap(),
-        "--output",
-        "json",
-    ]);
+    let out = e2e::inspect(AGENT, addr, pki);
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(

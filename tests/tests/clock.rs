@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use e2e::{dpu_agent_command, issue_pki, show, spawn_announced, unistor, Procs, ANY_PORT};
+use e2e::{dpu_agent_command, issue_pki, show, spawn_announced, Procs, ANY_PORT};
 use protocol::client::{AgentClient, ClientOptions};
 use protocol::names::PeerName;
 use protocol::tls::{self, PkiPaths};
@@ -16,17 +16,7 @@ use protocol::tls::{self, PkiPaths};
 const AGENT: &str = "dpu-clock";
 
 fn inspect(pki: &Path, addr: &str) -> Output {
-    unistor(&[
-        "inspect",
-        "--agent",
-        AGENT,
-        "--addr",
-        addr,
-        "--pki-dir",
-        pki.to_str().unwrap(),
-        "--output",
-        "json",
-    ])
+    e2e::inspect(AGENT, addr, pki)
 }
 
 #[tokio::test(flavor = "multi_thread")]

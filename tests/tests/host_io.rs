@@ -290,6 +290,23 @@ fn watchers(c: &Cluster, pool: &str, image: &str) -> usize {
     v["watchers"].as_array().map_or(0, Vec::len)
 }
 
+/// Two DPUs; a volume (named from `prefix`) exposed on dpu 0 and written through host 0
+/// (0x5a); then dpu 0's agent alone stopped (its SNAP keeps serving host 0) and the volume moved
+/// to dpu 1 in the manifests. The lab, the volume, host 0's device.
+fn moved_off_a_silent_dpu(c: &Cluster, prefix: &str) -> (Lab, String, PathBuf) {
+    let mut lab = Lab::start(c, 2, &[]);
+    let v = unique(prefix);
+    lab.write(c, &[(&v, 0, "64Mi", "Retain")]);
+    let d = lab.daemon(&[]);
+    let s = d.wait_converged(CONVERGE, 1);
+    let dev = device_of(&s, &v);
+    assert!(host::write_pattern(&dev, 0x5a, 0, 65536));
+    drop(d);
+    stop_agent_alone(&mut lab, 1);
+    lab.write(c, &[(&v, 1, "64Mi", "Retain")]);
+    (lab, v, dev)
+}
+
 /// One image is never open on two DPUs. dpu 0's agent is stopped (its SNAP still serves host 0)
 /// and the manifests move the volume to dpu 1: `plan` and `apply` hold it, naming the silent DPU,
 /// and nothing is made on dpu 1 (one watcher, host 1 has no device). Back, dpu 0 lets it go
@@ -297,18 +314,7 @@ fn watchers(c: &Cluster, pool: &str, image: &str) -> usize {
 #[test]
 fn a_volume_moved_off_a_silent_dpu_is_held_until_that_dpu_reports() {
     let c = Cluster::from_env();
-    let mut lab = Lab::start(&c, 2, &[]);
-    let v = unique("moving");
-    lab.write(&c, &[(&v, 0, "64Mi", "Retain")]);
-    let d = lab.daemon(&[]);
-    let s = d.wait_converged(CONVERGE, 1);
-    let dev = device_of(&s, &v);
-    assert!(host::write_pattern(&dev, 0x5a, 0, 65536));
-    drop(d);
-
-    // dpu 0's agent alone goes (its SNAP keeps serving host 0); the volume moves to dpu 1.
-    stop_agent_alone(&mut lab, 1);
-    lab.write(&c, &[(&v, 1, "64Mi", "Retain")]);
+    let (mut lab, v, dev) = moved_off_a_silent_dpu(&c, "moving");
     let (m, p) = (
         lab.manifests().display().to_string(),
         lab.pki().display().to_string(),
@@ -349,16 +355,7 @@ fn a_volume_moved_off_a_silent_dpu_is_held_until_that_dpu_reports() {
 #[test]
 fn a_fenced_dpu_can_no_longer_write_and_its_volume_moves_with_its_bytes() {
     let c = Cluster::from_env();
-    let mut lab = Lab::start(&c, 2, &[]);
-    let v = unique("fenced");
-    lab.write(&c, &[(&v, 0, "64Mi", "Retain")]);
-    let d = lab.daemon(&[]);
-    let s = d.wait_converged(CONVERGE, 1);
-    let dev = device_of(&s, &v);
-    assert!(host::write_pattern(&dev, 0x5a, 0, 65536));
-    drop(d);
-    stop_agent_alone(&mut lab, 1);
-    lab.write(&c, &[(&v, 1, "64Mi", "Retain")]);
+    let (mut lab, _v, dev) = moved_off_a_silent_dpu(&c, "fenced");
     let (m, p) = (
         lab.manifests().display().to_string(),
         lab.pki().display().to_string(),

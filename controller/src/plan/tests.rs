@@ -107,10 +107,8 @@ fn unknown_agents_are_never_treated_as_empty() {
         .any(|s| s.target == Target::Dpu("dpu-a".into())));
 }
 
-/// One image is never open on two DPUs: a volume moved off a DPU that does not report is held
-/// with the reason; off one that reports, its new bdev waits for every removal on the old one.
-#[test]
-fn a_moved_volume_is_never_exposed_by_two_dpus() {
+/// The examples converged, and the examples with db-wal moved from dpu-a (host-a) to dpu-b.
+fn db_wal_moved_to_dpu_b() -> (Desired, World, Desired) {
     let d = examples();
     let mut w = World::empty(&d);
     w.converge(&d, 5);
@@ -118,6 +116,14 @@ fn a_moved_volume_is_never_exposed_by_two_dpus() {
     let v = moved.volumes.get_mut("db-wal").unwrap();
     v.host = "host-b".into();
     v.dpu = "dpu-b".into();
+    (d, w, moved)
+}
+
+/// One image is never open on two DPUs: a volume moved off a DPU that does not report is held
+/// with the reason; off one that reports, its new bdev waits for every removal on the old one.
+#[test]
+fn a_moved_volume_is_never_exposed_by_two_dpus() {
+    let (_, w, moved) = db_wal_moved_to_dpu_b();
     let creates_bdev_on_b = |p: &Plan| {
         p.steps
             .iter()
@@ -180,14 +186,8 @@ fn a_moved_volume_is_never_exposed_by_two_dpus() {
 /// progress (`fencing`) does; and nothing is exposed on a fenced DPU.
 #[test]
 fn a_fenced_dpu_lets_its_volumes_go_and_gets_none() {
-    let d = examples();
-    let mut w = World::empty(&d);
-    w.converge(&d, 5);
-    let mut moved = d.clone();
-    let v = moved.volumes.get_mut("db-wal").unwrap();
-    v.host = "host-b".into();
-    v.dpu = "dpu-b".into();
-    let cluster = v.cluster.clone();
+    let (d, w, moved) = db_wal_moved_to_dpu_b();
+    let cluster = moved.volumes["db-wal"].cluster.clone();
     let bdev_on = |p: &Plan, dpu: &str| {
         p.steps.iter().any(|s| {
             s.target == Target::Dpu(dpu.into())
