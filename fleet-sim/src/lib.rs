@@ -270,6 +270,33 @@ impl Fleet {
         })
     }
 
+    /// Images a bdev of more than one DPU's SNAP opens now (`pool/image: dpu-a, dpu-b`): the
+    /// fleet's invariant is that there are none. Every SNAP is asked (`bdev_get_bdevs`); a SNAP
+    /// that does not answer is left out.
+    pub async fn exposed_twice(&self) -> Vec<String> {
+        let mut on: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+        for d in &self.dpus {
+            let client = dpu_agent::snap::SnapClient::new(d.snap.socket(), Duration::from_secs(5));
+            let Ok(list) = client.call("bdev_get_bdevs", None).await else {
+                continue;
+            };
+            for b in list.as_array().into_iter().flatten() {
+                let rbd = &b["driver_specific"]["rbd"];
+                if let (Some(pool), Some(image)) =
+                    (rbd["pool_name"].as_str(), rbd["rbd_name"].as_str())
+                {
+                    on.entry(format!("{pool}/{image}"))
+                        .or_default()
+                        .push(d.name.as_str());
+                }
+            }
+        }
+        on.into_iter()
+            .filter(|(_, dpus)| dpus.len() > 1)
+            .map(|(image, dpus)| format!("{image}: {}", dpus.join(", ")))
+            .collect()
+    }
+
     /// Forgets the highest connection rate seen (a new measurement starts).
     pub fn reset_peak(&self) {
         self.rate.lock().unwrap_or_else(|e| e.into_inner()).peak = 0;
@@ -317,13 +344,19 @@ impl Fleet {
                 Err(e) => format!("error: {}", protocol::error::chain(&e)),
             },
             (Some("stats"), _) => self.stats().to_string(),
+            (Some("exposed-twice"), _) => {
+                let twice = self.exposed_twice().await;
+                format!("exposed twice: {} {}", twice.len(), twice.join("; "))
+                    .trim_end()
+                    .to_string()
+            }
             (Some("reset-peak"), _) => {
                 self.reset_peak();
                 "peak reset".into()
             }
             (Some("quit"), _) => return None,
             _ => format!(
-                "error: unknown command {line:?} (stop A B, start A B, stats, reset-peak, quit)"
+                "error: unknown command {line:?} (stop A B, start A B, stats, exposed-twice, reset-peak, quit)"
             ),
         })
     }

@@ -58,18 +58,23 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
     let names: Vec<String> = (0..DPUS * PER_DPU)
         .map(|i| unique(&format!("fv{i}")))
         .collect();
-    let write = |grown: Option<usize>| {
+    // Volume i on DPU i / PER_DPU, but `grown` at 128 MiB and `moved` (volume, DPU) elsewhere.
+    let write = |grown: Option<usize>, moved: Option<(usize, usize)>| {
         let text: String = names
             .iter()
             .enumerate()
             .map(|(i, v)| {
                 let size = if grown == Some(i) { "128Mi" } else { "64Mi" };
-                volume_yaml(v, i / PER_DPU, size, &c.pool, "Retain")
+                let dpu = match moved {
+                    Some((m, to)) if m == i => to,
+                    _ => i / PER_DPU,
+                };
+                volume_yaml(v, dpu, size, &c.pool, "Retain")
             })
             .collect();
         write_like_an_editor(&m.join("volumes.yaml"), &text);
     };
-    write(None);
+    write(None, None);
     let owner = unique("fleet");
     let d = Daemon::start(
         &[
@@ -84,6 +89,7 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
         &dir.path().join("watch.log"),
     );
     d.wait_converged(CONVERGE, DPUS * PER_DPU);
+    assert_eq!(fleet.command("exposed-twice"), "exposed twice: 0");
     dashboard_leads_with_counts_and_charts(&d);
     let stats = fleet.stats();
     assert_eq!(stats["up"], DPUS, "{stats}");
@@ -99,7 +105,7 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
             .all(|v| v["state"] == "unknown")
     });
     let grown = names.len() - 1;
-    write(Some(grown));
+    write(Some(grown), None);
     let s = d.wait_for(CONVERGE, "the edit on a DPU still up", |s| {
         reconciled(s)
             && volumes(s).iter().any(|v| {
@@ -149,6 +155,31 @@ fn a_fleet_in_one_process_converges_and_survives_losing_part_of_it() {
         before,
         "no step ran for the DPUs that came back"
     );
+    assert_eq!(fleet.command("exposed-twice"), "exposed twice: 0");
+
+    // A volume of dpu-0 moves to the last DPU while dpu-0 is away: held meanwhile (its SNAP
+    // may still serve it), then moved once dpu-0 is back; never on both.
+    assert_eq!(fleet.command("stop 0 0"), "stopped 1");
+    write(Some(grown), Some((0, DPUS - 1)));
+    d.wait_for(CONVERGE, "the move held for dpu-0", |s| {
+        s["blocked"].as_array().is_some_and(|b| {
+            b.iter().any(|b| {
+                b["object"] == format!("volume/{}", names[0]).as_str()
+                    && b["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("not reporting"))
+            })
+        })
+    });
+    assert_eq!(fleet.command("exposed-twice"), "exposed twice: 0");
+    assert_eq!(fleet.command("start 0 0"), "started 1");
+    let s = d.wait_converged(CONVERGE, DPUS * PER_DPU);
+    assert!(
+        volumes(&s).iter().any(|v| v["volume"] == names[0].as_str()
+            && v["dpu"] == format!("dpu-{}", DPUS - 1).as_str()),
+        "moved"
+    );
+    assert_eq!(fleet.command("exposed-twice"), "exposed twice: 0");
     drop(d);
     drop(fleet);
 }

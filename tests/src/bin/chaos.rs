@@ -211,7 +211,8 @@ impl<'c> World<'c> {
             .expect("run unistor apply")
     }
 
-    /// `unistor apply --verbose` with its stdout piped (one line per step as it ends).
+    /// `unistor apply --verbose` with its stdout and stderr piped (one line per step as it
+    /// ends; its log, each failed attempt included).
     fn spawn_apply_piped(&self) -> Child {
         let mut cmd = Command::new(bin("unistor"));
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -220,7 +221,7 @@ impl<'c> World<'c> {
             .arg("--verbose")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("run unistor apply")
     }
@@ -507,6 +508,8 @@ impl Drop for Unpause<'_> {
 fn osd_pause(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<String, String> {
     sigkill_group(&mut w.lab.procs.0[w.ceph_proc]);
     w.restart_ceph_agent_with(&["--command-timeout", "6s", "--read-timeout", "3s"]);
+    // Its view loaded before the pause (it answers reports from memory).
+    w.converge()?;
     let creating = w.vols.len() < batch || below(rng, 2) == 0;
     for _ in 0..batch {
         if creating {
@@ -516,36 +519,24 @@ fn osd_pause(w: &mut World<'_>, rng: &mut Rng, batch: usize) -> Result<String, S
         }
     }
     w.write();
-    // Paused as the apply starts its steps (its creates or removals run into it); unpaused
-    // 9 s later, past their 6 s deadline, whatever happens meanwhile (a panic included).
+    // The OSDs paused, then the apply started: its cluster commands run into the pause, are
+    // killed at their 6 s deadline and retried; unpaused 9 s later whatever happens meanwhile
+    // (a panic included).
+    let unpause = Unpause(w.c);
+    let (code, _, err) = w.c.cli("ceph", &["osd", "pause"]);
+    if code != 0 {
+        return Err(format!("ceph osd pause: {err}"));
+    }
     let mut apply = w.spawn_apply_piped();
     let lines = read_lines(&mut apply);
-    let paused = (|| {
-        let until = Instant::now() + Duration::from_secs(120);
-        loop {
-            match lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) if l.starts_with("Pass 1:") => break,
-                Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the apply ended before its first pass".to_string())
-                }
-            }
-            if Instant::now() > until {
-                return Err("the apply did not start its steps".into());
-            }
-        }
-        let _unpause = Unpause(w.c);
-        match w.c.cli("ceph", &["osd", "pause"]) {
-            (0, _, _) => sample_for(w, 9_000),
-            (_, _, err) => Err(format!("ceph osd pause: {err}")),
-        }
-    })();
+    let paused = sample_for(w, 9_000);
+    drop(unpause);
     // What it said of its steps (the failures at the deadline among them), for the summary.
     let failed_at_deadline = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = failed_at_deadline.clone();
     std::thread::spawn(move || {
         for l in lines {
-            if l.contains("timed out") || l.contains("Timeout") {
+            if l.contains("timed out") {
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
@@ -635,12 +626,23 @@ fn controller_kill(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String> {
     Ok(format!("{what}, killed {at}"))
 }
 
-/// The lines `child` prints, as they come (a thread reads them).
+/// The lines `child` prints on its stdout, as they come (a thread reads them); its stderr, when
+/// piped, is read too and its lines sent prefixed with `stderr: `.
 fn read_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(err) = child.stderr.take() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(format!("stderr: {line}")).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     if let Some(out) = child.stdout.take() {
         std::thread::spawn(move || {
-            use std::io::BufRead;
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
                     break;
