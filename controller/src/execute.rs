@@ -716,10 +716,12 @@ pub fn this_instance() -> String {
 }
 
 /// Keeps the leases on `targets` (with the tokens they were taken with) for as long as it
-/// runs: renewed every third of their TTL. A renewal that comes back with another token means
-/// the lease lapsed in between (this process was paused, the link was cut...) and another
-/// controller may have held it: that one is released, and the target marked `lost` — the
-/// plan goes on nowhere it was made under a token that is no longer ours.
+/// runs: renewed every third of their TTL, renew-only (`renew_lease`: the agent extends the
+/// lease of that token or grants nothing). A renewal refused means the lease lapsed in between
+/// (this process was paused, the link was cut...) and another controller may have held it: the
+/// target is marked `lost` and the plan goes on nowhere it was made under a token that is no
+/// longer ours. (Taking a new lease there, even to release it at once, would open a window in
+/// which a step of the stale plan is accepted under the new token.)
 async fn keep_leases(
     fleet: Arc<Fleet>,
     mut targets: BTreeMap<Target, u64>,
@@ -737,16 +739,17 @@ async fn keep_leases(
             if let Ok(c) = fleet.get(t) {
                 let (t, token) = (t.clone(), *token);
                 set.spawn(async move {
-                    let gone = match c.acquire_lease(ttl).await {
-                        Ok(l) if l.token == token => false,
-                        Ok(l) => {
-                            tracing::warn!(agent = %t, was = token, now = l.token, "The lease lapsed and was granted anew: this plan stops there.");
-                            let _ = c.release_lease().await;
-                            true
-                        }
+                    let gone = match c.renew_lease(ttl, token).await {
+                        Ok(_) => false,
                         Err(e) => {
-                            tracing::warn!(agent = %t, error = %protocol::error::chain(&e), "Renewing a lease failed.");
-                            e.wire().is_some_and(|w| w.code == ErrorCode::LeaseHeld)
+                            let lapsed = e.wire().is_some_and(|w| {
+                                matches!(
+                                    w.code,
+                                    ErrorCode::LeaseHeld | ErrorCode::NoLease | ErrorCode::StaleToken
+                                )
+                            });
+                            tracing::warn!(agent = %t, token, lapsed, error = %protocol::error::chain(&e), "Renewing a lease failed.");
+                            lapsed
                         }
                     };
                     (t, gone)

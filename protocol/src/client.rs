@@ -281,11 +281,26 @@ impl AgentClient {
 
     /// Takes or renews the agent's lease; later mutating commands carry its token.
     pub async fn acquire_lease(&self, ttl: Duration) -> Result<LeaseInfo, ClientError> {
+        self.lease_request(ttl, None).await
+    }
+
+    /// Extends the lease granted with `token`, and only that one: an error (`no_lease`,
+    /// `stale_token`, `lease_held`) when it lapsed or changed hands; nothing new is granted.
+    pub async fn renew_lease(&self, ttl: Duration, token: u64) -> Result<LeaseInfo, ClientError> {
+        self.lease_request(ttl, Some(token)).await
+    }
+
+    async fn lease_request(
+        &self,
+        ttl: Duration,
+        renew: Option<u64>,
+    ) -> Result<LeaseInfo, ClientError> {
         let reply = self
             .request_with_fence(
                 Command::AcquireLease(AcquireLease {
                     ttl_ms: ttl.as_millis() as u64,
                     instance: Some(self.options.instance.clone()),
+                    renew,
                 }),
                 None,
             )

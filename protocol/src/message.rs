@@ -366,6 +366,12 @@ pub struct AcquireLease {
     /// the certificate's name alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<ControllerInstance>,
+    /// Renew only: extend the live lease granted with this token, and grant nothing new
+    /// (`no_lease` or `stale_token` when it lapsed or changed hands). A controller keeping a
+    /// plan's leases renews this way: a lease that lapsed must not be taken again behind the
+    /// plan's back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew: Option<u64>,
 }
 
 /// Parameters of [`Command::ReleaseLease`].

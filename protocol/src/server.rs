@@ -828,15 +828,20 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
             Command::AcquireLease(a) => {
                 let result = match a.instance.as_ref().map(|i| i.check()) {
                     Some(Err(e)) => Err(e),
-                    _ => self
-                        .leases()
-                        .acquire(
-                            &self.peer,
-                            a.instance.as_ref(),
-                            Duration::from_millis(a.ttl_ms),
-                            now,
-                        )
-                        .map(Reply::Lease),
+                    _ => {
+                        let mut leases = self.leases();
+                        let ttl = Duration::from_millis(a.ttl_ms);
+                        match a.renew {
+                            // Renew only: the live lease of this token, or nothing.
+                            Some(token) => {
+                                leases.check(&self.peer, Some(token), now).and_then(|()| {
+                                    leases.acquire(&self.peer, a.instance.as_ref(), ttl, now)
+                                })
+                            }
+                            None => leases.acquire(&self.peer, a.instance.as_ref(), ttl, now),
+                        }
+                        .map(Reply::Lease)
+                    }
                 };
                 if let Ok(Reply::Lease(l)) = &result {
                     self.leased = Some(l.token);

@@ -272,6 +272,41 @@ async fn fencing_refuses_no_lease_other_holder_and_stale_tokens() {
     assert_eq!(agent.stats.fenced.load(Ordering::SeqCst), 3);
 }
 
+/// Renew-only: the live lease of that token is extended; a lease that changed hands (or
+/// lapsed) is not, and nothing new is granted — the renewing session's token stays the old one,
+/// so a command of its stale plan is refused.
+#[tokio::test]
+async fn a_renewal_extends_its_own_lease_and_never_grants_a_new_one() {
+    let pki = Pki::new();
+    let agent = start(&pki, |_| {}, Duration::ZERO).await;
+    let a = connect(&pki, &agent, "ctl-a").await.unwrap();
+    let b = connect(&pki, &agent, "ctl-b").await.unwrap();
+    let first = a.acquire_lease(Duration::from_secs(30)).await.unwrap();
+    let renewed = a
+        .renew_lease(Duration::from_secs(30), first.token)
+        .await
+        .unwrap();
+    assert_eq!(renewed.token, first.token);
+    // Another controller holds it after a's ended: a's renewal is refused, nothing granted.
+    a.release_lease().await.unwrap();
+    b.acquire_lease(Duration::from_secs(30)).await.unwrap();
+    let refused = |r: Result<protocol::LeaseInfo, ClientError>| {
+        r.unwrap_err().wire().expect("an error from the agent").code
+    };
+    assert_eq!(
+        refused(a.renew_lease(Duration::from_secs(30), first.token).await),
+        ErrorCode::LeaseHeld
+    );
+    b.release_lease().await.unwrap();
+    // Free now: still no grant for a renewal of an old token.
+    assert_eq!(
+        refused(a.renew_lease(Duration::from_secs(30), first.token).await),
+        ErrorCode::NoLease
+    );
+    assert_eq!(code(a.request(create()).await), ErrorCode::NoLease);
+    assert_eq!(agent.handler.calls.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn one_certificate_in_two_processes_is_two_holders_and_a_new_one_waits_for_the_old_commands()
 {
