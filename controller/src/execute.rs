@@ -249,20 +249,21 @@ struct Context {
     health: HealthChecks,
 }
 
+/// Every agent `step` commands: its own, and the cluster a SNAP registration asks for SNAP's
+/// cephx identity.
+fn commanded(step: &Step) -> impl Iterator<Item = Target> {
+    let also = match &step.action {
+        Action::RegisterCluster { cluster, .. } => Some(Target::Cluster(cluster.clone())),
+        _ => None,
+    };
+    std::iter::once(step.target.clone()).chain(also)
+}
+
 impl Context {
     /// The agent `step` would command whose lease this execution lost, if any.
     fn lost_lease(&self, step: &Step) -> Option<Target> {
         let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        if lost.contains(&step.target) {
-            return Some(step.target.clone());
-        }
-        match &step.action {
-            Action::RegisterCluster { cluster, .. } => {
-                let t = Target::Cluster(cluster.clone());
-                lost.contains(&t).then_some(t)
-            }
-            _ => None,
-        }
+        commanded(step).find(|t| lost.contains(t))
     }
 }
 
@@ -532,10 +533,8 @@ async fn snap_key(
     cluster: &str,
     c: &crate::manifest::Cluster,
     dpu: &str,
+    client_id: &protocol::names::CephClientId,
 ) -> Result<String, StepError> {
-    let client_id = c
-        .snap_client_of(dpu)
-        .map_err(|e| StepError::permanent(e.to_string()))?;
     let cell = ctx
         .identities
         .lock()
@@ -576,7 +575,10 @@ async fn registration(
     let c = ctx.desired.clusters.get(cluster).ok_or_else(|| {
         StepError::permanent(format!("cluster {cluster} is not in the manifests"))
     })?;
-    let key = snap_key(ctx, fleet, cluster, c, dpu).await?;
+    let client_id = c
+        .snap_client_of(dpu)
+        .map_err(|e| StepError::permanent(e.to_string()))?;
+    let key = snap_key(ctx, fleet, cluster, c, dpu, &client_id).await?;
     let mon_hosts = if c.monitors.is_empty() {
         monitors_of(ctx, cluster)
     } else {
@@ -589,10 +591,7 @@ async fn registration(
     }
     Ok(Command::RegisterRbdCluster(RbdCluster {
         name: name.to_string(),
-        user_id: c
-            .snap_client_of(dpu)
-            .map_err(|e| StepError::permanent(e.to_string()))?
-            .to_string(),
+        user_id: client_id.to_string(),
         mon_hosts,
         key,
     }))
@@ -926,19 +925,7 @@ pub async fn execute(
     });
     // Leases first: an agent whose lease cannot be taken runs nothing.
     let mut unusable: BTreeMap<Target, String> = BTreeMap::new();
-    // Every agent a step commands: its own, and the cluster a SNAP registration asks for
-    // SNAP's cephx identity.
-    let targets: BTreeSet<Target> = plan
-        .steps
-        .iter()
-        .flat_map(|s| {
-            let also = match &s.action {
-                Action::RegisterCluster { cluster, .. } => Some(Target::Cluster(cluster.clone())),
-                _ => None,
-            };
-            std::iter::once(s.target.clone()).chain(also)
-        })
-        .collect();
+    let targets: BTreeSet<Target> = plan.steps.iter().flat_map(commanded).collect();
     let mut set = JoinSet::new();
     for t in &targets {
         match fleet.get(t) {

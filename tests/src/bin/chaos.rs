@@ -571,6 +571,25 @@ fn sigkill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Waits up to `limit` for `child` (`what`) to end, sampling every 100 ms that no image is open
+/// on two DPUs; its exit status.
+fn wait_sampling(
+    w: &World<'_>,
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+) -> Result<std::process::ExitStatus, String> {
+    let until = Instant::now() + limit;
+    loop {
+        w.one_dpu_per_image()?;
+        match child.try_wait().map_err(|e| e.to_string())? {
+            Some(s) => return Ok(s),
+            None if Instant::now() > until => return Err(format!("{what} did not end")),
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Sleeps `ms`, sampling every 100 ms that no image is open on two DPUs.
 fn sample_for(w: &World<'_>, ms: u64) -> Result<(), String> {
     let until = Instant::now() + Duration::from_millis(ms);
@@ -849,35 +868,23 @@ fn paused_controller(w: &mut World<'_>, rng: &mut Rng) -> Result<String, String>
         // Past the paused one's lease: the other takes over.
         sample_for(w, 2500)?;
         let mut second = w.spawn_apply(&["--lease-wait", "1m"]);
-        let until = Instant::now() + Duration::from_secs(180);
-        let ran = loop {
-            if let Err(e) = w.one_dpu_per_image() {
-                break Err(e);
-            }
-            match second.try_wait() {
-                Ok(Some(_)) => break Ok(()),
-                Ok(None) if Instant::now() > until => {
-                    break Err("the second controller did not finish".to_string())
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => break Err(e.to_string()),
-            }
-        };
+        let ran = wait_sampling(
+            w,
+            &mut second,
+            Duration::from_secs(180),
+            "the second controller",
+        );
         sigkill_group(&mut second);
         ran?;
         let _ = killpg(group, Signal::SIGCONT);
         // The first goes on where it stopped: sampled until it ends.
-        let until = Instant::now() + Duration::from_secs(120);
-        loop {
-            w.one_dpu_per_image()?;
-            if first.try_wait().map_err(|e| e.to_string())?.is_some() {
-                return Ok(());
-            }
-            if Instant::now() > until {
-                return Err("the continued controller did not end".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_sampling(
+            w,
+            &mut first,
+            Duration::from_secs(120),
+            "the continued controller",
+        )
+        .map(|_| ())
     })();
     let _ = killpg(group, Signal::SIGCONT);
     sigkill_group(&mut first);
@@ -903,15 +910,9 @@ fn clock_jump(w: &mut World<'_>, rng: &mut Rng, skew: &Path) -> Result<String, S
         std::fs::write(skew, first.to_string()).map_err(|e| e.to_string())?;
         sample_for(w, 1000)?;
         std::fs::write(skew, (-first).to_string()).map_err(|e| e.to_string())?;
-        let until = Instant::now() + Duration::from_secs(180);
-        loop {
-            w.one_dpu_per_image()?;
-            match apply.try_wait().map_err(|e| e.to_string())? {
-                Some(s) if s.success() => return Ok(()),
-                Some(s) => return Err(format!("apply across the jumps exited {s}")),
-                None if Instant::now() > until => return Err("apply did not end".into()),
-                None => std::thread::sleep(Duration::from_millis(100)),
-            }
+        match wait_sampling(w, &mut apply, Duration::from_secs(180), "apply")? {
+            s if s.success() => Ok(()),
+            s => Err(format!("apply across the jumps exited {s}")),
         }
     })();
     sigkill_group(&mut apply);
