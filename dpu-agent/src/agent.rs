@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use protocol::dpu::{
     Attachment, BdevSpec, BlueFieldFacts, ControllerSpec, DpuReport, NamespaceSpec, RbdCluster,
-    ReplayReport, ReportOrder, SnapInventory, SnapSpec, SnapState, SnapStatus, SubsystemSpec,
+    ReplayReport, ReportChange, ReportOrder, SnapInventory, SnapSpec, SnapState, SnapStatus,
+    SubsystemSpec,
 };
 use protocol::lease::Fence;
 use protocol::names::{
@@ -411,7 +412,8 @@ impl DpuAgent {
     pub async fn supervise_loop(self: Arc<Self>, interval: Duration) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last: Option<serde_json::Value> = None;
+        // The last report pushed, and the count of applied commands then.
+        let mut last: Option<(DpuReport, u64)> = None;
         let mut last_full = tokio::time::Instant::now();
         loop {
             tick.tick().await;
@@ -420,16 +422,15 @@ impl DpuAgent {
                 continue;
             }
             let report = self.report().await;
-            // What counts as a change: everything but the fast-moving host counters.
-            let stable = serde_json::json!({
-                "snap": report.snap, "inventory": report.inventory, "missing": report.missing,
-                "ledger": report.ledger_generation, "replay": report.last_replay,
-                "bluefield": report.bluefield, "host_use": report.host_use,
-                "applied": self.applied.load(std::sync::atomic::Ordering::Relaxed),
+            let applied = self.applied.load(std::sync::atomic::Ordering::Relaxed);
+            // What counts as a change is `DpuReport::change_from`'s (the controller reconciles
+            // on the same definition); a command applied since counts too (see `applied`).
+            let changed = last.as_ref().is_none_or(|(before, n)| {
+                *n != applied || report.change_from(before) != ReportChange::None
             });
             let due = last_full.elapsed() >= self.settings.full_report_every;
-            if due || last.as_ref() != Some(&stable) {
-                last = Some(stable);
+            if due || changed {
+                last = Some((report.clone(), applied));
                 last_full = tokio::time::Instant::now();
                 let _ = self.events.send(Event::DpuReport(Box::new(report)));
             }

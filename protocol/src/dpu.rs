@@ -477,9 +477,63 @@ pub struct DpuReport {
     pub order: ReportOrder,
 }
 
+/// How much one DPU report differs from an earlier one: the one definition of "what counts as
+/// a change", used by the dpu-agent (what to push) and the controller (what to reconcile on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReportChange {
+    /// Only fast-moving counters (host load, memory, a device's opener count...): not pushed.
+    None,
+    /// Something the status shows changed (the ledger's generation, a replay, BlueField facts,
+    /// how many openers a device has), but nothing a plan decides on: pushed, no reconcile.
+    Shown,
+    /// Something a plan decides on changed (SNAP's state, image or restarts, its objects, what
+    /// is missing, whether the host uses each controller and device): pushed, and reconciled.
+    Decides,
+}
+
+impl DpuReport {
+    /// How `self` differs from `before` (see [`ReportChange`]).
+    pub fn change_from(&self, before: &DpuReport) -> ReportChange {
+        type InUse<'a> = Vec<(&'a str, bool, Vec<(u32, bool)>)>;
+        fn in_use(r: &DpuReport) -> Option<InUse<'_>> {
+            r.host_use.as_ref().map(|h| {
+                h.controllers
+                    .iter()
+                    .map(|c| {
+                        let open: Vec<(u32, bool)> =
+                            c.namespaces.iter().map(|n| (n.nsid, n.open > 0)).collect();
+                        (c.name.as_str(), c.enabled, open)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        }
+        fn snap(r: &DpuReport) -> (SnapState, Option<&str>, u64) {
+            (r.snap.state, r.snap.image.as_deref(), r.snap.restarts)
+        }
+        if snap(self) != snap(before)
+            || self.inventory != before.inventory
+            || self.missing != before.missing
+            || in_use(self) != in_use(before)
+        {
+            return ReportChange::Decides;
+        }
+        if self.snap != before.snap
+            || self.ledger_generation != before.ledger_generation
+            || self.last_replay != before.last_replay
+            || self.bluefield != before.bluefield
+            || self.host_use != before.host_use
+        {
+            return ReportChange::Shown;
+        }
+        ReportChange::None
+    }
+}
+
 /// The order of a DPU agent's reports: `seq` rises with every report one agent process makes
 /// (pushed or asked for), and `instance` tells processes apart (a restarted agent starts again).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ReportOrder {
     /// Drawn at random when the agent process starts.
     pub instance: u64,
