@@ -12,14 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::client::{AgentClient, ClientError};
-use protocol::dpu::{Attachment, BdevResize, NameRef, NamespaceRef, NqnRef, RbdCluster};
+use protocol::dpu::RbdCluster;
 use protocol::ErrorCode;
-use protocol::{
-    AdoptImage, Command, CreateImage, DeleteImage, GrowImage, ImagePolicy, ImageRef,
-    IssueSnapIdentity, Ownership, Reply, TrashImage,
-};
+use protocol::{Command, IssueSnapIdentity, Reply};
 use serde::Serialize;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::fleet::Fleet;
 use crate::manifest::Desired;
@@ -251,7 +249,7 @@ struct Context {
 
 /// Every agent `step` commands: its own, and the cluster a SNAP registration asks for SNAP's
 /// cephx identity.
-fn commanded(step: &Step) -> impl Iterator<Item = Target> {
+pub fn commanded(step: &Step) -> impl Iterator<Item = Target> {
     let also = match &step.action {
         Action::RegisterCluster { cluster, .. } => Some(Target::Cluster(cluster.clone())),
         _ => None,
@@ -290,7 +288,7 @@ impl HealthChecks {
     async fn closed<F, Fut>(&self, cluster: &str, read: F) -> Option<String>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<protocol::CephHealth, String>>,
+        Fut: std::future::Future<Output = Result<protocol::CephHealth, Unread>>,
     {
         if self.gate == crate::plan::HealthGate::off() {
             return None;
@@ -306,7 +304,7 @@ impl HealthChecks {
                 format!("cluster {cluster} is closed to writes by the health gate: {why}")
             }),
             Err(e) => {
-                tracing::warn!(cluster, error = %e, "Cannot read the cluster's health between steps.");
+                tracing::warn!(cluster, error = %protocol::error::chain(&e), "Cannot read the cluster's health between steps.");
                 None
             }
         };
@@ -321,17 +319,9 @@ impl HealthChecks {
 /// The cluster a step writes to, if it writes to one: its image steps, and a bdev resize
 /// (which grows the image through SNAP).
 fn writes_to<'a>(desired: &'a Desired, step: &'a Step) -> Option<&'a str> {
-    match (&step.target, &step.action) {
-        (
-            Target::Cluster(c),
-            Action::CreateImage { .. }
-            | Action::AdoptImage { .. }
-            | Action::GrowImage { .. }
-            | Action::RestoreImage { .. }
-            | Action::TrashImage { .. }
-            | Action::DeleteImage { .. },
-        ) => Some(c),
-        (Target::Dpu(_), Action::ResizeBdev { .. }) => step
+    match (&step.target, step.action.command()) {
+        (Target::Cluster(c), Some(cmd)) if cmd.is_mutating() => Some(c),
+        (Target::Dpu(_), Some(Command::ResizeBdev(_))) => step
             .volume
             .as_deref()
             .and_then(|v| desired.volumes.get(v))
@@ -340,46 +330,71 @@ fn writes_to<'a>(desired: &'a Desired, step: &'a Step) -> Option<&'a str> {
     }
 }
 
+/// Why something an execution asked an agent outside a step (a cluster's health, a one-off
+/// write) has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Unread {
+    /// No session with the agent.
+    #[error(transparent)]
+    Unreachable(#[from] crate::fleet::FleetError),
+    /// The request failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The agent answered something else.
+    #[error("unexpected reply {0:?}")]
+    Unexpected(Box<Reply>),
+}
+
 /// [`HealthChecks::closed`] for the cluster `step` writes to, read through its agent.
 async fn gate_closed(ctx: &Context, fleet: &Fleet, step: &Step) -> Option<String> {
     let cluster = writes_to(&ctx.desired, step)?;
     let read = || async {
-        let c = fleet
-            .get(&Target::Cluster(cluster.to_string()))
-            .map_err(|e| e.to_string())?;
+        let c = fleet.get(&Target::Cluster(cluster.to_string()))?;
         match c
             .request_within(
                 Command::CephHealth(protocol::Empty {}),
                 Duration::from_secs(20),
             )
-            .await
+            .await?
         {
-            Ok(Reply::Health(h)) => Ok(h),
-            Ok(other) => Err(format!("unexpected reply {other:?}")),
-            Err(e) => Err(protocol::error::chain(&e)),
+            Reply::Health(h) => Ok(h),
+            other => Err(Unread::Unexpected(Box::new(other))),
         }
     };
     ctx.health.closed(cluster, read).await
 }
 
-/// Runs one step: the action's command on its agent (a SNAP install, and a registration that
-/// first needs SNAP's identity from the cluster, have their own paths).
+/// Runs one step: the command it carries, sent as it is (a registration, which first needs
+/// SNAP's identity from the cluster, has its own path). Only what a flag decides at execution
+/// is added: a detach's `force` (`--allow-in-use`), and a delete needs `--allow-delete`.
 async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), StepError> {
     let agent = fleet.get(&step.target).map_err(StepError::unreachable)?;
-    let cmd = match &step.action {
-        Action::InstallSnap { spec } => return install_snap(ctx, agent, spec).await,
-        Action::RegisterCluster { name, cluster } => {
-            let Target::Dpu(dpu) = &step.target else {
+    let cmd = match step.action.command() {
+        Some(cmd) => with_flags(ctx, cmd)?,
+        None => {
+            let (Action::RegisterCluster { name, cluster }, Target::Dpu(dpu)) =
+                (&step.action, &step.target)
+            else {
                 return Err(StepError::permanent(format!(
-                    "a registration is a DPU's step, not {}'s",
-                    step.target
+                    "{} is not a DPU's registration: nothing to send",
+                    step.action.op()
                 )));
             };
             registration(ctx, fleet, name, cluster, dpu).await?
         }
-        other => command_of(ctx, other)?,
     };
-    send(ctx, &agent, cmd).await.map(|_| ())
+    match send(ctx, &agent, cmd).await? {
+        // A SNAP deployment answers how far it got.
+        Reply::Deploy(d) if !d.ready => Err(StepError::permanent(format!(
+            "SNAP not ready: {}",
+            d.steps
+                .iter()
+                .map(|s| format!("{} {:?}: {}", s.step, s.outcome, s.detail))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Sends `cmd` within its deadline.
@@ -390,139 +405,21 @@ async fn send(ctx: &Context, c: &AgentClient, cmd: Command) -> Result<Reply, Ste
         .map_err(|e| StepError::from_client(&e))
 }
 
-/// Deploys SNAP; the step fails, saying what was last seen, when SNAP does not come up ready.
-async fn install_snap(
-    ctx: &Context,
-    agent: Arc<AgentClient>,
-    spec: &protocol::dpu::SnapSpec,
-) -> Result<(), StepError> {
-    match send(ctx, &agent, Command::InstallSnap(spec.clone())).await? {
-        Reply::Deploy(d) if d.ready => Ok(()),
-        Reply::Deploy(d) => Err(StepError::permanent(format!(
-            "SNAP not ready: {}",
-            d.steps
-                .iter()
-                .map(|s| format!("{} {:?}: {}", s.step, s.outcome, s.detail))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ))),
-        other => Err(StepError::unexpected(&other)),
+/// What the execution's flags decide in a planned command: the rails decided at plan time;
+/// the agent checks a detach again when it runs (`force` only with `--allow-in-use`), and a
+/// delete is refused here without `--allow-delete` whatever the plan says.
+fn with_flags(ctx: &Context, mut cmd: Command) -> Result<Command, StepError> {
+    match &mut cmd {
+        Command::DetachNamespace(a) => a.force = ctx.opts.allow_in_use,
+        Command::DeleteImage(d) if !ctx.opts.allow_delete => {
+            return Err(StepError::permanent(format!(
+                "deleting image {}/{} (volume {}, policy Delete) needs --allow-delete",
+                d.pool, d.image, d.owner.volume
+            )));
+        }
+        _ => {}
     }
-}
-
-/// The command of an action that needs nothing but itself (and the execution's options).
-fn command_of(ctx: &Context, action: &Action) -> Result<Command, StepError> {
-    let owner = |volume: &str| Ownership {
-        managed_by: ctx.opts.owner.clone(),
-        volume: volume.into(),
-    };
-    let policy_of = |deletion: &protocol::meta::DeletionPolicy, retain_secs: &u64| {
-        Some(ImagePolicy {
-            deletion: *deletion,
-            trash_retention_secs: *retain_secs,
-        })
-    };
-    Ok(match action {
-        Action::CreateImage {
-            pool,
-            image,
-            size_bytes,
-            volume,
-            policy,
-            retain_secs,
-        } => Command::CreateImage(CreateImage {
-            pool: pool.clone(),
-            image: image.clone(),
-            size_bytes: *size_bytes,
-            features: vec![],
-            owner: owner(volume),
-            policy: policy_of(policy, retain_secs),
-        }),
-        Action::AdoptImage {
-            pool,
-            image,
-            volume,
-            policy,
-            retain_secs,
-        } => Command::AdoptImage(AdoptImage {
-            pool: pool.clone(),
-            image: image.clone(),
-            owner: owner(volume),
-            policy: policy_of(policy, retain_secs),
-        }),
-        Action::GrowImage {
-            pool,
-            image,
-            to_bytes,
-            volume,
-            ..
-        } => Command::GrowImage(GrowImage {
-            pool: pool.clone(),
-            image: image.clone(),
-            size_bytes: *to_bytes,
-            owner: owner(volume),
-        }),
-        Action::RestoreImage { pool, image } => Command::RestoreImage(ImageRef {
-            pool: pool.clone(),
-            image: image.clone(),
-        }),
-        Action::TrashImage {
-            pool,
-            image,
-            retain_secs,
-            volume,
-        } => Command::TrashImage(TrashImage {
-            pool: pool.clone(),
-            image: image.clone(),
-            retain_secs: *retain_secs,
-            owner: owner(volume),
-        }),
-        Action::DeleteImage {
-            pool,
-            image,
-            volume,
-        } => {
-            if !ctx.opts.allow_delete {
-                return Err(StepError::permanent(format!(
-                    "deleting image {pool}/{image} (volume {volume}, policy Delete) needs --allow-delete"
-                )));
-            }
-            Command::DeleteImage(DeleteImage {
-                pool: pool.clone(),
-                image: image.clone(),
-                owner: owner(volume),
-            })
-        }
-        Action::CreateBdev(spec) => Command::CreateBdev(spec.clone()),
-        Action::DeleteBdev { name } => Command::DeleteBdev(NameRef { name: name.clone() }),
-        Action::ResizeBdev { name, new_size_mib } => Command::ResizeBdev(BdevResize {
-            name: name.clone(),
-            new_size_mib: *new_size_mib,
-        }),
-        Action::CreateSubsystem(spec) => Command::CreateSubsystem(spec.clone()),
-        Action::DestroySubsystem { nqn } => Command::DestroySubsystem(NqnRef { nqn: nqn.clone() }),
-        Action::CreateNamespace(spec) => Command::CreateNamespace(spec.clone()),
-        Action::DestroyNamespace { nqn, nsid } => Command::DestroyNamespace(NamespaceRef {
-            nqn: nqn.clone(),
-            nsid: *nsid,
-        }),
-        Action::CreateController(spec) => Command::CreateController(spec.clone()),
-        Action::DestroyController { name } => {
-            Command::DestroyController(NameRef { name: name.clone() })
-        }
-        Action::Attach(a) => Command::AttachNamespace(a.clone()),
-        // The rails decided at plan time; the agent checks again when the step runs.
-        Action::Detach(a) => Command::DetachNamespace(Attachment {
-            force: ctx.opts.allow_in_use,
-            ..a.clone()
-        }),
-        Action::Resume { controller } => Command::ResumeController(NameRef {
-            name: controller.clone(),
-        }),
-        Action::InstallSnap { .. } | Action::RegisterCluster { .. } => {
-            unreachable!("run_action sends these itself")
-        }
-    })
+    Ok(cmd)
 }
 
 /// SNAP's cephx key on `dpu` for `cluster`: issued by its ceph-agent once per execution (a
@@ -693,16 +590,14 @@ pub async fn with_lease(
     agent: &protocol::client::AgentClient,
     wait: Duration,
     cmd: Command,
-) -> Result<Reply, String> {
+) -> Result<Reply, Unread> {
     let opts = ExecOptions::default();
-    acquire_waiting(agent, opts.lease_ttl, wait)
-        .await
-        .map_err(|e| protocol::error::chain(&e))?;
+    acquire_waiting(agent, opts.lease_ttl, wait).await?;
     let deadline = deadline_of(&cmd, &opts);
     let result = agent
         .request_within(cmd, deadline)
         .await
-        .map_err(|e| protocol::error::chain(&e));
+        .map_err(Unread::from);
     // Best effort: the lease also ends with this process's session.
     let _ = agent.release_lease().await;
     result
@@ -960,6 +855,14 @@ pub async fn execute(
         let ctx = ctx.clone();
         let fleet = fleet.clone();
         let stopping = opts.stop.as_ref().is_some_and(|s| *s.borrow());
+        // A log filtered by a volume or an agent tells its story step by step.
+        let span = tracing::info_span!(
+            "step",
+            id = s.id,
+            target = %s.target,
+            volume = s.volume.as_deref().unwrap_or("-"),
+            op = s.action.op(),
+        );
         async move {
             if stopping {
                 return Outcome::Skipped {
@@ -971,6 +874,7 @@ pub async fn execute(
             }
             run_with_retries(&ctx, &fleet, &s).await
         }
+        .instrument(span)
     };
     let mut report = schedule(&plan.steps, &unusable, run, progress).await;
     keeper.abort();
@@ -1004,9 +908,9 @@ mod tests {
         Step {
             id,
             target,
-            action: Action::Resume {
-                controller: format!("c{id}"),
-            },
+            action: Action::Send(Command::ResumeController(protocol::dpu::NameRef {
+                name: format!("c{id}"),
+            })),
             risk: Risk::Safe,
             depends_on: deps.to_vec(),
             volume: None,
@@ -1136,7 +1040,11 @@ mod tests {
         // Another cluster is read on its own; one whose health cannot be read stays open.
         assert_eq!(
             checks
-                .closed("other", || async { Err("unreachable".to_string()) })
+                .closed("other", || async {
+                    Err(Unread::Unreachable(
+                        crate::fleet::FleetError::NotInManifests(Target::Cluster("other".into())),
+                    ))
+                })
                 .await,
             None
         );
@@ -1161,29 +1069,34 @@ mod tests {
         let grow = on(
             Target::Cluster(v.cluster.clone()),
             Action::GrowImage {
-                pool: v.pool.to_string(),
-                image: v.image.to_string(),
                 from_bytes: 1,
-                to_bytes: 2,
-                volume: v.name.to_string(),
+                grow: protocol::GrowImage {
+                    pool: v.pool.to_string(),
+                    image: v.image.to_string(),
+                    size_bytes: 2,
+                    owner: protocol::Ownership {
+                        managed_by: "unistor".into(),
+                        volume: v.name.to_string(),
+                    },
+                },
             },
             Some(v.name.as_str()),
         );
         assert_eq!(writes_to(&d, &grow), Some(v.cluster.as_str()));
         let resize = on(
             Target::Dpu(v.dpu.clone()),
-            Action::ResizeBdev {
+            Action::Send(Command::ResizeBdev(protocol::dpu::BdevResize {
                 name: "unistor-x".into(),
                 new_size_mib: 2,
-            },
+            })),
             Some(v.name.as_str()),
         );
         assert_eq!(writes_to(&d, &resize), Some(v.cluster.as_str()));
         let resume = on(
             Target::Dpu(v.dpu.clone()),
-            Action::Resume {
-                controller: "unistor-pf0".into(),
-            },
+            Action::Send(Command::ResumeController(protocol::dpu::NameRef {
+                name: "unistor-pf0".into(),
+            })),
             None,
         );
         assert_eq!(writes_to(&d, &resume), None);

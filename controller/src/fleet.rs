@@ -123,16 +123,35 @@ impl Fleet {
 /// commands only for images about to be created; a cluster that cannot answer keeps the plan
 /// as it is (its agent still refuses to create over an image it does not own).
 pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet: &Fleet) -> usize {
-    use crate::plan::Action;
+    let mut found = 0;
+    for (cluster, refs) in to_probe(p, observed) {
+        let existing = probe_cluster(fleet, &cluster, &refs).await;
+        if existing.is_empty() {
+            continue;
+        }
+        found += existing.len();
+        // This pass's copy only: the informer's report is not changed.
+        if let Some(Known::Known { report }) = observed.clusters.get_mut(&cluster) {
+            merge_probed(Arc::make_mut(report), existing);
+        }
+    }
+    found
+}
+
+/// The images to ask each cluster about: those the plan creates that its report does not hold
+/// (a create that only rewrites the policy of an image it holds is not asked), and those
+/// reported from the index alone.
+fn to_probe(
+    p: &crate::plan::Plan,
+    observed: &Observed,
+) -> BTreeMap<String, Vec<protocol::ImageRef>> {
     let mut wanted: BTreeMap<&str, BTreeSet<(&str, &str)>> = BTreeMap::new();
     for s in &p.steps {
-        if let (Target::Cluster(c), Action::CreateImage { pool, image, .. }) =
-            (&s.target, &s.action)
-        {
+        if let (Target::Cluster(c), Some(Command::CreateImage(x))) = (&s.target, s.action.sent()) {
             wanted
                 .entry(c.as_str())
                 .or_default()
-                .insert((pool.as_str(), image.as_str()));
+                .insert((x.pool.as_str(), x.image.as_str()));
         }
     }
     let mut unverified: BTreeMap<&str, BTreeSet<(&str, &str)>> = BTreeMap::new();
@@ -145,12 +164,11 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
     for c in unverified.keys() {
         wanted.entry(c).or_default();
     }
-    let mut found = 0;
+    let mut out = BTreeMap::new();
     for (cluster, mut images) in wanted {
         let Some(Known::Known { report }) = observed.clusters.get(cluster) else {
             continue;
         };
-        // A create that only rewrites the policy of an image the report holds is not asked.
         for i in &report.images {
             images.remove(&(i.pool.as_str(), i.image.as_str()));
         }
@@ -159,70 +177,77 @@ pub async fn probe_creates(p: &crate::plan::Plan, observed: &mut Observed, fleet
         if images.is_empty() {
             continue;
         }
-        let refs: Vec<protocol::ImageRef> = images
+        let refs = images
             .into_iter()
             .map(|(pool, image)| protocol::ImageRef {
                 pool: pool.into(),
                 image: image.into(),
             })
             .collect();
-        let client = match fleet.get(&Target::Cluster(cluster.to_string())) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(cluster, error = %e, "Cannot ask the cluster about the images to create.");
-                continue;
-            }
+        out.insert(cluster.to_string(), refs);
+    }
+    out
+}
+
+/// Asks `cluster` which of `refs` exist (64 a request); the live ones. A cluster that cannot
+/// be asked answers none (the create itself then meets the image, and refuses what is not
+/// ours).
+async fn probe_cluster(
+    fleet: &Fleet,
+    cluster: &str,
+    refs: &[protocol::ImageRef],
+) -> Vec<ImageStatus> {
+    let client = match fleet.get(&Target::Cluster(cluster.to_string())) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(cluster, error = %e, "Cannot ask the cluster about the images to create.");
+            return vec![];
+        }
+    };
+    let mut existing = vec![];
+    for chunk in refs.chunks(64) {
+        let asked = protocol::ImageList {
+            images: chunk.to_vec(),
         };
-        let mut existing = vec![];
-        for chunk in refs.chunks(64) {
-            let asked = protocol::ImageList {
-                images: chunk.to_vec(),
-            };
-            match client.request(Command::ProbeImages(asked)).await {
-                Ok(Reply::Images(l)) => existing.extend(
-                    l.images
-                        .into_iter()
-                        .filter(|i| i.state == protocol::ImageState::Live),
-                ),
-                Ok(other) => {
-                    tracing::warn!(cluster, reply = ?other, "Unexpected reply to probe_images.");
-                }
-                Err(e) => {
-                    tracing::warn!(cluster, error = %protocol::error::chain(&e), "Cannot ask the cluster about the images to create.");
-                }
+        match client.request(Command::ProbeImages(asked)).await {
+            Ok(Reply::Images(l)) => existing.extend(
+                l.images
+                    .into_iter()
+                    .filter(|i| i.state == protocol::ImageState::Live),
+            ),
+            Ok(other) => {
+                tracing::warn!(cluster, reply = ?other, "Unexpected reply to probe_images.");
             }
-        }
-        if existing.is_empty() {
-            continue;
-        }
-        found += existing.len();
-        // This pass's copy only: the informer's report is not changed.
-        if let Some(Known::Known { report }) = observed.clusters.get_mut(cluster) {
-            // One walk of the report: what it holds of the probed images is replaced, the rest
-            // appended.
-            let report = Arc::make_mut(report);
-            let mut at = vec![None; existing.len()];
-            {
-                let probed: std::collections::HashMap<(&str, &str), usize> = existing
-                    .iter()
-                    .enumerate()
-                    .map(|(k, i)| ((i.pool.as_str(), i.image.as_str()), k))
-                    .collect();
-                for (p, held) in report.images.iter().enumerate() {
-                    if let Some(&k) = probed.get(&(held.pool.as_str(), held.image.as_str())) {
-                        at[k] = Some(p);
-                    }
-                }
-            }
-            for (i, p) in existing.into_iter().zip(at) {
-                match p {
-                    Some(p) => report.images[p] = i,
-                    None => report.images.push(i),
-                }
+            Err(e) => {
+                tracing::warn!(cluster, error = %protocol::error::chain(&e), "Cannot ask the cluster about the images to create.");
             }
         }
     }
-    found
+    existing
+}
+
+/// Puts probed images into a report in one walk: what it holds of them is replaced, the rest
+/// appended.
+fn merge_probed(report: &mut CephReport, existing: Vec<ImageStatus>) {
+    let mut at = vec![None; existing.len()];
+    {
+        let probed: std::collections::HashMap<(&str, &str), usize> = existing
+            .iter()
+            .enumerate()
+            .map(|(k, i)| ((i.pool.as_str(), i.image.as_str()), k))
+            .collect();
+        for (p, held) in report.images.iter().enumerate() {
+            if let Some(&k) = probed.get(&(held.pool.as_str(), held.image.as_str())) {
+                at[k] = Some(p);
+            }
+        }
+    }
+    for (i, p) in existing.into_iter().zip(at) {
+        match p {
+            Some(p) => report.images[p] = i,
+            None => report.images.push(i),
+        }
+    }
 }
 
 /// Images asked for per page of `ceph_changes` (the agent caps it too).
@@ -239,6 +264,37 @@ pub struct Informer {
     generations: BTreeMap<String, u64>,
     /// Targets to re-read at the next refresh.
     stale: BTreeSet<Target>,
+}
+
+/// An [`Informer`] shared by tasks (the daemon's sessions put pushed reports into it while a
+/// pass reads it). Its lock is held only to list the reads and to take their results in, never
+/// while an agent is read.
+#[derive(Debug, Default)]
+pub struct SharedInformer(std::sync::Mutex<Informer>);
+
+impl SharedInformer {
+    /// The informer itself, for a moment.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Informer> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the agents of `fleet` report, brought up to date: only the agents marked stale
+    /// (new sessions, agents that said they changed, agents a pass commanded) are read.
+    pub async fn observe(&self, fleet: &Fleet, timeout: Duration) -> Observed {
+        let jobs = self.lock().jobs(fleet);
+        let results = run_jobs(jobs, timeout).await;
+        let mut informer = self.lock();
+        informer.apply(results);
+        informer.observed().clone()
+    }
+
+    /// Re-read these agents at the next [`SharedInformer::observe`].
+    pub fn mark<'a>(&self, targets: impl IntoIterator<Item = &'a Target>) {
+        let mut informer = self.lock();
+        for t in targets {
+            informer.mark(t.clone());
+        }
+    }
 }
 
 /// What one target's refresh brought back.
@@ -267,6 +323,11 @@ impl Informer {
     /// What is known now.
     pub fn observed(&self) -> &Observed {
         &self.observed
+    }
+
+    /// Each cluster's agent view generation its images are as of.
+    pub fn generations(&self) -> &BTreeMap<String, u64> {
+        &self.generations
     }
 
     /// Re-read `target` at the next refresh.

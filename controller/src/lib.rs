@@ -2,6 +2,35 @@
 //! (`plan`, `apply`), the fleet's status (`status`), the GitOps daemon (`watch`, with its
 //! dashboard, JSON API and metrics), and the PKI commands. See ARCHITECTURE.md.
 
+/// Defines a status enum: one spelling for the wire, the dashboard and the text tables.
+macro_rules! spelled {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)? } default $d:ident) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $s)] $v,)+
+        }
+        impl $name {
+            /// Every value.
+            pub const ALL: &'static [Self] = &[$(Self::$v),+];
+            /// Its one spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => $s),+ }
+            }
+        }
+        impl Default for $name {
+            fn default() -> Self {
+                Self::$d
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+    };
+}
+
 pub mod cli;
 pub mod execute;
 pub mod fleet;
@@ -9,6 +38,7 @@ pub mod inspect;
 pub mod manifest;
 pub mod ops;
 pub mod plan;
+pub mod reconcile;
 pub mod render;
 pub mod status;
 pub mod watch;

@@ -2,31 +2,22 @@
 
 use std::fmt::Write;
 
+use protocol::Command;
+
 use crate::plan::{Action, Plan, Risk, Step};
 
-/// The sign of a step in the diff.
+/// The sign of a step in the diff: `+` what is made, `-` what goes, `~` what changes; read
+/// from the command's name (`create_*`, `attach_*`, `install_*`, `register_*` make;
+/// `destroy_*`, `delete_*`, `detach_*`, `trash_*` remove).
 pub fn sign(a: &Action) -> char {
-    match a {
-        Action::InstallSnap { .. }
-        | Action::CreateImage { .. }
-        | Action::RegisterCluster { .. }
-        | Action::CreateBdev(_)
-        | Action::CreateSubsystem(_)
-        | Action::CreateNamespace(_)
-        | Action::CreateController(_)
-        | Action::Attach(_) => '+',
-        Action::GrowImage { .. }
-        | Action::AdoptImage { .. }
-        | Action::ResizeBdev { .. }
-        | Action::RestoreImage { .. }
-        | Action::Resume { .. } => '~',
-        Action::TrashImage { .. }
-        | Action::DeleteImage { .. }
-        | Action::DeleteBdev { .. }
-        | Action::DestroySubsystem { .. }
-        | Action::DestroyNamespace { .. }
-        | Action::DestroyController { .. }
-        | Action::Detach(_) => '-',
+    let op = a.op();
+    let starts = |prefixes: &[&str]| prefixes.iter().any(|p| op.starts_with(p));
+    if starts(&["create_", "attach_", "install_", "register_"]) {
+        '+'
+    } else if starts(&["destroy_", "delete_", "detach_", "trash_"]) {
+        '-'
+    } else {
+        '~'
     }
 }
 
@@ -41,70 +32,71 @@ fn gib(b: u64) -> String {
 /// One line describing an action.
 pub fn describe(a: &Action) -> String {
     match a {
-        Action::InstallSnap { spec } => format!("install SNAP {}:{}", spec.image, spec.tag),
-        Action::CreateImage {
-            pool,
-            image,
-            size_bytes,
-            policy,
-            ..
-        } => format!(
-            "create image {pool}/{image} {} (policy {policy})",
-            gib(*size_bytes)
-        ),
-        Action::AdoptImage {
-            pool,
-            image,
-            volume,
-            policy,
-            ..
-        } => format!("adopt image {pool}/{image} as volume {volume} (policy {policy})"),
-        Action::GrowImage {
-            pool,
-            image,
-            from_bytes,
-            to_bytes,
-            ..
-        } => format!(
-            "grow image {pool}/{image} {} -> {}",
-            gib(*from_bytes),
-            gib(*to_bytes)
-        ),
-        Action::RestoreImage { pool, image } => {
-            format!("restore image {pool}/{image} from the trash")
-        }
-        Action::TrashImage {
-            pool,
-            image,
-            retain_secs,
-            ..
-        } => format!(
-            "move image {pool}/{image} to the trash (kept {})",
-            humantime::format_duration(std::time::Duration::from_secs(*retain_secs))
-        ),
-        Action::DeleteImage { pool, image, .. } => format!("DELETE image {pool}/{image}"),
         Action::RegisterCluster { name, cluster } => {
             format!("register Ceph cluster {cluster} as {name}")
         }
-        Action::CreateBdev(b) => format!("create bdev {} on {}/{}", b.name, b.pool, b.image),
-        Action::DeleteBdev { name } => format!("delete bdev {name}"),
-        Action::ResizeBdev { name, new_size_mib } => {
-            format!("grow bdev {name} to {new_size_mib} MiB (the host sees the new size)")
-        }
-        Action::CreateSubsystem(s) => format!("create subsystem {}", s.nqn),
-        Action::DestroySubsystem { nqn } => format!("destroy subsystem {nqn}"),
-        Action::CreateNamespace(n) => {
+        Action::GrowImage { from_bytes, grow } => format!(
+            "grow image {}/{} {} -> {}",
+            grow.pool,
+            grow.image,
+            gib(*from_bytes),
+            gib(grow.size_bytes)
+        ),
+        Action::Send(c) => describe_command(c),
+    }
+}
+
+/// One line describing a command a step sends.
+fn describe_command(c: &Command) -> String {
+    let policy = |p: &Option<protocol::ImagePolicy>| {
+        p.as_ref()
+            .map_or_else(|| "Retain".to_string(), |p| p.deletion.to_string())
+    };
+    match c {
+        Command::InstallSnap(spec) => format!("install SNAP {}:{}", spec.image, spec.tag),
+        Command::CreateImage(x) => format!(
+            "create image {}/{} {} (policy {})",
+            x.pool,
+            x.image,
+            gib(x.size_bytes),
+            policy(&x.policy)
+        ),
+        Command::AdoptImage(x) => format!(
+            "adopt image {}/{} as volume {} (policy {})",
+            x.pool,
+            x.image,
+            x.owner.volume,
+            policy(&x.policy)
+        ),
+        Command::RestoreImage(x) => format!("restore image {}/{} from the trash", x.pool, x.image),
+        Command::TrashImage(x) => format!(
+            "move image {}/{} to the trash (kept {})",
+            x.pool,
+            x.image,
+            humantime::format_duration(std::time::Duration::from_secs(x.retain_secs))
+        ),
+        Command::DeleteImage(x) => format!("DELETE image {}/{}", x.pool, x.image),
+        Command::CreateBdev(b) => format!("create bdev {} on {}/{}", b.name, b.pool, b.image),
+        Command::DeleteBdev(x) => format!("delete bdev {}", x.name),
+        Command::ResizeBdev(x) => format!(
+            "grow bdev {} to {} MiB (the host sees the new size)",
+            x.name, x.new_size_mib
+        ),
+        Command::CreateSubsystem(s) => format!("create subsystem {}", s.nqn),
+        Command::DestroySubsystem(x) => format!("destroy subsystem {}", x.nqn),
+        Command::CreateNamespace(n) => {
             format!("create namespace {} nsid {} uuid {}", n.nqn, n.nsid, n.uuid)
         }
-        Action::DestroyNamespace { nqn, nsid } => format!("destroy namespace {nqn} nsid {nsid}"),
-        Action::CreateController(c) => format!(
+        Command::DestroyNamespace(x) => format!("destroy namespace {} nsid {}", x.nqn, x.nsid),
+        Command::CreateController(c) => format!(
             "create controller {} on {} ({} queues, suspended)",
             c.name, c.function, c.num_queues
         ),
-        Action::DestroyController { name } => format!("destroy controller {name}"),
-        Action::Attach(a) => format!("attach nsid {} to {}", a.nsid, a.controller),
-        Action::Detach(a) => format!("detach nsid {} from {}", a.nsid, a.controller),
-        Action::Resume { controller } => format!("resume controller {controller}"),
+        Command::DestroyController(x) => format!("destroy controller {}", x.name),
+        Command::AttachNamespace(a) => format!("attach nsid {} to {}", a.nsid, a.controller),
+        Command::DetachNamespace(a) => format!("detach nsid {} from {}", a.nsid, a.controller),
+        Command::ResumeController(x) => format!("resume controller {}", x.name),
+        other => other.name().replace('_', " "),
     }
 }
 

@@ -12,6 +12,88 @@ use serde::{Deserialize, Serialize};
 use crate::manifest::{Desired, Volume};
 use crate::plan::{names, Observed};
 
+spelled! {
+    /// A volume's state, and a DPU's health.
+    Health {
+        /// Whole: every link of the chain in place; a DPU's SNAP running with all its objects.
+        Ok = "ok",
+        /// A link missing or wrong (pending work, or held back); SNAP not running or objects
+        /// missing.
+        Degraded = "degraded",
+        /// Its agent (or the cluster's) does not report.
+        Unknown = "unknown",
+    } default Unknown
+}
+
+spelled! {
+    /// A Ceph cluster's health as its monitors say it, or unknown.
+    ClusterHealth {
+        /// `HEALTH_OK`.
+        HealthOk = "HEALTH_OK",
+        /// `HEALTH_WARN`.
+        HealthWarn = "HEALTH_WARN",
+        /// `HEALTH_ERR`.
+        HealthErr = "HEALTH_ERR",
+        /// Its agent does not report (or the monitors said something else).
+        Unknown = "unknown",
+    } default Unknown
+}
+
+impl ClusterHealth {
+    /// From the monitors' word.
+    pub fn parse(s: &str) -> Self {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|h| h.as_str() == s)
+            .unwrap_or(Self::Unknown)
+    }
+}
+
+spelled! {
+    /// A link of a volume's chain.
+    LinkKind {
+        /// The RBD image.
+        Image = "image",
+        /// SNAP's bdev on it.
+        Bdev = "bdev",
+        /// The NVMe namespace.
+        Namespace = "namespace",
+        /// The NVMe controller.
+        Controller = "controller",
+        /// The namespace attached to the controller.
+        Attached = "attached",
+        /// The host seeing it.
+        Host = "host",
+    } default Image
+}
+
+spelled! {
+    /// Whether a link is there.
+    LinkState {
+        /// There, as wanted.
+        Ok = "ok",
+        /// Missing or wrong: the first such link breaks the chain.
+        Broken = "broken",
+        /// After the first broken link: not looked at.
+        Unchecked = "unchecked",
+    } default Unchecked
+}
+
+spelled! {
+    /// What the host does with a volume's device.
+    HostUseState {
+        /// Held open (by `host_openers`).
+        Open = "open",
+        /// Not open, but the host's driver has its controller enabled.
+        Enabled = "enabled",
+        /// Seen, not used.
+        Idle = "idle",
+        /// The platform cannot tell.
+        Unknown = "unknown",
+    } default Unknown
+}
+
 /// Everything the status views show.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FleetStatus {
@@ -92,16 +174,16 @@ impl Selection {
     /// A page of `limit` when none is set.
     pub const DEFAULT_LIMIT: usize = 1000;
 
-    fn state_matches(&self, state: &str) -> bool {
+    fn state_matches(&self, state: Health) -> bool {
         match self.state.as_deref() {
             None | Some("") => true,
-            Some("problems") => state != "ok",
-            Some(s) => s == state,
+            Some("problems") => state != Health::Ok,
+            Some(s) => s == state.as_str(),
         }
     }
 
     /// The common filters: state (or health), exact host and DPU, text in any of `names`.
-    fn common(&self, state: &str, host: &str, dpu: &str, names: &[&str]) -> bool {
+    fn common(&self, state: Health, host: &str, dpu: &str, names: &[&str]) -> bool {
         let exact = |want: &Option<String>, have: &str| {
             want.as_deref().is_none_or(|w| w.is_empty() || w == have)
         };
@@ -122,7 +204,7 @@ impl Selection {
         };
         label
             && self.common(
-                &v.state,
+                v.state,
                 &v.host,
                 &v.dpu,
                 &[&v.volume, &v.image, &v.host, &v.dpu],
@@ -130,7 +212,7 @@ impl Selection {
     }
 
     fn dpu(&self, d: &DpuStatus) -> bool {
-        self.common(&d.health, &d.host, &d.name, &[&d.name, &d.host])
+        self.common(d.health, &d.host, &d.name, &[&d.name, &d.host])
     }
 }
 
@@ -143,8 +225,8 @@ pub struct ClusterStatus {
     pub agent: String,
     /// Whether its agent reports.
     pub reachable: bool,
-    /// `HEALTH_OK`... or `UNKNOWN`.
-    pub health: String,
+    /// As the monitors say it.
+    pub health: ClusterHealth,
     /// Active health checks, `NAME: summary`.
     pub checks: Vec<String>,
     /// Raw bytes.
@@ -170,12 +252,12 @@ pub struct DpuStatus {
     pub agent: String,
     /// Whether its agent reports.
     pub reachable: bool,
-    /// `ok`, `degraded` (SNAP not running or missing objects) or `unknown`.
-    pub health: String,
+    /// Ok, degraded (SNAP not running or missing objects) or unknown.
+    pub health: Health,
     /// `bluefield3` or `simulation`.
     pub platform: String,
-    /// SNAP's state.
-    pub snap_state: String,
+    /// SNAP's state (none while the agent does not report).
+    pub snap_state: Option<protocol::dpu::SnapState>,
     /// SNAP's version as it answers.
     pub snap_version: Option<String>,
     /// The deployed image:tag.
@@ -208,10 +290,10 @@ pub struct DpuStatus {
 /// One link of a volume's chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
-    /// `image`, `bdev`, `namespace`, `controller`, `attached`, `host`.
-    pub link: String,
-    /// `ok`, `broken`, or `unchecked` (after the first broken link).
-    pub state: String,
+    /// Which link.
+    pub link: LinkKind,
+    /// Whether it is there.
+    pub state: LinkState,
     /// What was found.
     pub detail: String,
 }
@@ -243,8 +325,8 @@ pub struct VolumeStatus {
     pub uuid: String,
     /// Deletion policy.
     pub policy: String,
-    /// `ok`, `degraded` or `unknown`.
-    pub state: String,
+    /// Whole, degraded or unknown.
+    pub state: Health,
     /// The first link that is not there, when degraded; why, when unknown.
     pub detail: String,
     /// The chain, link by link.
@@ -256,11 +338,9 @@ pub struct VolumeStatus {
     /// Where the host has the volume's device, when the DPU's platform can tell.
     #[serde(default)]
     pub host_device: Option<String>,
-    /// What the host does with it: `open` (held open by `host_openers`), `enabled` (not open,
-    /// but the host's driver has its controller enabled), `idle`, or `unknown` (the platform
-    /// cannot tell). Either of the first two makes removing the volume "in use".
+    /// What the host does with it. Open or enabled makes removing the volume "in use".
     #[serde(default)]
-    pub host_use: String,
+    pub host_use: HostUseState,
     /// How many openers the host has on the device.
     #[serde(default)]
     pub host_openers: u32,
@@ -275,86 +355,12 @@ impl FleetStatus {
         let clusters = desired
             .clusters
             .values()
-            .map(|c| {
-                let mut s = ClusterStatus {
-                    name: c.name.clone(),
-                    agent: c.agent.to_string(),
-                    health: "UNKNOWN".into(),
-                    ..ClusterStatus::default()
-                };
-                match observed.clusters.get(&c.name) {
-                    Some(crate::plan::Known::Known { report: r }) => {
-                        s.reachable = true;
-                        s.health = r.health.status.clone();
-                        s.checks = r
-                            .health
-                            .checks
-                            .iter()
-                            .map(|(k, v)| format!("{k}: {v}"))
-                            .collect();
-                        s.total_bytes = r.capacity.total_bytes;
-                        s.used_bytes = r.capacity.used_bytes;
-                        s.avail_bytes = r.capacity.avail_bytes;
-                        s.images = r.images.len();
-                    }
-                    Some(crate::plan::Known::Unknown { reason }) => s.error = Some(reason.clone()),
-                    None => s.error = Some("not observed".into()),
-                }
-                s
-            })
+            .map(|c| cluster_status(c, observed))
             .collect();
         let dpus = desired
             .dpus
             .values()
-            .map(|d| {
-                let mut s = DpuStatus {
-                    name: d.name.clone(),
-                    host: d.host.clone(),
-                    agent: d.agent.to_string(),
-                    health: "unknown".into(),
-                    snap_state: "unknown".into(),
-                    ..DpuStatus::default()
-                };
-                match observed.dpus.get(&d.name) {
-                    Some(crate::plan::Known::Known { report: r }) => {
-                        let running = r.snap.state == protocol::dpu::SnapState::Running;
-                        s.reachable = true;
-                        s.health = if running && r.missing.is_empty() {
-                            "ok"
-                        } else {
-                            "degraded"
-                        }
-                        .into();
-                        s.platform = r.platform.clone();
-                        s.snap_state = serde_json::to_value(r.snap.state)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default();
-                        s.snap_version = r.snap.version.clone();
-                        s.snap_image = r.snap.image.clone();
-                        s.snap_restarts = r.snap.restarts;
-                        if let Some(bf) = &r.bluefield {
-                            s.firmware = bf.firmware_version.clone();
-                            s.temperature_c = bf.temperature_c;
-                        }
-                        s.cpu_model = r.host.cpu_model.clone();
-                        s.cpus = r.host.cpus;
-                        s.load1 = r.host.load[0];
-                        s.mem_total_bytes = r.host.mem_total_bytes;
-                        s.mem_available_bytes = r.host.mem_available_bytes;
-                        s.missing = r.missing.clone();
-                    }
-                    Some(crate::plan::Known::Unknown { reason }) => s.error = Some(reason.clone()),
-                    None => s.error = Some("not observed".into()),
-                }
-                for (cluster, k) in &observed.clusters {
-                    let Some(r) = k.get() else { continue };
-                    for f in r.fences.iter().filter(|f| f.dpu == d.name) {
-                        s.fenced.push(fence_line(cluster, f));
-                    }
-                }
-                s
-            })
+            .map(|d| dpu_status(d, observed))
             .collect();
         // Each cluster's images by (pool, name), once: a volume's lookup costs no scan.
         let images: std::collections::HashMap<(&str, &str, &str), &ImageStatus> = observed
@@ -392,22 +398,22 @@ impl FleetStatus {
 
     /// Counts the fleet.
     fn count(&mut self) {
-        let vol = |state: &str| self.volumes.iter().filter(|v| v.state == state).count();
+        let vol = |state: Health| self.volumes.iter().filter(|v| v.state == state).count();
         let dpu = |f: &dyn Fn(&DpuStatus) -> bool| self.dpus.iter().filter(|d| f(d)).count();
         self.summary = Summary {
             volumes: self.volumes.len(),
-            volumes_ok: vol("ok"),
-            volumes_degraded: vol("degraded"),
-            volumes_unknown: vol("unknown"),
+            volumes_ok: vol(Health::Ok),
+            volumes_degraded: vol(Health::Degraded),
+            volumes_unknown: vol(Health::Unknown),
             dpus: self.dpus.len(),
             dpus_up: dpu(&|d| d.reachable),
             dpus_down: dpu(&|d| !d.reachable),
-            dpus_degraded: dpu(&|d| d.reachable && d.health != "ok"),
+            dpus_degraded: dpu(&|d| d.reachable && d.health != Health::Ok),
             clusters: self.clusters.len(),
             clusters_unhealthy: self
                 .clusters
                 .iter()
-                .filter(|c| !c.reachable || c.health != "HEALTH_OK")
+                .filter(|c| !c.reachable || c.health != ClusterHealth::HealthOk)
                 .count(),
         };
     }
@@ -468,7 +474,8 @@ impl FleetStatus {
     pub fn render_problems(&self) -> String {
         let mut out = String::from("Problems:\n");
         for d in &self.dpus {
-            let why = d.error.as_deref().unwrap_or(&d.snap_state);
+            let state = snap_word(d.snap_state);
+            let why = d.error.as_deref().unwrap_or(state);
             let _ = writeln!(out, "  dpu {:<20} {:<9} {why}", d.name, d.health);
         }
         for v in &self.volumes {
@@ -494,6 +501,14 @@ impl FleetStatus {
     /// The status tables, for people.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        self.render_clusters(&mut out);
+        self.render_dpus(&mut out);
+        self.render_volumes(&mut out);
+        self.render_paging(&mut out);
+        out
+    }
+
+    fn render_clusters(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "{:<16} {:<12} {:<12} {:>8} {:>12}",
@@ -511,6 +526,9 @@ impl FleetStatus {
                 c.name, c.agent, c.health, images, avail
             );
         }
+    }
+
+    fn render_dpus(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "\n{:<12} {:<12} {:<9} {:<12} {:<34} {:>8} {:>8}",
@@ -524,7 +542,7 @@ impl FleetStatus {
                     d.name,
                     d.host,
                     d.health,
-                    d.snap_state,
+                    snap_word(d.snap_state),
                     d.snap_image
                         .as_deref()
                         .and_then(|i| i.rsplit(':').next())
@@ -538,7 +556,7 @@ impl FleetStatus {
                     "{:<12} {:<12} {:<9} {}",
                     d.name,
                     d.host,
-                    "UNKNOWN",
+                    Health::Unknown,
                     d.error.as_deref().unwrap_or("")
                 );
             }
@@ -546,6 +564,9 @@ impl FleetStatus {
                 let _ = writeln!(out, "{:<12} FENCED {f}", "");
             }
         }
+    }
+
+    fn render_volumes(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "\n{:<20} {:<10} {:>10} {:<9} {:<8} DETAIL",
@@ -566,12 +587,12 @@ impl FleetStatus {
             let state = if v.suspended {
                 format!("{} (suspended)", v.state)
             } else {
-                v.state.clone()
+                v.state.to_string()
             };
-            let host_use = match v.host_use.as_str() {
-                "open" => format!("open({})", v.host_openers),
-                "" | "unknown" => "-".into(),
-                other => other.into(),
+            let host_use = match v.host_use {
+                HostUseState::Open => format!("open({})", v.host_openers),
+                HostUseState::Unknown => "-".into(),
+                other => other.to_string(),
             };
             let _ = writeln!(
                 out,
@@ -588,6 +609,10 @@ impl FleetStatus {
                     .unwrap_or_default()
             );
         }
+    }
+
+    /// Where the lists were cut, and how to see the rest.
+    fn render_paging(&self, out: &mut String) {
         if let Some(p) = &self.page {
             let more = |what: &str, shown: usize, matched: usize| {
                 (matched > shown).then(|| {
@@ -608,7 +633,91 @@ impl FleetStatus {
                 out.push_str(&line);
             }
         }
-        out
+    }
+}
+
+/// One cluster's status, from its agent's report.
+fn cluster_status(c: &crate::manifest::Cluster, observed: &Observed) -> ClusterStatus {
+    let mut s = ClusterStatus {
+        name: c.name.clone(),
+        agent: c.agent.to_string(),
+        ..ClusterStatus::default()
+    };
+    match observed.clusters.get(&c.name) {
+        Some(crate::plan::Known::Known { report: r }) => {
+            s.reachable = true;
+            s.health = ClusterHealth::parse(&r.health.status);
+            s.checks = r
+                .health
+                .checks
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            s.total_bytes = r.capacity.total_bytes;
+            s.used_bytes = r.capacity.used_bytes;
+            s.avail_bytes = r.capacity.avail_bytes;
+            s.images = r.images.len();
+        }
+        Some(crate::plan::Known::Unknown { reason }) => s.error = Some(reason.clone()),
+        None => s.error = Some("not observed".into()),
+    }
+    s
+}
+
+/// One DPU's status, from its agent's report and the clusters' fences.
+fn dpu_status(d: &crate::manifest::Dpu, observed: &Observed) -> DpuStatus {
+    let mut s = DpuStatus {
+        name: d.name.clone(),
+        host: d.host.clone(),
+        agent: d.agent.to_string(),
+        ..DpuStatus::default()
+    };
+    match observed.dpus.get(&d.name) {
+        Some(crate::plan::Known::Known { report: r }) => {
+            let running = r.snap.state == protocol::dpu::SnapState::Running;
+            s.reachable = true;
+            s.health = if running && r.missing.is_empty() {
+                Health::Ok
+            } else {
+                Health::Degraded
+            };
+            s.platform = r.platform.clone();
+            s.snap_state = Some(r.snap.state);
+            s.snap_version = r.snap.version.clone();
+            s.snap_image = r.snap.image.clone();
+            s.snap_restarts = r.snap.restarts;
+            if let Some(bf) = &r.bluefield {
+                s.firmware = bf.firmware_version.clone();
+                s.temperature_c = bf.temperature_c;
+            }
+            s.cpu_model = r.host.cpu_model.clone();
+            s.cpus = r.host.cpus;
+            s.load1 = r.host.load[0];
+            s.mem_total_bytes = r.host.mem_total_bytes;
+            s.mem_available_bytes = r.host.mem_available_bytes;
+            s.missing = r.missing.clone();
+        }
+        Some(crate::plan::Known::Unknown { reason }) => s.error = Some(reason.clone()),
+        None => s.error = Some("not observed".into()),
+    }
+    for (cluster, k) in &observed.clusters {
+        let Some(r) = k.get() else { continue };
+        for f in r.fences.iter().filter(|f| f.dpu == d.name) {
+            s.fenced.push(fence_line(cluster, f));
+        }
+    }
+    s
+}
+
+/// SNAP's state in one word (`unknown` while its agent does not report).
+fn snap_word(state: Option<protocol::dpu::SnapState>) -> &'static str {
+    use protocol::dpu::SnapState;
+    match state {
+        None => Health::Unknown.as_str(),
+        Some(SnapState::NotInstalled) => "not_installed",
+        Some(SnapState::Starting) => "starting",
+        Some(SnapState::Running) => "running",
+        Some(SnapState::Unreachable) => "unreachable",
     }
 }
 
@@ -638,7 +747,7 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
         nsid: v.nsid,
         uuid: v.uuid.clone(),
         policy: v.deletion_policy.as_str().into(),
-        state: "unknown".into(),
+        state: Health::Unknown,
         labels: v.labels.clone(),
         ..VolumeStatus::default()
     };
@@ -657,31 +766,37 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
     };
     // Each check: Ok(what was found) or Err(what is missing).
     let mut chain = Chain::default();
-    chain.check("image", || match img {
+    chain.check(LinkKind::Image, || match img {
         Some(i) if i.state == ImageState::Live => {
             s.size_bytes = i.size_bytes;
             Ok(format!("{}/{} {}Mi", v.pool, v.image, i.size_bytes >> 20))
         }
-        Some(_) => Err(format!("image {}/{} is in the trash", v.pool, v.image)),
-        None => Err(format!("image {}/{} missing", v.pool, v.image)),
+        Some(_) => Err(Missing(format!(
+            "image {}/{} is in the trash",
+            v.pool, v.image
+        ))),
+        None => Err(Missing(format!("image {}/{} missing", v.pool, v.image))),
     });
     let empty = SnapInventory::default();
     let inv = dpu.inventory.as_ref().unwrap_or(&empty);
     let bdev = names::bdev(v.name.as_str());
-    chain.check("bdev", || {
+    chain.check(LinkKind::Bdev, || {
         if dpu.inventory.is_none() {
-            return Err(format!("SNAP on {} is {:?}", v.dpu, dpu.snap.state));
+            return Err(Missing(format!(
+                "SNAP on {} is {:?}",
+                v.dpu, dpu.snap.state
+            )));
         }
         let Some(b) = inv.bdevs.iter().find(|b| b.name == bdev) else {
-            return Err(format!("bdev {bdev} missing on {}", v.dpu));
+            return Err(Missing(format!("bdev {bdev} missing on {}", v.dpu)));
         };
         s.host_bytes = b.num_blocks * u64::from(b.block_size);
         if s.host_bytes < v.size_bytes {
-            return Err(format!(
+            return Err(Missing(format!(
                 "bdev {bdev} shows the host {}Mi of {}Mi",
                 s.host_bytes >> 20,
                 v.size_bytes >> 20
-            ));
+            )));
         }
         Ok(bdev.clone())
     });
@@ -691,33 +806,32 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
             .iter()
             .find(|n| n.bdev == bdev && v.nsid.is_none_or(|p| p == n.nsid))
     });
-    chain.check("namespace", || match ns {
+    chain.check(LinkKind::Namespace, || match ns {
         Some(n) => {
             s.nsid = Some(n.nsid);
             Ok(format!("nsid {} in {nqn}", n.nsid))
         }
-        None => Err(format!("namespace for {bdev} missing in {nqn}")),
+        None => Err(Missing(format!("namespace for {bdev} missing in {nqn}"))),
     });
     let ctrl = names::controller(v.function);
     let c = inv.controllers.iter().find(|c| c.name == ctrl);
-    chain.check("controller", || match c {
+    chain.check(LinkKind::Controller, || match c {
         Some(c) => Ok(format!("{ctrl} ({} queues)", c.num_queues)),
-        None => Err(format!("controller {ctrl} missing on {}", v.dpu)),
+        None => Err(Missing(format!("controller {ctrl} missing on {}", v.dpu))),
     });
-    chain.check("attached", || match (c, ns) {
+    chain.check(LinkKind::Attached, || match (c, ns) {
         (Some(c), Some(n)) if c.namespaces.contains(&n.nsid) => {
             Ok(format!("nsid {} on {ctrl}", n.nsid))
         }
-        _ => Err(format!("namespace not attached to {ctrl}")),
+        _ => Err(Missing(format!("namespace not attached to {ctrl}"))),
     });
     let seen = host_seen(&mut s, dpu, &ctrl, ns.map(|n| n.nsid));
-    chain.check("host", || host_link(v, &ctrl, c, &seen, s.nsid));
+    chain.check(LinkKind::Host, || host_link(v, &ctrl, c, &seen, s.nsid));
     s.state = if chain.broken.is_some() {
-        "degraded"
+        Health::Degraded
     } else {
-        "ok"
-    }
-    .into();
+        Health::Ok
+    };
     s.detail = match chain.broken {
         Some(why) => why,
         None => format!("{} nsid {} on {}", v.function, s.nsid.unwrap_or(0), v.dpu),
@@ -734,7 +848,7 @@ fn host_seen<'a>(
     ctrl: &str,
     nsid: Option<u32>,
 ) -> Option<Option<(&'a protocol::dpu::HostDevice, bool)>> {
-    s.host_use = "unknown".into();
+    s.host_use = HostUseState::Unknown;
     let seen = match (&dpu.host_use, nsid) {
         (Some(h), Some(nsid)) => Some(h.device(ctrl, nsid).map(|d| {
             let enabled = h.controller(ctrl).is_some_and(|c| c.enabled);
@@ -746,11 +860,10 @@ fn host_seen<'a>(
         s.host_device = Some(d.device.clone());
         s.host_openers = d.open;
         s.host_use = match (d.open, enabled) {
-            (n, _) if n > 0 => "open",
-            (_, true) => "enabled",
-            _ => "idle",
-        }
-        .into();
+            (n, _) if n > 0 => HostUseState::Open,
+            (_, true) => HostUseState::Enabled,
+            _ => HostUseState::Idle,
+        };
     }
     seen
 }
@@ -763,22 +876,22 @@ fn host_link(
     c: Option<&protocol::dpu::ControllerInfo>,
     seen: &Option<Option<(&protocol::dpu::HostDevice, bool)>>,
     nsid: Option<u32>,
-) -> Result<String, String> {
+) -> Result<String, Missing> {
     match (c, seen) {
         (Some(c), _) if !c.state.eq_ignore_ascii_case("STARTED") => {
-            Err(format!("controller {ctrl} is {}", c.state))
+            Err(Missing(format!("controller {ctrl} is {}", c.state)))
         }
-        (None, _) => Err("no controller".into()),
+        (None, _) => Err(Missing("no controller".into())),
         // The host's own account, when the platform has it: the device, with this identity.
-        (Some(_), Some(None)) => Err(format!(
+        (Some(_), Some(None)) => Err(Missing(format!(
             "{} does not see nsid {} of {ctrl}",
             v.host,
             nsid.unwrap_or(0)
-        )),
-        (Some(_), Some(Some((d, _)))) if d.uuid != v.uuid => Err(format!(
+        ))),
+        (Some(_), Some(Some((d, _)))) if d.uuid != v.uuid => Err(Missing(format!(
             "{} sees UUID {} at nsid {}, not {}",
             v.host, d.uuid, d.nsid, v.uuid
-        )),
+        ))),
         (Some(_), Some(Some((d, _)))) => Ok(format!(
             "{} has {} ({} {} on {})",
             v.host, d.device, v.function, ctrl, v.dpu
@@ -786,6 +899,9 @@ fn host_link(
         (Some(_), None) => Ok(format!("{} {} on {}", v.host, v.function, v.dpu)),
     }
 }
+
+/// What a link of a chain lacks (its detail in the status).
+struct Missing(String);
 
 /// A chain being walked: links after the first broken one are not checked.
 #[derive(Default)]
@@ -795,21 +911,21 @@ struct Chain {
 }
 
 impl Chain {
-    fn check(&mut self, link: &str, f: impl FnOnce() -> Result<String, String>) {
+    fn check(&mut self, link: LinkKind, f: impl FnOnce() -> Result<String, Missing>) {
         let (state, detail) = if self.broken.is_some() {
-            ("unchecked", String::new())
+            (LinkState::Unchecked, String::new())
         } else {
             match f() {
-                Ok(d) => ("ok", d),
-                Err(e) => {
+                Ok(d) => (LinkState::Ok, d),
+                Err(Missing(e)) => {
                     self.broken = Some(e.clone());
-                    ("broken", e)
+                    (LinkState::Broken, e)
                 }
             }
         };
         self.links.push(Link {
-            link: link.into(),
-            state: state.into(),
+            link,
+            state,
             detail,
         });
     }
@@ -880,7 +996,7 @@ mod tests {
         });
         assert_eq!(page.summary, fs.summary);
         assert_eq!(page.volumes.len(), 1);
-        assert_eq!(page.volumes[0].state, "unknown");
+        assert_eq!(page.volumes[0].state, Health::Unknown);
         let p = page.page.clone().unwrap();
         assert_eq!((p.volumes_matched, p.dpus_matched), (on_gone, 1));
         assert_eq!(page.dpus[0].name, gone);
@@ -968,8 +1084,8 @@ mod tests {
         };
         w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
         let v = db_data(&d, &w);
-        assert_eq!(v.state, "ok", "{v:?}");
-        assert_eq!(v.host_use, "open");
+        assert_eq!(v.state, Health::Ok, "{v:?}");
+        assert_eq!(v.host_use, HostUseState::Open);
         assert_eq!(v.host_openers, 2);
         assert_eq!(v.host_device.as_deref(), Some("/h/unistor-pf0-n1.nbd"));
         assert!(FleetStatus::new(&d, &w.observed())
@@ -977,21 +1093,21 @@ mod tests {
             .contains("open(2)"));
         host.controllers[0].namespaces[0].open = 0;
         w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
-        assert_eq!(db_data(&d, &w).host_use, "enabled");
+        assert_eq!(db_data(&d, &w).host_use, HostUseState::Enabled);
         host.controllers[0].enabled = false;
         w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
-        assert_eq!(db_data(&d, &w).host_use, "idle");
+        assert_eq!(db_data(&d, &w).host_use, HostUseState::Idle);
         // The host sees another namespace there: not ok.
         host.controllers[0].namespaces[0].uuid = "00000000-0000-4000-8000-000000000000".into();
         w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host.clone());
         let v = db_data(&d, &w);
-        assert_eq!(v.state, "degraded");
+        assert_eq!(v.state, Health::Degraded);
         assert!(v.detail.contains("sees UUID 00000000"), "{v:?}");
         // Or none at all.
         host.controllers.clear();
         w.dpus.get_mut("dpu-a").unwrap().host_use = Some(host);
         let v = db_data(&d, &w);
-        assert_eq!(v.state, "degraded");
+        assert_eq!(v.state, Health::Degraded);
         assert!(
             v.detail.contains("does not see nsid 1 of unistor-pf0"),
             "{v:?}"

@@ -96,9 +96,11 @@ async fn an_execution_longer_than_the_lease_ttl_finishes_with_every_step_done() 
         .map(|id| Step {
             id,
             target: target.clone(),
-            action: Action::Resume {
-                controller: format!("ctrl{id}"),
-            },
+            action: Action::Send(protocol::Command::ResumeController(
+                protocol::dpu::NameRef {
+                    name: format!("ctrl{id}"),
+                },
+            )),
             risk: Risk::Safe,
             depends_on: if id == 0 { vec![] } else { vec![id - 1] },
             volume: None,

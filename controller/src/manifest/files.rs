@@ -10,18 +10,37 @@ use std::path::{Path, PathBuf};
 
 use super::{LoadError, MAX_FILES, MAX_FILE_BYTES};
 
+/// Why a manifest file is not read.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Unread {
+    /// An I/O error.
+    #[error("cannot read: {0}")]
+    Io(#[from] std::io::Error),
+    /// A link that cannot be followed.
+    #[error("a symbolic link that cannot be followed: {0}")]
+    BrokenLink(std::io::Error),
+    /// A link out of the tree.
+    #[error("a symbolic link to {}, outside the manifest directory: not read", .0.display())]
+    OutsideLink(PathBuf),
+    /// A FIFO, a device, a socket, a directory...
+    #[error("{0}, not a regular file: not read")]
+    NotRegular(&'static str),
+    /// Over the size bound.
+    #[error("{0} bytes; manifest files are at most {MAX_FILE_BYTES}")]
+    TooLarge(u64),
+    /// Grew over the bound while read.
+    #[error("grew past {MAX_FILE_BYTES} bytes while read; manifest files are at most that")]
+    Grew,
+}
+
 /// Reads manifest file `p` of the tree whose canonical root is `root`; why not, when it is not
 /// read.
-pub(super) fn read_bounded(root: &Path, p: &Path) -> Result<String, String> {
-    let listed = std::fs::symlink_metadata(p).map_err(|e| format!("cannot read: {e}"))?;
+pub(super) fn read_bounded(root: &Path, p: &Path) -> Result<String, Unread> {
+    let listed = std::fs::symlink_metadata(p)?;
     let target = if listed.file_type().is_symlink() {
-        let t = std::fs::canonicalize(p)
-            .map_err(|e| format!("a symbolic link that cannot be followed: {e}"))?;
+        let t = std::fs::canonicalize(p).map_err(Unread::BrokenLink)?;
         if !t.starts_with(root) {
-            return Err(format!(
-                "a symbolic link to {}, outside the manifest directory: not read",
-                t.display()
-            ));
+            return Err(Unread::OutsideLink(t));
         }
         t
     } else {
@@ -32,9 +51,8 @@ pub(super) fn read_bounded(root: &Path, p: &Path) -> Result<String, String> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&target)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let m = f.metadata().map_err(|e| format!("cannot read: {e}"))?;
+        .open(&target)?;
+    let m = f.metadata()?;
     let t = m.file_type();
     if !t.is_file() {
         let kind = if t.is_fifo() {
@@ -48,22 +66,15 @@ pub(super) fn read_bounded(root: &Path, p: &Path) -> Result<String, String> {
         } else {
             "not a regular file"
         };
-        return Err(format!("{kind}, not a regular file: not read"));
+        return Err(Unread::NotRegular(kind));
     }
     if m.len() > MAX_FILE_BYTES {
-        return Err(format!(
-            "{} bytes; manifest files are at most {MAX_FILE_BYTES}",
-            m.len()
-        ));
+        return Err(Unread::TooLarge(m.len()));
     }
     let mut text = String::new();
-    f.take(MAX_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read: {e}"))?;
+    f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
     if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!(
-            "grew past {MAX_FILE_BYTES} bytes while read; manifest files are at most that"
-        ));
+        return Err(Unread::Grew);
     }
     Ok(text)
 }

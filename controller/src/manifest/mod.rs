@@ -181,30 +181,55 @@ pub struct Desired {
 }
 
 /// Parses a binary size (`512Mi`, `100Gi`, `2Ti`) into bytes; whole MiB only.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let units: [(&str, u64); 4] = [
         ("Ki", 1 << 10),
         ("Mi", 1 << 20),
         ("Gi", 1 << 30),
         ("Ti", 1 << 40),
     ];
+    let size = || s.to_string();
     let (num, mult) = units
         .iter()
         .find_map(|(u, m)| s.strip_suffix(u).map(|n| (n, *m)))
-        .ok_or_else(|| {
-            format!("{s:?} has no binary unit: write sizes like 512Mi, 100Gi or 2Ti (G, GB and bare numbers are ambiguous)")
-        })?;
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a whole number followed by Ki, Mi, Gi or Ti"))?;
+        .ok_or_else(|| SizeError::NoUnit(size()))?;
+    let n: u64 = num.parse().map_err(|_| SizeError::NotANumber(size()))?;
     let bytes = n
         .checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
+        .ok_or_else(|| SizeError::TooLarge(size()))?;
     if bytes == 0 || !bytes.is_multiple_of(1 << 20) {
-        return Err(format!("{s:?} is not a positive whole number of MiB"));
+        return Err(SizeError::NotWholeMib(size()));
     }
-    protocol::limits::check_volume_bytes(bytes).map_err(|why| format!("{s:?}: {why}"))?;
+    protocol::limits::check_volume_bytes(bytes).map_err(|why| SizeError::OutOfBounds {
+        size: size(),
+        why: why.to_string(),
+    })?;
     Ok(bytes)
+}
+
+/// Why a size is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// No binary unit.
+    #[error("{0:?} has no binary unit: write sizes like 512Mi, 100Gi or 2Ti (G, GB and bare numbers are ambiguous)")]
+    NoUnit(String),
+    /// Not a whole number before the unit.
+    #[error("{0:?} is not a whole number followed by Ki, Mi, Gi or Ti")]
+    NotANumber(String),
+    /// Past 64 bits.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+    /// Zero, or not a whole number of MiB.
+    #[error("{0:?} is not a positive whole number of MiB")]
+    NotWholeMib(String),
+    /// Outside the bounds of a volume.
+    #[error("{size:?}: {why}")]
+    OutOfBounds {
+        /// As written.
+        size: String,
+        /// Which bound.
+        why: String,
+    },
 }
 
 /// The namespace UUID derived from the backing image: the same wherever and whenever the volume
@@ -252,7 +277,7 @@ pub fn load_dir(dir: &Path) -> Result<Desired, Vec<LoadError>> {
                 file: f,
                 line: 0,
                 field: String::new(),
-                message,
+                message: message.to_string(),
             }),
         }
     }

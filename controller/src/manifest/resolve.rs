@@ -63,24 +63,8 @@ fn check_meta<S>(ctx: &mut Ctx<'_>, i: usize, o: &Object<S>) -> bool {
 
 pub(super) fn resolve(ctx: &mut Ctx<'_>) -> Desired {
     let mut d = Desired::default();
-    let mut seen: BTreeMap<(&str, String), usize> = BTreeMap::new();
+    unique_names(ctx);
     let docs = ctx.docs;
-    // Names are unique per kind.
-    for (i, (_, doc)) in docs.iter().enumerate() {
-        let (kind, name) = match doc {
-            Document::CephCluster(o) => ("CephCluster", &o.metadata.name),
-            Document::Dpu(o) => ("Dpu", &o.metadata.name),
-            Document::Volume(o) => ("Volume", &o.metadata.name),
-        };
-        if let Some(first) = seen.insert((kind, name.clone()), i) {
-            let at = ctx.source(first);
-            ctx.err(
-                i,
-                "metadata.name",
-                format!("{kind} {name:?} is defined twice (also at {at})"),
-            );
-        }
-    }
     for (i, (_, doc)) in docs.iter().enumerate() {
         match doc {
             Document::CephCluster(o) => {
@@ -96,9 +80,44 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>) -> Desired {
             Document::Volume(_) => {}
         }
     }
-    // One DPU per host.
-    let mut hosts: BTreeMap<String, String> = BTreeMap::new();
+    let hosts = one_dpu_per_host(ctx);
+    let mut set = VolumeSet::default();
     for (i, (_, doc)) in docs.iter().enumerate() {
+        let Document::Volume(o) = doc else { continue };
+        let Some(v) = resolve_volume(ctx, i, o, &d, &hosts) else {
+            continue;
+        };
+        if set.admit(ctx, i, &v) {
+            d.volumes.entry(v.name.to_string()).or_insert(v);
+        }
+    }
+    d
+}
+
+/// Names are unique per kind.
+fn unique_names(ctx: &mut Ctx<'_>) {
+    let mut seen: BTreeMap<(&str, String), usize> = BTreeMap::new();
+    for (i, (_, doc)) in ctx.docs.iter().enumerate() {
+        let (kind, name) = match doc {
+            Document::CephCluster(o) => ("CephCluster", &o.metadata.name),
+            Document::Dpu(o) => ("Dpu", &o.metadata.name),
+            Document::Volume(o) => ("Volume", &o.metadata.name),
+        };
+        if let Some(first) = seen.insert((kind, name.clone()), i) {
+            let at = ctx.source(first);
+            ctx.err(
+                i,
+                "metadata.name",
+                format!("{kind} {name:?} is defined twice (also at {at})"),
+            );
+        }
+    }
+}
+
+/// One DPU per host; returns host to DPU.
+fn one_dpu_per_host(ctx: &mut Ctx<'_>) -> BTreeMap<String, String> {
+    let mut hosts: BTreeMap<String, String> = BTreeMap::new();
+    for (i, (_, doc)) in ctx.docs.iter().enumerate() {
         if let Document::Dpu(o) = doc {
             if let Some(other) = hosts.insert(o.spec.host.clone(), o.metadata.name.clone()) {
                 if other != o.metadata.name {
@@ -114,16 +133,24 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>) -> Desired {
             }
         }
     }
-    let mut queues: BTreeMap<(String, FunctionRef), (u32, String, usize)> = BTreeMap::new();
-    let mut images: BTreeMap<(String, String, String), (String, usize)> = BTreeMap::new();
-    let mut slots: BTreeMap<(String, FunctionRef, u32), (String, usize)> = BTreeMap::new();
-    for (i, (_, doc)) in docs.iter().enumerate() {
-        let Document::Volume(o) = doc else { continue };
-        let Some(v) = resolve_volume(ctx, i, o, &d, &hosts) else {
-            continue;
-        };
+    hosts
+}
+
+/// The set-wide rules of volumes, checked as each is added: an image used once, one queue
+/// count per function (volumes on one function share its controller), an NSID once per
+/// function.
+#[derive(Default)]
+struct VolumeSet {
+    queues: BTreeMap<(String, FunctionRef), (u32, String, usize)>,
+    images: BTreeMap<(String, String, String), (String, usize)>,
+    slots: BTreeMap<(String, FunctionRef, u32), (String, usize)>,
+}
+
+impl VolumeSet {
+    /// Whether `v` (document `i`) may join the set; the error said when not.
+    fn admit(&mut self, ctx: &mut Ctx<'_>, i: usize, v: &Volume) -> bool {
         let img = (v.cluster.clone(), v.pool.to_string(), v.image.to_string());
-        if let Some((other, at)) = images.get(&img) {
+        if let Some((other, at)) = self.images.get(&img) {
             let at = ctx.source(*at);
             ctx.err(
                 i,
@@ -133,12 +160,11 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>) -> Desired {
                     img.0, img.1, img.2
                 ),
             );
-            continue;
+            return false;
         }
-        images.insert(img, (v.name.to_string(), i));
-        // Volumes on one function share its controller, and so its queue count.
+        self.images.insert(img, (v.name.to_string(), i));
         let key = (v.dpu.clone(), v.function);
-        if let Some((q, other, at)) = queues.get(&key) {
+        if let Some((q, other, at)) = self.queues.get(&key) {
             if *q != v.queues {
                 let at = ctx.source(*at);
                 ctx.err(
@@ -149,14 +175,14 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>) -> Desired {
                         v.queues, v.function, v.dpu
                     ),
                 );
-                continue;
+                return false;
             }
         } else {
-            queues.insert(key, (v.queues, v.name.to_string(), i));
+            self.queues.insert(key, (v.queues, v.name.to_string(), i));
         }
         if let Some(nsid) = v.nsid {
             let slot = (v.dpu.clone(), v.function, nsid);
-            if let Some((other, at)) = slots.get(&slot) {
+            if let Some((other, at)) = self.slots.get(&slot) {
                 let at = ctx.source(*at);
                 ctx.err(
                     i,
@@ -166,13 +192,12 @@ pub(super) fn resolve(ctx: &mut Ctx<'_>) -> Desired {
                         v.dpu, v.function
                     ),
                 );
-                continue;
+                return false;
             }
-            slots.insert(slot, (v.name.to_string(), i));
+            self.slots.insert(slot, (v.name.to_string(), i));
         }
-        d.volumes.entry(v.name.to_string()).or_insert(v);
+        true
     }
-    d
 }
 
 fn resolve_agent(ctx: &mut Ctx<'_>, i: usize, a: &AgentRef) -> Option<PeerName> {
@@ -255,7 +280,7 @@ fn resolve_dpu(ctx: &mut Ctx<'_>, i: usize, o: &Object<DpuSpec>) -> Option<Dpu> 
     let hugepages = match parse_size(&s.hugepages) {
         Ok(b) => b >> 20,
         Err(e) => {
-            ctx.err(i, "spec.snap.hugepages", e);
+            ctx.err(i, "spec.snap.hugepages", e.to_string());
             0
         }
     };
@@ -329,39 +354,9 @@ fn resolve_volume(
         }
     };
     let size = parse_size(&s.size)
-        .map_err(|e| ctx.err(i, "spec.size", e))
+        .map_err(|e| ctx.err(i, "spec.size", e.to_string()))
         .ok();
-    let cluster = match d.clusters.get(&s.rbd.cluster) {
-        Some(c) => Some(c),
-        None => {
-            ctx.err(
-                i,
-                "spec.rbd.cluster",
-                format!("no CephCluster named {:?}", s.rbd.cluster),
-            );
-            None
-        }
-    };
-    let pool = PoolName::parse("spec.rbd.pool", &s.rbd.pool)
-        .map_err(|e| ctx.name_err(i, "spec.rbd.pool", e))
-        .ok();
-    if let (Some(c), Some(p)) = (cluster, &pool) {
-        if !c.pools.contains(p) {
-            ctx.err(
-                i,
-                "spec.rbd.pool",
-                format!("pool {p:?} is not one of cluster {:?}'s pools", c.name),
-            );
-        }
-    }
-    let image_name = s
-        .rbd
-        .image
-        .clone()
-        .unwrap_or_else(|| o.metadata.name.clone());
-    let image = ImageName::parse("spec.rbd.image", &image_name)
-        .map_err(|e| ctx.name_err(i, "spec.rbd.image", e))
-        .ok();
+    let (cluster, pool, image) = resolve_rbd(ctx, i, o, d);
     let function = FunctionRef {
         pf: s.nvme.pf,
         vf: s.nvme.vf,
@@ -408,6 +403,41 @@ fn resolve_volume(
         labels: o.metadata.labels.clone(),
         source: ctx.source(i),
     })
+}
+
+/// A volume's `spec.rbd`: the cluster, a pool of it, the image (the volume's name unless set).
+fn resolve_rbd<'d>(
+    ctx: &mut Ctx<'_>,
+    i: usize,
+    o: &Object<VolumeSpec>,
+    d: &'d Desired,
+) -> (Option<&'d Cluster>, Option<PoolName>, Option<ImageName>) {
+    let rbd = &o.spec.rbd;
+    let cluster = d.clusters.get(&rbd.cluster);
+    if cluster.is_none() {
+        ctx.err(
+            i,
+            "spec.rbd.cluster",
+            format!("no CephCluster named {:?}", rbd.cluster),
+        );
+    }
+    let pool = PoolName::parse("spec.rbd.pool", &rbd.pool)
+        .map_err(|e| ctx.name_err(i, "spec.rbd.pool", e))
+        .ok();
+    if let (Some(c), Some(p)) = (cluster, &pool) {
+        if !c.pools.contains(p) {
+            ctx.err(
+                i,
+                "spec.rbd.pool",
+                format!("pool {p:?} is not one of cluster {:?}'s pools", c.name),
+            );
+        }
+    }
+    let image_name = rbd.image.clone().unwrap_or_else(|| o.metadata.name.clone());
+    let image = ImageName::parse("spec.rbd.image", &image_name)
+        .map_err(|e| ctx.name_err(i, "spec.rbd.image", e))
+        .ok();
+    (cluster, pool, image)
 }
 
 /// A volume's NVMe placement against its DPU: the PF and VF exist, the NSID and UUID are valid.

@@ -8,10 +8,11 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::rails::{check_rails, with_live_watchers, Rails};
+use super::rails::Rails;
 use super::{connect, fingerprint, load, run_options, Common, OpsError, SavedPlan};
 use crate::execute::{self, Outcome};
-use crate::plan::{self, Plan, Risk};
+use crate::plan::{self, Observed, Plan, Risk};
+use crate::reconcile::{self, reconcile, Driver, Inputs, Made, Reread, Verdict};
 use crate::render;
 
 /// `unistor apply`
@@ -63,41 +64,126 @@ fn confirm(p: &Plan) -> Result<(), OpsError> {
 }
 
 /// `unistor apply`: exit 0 when converged, 1 otherwise (error, refusal, steps that failed, an
-/// agent not observed, or anything held back).
+/// agent not observed, or anything held back). The passes are [`crate::reconcile`]'s; this
+/// prints them and maps their verdict to the exit code.
 pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
     let (opts, mut exec) = run_options(&a.common, &a.rails);
     exec.lease_wait = a.lease_wait;
     exec.lease_ttl = a.lease_ttl;
-    // Observed once; each pass then re-reads only the agents it commanded.
-    let mut informer = crate::fleet::Informer::default();
-    informer.refresh(&fleet, a.common.report_timeout).await;
-    let mut observed = informer.observed().clone();
-    let p = super::plan_probed(&desired, &mut observed, &fleet, &opts).await;
-    if let Some(path) = &a.plan {
-        still_fresh(path, &desired, &observed, &p)?;
-    }
-    print!("{}", render::human(&p));
-    if p.is_empty() {
-        return Ok(not_observed(&p)
-            .or_else(|| held_back(&p))
-            .unwrap_or(ExitCode::SUCCESS));
-    }
-    let checked = with_live_watchers(&p, &desired, &observed, &fleet, &a.rails).await;
-    check_rails(&p, &desired, &checked, &a.rails)?;
-    if !a.auto_approve && a.plan.is_none() {
-        confirm(&p)?;
-    }
-    let run = Run {
-        a: &a,
+    let informer = crate::fleet::SharedInformer::default();
+    let inputs = Inputs {
         desired: &desired,
         fleet: &fleet,
+        informer: &informer,
         opts: &opts,
         exec: &exec,
+        rails: &a.rails,
+        passes: a.passes,
+        heal: true,
+        // Between passes every agent is read again, not only those a pass commanded: while
+        // this process held no lease on the others, another controller may have written there,
+        // and one image is never exposed by two DPUs on a stale view.
+        reread: Reread::All,
+        report_timeout: a.common.report_timeout,
+    };
+    let printer = Printer {
+        a: &a,
+        desired: &desired,
         progress: Progress::new(a.verbose || !std::io::stdout().is_terminal()),
     };
-    run.passes(p, informer).await
+    let out = reconcile(&inputs, &printer).await?;
+    exit_code(&out, a.passes)
+}
+
+/// What `apply` prints as a reconcile goes.
+struct Printer<'a> {
+    a: &'a ApplyArgs,
+    desired: &'a crate::manifest::Desired,
+    progress: Progress,
+}
+
+impl Driver for Printer<'_> {
+    fn planned(&self, made: Made, observed: &Observed, p: &Plan) -> Result<(), OpsError> {
+        if made == Made::Pass(1) {
+            if let Some(path) = &self.a.plan {
+                still_fresh(path, self.desired, observed, p)?;
+            }
+            print!("{}", render::human(p));
+        }
+        Ok(())
+    }
+
+    fn approve(&self, pass: usize, p: &Plan) -> Result<(), OpsError> {
+        // Later passes only finish what this apply set out to do (the rails are checked again
+        // on each: new removals need a new plan).
+        if pass == 1 && !self.a.auto_approve && self.a.plan.is_none() {
+            confirm(p)?;
+        }
+        println!("Pass {pass}: {} step(s)", p.steps.len());
+        self.progress.start(p.steps.len());
+        Ok(())
+    }
+
+    fn step(&self, s: &plan::Step, o: &Outcome) {
+        self.progress.step(s, o);
+    }
+
+    fn executed(&self, _pass: usize, _report: &execute::ExecReport) {
+        self.progress.finish();
+    }
+}
+
+/// The exit code of a reconcile's outcome, with what it leaves said: 0 only when converged.
+pub fn exit_code(out: &reconcile::Outcome, passes: usize) -> Result<ExitCode, OpsError> {
+    let ran = out.passes > 0;
+    let done = out.steps_done;
+    match &out.verdict {
+        Verdict::Converged => {
+            if ran {
+                println!("Converged: {done} step(s) done.");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Verdict::Waiting { agents } => {
+            if ran {
+                print!("{}", render::human(&out.plan));
+            }
+            println!(
+                "Not converged: {} agent(s) could not be observed.",
+                agents.len()
+            );
+        }
+        Verdict::HeldBack { blocked, .. } => {
+            if ran {
+                println!("{done} step(s) done.");
+                print!("{}", render::human(&out.plan));
+            }
+            println!(
+                "Not converged: {} object(s) held back (listed above).",
+                blocked.len()
+            );
+        }
+        Verdict::Refused(r) => return Err(OpsError::Refused(r.clone())),
+        Verdict::LeaseLost { targets } => {
+            let lost: Vec<String> = targets.iter().map(ToString::to_string).collect();
+            println!(
+                "Stopped: the lease on {} was lost during pass {} (this process was paused, or cut off, longer than --lease-ttl); another controller may have written since this plan was made, so nothing more is done here: run apply again.",
+                lost.join(", "),
+                out.passes
+            );
+        }
+        Verdict::Remaining { steps, stuck_at } => {
+            match stuck_at {
+                Some(pass) => println!("No progress in pass {pass}; {steps} step(s) remain:"),
+                None => println!("Not converged after {passes} passes:"),
+            }
+            print!("{}", render::human(&out.plan));
+        }
+        Verdict::Drift { .. } => println!("Not converged: {}", out.verdict),
+    }
+    Ok(ExitCode::FAILURE)
 }
 
 /// Refuses a saved plan that is not what planning now gives, or that was made from another
@@ -112,30 +198,31 @@ fn still_fresh(
         path: path.to_path_buf(),
         source,
     })?;
-    let saved: SavedPlan = serde_json::from_slice(&bytes).map_err(|e| OpsError::Stale {
+    #[derive(serde::Deserialize)]
+    struct Format {
+        version: u32,
+    }
+    let stale = |why: String| OpsError::Stale {
         path: path.to_path_buf(),
-        why: format!("not a saved plan ({e})"),
-    })?;
+        why,
+    };
+    let format: Format =
+        serde_json::from_slice(&bytes).map_err(|e| stale(format!("not a saved plan ({e})")))?;
+    if format.version != super::SAVED_PLAN_VERSION {
+        return Err(stale(format!(
+            "saved in format {}, this unistor reads {}",
+            format.version,
+            super::SAVED_PLAN_VERSION
+        )));
+    }
+    let saved: SavedPlan =
+        serde_json::from_slice(&bytes).map_err(|e| stale(format!("not a saved plan ({e})")))?;
     if saved.fingerprint != fingerprint(desired, observed) || saved.plan != *p {
-        return Err(OpsError::Stale {
-            path: path.to_path_buf(),
-            why: "the manifests or the observed state changed since it was made".into(),
-        });
+        return Err(stale(
+            "the manifests or the observed state changed since it was made".into(),
+        ));
     }
     Ok(())
-}
-
-/// An empty plan made while some agents could not be observed is no "converged": it says so
-/// and exits 1.
-fn not_observed(p: &Plan) -> Option<ExitCode> {
-    if p.unknown.is_empty() {
-        return None;
-    }
-    println!(
-        "Not converged: {} agent(s) could not be observed.",
-        p.unknown.len()
-    );
-    Some(ExitCode::FAILURE)
 }
 
 /// How steps are shown as they end: one line each, or a progress bar (steps, rate, ETA) that
@@ -201,105 +288,4 @@ impl Progress {
             None => println!("{line}"),
         }
     }
-}
-
-/// One apply's passes.
-struct Run<'a> {
-    a: &'a ApplyArgs,
-    desired: &'a crate::manifest::Desired,
-    fleet: &'a std::sync::Arc<crate::fleet::Fleet>,
-    opts: &'a crate::plan::Options,
-    exec: &'a crate::execute::ExecOptions,
-    progress: Progress,
-}
-
-impl Run<'_> {
-    /// Executes `p`, re-observes what it commanded and re-plans, until the plan is empty, a pass
-    /// makes no progress, or `--passes` are spent.
-    async fn passes(
-        &self,
-        mut p: Plan,
-        mut informer: crate::fleet::Informer,
-    ) -> Result<ExitCode, OpsError> {
-        let a = self.a;
-        for pass in 1..=a.passes {
-            println!("Pass {pass}: {} step(s)", p.steps.len());
-            self.progress.start(p.steps.len());
-            let observed = informer.observed().clone();
-            let report = execute::execute(
-                &p,
-                self.desired,
-                &observed,
-                self.fleet,
-                self.exec,
-                &|s: &plan::Step, o: &Outcome| self.progress.step(s, o),
-            )
-            .await;
-            self.progress.finish();
-            if !report.lost_leases.is_empty() {
-                let lost: Vec<String> = report.lost_leases.iter().map(|t| t.to_string()).collect();
-                println!(
-                    "Stopped: the lease on {} was lost during pass {pass} (this process was paused, or cut off, longer than --lease-ttl); another controller may have written since this plan was made, so nothing more is done here: run apply again.",
-                    lost.join(", ")
-                );
-                return Ok(ExitCode::FAILURE);
-            }
-            // Every agent read again, not only those this pass commanded: while this process
-            // held no lease on the others (between passes too), another controller may have
-            // written there, and one image is never exposed by two DPUs on a stale view.
-            for t in self.fleet.agents.keys() {
-                informer.mark(t.clone());
-            }
-            informer.refresh(self.fleet, a.common.report_timeout).await;
-            let mut observed = informer.observed().clone();
-            let next = super::plan_probed(self.desired, &mut observed, self.fleet, self.opts).await;
-            if next.is_empty() {
-                return Ok(converged(&next, report.done()));
-            }
-            if report.done() == 0 {
-                println!(
-                    "No progress in pass {pass}; {} step(s) remain:",
-                    next.steps.len()
-                );
-                print!("{}", render::human(&next));
-                return Ok(ExitCode::FAILURE);
-            }
-            // Later passes only finish what this apply set out to do; new removals need a new
-            // plan.
-            let checked =
-                with_live_watchers(&next, self.desired, &observed, self.fleet, &a.rails).await;
-            check_rails(&next, self.desired, &checked, &a.rails)?;
-            p = next;
-        }
-        println!("Not converged after {} passes:", a.passes);
-        print!("{}", render::human(&p));
-        Ok(ExitCode::FAILURE)
-    }
-}
-
-/// The end of an apply whose plan came out empty: converged, unless agents went unobserved.
-fn converged(next: &Plan, done: usize) -> ExitCode {
-    if !next.unknown.is_empty() {
-        print!("{}", render::human(next));
-        return not_observed(next).unwrap_or(ExitCode::FAILURE);
-    }
-    if !next.blocked.is_empty() {
-        println!("{done} step(s) done.");
-        print!("{}", render::human(next));
-        return held_back(next).unwrap_or(ExitCode::FAILURE);
-    }
-    println!("Converged: {done} step(s) done.");
-    ExitCode::SUCCESS
-}
-
-/// A plan with objects held back is not converged, whatever ran: it says so and exits 1.
-fn held_back(p: &Plan) -> Option<ExitCode> {
-    if p.blocked.is_empty() {
-        return None;
-    }
-    println!(
-        "Not converged: {} object(s) held back (listed above).",
-        p.blocked.len()
-    );
-    Some(ExitCode::FAILURE)
 }

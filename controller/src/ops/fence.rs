@@ -75,7 +75,7 @@ pub async fn fence_cmd(a: FenceArgs, on: bool) -> Result<ExitCode, OpsError> {
         };
         let result = match fleet.get(&target) {
             Ok(agent) => crate::execute::with_lease(&agent, a.lease_wait, cmd).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         };
         match result {
             Ok(Reply::Fence(f)) => println!(
@@ -91,7 +91,7 @@ pub async fn fence_cmd(a: FenceArgs, on: bool) -> Result<ExitCode, OpsError> {
             Ok(_) => println!("dpu/{dpu} unfenced on {target}"),
             Err(e) => {
                 failed += 1;
-                eprintln!("{target}: {e}");
+                eprintln!("{target}: {}", protocol::error::chain(&e));
             }
         }
     }

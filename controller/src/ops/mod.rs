@@ -9,11 +9,11 @@ mod plan_cmd;
 mod rails;
 mod status;
 
-pub use apply::{apply_cmd, ApplyArgs};
+pub use apply::{apply_cmd, exit_code, ApplyArgs};
 pub use daemon::{suspend_cmd, SuspendArgs};
 pub use fence::{fence_cmd, FenceArgs};
 pub use plan_cmd::{plan_cmd, PlanArgs};
-pub use rails::{check_rails, with_live_watchers, Rails};
+pub use rails::{check_rails, with_live_watchers, Rails, Refusal};
 pub use status::{status_cmd, StatusArgs};
 
 use std::path::PathBuf;
@@ -64,6 +64,9 @@ pub enum Format {
     Json,
 }
 
+/// The format of a saved plan: 2 since steps carry the commands they send.
+const SAVED_PLAN_VERSION: u32 = 2;
+
 /// A saved plan.
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedPlan {
@@ -90,8 +93,8 @@ pub enum OpsError {
     #[error("invalid argument")]
     Name(#[from] protocol::names::NameError),
     /// The safety rails refused the plan.
-    #[error("refused:\n{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// A command's argument, or what it asked for, is wrong.
     #[error("{0}")]
     Invalid(String),
@@ -184,8 +187,11 @@ pub fn fingerprint(desired: &Desired, observed: &Observed) -> String {
     let text = serde_json::Value::Object(stable).to_string();
     format!("{:016x}", plan::fnv(&text))
 }
-fn agent_kit_write(path: &std::path::Path, bytes: &[u8]) -> Result<(), OpsError> {
-    std::fs::write(path, bytes).map_err(|source| OpsError::File {
+/// Writes a saved plan atomically (a temporary file in the same directory, fsync, rename): a
+/// process killed while writing leaves the old file or none, never half a plan that
+/// `apply --plan` would then refuse as malformed.
+fn write_plan_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), OpsError> {
+    agent_kit::fsutil::write_atomic(path, bytes).map_err(|source| OpsError::File {
         path: path.to_path_buf(),
         source,
     })

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::{agent_kit_write, connect, fingerprint, load, Common, Format, OpsError, SavedPlan};
+use super::{
+    connect, fingerprint, load, write_plan_file, Common, Format, OpsError, SavedPlan,
+    SAVED_PLAN_VERSION,
+};
 use crate::render;
 
 /// `unistor plan`
@@ -33,12 +36,12 @@ pub async fn plan_cmd(a: PlanArgs) -> Result<ExitCode, OpsError> {
     let p = super::plan_probed(&desired, &mut observed, &fleet, &opts).await;
     if let Some(path) = &a.out {
         let saved = SavedPlan {
-            version: 1,
+            version: SAVED_PLAN_VERSION,
             fingerprint: fingerprint(&desired, &observed),
             plan: p.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&saved).expect("serializable");
-        agent_kit_write(path, &bytes)?;
+        write_plan_file(path, &bytes)?;
     }
     match a.output {
         Format::Text => print!("{}", render::human(&p)),

@@ -3,10 +3,11 @@
 
 use clap::Args;
 
-use super::OpsError;
 use crate::fleet::Fleet;
 use crate::manifest::Desired;
-use crate::plan::{self, Action, Observed, Plan};
+use protocol::Command;
+
+use crate::plan::{self, Observed, Plan};
 
 /// The safety rails: which removals a plan may make.
 #[derive(Debug, Clone, Args)]
@@ -32,7 +33,7 @@ pub fn check_rails(
     desired: &Desired,
     observed: &Observed,
     a: &Rails,
-) -> Result<(), OpsError> {
+) -> Result<(), Refusal> {
     let mut problems = vec![];
     let removed = removed_volumes(p);
     if desired.volumes.is_empty() && !removed.is_empty() && !a.allow_empty {
@@ -51,14 +52,10 @@ pub fn check_rails(
     }
     if !a.allow_delete {
         for s in &p.steps {
-            if let Action::DeleteImage {
-                pool,
-                image,
-                volume,
-            } = &s.action
-            {
+            if let Some(Command::DeleteImage(d)) = s.action.sent() {
                 problems.push(format!(
-                    "volume {volume} has policy Delete: deleting image {pool}/{image} needs --allow-delete"
+                    "volume {} has policy Delete: deleting image {}/{} needs --allow-delete",
+                    d.owner.volume, d.pool, d.image
                 ));
             }
         }
@@ -84,14 +81,17 @@ pub fn check_rails(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(OpsError::Refused(
-            problems
-                .iter()
-                .map(|p| format!("  {p}"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ))
+        Err(Refusal { problems })
     }
+}
+
+/// Why the rails refused a plan: every problem found, each naming the volume and the flag
+/// that would allow it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused:\n{}", .problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct Refusal {
+    /// One sentence each.
+    pub problems: Vec<String>,
 }
 
 /// The removals a host would notice, from the hosts' own accounts in the DPU reports: a
@@ -120,10 +120,10 @@ fn used_by_hosts(
         else {
             continue;
         };
-        match &s.action {
-            Action::Detach(plan::Attachment {
+        match s.action.sent() {
+            Some(Command::DetachNamespace(plan::Attachment {
                 controller, nsid, ..
-            }) => {
+            })) => {
                 if let Some(v) = s.volume.as_deref() {
                     detached.entry((dpu, controller)).or_default().push(v);
                 }
@@ -137,7 +137,7 @@ fn used_by_hosts(
                     ));
                 }
             }
-            Action::DestroyController { name }
+            Some(Command::DestroyController(protocol::dpu::NameRef { name }))
                 if host.controller(name).is_some_and(|c| c.enabled) =>
             {
                 let on_it = match detached.get(&(dpu.as_str(), name.as_str())) {
@@ -160,10 +160,10 @@ fn removed_volumes(p: &Plan) -> std::collections::BTreeSet<&str> {
         .iter()
         .filter(|s| {
             matches!(
-                s.action,
-                Action::DestroyNamespace { .. }
-                    | Action::TrashImage { .. }
-                    | Action::DeleteImage { .. }
+                s.action.sent(),
+                Some(
+                    Command::DestroyNamespace(_) | Command::TrashImage(_) | Command::DeleteImage(_)
+                )
             )
         })
         .filter_map(|s| s.volume.as_deref())

@@ -3,8 +3,13 @@
 //! all its namespaces are attached. Existing matching objects are adopted; anything in the way
 //! blocks the volume with the reason, and the rest of the fleet goes on.
 
+use protocol::dpu::{BdevResize, NameRef};
 use protocol::dpu::{ControllerInfo, DpuReport, FunctionRef, SnapInventory, SubsystemInfo};
-use protocol::{ImageState, ImageStatus};
+
+use protocol::{
+    AdoptImage, Command, CreateImage, GrowImage, ImagePolicy, ImageRef, ImageState, ImageStatus,
+    Ownership,
+};
 
 use super::place::DpuPlacement;
 use super::teardown::ImageIndex;
@@ -298,13 +303,13 @@ impl<'a, 'f> DpuChain<'a, 'f> {
             None if self.held_before_a_bdev(b, cx, v, before[1]) => Err(Held),
             None => Ok(Some(b.push(
                 self.target(),
-                Action::CreateBdev(BdevSpec {
+                Action::Send(Command::CreateBdev(BdevSpec {
                     name: names::bdev(vname),
                     cluster: names::cluster(&v.cluster),
                     pool: v.pool.to_string(),
                     image: v.image.to_string(),
                     block_size: snap_values::BLOCK_SIZE,
-                }),
+                })),
                 Risk::Safe,
                 &[self.first, before].concat(),
                 Some(vname),
@@ -404,10 +409,10 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         if v.size_bytes.is_multiple_of(1 << 20) {
             b.push(
                 self.target(),
-                Action::ResizeBdev {
+                Action::Send(Command::ResizeBdev(BdevResize {
                     name: bdev.to_string(),
                     new_size_mib: v.size_bytes >> 20,
-                },
+                })),
                 Risk::HostVisible,
                 &[self.first, &[image_step]].concat(),
                 Some(v.name.as_str()),
@@ -432,12 +437,12 @@ impl<'a, 'f> DpuChain<'a, 'f> {
             let nqn = names::nqn(self.name, self.s.functions[f].f);
             b.push(
                 self.target(),
-                Action::CreateSubsystem(SubsystemSpec {
+                Action::Send(Command::CreateSubsystem(SubsystemSpec {
                     serial: snap_values::serial(&nqn),
                     nqn,
                     model: snap_values::MODEL.into(),
                     max_namespaces: snap_values::MAX_NAMESPACES,
-                }),
+                })),
                 Risk::Safe,
                 self.first,
                 None,
@@ -481,12 +486,12 @@ impl<'a, 'f> DpuChain<'a, 'f> {
             }
             None => Ok(Some(b.push(
                 self.target(),
-                Action::CreateNamespace(NamespaceSpec {
+                Action::Send(Command::CreateNamespace(NamespaceSpec {
                     nqn: nqn(),
                     nsid,
                     bdev: names::bdev(vname),
                     uuid: v.uuid.clone(),
-                }),
+                })),
                 Risk::Safe,
                 &[self.first, before].concat(),
                 Some(vname),
@@ -534,13 +539,13 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 let step = have.is_none().then(|| {
                     b.push(
                         self.target(),
-                        Action::CreateController(ControllerSpec {
+                        Action::Send(Command::CreateController(ControllerSpec {
                             name: ctrl.into(),
                             nqn: names::nqn(self.name, v.function),
                             function: v.function,
                             num_queues: v.queues,
                             mdts: snap_values::MDTS,
-                        }),
+                        })),
                         Risk::Safe,
                         &[self.first, &[sub]].concat(),
                         None,
@@ -554,11 +559,11 @@ impl<'a, 'f> DpuChain<'a, 'f> {
         if !have.is_some_and(|c| c.namespaces.contains(&nsid)) {
             let a = b.push(
                 Target::Dpu(self.name.to_string()),
-                Action::Attach(Attachment {
+                Action::Send(Command::AttachNamespace(Attachment {
                     controller: ctrl.into(),
                     nsid,
                     force: false,
-                }),
+                })),
                 Risk::Safe,
                 &[ctrl_step, ns_step],
                 Some(v.name.as_str()),
@@ -581,9 +586,9 @@ impl<'a, 'f> DpuChain<'a, 'f> {
             deps.push(x.controller.flatten());
             b.push(
                 Target::Dpu(self.name.to_string()),
-                Action::Resume {
-                    controller: names::controller(x.f),
-                },
+                Action::Send(Command::ResumeController(NameRef {
+                    name: names::controller(x.f),
+                })),
                 Risk::Safe,
                 &deps,
                 None,
@@ -644,7 +649,7 @@ fn image_steps<'a>(
     match img {
         None => Ok(Some(b.push(
             ceph(),
-            create(v),
+            create(&cx.opts.owner, v),
             Risk::Safe,
             &[],
             Some(v.name.as_str()),
@@ -652,7 +657,7 @@ fn image_steps<'a>(
         Some((at, i)) => match i.state {
             ImageState::Missing => Ok(Some(b.push(
                 ceph(),
-                create(v),
+                create(&cx.opts.owner, v),
                 Risk::Safe,
                 &[],
                 Some(v.name.as_str()),
@@ -661,10 +666,10 @@ fn image_steps<'a>(
                 b.drift(object(v), "rbd.state", "live".into(), "trashed".into());
                 Ok(Some(b.push(
                     ceph(),
-                    Action::RestoreImage {
+                    Action::Send(Command::RestoreImage(ImageRef {
                         pool: v.pool.to_string(),
                         image: v.image.to_string(),
-                    },
+                    })),
                     Risk::Safe,
                     &[],
                     Some(v.name.as_str()),
@@ -679,7 +684,7 @@ fn image_steps<'a>(
 
 /// A live image that carries no owner (made outside unistor): adopted when the volume asks for
 /// it and nobody has it open, never shrunk; otherwise the volume is held, and says why.
-fn adopt(b: &mut Builder, v: &Volume, i: &ImageStatus) -> Result<Option<usize>, Held> {
+fn adopt(b: &mut Builder, owner: &str, v: &Volume, i: &ImageStatus) -> Result<Option<usize>, Held> {
     let what = format!(
         "image {}/{} exists and carries no owner (made outside unistor)",
         v.pool, v.image
@@ -716,13 +721,12 @@ fn adopt(b: &mut Builder, v: &Volume, i: &ImageStatus) -> Result<Option<usize>, 
     let vname = v.name.as_str();
     let adopted = b.push(
         ceph(),
-        Action::AdoptImage {
+        Action::Send(Command::AdoptImage(AdoptImage {
             pool: v.pool.to_string(),
             image: v.image.to_string(),
-            volume: vname.into(),
-            policy: v.deletion_policy,
-            retain_secs: v.trash_retention.as_secs(),
-        },
+            owner: ownership(owner, v),
+            policy: Some(image_policy(v)),
+        })),
         Risk::Safe,
         &[],
         Some(vname),
@@ -736,19 +740,21 @@ fn adopt(b: &mut Builder, v: &Volume, i: &ImageStatus) -> Result<Option<usize>, 
         v.size_bytes.to_string(),
         i.size_bytes.to_string(),
     );
-    Ok(Some(grow(b, v, i.size_bytes, Some(adopted))))
+    Ok(Some(grow(b, owner, v, i.size_bytes, Some(adopted))))
 }
 
 /// Grows volume `v`'s image from `from_bytes` to the manifest's size, after `after`.
-fn grow(b: &mut Builder, v: &Volume, from_bytes: u64, after: Option<usize>) -> usize {
+fn grow(b: &mut Builder, owner: &str, v: &Volume, from_bytes: u64, after: Option<usize>) -> usize {
     b.push(
         Target::Cluster(v.cluster.clone()),
         Action::GrowImage {
-            pool: v.pool.to_string(),
-            image: v.image.to_string(),
             from_bytes,
-            to_bytes: v.size_bytes,
-            volume: v.name.to_string(),
+            grow: GrowImage {
+                pool: v.pool.to_string(),
+                image: v.image.to_string(),
+                size_bytes: v.size_bytes,
+                owner: ownership(owner, v),
+            },
         },
         Risk::Safe,
         &[after],
@@ -756,14 +762,30 @@ fn grow(b: &mut Builder, v: &Volume, from_bytes: u64, after: Option<usize>) -> u
     )
 }
 
-fn create(v: &Volume) -> Action {
-    Action::CreateImage {
+fn create(owner: &str, v: &Volume) -> Action {
+    Action::Send(Command::CreateImage(CreateImage {
         pool: v.pool.to_string(),
         image: v.image.to_string(),
         size_bytes: v.size_bytes,
+        features: vec![],
+        owner: ownership(owner, v),
+        policy: Some(image_policy(v)),
+    }))
+}
+
+/// The keys that make an image this deployment's and this volume's.
+fn ownership(owner: &str, v: &Volume) -> Ownership {
+    Ownership {
+        managed_by: owner.to_string(),
         volume: v.name.to_string(),
-        policy: v.deletion_policy,
-        retain_secs: v.trash_retention.as_secs(),
+    }
+}
+
+/// The volume's deletion policy and trash retention, as written on its image.
+fn image_policy(v: &Volume) -> ImagePolicy {
+    ImagePolicy {
+        deletion: v.deletion_policy,
+        trash_retention_secs: v.trash_retention.as_secs(),
     }
 }
 
@@ -781,7 +803,7 @@ fn live_image(
     let owner = i.metadata.managed_by();
     let owned_by = i.metadata.volume();
     if owner.is_none() && owned_by.is_none() {
-        return adopt(b, v, i);
+        return adopt(b, &opts.owner, v, i);
     }
     if owner != Some(opts.owner.as_str()) || owned_by != Some(vname) {
         b.block(
@@ -810,7 +832,7 @@ fn live_image(
         );
         // The create command is idempotent and rewrites the policy.
         if i.size_bytes == v.size_bytes {
-            b.push(ceph(), create(v), Risk::Safe, &[], Some(vname));
+            b.push(ceph(), create(&opts.owner, v), Risk::Safe, &[], Some(vname));
         }
     }
     if i.size_bytes == v.size_bytes {
@@ -832,5 +854,5 @@ fn live_image(
         );
         return Ok(None);
     }
-    Ok(Some(grow(b, v, i.size_bytes, None)))
+    Ok(Some(grow(b, &opts.owner, v, i.size_bytes, None)))
 }

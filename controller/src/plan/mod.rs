@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 type HashMap<K, V> = rustc_hash::FxHashMap<K, V>;
 
 use protocol::dpu::{DpuReport, FunctionRef, SnapState};
-use protocol::CephReport;
+use protocol::{CephReport, Command};
 
 use crate::manifest::{Desired, Dpu, Volume};
 pub use model::*;
@@ -156,6 +156,11 @@ pub struct HealthGate {
     pub checks: Vec<String>,
 }
 
+/// A `--health-gate` item that is not a health check name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a health check name: use standard, off, or names like HEALTH_ERR,OSD_FULL")]
+pub struct GateError(pub String);
+
 impl HealthGate {
     /// `HEALTH_ERR`, a full OSD or pool, or inactive placement groups.
     pub fn standard() -> Self {
@@ -177,7 +182,7 @@ impl HealthGate {
 
     /// `standard`, `off`, or a comma-separated list of `HEALTH_ERR` and check names
     /// (`HEALTH_ERR,OSD_FULL,OSD_NEARFULL`).
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, GateError> {
         match s {
             "standard" => return Ok(Self::standard()),
             "off" => return Ok(Self::off()),
@@ -190,9 +195,7 @@ impl HealthGate {
                     .chars()
                     .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
             if !valid {
-                return Err(format!(
-                    "{item:?} is not a health check name: use standard, off, or names like HEALTH_ERR,OSD_FULL"
-                ));
+                return Err(GateError(item.to_string()));
             }
             if item == "HEALTH_ERR" {
                 gate.on_error = true;
@@ -476,7 +479,7 @@ fn one_dpu_at_a_time(chains: &mut [Step], of_volume: &teardown::ByVolume) {
         return;
     }
     for s in chains {
-        let (Action::CreateBdev(_), Some(v)) = (&s.action, &s.volume) else {
+        let (Action::Send(Command::CreateBdev(_)), Some(v)) = (&s.action, &s.volume) else {
             continue;
         };
         if let Some(removals) = of_volume.get(v) {
@@ -706,9 +709,7 @@ fn install_snap(
     };
     Some(b.push(
         Target::Dpu(name.to_string()),
-        Action::InstallSnap {
-            spec: Box::new(dpu.snap.clone()),
-        },
+        Action::Send(Command::InstallSnap(dpu.snap.clone())),
         risk,
         first,
         None,

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use protocol::dpu::DpuReport;
 pub use protocol::dpu::{Attachment, BdevSpec, ControllerSpec, NamespaceSpec, SubsystemSpec};
-use protocol::dpu::{DpuReport, SnapSpec};
-use protocol::CephReport;
+use protocol::{CephReport, Command};
 use serde::{Deserialize, Serialize};
 
 /// An agent's state, or why it is not known. Unknown is never treated as empty.
@@ -88,84 +88,15 @@ impl fmt::Display for Target {
     }
 }
 
-/// One change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One change: the command its agent is sent, built where the step is planned and sent as it
+/// is (the executor adds only what a flag decides at execution: `force` of a detach).
+///
+/// Two actions are not a plain command: a registration (the command carries SNAP's cephx key,
+/// issued by the cluster when the step runs, never written into a plan) and a grow (the size
+/// it grows from is kept for people and logs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Action {
-    /// Deploy or upgrade SNAP.
-    InstallSnap {
-        /// Spec.
-        spec: Box<SnapSpec>,
-    },
-    /// Create an image.
-    CreateImage {
-        /// Pool.
-        pool: String,
-        /// Image.
-        image: String,
-        /// Bytes.
-        size_bytes: u64,
-        /// Volume.
-        volume: String,
-        /// Deletion policy to write on it.
-        policy: protocol::meta::DeletionPolicy,
-        /// Trash retention to write on it.
-        retain_secs: u64,
-    },
-    /// Take over an image that exists without an owner (the volume says `adopt: true`):
-    /// write the ownership and policy keys.
-    AdoptImage {
-        /// Pool.
-        pool: String,
-        /// Image.
-        image: String,
-        /// Volume.
-        volume: String,
-        /// Deletion policy to write on it.
-        policy: protocol::meta::DeletionPolicy,
-        /// Trash retention to write on it.
-        retain_secs: u64,
-    },
-    /// Grow an image.
-    GrowImage {
-        /// Pool.
-        pool: String,
-        /// Image.
-        image: String,
-        /// Current bytes.
-        from_bytes: u64,
-        /// New bytes.
-        to_bytes: u64,
-        /// Volume.
-        volume: String,
-    },
-    /// Restore an image from the trash.
-    RestoreImage {
-        /// Pool.
-        pool: String,
-        /// Image.
-        image: String,
-    },
-    /// Move an image to the trash.
-    TrashImage {
-        /// Pool.
-        pool: String,
-        /// Image.
-        image: String,
-        /// Retention.
-        retain_secs: u64,
-        /// Volume.
-        volume: String,
-    },
-    /// Delete an image.
-    DeleteImage {
-        /// Pool.
-        pool: String,
-        /// Image.
-        image: String,
-        /// Volume.
-        volume: String,
-    },
     /// Register a cluster in SNAP (with SNAP's cephx identity, issued on the cluster first).
     RegisterCluster {
         /// SNAP's name for it.
@@ -173,56 +104,48 @@ pub enum Action {
         /// The manifest's cluster.
         cluster: String,
     },
-    /// Create a bdev: exactly what the dpu-agent is sent (block size included).
-    CreateBdev(BdevSpec),
-    /// Delete a bdev.
-    DeleteBdev {
-        /// Bdev.
-        name: String,
+    /// Grow an image.
+    GrowImage {
+        /// The size observed when planned.
+        from_bytes: u64,
+        /// The command.
+        grow: protocol::GrowImage,
     },
-    /// Grow a bdev to its image's new size, so that the host sees it.
-    ResizeBdev {
-        /// Bdev.
-        name: String,
-        /// New size in MiB.
-        new_size_mib: u64,
-    },
-    /// Create a subsystem (serial, model and namespace limit included).
-    CreateSubsystem(SubsystemSpec),
-    /// Destroy a subsystem.
-    DestroySubsystem {
-        /// NQN.
-        nqn: String,
-    },
-    /// Create a namespace.
-    CreateNamespace(NamespaceSpec),
-    /// Destroy a namespace.
-    DestroyNamespace {
-        /// NQN.
-        nqn: String,
-        /// NSID.
-        nsid: u32,
-    },
-    /// Create a controller, suspended (queues and MDTS included).
-    CreateController(ControllerSpec),
-    /// Destroy a controller.
-    DestroyController {
-        /// Name.
-        name: String,
-    },
-    /// Attach a namespace.
-    Attach(Attachment),
-    /// Detach a namespace.
-    Detach(Attachment),
-    /// Resume a controller.
-    Resume {
-        /// Controller.
-        controller: String,
-    },
+    /// Exactly this command to the step's agent.
+    #[serde(untagged)]
+    Send(Command),
+}
+
+impl Action {
+    /// The action's name, as a saved plan spells it (`op`).
+    pub fn op(&self) -> &'static str {
+        match self {
+            Action::RegisterCluster { .. } => "register_cluster",
+            Action::GrowImage { .. } => "grow_image",
+            Action::Send(c) => c.name(),
+        }
+    }
+
+    /// The command sent, when it is known at planning (all but a registration).
+    pub fn command(&self) -> Option<Command> {
+        match self {
+            Action::RegisterCluster { .. } => None,
+            Action::GrowImage { grow, .. } => Some(Command::GrowImage(grow.clone())),
+            Action::Send(c) => Some(c.clone()),
+        }
+    }
+
+    /// The command, when it is a plain one.
+    pub fn sent(&self) -> Option<&Command> {
+        match self {
+            Action::Send(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// One step of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     /// Position in the plan (steps are in a valid execution order).
     pub id: usize,
@@ -261,7 +184,7 @@ pub struct Blocked {
 }
 
 /// A plan.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     /// Steps in execution order.
     pub steps: Vec<Step>,

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use protocol::dpu::{
-    BdevInfo, ControllerInfo, DpuReport, FunctionInfo, FunctionRef, HostFacts, NamespaceInfo,
-    SnapInventory, SnapState, SnapStatus, SubsystemInfo,
+    BdevInfo, BdevResize, ControllerInfo, DpuReport, FunctionInfo, FunctionRef, HostFacts, NameRef,
+    NamespaceInfo, NamespaceRef, NqnRef, SnapInventory, SnapState, SnapStatus, SubsystemInfo,
 };
-use protocol::{Capacity, CephHealth, CephReport, ImageState, ImageStatus};
+use protocol::{Capacity, CephHealth, CephReport, Command, ImageState, ImageStatus};
 
 use super::*;
 
@@ -117,129 +117,124 @@ impl World {
             .expect("SNAP installed before it is used")
     }
 
-    /// Applies a step as the agents would; panics on a step that would fail.
-    /// Applies a step; panics on a step an agent would refuse.
+    /// Applies a step as the agents would; panics on a step an agent would refuse. Images
+    /// made or adopted must carry `owner`.
     pub fn apply(&mut self, step: &Step, owner: &str) {
-        match (&step.target, &step.action) {
-            (Target::Dpu(d), Action::InstallSnap { spec }) => {
-                let r = self.dpus.get_mut(d).unwrap();
-                r.snap.state = SnapState::Running;
-                r.snap.image = Some(format!("{}:{}", spec.image, spec.tag));
-                let mut functions = vec![];
-                for pf in 0..spec.firmware.nvme_pfs {
-                    for vf in std::iter::once(None).chain((0..spec.firmware.nvme_vfs).map(Some)) {
-                        functions.push(FunctionInfo {
-                            function: FunctionRef { pf, vf },
-                            pci_bdf: format!("{pf}:{vf:?}"),
-                            vhca_id: 0,
-                            vuid: String::new(),
-                            controller: None,
-                        });
-                    }
-                }
-                r.inventory = Some(SnapInventory {
-                    functions,
-                    ..Default::default()
+        let cmd = match (&step.target, &step.action) {
+            (Target::Dpu(d), Action::RegisterCluster { name, .. }) => {
+                let inv = self.inv(d);
+                assert!(!inv.clusters.contains(name));
+                inv.clusters.push(name.clone());
+                return;
+            }
+            (_, a) => a.command().expect("a command"),
+        };
+        match (&step.target, &cmd) {
+            (Target::Dpu(d), Command::InstallSnap(spec)) => self.install_snap(d, spec),
+            (Target::Dpu(d), c) => self.apply_snap(d, c),
+            (Target::Cluster(c), cmd) => self.apply_ceph(c, cmd, owner),
+        }
+    }
+
+    fn install_snap(&mut self, d: &str, spec: &protocol::dpu::SnapSpec) {
+        let r = self.dpus.get_mut(d).unwrap();
+        r.snap.state = SnapState::Running;
+        r.snap.image = Some(format!("{}:{}", spec.image, spec.tag));
+        let mut functions = vec![];
+        for pf in 0..spec.firmware.nvme_pfs {
+            for vf in std::iter::once(None).chain((0..spec.firmware.nvme_vfs).map(Some)) {
+                functions.push(FunctionInfo {
+                    function: FunctionRef { pf, vf },
+                    pci_bdf: format!("{pf}:{vf:?}"),
+                    vhca_id: 0,
+                    vuid: String::new(),
+                    controller: None,
                 });
             }
-            (
-                Target::Cluster(c),
-                Action::CreateImage {
-                    pool,
-                    image,
-                    size_bytes,
-                    volume,
-                    policy,
-                    retain_secs,
-                },
-            ) => {
-                if let Some(i) = self.find(c, pool, image) {
+        }
+        r.inventory = Some(SnapInventory {
+            functions,
+            ..Default::default()
+        });
+    }
+
+    /// A ceph-agent's command.
+    fn apply_ceph(&mut self, c: &str, cmd: &Command, owner: &str) {
+        let keys = |o: &protocol::Ownership, p: &Option<protocol::ImagePolicy>| {
+            assert_eq!(o.managed_by, owner, "images carry this deployment's owner");
+            let p = p.as_ref().expect("a policy is always written");
+            [
+                (META_MANAGED_BY.to_string(), o.managed_by.clone()),
+                (META_VOLUME.to_string(), o.volume.clone()),
+                (META_POLICY.to_string(), p.deletion.to_string()),
+                (
+                    META_RETENTION.to_string(),
+                    p.trash_retention_secs.to_string(),
+                ),
+            ]
+        };
+        match cmd {
+            Command::CreateImage(x) => {
+                let meta = keys(&x.owner, &x.policy);
+                if let Some(i) = self.find(c, &x.pool, &x.image) {
                     assert_eq!(
-                        i.size_bytes, *size_bytes,
+                        i.size_bytes, x.size_bytes,
                         "an existing image only gets its policy"
                     );
-                    i.metadata.insert(META_POLICY.into(), policy.to_string());
-                    i.metadata
-                        .insert(META_RETENTION.into(), retain_secs.to_string());
+                    for (k, v) in meta.into_iter().skip(2) {
+                        i.metadata.insert(k, v);
+                    }
                     return;
                 }
                 let r = self.clusters.get_mut(c).unwrap();
-                let index = self.at.entry(c.clone()).or_default();
+                let index = self.at.entry(c.to_string()).or_default();
                 if index.len == r.images.len() {
                     index
                         .at
-                        .insert((pool.clone(), image.clone()), r.images.len());
+                        .insert((x.pool.clone(), x.image.clone()), r.images.len());
                     index.len += 1;
                 }
                 r.images.push(ImageStatus {
-                    pool: pool.clone(),
-                    image: image.clone(),
+                    pool: x.pool.clone(),
+                    image: x.image.clone(),
                     state: ImageState::Live,
-                    size_bytes: *size_bytes,
+                    size_bytes: x.size_bytes,
                     features: vec![],
                     watchers: None,
-                    metadata: [
-                        (META_MANAGED_BY.to_string(), owner.to_string()),
-                        (META_VOLUME.to_string(), volume.clone()),
-                        (META_POLICY.to_string(), policy.to_string()),
-                        (META_RETENTION.to_string(), retain_secs.to_string()),
-                    ]
-                    .into(),
+                    metadata: meta.into(),
                     unverified: false,
                 });
             }
-            (
-                Target::Cluster(c),
-                Action::AdoptImage {
-                    pool,
-                    image,
-                    volume,
-                    policy,
-                    retain_secs,
-                },
-            ) => {
-                let i = self.image(c, pool, image);
+            Command::AdoptImage(x) => {
+                let meta = keys(&x.owner, &x.policy);
+                let i = self.image(c, &x.pool, &x.image);
                 assert!(
                     !i.metadata.contains_key(META_MANAGED_BY),
                     "only an unowned image is adopted"
                 );
                 assert!(i.watchers.is_none(), "never an image in use");
-                i.metadata = [
-                    (META_MANAGED_BY.to_string(), owner.to_string()),
-                    (META_VOLUME.to_string(), volume.clone()),
-                    (META_POLICY.to_string(), policy.to_string()),
-                    (META_RETENTION.to_string(), retain_secs.to_string()),
-                ]
-                .into();
+                i.metadata = meta.into();
             }
-            (
-                Target::Cluster(c),
-                Action::GrowImage {
-                    pool,
-                    image,
-                    to_bytes,
-                    ..
-                },
-            ) => {
-                let i = self.image(c, pool, image);
-                assert!(*to_bytes > i.size_bytes, "never shrink");
-                i.size_bytes = *to_bytes;
+            Command::GrowImage(x) => {
+                let i = self.image(c, &x.pool, &x.image);
+                assert!(x.size_bytes > i.size_bytes, "never shrink");
+                i.size_bytes = x.size_bytes;
             }
-            (Target::Cluster(c), Action::RestoreImage { pool, image }) => {
-                self.image(c, pool, image).state = ImageState::Live;
+            Command::RestoreImage(x) => {
+                self.image(c, &x.pool, &x.image).state = ImageState::Live;
             }
-            (Target::Cluster(c), Action::TrashImage { pool, image, .. }) => {
-                self.image(c, pool, image).state = ImageState::Trashed {
+            Command::TrashImage(x) => {
+                self.image(c, &x.pool, &x.image).state = ImageState::Trashed {
                     trash_id: "1".into(),
                     trash_status: String::new(),
                 };
             }
-            (Target::Cluster(c), Action::DeleteImage { pool, image, .. }) => {
+            Command::DeleteImage(x) => {
                 let r = self.clusters.get_mut(c).unwrap();
-                r.images.retain(|i| !(&i.pool == pool && &i.image == image));
+                r.images
+                    .retain(|i| !(i.pool == x.pool && i.image == x.image));
             }
-            (Target::Dpu(d), a) => self.apply_snap(d, a),
-            other => panic!("unexpected {other:?}"),
+            other => panic!("not a ceph-agent command: {other:?}"),
         }
     }
 
@@ -287,10 +282,10 @@ impl World {
         n.and_then(|n| images.get_mut(n))
     }
 
-    fn apply_snap(&mut self, d: &str, a: &Action) {
+    fn apply_snap(&mut self, d: &str, a: &Command) {
         // A bdev opens its image at the image's size.
         let image_bytes = match a {
-            Action::CreateBdev(BdevSpec {
+            Command::CreateBdev(BdevSpec {
                 cluster,
                 pool,
                 image,
@@ -378,13 +373,9 @@ fn namespace_mut<'a>(inv: &'a mut SnapInventory, nqn: &str, nsid: u32) -> &'a mu
 
 /// Clusters, bdevs, subsystems and namespaces, as SNAP applies them (with its checks); false
 /// for another action.
-fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool {
+fn apply_storage(inv: &mut SnapInventory, a: &Command, image_bytes: u64) -> bool {
     match a {
-        Action::RegisterCluster { name, .. } => {
-            assert!(!inv.clusters.contains(name));
-            inv.clusters.push(name.clone());
-        }
-        Action::CreateBdev(BdevSpec {
+        Command::CreateBdev(BdevSpec {
             name,
             cluster,
             pool,
@@ -402,7 +393,7 @@ fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool 
                 num_blocks: image_bytes / u64::from(*block_size),
             });
         }
-        Action::ResizeBdev { name, new_size_mib } => {
+        Command::ResizeBdev(BdevResize { name, new_size_mib }) => {
             let b = inv
                 .bdevs
                 .iter_mut()
@@ -415,14 +406,14 @@ fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool 
             );
             b.num_blocks = want / u64::from(b.block_size);
         }
-        Action::DeleteBdev { name } => {
+        Command::DeleteBdev(NameRef { name }) => {
             assert!(!inv
                 .subsystems
                 .iter()
                 .any(|s| s.namespaces.iter().any(|n| &n.bdev == name)));
             inv.bdevs.retain(|b| &b.name != name);
         }
-        Action::CreateSubsystem(SubsystemSpec { nqn, .. }) => {
+        Command::CreateSubsystem(SubsystemSpec { nqn, .. }) => {
             assert!(!inv.subsystems.iter().any(|s| &s.nqn == nqn));
             inv.subsystems.push(SubsystemInfo {
                 nqn: nqn.clone(),
@@ -431,13 +422,13 @@ fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool 
                 namespaces: vec![],
             });
         }
-        Action::DestroySubsystem { nqn } => {
+        Command::DestroySubsystem(NqnRef { nqn }) => {
             let s = inv.subsystems.iter().find(|s| &s.nqn == nqn).unwrap();
             assert!(s.namespaces.is_empty());
             assert!(!inv.controllers.iter().any(|c| &c.nqn == nqn));
             inv.subsystems.retain(|s| &s.nqn != nqn);
         }
-        Action::CreateNamespace(NamespaceSpec {
+        Command::CreateNamespace(NamespaceSpec {
             nqn,
             nsid,
             bdev,
@@ -463,7 +454,7 @@ fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool 
                 controller: None,
             });
         }
-        Action::DestroyNamespace { nqn, nsid } => {
+        Command::DestroyNamespace(NamespaceRef { nqn, nsid }) => {
             let s = inv.subsystems.iter_mut().find(|s| &s.nqn == nqn).unwrap();
             assert!(
                 s.namespaces
@@ -480,9 +471,9 @@ fn apply_storage(inv: &mut SnapInventory, a: &Action, image_bytes: u64) -> bool 
 
 /// Controllers and attachments, as SNAP applies them (with its checks); false for another
 /// action.
-fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
+fn apply_controllers(inv: &mut SnapInventory, a: &Command) -> bool {
     match a {
-        Action::CreateController(ControllerSpec {
+        Command::CreateController(ControllerSpec {
             name,
             nqn,
             function,
@@ -506,7 +497,7 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
                 namespaces: vec![],
             });
         }
-        Action::DestroyController { name } => {
+        Command::DestroyController(NameRef { name }) => {
             let c = inv.controllers.iter().find(|c| &c.name == name).unwrap();
             assert!(c.namespaces.is_empty(), "namespaces detached first");
             for f in &mut inv.functions {
@@ -516,7 +507,7 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
             }
             inv.controllers.retain(|c| &c.name != name);
         }
-        Action::Attach(Attachment {
+        Command::AttachNamespace(Attachment {
             controller, nsid, ..
         }) => {
             let c = controller_mut(inv, controller);
@@ -527,7 +518,7 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
             assert!(n.controller.is_none(), "one controller per namespace");
             n.controller = Some(controller.clone());
         }
-        Action::Detach(Attachment {
+        Command::DetachNamespace(Attachment {
             controller, nsid, ..
         }) => {
             let c = controller_mut(inv, controller);
@@ -535,7 +526,7 @@ fn apply_controllers(inv: &mut SnapInventory, a: &Action) -> bool {
             let nqn = c.nqn.clone();
             namespace_mut(inv, &nqn, *nsid).controller = None;
         }
-        Action::Resume { controller } => {
+        Command::ResumeController(NameRef { name: controller }) => {
             let c = controller_mut(inv, controller);
             c.state = "STARTED".into();
         }

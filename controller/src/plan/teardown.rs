@@ -4,13 +4,30 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use protocol::dpu::SnapInventory;
+use protocol::dpu::{NameRef, NamespaceRef, NqnRef, SnapInventory};
 use protocol::meta::DeletionPolicy;
-use protocol::{ImageState, ImageStatus};
+use protocol::{Command, DeleteImage, ImageState, ImageStatus, Ownership, TrashImage};
 
 use super::place::DpuPlacement;
 use super::{after, names, Action, Attachment, Builder, HashMap, Observed, Options, Risk, Target};
 use crate::manifest::Volume;
+
+/// Why the owner of a bdev cannot be confirmed (it then stays, and the plan says why).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unconfirmed {
+    /// SNAP does not list it.
+    #[error("SNAP does not list it")]
+    NotListed,
+    /// No unistor cluster, pool and image.
+    #[error("it names no unistor cluster, pool and image")]
+    NoImage,
+    /// The cluster's agent does not report.
+    #[error("cluster {0} is not reporting")]
+    ClusterSilent(String),
+    /// The image is not live.
+    #[error("its image {0} is not live")]
+    NotLive(String),
+}
 
 /// Images of every known cluster, found by (pool, image).
 pub(super) type ImageIndex<'a> = BTreeMap<&'a str, ClusterImages<'a>>;
@@ -72,28 +89,28 @@ pub(super) struct Owner<'a> {
 
 impl Owner<'_> {
     /// Whether bdev `bdev` is this deployment's; why that cannot be told, when it cannot.
-    fn ours(&self, bdev: &str) -> Result<bool, String> {
+    fn ours(&self, bdev: &str) -> Result<bool, Unconfirmed> {
         let x = self
             .inv
             .bdevs
             .iter()
             .find(|x| x.name == bdev)
-            .ok_or_else(|| "SNAP does not list it".to_string())?;
+            .ok_or(Unconfirmed::NotListed)?;
         let (Some(cluster), Some(pool), Some(image)) = (
             x.cluster.as_deref().and_then(names::unprefixed),
             x.pool.as_deref(),
             x.image.as_deref(),
         ) else {
-            return Err("it names no unistor cluster, pool and image".into());
+            return Err(Unconfirmed::NoImage);
         };
         let index = self
             .images
             .get(cluster)
-            .ok_or_else(|| format!("cluster {cluster} is not reporting"))?;
+            .ok_or_else(|| Unconfirmed::ClusterSilent(cluster.to_string()))?;
         let (_, img) = index
             .find(pool, image)
             .filter(|(_, i)| i.state == ImageState::Live)
-            .ok_or_else(|| format!("its image {pool}/{image} is not live"))?;
+            .ok_or_else(|| Unconfirmed::NotLive(format!("{pool}/{image}")))?;
         Ok(img.metadata.managed_by() == Some(self.owner))
     }
 }
@@ -149,11 +166,11 @@ impl<'a> DpuTeardown<'a, '_> {
                 let detach = n.controller.as_ref().map(|c| {
                     b.push(
                         self.target(),
-                        Action::Detach(Attachment {
+                        Action::Send(Command::DetachNamespace(Attachment {
                             controller: c.clone(),
                             nsid: n.nsid,
                             force: false,
-                        }),
+                        })),
                         Risk::HostVisible,
                         &[],
                         Some(&volume),
@@ -161,10 +178,10 @@ impl<'a> DpuTeardown<'a, '_> {
                 });
                 let destroy = b.push(
                     self.target(),
-                    Action::DestroyNamespace {
+                    Action::Send(Command::DestroyNamespace(NamespaceRef {
                         nqn: s.nqn.clone(),
                         nsid: n.nsid,
-                    },
+                    })),
                     Risk::HostVisible,
                     &[detach],
                     Some(&volume),
@@ -199,9 +216,9 @@ impl<'a> DpuTeardown<'a, '_> {
             let deps = after(ns.by_nqn.get(&c.nqn));
             let step = b.push(
                 self.target(),
-                Action::DestroyController {
+                Action::Send(Command::DestroyController(NameRef {
                     name: c.name.clone(),
-                },
+                })),
                 Risk::HostVisible,
                 &deps,
                 None,
@@ -215,7 +232,7 @@ impl<'a> DpuTeardown<'a, '_> {
             let deps = after(ns.by_nqn.get(&s.nqn));
             b.push(
                 self.target(),
-                Action::DestroySubsystem { nqn: s.nqn.clone() },
+                Action::Send(Command::DestroySubsystem(NqnRef { nqn: s.nqn.clone() })),
                 Risk::Safe,
                 &deps,
                 None,
@@ -251,9 +268,9 @@ impl<'a> DpuTeardown<'a, '_> {
             let volume = x.name.trim_start_matches(names::PREFIX).to_string();
             let step = b.push(
                 self.target(),
-                Action::DeleteBdev {
+                Action::Send(Command::DeleteBdev(NameRef {
                     name: x.name.clone(),
-                },
+                })),
                 Risk::Safe,
                 &[dep],
                 Some(&volume),
@@ -343,18 +360,22 @@ fn gone_image(
             return;
         }
     };
-    let action = match policy {
-        DeletionPolicy::Trash => Action::TrashImage {
+    let owner = Ownership {
+        managed_by: opts.owner.clone(),
+        volume: volume.to_string(),
+    };
+    let command = match policy {
+        DeletionPolicy::Trash => Command::TrashImage(TrashImage {
             pool: i.pool.clone(),
             image: i.image.clone(),
             retain_secs: i.metadata.retention_secs().unwrap_or(7 * 86400),
-            volume: volume.to_string(),
-        },
-        DeletionPolicy::Delete => Action::DeleteImage {
+            owner,
+        }),
+        DeletionPolicy::Delete => Command::DeleteImage(DeleteImage {
             pool: i.pool.clone(),
             image: i.image.clone(),
-            volume: volume.to_string(),
-        },
+            owner,
+        }),
         // The image stays; only the volume's SNAP objects go.
         DeletionPolicy::Retain => return,
     };
@@ -362,5 +383,11 @@ fn gone_image(
         b.block(format!("volume/{volume}"), why.clone());
         return;
     }
-    b.push(target, action, Risk::DataDestroying, &deps, Some(volume));
+    b.push(
+        target,
+        Action::Send(command),
+        Risk::DataDestroying,
+        &deps,
+        Some(volume),
+    );
 }

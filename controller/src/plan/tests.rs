@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use protocol::dpu::{BdevInfo, NamespaceInfo, SubsystemInfo};
-use protocol::{ImageState, ImageStatus};
+use protocol::{Command, ImageState, ImageStatus};
 
 use super::sim::World;
 use super::*;
@@ -42,15 +42,15 @@ fn examples_converge_from_empty_in_one_pass_and_then_plan_nothing() {
                 || s.volume.is_none() && s.target == Target::Dpu("dpu-a".into())
         })
         .map(|s| match &s.action {
-            Action::InstallSnap { .. } => "install",
-            Action::CreateImage { .. } => "image",
+            Action::Send(Command::InstallSnap(_)) => "install",
+            Action::Send(Command::CreateImage(_)) => "image",
             Action::RegisterCluster { .. } => "register",
-            Action::CreateBdev(_) => "bdev",
-            Action::CreateSubsystem(_) => "subsystem",
-            Action::CreateNamespace(_) => "namespace",
-            Action::CreateController(_) => "controller",
-            Action::Attach(_) => "attach",
-            Action::Resume { .. } => "resume",
+            Action::Send(Command::CreateBdev(_)) => "bdev",
+            Action::Send(Command::CreateSubsystem(_)) => "subsystem",
+            Action::Send(Command::CreateNamespace(_)) => "namespace",
+            Action::Send(Command::CreateController(_)) => "controller",
+            Action::Send(Command::AttachNamespace(_)) => "attach",
+            Action::Send(Command::ResumeController(_)) => "resume",
             _ => "other",
         })
         .collect();
@@ -129,7 +129,7 @@ fn a_moved_volume_is_never_exposed_by_two_dpus() {
             .iter()
             .find(|s| {
                 s.target == Target::Dpu("dpu-b".into())
-                    && matches!(&s.action, Action::CreateBdev(b) if b.image.as_str() == "db-wal")
+                    && matches!(&s.action, Action::Send(Command::CreateBdev(b)) if b.image.as_str() == "db-wal")
             })
             .cloned()
     };
@@ -168,7 +168,8 @@ fn a_moved_volume_is_never_exposed_by_two_dpus() {
         .steps
         .iter()
         .find(|s| {
-            s.target == Target::Dpu("dpu-a".into()) && matches!(s.action, Action::DeleteBdev { .. })
+            s.target == Target::Dpu("dpu-a".into())
+                && matches!(s.action, Action::Send(Command::DeleteBdev(_)))
         })
         .expect("dpu-a lets its bdev go");
     assert!(
@@ -191,7 +192,7 @@ fn a_fenced_dpu_lets_its_volumes_go_and_gets_none() {
     let bdev_on = |p: &Plan, dpu: &str| {
         p.steps.iter().any(|s| {
             s.target == Target::Dpu(dpu.into())
-                && matches!(&s.action, Action::CreateBdev(b) if b.image.as_str() == "db-wal")
+                && matches!(&s.action, Action::Send(Command::CreateBdev(b)) if b.image.as_str() == "db-wal")
         })
     };
     let fenced = |o: &mut Observed, dpu: &str, state| {
@@ -282,9 +283,10 @@ fn a_wanted_volume_held_back_keeps_its_image_while_a_gone_one_loses_its() {
             .steps
             .iter()
             .filter_map(|s| match &s.action {
-                Action::DeleteImage { volume, .. } | Action::TrashImage { volume, .. } => {
-                    Some(volume.as_str())
-                }
+                Action::Send(
+                    Command::DeleteImage(protocol::DeleteImage { owner, .. })
+                    | Command::TrashImage(protocol::TrashImage { owner, .. }),
+                ) => Some(owner.volume.as_str()),
                 _ => None,
             })
             .collect();
@@ -303,9 +305,11 @@ fn growing_and_refusing_to_shrink() {
     let p = plan(&bigger, &w.observed(), &Options::default());
     // The image grows, then the bdev follows so that the host sees the new size.
     assert_eq!(p.steps.len(), 2, "{:?}", p.steps);
-    assert!(matches!(p.steps[0].action, Action::GrowImage { to_bytes, .. } if to_bytes == 1 << 30));
     assert!(
-        matches!(&p.steps[1].action, Action::ResizeBdev { name, new_size_mib: 1024 } if name == "unistor-db-wal")
+        matches!(p.steps[0].action, Action::GrowImage { ref grow, .. } if grow.size_bytes == 1 << 30)
+    );
+    assert!(
+        matches!(&p.steps[1].action, Action::Send(Command::ResizeBdev(protocol::dpu::BdevResize { name, new_size_mib: 1024 })) if name == "unistor-db-wal")
     );
     assert_eq!(p.steps[1].depends_on, [p.steps[0].id]);
     for field in ["size", "bdev.size"] {
@@ -320,7 +324,10 @@ fn growing_and_refusing_to_shrink() {
     grown.apply(&p.steps[0], &Options::default().owner);
     let p2 = plan(&bigger, &grown.observed(), &Options::default());
     assert_eq!(p2.steps.len(), 1, "{:?}", p2.steps);
-    assert!(matches!(p2.steps[0].action, Action::ResizeBdev { .. }));
+    assert!(matches!(
+        p2.steps[0].action,
+        Action::Send(Command::ResizeBdev(_))
+    ));
     grown.apply(&p2.steps[0], &Options::default().owner);
     assert!(plan(&bigger, &grown.observed(), &Options::default())
         .steps
@@ -366,26 +373,29 @@ fn removal_follows_the_policy_written_on_the_image() {
     check_order(&p);
     let has = |f: &dyn Fn(&Action) -> bool| p.steps.iter().any(|s| f(&s.action));
     assert!(has(
-        &|a| matches!(a, Action::TrashImage { image, retain_secs: 259200, .. } if image == "logs-c")
+        &|a| matches!(a, Action::Send(Command::TrashImage(protocol::TrashImage { image, retain_secs: 259200, .. })) if image == "logs-c")
     ));
     assert!(has(
-        &|a| matches!(a, Action::DeleteImage { image, .. } if image == "scratch-host-b")
+        &|a| matches!(a, Action::Send(Command::DeleteImage(protocol::DeleteImage { image, .. })) if image == "scratch-host-b")
     ));
     assert!(
         !has(
-            &|a| matches!(a, Action::TrashImage { image, .. } | Action::DeleteImage { image, .. } if image == "db-data")
+            &|a| matches!(a, Action::Send(Command::TrashImage(protocol::TrashImage { image, .. }) | Command::DeleteImage(protocol::DeleteImage { image, .. })) if image == "db-data")
         ),
         "Retain keeps the image"
     );
-    assert!(has(&|a| matches!(a, Action::Detach(_))));
+    assert!(has(&|a| matches!(
+        a,
+        Action::Send(Command::DetachNamespace(_))
+    )));
     // db-wal stays on host-a's PF0 controller, which therefore stays.
     assert!(!p
         .steps
         .iter()
         .any(|s| s.target == Target::Dpu("dpu-a".into())
-            && matches!(&s.action, Action::DestroyController { .. })));
+            && matches!(&s.action, Action::Send(Command::DestroyController(_)))));
     for s in &p.steps {
-        if let Action::DeleteImage { .. } | Action::TrashImage { .. } = s.action {
+        if let Action::Send(Command::DeleteImage(_) | Command::TrashImage(_)) = s.action {
             assert_eq!(s.risk, Risk::DataDestroying);
             assert!(
                 !s.depends_on.is_empty(),
@@ -537,7 +547,7 @@ fn two_deployments_on_one_dpu_leave_each_other_alone() {
     assert!(p
         .steps
         .iter()
-        .any(|s| matches!(&s.action, Action::DeleteBdev { name } if name == "unistor-logs-c")));
+        .any(|s| matches!(&s.action, Action::Send(Command::DeleteBdev(protocol::dpu::NameRef { name })) if name == "unistor-logs-c")));
 }
 
 fn arb_volumes() -> impl Strategy<Value = Vec<(u8, u32, Option<u8>, bool, u16)>> {
@@ -647,6 +657,15 @@ fn golden_plans() {
     );
     let json = serde_json::to_string_pretty(&from_empty).unwrap() + "\n";
     golden("examples-from-empty.json", &json);
+    // `Action::op` spells each action as a saved plan does.
+    let saved: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for (s, v) in from_empty
+        .steps
+        .iter()
+        .zip(saved["steps"].as_array().unwrap())
+    {
+        assert_eq!(v["action"]["op"], s.action.op());
+    }
     // A saved plan reads back as the same plan (`apply --plan`).
     let back: Plan = serde_json::from_str(&json).unwrap();
     assert_eq!(back, from_empty);
@@ -717,7 +736,7 @@ fn an_unknown_deletion_policy_on_an_image_is_reported_never_taken_for_retain() {
     assert!(
         !p.steps.iter().any(|s| matches!(
             s.action,
-            Action::TrashImage { .. } | Action::DeleteImage { .. }
+            Action::Send(Command::TrashImage(_) | Command::DeleteImage(_))
         )),
         "{:?}",
         p.steps
@@ -732,7 +751,7 @@ fn an_unknown_deletion_policy_on_an_image_is_reported_never_taken_for_retain() {
     assert!(p
         .steps
         .iter()
-        .any(|s| matches!(&s.action, Action::DeleteBdev { name } if name == "unistor-logs-c")));
+        .any(|s| matches!(&s.action, Action::Send(Command::DeleteBdev(protocol::dpu::NameRef { name })) if name == "unistor-logs-c")));
 }
 
 /// A cluster in HEALTH_ERR (or with a gated check) gets no write: images are neither created,
@@ -762,7 +781,7 @@ fn the_health_gate_holds_every_write_to_a_failing_cluster() {
     let p = plan(&changed, &failing.observed(), &Options::default());
     assert!(
         p.steps.iter().all(|s| matches!(s.target, Target::Dpu(_))
-            && !matches!(s.action, Action::ResizeBdev { .. })),
+            && !matches!(s.action, Action::Send(Command::ResizeBdev(_)))),
         "no write to the cluster: {}",
         crate::render::human(&p)
     );
@@ -874,8 +893,8 @@ fn a_plan_made_on_many_threads_is_the_plan_made_on_one() {
         "grow_image",
         "create_image",
         "create_namespace",
-        "attach",
-        "resume",
+        "attach_namespace",
+        "resume_controller",
     ] {
         let n = p
             .steps
@@ -957,7 +976,7 @@ fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() 
     let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
     let bdev = |p: &Plan| {
         p.steps.iter().any(
-            |s| matches!(&s.action, Action::CreateBdev(b) if b.image.as_str() == "indexed-img"),
+            |s| matches!(&s.action, Action::Send(Command::CreateBdev(b)) if b.image.as_str() == "indexed-img"),
         )
     };
     // From the index: held, asked about.
@@ -1008,7 +1027,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
     let creates = |p: &Plan| {
         p.steps
             .iter()
-            .filter(|s| matches!(s.action, Action::CreateImage { .. }))
+            .filter(|s| matches!(s.action, Action::Send(Command::CreateImage(_))))
             .count()
     };
     // Not asked: reported as not owned, nothing planned for it, never a create over it.
@@ -1038,18 +1057,18 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
     let adopt = p
         .steps
         .iter()
-        .find(|s| matches!(&s.action, Action::AdoptImage { image, volume, .. } if image == "legacy-img" && volume == "legacy"))
+        .find(|s| matches!(&s.action, Action::Send(Command::AdoptImage(protocol::AdoptImage { image, owner, .. })) if image == "legacy-img" && owner.volume == "legacy"))
         .expect("an adopt step");
     let grow = p
         .steps
         .iter()
-        .find(|s| matches!(s.action, Action::GrowImage { from_bytes, to_bytes, .. } if from_bytes == 512 << 20 && to_bytes == 1 << 30))
+        .find(|s| matches!(s.action, Action::GrowImage { from_bytes, ref grow } if from_bytes == 512 << 20 && grow.size_bytes == 1 << 30))
         .expect("grown to the manifest's size");
     assert_eq!(grow.depends_on, [adopt.id]);
     let bdev = p
         .steps
         .iter()
-        .find(|s| matches!(&s.action, Action::CreateBdev(b) if b.image == "legacy-img"))
+        .find(|s| matches!(&s.action, Action::Send(Command::CreateBdev(b)) if b.image == "legacy-img"))
         .expect("its bdev");
     assert!(bdev.depends_on.contains(&grow.id), "{bdev:?}");
     assert!(crate::render::human(&p).contains("adopt image"));
@@ -1073,7 +1092,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         let p = plan(&wanted, &with(img), &Options::default());
         assert!(p.steps.iter().all(|s| !matches!(
             s.action,
-            Action::AdoptImage { .. } | Action::CreateImage { .. }
+            Action::Send(Command::AdoptImage(_) | Command::CreateImage(_))
         ) || s.volume.as_deref() != Some("legacy")));
         assert!(
             p.blocked

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::triggers::{Reason, Triggers};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -22,15 +23,14 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use protocol::names::{PeerName, VolumeName};
-use tokio::sync::mpsc;
 
-use super::state::{Level, Shared};
+use super::state::{EventKind, Level, Shared};
 use crate::status::Selection;
 
 #[derive(Clone)]
 struct App {
     state: Arc<Shared>,
-    trigger: mpsc::UnboundedSender<String>,
+    trigger: Triggers,
 }
 
 /// The `Host` values the API answers to.
@@ -83,11 +83,7 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// The routes, behind [`guard`].
-pub fn router(
-    state: Arc<Shared>,
-    trigger: mpsc::UnboundedSender<String>,
-    allowed: AllowedHosts,
-) -> Router {
+pub fn router(state: Arc<Shared>, trigger: Triggers, allowed: AllowedHosts) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -155,7 +151,7 @@ async fn guard(State(allowed): State<AllowedHosts>, req: Request, next: Next) ->
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<Shared>,
-    trigger: mpsc::UnboundedSender<String>,
+    trigger: Triggers,
     limits: Limits,
 ) {
     let app = router(state, trigger, limits.allowed);
@@ -214,14 +210,11 @@ async fn status(State(app): State<App>, Query(sel): Query<Selection>) -> Respons
     Json(app.state.view_of(&sel)).into_response()
 }
 
-/// The reason of a reconcile asked for over the API (it re-reads every agent first).
-pub const RECONCILE_REQUESTED: &str = "requested over the API";
-
 /// Queues a reconcile. The answer says which one will have run when it is done: the last
 /// reconcile's `seq` reaching `done_at_seq` means one that started after this request ended.
 async fn reconcile(State(app): State<App>) -> Response {
     let done_at_seq = app.state.started() + 1;
-    let _ = app.trigger.send(RECONCILE_REQUESTED.into());
+    app.trigger.send(Reason::Requested);
     (
         StatusCode::ACCEPTED,
         Json(serde_json::json!({ "queued": true, "done_at_seq": done_at_seq })),
@@ -252,9 +245,15 @@ fn set(app: &App, kind: &str, name: &str, on: bool) -> Response {
     match app.state.set_suspended(kind, name, on) {
         Ok(changed) => {
             if changed {
-                app.state
-                    .event("suspend", Level::Info, format!("{kind}/{name} {verb}"));
-                let _ = app.trigger.send(format!("{kind}/{name} {verb}"));
+                app.state.event(
+                    EventKind::Suspend,
+                    Level::Info,
+                    format!("{kind}/{name} {verb}"),
+                );
+                app.trigger.send(Reason::Suspension {
+                    object: format!("{kind}/{name}"),
+                    on,
+                });
             }
             Json(serde_json::json!({ "kind": kind, "name": name, "state": verb, "changed": changed }))
                 .into_response()

@@ -9,6 +9,7 @@
 pub mod http;
 mod sessions;
 pub mod state;
+pub mod triggers;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -19,13 +20,16 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use notify::Watcher;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
-use crate::execute::{self, Outcome};
+use crate::execute::Outcome;
 use crate::manifest;
-use crate::ops::{check_rails, Common, OpsError, Rails};
-use crate::plan::{self, Plan, Step, Target};
+use crate::ops::{Common, OpsError, Rails};
+use crate::plan::{self, Observed, Plan, Step, Target};
+use crate::reconcile::{self, Driver, Inputs, Made, Next, Reread, Verdict};
 use sessions::Sessions;
-use state::{Level, ReconcileResult, ReconcileSummary, Shared};
+use state::{EventKind, Level, ReconcileResult, ReconcileSummary, Shared, StepResult};
+use triggers::{Answered, Queue, Reason, Triggers};
 
 /// `unistor watch`
 #[derive(Debug, Clone, Args)]
@@ -71,7 +75,7 @@ pub struct WatchArgs {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     let state = Shared::new(&a.common.dir, &a.state_dir, !a.no_heal);
-    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let (tx, rx) = triggers::queue(triggers::CAPACITY);
     let sessions = Arc::new(Sessions::new(
         crate::ops::fleet_options(&a.common)?,
         a.connect_rate,
@@ -91,7 +95,7 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     // The first line tells scripts (and people) where the dashboard is.
     println!("unistor watch: dashboard on http://{local}/ (API /api/v1/status, metrics /metrics)");
     state.event(
-        "daemon",
+        EventKind::Daemon,
         Level::Info,
         format!(
             "started: manifests {}, {} mode, resync every {}",
@@ -121,10 +125,11 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
         tx.clone(),
         rx,
     ));
+    drop(tx);
 
     shutdown_signal().await;
     state.event(
-        "daemon",
+        EventKind::Daemon,
         Level::Info,
         "stopping: a pass in progress ends at a step boundary (a second signal: now)",
     );
@@ -151,12 +156,7 @@ async fn shutdown_signal() {
 /// Reads the manifests; a valid new set replaces the one in force, an invalid one is reported
 /// and changes nothing. The files are read on a blocking thread, never on the runtime's: the
 /// API, the sessions and the dashboard go on answering while they are read.
-async fn reload(
-    dir: &Path,
-    state: &Shared,
-    sessions: &Sessions,
-    tx: &mpsc::UnboundedSender<String>,
-) {
+async fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &Triggers) {
     let owned = dir.to_path_buf();
     let loaded = match tokio::task::spawn_blocking(move || manifest::load_dir(&owned)).await {
         Ok(r) => r,
@@ -177,8 +177,13 @@ async fn reload(
             );
             sessions.update(&d);
             if state.set_desired(d) {
-                state.event("manifests", Level::Info, format!("loaded: {summary}"));
-                let _ = tx.send("manifests changed".into());
+                state.event(
+                    EventKind::Manifests,
+                    Level::Info,
+                    format!("loaded: {summary}"),
+                );
+                let generation = state.desired().map_or(0, |(_, g)| g);
+                tx.send(Reason::ManifestsChanged { generation });
             }
         }
         Err(errors) => {
@@ -188,7 +193,7 @@ async fn reload(
                 .collect::<Vec<_>>()
                 .join("\n");
             state.event(
-                "manifests",
+                EventKind::Manifests,
                 Level::Error,
                 format!(
                     "{} problem(s); the last good manifests stay in force:\n{list}",
@@ -209,7 +214,7 @@ fn watch_dir(
     debounce: Duration,
     state: Arc<Shared>,
     sessions: Arc<Sessions>,
-    tx: mpsc::UnboundedSender<String>,
+    tx: Triggers,
 ) -> Result<Arc<std::sync::Mutex<notify::RecommendedWatcher>>, OpsError> {
     let (ftx, mut frx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -286,7 +291,13 @@ pub fn without_suspended(mut p: Plan, s: &state::Suspended) -> (Plan, usize) {
     for step in &mut p.steps {
         let dpu = matches!(&step.target, Target::Dpu(d) if s.dpus.contains(d));
         let volume = step.volume.as_ref().is_some_and(|v| s.volumes.contains(v));
-        if !dpu && !volume && matches!(step.action, plan::Action::Resume { .. }) {
+        if !dpu
+            && !volume
+            && matches!(
+                step.action,
+                plan::Action::Send(protocol::Command::ResumeController(_))
+            )
+        {
             step.depends_on.retain(|d| !dropped.contains(d));
             continue;
         }
@@ -298,175 +309,212 @@ pub fn without_suspended(mut p: Plan, s: &state::Suspended) -> (Plan, usize) {
     (p, dropped.len())
 }
 
+/// The reconciler: one reconcile at a time, each for the batch of reasons queued since the
+/// last; unfinished work retried with backoff (2 s, doubling, capped at a minute or the resync).
 async fn reconcile_loop(
     a: WatchArgs,
     state: Arc<Shared>,
     sessions: Arc<Sessions>,
-    tx: mpsc::UnboundedSender<String>,
-    mut rx: mpsc::UnboundedReceiver<String>,
+    tx: Triggers,
+    mut queue: Queue,
 ) {
     let mut resync = tokio::time::interval(a.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await;
-    // Retries of an unfinished reconcile: 2 s, doubling, capped at a minute (or the resync).
     let mut retry: Option<(tokio::time::Instant, u32)> = None;
+    let mut answered = Answered::default();
+    let mut last: Option<(ReconcileResult, Option<String>)> = None;
     let mut stopping = state.stopping();
     loop {
         if state.is_stopping() {
             return;
         }
         let retry_at = retry.map(|(at, _)| at);
-        let mut reasons: BTreeSet<String> = BTreeSet::new();
-        tokio::select! {
-            r = rx.recv() => match r {
-                Some(r) => { reasons.insert(r); }
+        let mut batch = tokio::select! {
+            b = queue.next() => match b {
+                Some(b) => b,
                 None => return,
             },
             _ = stopping.changed() => return,
             _ = resync.tick() => {
                 reload(&a.common.dir, &state, &sessions, &tx).await;
-                sessions.mark_all();
-                reasons.insert("periodic resync".into());
+                BTreeSet::from([Reason::Resync])
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
-                reasons.insert("retry of an unfinished reconcile".into());
+                BTreeSet::from([Reason::Retry])
             }
+        };
+        queue.drain_into(&mut batch);
+        // The echo of the last reconcile's own steps (reports it read again after them) asks
+        // for nothing new.
+        batch.retain(|r| !answered.covers(r));
+        if batch.is_empty() {
+            continue;
         }
-        // Let a burst of triggers (a reconnect storm, a checkout) land, then take them all.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        while let Ok(r) = rx.try_recv() {
-            reasons.insert(r);
-        }
-        if reasons.contains(http::RECONCILE_REQUESTED) {
-            // Asked for now: planned on reports read after the request, not on what is held.
+        if batch.iter().any(Reason::rereads_all) {
+            // Planned on reports read after the request, not on what is held.
             sessions.mark_all();
         }
-        let reason = reasons.into_iter().collect::<Vec<_>>().join("; ");
-        let summary = reconcile(&a, &state, &sessions, &reason).await;
-        retry = match summary.result {
-            ReconcileResult::Pending => {
+        let (summary, next) = reconcile_once(&a, &state, &sessions, &batch, &mut answered).await;
+        let now = (summary.result, summary.message.clone());
+        if summary.steps_done + summary.steps_failed > 0 || last.as_ref() != Some(&now) {
+            record_end(&state, &summary);
+        }
+        last = Some(now);
+        retry = match next {
+            Next::Retry => {
                 let n = retry.map_or(0, |(_, n)| n + 1);
                 let delay = (Duration::from_secs(2) * 2u32.saturating_pow(n.min(5)))
                     .min(Duration::from_secs(60))
                     .min(a.resync);
                 Some((tokio::time::Instant::now() + delay, n))
             }
-            _ => None,
+            Next::WaitForChange => None,
         };
     }
 }
 
-/// One reconcile: observe, plan, (unless report-only or refused) execute, observe again, until
-/// converged, stuck or out of passes.
-async fn reconcile(
+/// What the daemon does as a reconcile goes: suspended objects' steps dropped from each plan,
+/// plans, observations and steps recorded for the status, what was planned on remembered.
+struct Recorder<'a> {
+    state: &'a Shared,
+    sessions: &'a Sessions,
+    answered: std::sync::Mutex<&'a mut Answered>,
+}
+
+impl Driver for Recorder<'_> {
+    fn shape(&self, p: Plan) -> (Plan, usize) {
+        without_suspended(p, &self.state.suspended())
+    }
+
+    fn planned(&self, _made: Made, _observed: &Observed, p: &Plan) -> Result<(), OpsError> {
+        self.state.planned(p);
+        Ok(())
+    }
+
+    fn step(&self, s: &Step, o: &Outcome) {
+        step_done(self.state, s, o);
+    }
+
+    fn observed(&self, o: &Observed) {
+        let generations = self.sessions.informer().lock().generations().clone();
+        self.answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(o, generations);
+        self.state.observed(o.clone());
+    }
+}
+
+/// One reconcile of the daemon (see [`crate::reconcile`]), recorded; and what to do next.
+async fn reconcile_once(
     a: &WatchArgs,
     state: &Shared,
     sessions: &Sessions,
-    reason: &str,
-) -> ReconcileSummary {
+    batch: &BTreeSet<Reason>,
+    answered: &mut Answered,
+) -> (ReconcileSummary, Next) {
     let started = Instant::now();
+    let reason = batch
+        .iter()
+        .map(ToString::to_string)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join("; ");
     let mut summary = ReconcileSummary {
         seq: state.begin_reconcile(),
         at: state::now(),
-        reason: reason.into(),
+        reason,
         ..ReconcileSummary::default()
     };
     let Some((desired, generation)) = state.desired() else {
         summary.result = ReconcileResult::Waiting;
         summary.message = Some("no valid manifests yet".into());
         state.reconciled(summary.clone());
-        return summary;
+        return (summary, Next::WaitForChange);
     };
     summary.generation = generation;
     state.reconciling(true);
     let fleet = Arc::new(sessions.snapshot());
     let (opts, mut exec) = crate::ops::run_options(&a.common, &a.rails);
     exec.stop = Some(state.stopping());
-    let plan_now =
-        |o: &plan::Observed| without_suspended(plan::plan(&desired, o, &opts), &state.suspended());
-    let mut observed = sessions.observe(&fleet, a.common.report_timeout).await;
-    state.observed(observed.clone());
-    summary.result = ReconcileResult::Pending;
-    for _pass in 0..a.passes.max(1) {
-        let planned = crate::ops::plan_probed(&desired, &mut observed, &fleet, &opts).await;
-        let (p, held) = without_suspended(planned, &state.suspended());
-        state.planned(&p);
-        if p.is_empty() && !p.unknown.is_empty() {
-            // Nothing to do on what can be seen; the rest waits for its agents to come back.
-            summary.result = ReconcileResult::Waiting;
-            summary.message = Some(format!("not observed: {}", p.unknown.join("; ")));
-            break;
-        }
-        if p.is_empty() {
-            summary.result = ReconcileResult::Converged;
-            if held > 0 {
-                summary.message = Some(format!("{held} step(s) of suspended objects held back"));
+    let inputs = Inputs {
+        desired: &desired,
+        fleet: &fleet,
+        informer: sessions.informer(),
+        opts: &opts,
+        exec: &exec,
+        rails: &a.rails,
+        passes: a.passes,
+        heal: !a.no_heal,
+        reread: Reread::Commanded,
+        report_timeout: a.common.report_timeout,
+    };
+    let recorder = Recorder {
+        state,
+        sessions,
+        answered: std::sync::Mutex::new(answered),
+    };
+    let kinds: BTreeSet<&str> = batch.iter().map(Reason::kind).collect();
+    let span = tracing::info_span!(
+        "reconcile",
+        seq = summary.seq,
+        generation,
+        reason = ?kinds,
+    );
+    let next = match reconcile::reconcile(&inputs, &recorder)
+        .instrument(span)
+        .await
+    {
+        Ok(out) => {
+            summary.steps_done = out.steps_done;
+            summary.steps_failed = out.steps_failed;
+            summary.result = result_of(&out.verdict);
+            if !out.verdict.converged() {
+                summary.message = Some(out.verdict.to_string());
             }
-            break;
+            match &out.verdict {
+                Verdict::Refused(r) => {
+                    state.event(
+                        EventKind::Reconcile,
+                        Level::Error,
+                        protocol::error::chain(r),
+                    );
+                }
+                Verdict::Drift { drift, .. } => report_drift(state, drift),
+                _ => {}
+            }
+            out.verdict.next()
         }
-        if a.no_heal {
-            report_drift(state, &p, &mut summary);
-            break;
+        Err(e) => {
+            summary.result = ReconcileResult::Pending;
+            summary.message = Some(protocol::error::chain(&e));
+            Next::Retry
         }
-        let checked =
-            crate::ops::with_live_watchers(&p, &desired, &observed, &fleet, &a.rails).await;
-        if let Err(e) = check_rails(&p, &desired, &checked, &a.rails) {
-            let text = protocol::error::chain(&e);
-            summary.result = ReconcileResult::Refused;
-            summary.message = Some(text.clone());
-            state.event("reconcile", Level::Error, text);
-            break;
-        }
-        let progress = |s: &Step, o: &Outcome| step_done(state, s, o);
-        let report = execute::execute(&p, &desired, &observed, &fleet, &exec, &progress).await;
-        summary.steps_done += report.done();
-        summary.steps_failed += report.problems();
-        if !report.lost_leases.is_empty() {
-            // Another controller may have written: this reconcile stops; the next reads every
-            // agent again (it is retried as unfinished).
-            sessions.mark_all();
-            let lost: Vec<String> = report.lost_leases.iter().map(|t| t.to_string()).collect();
-            summary.message = Some(format!(
-                "lease lost on {} during the pass: stopped, to be re-planned on fresh reports",
-                lost.join(", ")
-            ));
-            break;
-        }
-        // Read again only what this pass commanded.
-        sessions.mark(p.steps.iter().map(|s| &s.target));
-        observed = sessions.observe(&fleet, a.common.report_timeout).await;
-        state.observed(observed.clone());
-        if report.done() == 0 {
-            break;
-        }
-    }
-    if summary.result == ReconcileResult::Pending {
-        // Out of passes or stuck: the plan that is left says why.
-        let (p, _) = plan_now(&observed);
-        state.planned(&p);
-        if p.is_empty() {
-            summary.result = ReconcileResult::Converged;
-        } else {
-            summary.message = Some(format!("{} step(s) remain", p.steps.len()));
-        }
-    }
+    };
     summary.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    record_end(state, reason, &summary);
     state.reconciled(summary.clone());
-    summary
+    (summary, next)
 }
 
-/// Report-only mode: what would run, and every drift item as an event.
-fn report_drift(state: &Shared, p: &plan::Plan, summary: &mut ReconcileSummary) {
-    summary.result = ReconcileResult::Drift;
-    summary.message = Some(format!(
-        "report-only: {} step(s) would run, {} drift item(s)",
-        p.steps.len(),
-        p.drift.len()
-    ));
-    for d in &p.drift {
+/// How a verdict shows in the status and the metrics.
+pub fn result_of(v: &Verdict) -> ReconcileResult {
+    match v {
+        Verdict::Converged => ReconcileResult::Converged,
+        Verdict::HeldBack { .. } => ReconcileResult::HeldBack,
+        Verdict::Waiting { .. } => ReconcileResult::Waiting,
+        Verdict::Refused(_) => ReconcileResult::Refused,
+        Verdict::Drift { .. } => ReconcileResult::Drift,
+        Verdict::LeaseLost { .. } | Verdict::Remaining { .. } => ReconcileResult::Pending,
+    }
+}
+
+/// Report-only mode: every drift item as an event.
+fn report_drift(state: &Shared, drift: &[plan::Drift]) {
+    for d in drift {
         state.event(
-            "drift",
+            EventKind::Drift,
             Level::Warning,
             format!(
                 "{} {}: want {}, found {}",
@@ -477,7 +525,7 @@ fn report_drift(state: &Shared, p: &plan::Plan, summary: &mut ReconcileSummary) 
 }
 
 /// The reconcile's event: what it did, unless it found everything converged and did nothing.
-fn record_end(state: &Shared, reason: &str, summary: &ReconcileSummary) {
+fn record_end(state: &Shared, summary: &ReconcileSummary) {
     let level = if summary.result == ReconcileResult::Converged {
         Level::Info
     } else {
@@ -489,13 +537,13 @@ fn record_end(state: &Shared, reason: &str, summary: &ReconcileSummary) {
         return;
     }
     state.event(
-        "reconcile",
+        EventKind::Reconcile,
         level,
         format!(
             "{} after {} ms ({}): {} step(s) done, {} failed or skipped{}",
             summary.result,
             summary.duration_ms,
-            reason,
+            summary.reason,
             summary.steps_done,
             summary.steps_failed,
             summary
@@ -511,19 +559,19 @@ fn step_done(state: &Shared, s: &Step, o: &Outcome) {
     let line = crate::render::step_line(s);
     match o {
         Outcome::Done => {
-            state.metrics.step("done");
+            state.metrics.step(StepResult::Done);
             if let Some(v) = &s.volume {
                 state.volume_error(v, None);
             }
-            state.event("step", Level::Info, format!("done: {line}"));
+            state.event(EventKind::Step, Level::Info, format!("done: {line}"));
         }
         Outcome::Failed { error, transient } => {
-            state.metrics.step("failed");
+            state.metrics.step(StepResult::Failed);
             if let Some(v) = &s.volume {
                 state.volume_error(v, Some(error.clone()));
             }
             state.event(
-                "step",
+                EventKind::Step,
                 Level::Error,
                 format!(
                     "failed{}: {line}: {error}",
@@ -532,8 +580,12 @@ fn step_done(state: &Shared, s: &Step, o: &Outcome) {
             );
         }
         Outcome::Skipped { reason } => {
-            state.metrics.step("skipped");
-            state.event("step", Level::Warning, format!("skipped: {line}: {reason}"));
+            state.metrics.step(StepResult::Skipped);
+            state.event(
+                EventKind::Step,
+                Level::Warning,
+                format!("skipped: {line}: {reason}"),
+            );
         }
     }
 }
@@ -625,7 +677,10 @@ mod tests {
             .steps
             .iter()
             .any(|s| s.target == Target::Dpu("dpu-a".into())
-                && matches!(s.action, plan::Action::Resume { .. })));
+                && matches!(
+                    s.action,
+                    plan::Action::Send(protocol::Command::ResumeController(_))
+                )));
         // What is left still has every dependency.
         let ids: BTreeSet<usize> = p.steps.iter().map(|s| s.id).collect();
         assert!(p

@@ -8,15 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protocol::client::AgentClient;
-use protocol::dpu::DpuReport;
+use protocol::dpu::ReportChange;
 use protocol::names::PeerName;
 use protocol::{Event, EventEnvelope};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
-use super::state::{Level, Shared};
+use super::state::{EventKind, Level, Shared};
+use super::triggers::{Reason, Triggers};
 use crate::fleet::FleetError;
-use crate::fleet::{Fleet, FleetOptions, Informer};
+use crate::fleet::{Fleet, FleetOptions, SharedInformer};
 use crate::manifest::Desired;
 use crate::plan::{Known, Target};
 
@@ -67,10 +68,10 @@ impl ConnectGate {
 pub struct Sessions {
     gate: Arc<ConnectGate>,
     slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
-    informer: Arc<Mutex<Informer>>,
+    informer: Arc<SharedInformer>,
     opts: FleetOptions,
     state: Arc<Shared>,
-    trigger: mpsc::UnboundedSender<String>,
+    trigger: Triggers,
 }
 
 impl Sessions {
@@ -79,7 +80,7 @@ impl Sessions {
         opts: FleetOptions,
         connect_rate: f64,
         state: Arc<Shared>,
-        trigger: mpsc::UnboundedSender<String>,
+        trigger: Triggers,
     ) -> Self {
         Self {
             gate: Arc::new(ConnectGate::new(connect_rate)),
@@ -124,19 +125,23 @@ impl Sessions {
             // Listed from now on (the counts of agents connected are of all the named ones).
             self.state
                 .agent(&t.to_string(), &address, Some("connecting".into()));
-            let task = tokio::spawn(supervise(
-                t.clone(),
-                name.clone(),
-                address.clone(),
-                self.opts.clone(),
-                Views {
-                    slots: self.slots.clone(),
-                    informer: self.informer.clone(),
-                    gate: self.gate.clone(),
-                },
-                self.state.clone(),
-                self.trigger.clone(),
-            ));
+            let span = tracing::info_span!("agent_session", agent = %t, address = %address);
+            let task = tokio::spawn(
+                supervise(
+                    t.clone(),
+                    name.clone(),
+                    address.clone(),
+                    self.opts.clone(),
+                    Views {
+                        slots: self.slots.clone(),
+                        informer: self.informer.clone(),
+                        gate: self.gate.clone(),
+                    },
+                    self.state.clone(),
+                    self.trigger.clone(),
+                )
+                .instrument(span),
+            );
             slots.insert(
                 t,
                 Slot {
@@ -150,28 +155,15 @@ impl Sessions {
         }
     }
 
-    /// What the agents report, brought up to date: only the agents marked stale (new sessions,
-    /// agents that said they changed, agents a pass commanded) are read.
-    pub async fn observe(&self, fleet: &Fleet, timeout: Duration) -> crate::plan::Observed {
-        let jobs = lock(&self.informer).jobs(fleet);
-        let results = crate::fleet::run_jobs(jobs, timeout).await;
-        let mut informer = lock(&self.informer);
-        informer.apply(results);
-        informer.observed().clone()
+    /// What the agents reported, kept between reconciles (pushed reports go straight in).
+    pub fn informer(&self) -> &SharedInformer {
+        &self.informer
     }
 
-    /// Re-read these agents at the next [`Sessions::observe`] (a pass commanded them).
-    pub fn mark<'a>(&self, targets: impl IntoIterator<Item = &'a Target>) {
-        let mut informer = lock(&self.informer);
-        for t in targets {
-            informer.mark(t.clone());
-        }
-    }
-
-    /// Re-read every agent at the next [`Sessions::observe`] (the periodic resync).
+    /// Re-read every agent at the next observation (the periodic resync).
     pub fn mark_all(&self) {
         let targets: Vec<Target> = lock(&self.slots).keys().cloned().collect();
-        self.mark(targets.iter());
+        self.informer.mark(targets.iter());
     }
 
     /// The sessions as they are now, for one reconcile.
@@ -204,7 +196,7 @@ impl Drop for Sessions {
 /// What a supervisor task writes: its slot, and what its agent says.
 struct Views {
     slots: Arc<Mutex<BTreeMap<Target, Slot>>>,
-    informer: Arc<Mutex<Informer>>,
+    informer: Arc<SharedInformer>,
     gate: Arc<ConnectGate>,
 }
 
@@ -223,25 +215,6 @@ fn set_slot(
         s.client = client;
         s.error = error.into();
     }
-}
-
-/// What in a pushed report counts as a change worth a reconcile: the objects, not the counters;
-/// of the host's use, whether each device is in use (a removal held back for it may go on; the
-/// status shows it), not how many openers it has.
-fn stable(r: &DpuReport) -> serde_json::Value {
-    let in_use: Option<Vec<_>> = r.host_use.as_ref().map(|h| {
-        h.controllers
-            .iter()
-            .map(|c| {
-                let open: Vec<_> = c.namespaces.iter().map(|n| (n.nsid, n.open > 0)).collect();
-                (&c.name, c.enabled, open)
-            })
-            .collect()
-    });
-    serde_json::json!({
-        "snap": [&r.snap.state, &r.snap.image, r.snap.restarts],
-        "inventory": r.inventory, "missing": r.missing, "host_use": in_use,
-    })
 }
 
 /// What a DPU's last pushed report said of SNAP: a change of `missing` without a restart is
@@ -264,6 +237,20 @@ pub fn liveness_interval(agents: usize) -> Duration {
     ))
 }
 
+/// One agent's supervisor: its session, its events, its reconnects.
+struct Supervisor {
+    target: Target,
+    label: String,
+    name: PeerName,
+    address: String,
+    opts: FleetOptions,
+    views: Views,
+    state: Arc<Shared>,
+    trigger: Triggers,
+    /// What the last pushed report said of SNAP (drift is said once).
+    seen: Seen,
+}
+
 async fn supervise(
     target: Target,
     name: PeerName,
@@ -271,128 +258,32 @@ async fn supervise(
     opts: FleetOptions,
     views: Views,
     state: Arc<Shared>,
-    trigger: mpsc::UnboundedSender<String>,
+    trigger: Triggers,
 ) {
-    let Views {
-        slots,
-        informer,
-        gate,
-    } = views;
-    let label = target.to_string();
+    let mut s = Supervisor {
+        label: target.to_string(),
+        target,
+        name,
+        address,
+        opts,
+        views,
+        state,
+        trigger,
+        seen: Seen::default(),
+    };
     let mut failures: u32 = 0;
-    let mut seen = Seen::default();
     loop {
-        gate.pass().await;
+        s.views.gate.pass().await;
         // Liveness paced for the fleet as it is now (a reconnect follows its growth).
-        let mut client_opts = opts.client.clone();
-        client_opts.liveness = Some(liveness_interval(lock(&slots).len()));
-        match AgentClient::connect(&address, &name, opts.tls.clone(), client_opts).await {
+        let mut client_opts = s.opts.client.clone();
+        client_opts.liveness = Some(liveness_interval(lock(&s.views.slots).len()));
+        match AgentClient::connect(&s.address, &s.name, s.opts.tls.clone(), client_opts).await {
             Ok(client) => {
                 failures = 0;
-                let events = client.take_events();
-                let client = Arc::new(client);
-                // A new session reads the agent from scratch (it may have restarted).
-                lock(&informer).reset(&target);
-                set_slot(&slots, &target, Some(client.clone()), "");
-                state.agent(&label, &address, None);
-                state.event(
-                    "agent",
-                    Level::Info,
-                    format!("{label}: session up ({address})"),
-                );
-                let _ = trigger.send(format!("{label} connected"));
-                if let Some(mut events) = events {
-                    while let Some(EventEnvelope { event, .. }) = events.recv().await {
-                        match &event {
-                            Event::SnapReplayed(r) => {
-                                state.event("drift", Level::Warning,
-                                    format!(
-                                        "{label}: SNAP lost its state; the agent restored {} object(s), {} failed",
-                                        r.restored.len(),
-                                        r.failed.len()
-                                    ),
-                                );
-                                let _ = trigger.send(format!("{label}: SNAP replayed"));
-                            }
-                            Event::ShuttingDown => {
-                                state.event(
-                                    "agent",
-                                    Level::Warning,
-                                    format!("{label}: shutting down"),
-                                );
-                            }
-                            Event::CephChanged { generation } => {
-                                if let Target::Cluster(n) = &target {
-                                    if lock(&informer).cluster_changed(n, *generation) {
-                                        let _ = trigger.send(format!("{label}: state changed"));
-                                    }
-                                }
-                            }
-                            Event::DpuReport(r) => {
-                                // Objects gone from SNAP while it kept running: drift, said once.
-                                let restarted = r.snap.restarts != seen.restarts;
-                                if !r.missing.is_empty() && r.missing != seen.missing && !restarted
-                                {
-                                    state.event(
-                                        "drift",
-                                        Level::Warning,
-                                        format!(
-                                            "{label}: SNAP's objects changed out of band: {}",
-                                            r.missing.join(", ")
-                                        ),
-                                    );
-                                }
-                                seen = Seen {
-                                    restarts: r.snap.restarts,
-                                    missing: r.missing.clone(),
-                                };
-                                // Compared with what the daemon holds now — a report a pass
-                                // read after its steps included —, not with the last push: a
-                                // drift that comes back after a heal pushes what was pushed
-                                // before the heal.
-                                if let Target::Dpu(n) = &target {
-                                    let mut informer = lock(&informer);
-                                    let held = informer
-                                        .observed()
-                                        .dpus
-                                        .get(n)
-                                        .and_then(Known::get)
-                                        .map(stable);
-                                    let taken = informer.set_dpu(n, r.clone());
-                                    drop(informer);
-                                    // Unknown before (never read, or its read failed) and
-                                    // known now is a change too.
-                                    if taken && held.is_none_or(|h| h != stable(r)) {
-                                        let _ = trigger.send(format!("{label}: state changed"));
-                                    }
-                                }
-                            }
-                            Event::Heartbeat { .. } => {}
-                        }
-                    }
-                }
-                drop(client);
-                set_slot(&slots, &target, None, "session lost");
-                lock(&informer).reset(&target);
-                state.agent(&label, &address, Some("session lost".into()));
-                state.event(
-                    "agent",
-                    Level::Warning,
-                    format!("{label}: session lost; reconnecting"),
-                );
-                let _ = trigger.send(format!("{label} disconnected"));
+                s.session(client).await;
             }
             Err(e) => {
-                let why = protocol::error::chain(&e);
-                set_slot(&slots, &target, None, &why);
-                if failures == 0 {
-                    state.agent(&label, &address, Some(why.clone()));
-                    state.event(
-                        "agent",
-                        Level::Warning,
-                        format!("{label}: cannot connect to {address}: {why}"),
-                    );
-                }
+                s.unreachable(&protocol::error::chain(&e), failures == 0);
                 failures = failures.saturating_add(1);
             }
         }
@@ -401,6 +292,137 @@ async fn supervise(
             .min(BACKOFF_MAX);
         let jitter = 0.5 + fastrand::f64();
         tokio::time::sleep(base.mul_f64(jitter)).await;
+    }
+}
+
+impl Supervisor {
+    /// A session, from its start to its loss.
+    async fn session(&mut self, client: AgentClient) {
+        let (label, address) = (&self.label, &self.address);
+        let events = client.take_events();
+        let client = Arc::new(client);
+        // A new session reads the agent from scratch (it may have restarted).
+        self.views.informer.lock().reset(&self.target);
+        set_slot(&self.views.slots, &self.target, Some(client.clone()), "");
+        self.state.agent(label, address, None);
+        self.state.event(
+            EventKind::Agent,
+            Level::Info,
+            format!("{label}: session up ({address})"),
+        );
+        self.trigger
+            .send(Reason::AgentConnected(self.target.clone()));
+        if let Some(mut events) = events {
+            while let Some(EventEnvelope { event, .. }) = events.recv().await {
+                self.on_event(event);
+            }
+        }
+        drop(client);
+        set_slot(&self.views.slots, &self.target, None, "session lost");
+        self.views.informer.lock().reset(&self.target);
+        let (label, address) = (&self.label, &self.address);
+        self.state
+            .agent(label, address, Some("session lost".into()));
+        self.state.event(
+            EventKind::Agent,
+            Level::Warning,
+            format!("{label}: session lost; reconnecting"),
+        );
+        self.trigger.send(Reason::AgentLost(self.target.clone()));
+    }
+
+    /// The agent cannot be reached; said when it starts (not at every retry).
+    fn unreachable(&self, why: &str, first: bool) {
+        set_slot(&self.views.slots, &self.target, None, why);
+        if first {
+            let (label, address) = (&self.label, &self.address);
+            self.state.agent(label, address, Some(why.to_string()));
+            self.state.event(
+                EventKind::Agent,
+                Level::Warning,
+                format!("{label}: cannot connect to {address}: {why}"),
+            );
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let label = &self.label;
+        match event {
+            Event::SnapReplayed(r) => {
+                self.state.event(
+                    EventKind::Drift,
+                    Level::Warning,
+                    format!(
+                        "{label}: SNAP lost its state; the agent restored {} object(s), {} failed",
+                        r.restored.len(),
+                        r.failed.len()
+                    ),
+                );
+                self.trigger.send(Reason::SnapReplayed(self.target.clone()));
+            }
+            Event::ShuttingDown => {
+                self.state.event(
+                    EventKind::Agent,
+                    Level::Warning,
+                    format!("{label}: shutting down"),
+                );
+            }
+            Event::CephChanged { generation } => {
+                if let Target::Cluster(n) = &self.target {
+                    if self.views.informer.lock().cluster_changed(n, generation) {
+                        self.trigger.send(Reason::ClusterChanged {
+                            cluster: n.clone(),
+                            generation,
+                        });
+                    }
+                }
+            }
+            Event::DpuReport(r) => self.on_report(r),
+            Event::Heartbeat { .. } => {}
+        }
+    }
+
+    /// A pushed DPU report: held, and a reconcile asked for when it changes what a plan
+    /// decides on ([`protocol::dpu::DpuReport::change_from`]).
+    fn on_report(&mut self, r: Box<protocol::dpu::DpuReport>) {
+        // Objects gone from SNAP while it kept running: drift, said once.
+        let restarted = r.snap.restarts != self.seen.restarts;
+        if !r.missing.is_empty() && r.missing != self.seen.missing && !restarted {
+            self.state.event(
+                EventKind::Drift,
+                Level::Warning,
+                format!(
+                    "{}: SNAP's objects changed out of band: {}",
+                    self.label,
+                    r.missing.join(", ")
+                ),
+            );
+        }
+        self.seen = Seen {
+            restarts: r.snap.restarts,
+            missing: r.missing.clone(),
+        };
+        let Target::Dpu(n) = &self.target else {
+            return;
+        };
+        // Compared with what the daemon holds now — a report a pass read after its steps
+        // included —, not with the last push: a drift that comes back after a heal pushes what
+        // was pushed before the heal.
+        let mut informer = self.views.informer.lock();
+        let change = match informer.observed().dpus.get(n) {
+            Some(Known::Known { report: held }) => r.change_from(held),
+            // Unknown before (never read, or its read failed) and known now is a change too.
+            _ => ReportChange::Decides,
+        };
+        let order = r.order;
+        let taken = informer.set_dpu(n, r);
+        drop(informer);
+        if taken && change == ReportChange::Decides {
+            self.trigger.send(Reason::DpuChanged {
+                dpu: n.clone(),
+                order,
+            });
+        }
     }
 }
 

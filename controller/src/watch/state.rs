@@ -27,13 +27,45 @@ pub fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+spelled! {
+    /// What an event is about.
+    EventKind {
+        /// The daemon itself (start, stop).
+        Daemon = "daemon",
+        /// The manifests (loaded, refused).
+        Manifests = "manifests",
+        /// An agent's session.
+        Agent = "agent",
+        /// A reconcile's end.
+        Reconcile = "reconcile",
+        /// A step's end.
+        Step = "step",
+        /// Drift found.
+        Drift = "drift",
+        /// A suspension or resumption.
+        Suspend = "suspend",
+    } default Daemon
+}
+
+spelled! {
+    /// How a step ended, as `unistor_steps_total` labels it.
+    StepResult {
+        /// Done.
+        Done = "done",
+        /// Failed.
+        Failed = "failed",
+        /// Not run.
+        Skipped = "skipped",
+    } default Done
+}
+
 /// One thing that happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
     /// When (RFC 3339).
     pub at: String,
-    /// `manifests`, `agent`, `reconcile`, `step`, `drift`, `suspend`.
-    pub kind: String,
+    /// What it is about.
+    pub kind: EventKind,
     /// How much it matters.
     pub level: Level,
     /// What.
@@ -67,49 +99,23 @@ pub enum Level {
     Error,
 }
 
-/// How a reconcile ended.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReconcileResult {
-    /// No valid manifests yet, or agents not observed.
-    #[default]
-    Waiting,
-    /// Everything as the manifests say.
-    Converged,
-    /// Steps failed or were skipped; retried with backoff.
-    Pending,
-    /// Report-only mode found differences.
-    Drift,
-    /// The safety rails refused the plan.
-    Refused,
-}
-
-impl ReconcileResult {
-    /// Every result.
-    pub const ALL: [Self; 5] = [
-        Self::Waiting,
-        Self::Converged,
-        Self::Pending,
-        Self::Drift,
-        Self::Refused,
-    ];
-
-    /// The name in the API and the metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Waiting => "waiting",
-            Self::Converged => "converged",
-            Self::Pending => "pending",
-            Self::Drift => "drift",
-            Self::Refused => "refused",
-        }
-    }
-}
-
-impl std::fmt::Display for ReconcileResult {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
+spelled! {
+    /// How a reconcile ended (the API's `result`, the metrics' label).
+    ReconcileResult {
+        /// No valid manifests yet, or agents not observed.
+        Waiting = "waiting",
+        /// Everything as the manifests say.
+        Converged = "converged",
+        /// Steps failed, were skipped or remain, or a lease was lost; retried with backoff.
+        Pending = "pending",
+        /// Nothing left that may run, but objects are held back (by the planner, with its
+        /// reasons, or suspended).
+        HeldBack = "held_back",
+        /// Report-only mode found differences.
+        Drift = "drift",
+        /// The safety rails refused the plan.
+        Refused = "refused",
+    } default Waiting
 }
 
 /// How the last reconcile went.
@@ -218,9 +224,6 @@ struct AgentLabel {
     agent: String,
 }
 
-/// How a step can end, as `unistor_steps_total` labels it.
-pub const STEP_OUTCOMES: &[&str] = &["done", "failed", "skipped"];
-
 /// The daemon's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -294,9 +297,9 @@ impl Metrics {
         );
         // Every series exists from the start, at 0: a rate over a counter that appears only
         // with its first increment misses that increment, and an alert on it has no series.
-        for outcome in STEP_OUTCOMES {
+        for outcome in StepResult::ALL {
             let _ = steps.get_or_create(&OutcomeLabel {
-                outcome: (*outcome).into(),
+                outcome: outcome.as_str().into(),
             });
         }
         for result in ReconcileResult::ALL {
@@ -330,11 +333,11 @@ impl Metrics {
         out
     }
 
-    /// Counts one step's outcome (one of [`STEP_OUTCOMES`]).
-    pub fn step(&self, outcome: &str) {
+    /// Counts one step's outcome.
+    pub fn step(&self, outcome: StepResult) {
         self.steps
             .get_or_create(&OutcomeLabel {
-                outcome: outcome.into(),
+                outcome: outcome.as_str().into(),
             })
             .inc();
     }
@@ -446,12 +449,13 @@ impl Shared {
     }
 
     /// Records an event (and logs it).
-    pub fn event(&self, kind: &str, level: Level, message: impl Into<String>) {
+    pub fn event(&self, kind: EventKind, level: Level, message: impl Into<String>) {
         let message = message.into();
+        let k = kind.as_str();
         match level {
-            Level::Error => tracing::error!(kind, "{message}"),
-            Level::Warning => tracing::warn!(kind, "{message}"),
-            Level::Info => tracing::info!(kind, "{message}"),
+            Level::Error => tracing::error!(kind = k, "{message}"),
+            Level::Warning => tracing::warn!(kind = k, "{message}"),
+            Level::Info => tracing::info!(kind = k, "{message}"),
         }
         let mut g = self.write();
         if g.events.len() == EVENTS_KEPT {
@@ -459,7 +463,7 @@ impl Shared {
         }
         g.events.push_back(EventRecord {
             at: now(),
-            kind: kind.into(),
+            kind,
             level,
             message,
         });
@@ -718,7 +722,7 @@ mod tests {
     #[test]
     fn every_counter_is_exported_from_zero() {
         let text = Metrics::new().encode();
-        for outcome in STEP_OUTCOMES {
+        for outcome in StepResult::ALL {
             let line = format!("unistor_steps_total{{outcome=\"{outcome}\"}} 0");
             assert!(text.contains(&line), "{line} in:\n{text}");
         }
@@ -727,7 +731,7 @@ mod tests {
             assert!(text.contains(&line), "{line} in:\n{text}");
         }
         let m = Metrics::new();
-        m.step("done");
+        m.step(StepResult::Done);
         assert!(m
             .encode()
             .contains("unistor_steps_total{outcome=\"done\"} 1"));
