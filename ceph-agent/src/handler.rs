@@ -839,6 +839,58 @@ mod report_cost {
         }
     }
 
+    /// [`Canned`] with a leftover of an interrupted create of `img0` in the listing, whose
+    /// removal fails as it does while another process removes it (ESTALE).
+    struct StaleLeftover {
+        inner: Canned,
+        tried: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Runner for StaleLeftover {
+        async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
+            let line = inv.display();
+            if line.starts_with("rbd ls") {
+                let mut items: Vec<String> = (0..self.inner.n)
+                    .map(|i| format!(r#"{{"image":"img{i}","size":67108864}}"#))
+                    .collect();
+                items.push(r#"{"image":".unistor-new.img0","size":1048576}"#.into());
+                return Ok(out(format!("[{}]", items.join(","))));
+            }
+            if line.starts_with("rbd image-meta list") && line.ends_with(".unistor-new.img0") {
+                return Ok(out("{}".into()));
+            }
+            if line.starts_with("rbd rm") && line.ends_with(".unistor-new.img0") {
+                self.tried.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(CliError::Failed {
+                    command: line,
+                    code: 116,
+                    stderr: "rbd: delete error: (116) Stale file handle".into(),
+                });
+            }
+            self.inner.run(inv).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leftover_that_cannot_be_removed_now_does_not_fail_the_load() {
+        let ceph = Ceph::new(
+            StaleLeftover {
+                inner: Canned { n: 3 },
+                tried: Default::default(),
+            },
+            None,
+        );
+        let r = ceph.report().await.unwrap();
+        assert_eq!(r.images.len(), 3, "{:?}", r.images);
+        assert!(
+            ceph.runner()
+                .tried
+                .load(std::sync::atomic::Ordering::SeqCst),
+            "the leftover's removal was tried"
+        );
+    }
+
     #[tokio::test]
     async fn an_empty_view_still_has_a_generation_to_ask_changes_since() {
         let ceph = Ceph::new(Canned { n: 0 }, None);

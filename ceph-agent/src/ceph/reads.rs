@@ -234,8 +234,17 @@ impl<R: Runner> Ceph<R> {
                             })
                             .ok()
                         });
-                        if let Some(owner) = owner {
-                            self.remove_leftover(&pool, &e.image, &owner).await?;
+                        // One that cannot be removed now (another agent process is
+                        // removing it, or creating it again) is harmless: never exposed, and
+                        // the next create of that name removes it. It does not fail the load.
+                        let Some(owner) = owner else { continue };
+                        if let Err(err) = self.remove_leftover(&pool, &e.image, &owner).await {
+                            tracing::warn!(
+                                pool = %pool,
+                                image = %e.image,
+                                error = %protocol::error::chain(&err),
+                                "A leftover of an interrupted create stays for now."
+                            );
                         }
                     }
                     let sizes: BTreeMap<&str, u64> =
