@@ -153,6 +153,24 @@ impl SnapClient {
         self.connects.load(Ordering::Relaxed)
     }
 
+    /// Calls method `M` of the table (`methods.rs`) with `m` as its parameters, and reads its
+    /// reply as `M::Reply`.
+    pub async fn invoke<M: super::methods::Method>(&self, m: &M) -> Result<M::Reply, SnapError> {
+        let params = if M::NO_PARAMS {
+            None
+        } else {
+            Some(serde_json::to_value(m).map_err(|e| SnapError::Protocol {
+                method: M::NAME.into(),
+                detail: format!("parameters: {e}"),
+            })?)
+        };
+        let v = self.call(M::NAME, params).await?;
+        serde_json::from_value(v).map_err(|e| SnapError::Protocol {
+            method: M::NAME.into(),
+            detail: e.to_string(),
+        })
+    }
+
     /// Calls `method`; `params` `None` sends no params.
     ///
     /// A connection that broke while idle (SNAP restarted) is noticed on use: the call is then

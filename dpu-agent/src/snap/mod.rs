@@ -10,6 +10,7 @@
 //! `ctrl` (the CLI's flag; not verified) and is always sent with `suspended: true`.
 
 pub mod client;
+pub mod methods;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -21,7 +22,9 @@ use protocol::dpu::{
     NamespaceSpec, RbdCluster, SnapInventory, SubsystemInfo, SubsystemSpec,
 };
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use methods::{self as m, Method as _};
 
 pub use client::{SnapClient, SnapError};
 
@@ -249,11 +252,7 @@ impl Snap {
 
     /// `spdk_get_version`'s version string.
     pub async fn version(&self) -> Result<String, SnapError> {
-        let v = self.client.call("spdk_get_version", None).await?;
-        Ok(v.get("version")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string())
+        Ok(self.client.invoke(&m::GetVersion {}).await?.version)
     }
 
     /// Lists every object SNAP has (four calls), and makes that the view.
@@ -273,13 +272,10 @@ impl Snap {
     /// Lists every object SNAP has without touching the view (for readers outside the agent's
     /// command lock, whose listing could predate a command that just ran).
     pub async fn list(&self) -> Result<SnapInventory, SnapError> {
-        let functions = self
-            .client
-            .call("emulation_function_list", Some(json!({"all": true})))
-            .await?;
-        let subsystems = self.client.call("nvme_subsystem_list", None).await?;
-        let bdevs = self.client.call("bdev_get_bdevs", None).await?;
-        let clusters = match self.client.call("bdev_rbd_get_clusters_info", None).await {
+        let functions = self.client.invoke(&m::FunctionList { all: true }).await?;
+        let subsystems = self.client.invoke(&m::SubsystemList {}).await?;
+        let bdevs = self.client.invoke(&m::BdevList {}).await?;
+        let clusters = match self.client.invoke(&m::ClusterList {}).await {
             Ok(v) => Some(v),
             // -2: none registered; -32601: SPDK built without RBD.
             Err(e) if matches!(e.code(), Some(-2) | Some(-32601)) => None,
@@ -300,17 +296,17 @@ impl Snap {
     /// Runs `call`; on failure looks again with `check`, which says whether the wanted state
     /// holds after all.
     /// On success `apply` records the change in the view.
-    async fn act<F>(
+    async fn act<M, F>(
         &self,
-        method: &str,
-        params: Value,
+        method: M,
         check: F,
         apply: impl FnOnce(&mut SnapInventory),
     ) -> Result<Done, OpError>
     where
+        M: m::Method,
         F: Fn(&SnapInventory) -> bool,
     {
-        match self.client.call(method, Some(params)).await {
+        match self.client.invoke(&method).await {
             Ok(_) => {
                 self.update(apply);
                 Ok(Done::Changed)
@@ -336,15 +332,16 @@ impl Snap {
         if has(&self.current().await?) {
             return Ok(Done::Unchanged);
         }
-        let params = json!({
-            "name": c.name,
-            "user_id": c.user_id,
-            "config_param": {"mon_host": c.mon_hosts.join(","), "key": c.key},
-        });
-        self.act("bdev_rbd_register_cluster", params, has, |inv| {
-            inv.clusters.push(c.name.clone())
-        })
-        .await
+        let params = m::RegisterCluster {
+            name: c.name.clone(),
+            user_id: c.user_id.clone(),
+            config_param: m::ConfigParam {
+                mon_host: c.mon_hosts.join(","),
+                key: c.key.clone(),
+            },
+        };
+        self.act(params, has, |inv| inv.clusters.push(c.name.clone()))
+            .await
     }
 
     /// Unregisters a cluster (SNAP refuses while bdevs use it).
@@ -366,8 +363,7 @@ impl Snap {
             });
         }
         self.act(
-            "bdev_rbd_unregister_cluster",
-            json!({"name": name}),
+            m::UnregisterCluster { name: name.into() },
             |inv| !inv.clusters.iter().any(|c| c == name),
             |inv| inv.clusters.retain(|c| c != name),
         )
@@ -400,14 +396,16 @@ impl Snap {
                 what: format!("rbd cluster {}", b.cluster),
             });
         }
-        let params = json!({
-            "name": b.name, "pool_name": b.pool, "rbd_name": b.image,
-            "block_size": b.block_size, "cluster_name": b.cluster,
-        });
+        let params = m::BdevCreate {
+            name: b.name.clone(),
+            pool_name: b.pool.clone(),
+            rbd_name: b.image.clone(),
+            block_size: b.block_size,
+            cluster_name: b.cluster.clone(),
+        };
         self.know_bdev_cluster(&b.name, &b.cluster);
         let done = self
             .act(
-                "bdev_rbd_create",
                 params,
                 |inv| inv.bdevs.iter().any(|x| x.name == b.name),
                 |_| {},
@@ -416,10 +414,12 @@ impl Snap {
         // The size comes from the image: ask SNAP for this one bdev.
         if let Ok(v) = self
             .client
-            .call("bdev_get_bdevs", Some(json!({"name": b.name})))
+            .invoke(&m::BdevGet {
+                name: b.name.clone(),
+            })
             .await
         {
-            if let Ok(raw) = parse::<Vec<RawBdev>>("bdev_get_bdevs", v) {
+            if let Ok(raw) = parse::<Vec<RawBdev>>(m::BdevGet::NAME, v) {
                 let new: Vec<BdevInfo> = raw.into_iter().map(|x| self.bdev_info(x)).collect();
                 self.update(|inv| {
                     inv.bdevs.retain(|x| x.name != b.name);
@@ -451,8 +451,7 @@ impl Snap {
             });
         }
         self.act(
-            "bdev_rbd_delete",
-            json!({"name": name}),
+            m::BdevDelete { name: name.into() },
             |inv| !inv.bdevs.iter().any(|b| b.name == name),
             |inv| inv.bdevs.retain(|b| b.name != name),
         )
@@ -481,8 +480,10 @@ impl Snap {
         }
         let block_size = u64::from(have.block_size.max(1));
         self.act(
-            "bdev_rbd_resize",
-            json!({"name": name, "new_size": new_size_mib}),
+            m::BdevResize {
+                name: name.into(),
+                new_size: new_size_mib,
+            },
             |inv| {
                 inv.bdevs
                     .iter()
@@ -510,12 +511,14 @@ impl Snap {
                 })
             };
         }
-        let params = json!({
-            "nqn": s.nqn, "serial_number": s.serial, "model_number": s.model,
-            "nn": s.max_namespaces, "mnan": s.max_namespaces,
-        });
+        let params = m::SubsystemCreate {
+            nqn: s.nqn.clone(),
+            serial_number: s.serial.clone(),
+            model_number: s.model.clone(),
+            nn: s.max_namespaces,
+            mnan: s.max_namespaces,
+        };
         self.act(
-            "nvme_subsystem_create",
             params,
             |inv| inv.subsystems.iter().any(|x| x.nqn == s.nqn),
             |inv| {
@@ -553,8 +556,7 @@ impl Snap {
             });
         }
         self.act(
-            "nvme_subsystem_destroy",
-            json!({"nqn": nqn}),
+            m::SubsystemDestroy { nqn: nqn.into() },
             |inv| !inv.subsystems.iter().any(|s| s.nqn == nqn),
             |inv| inv.subsystems.retain(|s| s.nqn != nqn),
         )
@@ -584,11 +586,14 @@ impl Snap {
                 what: format!("bdev {}", n.bdev),
             });
         }
-        let params = json!({
-            "nqn": n.nqn, "nsid": n.nsid, "bdev_name": n.bdev, "uuid": n.uuid, "bdev_type": "spdk",
-        });
+        let params = m::NamespaceCreate {
+            nqn: n.nqn.clone(),
+            nsid: n.nsid,
+            bdev_name: n.bdev.clone(),
+            uuid: n.uuid.clone(),
+            bdev_type: "spdk",
+        };
         self.act(
-            "nvme_namespace_create",
             params,
             |inv| has_namespace(inv, &n.nqn, n.nsid),
             |inv| {
@@ -623,8 +628,10 @@ impl Snap {
             });
         }
         self.act(
-            "nvme_namespace_destroy",
-            json!({"nqn": nqn, "nsid": nsid}),
+            m::NamespaceDestroy {
+                nqn: nqn.into(),
+                nsid,
+            },
             |inv| !has_namespace(inv, nqn, nsid),
             |inv| {
                 for s in inv.subsystems.iter_mut().filter(|s| s.nqn == nqn) {
@@ -666,12 +673,15 @@ impl Snap {
                 detail: format!("controller {other} is bound to it"),
             });
         }
-        let params = json!({
-            "nqn": c.nqn, "ctrl": c.name, "pci_bdf": f.pci_bdf,
-            "num_queues": c.num_queues, "mdts": c.mdts, "suspended": true,
-        });
+        let params = m::ControllerCreate {
+            nqn: c.nqn.clone(),
+            ctrl: c.name.clone(),
+            pci_bdf: f.pci_bdf.clone(),
+            num_queues: c.num_queues,
+            mdts: c.mdts,
+            suspended: true,
+        };
         self.act(
-            "nvme_controller_create",
             params,
             |inv| inv.controllers.iter().any(|x| x.name == c.name),
             |inv| {
@@ -713,8 +723,10 @@ impl Snap {
         }
         // `force` as DPF sends it; safe because nothing is attached.
         self.act(
-            "nvme_controller_destroy",
-            json!({"ctrl_id": name, "force": true}),
+            m::ControllerDestroy {
+                ctrl_id: name.into(),
+                force: true,
+            },
             |inv| !inv.controllers.iter().any(|c| c.name == name),
             |inv| {
                 inv.controllers.retain(|c| c.name != name);
@@ -750,8 +762,10 @@ impl Snap {
             });
         }
         self.act(
-            "nvme_controller_attach_ns",
-            json!({"ctrl_id": ctrl, "nsid": nsid}),
+            m::AttachNamespace {
+                ctrl_id: ctrl.into(),
+                nsid,
+            },
             |inv| Self::attached(inv, ctrl, nsid),
             |inv| set_attached(inv, ctrl, nsid, true),
         )
@@ -774,8 +788,10 @@ impl Snap {
             return Ok(Done::Unchanged);
         }
         self.act(
-            "nvme_controller_detach_ns",
-            json!({"ctrl_id": ctrl, "nsid": nsid}),
+            m::DetachNamespace {
+                ctrl_id: ctrl.into(),
+                nsid,
+            },
             |inv| !Self::attached(inv, ctrl, nsid),
             |inv| set_attached(inv, ctrl, nsid, false),
         )
@@ -794,26 +810,24 @@ impl Snap {
         if c.state.eq_ignore_ascii_case(want) {
             return Ok(Done::Unchanged);
         }
-        let method = if resume {
-            "nvme_controller_resume"
-        } else {
-            "nvme_controller_suspend"
+        let check = |inv: &SnapInventory| {
+            inv.controllers
+                .iter()
+                .any(|c| c.name == ctrl && c.state.eq_ignore_ascii_case(want))
         };
-        self.act(
-            method,
-            json!({"ctrl_id": ctrl}),
-            |inv| {
-                inv.controllers
-                    .iter()
-                    .any(|c| c.name == ctrl && c.state.eq_ignore_ascii_case(want))
-            },
-            |inv| {
-                for c in inv.controllers.iter_mut().filter(|c| c.name == ctrl) {
-                    c.state = want.to_string();
-                }
-            },
-        )
-        .await
+        let apply = |inv: &mut SnapInventory| {
+            for c in inv.controllers.iter_mut().filter(|c| c.name == ctrl) {
+                c.state = want.to_string();
+            }
+        };
+        let ctrl_id = ctrl.to_string();
+        if resume {
+            self.act(m::ResumeController { ctrl_id }, check, apply)
+                .await
+        } else {
+            self.act(m::SuspendController { ctrl_id }, check, apply)
+                .await
+        }
     }
 }
 
@@ -840,11 +854,11 @@ pub fn inventory_from_replies(
     r: SnapReplies,
     cluster_of: impl Fn(&str) -> Option<String>,
 ) -> Result<SnapInventory, SnapError> {
-    let fns: Vec<RawFunction> = parse("emulation_function_list", r.functions)?;
-    let subs: Vec<RawSubsystem> = parse("nvme_subsystem_list", r.subsystems)?;
-    let bdevs: Vec<RawBdev> = parse("bdev_get_bdevs", r.bdevs)?;
+    let fns: Vec<RawFunction> = parse(m::FunctionList::NAME, r.functions)?;
+    let subs: Vec<RawSubsystem> = parse(m::SubsystemList::NAME, r.subsystems)?;
+    let bdevs: Vec<RawBdev> = parse(m::BdevList::NAME, r.bdevs)?;
     let clusters: Vec<RawCluster> = match r.clusters {
-        Some(v) => parse("bdev_rbd_get_clusters_info", v)?,
+        Some(v) => parse(m::ClusterList::NAME, v)?,
         None => vec![],
     };
     let mut functions = vec![];
