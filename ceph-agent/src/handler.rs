@@ -374,47 +374,47 @@ mod tests {
         vec![
             (
                 "pool",
-                Command::CreateImage(CreateImage {
+                Command::CreateImage(Box::new(CreateImage {
                     pool: bad.into(),
                     image: "img".into(),
                     size_bytes: 1 << 30,
                     features: vec![],
                     owner: owner("v"),
                     policy: None,
-                }),
+                })),
             ),
             (
                 "image",
-                Command::CreateImage(CreateImage {
+                Command::CreateImage(Box::new(CreateImage {
                     pool: "rbd".into(),
                     image: bad.into(),
                     size_bytes: 1 << 30,
                     features: vec![],
                     owner: owner("v"),
                     policy: None,
-                }),
+                })),
             ),
             (
                 "owner.volume",
-                Command::CreateImage(CreateImage {
+                Command::CreateImage(Box::new(CreateImage {
                     pool: "rbd".into(),
                     image: "img".into(),
                     size_bytes: 1 << 30,
                     features: vec![],
                     owner: owner(bad),
                     policy: None,
-                }),
+                })),
             ),
             (
                 "features",
-                Command::CreateImage(CreateImage {
+                Command::CreateImage(Box::new(CreateImage {
                     pool: "rbd".into(),
                     image: "img".into(),
                     size_bytes: 1 << 30,
                     features: vec![bad.into()],
                     owner: owner("v"),
                     policy: None,
-                }),
+                })),
             ),
             (
                 "image",
@@ -507,14 +507,14 @@ mod tests {
         for size in [0, 1, (1 << 20) + 512] {
             let e = handler
                 .handle(
-                    Command::CreateImage(CreateImage {
+                    Command::CreateImage(Box::new(CreateImage {
                         pool: "rbd".into(),
                         image: "img".into(),
                         size_bytes: size,
                         features: vec![],
                         owner: owner("v"),
                         policy: None,
-                    }),
+                    })),
                     Fence::none(),
                 )
                 .await
@@ -536,14 +536,14 @@ mod tests {
         }
         let e = handler
             .handle(
-                Command::CreateImage(CreateImage {
+                Command::CreateImage(Box::new(CreateImage {
                     pool: "rbd".into(),
                     image: "img".into(),
                     size_bytes: 1 << 30,
                     features: vec!["fast-diff".into()],
                     owner: owner("v"),
                     policy: None,
-                }),
+                })),
                 Fence::none(),
             )
             .await
@@ -565,14 +565,14 @@ mod tests {
         let cases = [
             (
                 "size_bytes",
-                Command::CreateImage(CreateImage {
+                Command::CreateImage(Box::new(CreateImage {
                     pool: "rbd".into(),
                     image: "img".into(),
                     size_bytes: huge,
                     features: vec![],
                     owner: owner("v"),
                     policy: None,
-                }),
+                })),
             ),
             (
                 "size_bytes",
@@ -594,14 +594,14 @@ mod tests {
             ),
             (
                 "policy.trash_retention_secs",
-                Command::CreateImage(CreateImage {
+                Command::CreateImage(Box::new(CreateImage {
                     pool: "rbd".into(),
                     image: "img".into(),
                     size_bytes: 1 << 30,
                     features: vec![],
                     owner: owner("v"),
                     policy: policy(u64::MAX),
-                }),
+                })),
             ),
         ];
         for (field, command) in cases {

@@ -205,7 +205,7 @@ async fn firmware_changes_need_a_power_cycle_and_nothing_is_rebooted() {
     );
     let r = deploy_report(
         d.agent
-            .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
+            .handle(Command::InstallSnap(Box::new(spec("4.5.0"))), Fence::none())
             .await,
     );
     assert!(!r.ready);
@@ -223,7 +223,7 @@ async fn firmware_changes_need_a_power_cycle_and_nothing_is_rebooted() {
     // Asked again before the power cycle: still pending, nothing set twice.
     let r = deploy_report(
         d.agent
-            .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
+            .handle(Command::InstallSnap(Box::new(spec("4.5.0"))), Fence::none())
             .await,
     );
     assert_eq!(outcome(&r, "firmware"), StepOutcome::PowerCycleRequired);
@@ -242,7 +242,7 @@ async fn deploy_upgrade_and_remove() {
     let r = deploy_report(
         d.agent
             .handle(
-                Command::InstallSnap(spec("4.5.0-6-doca2.9.0")),
+                Command::InstallSnap(Box::new(spec("4.5.0-6-doca2.9.0"))),
                 Fence::none(),
             )
             .await,
@@ -278,7 +278,7 @@ async fn deploy_upgrade_and_remove() {
     let r = deploy_report(
         d.agent
             .handle(
-                Command::InstallSnap(spec("4.5.0-6-doca2.9.0")),
+                Command::InstallSnap(Box::new(spec("4.5.0-6-doca2.9.0"))),
                 Fence::none(),
             )
             .await,
@@ -302,7 +302,7 @@ async fn deploy_upgrade_and_remove() {
     let r = deploy_report(
         d.agent
             .handle(
-                Command::UpgradeSnap(spec("4.6.0-doca2.10.0")),
+                Command::UpgradeSnap(Box::new(spec("4.6.0-doca2.10.0"))),
                 Fence::none(),
             )
             .await,
@@ -347,7 +347,7 @@ async fn deploy_upgrade_and_remove() {
     assert_eq!(outcome(&r, "stopped"), StepOutcome::Changed);
     let e = d
         .agent
-        .handle(Command::UpgradeSnap(spec("4.6.0")), Fence::none())
+        .handle(Command::UpgradeSnap(Box::new(spec("4.6.0"))), Fence::none())
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound, "nothing to upgrade");
@@ -359,7 +359,7 @@ async fn a_container_that_never_becomes_ready_is_a_clear_timeout() {
     let d = dpu(FW_READY, 2048, Duration::from_secs(2));
     let e = d
         .agent
-        .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
+        .handle(Command::InstallSnap(Box::new(spec("4.5.0"))), Fence::none())
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::Timeout, "{e:?}");
@@ -380,7 +380,7 @@ async fn too_few_hugepages_is_refused_before_anything_is_deployed() {
     let d = dpu(FW_READY, 16, Duration::from_secs(2));
     let e = d
         .agent
-        .handle(Command::InstallSnap(spec("4.5.0")), Fence::none())
+        .handle(Command::InstallSnap(Box::new(spec("4.5.0"))), Fence::none())
         .await
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::CommandFailed);
@@ -414,7 +414,7 @@ async fn hostile_snap_specs_are_refused() {
     ] {
         let e = d
             .agent
-            .handle(Command::InstallSnap(s), Fence::none())
+            .handle(Command::InstallSnap(Box::new(s)), Fence::none())
             .await
             .unwrap_err();
         assert_eq!(e.field.as_deref(), Some(field), "{e:?}");

@@ -207,10 +207,10 @@ pub enum Command {
     /// unistor must show in a plan as not owned, not as one to create).
     ProbeImages(ImageList),
     /// Create an RBD image owned by unistor (idempotent).
-    CreateImage(CreateImage),
+    CreateImage(Box<CreateImage>),
     /// Take over an existing image that carries no owner: write the ownership and policy keys
     /// (refused while it has watchers, or when it belongs to someone; idempotent).
-    AdoptImage(AdoptImage),
+    AdoptImage(Box<AdoptImage>),
     /// Grow an image (never shrinks).
     GrowImage(GrowImage),
     /// Move an image to the RBD trash.
@@ -229,9 +229,9 @@ pub enum Command {
     /// Full report of a DPU.
     DpuReport(Empty),
     /// Deploy SNAP (or converge an existing deployment to this spec).
-    InstallSnap(SnapSpec),
+    InstallSnap(Box<SnapSpec>),
     /// Replace a running SNAP with this spec (refused when none is installed).
-    UpgradeSnap(SnapSpec),
+    UpgradeSnap(Box<SnapSpec>),
     /// Remove SNAP (refused while SNAP still has controllers).
     RemoveSnap(Empty),
     /// Register a Ceph cluster in SNAP.

@@ -153,7 +153,7 @@ async fn connect_as(
 }
 
 fn create() -> Command {
-    Command::CreateImage(CreateImage {
+    Command::CreateImage(Box::new(CreateImage {
         pool: "rbd".into(),
         image: "vol1".into(),
         size_bytes: 1 << 30,
@@ -163,7 +163,7 @@ fn create() -> Command {
             volume: "vol1".into(),
         },
         policy: None,
-    })
+    }))
 }
 
 fn code(r: Result<Reply, ClientError>) -> ErrorCode {

@@ -150,14 +150,14 @@ async fn ceph_agent_serves_an_authenticated_fenced_controller() {
         volume: image.clone(),
     };
     let reply = a
-        .request(Cmd::CreateImage(CreateImage {
+        .request(Cmd::CreateImage(Box::new(CreateImage {
             pool: c.pool.clone(),
             image: image.clone(),
             size_bytes: 256 << 20,
             features: vec![],
             owner: owner.clone(),
             policy: None,
-        }))
+        })))
         .await
         .unwrap();
     assert!(matches!(reply, Reply::Image(ref s) if s.size_bytes == 256 << 20));

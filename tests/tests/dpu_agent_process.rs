@@ -200,10 +200,13 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
     assert_eq!(a.hello().kind, protocol::AgentKind::Dpu);
     // Mutations are fenced.
     let spec = snap_spec();
-    let e = a.request(Cmd::InstallSnap(spec.clone())).await.unwrap_err();
+    let e = a
+        .request(Cmd::InstallSnap(Box::new(spec.clone())))
+        .await
+        .unwrap_err();
     assert_eq!(e.wire().unwrap().code, ErrorCode::NoLease);
     a.acquire_lease(Duration::from_secs(60)).await.unwrap();
-    match a.request(Cmd::InstallSnap(spec)).await.unwrap() {
+    match a.request(Cmd::InstallSnap(Box::new(spec))).await.unwrap() {
         Reply::Deploy(d) => assert!(d.ready, "{d:?}"),
         other => panic!("{other:?}"),
     }
@@ -282,7 +285,9 @@ async fn dpu_agent_deploys_snap_exposes_a_volume_and_heals_a_snap_restart_alone(
 /// fresh session.
 async fn install_and_expose_up_to_the_namespace(a: &AgentClient, cmds: &mut Vec<Cmd>) {
     a.acquire_lease(Duration::from_secs(60)).await.unwrap();
-    a.request(Cmd::InstallSnap(snap_spec())).await.unwrap();
+    a.request(Cmd::InstallSnap(Box::new(snap_spec())))
+        .await
+        .unwrap();
     while !matches!(cmds.first(), Some(Cmd::CreateNamespace(_))) {
         let cmd = cmds.remove(0);
         let name = cmd.name();

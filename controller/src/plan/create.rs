@@ -721,12 +721,12 @@ fn adopt(b: &mut Builder, owner: &str, v: &Volume, i: &ImageStatus) -> Result<Op
     let vname = v.name.as_str();
     let adopted = b.push(
         ceph(),
-        Action::Send(Command::AdoptImage(AdoptImage {
+        Action::Send(Command::AdoptImage(Box::new(AdoptImage {
             pool: v.pool.to_string(),
             image: v.image.to_string(),
             owner: ownership(owner, v),
             policy: Some(image_policy(v)),
-        })),
+        }))),
         Risk::Safe,
         &[],
         Some(vname),
@@ -763,14 +763,14 @@ fn grow(b: &mut Builder, owner: &str, v: &Volume, from_bytes: u64, after: Option
 }
 
 fn create(owner: &str, v: &Volume) -> Action {
-    Action::Send(Command::CreateImage(CreateImage {
+    Action::Send(Command::CreateImage(Box::new(CreateImage {
         pool: v.pool.to_string(),
         image: v.image.to_string(),
         size_bytes: v.size_bytes,
         features: vec![],
         owner: ownership(owner, v),
         policy: Some(image_policy(v)),
-    }))
+    })))
 }
 
 /// The keys that make an image this deployment's and this volume's.

@@ -709,7 +709,7 @@ fn install_snap(
     };
     Some(b.push(
         Target::Dpu(name.to_string()),
-        Action::Send(Command::InstallSnap(dpu.snap.clone())),
+        Action::Send(Command::InstallSnap(Box::new(dpu.snap.clone()))),
         risk,
         first,
         None,

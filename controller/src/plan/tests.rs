@@ -1057,7 +1057,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
     let adopt = p
         .steps
         .iter()
-        .find(|s| matches!(&s.action, Action::Send(Command::AdoptImage(protocol::AdoptImage { image, owner, .. })) if image == "legacy-img" && owner.volume == "legacy"))
+        .find(|s| matches!(s.action.sent(), Some(Command::AdoptImage(x)) if x.image == "legacy-img" && x.owner.volume == "legacy"))
         .expect("an adopt step");
     let grow = p
         .steps
