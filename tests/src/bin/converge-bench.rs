@@ -8,9 +8,8 @@
 use std::time::{Duration, Instant};
 
 use e2e::{
-    ceph_agent_command, dpu_agent_command, fleet_yaml, issue_pki, reconciled, show,
-    spawn_announced, unique, unistor, volume_yaml, write_like_an_editor, Cluster, Daemon, FleetSim,
-    Procs, ANY_PORT,
+    ceph_agent_command, dpu_agent_command, fleet_yaml, issue_pki, show, spawn_announced, unique,
+    unistor, volume_yaml, write_like_an_editor, Cluster, Daemon, FleetSim, Procs, ANY_PORT,
 };
 
 #[path = "converge-bench/fleet.rs"]
@@ -167,10 +166,11 @@ fn main() -> std::process::ExitCode {
         "  apply / floor:                   {:.2}x",
         converge.as_secs_f64() / (rbd_floor + snap_floor).as_secs_f64()
     );
+    let floor = edit_floor(&c, a.snap_latency_ms);
     if a.fleet {
-        fleet::watch(&lab, a.edits);
+        fleet::watch(&lab, a.edits, floor);
     } else {
-        lab.watch(a.edits);
+        lab.watch(a.edits, floor);
     }
     std::process::ExitCode::SUCCESS
 }
@@ -204,6 +204,48 @@ fn rbd_floor(c: &Cluster, n: usize) -> Duration {
 
 /// Volumes per manifest file.
 const PER_FILE: usize = 500;
+
+/// The daemon's debounce: part of an edit's floor.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// The floor of an edit that adds one volume on a DPU whose function already has its
+/// controller: the debounce, one `rbd create` (the median of 5 back to back, in this run) and
+/// the chain's SNAP calls at the emulator's latency (bdev, namespace, attach).
+fn edit_floor(c: &Cluster, snap_latency_ms: u64) -> Duration {
+    let names: Vec<String> = (0..5).map(|i| unique(&format!("efloor{i}"))).collect();
+    let mut took = vec![];
+    for img in &names {
+        let t = Instant::now();
+        c.cli_ok(
+            "rbd",
+            &["create", "--size", "64M", &format!("{}/{img}", c.pool)],
+        );
+        took.push(t.elapsed());
+    }
+    for img in &names {
+        c.cli_ok(
+            "rbd",
+            &["rm", "--no-progress", &format!("{}/{img}", c.pool)],
+        );
+    }
+    took.sort();
+    DEBOUNCE + took[2] + Duration::from_millis(3 * snap_latency_ms)
+}
+
+/// Edit -> converged times against their floor, one line.
+fn report_edits(times: &[Duration], floor: Duration) {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+    println!(
+        "  watch: edit (one volume added) -> converged: {} (median {}; floor {}: debounce {}, one rbd create, 3 SNAP calls) = {:.2}x the floor",
+        times.iter().map(|t| ms(*t)).collect::<Vec<_>>().join(", "),
+        ms(median),
+        ms(floor),
+        ms(DEBOUNCE),
+        median.as_secs_f64() / floor.as_secs_f64().max(1e-9)
+    );
+}
 
 /// The benchmark's fleet: a ceph-agent and simulated DPUs, manifests of `vols`.
 struct BenchLab<'a> {
@@ -423,7 +465,7 @@ impl<'a> BenchLab<'a> {
                 "--resync",
                 "1h",
                 "--debounce",
-                "200ms",
+                &format!("{}ms", DEBOUNCE.as_millis()),
             ],
             &self.dir.path().join("watch.log"),
         )
@@ -431,10 +473,10 @@ impl<'a> BenchLab<'a> {
 
     /// Watch mode: `edits` manifest edits (a volume grown each) to convergence, then an image
     /// grown behind unistor's back until the status shows it; the peak memory of everything.
-    fn watch(&self, edits: usize) {
-        let d = self.daemon();
+    fn watch(&self, edits: usize, floor: Duration) {
+        let mut d = self.daemon();
         d.wait_converged(Duration::from_secs(600), self.vols.len());
-        let edit_times = self.edits(&d, edits);
+        let edit_times = self.add_volume_edits(&mut d, edits);
         let found = self.out_of_band_resize(&d);
         let metrics = d.get("/metrics");
         let reconcile_line = metrics
@@ -445,20 +487,8 @@ impl<'a> BenchLab<'a> {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let mut sorted = edit_times.clone();
-        sorted.sort();
-        println!(
-            "  watch: manifest edit -> converged: {} (median {}; daemon: {reconcile_line})",
-            edit_times
-                .iter()
-                .map(|d| ms(*d))
-                .collect::<Vec<_>>()
-                .join(", "),
-            sorted
-                .get(sorted.len() / 2)
-                .map(|d| ms(*d))
-                .unwrap_or_default()
-        );
+        report_edits(&edit_times, floor);
+        println!("    daemon: {reconcile_line}");
         println!(
             "  watch: image resized with rbd by hand -> shown: {}",
             ms(found)
@@ -466,27 +496,39 @@ impl<'a> BenchLab<'a> {
         self.print_rss(&d);
     }
 
-    /// Times each of `edits` manifest edits to convergence.
-    fn edits(&self, d: &Daemon, edits: usize) -> Vec<Duration> {
-        let mut edit_times = vec![];
-        for (e, (name, _)) in self.vols.iter().enumerate().take(edits) {
-            let size = format!("{}Mi", 128 + 64 * e);
-            let bytes = (128 + 64 * e as u64) << 20;
+    /// Adds `edits` volumes one at a time (each in a manifest file of its own, on DPU `e` of the
+    /// fleet), and times each from the file written to the volume ok, polling every 10 ms.
+    fn add_volume_edits(&self, d: &mut Daemon, edits: usize) -> Vec<Duration> {
+        let dpus = self.vols.last().map_or(1, |(_, h)| h + 1);
+        let poll = std::mem::replace(&mut d.poll, Duration::from_millis(10));
+        let mut times = vec![];
+        for e in 0..edits {
+            let name = unique(&format!("edit{e}"));
+            let text = volume_yaml(&name, e % dpus, "64Mi", &self.c.pool, "Retain");
             let t = Instant::now();
-            self.write_volumes(Some((e, &size)));
-            d.wait_for(Duration::from_secs(600), "the edit to converge", |s| {
-                reconciled(s)
-                    && s["fleet"]["volumes"].as_array().is_some_and(|v| {
-                        v.iter().any(|v| {
-                            v["volume"] == name.as_str()
-                                && v["size_bytes"] == bytes
-                                && v["state"] == "ok"
-                        })
+            write_like_an_editor(
+                &self
+                    .dir
+                    .path()
+                    .join("manifests")
+                    .join(format!("edit-{e:03}.yaml")),
+                &text,
+            );
+            d.wait_for_at(
+                &format!("q={name}&limit=5"),
+                Duration::from_secs(600),
+                "the edit to converge",
+                |s| {
+                    s["fleet"]["volumes"].as_array().is_some_and(|v| {
+                        v.iter()
+                            .any(|v| v["volume"] == name.as_str() && v["state"] == "ok")
                     })
-            });
-            edit_times.push(t.elapsed());
+                },
+            );
+            times.push(t.elapsed());
         }
-        edit_times
+        d.poll = poll;
+        times
     }
 
     /// An image grown with the rbd CLI behind unistor's back, until the daemon's status shows it

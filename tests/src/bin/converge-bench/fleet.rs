@@ -18,11 +18,6 @@ fn converged(s: &Value, n: usize) -> bool {
         && sum["volumes_ok"] == n
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
 impl BenchLab<'_> {
     fn fleet_command(&self, cmd: &str) -> String {
         let mut f = self.fleet.borrow_mut();
@@ -68,7 +63,7 @@ fn liveness(d: &Daemon) -> u64 {
 }
 
 /// The daemon at fleet size: converged, edits, steady state, a restart, a lost tenth.
-pub(super) fn watch(lab: &BenchLab<'_>, edits: usize) {
+pub(super) fn watch(lab: &BenchLab<'_>, edits: usize, floor: Duration) {
     let n = lab.vols.len();
     let mut d = lab.daemon();
     let t = Instant::now();
@@ -92,14 +87,8 @@ pub(super) fn watch(lab: &BenchLab<'_>, edits: usize) {
         ms(rendered),
         dom.len() / 1024
     );
-    let times: Vec<Duration> = (0..edits)
-        .map(|e| lab.edit(&d, e, 128 + 64 * e as u64))
-        .collect();
-    println!(
-        "  watch: one-volume edit -> converged: {} (median {})",
-        times.iter().map(|t| ms(*t)).collect::<Vec<_>>().join(", "),
-        ms(median(times.clone()))
-    );
+    let times = lab.add_volume_edits(&mut d, edits);
+    super::report_edits(&times, floor);
     // Steady state: nothing to do, heartbeats and reports only.
     let pid = d.child.id().to_string();
     let (c0, t0, l0) = (cpu(&pid).0, Instant::now(), liveness(&d));
