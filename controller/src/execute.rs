@@ -242,6 +242,8 @@ struct Context {
     /// SNAP's cephx key per cluster and DPU, issued once per execution (each DPU's SNAP has an
     /// identity of its own: a fence cuts that DPU alone off the cluster).
     identities: std::sync::Mutex<BTreeMap<(String, String), KeyCell>>,
+    /// Identity issues in flight, all clusters together (see [`ISSUING`]).
+    issuing: tokio::sync::Semaphore,
     /// Agents whose lease this execution lost: nothing more of the plan runs there.
     lost: Arc<std::sync::Mutex<BTreeSet<Target>>>,
     health: HealthChecks,
@@ -422,6 +424,12 @@ fn with_flags(ctx: &Context, mut cmd: Command) -> Result<Command, StepError> {
     Ok(cmd)
 }
 
+/// Identity issues in flight at once. Each is a request to a cluster's agent made from a DPU's
+/// step, beside that agent's own steps (up to [`slots`] of them): 50 DPUs registering at once
+/// would otherwise put 66 requests in flight on the one connection, past the 32 an agent
+/// answers (`busy`), and the registrations would fail their attempts and wait for a later pass.
+const ISSUING: usize = 8;
+
 /// SNAP's cephx key on `dpu` for `cluster`: issued by its ceph-agent once per execution (a
 /// fenced DPU's identity is refused there).
 async fn snap_key(
@@ -441,6 +449,7 @@ async fn snap_key(
         .clone();
     let key = cell
         .get_or_try_init(|| async {
+            let _permit = ctx.issuing.acquire().await.expect("never closed");
             let ceph = fleet
                 .get(&Target::Cluster(cluster.to_string()))
                 .map_err(|e| StepError::unreachable(format!("cluster {cluster}: {e}")))?;
@@ -815,6 +824,7 @@ pub async fn execute(
         observed: observed.clone(),
         opts: opts.clone(),
         identities: Default::default(),
+        issuing: tokio::sync::Semaphore::new(ISSUING),
         lost: Default::default(),
         health: HealthChecks::new(opts.health_gate.clone()),
     });

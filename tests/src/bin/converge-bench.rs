@@ -526,6 +526,17 @@ impl<'a> BenchLab<'a> {
                 },
             );
             times.push(t.elapsed());
+            // Why it took what it took: the daemon's reconciles and steps since the edit.
+            if std::env::var_os("BENCH_EVENTS").is_some() {
+                let s = d.status_at("limit=0");
+                let events = s["events"].as_array().cloned().unwrap_or_default();
+                for ev in events.iter().rev().take(12).rev() {
+                    println!(
+                        "    edit {e}: {} {} {}",
+                        ev["at"], ev["kind"], ev["message"]
+                    );
+                }
+            }
         }
         d.poll = poll;
         times
