@@ -127,19 +127,22 @@ impl Sessions {
                 .agent(&t.to_string(), &address, Some("connecting".into()));
             let span = tracing::info_span!("agent_session", agent = %t, address = %address);
             let task = tokio::spawn(
-                supervise(
-                    t.clone(),
-                    name.clone(),
-                    address.clone(),
-                    self.opts.clone(),
-                    Views {
+                Supervisor {
+                    label: t.to_string(),
+                    target: t.clone(),
+                    name: name.clone(),
+                    address: address.clone(),
+                    opts: self.opts.clone(),
+                    views: Views {
                         slots: self.slots.clone(),
                         informer: self.informer.clone(),
                         gate: self.gate.clone(),
                     },
-                    self.state.clone(),
-                    self.trigger.clone(),
-                )
+                    state: self.state.clone(),
+                    trigger: self.trigger.clone(),
+                    seen: Seen::default(),
+                }
+                .run()
                 .instrument(span),
             );
             slots.insert(
@@ -251,51 +254,41 @@ struct Supervisor {
     seen: Seen,
 }
 
-async fn supervise(
-    target: Target,
-    name: PeerName,
-    address: String,
-    opts: FleetOptions,
-    views: Views,
-    state: Arc<Shared>,
-    trigger: Triggers,
-) {
-    let mut s = Supervisor {
-        label: target.to_string(),
-        target,
-        name,
-        address,
-        opts,
-        views,
-        state,
-        trigger,
-        seen: Seen::default(),
-    };
-    let mut failures: u32 = 0;
-    loop {
-        s.views.gate.pass().await;
-        // Liveness paced for the fleet as it is now (a reconnect follows its growth).
-        let mut client_opts = s.opts.client.clone();
-        client_opts.liveness = Some(liveness_interval(lock(&s.views.slots).len()));
-        match AgentClient::connect(&s.address, &s.name, s.opts.tls.clone(), client_opts).await {
-            Ok(client) => {
-                failures = 0;
-                s.session(client).await;
-            }
-            Err(e) => {
-                s.unreachable(&protocol::error::chain(&e), failures == 0);
-                failures = failures.saturating_add(1);
-            }
-        }
-        let base = BACKOFF_MIN
-            .saturating_mul(1 << failures.min(6))
-            .min(BACKOFF_MAX);
-        let jitter = 0.5 + fastrand::f64();
-        tokio::time::sleep(base.mul_f64(jitter)).await;
-    }
-}
-
 impl Supervisor {
+    /// Connects, serves the session, reconnects with backoff: for ever (the task is aborted when
+    /// the manifests no longer name the agent).
+    async fn run(mut self) {
+        let mut failures: u32 = 0;
+        loop {
+            self.views.gate.pass().await;
+            // Liveness paced for the fleet as it is now (a reconnect follows its growth).
+            let mut client_opts = self.opts.client.clone();
+            client_opts.liveness = Some(liveness_interval(lock(&self.views.slots).len()));
+            match AgentClient::connect(
+                &self.address,
+                &self.name,
+                self.opts.tls.clone(),
+                client_opts,
+            )
+            .await
+            {
+                Ok(client) => {
+                    failures = 0;
+                    self.session(client).await;
+                }
+                Err(e) => {
+                    self.unreachable(&protocol::error::chain(&e), failures == 0);
+                    failures = failures.saturating_add(1);
+                }
+            }
+            let base = BACKOFF_MIN
+                .saturating_mul(1 << failures.min(6))
+                .min(BACKOFF_MAX);
+            let jitter = 0.5 + fastrand::f64();
+            tokio::time::sleep(base.mul_f64(jitter)).await;
+        }
+    }
+
     /// A session, from its start to its loss.
     async fn session(&mut self, client: AgentClient) {
         let (label, address) = (&self.label, &self.address);

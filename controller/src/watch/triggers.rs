@@ -218,21 +218,8 @@ mod tests {
 
     fn report(instance: u64, seq: u64) -> DpuReport {
         DpuReport {
-            platform: "simulation".into(),
-            host: Default::default(),
-            bluefield: None,
-            snap: protocol::dpu::SnapStatus {
-                state: protocol::dpu::SnapState::Running,
-                version: None,
-                image: None,
-                restarts: 0,
-            },
-            inventory: None,
-            missing: vec![],
-            ledger_generation: 0,
-            last_replay: None,
-            host_use: None,
             order: ReportOrder { instance, seq },
+            ..crate::plan::sim::bare_dpu()
         }
     }
 
