@@ -1074,7 +1074,7 @@ mod tests {
             action,
             risk: Risk::Safe,
             depends_on: vec![],
-            volume: volume.map(String::from),
+            volume: volume.map(Box::from),
         };
         let grow = on(
             Target::Cluster(v.cluster.clone()),

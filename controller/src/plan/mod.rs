@@ -321,7 +321,7 @@ impl Builder {
             action,
             risk,
             depends_on,
-            volume: volume.map(str::to_string),
+            volume: volume.map(Box::from),
         });
         id
     }
@@ -482,7 +482,7 @@ fn one_dpu_at_a_time(chains: &mut [Step], of_volume: &teardown::ByVolume) {
         let (Action::Send(Command::CreateBdev(_)), Some(v)) = (&s.action, &s.volume) else {
             continue;
         };
-        if let Some(removals) = of_volume.get(v) {
+        if let Some(removals) = of_volume.get(&**v) {
             s.depends_on.extend(removals);
             s.depends_on.sort_unstable();
             s.depends_on.dedup();

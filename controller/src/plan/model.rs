@@ -158,7 +158,7 @@ pub struct Step {
     /// Steps that must succeed first.
     pub depends_on: Vec<usize>,
     /// The volume it serves, when one.
-    pub volume: Option<String>,
+    pub volume: Option<Box<str>>,
 }
 
 /// A difference between desired and observed, field by field.

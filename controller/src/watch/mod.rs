@@ -290,7 +290,10 @@ pub fn without_suspended(mut p: Plan, s: &state::Suspended) -> (Plan, usize) {
     let mut dropped: BTreeSet<usize> = BTreeSet::new();
     for step in &mut p.steps {
         let dpu = matches!(&step.target, Target::Dpu(d) if s.dpus.contains(d));
-        let volume = step.volume.as_ref().is_some_and(|v| s.volumes.contains(v));
+        let volume = step
+            .volume
+            .as_ref()
+            .is_some_and(|v| s.volumes.contains(&**v));
         if !dpu
             && !volume
             && matches!(
