@@ -321,9 +321,10 @@ impl HealthChecks {
 /// The cluster a step writes to, if it writes to one: its image steps, and a bdev resize
 /// (which grows the image through SNAP).
 fn writes_to<'a>(desired: &'a Desired, step: &'a Step) -> Option<&'a str> {
-    match (&step.target, step.action.command()) {
-        (Target::Cluster(c), Some(cmd)) if cmd.is_mutating() => Some(c),
-        (Target::Dpu(_), Some(Command::ResizeBdev(_))) => step
+    match (&step.target, &step.action) {
+        (Target::Cluster(c), Action::GrowImage { .. }) => Some(c),
+        (Target::Cluster(c), Action::Send(cmd)) if cmd.is_mutating() => Some(c),
+        (Target::Dpu(_), Action::Send(Command::ResizeBdev(_))) => step
             .volume
             .as_deref()
             .and_then(|v| desired.volumes.get(v))
