@@ -56,6 +56,10 @@ pub struct ExecOptions {
     /// The health gate, checked again before each step that writes to a cluster (the plan
     /// was gated on the health it saw; a cluster may fail during the pass).
     pub health_gate: crate::plan::HealthGate,
+    /// Once the leases are taken, read every DPU again and run nothing when another DPU now
+    /// exposes an image this plan would open (the plan was made before its leases: another
+    /// controller may have moved the volume meanwhile). `apply` sets it.
+    pub verify_exposures: bool,
 }
 
 impl Default for ExecOptions {
@@ -73,6 +77,7 @@ impl Default for ExecOptions {
             snap_deadline: Duration::from_secs(30),
             stop: None,
             health_gate: crate::plan::HealthGate::standard(),
+            verify_exposures: false,
         }
     }
 }
@@ -215,6 +220,10 @@ pub struct ExecReport {
     /// everything again).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lost_leases: Vec<Target>,
+    /// Why nothing ran: the plan was stale once its leases were taken (see
+    /// [`ExecOptions::verify_exposures`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<String>,
 }
 
 impl ExecReport {
@@ -316,6 +325,66 @@ impl HealthChecks {
         );
         why
     }
+}
+
+/// An image this plan opens on one DPU (a bdev it creates) that another DPU exposes now, read
+/// after the plan's leases were taken, unless the plan removes it there first (a move): the
+/// plan was made on an older view. Unreachable DPUs are not asked (the planner already holds
+/// volumes while a DPU is silent).
+async fn exposed_elsewhere(plan: &Plan, fleet: &Fleet) -> Option<String> {
+    let creates: Vec<(&Target, &protocol::dpu::BdevSpec)> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match &s.action {
+            Action::Send(Command::CreateBdev(b)) => Some((&s.target, b)),
+            _ => None,
+        })
+        .collect();
+    if creates.is_empty() {
+        return None;
+    }
+    let removed = |t: &Target, bdev: &str| {
+        plan.steps.iter().any(|s| {
+            s.target == *t
+                && matches!(&s.action, Action::Send(Command::DeleteBdev(n)) if n.name == bdev)
+        })
+    };
+    let mut reads = JoinSet::new();
+    for (t, c) in &fleet.agents {
+        let (Target::Dpu(_), Ok(c)) = (t, c) else {
+            continue;
+        };
+        let (t, c) = (t.clone(), c.clone());
+        reads.spawn(async move {
+            let asked = Command::DpuReport(protocol::Empty {});
+            (t, c.request_within(asked, Duration::from_secs(20)).await)
+        });
+    }
+    let mut found = None;
+    while let Some(Ok((t, r))) = reads.join_next().await {
+        let Ok(Reply::DpuReport(r)) = r else {
+            continue;
+        };
+        let Some(inv) = &r.inventory else {
+            continue;
+        };
+        for (target, b) in &creates {
+            let open = inv.bdevs.iter().any(|x| {
+                x.cluster.as_deref() == Some(b.cluster.as_str())
+                    && x.pool.as_deref() == Some(b.pool.as_str())
+                    && x.image.as_deref() == Some(b.image.as_str())
+            });
+            if **target != t && open && !removed(&t, &b.name) {
+                found.get_or_insert_with(|| {
+                    format!(
+                        "{t} exposes {}/{} now; planned again on fresh reports",
+                        b.pool, b.image
+                    )
+                });
+            }
+        }
+    }
+    found
 }
 
 /// The cluster a step writes to, if it writes to one: its image steps, and a bdev resize
@@ -856,6 +925,10 @@ pub async fn execute(
         }
     }
     let held: Vec<Target> = tokens.keys().cloned().collect();
+    let stale = match opts.verify_exposures {
+        true => exposed_elsewhere(plan, fleet).await,
+        false => None,
+    };
     let keeper = tokio::spawn(keep_leases(
         fleet.clone(),
         tokens,
@@ -865,6 +938,7 @@ pub async fn execute(
     let run = |s: Step| {
         let ctx = ctx.clone();
         let fleet = fleet.clone();
+        let stale = stale.clone();
         let stopping = opts.stop.as_ref().is_some_and(|s| *s.borrow());
         // A log filtered by a volume or an agent tells its story step by step.
         let span = tracing::info_span!(
@@ -875,6 +949,11 @@ pub async fn execute(
             op = s.action.op(),
         );
         async move {
+            if let Some(why) = stale {
+                return Outcome::Skipped {
+                    reason: format!("the plan is stale: {why}"),
+                };
+            }
             if stopping {
                 return Outcome::Skipped {
                     reason: "stopping: not started".into(),
@@ -888,6 +967,7 @@ pub async fn execute(
         .instrument(span)
     };
     let mut report = schedule(&plan.steps, &unusable, run, progress).await;
+    report.stale = stale;
     keeper.abort();
     report.lost_leases = ctx
         .lost

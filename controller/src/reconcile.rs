@@ -123,6 +123,12 @@ pub enum Verdict {
         /// The agents.
         targets: Vec<Target>,
     },
+    /// Nothing ran: once its leases were taken, the plan was found made on an older view
+    /// (another DPU exposes an image it would open). Every agent is read again first.
+    Stale {
+        /// What was found.
+        why: String,
+    },
     /// Steps remain: a pass made no progress, or the passes ran out.
     Remaining {
         /// Steps of the last plan.
@@ -157,9 +163,10 @@ impl Verdict {
             | Verdict::Refused(_)
             | Verdict::Drift { .. } => Next::WaitForChange,
             Verdict::HeldBack { blocked, .. } if blocked.is_empty() => Next::WaitForChange,
-            Verdict::HeldBack { .. } | Verdict::LeaseLost { .. } | Verdict::Remaining { .. } => {
-                Next::Retry
-            }
+            Verdict::HeldBack { .. }
+            | Verdict::LeaseLost { .. }
+            | Verdict::Stale { .. }
+            | Verdict::Remaining { .. } => Next::Retry,
         }
     }
 }
@@ -191,6 +198,7 @@ impl std::fmt::Display for Verdict {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            Verdict::Stale { why } => write!(f, "stale plan, nothing run: {why}"),
             Verdict::Remaining {
                 steps,
                 stuck_at: Some(pass),
@@ -278,6 +286,10 @@ pub async fn reconcile(i: &Inputs<'_>, d: &dyn Driver) -> Result<Outcome, OpsErr
         out.passes = pass;
         out.steps_done += report.done();
         out.steps_failed += report.problems();
+        if let Some(why) = &report.stale {
+            i.informer.mark(i.fleet.agents.keys());
+            return Ok(out.end(Verdict::Stale { why: why.clone() }, p));
+        }
         if !report.lost_leases.is_empty() {
             i.informer.mark(i.fleet.agents.keys());
             let v = Verdict::LeaseLost {
@@ -363,6 +375,9 @@ mod tests {
             Verdict::LeaseLost {
                 targets: vec![Target::Dpu("d".into())],
             },
+            Verdict::Stale {
+                why: "dpu/e exposes rbd/v now".into(),
+            },
             Verdict::Remaining {
                 steps: 4,
                 stuck_at: Some(1),
@@ -402,6 +417,7 @@ mod tests {
                 matches!(
                     v,
                     Verdict::LeaseLost { .. }
+                        | Verdict::Stale { .. }
                         | Verdict::Remaining { .. }
                         | Verdict::HeldBack { .. }
                 ) && !matches!(&v, Verdict::HeldBack { blocked, .. } if blocked.is_empty()),

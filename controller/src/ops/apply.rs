@@ -70,6 +70,7 @@ pub async fn apply_cmd(a: ApplyArgs) -> Result<ExitCode, OpsError> {
     let desired = load(&a.common.dir)?;
     let fleet = connect(&a.common, &desired).await?;
     let (opts, mut exec) = run_options(&a.common, &a.rails);
+    exec.verify_exposures = true;
     exec.lease_wait = a.lease_wait;
     exec.lease_ttl = a.lease_ttl;
     let informer = crate::fleet::SharedInformer::default();
@@ -174,6 +175,9 @@ pub fn exit_code(out: &reconcile::Outcome, passes: usize) -> Result<ExitCode, Op
                 out.passes
             );
         }
+        Verdict::Stale { why } => println!(
+            "Stopped before any step: the plan was made on an older view than the one read under its leases ({why}); run apply again."
+        ),
         Verdict::Remaining { steps, stuck_at } => {
             match stuck_at {
                 Some(pass) => println!("No progress in pass {pass}; {steps} step(s) remain:"),

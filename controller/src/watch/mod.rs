@@ -509,7 +509,9 @@ pub fn result_of(v: &Verdict) -> ReconcileResult {
         Verdict::Waiting { .. } => ReconcileResult::Waiting,
         Verdict::Refused(_) => ReconcileResult::Refused,
         Verdict::Drift { .. } => ReconcileResult::Drift,
-        Verdict::LeaseLost { .. } | Verdict::Remaining { .. } => ReconcileResult::Pending,
+        Verdict::LeaseLost { .. } | Verdict::Stale { .. } | Verdict::Remaining { .. } => {
+            ReconcileResult::Pending
+        }
     }
 }
 
