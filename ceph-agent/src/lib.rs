@@ -12,6 +12,7 @@ pub mod ceph;
 pub mod handler;
 pub mod import_stream;
 pub mod index;
+pub mod library;
 pub mod runner;
 pub mod view;
 

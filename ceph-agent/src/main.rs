@@ -45,6 +45,10 @@ struct Args {
     /// of a whole pool keep --command-timeout.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     read_timeout: Duration,
+    /// Run every operation as a ceph/rbd/rados command, never through librados/librbd in
+    /// process (by default creates, renames, pool listings and index writes use the libraries).
+    #[arg(long)]
+    no_librbd: bool,
     /// How often the cluster's status (health, capacity, pools) is re-read.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     report_interval: Duration,
@@ -104,6 +108,7 @@ fn config(args: Args) -> Result<Config, protocol::names::NameError> {
             client_id: args.client_id,
             timeout: args.command_timeout,
             read_timeout: args.read_timeout,
+            library: !args.no_librbd,
             ..ProcessRunnerConfig::default()
         },
         report_interval: args.report_interval,

@@ -121,6 +121,12 @@ pub use agent_kit::exec::{ExecError as CliError, Output};
 pub trait Runner: Send + Sync + 'static {
     /// Runs one command to completion; a non-zero exit is a [`CliError::Failed`].
     async fn run(&self, inv: Invocation) -> Result<Output, CliError>;
+
+    /// librados/librbd in process, for the operations [`crate::library`] lists; `None` runs
+    /// them as commands too.
+    fn library(&self) -> Option<&crate::library::Library> {
+        None
+    }
 }
 
 /// How to reach the cluster and how long to wait.
@@ -140,6 +146,9 @@ pub struct ProcessRunnerConfig {
     pub kill_grace: Duration,
     /// Directory holding the `ceph`, `rbd` and `rados` binaries; `None` searches `PATH`.
     pub bin_dir: Option<PathBuf>,
+    /// Whether the operations of [`crate::library`] go through librados/librbd in process
+    /// (else every operation is a command).
+    pub library: bool,
 }
 
 impl Default for ProcessRunnerConfig {
@@ -152,6 +161,7 @@ impl Default for ProcessRunnerConfig {
             read_timeout: Duration::from_secs(20),
             kill_grace: Duration::from_secs(5),
             bin_dir: None,
+            library: true,
         }
     }
 }
@@ -160,12 +170,21 @@ impl Default for ProcessRunnerConfig {
 #[derive(Debug, Clone)]
 pub struct ProcessRunner {
     config: ProcessRunnerConfig,
+    library: Option<std::sync::Arc<crate::library::Library>>,
 }
 
 impl ProcessRunner {
     /// A runner with `config`.
     pub fn new(config: ProcessRunnerConfig) -> Self {
-        Self { config }
+        let library = config.library.then(|| {
+            std::sync::Arc::new(crate::library::Library::new(
+                config.conf.as_deref(),
+                config.keyring.as_deref(),
+                config.client_id.as_deref(),
+                config.timeout,
+            ))
+        });
+        Self { config, library }
     }
 
     fn exec(&self, inv: &Invocation) -> Exec {
@@ -200,6 +219,10 @@ impl ProcessRunner {
 impl Runner for ProcessRunner {
     async fn run(&self, inv: Invocation) -> Result<Output, CliError> {
         agent_kit::exec::run(&self.exec(&inv)).await
+    }
+
+    fn library(&self) -> Option<&crate::library::Library> {
+        self.library.as_deref()
     }
 }
 

@@ -22,11 +22,25 @@ fn cluster() -> Cluster {
 }
 
 fn ceph_ops(c: &Cluster) -> Ceph<ProcessRunner> {
+    ceph_ops_with(c, Path::Library)
+}
+
+/// Which way the agent's creates, renames, listings and index writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// librados/librbd in process (the default).
+    Library,
+    /// Commands only (`--no-librbd`).
+    Cli,
+}
+
+fn ceph_ops_with(c: &Cluster, path: Path) -> Ceph<ProcessRunner> {
     let runner = ProcessRunner::new(ProcessRunnerConfig {
         conf: Some(c.conf.clone()),
         keyring: Some(c.keyring.clone()),
         client_id: Some(c.id.clone()),
         timeout: Duration::from_secs(60),
+        library: path == Path::Library,
         ..ProcessRunnerConfig::default()
     });
     Ceph::new(runner, Some(&c.id))
@@ -123,20 +137,35 @@ impl Drop for Watcher {
 
 #[tokio::test]
 async fn create_is_idempotent_and_writes_ownership() {
+    create_case(Path::Library).await
+}
+
+#[tokio::test]
+async fn create_is_idempotent_and_writes_ownership_through_the_cli() {
+    create_case(Path::Cli).await
+}
+
+async fn create_case(path: Path) {
     let c = cluster();
-    let ceph = ceph_ops(&c);
+    let ceph = ceph_ops_with(&c, path);
     let name = unique("create");
     let s = spec(&c.pool, &name);
     let o = owner(&name);
 
     ceph.load().await.unwrap();
-    let before = ceph.calls();
+    let (before, library_before) = (ceph.calls(), ceph.library_calls());
     let st = ceph.create_image(&s, GIB, &[], &o, None).await.unwrap();
     assert_eq!(st.state, ImageState::Live);
     assert_eq!(st.size_bytes, GIB);
-    // The index entry, one `rbd import` that makes the image with its ownership keys under a
-    // temporary name, and the `rbd rename` that puts it in place.
-    assert_eq!(ceph.calls() - before, 3, "a create is three CLI commands");
+    // The index entry, one call that makes the image with its ownership keys under a temporary
+    // name (`rbd import`, or librbd's create and metadata set), and the rename that puts it in
+    // place.
+    assert_eq!(ceph.calls() - before, 3, "a create is three calls");
+    let through_library = ceph.library_calls() - library_before;
+    match path {
+        Path::Library => assert_eq!(through_library, 3, "all three in process"),
+        Path::Cli => assert_eq!(through_library, 0, "all three commands"),
+    }
 
     let info = rbd_info(&c, &c.pool, &name).expect("rbd sees the image");
     assert_eq!(info["size"].as_u64(), Some(GIB));
@@ -417,8 +446,19 @@ fn images_of(c: &Cluster, pool: &str) -> Vec<String> {
 /// the pool's index names it.
 #[tokio::test]
 async fn an_interrupted_create_leaves_only_a_temporary_image_and_keyless_images_are_not_ours() {
+    interrupted_create_case(Path::Library).await
+}
+
+#[tokio::test]
+async fn an_interrupted_create_through_the_cli_is_completed_the_same_way() {
+    interrupted_create_case(Path::Cli).await
+}
+
+/// A temporary image without keys is also what a librbd create killed between its
+/// `rbd_create4` and its `rbd_metadata_set` leaves.
+async fn interrupted_create_case(path: Path) {
     let c = cluster();
-    let ceph = ceph_ops(&c);
+    let ceph = ceph_ops_with(&c, path);
     let name = unique("interrupted");
     let (s, o) = (spec(&c.pool, &name), owner(&name));
     let tmp = format!(".unistor-new.{name}");
@@ -455,7 +495,7 @@ async fn an_interrupted_create_leaves_only_a_temporary_image_and_keyless_images_
         "rbd",
         &["create", "--size", "1M", "--pool", &c.pool, "--", &tmp2],
     );
-    let fresh = ceph_ops(&c);
+    let fresh = ceph_ops_with(&c, path);
     fresh.report().await.unwrap();
     assert!(!images_of(&c, &c.pool).contains(&tmp2), "removed at load");
 

@@ -1,4 +1,4 @@
-//! Real-Ceph mode, through librados and librbd as SNAP does ([`crate::librbd`]):
+//! Real-Ceph mode, through librados and librbd as SNAP does (the `ceph-lib` crate):
 //! `bdev_rbd_register_cluster` connects a cluster handle with the given credentials and keeps it
 //! while the registration lasts (SPDK's `bdev_rbd_register_cluster` keeps its `rados_t` the same
 //! way); `bdev_rbd_create` opens the image through that handle (or a handle of its own for inline
@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::librbd::{ConnectSpec, LibError, OpenImage, Rados};
 use crate::state::{ClusterParams, RbdCreateParams, RpcError};
+use ceph_lib::{ConnectSpec, LibError, OpenImage, Rados};
 
 /// Real-Ceph mode: registered clusters' handles, and how long a call may block.
 #[derive(Debug, Clone)]

@@ -14,7 +14,6 @@ pub mod ceph;
 pub mod functions;
 pub mod host;
 pub mod init;
-pub mod librbd;
 pub mod nbd;
 pub mod server;
 pub mod state;

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::librbd::OpenImage;
+use ceph_lib::OpenImage;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -138,7 +138,7 @@ impl Backend {
 /// Runs a librbd call off the async threads; any failure is the device's I/O error.
 async fn blocking<T: Send + 'static>(
     img: &Arc<OpenImage>,
-    call: impl FnOnce(&OpenImage) -> Result<T, crate::librbd::LibError> + Send + 'static,
+    call: impl FnOnce(&OpenImage) -> Result<T, ceph_lib::LibError> + Send + 'static,
 ) -> Result<T, ()> {
     let img = img.clone();
     match tokio::task::spawn_blocking(move || call(&img)).await {

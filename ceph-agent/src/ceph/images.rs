@@ -198,9 +198,9 @@ impl<R: Runner> Ceph<R> {
     /// Completes a create that was interrupted between `rbd create` and the metadata. Only for
     /// images the index named before this create (the caller checks).
     /// Makes the image and its ownership keys under a temporary name (`.unistor-new.<name>`:
-    /// no manifest can name it, image names start with a letter or digit), in one process
-    /// (`rbd import` of an empty export-format-2 stream, see `import_stream`), then renames it
-    /// into place: the final name never exists without the keys. False when the final name is
+    /// no manifest can name it, image names start with a letter or digit; see
+    /// [`Self::make_temporary`]), then renames it into place: the final name never exists
+    /// without the keys. False when the final name is
     /// taken (the temporary image is removed then).
     ///
     /// Killed before the import: the index entry alone (the next create makes the image).
@@ -215,42 +215,92 @@ impl<R: Runner> Ceph<R> {
         owner: &Owner,
     ) -> Result<bool, CephError> {
         let tmp = temporary_name(spec.image.as_str());
-        let import = || {
-            let stream = crate::import_stream::empty_image(
-                size,
-                [
-                    (META_MANAGED_BY, owner.managed_by.as_str()),
-                    (META_VOLUME, owner.volume.as_str()),
-                ],
-            );
-            rbd()
-                .args(["import", "--export-format", "2", "--no-progress"])
-                .args(["--image-feature", &features.join(",")])
-                .args(["--dest-pool", spec.pool.as_str(), "--", "-"])
-                .arg(&tmp)
-                .stdin(stream)
-        };
-        match self.run(import()).await {
-            Ok(_) => {}
+        match self.make_temporary(spec, &tmp, size, features, owner).await {
+            Ok(()) => {}
             // A leftover of an earlier create cut short: removed, then made again.
             Err(e) if e.code() == Some(libc_eexist()) => {
                 self.remove_leftover(&spec.pool, &tmp, owner).await?;
-                self.run(import()).await?;
+                self.make_temporary(spec, &tmp, size, features, owner)
+                    .await?;
             }
             Err(e) => return Err(e.into()),
         }
-        let rename = rbd()
-            .args(["rename", "--pool", spec.pool.as_str(), "--"])
-            .arg(&tmp)
-            .arg(spec.image.as_str());
-        match self.run(rename).await {
-            Ok(_) => Ok(true),
+        match self
+            .rename_image(&spec.pool, &tmp, spec.image.as_str())
+            .await
+        {
+            Ok(()) => Ok(true),
             Err(e) if e.code() == Some(libc_eexist()) => {
                 self.remove_leftover(&spec.pool, &tmp, owner).await?;
                 Ok(false)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Makes image `tmp` with the ownership keys: through librbd, a create then the keys (killed
+    /// between the two: a temporary image without keys, which [`Self::remove_leftover`] takes
+    /// as an interrupted create's); through the CLI, one `rbd import` of an empty
+    /// export-format-2 stream that carries them. EEXIST when `tmp` exists.
+    async fn make_temporary(
+        &self,
+        spec: &ImageSpec,
+        tmp: &str,
+        size: u64,
+        features: &[String],
+        owner: &Owner,
+    ) -> Result<(), CliError> {
+        let keys = [
+            (META_MANAGED_BY, owner.managed_by.to_string()),
+            (META_VOLUME, owner.volume.to_string()),
+        ];
+        let bits: Option<u64> = features.iter().map(|f| ceph_lib::feature_bit(f)).sum();
+        if let Some(bits) = bits {
+            let name = tmp.to_string();
+            let what = format!("librbd create {}/{tmp} with its keys", spec.pool);
+            let made = self
+                .library(&spec.pool, what, move |p| {
+                    p.create_image(&name, size, bits)?;
+                    let keys: Vec<(&str, &str)> =
+                        keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    p.set_metadata(&name, &keys)
+                })
+                .await;
+            if let Some(made) = made {
+                return made;
+            }
+        }
+        let stream = crate::import_stream::empty_image(
+            size,
+            [
+                (META_MANAGED_BY, owner.managed_by.as_str()),
+                (META_VOLUME, owner.volume.as_str()),
+            ],
+        );
+        let import = rbd()
+            .args(["import", "--export-format", "2", "--no-progress"])
+            .args(["--image-feature", &features.join(",")])
+            .args(["--dest-pool", spec.pool.as_str(), "--", "-"])
+            .arg(tmp)
+            .stdin(stream);
+        self.run(import).await.map(drop)
+    }
+
+    /// Renames image `from` of `pool` to `to` (EEXIST when `to` is taken).
+    async fn rename_image(&self, pool: &PoolName, from: &str, to: &str) -> Result<(), CliError> {
+        let (f, t) = (from.to_string(), to.to_string());
+        let what = format!("librbd rename {pool}/{from} {to}");
+        if let Some(done) = self
+            .library(pool, what, move |p| p.rename_image(&f, &t))
+            .await
+        {
+            return done;
+        }
+        let rename = rbd()
+            .args(["rename", "--pool", pool.as_str(), "--"])
+            .arg(from)
+            .arg(to);
+        self.run(rename).await.map(drop)
     }
 
     /// Removes the temporary image `tmp` of an interrupted create, when it is there and not

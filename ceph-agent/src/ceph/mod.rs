@@ -444,8 +444,10 @@ pub struct Ceph<R> {
     loaded: tokio::sync::OnceCell<()>,
     /// The view's generation, for whoever pushes change notifications.
     generation: watch::Sender<u64>,
-    /// CLI commands run, for the benchmark and tests.
+    /// Commands run and library calls made, for the benchmark and tests.
     calls: AtomicU64,
+    /// Of those, the calls made through librados/librbd in process.
+    library_calls: AtomicU64,
     /// Mutations in flight (the sweep slows down meanwhile).
     mutating: AtomicUsize,
     /// When the last mutation ended.
@@ -531,6 +533,7 @@ impl<R: Runner> Ceph<R> {
             loaded: tokio::sync::OnceCell::new(),
             generation: watch::channel(0).0,
             calls: AtomicU64::new(0),
+            library_calls: AtomicU64::new(0),
             mutating: AtomicUsize::new(0),
             last_mutation: Mutex::new(None),
             indexes: Mutex::default(),
@@ -549,9 +552,14 @@ impl<R: Runner> Ceph<R> {
         &self.runner
     }
 
-    /// CLI commands run so far.
+    /// Commands run and library calls made so far.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Calls made through librados/librbd in process so far (counted in [`Self::calls`] too).
+    pub fn library_calls(&self) -> u64 {
+        self.library_calls.load(Ordering::Relaxed)
     }
 
     /// The view's generation, as it changes.
@@ -579,6 +587,23 @@ impl<R: Runner> Ceph<R> {
     async fn run(&self, inv: Invocation) -> Result<crate::runner::Output, CliError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.runner.run(inv).await
+    }
+
+    /// `f` on `pool` through the runner's in-process library ([`crate::library`]); `None`
+    /// when there is none (or it cannot connect): the caller runs the command instead.
+    async fn library<T: Send + 'static>(
+        &self,
+        pool: &PoolName,
+        what: String,
+        f: impl FnOnce(&ceph_lib::Pool) -> Result<T, ceph_lib::LibError> + Send + 'static,
+    ) -> Option<Result<T, CliError>> {
+        let lib = self.runner.library()?;
+        let done = lib.call(pool.as_str(), what, f).await;
+        if done.is_some() {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.library_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        done
     }
 
     async fn json<T: DeserializeOwned>(&self, inv: Invocation) -> Result<T, CephError> {

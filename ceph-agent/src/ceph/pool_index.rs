@@ -110,6 +110,29 @@ impl<R: Runner> Ceph<R> {
         pool: &PoolName,
         w: &KeyWrite,
     ) -> Result<(), CephError> {
+        let key = w.key.clone();
+        let done = match &w.value {
+            Some(v) => {
+                let v = v.clone();
+                let what = format!("librados setomapval {pool}/{INDEX_OBJECT} {key}");
+                self.library(pool, what, move |p| {
+                    p.omap_set(INDEX_OBJECT, &key, v.as_bytes())
+                })
+                .await
+            }
+            None => {
+                let what = format!("librados rmomapkey {pool}/{INDEX_OBJECT} {key}");
+                self.library(pool, what, move |p| p.omap_remove(INDEX_OBJECT, &key))
+                    .await
+            }
+        };
+        match done {
+            Some(Ok(())) => return Ok(()),
+            // No index object: no key to remove.
+            Some(Err(e)) if w.value.is_none() && e.code() == Some(2) => return Ok(()),
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
         let base = Invocation::new(Tool::Rados).args(["--pool", pool.as_str()]);
         let inv = match &w.value {
             Some(v) => base

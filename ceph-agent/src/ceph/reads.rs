@@ -83,6 +83,10 @@ impl<R: Runner> Ceph<R> {
 
     /// The names of a pool's images (`rbd ls`: the pool's directory, no image opened).
     pub(super) async fn ls_names(&self, pool: &PoolName) -> Result<BTreeSet<String>, CephError> {
+        let what = format!("librbd list {pool}");
+        if let Some(names) = self.library(pool, what, |p| p.image_names()).await {
+            return Ok(names?.into_iter().collect());
+        }
         let inv = rbd()
             .args(["ls", "--format", "json", "--"])
             .arg(pool.as_str());

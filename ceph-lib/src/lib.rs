@@ -3,10 +3,14 @@
 //! means the emulator builds without Ceph's development headers and runs without Ceph in
 //! simulation mode; only real-Ceph mode needs them.
 //!
-//! This module is the workspace's only `unsafe` code: the foreign calls, each on pointers this
-//! module created and owns ([`Rados`] shuts its handle down when dropped; pool and image handles
-//! never leave the function that opened them). The signatures are the C API of
-//! `include/rados/librados.h` and `include/rbd/librbd.h`.
+//! Two users: the SNAP emulator opens images as SPDK's rbd bdev does ([`OpenImage`]), and the
+//! ceph-agent creates, renames and lists images and writes its index's omap keys ([`Pool`])
+//! without a CLI process per call.
+//!
+//! This crate is the workspace's only `unsafe` code: the foreign calls, each on pointers this
+//! crate created and owns ([`Rados`] shuts its handle down when dropped, [`Pool`] its I/O
+//! context; image handles and write operations never leave the function that made them). The
+//! signatures are the C API of `include/rados/librados.h` and `include/rbd/librbd.h`.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_void, CString};
@@ -18,6 +22,19 @@ use libloading::Library;
 type RadosT = *mut c_void;
 type IoctxT = *mut c_void;
 type ImageT = *mut c_void;
+type ImageOptionsT = *mut c_void;
+type WriteOpT = *mut c_void;
+
+/// `rbd_image_spec_t`: one entry of `rbd_list2`.
+#[repr(C)]
+struct ImageSpecT {
+    id: *mut c_char,
+    name: *mut c_char,
+}
+
+/// `RBD_IMAGE_OPTION_FORMAT` and `RBD_IMAGE_OPTION_FEATURES` (librbd.h, "image options").
+const OPTION_FORMAT: c_int = 0;
+const OPTION_FEATURES: c_int = 1;
 
 /// Errors of this module: a message, or a negative errno from the library.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +75,31 @@ struct Api {
     write: unsafe extern "C" fn(ImageT, u64, usize, *const c_char) -> isize,
     get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
     close: unsafe extern "C" fn(ImageT) -> c_int,
+    options_create: unsafe extern "C" fn(*mut ImageOptionsT),
+    options_destroy: unsafe extern "C" fn(ImageOptionsT),
+    options_set_uint64: unsafe extern "C" fn(ImageOptionsT, c_int, u64) -> c_int,
+    create4: unsafe extern "C" fn(IoctxT, *const c_char, u64, ImageOptionsT) -> c_int,
+    rename: unsafe extern "C" fn(IoctxT, *const c_char, *const c_char) -> c_int,
+    metadata_set: unsafe extern "C" fn(ImageT, *const c_char, *const c_char) -> c_int,
+    list2: unsafe extern "C" fn(IoctxT, *mut ImageSpecT, *mut usize) -> c_int,
+    spec_list_cleanup: unsafe extern "C" fn(*mut ImageSpecT, usize),
+    create_write_op: unsafe extern "C" fn() -> WriteOpT,
+    release_write_op: unsafe extern "C" fn(WriteOpT),
+    write_op_omap_set: unsafe extern "C" fn(
+        WriteOpT,
+        *const *const c_char,
+        *const *const c_char,
+        *const usize,
+        usize,
+    ),
+    write_op_omap_rm_keys: unsafe extern "C" fn(WriteOpT, *const *const c_char, usize),
+    write_op_operate:
+        unsafe extern "C" fn(WriteOpT, IoctxT, *const c_char, *mut libc_time_t, c_int) -> c_int,
 }
+
+/// `time_t` on the 64-bit Linux targets this runs on.
+#[allow(non_camel_case_types)]
+type libc_time_t = i64;
 
 fn api() -> Result<&'static Api, LibError> {
     static API: OnceLock<Result<Api, LibError>> = OnceLock::new();
@@ -93,6 +134,19 @@ fn api() -> Result<&'static Api, LibError> {
             write: sym!(rbd, b"rbd_write\0"),
             get_size: sym!(rbd, b"rbd_get_size\0"),
             close: sym!(rbd, b"rbd_close\0"),
+            options_create: sym!(rbd, b"rbd_image_options_create\0"),
+            options_destroy: sym!(rbd, b"rbd_image_options_destroy\0"),
+            options_set_uint64: sym!(rbd, b"rbd_image_options_set_uint64\0"),
+            create4: sym!(rbd, b"rbd_create4\0"),
+            rename: sym!(rbd, b"rbd_rename\0"),
+            metadata_set: sym!(rbd, b"rbd_metadata_set\0"),
+            list2: sym!(rbd, b"rbd_list2\0"),
+            spec_list_cleanup: sym!(rbd, b"rbd_image_spec_list_cleanup\0"),
+            create_write_op: sym!(rados, b"rados_create_write_op\0"),
+            release_write_op: sym!(rados, b"rados_release_write_op\0"),
+            write_op_omap_set: sym!(rados, b"rados_write_op_omap_set\0"),
+            write_op_omap_rm_keys: sym!(rados, b"rados_write_op_omap_rm_keys\0"),
+            write_op_operate: sym!(rados, b"rados_write_op_operate\0"),
             _rados: rados,
             _rbd: rbd,
         })
@@ -206,6 +260,207 @@ impl Rados {
         // SAFETY: a configured, live handle.
         check("rados_connect", unsafe { (api.connect)(me.handle) })?;
         Ok(Arc::new(me))
+    }
+}
+
+/// The bit of each RBD feature unistor lets a manifest name (librbd's `features.h`).
+pub fn feature_bit(name: &str) -> Option<u64> {
+    Some(match name {
+        "layering" => 1 << 0,
+        "exclusive-lock" => 1 << 2,
+        "object-map" => 1 << 3,
+        "fast-diff" => 1 << 4,
+        "deep-flatten" => 1 << 5,
+        _ => return None,
+    })
+}
+
+/// A pool's I/O context (`rados_ioctx_t`) on a connected cluster, for the calls an
+/// administrator's `rbd` and `rados` commands make: create, rename and list images, set their
+/// metadata, and set or remove an object's omap keys. Each call blocks (at most librados' op
+/// timeouts, set at [`Rados::connect`]).
+#[derive(Debug)]
+pub struct Pool {
+    /// Keeps the cluster connected while the context exists.
+    _rados: Arc<Rados>,
+    io: IoctxT,
+}
+
+// SAFETY: librados I/O contexts may be shared between threads as long as their own state
+// (namespace, snapshot context) is not changed, which this type never does.
+unsafe impl Send for Pool {}
+// SAFETY: as above.
+unsafe impl Sync for Pool {}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(api) = api() {
+            // SAFETY: `io` came from `rados_ioctx_create` and is destroyed exactly once, here.
+            unsafe { (api.ioctx_destroy)(self.io) }
+        }
+    }
+}
+
+impl Rados {
+    /// An I/O context on `pool` (ENOENT when there is no such pool).
+    pub fn pool(self: &Arc<Self>, pool: &str) -> Result<Pool, LibError> {
+        let api = api()?;
+        let name = cstr("pool_name", pool)?;
+        let mut io: IoctxT = std::ptr::null_mut();
+        // SAFETY: a connected handle, a valid out-pointer and a string outliving the call.
+        check("rados_ioctx_create", unsafe {
+            (api.ioctx_create)(self.handle, name.as_ptr(), &mut io)
+        })?;
+        Ok(Pool {
+            _rados: self.clone(),
+            io,
+        })
+    }
+}
+
+impl Pool {
+    /// Creates a format-2 image of `size` bytes with exactly the `features` bits (`rbd_create4`);
+    /// EEXIST when the name is taken.
+    pub fn create_image(&self, name: &str, size: u64, features: u64) -> Result<(), LibError> {
+        let api = api()?;
+        let name = cstr("image name", name)?;
+        let mut opts: ImageOptionsT = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; the options are destroyed below, once.
+        unsafe { (api.options_create)(&mut opts) };
+        // SAFETY: `opts` is live until destroyed below; `io` lives as long as `self`.
+        let r = unsafe {
+            let mut r = (api.options_set_uint64)(opts, OPTION_FORMAT, 2);
+            if r >= 0 {
+                r = (api.options_set_uint64)(opts, OPTION_FEATURES, features);
+            }
+            if r >= 0 {
+                r = (api.create4)(self.io, name.as_ptr(), size, opts);
+            }
+            (api.options_destroy)(opts);
+            r
+        };
+        check("rbd_create4", r)
+    }
+
+    /// Sets `keys` on image `name` (`rbd_metadata_set`, through one open of the image).
+    pub fn set_metadata(&self, name: &str, keys: &[(&str, &str)]) -> Result<(), LibError> {
+        let api = api()?;
+        let name = cstr("image name", name)?;
+        let keys = keys
+            .iter()
+            .map(|(k, v)| Ok((cstr("metadata key", k)?, cstr("metadata value", v)?)))
+            .collect::<Result<Vec<_>, LibError>>()?;
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live; a null snapshot name means the head.
+        check("rbd_open", unsafe {
+            (api.open)(self.io, name.as_ptr(), &mut img, std::ptr::null())
+        })?;
+        let mut r = 0;
+        for (k, v) in &keys {
+            // SAFETY: the image is open (closed below); the strings outlive the call.
+            r = unsafe { (api.metadata_set)(img, k.as_ptr(), v.as_ptr()) };
+            if r < 0 {
+                break;
+            }
+        }
+        // SAFETY: closes the image opened above, once.
+        let closed = unsafe { (api.close)(img) };
+        check("rbd_metadata_set", r)?;
+        check("rbd_close", closed)
+    }
+
+    /// Renames image `from` to `to` (`rbd_rename`); EEXIST when `to` is taken, ENOENT when
+    /// `from` is gone.
+    pub fn rename_image(&self, from: &str, to: &str) -> Result<(), LibError> {
+        let api = api()?;
+        let (from, to) = (cstr("image name", from)?, cstr("image name", to)?);
+        // SAFETY: `io` is live; both strings outlive the call.
+        check("rbd_rename", unsafe {
+            (api.rename)(self.io, from.as_ptr(), to.as_ptr())
+        })
+    }
+
+    /// The names of the pool's images (`rbd_list2`, what `rbd ls` prints).
+    pub fn image_names(&self) -> Result<Vec<String>, LibError> {
+        let api = api()?;
+        let mut room = 64usize;
+        loop {
+            let mut specs: Vec<ImageSpecT> = (0..room)
+                .map(|_| ImageSpecT {
+                    id: std::ptr::null_mut(),
+                    name: std::ptr::null_mut(),
+                })
+                .collect();
+            let mut size = room;
+            // SAFETY: `specs` has room for `size` entries; librbd fills at most that many.
+            let r = unsafe { (api.list2)(self.io, specs.as_mut_ptr(), &mut size) };
+            if r == -34 && size > room {
+                // ERANGE: `size` now says how many there are.
+                room = size;
+                continue;
+            }
+            check("rbd_list2", r)?;
+            let names = specs[..size]
+                .iter()
+                .filter(|s| !s.name.is_null())
+                // SAFETY: librbd set each name to a NUL-terminated string it allocated.
+                .map(|s| unsafe { std::ffi::CStr::from_ptr(s.name) })
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            // SAFETY: frees the `size` entries librbd filled, once.
+            unsafe { (api.spec_list_cleanup)(specs.as_mut_ptr(), size) };
+            return Ok(names);
+        }
+    }
+
+    /// Sets omap key `key` of `object` to `value`, creating the object when missing (what
+    /// `rados setomapval` does).
+    pub fn omap_set(&self, object: &str, key: &str, value: &[u8]) -> Result<(), LibError> {
+        let api = api()?;
+        let key = cstr("omap key", key)?;
+        let (keys, vals, lens) = (
+            [key.as_ptr()],
+            [value.as_ptr().cast::<c_char>()],
+            [value.len()],
+        );
+        self.write_op(object, "rados_write_op_omap_set", |op| {
+            // SAFETY: `op` is live; the arrays hold one entry each and outlive the operation.
+            unsafe { (api.write_op_omap_set)(op, keys.as_ptr(), vals.as_ptr(), lens.as_ptr(), 1) }
+        })
+    }
+
+    /// Removes omap key `key` of `object` (ENOENT when the object is missing).
+    pub fn omap_remove(&self, object: &str, key: &str) -> Result<(), LibError> {
+        let api = api()?;
+        let key = cstr("omap key", key)?;
+        let keys = [key.as_ptr()];
+        self.write_op(object, "rados_write_op_omap_rm_keys", |op| {
+            // SAFETY: `op` is live; the array holds one key and outlives the operation.
+            unsafe { (api.write_op_omap_rm_keys)(op, keys.as_ptr(), 1) }
+        })
+    }
+
+    /// One write operation on `object`: made, filled by `fill`, run, released.
+    fn write_op(
+        &self,
+        object: &str,
+        call: &'static str,
+        fill: impl FnOnce(WriteOpT),
+    ) -> Result<(), LibError> {
+        let api = api()?;
+        let oid = cstr("object name", object)?;
+        // SAFETY: returns a new operation (or null), released below, once.
+        let op = unsafe { (api.create_write_op)() };
+        if op.is_null() {
+            return Err(LibError::Call { call, errno: 12 });
+        }
+        fill(op);
+        // SAFETY: `op` and `io` are live; a null mtime means now; flags 0.
+        let r =
+            unsafe { (api.write_op_operate)(op, self.io, oid.as_ptr(), std::ptr::null_mut(), 0) };
+        // SAFETY: releases the operation made above, once.
+        unsafe { (api.release_write_op)(op) };
+        check(call, r)
     }
 }
 
