@@ -32,13 +32,22 @@ where
 }
 
 /// Logs to stderr at `RUST_LOG`'s levels, or `default` (`info`, `warn`) when it is not set: the
-/// same for every program of the project.
+/// same for every program of the project. With `UNISTOR_SPAN_TIMES` set (to anything), each span
+/// also logs a line when it closes, with the time it was busy and idle: where a reconcile, a step
+/// or a session spent its time.
 pub fn init_tracing(default: &str) {
+    use tracing_subscriber::fmt::format::FmtSpan;
+    let spans = if std::env::var_os("UNISTOR_SPAN_TIMES").is_some() {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default.into()),
         )
+        .with_span_events(spans)
         .with_writer(std::io::stderr)
         .init();
 }

@@ -1,6 +1,7 @@
 //! librados and librbd in the agent's own process (the `ceph-lib` crate), for the calls on an
-//! edit's path: listing a pool's image names (the probe before a create), creating an image with
-//! its ownership keys, renaming it into place, and writing the pool index's omap keys. Through
+//! edit's path and for the sweep: listing a pool's image names (the probe before a create),
+//! creating an image with its ownership keys, renaming it into place, writing the pool index's
+//! omap keys, and reading an image's size, features and metadata (read-only, no watch). Through
 //! the CLI each of these is a process that connects to the monitors, authenticates and reads
 //! the maps before its one operation (about 50 ms on the lab's machine); here they share one
 //! connection made once, and cost their RADOS round trips.
@@ -18,10 +19,10 @@
 //!
 //! Errors keep the CLI's shape ([`CliError`]: the call, its errno as the exit code, the errno's
 //! text as stderr, `(17) File exists` as `rbd` prints it), so the callers' handling of EEXIST and
-//! ENOENT is one piece of code for both paths. Deadlines: librados' own op timeouts are the
-//! runner's command deadline, the one these commands have on the CLI (the listing is a
-//! whole-pool listing, not a short read): a call returns ETIMEDOUT itself, so no call outlives
-//! its caller's lock.
+//! ENOENT is one piece of code for both paths. Deadlines as on the CLI: librados' own op timeouts
+//! are the runner's command deadline, so a write returns ETIMEDOUT itself and never outlives its
+//! caller's lock; a short read (one image's size, features and metadata) is also cut at the read
+//! deadline (the thread it blocked finishes on its own; a read holds no lock).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,11 +35,21 @@ use crate::runner::CliError;
 /// How long after a failed connection the library is tried again.
 pub const RECONNECT_AFTER: Duration = Duration::from_secs(30);
 
+/// How long a call may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A read of one image, as `rbd info`: cut at the read deadline (`--read-timeout`).
+    ShortRead,
+    /// A write or a whole-pool listing: librados' op timeouts (`--command-timeout`).
+    Long,
+}
+
 /// The connection and the pools opened on it.
 #[derive(Debug)]
 pub struct Library {
     spec: ConnectSpec,
     timeout: Duration,
+    read_timeout: Duration,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -63,6 +74,7 @@ impl Library {
         keyring: Option<&std::path::Path>,
         client_id: Option<&str>,
         timeout: Duration,
+        read_timeout: Duration,
     ) -> Self {
         let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
         Self {
@@ -73,6 +85,7 @@ impl Library {
                 options: vec![],
             },
             timeout,
+            read_timeout: read_timeout.min(timeout),
             state: tokio::sync::Mutex::new(State::Idle),
         }
     }
@@ -134,11 +147,26 @@ impl Library {
         &self,
         pool: &str,
         what: impl Into<String>,
+        kind: Kind,
         f: impl FnOnce(&Pool) -> Result<T, LibError> + Send + 'static,
     ) -> Option<Result<T, CliError>> {
         let p = self.pool(pool).await?;
         let what = what.into();
-        Some(match tokio::task::spawn_blocking(move || f(&p)).await {
+        let task = tokio::task::spawn_blocking(move || f(&p));
+        let joined = match kind {
+            Kind::Long => task.await,
+            // The blocked thread goes on to librados' own timeout; nothing waits for it.
+            Kind::ShortRead => match tokio::time::timeout(self.read_timeout, task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    return Some(Err(CliError::Timeout {
+                        command: what,
+                        after: self.read_timeout,
+                    }))
+                }
+            },
+        };
+        Some(match joined {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(failed(what, e)),
             Err(e) => Err(failed(what, LibError::Load(e.to_string()))),
@@ -196,8 +224,16 @@ mod tests {
         let conf = dir.path().join("ceph.conf");
         // A monitor address nothing listens on, and a mount that gives up fast.
         std::fs::write(&conf, "[global]\nmon_host = 127.0.0.1:1\n").unwrap();
-        let lib = Library::new(Some(&conf), None, None, Duration::from_secs(1));
-        let got = lib.call("rbd", "librbd ls rbd", |p| p.image_names()).await;
+        let lib = Library::new(
+            Some(&conf),
+            None,
+            None,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let got = lib
+            .call("rbd", "librbd ls rbd", Kind::Long, |p| p.image_names())
+            .await;
         assert!(got.is_none());
         let first = match *lib.state.lock().await {
             State::Failed { retry_at } => Some(retry_at),
@@ -205,7 +241,7 @@ mod tests {
             ref other => panic!("{other:?}"),
         };
         assert!(lib
-            .call("rbd", "librbd ls rbd", |p| p.image_names())
+            .call("rbd", "librbd ls rbd", Kind::Long, |p| p.image_names())
             .await
             .is_none());
         // Not tried again before its time: the same retry time.

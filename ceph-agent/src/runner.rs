@@ -182,6 +182,7 @@ impl ProcessRunner {
                 config.keyring.as_deref(),
                 config.client_id.as_deref(),
                 config.timeout,
+                config.read_timeout,
             ))
         });
         Self { config, library }

@@ -82,6 +82,18 @@ struct Api {
     rename: unsafe extern "C" fn(IoctxT, *const c_char, *const c_char) -> c_int,
     metadata_set: unsafe extern "C" fn(ImageT, *const c_char, *const c_char) -> c_int,
     list2: unsafe extern "C" fn(IoctxT, *mut ImageSpecT, *mut usize) -> c_int,
+    open_read_only:
+        unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    get_features: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    metadata_list: unsafe extern "C" fn(
+        ImageT,
+        *const c_char,
+        u64,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+    ) -> c_int,
     spec_list_cleanup: unsafe extern "C" fn(*mut ImageSpecT, usize),
     create_write_op: unsafe extern "C" fn() -> WriteOpT,
     release_write_op: unsafe extern "C" fn(WriteOpT),
@@ -141,6 +153,9 @@ fn api() -> Result<&'static Api, LibError> {
             rename: sym!(rbd, b"rbd_rename\0"),
             metadata_set: sym!(rbd, b"rbd_metadata_set\0"),
             list2: sym!(rbd, b"rbd_list2\0"),
+            open_read_only: sym!(rbd, b"rbd_open_read_only\0"),
+            get_features: sym!(rbd, b"rbd_get_features\0"),
+            metadata_list: sym!(rbd, b"rbd_metadata_list\0"),
             spec_list_cleanup: sym!(rbd, b"rbd_image_spec_list_cleanup\0"),
             create_write_op: sym!(rados, b"rados_create_write_op\0"),
             release_write_op: sym!(rados, b"rados_release_write_op\0"),
@@ -273,6 +288,40 @@ pub fn feature_bit(name: &str) -> Option<u64> {
         "deep-flatten" => 1 << 5,
         _ => return None,
     })
+}
+
+/// The names of the feature bits set in `bits`, in bit order, as `rbd info` prints them
+/// (librbd's `features.h` and `RBD_FEATURE_NAME_*`); unknown bits are left out.
+pub fn feature_names(bits: u64) -> Vec<&'static str> {
+    const NAMES: [&str; 12] = [
+        "layering",
+        "striping",
+        "exclusive-lock",
+        "object-map",
+        "fast-diff",
+        "deep-flatten",
+        "journaling",
+        "data-pool",
+        "operations",
+        "migrating",
+        "non-primary",
+        "dirty-cache",
+    ];
+    (0..NAMES.len())
+        .filter(|b| bits & (1 << b) != 0)
+        .map(|b| NAMES[b])
+        .collect()
+}
+
+/// What a read of an image gives: size, feature bits and metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFacts {
+    /// Bytes.
+    pub size: u64,
+    /// `RBD_FEATURE_*` bits.
+    pub features: u64,
+    /// Its `rbd image-meta` keys.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// A pool's I/O context (`rados_ioctx_t`) on a connected cluster, for the calls an
@@ -411,6 +460,82 @@ impl Pool {
             unsafe { (api.spec_list_cleanup)(specs.as_mut_ptr(), size) };
             return Ok(names);
         }
+    }
+
+    /// Size, features and metadata of image `name`, through a read-only open (which registers
+    /// no watch: a read is never seen as a client of the image); `None` when there is no such
+    /// image.
+    pub fn read_image(&self, name: &str) -> Result<Option<ImageFacts>, LibError> {
+        let api = api()?;
+        let name = cstr("image name", name)?;
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live; a null snapshot name means the head.
+        let r = unsafe { (api.open_read_only)(self.io, name.as_ptr(), &mut img, std::ptr::null()) };
+        if r == -2 {
+            return Ok(None);
+        }
+        check("rbd_open_read_only", r)?;
+        let facts = Self::facts(api, img);
+        // SAFETY: closes the image opened above, once.
+        unsafe { (api.close)(img) };
+        facts.map(Some)
+    }
+
+    fn facts(api: &Api, img: ImageT) -> Result<ImageFacts, LibError> {
+        let (mut size, mut features) = (0u64, 0u64);
+        // SAFETY: `img` is open (the caller closes it); valid out-pointers.
+        check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) })?;
+        // SAFETY: as above.
+        check("rbd_get_features", unsafe {
+            (api.get_features)(img, &mut features)
+        })?;
+        let (mut keys_len, mut vals_len) = (4096usize, 4096usize);
+        let metadata = loop {
+            let mut keys = vec![0u8; keys_len];
+            let mut vals = vec![0u8; vals_len];
+            let empty = c"";
+            // SAFETY: `img` is open; the buffers have the lengths passed; `max` 0 means all
+            // keys, from the first (`start` "").
+            let r = unsafe {
+                (api.metadata_list)(
+                    img,
+                    empty.as_ptr(),
+                    0,
+                    keys.as_mut_ptr().cast(),
+                    &mut keys_len,
+                    vals.as_mut_ptr().cast(),
+                    &mut vals_len,
+                )
+            };
+            if r == -34 {
+                // ERANGE: the lengths now say how much room the lists need.
+                continue;
+            }
+            check("rbd_metadata_list", r)?;
+            // Each list is NUL-terminated strings, back to back (a value may be empty).
+            let split = |b: &[u8]| -> Vec<String> {
+                match b.iter().rposition(|c| *c == 0) {
+                    Some(end) => b[..end]
+                        .split(|c| *c == 0)
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect(),
+                    None => vec![],
+                }
+            };
+            let (k, v) = (split(&keys[..keys_len]), split(&vals[..vals_len]));
+            if k.len() != v.len() {
+                return Err(LibError::Call {
+                    call: "rbd_metadata_list",
+                    errno: 5,
+                });
+            }
+            break k.into_iter().zip(v).collect();
+        };
+        Ok(ImageFacts {
+            size,
+            features,
+            metadata,
+        })
     }
 
     /// Sets omap key `key` of `object` to `value`, creating the object when missing (what

@@ -2,6 +2,7 @@
 //! restore, delete — each checking ownership, each idempotent.
 
 use super::*;
+use crate::library::Kind;
 
 impl<R: Runner> Ceph<R> {
     /// Creates an owned image, or succeeds when the same image already exists.
@@ -259,7 +260,7 @@ impl<R: Runner> Ceph<R> {
             let name = tmp.to_string();
             let what = format!("librbd create {}/{tmp} with its keys", spec.pool);
             let made = self
-                .library(&spec.pool, what, move |p| {
+                .library(&spec.pool, what, Kind::Long, move |p| {
                     p.create_image(&name, size, bits)?;
                     let keys: Vec<(&str, &str)> =
                         keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -291,7 +292,7 @@ impl<R: Runner> Ceph<R> {
         let (f, t) = (from.to_string(), to.to_string());
         let what = format!("librbd rename {pool}/{from} {to}");
         if let Some(done) = self
-            .library(pool, what, move |p| p.rename_image(&f, &t))
+            .library(pool, what, Kind::Long, move |p| p.rename_image(&f, &t))
             .await
         {
             return done;

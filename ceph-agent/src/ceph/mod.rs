@@ -595,10 +595,11 @@ impl<R: Runner> Ceph<R> {
         &self,
         pool: &PoolName,
         what: String,
+        kind: crate::library::Kind,
         f: impl FnOnce(&ceph_lib::Pool) -> Result<T, ceph_lib::LibError> + Send + 'static,
     ) -> Option<Result<T, CliError>> {
         let lib = self.runner.library()?;
-        let done = lib.call(pool.as_str(), what, f).await;
+        let done = lib.call(pool.as_str(), what, kind, f).await;
         if done.is_some() {
             self.calls.fetch_add(1, Ordering::Relaxed);
             self.library_calls.fetch_add(1, Ordering::Relaxed);

@@ -2,6 +2,7 @@
 //! commits under the pool's flush lock.
 
 use super::*;
+use crate::library::Kind;
 
 impl<R: Runner> Ceph<R> {
     /// Reads a pool's unistor index, one command.
@@ -115,15 +116,17 @@ impl<R: Runner> Ceph<R> {
             Some(v) => {
                 let v = v.clone();
                 let what = format!("librados setomapval {pool}/{INDEX_OBJECT} {key}");
-                self.library(pool, what, move |p| {
+                self.library(pool, what, Kind::Long, move |p| {
                     p.omap_set(INDEX_OBJECT, &key, v.as_bytes())
                 })
                 .await
             }
             None => {
                 let what = format!("librados rmomapkey {pool}/{INDEX_OBJECT} {key}");
-                self.library(pool, what, move |p| p.omap_remove(INDEX_OBJECT, &key))
-                    .await
+                self.library(pool, what, Kind::Long, move |p| {
+                    p.omap_remove(INDEX_OBJECT, &key)
+                })
+                .await
             }
         };
         match done {

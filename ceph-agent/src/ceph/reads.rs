@@ -1,7 +1,9 @@
-//! Reading images and pools through the CLI: `rbd info`, metadata, watchers, the trash, the
-//! start-up load of every indexed image, and the statuses reported from them.
+//! Reading images and pools: `rbd info` and metadata (one read-only librbd open when the
+//! runner has the library), watchers, the trash, the start-up load of every indexed image, and
+//! the statuses reported from them.
 
 use super::*;
+use crate::library::Kind;
 
 impl<R: Runner> Ceph<R> {
     /// `rbd info`; `None` when the image does not exist (exit code ENOENT).
@@ -44,6 +46,23 @@ impl<R: Runner> Ceph<R> {
 
     /// Size, features and metadata (no watchers); `None` when the image is not live.
     pub(super) async fn read(&self, spec: &ImageSpec) -> Result<Option<LiveImage>, CephError> {
+        let (name, what) = (spec.image.to_string(), format!("librbd read {spec}"));
+        if let Some(read) = self
+            .library(&spec.pool, what, Kind::ShortRead, move |p| {
+                p.read_image(&name)
+            })
+            .await
+        {
+            return Ok(read?.map(|f| LiveImage {
+                size: f.size,
+                features: ceph_lib::feature_names(f.features)
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                metadata: f.metadata,
+                watchers: vec![],
+            }));
+        }
         let Some(info) = self.info(spec).await? else {
             return Ok(None);
         };
@@ -84,7 +103,10 @@ impl<R: Runner> Ceph<R> {
     /// The names of a pool's images (`rbd ls`: the pool's directory, no image opened).
     pub(super) async fn ls_names(&self, pool: &PoolName) -> Result<BTreeSet<String>, CephError> {
         let what = format!("librbd list {pool}");
-        if let Some(names) = self.library(pool, what, |p| p.image_names()).await {
+        if let Some(names) = self
+            .library(pool, what, Kind::Long, |p| p.image_names())
+            .await
+        {
             return Ok(names?.into_iter().collect());
         }
         let inv = rbd()

@@ -4,6 +4,8 @@
 //! calls at the emulator's latency); then the watch daemon's time from a manifest edit to
 //! convergence. Run it with `scripts/bench.sh` (which starts a private cluster), or by hand with
 //! `UNISTOR_CEPH_*` set: `cargo run --release -p e2e --bin converge-bench -- --dpus 50 --volumes 4`.
+//! `BENCH_EVENTS=1` prints the daemon's events after each edit and keeps its log (with
+//! `UNISTOR_SPAN_TIMES=1` too, the log has each span's busy and idle time).
 
 use std::time::{Duration, Instant};
 
@@ -539,6 +541,12 @@ impl<'a> BenchLab<'a> {
             }
         }
         d.poll = poll;
+        if std::env::var_os("BENCH_EVENTS").is_some() {
+            let kept = std::env::temp_dir().join("converge-bench-daemon.log");
+            if std::fs::copy(&d.log, &kept).is_ok() {
+                println!("    the daemon's log: {}", kept.display());
+            }
+        }
         times
     }
 

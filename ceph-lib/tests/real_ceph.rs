@@ -1,0 +1,121 @@
+//! `Pool` against the real one-node cluster (`UNISTOR_CEPH_*`, see `scripts/ceph-dev-cluster.sh`):
+//! what each call leaves is read back with the CLI, the independent witness.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ceph_lib::{feature_bit, feature_names, ConnectSpec, Pool, Rados};
+use e2e::{unique, Cluster};
+
+fn pool(c: &Cluster) -> Pool {
+    let spec = ConnectSpec {
+        user_id: Some(c.id.clone()),
+        config_file: Some(c.conf.to_string_lossy().into_owned()),
+        key_file: Some(c.keyring.to_string_lossy().into_owned()),
+        options: vec![],
+    };
+    Rados::connect(&spec, 30).unwrap().pool(&c.pool).unwrap()
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}
+
+#[test]
+fn create_keys_rename_list_read_as_the_cli_sees_them() {
+    let c = Cluster::from_env();
+    let p = pool(&c);
+    let (tmp, name) = (unique("lib-tmp"), unique("lib"));
+    let bits = ["layering", "exclusive-lock"]
+        .iter()
+        .map(|f| feature_bit(f).unwrap())
+        .sum();
+    p.create_image(&tmp, 64 << 20, bits).unwrap();
+    // The name is taken now: EEXIST, as `rbd create` exits 17.
+    let e = p.create_image(&tmp, 64 << 20, bits).unwrap_err();
+    assert!(e.to_string().contains("errno 17"), "{e}");
+    p.set_metadata(&tmp, &[("unistor.volume", "v"), ("empty", "")])
+        .unwrap();
+    p.rename_image(&tmp, &name).unwrap();
+    assert!(p.rename_image(&tmp, &name).is_err(), "the source is gone");
+
+    let info = json(&c.cli_ok(
+        "rbd",
+        &["info", "--format", "json", &format!("{}/{name}", c.pool)],
+    ));
+    assert_eq!(info["size"], 64u64 << 20);
+    assert_eq!(info["features"], json(r#"["layering","exclusive-lock"]"#));
+    let names = p.image_names().unwrap();
+    assert!(names.contains(&name) && !names.contains(&tmp), "{names:?}");
+
+    let facts = p.read_image(&name).unwrap().expect("the image is there");
+    assert_eq!(facts.size, 64 << 20);
+    assert_eq!(
+        feature_names(facts.features),
+        ["layering", "exclusive-lock"]
+    );
+    assert_eq!(facts.metadata["unistor.volume"], "v");
+    assert_eq!(facts.metadata["empty"], "");
+    assert_eq!(facts.metadata.len(), 2);
+    assert_eq!(p.read_image(&unique("never-made")).unwrap(), None);
+    c.cli_ok(
+        "rbd",
+        &["rm", "--no-progress", &format!("{}/{name}", c.pool)],
+    );
+}
+
+#[test]
+fn omap_keys_are_set_and_removed() {
+    let c = Cluster::from_env();
+    let p = pool(&c);
+    let object = unique("lib-omap");
+    p.omap_set(&object, "k", br#"{"volume":"v"}"#).unwrap();
+    let got = c.cli_ok(
+        "rados",
+        &["--pool", &c.pool, "getomapval", &object, "k", "/dev/stdout"],
+    );
+    assert!(got.contains(r#"{"volume":"v"}"#), "{got}");
+    p.omap_remove(&object, "k").unwrap();
+    let keys = c.cli_ok("rados", &["--pool", &c.pool, "listomapkeys", &object]);
+    assert!(keys.trim().is_empty(), "{keys}");
+    // No such object: ENOENT, which the agent takes as "no key to remove".
+    let e = p.omap_remove(&unique("lib-none"), "k").unwrap_err();
+    assert!(e.to_string().contains("errno 2"), "{e}");
+    c.cli_ok("rados", &["--pool", &c.pool, "rm", &object]);
+}
+
+/// The sweep reads images while unistor decides whether one is in use by its watchers: a read
+/// must never show as one. Reads run back to back on one thread while `rbd status` looks.
+#[test]
+fn a_read_is_never_seen_as_a_watcher() {
+    let c = Cluster::from_env();
+    let p = Arc::new(pool(&c));
+    let name = unique("lib-watch");
+    p.create_image(&name, 16 << 20, feature_bit("layering").unwrap())
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (p, name, stop) = (p.clone(), name.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                p.read_image(&name).unwrap().unwrap();
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for _ in 0..10 {
+        let status = json(&c.cli_ok(
+            "rbd",
+            &["status", "--format", "json", &format!("{}/{name}", c.pool)],
+        ));
+        assert_eq!(status["watchers"], json("[]"), "{status}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(reader.join().unwrap() > 0);
+    c.cli_ok(
+        "rbd",
+        &["rm", "--no-progress", &format!("{}/{name}", c.pool)],
+    );
+}
