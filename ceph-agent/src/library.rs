@@ -1,7 +1,9 @@
 //! librados and librbd in the agent's own process (the `ceph-lib` crate), for the calls on an
 //! edit's path and for the sweep: listing a pool's image names (the probe before a create),
 //! creating an image with its ownership keys, renaming it into place, writing the pool index's
-//! omap keys, and reading an image's size, features and metadata (read-only, no watch). Through
+//! omap keys, reading an image's size, features and metadata (read-only, no watch), and the
+//! monitors' `status` and `df` (the cluster's health, which the controller's health gate reads
+//! before writing steps). Through
 //! the CLI each of these is a process that connects to the monitors, authenticates and reads
 //! the maps before its one operation (about 50 ms on the lab's machine); here they share one
 //! connection made once, and cost their RADOS round trips.
@@ -90,8 +92,9 @@ impl Library {
         }
     }
 
-    /// The pool's context, connecting first if needed; `None` when the CLI must do it.
-    async fn pool(&self, pool: &str) -> Option<Arc<Pool>> {
+    /// The connection, made first if needed; `None` when the CLI must do it. The state's
+    /// lock is held while connecting: calls meanwhile wait for the one connection.
+    async fn connected(&self) -> Option<tokio::sync::MutexGuard<'_, State>> {
         let mut state = self.state.lock().await;
         if let State::Failed { retry_at } = *state {
             if Instant::now() < retry_at {
@@ -106,7 +109,7 @@ impl Library {
                 .unwrap_or_else(|e| Err(LibError::Load(e.to_string())));
             *state = match connected {
                 Ok(rados) => {
-                    tracing::info!("librados connected: creates, renames, listings and index writes skip the CLI.");
+                    tracing::info!("librados connected: the calls of an edit's path and the sweep's reads skip the CLI.");
                     State::Connected {
                         rados,
                         pools: HashMap::new(),
@@ -124,6 +127,12 @@ impl Library {
                 }
             };
         }
+        matches!(*state, State::Connected { .. }).then_some(state)
+    }
+
+    /// The pool's context, connecting first if needed; `None` when the CLI must do it.
+    async fn pool(&self, pool: &str) -> Option<Arc<Pool>> {
+        let mut state = self.connected().await?;
         let State::Connected { rados, pools } = &mut *state else {
             return None;
         };
@@ -151,26 +160,49 @@ impl Library {
         f: impl FnOnce(&Pool) -> Result<T, LibError> + Send + 'static,
     ) -> Option<Result<T, CliError>> {
         let p = self.pool(pool).await?;
-        let what = what.into();
-        let task = tokio::task::spawn_blocking(move || f(&p));
+        Some(self.blocking(what.into(), kind, move || f(&p)).await)
+    }
+
+    /// Sends `command` (a monitor command's JSON) on the connection; `None` when the CLI must.
+    pub async fn mon_command(
+        &self,
+        what: impl Into<String>,
+        command: String,
+    ) -> Option<Result<Vec<u8>, CliError>> {
+        let rados = match &*self.connected().await? {
+            State::Connected { rados, .. } => rados.clone(),
+            _ => return None,
+        };
+        let f = move || rados.mon_command(&command);
+        Some(self.blocking(what.into(), Kind::ShortRead, f).await)
+    }
+
+    /// `f` on a blocking thread, within `kind`'s deadline.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: String,
+        kind: Kind,
+        f: impl FnOnce() -> Result<T, LibError> + Send + 'static,
+    ) -> Result<T, CliError> {
+        let task = tokio::task::spawn_blocking(f);
         let joined = match kind {
             Kind::Long => task.await,
             // The blocked thread goes on to librados' own timeout; nothing waits for it.
             Kind::ShortRead => match tokio::time::timeout(self.read_timeout, task).await {
                 Ok(joined) => joined,
                 Err(_) => {
-                    return Some(Err(CliError::Timeout {
+                    return Err(CliError::Timeout {
                         command: what,
                         after: self.read_timeout,
-                    }))
+                    })
                 }
             },
         };
-        Some(match joined {
+        match joined {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(failed(what, e)),
             Err(e) => Err(failed(what, LibError::Load(e.to_string()))),
-        })
+        }
     }
 }
 

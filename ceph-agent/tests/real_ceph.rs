@@ -543,7 +543,10 @@ async fn report_describes_the_cluster() {
         .unwrap();
     ceph.trash_image(&st, 600, &owner(&trashed)).await.unwrap();
 
+    let library_before = ceph.library_calls();
     let r = ceph.report().await.unwrap();
+    // The monitors' `status` and `df` came over the library's connection, not as processes.
+    assert!(ceph.library_calls() - library_before >= 2);
     assert_eq!(r.fsid, cli_ok(&c, "ceph", &["fsid"]).trim());
     assert!(
         ["HEALTH_OK", "HEALTH_WARN"].contains(&r.health.status.as_str()),

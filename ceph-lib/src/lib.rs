@@ -95,6 +95,18 @@ struct Api {
         *mut usize,
     ) -> c_int,
     spec_list_cleanup: unsafe extern "C" fn(*mut ImageSpecT, usize),
+    mon_command: unsafe extern "C" fn(
+        RadosT,
+        *const *const c_char,
+        usize,
+        *const c_char,
+        usize,
+        *mut *mut c_char,
+        *mut usize,
+        *mut *mut c_char,
+        *mut usize,
+    ) -> c_int,
+    buffer_free: unsafe extern "C" fn(*mut c_char),
     create_write_op: unsafe extern "C" fn() -> WriteOpT,
     release_write_op: unsafe extern "C" fn(WriteOpT),
     write_op_omap_set: unsafe extern "C" fn(
@@ -157,6 +169,8 @@ fn api() -> Result<&'static Api, LibError> {
             get_features: sym!(rbd, b"rbd_get_features\0"),
             metadata_list: sym!(rbd, b"rbd_metadata_list\0"),
             spec_list_cleanup: sym!(rbd, b"rbd_image_spec_list_cleanup\0"),
+            mon_command: sym!(rados, b"rados_mon_command\0"),
+            buffer_free: sym!(rados, b"rados_buffer_free\0"),
             create_write_op: sym!(rados, b"rados_create_write_op\0"),
             release_write_op: sym!(rados, b"rados_release_write_op\0"),
             write_op_omap_set: sym!(rados, b"rados_write_op_omap_set\0"),
@@ -351,6 +365,45 @@ impl Drop for Pool {
 }
 
 impl Rados {
+    /// Sends `command` (the JSON a `ceph` command line becomes, e.g.
+    /// `{"prefix": "status", "format": "json"}`) to a monitor and returns its output
+    /// (`rados_mon_command`); a refusal is its errno.
+    pub fn mon_command(&self, command: &str) -> Result<Vec<u8>, LibError> {
+        let api = api()?;
+        let cmd = cstr("mon command", command)?;
+        let cmds = [cmd.as_ptr()];
+        let (mut out, mut out_len) = (std::ptr::null_mut::<c_char>(), 0usize);
+        let (mut status, mut status_len) = (std::ptr::null_mut::<c_char>(), 0usize);
+        // SAFETY: a connected handle; one command string and no input; the out-pointers are
+        // valid and the buffers librados allocates in them are freed below, once.
+        let r = unsafe {
+            (api.mon_command)(
+                self.handle,
+                cmds.as_ptr(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut status,
+                &mut status_len,
+            )
+        };
+        let output = if out.is_null() {
+            vec![]
+        } else {
+            // SAFETY: librados set `out` to `out_len` bytes it allocated.
+            unsafe { std::slice::from_raw_parts(out.cast::<u8>(), out_len) }.to_vec()
+        };
+        // SAFETY: each buffer came from librados (or is null, which it accepts), freed once.
+        unsafe {
+            (api.buffer_free)(out);
+            (api.buffer_free)(status);
+        }
+        check("rados_mon_command", r)?;
+        Ok(output)
+    }
+
     /// An I/O context on `pool` (ENOENT when there is no such pool).
     pub fn pool(self: &Arc<Self>, pool: &str) -> Result<Pool, LibError> {
         let api = api()?;

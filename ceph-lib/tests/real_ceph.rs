@@ -7,14 +7,55 @@ use std::sync::Arc;
 use ceph_lib::{feature_bit, feature_names, ConnectSpec, Pool, Rados};
 use e2e::{unique, Cluster};
 
-fn pool(c: &Cluster) -> Pool {
+fn connect(c: &Cluster) -> Arc<Rados> {
     let spec = ConnectSpec {
         user_id: Some(c.id.clone()),
         config_file: Some(c.conf.to_string_lossy().into_owned()),
         key_file: Some(c.keyring.to_string_lossy().into_owned()),
         options: vec![],
     };
-    Rados::connect(&spec, 30).unwrap().pool(&c.pool).unwrap()
+    Rados::connect(&spec, 30).unwrap()
+}
+
+fn pool(c: &Cluster) -> Pool {
+    connect(c).pool(&c.pool).unwrap()
+}
+
+/// The monitors answer `status` and `df` as `ceph status` and `ceph df` print them.
+#[test]
+fn monitor_commands_answer_as_the_cli_does() {
+    let c = Cluster::from_env();
+    let rados = connect(&c);
+    let status = json(
+        &String::from_utf8(
+            rados
+                .mon_command(r#"{"prefix": "status", "format": "json"}"#)
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    let cli = json(&c.cli_ok("ceph", &["status", "--format", "json"]));
+    assert_eq!(status["fsid"], cli["fsid"]);
+    assert!(status["health"]["status"].is_string(), "{status}");
+    let df = json(
+        &String::from_utf8(
+            rados
+                .mon_command(r#"{"prefix": "df", "format": "json"}"#)
+                .unwrap(),
+        )
+        .unwrap(),
+    );
+    assert!(df["stats"]["total_bytes"].as_u64().unwrap() > 0, "{df}");
+    assert!(
+        df["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == c.pool.as_str()),
+        "{df}"
+    );
+    // A command the monitors do not know: refused with its errno, not a panic.
+    assert!(rados.mon_command(r#"{"prefix": "no such thing"}"#).is_err());
 }
 
 fn json(s: &str) -> serde_json::Value {

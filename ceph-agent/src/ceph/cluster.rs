@@ -54,8 +54,8 @@ impl<R: Runner> Ceph<R> {
         }
         let ceph = |args: &[&str]| Invocation::new(Tool::Ceph).args(args.iter().copied());
         let (status, df) = tokio::try_join!(
-            self.json::<CephStatusJson>(ceph(&["status", "--format", "json"])),
-            self.json::<DfJson>(ceph(&["df", "--format", "json"])),
+            self.mon_json::<CephStatusJson>("status"),
+            self.mon_json::<DfJson>("df"),
         )?;
         let old = cached.as_ref();
         let (monmap_epoch, osdmap_epoch) = (status.monmap.epoch, status.osdmap.epoch);

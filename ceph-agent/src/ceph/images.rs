@@ -10,6 +10,7 @@ impl<R: Runner> Ceph<R> {
     /// An image the view does not know costs two commands: the index entry (intent, owner,
     /// policy), then `rbd import` of an empty stream that carries the ownership keys. One the view knows as
     /// live is read (it may have changed behind our back) and compared.
+    #[tracing::instrument(skip_all, fields(image = %spec))]
     pub async fn create_image(
         &self,
         spec: &ImageSpec,
@@ -243,6 +244,7 @@ impl<R: Runner> Ceph<R> {
     /// between the two: a temporary image without keys, which [`Self::remove_leftover`] takes
     /// as an interrupted create's); through the CLI, one `rbd import` of an empty
     /// export-format-2 stream that carries them. EEXIST when `tmp` exists.
+    #[tracing::instrument(skip_all)]
     async fn make_temporary(
         &self,
         spec: &ImageSpec,
@@ -288,6 +290,7 @@ impl<R: Runner> Ceph<R> {
     }
 
     /// Renames image `from` of `pool` to `to` (EEXIST when `to` is taken).
+    #[tracing::instrument(skip_all)]
     async fn rename_image(&self, pool: &PoolName, from: &str, to: &str) -> Result<(), CliError> {
         let (f, t) = (from.to_string(), to.to_string());
         let what = format!("librbd rename {pool}/{from} {to}");

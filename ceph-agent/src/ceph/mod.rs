@@ -607,6 +607,25 @@ impl<R: Runner> Ceph<R> {
         done
     }
 
+    /// A monitor's JSON answer to `ceph <prefix> --format json` (a command without arguments):
+    /// through the library's connection when there is one, else the command line.
+    async fn mon_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<T, CephError> {
+        if let Some(lib) = self.runner.library() {
+            let command = serde_json::json!({ "prefix": prefix, "format": "json" }).to_string();
+            let what = format!("librados mon_command {command}");
+            if let Some(out) = lib.mon_command(what.clone(), command).await {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                self.library_calls.fetch_add(1, Ordering::Relaxed);
+                return serde_json::from_slice(&out?).map_err(|source| CephError::Parse {
+                    command: what,
+                    source,
+                });
+            }
+        }
+        let inv = Invocation::new(Tool::Ceph).args([prefix, "--format", "json"]);
+        self.json(inv).await
+    }
+
     async fn json<T: DeserializeOwned>(&self, inv: Invocation) -> Result<T, CephError> {
         let command = inv.display();
         let out = self.run(inv).await?;

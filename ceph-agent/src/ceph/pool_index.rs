@@ -69,6 +69,7 @@ impl<R: Runner> Ceph<R> {
     /// Sets (`Some`) or removes (`None`) an image's index entry and returns once it is written.
     /// Concurrent changes are group-committed: whoever takes the flush lock writes every key
     /// changed so far, and the others find their change already written.
+    #[tracing::instrument(skip_all)]
     pub(super) async fn index_change(
         &self,
         spec: &ImageSpec,

@@ -4,8 +4,9 @@
 //! calls at the emulator's latency); then the watch daemon's time from a manifest edit to
 //! convergence. Run it with `scripts/bench.sh` (which starts a private cluster), or by hand with
 //! `UNISTOR_CEPH_*` set: `cargo run --release -p e2e --bin converge-bench -- --dpus 50 --volumes 4`.
-//! `BENCH_EVENTS=1` prints the daemon's events after each edit and keeps its log (with
-//! `UNISTOR_SPAN_TIMES=1` too, the log has each span's busy and idle time).
+//! `BENCH_EVENTS=1` prints the daemon's events after each edit and keeps its log and the
+//! ceph-agent's in the temporary directory (with `UNISTOR_SPAN_TIMES=1` too, the logs have each
+//! span's busy and idle time).
 
 use std::time::{Duration, Instant};
 
@@ -278,11 +279,15 @@ impl<'a> BenchLab<'a> {
         issue_pki(&pki, &names);
         let mut procs = Procs::default();
         // Every agent binds port 0 and says which port it got.
-        let (child, ceph_addr) = spawn_announced(
-            ceph_agent_command(c, &ceph_name, ANY_PORT, &pki, &dir.path().join("ceph"))
-                .args(["--report-interval", "10s"]),
-            "listening on ",
-        );
+        let mut ceph_cmd =
+            ceph_agent_command(c, &ceph_name, ANY_PORT, &pki, &dir.path().join("ceph"));
+        ceph_cmd.args(["--report-interval", "10s"]);
+        if std::env::var_os("BENCH_EVENTS").is_some() {
+            // Its log beside the daemon's, for the same questions.
+            let log = std::env::temp_dir().join("converge-bench-ceph-agent.log");
+            ceph_cmd.stderr(std::fs::File::create(&log).expect("ceph-agent log"));
+        }
+        let (child, ceph_addr) = spawn_announced(&mut ceph_cmd, "listening on ");
         procs.0.push(child);
         let latency = format!("--emulator-arg=--latency=*={}ms", a.snap_latency_ms);
         let mut pairs = vec![];
