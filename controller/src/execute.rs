@@ -1003,7 +1003,7 @@ mod tests {
                 name: format!("c{id}"),
             })),
             risk: Risk::Safe,
-            depends_on: deps.to_vec(),
+            depends_on: deps.iter().copied().collect(),
             volume: None,
         }
     }
@@ -1154,7 +1154,7 @@ mod tests {
             target,
             action,
             risk: Risk::Safe,
-            depends_on: vec![],
+            depends_on: Default::default(),
             volume: volume.map(Box::from),
         };
         let grow = on(

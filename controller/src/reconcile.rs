@@ -461,7 +461,7 @@ mod tests {
                 protocol::dpu::NameRef { name: "c".into() },
             )),
             risk: crate::plan::Risk::Safe,
-            depends_on: vec![],
+            depends_on: Default::default(),
             volume: None,
         });
         assert_eq!(settled(&p, 0), None, "steps to run");

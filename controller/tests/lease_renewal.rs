@@ -102,7 +102,7 @@ async fn an_execution_longer_than_the_lease_ttl_finishes_with_every_step_done() 
                 },
             )),
             risk: Risk::Safe,
-            depends_on: if id == 0 { vec![] } else { vec![id - 1] },
+            depends_on: if id == 0 { vec![] } else { vec![id - 1] }.into(),
             volume: None,
         })
         .collect();

@@ -312,7 +312,7 @@ impl Builder {
         volume: Option<&str>,
     ) -> usize {
         let id = self.next_id();
-        let mut depends_on: Vec<usize> = deps.iter().flatten().copied().collect();
+        let mut depends_on: Deps = deps.iter().flatten().copied().collect();
         depends_on.sort_unstable();
         depends_on.dedup();
         self.plan.steps.push(Step {
@@ -483,7 +483,7 @@ fn one_dpu_at_a_time(chains: &mut [Step], of_volume: &teardown::ByVolume) {
             continue;
         };
         if let Some(removals) = of_volume.get(&**v) {
-            s.depends_on.extend(removals);
+            s.depends_on.extend(removals.iter().copied());
             s.depends_on.sort_unstable();
             s.depends_on.dedup();
         }

@@ -156,10 +156,14 @@ pub struct Step {
     /// How much it can hurt.
     pub risk: Risk,
     /// Steps that must succeed first.
-    pub depends_on: Vec<usize>,
+    pub depends_on: Deps,
     /// The volume it serves, when one.
     pub volume: Option<Box<str>>,
 }
+
+/// A step's dependencies: most steps have one or two, held inline (no allocation per step; a
+/// plan from empty has hundreds of thousands of steps).
+pub type Deps = smallvec::SmallVec<[usize; 2]>;
 
 /// A difference between desired and observed, field by field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -311,7 +311,7 @@ fn growing_and_refusing_to_shrink() {
     assert!(
         matches!(&p.steps[1].action, Action::Send(Command::ResizeBdev(protocol::dpu::BdevResize { name, new_size_mib: 1024 })) if name == "unistor-db-wal")
     );
-    assert_eq!(p.steps[1].depends_on, [p.steps[0].id]);
+    assert_eq!(p.steps[1].depends_on.as_slice(), [p.steps[0].id]);
     for field in ["size", "bdev.size"] {
         assert!(p
             .drift
@@ -1064,7 +1064,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         .iter()
         .find(|s| matches!(s.action, Action::GrowImage { from_bytes, ref grow } if from_bytes == 512 << 20 && grow.size_bytes == 1 << 30))
         .expect("grown to the manifest's size");
-    assert_eq!(grow.depends_on, [adopt.id]);
+    assert_eq!(grow.depends_on.as_slice(), [adopt.id]);
     let bdev = p
         .steps
         .iter()
