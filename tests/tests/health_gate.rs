@@ -128,24 +128,42 @@ fn an_unhealthy_or_full_cluster_gets_no_write_and_the_apply_says_why() {
     eprintln!("apply on a full cluster answered in {took:?}");
     assert_eq!(size(&pc, &a), Some(64 << 20), "not grown");
 
-    // A read that blocks on the full cluster (an older agent's index entry makes a starting
-    // agent read the image's metadata, which opens it for writing) ends at the agent's read
-    // deadline: the cluster is Unknown, "timed out", and plan exits 1 — no hang.
+    // An older agent's index entry makes a starting agent read that image's metadata. Through
+    // librbd the read is a read-only open, which a full cluster still answers: the cluster is
+    // observed and the plan holds the volumes back, saying why.
     drop(procs);
     let mut procs = Procs::default();
-    let (agent, ceph_addr) = e2e::spawn_announced(
-        e2e::ceph_agent_command(
-            c,
-            "ceph-gate",
-            e2e::ANY_PORT,
-            &pki,
-            &dir.path().join("ceph2"),
-        )
-        .args(e2e::QUICK_SWEEP)
-        .args(["--read-timeout", "3s"]),
-        "listening on ",
+    let starting = |procs: &mut Procs, state: &str, extra: &[&str]| {
+        let (agent, ceph_addr) = e2e::spawn_announced(
+            e2e::ceph_agent_command(c, "ceph-gate", e2e::ANY_PORT, &pki, &dir.path().join(state))
+                .args(e2e::QUICK_SWEEP)
+                .args(["--read-timeout", "3s"])
+                .args(extra),
+            "listening on ",
+        );
+        procs.0.push(agent);
+        ceph_addr
+    };
+    let ceph_addr = starting(&mut procs, "ceph2", &[]);
+    let dpu_addr = spawn_dpu_agent(&mut procs, "dpu-gate-0", &pki, &dir.path().join("dpu0"));
+    let fleet = fleet_of(&ceph_addr, &dpu_addr);
+    write(&manifests, &fleet, &[(&a, "128Mi"), (&b, "64Mi")]);
+    let o = run(&["plan"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(code(&o), 1, "{}", show(&o));
+    assert!(
+        out.contains("closed to writes by the health gate"),
+        "{}",
+        show(&o)
     );
-    procs.0.push(agent);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("could not be observed"));
+
+    // Through the CLI (`--no-librbd`), `rbd image-meta list` opens the image for writing and
+    // blocks on the full cluster: the read ends at the agent's read deadline, the cluster is
+    // Unknown, "timed out", and plan exits 1 — no hang.
+    drop(procs);
+    let mut procs = Procs::default();
+    let ceph_addr = starting(&mut procs, "ceph2b", &["--no-librbd"]);
     let dpu_addr = spawn_dpu_agent(&mut procs, "dpu-gate-0", &pki, &dir.path().join("dpu0"));
     let fleet = fleet_of(&ceph_addr, &dpu_addr);
     write(&manifests, &fleet, &[(&a, "128Mi"), (&b, "64Mi")]);

@@ -531,7 +531,8 @@ fn an_out_of_band_delete_is_drift_reported_in_report_only_and_repaired_when_heal
 }
 
 /// Takes volume `v`'s namespace away behind unistor's back (detached, destroyed) on SNAP at
-/// `socket`; returns when it is gone.
+/// `socket`. A healing daemon may have put it back by the time this returns (its agent can
+/// poll SNAP in between), so whether it is still gone is the caller's to check.
 fn destroy_namespace_out_of_band(socket: &std::path::Path) {
     let subs = snap_call(socket, "nvme_subsystem_list");
     let s = &subs[0];
@@ -550,7 +551,6 @@ fn destroy_namespace_out_of_band(socket: &std::path::Path) {
         serde_json::json!({"nqn": nqn, "nsid": nsid}),
     )
     .unwrap();
-    assert!(namespaces(socket).is_empty());
 }
 
 fn median(mut v: Vec<u128>) -> u128 {
@@ -599,6 +599,8 @@ fn drift_is_healed_or_shown_within_seconds_of_the_agent_seeing_it() {
                 link(s).as_deref() == Some("ok")
             });
             destroy_namespace_out_of_band(&socket);
+            // Report-only: nothing puts it back.
+            assert!(namespaces(&socket).is_empty());
             let t = Instant::now();
             d.wait_for(CONVERGE, "the drift in the status", |s| {
                 link(s).as_deref().is_some_and(|l| l != "ok")

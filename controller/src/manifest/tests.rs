@@ -428,3 +428,64 @@ fn sizes_and_retentions_past_their_bounds_are_refused_where_they_enter() {
         protocol::limits::MAX_VOLUME_BYTES
     );
 }
+
+/// A reload through the parse cache gives exactly what a load from nothing gives, whatever
+/// changed: a document edited, one added before others (their first lines move), one broken
+/// (its error names the same file and line), one removed; and the cache ends holding the last
+/// load's documents only.
+#[test]
+fn a_reload_through_the_parse_cache_equals_a_load_from_nothing() {
+    let texts = |files: &[(&str, String)]| -> Vec<(PathBuf, String)> {
+        files
+            .iter()
+            .map(|(f, t)| (PathBuf::from(f), t.clone()))
+            .collect()
+    };
+    let vols = |names: &[&str], extra: &str| -> String {
+        names
+            .iter()
+            .map(|n| volume(n, extra))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    let steps: Vec<Vec<(&str, String)>> = vec![
+        vec![
+            ("base.yaml", BASE.into()),
+            ("v.yaml", vols(&["a", "b", "c"], "")),
+        ],
+        // One document edited.
+        vec![
+            ("base.yaml", BASE.into()),
+            (
+                "v.yaml",
+                vols(&["a", "b", "c"], "  deletionPolicy: Delete\n"),
+            ),
+        ],
+        // One added in front: the others' first lines move.
+        vec![
+            ("base.yaml", BASE.into()),
+            ("v.yaml", vols(&["z", "a", "b", "c"], "")),
+        ],
+        // One broken.
+        vec![
+            ("base.yaml", BASE.into()),
+            ("v.yaml", vols(&["z", "a", "b", "c"], "  sise: 2Gi\n")),
+        ],
+        // A file removed.
+        vec![("base.yaml", BASE.into())],
+    ];
+    let mut cache = ParseCache::default();
+    for (i, files) in steps.iter().enumerate() {
+        let t = texts(files);
+        let fresh = load_texts(&t);
+        let cached = load_texts_with(&t, &mut cache);
+        assert_eq!(cached, fresh, "step {i}");
+        let documents: usize = t.iter().map(|(f, s)| split_documents(f, s).len()).sum();
+        assert_eq!(cache.len(), documents, "step {i}");
+    }
+    // The broken step's errors were the uncached ones, naming file, line and field.
+    let broken = load_texts_with(&texts(&steps[3]), &mut cache).unwrap_err();
+    assert!(broken
+        .iter()
+        .all(|e| e.file == Path::new("v.yaml") && e.line > 0));
+}

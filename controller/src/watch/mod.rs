@@ -158,8 +158,16 @@ async fn shutdown_signal() {
 /// API, the sessions and the dashboard go on answering while they are read.
 async fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &Triggers) {
     let owned = dir.to_path_buf();
-    let loaded = match tokio::task::spawn_blocking(move || manifest::load_dir(&owned)).await {
-        Ok(r) => r,
+    let mut cache = state.take_parse_cache();
+    let read = tokio::task::spawn_blocking(move || {
+        let r = manifest::load_dir_with(&owned, &mut cache);
+        (r, cache)
+    });
+    let loaded = match read.await {
+        Ok((r, cache)) => {
+            state.put_parse_cache(cache);
+            r
+        }
         Err(e) => Err(vec![manifest::LoadError {
             file: dir.to_path_buf(),
             line: 0,

@@ -397,6 +397,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Turns true when the daemon stops: the pass in progress ends at a step boundary.
     stop: tokio::sync::watch::Sender<bool>,
+    /// The manifests' documents as last parsed (a reload parses only what changed).
+    parse_cache: std::sync::Mutex<crate::manifest::ParseCache>,
 }
 
 impl Shared {
@@ -422,7 +424,18 @@ impl Shared {
             suspend_file,
             metrics: Metrics::new(),
             stop: tokio::sync::watch::channel(false).0,
+            parse_cache: Default::default(),
         })
+    }
+
+    /// Takes the parse cache for a reload (an empty one meanwhile; reloads are one at a time).
+    pub fn take_parse_cache(&self) -> crate::manifest::ParseCache {
+        std::mem::take(&mut *self.parse_cache.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Gives the parse cache back after a reload.
+    pub fn put_parse_cache(&self, cache: crate::manifest::ParseCache) {
+        *self.parse_cache.lock().unwrap_or_else(|e| e.into_inner()) = cache;
     }
 
     /// The daemon is stopping: no step starts from now on, no pass either.
