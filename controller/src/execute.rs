@@ -899,31 +899,7 @@ pub async fn execute(
         health: HealthChecks::new(opts.health_gate.clone()),
     });
     // Leases first: an agent whose lease cannot be taken runs nothing.
-    let mut unusable: BTreeMap<Target, String> = BTreeMap::new();
-    let targets: BTreeSet<Target> = plan.steps.iter().flat_map(commanded).collect();
-    let mut set = JoinSet::new();
-    for t in &targets {
-        match fleet.get(t) {
-            Ok(c) => {
-                let (t, ttl, wait) = (t.clone(), opts.lease_ttl, opts.lease_wait);
-                set.spawn(async move { (t, acquire_waiting(&c, ttl, wait).await) });
-            }
-            Err(e) => {
-                unusable.insert(t.clone(), e.to_string());
-            }
-        }
-    }
-    let mut tokens: BTreeMap<Target, u64> = BTreeMap::new();
-    while let Some(Ok((t, got))) = set.join_next().await {
-        match got {
-            Ok(l) => {
-                tokens.insert(t, l.token);
-            }
-            Err(e) => {
-                unusable.insert(t, format!("no lease: {}", protocol::error::chain(&e)));
-            }
-        }
-    }
+    let (tokens, unusable) = take_leases(plan, fleet, opts).await;
     let held: Vec<Target> = tokens.keys().cloned().collect();
     let stale = match opts.verify_exposures {
         true => exposed_elsewhere(plan, fleet).await,
@@ -976,6 +952,47 @@ pub async fn execute(
         .iter()
         .cloned()
         .collect();
+    release_leases(fleet, held).await;
+    report
+}
+
+/// The lease of every agent `plan` commands, taken at once: the tokens held, and why each
+/// other agent is unusable.
+async fn take_leases(
+    plan: &Plan,
+    fleet: &Arc<Fleet>,
+    opts: &ExecOptions,
+) -> (BTreeMap<Target, u64>, BTreeMap<Target, String>) {
+    let mut unusable: BTreeMap<Target, String> = BTreeMap::new();
+    let targets: BTreeSet<Target> = plan.steps.iter().flat_map(commanded).collect();
+    let mut set = JoinSet::new();
+    for t in &targets {
+        match fleet.get(t) {
+            Ok(c) => {
+                let (t, ttl, wait) = (t.clone(), opts.lease_ttl, opts.lease_wait);
+                set.spawn(async move { (t, acquire_waiting(&c, ttl, wait).await) });
+            }
+            Err(e) => {
+                unusable.insert(t.clone(), e.to_string());
+            }
+        }
+    }
+    let mut tokens: BTreeMap<Target, u64> = BTreeMap::new();
+    while let Some(Ok((t, got))) = set.join_next().await {
+        match got {
+            Ok(l) => {
+                tokens.insert(t, l.token);
+            }
+            Err(e) => {
+                unusable.insert(t, format!("no lease: {}", protocol::error::chain(&e)));
+            }
+        }
+    }
+    (tokens, unusable)
+}
+
+/// Gives the leases of `held` back, at once.
+async fn release_leases(fleet: &Arc<Fleet>, held: Vec<Target>) {
     let mut set = JoinSet::new();
     for t in held {
         if let Ok(c) = fleet.get(&t) {
@@ -985,7 +1002,6 @@ pub async fn execute(
         }
     }
     while set.join_next().await.is_some() {}
-    report
 }
 
 #[cfg(test)]

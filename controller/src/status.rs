@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use protocol::dpu::SnapInventory;
+use protocol::dpu::{DpuReport, SnapInventory};
 use protocol::{ImageState, ImageStatus};
 use serde::{Deserialize, Serialize};
 
@@ -781,24 +781,7 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
     let inv = dpu.inventory.as_ref().unwrap_or(&empty);
     let bdev = names::bdev(v.name.as_str());
     chain.check(LinkKind::Bdev, || {
-        if dpu.inventory.is_none() {
-            return Err(Missing(format!(
-                "SNAP on {} is {:?}",
-                v.dpu, dpu.snap.state
-            )));
-        }
-        let Some(b) = inv.bdevs.iter().find(|b| b.name == bdev) else {
-            return Err(Missing(format!("bdev {bdev} missing on {}", v.dpu)));
-        };
-        s.host_bytes = b.num_blocks * u64::from(b.block_size);
-        if s.host_bytes < v.size_bytes {
-            return Err(Missing(format!(
-                "bdev {bdev} shows the host {}Mi of {}Mi",
-                s.host_bytes >> 20,
-                v.size_bytes >> 20
-            )));
-        }
-        Ok(bdev.clone())
+        bdev_link(v, dpu, &bdev, &mut s.host_bytes)
     });
     let nqn = names::nqn(&v.dpu, v.function);
     let ns = inv.subsystems.iter().find(|x| x.nqn == nqn).and_then(|x| {
@@ -838,6 +821,34 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
     };
     s.chain = chain.links;
     s
+}
+
+/// The bdev link of `v`'s chain on `dpu`: the bdev, showing the host at least the desired
+/// size (what it shows goes to `host_bytes`).
+fn bdev_link(
+    v: &Volume,
+    dpu: &DpuReport,
+    bdev: &str,
+    host_bytes: &mut u64,
+) -> Result<String, Missing> {
+    let Some(inv) = dpu.inventory.as_ref() else {
+        return Err(Missing(format!(
+            "SNAP on {} is {:?}",
+            v.dpu, dpu.snap.state
+        )));
+    };
+    let Some(b) = inv.bdevs.iter().find(|b| b.name == bdev) else {
+        return Err(Missing(format!("bdev {bdev} missing on {}", v.dpu)));
+    };
+    *host_bytes = b.num_blocks * u64::from(b.block_size);
+    if *host_bytes < v.size_bytes {
+        return Err(Missing(format!(
+            "bdev {bdev} shows the host {}Mi of {}Mi",
+            *host_bytes >> 20,
+            v.size_bytes >> 20
+        )));
+    }
+    Ok(bdev.to_string())
 }
 
 /// What the host's account says of the volume's device (`None`: the platform cannot tell;
