@@ -26,25 +26,15 @@ fn pool(c: &Cluster) -> Pool {
 fn monitor_commands_answer_as_the_cli_does() {
     let c = Cluster::from_env();
     let rados = connect(&c);
-    let status = json(
-        &String::from_utf8(
-            rados
-                .mon_command(r#"{"prefix": "status", "format": "json"}"#)
-                .unwrap(),
-        )
-        .unwrap(),
-    );
+    let mon = |prefix: &str| {
+        let command = format!(r#"{{"prefix": "{prefix}", "format": "json"}}"#);
+        json(&String::from_utf8(rados.mon_command(&command).unwrap()).unwrap())
+    };
+    let status = mon("status");
     let cli = json(&c.cli_ok("ceph", &["status", "--format", "json"]));
     assert_eq!(status["fsid"], cli["fsid"]);
     assert!(status["health"]["status"].is_string(), "{status}");
-    let df = json(
-        &String::from_utf8(
-            rados
-                .mon_command(r#"{"prefix": "df", "format": "json"}"#)
-                .unwrap(),
-        )
-        .unwrap(),
-    );
+    let df = mon("df");
     assert!(df["stats"]["total_bytes"].as_u64().unwrap() > 0, "{df}");
     assert!(
         df["pools"]
