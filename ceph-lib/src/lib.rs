@@ -4,8 +4,10 @@
 //! simulation mode; only real-Ceph mode needs them.
 //!
 //! Two users: the SNAP emulator opens images as SPDK's rbd bdev does ([`OpenImage`]), and the
-//! ceph-agent creates, renames and lists images and writes its index's omap keys ([`Pool`])
-//! without a CLI process per call.
+//! ceph-agent creates, renames, lists and reads images, writes its index's omap keys and asks
+//! the monitors for the cluster's status ([`Pool`], [`Rados::mon_command`]) without a CLI
+//! process per call. [`Pool::lock_exclusive`] (a `cls_lock` lock that expires on the OSD) is
+//! the first piece of controller replicas coordinating through RADOS (issue 24).
 //!
 //! This crate is the workspace's only `unsafe` code: the foreign calls, each on pointers this
 //! crate created and owns ([`Rados`] shuts its handle down when dropped, [`Pool`] its I/O
@@ -31,6 +33,17 @@ struct ImageSpecT {
     id: *mut c_char,
     name: *mut c_char,
 }
+
+/// `struct timeval` on the 64-bit Linux targets this runs on.
+#[repr(C)]
+struct Timeval {
+    tv_sec: i64,
+    tv_usec: i64,
+}
+
+/// `LIBRADOS_LOCK_FLAG_MAY_RENEW` (librados.h): take the lock, or renew it when this client
+/// and cookie hold it already.
+const LOCK_FLAG_MAY_RENEW: u8 = 1;
 
 /// `RBD_IMAGE_OPTION_FORMAT` and `RBD_IMAGE_OPTION_FEATURES` (librbd.h, "image options").
 const OPTION_FORMAT: c_int = 0;
@@ -107,6 +120,16 @@ struct Api {
         *mut usize,
     ) -> c_int,
     buffer_free: unsafe extern "C" fn(*mut c_char),
+    lock_exclusive: unsafe extern "C" fn(
+        IoctxT,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *mut Timeval,
+        u8,
+    ) -> c_int,
+    unlock: unsafe extern "C" fn(IoctxT, *const c_char, *const c_char, *const c_char) -> c_int,
     create_write_op: unsafe extern "C" fn() -> WriteOpT,
     release_write_op: unsafe extern "C" fn(WriteOpT),
     write_op_omap_set: unsafe extern "C" fn(
@@ -171,6 +194,8 @@ fn api() -> Result<&'static Api, LibError> {
             spec_list_cleanup: sym!(rbd, b"rbd_image_spec_list_cleanup\0"),
             mon_command: sym!(rados, b"rados_mon_command\0"),
             buffer_free: sym!(rados, b"rados_buffer_free\0"),
+            lock_exclusive: sym!(rados, b"rados_lock_exclusive\0"),
+            unlock: sym!(rados, b"rados_unlock\0"),
             create_write_op: sym!(rados, b"rados_create_write_op\0"),
             release_write_op: sym!(rados, b"rados_release_write_op\0"),
             write_op_omap_set: sym!(rados, b"rados_write_op_omap_set\0"),
@@ -588,6 +613,52 @@ impl Pool {
             size,
             features,
             metadata,
+        })
+    }
+
+    /// Takes (or renews) the exclusive `cls_lock` lock `name` on `object` for `duration`, as
+    /// this connection with `cookie`: EBUSY while another client or cookie holds it. The lock
+    /// expires on the OSD when it is not renewed in time (the holder's clock plays no part);
+    /// `object` is created when missing.
+    pub fn lock_exclusive(
+        &self,
+        object: &str,
+        name: &str,
+        cookie: &str,
+        duration: std::time::Duration,
+    ) -> Result<(), LibError> {
+        let api = api()?;
+        let (oid, name) = (cstr("object name", object)?, cstr("lock name", name)?);
+        let (cookie, desc) = (
+            cstr("lock cookie", cookie)?,
+            cstr("lock description", "unistor")?,
+        );
+        let mut tv = Timeval {
+            tv_sec: duration.as_secs() as i64,
+            tv_usec: i64::from(duration.subsec_micros()),
+        };
+        // SAFETY: `io` is live; the strings and `tv` outlive the call.
+        check("rados_lock_exclusive", unsafe {
+            (api.lock_exclusive)(
+                self.io,
+                oid.as_ptr(),
+                name.as_ptr(),
+                cookie.as_ptr(),
+                desc.as_ptr(),
+                &mut tv,
+                LOCK_FLAG_MAY_RENEW,
+            )
+        })
+    }
+
+    /// Gives lock `name` on `object` up (ENOENT when this client and cookie do not hold it).
+    pub fn unlock(&self, object: &str, name: &str, cookie: &str) -> Result<(), LibError> {
+        let api = api()?;
+        let (oid, name) = (cstr("object name", object)?, cstr("lock name", name)?);
+        let cookie = cstr("lock cookie", cookie)?;
+        // SAFETY: `io` is live; the strings outlive the call.
+        check("rados_unlock", unsafe {
+            (api.unlock)(self.io, oid.as_ptr(), name.as_ptr(), cookie.as_ptr())
         })
     }
 

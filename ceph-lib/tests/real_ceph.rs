@@ -150,3 +150,31 @@ fn a_read_is_never_seen_as_a_watcher() {
         &["rm", "--no-progress", &format!("{}/{name}", c.pool)],
     );
 }
+
+/// A `cls_lock` lock is exclusive between clients, renewable by its holder, and expires on the
+/// OSD: once its holder stops renewing, another client takes it, and the old holder's renewal
+/// is refused from then on.
+#[test]
+fn an_exclusive_lock_expires_on_the_osd_when_not_renewed() {
+    use std::time::Duration;
+    let c = Cluster::from_env();
+    let (a, b) = (pool(&c), pool(&c));
+    let object = unique("lib-lock");
+    let ttl = Duration::from_secs(2);
+    a.lock_exclusive(&object, "leader", "a", ttl).unwrap();
+    let e = b.lock_exclusive(&object, "leader", "b", ttl).unwrap_err();
+    assert!(e.to_string().contains("errno 16"), "EBUSY: {e}");
+    a.lock_exclusive(&object, "leader", "a", ttl).unwrap();
+    // `a` stops renewing: `b` gets it once the OSD expires the lock.
+    e2e::wait_until(Duration::from_secs(60), "the lock to expire", || {
+        b.lock_exclusive(&object, "leader", "b", ttl).is_ok()
+    });
+    let e = a.lock_exclusive(&object, "leader", "a", ttl).unwrap_err();
+    assert!(e.to_string().contains("errno 16"), "EBUSY: {e}");
+    b.unlock(&object, "leader", "b").unwrap();
+    assert!(
+        b.unlock(&object, "leader", "b").is_err(),
+        "not held any more"
+    );
+    c.cli_ok("rados", &["--pool", &c.pool, "rm", &object]);
+}
