@@ -40,6 +40,7 @@ pub mod ops;
 pub mod plan;
 pub mod reconcile;
 pub mod render;
+pub mod shards;
 pub mod status;
 pub mod watch;
 
