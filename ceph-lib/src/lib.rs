@@ -15,6 +15,7 @@
 //! signatures are the C API of `include/rados/librados.h` and `include/rbd/librbd.h`.
 #![allow(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -26,6 +27,13 @@ type IoctxT = *mut c_void;
 type ImageT = *mut c_void;
 type ImageOptionsT = *mut c_void;
 type WriteOpT = *mut c_void;
+type ReadOpT = *mut c_void;
+type OmapIterT = *mut c_void;
+
+/// `LIBRADOS_CMPXATTR_OP_EQ` (librados.h).
+const CMP_EQ: u8 = 1;
+/// ECANCELED: a guarded write whose comparison failed.
+const ECANCELED: c_int = 125;
 
 /// `rbd_image_spec_t`: one entry of `rbd_list2`.
 #[repr(C)]
@@ -130,6 +138,28 @@ struct Api {
         u8,
     ) -> c_int,
     unlock: unsafe extern "C" fn(IoctxT, *const c_char, *const c_char, *const c_char) -> c_int,
+    create_read_op: unsafe extern "C" fn() -> ReadOpT,
+    release_read_op: unsafe extern "C" fn(ReadOpT),
+    read_op_omap_get_vals2: unsafe extern "C" fn(
+        ReadOpT,
+        *const c_char,
+        *const c_char,
+        u64,
+        *mut OmapIterT,
+        *mut u8,
+        *mut c_int,
+    ),
+    read_op_operate: unsafe extern "C" fn(ReadOpT, IoctxT, *const c_char, c_int) -> c_int,
+    omap_get_next2: unsafe extern "C" fn(
+        OmapIterT,
+        *mut *mut c_char,
+        *mut *mut c_char,
+        *mut usize,
+        *mut usize,
+    ) -> c_int,
+    omap_get_end: unsafe extern "C" fn(OmapIterT),
+    write_op_omap_cmp:
+        unsafe extern "C" fn(WriteOpT, *const c_char, u8, *const c_char, usize, *mut c_int),
     create_write_op: unsafe extern "C" fn() -> WriteOpT,
     release_write_op: unsafe extern "C" fn(WriteOpT),
     write_op_omap_set: unsafe extern "C" fn(
@@ -196,6 +226,13 @@ fn api() -> Result<&'static Api, LibError> {
             buffer_free: sym!(rados, b"rados_buffer_free\0"),
             lock_exclusive: sym!(rados, b"rados_lock_exclusive\0"),
             unlock: sym!(rados, b"rados_unlock\0"),
+            create_read_op: sym!(rados, b"rados_create_read_op\0"),
+            release_read_op: sym!(rados, b"rados_release_read_op\0"),
+            read_op_omap_get_vals2: sym!(rados, b"rados_read_op_omap_get_vals2\0"),
+            read_op_operate: sym!(rados, b"rados_read_op_operate\0"),
+            omap_get_next2: sym!(rados, b"rados_omap_get_next2\0"),
+            omap_get_end: sym!(rados, b"rados_omap_get_end\0"),
+            write_op_omap_cmp: sym!(rados, b"rados_write_op_omap_cmp\0"),
             create_write_op: sym!(rados, b"rados_create_write_op\0"),
             release_write_op: sym!(rados, b"rados_release_write_op\0"),
             write_op_omap_set: sym!(rados, b"rados_write_op_omap_set\0"),
@@ -676,6 +713,117 @@ impl Pool {
             // SAFETY: `op` is live; the arrays hold one entry each and outlive the operation.
             unsafe { (api.write_op_omap_set)(op, keys.as_ptr(), vals.as_ptr(), lens.as_ptr(), 1) }
         })
+    }
+
+    /// Every omap key of `object` with its value (ENOENT when the object is missing). Reads up
+    /// to `max` keys; more is an error (EFBIG), not a silent truncation.
+    pub fn omap_values(
+        &self,
+        object: &str,
+        max: u64,
+    ) -> Result<BTreeMap<String, Vec<u8>>, LibError> {
+        let api = api()?;
+        let oid = cstr("object name", object)?;
+        let empty = c"";
+        // SAFETY: returns a new operation (or null), released below, once.
+        let op = unsafe { (api.create_read_op)() };
+        if op.is_null() {
+            return Err(LibError::Call {
+                call: "rados_create_read_op",
+                errno: 12,
+            });
+        }
+        let (mut iter, mut more, mut prval): (OmapIterT, u8, c_int) = (std::ptr::null_mut(), 0, 0);
+        // SAFETY: `op` is live; the out-pointers are valid until the operation has run (below).
+        unsafe {
+            (api.read_op_omap_get_vals2)(
+                op,
+                empty.as_ptr(),
+                empty.as_ptr(),
+                max,
+                &mut iter,
+                &mut more,
+                &mut prval,
+            )
+        };
+        // SAFETY: `op` and `io` are live; flags 0.
+        let r = unsafe { (api.read_op_operate)(op, self.io, oid.as_ptr(), 0) };
+        let mut out = BTreeMap::new();
+        if r >= 0 && prval >= 0 && !iter.is_null() {
+            loop {
+                let (mut k, mut v) = (std::ptr::null_mut(), std::ptr::null_mut());
+                let (mut kl, mut vl) = (0usize, 0usize);
+                // SAFETY: `iter` is the operation's iterator, valid until `omap_get_end`.
+                let n = unsafe { (api.omap_get_next2)(iter, &mut k, &mut v, &mut kl, &mut vl) };
+                if n < 0 || k.is_null() {
+                    break;
+                }
+                // SAFETY: librados points `k` and `v` at `kl` and `vl` bytes it owns until the
+                // next call on the iterator; they are copied at once.
+                let (key, val) = unsafe {
+                    (
+                        std::slice::from_raw_parts(k.cast::<u8>(), kl).to_vec(),
+                        match v.is_null() {
+                            true => vec![],
+                            false => std::slice::from_raw_parts(v.cast::<u8>(), vl).to_vec(),
+                        },
+                    )
+                };
+                out.insert(String::from_utf8_lossy(&key).into_owned(), val);
+            }
+        }
+        // SAFETY: ends the iterator (if any) and releases the operation, once each.
+        unsafe {
+            if !iter.is_null() {
+                (api.omap_get_end)(iter);
+            }
+            (api.release_read_op)(op);
+        }
+        check("rados_read_op_operate", r)?;
+        check("rados_read_op_omap_get_vals2", prval)?;
+        if more != 0 {
+            return Err(LibError::Call {
+                call: "rados_read_op_omap_get_vals2",
+                errno: 27,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets omap key `key` of `object` to `new` only if it holds `expected` now, in one
+    /// operation the object's primary OSD orders against every other write: true when set,
+    /// false when the key held something else (`ECANCELED`).
+    pub fn omap_compare_and_set(
+        &self,
+        object: &str,
+        key: &str,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<bool, LibError> {
+        let api = api()?;
+        let k = cstr("omap key", key)?;
+        let (keys, vals, lens) = ([k.as_ptr()], [new.as_ptr().cast::<c_char>()], [new.len()]);
+        let mut prval: c_int = 0;
+        let done = self.write_op(object, "rados_write_op_omap_cmp", |op| {
+            // SAFETY: `op` is live; `k`, `expected`, the arrays and `prval` outlive the
+            // operation, which runs before `write_op` returns.
+            unsafe {
+                (api.write_op_omap_cmp)(
+                    op,
+                    k.as_ptr(),
+                    CMP_EQ,
+                    expected.as_ptr().cast(),
+                    expected.len(),
+                    &mut prval,
+                );
+                (api.write_op_omap_set)(op, keys.as_ptr(), vals.as_ptr(), lens.as_ptr(), 1);
+            }
+        });
+        match done {
+            Ok(()) => Ok(true),
+            Err(LibError::Call { errno, .. }) if errno == ECANCELED => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes omap key `key` of `object` (ENOENT when the object is missing).

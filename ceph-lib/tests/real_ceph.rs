@@ -178,3 +178,51 @@ fn an_exclusive_lock_expires_on_the_osd_when_not_renewed() {
     );
     c.cli_ok("rados", &["--pool", &c.pool, "rm", &object]);
 }
+
+/// A guarded write sets a key only from the value it expects, and of two writers starting
+/// from the same value exactly one wins: what a fencing token's increment needs.
+#[test]
+fn compare_and_set_lets_exactly_one_writer_win() {
+    let c = Cluster::from_env();
+    let p = Arc::new(pool(&c));
+    let object = unique("lib-cas");
+    p.omap_set(&object, "token", b"1").unwrap();
+    assert!(p
+        .omap_compare_and_set(&object, "token", b"1", b"2")
+        .unwrap());
+    assert!(!p
+        .omap_compare_and_set(&object, "token", b"1", b"3")
+        .unwrap());
+    assert_eq!(p.omap_values(&object, 100).unwrap()["token"], b"2");
+    for round in 0..5 {
+        let from = format!("r{round}");
+        p.omap_set(&object, "token", from.as_bytes()).unwrap();
+        let racers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|who| {
+                let (p, object, from) = (p.clone(), object.clone(), from.clone());
+                std::thread::spawn(move || {
+                    let to = format!("{from}{who}");
+                    p.omap_compare_and_set(&object, "token", from.as_bytes(), to.as_bytes())
+                        .unwrap()
+                })
+            })
+            .collect();
+        let won: Vec<bool> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(
+            won.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {won:?}"
+        );
+    }
+    p.omap_set(&object, "other", b"").unwrap();
+    let all = p.omap_values(&object, 100).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all["other"], b"");
+    assert!(
+        p.omap_values(&object, 1).is_err(),
+        "more keys than asked: an error"
+    );
+    assert!(p.omap_values(&unique("lib-none"), 10).is_err());
+    c.cli_ok("rados", &["--pool", &c.pool, "rm", &object]);
+}
