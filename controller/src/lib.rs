@@ -32,6 +32,7 @@ macro_rules! spelled {
 }
 
 pub mod cli;
+pub mod coord;
 pub mod execute;
 pub mod fleet;
 pub mod inspect;
