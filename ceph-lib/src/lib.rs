@@ -138,6 +138,30 @@ struct Api {
         u8,
     ) -> c_int,
     unlock: unsafe extern "C" fn(IoctxT, *const c_char, *const c_char, *const c_char) -> c_int,
+    lock_shared: unsafe extern "C" fn(
+        IoctxT,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *mut Timeval,
+        u8,
+    ) -> c_int,
+    list_lockers: unsafe extern "C" fn(
+        IoctxT,
+        *const c_char,
+        *const c_char,
+        *mut c_int,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+    ) -> isize,
     create_read_op: unsafe extern "C" fn() -> ReadOpT,
     release_read_op: unsafe extern "C" fn(ReadOpT),
     read_op_omap_get_vals2: unsafe extern "C" fn(
@@ -226,6 +250,8 @@ fn api() -> Result<&'static Api, LibError> {
             buffer_free: sym!(rados, b"rados_buffer_free\0"),
             lock_exclusive: sym!(rados, b"rados_lock_exclusive\0"),
             unlock: sym!(rados, b"rados_unlock\0"),
+            lock_shared: sym!(rados, b"rados_lock_shared\0"),
+            list_lockers: sym!(rados, b"rados_list_lockers\0"),
             create_read_op: sym!(rados, b"rados_create_read_op\0"),
             release_read_op: sym!(rados, b"rados_release_read_op\0"),
             read_op_omap_get_vals2: sym!(rados, b"rados_read_op_omap_get_vals2\0"),
@@ -686,6 +712,94 @@ impl Pool {
                 LOCK_FLAG_MAY_RENEW,
             )
         })
+    }
+
+    /// Takes (or renews) a share of lock `name` on `object` for `duration`, as this connection
+    /// with `cookie`: many holders at once, each expiring on the OSD when not renewed — a
+    /// membership list whose members leave by silence.
+    pub fn lock_shared(
+        &self,
+        object: &str,
+        name: &str,
+        cookie: &str,
+        duration: std::time::Duration,
+    ) -> Result<(), LibError> {
+        let api = api()?;
+        let (oid, name) = (cstr("object name", object)?, cstr("lock name", name)?);
+        let (cookie, tag) = (cstr("lock cookie", cookie)?, cstr("lock tag", "unistor")?);
+        let desc = cstr("lock description", "unistor")?;
+        let mut tv = Timeval {
+            tv_sec: duration.as_secs() as i64,
+            tv_usec: i64::from(duration.subsec_micros()),
+        };
+        // SAFETY: `io` is live; the strings and `tv` outlive the call.
+        check("rados_lock_shared", unsafe {
+            (api.lock_shared)(
+                self.io,
+                oid.as_ptr(),
+                name.as_ptr(),
+                cookie.as_ptr(),
+                tag.as_ptr(),
+                desc.as_ptr(),
+                &mut tv,
+                LOCK_FLAG_MAY_RENEW,
+            )
+        })
+    }
+
+    /// The cookies of lock `name`'s live holders on `object` (expired holders are left out by
+    /// the OSD); ENOENT when the object is missing.
+    pub fn lockers(&self, object: &str, name: &str) -> Result<Vec<String>, LibError> {
+        let api = api()?;
+        let (oid, name) = (cstr("object name", object)?, cstr("lock name", name)?);
+        let mut room = 1024usize;
+        loop {
+            let mut bufs = [
+                vec![0u8; room],
+                vec![0u8; room],
+                vec![0u8; room],
+                vec![0u8; room],
+            ];
+            let mut lens = [room; 4];
+            let mut exclusive: c_int = 0;
+            let [tag, clients, cookies, addrs] = &mut bufs;
+            let [tag_len, clients_len, cookies_len, addrs_len] = &mut lens;
+            // SAFETY: `io` is live; each buffer has the length passed with it.
+            let r = unsafe {
+                (api.list_lockers)(
+                    self.io,
+                    oid.as_ptr(),
+                    name.as_ptr(),
+                    &mut exclusive,
+                    tag.as_mut_ptr().cast(),
+                    tag_len,
+                    clients.as_mut_ptr().cast(),
+                    clients_len,
+                    cookies.as_mut_ptr().cast(),
+                    cookies_len,
+                    addrs.as_mut_ptr().cast(),
+                    addrs_len,
+                )
+            };
+            if r == -34 {
+                // ERANGE: the lengths say how much room the lists need.
+                room = lens.iter().copied().max().unwrap_or(room).max(room * 2);
+                continue;
+            }
+            if r < 0 {
+                return Err(LibError::Call {
+                    call: "rados_list_lockers",
+                    errno: -(r as i32),
+                });
+            }
+            let list = &bufs[2][..lens[2].min(room)];
+            return Ok(list
+                .split(|b| *b == 0)
+                .filter(|c| !c.is_empty())
+                .take(r as usize)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect());
+        }
     }
 
     /// Gives lock `name` on `object` up (ENOENT when this client and cookie do not hold it).

@@ -226,3 +226,28 @@ fn compare_and_set_lets_exactly_one_writer_win() {
     assert!(p.omap_values(&unique("lib-none"), 10).is_err());
     c.cli_ok("rados", &["--pool", &c.pool, "rm", &object]);
 }
+
+/// A shared lock is a membership list: every holder is listed while it renews, and one that
+/// stops is dropped by the OSD once its duration passes.
+#[test]
+fn a_shared_lock_lists_its_live_holders() {
+    use std::time::Duration;
+    let c = Cluster::from_env();
+    let (a, b) = (pool(&c), pool(&c));
+    let object = unique("lib-members");
+    let ttl = Duration::from_secs(2);
+    a.lock_shared(&object, "members", "replica-a", ttl).unwrap();
+    b.lock_shared(&object, "members", "replica-b", Duration::from_secs(600))
+        .unwrap();
+    let mut held = a.lockers(&object, "members").unwrap();
+    held.sort();
+    assert_eq!(held, ["replica-a", "replica-b"]);
+    // `a` falls silent: it leaves the list by itself.
+    e2e::wait_until(Duration::from_secs(60), "replica-a to expire", || {
+        b.lockers(&object, "members").unwrap() == ["replica-b"]
+    });
+    b.unlock(&object, "members", "replica-b").unwrap();
+    assert!(b.lockers(&object, "members").unwrap().is_empty());
+    assert!(a.lockers(&unique("lib-none"), "members").is_err());
+    c.cli_ok("rados", &["--pool", &c.pool, "rm", &object]);
+}
