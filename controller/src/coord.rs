@@ -1,5 +1,7 @@
-//! Shard leases and fencing tokens in RADOS, for controller replicas (issue 24,
-//! `docs/scaling.md`, "Where leases live: RADOS"). One object per shard,
+//! Membership, shard leases and fencing tokens in RADOS, for controller replicas (issue 24,
+//! `docs/scaling.md`, "Where leases live: RADOS"). The replicas are the live holders of a shared
+//! lock on `unistor.<owner>.members` (a silent replica drops out when its TTL passes, on the
+//! OSD). One object per shard,
 //! `unistor.<owner>.shard.<k>`: its exclusive `cls_lock` lock is the replica's lease (expiry
 //! decided on the OSD, by one clock), and its omap key `token` is the shard's fencing token,
 //! raised by whoever takes the lock with a guarded write (compare-and-set on the OSD).
@@ -23,6 +25,9 @@ use ceph_lib::{LibError, Pool};
 
 /// The lock's name on every shard object.
 const LOCK: &str = "unistor-shard";
+
+/// The shared lock whose live holders are the deployment's replicas.
+const MEMBERS: &str = "unistor-members";
 
 /// Errors of the coordination layer.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +89,52 @@ impl<'a> Shards<'a> {
     /// The object of shard `k`.
     pub fn object(&self, k: u32) -> String {
         format!("unistor.{}.shard.{k}", self.owner)
+    }
+
+    /// The object whose shared lock lists the replicas.
+    pub fn members_object(&self) -> String {
+        format!("unistor.{}.members", self.owner)
+    }
+
+    /// Joins the replicas, or renews this one's membership: a replica that stops renewing
+    /// leaves the list when its TTL passes, decided on the OSD.
+    pub fn join(&self) -> Result<(), CoordError> {
+        self.pool
+            .lock_shared(&self.members_object(), MEMBERS, self.replica, self.ttl)
+            .map_err(|source| CoordError::Rados {
+                shard: self.members_object(),
+                source,
+            })
+    }
+
+    /// Leaves the replicas at once (nothing when not a member).
+    pub fn leave(&self) -> Result<(), CoordError> {
+        match self
+            .pool
+            .unlock(&self.members_object(), MEMBERS, self.replica)
+        {
+            Ok(()) | Err(LibError::Call { errno: 2, .. }) => Ok(()),
+            Err(source) => Err(CoordError::Rados {
+                shard: self.members_object(),
+                source,
+            }),
+        }
+    }
+
+    /// The live replicas, sorted: what every replica feeds [`crate::shards::assign`] with, so
+    /// that all compute the same owners.
+    pub fn members(&self) -> Result<Vec<String>, CoordError> {
+        match self.pool.lockers(&self.members_object(), MEMBERS) {
+            Ok(mut m) => {
+                m.sort();
+                Ok(m)
+            }
+            Err(LibError::Call { errno: 2, .. }) => Ok(vec![]),
+            Err(source) => Err(CoordError::Rados {
+                shard: self.members_object(),
+                source,
+            }),
+        }
     }
 
     fn rados(&self, k: u32) -> impl Fn(LibError) -> CoordError + '_ {

@@ -64,3 +64,35 @@ fn a_shard_has_one_holder_and_changes_hands_with_a_higher_token() {
         c.cli_ok("rados", &["--pool", &c.pool, "rm", &a.object(k)]);
     }
 }
+
+/// The replicas are the live holders of the membership lock: both listed while they renew, a
+/// silent one dropped by the OSD, and every replica computes the same owners from the list.
+#[test]
+fn members_are_the_replicas_that_keep_renewing() {
+    let c = Cluster::from_env();
+    let (pa, pb) = (pool(&c), pool(&c));
+    let owner = unique("members");
+    let a = Shards::new(&pa, &owner, "replica-a", Duration::from_secs(2));
+    let b = Shards::new(&pb, &owner, "replica-b", Duration::from_secs(600));
+    assert!(a.members().unwrap().is_empty(), "nobody yet");
+    a.join().unwrap();
+    b.join().unwrap();
+    a.join().unwrap();
+    assert_eq!(b.members().unwrap(), ["replica-a", "replica-b"]);
+    let dpus: Vec<String> = (0..100).map(|i| format!("dpu-{i}")).collect();
+    let dpus: Vec<&str> = dpus.iter().map(String::as_str).collect();
+    let (ma, mb) = (a.members().unwrap(), b.members().unwrap());
+    let seen_by_a =
+        controller::shards::assign(&dpus, &ma.iter().map(String::as_str).collect::<Vec<_>>());
+    let seen_by_b =
+        controller::shards::assign(&dpus, &mb.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(seen_by_a, seen_by_b);
+    // `a` falls silent.
+    wait_until(Duration::from_secs(60), "replica-a to drop out", || {
+        b.members().unwrap() == ["replica-b"]
+    });
+    b.leave().unwrap();
+    b.leave().unwrap();
+    assert!(b.members().unwrap().is_empty());
+    c.cli_ok("rados", &["--pool", &c.pool, "rm", &b.members_object()]);
+}
