@@ -49,6 +49,15 @@ struct Timeval {
     tv_usec: i64,
 }
 
+impl Timeval {
+    fn of(d: std::time::Duration) -> Self {
+        Self {
+            tv_sec: d.as_secs() as i64,
+            tv_usec: i64::from(d.subsec_micros()),
+        }
+    }
+}
+
 /// `LIBRADOS_LOCK_FLAG_MAY_RENEW` (librados.h): take the lock, or renew it when this client
 /// and cookie hold it already.
 const LOCK_FLAG_MAY_RENEW: u8 = 1;
@@ -281,6 +290,22 @@ fn check(call: &'static str, r: c_int) -> Result<(), LibError> {
         Err(LibError::Call { call, errno: -r })
     } else {
         Ok(())
+    }
+}
+
+impl ConnectSpec {
+    /// As a `ceph` command line with `--id`, `--conf` and `--keyring` would connect.
+    pub fn with_files(
+        user_id: &str,
+        config_file: &std::path::Path,
+        key_file: &std::path::Path,
+    ) -> Self {
+        Self {
+            user_id: Some(user_id.to_string()),
+            config_file: Some(config_file.to_string_lossy().into_owned()),
+            key_file: Some(key_file.to_string_lossy().into_owned()),
+            options: vec![],
+        }
     }
 }
 
@@ -696,10 +721,7 @@ impl Pool {
             cstr("lock cookie", cookie)?,
             cstr("lock description", "unistor")?,
         );
-        let mut tv = Timeval {
-            tv_sec: duration.as_secs() as i64,
-            tv_usec: i64::from(duration.subsec_micros()),
-        };
+        let mut tv = Timeval::of(duration);
         // SAFETY: `io` is live; the strings and `tv` outlive the call.
         check("rados_lock_exclusive", unsafe {
             (api.lock_exclusive)(
@@ -728,10 +750,7 @@ impl Pool {
         let (oid, name) = (cstr("object name", object)?, cstr("lock name", name)?);
         let (cookie, tag) = (cstr("lock cookie", cookie)?, cstr("lock tag", "unistor")?);
         let desc = cstr("lock description", "unistor")?;
-        let mut tv = Timeval {
-            tv_sec: duration.as_secs() as i64,
-            tv_usec: i64::from(duration.subsec_micros()),
-        };
+        let mut tv = Timeval::of(duration);
         // SAFETY: `io` is live; the strings and `tv` outlive the call.
         check("rados_lock_shared", unsafe {
             (api.lock_shared)(

@@ -8,12 +8,7 @@ use ceph_lib::{feature_bit, feature_names, ConnectSpec, Pool, Rados};
 use e2e::{unique, Cluster};
 
 fn connect(c: &Cluster) -> Arc<Rados> {
-    let spec = ConnectSpec {
-        user_id: Some(c.id.clone()),
-        config_file: Some(c.conf.to_string_lossy().into_owned()),
-        key_file: Some(c.keyring.to_string_lossy().into_owned()),
-        options: vec![],
-    };
+    let spec = ConnectSpec::with_files(&c.id, &c.conf, &c.keyring);
     Rados::connect(&spec, 30).unwrap()
 }
 

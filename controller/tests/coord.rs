@@ -7,12 +7,7 @@ use controller::coord::{Shards, Taken};
 use e2e::{unique, wait_until, Cluster};
 
 fn pool(c: &Cluster) -> Pool {
-    let spec = ConnectSpec {
-        user_id: Some(c.id.clone()),
-        config_file: Some(c.conf.to_string_lossy().into_owned()),
-        key_file: Some(c.keyring.to_string_lossy().into_owned()),
-        options: vec![],
-    };
+    let spec = ConnectSpec::with_files(&c.id, &c.conf, &c.keyring);
     Rados::connect(&spec, 30).unwrap().pool(&c.pool).unwrap()
 }
 
