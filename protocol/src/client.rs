@@ -301,6 +301,7 @@ impl AgentClient {
                     ttl_ms: ttl.as_millis() as u64,
                     instance: Some(self.options.instance.clone()),
                     renew,
+                    claim: None,
                 }),
                 None,
             )

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{ErrorCode, WireError};
-use crate::message::{ControllerInstance, LeaseInfo};
+use crate::message::{ControllerInstance, LeaseInfo, ShardClaim};
 
 /// Shortest lease granted.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
@@ -33,6 +33,8 @@ struct Lease {
     instance: Option<ControllerInstance>,
     token: u64,
     expires: Instant,
+    /// The replica's shard claim it was granted under, if any.
+    claim: Option<ShardClaim>,
 }
 
 impl Lease {
@@ -46,6 +48,9 @@ impl Lease {
 pub struct LeaseTable {
     current: Option<Lease>,
     last_token: u64,
+    /// The highest token each shard has shown (claims below it are refused); persisted beside
+    /// the token (`<store>.shards`) before a grant that raised it is answered.
+    highest: std::collections::BTreeMap<u32, u64>,
     store: Option<PathBuf>,
     /// Mutating commands executing now; all under `executing_under` (no grant while any runs).
     executing: u32,
@@ -81,9 +86,21 @@ impl LeaseTable {
             },
             None => 0,
         };
+        let highest = match store.map(Self::shards_path) {
+            Some(path) => match std::fs::read(&path) {
+                Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError {
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Err(source) => return Err(StoreError { path, source }),
+            },
+            None => Default::default(),
+        };
         Ok(Self {
             current: None,
             last_token,
+            highest,
             store: store.map(Path::to_path_buf),
             executing: 0,
             executing_under: None,
@@ -100,6 +117,33 @@ impl LeaseTable {
                 source,
             }
         })
+    }
+
+    fn shards_path(store: &Path) -> PathBuf {
+        let mut name = store.as_os_str().to_owned();
+        name.push(".shards");
+        PathBuf::from(name)
+    }
+
+    /// Records `claim` as its shard's highest token (persisted first when it raises it).
+    fn raise(&mut self, claim: ShardClaim) -> Result<(), StoreError> {
+        if self
+            .highest
+            .get(&claim.shard)
+            .is_some_and(|h| *h >= claim.token)
+        {
+            return Ok(());
+        }
+        let mut next = self.highest.clone();
+        next.insert(claim.shard, claim.token);
+        if let Some(store) = &self.store {
+            let path = Self::shards_path(store);
+            let json = serde_json::to_vec(&next).expect("a map of numbers serializes");
+            agent_kit::fsutil::write_atomic(&path, &json)
+                .map_err(|source| StoreError { path, source })?;
+        }
+        self.highest = next;
+        Ok(())
     }
 
     fn live(&self, now: Instant) -> Option<&Lease> {
@@ -135,18 +179,60 @@ impl LeaseTable {
         ttl: Duration,
         now: Instant,
     ) -> Result<LeaseInfo, WireError> {
+        self.acquire_claimed(holder, instance, ttl, None, now)
+    }
+
+    /// [`LeaseTable::acquire`] for a controller replica's `claim` (issue 24): refused below the
+    /// highest token its shard has shown; above the claim of the live lease of the same shard,
+    /// it ends that lease at once (its holder's commands are refused from then on) and is
+    /// granted once nothing that lease admitted still executes.
+    pub fn acquire_claimed(
+        &mut self,
+        holder: &str,
+        instance: Option<&ControllerInstance>,
+        ttl: Duration,
+        claim: Option<ShardClaim>,
+        now: Instant,
+    ) -> Result<LeaseInfo, WireError> {
         let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
+        if let Some(c) = claim {
+            if let Some(h) = self.highest.get(&c.shard).filter(|h| c.token < **h) {
+                return Err(WireError::new(
+                    ErrorCode::StaleToken,
+                    format!(
+                        "shard {} token {} is stale: this agent has seen token {h} for it",
+                        c.shard, c.token
+                    ),
+                ));
+            }
+        }
+        let granted_claim = |l: &Lease| l.claim;
         if let Some(lease) = self.live(now) {
-            if !lease.held_by(holder, instance) {
+            if lease.held_by(holder, instance) {
+                let renewed = Lease {
+                    expires: now + ttl,
+                    claim: claim.or(granted_claim(lease)),
+                    ..lease.clone()
+                };
+                if let Some(c) = claim {
+                    self.raise(c).map_err(store_failed)?;
+                }
+                let info = Self::info(&renewed, now);
+                self.current = Some(renewed);
+                return Ok(info);
+            }
+            let newer = match (claim, granted_claim(lease)) {
+                (Some(c), Some(l)) => c.shard == l.shard && c.token > l.token,
+                _ => false,
+            };
+            if !newer {
                 return Err(held_by_other(Self::info(lease, now)));
             }
-            let renewed = Lease {
-                expires: now + ttl,
-                ..lease.clone()
-            };
-            let info = Self::info(&renewed, now);
-            self.current = Some(renewed);
-            return Ok(info);
+            // A newer holder of the same shard: the old lease ends now.
+            self.current = None;
+        }
+        if let Some(c) = claim {
+            self.raise(c).map_err(store_failed)?;
         }
         if self.executing > 0 {
             let old = self
@@ -168,18 +254,14 @@ impl LeaseTable {
             .with_lease(info));
         }
         let token = self.last_token + 1;
-        self.persist(token).map_err(|e| {
-            WireError::new(
-                ErrorCode::Internal,
-                format!("cannot grant lease: {}", crate::error::chain(&e)),
-            )
-        })?;
+        self.persist(token).map_err(store_failed)?;
         self.last_token = token;
         let lease = Lease {
             holder: holder.to_string(),
             instance: instance.cloned(),
             token,
             expires: now + ttl,
+            claim,
         };
         let info = Self::info(&lease, now);
         self.current = Some(lease);
@@ -268,6 +350,13 @@ impl LeaseTable {
             self.executing_under = None;
         }
     }
+}
+
+fn store_failed(e: StoreError) -> WireError {
+    WireError::new(
+        ErrorCode::Internal,
+        format!("cannot grant lease: {}", crate::error::chain(&e)),
+    )
 }
 
 fn describe(instance: Option<&ControllerInstance>) -> String {
@@ -505,5 +594,101 @@ mod tests {
         // Admitted now, starts after the lease ended (real clock: MIN_TTL is 1 s).
         leases.lock().unwrap().current = None;
         assert_eq!(fence.enter().unwrap_err().code, ErrorCode::NoLease);
+    }
+
+    fn claim(shard: u32, token: u64) -> Option<ShardClaim> {
+        Some(ShardClaim { shard, token })
+    }
+
+    /// Replicas (issue 24): a higher claim of the same shard ends the lower one's lease at
+    /// once, and its commands are refused from then on; a lower claim is refused, also after a
+    /// restart; other shards and unclaimed leases are left alone.
+    #[test]
+    fn the_highest_claim_of_a_shard_wins_and_a_lower_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fence");
+        let now = Instant::now();
+        let (a, b) = (instance("a"), instance("b"));
+        let mut t = LeaseTable::open(Some(&path)).unwrap();
+        let old = t
+            .acquire_claimed("ctl", Some(&a), TTL, claim(3, 5), now)
+            .unwrap();
+        // Same shard, same token, another replica: the lease is held.
+        let e = t
+            .acquire_claimed("ctl", Some(&b), TTL, claim(3, 5), now)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::LeaseHeld);
+        // Another shard does not pre-empt it either (a DPU is in one shard at a time).
+        let e = t
+            .acquire_claimed("ctl", Some(&b), TTL, claim(4, 9), now)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::LeaseHeld);
+        // A higher token of shard 3: granted at once, the old lease is over.
+        let new = t
+            .acquire_claimed("ctl", Some(&b), TTL, claim(3, 6), now)
+            .unwrap();
+        assert!(new.token > old.token);
+        let e = t.check("ctl", Some(old.token), now).unwrap_err();
+        assert_eq!(e.code, ErrorCode::StaleToken);
+        t.check("ctl", Some(new.token), now).unwrap();
+        // The old replica cannot come back with its token, not even once the new lease ends.
+        t.release("ctl", Some(&b), now).unwrap();
+        let e = t
+            .acquire_claimed("ctl", Some(&a), TTL, claim(3, 5), now)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::StaleToken);
+        assert!(e.message.contains("token 6"), "{}", e.message);
+        // A restart keeps what each shard has shown.
+        drop(t);
+        let mut t = LeaseTable::open(Some(&path)).unwrap();
+        let e = t
+            .acquire_claimed("ctl", Some(&a), TTL, claim(3, 5), now)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::StaleToken);
+        t.acquire_claimed("ctl", Some(&a), TTL, claim(3, 7), now)
+            .unwrap();
+        // An unclaimed request (a lone `unistor apply`) waits like any other holder.
+        let e = t.acquire("ctl", Some(&b), TTL, now).unwrap_err();
+        assert_eq!(e.code, ErrorCode::LeaseHeld);
+        // And an unclaimed lease is not pre-empted by a claim.
+        t.release("ctl", Some(&a), now).unwrap();
+        t.acquire("ctl", Some(&b), TTL, now).unwrap();
+        let e = t
+            .acquire_claimed("ctl", Some(&a), TTL, claim(3, 8), now)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::LeaseHeld);
+    }
+
+    /// A higher claim ends the lower one's lease even while a command it admitted still
+    /// executes: nothing new is admitted under the old token, and the new lease is granted
+    /// only once that command ends.
+    #[test]
+    fn a_higher_claim_waits_for_the_old_holders_running_command() {
+        let t0 = Instant::now();
+        let leases: SharedLeases = Arc::new(Mutex::new(LeaseTable::open(None).unwrap()));
+        let (a, b) = (instance("a"), instance("b"));
+        let old = leases
+            .lock()
+            .unwrap()
+            .acquire_claimed("ctl", Some(&a), TTL, claim(0, 1), t0)
+            .unwrap();
+        let running = Fence::admitted(leases.clone(), "ctl".into(), old.token);
+        let waiting = Fence::admitted(leases.clone(), "ctl".into(), old.token);
+        let guard = running.enter().unwrap();
+        let e = leases
+            .lock()
+            .unwrap()
+            .acquire_claimed("ctl", Some(&b), TTL, claim(0, 2), t0)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::LeaseHeld);
+        assert!(e.message.contains("still executing"), "{}", e.message);
+        // The old lease is over all the same: the admitted-but-waiting command is refused.
+        assert!(waiting.enter().is_err());
+        drop(guard);
+        leases
+            .lock()
+            .unwrap()
+            .acquire_claimed("ctl", Some(&b), TTL, claim(0, 2), t0)
+            .unwrap();
     }
 }

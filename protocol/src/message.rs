@@ -372,6 +372,22 @@ pub struct AcquireLease {
     /// plan's back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew: Option<u64>,
+    /// A controller replica's claim (issue 24): the shard it holds in RADOS and that shard's
+    /// fencing token. An agent grants a claimed lease only for the highest token each shard has
+    /// shown it, and a higher claim ends a lower one's lease at once. Absent: a single
+    /// controller, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ShardClaim>,
+}
+
+/// A shard and the fencing token a replica holds for it (`controller::coord`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardClaim {
+    /// The shard.
+    pub shard: u32,
+    /// Its token, from RADOS; only grows.
+    pub token: u64,
 }
 
 /// Parameters of [`Command::ReleaseLease`].

@@ -228,6 +228,47 @@ async fn hello_names_both_sides() {
     assert!(c.request(Command::CephReport(Empty {})).await.is_ok());
 }
 
+/// Replicas (issue 24) over the wire: a lease claimed for a shard with a higher RADOS token
+/// ends the lower claim's lease at once, whichever certificate holds it, and the lower
+/// replica's commands and claims are refused from then on.
+#[tokio::test]
+async fn a_higher_shard_claim_fences_the_lower_replica() {
+    let pki = Pki::new();
+    let agent = start(&pki, |_| {}, Duration::ZERO).await;
+    let a = connect(&pki, &agent, "ctl-a").await.unwrap();
+    let b = connect(&pki, &agent, "ctl-b").await.unwrap();
+    let claimed = |token: u64| {
+        Command::AcquireLease(protocol::AcquireLease {
+            ttl_ms: 30_000,
+            instance: None,
+            renew: None,
+            claim: Some(protocol::ShardClaim { shard: 7, token }),
+        })
+    };
+    let lease = |r: Result<Reply, ClientError>| match r {
+        Ok(Reply::Lease(l)) => l.token,
+        other => panic!("{other:?}"),
+    };
+    let old = lease(a.request_with_fence(claimed(4), None).await);
+    a.request_with_fence(create(), Some(old)).await.unwrap();
+    assert_eq!(
+        code(b.request_with_fence(claimed(4), None).await),
+        ErrorCode::LeaseHeld
+    );
+    let new = lease(b.request_with_fence(claimed(5), None).await);
+    assert!(new > old);
+    assert_eq!(
+        code(a.request_with_fence(create(), Some(old)).await),
+        ErrorCode::LeaseHeld
+    );
+    assert_eq!(
+        code(a.request_with_fence(claimed(4), None).await),
+        ErrorCode::StaleToken
+    );
+    b.request_with_fence(create(), Some(new)).await.unwrap();
+    assert_eq!(agent.handler.calls.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn fencing_refuses_no_lease_other_holder_and_stale_tokens() {
     let pki = Pki::new();

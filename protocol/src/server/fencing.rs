@@ -47,10 +47,22 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
                             // Renew only: the live lease of this token, or nothing.
                             Some(token) => {
                                 leases.check(&self.peer, Some(token), now).and_then(|()| {
-                                    leases.acquire(&self.peer, a.instance.as_ref(), ttl, now)
+                                    leases.acquire_claimed(
+                                        &self.peer,
+                                        a.instance.as_ref(),
+                                        ttl,
+                                        a.claim,
+                                        now,
+                                    )
                                 })
                             }
-                            None => leases.acquire(&self.peer, a.instance.as_ref(), ttl, now),
+                            None => leases.acquire_claimed(
+                                &self.peer,
+                                a.instance.as_ref(),
+                                ttl,
+                                a.claim,
+                                now,
+                            ),
                         }
                         .map(Reply::Lease)
                     }
