@@ -281,19 +281,31 @@ impl AgentClient {
 
     /// Takes or renews the agent's lease; later mutating commands carry its token.
     pub async fn acquire_lease(&self, ttl: Duration) -> Result<LeaseInfo, ClientError> {
-        self.lease_request(ttl, None).await
+        self.lease_request(ttl, None, None).await
+    }
+
+    /// [`AgentClient::acquire_lease`] as a controller replica holding `claim` (its shard and
+    /// that shard's RADOS token): refused below the shard's highest token, and pre-empting a
+    /// lower claim's lease (see `protocol::lease`).
+    pub async fn acquire_claimed_lease(
+        &self,
+        ttl: Duration,
+        claim: crate::message::ShardClaim,
+    ) -> Result<LeaseInfo, ClientError> {
+        self.lease_request(ttl, None, Some(claim)).await
     }
 
     /// Extends the lease granted with `token`, and only that one: an error (`no_lease`,
     /// `stale_token`, `lease_held`) when it lapsed or changed hands; nothing new is granted.
     pub async fn renew_lease(&self, ttl: Duration, token: u64) -> Result<LeaseInfo, ClientError> {
-        self.lease_request(ttl, Some(token)).await
+        self.lease_request(ttl, Some(token), None).await
     }
 
     async fn lease_request(
         &self,
         ttl: Duration,
         renew: Option<u64>,
+        claim: Option<crate::message::ShardClaim>,
     ) -> Result<LeaseInfo, ClientError> {
         let reply = self
             .request_with_fence(
@@ -301,7 +313,7 @@ impl AgentClient {
                     ttl_ms: ttl.as_millis() as u64,
                     instance: Some(self.options.instance.clone()),
                     renew,
-                    claim: None,
+                    claim,
                 }),
                 None,
             )

@@ -237,35 +237,18 @@ async fn a_higher_shard_claim_fences_the_lower_replica() {
     let agent = start(&pki, |_| {}, Duration::ZERO).await;
     let a = connect(&pki, &agent, "ctl-a").await.unwrap();
     let b = connect(&pki, &agent, "ctl-b").await.unwrap();
-    let claimed = |token: u64| {
-        Command::AcquireLease(protocol::AcquireLease {
-            ttl_ms: 30_000,
-            instance: None,
-            renew: None,
-            claim: Some(protocol::ShardClaim { shard: 7, token }),
-        })
-    };
-    let lease = |r: Result<Reply, ClientError>| match r {
-        Ok(Reply::Lease(l)) => l.token,
-        other => panic!("{other:?}"),
-    };
-    let old = lease(a.request_with_fence(claimed(4), None).await);
-    a.request_with_fence(create(), Some(old)).await.unwrap();
-    assert_eq!(
-        code(b.request_with_fence(claimed(4), None).await),
-        ErrorCode::LeaseHeld
-    );
-    let new = lease(b.request_with_fence(claimed(5), None).await);
+    let claim = |token: u64| protocol::ShardClaim { shard: 7, token };
+    let ttl = Duration::from_secs(30);
+    let old = a.acquire_claimed_lease(ttl, claim(4)).await.unwrap().token;
+    a.request(create()).await.unwrap();
+    let err = b.acquire_claimed_lease(ttl, claim(4)).await.unwrap_err();
+    assert_eq!(err.wire().unwrap().code, ErrorCode::LeaseHeld);
+    let new = b.acquire_claimed_lease(ttl, claim(5)).await.unwrap().token;
     assert!(new > old);
-    assert_eq!(
-        code(a.request_with_fence(create(), Some(old)).await),
-        ErrorCode::LeaseHeld
-    );
-    assert_eq!(
-        code(a.request_with_fence(claimed(4), None).await),
-        ErrorCode::StaleToken
-    );
-    b.request_with_fence(create(), Some(new)).await.unwrap();
+    assert_eq!(code(a.request(create()).await), ErrorCode::LeaseHeld);
+    let err = a.acquire_claimed_lease(ttl, claim(4)).await.unwrap_err();
+    assert_eq!(err.wire().unwrap().code, ErrorCode::StaleToken);
+    b.request(create()).await.unwrap();
     assert_eq!(agent.handler.calls.load(Ordering::SeqCst), 2);
 }
 
