@@ -34,6 +34,8 @@ type OmapIterT = *mut c_void;
 const CMP_EQ: u8 = 1;
 /// ECANCELED: a guarded write whose comparison failed.
 const ECANCELED: c_int = 125;
+/// ERANGE: a listing's buffer was too small (its lengths now say how much is needed).
+const ERANGE: isize = 34;
 
 /// `rbd_image_spec_t`: one entry of `rbd_list2`.
 #[repr(C)]
@@ -279,6 +281,18 @@ fn api() -> Result<&'static Api, LibError> {
     })
     .as_ref()
     .map_err(Clone::clone)
+}
+
+/// A list as librados and librbd return them: NUL-terminated strings back to back (an entry
+/// may be empty; nothing after the last NUL counts).
+fn nul_list(b: &[u8]) -> Vec<String> {
+    match b.iter().rposition(|c| *c == 0) {
+        Some(end) => b[..end]
+            .split(|c| *c == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect(),
+        None => vec![],
+    }
 }
 
 fn cstr(what: &'static str, s: &str) -> Result<CString, LibError> {
@@ -609,7 +623,7 @@ impl Pool {
             let mut size = room;
             // SAFETY: `specs` has room for `size` entries; librbd fills at most that many.
             let r = unsafe { (api.list2)(self.io, specs.as_mut_ptr(), &mut size) };
-            if r == -34 && size > room {
+            if r as isize == -ERANGE && size > room {
                 // ERANGE: `size` now says how many there are.
                 room = size;
                 continue;
@@ -673,22 +687,12 @@ impl Pool {
                     &mut vals_len,
                 )
             };
-            if r == -34 {
-                // ERANGE: the lengths now say how much room the lists need.
+            if r as isize == -ERANGE {
+                // The lengths now say how much room the lists need.
                 continue;
             }
             check("rbd_metadata_list", r)?;
-            // Each list is NUL-terminated strings, back to back (a value may be empty).
-            let split = |b: &[u8]| -> Vec<String> {
-                match b.iter().rposition(|c| *c == 0) {
-                    Some(end) => b[..end]
-                        .split(|c| *c == 0)
-                        .map(|s| String::from_utf8_lossy(s).into_owned())
-                        .collect(),
-                    None => vec![],
-                }
-            };
-            let (k, v) = (split(&keys[..keys_len]), split(&vals[..vals_len]));
+            let (k, v) = (nul_list(&keys[..keys_len]), nul_list(&vals[..vals_len]));
             if k.len() != v.len() {
                 return Err(LibError::Call {
                     call: "rbd_metadata_list",
@@ -715,25 +719,7 @@ impl Pool {
         cookie: &str,
         duration: std::time::Duration,
     ) -> Result<(), LibError> {
-        let api = api()?;
-        let (oid, name) = (cstr("object name", object)?, cstr("lock name", name)?);
-        let (cookie, desc) = (
-            cstr("lock cookie", cookie)?,
-            cstr("lock description", "unistor")?,
-        );
-        let mut tv = Timeval::of(duration);
-        // SAFETY: `io` is live; the strings and `tv` outlive the call.
-        check("rados_lock_exclusive", unsafe {
-            (api.lock_exclusive)(
-                self.io,
-                oid.as_ptr(),
-                name.as_ptr(),
-                cookie.as_ptr(),
-                desc.as_ptr(),
-                &mut tv,
-                LOCK_FLAG_MAY_RENEW,
-            )
-        })
+        self.lock(object, name, cookie, duration, false)
     }
 
     /// Takes (or renews) a share of lock `name` on `object` for `duration`, as this connection
@@ -746,24 +732,39 @@ impl Pool {
         cookie: &str,
         duration: std::time::Duration,
     ) -> Result<(), LibError> {
+        self.lock(object, name, cookie, duration, true)
+    }
+
+    fn lock(
+        &self,
+        object: &str,
+        name: &str,
+        cookie: &str,
+        duration: std::time::Duration,
+        shared: bool,
+    ) -> Result<(), LibError> {
         let api = api()?;
         let (oid, name) = (cstr("object name", object)?, cstr("lock name", name)?);
         let (cookie, tag) = (cstr("lock cookie", cookie)?, cstr("lock tag", "unistor")?);
         let desc = cstr("lock description", "unistor")?;
         let mut tv = Timeval::of(duration);
-        // SAFETY: `io` is live; the strings and `tv` outlive the call.
-        check("rados_lock_shared", unsafe {
-            (api.lock_shared)(
-                self.io,
-                oid.as_ptr(),
-                name.as_ptr(),
-                cookie.as_ptr(),
-                tag.as_ptr(),
-                desc.as_ptr(),
-                &mut tv,
-                LOCK_FLAG_MAY_RENEW,
-            )
-        })
+        let (o, n, c, d) = (oid.as_ptr(), name.as_ptr(), cookie.as_ptr(), desc.as_ptr());
+        let flags = LOCK_FLAG_MAY_RENEW;
+        // SAFETY: `io` is live; the strings behind the pointers and `tv` outlive the call.
+        let r = unsafe {
+            match shared {
+                true => (api.lock_shared)(self.io, o, n, c, tag.as_ptr(), d, &mut tv, flags),
+                false => (api.lock_exclusive)(self.io, o, n, c, d, &mut tv, flags),
+            }
+        };
+        check(
+            if shared {
+                "rados_lock_shared"
+            } else {
+                "rados_lock_exclusive"
+            },
+            r,
+        )
     }
 
     /// The cookies of lock `name`'s live holders on `object` (expired holders are left out by
@@ -800,8 +801,8 @@ impl Pool {
                     addrs_len,
                 )
             };
-            if r == -34 {
-                // ERANGE: the lengths say how much room the lists need.
+            if r == -ERANGE {
+                // The lengths say how much room the lists need.
                 room = lens.iter().copied().max().unwrap_or(room).max(room * 2);
                 continue;
             }
@@ -811,13 +812,9 @@ impl Pool {
                     errno: -(r as i32),
                 });
             }
-            let list = &bufs[2][..lens[2].min(room)];
-            return Ok(list
-                .split(|b| *b == 0)
-                .filter(|c| !c.is_empty())
-                .take(r as usize)
-                .map(|c| String::from_utf8_lossy(c).into_owned())
-                .collect());
+            let mut cookies = nul_list(&bufs[2][..lens[2].min(room)]);
+            cookies.truncate(r as usize);
+            return Ok(cookies);
         }
     }
 

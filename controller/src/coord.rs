@@ -33,10 +33,10 @@ const MEMBERS: &str = "unistor-members";
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {
     /// A librados call failed.
-    #[error("shard {shard}: {source}")]
+    #[error("{object}: {source}")]
     Rados {
-        /// The shard object.
-        shard: String,
+        /// The shard or members object.
+        object: String,
         /// The call's error.
         #[source]
         source: LibError,
@@ -74,6 +74,16 @@ pub struct Shards<'a> {
 
 /// EBUSY: the lock is another's.
 const EBUSY: i32 = 16;
+/// ENOENT: no such object (nobody ever wrote it), or a lock not held.
+const ENOENT: i32 = 2;
+
+/// The error of a librados call on `object`.
+fn failed(object: String) -> impl Fn(LibError) -> CoordError {
+    move |source| CoordError::Rados {
+        object: object.clone(),
+        source,
+    }
+}
 
 impl<'a> Shards<'a> {
     /// Replica `replica` of deployment `owner`, with leases of `ttl`.
@@ -101,10 +111,7 @@ impl<'a> Shards<'a> {
     pub fn join(&self) -> Result<(), CoordError> {
         self.pool
             .lock_shared(&self.members_object(), MEMBERS, self.replica, self.ttl)
-            .map_err(|source| CoordError::Rados {
-                shard: self.members_object(),
-                source,
-            })
+            .map_err(failed(self.members_object()))
     }
 
     /// Leaves the replicas at once (nothing when not a member).
@@ -113,11 +120,8 @@ impl<'a> Shards<'a> {
             .pool
             .unlock(&self.members_object(), MEMBERS, self.replica)
         {
-            Ok(()) | Err(LibError::Call { errno: 2, .. }) => Ok(()),
-            Err(source) => Err(CoordError::Rados {
-                shard: self.members_object(),
-                source,
-            }),
+            Ok(()) | Err(LibError::Call { errno: ENOENT, .. }) => Ok(()),
+            Err(e) => Err(failed(self.members_object())(e)),
         }
     }
 
@@ -129,18 +133,8 @@ impl<'a> Shards<'a> {
                 m.sort();
                 Ok(m)
             }
-            Err(LibError::Call { errno: 2, .. }) => Ok(vec![]),
-            Err(source) => Err(CoordError::Rados {
-                shard: self.members_object(),
-                source,
-            }),
-        }
-    }
-
-    fn rados(&self, k: u32) -> impl Fn(LibError) -> CoordError + '_ {
-        move |source| CoordError::Rados {
-            shard: self.object(k),
-            source,
+            Err(LibError::Call { errno: ENOENT, .. }) => Ok(vec![]),
+            Err(e) => Err(failed(self.members_object())(e)),
         }
     }
 
@@ -155,14 +149,14 @@ impl<'a> Shards<'a> {
         {
             Ok(()) => {}
             Err(LibError::Call { errno: EBUSY, .. }) => return Ok(Taken::Busy),
-            Err(e) => return Err(self.rados(k)(e)),
+            Err(e) => return Err(failed(self.object(k))(e)),
         }
         let now = self.token(k)?;
         let (from, to) = (Self::spell(now), Self::spell(now + 1));
         let raised = self
             .pool
             .omap_compare_and_set(&object, "token", from.as_bytes(), to.as_bytes())
-            .map_err(self.rados(k))?;
+            .map_err(failed(self.object(k)))?;
         if raised {
             Ok(Taken::Held { token: now + 1 })
         } else {
@@ -180,15 +174,15 @@ impl<'a> Shards<'a> {
         {
             Ok(()) => Ok(true),
             Err(LibError::Call { errno: EBUSY, .. }) => Ok(false),
-            Err(e) => Err(self.rados(k)(e)),
+            Err(e) => Err(failed(self.object(k))(e)),
         }
     }
 
     /// Gives shard `k` up (nothing when it is not held).
     pub fn release(&self, k: u32) -> Result<(), CoordError> {
         match self.pool.unlock(&self.object(k), LOCK, self.replica) {
-            Ok(()) | Err(LibError::Call { errno: 2, .. }) => Ok(()),
-            Err(e) => Err(self.rados(k)(e)),
+            Ok(()) | Err(LibError::Call { errno: ENOENT, .. }) => Ok(()),
+            Err(e) => Err(failed(self.object(k))(e)),
         }
     }
 
@@ -197,8 +191,8 @@ impl<'a> Shards<'a> {
         let values = match self.pool.omap_values(&self.object(k), 64) {
             Ok(v) => v,
             // No object: nobody ever took the shard.
-            Err(LibError::Call { errno: 2, .. }) => return Ok(0),
-            Err(e) => return Err(self.rados(k)(e)),
+            Err(LibError::Call { errno: ENOENT, .. }) => return Ok(0),
+            Err(e) => return Err(failed(self.object(k))(e)),
         };
         match values.get("token") {
             None => Ok(0),

@@ -206,12 +206,11 @@ impl LeaseTable {
                 ));
             }
         }
-        let granted_claim = |l: &Lease| l.claim;
         if let Some(lease) = self.live(now) {
             if lease.held_by(holder, instance) {
                 let renewed = Lease {
                     expires: now + ttl,
-                    claim: claim.or(granted_claim(lease)),
+                    claim: claim.or(lease.claim),
                     ..lease.clone()
                 };
                 if let Some(c) = claim {
@@ -221,7 +220,7 @@ impl LeaseTable {
                 self.current = Some(renewed);
                 return Ok(info);
             }
-            let newer = match (claim, granted_claim(lease)) {
+            let newer = match (claim, lease.claim) {
                 (Some(c), Some(l)) => c.shard == l.shard && c.token > l.token,
                 _ => false,
             };

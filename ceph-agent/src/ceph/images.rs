@@ -7,9 +7,10 @@ use crate::library::Kind;
 impl<R: Runner> Ceph<R> {
     /// Creates an owned image, or succeeds when the same image already exists.
     ///
-    /// An image the view does not know costs two commands: the index entry (intent, owner,
-    /// policy), then `rbd import` of an empty stream that carries the ownership keys. One the view knows as
-    /// live is read (it may have changed behind our back) and compared.
+    /// An image the view does not know costs the index entry (intent, owner, policy), then the
+    /// image made with its ownership keys under a temporary name and renamed into place (see
+    /// [`Self::make_temporary`]). One the view knows as live is read (it may have changed
+    /// behind our back) and compared.
     #[tracing::instrument(skip_all, fields(image = %spec))]
     pub async fn create_image(
         &self,
@@ -205,10 +206,10 @@ impl<R: Runner> Ceph<R> {
     /// without the keys. False when the final name is
     /// taken (the temporary image is removed then).
     ///
-    /// Killed before the import: the index entry alone (the next create makes the image).
-    /// During it: a partial temporary image, removed by the next create of that image or by
-    /// the agent's start-up load. Between the import and the rename: a complete temporary
-    /// image, likewise. After the rename: the image, with its keys.
+    /// Killed before the temporary image is made: the index entry alone (the next create
+    /// makes the image). While it is made: a partial or keyless temporary image, removed by the
+    /// next create of that image or by the agent's start-up load. Between it and the rename: a
+    /// complete temporary image, likewise. After the rename: the image, with its keys.
     async fn import_then_rename(
         &self,
         spec: &ImageSpec,
@@ -254,32 +255,25 @@ impl<R: Runner> Ceph<R> {
         owner: &Owner,
     ) -> Result<(), CliError> {
         let keys = [
-            (META_MANAGED_BY, owner.managed_by.to_string()),
-            (META_VOLUME, owner.volume.to_string()),
+            (META_MANAGED_BY, owner.managed_by.as_str()),
+            (META_VOLUME, owner.volume.as_str()),
         ];
         let bits: Option<u64> = features.iter().map(|f| ceph_lib::feature_bit(f)).sum();
         if let Some(bits) = bits {
             let name = tmp.to_string();
+            let owned = keys.map(|(k, v)| (k, v.to_string()));
             let what = format!("librbd create {}/{tmp} with its keys", spec.pool);
             let made = self
                 .library(&spec.pool, what, Kind::Long, move |p| {
                     p.create_image(&name, size, bits)?;
-                    let keys: Vec<(&str, &str)> =
-                        keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                    p.set_metadata(&name, &keys)
+                    p.set_metadata(&name, &owned.each_ref().map(|(k, v)| (*k, v.as_str())))
                 })
                 .await;
             if let Some(made) = made {
                 return made;
             }
         }
-        let stream = crate::import_stream::empty_image(
-            size,
-            [
-                (META_MANAGED_BY, owner.managed_by.as_str()),
-                (META_VOLUME, owner.volume.as_str()),
-            ],
-        );
+        let stream = crate::import_stream::empty_image(size, keys);
         let import = rbd()
             .args(["import", "--export-format", "2", "--no-progress"])
             .args(["--image-feature", &features.join(",")])

@@ -600,6 +600,11 @@ impl<R: Runner> Ceph<R> {
     ) -> Option<Result<T, CliError>> {
         let lib = self.runner.library()?;
         let done = lib.call(pool.as_str(), what, kind, f).await;
+        self.counted(done)
+    }
+
+    /// Counts a call the library made (`Some`), in [`Self::calls`] and [`Self::library_calls`].
+    fn counted<T>(&self, done: Option<T>) -> Option<T> {
         if done.is_some() {
             self.calls.fetch_add(1, Ordering::Relaxed);
             self.library_calls.fetch_add(1, Ordering::Relaxed);
@@ -613,9 +618,7 @@ impl<R: Runner> Ceph<R> {
         if let Some(lib) = self.runner.library() {
             let command = serde_json::json!({ "prefix": prefix, "format": "json" }).to_string();
             let what = format!("librados mon_command {command}");
-            if let Some(out) = lib.mon_command(what.clone(), command).await {
-                self.calls.fetch_add(1, Ordering::Relaxed);
-                self.library_calls.fetch_add(1, Ordering::Relaxed);
+            if let Some(out) = self.counted(lib.mon_command(what.clone(), command).await) {
                 return serde_json::from_slice(&out?).map_err(|source| CephError::Parse {
                     command: what,
                     source,

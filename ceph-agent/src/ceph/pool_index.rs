@@ -133,7 +133,7 @@ impl<R: Runner> Ceph<R> {
         match done {
             Some(Ok(())) => return Ok(()),
             // No index object: no key to remove.
-            Some(Err(e)) if w.value.is_none() && e.code() == Some(2) => return Ok(()),
+            Some(Err(e)) if w.value.is_none() && e.code() == Some(libc_enoent()) => return Ok(()),
             Some(Err(e)) => return Err(e.into()),
             None => {}
         }

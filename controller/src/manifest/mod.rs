@@ -344,11 +344,11 @@ pub fn load_texts_with(
                 return Err(errors);
             }
             let key = (file.clone(), doc.first_line);
-            let parsed = match cache.docs.remove(&key) {
-                Some((seen, parsed)) if seen == doc.text => parsed,
-                _ => check_and_parse(&doc),
+            let (text, parsed) = match cache.docs.remove(&key) {
+                Some((seen, parsed)) if seen == doc.text => (seen, parsed),
+                _ => (doc.text.clone(), check_and_parse(&doc)),
             };
-            fresh.insert(key, (doc.text.clone(), parsed.clone()));
+            fresh.insert(key, (text, parsed.clone()));
             match parsed {
                 Ok(d) => docs.push((doc, d)),
                 Err(e) => errors.push(e),
