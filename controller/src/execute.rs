@@ -60,6 +60,21 @@ pub struct ExecOptions {
     /// exposes an image this plan would open (the plan was made before its leases: another
     /// controller may have moved the volume meanwhile). `apply` sets it.
     pub verify_exposures: bool,
+    /// A controller replica's standing (`replica.rs`): which claim each agent's lease is taken
+    /// under, and whether a step may still run. `None`: a single controller.
+    pub authority: Option<Arc<dyn Authority>>,
+}
+
+/// What a controller replica may write (issue 24). The executor asks before every step and
+/// every attempt, and before renewing its leases.
+pub trait Authority: Send + Sync + std::fmt::Debug {
+    /// The claim `target`'s lease is taken under (`None`: unclaimed); an error when this
+    /// replica may not write there at all.
+    fn claim(&self, target: &Target) -> Result<Option<protocol::ShardClaim>, String>;
+    /// Why `step` may not run now, if it may not.
+    fn forbids(&self, desired: &Desired, step: &Step) -> Option<String>;
+    /// Whether the leases may still be renewed.
+    fn fresh(&self) -> bool;
 }
 
 impl Default for ExecOptions {
@@ -78,6 +93,7 @@ impl Default for ExecOptions {
             stop: None,
             health_gate: crate::plan::HealthGate::standard(),
             verify_exposures: false,
+            authority: None,
         }
     }
 }
@@ -598,6 +614,9 @@ async fn run_with_retries(ctx: &Context, fleet: &Fleet, step: &Step) -> Outcome 
     let mut attempt = 0;
     loop {
         attempt += 1;
+        if let Some(reason) = forbidden(ctx, step) {
+            return Outcome::Skipped { reason };
+        }
         if let Some(t) = ctx.lost_lease(step) {
             return Outcome::Failed {
                 error: format!(
@@ -636,16 +655,29 @@ async fn run_with_retries(ctx: &Context, fleet: &Fleet, step: &Step) -> Outcome 
     }
 }
 
+/// Why a replica may not run `step` now (self-fenced, or its shard gone to another), if so.
+fn forbidden(ctx: &Context, step: &Step) -> Option<String> {
+    ctx.opts
+        .authority
+        .as_ref()
+        .and_then(|a| a.forbids(&ctx.desired, step))
+}
+
 /// Takes the agent's lease, waiting up to `wait` while another controller holds it (polled at
 /// most every second, sooner when the holder's lease ends sooner).
 async fn acquire_waiting(
     c: &protocol::client::AgentClient,
     ttl: Duration,
     wait: Duration,
+    claim: Option<protocol::ShardClaim>,
 ) -> Result<protocol::LeaseInfo, ClientError> {
     let until = tokio::time::Instant::now() + wait;
     loop {
-        let e = match c.acquire_lease(ttl).await {
+        let got = match &claim {
+            Some(claim) => c.acquire_claimed_lease(ttl, claim.clone()).await,
+            None => c.acquire_lease(ttl).await,
+        };
+        let e = match got {
             Ok(l) => return Ok(l),
             Err(e) => e,
         };
@@ -671,7 +703,7 @@ pub async fn with_lease(
     cmd: Command,
 ) -> Result<Reply, Unread> {
     let opts = ExecOptions::default();
-    acquire_waiting(agent, opts.lease_ttl, wait).await?;
+    acquire_waiting(agent, opts.lease_ttl, wait, None).await?;
     let deadline = deadline_of(&cmd, &opts);
     let result = agent
         .request_within(cmd, deadline)
@@ -698,15 +730,21 @@ pub fn this_instance() -> String {
 async fn keep_leases(
     fleet: Arc<Fleet>,
     mut targets: BTreeMap<Target, u64>,
-    ttl: Duration,
+    opts: ExecOptions,
     lost: Arc<std::sync::Mutex<BTreeSet<Target>>>,
 ) {
+    let ttl = opts.lease_ttl;
     let every = (ttl / 3).max(Duration::from_millis(50));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
+        if opts.authority.as_ref().is_some_and(|a| !a.fresh()) {
+            // A self-fenced replica lets its leases lapse: no step runs meanwhile, and the
+            // agents are free for the replica that takes its shards over.
+            continue;
+        }
         let mut set = JoinSet::new();
         for (t, token) in &targets {
             if let Ok(c) = fleet.get(t) {
@@ -908,7 +946,7 @@ pub async fn execute(
     let keeper = tokio::spawn(keep_leases(
         fleet.clone(),
         tokens,
-        opts.lease_ttl,
+        opts.clone(),
         ctx.lost.clone(),
     ));
     let run = |s: Step| {
@@ -934,6 +972,9 @@ pub async fn execute(
                 return Outcome::Skipped {
                     reason: "stopping: not started".into(),
                 };
+            }
+            if let Some(reason) = forbidden(&ctx, &s) {
+                return Outcome::Skipped { reason };
             }
             if let Some(reason) = gate_closed(&ctx, &fleet, &s).await {
                 return Outcome::Skipped { reason };
@@ -967,10 +1008,18 @@ async fn take_leases(
     let targets: BTreeSet<Target> = plan.steps.iter().flat_map(commanded).collect();
     let mut set = JoinSet::new();
     for t in &targets {
+        let claim = match opts.authority.as_ref().map(|a| a.claim(t)) {
+            None => None,
+            Some(Ok(claim)) => claim,
+            Some(Err(why)) => {
+                unusable.insert(t.clone(), why);
+                continue;
+            }
+        };
         match fleet.get(t) {
             Ok(c) => {
                 let (t, ttl, wait) = (t.clone(), opts.lease_ttl, opts.lease_wait);
-                set.spawn(async move { (t, acquire_waiting(&c, ttl, wait).await) });
+                set.spawn(async move { (t, acquire_waiting(&c, ttl, wait, claim).await) });
             }
             Err(e) => {
                 unusable.insert(t.clone(), e.to_string());

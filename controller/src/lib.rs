@@ -41,6 +41,7 @@ pub mod ops;
 pub mod plan;
 pub mod reconcile;
 pub mod render;
+pub mod replica;
 pub mod shards;
 pub mod status;
 pub mod watch;

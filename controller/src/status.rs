@@ -285,6 +285,9 @@ pub struct DpuStatus {
     /// Fences of its SNAP, one per cluster (`cluster/ceph: fenced 2026-...Z by ...: reason`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fenced: Vec<String>,
+    /// The controller replica that owns it (replicas only; `None` there: no owner now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// One link of a volume's chain.

@@ -1,9 +1,9 @@
-//! Shard leases and tokens against the real one-node cluster (`UNISTOR_CEPH_*`).
+//! Membership and the shard map against the real one-node cluster (`UNISTOR_CEPH_*`).
 
 use std::time::Duration;
 
 use ceph_lib::{ConnectSpec, Pool, Rados};
-use controller::coord::{Shards, Taken};
+use controller::coord::{Coord, Record};
 use e2e::{unique, wait_until, Cluster};
 
 fn pool(c: &Cluster) -> Pool {
@@ -11,52 +11,60 @@ fn pool(c: &Cluster) -> Pool {
     Rados::connect(&spec, 30).unwrap().pool(&c.pool).unwrap()
 }
 
-/// One holder per shard; a replica that stops renewing loses the shard to another once the
-/// OSD expires its lock, the new holder's token is higher, and the old one's renewal fails.
+/// A shard changes hands only by a compare-and-set from the record the taker read: two
+/// replicas racing cannot both win, every take raises the token, a release keeps it, and a
+/// replica whose record was taken cannot release or re-take it from its stale view.
 #[test]
-fn a_shard_has_one_holder_and_changes_hands_with_a_higher_token() {
+fn a_shard_changes_hands_only_from_what_the_taker_read() {
     let c = Cluster::from_env();
     let (pa, pb) = (pool(&c), pool(&c));
     let owner = unique("coord");
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(30);
     let (a, b) = (
-        Shards::new(&pa, &owner, "replica-a", ttl),
-        Shards::new(&pb, &owner, "replica-b", ttl),
+        Coord::new(&pa, &owner, "replica-a", ttl),
+        Coord::new(&pb, &owner, "replica-b", ttl),
     );
-    assert_eq!(a.token(0).unwrap(), 0, "never taken");
-    let Taken::Held { token: first } = a.take(0).unwrap() else {
-        panic!("a free shard is taken")
-    };
-    assert_eq!(first, 1);
-    assert_eq!(b.take(0).unwrap(), Taken::Busy);
-    assert!(a.renew(0).unwrap());
-    assert!(!b.renew(0).unwrap());
+    assert!(
+        a.records().unwrap().is_empty(),
+        "nothing before anyone joined"
+    );
+    a.join().unwrap();
+    b.join().unwrap();
+    assert_eq!(a.take("dpu-0", None).unwrap(), Some(1));
+    // `b` read "never taken" too: its compare-and-set fails, `a` keeps it.
+    assert_eq!(b.take("dpu-0", None).unwrap(), None);
+    let seen = b.records().unwrap()["dpu-0"].clone();
+    assert_eq!(
+        seen,
+        Record {
+            token: 1,
+            holder: Some("replica-a".into())
+        }
+    );
     // Another shard is independent.
-    assert_eq!(b.take(1).unwrap(), Taken::Held { token: 1 });
-
-    // `a` stops renewing: `b` takes shard 0 once the OSD expired `a`'s lock.
-    let mut second = None;
-    wait_until(
-        Duration::from_secs(60),
-        "shard 0 to change hands",
-        || match b.take(0).unwrap() {
-            Taken::Held { token } => {
-                second = Some(token);
-                true
-            }
-            Taken::Busy => false,
-        },
+    assert_eq!(b.take("dpu-1", None).unwrap(), Some(1));
+    // `b` takes dpu-0 from the record it read (the caller's rule says when: `a` gone).
+    assert_eq!(b.take("dpu-0", Some(&seen)).unwrap(), Some(2));
+    // `a`'s view is stale: it can neither release nor take back from it.
+    assert!(!a.release("dpu-0", 1).unwrap());
+    assert_eq!(a.take("dpu-0", Some(&seen)).unwrap(), None);
+    // Released, the record keeps its token and names nobody; the next take goes on rising.
+    assert!(b.release("dpu-0", 2).unwrap());
+    let free = a.records().unwrap()["dpu-0"].clone();
+    assert_eq!(
+        free,
+        Record {
+            token: 2,
+            holder: None
+        }
     );
-    assert_eq!(second, Some(first + 1));
-    assert_eq!(a.token(0).unwrap(), first + 1);
-    assert!(!a.renew(0).unwrap(), "the old holder has lost it");
-
-    // Given up, it is free at once, and the token goes on rising.
-    b.release(0).unwrap();
-    b.release(0).unwrap();
-    assert_eq!(a.take(0).unwrap(), Taken::Held { token: first + 2 });
-    for k in 0..2 {
-        c.cli_ok("rados", &["--pool", &c.pool, "rm", &a.object(k)]);
+    assert_eq!(a.take("dpu-0", Some(&free)).unwrap(), Some(3));
+    assert_eq!(
+        a.records().unwrap().keys().collect::<Vec<_>>(),
+        ["dpu-0", "dpu-1"]
+    );
+    for o in [a.map_object(), a.members_object()] {
+        c.cli_ok("rados", &["--pool", &c.pool, "rm", &o]);
     }
 }
 
@@ -67,8 +75,8 @@ fn members_are_the_replicas_that_keep_renewing() {
     let c = Cluster::from_env();
     let (pa, pb) = (pool(&c), pool(&c));
     let owner = unique("members");
-    let a = Shards::new(&pa, &owner, "replica-a", Duration::from_secs(2));
-    let b = Shards::new(&pb, &owner, "replica-b", Duration::from_secs(600));
+    let a = Coord::new(&pa, &owner, "replica-a", Duration::from_secs(2));
+    let b = Coord::new(&pb, &owner, "replica-b", Duration::from_secs(600));
     assert!(a.members().unwrap().is_empty(), "nobody yet");
     a.join().unwrap();
     b.join().unwrap();
@@ -89,5 +97,7 @@ fn members_are_the_replicas_that_keep_renewing() {
     b.leave().unwrap();
     b.leave().unwrap();
     assert!(b.members().unwrap().is_empty());
-    c.cli_ok("rados", &["--pool", &c.pool, "rm", &b.members_object()]);
+    for o in [b.map_object(), b.members_object()] {
+        c.cli_ok("rados", &["--pool", &c.pool, "rm", &o]);
+    }
 }

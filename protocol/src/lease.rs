@@ -50,7 +50,7 @@ pub struct LeaseTable {
     last_token: u64,
     /// The highest token each shard has shown (claims below it are refused); persisted beside
     /// the token (`<store>.shards`) before a grant that raised it is answered.
-    highest: std::collections::BTreeMap<u32, u64>,
+    highest: std::collections::BTreeMap<String, u64>,
     store: Option<PathBuf>,
     /// Mutating commands executing now; all under `executing_under` (no grant while any runs).
     executing: u32,
@@ -135,10 +135,10 @@ impl LeaseTable {
             return Ok(());
         }
         let mut next = self.highest.clone();
-        next.insert(claim.shard, claim.token);
+        next.insert(claim.shard.clone(), claim.token);
         if let Some(store) = &self.store {
             let path = Self::shards_path(store);
-            let json = serde_json::to_vec(&next).expect("a map of numbers serializes");
+            let json = serde_json::to_vec(&next).expect("a map of names to numbers serializes");
             agent_kit::fsutil::write_atomic(&path, &json)
                 .map_err(|source| StoreError { path, source })?;
         }
@@ -195,7 +195,7 @@ impl LeaseTable {
         now: Instant,
     ) -> Result<LeaseInfo, WireError> {
         let ttl = ttl.clamp(MIN_TTL, MAX_TTL);
-        if let Some(c) = claim {
+        if let Some(c) = &claim {
             if let Some(h) = self.highest.get(&c.shard).filter(|h| c.token < **h) {
                 return Err(WireError::new(
                     ErrorCode::StaleToken,
@@ -210,7 +210,7 @@ impl LeaseTable {
             if lease.held_by(holder, instance) {
                 let renewed = Lease {
                     expires: now + ttl,
-                    claim: claim.or(lease.claim),
+                    claim: claim.clone().or_else(|| lease.claim.clone()),
                     ..lease.clone()
                 };
                 if let Some(c) = claim {
@@ -220,7 +220,7 @@ impl LeaseTable {
                 self.current = Some(renewed);
                 return Ok(info);
             }
-            let newer = match (claim, lease.claim) {
+            let newer = match (&claim, &lease.claim) {
                 (Some(c), Some(l)) => c.shard == l.shard && c.token > l.token,
                 _ => false,
             };
@@ -230,8 +230,8 @@ impl LeaseTable {
             // A newer holder of the same shard: the old lease ends now.
             self.current = None;
         }
-        if let Some(c) = claim {
-            self.raise(c).map_err(store_failed)?;
+        if let Some(c) = &claim {
+            self.raise(c.clone()).map_err(store_failed)?;
         }
         if self.executing > 0 {
             let old = self
@@ -596,7 +596,10 @@ mod tests {
     }
 
     fn claim(shard: u32, token: u64) -> Option<ShardClaim> {
-        Some(ShardClaim { shard, token })
+        Some(ShardClaim {
+            shard: format!("dpu-{shard}"),
+            token,
+        })
     }
 
     /// Replicas (issue 24): a higher claim of the same shard ends the lower one's lease at

@@ -380,12 +380,13 @@ pub struct AcquireLease {
     pub claim: Option<ShardClaim>,
 }
 
-/// A shard and the fencing token a replica holds for it (`controller::coord`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A shard and the fencing token a replica holds for it (`controller::coord`). A shard is one
+/// DPU (its name), or `@gone-images` (the images of volumes gone from every manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardClaim {
     /// The shard.
-    pub shard: u32,
+    pub shard: String,
     /// Its token, from RADOS; only grows.
     pub token: u64,
 }

@@ -237,7 +237,10 @@ async fn a_higher_shard_claim_fences_the_lower_replica() {
     let agent = start(&pki, |_| {}, Duration::ZERO).await;
     let a = connect(&pki, &agent, "ctl-a").await.unwrap();
     let b = connect(&pki, &agent, "ctl-b").await.unwrap();
-    let claim = |token: u64| protocol::ShardClaim { shard: 7, token };
+    let claim = |token: u64| protocol::ShardClaim {
+        shard: "dpu-7".into(),
+        token,
+    };
     let ttl = Duration::from_secs(30);
     let old = a.acquire_claimed_lease(ttl, claim(4)).await.unwrap().token;
     a.request(create()).await.unwrap();

@@ -155,9 +155,39 @@ impl Lab {
 
     /// `unistor watch` on the manifest directory `dir`, with `extra` flags.
     pub fn daemon_on(&self, dir: &Path, extra: &[&str]) -> Daemon {
+        self.daemon_named(dir, "watch", extra)
+    }
+
+    /// `unistor watch` as replica `name` of the lab's deployment (issue 24): coordinating in
+    /// the cluster's pool as its admin, membership lease `ttl`; state and log of its own
+    /// (`<name>/`, `<name>.log`).
+    pub fn replica(&self, c: &Cluster, name: &str, ttl: &str, extra: &[&str]) -> Daemon {
+        let (conf, keyring) = (
+            c.conf.display().to_string(),
+            c.keyring.display().to_string(),
+        );
+        let mut args = vec![
+            "--replicas-in",
+            &c.pool,
+            "--replica-name",
+            name,
+            "--replica-ttl",
+            ttl,
+            "--rados-conf",
+            &conf,
+            "--rados-id",
+            &c.id,
+            "--rados-keyring",
+            &keyring,
+        ];
+        args.extend_from_slice(extra);
+        self.daemon_named(&self.manifests(), name, &args)
+    }
+
+    fn daemon_named(&self, dir: &Path, name: &str, extra: &[&str]) -> Daemon {
         let m = dir.display().to_string();
         let pki = self.pki().display().to_string();
-        let state = self.dir.path().join("watch").display().to_string();
+        let state = self.dir.path().join(name).display().to_string();
         let mut args = vec![
             m.as_str(),
             "--pki-dir",
@@ -172,7 +202,7 @@ impl Lab {
             "200ms",
         ];
         args.extend_from_slice(extra);
-        Daemon::start(&args, &self.dir.path().join("watch.log"))
+        Daemon::start(&args, &self.dir.path().join(format!("{name}.log")))
     }
 }
 

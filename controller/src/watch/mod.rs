@@ -27,6 +27,7 @@ use crate::manifest;
 use crate::ops::{Common, OpsError, Rails};
 use crate::plan::{self, Observed, Plan, Step, Target};
 use crate::reconcile::{self, Driver, Inputs, Made, Next, Reread, Verdict};
+use crate::replica::Replica;
 use sessions::Sessions;
 use state::{EventKind, Level, ReconcileResult, ReconcileSummary, Shared, StepResult};
 use triggers::{Answered, Queue, Reason, Triggers};
@@ -70,10 +71,74 @@ pub struct WatchArgs {
     /// come back at this rate instead of all at once (1,000 agents: 10 s at 100/s).
     #[arg(long, default_value_t = 100.0)]
     pub connect_rate: f64,
+    /// Run as one of several replicas sharing the fleet, coordinating through RADOS objects in
+    /// this pool (`unistor.<owner>.members` and `unistor.<owner>.shards`): each replica writes
+    /// only its shards' DPUs and images; a silent replica's shards are taken over when its
+    /// membership expires (`--replica-ttl`).
+    #[command(flatten)]
+    pub replicas: ReplicaArgs,
+}
+
+/// Options of a replica (`--replicas-in` turns them on).
+#[derive(Debug, Clone, Args)]
+pub struct ReplicaArgs {
+    /// The RADOS pool the replicas coordinate in.
+    #[arg(long = "replicas-in", value_name = "POOL")]
+    pub pool: Option<String>,
+    /// This replica's name, unique among the replicas (default: the host's name).
+    #[arg(long = "replica-name")]
+    pub name: Option<String>,
+    /// Membership lease: a replica silent this long loses its shards (it stops writing after
+    /// two thirds of it).
+    #[arg(long = "replica-ttl", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Ceph configuration file of the coordination cluster.
+    #[arg(long = "rados-conf", default_value = "/etc/ceph/ceph.conf")]
+    pub conf: PathBuf,
+    /// Its cephx user, without `client.` (caps on the pool above are enough).
+    #[arg(long = "rados-id", default_value = "unistor-ctl")]
+    pub id: String,
+    /// Its keyring.
+    #[arg(long = "rados-keyring")]
+    pub keyring: Option<PathBuf>,
+}
+
+impl ReplicaArgs {
+    /// The replica's options, when `--replicas-in` is given; names checked against the
+    /// allow-lists.
+    pub fn options(&self, owner: &str) -> Result<Option<crate::replica::ReplicaOptions>, OpsError> {
+        let Some(pool) = &self.pool else {
+            return Ok(None);
+        };
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => protocol::ControllerInstance::this_process().host,
+        };
+        protocol::names::PeerName::parse("--replica-name", &name)?;
+        protocol::names::PoolName::parse("--replicas-in", pool)?;
+        if self.ttl < Duration::from_secs(3) {
+            return Err(OpsError::Invalid(format!(
+                "--replica-ttl {}: at least 3s (a replica renews every third of it)",
+                humantime::format_duration(self.ttl)
+            )));
+        }
+        let keyring = self
+            .keyring
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/etc/ceph/ceph.client.{}.keyring", self.id)));
+        Ok(Some(crate::replica::ReplicaOptions {
+            connect: ceph_lib::ConnectSpec::with_files(&self.id, &self.conf, &keyring),
+            pool: pool.clone(),
+            owner: owner.to_string(),
+            name,
+            ttl: self.ttl,
+        }))
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
+    let replica = a.replicas.options(&a.common.owner)?.map(Replica::new);
     let state = Shared::new(&a.common.dir, &a.state_dir, !a.no_heal);
     let (tx, rx) = triggers::queue(triggers::CAPACITY);
     let sessions = Arc::new(Sessions::new(
@@ -105,6 +170,28 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
         ),
     );
     reload(&a.common.dir, &state, &sessions, &tx).await;
+    let coordinator = replica.as_ref().map(|r| {
+        state.set_replica(r.clone());
+        if let Some((d, _)) = state.desired() {
+            r.set_dpus(&d);
+        }
+        state.event(
+            EventKind::Daemon,
+            Level::Info,
+            format!(
+                "replica {} of {:?}: coordinating in RADOS pool {} (lease {})",
+                r.options.name,
+                r.options.owner,
+                r.options.pool,
+                humantime::format_duration(r.options.ttl)
+            ),
+        );
+        let (tx, state) = (tx.clone(), state.clone());
+        r.spawn(move |why| {
+            state.event(EventKind::Daemon, Level::Info, format!("replica: {why}"));
+            tx.send(Reason::Shards);
+        })
+    });
 
     let watcher = watch_dir(
         &a.common.dir,
@@ -141,6 +228,11 @@ pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
         _ = shutdown_signal() => reconciler.abort(),
     }
     server.abort();
+    if let (Some(r), Some(thread)) = (&replica, coordinator) {
+        // Nothing runs any more: the shards go back, the others take them over now.
+        r.stop();
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     Ok(())
 }
 
@@ -184,6 +276,9 @@ async fn reload(dir: &Path, state: &Shared, sessions: &Sessions, tx: &Triggers) 
                 d.volumes.len()
             );
             sessions.update(&d);
+            if let Some(r) = state.replica() {
+                r.set_dpus(&d);
+            }
             if state.set_desired(d) {
                 state.event(
                     EventKind::Manifests,
@@ -389,13 +484,19 @@ async fn reconcile_loop(
 /// plans, observations and steps recorded for the status, what was planned on remembered.
 struct Recorder<'a> {
     state: &'a Shared,
+    desired: &'a manifest::Desired,
     sessions: &'a Sessions,
     answered: std::sync::Mutex<&'a mut Answered>,
 }
 
 impl Driver for Recorder<'_> {
     fn shape(&self, p: Plan) -> (Plan, usize) {
-        without_suspended(p, &self.state.suspended())
+        let (p, held) = without_suspended(p, &self.state.suspended());
+        match self.state.replica() {
+            // Other replicas' steps are theirs, not held back: not counted.
+            Some(r) => (r.scope(self.desired, p).0, held),
+            None => (p, held),
+        }
     }
 
     fn planned(&self, _made: Made, _observed: &Observed, p: &Plan) -> Result<(), OpsError> {
@@ -450,6 +551,13 @@ async fn reconcile_once(
     let fleet = Arc::new(sessions.snapshot());
     let (opts, mut exec) = crate::ops::run_options(&a.common, &a.rails);
     exec.stop = Some(state.stopping());
+    if let Some(r) = state.replica() {
+        // Agent leases shorter than the time before another replica can take a shard over;
+        // another replica's pass on the ceph-agent is waited for.
+        exec.lease_ttl = r.options.agent_lease();
+        exec.lease_wait = r.options.ttl;
+        exec.authority = Some(r.clone());
+    }
     let inputs = Inputs {
         desired: &desired,
         fleet: &fleet,
@@ -464,6 +572,7 @@ async fn reconcile_once(
     };
     let recorder = Recorder {
         state,
+        desired: &desired,
         sessions,
         answered: std::sync::Mutex::new(answered),
     };

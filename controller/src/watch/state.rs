@@ -207,6 +207,30 @@ pub struct DaemonView {
     /// The last hour, one sample per reconcile, oldest first.
     #[serde(default)]
     pub history: Vec<Sample>,
+    /// The controller replicas, when this daemon is one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<ReplicasView>,
+}
+
+/// The controller replicas as this one sees them (issue 24).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicasView {
+    /// This replica's name.
+    pub this: String,
+    /// The live replicas (holders of the membership lease in RADOS).
+    pub members: Vec<String>,
+    /// Whether this replica may write now (its membership renewed within TTL x 2/3).
+    pub fresh: bool,
+    /// The last error talking to RADOS.
+    pub error: Option<String>,
+    /// Shards (DPUs and `@gone-images`) each replica owns.
+    pub owned: BTreeMap<String, usize>,
+    /// Shards no live replica owns now (being taken over, or no replica can).
+    pub unowned: Vec<String>,
+    /// Shards this replica took over since it started.
+    pub taken: u64,
+    /// Shards it gave up since it started.
+    pub released: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -399,6 +423,8 @@ pub struct Shared {
     stop: tokio::sync::watch::Sender<bool>,
     /// The manifests' documents as last parsed (a reload parses only what changed).
     parse_cache: std::sync::Mutex<crate::manifest::ParseCache>,
+    /// This daemon's replica standing, when it is one of several.
+    replica: std::sync::OnceLock<Arc<crate::replica::Replica>>,
 }
 
 impl Shared {
@@ -425,7 +451,50 @@ impl Shared {
             metrics: Metrics::new(),
             stop: tokio::sync::watch::channel(false).0,
             parse_cache: Default::default(),
+            replica: Default::default(),
         })
+    }
+
+    /// This daemon is a replica: its status says who owns what.
+    pub fn set_replica(&self, r: Arc<crate::replica::Replica>) {
+        let _ = self.replica.set(r);
+    }
+
+    /// The replica standing, when this daemon is a replica.
+    pub fn replica(&self) -> Option<&Arc<crate::replica::Replica>> {
+        self.replica.get()
+    }
+
+    /// Who owns each listed DPU, and the replicas' view, when this daemon is a replica.
+    fn replicas_view(&self, g: &Inner, fleet: &mut FleetStatus) -> Option<ReplicasView> {
+        let r = self.replica.get()?;
+        let s = r.standing();
+        let live = |h: &Option<String>| h.as_ref().filter(|h| s.members.contains(h)).cloned();
+        let owner = |shard: &str| s.holders.get(shard).and_then(live);
+        for d in &mut fleet.dpus {
+            d.replica = owner(&d.name);
+        }
+        let mut view = ReplicasView {
+            this: r.options.name.clone(),
+            members: s.members.clone(),
+            fresh: s.fresh(std::time::Instant::now()),
+            error: s.error.clone(),
+            taken: s.taken,
+            released: s.released,
+            ..ReplicasView::default()
+        };
+        let shards = g
+            .desired
+            .iter()
+            .flat_map(|d| d.dpus.keys().map(String::as_str))
+            .chain([crate::coord::GONE_IMAGES]);
+        for shard in shards {
+            match owner(shard) {
+                Some(o) => *view.owned.entry(o).or_default() += 1,
+                None => view.unowned.push(shard.to_string()),
+            }
+        }
+        Some(view)
     }
 
     /// Takes the parse cache for a reload (an empty one meanwhile; reloads are one at a time).
@@ -691,6 +760,7 @@ impl Shared {
             v.suspended =
                 g.suspended.volumes.contains(&v.volume) || g.suspended.dpus.contains(&v.dpu);
         }
+        let replicas = self.replicas_view(&g, &mut fleet);
         // The sessions of what is listed.
         let listed: BTreeSet<String> = fleet
             .clusters
@@ -724,6 +794,7 @@ impl Shared {
             agents_total: g.agents.len(),
             agents_connected: g.agents.values().filter(|a| a.connected).count(),
             history: g.history.iter().cloned().collect(),
+            replicas,
         }
     }
 }

@@ -66,12 +66,17 @@ pub enum Reason {
     Retry,
     /// The queue overflowed: every agent read again.
     Overflow,
+    /// This replica's shards changed (taken over or given up).
+    Shards,
 }
 
 impl Reason {
     /// Whether the reconcile it triggers reads every agent again first.
     pub fn rereads_all(&self) -> bool {
-        matches!(self, Reason::Requested | Reason::Resync | Reason::Overflow)
+        matches!(
+            self,
+            Reason::Requested | Reason::Resync | Reason::Overflow | Reason::Shards
+        )
     }
 
     /// The kind, as a metrics label and in a span.
@@ -88,6 +93,7 @@ impl Reason {
             Reason::Resync => "resync",
             Reason::Retry => "retry",
             Reason::Overflow => "overflow",
+            Reason::Shards => "shards",
         }
     }
 }
@@ -110,6 +116,7 @@ impl fmt::Display for Reason {
             Reason::Resync => f.write_str("periodic resync"),
             Reason::Retry => f.write_str("retry of an unfinished reconcile"),
             Reason::Overflow => f.write_str("trigger queue overflowed"),
+            Reason::Shards => f.write_str("this replica's shards changed"),
         }
     }
 }

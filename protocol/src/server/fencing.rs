@@ -51,7 +51,7 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
                                         &self.peer,
                                         a.instance.as_ref(),
                                         ttl,
-                                        a.claim,
+                                        a.claim.clone(),
                                         now,
                                     )
                                 })
@@ -60,7 +60,7 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
                                 &self.peer,
                                 a.instance.as_ref(),
                                 ttl,
-                                a.claim,
+                                a.claim.clone(),
                                 now,
                             ),
                         }
