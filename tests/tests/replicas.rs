@@ -88,9 +88,9 @@ fn replicas_share_the_fleet_and_a_survivor_takes_over_a_killed_one() {
     assert_eq!(map.len(), 4, "{map:?}");
     assert_eq!(owners(&s1), map);
     // Nothing twice: each DPU has its one namespace, each volume its image.
-    for i in 0..4 {
+    for (i, name) in names.iter().enumerate().take(4) {
         assert_eq!(namespaces(&lab.socket(i)).len(), 1, "dpu {i}");
-        assert!(c.rbd_info(&c.pool, &names[i]).is_some());
+        assert!(c.rbd_info(&c.pool, name).is_some());
     }
     let done: Vec<u64> = replicas.iter().map(|r| steps(r, "done")).collect();
     println!(
