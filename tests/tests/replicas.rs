@@ -92,6 +92,23 @@ fn replicas_share_the_fleet_and_a_survivor_takes_over_a_killed_one() {
         assert_eq!(namespaces(&lab.socket(i)).len(), 1, "dpu {i}");
         assert!(c.rbd_info(&c.pool, name).is_some());
     }
+    // And in the metrics: every shard owned, this replica may write.
+    for r in &replicas {
+        let m = r.get("/metrics");
+        for line in [
+            "unistor_replica_unowned_shards 0",
+            "unistor_replica_may_write 1",
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line} in:\n{m}");
+        }
+        assert_eq!(
+            m.lines()
+                .filter(|l| l.starts_with("unistor_replica_shards{"))
+                .count(),
+            2,
+            "{m}"
+        );
+    }
     let done: Vec<u64> = replicas.iter().map(|r| steps(r, "done")).collect();
     println!(
         "from empty: steps done by ctl-a {}, ctl-b {}",

@@ -199,7 +199,7 @@ async fn metrics(State(app): State<App>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        app.state.metrics.encode(),
+        app.state.encode_metrics(),
     )
         .into_response()
 }

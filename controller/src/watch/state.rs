@@ -248,6 +248,11 @@ struct AgentLabel {
     agent: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReplicaLabel {
+    replica: String,
+}
+
 /// The daemon's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -261,6 +266,9 @@ pub struct Metrics {
     volumes_converged: Gauge,
     manifests_valid: Gauge,
     liveness: Counter,
+    replica_shards: Family<ReplicaLabel, Gauge>,
+    unowned_shards: Gauge,
+    replica_fresh: Gauge,
 }
 
 impl Metrics {
@@ -319,6 +327,24 @@ impl Metrics {
             "Liveness messages (pongs, agent heartbeats) the daemon received from its agents",
             liveness.clone(),
         );
+        let replica_shards = Family::default();
+        registry.register(
+            "replica_shards",
+            "Shards (DPUs and @gone-images) each live controller replica owns, as this replica sees the map (replicas only)",
+            replica_shards.clone(),
+        );
+        let unowned_shards = Gauge::default();
+        registry.register(
+            "replica_unowned_shards",
+            "Shards no live replica owns (replicas only)",
+            unowned_shards.clone(),
+        );
+        let replica_fresh = Gauge::default();
+        registry.register(
+            "replica_may_write",
+            "1 while this replica's membership in RADOS is fresh enough to write (replicas only)",
+            replica_fresh.clone(),
+        );
         // Every series exists from the start, at 0: a rate over a counter that appears only
         // with its first increment misses that increment, and an alert on it has no series.
         for outcome in StepResult::ALL {
@@ -343,7 +369,25 @@ impl Metrics {
             volumes_converged,
             manifests_valid,
             liveness,
+            replica_shards,
+            unowned_shards,
+            replica_fresh,
         }
+    }
+
+    /// Sets the replica gauges from `view`.
+    fn replicas(&self, view: &ReplicasView) {
+        self.replica_shards.clear();
+        for (replica, n) in &view.owned {
+            self.replica_shards
+                .get_or_create(&ReplicaLabel {
+                    replica: replica.clone(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        self.unowned_shards
+            .set(i64::try_from(view.unowned.len()).unwrap_or(i64::MAX));
+        self.replica_fresh.set(i64::from(view.fresh));
     }
 
     /// The OpenMetrics text.
@@ -453,6 +497,18 @@ impl Shared {
             parse_cache: Default::default(),
             replica: Default::default(),
         })
+    }
+
+    /// The OpenMetrics text, with the replica gauges as of now.
+    pub fn encode_metrics(&self) -> String {
+        if self.replica.get().is_some() {
+            let g = self.read();
+            let mut fleet = FleetStatus::default();
+            if let Some(view) = self.replicas_view(&g, &mut fleet) {
+                self.metrics.replicas(&view);
+            }
+        }
+        self.metrics.encode()
     }
 
     /// This daemon is a replica: its status says who owns what.
