@@ -139,11 +139,6 @@ impl<'a> Coord<'a> {
         }
     }
 
-    /// This replica's name.
-    pub fn replica(&self) -> &str {
-        self.replica
-    }
-
     /// The object whose shared lock lists the replicas.
     pub fn members_object(&self) -> String {
         format!("unistor.{}.members", self.owner)

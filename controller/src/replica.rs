@@ -146,8 +146,8 @@ impl Replica {
     }
 
     /// Keeps only the steps of the shards this replica holds, and what depends on none of the
-    /// others; returns it and how many steps were left to other replicas.
-    pub fn scope(&self, desired: &Desired, mut p: Plan) -> (Plan, usize) {
+    /// others (the rest is other replicas' work, not held back).
+    pub fn scope(&self, desired: &Desired, mut p: Plan) -> Plan {
         let standing = self.standing();
         let mut dropped: BTreeSet<usize> = BTreeSet::new();
         for step in &p.steps {
@@ -158,7 +158,7 @@ impl Replica {
             }
         }
         p.steps.retain(|s| !dropped.contains(&s.id));
-        (p, dropped.len())
+        p
     }
 
     /// Asks the coordination thread to give everything up and leave.
@@ -209,17 +209,18 @@ impl Replica {
                         state.error = Some(protocol::error::chain(&e));
                     }
                 }
+                // Published before the reconcile it asks for reads it.
+                self.publish(state.clone());
                 if state.held != before {
-                    let why = format!(
+                    changed(&format!(
                         "holds {} shard(s) now (was {})",
                         state.held.len(),
                         before.len()
-                    );
-                    self.publish(state.clone());
-                    changed(&why);
+                    ));
                 }
+            } else {
+                self.publish(state.clone());
             }
-            self.publish(state.clone());
             let next = started + o.tick();
             while !self.stop.load(Ordering::SeqCst) && Instant::now() < next {
                 std::thread::sleep(

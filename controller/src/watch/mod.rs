@@ -494,7 +494,7 @@ impl Driver for Recorder<'_> {
         let (p, held) = without_suspended(p, &self.state.suspended());
         match self.state.replica() {
             // Other replicas' steps are theirs, not held back: not counted.
-            Some(r) => (r.scope(self.desired, p).0, held),
+            Some(r) => (r.scope(self.desired, p), held),
             None => (p, held),
         }
     }
