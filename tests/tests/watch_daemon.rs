@@ -428,15 +428,16 @@ fn a_stopping_daemon_ends_its_pass_at_a_step_boundary() {
         .collect();
     lab.write(&c, &spec);
     let mut d = lab.daemon(&[]);
-    // An image created: its pass still has the volumes' SNAP chains ahead (a pass that started
-    // before the cluster's session was up holds only SNAP's install, and may end before the
-    // signal with nothing left to skip).
-    d.wait_for(CONVERGE, "the first image created", |s| {
+    // A bdev created: the pass that made it observed both agents, and still has that volume's
+    // namespace, attach and resume ahead (300 ms each). Waiting for less is a race seen in CI:
+    // a pass begun before an agent's first report skips that agent's steps at once ("connecting")
+    // and can end before the signal with nothing left to skip.
+    d.wait_for(CONVERGE, "the first bdev created", |s| {
         s["events"].as_array().is_some_and(|e| {
             e.iter().any(|e| {
                 e["message"]
                     .as_str()
-                    .is_some_and(|m| m.starts_with("done: + cluster/"))
+                    .is_some_and(|m| m.starts_with("done: + dpu/dpu-0 create bdev"))
             })
         })
     });
