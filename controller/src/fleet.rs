@@ -385,6 +385,15 @@ impl Informer {
         }
     }
 
+    /// Whether `target` is to be read now: not known yet, or marked. The mark is taken here,
+    /// when the read is listed, not when its answer comes in: a target marked while its read is
+    /// in flight (its agent changed after answering) stays marked for the next refresh.
+    /// Clearing it on the answer lost that change until the agent's next one (found by the
+    /// replica pause test: a replica never saw the image another replica had created).
+    fn due(&mut self, target: &Target) -> bool {
+        self.stale.remove(target) || !self.knows(target)
+    }
+
     /// Brings every target of `fleet` up to date that is stale or not known yet; targets without
     /// a session are Unknown; targets not in `fleet` are forgotten.
     pub async fn refresh(&mut self, fleet: &Fleet, timeout: Duration) {
@@ -411,7 +420,7 @@ impl Informer {
                     continue;
                 }
             };
-            if self.knows(t) && !self.stale.contains(t) {
+            if !self.due(t) {
                 continue;
             }
             let since = match t {
@@ -430,7 +439,6 @@ impl Informer {
     /// Takes in what [`run_jobs`] read.
     pub fn apply(&mut self, results: Vec<(Target, Fetched)>) {
         for (t, fetched) in results {
-            self.stale.remove(&t);
             match (t, fetched) {
                 (Target::Cluster(n), Fetched::Cluster(Ok(pages))) => {
                     let mut report = match self.observed.clusters.remove(&n) {
@@ -755,6 +763,39 @@ mod tests {
         )]);
         assert_eq!(report(&pass).images.len(), 1);
         assert_eq!(report(informer.observed()).images.len(), 2);
+    }
+
+    /// A change announced while the cluster's read is in flight is read at the next refresh,
+    /// even when that read answers after the announcement (the answer may predate the change).
+    #[test]
+    fn a_change_announced_during_a_read_is_read_again() {
+        let mut informer = Informer::default();
+        let c = Target::Cluster("ceph".into());
+        let answer = |images: Vec<ImageStatus>, generation| {
+            Fetched::Cluster(Ok(vec![Page {
+                restart: true,
+                changes: CephChanges {
+                    generation,
+                    full: true,
+                    more: false,
+                    cluster: empty_report(),
+                    images,
+                    removed: vec![],
+                },
+            }]))
+        };
+        assert!(informer.due(&c), "never read");
+        informer.apply(vec![(c.clone(), answer(vec![], 1))]);
+        assert!(!informer.due(&c), "known, nothing announced");
+        assert!(informer.cluster_changed("ceph", 2));
+        // The read is listed; while it is in flight the agent announces generation 3.
+        assert!(informer.due(&c));
+        assert!(informer.cluster_changed("ceph", 3));
+        informer.apply(vec![(c.clone(), answer(vec![img("rbd", "a", 1)], 2))]);
+        assert!(informer.due(&c), "generation 3 is still to be read");
+        informer.apply(vec![(c.clone(), answer(vec![img("rbd", "a", 1)], 3))]);
+        assert!(!informer.due(&c));
+        assert!(!informer.cluster_changed("ceph", 3), "already read");
     }
 
     /// A read answered before a push but applied after it must not put the older view back
