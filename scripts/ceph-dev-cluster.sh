@@ -189,6 +189,8 @@ down() {
   done
   if [ ${#pids[@]} -gt 0 ]; then
     kill "${pids[@]}" 2>/dev/null || true
+    # A daemon a test stopped (SIGSTOP) acts on the TERM only once continued.
+    kill -CONT "${pids[@]}" 2>/dev/null || true
     local end=$((SECONDS + 15))
     while [ $SECONDS -lt $end ]; do
       local alive=0

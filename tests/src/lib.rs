@@ -197,6 +197,39 @@ impl PrivateCluster {
     pub fn health(&self) -> String {
         self.cluster.cli("ceph", &["health"]).1
     }
+
+    /// Every daemon of the cluster (monitor, manager, OSD) SIGSTOPped: a client's RADOS traffic
+    /// is blackholed (connections stay open, nothing answers). They are resumed when the guard
+    /// is dropped (a failing test too).
+    pub fn freeze(&self) -> Frozen {
+        let pids: Vec<nix::unistd::Pid> = std::fs::read_dir(self.dir.path().join("run"))
+            .expect("the cluster's run directory")
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                if p.extension()? != "pid" {
+                    return None;
+                }
+                let pid = std::fs::read_to_string(&p).ok()?.trim().parse().ok()?;
+                Some(nix::unistd::Pid::from_raw(pid))
+            })
+            .collect();
+        assert!(pids.len() >= 3, "monitor, manager and OSD pids: {pids:?}");
+        for &p in &pids {
+            nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        }
+        Frozen(pids)
+    }
+}
+
+/// A [`PrivateCluster`] whose daemons are stopped; SIGCONT on drop.
+pub struct Frozen(Vec<nix::unistd::Pid>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
 }
 
 impl Drop for PrivateCluster {

@@ -298,3 +298,75 @@ fn a_replica_paused_past_its_lease_writes_nothing_of_its_old_pass() {
     assert_eq!(nsids.len(), 4, "{ns:?}");
     assert_eq!(namespaces(&lab.socket(1)).len(), 1);
 }
+
+/// A replica cut off from Ceph (every daemon of its cluster SIGSTOPped: its RADOS traffic gets
+/// no answer) while its DPUs stay reachable: it stops writing once its renewal deadline passes
+/// (TTL x 2/3 after its last renewal, before the OSD could expire its membership), so a
+/// namespace destroyed out of band meanwhile is not repaired: the step is skipped as
+/// self-fenced. Once Ceph answers again it renews and repairs it.
+#[test]
+fn a_replica_cut_off_from_ceph_stops_writing_before_its_lease_can_expire() {
+    let pc = e2e::PrivateCluster::up();
+    let c = &pc.cluster;
+    let lab = Lab::start(c, 1, &[]);
+    let v = unique("cut");
+    lab.write(c, &[(&v, 0, "64Mi", "Retain")]);
+    let r = lab.replica(c, "ctl-a", "6s", &[]);
+    r.wait_converged(CONVERGE, 1);
+    let before = namespaces(&lab.socket(0));
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    let frozen = pc.freeze();
+    let cut = Instant::now();
+    r.wait_for(CONVERGE, "the replica to fence itself", |s| {
+        s["replicas"]["fresh"] == false
+    });
+    let fenced = cut.elapsed();
+    // SNAP-only drift (nothing of it needs Ceph): a healing controller would repair it at once.
+    let subs = e2e::snap_call(&lab.socket(0), "nvme_subsystem_list");
+    let nqn = subs[0]["nqn"].as_str().unwrap().to_string();
+    let nsid = before[0].1;
+    let ctrls = e2e::snap_call(&lab.socket(0), "nvme_controller_list");
+    let ctrl = ctrls[0]["ctrl_id"].as_str().unwrap().to_string();
+    for (method, params) in [
+        (
+            "nvme_controller_detach_ns",
+            serde_json::json!({"ctrl_id": ctrl, "nsid": nsid}),
+        ),
+        (
+            "nvme_namespace_destroy",
+            serde_json::json!({"nqn": nqn, "nsid": nsid}),
+        ),
+    ] {
+        e2e::try_snap_call_with(&lab.socket(0), method, params).unwrap();
+    }
+    let s = r.wait_for(CONVERGE, "the repair to be refused", |s| {
+        events(s)
+            .iter()
+            .any(|e| e.starts_with("skipped: ") && e.contains("self-fenced") && e.contains(&nqn))
+    });
+    let refused: Vec<String> = events(&s)
+        .into_iter()
+        .filter(|e| e.contains("self-fenced"))
+        .collect();
+    assert!(
+        namespaces(&lab.socket(0)).is_empty(),
+        "nothing written while cut off: {refused:#?}"
+    );
+    assert_eq!(s["replicas"]["fresh"], false, "{}", s["replicas"]);
+    println!(
+        "cut off: fenced {} ms after Ceph stopped answering (deadline: 4 s after the last renewal, which is at most 2 s old; lease 6 s); refused: {refused:#?}",
+        fenced.as_millis()
+    );
+
+    drop(frozen);
+    r.wait_for(CONVERGE, "the replica to renew", |s| {
+        s["replicas"]["fresh"] == true
+    });
+    r.wait_converged(CONVERGE, 1);
+    assert_eq!(
+        namespaces(&lab.socket(0)),
+        before,
+        "repaired, same NSID and UUID"
+    );
+}
