@@ -73,6 +73,9 @@ pub trait Authority: Send + Sync + std::fmt::Debug {
     fn claim(&self, target: &Target) -> Result<Option<protocol::ShardClaim>, String>;
     /// Why `step` may not run now, if it may not.
     fn forbids(&self, desired: &Desired, step: &Step) -> Option<String>;
+    /// The shard and token `step`'s command carries (the agent refuses it below the shard's
+    /// highest token: the ceph-agent serves every shard under one unclaimed lease).
+    fn command_claim(&self, desired: &Desired, step: &Step) -> Option<protocol::ShardClaim>;
     /// Whether the leases may still be renewed.
     fn fresh(&self) -> bool;
 }
@@ -471,7 +474,12 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
             registration(ctx, fleet, name, cluster, dpu).await?
         }
     };
-    match send(ctx, &agent, cmd).await? {
+    let claim = ctx
+        .opts
+        .authority
+        .as_ref()
+        .and_then(|a| a.command_claim(&ctx.desired, step));
+    match send(ctx, &agent, cmd, claim).await? {
         // A SNAP deployment answers how far it got.
         Reply::Deploy(d) if !d.ready => Err(StepError::permanent(format!(
             "SNAP not ready: {}",
@@ -485,10 +493,15 @@ async fn run_action(ctx: &Context, fleet: &Fleet, step: &Step) -> Result<(), Ste
     }
 }
 
-/// Sends `cmd` within its deadline.
-async fn send(ctx: &Context, c: &AgentClient, cmd: Command) -> Result<Reply, StepError> {
+/// Sends `cmd` within its deadline, with a replica's shard claim.
+async fn send(
+    ctx: &Context,
+    c: &AgentClient,
+    cmd: Command,
+    claim: Option<protocol::ShardClaim>,
+) -> Result<Reply, StepError> {
     let deadline = deadline_of(&cmd, &ctx.opts);
-    c.request_within(cmd, deadline)
+    c.request_claimed(cmd, claim, deadline)
         .await
         .map_err(|e| StepError::from_client(&e))
 }
@@ -543,7 +556,13 @@ async fn snap_key(
                 client_id: client_id.to_string(),
                 pools: c.pools.iter().map(|p| p.to_string()).collect(),
             });
-            match send(ctx, &ceph, issue)
+            // Issued for the DPU's shard: a stale replica's issue is refused like its writes.
+            let claim = ctx
+                .opts
+                .authority
+                .as_ref()
+                .and_then(|a| a.claim(&Target::Dpu(dpu.to_string())).ok().flatten());
+            match send(ctx, &ceph, issue, claim)
                 .await
                 .map_err(|e| e.on(Target::Cluster(cluster.to_string())))?
             {

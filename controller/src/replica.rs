@@ -371,6 +371,15 @@ impl Authority for Replica {
         None
     }
 
+    fn command_claim(&self, desired: &Desired, step: &Step) -> Option<ShardClaim> {
+        let shard = shard_of(desired, step);
+        let token = *self.standing().held.get(shard)?;
+        Some(ShardClaim {
+            shard: shard.to_string(),
+            token,
+        })
+    }
+
     fn fresh(&self) -> bool {
         self.standing().fresh(Instant::now())
     }

@@ -361,7 +361,23 @@ impl AgentClient {
         } else {
             None
         };
-        self.send(command, fence, deadline).await
+        self.send(command, fence, None, deadline).await
+    }
+
+    /// As [`AgentClient::request_within`], carrying a replica's shard claim (see
+    /// [`crate::message::Request::claim`]).
+    pub async fn request_claimed(
+        &self,
+        command: Command,
+        claim: Option<crate::message::ShardClaim>,
+        deadline: Duration,
+    ) -> Result<Reply, ClientError> {
+        let fence = if command.is_mutating() {
+            *self.fence.lock().expect("fence lock")
+        } else {
+            None
+        };
+        self.send(command, fence, claim, deadline).await
     }
 
     /// Sends a command with an explicit fencing token (or none).
@@ -370,7 +386,7 @@ impl AgentClient {
         command: Command,
         fence: Option<u64>,
     ) -> Result<Reply, ClientError> {
-        self.send(command, fence, self.options.request_timeout)
+        self.send(command, fence, None, self.options.request_timeout)
             .await
     }
 
@@ -378,13 +394,19 @@ impl AgentClient {
         &self,
         command: Command,
         fence: Option<u64>,
+        claim: Option<crate::message::ShardClaim>,
         after: Duration,
     ) -> Result<Reply, ClientError> {
         let name = command.name();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(id, tx);
-        let msg = Message::Request(Request { id, fence, command });
+        let msg = Message::Request(Request {
+            id,
+            fence,
+            claim,
+            command,
+        });
         let closed = || ClientError::Closed {
             agent: self.agent.clone(),
         };

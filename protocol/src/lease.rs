@@ -295,6 +295,33 @@ impl LeaseTable {
         false
     }
 
+    /// [`LeaseTable::check`], then a replica's per-command `claim` (issue 24): refused below the
+    /// highest token its shard has shown, recorded as that highest otherwise (persisted first).
+    /// The ceph-agent serves every shard under one unclaimed lease; this is how it still refuses
+    /// a stale replica's image write once the shard's new holder has written.
+    pub fn check_claimed(
+        &mut self,
+        holder: &str,
+        token: Option<u64>,
+        claim: Option<&ShardClaim>,
+        now: Instant,
+    ) -> Result<(), WireError> {
+        self.check(holder, token, now)?;
+        let Some(c) = claim else {
+            return Ok(());
+        };
+        if let Some(h) = self.highest.get(&c.shard).filter(|h| c.token < **h) {
+            return Err(WireError::new(
+                ErrorCode::StaleToken,
+                format!(
+                    "shard {} token {} is stale: this agent has seen token {h} for it (another replica holds the shard now)",
+                    c.shard, c.token
+                ),
+            ));
+        }
+        self.raise(c.clone()).map_err(store_failed)
+    }
+
     /// Checks that `holder` may run a mutating command with fencing token `token`. Tokens are
     /// unique to a grant, and a grant to one instance: the token names the process.
     pub fn check(&self, holder: &str, token: Option<u64>, now: Instant) -> Result<(), WireError> {

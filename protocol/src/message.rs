@@ -128,6 +128,11 @@ pub struct Request {
     /// The fencing token of the controller's lease; required for mutating commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<u64>,
+    /// A controller replica's shard and token for this command (issue 24): the agent refuses
+    /// it below the highest token that shard has shown it, and raises that token otherwise.
+    /// Absent from a single controller's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ShardClaim>,
     /// What to do.
     pub command: Command,
 }
@@ -915,6 +920,7 @@ mod tests {
         let m = Message::Request(Request {
             id: 7,
             fence: Some(3),
+            claim: None,
             command: Command::RestoreImage(ImageRef {
                 pool: "rbd".into(),
                 image: "vol1".into(),
@@ -979,7 +985,11 @@ mod tests {
             }),
             Message::Request(Request {
                 id: 2,
-                fence: None,
+                fence: Some(4),
+                claim: Some(ShardClaim {
+                    shard: "dpu-3".into(),
+                    token: 9,
+                }),
                 command: Command::CephChanges(ChangesQuery {
                     since: 3,
                     after: Some("rbd/a".into()),

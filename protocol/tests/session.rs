@@ -255,6 +255,55 @@ async fn a_higher_shard_claim_fences_the_lower_replica() {
     assert_eq!(agent.handler.calls.load(Ordering::SeqCst), 2);
 }
 
+/// Per-command claims (issue 24): an agent serving every shard under one unclaimed lease (the
+/// ceph-agent) refuses a command whose shard token is below the highest it has seen for that
+/// shard, whichever replica sends it and whatever lease it holds; other shards are untouched.
+#[tokio::test]
+async fn a_command_claim_below_its_shards_highest_token_is_refused() {
+    let pki = Pki::new();
+    let agent = start(&pki, |_| {}, Duration::ZERO).await;
+    let a = connect(&pki, &agent, "ctl-a").await.unwrap();
+    let b = connect(&pki, &agent, "ctl-b").await.unwrap();
+    let claim = |shard: &str, token: u64| {
+        Some(protocol::ShardClaim {
+            shard: shard.into(),
+            token,
+        })
+    };
+    let within = Duration::from_secs(5);
+    let ttl = Duration::from_secs(30);
+    a.acquire_lease(ttl).await.unwrap();
+    a.request_claimed(create(), claim("dpu-1", 4), within)
+        .await
+        .unwrap();
+    // The shard's new holder writes with token 5 (under the same lease here: the lease is not
+    // what fences it).
+    b.acquire_lease(ttl).await.unwrap_err();
+    a.release_lease().await.unwrap();
+    b.acquire_lease(ttl).await.unwrap();
+    b.request_claimed(create(), claim("dpu-1", 5), within)
+        .await
+        .unwrap();
+    b.release_lease().await.unwrap();
+    // The old holder, back with a fresh lease, is refused for that shard only.
+    a.acquire_lease(ttl).await.unwrap();
+    let err = a
+        .request_claimed(create(), claim("dpu-1", 4), within)
+        .await
+        .unwrap_err();
+    let wire = err.wire().unwrap();
+    assert_eq!(wire.code, ErrorCode::StaleToken);
+    assert!(wire.message.contains("seen token 5"), "{}", wire.message);
+    a.request_claimed(create(), claim("dpu-2", 1), within)
+        .await
+        .unwrap();
+    a.request_claimed(create(), claim("dpu-1", 5), within)
+        .await
+        .unwrap();
+    assert_eq!(agent.handler.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(agent.stats.fenced.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn fencing_refuses_no_lease_other_holder_and_stale_tokens() {
     let pki = Pki::new();

@@ -77,14 +77,19 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Session<H, S> {
                     .release(&self.peer, r.instance.as_ref(), now)
                     .map(|()| Reply::Done(Empty {})),
             ),
-            cmd if cmd.is_mutating() => match self.leases().check(&self.peer, req.fence, now) {
-                Ok(()) => None,
-                Err(e) => {
-                    self.shared.stats.fenced.fetch_add(1, Ordering::Relaxed);
-                    warn!(controller = %self.peer, command = cmd.name(), code = ?e.code, "Fenced off a mutating command.");
-                    Some(Err(e))
+            cmd if cmd.is_mutating() => {
+                match self
+                    .leases()
+                    .check_claimed(&self.peer, req.fence, req.claim.as_ref(), now)
+                {
+                    Ok(()) => None,
+                    Err(e) => {
+                        self.shared.stats.fenced.fetch_add(1, Ordering::Relaxed);
+                        warn!(controller = %self.peer, command = cmd.name(), code = ?e.code, "Fenced off a mutating command.");
+                        Some(Err(e))
+                    }
                 }
-            },
+            }
             _ => None,
         }
     }
