@@ -503,9 +503,15 @@ impl FleetStatus {
 
     /// The status tables, for people.
     pub fn render(&self) -> String {
+        self.render_for(false)
+    }
+
+    /// [`FleetStatus::render`], with each DPU's owning controller replica when `replicas` (a
+    /// DPU no replica owns says so).
+    pub fn render_for(&self, replicas: bool) -> String {
         let mut out = String::new();
         self.render_clusters(&mut out);
-        self.render_dpus(&mut out);
+        self.render_dpus(&mut out, replicas);
         self.render_volumes(&mut out);
         self.render_paging(&mut out);
         out
@@ -531,13 +537,27 @@ impl FleetStatus {
         }
     }
 
-    fn render_dpus(&self, out: &mut String) {
+    fn render_dpus(&self, out: &mut String, replicas: bool) {
         let _ = writeln!(
             out,
-            "\n{:<12} {:<12} {:<9} {:<12} {:<34} {:>8} {:>8}",
-            "DPU", "HOST", "HEALTH", "SNAP", "VERSION", "RESTARTS", "MISSING"
+            "\n{}{:<12} {:<12} {:<9} {:<12} {:<34} {:>8} {:>8}",
+            if replicas {
+                format!("{:<12} ", "REPLICA")
+            } else {
+                String::new()
+            },
+            "DPU",
+            "HOST",
+            "HEALTH",
+            "SNAP",
+            "VERSION",
+            "RESTARTS",
+            "MISSING"
         );
         for d in &self.dpus {
+            if replicas {
+                let _ = write!(out, "{:<12} ", d.replica.as_deref().unwrap_or("(no owner)"));
+            }
             if d.reachable {
                 let _ = writeln!(
                     out,
@@ -974,6 +994,29 @@ mod tests {
     use protocol::dpu::{HostController, HostDevice, HostUse};
 
     use crate::plan::sim::converged_examples as converged;
+
+    /// With replicas the DPU table leads with each DPU's owner, and says when it has none.
+    #[test]
+    fn the_dpu_table_names_each_dpus_replica_or_says_it_has_none() {
+        let (d, w) = converged();
+        let mut fs = FleetStatus::new(&d, &w.observed());
+        assert!(fs.dpus.len() >= 2, "the test needs two DPUs");
+        fs.dpus[0].replica = Some("ctl-b".into());
+        let text = fs.render_for(true);
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.contains(&format!(" {name} ")))
+                .unwrap_or_else(|| panic!("{name} in:\n{text}"))
+                .to_string()
+        };
+        assert!(text.contains("\nREPLICA      DPU "), "{text}");
+        assert!(row(&fs.dpus[0].name).starts_with("ctl-b "), "{text}");
+        assert!(row(&fs.dpus[1].name).starts_with("(no owner) "), "{text}");
+        assert!(
+            !fs.render().contains("REPLICA"),
+            "a single controller has no owners"
+        );
+    }
 
     /// The examples converged, then one DPU gone: counts of the whole fleet, filters, pages.
     #[test]

@@ -110,6 +110,39 @@ fn replicas_share_the_fleet_and_a_survivor_takes_over_a_killed_one() {
             "{m}"
         );
     }
+    // `unistor status` through either replica, and the dashboard: every DPU with its owner.
+    let (m, pki) = (
+        lab.manifests().display().to_string(),
+        lab.pki().display().to_string(),
+    );
+    for r in &replicas {
+        let o = e2e::unistor(&["status", &m, "--pki-dir", &pki, "--daemon", &r.url]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(text.contains("Replicas: 2 live: ctl-a"), "{text}");
+        for (dpu, owner) in &map {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(owner.as_str()) && l.contains(&format!(" {dpu} "))),
+                "{dpu} owned by {owner} in:\n{text}"
+            );
+        }
+    }
+    let dom = e2e::browser_dom(&replicas[1].url);
+    for (dpu, owner) in &map {
+        assert!(
+            dom.contains(&format!(
+                r#"data-dpu="{dpu}" data-health="ok" data-replica="{owner}""#
+            )),
+            "{dpu} owned by {owner} on the dashboard:\n{dom}"
+        );
+    }
+    assert!(dom.contains(r#"data-count="replicas""#), "{dom}");
+
     let done: Vec<u64> = replicas.iter().map(|r| steps(r, "done")).collect();
     println!(
         "from empty: steps done by ctl-a {}, ctl-b {}",
@@ -186,6 +219,32 @@ fn replicas_share_the_fleet_and_a_survivor_takes_over_a_killed_one() {
         "nor did the survivor"
     );
     assert_eq!(namespaces(&lab.socket(0)).len(), 2);
+
+    // Removed gracefully (SIGTERM): it gives its shards up and leaves at once; the survivor
+    // takes them without waiting out a lease, and touches nothing either.
+    let leaving = back.values().filter(|r| *r == both[victim]).count();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(replicas[victim].child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let left = Instant::now();
+    let s = replicas[survivor].wait_for(CONVERGE, "the survivor to own every DPU", |s| {
+        members(s) == [both[survivor]] && shared_by(s, &[both[survivor]])
+    });
+    println!(
+        "removal: {leaving} DPU(s) moved to {} {} ms after {} was stopped",
+        both[survivor],
+        left.elapsed().as_millis(),
+        both[victim]
+    );
+    assert!(owners(&s).values().all(|r| r == both[survivor]));
+    replicas[survivor].reconcile_now(CONVERGE);
+    assert_eq!(
+        steps(&replicas[survivor], "done"),
+        before,
+        "the survivor touched nothing of what it took"
+    );
 }
 /// Newest-last step events of a daemon's status.
 fn events(s: &Value) -> Vec<String> {

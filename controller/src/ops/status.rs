@@ -95,8 +95,10 @@ pub async fn status_cmd(a: StatusArgs) -> Result<ExitCode, OpsError> {
         ..Selection::default()
     };
     let mut problems = None;
+    let mut replicas = None;
     let status = match daemon {
         Some(view) => {
+            replicas = view.replicas.clone();
             if matches!(a.output, Format::Text) {
                 println!(
                     "From the watch daemon at {} (last reconcile: {}).\n",
@@ -132,10 +134,13 @@ pub async fn status_cmd(a: StatusArgs) -> Result<ExitCode, OpsError> {
     match a.output {
         Format::Text => {
             print!("{}", status.render_summary());
+            if let Some(r) = &replicas {
+                print!("{}", r.render());
+            }
             if let Some(p) = problems {
                 print!("{}", p.render_problems());
             }
-            print!("{}", status.render());
+            print!("{}", status.render_for(replicas.is_some()));
         }
         Format::Json => println!(
             "{}",

@@ -233,6 +233,47 @@ pub struct ReplicasView {
     pub released: u64,
 }
 
+impl ReplicasView {
+    /// For people: the live replicas and what each owns, the shards nobody owns, and whether
+    /// the replica answering may write.
+    pub fn render(&self) -> String {
+        let owned: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| {
+                let this = if *m == self.this { " (answering)" } else { "" };
+                format!(
+                    "{m}{this} {} shard(s)",
+                    self.owned.get(m).copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        let mut out = format!(
+            "Replicas: {} live: {}\n",
+            self.members.len(),
+            owned.join(", ")
+        );
+        if !self.unowned.is_empty() {
+            out.push_str(&format!(
+                "  No owner now (being taken over, or no replica can): {}\n",
+                self.unowned.join(", ")
+            ));
+        }
+        if !self.fresh {
+            out.push_str(&format!(
+                "  {} is self-fenced: it has not renewed its membership in RADOS in time and writes nothing{}\n",
+                self.this,
+                self.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ));
+        }
+        out.push('\n');
+        out
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
@@ -858,6 +899,38 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_replicas_view_says_who_owns_what_and_what_nobody_owns() {
+        let mut r = ReplicasView {
+            this: "ctl-a".into(),
+            members: vec!["ctl-a".into(), "ctl-b".into()],
+            fresh: true,
+            owned: [("ctl-a".to_string(), 2), ("ctl-b".to_string(), 1)].into(),
+            ..ReplicasView::default()
+        };
+        let text = r.render();
+        assert!(
+            text.starts_with("Replicas: 2 live: ctl-a (answering) 2 shard(s), ctl-b 1 shard(s)\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("No owner") && !text.contains("self-fenced"),
+            "{text}"
+        );
+        r.unowned = vec!["dpu-3".into()];
+        r.fresh = false;
+        r.error = Some("renewal timed out".into());
+        let text = r.render();
+        assert!(
+            text.contains("No owner now (being taken over, or no replica can): dpu-3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ctl-a is self-fenced") && text.contains("(renewal timed out)"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn every_counter_is_exported_from_zero() {
