@@ -131,6 +131,11 @@ impl Replica {
         })
     }
 
+    /// This replica's name.
+    pub fn name(&self) -> &str {
+        &self.options.name
+    }
+
     /// What the coordination thread last found.
     pub fn standing(&self) -> Arc<Standing> {
         self.standing

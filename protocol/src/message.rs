@@ -423,10 +423,25 @@ impl ControllerInstance {
     /// Longest `id`, `host` or `command` an agent accepts.
     pub const MAX_FIELD: usize = 256;
 
+    /// Names this process's role in its instance's command from now on (a controller replica:
+    /// `replica ctl-a`), so that an agent refusing another controller names the replica holding
+    /// its lease. The first label stays.
+    pub fn label_this_process(label: &str) {
+        let _ = THIS_PROCESS_LABEL.set(label.chars().take(Self::MAX_FIELD / 4).collect());
+    }
+
     /// This process, the same value for every call (one id per process).
     pub fn this_process() -> Self {
         static ME: std::sync::OnceLock<ControllerInstance> = std::sync::OnceLock::new();
-        ME.get_or_init(|| {
+        let mut me = Self::unlabelled(&ME);
+        if let Some(label) = THIS_PROCESS_LABEL.get() {
+            me.command = format!("{} ({label})", me.command);
+        }
+        me
+    }
+
+    fn unlabelled(me: &'static std::sync::OnceLock<ControllerInstance>) -> Self {
+        me.get_or_init(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
                 .ok()
@@ -475,6 +490,9 @@ impl ControllerInstance {
         Ok(())
     }
 }
+
+/// See [`ControllerInstance::label_this_process`].
+static THIS_PROCESS_LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 impl std::fmt::Display for ControllerInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -429,3 +429,74 @@ fn a_replica_cut_off_from_ceph_stops_writing_before_its_lease_can_expire() {
         "repaired, same NSID and UUID"
     );
 }
+
+/// `unistor apply` from CI beside a replica (the same manifests, the same certificate): while
+/// the replica's pass holds a DPU's lease, an apply that does not wait is refused there with
+/// the replica named; one that waits (`--lease-wait`) takes the leases in turn and ends
+/// converged; every object exists once.
+#[test]
+fn unistor_apply_beside_a_replica_waits_for_its_leases_or_names_it() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 1, &["--emulator-arg=--latency=*=300ms"]);
+    let names: Vec<String> = (0..4).map(|i| unique(&format!("ci{i}"))).collect();
+    let spec = |n: usize| -> Vec<(&str, usize, &str, &str)> {
+        (0..n)
+            .map(|i| (names[i].as_str(), 0, "64Mi", "Retain"))
+            .collect()
+    };
+    lab.write(&c, &spec(1));
+    let r = lab.replica(&c, "ctl-a", "6s", &[]);
+    r.wait_converged(CONVERGE, 1);
+    let (m, pki) = (
+        lab.manifests().display().to_string(),
+        lab.pki().display().to_string(),
+    );
+    let apply = |extra: &[&str]| {
+        let mut args = vec![
+            "apply",
+            m.as_str(),
+            "--pki-dir",
+            pki.as_str(),
+            "--owner",
+            lab.owner.as_str(),
+            "--auto-approve",
+        ];
+        args.extend_from_slice(extra);
+        let o = e2e::unistor(&args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), text)
+    };
+
+    // Three volumes more: the replica's pass holds dpu-0's lease for their SNAP steps (300 ms
+    // each); CI's apply of the same commit meanwhile, not waiting, is refused there.
+    lab.write(&c, &spec(4));
+    r.wait_for(CONVERGE, "the replica's pass on dpu-0", |s| {
+        events(s)
+            .iter()
+            .any(|e| e.starts_with("done: + dpu/dpu-0") && names[1..].iter().any(|n| e.contains(n)))
+    });
+    let (code, text) = apply(&[]);
+    println!("apply beside a replica's pass (exit {code:?}):\n{text}");
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("lease held by controller"), "{text}");
+    assert!(
+        text.contains("(replica ctl-a)"),
+        "the replica named: {text}"
+    );
+
+    // Waiting, it gets the leases once the replica's pass ends, and finds the work done or
+    // finishes it.
+    let (code, text) = apply(&["--lease-wait", "2m"]);
+    assert_eq!(code, Some(0), "{text}");
+    r.wait_converged(CONVERGE, 4);
+    let ns = namespaces(&lab.socket(0));
+    assert_eq!(ns.len(), 4, "{ns:?}");
+    let mut nsids: Vec<u64> = ns.iter().map(|n| n.1).collect();
+    nsids.sort_unstable();
+    nsids.dedup();
+    assert_eq!(nsids.len(), 4, "{ns:?}");
+}

@@ -139,6 +139,10 @@ impl ReplicaArgs {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(a: WatchArgs) -> Result<(), OpsError> {
     let replica = a.replicas.options(&a.common.owner)?.map(Replica::new);
+    if let Some(r) = &replica {
+        // Agents name the lease holder by its instance: "... (replica ctl-a)".
+        protocol::ControllerInstance::label_this_process(&format!("replica {}", r.name()));
+    }
     let state = Shared::new(&a.common.dir, &a.state_dir, !a.no_heal);
     let (tx, rx) = triggers::queue(triggers::CAPACITY);
     let sessions = Arc::new(Sessions::new(
