@@ -9,6 +9,11 @@
 #                          the same with N simulated DPUs in one fleet-sim process (each its
 #                          own dpu-agent endpoint and SNAP emulator) and 2 volumes each, from
 #                          manifests generated in lab/fleet-manifests
+#   scripts/lab.sh up --replicas R [--fleet N]
+#                          the same with R controller replicas (`unistor watch --replicas-in
+#                          unistor-ctl`, ctl-1..ctl-R, dashboards on consecutive ports from
+#                          7480) sharing the DPUs through RADOS, with a cephx identity that
+#                          reaches only the pool unistor-ctl
 #   scripts/lab.sh down    stop everything, remove ./lab
 #
 # Ports: ceph-agent 127.0.0.1:7400, dpu-a/b/c 127.0.0.1:7411-7413 (as examples/lab names them),
@@ -68,9 +73,49 @@ with open(f"{m}/volumes.yaml", "w") as f:
 PY
 }
 
+# R replicas of the daemon on manifests $2 (resync $3): the coordination pool and identity
+# once, then ctl-1..ctl-R, each with its dashboard on the next port from $http.
+replicas() {
+  local r=$1 m=$2 resync=$3 host=${http%:*} port=${http#*:}
+  local c=(-c "$UNISTOR_CEPH_CONF" --id "$UNISTOR_CEPH_ID" -k "$UNISTOR_CEPH_KEYRING")
+  if [ ! -e "$lab/unistor-ctl.keyring" ]; then
+    ceph "${c[@]}" osd pool create unistor-ctl 8 >/dev/null 2>&1
+    ceph "${c[@]}" osd pool application enable unistor-ctl unistor >/dev/null 2>&1
+    ceph "${c[@]}" auth get-or-create client.unistor-ctl mon 'allow r' \
+      osd 'allow rwx pool=unistor-ctl' >"$lab/unistor-ctl.keyring"
+  fi
+  for i in $(seq 1 "$r"); do
+    start "ctl-$i" "$lab/ctl-$i.pid" "$lab/ctl-$i.log" \
+      "$bin/unistor" watch "$m" --pki-dir "$lab/pki" --listen "$host:$((port + i - 1))" \
+      --state-dir "$lab/ctl-$i" --resync "$resync" --replicas-in unistor-ctl \
+      --replica-name "ctl-$i" --rados-conf "$UNISTOR_CEPH_CONF" --rados-id unistor-ctl \
+      --rados-keyring "$lab/unistor-ctl.keyring"
+  done
+  for i in $(seq 1 "$r"); do wait_port "$host:$((port + i - 1))"; done
+}
+
+# The daemon on manifests $1 (resync $2): one, or the replicas `up --replicas R` asked for.
+daemons() {
+  if [ "$replicas" -gt 0 ]; then
+    replicas "$replicas" "$1" "$2"
+  else
+    start watch "$lab/watch.pid" "$lab/watch.log" \
+      "$bin/unistor" watch "$1" --pki-dir "$lab/pki" --listen "$http" \
+      --state-dir "$lab/watch" --resync "$2"
+    wait_port "$http"
+  fi
+}
+
+replicas=0
 up() {
   local n=0
-  if [ "${1:-}" = --fleet ]; then n=${2:?usage: $0 up --fleet N}; fi
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --fleet) n=${2:?usage: $0 up [--fleet N] [--replicas R]}; shift 2 ;;
+      --replicas) replicas=${2:?usage: $0 up [--fleet N] [--replicas R]}; shift 2 ;;
+      *) echo "usage: $0 up [--fleet N] [--replicas R]" >&2; exit 64 ;;
+    esac
+  done
   cargo build --release --workspace --bins
   mkdir -p "$lab"
   if [ ! -e "$lab/ceph/ceph.conf" ]; then
@@ -107,10 +152,7 @@ up() {
   "$bin/unistor" apply examples/lab --pki-dir "$lab/pki" --auto-approve
   echo
   # The daemon keeps it converged from here on: edit examples/lab and watch it follow.
-  start watch "$lab/watch.pid" "$lab/watch.log" \
-    "$bin/unistor" watch examples/lab --pki-dir "$lab/pki" --listen "$http" \
-    --state-dir "$lab/watch" --resync 1m
-  wait_port "$http"
+  daemons examples/lab 1m
   # Until the daemon has seen every volume's chain whole (status exits 0).
   for _ in $(seq 1 100); do
     if "$bin/unistor" status examples/lab --pki-dir "$lab/pki" --daemon "http://$http" >/dev/null 2>&1; then break; fi
@@ -135,6 +177,7 @@ PY
   echo
   echo "lab is up: manifests in examples/lab, certificates in $lab/pki, logs in $lab/*.log"
   echo "dashboard: http://$http/   (JSON: /api/v1/status, Prometheus: /metrics)"
+  [ "$replicas" -gt 0 ] && echo "$replicas replicas: ctl-1..ctl-$replicas, dashboards from http://$http/ on consecutive ports; kill one (kill \$(cat $lab/ctl-1.pid)) and watch another take its DPUs"
   echo "the watch daemon follows edits to examples/lab; try: $bin/unistor plan examples/lab --pki-dir $lab/pki"
   echo "stop it with: scripts/lab.sh down"
 }
@@ -145,10 +188,7 @@ up_fleet() {
   wait_port 127.0.0.1:7400
   local m=$lab/fleet-manifests
   "$bin/unistor" apply "$m" --pki-dir "$lab/pki" --auto-approve | tail -3
-  start watch "$lab/watch.pid" "$lab/watch.log" \
-    "$bin/unistor" watch "$m" --pki-dir "$lab/pki" --listen "$http" \
-    --state-dir "$lab/watch" --resync 10m
-  wait_port "$http"
+  daemons "$m" 10m
   # Until the daemon has a session with every agent and has seen every chain whole.
   for _ in $(seq 1 300); do
     if "$bin/unistor" status "$m" --pki-dir "$lab/pki" --daemon "http://$http" --limit 0 >/dev/null 2>&1; then break; fi
@@ -185,5 +225,5 @@ down() {
 case "${1:-}" in
   up) shift; up "$@" ;;
   down) down ;;
-  *) echo "usage: $0 up [--fleet N]|down" >&2; exit 64 ;;
+  *) echo "usage: $0 up [--fleet N] [--replicas R]|down" >&2; exit 64 ;;
 esac

@@ -115,6 +115,8 @@ pub struct Coord<'a> {
     owner: &'a str,
     replica: &'a str,
     ttl: Duration,
+    /// librados operations issued (what the coordination costs the cluster).
+    ops: std::cell::Cell<u64>,
 }
 
 /// ENOENT: no such object (nobody ever wrote it), or a lock not held.
@@ -136,7 +138,17 @@ impl<'a> Coord<'a> {
             owner,
             replica,
             ttl,
+            ops: std::cell::Cell::new(0),
         }
+    }
+
+    /// librados operations this handle has issued.
+    pub fn ops(&self) -> u64 {
+        self.ops.get()
+    }
+
+    fn op(&self) {
+        self.ops.set(self.ops.get() + 1);
     }
 
     /// The object whose shared lock lists the replicas.
@@ -153,6 +165,7 @@ impl<'a> Coord<'a> {
     /// renewing leaves the list when its TTL passes, decided on the OSD. Also makes sure the map
     /// object exists (a compare-and-set needs it).
     pub fn join(&self) -> Result<(), CoordError> {
+        self.ops.set(self.ops.get() + 2);
         self.pool
             .lock_shared(&self.members_object(), MEMBERS, self.replica, self.ttl)
             .map_err(failed(self.members_object()))?;
@@ -163,6 +176,7 @@ impl<'a> Coord<'a> {
 
     /// Renews this replica's membership only (the map object exists once joined).
     pub fn renew(&self) -> Result<(), CoordError> {
+        self.op();
         self.pool
             .lock_shared(&self.members_object(), MEMBERS, self.replica, self.ttl)
             .map_err(failed(self.members_object()))
@@ -170,6 +184,7 @@ impl<'a> Coord<'a> {
 
     /// Leaves the replicas at once (nothing when not a member).
     pub fn leave(&self) -> Result<(), CoordError> {
+        self.op();
         match self
             .pool
             .unlock(&self.members_object(), MEMBERS, self.replica)
@@ -182,6 +197,7 @@ impl<'a> Coord<'a> {
     /// The live replicas, sorted, each once: what every replica feeds
     /// [`crate::shards::assign`] with, so that all compute the same owners.
     pub fn members(&self) -> Result<Vec<String>, CoordError> {
+        self.op();
         match self.pool.lockers(&self.members_object(), MEMBERS) {
             Ok(mut m) => {
                 m.sort();
@@ -196,6 +212,7 @@ impl<'a> Coord<'a> {
     /// Every shard's record (a shard never taken is absent).
     pub fn records(&self) -> Result<BTreeMap<String, Record>, CoordError> {
         let object = self.map_object();
+        self.op();
         let values = match self.pool.omap_values(&object, MAX_SHARDS) {
             Ok(v) => v,
             Err(LibError::Call { errno: ENOENT, .. }) => return Ok(BTreeMap::new()),
@@ -248,6 +265,7 @@ impl<'a> Coord<'a> {
 
     fn swap(&self, shard: &str, from: &Record, to: &Record) -> Result<bool, CoordError> {
         let object = self.map_object();
+        self.op();
         self.pool
             .omap_compare_and_set(
                 &object,

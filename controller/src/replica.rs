@@ -86,6 +86,8 @@ pub struct Standing {
     pub taken: u64,
     /// Shards given up since the start.
     pub released: u64,
+    /// librados operations the coordination has issued since this replica started.
+    pub rados_ops: u64,
 }
 
 impl Standing {
@@ -214,6 +216,7 @@ impl Replica {
                         state.error = Some(protocol::error::chain(&e));
                     }
                 }
+                state.rados_ops += coord.ops();
                 // Published before the reconcile it asks for reads it.
                 self.publish(state.clone());
                 if state.held != before {

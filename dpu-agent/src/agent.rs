@@ -53,6 +53,9 @@ struct Observed {
     bluefield: Option<(tokio::time::Instant, Option<BlueFieldFacts>)>,
 }
 
+/// How long after the last command that changed SNAP its report is pushed.
+pub const PUSH_AFTER_COMMANDS: Duration = Duration::from_millis(250);
+
 /// The DPU agent.
 pub struct DpuAgent {
     snap: Snap,
@@ -65,6 +68,10 @@ pub struct DpuAgent {
     /// a drift that takes the same objects away again looks like the last push, and must be
     /// pushed all the same.
     applied: std::sync::atomic::AtomicU64,
+    /// Told after each command that changed SNAP: the report is pushed once a burst of them is
+    /// over, not at the next supervision tick (controllers that did not send the commands, such
+    /// as the other controller replicas, see the change within [`PUSH_AFTER_COMMANDS`]).
+    commanded: tokio::sync::Notify,
     /// This process's report numbering: reports are built one at a time, each numbered as it
     /// starts, so a higher number never holds an older view than a lower one.
     reports: Mutex<ReportOrder>,
@@ -257,6 +264,7 @@ impl DpuAgent {
             settings,
             observed: StdMutex::new(Observed::default()),
             applied: Default::default(),
+            commanded: tokio::sync::Notify::new(),
             reports: Mutex::new(ReportOrder {
                 instance: fastrand::u64(1..),
                 seq: 0,
@@ -416,7 +424,16 @@ impl DpuAgent {
         let mut last: Option<(DpuReport, u64)> = None;
         let mut last_full = tokio::time::Instant::now();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.commanded.notified() => {
+                    // Once no command has come for a moment: a pass's burst is one push.
+                    while tokio::time::timeout(PUSH_AFTER_COMMANDS, self.commanded.notified())
+                        .await
+                        .is_ok()
+                    {}
+                }
+            }
             self.supervise_once().await;
             if self.events.receiver_count() == 0 {
                 continue;
@@ -472,6 +489,7 @@ impl DpuAgent {
         let result = op.await;
         self.applied
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.commanded.notify_one();
         if written_ahead {
             match &result {
                 Ok(_) => store.settle(true).map_err(internal)?,

@@ -109,6 +109,15 @@ fn replicas_share_the_fleet_and_a_survivor_takes_over_a_killed_one() {
             2,
             "{m}"
         );
+        let ops: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("unistor_replica_rados_operations_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(
+            ops > 0,
+            "the coordination's RADOS operations are counted:\n{m}"
+        );
     }
     // `unistor status` through either replica, and the dashboard: every DPU with its owner.
     let (m, pki) = (

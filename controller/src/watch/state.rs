@@ -231,6 +231,10 @@ pub struct ReplicasView {
     pub taken: u64,
     /// Shards it gave up since it started.
     pub released: u64,
+    /// librados operations its coordination issued since it started (renewals, map reads,
+    /// takes and releases).
+    #[serde(default)]
+    pub rados_ops: u64,
 }
 
 impl ReplicasView {
@@ -310,6 +314,7 @@ pub struct Metrics {
     replica_shards: Family<ReplicaLabel, Gauge>,
     unowned_shards: Gauge,
     replica_fresh: Gauge,
+    rados_ops: Counter,
 }
 
 impl Metrics {
@@ -386,6 +391,12 @@ impl Metrics {
             "1 while this replica's membership in RADOS is fresh enough to write (replicas only)",
             replica_fresh.clone(),
         );
+        let rados_ops = Counter::default();
+        registry.register(
+            "replica_rados_operations",
+            "librados operations this replica's coordination issued (replicas only)",
+            rados_ops.clone(),
+        );
         // Every series exists from the start, at 0: a rate over a counter that appears only
         // with its first increment misses that increment, and an alert on it has no series.
         for outcome in StepResult::ALL {
@@ -413,6 +424,7 @@ impl Metrics {
             replica_shards,
             unowned_shards,
             replica_fresh,
+            rados_ops,
         }
     }
 
@@ -429,6 +441,8 @@ impl Metrics {
         self.unowned_shards
             .set(i64::try_from(view.unowned.len()).unwrap_or(i64::MAX));
         self.replica_fresh.set(i64::from(view.fresh));
+        self.rados_ops
+            .inc_by(view.rados_ops.saturating_sub(self.rados_ops.get()));
     }
 
     /// The OpenMetrics text.
@@ -578,6 +592,7 @@ impl Shared {
             error: s.error.clone(),
             taken: s.taken,
             released: s.released,
+            rados_ops: s.rados_ops,
             ..ReplicasView::default()
         };
         let shards = g

@@ -17,6 +17,8 @@ use e2e::{
 
 #[path = "converge-bench/fleet.rs"]
 mod fleet;
+#[path = "converge-bench/replicas.rs"]
+mod replicas;
 
 /// Converges N simulated DPUs x M volumes from empty against the real Ceph cluster
 /// (`UNISTOR_CEPH_*`, as `scripts/bench.sh` sets them) and reports the time against its floor.
@@ -39,6 +41,13 @@ struct Args {
     /// tenth of the fleet.
     #[arg(long)]
     fleet: bool,
+    /// Controller replicas (issue 24) on the converged fleet instead of one daemon: sharing,
+    /// steady-state cost, RADOS operations, five failovers (pool `unistor-ctl` is created).
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+    /// The replicas' membership lease.
+    #[arg(long, default_value = "15s")]
+    replica_ttl: String,
 }
 
 /// CPU seconds of a process: (its own, its reaped children's), from /proc/PID/stat.
@@ -170,7 +179,9 @@ fn main() -> std::process::ExitCode {
         converge.as_secs_f64() / (rbd_floor + snap_floor).as_secs_f64()
     );
     let floor = edit_floor(&c, a.snap_latency_ms);
-    if a.fleet {
+    if a.replicas > 0 {
+        replicas::run(&lab, a.replicas, &a.replica_ttl);
+    } else if a.fleet {
         fleet::watch(&lab, a.edits, floor);
     } else {
         lab.watch(a.edits, floor);
