@@ -301,19 +301,24 @@ impl DpuAgent {
         let host = crate::status::host_facts(&self.settings.proc_root, &self.settings.sys_root);
         let bluefield = self.bluefield().await;
         let image = self.platform.deployed().await;
-        let (version, inventory) = match self.snap.version().await {
-            // The view (re-listed by every supervision pass, kept up to date by our own calls).
-            Ok(v) => (
-                Some(v),
-                match self.snap.cached() {
+        let version = self.snap.version().await.ok();
+        // The view (re-listed by every supervision pass, kept up to date by our own calls) and
+        // the ledger, read together under the ledger's lock: a command holds it from its intent
+        // to its settle, so neither is read half way through one. (Read apart, a command
+        // settling in between put its new object in the ledger and not in the view: the report
+        // said SNAP had lost it, and every other controller replica warned of drift.)
+        let (inventory, ledger) = {
+            let store = self.ledger.lock().await;
+            let inventory = match version {
+                Some(_) => match self.snap.cached() {
                     Some(inv) => Some(inv),
                     None => self.snap.list().await.ok(),
                 },
-            ),
-            Err(_) => (None, None),
+                None => None,
+            };
+            (inventory, store.get().clone())
         };
         let host_use = self.platform.host_use().await;
-        let ledger = self.ledger.lock().await.get().clone();
         let missing = inventory
             .as_ref()
             .map(|inv| ledger::missing(&ledger, inv))

@@ -365,6 +365,19 @@ fn a_replica_paused_past_its_lease_writes_nothing_of_its_old_pass() {
     nsids.dedup();
     assert_eq!(nsids.len(), 4, "{ns:?}");
     assert_eq!(namespaces(&lab.socket(1)).len(), 1);
+    // Nothing happened out of band: no replica saw another's writes as drift (a report read
+    // half way through a command said SNAP had lost the object it was creating).
+    for r in &replicas {
+        let s = r.status();
+        let drift: Vec<&Value> = s["events"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .filter(|e| e["kind"] == "drift")
+            .collect();
+        assert!(drift.is_empty(), "{drift:#?}");
+    }
 }
 
 /// A replica cut off from Ceph (every daemon of its cluster SIGSTOPped: its RADOS traffic gets
