@@ -728,10 +728,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_pass_reads_the_informers_reports_without_copying_them_and_a_change_copies_one() {
-        let mut informer = Informer::default();
-        let page = |images: Vec<ImageStatus>, generation| Page {
+    /// A full read's only page: `images` at `generation`.
+    fn full_page(images: Vec<ImageStatus>, generation: u64) -> Page {
+        Page {
             restart: true,
             changes: CephChanges {
                 generation,
@@ -741,7 +740,13 @@ mod tests {
                 images,
                 removed: vec![],
             },
-        };
+        }
+    }
+
+    #[test]
+    fn a_pass_reads_the_informers_reports_without_copying_them_and_a_change_copies_one() {
+        let mut informer = Informer::default();
+        let page = full_page;
         let c = Target::Cluster("ceph".into());
         informer.apply(vec![(
             c.clone(),
@@ -771,19 +776,7 @@ mod tests {
     fn a_change_announced_during_a_read_is_read_again() {
         let mut informer = Informer::default();
         let c = Target::Cluster("ceph".into());
-        let answer = |images: Vec<ImageStatus>, generation| {
-            Fetched::Cluster(Ok(vec![Page {
-                restart: true,
-                changes: CephChanges {
-                    generation,
-                    full: true,
-                    more: false,
-                    cluster: empty_report(),
-                    images,
-                    removed: vec![],
-                },
-            }]))
-        };
+        let answer = |images, generation| Fetched::Cluster(Ok(vec![full_page(images, generation)]));
         assert!(informer.due(&c), "never read");
         informer.apply(vec![(c.clone(), answer(vec![], 1))]);
         assert!(!informer.due(&c), "known, nothing announced");

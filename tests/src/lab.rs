@@ -206,6 +206,34 @@ impl Lab {
     }
 }
 
+/// Destroys the first namespace of SNAP at `socket` out of band, as an operator's stray RPC
+/// would (detached from the first controller, then destroyed); returns its subsystem and NSID.
+pub fn destroy_first_namespace(socket: &Path) -> (String, u64) {
+    let subs = crate::snap_call(socket, "nvme_subsystem_list");
+    let nqn = subs[0]["nqn"].as_str().expect("a subsystem").to_string();
+    let nsid = subs[0]["namespaces"][0]["nsid"]
+        .as_u64()
+        .expect("a namespace");
+    let ctrls = crate::snap_call(socket, "nvme_controller_list");
+    let ctrl = ctrls[0]["ctrl_id"]
+        .as_str()
+        .expect("a controller")
+        .to_string();
+    for (method, params) in [
+        (
+            "nvme_controller_detach_ns",
+            serde_json::json!({"ctrl_id": ctrl, "nsid": nsid}),
+        ),
+        (
+            "nvme_namespace_destroy",
+            serde_json::json!({"nqn": nqn, "nsid": nsid}),
+        ),
+    ] {
+        crate::try_snap_call_with(socket, method, params).expect("the out-of-band call");
+    }
+    (nqn, nsid)
+}
+
 /// Namespaces SNAP has on `socket`: (bdev, nsid, uuid), sorted.
 pub fn namespaces(socket: &Path) -> Vec<(String, u64, String)> {
     let subs = snap_call(socket, "nvme_subsystem_list");

@@ -404,23 +404,8 @@ fn a_replica_cut_off_from_ceph_stops_writing_before_its_lease_can_expire() {
     });
     let fenced = cut.elapsed();
     // SNAP-only drift (nothing of it needs Ceph): a healing controller would repair it at once.
-    let subs = e2e::snap_call(&lab.socket(0), "nvme_subsystem_list");
-    let nqn = subs[0]["nqn"].as_str().unwrap().to_string();
-    let nsid = before[0].1;
-    let ctrls = e2e::snap_call(&lab.socket(0), "nvme_controller_list");
-    let ctrl = ctrls[0]["ctrl_id"].as_str().unwrap().to_string();
-    for (method, params) in [
-        (
-            "nvme_controller_detach_ns",
-            serde_json::json!({"ctrl_id": ctrl, "nsid": nsid}),
-        ),
-        (
-            "nvme_namespace_destroy",
-            serde_json::json!({"nqn": nqn, "nsid": nsid}),
-        ),
-    ] {
-        e2e::try_snap_call_with(&lab.socket(0), method, params).unwrap();
-    }
+    let (nqn, nsid) = e2e::lab::destroy_first_namespace(&lab.socket(0));
+    assert_eq!(nsid, before[0].1);
     let s = r.wait_for(CONVERGE, "the repair to be refused", |s| {
         events(s)
             .iter()

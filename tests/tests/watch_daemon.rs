@@ -484,28 +484,11 @@ fn an_out_of_band_delete_is_drift_reported_in_report_only_and_repaired_when_heal
     drop(healing);
     let before = namespaces(&lab.socket(0));
     assert_eq!(before.len(), 1);
-    let subs = snap_call(&lab.socket(0), "nvme_subsystem_list");
-    let nqn = subs[0]["nqn"].as_str().unwrap().to_string();
-    let nsid = subs[0]["namespaces"][0]["nsid"].as_u64().unwrap();
-    let ctrls = snap_call(&lab.socket(0), "nvme_controller_list");
-    let ctrl = ctrls[0]["ctrl_id"].as_str().unwrap().to_string();
-
     let report_only = lab.daemon(&["--no-heal"]);
     report_only.wait_for(CONVERGE, "the report-only daemon sees the fleet", |s| {
         volume(s, &a)["state"] == "ok"
     });
-    for (method, params) in [
-        (
-            "nvme_controller_detach_ns",
-            serde_json::json!({"ctrl_id": ctrl, "nsid": nsid}),
-        ),
-        (
-            "nvme_namespace_destroy",
-            serde_json::json!({"nqn": nqn, "nsid": nsid}),
-        ),
-    ] {
-        e2e::try_snap_call_with(&lab.socket(0), method, params).unwrap();
-    }
+    let (nqn, _) = e2e::lab::destroy_first_namespace(&lab.socket(0));
     let s = report_only.wait_for(CONVERGE, "the drift reported", |s| {
         volume(s, &a)["state"] == "degraded"
             && s["events"].as_array().is_some_and(|e| {
