@@ -208,9 +208,21 @@ impl<R: Runner> CephHandler<R> {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
                 let policy = crate::ceph::Policy::parse_opt(c.policy.as_ref())?;
+                let source = c
+                    .clone_from
+                    .as_ref()
+                    .map(crate::ceph::SnapSpec::parse)
+                    .transpose()?;
                 Reply::Image(Box::new(
                     self.ceph
-                        .create_image(&spec, c.size_bytes, &c.features, &owner, policy.as_ref())
+                        .create_image_from(
+                            &spec,
+                            c.size_bytes,
+                            &c.features,
+                            &owner,
+                            policy.as_ref(),
+                            source.as_ref(),
+                        )
                         .await?,
                 ))
             }
@@ -381,6 +393,7 @@ mod tests {
                     features: vec![],
                     owner: owner("v"),
                     policy: None,
+                    clone_from: None,
                 })),
             ),
             (
@@ -392,6 +405,7 @@ mod tests {
                     features: vec![],
                     owner: owner("v"),
                     policy: None,
+                    clone_from: None,
                 })),
             ),
             (
@@ -403,6 +417,7 @@ mod tests {
                     features: vec![],
                     owner: owner(bad),
                     policy: None,
+                    clone_from: None,
                 })),
             ),
             (
@@ -414,6 +429,7 @@ mod tests {
                     features: vec![bad.into()],
                     owner: owner("v"),
                     policy: None,
+                    clone_from: None,
                 })),
             ),
             (
@@ -514,6 +530,7 @@ mod tests {
                         features: vec![],
                         owner: owner("v"),
                         policy: None,
+                        clone_from: None,
                     })),
                     Fence::none(),
                 )
@@ -543,6 +560,7 @@ mod tests {
                     features: vec!["fast-diff".into()],
                     owner: owner("v"),
                     policy: None,
+                    clone_from: None,
                 })),
                 Fence::none(),
             )
@@ -572,6 +590,7 @@ mod tests {
                     features: vec![],
                     owner: owner("v"),
                     policy: None,
+                    clone_from: None,
                 })),
             ),
             (
@@ -601,6 +620,7 @@ mod tests {
                     features: vec![],
                     owner: owner("v"),
                     policy: policy(u64::MAX),
+                    clone_from: None,
                 })),
             ),
         ];

@@ -135,6 +135,136 @@ impl Drop for Watcher {
     }
 }
 
+/// A golden image: `size` bytes, its first MiB a pattern, with snapshot `v1`.
+fn golden(c: &Cluster, name: &str, size: u64) -> Vec<u8> {
+    let pattern: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("golden.raw");
+    let mut bytes = pattern.clone();
+    bytes.resize(size as usize, 0);
+    std::fs::write(&file, &bytes).unwrap();
+    let spec = format!("{}/{name}", c.pool);
+    cli_ok(
+        c,
+        "rbd",
+        &["import", "--no-progress", file.to_str().unwrap(), &spec],
+    );
+    cli_ok(c, "rbd", &["snap", "create", &format!("{spec}@v1")]);
+    pattern
+}
+
+/// The first `len` bytes of an image, read back with `rbd export`.
+fn head_of(c: &Cluster, pool: &str, image: &str, len: usize) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.raw");
+    cli_ok(
+        c,
+        "rbd",
+        &[
+            "export",
+            "--no-progress",
+            &format!("{pool}/{image}"),
+            file.to_str().unwrap(),
+        ],
+    );
+    let mut b = std::fs::read(&file).unwrap();
+    b.truncate(len);
+    b
+}
+
+/// A volume cloned from a golden image's snapshot: a format-2 clone (the snapshot unprotected)
+/// with unistor's keys, grown to the size asked, holding the golden bytes; the same create again
+/// is success; a size below the snapshot's and a missing snapshot are refused, and nothing is
+/// left behind.
+#[tokio::test]
+async fn a_clone_of_a_golden_snapshot_is_grown_owned_and_holds_its_bytes() {
+    let c = cluster();
+    let ceph = ceph_ops(&c);
+    let gold = unique("golden");
+    let pattern = golden(&c, &gold, 16 * MIB);
+    let src = ceph_agent::ceph::SnapSpec::parse(&protocol::SnapshotRef {
+        pool: c.pool.clone(),
+        image: gold.clone(),
+        snapshot: "v1".into(),
+    })
+    .unwrap();
+    let name = unique("boot");
+    let s = spec(&c.pool, &name);
+    let o = owner(&name);
+    let st = ceph
+        .create_image_from(&s, 64 * MIB, &[], &o, None, Some(&src))
+        .await
+        .unwrap();
+    assert_eq!((st.state, st.size_bytes), (ImageState::Live, 64 * MIB));
+    let info = rbd_info(&c, &c.pool, &name).expect("rbd sees the clone");
+    assert_eq!(info["size"].as_u64(), Some(64 * MIB));
+    assert_eq!(info["parent"]["image"], gold.as_str(), "{info}");
+    assert_eq!(info["parent"]["snapshot"], "v1", "{info}");
+    let meta = rbd_meta(&c, &c.pool, &name);
+    assert_eq!(meta["unistor.volume"], name);
+    assert!(indexed(&c, &c.pool, &name));
+    assert_eq!(head_of(&c, &c.pool, &name, MIB as usize), pattern);
+    // The snapshot was never protected: format 2 needs no protection.
+    let snaps = cli_ok(
+        &c,
+        "rbd",
+        &[
+            "snap",
+            "ls",
+            "--format",
+            "json",
+            &format!("{}/{gold}", c.pool),
+        ],
+    );
+    assert_eq!(json(&snaps)[0]["protected"], "false", "{snaps}");
+    // Again: success, nothing changed.
+    let again = ceph
+        .create_image_from(&s, 64 * MIB, &[], &o, None, Some(&src))
+        .await
+        .unwrap();
+    assert_eq!(again.size_bytes, 64 * MIB);
+
+    // Smaller than the snapshot: refused before anything is written.
+    let small = unique("small");
+    let e = ceph
+        .create_image_from(
+            &spec(&c.pool, &small),
+            8 * MIB,
+            &[],
+            &owner(&small),
+            None,
+            Some(&src),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CephError::Invalid { .. }), "{e}");
+    assert!(e.to_string().contains("cannot be smaller"), "{e}");
+    // A snapshot that does not exist: said so.
+    let none = ceph_agent::ceph::SnapSpec::parse(&protocol::SnapshotRef {
+        pool: c.pool.clone(),
+        image: gold.clone(),
+        snapshot: "v9".into(),
+    })
+    .unwrap();
+    let e = ceph
+        .create_image_from(
+            &spec(&c.pool, &small),
+            64 * MIB,
+            &[],
+            &owner(&small),
+            None,
+            Some(&none),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CephError::NotFound { .. }), "{e}");
+    assert!(e.to_string().contains("@v9"), "{e}");
+    assert!(rbd_info(&c, &c.pool, &small).is_none());
+    let ls = cli_ok(&c, "rbd", &["ls", &c.pool]);
+    assert!(!ls.contains(&format!(".unistor-new.{small}")), "{ls}");
+    assert!(!ls.contains(&format!(".unistor-new.{name}")), "{ls}");
+}
+
 #[tokio::test]
 async fn create_is_idempotent_and_writes_ownership() {
     create_case(Path::Library).await

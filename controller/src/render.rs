@@ -54,13 +54,22 @@ fn describe_command(c: &Command) -> String {
     };
     match c {
         Command::InstallSnap(spec) => format!("install SNAP {}:{}", spec.image, spec.tag),
-        Command::CreateImage(x) => format!(
-            "create image {}/{} {} (policy {})",
-            x.pool,
-            x.image,
-            gib(x.size_bytes),
-            policy(&x.policy)
-        ),
+        Command::CreateImage(x) => match &x.clone_from {
+            Some(src) => format!(
+                "clone image {}/{} {} from snapshot {src} (policy {})",
+                x.pool,
+                x.image,
+                gib(x.size_bytes),
+                policy(&x.policy)
+            ),
+            None => format!(
+                "create image {}/{} {} (policy {})",
+                x.pool,
+                x.image,
+                gib(x.size_bytes),
+                policy(&x.policy)
+            ),
+        },
         Command::AdoptImage(x) => format!(
             "adopt image {}/{} as volume {} (policy {})",
             x.pool,

@@ -546,6 +546,28 @@ pub struct CreateImage {
     /// survives the manifest. Also updated when the image already exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<ImagePolicy>,
+    /// Make it a copy-on-write clone of this snapshot (clone format 2), grown to `size_bytes`
+    /// when that is larger than the snapshot; absent: an empty image. Only creation reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<SnapshotRef>,
+}
+
+/// An RBD snapshot: `pool/image@snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRef {
+    /// Pool of the image.
+    pub pool: String,
+    /// The image.
+    pub image: String,
+    /// The snapshot's name.
+    pub snapshot: String,
+}
+
+impl std::fmt::Display for SnapshotRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.pool, self.image, self.snapshot)
+    }
 }
 
 /// Parameters of [`Command::AdoptImage`].

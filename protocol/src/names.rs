@@ -158,6 +158,12 @@ checked_name!(
     VolumeName,
     CEPH_NAME
 );
+
+checked_name!(
+    /// An RBD snapshot name (the part after `@`).
+    SnapName,
+    CEPH_NAME
+);
 checked_name!(
     /// The name of an agent or controller: a DNS label, as it appears in its certificate.
     PeerName,

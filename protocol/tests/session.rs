@@ -163,6 +163,7 @@ fn create() -> Command {
             volume: "vol1".into(),
         },
         policy: None,
+        clone_from: None,
     }))
 }
 

@@ -157,6 +157,7 @@ async fn ceph_agent_serves_an_authenticated_fenced_controller() {
             features: vec![],
             owner: owner.clone(),
             policy: None,
+            clone_from: None,
         })))
         .await
         .unwrap();

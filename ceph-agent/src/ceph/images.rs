@@ -11,7 +11,6 @@ impl<R: Runner> Ceph<R> {
     /// image made with its ownership keys under a temporary name and renamed into place (see
     /// [`Self::make_temporary`]). One the view knows as live is read (it may have changed
     /// behind our back) and compared.
-    #[tracing::instrument(skip_all, fields(image = %spec))]
     pub async fn create_image(
         &self,
         spec: &ImageSpec,
@@ -20,9 +19,44 @@ impl<R: Runner> Ceph<R> {
         owner: &Owner,
         policy: Option<&Policy>,
     ) -> Result<ImageStatus, CephError> {
+        self.create_image_from(spec, size, features, owner, policy, None)
+            .await
+    }
+
+    /// [`Self::create_image`], the image a copy-on-write clone of `source` (clone format 2: no
+    /// protection of the snapshot) grown to `size` when that is larger than the snapshot; a
+    /// size below the snapshot's is refused before anything is written. Made under the
+    /// temporary name like any create (clone, the keys, the grow, then the rename): killed part
+    /// way, a temporary image is left, removed by the next create of that name or the next load.
+    /// An image that exists is judged as any create's (its source is not compared).
+    #[tracing::instrument(skip_all, fields(image = %spec))]
+    pub async fn create_image_from(
+        &self,
+        spec: &ImageSpec,
+        size: u64,
+        features: &[String],
+        owner: &Owner,
+        policy: Option<&Policy>,
+        source: Option<&SnapSpec>,
+    ) -> Result<ImageStatus, CephError> {
         check_size("size_bytes", size)?;
         let features = check_features(features)?;
         self.load().await?;
+        let grow_clone_to = match source {
+            Some(src) => {
+                let from = self.snapshot_size(src).await?;
+                if size < from {
+                    return Err(CephError::Invalid {
+                        field: "size_bytes",
+                        message: format!(
+                            "{size} bytes is smaller than snapshot {src} ({from} bytes): a clone cannot be smaller than its source"
+                        ),
+                    });
+                }
+                Some((src, (size > from).then_some(size)))
+            }
+            None => None,
+        };
         let known = self.view().get(spec).cloned();
         let value = IndexValue::of(owner, policy, features.clone());
         self.mutation(spec, async {
@@ -36,7 +70,7 @@ impl<R: Runner> Ceph<R> {
                 // Intent first: the index entry makes an interrupted create recognisable.
                 self.index_change(spec, Some(&value)).await?;
                 match self
-                    .import_then_rename(spec, size, &features, owner)
+                    .import_then_rename(spec, size, &features, owner, grow_clone_to)
                     .await?
                 {
                     true => {
@@ -76,7 +110,9 @@ impl<R: Runner> Ceph<R> {
             if img.size != size {
                 diff.push(format!("size is {} bytes, wanted {size}", img.size));
             }
-            let have: BTreeSet<&String> = img.features.iter().collect();
+            // `operations` is librbd's own (a clone format 2 child has it), never asked for.
+            let have: BTreeSet<&String> =
+                img.features.iter().filter(|f| *f != "operations").collect();
             let want: BTreeSet<&String> = features.iter().collect();
             if have != want {
                 diff.push(format!(
@@ -216,15 +252,24 @@ impl<R: Runner> Ceph<R> {
         size: u64,
         features: &[String],
         owner: &Owner,
+        clone: Option<(&SnapSpec, Option<u64>)>,
     ) -> Result<bool, CephError> {
         let tmp = temporary_name(spec.image.as_str());
-        match self.make_temporary(spec, &tmp, size, features, owner).await {
+        let make = || async {
+            match clone {
+                Some((src, grow_to)) => {
+                    self.clone_temporary(spec, &tmp, src, grow_to, features, owner)
+                        .await
+                }
+                None => self.make_temporary(spec, &tmp, size, features, owner).await,
+            }
+        };
+        match make().await {
             Ok(()) => {}
             // A leftover of an earlier create cut short: removed, then made again.
             Err(e) if e.code() == Some(libc_eexist()) => {
                 self.remove_leftover(&spec.pool, &tmp, owner).await?;
-                self.make_temporary(spec, &tmp, size, features, owner)
-                    .await?;
+                make().await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -281,6 +326,72 @@ impl<R: Runner> Ceph<R> {
             .arg(tmp)
             .stdin(stream);
         self.run(import).await.map(drop)
+    }
+
+    /// Makes image `tmp` a clone of `src` (format 2) with the ownership keys, grown to
+    /// `grow_to`, through the CLI: `rbd clone`, then each key, then `rbd resize`. Killed between
+    /// them: a temporary image without all its keys (or not yet grown), which
+    /// [`Self::remove_leftover`] removes. EEXIST when `tmp` exists.
+    #[tracing::instrument(skip_all)]
+    async fn clone_temporary(
+        &self,
+        spec: &ImageSpec,
+        tmp: &str,
+        src: &SnapSpec,
+        grow_to: Option<u64>,
+        features: &[String],
+        owner: &Owner,
+    ) -> Result<(), CliError> {
+        let clone = rbd()
+            .args(["clone", "--rbd-default-clone-format", "2"])
+            .args(["--image-feature", &features.join(",")])
+            .args(["--pool", src.image.pool.as_str()])
+            .args(["--image", src.image.image.as_str()])
+            .args(["--snap", src.snapshot.as_str()])
+            .args(["--dest-pool", spec.pool.as_str(), "--dest"])
+            .arg(tmp);
+        self.run(clone).await?;
+        for (k, v) in [
+            (META_MANAGED_BY, owner.managed_by.as_str()),
+            (META_VOLUME, owner.volume.as_str()),
+        ] {
+            let set = rbd()
+                .args(["image-meta", "set", "--pool", spec.pool.as_str(), "--"])
+                .arg(tmp)
+                .args([k, v]);
+            self.run(set).await?;
+        }
+        if let Some(size) = grow_to {
+            let resize = rbd()
+                .args(["resize", "--no-progress", "--size"])
+                .arg(format!("{size}B"))
+                .args(["--pool", spec.pool.as_str(), "--"])
+                .arg(tmp);
+            self.run(resize).await?;
+        }
+        Ok(())
+    }
+
+    /// The size of snapshot `src` (what a clone of it starts as); not found: said so.
+    async fn snapshot_size(&self, src: &SnapSpec) -> Result<u64, CephError> {
+        let inv = rbd()
+            .args([
+                "info",
+                "--format",
+                "json",
+                "--pool",
+                src.image.pool.as_str(),
+            ])
+            .args(["--snap", src.snapshot.as_str(), "--"])
+            .arg(src.image.image.as_str());
+        match self.json::<json::RbdInfo>(inv).await {
+            Ok(info) => Ok(info.size),
+            Err(e) if gone(&e) => Err(CephError::NotFound {
+                spec: src.to_string(),
+                hint: " (the volume's source snapshot: make it with `rbd snap create`)".into(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Renames image `from` of `pool` to `to` (EEXIST when `to` is taken).

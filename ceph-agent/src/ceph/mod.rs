@@ -104,6 +104,34 @@ impl std::fmt::Display for ImageSpec {
     }
 }
 
+/// A checked `pool/image@snapshot`: what a clone is made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapSpec {
+    /// The image.
+    pub image: ImageSpec,
+    /// The snapshot.
+    pub snapshot: protocol::names::SnapName,
+}
+
+impl SnapSpec {
+    /// Checks the three names; errors name the field.
+    pub fn parse(s: &protocol::SnapshotRef) -> Result<Self, NameError> {
+        Ok(Self {
+            image: ImageSpec {
+                pool: PoolName::parse("clone_from.pool", &s.pool)?,
+                image: ImageName::parse("clone_from.image", &s.image)?,
+            },
+            snapshot: protocol::names::SnapName::parse("clone_from.snapshot", &s.snapshot)?,
+        })
+    }
+}
+
+impl std::fmt::Display for SnapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.image, self.snapshot)
+    }
+}
+
 /// A checked owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {

@@ -118,6 +118,7 @@ fn fleet(dpus: usize, per: usize) -> Desired {
                     deletion_policy: DeletionPolicy::Retain,
                     trash_retention: Duration::from_secs(86400),
                     adopt: false,
+                    clone_from: None,
                     labels: BTreeMap::new(),
                     source: source.clone(),
                 },

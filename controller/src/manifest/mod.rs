@@ -160,6 +160,9 @@ pub struct Volume {
     pub trash_retention: Duration,
     /// Take over the image when it exists without an owner (`rbd.adopt`).
     pub adopt: bool,
+    /// The snapshot a new image is cloned from (`source.snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<CloneSource>,
     /// Labels (for people and tools; the plan does not read them).
     #[serde(skip)]
     pub labels: BTreeMap<String, String>,
@@ -167,6 +170,23 @@ pub struct Volume {
     /// changes nothing, so it is not serialized).
     #[serde(skip)]
     pub source: Source,
+}
+
+/// An RBD snapshot a volume's image is cloned from, names checked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CloneSource {
+    /// Pool (one of the volume's cluster's pools).
+    pub pool: PoolName,
+    /// The image.
+    pub image: ImageName,
+    /// The snapshot.
+    pub snapshot: protocol::names::SnapName,
+}
+
+impl std::fmt::Display for CloneSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}@{}", self.pool, self.image, self.snapshot)
+    }
 }
 
 /// The desired state, resolved and checked.

@@ -11,7 +11,9 @@ use protocol::names::{
 
 use super::types::{self, *};
 use super::yaml::{locate, Doc};
-use super::{derived_uuid, parse_size, Cluster, Desired, Dpu, LoadError, Source, Volume};
+use super::{
+    derived_uuid, parse_size, CloneSource, Cluster, Desired, Dpu, LoadError, Source, Volume,
+};
 
 pub(super) struct Ctx<'a> {
     pub(super) errors: Vec<LoadError>,
@@ -376,6 +378,10 @@ fn resolve_volume(
             )
         })
         .ok();
+    let clone_from = s
+        .source
+        .as_ref()
+        .and_then(|src| resolve_source(ctx, i, src, cluster));
     if ctx.errors.len() > before {
         return None;
     }
@@ -400,8 +406,42 @@ fn resolve_volume(
         deletion_policy: s.deletion_policy,
         trash_retention: retention,
         adopt: s.rbd.adopt,
+        clone_from,
         labels: o.metadata.labels.clone(),
         source: ctx.source(i),
+    })
+}
+
+/// A volume's `spec.source.snapshot`: names on the allow-lists, the pool one of the cluster's.
+fn resolve_source(
+    ctx: &mut Ctx<'_>,
+    i: usize,
+    src: &types::VolumeSource,
+    cluster: Option<&Cluster>,
+) -> Option<CloneSource> {
+    let s = &src.snapshot;
+    let pool = PoolName::parse("spec.source.snapshot.pool", &s.pool)
+        .map_err(|e| ctx.name_err(i, "spec.source.snapshot.pool", e))
+        .ok();
+    if let (Some(c), Some(p)) = (cluster, &pool) {
+        if !c.pools.contains(p) {
+            ctx.err(
+                i,
+                "spec.source.snapshot.pool",
+                format!("pool {p:?} is not one of cluster {:?}'s pools", c.name),
+            );
+        }
+    }
+    let image = ImageName::parse("spec.source.snapshot.image", &s.image)
+        .map_err(|e| ctx.name_err(i, "spec.source.snapshot.image", e))
+        .ok();
+    let snapshot = protocol::names::SnapName::parse("spec.source.snapshot.name", &s.name)
+        .map_err(|e| ctx.name_err(i, "spec.source.snapshot.name", e))
+        .ok();
+    Some(CloneSource {
+        pool: pool?,
+        image: image?,
+        snapshot: snapshot?,
     })
 }
 

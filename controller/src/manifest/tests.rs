@@ -489,3 +489,47 @@ fn a_reload_through_the_parse_cache_equals_a_load_from_nothing() {
         .iter()
         .all(|e| e.file == Path::new("v.yaml") && e.line > 0));
 }
+
+/// A volume cloned from a golden image's snapshot: the names are checked where they enter and
+/// an error names the file, the line and the field; the pool must be one of the cluster's.
+#[test]
+fn a_clone_source_is_resolved_and_its_names_are_checked() {
+    let ok = volume(
+        "boot-1",
+        "  source:\n    snapshot: {pool: rbd, image: golden-os, name: v1}\n",
+    );
+    let d = load(&[("base.yaml", BASE), ("v.yaml", &ok)]).unwrap();
+    let src = d.volumes["boot-1"].clone_from.as_ref().expect("a source");
+    assert_eq!(src.to_string(), "rbd/golden-os@v1");
+    let plain = volume("data-1", "");
+    let d = load(&[("base.yaml", BASE), ("v.yaml", &plain)]).unwrap();
+    assert!(d.volumes["data-1"].clone_from.is_none());
+
+    let bad_name = volume(
+        "boot-2",
+        "  source:\n    snapshot: {pool: rbd, image: golden-os, name: \"v1;rm\"}\n",
+    );
+    let e = errors(&[("base.yaml", BASE), ("v.yaml", &bad_name)]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("v.yaml:") && e[0].contains("spec.source.snapshot.name"),
+        "{}",
+        e[0]
+    );
+    assert!(e[0].contains("';'"), "the character named: {}", e[0]);
+    let other_pool = volume(
+        "boot-3",
+        "  source:\n    snapshot: {pool: images, image: golden-os, name: v1}\n",
+    );
+    let e = errors(&[("base.yaml", BASE), ("v.yaml", &other_pool)]);
+    assert!(
+        e[0].contains("spec.source.snapshot.pool") && e[0].contains("not one of cluster"),
+        "{e:?}"
+    );
+    let typo = volume(
+        "boot-4",
+        "  source:\n    snapshot: {pool: rbd, image: golden-os, snap: v1}\n",
+    );
+    let e = errors(&[("base.yaml", BASE), ("v.yaml", &typo)]);
+    assert!(e[0].contains("snap"), "{e:?}");
+}

@@ -160,6 +160,31 @@ pub struct VolumeSpec {
     /// How long a trashed image is protected, e.g. `7d` (Trash policy).
     #[serde(default = "default_retention")]
     pub trash_retention: String,
+    /// What a new image starts as: absent, empty; `snapshot`, a copy-on-write clone of an RBD
+    /// snapshot (a golden image), grown to `size` when that is larger. Read only when the image
+    /// is created: an existing image is never re-cloned.
+    #[serde(default)]
+    pub source: Option<VolumeSource>,
+}
+
+/// Where a volume's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSource {
+    /// An RBD snapshot of the volume's cluster.
+    pub snapshot: SnapshotSource,
+}
+
+/// An RBD snapshot: `pool/image@name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotSource {
+    /// Pool (one of the cluster's pools).
+    pub pool: String,
+    /// The image.
+    pub image: String,
+    /// The snapshot.
+    pub name: String,
 }
 
 fn default_queues() -> u32 {

@@ -770,6 +770,11 @@ fn create(owner: &str, v: &Volume) -> Action {
         features: vec![],
         owner: ownership(owner, v),
         policy: Some(image_policy(v)),
+        clone_from: v.clone_from.as_ref().map(|c| protocol::SnapshotRef {
+            pool: c.pool.to_string(),
+            image: c.image.to_string(),
+            snapshot: c.snapshot.to_string(),
+        }),
     })))
 }
 
