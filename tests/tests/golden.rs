@@ -1,0 +1,123 @@
+//! Golden-image boot volumes (issue 25) end to end on the real cluster: an OS image imported
+//! with a pattern and snapshotted; 50 volumes declared as clones of that snapshot are created by
+//! the daemon (format-2 clones, each with unistor's keys); every simulated host reads the golden
+//! bytes through SNAP; one host's writes land in its own clone only: the golden image, its
+//! snapshot and the other clones are unchanged.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use e2e::host;
+use e2e::lab::{volume, Lab};
+use e2e::{unique, volume_yaml, write_like_an_editor, Cluster};
+use serde_json::Value;
+
+const CONVERGE: Duration = Duration::from_secs(600);
+
+/// Volumes cloned.
+const CLONES: usize = 50;
+
+/// What the golden image holds in its first [`GOLDEN_BYTES`]: one byte, as `qemu-io -P` checks.
+const GOLDEN: u8 = 0x47;
+const GOLDEN_BYTES: u64 = 1 << 20;
+
+/// The first `len` bytes of `spec` (an image or `image@snapshot`), read with `rbd export`.
+fn head(c: &Cluster, spec: &str, len: usize) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export");
+    c.cli_ok(
+        "rbd",
+        &["export", "--no-progress", spec, file.to_str().unwrap()],
+    );
+    let mut b = std::fs::read(&file).unwrap();
+    b.truncate(len);
+    b
+}
+
+fn device_of(s: &Value, v: &str) -> PathBuf {
+    PathBuf::from(
+        volume(s, v)["host_device"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no host device for {v}: {}", volume(s, v))),
+    )
+}
+
+#[test]
+fn fifty_hosts_boot_from_clones_of_one_golden_snapshot() {
+    let c = Cluster::from_env();
+    let lab = Lab::start(&c, 2, &[]);
+    // The golden OS image: 16 MiB, its first MiB the pattern, snapshot `v1`.
+    let gold = unique("golden-os");
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("os.raw");
+    let mut bytes = vec![GOLDEN; GOLDEN_BYTES as usize];
+    bytes.resize(16 << 20, 0);
+    std::fs::write(&raw, &bytes).unwrap();
+    let gold_spec = format!("{}/{gold}", c.pool);
+    c.cli_ok(
+        "rbd",
+        &["import", "--no-progress", raw.to_str().unwrap(), &gold_spec],
+    );
+    c.cli_ok("rbd", &["snap", "create", &format!("{gold_spec}@v1")]);
+
+    // 50 boot volumes, 25 per DPU, each a clone of it (the first grown to 32 MiB).
+    let names: Vec<String> = (0..CLONES).map(|i| unique(&format!("boot{i}"))).collect();
+    lab.write(&c, &[]);
+    let text: String = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let size = if i == 0 { "32Mi" } else { "16Mi" };
+            format!(
+                "{}  source:\n    snapshot: {{pool: {}, image: {gold}, name: v1}}\n",
+                volume_yaml(n, i % 2, size, &c.pool, "Retain"),
+                c.pool
+            )
+        })
+        .collect();
+    write_like_an_editor(&lab.manifests().join("volumes.yaml"), &text);
+    let d = lab.daemon(&[]);
+    let s = d.wait_converged(CONVERGE, CLONES);
+    // One clone step per volume (the daemon's log: its status keeps only recent events).
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    let from = format!("from snapshot {gold_spec}@v1");
+    let cloned = log
+        .lines()
+        .filter(|l| l.contains(" done: + cluster/") && l.contains(&from))
+        .count();
+    assert_eq!(cloned, CLONES, "one clone step per volume");
+
+    // Each image: a clone of the snapshot, owned by its volume.
+    for (i, n) in names.iter().enumerate() {
+        let info = c.rbd_info(&c.pool, n).expect("the clone exists");
+        assert_eq!(info["parent"]["image"], gold.as_str(), "{info}");
+        assert_eq!(info["parent"]["snapshot"], "v1", "{info}");
+        let want: u64 = if i == 0 { 32 << 20 } else { 16 << 20 };
+        assert_eq!(info["size"].as_u64(), Some(want), "{n}");
+    }
+    // Every host reads the golden bytes through SNAP.
+    let devices: Vec<PathBuf> = names.iter().map(|n| device_of(&s, n)).collect();
+    for (n, dev) in names.iter().zip(&devices) {
+        assert!(
+            host::reads_pattern(dev, GOLDEN, 0, GOLDEN_BYTES),
+            "{n} reads the golden image through {}",
+            dev.display()
+        );
+    }
+    assert_eq!(host::size(&devices[0]), Some(32 << 20), "grown");
+
+    // One host writes its own blocks: only its clone changes.
+    assert!(host::write_pattern(&devices[0], 0x99, 0, 64 << 10));
+    assert!(host::reads_pattern(&devices[0], 0x99, 0, 64 << 10));
+    assert!(host::reads_pattern(&devices[1], GOLDEN, 0, GOLDEN_BYTES));
+    assert!(host::reads_pattern(&devices[2], GOLDEN, 0, GOLDEN_BYTES));
+    let golden_now = head(&c, &gold_spec, GOLDEN_BYTES as usize);
+    assert!(golden_now.iter().all(|b| *b == GOLDEN), "the golden image");
+    let snapshot_now = head(&c, &format!("{gold_spec}@v1"), GOLDEN_BYTES as usize);
+    assert!(snapshot_now.iter().all(|b| *b == GOLDEN), "its snapshot");
+    let own = head(&c, &format!("{}/{}", c.pool, names[0]), 64 << 10);
+    assert!(
+        own.iter().all(|b| *b == 0x99),
+        "the writer's clone has its bytes"
+    );
+}
