@@ -15,6 +15,8 @@ use e2e::{
     unistor, volume_yaml, write_like_an_editor, Cluster, Daemon, FleetSim, Procs, ANY_PORT,
 };
 
+#[path = "converge-bench/clones.rs"]
+mod clones;
 #[path = "converge-bench/fleet.rs"]
 mod fleet;
 #[path = "converge-bench/replicas.rs"]
@@ -48,6 +50,10 @@ struct Args {
     /// The replicas' membership lease.
     #[arg(long, default_value = "15s")]
     replica_ttl: String,
+    /// Every volume a clone of one golden snapshot, created in one apply against a floor of
+    /// plain `rbd clone`; then every host's first 16 MiB read through SNAP (issue 25).
+    #[arg(long)]
+    clone_storm: bool,
 }
 
 /// CPU seconds of a process: (its own, its reaped children's), from /proc/PID/stat.
@@ -158,12 +164,18 @@ fn main() -> std::process::ExitCode {
     let c = Cluster::from_env();
     let n = a.dpus * a.volumes;
     // The floor, part one: plain `rbd create` of the same number of images, back to back.
-    let rbd_floor = rbd_floor(&c, n);
-    let lab = BenchLab::start(&c, &a);
     // The floor, part two: SNAP calls per DPU (DPUs work in parallel, each serially):
     // register, subsystem, controller, resume, and per volume bdev, namespace, attach.
     let snap_calls_per_dpu = 4 + 3 * a.volumes;
     let snap_floor = Duration::from_millis(a.snap_latency_ms * snap_calls_per_dpu as u64);
+    if a.clone_storm {
+        let golden = clones::golden(&c);
+        let lab = BenchLab::start_cloning(&c, &a, Some(golden.clone()));
+        clones::run(&lab, &golden, a.dpus, snap_floor);
+        return std::process::ExitCode::SUCCESS;
+    }
+    let rbd_floor = rbd_floor(&c, n);
+    let lab = BenchLab::start(&c, &a);
     println!(
         "converge-bench: {} DPUs x {} volumes = {n} volumes, SNAP latency {} ms/call",
         a.dpus, a.volumes, a.snap_latency_ms
@@ -273,10 +285,17 @@ struct BenchLab<'a> {
     /// (volume, DPU index).
     vols: Vec<(String, usize)>,
     owner: String,
+    /// The golden image every volume is cloned from (`--clone-storm`).
+    golden: Option<String>,
 }
 
 impl<'a> BenchLab<'a> {
     fn start(c: &'a Cluster, a: &Args) -> Self {
+        Self::start_cloning(c, a, None)
+    }
+
+    /// [`BenchLab::start`], every volume a clone of `golden`'s snapshot `v1` when given.
+    fn start_cloning(c: &'a Cluster, a: &Args, golden: Option<String>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
         let ceph_name = unique("ceph-bench");
@@ -366,6 +385,7 @@ impl<'a> BenchLab<'a> {
             sizes: Default::default(),
             vols,
             owner: unique("bench"),
+            golden,
         };
         lab.write_volumes(None);
         lab
@@ -397,7 +417,14 @@ impl<'a> BenchLab<'a> {
                 .map(|i| {
                     let (v, h) = &self.vols[i];
                     let size = sizes.get(&i).map_or("64Mi", String::as_str);
-                    volume_yaml(v, *h, size, &self.c.pool, "Retain")
+                    let mut y = volume_yaml(v, *h, size, &self.c.pool, "Retain");
+                    if let Some(g) = &self.golden {
+                        y.push_str(&format!(
+                            "  source:\n    snapshot: {{pool: {}, image: {g}, name: v1}}\n",
+                            self.c.pool
+                        ));
+                    }
+                    y
                 })
                 .collect();
             write_like_an_editor(
