@@ -29,6 +29,7 @@ fn lock_key(c: &Command) -> String {
         Command::CreateImage(c) => image_key(&c.pool, &c.image),
         Command::AdoptImage(c) => image_key(&c.pool, &c.image),
         Command::GrowImage(c) => image_key(&c.pool, &c.image),
+        Command::FlattenImage(c) => image_key(&c.pool, &c.image),
         Command::TrashImage(c) => image_key(&c.pool, &c.image),
         Command::RestoreImage(c) => image_key(&c.pool, &c.image),
         Command::DeleteImage(c) => image_key(&c.pool, &c.image),
@@ -169,6 +170,7 @@ impl<R: Runner> CephHandler<R> {
             c @ (Command::CreateImage(_)
             | Command::AdoptImage(_)
             | Command::GrowImage(_)
+            | Command::FlattenImage(_)
             | Command::TrashImage(_)
             | Command::RestoreImage(_)
             | Command::DeleteImage(_)
@@ -242,6 +244,11 @@ impl<R: Runner> CephHandler<R> {
                 Reply::Image(Box::new(
                     self.ceph.grow_image(&spec, c.size_bytes, &owner).await?,
                 ))
+            }
+            Command::FlattenImage(c) => {
+                let spec = ImageSpec::parse(&c.pool, &c.image)?;
+                let owner = Owner::parse(&c.owner)?;
+                Reply::Image(Box::new(self.ceph.flatten_image(&spec, &owner).await?))
             }
             Command::TrashImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;

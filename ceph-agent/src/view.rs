@@ -283,6 +283,7 @@ pub fn unread(spec: &ImageSpec, metadata: BTreeMap<String, String>) -> ImageStat
         watchers: None,
         metadata: metadata.into(),
         unverified: false,
+        parent: None,
     }
 }
 
@@ -304,6 +305,7 @@ mod tests {
             watchers: None,
             metadata: Default::default(),
             unverified: false,
+            parent: None,
         }
     }
 

@@ -223,6 +223,24 @@ async fn a_clone_of_a_golden_snapshot_is_grown_owned_and_holds_its_bytes() {
         .await
         .unwrap();
     assert_eq!(again.size_bytes, 64 * MIB);
+    assert_eq!(
+        again.parent.as_deref(),
+        Some(format!("{}/{gold}@v1", c.pool).as_str()),
+        "its report names the parent"
+    );
+    // Flattened: no parent any more, the same bytes; again is success.
+    let flat = ceph.flatten_image(&s, &o).await.unwrap();
+    assert_eq!(flat.parent, None);
+    let info = rbd_info(&c, &c.pool, &name).unwrap();
+    assert!(info.get("parent").is_none(), "{info}");
+    assert_eq!(head_of(&c, &c.pool, &name, MIB as usize), pattern);
+    assert_eq!(ceph.flatten_image(&s, &o).await.unwrap().parent, None);
+    // Another volume's image is not flattened.
+    let e = ceph
+        .flatten_image(&s, &owner("someone-else"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CephError::NotOwned { .. }), "{e}");
 
     // Smaller than the snapshot: refused before anything is written.
     let small = unique("small");

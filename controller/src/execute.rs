@@ -216,6 +216,7 @@ pub fn deadline_of(c: &Command, o: &ExecOptions) -> Duration {
         }
         Command::CreateImage(_)
         | Command::GrowImage(_)
+        | Command::FlattenImage(_)
         | Command::TrashImage(_)
         | Command::RestoreImage(_)
         | Command::DeleteImage(_)

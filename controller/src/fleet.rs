@@ -687,6 +687,7 @@ mod tests {
             watchers: None,
             metadata: Default::default(),
             unverified: false,
+            parent: None,
         }
     }
 

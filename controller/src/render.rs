@@ -78,6 +78,10 @@ fn describe_command(c: &Command) -> String {
             policy(&x.policy)
         ),
         Command::RestoreImage(x) => format!("restore image {}/{} from the trash", x.pool, x.image),
+        Command::FlattenImage(x) => format!(
+            "flatten image {}/{} (copy its snapshot's data in; it no longer depends on it)",
+            x.pool, x.image
+        ),
         Command::TrashImage(x) => format!(
             "move image {}/{} to the trash (kept {})",
             x.pool,

@@ -792,7 +792,21 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
     chain.check(LinkKind::Image, || match img {
         Some(i) if i.state == ImageState::Live => {
             s.size_bytes = i.size_bytes;
-            Ok(format!("{}/{} {}Mi", v.pool, v.image, i.size_bytes >> 20))
+            // A clone says of what (until it is flattened); a volume declared as a clone
+            // whose image has no parent says it is flattened.
+            let origin = match (&i.parent, &v.clone_from) {
+                (Some(p), _) => format!(", clone of {p}"),
+                (None, Some(c)) if c.flatten && !i.unverified => {
+                    format!(", flattened (made from {c})")
+                }
+                _ => String::new(),
+            };
+            Ok(format!(
+                "{}/{} {}Mi{origin}",
+                v.pool,
+                v.image,
+                i.size_bytes >> 20
+            ))
         }
         Some(_) => Err(Missing(format!(
             "image {}/{} is in the trash",

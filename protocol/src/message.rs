@@ -218,6 +218,9 @@ pub enum Command {
     AdoptImage(Box<AdoptImage>),
     /// Grow an image (never shrinks).
     GrowImage(GrowImage),
+    /// Copy a clone's parent data into it, so that it no longer depends on its snapshot
+    /// (idempotent: an image that is not a clone is left as it is).
+    FlattenImage(FlattenImage),
     /// Move an image to the RBD trash.
     TrashImage(TrashImage),
     /// Restore an image from the trash.
@@ -286,6 +289,7 @@ impl Command {
             Command::CreateImage(_)
             | Command::AdoptImage(_)
             | Command::GrowImage(_)
+            | Command::FlattenImage(_)
             | Command::TrashImage(_)
             | Command::RestoreImage(_)
             | Command::DeleteImage(_)
@@ -326,6 +330,7 @@ impl Command {
             Command::AdoptImage(_) => "adopt_image",
             Command::CreateImage(_) => "create_image",
             Command::GrowImage(_) => "grow_image",
+            Command::FlattenImage(_) => "flatten_image",
             Command::TrashImage(_) => "trash_image",
             Command::RestoreImage(_) => "restore_image",
             Command::DeleteImage(_) => "delete_image",
@@ -606,6 +611,18 @@ pub struct GrowImage {
     pub image: String,
     /// New size in bytes; must not be smaller than the current size.
     pub size_bytes: u64,
+    /// The owner the image must carry.
+    pub owner: Ownership,
+}
+
+/// Parameters of [`Command::FlattenImage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlattenImage {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
     /// The owner the image must carry.
     pub owner: Ownership,
 }
@@ -926,6 +943,10 @@ pub struct ImageStatus {
     /// carries make it unistor's, so nothing is exposed on it until it is read.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unverified: bool,
+    /// The snapshot a live image is a clone of (`pool/image@snapshot`), until it is flattened;
+    /// None for an image that is not a clone, or not read yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl ImageStatus {

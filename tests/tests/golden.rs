@@ -1,8 +1,8 @@
 //! Golden-image boot volumes (issue 25) end to end on the real cluster: an OS image imported
 //! with a pattern and snapshotted; 50 volumes declared as clones of that snapshot are created by
-//! the daemon (format-2 clones, each with unistor's keys); every simulated host reads the golden
-//! bytes through SNAP; one host's writes land in its own clone only: the golden image, its
-//! snapshot and the other clones are unchanged.
+//! the daemon (format-2 clones, each with unistor's keys; one flattened by its policy); every
+//! simulated host reads the golden bytes through SNAP; one host's writes land in its own clone
+//! only: the golden image, its snapshot and the other clones are unchanged.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,8 +68,10 @@ fn fifty_hosts_boot_from_clones_of_one_golden_snapshot() {
         .enumerate()
         .map(|(i, n)| {
             let size = if i == 0 { "32Mi" } else { "16Mi" };
+            // The second is flattened once made.
+            let flatten = if i == 1 { "    flatten: always\n" } else { "" };
             format!(
-                "{}  source:\n    snapshot: {{pool: {}, image: {gold}, name: v1}}\n",
+                "{}  source:\n    snapshot: {{pool: {}, image: {gold}, name: v1}}\n{flatten}",
                 volume_yaml(n, i % 2, size, &c.pool, "Retain"),
                 c.pool
             )
@@ -87,14 +89,39 @@ fn fifty_hosts_boot_from_clones_of_one_golden_snapshot() {
         .count();
     assert_eq!(cloned, CLONES, "one clone step per volume");
 
-    // Each image: a clone of the snapshot, owned by its volume.
-    for (i, n) in names.iter().enumerate() {
+    // The flattened one: no parent any more, one flatten step.
+    let flattened = log
+        .lines()
+        .filter(|l| l.contains(" done: ") && l.contains("flatten image") && l.contains(&names[1]))
+        .count();
+    assert_eq!(flattened, 1, "one flatten step");
+    let info = c.rbd_info(&c.pool, &names[1]).unwrap();
+    assert!(info.get("parent").is_none(), "flattened: {info}");
+    // Each other image: a clone of the snapshot, owned by its volume.
+    for (i, n) in names.iter().enumerate().filter(|(i, _)| *i != 1) {
         let info = c.rbd_info(&c.pool, n).expect("the clone exists");
         assert_eq!(info["parent"]["image"], gold.as_str(), "{info}");
         assert_eq!(info["parent"]["snapshot"], "v1", "{info}");
         let want: u64 = if i == 0 { 32 << 20 } else { 16 << 20 };
         assert_eq!(info["size"].as_u64(), Some(want), "{n}");
     }
+    // The status says what each image is: a clone of the snapshot, or flattened.
+    let image_detail = |v: &str| {
+        volume(&s, v)["chain"][0]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let s = d.wait_for(CONVERGE, "the status to show the flatten", |s| {
+        volume(s, &names[1])["chain"][0]["detail"]
+            .as_str()
+            .is_some_and(|t| t.contains("flattened"))
+    });
+    assert!(
+        image_detail(&names[0]).contains(&format!("clone of {gold_spec}@v1")),
+        "{}",
+        image_detail(&names[0])
+    );
     // Every host reads the golden bytes through SNAP.
     let devices: Vec<PathBuf> = names.iter().map(|n| device_of(&s, n)).collect();
     for (n, dev) in names.iter().zip(&devices) {

@@ -82,6 +82,7 @@ impl<R: Runner> Ceph<R> {
                                 (META_VOLUME.to_string(), owner.volume.to_string()),
                             ]),
                             watchers: vec![],
+                            parent: source.map(ToString::to_string),
                         };
                         return Ok(self.record(spec, Self::live_status(spec, &img, Some(&value))));
                     }
@@ -326,6 +327,34 @@ impl<R: Runner> Ceph<R> {
             .arg(tmp)
             .stdin(stream);
         self.run(import).await.map(drop)
+    }
+
+    /// Copies a clone's parent data into it (`rbd flatten`): it no longer depends on its
+    /// snapshot. An owned image that is not a clone (never was, or already flattened) is
+    /// success as it is. Killed part way: librbd's flatten is resumable, the image is still a
+    /// clone until it completes, and the next flatten finishes it.
+    #[tracing::instrument(skip_all, fields(image = %spec))]
+    pub async fn flatten_image(
+        &self,
+        spec: &ImageSpec,
+        owner: &Owner,
+    ) -> Result<ImageStatus, CephError> {
+        self.load().await?;
+        self.mutation(spec, async {
+            let img = self.owned_live(spec, owner).await?;
+            if img.parent.is_some() {
+                tracing::info!(image = %spec, parent = ?img.parent, "Flattening a clone.");
+                let inv = image_args(rbd().args(["flatten", "--no-progress"]), spec);
+                match self.run(inv).await {
+                    Ok(_) => {}
+                    // Flattened meanwhile (another client): nothing left to copy.
+                    Err(e) if e.code() == Some(22) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.reread(spec).await
+        })
+        .await
     }
 
     /// Makes image `tmp` a clone of `src` (format 2) with the ownership keys, grown to

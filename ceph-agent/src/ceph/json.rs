@@ -7,6 +7,24 @@ pub(super) struct RbdInfo {
     pub(super) size: u64,
     #[serde(default)]
     pub(super) features: Vec<String>,
+    /// A clone's parent snapshot.
+    #[serde(default)]
+    pub(super) parent: Option<RbdParent>,
+}
+
+/// `rbd info`'s `parent` of a clone.
+#[derive(Debug, Deserialize)]
+pub(super) struct RbdParent {
+    pub(super) pool: String,
+    pub(super) image: String,
+    pub(super) snapshot: String,
+}
+
+impl RbdParent {
+    /// `pool/image@snapshot`.
+    pub(super) fn spec(&self) -> String {
+        format!("{}/{}@{}", self.pool, self.image, self.snapshot)
+    }
 }
 
 #[derive(Debug, Deserialize)]

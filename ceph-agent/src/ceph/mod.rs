@@ -303,6 +303,8 @@ struct LiveImage {
     features: Vec<String>,
     metadata: BTreeMap<String, String>,
     watchers: Vec<String>,
+    /// The snapshot it is a clone of, `pool/image@snapshot`.
+    parent: Option<String>,
 }
 
 /// The value of an image's key in its pool's `unistor.index`: who owns it and what removing it

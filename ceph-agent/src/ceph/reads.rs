@@ -61,6 +61,7 @@ impl<R: Runner> Ceph<R> {
                     .collect(),
                 metadata: f.metadata,
                 watchers: vec![],
+                parent: f.parent,
             }));
         }
         let Some(info) = self.info(spec).await? else {
@@ -77,6 +78,7 @@ impl<R: Runner> Ceph<R> {
             features: info.features,
             metadata,
             watchers: vec![],
+            parent: info.parent.as_ref().map(json::RbdParent::spec),
         }))
     }
 
@@ -181,6 +183,7 @@ impl<R: Runner> Ceph<R> {
             },
             metadata: metadata.into(),
             unverified: false,
+            parent: img.parent.clone(),
         }
     }
 

@@ -181,6 +181,8 @@ pub struct CloneSource {
     pub image: ImageName,
     /// The snapshot.
     pub snapshot: protocol::names::SnapName,
+    /// Flattened once made.
+    pub flatten: bool,
 }
 
 impl std::fmt::Display for CloneSource {

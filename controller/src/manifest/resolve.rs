@@ -442,6 +442,7 @@ fn resolve_source(
         pool: pool?,
         image: image?,
         snapshot: snapshot?,
+        flatten: src.flatten == types::Flatten::Always,
     })
 }
 

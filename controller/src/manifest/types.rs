@@ -173,6 +173,21 @@ pub struct VolumeSpec {
 pub struct VolumeSource {
     /// An RBD snapshot of the volume's cluster.
     pub snapshot: SnapshotSource,
+    /// Whether the clone is flattened once made (its snapshot's data copied in, so that it no
+    /// longer depends on the snapshot): `never` (default) or `always`.
+    #[serde(default)]
+    pub flatten: Flatten,
+}
+
+/// A clone's flatten policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Flatten {
+    /// Stays a clone (copy-on-write: it shares the snapshot's data).
+    #[default]
+    Never,
+    /// Flattened after it is made (a step of its own in the plan).
+    Always,
 }
 
 /// An RBD snapshot: `pool/image@name`.

@@ -7,8 +7,8 @@ use protocol::dpu::{BdevResize, NameRef};
 use protocol::dpu::{ControllerInfo, DpuReport, FunctionRef, SnapInventory, SubsystemInfo};
 
 use protocol::{
-    AdoptImage, Command, CreateImage, GrowImage, ImagePolicy, ImageRef, ImageState, ImageStatus,
-    Ownership,
+    AdoptImage, Command, CreateImage, FlattenImage, GrowImage, ImagePolicy, ImageRef, ImageState,
+    ImageStatus, Ownership,
 };
 
 use super::place::DpuPlacement;
@@ -646,22 +646,21 @@ fn image_steps<'a>(
 ) -> Result<Option<usize>, Held> {
     let img = find_image(cx, v);
     let ceph = || Target::Cluster(v.cluster.clone());
-    match img {
-        None => Ok(Some(b.push(
+    let created = |b: &mut Builder| {
+        let c = b.push(
             ceph(),
             create(&cx.opts.owner, v),
             Risk::Safe,
             &[],
             Some(v.name.as_str()),
-        ))),
+        );
+        flatten(b, &cx.opts.owner, v, Some(c));
+        Ok(Some(c))
+    };
+    match img {
+        None => created(b),
         Some((at, i)) => match i.state {
-            ImageState::Missing => Ok(Some(b.push(
-                ceph(),
-                create(&cx.opts.owner, v),
-                Risk::Safe,
-                &[],
-                Some(v.name.as_str()),
-            ))),
+            ImageState::Missing => created(b),
             ImageState::Trashed { .. } => {
                 b.drift(object(v), "rbd.state", "live".into(), "trashed".into());
                 Ok(Some(b.push(
@@ -675,11 +674,37 @@ fn image_steps<'a>(
                     Some(v.name.as_str()),
                 )))
             }
-            ImageState::Live => live_image(b, cx.opts, v, i, || {
-                claims.push((v.cluster.as_str(), at));
-            }),
+            ImageState::Live => {
+                let step = live_image(b, cx.opts, v, i, || {
+                    claims.push((v.cluster.as_str(), at));
+                })?;
+                if i.parent.is_some() {
+                    flatten(b, &cx.opts.owner, v, None);
+                }
+                Ok(step)
+            }
         },
     }
+}
+
+/// A clone's flatten, when the volume asks for it (`source.flatten: always`): its own step,
+/// after the create when the image is made in the same pass; nothing waits for it (the host
+/// reads the clone the same before and after).
+fn flatten(b: &mut Builder, owner: &str, v: &Volume, after: Option<usize>) {
+    if !v.clone_from.as_ref().is_some_and(|c| c.flatten) {
+        return;
+    }
+    b.push(
+        Target::Cluster(v.cluster.clone()),
+        Action::Send(Command::FlattenImage(FlattenImage {
+            pool: v.pool.to_string(),
+            image: v.image.to_string(),
+            owner: ownership(owner, v),
+        })),
+        Risk::Safe,
+        &[after],
+        Some(v.name.as_str()),
+    );
 }
 
 /// A live image that carries no owner (made outside unistor): adopted when the volume asks for

@@ -203,6 +203,7 @@ impl World {
                     watchers: None,
                     metadata: meta.into(),
                     unverified: false,
+                    parent: x.clone_from.as_ref().map(ToString::to_string),
                 });
             }
             Command::AdoptImage(x) => {
@@ -222,6 +223,11 @@ impl World {
             }
             Command::RestoreImage(x) => {
                 self.image(c, &x.pool, &x.image).state = ImageState::Live;
+            }
+            Command::FlattenImage(x) => {
+                let i = self.image(c, &x.pool, &x.image);
+                assert!(i.parent.is_some(), "only a clone is flattened");
+                i.parent = None;
             }
             Command::TrashImage(x) => {
                 self.image(c, &x.pool, &x.image).state = ImageState::Trashed {

@@ -488,6 +488,7 @@ fn foreign_snap_objects_and_images_are_never_touched() {
             ]
             .into(),
             unverified: false,
+            parent: None,
         });
     // Even the empty manifest set removes nothing foreign.
     let p = plan(&Desired::default(), &w.observed(), &Options::default());
@@ -972,6 +973,7 @@ fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() 
             Default::default()
         },
         unverified,
+        parent: None,
     };
     let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
     let bdev = |p: &Plan| {
@@ -1022,6 +1024,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         watchers,
         metadata: Default::default(),
         unverified: false,
+        parent: None,
     };
     let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
     let creates = |p: &Plan| {
@@ -1155,5 +1158,70 @@ fn an_nqn_is_recognised_without_being_formatted() {
         "nqn.2024-01.io.unistor:dpu-a:pf0vf3",
         "dpu-a",
         f
+    ));
+}
+
+/// A volume cloned from a golden snapshot: its create carries the source; with
+/// `flatten: always` a flatten step follows the create (nothing waits for it), the next pass
+/// plans nothing once the image has no parent, and a clone found with its parent again (made
+/// before the policy changed) gets its flatten alone.
+#[test]
+fn a_clone_is_created_from_its_snapshot_and_flattened_when_asked() {
+    use crate::manifest::CloneSource;
+    use protocol::names::{ImageName, PoolName, SnapName};
+    let mut d = examples();
+    let src = |flatten| CloneSource {
+        pool: PoolName::parse("pool", "rbd").unwrap(),
+        image: ImageName::parse("image", "golden-os").unwrap(),
+        snapshot: SnapName::parse("snapshot", "v1").unwrap(),
+        flatten,
+    };
+    d.volumes.get_mut("db-data").unwrap().clone_from = Some(src(true));
+    let mut w = World::empty(&d);
+    let p = plan(&d, &w.observed(), &Options::default());
+    check_order(&p);
+    let create = p
+        .steps
+        .iter()
+        .find(|s| matches!(s.action.sent(), Some(Command::CreateImage(x)) if x.image == "db-data"))
+        .expect("its create");
+    let Some(Command::CreateImage(c)) = create.action.sent() else {
+        unreachable!()
+    };
+    assert_eq!(
+        c.clone_from.as_ref().map(ToString::to_string).as_deref(),
+        Some("rbd/golden-os@v1")
+    );
+    let flattens: Vec<&Step> = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s.action.sent(), Some(Command::FlattenImage(_))))
+        .collect();
+    assert_eq!(flattens.len(), 1, "{:?}", p.steps);
+    assert_eq!(flattens[0].depends_on.as_slice(), [create.id]);
+    assert!(
+        p.steps
+            .iter()
+            .all(|s| !s.depends_on.contains(&flattens[0].id)),
+        "nothing waits for the flatten"
+    );
+    let text = crate::render::human(&p);
+    assert!(text.contains("clone image rbd/db-data"), "{text}");
+    assert!(text.contains("from snapshot rbd/golden-os@v1"), "{text}");
+    assert!(text.contains("flatten image rbd/db-data"), "{text}");
+    // Applied (the world's clone loses its parent when flattened): converged.
+    assert_eq!(w.converge(&d, 5), 1);
+    // Without the policy a clone stays one: nothing to do.
+    d.volumes.get_mut("db-data").unwrap().clone_from = Some(src(false));
+    let mut w2 = World::empty(&d);
+    w2.converge(&d, 5);
+    assert!(plan(&d, &w2.observed(), &Options::default()).is_empty());
+    // The policy set on a clone that exists: its flatten, alone.
+    d.volumes.get_mut("db-data").unwrap().clone_from = Some(src(true));
+    let p = plan(&d, &w2.observed(), &Options::default());
+    assert_eq!(p.steps.len(), 1, "{:?}", p.steps);
+    assert!(matches!(
+        p.steps[0].action.sent(),
+        Some(Command::FlattenImage(x)) if x.image == "db-data"
     ));
 }
