@@ -412,6 +412,29 @@ fn resolve_volume(
     })
 }
 
+/// Pool name `name` of field `field`: on the allow-list, and one of `cluster`'s pools.
+fn cluster_pool(
+    ctx: &mut Ctx<'_>,
+    i: usize,
+    field: &'static str,
+    name: &str,
+    cluster: Option<&Cluster>,
+) -> Option<PoolName> {
+    let pool = PoolName::parse(field, name)
+        .map_err(|e| ctx.name_err(i, field, e))
+        .ok()?;
+    if let Some(c) = cluster {
+        if !c.pools.contains(&pool) {
+            ctx.err(
+                i,
+                field,
+                format!("pool {pool:?} is not one of cluster {:?}'s pools", c.name),
+            );
+        }
+    }
+    Some(pool)
+}
+
 /// A volume's `spec.source.snapshot`: names on the allow-lists, the pool one of the cluster's.
 fn resolve_source(
     ctx: &mut Ctx<'_>,
@@ -420,18 +443,7 @@ fn resolve_source(
     cluster: Option<&Cluster>,
 ) -> Option<CloneSource> {
     let s = &src.snapshot;
-    let pool = PoolName::parse("spec.source.snapshot.pool", &s.pool)
-        .map_err(|e| ctx.name_err(i, "spec.source.snapshot.pool", e))
-        .ok();
-    if let (Some(c), Some(p)) = (cluster, &pool) {
-        if !c.pools.contains(p) {
-            ctx.err(
-                i,
-                "spec.source.snapshot.pool",
-                format!("pool {p:?} is not one of cluster {:?}'s pools", c.name),
-            );
-        }
-    }
+    let pool = cluster_pool(ctx, i, "spec.source.snapshot.pool", &s.pool, cluster);
     let image = ImageName::parse("spec.source.snapshot.image", &s.image)
         .map_err(|e| ctx.name_err(i, "spec.source.snapshot.image", e))
         .ok();
@@ -462,18 +474,7 @@ fn resolve_rbd<'d>(
             format!("no CephCluster named {:?}", rbd.cluster),
         );
     }
-    let pool = PoolName::parse("spec.rbd.pool", &rbd.pool)
-        .map_err(|e| ctx.name_err(i, "spec.rbd.pool", e))
-        .ok();
-    if let (Some(c), Some(p)) = (cluster, &pool) {
-        if !c.pools.contains(p) {
-            ctx.err(
-                i,
-                "spec.rbd.pool",
-                format!("pool {p:?} is not one of cluster {:?}'s pools", c.name),
-            );
-        }
-    }
+    let pool = cluster_pool(ctx, i, "spec.rbd.pool", &rbd.pool, cluster);
     let image_name = rbd.image.clone().unwrap_or_else(|| o.metadata.name.clone());
     let image = ImageName::parse("spec.rbd.image", &image_name)
         .map_err(|e| ctx.name_err(i, "spec.rbd.image", e))

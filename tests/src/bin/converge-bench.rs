@@ -212,9 +212,14 @@ fn rbd_floor(c: &Cluster, n: usize) -> Duration {
         );
     }
     let took = t.elapsed();
-    // Removing them is not measured: 8 at a time.
+    remove_images(c, &floor_names);
+    took
+}
+
+/// Removes the floor's images (not measured), 8 at a time.
+fn remove_images(c: &Cluster, names: &[String]) {
     std::thread::scope(|s| {
-        for chunk in floor_names.chunks(floor_names.len().div_ceil(8).max(1)) {
+        for chunk in names.chunks(names.len().div_ceil(8).max(1)) {
             s.spawn(move || {
                 for img in chunk {
                     c.cli_ok(
@@ -225,7 +230,6 @@ fn rbd_floor(c: &Cluster, n: usize) -> Duration {
             });
         }
     });
-    took
 }
 
 /// Volumes per manifest file.

@@ -50,18 +50,7 @@ pub(super) fn floor(c: &Cluster, golden: &str, n: usize) -> Duration {
         );
     }
     let took = t.elapsed();
-    std::thread::scope(|s| {
-        for chunk in names.chunks(names.len().div_ceil(8).max(1)) {
-            s.spawn(move || {
-                for img in chunk {
-                    c.cli_ok(
-                        "rbd",
-                        &["rm", "--no-progress", &format!("{}/{img}", c.pool)],
-                    );
-                }
-            });
-        }
-    });
+    super::remove_images(c, &names);
     took
 }
 
