@@ -428,6 +428,38 @@ mod tests {
                 })),
             ),
             (
+                "clone_from.snapshot",
+                Command::CreateImage(Box::new(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: 1 << 30,
+                    features: vec![],
+                    owner: owner("v"),
+                    policy: None,
+                    clone_from: Some(protocol::SnapshotRef {
+                        pool: "rbd".into(),
+                        image: "golden".into(),
+                        snapshot: bad.into(),
+                    }),
+                })),
+            ),
+            (
+                "clone_from.image",
+                Command::CreateImage(Box::new(CreateImage {
+                    pool: "rbd".into(),
+                    image: "img".into(),
+                    size_bytes: 1 << 30,
+                    features: vec![],
+                    owner: owner("v"),
+                    policy: None,
+                    clone_from: Some(protocol::SnapshotRef {
+                        pool: "rbd".into(),
+                        image: bad.into(),
+                        snapshot: "v1".into(),
+                    }),
+                })),
+            ),
+            (
                 "features",
                 Command::CreateImage(Box::new(CreateImage {
                     pool: "rbd".into(),
