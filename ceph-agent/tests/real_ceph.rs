@@ -178,8 +178,17 @@ fn head_of(c: &Cluster, pool: &str, image: &str, len: usize) -> Vec<u8> {
 /// left behind.
 #[tokio::test]
 async fn a_clone_of_a_golden_snapshot_is_grown_owned_and_holds_its_bytes() {
+    clone_case(Path::Library).await
+}
+
+#[tokio::test]
+async fn a_clone_of_a_golden_snapshot_is_grown_owned_and_holds_its_bytes_through_the_cli() {
+    clone_case(Path::Cli).await
+}
+
+async fn clone_case(path: Path) {
     let c = cluster();
-    let ceph = ceph_ops(&c);
+    let ceph = ceph_ops_with(&c, path);
     let gold = unique("golden");
     let pattern = golden(&c, &gold, 16 * MIB);
     let src = ceph_agent::ceph::SnapSpec::parse(&protocol::SnapshotRef {
@@ -191,11 +200,18 @@ async fn a_clone_of_a_golden_snapshot_is_grown_owned_and_holds_its_bytes() {
     let name = unique("boot");
     let s = spec(&c.pool, &name);
     let o = owner(&name);
+    let library_before = ceph.library_calls();
     let st = ceph
         .create_image_from(&s, 64 * MIB, &[], &o, None, Some(&src))
         .await
         .unwrap();
     assert_eq!((st.state, st.size_bytes), (ImageState::Live, 64 * MIB));
+    let through_library = ceph.library_calls() - library_before;
+    match path {
+        // The snapshot's size, the clone with its keys and grow, the rename, the index entry.
+        Path::Library => assert!(through_library >= 3, "{through_library}"),
+        Path::Cli => assert_eq!(through_library, 0),
+    }
     let info = rbd_info(&c, &c.pool, &name).expect("rbd sees the clone");
     assert_eq!(info["size"].as_u64(), Some(64 * MIB));
     assert_eq!(info["parent"]["image"], gold.as_str(), "{info}");

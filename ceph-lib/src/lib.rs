@@ -67,6 +67,8 @@ const LOCK_FLAG_MAY_RENEW: u8 = 1;
 /// `RBD_IMAGE_OPTION_FORMAT` and `RBD_IMAGE_OPTION_FEATURES` (librbd.h, "image options").
 const OPTION_FORMAT: c_int = 0;
 const OPTION_FEATURES: c_int = 1;
+/// `RBD_IMAGE_OPTION_CLONE_FORMAT` (librbd.h, "image options").
+const OPTION_CLONE_FORMAT: c_int = 12;
 
 /// Errors of this module: a message, or a negative errno from the library.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +113,14 @@ struct Api {
     options_destroy: unsafe extern "C" fn(ImageOptionsT),
     options_set_uint64: unsafe extern "C" fn(ImageOptionsT, c_int, u64) -> c_int,
     create4: unsafe extern "C" fn(IoctxT, *const c_char, u64, ImageOptionsT) -> c_int,
+    clone3: unsafe extern "C" fn(
+        IoctxT,
+        *const c_char,
+        *const c_char,
+        IoctxT,
+        *const c_char,
+        ImageOptionsT,
+    ) -> c_int,
     rename: unsafe extern "C" fn(IoctxT, *const c_char, *const c_char) -> c_int,
     metadata_set: unsafe extern "C" fn(ImageT, *const c_char, *const c_char) -> c_int,
     list2: unsafe extern "C" fn(IoctxT, *mut ImageSpecT, *mut usize) -> c_int,
@@ -262,6 +272,7 @@ fn api() -> Result<&'static Api, LibError> {
             options_destroy: sym!(rbd, b"rbd_image_options_destroy\0"),
             options_set_uint64: sym!(rbd, b"rbd_image_options_set_uint64\0"),
             create4: sym!(rbd, b"rbd_create4\0"),
+            clone3: sym!(rbd, b"rbd_clone3\0"),
             rename: sym!(rbd, b"rbd_rename\0"),
             metadata_set: sym!(rbd, b"rbd_metadata_set\0"),
             list2: sym!(rbd, b"rbd_list2\0"),
@@ -584,6 +595,85 @@ impl Pool {
             r
         };
         check("rbd_create4", r)
+    }
+
+    /// Clones snapshot `snap` of image `parent` of this pool as image `child` of this pool
+    /// (`rbd_clone3`, clone format 2: the snapshot needs no protection) with exactly the
+    /// `features` bits; EEXIST when `child` is taken, ENOENT when the snapshot is missing.
+    pub fn clone_image(
+        &self,
+        parent: &str,
+        snap: &str,
+        child: &str,
+        features: u64,
+    ) -> Result<(), LibError> {
+        let api = api()?;
+        let (parent, snap, child) = (
+            cstr("image name", parent)?,
+            cstr("snapshot name", snap)?,
+            cstr("image name", child)?,
+        );
+        let mut opts: ImageOptionsT = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; the options are destroyed below, once.
+        unsafe { (api.options_create)(&mut opts) };
+        // SAFETY: `opts` is live until destroyed below; `io` lives as long as `self` and is
+        // both the parent's and the child's pool.
+        let r = unsafe {
+            let mut r = (api.options_set_uint64)(opts, OPTION_CLONE_FORMAT, 2);
+            if r >= 0 {
+                r = (api.options_set_uint64)(opts, OPTION_FEATURES, features);
+            }
+            if r >= 0 {
+                r = (api.clone3)(
+                    self.io,
+                    parent.as_ptr(),
+                    snap.as_ptr(),
+                    self.io,
+                    child.as_ptr(),
+                    opts,
+                );
+            }
+            (api.options_destroy)(opts);
+            r
+        };
+        check("rbd_clone3", r)
+    }
+
+    /// The size of snapshot `snap` of image `name`; None when the image or the snapshot is
+    /// missing.
+    pub fn snapshot_size(&self, name: &str, snap: &str) -> Result<Option<u64>, LibError> {
+        let api = api()?;
+        let (name, snap) = (cstr("image name", name)?, cstr("snapshot name", snap)?);
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live; the snapshot name is a NUL-terminated string.
+        let r = unsafe { (api.open_read_only)(self.io, name.as_ptr(), &mut img, snap.as_ptr()) };
+        if r == -2 {
+            return Ok(None);
+        }
+        check("rbd_open_read_only", r)?;
+        let mut size = 0u64;
+        // SAFETY: `img` is open; a valid out-pointer.
+        let r = unsafe { (api.get_size)(img, &mut size) };
+        // SAFETY: closes the image opened above, once.
+        unsafe { (api.close)(img) };
+        check("rbd_get_size", r)?;
+        Ok(Some(size))
+    }
+
+    /// Grows image `name` to `size` bytes (`rbd_resize`, through one open of the image).
+    pub fn resize_image(&self, name: &str, size: u64) -> Result<(), LibError> {
+        let api = api()?;
+        let name = cstr("image name", name)?;
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live; a null snapshot name means the head.
+        check("rbd_open", unsafe {
+            (api.open)(self.io, name.as_ptr(), &mut img, std::ptr::null())
+        })?;
+        // SAFETY: `img` is open.
+        let r = unsafe { (api.resize)(img, size) };
+        // SAFETY: closes the image opened above, once.
+        unsafe { (api.close)(img) };
+        check("rbd_resize", r)
     }
 
     /// Sets `keys` on image `name` (`rbd_metadata_set`, through one open of the image).

@@ -358,7 +358,8 @@ impl<R: Runner> Ceph<R> {
     }
 
     /// Makes image `tmp` a clone of `src` (format 2) with the ownership keys, grown to
-    /// `grow_to`, through the CLI: `rbd clone`, then each key, then `rbd resize`. Killed between
+    /// `grow_to`: through librbd in process when `src` is in the same pool (a clone, the keys,
+    /// a resize), else through the CLI (`rbd clone`, each key, `rbd resize`). Killed between
     /// them: a temporary image without all its keys (or not yet grown), which
     /// [`Self::remove_leftover`] removes. EEXIST when `tmp` exists.
     #[tracing::instrument(skip_all)]
@@ -371,6 +372,34 @@ impl<R: Runner> Ceph<R> {
         features: &[String],
         owner: &Owner,
     ) -> Result<(), CliError> {
+        let bits: Option<u64> = features.iter().map(|f| ceph_lib::feature_bit(f)).sum();
+        if let Some(bits) = bits.filter(|_| src.image.pool == spec.pool) {
+            // In process: the clone, its keys, its grow (killed between them: a temporary
+            // image without its keys or its size, removed as an interrupted create's).
+            let (parent, snap, child) = (
+                src.image.image.to_string(),
+                src.snapshot.to_string(),
+                tmp.to_string(),
+            );
+            let owned = [
+                (META_MANAGED_BY, owner.managed_by.to_string()),
+                (META_VOLUME, owner.volume.to_string()),
+            ];
+            let what = format!("librbd clone {src} {}/{tmp} with its keys", spec.pool);
+            let made = self
+                .library(&spec.pool, what, Kind::Long, move |p| {
+                    p.clone_image(&parent, &snap, &child, bits)?;
+                    p.set_metadata(&child, &owned.each_ref().map(|(k, v)| (*k, v.as_str())))?;
+                    if let Some(size) = grow_to {
+                        p.resize_image(&child, size)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Some(made) = made {
+                return made;
+            }
+        }
         let clone = rbd()
             .args(["clone", "--rbd-default-clone-format", "2"])
             .args(["--image-feature", &features.join(",")])
@@ -403,6 +432,20 @@ impl<R: Runner> Ceph<R> {
 
     /// The size of snapshot `src` (what a clone of it starts as); not found: said so.
     async fn snapshot_size(&self, src: &SnapSpec) -> Result<u64, CephError> {
+        let not_found = || CephError::NotFound {
+            spec: src.to_string(),
+            hint: " (the volume's source snapshot: make it with `rbd snap create`)".into(),
+        };
+        let (image, snap) = (src.image.image.to_string(), src.snapshot.to_string());
+        let what = format!("librbd size of {src}");
+        if let Some(read) = self
+            .library(&src.image.pool, what, Kind::ShortRead, move |p| {
+                p.snapshot_size(&image, &snap)
+            })
+            .await
+        {
+            return read?.ok_or_else(not_found);
+        }
         let inv = rbd()
             .args([
                 "info",
@@ -415,10 +458,7 @@ impl<R: Runner> Ceph<R> {
             .arg(src.image.image.as_str());
         match self.json::<json::RbdInfo>(inv).await {
             Ok(info) => Ok(info.size),
-            Err(e) if gone(&e) => Err(CephError::NotFound {
-                spec: src.to_string(),
-                hint: " (the volume's source snapshot: make it with `rbd snap create`)".into(),
-            }),
+            Err(e) if gone(&e) => Err(not_found()),
             Err(e) => Err(e),
         }
     }
