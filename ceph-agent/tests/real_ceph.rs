@@ -35,15 +35,18 @@ enum Path {
 }
 
 fn ceph_ops_with(c: &Cluster, path: Path) -> Ceph<ProcessRunner> {
-    let runner = ProcessRunner::new(ProcessRunnerConfig {
+    Ceph::new(runner_for(c, path), Some(&c.id))
+}
+
+fn runner_for(c: &Cluster, path: Path) -> ProcessRunner {
+    ProcessRunner::new(ProcessRunnerConfig {
         conf: Some(c.conf.clone()),
         keyring: Some(c.keyring.clone()),
         client_id: Some(c.id.clone()),
         timeout: Duration::from_secs(60),
         library: path == Path::Library,
         ..ProcessRunnerConfig::default()
-    });
-    Ceph::new(runner, Some(&c.id))
+    })
 }
 
 fn cli(c: &Cluster, tool: &str, args: &[&str]) -> (i32, String, String) {
@@ -659,7 +662,22 @@ async fn interrupted_create_case(path: Path) {
         "rbd",
         &["create", "--size", "1M", "--pool", &c.pool, "--", &tmp2],
     );
+    // A young one may be a create in flight (another agent process): left alone.
     let fresh = ceph_ops_with(&c, path);
+    fresh.report().await.unwrap();
+    assert!(
+        images_of(&c, &c.pool).contains(&tmp2),
+        "left at load: made moments ago"
+    );
+    // Old enough (here: any age), removed.
+    let fresh = Ceph::with_options(
+        runner_for(&c, path),
+        Some(&c.id),
+        ceph_agent::ceph::ViewOptions {
+            leftover_age: Duration::ZERO,
+            ..Default::default()
+        },
+    );
     fresh.report().await.unwrap();
     assert!(!images_of(&c, &c.pool).contains(&tmp2), "removed at load");
 

@@ -89,6 +89,14 @@ pub enum LibError {
     },
 }
 
+/// `struct timespec` of 64-bit Linux (`time_t` and `long` are 64 bits).
+#[repr(C)]
+#[derive(Default)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
 struct Api {
     _rados: Library,
     _rbd: Library,
@@ -127,6 +135,7 @@ struct Api {
     open_read_only:
         unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
     get_features: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+    get_create_timestamp: unsafe extern "C" fn(ImageT, *mut Timespec) -> c_int,
     #[allow(clippy::type_complexity)]
     get_parent_info2: unsafe extern "C" fn(
         ImageT,
@@ -278,6 +287,7 @@ fn api() -> Result<&'static Api, LibError> {
             list2: sym!(rbd, b"rbd_list2\0"),
             open_read_only: sym!(rbd, b"rbd_open_read_only\0"),
             get_features: sym!(rbd, b"rbd_get_features\0"),
+            get_create_timestamp: sym!(rbd, b"rbd_get_create_timestamp\0"),
             get_parent_info2: sym!(rbd, b"rbd_get_parent_info2\0"),
             metadata_list: sym!(rbd, b"rbd_metadata_list\0"),
             spec_list_cleanup: sym!(rbd, b"rbd_image_spec_list_cleanup\0"),
@@ -658,6 +668,27 @@ impl Pool {
         unsafe { (api.close)(img) };
         check("rbd_get_size", r)?;
         Ok(Some(size))
+    }
+
+    /// When image `name` was created, in seconds since the Unix epoch, by the clock of the
+    /// client that created it (`rbd_get_create_timestamp`); None when it is missing.
+    pub fn created_at(&self, name: &str) -> Result<Option<i64>, LibError> {
+        let api = api()?;
+        let name = cstr("image name", name)?;
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live; a null snapshot name means the head.
+        let r = unsafe { (api.open_read_only)(self.io, name.as_ptr(), &mut img, std::ptr::null()) };
+        if r == -2 {
+            return Ok(None);
+        }
+        check("rbd_open_read_only", r)?;
+        let mut at = Timespec::default();
+        // SAFETY: `img` is open; a valid out-pointer to a `struct timespec`.
+        let r = unsafe { (api.get_create_timestamp)(img, &mut at) };
+        // SAFETY: closes the image opened above, once.
+        unsafe { (api.close)(img) };
+        check("rbd_get_create_timestamp", r)?;
+        Ok(Some(at.tv_sec))
     }
 
     /// Grows image `name` to `size` bytes (`rbd_resize`, through one open of the image).

@@ -445,6 +445,11 @@ pub struct ViewOptions {
     pub pool_refresh: Duration,
     /// A report re-reads the cluster's status when it is older than this.
     pub status_max_age: Duration,
+    /// The start-up load removes a temporary image an interrupted create left only when it is
+    /// older than this (a younger one may be a create in flight, of another agent process on
+    /// the cluster or one overlapping this one's start; the next create of its name removes
+    /// it). Zero: removed whatever its age.
+    pub leftover_age: Duration,
 }
 
 impl Default for ViewOptions {
@@ -454,6 +459,7 @@ impl Default for ViewOptions {
             sweep_min_age: Duration::from_secs(30),
             pool_refresh: Duration::from_secs(30),
             status_max_age: Duration::from_secs(5),
+            leftover_age: LEFTOVER_AGE,
         }
     }
 }
@@ -741,6 +747,10 @@ const fn libc_enoent() -> i32 {
 
 /// Where an image is made before it is renamed into place (see `Ceph::create_image`).
 pub(crate) const TEMPORARY_PREFIX: &str = ".unistor-new.";
+
+/// A temporary image younger than this may belong to a create still in flight (any command's
+/// deadline is shorter): the start-up load leaves it alone.
+pub(crate) const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// The temporary name of image `image` while it is made.
 pub(crate) fn temporary_name(image: &str) -> String {

@@ -44,6 +44,27 @@ impl<R: Runner> Ceph<R> {
         Ok(status.watchers.into_iter().map(|w| w.address).collect())
     }
 
+    /// Whether temporary image `tmp` is older than `leftover_age` by its creation time
+    /// (read through librbd; through the CLI it is never judged old: left to the next create).
+    async fn old_temporary(&self, pool: &PoolName, tmp: &str) -> bool {
+        let age = self.options.leftover_age;
+        if age.is_zero() {
+            return true;
+        }
+        let name = tmp.to_string();
+        let what = format!("librbd creation time of {pool}/{tmp}");
+        let Some(Ok(Some(at))) = self
+            .library(pool, what, Kind::ShortRead, move |p| p.created_at(&name))
+            .await
+        else {
+            return false;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        now - at >= age.as_secs() as i64
+    }
+
     /// Size, features and metadata (no watchers); `None` when the image is not live.
     pub(super) async fn read(&self, spec: &ImageSpec) -> Result<Option<LiveImage>, CephError> {
         let (name, what) = (spec.image.to_string(), format!("librbd read {spec}"));
@@ -267,6 +288,12 @@ impl<R: Runner> Ceph<R> {
                         // removing it, or creating it again) is harmless: never exposed, and
                         // the next create of that name removes it. It does not fail the load.
                         let Some(owner) = owner else { continue };
+                        // One made in the last minutes may be a create in flight (another agent
+                        // process on this cluster, or one overlapping this one's start): left to
+                        // the next create of that name, which removes it.
+                        if !self.old_temporary(&pool, &e.image).await {
+                            continue;
+                        }
                         if let Err(err) = self.remove_leftover(&pool, &e.image, &owner).await {
                             tracing::warn!(
                                 pool = %pool,
