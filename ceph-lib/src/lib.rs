@@ -583,27 +583,46 @@ impl Rados {
     }
 }
 
+/// Runs `call` with librbd image options holding `values` (each an `RBD_IMAGE_OPTION_*` and
+/// its number), destroyed after; the first failure to set one is returned instead.
+fn with_image_options(
+    api: &Api,
+    values: &[(c_int, u64)],
+    call: impl FnOnce(ImageOptionsT) -> c_int,
+) -> c_int {
+    let mut opts: ImageOptionsT = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the options are destroyed below, once.
+    unsafe { (api.options_create)(&mut opts) };
+    let mut r = 0;
+    for (option, value) in values {
+        // SAFETY: `opts` is live until destroyed below.
+        r = unsafe { (api.options_set_uint64)(opts, *option, *value) };
+        if r < 0 {
+            break;
+        }
+    }
+    if r >= 0 {
+        r = call(opts);
+    }
+    // SAFETY: created above, destroyed once, after its last use.
+    unsafe { (api.options_destroy)(opts) };
+    r
+}
+
 impl Pool {
     /// Creates a format-2 image of `size` bytes with exactly the `features` bits (`rbd_create4`);
     /// EEXIST when the name is taken.
     pub fn create_image(&self, name: &str, size: u64, features: u64) -> Result<(), LibError> {
         let api = api()?;
         let name = cstr("image name", name)?;
-        let mut opts: ImageOptionsT = std::ptr::null_mut();
-        // SAFETY: a valid out-pointer; the options are destroyed below, once.
-        unsafe { (api.options_create)(&mut opts) };
-        // SAFETY: `opts` is live until destroyed below; `io` lives as long as `self`.
-        let r = unsafe {
-            let mut r = (api.options_set_uint64)(opts, OPTION_FORMAT, 2);
-            if r >= 0 {
-                r = (api.options_set_uint64)(opts, OPTION_FEATURES, features);
-            }
-            if r >= 0 {
-                r = (api.create4)(self.io, name.as_ptr(), size, opts);
-            }
-            (api.options_destroy)(opts);
-            r
-        };
+        let r = with_image_options(
+            api,
+            &[(OPTION_FORMAT, 2), (OPTION_FEATURES, features)],
+            |opts| {
+                // SAFETY: `opts` is live for the call; `io` lives as long as `self`.
+                unsafe { (api.create4)(self.io, name.as_ptr(), size, opts) }
+            },
+        );
         check("rbd_create4", r)
     }
 
@@ -623,29 +642,21 @@ impl Pool {
             cstr("snapshot name", snap)?,
             cstr("image name", child)?,
         );
-        let mut opts: ImageOptionsT = std::ptr::null_mut();
-        // SAFETY: a valid out-pointer; the options are destroyed below, once.
-        unsafe { (api.options_create)(&mut opts) };
-        // SAFETY: `opts` is live until destroyed below; `io` lives as long as `self` and is
-        // both the parent's and the child's pool.
-        let r = unsafe {
-            let mut r = (api.options_set_uint64)(opts, OPTION_CLONE_FORMAT, 2);
-            if r >= 0 {
-                r = (api.options_set_uint64)(opts, OPTION_FEATURES, features);
-            }
-            if r >= 0 {
-                r = (api.clone3)(
+        let options = [(OPTION_CLONE_FORMAT, 2), (OPTION_FEATURES, features)];
+        let r = with_image_options(api, &options, |opts| {
+            // SAFETY: `opts` is live for the call; `io` lives as long as `self` and is both the
+            // parent's and the child's pool.
+            unsafe {
+                (api.clone3)(
                     self.io,
                     parent.as_ptr(),
                     snap.as_ptr(),
                     self.io,
                     child.as_ptr(),
                     opts,
-                );
+                )
             }
-            (api.options_destroy)(opts);
-            r
-        };
+        });
         check("rbd_clone3", r)
     }
 
