@@ -665,20 +665,12 @@ impl Pool {
     pub fn snapshot_size(&self, name: &str, snap: &str) -> Result<Option<u64>, LibError> {
         let api = api()?;
         let (name, snap) = (cstr("image name", name)?, cstr("snapshot name", snap)?);
-        let mut img: ImageT = std::ptr::null_mut();
-        // SAFETY: `io` is live; the snapshot name is a NUL-terminated string.
-        let r = unsafe { (api.open_read_only)(self.io, name.as_ptr(), &mut img, snap.as_ptr()) };
-        if r == -2 {
-            return Ok(None);
-        }
-        check("rbd_open_read_only", r)?;
-        let mut size = 0u64;
-        // SAFETY: `img` is open; a valid out-pointer.
-        let r = unsafe { (api.get_size)(img, &mut size) };
-        // SAFETY: closes the image opened above, once.
-        unsafe { (api.close)(img) };
-        check("rbd_get_size", r)?;
-        Ok(Some(size))
+        self.read_only(api, &name, Some(&snap), |img| {
+            let mut size = 0u64;
+            // SAFETY: `img` is open; a valid out-pointer.
+            check("rbd_get_size", unsafe { (api.get_size)(img, &mut size) })?;
+            Ok(size)
+        })
     }
 
     /// When image `name` was created, in seconds since the Unix epoch, by the clock of the
@@ -686,20 +678,37 @@ impl Pool {
     pub fn created_at(&self, name: &str) -> Result<Option<i64>, LibError> {
         let api = api()?;
         let name = cstr("image name", name)?;
+        self.read_only(api, &name, None, |img| {
+            let mut at = Timespec::default();
+            // SAFETY: `img` is open; a valid out-pointer to a `struct timespec`.
+            check("rbd_get_create_timestamp", unsafe {
+                (api.get_create_timestamp)(img, &mut at)
+            })?;
+            Ok(at.tv_sec)
+        })
+    }
+
+    /// Runs `f` on image `name` (at snapshot `snap`, else its head) opened read-only, which
+    /// registers no watch, and closes it after; None when the image or the snapshot is missing.
+    fn read_only<T>(
+        &self,
+        api: &Api,
+        name: &std::ffi::CStr,
+        snap: Option<&std::ffi::CStr>,
+        f: impl FnOnce(ImageT) -> Result<T, LibError>,
+    ) -> Result<Option<T>, LibError> {
         let mut img: ImageT = std::ptr::null_mut();
-        // SAFETY: `io` is live; a null snapshot name means the head.
-        let r = unsafe { (api.open_read_only)(self.io, name.as_ptr(), &mut img, std::ptr::null()) };
+        let snap = snap.map_or(std::ptr::null(), std::ffi::CStr::as_ptr);
+        // SAFETY: `io` is live; the names are NUL-terminated (a null snapshot: the head).
+        let r = unsafe { (api.open_read_only)(self.io, name.as_ptr(), &mut img, snap) };
         if r == -2 {
             return Ok(None);
         }
         check("rbd_open_read_only", r)?;
-        let mut at = Timespec::default();
-        // SAFETY: `img` is open; a valid out-pointer to a `struct timespec`.
-        let r = unsafe { (api.get_create_timestamp)(img, &mut at) };
-        // SAFETY: closes the image opened above, once.
+        let out = f(img);
+        // SAFETY: closes the image opened above, once, after its last use.
         unsafe { (api.close)(img) };
-        check("rbd_get_create_timestamp", r)?;
-        Ok(Some(at.tv_sec))
+        out.map(Some)
     }
 
     /// Grows image `name` to `size` bytes (`rbd_resize`, through one open of the image).
@@ -795,17 +804,7 @@ impl Pool {
     pub fn read_image(&self, name: &str) -> Result<Option<ImageFacts>, LibError> {
         let api = api()?;
         let name = cstr("image name", name)?;
-        let mut img: ImageT = std::ptr::null_mut();
-        // SAFETY: `io` is live; a null snapshot name means the head.
-        let r = unsafe { (api.open_read_only)(self.io, name.as_ptr(), &mut img, std::ptr::null()) };
-        if r == -2 {
-            return Ok(None);
-        }
-        check("rbd_open_read_only", r)?;
-        let facts = Self::facts(api, img);
-        // SAFETY: closes the image opened above, once.
-        unsafe { (api.close)(img) };
-        facts.map(Some)
+        self.read_only(api, &name, None, |img| Self::facts(api, img))
     }
 
     fn facts(api: &Api, img: ImageT) -> Result<ImageFacts, LibError> {
