@@ -30,6 +30,7 @@ fn lock_key(c: &Command) -> String {
         Command::AdoptImage(c) => image_key(&c.pool, &c.image),
         Command::GrowImage(c) => image_key(&c.pool, &c.image),
         Command::FlattenImage(c) => image_key(&c.pool, &c.image),
+        Command::CreateSnapshot(c) | Command::RemoveSnapshot(c) => image_key(&c.pool, &c.image),
         Command::TrashImage(c) => image_key(&c.pool, &c.image),
         Command::RestoreImage(c) => image_key(&c.pool, &c.image),
         Command::DeleteImage(c) => image_key(&c.pool, &c.image),
@@ -171,6 +172,8 @@ impl<R: Runner> CephHandler<R> {
             | Command::AdoptImage(_)
             | Command::GrowImage(_)
             | Command::FlattenImage(_)
+            | Command::CreateSnapshot(_)
+            | Command::RemoveSnapshot(_)
             | Command::TrashImage(_)
             | Command::RestoreImage(_)
             | Command::DeleteImage(_)
@@ -249,6 +252,16 @@ impl<R: Runner> CephHandler<R> {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;
                 let owner = Owner::parse(&c.owner)?;
                 Reply::Image(Box::new(self.ceph.flatten_image(&spec, &owner).await?))
+            }
+            Command::CreateSnapshot(c) => {
+                let snap = crate::ceph::SnapSpec::of_op(&c)?;
+                let owner = Owner::parse(&c.owner)?;
+                Reply::Image(Box::new(self.ceph.create_snapshot(&snap, &owner).await?))
+            }
+            Command::RemoveSnapshot(c) => {
+                let snap = crate::ceph::SnapSpec::of_op(&c)?;
+                let owner = Owner::parse(&c.owner)?;
+                Reply::Image(Box::new(self.ceph.remove_snapshot(&snap, &owner).await?))
             }
             Command::TrashImage(c) => {
                 let spec = ImageSpec::parse(&c.pool, &c.image)?;

@@ -284,6 +284,7 @@ pub fn unread(spec: &ImageSpec, metadata: BTreeMap<String, String>) -> ImageStat
         metadata: metadata.into(),
         unverified: false,
         parent: None,
+        snapshots: vec![],
     }
 }
 
@@ -306,6 +307,7 @@ mod tests {
             metadata: Default::default(),
             unverified: false,
             parent: None,
+            snapshots: vec![],
         }
     }
 

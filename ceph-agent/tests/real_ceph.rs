@@ -303,6 +303,148 @@ async fn clone_case(path: Path) {
 }
 
 #[tokio::test]
+async fn snapshots_are_taken_listed_recorded_and_kept_while_clones_hold_them() {
+    snapshot_case(Path::Library).await
+}
+
+#[tokio::test]
+async fn snapshots_are_taken_listed_recorded_and_kept_while_clones_hold_them_through_the_cli() {
+    snapshot_case(Path::Cli).await
+}
+
+async fn snapshot_case(path: Path) {
+    let c = cluster();
+    let ceph = ceph_ops_with(&c, path);
+    let name = unique("snapped");
+    let s = spec(&c.pool, &name);
+    let o = owner(&name);
+    ceph.create_image(&s, 16 * MIB, &[], &o, None)
+        .await
+        .unwrap();
+    let snap = |n: &str| {
+        ceph_agent::ceph::SnapSpec::of_op(&protocol::SnapshotOp {
+            pool: c.pool.clone(),
+            image: name.clone(),
+            snapshot: n.into(),
+            owner: protocol::Ownership {
+                managed_by: "unistor".into(),
+                volume: name.clone(),
+            },
+        })
+        .unwrap()
+    };
+    // A declared name: recorded in unistor.snapshots, taken; again is success.
+    let st = ceph.create_snapshot(&snap("before"), &o).await.unwrap();
+    assert_eq!(
+        st.snapshots
+            .iter()
+            .map(|x| x.name.as_str())
+            .collect::<Vec<_>>(),
+        ["before"]
+    );
+    assert_eq!(
+        st.metadata.get("unistor.snapshots").map(String::as_str),
+        Some("before")
+    );
+    ceph.create_snapshot(&snap("before"), &o).await.unwrap();
+    // A scheduled one: taken, not recorded; ids rise.
+    let st = ceph
+        .create_snapshot(&snap("auto-1765000000"), &o)
+        .await
+        .unwrap();
+    assert_eq!(st.snapshots.len(), 2, "{:?}", st.snapshots);
+    assert!(st.snapshots[1].id > st.snapshots[0].id);
+    assert_eq!(
+        st.metadata.get("unistor.snapshots").map(String::as_str),
+        Some("before")
+    );
+    let listed = json(&cli_ok(
+        &c,
+        "rbd",
+        &[
+            "snap",
+            "ls",
+            "--format",
+            "json",
+            &format!("{}/{name}", c.pool),
+        ],
+    ));
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    // Another volume's image: refused.
+    let e = ceph
+        .create_snapshot(&snap("x"), &owner("someone-else"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CephError::NotOwned { .. }), "{e}");
+    // A clone of `before` holds it: its removal is refused, naming the clone.
+    let clone = unique("restored");
+    let src = ceph_agent::ceph::SnapSpec::parse(&protocol::SnapshotRef {
+        pool: c.pool.clone(),
+        image: name.clone(),
+        snapshot: "before".into(),
+    })
+    .unwrap();
+    ceph.create_image_from(
+        &spec(&c.pool, &clone),
+        16 * MIB,
+        &[],
+        &owner(&clone),
+        None,
+        Some(&src),
+    )
+    .await
+    .unwrap();
+    let e = ceph.remove_snapshot(&snap("before"), &o).await.unwrap_err();
+    assert!(matches!(e, CephError::HasClones { .. }), "{e}");
+    assert!(e.to_string().contains(&clone), "{e}");
+    assert_eq!(e.to_wire().code, protocol::ErrorCode::InUse);
+    let listed = json(&cli_ok(
+        &c,
+        "rbd",
+        &[
+            "snap",
+            "ls",
+            "--format",
+            "json",
+            &format!("{}/{name}", c.pool),
+        ],
+    ));
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(2),
+        "still there: {listed}"
+    );
+    // Flattened, the clone no longer holds it: removed, its name dropped; again is success.
+    ceph.flatten_image(&spec(&c.pool, &clone), &owner(&clone))
+        .await
+        .unwrap();
+    let st = ceph.remove_snapshot(&snap("before"), &o).await.unwrap();
+    assert_eq!(
+        st.snapshots
+            .iter()
+            .map(|x| x.name.as_str())
+            .collect::<Vec<_>>(),
+        ["auto-1765000000"]
+    );
+    assert_eq!(st.metadata.get("unistor.snapshots"), None);
+    ceph.remove_snapshot(&snap("before"), &o).await.unwrap();
+    // Removed by hand: the next read reports it gone.
+    cli_ok(
+        &c,
+        "rbd",
+        &[
+            "snap",
+            "rm",
+            "--no-progress",
+            &format!("{}/{name}@auto-1765000000", c.pool),
+        ],
+    );
+    let st = ceph.remove_snapshot(&snap("none"), &o).await.unwrap();
+    assert!(st.snapshots.is_empty(), "{:?}", st.snapshots);
+    remove_what_it_made(&c, &[name, clone]);
+}
+
+#[tokio::test]
 async fn create_is_idempotent_and_writes_ownership() {
     create_case(Path::Library).await
 }

@@ -44,6 +44,25 @@ struct ImageSpecT {
     name: *mut c_char,
 }
 
+/// `rbd_snap_info_t`.
+#[repr(C)]
+struct SnapInfoT {
+    id: u64,
+    size: u64,
+    name: *const c_char,
+}
+
+/// `rbd_linked_image_spec_t`.
+#[repr(C)]
+struct LinkedImageSpecT {
+    pool_id: i64,
+    pool_name: *mut c_char,
+    pool_namespace: *mut c_char,
+    image_id: *mut c_char,
+    image_name: *mut c_char,
+    trash: bool,
+}
+
 /// `struct timeval` on the 64-bit Linux targets this runs on.
 #[repr(C)]
 struct Timeval {
@@ -158,6 +177,12 @@ struct Api {
         *mut usize,
     ) -> c_int,
     spec_list_cleanup: unsafe extern "C" fn(*mut ImageSpecT, usize),
+    snap_list: unsafe extern "C" fn(ImageT, *mut SnapInfoT, *mut c_int) -> c_int,
+    snap_list_end: unsafe extern "C" fn(*mut SnapInfoT),
+    snap_create: unsafe extern "C" fn(ImageT, *const c_char) -> c_int,
+    snap_remove: unsafe extern "C" fn(ImageT, *const c_char) -> c_int,
+    list_children3: unsafe extern "C" fn(ImageT, *mut LinkedImageSpecT, *mut usize) -> c_int,
+    linked_list_cleanup: unsafe extern "C" fn(*mut LinkedImageSpecT, usize),
     mon_command: unsafe extern "C" fn(
         RadosT,
         *const *const c_char,
@@ -291,6 +316,12 @@ fn api() -> Result<&'static Api, LibError> {
             get_parent_info2: sym!(rbd, b"rbd_get_parent_info2\0"),
             metadata_list: sym!(rbd, b"rbd_metadata_list\0"),
             spec_list_cleanup: sym!(rbd, b"rbd_image_spec_list_cleanup\0"),
+            snap_list: sym!(rbd, b"rbd_snap_list\0"),
+            snap_list_end: sym!(rbd, b"rbd_snap_list_end\0"),
+            snap_create: sym!(rbd, b"rbd_snap_create\0"),
+            snap_remove: sym!(rbd, b"rbd_snap_remove\0"),
+            list_children3: sym!(rbd, b"rbd_list_children3\0"),
+            linked_list_cleanup: sym!(rbd, b"rbd_linked_image_spec_list_cleanup\0"),
             mon_command: sym!(rados, b"rados_mon_command\0"),
             buffer_free: sym!(rados, b"rados_buffer_free\0"),
             lock_exclusive: sym!(rados, b"rados_lock_exclusive\0"),
@@ -499,6 +530,9 @@ pub struct ImageFacts {
     pub metadata: std::collections::BTreeMap<String, String>,
     /// The snapshot it is a clone of, `pool/image@snapshot` (None: not a clone, or flattened).
     pub parent: Option<String>,
+    /// Its snapshots (user snapshots: not those librbd keeps in its trash for clones), in the
+    /// order librbd lists them, with their ids (rising: the cluster assigns them).
+    pub snapshots: Vec<(u64, String)>,
 }
 
 /// A pool's I/O context (`rados_ioctx_t`) on a connected cluster, for the calls an
@@ -852,6 +886,150 @@ impl Pool {
             features,
             metadata,
             parent: Self::parent(api, img)?,
+            snapshots: Self::snapshots(api, img)?,
+        })
+    }
+
+    /// The user snapshots of open image `img`: id and name.
+    fn snapshots(api: &Api, img: ImageT) -> Result<Vec<(u64, String)>, LibError> {
+        let mut room: c_int = 16;
+        loop {
+            let mut infos: Vec<SnapInfoT> = (0..room)
+                .map(|_| SnapInfoT {
+                    id: 0,
+                    size: 0,
+                    name: std::ptr::null(),
+                })
+                .collect();
+            let mut max = room;
+            // SAFETY: `img` is open; `infos` has room for `max` entries.
+            let r = unsafe { (api.snap_list)(img, infos.as_mut_ptr(), &mut max) };
+            if r as isize == -ERANGE {
+                // `max` now says how many there are.
+                room = max.max(room + 1);
+                continue;
+            }
+            check("rbd_snap_list", r)?;
+            let out = infos[..r as usize]
+                .iter()
+                .filter(|i| !i.name.is_null())
+                // SAFETY: librbd set each name to a NUL-terminated string it allocated.
+                .map(|i| (i.id, unsafe { std::ffi::CStr::from_ptr(i.name) }))
+                .map(|(id, n)| (id, n.to_string_lossy().into_owned()))
+                .collect();
+            // SAFETY: frees the names librbd allocated in this list, once.
+            unsafe { (api.snap_list_end)(infos.as_mut_ptr()) };
+            return Ok(out);
+        }
+    }
+
+    /// Takes snapshot `snap` of image `name` (`rbd_snap_create`). EEXIST when it exists.
+    /// Crash-consistent: librbd quiesces the image's writers that registered for it (SPDK's
+    /// rbd bdev does not) and orders the snapshot after every write the cluster acknowledged.
+    pub fn create_snapshot(&self, name: &str, snap: &str) -> Result<(), LibError> {
+        self.with_open(
+            name,
+            "rbd_snap_create",
+            |api, img, s| {
+                // SAFETY: `img` is open; `s` is NUL-terminated.
+                unsafe { (api.snap_create)(img, s) }
+            },
+            snap,
+        )
+    }
+
+    /// Removes snapshot `snap` of image `name` (`rbd_snap_remove`). ENOENT when it is missing.
+    /// With clone format 2, a snapshot that has clones is moved to librbd's trash namespace
+    /// rather than refused: callers check [`Pool::snapshot_children`] first.
+    pub fn remove_snapshot(&self, name: &str, snap: &str) -> Result<(), LibError> {
+        self.with_open(
+            name,
+            "rbd_snap_remove",
+            |api, img, s| {
+                // SAFETY: `img` is open; `s` is NUL-terminated.
+                unsafe { (api.snap_remove)(img, s) }
+            },
+            snap,
+        )
+    }
+
+    /// Opens image `name` read-write, calls `f` with `arg` as a C string, closes it.
+    fn with_open(
+        &self,
+        name: &str,
+        call: &'static str,
+        f: impl FnOnce(&Api, ImageT, *const c_char) -> c_int,
+        arg: &str,
+    ) -> Result<(), LibError> {
+        let api = api()?;
+        let (name, arg) = (cstr("image name", name)?, cstr("snapshot name", arg)?);
+        let mut img: ImageT = std::ptr::null_mut();
+        // SAFETY: `io` is live; a null snapshot name means the head.
+        check("rbd_open", unsafe {
+            (api.open)(self.io, name.as_ptr(), &mut img, std::ptr::null())
+        })?;
+        let r = f(api, img, arg.as_ptr());
+        // SAFETY: closes the image opened above, once.
+        let closed = unsafe { (api.close)(img) };
+        check(call, r)?;
+        check("rbd_close", closed)
+    }
+
+    /// The clones of snapshot `snap` of image `name`, `pool/image` each (those in librbd's
+    /// trash too, marked ` (trashed)`); None when the image or the snapshot is missing.
+    pub fn snapshot_children(
+        &self,
+        name: &str,
+        snap: &str,
+    ) -> Result<Option<Vec<String>>, LibError> {
+        let api = api()?;
+        let (name, snap) = (cstr("image name", name)?, cstr("snapshot name", snap)?);
+        self.read_only(api, &name, Some(&snap), |img| {
+            let mut room = 16usize;
+            loop {
+                let mut specs: Vec<LinkedImageSpecT> = (0..room)
+                    .map(|_| LinkedImageSpecT {
+                        pool_id: 0,
+                        pool_name: std::ptr::null_mut(),
+                        pool_namespace: std::ptr::null_mut(),
+                        image_id: std::ptr::null_mut(),
+                        image_name: std::ptr::null_mut(),
+                        trash: false,
+                    })
+                    .collect();
+                let mut size = room;
+                // SAFETY: `img` is open at the snapshot; `specs` has room for `size` entries.
+                let r = unsafe { (api.list_children3)(img, specs.as_mut_ptr(), &mut size) };
+                if r as isize == -ERANGE && size > room {
+                    room = size;
+                    continue;
+                }
+                check("rbd_list_children3", r)?;
+                let text = |p: *mut c_char| {
+                    if p.is_null() {
+                        String::new()
+                    } else {
+                        // SAFETY: librbd set it to a NUL-terminated string it allocated.
+                        unsafe { std::ffi::CStr::from_ptr(p) }
+                            .to_string_lossy()
+                            .into_owned()
+                    }
+                };
+                let out = specs[..size]
+                    .iter()
+                    .map(|s| {
+                        let name = format!("{}/{}", text(s.pool_name), text(s.image_name));
+                        if s.trash {
+                            format!("{name} (trashed)")
+                        } else {
+                            name
+                        }
+                    })
+                    .collect();
+                // SAFETY: frees the `size` entries librbd filled, once.
+                unsafe { (api.linked_list_cleanup)(specs.as_mut_ptr(), size) };
+                return Ok(out);
+            }
         })
     }
 

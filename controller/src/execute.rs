@@ -217,6 +217,8 @@ pub fn deadline_of(c: &Command, o: &ExecOptions) -> Duration {
         Command::CreateImage(_)
         | Command::GrowImage(_)
         | Command::FlattenImage(_)
+        | Command::CreateSnapshot(_)
+        | Command::RemoveSnapshot(_)
         | Command::TrashImage(_)
         | Command::RestoreImage(_)
         | Command::DeleteImage(_)

@@ -82,6 +82,13 @@ fn describe_command(c: &Command) -> String {
             "flatten image {}/{} (copy its snapshot's data in; it no longer depends on it)",
             x.pool, x.image
         ),
+        Command::CreateSnapshot(x) => {
+            format!("snapshot image {}/{}@{}", x.pool, x.image, x.snapshot)
+        }
+        Command::RemoveSnapshot(x) => format!(
+            "remove snapshot {}/{}@{} (it has no clones)",
+            x.pool, x.image, x.snapshot
+        ),
         Command::TrashImage(x) => format!(
             "move image {}/{} to the trash (kept {})",
             x.pool,

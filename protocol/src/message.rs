@@ -221,6 +221,13 @@ pub enum Command {
     /// Copy a clone's parent data into it, so that it no longer depends on its snapshot
     /// (idempotent: an image that is not a clone is left as it is).
     FlattenImage(FlattenImage),
+    /// Take a snapshot of an owned image (idempotent: an existing snapshot of that name is
+    /// success). A name that is not a scheduled one (`auto-<seconds>`) is recorded in the
+    /// image's `unistor.snapshots` key first, so that a later removal knows it as unistor's.
+    CreateSnapshot(SnapshotOp),
+    /// Remove a snapshot of an owned image (idempotent: a missing one is success); refused
+    /// (`in_use`, naming them) while it has clones.
+    RemoveSnapshot(SnapshotOp),
     /// Move an image to the RBD trash.
     TrashImage(TrashImage),
     /// Restore an image from the trash.
@@ -290,6 +297,8 @@ impl Command {
             | Command::AdoptImage(_)
             | Command::GrowImage(_)
             | Command::FlattenImage(_)
+            | Command::CreateSnapshot(_)
+            | Command::RemoveSnapshot(_)
             | Command::TrashImage(_)
             | Command::RestoreImage(_)
             | Command::DeleteImage(_)
@@ -331,6 +340,8 @@ impl Command {
             Command::CreateImage(_) => "create_image",
             Command::GrowImage(_) => "grow_image",
             Command::FlattenImage(_) => "flatten_image",
+            Command::CreateSnapshot(_) => "create_snapshot",
+            Command::RemoveSnapshot(_) => "remove_snapshot",
             Command::TrashImage(_) => "trash_image",
             Command::RestoreImage(_) => "restore_image",
             Command::DeleteImage(_) => "delete_image",
@@ -625,6 +636,29 @@ pub struct FlattenImage {
     pub image: String,
     /// The owner the image must carry.
     pub owner: Ownership,
+}
+
+/// Parameters of [`Command::CreateSnapshot`] and [`Command::RemoveSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotOp {
+    /// Pool name.
+    pub pool: String,
+    /// Image name.
+    pub image: String,
+    /// Snapshot name.
+    pub snapshot: String,
+    /// The owner the image must carry.
+    pub owner: Ownership,
+}
+
+/// One snapshot of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The cluster's id for it: later snapshots of an image have higher ids.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
 }
 
 /// Parameters of [`Command::TrashImage`].
@@ -947,6 +981,9 @@ pub struct ImageStatus {
     /// None for an image that is not a clone, or not read yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// A live image's snapshots (empty: none, or not read yet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 impl ImageStatus {

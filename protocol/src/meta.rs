@@ -11,6 +11,31 @@ pub const VOLUME: &str = "unistor.volume";
 pub const POLICY: &str = "unistor.deletion-policy";
 /// Trash retention in seconds (as [`POLICY`]).
 pub const RETENTION: &str = "unistor.trash-retention-secs";
+/// The declared snapshots unistor took of the image, comma-separated: only these (and the
+/// scheduled ones, named [`SCHEDULED_PREFIX`]`<seconds>`) are ever removed by unistor.
+pub const SNAPSHOTS: &str = "unistor.snapshots";
+/// The start of a scheduled snapshot's name; the rest is the controller's clock when it was
+/// taken, in seconds since the Unix epoch.
+pub const SCHEDULED_PREFIX: &str = "auto-";
+
+/// When scheduled snapshot `name` was taken (seconds since the epoch, by the clock of the
+/// controller that took it); None for a name that is not a scheduled snapshot's.
+pub fn scheduled_at(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(SCHEDULED_PREFIX)?;
+    if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The names in a [`SNAPSHOTS`] value.
+pub fn snapshot_list(value: Option<&str>) -> impl Iterator<Item = &str> {
+    value
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
 
 /// What happens to the image when the volume is removed from the manifests.
 ///

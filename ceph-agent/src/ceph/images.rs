@@ -83,6 +83,7 @@ impl<R: Runner> Ceph<R> {
                             ]),
                             watchers: vec![],
                             parent: source.map(ToString::to_string),
+                            snapshots: vec![],
                         };
                         return Ok(self.record(spec, Self::live_status(spec, &img, Some(&value))));
                     }
@@ -355,6 +356,168 @@ impl<R: Runner> Ceph<R> {
             self.reread(spec).await
         })
         .await
+    }
+
+    /// Takes snapshot `snap` of an owned image; an existing snapshot of that name is success.
+    /// A declared (not scheduled) name is first added to the image's `unistor.snapshots` key,
+    /// then the snapshot is taken. Killed between: the key names a snapshot that does not exist
+    /// (harmless: the next create takes it, a removal of a missing one only drops the name).
+    /// Crash-consistent: the snapshot holds every write the cluster acknowledged before it and
+    /// none after, as a power cut would leave the disk (librbd orders it behind in-flight I/O).
+    #[tracing::instrument(skip_all, fields(snapshot = %snap))]
+    pub async fn create_snapshot(
+        &self,
+        snap: &SnapSpec,
+        owner: &Owner,
+    ) -> Result<ImageStatus, CephError> {
+        let spec = &snap.image;
+        self.load().await?;
+        self.mutation(spec, async {
+            let img = self.owned_live(spec, owner).await?;
+            if img
+                .snapshots
+                .iter()
+                .any(|(_, n)| n == snap.snapshot.as_str())
+            {
+                return self.reread(spec).await;
+            }
+            let name = snap.snapshot.as_str();
+            if protocol::meta::scheduled_at(name).is_none() {
+                let listed: Vec<&str> = protocol::meta::snapshot_list(
+                    img.metadata.get(META_SNAPSHOTS).map(|s| s.as_str()),
+                )
+                .collect();
+                if !listed.contains(&name) {
+                    let value = listed
+                        .iter()
+                        .copied()
+                        .chain([name])
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    self.set_metadata(spec, META_SNAPSHOTS, &value).await?;
+                }
+            }
+            tracing::info!(snapshot = %snap, "Taking a snapshot.");
+            let (image, s) = (spec.image.to_string(), name.to_string());
+            let what = format!("librbd snap create {snap}");
+            let made = match self
+                .library(&spec.pool, what, Kind::Long, move |p| {
+                    p.create_snapshot(&image, &s)
+                })
+                .await
+            {
+                Some(made) => made,
+                None => self
+                    .run(snap_args(
+                        rbd().args(["snap", "create", "--no-progress"]),
+                        snap,
+                    ))
+                    .await
+                    .map(drop),
+            };
+            match made {
+                Ok(()) => {}
+                // Taken meanwhile (another client, or our own call whose answer was lost).
+                Err(e) if e.code() == Some(libc_eexist()) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.reread(spec).await
+        })
+        .await
+    }
+
+    /// Removes snapshot `snap` of an owned image, then drops its name from the image's
+    /// `unistor.snapshots` key; a missing snapshot is success. Refused while the snapshot has
+    /// clones (with clone format 2 librbd would move it to its trash and keep it for them:
+    /// unistor says so instead, naming them). Killed after the removal and before the key is
+    /// rewritten: the key names a missing snapshot, dropped by the next removal.
+    #[tracing::instrument(skip_all, fields(snapshot = %snap))]
+    pub async fn remove_snapshot(
+        &self,
+        snap: &SnapSpec,
+        owner: &Owner,
+    ) -> Result<ImageStatus, CephError> {
+        let spec = &snap.image;
+        self.load().await?;
+        self.mutation(spec, async {
+            let img = self.owned_live(spec, owner).await?;
+            let name = snap.snapshot.as_str();
+            if img.snapshots.iter().any(|(_, n)| n == name) {
+                let clones = self.snapshot_children(snap).await?;
+                if !clones.is_empty() {
+                    return Err(CephError::HasClones {
+                        spec: snap.to_string(),
+                        clones,
+                    });
+                }
+                tracing::info!(snapshot = %snap, "Removing a snapshot.");
+                let (image, s) = (spec.image.to_string(), name.to_string());
+                let what = format!("librbd snap rm {snap}");
+                let done = match self
+                    .library(&spec.pool, what, Kind::Long, move |p| {
+                        p.remove_snapshot(&image, &s)
+                    })
+                    .await
+                {
+                    Some(done) => done,
+                    None => self
+                        .run(snap_args(rbd().args(["snap", "rm", "--no-progress"]), snap))
+                        .await
+                        .map(drop),
+                };
+                match done {
+                    Ok(()) => {}
+                    Err(e) if e.code() == Some(libc_enoent()) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let listed: Vec<&str> =
+                protocol::meta::snapshot_list(img.metadata.get(META_SNAPSHOTS).map(|s| s.as_str()))
+                    .collect();
+            if listed.contains(&name) {
+                let rest: Vec<&str> = listed.into_iter().filter(|n| *n != name).collect();
+                if rest.is_empty() {
+                    // `rbd image-meta set` refuses an empty value.
+                    self.remove_metadata(spec, META_SNAPSHOTS).await?;
+                } else {
+                    self.set_metadata(spec, META_SNAPSHOTS, &rest.join(","))
+                        .await?;
+                }
+            }
+            self.reread(spec).await
+        })
+        .await
+    }
+
+    /// The clones of `snap`, `pool/image` (those in the RBD trash marked so); empty when the
+    /// snapshot is gone.
+    async fn snapshot_children(&self, snap: &SnapSpec) -> Result<Vec<String>, CephError> {
+        let (image, s) = (snap.image.image.to_string(), snap.snapshot.to_string());
+        let what = format!("librbd children {snap}");
+        if let Some(found) = self
+            .library(&snap.image.pool, what, Kind::ShortRead, move |p| {
+                p.snapshot_children(&image, &s)
+            })
+            .await
+        {
+            return Ok(found?.unwrap_or_default());
+        }
+        let inv = snap_args(rbd().args(["children", "--all", "--format", "json"]), snap);
+        match self.json::<Vec<json::RbdChild>>(inv).await {
+            Err(e) if gone(&e) => Ok(vec![]),
+            Err(e) => Err(e),
+            Ok(list) => Ok(list
+                .into_iter()
+                .map(|c| {
+                    let name = format!("{}/{}", c.pool, c.image);
+                    if c.trash {
+                        format!("{name} (trashed)")
+                    } else {
+                        name
+                    }
+                })
+                .collect()),
+        }
     }
 
     /// Makes image `tmp` a clone of `src` (format 2) with the ownership keys, grown to

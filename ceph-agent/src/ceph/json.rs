@@ -10,6 +10,25 @@ pub(super) struct RbdInfo {
     /// A clone's parent snapshot.
     #[serde(default)]
     pub(super) parent: Option<RbdParent>,
+    /// How many snapshots it has.
+    #[serde(default)]
+    pub(super) snapshot_count: u64,
+}
+
+/// One entry of `rbd snap ls --format json`.
+#[derive(Debug, Deserialize)]
+pub(super) struct RbdSnap {
+    pub(super) id: u64,
+    pub(super) name: String,
+}
+
+/// One entry of `rbd children --format json`.
+#[derive(Debug, Deserialize)]
+pub(super) struct RbdChild {
+    pub(super) pool: String,
+    pub(super) image: String,
+    #[serde(default)]
+    pub(super) trash: bool,
 }
 
 /// `rbd info`'s `parent` of a clone.

@@ -45,7 +45,7 @@ use crate::runner::{CliError, Invocation, Runner, Tool};
 /// Image metadata keys (their one home is [`protocol::meta`]).
 pub use protocol::meta::{
     MANAGED_BY as META_MANAGED_BY, POLICY as META_POLICY, RETENTION as META_RETENTION,
-    VOLUME as META_VOLUME,
+    SNAPSHOTS as META_SNAPSHOTS, VOLUME as META_VOLUME,
 };
 
 /// A deletion policy with its trash retention (the wire's type only admits the three
@@ -126,6 +126,16 @@ impl SnapSpec {
     }
 }
 
+impl SnapSpec {
+    /// The snapshot a snapshot command names; errors name the field.
+    pub fn of_op(s: &protocol::SnapshotOp) -> Result<Self, NameError> {
+        Ok(Self {
+            image: ImageSpec::parse(&s.pool, &s.image)?,
+            snapshot: protocol::names::SnapName::parse("snapshot", &s.snapshot)?,
+        })
+    }
+}
+
 impl std::fmt::Display for SnapSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.image, self.snapshot)
@@ -199,6 +209,14 @@ pub enum CephError {
         /// Watcher addresses.
         watchers: Vec<String>,
     },
+    /// The snapshot has clones: removing it is refused.
+    #[error("snapshot {spec} has {} clone(s), so it is kept: {}", clones.len(), clones.join(", "))]
+    HasClones {
+        /// `pool/image@snapshot`.
+        spec: String,
+        /// The clones, `pool/image`.
+        clones: Vec<String>,
+    },
     /// The request would shrink the image.
     #[error("refusing to shrink image {spec} from {current} to {requested} bytes")]
     Shrink {
@@ -235,7 +253,9 @@ impl CephError {
             CephError::NotFound { .. } => WireError::new(ErrorCode::NotFound, message),
             CephError::Conflict { .. } => WireError::new(ErrorCode::Conflict, message),
             CephError::NotOwned { .. } => WireError::new(ErrorCode::NotOwned, message),
-            CephError::InUse { .. } => WireError::new(ErrorCode::InUse, message),
+            CephError::InUse { .. } | CephError::HasClones { .. } => {
+                WireError::new(ErrorCode::InUse, message)
+            }
             CephError::Shrink { .. } => {
                 WireError::new(ErrorCode::ShrinkRefused, message).with_field("size_bytes")
             }
@@ -305,6 +325,8 @@ struct LiveImage {
     watchers: Vec<String>,
     /// The snapshot it is a clone of, `pool/image@snapshot`.
     parent: Option<String>,
+    /// Its snapshots: id and name.
+    snapshots: Vec<(u64, String)>,
 }
 
 /// The value of an image's key in its pool's `unistor.index`: who owns it and what removing it
@@ -527,6 +549,13 @@ fn image_args(inv: Invocation, spec: &ImageSpec) -> Invocation {
         .arg(spec.pool.as_str())
         .arg("--")
         .arg(spec.image.as_str())
+}
+
+/// `inv` naming snapshot `snap` with `--pool`, `--image` and `--snap` (no spec to parse).
+fn snap_args(inv: Invocation, snap: &SnapSpec) -> Invocation {
+    inv.args(["--pool", snap.image.pool.as_str()])
+        .args(["--image", snap.image.image.as_str()])
+        .args(["--snap", snap.snapshot.as_str()])
 }
 
 /// A pool's index entries whose names pass the allow-list (others were not written by unistor).

@@ -83,6 +83,7 @@ impl<R: Runner> Ceph<R> {
                 metadata: f.metadata,
                 watchers: vec![],
                 parent: f.parent,
+                snapshots: f.snapshots,
             }));
         }
         let Some(info) = self.info(spec).await? else {
@@ -94,12 +95,22 @@ impl<R: Runner> Ceph<R> {
             Err(e) if gone(&e) => return Ok(None),
             other => other?,
         };
+        let snapshots = if info.snapshot_count == 0 {
+            vec![]
+        } else {
+            let inv = image_args(rbd().args(["snap", "ls", "--format", "json"]), spec);
+            match self.json::<Vec<json::RbdSnap>>(inv).await {
+                Err(e) if gone(&e) => return Ok(None),
+                other => other?.into_iter().map(|s| (s.id, s.name)).collect(),
+            }
+        };
         Ok(Some(LiveImage {
             size: info.size,
             features: info.features,
             metadata,
             watchers: vec![],
             parent: info.parent.as_ref().map(json::RbdParent::spec),
+            snapshots,
         }))
     }
 
@@ -176,6 +187,19 @@ impl<R: Runner> Ceph<R> {
         Ok(())
     }
 
+    /// Removes `key` from an image's metadata; a missing key is success.
+    pub(super) async fn remove_metadata(
+        &self,
+        spec: &ImageSpec,
+        key: &str,
+    ) -> Result<(), CephError> {
+        let inv = image_args(rbd().args(["image-meta", "remove"]), spec).arg(key);
+        match self.run(inv).await {
+            Err(e) if e.code() == Some(libc_enoent()) => Ok(()),
+            other => other.map(drop).map_err(Into::into),
+        }
+    }
+
     /// A live image's status; the policy comes from the image's own metadata (older agents wrote
     /// it there) or else the index entry.
     pub(super) fn live_status(
@@ -205,6 +229,14 @@ impl<R: Runner> Ceph<R> {
             metadata: metadata.into(),
             unverified: false,
             parent: img.parent.clone(),
+            snapshots: img
+                .snapshots
+                .iter()
+                .map(|(id, name)| protocol::SnapshotInfo {
+                    id: *id,
+                    name: name.clone(),
+                })
+                .collect(),
         }
     }
 

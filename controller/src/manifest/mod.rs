@@ -163,6 +163,9 @@ pub struct Volume {
     /// The snapshot a new image is cloned from (`source.snapshot`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_from: Option<CloneSource>,
+    /// The snapshots unistor takes and keeps of the image (`snapshots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<VolumeSnapshots>,
     /// Labels (for people and tools; the plan does not read them).
     #[serde(skip)]
     pub labels: BTreeMap<String, String>,
@@ -183,6 +186,20 @@ pub struct CloneSource {
     pub snapshot: protocol::names::SnapName,
     /// Flattened once made.
     pub flatten: bool,
+    /// The volume whose declared snapshot it is (`source.volumeSnapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeName>,
+}
+
+/// A volume's declared snapshots, checked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VolumeSnapshots {
+    /// Named snapshots (none starts with the schedule's prefix).
+    pub names: Vec<protocol::names::SnapName>,
+    /// A snapshot every this many seconds, the newest `keep` kept.
+    pub schedule: Option<(u64, u32)>,
+    /// Dropped names (and scheduled snapshots when the schedule goes) are removed.
+    pub delete: bool,
 }
 
 impl std::fmt::Display for CloneSource {

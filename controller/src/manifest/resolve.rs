@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use protocol::dpu::{FirmwareSpec, FunctionRef, SnapSpec};
 use protocol::names::{
     check_env, check_host_port, check_image_ref, check_image_tag, check_uuid, CephClientId,
-    ImageName, NameError, PeerName, PoolName, VolumeName,
+    ImageName, NameError, PeerName, PoolName, SnapName, VolumeName,
 };
 
 use super::types::{self, *};
 use super::yaml::{locate, Doc};
 use super::{
     derived_uuid, parse_size, CloneSource, Cluster, Desired, Dpu, LoadError, Source, Volume,
+    VolumeSnapshots,
 };
 
 pub(super) struct Ctx<'a> {
@@ -382,6 +383,10 @@ fn resolve_volume(
         .source
         .as_ref()
         .and_then(|src| resolve_source(ctx, i, src, cluster));
+    let snapshots = s
+        .snapshots
+        .as_ref()
+        .and_then(|x| resolve_snapshots(ctx, i, x));
     if ctx.errors.len() > before {
         return None;
     }
@@ -407,6 +412,7 @@ fn resolve_volume(
         trash_retention: retention,
         adopt: s.rbd.adopt,
         clone_from,
+        snapshots,
         labels: o.metadata.labels.clone(),
         source: ctx.source(i),
     })
@@ -435,26 +441,179 @@ fn cluster_pool(
     Some(pool)
 }
 
-/// A volume's `spec.source.snapshot`: names on the allow-lists, the pool one of the cluster's.
+/// A volume's `spec.source`: exactly one of `snapshot` (names on the allow-lists, the pool one
+/// of the cluster's) and `volumeSnapshot` (a volume of the same cluster that declares it).
 fn resolve_source(
     ctx: &mut Ctx<'_>,
     i: usize,
     src: &types::VolumeSource,
     cluster: Option<&Cluster>,
 ) -> Option<CloneSource> {
-    let s = &src.snapshot;
-    let pool = cluster_pool(ctx, i, "spec.source.snapshot.pool", &s.pool, cluster);
-    let image = ImageName::parse("spec.source.snapshot.image", &s.image)
-        .map_err(|e| ctx.name_err(i, "spec.source.snapshot.image", e))
-        .ok();
-    let snapshot = protocol::names::SnapName::parse("spec.source.snapshot.name", &s.name)
-        .map_err(|e| ctx.name_err(i, "spec.source.snapshot.name", e))
-        .ok();
+    let flatten = src.flatten == types::Flatten::Always;
+    match (&src.snapshot, &src.volume_snapshot) {
+        (Some(s), None) => {
+            let pool = cluster_pool(ctx, i, "spec.source.snapshot.pool", &s.pool, cluster);
+            let image = ImageName::parse("spec.source.snapshot.image", &s.image)
+                .map_err(|e| ctx.name_err(i, "spec.source.snapshot.image", e))
+                .ok();
+            let snapshot = snap_name(ctx, i, "spec.source.snapshot.name", &s.name);
+            Some(CloneSource {
+                pool: pool?,
+                image: image?,
+                snapshot: snapshot?,
+                flatten,
+                volume: None,
+            })
+        }
+        (None, Some(v)) => volume_snapshot(ctx, i, v, cluster, flatten),
+        _ => {
+            ctx.err(
+                i,
+                "spec.source",
+                "give exactly one of `snapshot` and `volumeSnapshot`",
+            );
+            None
+        }
+    }
+}
+
+/// `spec.source.volumeSnapshot`: the volume's document (same cluster) and the snapshot among
+/// its `snapshots.names`; its pool and image come from that document.
+fn volume_snapshot(
+    ctx: &mut Ctx<'_>,
+    i: usize,
+    v: &types::VolumeSnapshotSource,
+    cluster: Option<&Cluster>,
+    flatten: bool,
+) -> Option<CloneSource> {
+    const FIELD: &str = "spec.source.volumeSnapshot";
+    let snapshot = snap_name(ctx, i, "spec.source.volumeSnapshot.name", &v.name)?;
+    let docs = ctx.docs;
+    let Some(o) = docs.iter().find_map(|(_, d)| match d {
+        Document::Volume(o) if o.metadata.name == v.volume => Some(o),
+        _ => None,
+    }) else {
+        ctx.err(
+            i,
+            "spec.source.volumeSnapshot.volume",
+            format!("no Volume named {:?}", v.volume),
+        );
+        return None;
+    };
+    if cluster.is_some_and(|c| c.name != o.spec.rbd.cluster) {
+        ctx.err(
+            i,
+            FIELD,
+            format!(
+                "volume {:?} is in cluster {:?}: a clone is made in its snapshot's cluster",
+                v.volume, o.spec.rbd.cluster
+            ),
+        );
+        return None;
+    }
+    let declared = o
+        .spec
+        .snapshots
+        .as_ref()
+        .is_some_and(|x| x.names.contains(&v.name));
+    if !declared {
+        ctx.err(
+            i,
+            "spec.source.volumeSnapshot.name",
+            format!(
+                "volume {:?} declares no snapshot {:?}: add it to its `snapshots.names`",
+                v.volume, v.name
+            ),
+        );
+        return None;
+    }
+    let image = o
+        .spec
+        .rbd
+        .image
+        .clone()
+        .unwrap_or_else(|| o.metadata.name.clone());
     Some(CloneSource {
-        pool: pool?,
-        image: image?,
-        snapshot: snapshot?,
-        flatten: src.flatten == types::Flatten::Always,
+        pool: PoolName::parse(FIELD, &o.spec.rbd.pool).ok()?,
+        image: ImageName::parse(FIELD, &image).ok()?,
+        snapshot,
+        flatten,
+        volume: VolumeName::parse(FIELD, &v.volume).ok(),
+    })
+}
+
+/// Snapshot name `name` of field `field`, on the allow-list.
+fn snap_name(ctx: &mut Ctx<'_>, i: usize, field: &str, name: &str) -> Option<SnapName> {
+    SnapName::parse(field, name)
+        .map_err(|e| ctx.name_err(i, field, e))
+        .ok()
+}
+
+/// The schedule's bounds: not more often than every 10 s, at most 512 kept.
+const MIN_EVERY_SECS: u64 = 10;
+const MAX_KEEP: u32 = 512;
+
+/// A volume's `spec.snapshots`: names on the allow-list, none the schedule's, none twice; the
+/// schedule within its bounds.
+fn resolve_snapshots(ctx: &mut Ctx<'_>, i: usize, x: &types::Snapshots) -> Option<VolumeSnapshots> {
+    let before = ctx.errors.len();
+    let mut names = Vec::with_capacity(x.names.len());
+    for n in &x.names {
+        let Some(name) = snap_name(ctx, i, "spec.snapshots.names", n) else {
+            continue;
+        };
+        if n.starts_with(protocol::meta::SCHEDULED_PREFIX) {
+            ctx.err(
+                i,
+                "spec.snapshots.names",
+                format!(
+                    "{n:?} starts with {:?}, which names the schedule's snapshots",
+                    protocol::meta::SCHEDULED_PREFIX
+                ),
+            );
+        } else if names.contains(&name) {
+            ctx.err(i, "spec.snapshots.names", format!("{n:?} is listed twice"));
+        } else {
+            names.push(name);
+        }
+    }
+    let schedule = x.schedule.as_ref().and_then(|s| {
+        let every = humantime::parse_duration(&s.every)
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                if d.as_secs() < MIN_EVERY_SECS {
+                    Err(format!("less than {MIN_EVERY_SECS}s"))
+                } else if d.as_secs() > protocol::limits::MAX_RETENTION_SECS {
+                    Err("more than 10 years".to_string())
+                } else {
+                    Ok(d.as_secs())
+                }
+            })
+            .map_err(|e| {
+                ctx.err(
+                    i,
+                    "spec.snapshots.schedule.every",
+                    format!("{:?}: {e}", s.every),
+                )
+            })
+            .ok();
+        if !(1..=MAX_KEEP).contains(&s.keep) {
+            ctx.err(
+                i,
+                "spec.snapshots.schedule.keep",
+                format!("{}: keep 1-{MAX_KEEP} snapshots", s.keep),
+            );
+            return None;
+        }
+        Some((every?, s.keep))
+    });
+    if ctx.errors.len() > before {
+        return None;
+    }
+    Some(VolumeSnapshots {
+        names,
+        schedule,
+        delete: x.deletion_policy == types::SnapshotDeletion::Delete,
     })
 }
 

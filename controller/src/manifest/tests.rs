@@ -533,3 +533,82 @@ fn a_clone_source_is_resolved_and_its_names_are_checked() {
     let e = errors(&[("base.yaml", BASE), ("v.yaml", &typo)]);
     assert!(e[0].contains("snap"), "{e:?}");
 }
+
+/// `snapshots`: names on the allow-list, not the schedule's prefix, not twice; the schedule
+/// within bounds; a restore names a volume of the cluster and one of its declared snapshots.
+/// Each error names its file, line and field.
+#[test]
+fn declared_snapshots_and_restores_are_resolved_and_checked() {
+    let db = volume(
+        "db",
+        "  snapshots:\n    names: [before-upgrade]\n    schedule: {every: 1h, keep: 24}\n    deletionPolicy: Delete\n",
+    );
+    let restored = volume(
+        "db-restored",
+        "  source:\n    volumeSnapshot: {volume: db, name: before-upgrade}\n",
+    );
+    let d = load(&[("base.yaml", BASE), ("db.yaml", &db), ("r.yaml", &restored)]).unwrap();
+    let s = d.volumes["db"].snapshots.as_ref().expect("declared");
+    assert_eq!(s.names.len(), 1);
+    assert_eq!(s.schedule, Some((3600, 24)));
+    assert!(s.delete);
+    let src = d.volumes["db-restored"]
+        .clone_from
+        .as_ref()
+        .expect("a source");
+    assert_eq!(src.to_string(), "rbd/db@before-upgrade");
+    assert_eq!(src.volume.as_ref().map(|v| v.as_str()), Some("db"));
+
+    let cases = [
+        (
+            "  snapshots:\n    names: [auto-1]\n",
+            "spec.snapshots.names",
+            "auto-",
+        ),
+        (
+            "  snapshots:\n    names: [a, a]\n",
+            "spec.snapshots.names",
+            "twice",
+        ),
+        (
+            "  snapshots:\n    names: [\"a b\"]\n",
+            "spec.snapshots.names",
+            "' '",
+        ),
+        (
+            "  snapshots:\n    schedule: {every: 5s, keep: 2}\n",
+            "spec.snapshots.schedule.every",
+            "less than 10s",
+        ),
+        (
+            "  snapshots:\n    schedule: {every: 1h, keep: 0}\n",
+            "spec.snapshots.schedule.keep",
+            "1-512",
+        ),
+        (
+            "  source:\n    volumeSnapshot: {volume: db, name: nightly}\n",
+            "spec.source.volumeSnapshot.name",
+            "declares no snapshot",
+        ),
+        (
+            "  source:\n    volumeSnapshot: {volume: nope, name: x}\n",
+            "spec.source.volumeSnapshot.volume",
+            "no Volume",
+        ),
+        (
+            "  source:\n    flatten: always\n",
+            "spec.source",
+            "exactly one",
+        ),
+    ];
+    for (spec, field, says) in cases {
+        let v = volume("bad", spec);
+        let e = errors(&[("base.yaml", BASE), ("db.yaml", &db), ("v.yaml", &v)]);
+        assert_eq!(e.len(), 1, "{spec}: {e:?}");
+        assert!(
+            e[0].starts_with("v.yaml:") && e[0].contains(field) && e[0].contains(says),
+            "{spec}: {}",
+            e[0]
+        );
+    }
+}

@@ -164,15 +164,62 @@ pub struct VolumeSpec {
     /// snapshot (a golden image), grown to `size` when that is larger. Read only when the image
     /// is created: an existing image is never re-cloned.
     #[serde(default)]
-    pub source: Option<VolumeSource>,
+    pub source: Option<Box<VolumeSource>>,
+    /// Snapshots of the image that unistor takes and keeps: named ones, and a schedule.
+    #[serde(default)]
+    pub snapshots: Option<Box<Snapshots>>,
 }
 
-/// Where a volume's image comes from.
+/// A volume's declared snapshots. Each is crash-consistent: it holds every write the cluster
+/// acknowledged before it, as a power cut would leave the disk (the host's file system
+/// replays its journal when a copy made from it is mounted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Snapshots {
+    /// Named snapshots, each taken once and kept while it is listed (not `auto-...`: that
+    /// prefix is the schedule's).
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// A snapshot `auto-<seconds>` every `every`; the newest `keep` are kept.
+    #[serde(default)]
+    pub schedule: Option<SnapshotSchedule>,
+    /// What happens to a named snapshot dropped from `names`, and to the scheduled ones when
+    /// the schedule goes: `Retain` (default: kept, shown as retained) or `Delete`. A snapshot
+    /// with clones is never removed: the plan names the volumes that hold it.
+    #[serde(default)]
+    pub deletion_policy: SnapshotDeletion,
+}
+
+/// A snapshot schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotSchedule {
+    /// How often, e.g. `1h` (at least `10s`).
+    pub every: String,
+    /// How many scheduled snapshots are kept (1-512), the newest.
+    pub keep: u32,
+}
+
+/// What removing a snapshot from the manifest does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SnapshotDeletion {
+    /// Kept on the image.
+    #[default]
+    Retain,
+    /// Removed (unless it has clones).
+    Delete,
+}
+
+/// Where a volume's image comes from: exactly one of `snapshot` and `volumeSnapshot`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeSource {
     /// An RBD snapshot of the volume's cluster.
-    pub snapshot: SnapshotSource,
+    #[serde(default)]
+    pub snapshot: Option<SnapshotSource>,
+    /// A snapshot another volume declares (`snapshots.names`): a restore as a new volume.
+    #[serde(default)]
+    pub volume_snapshot: Option<VolumeSnapshotSource>,
     /// Whether the clone is flattened once made (its snapshot's data copied in, so that it no
     /// longer depends on the snapshot): `never` (default) or `always`.
     #[serde(default)]
@@ -188,6 +235,16 @@ pub enum Flatten {
     Never,
     /// Flattened after it is made (a step of its own in the plan).
     Always,
+}
+
+/// A snapshot of another volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSnapshotSource {
+    /// The volume (same cluster).
+    pub volume: String,
+    /// One of its `snapshots.names`.
+    pub name: String,
 }
 
 /// An RBD snapshot: `pool/image@name`.

@@ -206,6 +206,17 @@ pub async fn plan_probed(
     fleet: &Fleet,
     opts: &Options,
 ) -> Plan {
+    // Scheduled snapshots are judged by this controller's wall clock, read once per plan.
+    let timed;
+    let opts = if opts.now.is_none() {
+        timed = Options {
+            now: Some(protocol::clock::unix_ms() / 1000),
+            ..opts.clone()
+        };
+        &timed
+    } else {
+        opts
+    };
     let p = plan::plan(desired, observed, opts);
     if crate::fleet::probe_creates(&p, observed, fleet).await == 0 {
         return p;

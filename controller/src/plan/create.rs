@@ -647,6 +647,10 @@ fn image_steps<'a>(
     let img = find_image(cx, v);
     let ceph = || Target::Cluster(v.cluster.clone());
     let created = |b: &mut Builder| {
+        if let Some(why) = source_missing(cx, v) {
+            b.block(object(v), why);
+            return Err(Held);
+        }
         let c = b.push(
             ceph(),
             create(&cx.opts.owner, v),
@@ -655,6 +659,7 @@ fn image_steps<'a>(
             Some(v.name.as_str()),
         );
         flatten(b, &cx.opts.owner, v, Some(c));
+        super::snapshots::plan(b, cx, v, None, Some(c));
         Ok(Some(c))
     };
     match img {
@@ -681,10 +686,27 @@ fn image_steps<'a>(
                 if i.parent.is_some() {
                     flatten(b, &cx.opts.owner, v, None);
                 }
+                super::snapshots::plan(b, cx, v, Some(i), None);
                 Ok(step)
             }
         },
     }
+}
+
+/// Why a volume cloned from another volume's snapshot cannot be made yet: that snapshot is
+/// not reported (its volume's plan takes it; the next pass clones it).
+fn source_missing(cx: &Context<'_>, v: &Volume) -> Option<String> {
+    let c = v.clone_from.as_ref()?;
+    let from = c.volume.as_ref()?;
+    let img = cx
+        .images
+        .get(v.cluster.as_str())
+        .and_then(|i| i.find(c.pool.as_str(), c.image.as_str()))
+        .map(|(_, i)| i);
+    let there = img.is_some_and(|i| i.snapshots.iter().any(|s| s.name == c.snapshot.as_str()));
+    (!there).then(|| {
+        format!("waiting for snapshot {c} of volume {from}, which its own steps take first")
+    })
 }
 
 /// A clone's flatten, when the volume asks for it (`source.flatten: always`): its own step,

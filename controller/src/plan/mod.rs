@@ -11,6 +11,7 @@ mod create;
 pub mod model;
 mod place;
 pub mod sim;
+pub mod snapshots;
 mod teardown;
 
 use std::collections::BTreeMap;
@@ -133,6 +134,9 @@ pub struct Options {
     /// Threads the per-DPU phases may use (1: all on the caller's). The plan is the same,
     /// byte for byte, whatever the number.
     pub threads: usize,
+    /// The wall clock at planning, seconds since the Unix epoch: when scheduled snapshots are
+    /// due (None: no scheduled snapshot is taken or pruned).
+    pub now: Option<u64>,
 }
 
 impl Default for Options {
@@ -141,6 +145,7 @@ impl Default for Options {
             owner: "unistor".into(),
             health_gate: HealthGate::standard(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            now: None,
         }
     }
 }

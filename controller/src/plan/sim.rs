@@ -204,6 +204,7 @@ impl World {
                     metadata: meta.into(),
                     unverified: false,
                     parent: x.clone_from.as_ref().map(ToString::to_string),
+                    snapshots: vec![],
                 });
             }
             Command::AdoptImage(x) => {
@@ -228,6 +229,47 @@ impl World {
                 let i = self.image(c, &x.pool, &x.image);
                 assert!(i.parent.is_some(), "only a clone is flattened");
                 i.parent = None;
+            }
+            Command::CreateSnapshot(x) => {
+                let i = self.image(c, &x.pool, &x.image);
+                if i.snapshots.iter().any(|s| s.name == x.snapshot) {
+                    return;
+                }
+                let id = i.snapshots.iter().map(|s| s.id + 1).max().unwrap_or(1);
+                i.snapshots.push(protocol::SnapshotInfo {
+                    id,
+                    name: x.snapshot.clone(),
+                });
+                if protocol::meta::scheduled_at(&x.snapshot).is_none() {
+                    let key = protocol::meta::SNAPSHOTS.to_string();
+                    let mut list: Vec<String> =
+                        protocol::meta::snapshot_list(i.metadata.get(&key).map(String::as_str))
+                            .map(String::from)
+                            .collect();
+                    if !list.contains(&x.snapshot) {
+                        list.push(x.snapshot.clone());
+                    }
+                    i.metadata.insert(key, list.join(","));
+                }
+            }
+            Command::RemoveSnapshot(x) => {
+                let spec = format!("{}/{}@{}", x.pool, x.image, x.snapshot);
+                let r = &self.clusters[c];
+                assert!(
+                    !r.images
+                        .iter()
+                        .any(|i| i.parent.as_deref() == Some(spec.as_str())),
+                    "a snapshot with clones is never removed: {spec}"
+                );
+                let i = self.image(c, &x.pool, &x.image);
+                i.snapshots.retain(|s| s.name != x.snapshot);
+                let key = protocol::meta::SNAPSHOTS.to_string();
+                let list: Vec<String> =
+                    protocol::meta::snapshot_list(i.metadata.get(&key).map(String::as_str))
+                        .filter(|n| *n != x.snapshot)
+                        .map(String::from)
+                        .collect();
+                i.metadata.insert(key, list.join(","));
             }
             Command::TrashImage(x) => {
                 self.image(c, &x.pool, &x.image).state = ImageState::Trashed {

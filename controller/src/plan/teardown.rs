@@ -38,12 +38,20 @@ pub(super) type ImageIndex<'a> = BTreeMap<&'a str, ClusterImages<'a>>;
 pub(super) struct ClusterImages<'a> {
     pub(super) images: &'a [ImageStatus],
     by_key: hashbrown::HashTable<u32>,
+    /// The live clones of each snapshot (`pool/image@snapshot`), by position.
+    clones: std::collections::HashMap<&'a str, Vec<u32>>,
 }
 
 impl<'a> ClusterImages<'a> {
     /// Indexes `images`; of images with the same key, the last is found.
     pub(super) fn new(images: &'a [ImageStatus]) -> Self {
         let mut by_key = hashbrown::HashTable::with_capacity(images.len());
+        let mut clones: std::collections::HashMap<&'a str, Vec<u32>> = Default::default();
+        for (at, i) in images.iter().enumerate() {
+            if let (Some(p), ImageState::Live) = (i.parent.as_deref(), &i.state) {
+                clones.entry(p).or_default().push(at as u32);
+            }
+        }
         let hash = |at: &u32| key_hash(&images[*at as usize].pool, &images[*at as usize].image);
         for (at, i) in images.iter().enumerate() {
             let same = |p: &u32| {
@@ -57,7 +65,26 @@ impl<'a> ClusterImages<'a> {
                 }
             }
         }
-        Self { images, by_key }
+        Self {
+            images,
+            by_key,
+            clones,
+        }
+    }
+
+    /// The live images cloned from snapshot `pool/image@snapshot`: their volume's name, or
+    /// `pool/image` for one that names none.
+    pub(super) fn clones_of(&self, snapshot: &str) -> Vec<String> {
+        self.clones.get(snapshot).map_or_else(Vec::new, |at| {
+            at.iter()
+                .map(|&a| {
+                    let i = &self.images[a as usize];
+                    i.metadata
+                        .volume()
+                        .map_or_else(|| i.key(), |v| format!("volume {v}"))
+                })
+                .collect()
+        })
     }
 
     /// Image `pool/image`, with its position in the report.

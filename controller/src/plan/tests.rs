@@ -489,6 +489,7 @@ fn foreign_snap_objects_and_images_are_never_touched() {
             .into(),
             unverified: false,
             parent: None,
+            snapshots: vec![],
         });
     // Even the empty manifest set removes nothing foreign.
     let p = plan(&Desired::default(), &w.observed(), &Options::default());
@@ -974,6 +975,7 @@ fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() 
         },
         unverified,
         parent: None,
+        snapshots: vec![],
     };
     let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
     let bdev = |p: &Plan| {
@@ -1025,6 +1027,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         metadata: Default::default(),
         unverified: false,
         parent: None,
+        snapshots: vec![],
     };
     let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
     let creates = |p: &Plan| {
@@ -1175,6 +1178,7 @@ fn a_clone_is_created_from_its_snapshot_and_flattened_when_asked() {
         image: ImageName::parse("image", "golden-os").unwrap(),
         snapshot: SnapName::parse("snapshot", "v1").unwrap(),
         flatten,
+        volume: None,
     };
     d.volumes.get_mut("db-data").unwrap().clone_from = Some(src(true));
     let mut w = World::empty(&d);
@@ -1224,4 +1228,183 @@ fn a_clone_is_created_from_its_snapshot_and_flattened_when_asked() {
         p.steps[0].action.sent(),
         Some(Command::FlattenImage(x)) if x.image == "db-data"
     ));
+}
+
+/// Declared snapshots: a named one is taken once; the schedule takes `auto-<now>` when the
+/// newest is `every` old (and after a clock jump back) and keeps the newest `keep`; a name
+/// dropped under `Delete` is removed, under `Retain` kept; a snapshot that a clone depends on
+/// is never removed and the plan names the clone; a volume restored from another's snapshot
+/// waits for it, then is cloned from it.
+#[test]
+fn declared_snapshots_are_taken_scheduled_pruned_and_kept_while_clones_hold_them() {
+    use crate::manifest::{CloneSource, VolumeSnapshots};
+    use protocol::names::SnapName;
+    let mut d = examples();
+    let name = |s: &str| SnapName::parse("snapshot", s).unwrap();
+    let db = d.volumes.get_mut("db-data").unwrap();
+    db.snapshots = Some(VolumeSnapshots {
+        names: vec![name("before-upgrade")],
+        schedule: Some((60, 2)),
+        delete: true,
+    });
+    let mut w = World::empty(&d);
+    let at = |now| Options {
+        now: Some(now),
+        ..Options::default()
+    };
+    let snaps = |w: &World| -> Vec<String> {
+        let r = w.observed();
+        let c = r.clusters.values().next().unwrap().get().unwrap().clone();
+        let i = c.images.iter().find(|i| i.image == "db-data").unwrap();
+        i.snapshots.iter().map(|s| s.name.clone()).collect()
+    };
+    let run = |w: &mut World, d: &Desired, now: u64| -> Plan {
+        let p = plan(d, &w.observed(), &at(now));
+        check_order(&p);
+        for s in &p.steps {
+            w.apply(s, "unistor");
+        }
+        p
+    };
+    // From empty: the image, then both snapshots after its create.
+    let p = run(&mut w, &d, 1000);
+    let create = p
+        .steps
+        .iter()
+        .find(|s| matches!(s.action.sent(), Some(Command::CreateImage(x)) if x.image == "db-data"))
+        .unwrap()
+        .id;
+    let takes: Vec<&Step> = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s.action.sent(), Some(Command::CreateSnapshot(_))))
+        .collect();
+    assert_eq!(takes.len(), 2, "{:?}", p.steps);
+    assert!(takes.iter().all(|s| s.depends_on.as_slice() == [create]));
+    assert_eq!(snaps(&w), ["before-upgrade", "auto-1000"]);
+    let text = crate::render::human(&p);
+    assert!(
+        text.contains("snapshot image rbd/db-data@auto-1000"),
+        "{text}"
+    );
+    // Not due yet: nothing.
+    assert!(plan(&d, &w.observed(), &at(1059)).is_empty());
+    // Due: one more; then a third, and the oldest scheduled one goes (keep 2), after it.
+    run(&mut w, &d, 1060);
+    let p = run(&mut w, &d, 1130);
+    let removes: Vec<&Step> = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s.action.sent(), Some(Command::RemoveSnapshot(x)) if x.snapshot == "auto-1000"))
+        .collect();
+    assert_eq!(removes.len(), 1, "{:?}", p.steps);
+    assert_eq!(removes[0].risk, Risk::DataDestroying);
+    assert_eq!(removes[0].depends_on.len(), 1, "waits for the new one");
+    assert_eq!(snaps(&w), ["before-upgrade", "auto-1060", "auto-1130"]);
+    // A clock jumped back far (newest more than `every` in the future): one snapshot, not one
+    // per pass; `keep` still holds.
+    run(&mut w, &d, 500);
+    assert_eq!(snaps(&w), ["before-upgrade", "auto-1130", "auto-500"]);
+    assert!(plan(&d, &w.observed(), &at(520)).is_empty());
+    // Removed by hand: drift, and taken again.
+    let c = w.clusters.values_mut().next().unwrap();
+    let img = c.images.iter_mut().find(|i| i.image == "db-data").unwrap();
+    img.snapshots.retain(|s| s.name != "before-upgrade");
+    let p = plan(&d, &w.observed(), &at(520));
+    assert!(
+        p.drift.iter().any(|x| x.field == "snapshots"),
+        "{:?}",
+        p.drift
+    );
+    run(&mut w, &d, 520);
+    // A restore: a new volume from db-data@before-upgrade, held until the snapshot exists.
+    let mut restored = d.volumes["db-data"].clone();
+    restored.name = protocol::names::VolumeName::parse("n", "db-restored").unwrap();
+    restored.image = protocol::names::ImageName::parse("n", "db-restored").unwrap();
+    restored.snapshots = None;
+    restored.nsid = None;
+    restored.uuid = "6b1f1c2e-0000-4000-8000-000000000001".into();
+    restored.clone_from = Some(CloneSource {
+        pool: restored.pool.clone(),
+        image: protocol::names::ImageName::parse("n", "db-data").unwrap(),
+        snapshot: name("before-upgrade"),
+        flatten: false,
+        volume: Some(protocol::names::VolumeName::parse("n", "db-data").unwrap()),
+    });
+    d.volumes.insert("db-restored".into(), restored);
+    let mut held = d.clone();
+    held.volumes
+        .get_mut("db-data")
+        .unwrap()
+        .snapshots
+        .as_mut()
+        .unwrap()
+        .names
+        .clear();
+    let w2 = World::empty(&held);
+    let p = plan(&held, &w2.observed(), &at(520));
+    assert!(
+        p.blocked.iter().any(|b| b.object == "volume/db-restored"
+            && b.reason
+                .contains("waiting for snapshot rbd/db-data@before-upgrade")),
+        "{:?}",
+        p.blocked
+    );
+    // In the converged world the restore is a clone of the snapshot.
+    run(&mut w, &d, 530);
+    let r = w.observed();
+    let c = r.clusters.values().next().unwrap().get().unwrap().clone();
+    let img = c.images.iter().find(|i| i.image == "db-restored").unwrap();
+    assert_eq!(img.parent.as_deref(), Some("rbd/db-data@before-upgrade"));
+    // Dropped from the manifest (Delete): not removed while the restore is its clone.
+    d.volumes
+        .get_mut("db-data")
+        .unwrap()
+        .snapshots
+        .as_mut()
+        .unwrap()
+        .names
+        .clear();
+    let p = plan(&d, &w.observed(), &at(540));
+    assert!(
+        !p.steps.iter().any(|s| matches!(s.action.sent(), Some(Command::RemoveSnapshot(x)) if x.snapshot == "before-upgrade")),
+        "{:?}",
+        p.steps
+    );
+    assert!(
+        p.blocked.iter().any(|b| b.object == "volume/db-data"
+            && b.reason
+                .contains("snapshot rbd/db-data@before-upgrade is not removed")
+            && b.reason.contains("volume db-restored")),
+        "{:?}",
+        p.blocked
+    );
+    // Under Retain it is simply kept; with the clone gone it is removed under Delete.
+    d.volumes
+        .get_mut("db-data")
+        .unwrap()
+        .snapshots
+        .as_mut()
+        .unwrap()
+        .delete = false;
+    assert!(plan(&d, &w.observed(), &at(540)).blocked.is_empty());
+    d.volumes
+        .get_mut("db-data")
+        .unwrap()
+        .snapshots
+        .as_mut()
+        .unwrap()
+        .delete = true;
+    let c = w.clusters.values_mut().next().unwrap();
+    c.images
+        .iter_mut()
+        .find(|i| i.image == "db-restored")
+        .unwrap()
+        .parent = None;
+    run(&mut w, &d, 540);
+    assert!(
+        !snaps(&w).contains(&"before-upgrade".to_string()),
+        "{:?}",
+        snaps(&w)
+    );
 }

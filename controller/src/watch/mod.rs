@@ -440,6 +440,13 @@ async fn reconcile_loop(
             return;
         }
         let retry_at = retry.map(|(at, _)| at);
+        // A snapshot schedule wakes the reconciler when due (by the wall clock, which the
+        // schedule's names use; at least 2 s apart, at most a resync away).
+        let wall = protocol::clock::unix_ms() / 1000;
+        let schedule_at = state.next_snapshot_due(wall).map(|due| {
+            let wait = Duration::from_secs(due.saturating_sub(wall).max(2)).min(a.resync);
+            tokio::time::Instant::now() + wait
+        });
         let mut batch = tokio::select! {
             b = queue.next() => match b {
                 Some(b) => b,
@@ -452,6 +459,9 @@ async fn reconcile_loop(
             }
             _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
                 BTreeSet::from([Reason::Retry])
+            }
+            _ = async { tokio::time::sleep_until(schedule_at.expect("guarded")).await }, if schedule_at.is_some() => {
+                BTreeSet::from([Reason::Schedule])
             }
         };
         queue.drain_into(&mut batch);

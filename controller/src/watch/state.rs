@@ -778,6 +778,32 @@ impl Shared {
         g.fleet = fleet;
     }
 
+    /// When the earliest snapshot schedule is next due, by wall clock seconds (`now` is the
+    /// clock now), from the manifests and the images last observed; None without schedules.
+    pub fn next_snapshot_due(&self, now: u64) -> Option<u64> {
+        let g = self.read();
+        let d = g.desired.as_ref()?;
+        d.volumes
+            .values()
+            .filter(|v| v.snapshots.as_ref().is_some_and(|s| s.schedule.is_some()))
+            .filter_map(|v| {
+                let img = g
+                    .observed
+                    .clusters
+                    .get(&v.cluster)
+                    .and_then(|k| k.get())
+                    .and_then(|r| {
+                        r.images
+                            .iter()
+                            .find(|i| i.pool == v.pool.as_str() && i.image == v.image.as_str())
+                    });
+                // An image not seen yet: its create takes the first; look again after a pass.
+                img?;
+                crate::plan::snapshots::next_due(v, img, now)
+            })
+            .min()
+    }
+
     /// The observed state last recorded.
     pub fn last_observed(&self) -> Observed {
         self.read().observed.clone()

@@ -68,6 +68,8 @@ pub enum Reason {
     Overflow,
     /// This replica's shards changed (taken over or given up).
     Shards,
+    /// A volume's snapshot schedule is due.
+    Schedule,
 }
 
 impl Reason {
@@ -94,6 +96,7 @@ impl Reason {
             Reason::Retry => "retry",
             Reason::Overflow => "overflow",
             Reason::Shards => "shards",
+            Reason::Schedule => "schedule",
         }
     }
 }
@@ -117,6 +120,7 @@ impl fmt::Display for Reason {
             Reason::Retry => f.write_str("retry of an unfinished reconcile"),
             Reason::Overflow => f.write_str("trigger queue overflowed"),
             Reason::Shards => f.write_str("this replica's shards changed"),
+            Reason::Schedule => f.write_str("a snapshot schedule is due"),
         }
     }
 }
