@@ -442,7 +442,7 @@ fn cluster_pool(
 }
 
 /// A volume's `spec.source`: exactly one of `snapshot` (names on the allow-lists, the pool one
-/// of the cluster's) and `volumeSnapshot` (a volume of the same cluster that declares it).
+/// of the cluster's) and `volumeSnapshot` (a snapshot of a volume of the same cluster).
 fn resolve_source(
     ctx: &mut Ctx<'_>,
     i: usize,
@@ -477,8 +477,9 @@ fn resolve_source(
     }
 }
 
-/// `spec.source.volumeSnapshot`: the volume's document (same cluster) and the snapshot among
-/// its `snapshots.names`; its pool and image come from that document.
+/// `spec.source.volumeSnapshot`: the volume's document (same cluster), whose pool and image
+/// it names. The snapshot need not be declared any more once the clone is made (a source is
+/// read only at creation); until it exists the planner holds the clone and says so.
 fn volume_snapshot(
     ctx: &mut Ctx<'_>,
     i: usize,
@@ -507,22 +508,6 @@ fn volume_snapshot(
             format!(
                 "volume {:?} is in cluster {:?}: a clone is made in its snapshot's cluster",
                 v.volume, o.spec.rbd.cluster
-            ),
-        );
-        return None;
-    }
-    let declared = o
-        .spec
-        .snapshots
-        .as_ref()
-        .is_some_and(|x| x.names.contains(&v.name));
-    if !declared {
-        ctx.err(
-            i,
-            "spec.source.volumeSnapshot.name",
-            format!(
-                "volume {:?} declares no snapshot {:?}: add it to its `snapshots.names`",
-                v.volume, v.name
             ),
         );
         return None;

@@ -586,9 +586,9 @@ fn declared_snapshots_and_restores_are_resolved_and_checked() {
             "1-512",
         ),
         (
-            "  source:\n    volumeSnapshot: {volume: db, name: nightly}\n",
+            "  source:\n    volumeSnapshot: {volume: db, name: \"x;y\"}\n",
             "spec.source.volumeSnapshot.name",
-            "declares no snapshot",
+            "';'",
         ),
         (
             "  source:\n    volumeSnapshot: {volume: nope, name: x}\n",

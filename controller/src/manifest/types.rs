@@ -217,7 +217,8 @@ pub struct VolumeSource {
     /// An RBD snapshot of the volume's cluster.
     #[serde(default)]
     pub snapshot: Option<SnapshotSource>,
-    /// A snapshot another volume declares (`snapshots.names`): a restore as a new volume.
+    /// A snapshot of another volume (one it declares in `snapshots.names`): a restore as a
+    /// new volume.
     #[serde(default)]
     pub volume_snapshot: Option<VolumeSnapshotSource>,
     /// Whether the clone is flattened once made (its snapshot's data copied in, so that it no
@@ -243,7 +244,7 @@ pub enum Flatten {
 pub struct VolumeSnapshotSource {
     /// The volume (same cluster).
     pub volume: String,
-    /// One of its `snapshots.names`.
+    /// The snapshot (one of its `snapshots.names` until the clone is made).
     pub name: String,
 }
 

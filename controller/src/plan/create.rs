@@ -705,7 +705,9 @@ fn source_missing(cx: &Context<'_>, v: &Volume) -> Option<String> {
         .map(|(_, i)| i);
     let there = img.is_some_and(|i| i.snapshots.iter().any(|s| s.name == c.snapshot.as_str()));
     (!there).then(|| {
-        format!("waiting for snapshot {c} of volume {from}, which its own steps take first")
+        format!(
+            "waiting for snapshot {c} of volume {from} (taken by that volume's steps when its `snapshots.names` declares it)"
+        )
     })
 }
 
