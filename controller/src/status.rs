@@ -802,10 +802,11 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
                 _ => String::new(),
             };
             Ok(format!(
-                "{}/{} {}Mi{origin}",
+                "{}/{} {}Mi{origin}{}",
                 v.pool,
                 v.image,
-                i.size_bytes >> 20
+                i.size_bytes >> 20,
+                snapshots_detail(v, i)
             ))
         }
         Some(_) => Err(Missing(format!(
@@ -998,6 +999,50 @@ fn fence_line(cluster: &str, f: &protocol::FenceRecord) -> String {
         },
         f.blocklisted.len()
     )
+}
+
+/// What a volume's image holds of snapshots, for its image link: the declared names present
+/// (and those missing), the schedule's kept count against `keep`, and any others (retained
+/// after they left the manifest, or made outside unistor).
+fn snapshots_detail(v: &crate::manifest::Volume, i: &protocol::ImageStatus) -> String {
+    let want = v.snapshots.as_ref();
+    if i.snapshots.is_empty() && want.is_none() {
+        return String::new();
+    }
+    let named: Vec<&str> =
+        want.map_or_else(Vec::new, |w| w.names.iter().map(|n| n.as_str()).collect());
+    let has = |n: &str| i.snapshots.iter().any(|s| s.name == n);
+    let mut parts = Vec::new();
+    for n in &named {
+        parts.push(if has(n) {
+            (*n).to_string()
+        } else {
+            format!("{n} (not taken yet)")
+        });
+    }
+    let scheduled = i
+        .snapshots
+        .iter()
+        .filter(|s| protocol::meta::scheduled_at(&s.name).is_some())
+        .count();
+    match want.and_then(|w| w.schedule) {
+        Some((every, keep)) => parts.push(format!(
+            "{scheduled} scheduled (every {}, keep {keep})",
+            humantime::format_duration(std::time::Duration::from_secs(every))
+        )),
+        None if scheduled > 0 => parts.push(format!("{scheduled} scheduled (no schedule now)")),
+        None => {}
+    }
+    let others: Vec<&str> = i
+        .snapshots
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|n| protocol::meta::scheduled_at(n).is_none() && !named.contains(n))
+        .collect();
+    if !others.is_empty() {
+        parts.push(format!("also {}", others.join(", ")));
+    }
+    format!("; snapshots: {}", parts.join(", "))
 }
 
 #[cfg(test)]

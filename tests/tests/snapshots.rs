@@ -102,6 +102,14 @@ fn a_schedule_keeps_its_count_and_a_restore_reads_the_bytes_of_its_snapshot() {
     let info = c.rbd_info(&c.pool, &restored).unwrap();
     assert_eq!(info["parent"]["image"], db.as_str(), "{info}");
     assert_eq!(info["parent"]["snapshot"], "before", "{info}");
+    // The status says what the image holds: the named snapshot and the schedule's count
+    // (waited for: between a take and its pruning it is one more).
+    let want = "snapshots: before, 2 scheduled (every 10s, keep 2)";
+    d.wait_for(CONVERGE, "the snapshots in the status", |s| {
+        volume(s, &db)["chain"][0]["detail"]
+            .as_str()
+            .is_some_and(|t| t.contains(want))
+    });
     let rdev = std::path::PathBuf::from(volume(&s, &restored)["host_device"].as_str().unwrap());
     assert!(
         host::reads_pattern(&rdev, 0xa1, 0, 1 << 20),
