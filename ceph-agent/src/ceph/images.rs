@@ -398,29 +398,8 @@ impl<R: Runner> Ceph<R> {
                 }
             }
             tracing::info!(snapshot = %snap, "Taking a snapshot.");
-            let (image, s) = (spec.image.to_string(), name.to_string());
-            let what = format!("librbd snap create {snap}");
-            let made = match self
-                .library(&spec.pool, what, Kind::Long, move |p| {
-                    p.create_snapshot(&image, &s)
-                })
-                .await
-            {
-                Some(made) => made,
-                None => self
-                    .run(snap_args(
-                        rbd().args(["snap", "create", "--no-progress"]),
-                        snap,
-                    ))
-                    .await
-                    .map(drop),
-            };
-            match made {
-                Ok(()) => {}
-                // Taken meanwhile (another client, or our own call whose answer was lost).
-                Err(e) if e.code() == Some(libc_eexist()) => {}
-                Err(e) => return Err(e.into()),
-            }
+            // Taken meanwhile (another client, or our own call whose answer was lost): done.
+            self.snap_call(snap, SnapCall::Create).await?;
             self.reread(spec).await
         })
         .await
@@ -451,25 +430,7 @@ impl<R: Runner> Ceph<R> {
                     });
                 }
                 tracing::info!(snapshot = %snap, "Removing a snapshot.");
-                let (image, s) = (spec.image.to_string(), name.to_string());
-                let what = format!("librbd snap rm {snap}");
-                let done = match self
-                    .library(&spec.pool, what, Kind::Long, move |p| {
-                        p.remove_snapshot(&image, &s)
-                    })
-                    .await
-                {
-                    Some(done) => done,
-                    None => self
-                        .run(snap_args(rbd().args(["snap", "rm", "--no-progress"]), snap))
-                        .await
-                        .map(drop),
-                };
-                match done {
-                    Ok(()) => {}
-                    Err(e) if e.code() == Some(libc_enoent()) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                self.snap_call(snap, SnapCall::Remove).await?;
             }
             let listed: Vec<&str> =
                 protocol::meta::snapshot_list(img.metadata.get(META_SNAPSHOTS).map(|s| s.as_str()))
@@ -487,6 +448,34 @@ impl<R: Runner> Ceph<R> {
             self.reread(spec).await
         })
         .await
+    }
+
+    /// Takes or removes `snap` through librbd in process, else the CLI; the state already
+    /// reached (EEXIST for a take, ENOENT for a removal) is success.
+    async fn snap_call(&self, snap: &SnapSpec, call: SnapCall) -> Result<(), CephError> {
+        let (image, s) = (snap.image.image.to_string(), snap.snapshot.to_string());
+        let (verb, done_errno) = match call {
+            SnapCall::Create => ("create", libc_eexist()),
+            SnapCall::Remove => ("rm", libc_enoent()),
+        };
+        let what = format!("librbd snap {verb} {snap}");
+        let done = match self
+            .library(&snap.image.pool, what, Kind::Long, move |p| match call {
+                SnapCall::Create => p.create_snapshot(&image, &s),
+                SnapCall::Remove => p.remove_snapshot(&image, &s),
+            })
+            .await
+        {
+            Some(done) => done,
+            None => {
+                let inv = snap_args(rbd().args(["snap", verb, "--no-progress"]), snap);
+                self.run(inv).await.map(drop)
+            }
+        };
+        match done {
+            Err(e) if e.code() != Some(done_errno) => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// The clones of `snap`, `pool/image` (those in the RBD trash marked so); empty when the
@@ -871,4 +860,11 @@ impl<R: Runner> Ceph<R> {
             watchers,
         })
     }
+}
+
+/// A snapshot operation of [`Ceph::snap_call`].
+#[derive(Debug, Clone, Copy)]
+enum SnapCall {
+    Create,
+    Remove,
 }
