@@ -102,6 +102,10 @@ fn describe_command(c: &Command) -> String {
             "grow bdev {} to {} MiB (the host sees the new size)",
             x.name, x.new_size_mib
         ),
+        Command::SetBdevQos(x) => format!(
+            "set QoS of bdev {} to {} (live: the host keeps its device)",
+            x.name, x.limits
+        ),
         Command::CreateSubsystem(s) => format!("create subsystem {}", s.nqn),
         Command::DestroySubsystem(x) => format!("destroy subsystem {}", x.nqn),
         Command::CreateNamespace(n) => {

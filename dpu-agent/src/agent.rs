@@ -198,6 +198,11 @@ fn check_resize(mib: u64) -> Result<(), WireError> {
         .map_err(|why| WireError::new(ErrorCode::InvalidArgument, why).with_field("new_size_mib"))
 }
 
+fn check_qos(q: &protocol::dpu::QosLimits) -> Result<(), WireError> {
+    q.check()
+        .map_err(|(field, why)| WireError::new(ErrorCode::InvalidArgument, why).with_field(field))
+}
+
 fn check_nsid(nsid: u32) -> Result<(), WireError> {
     if nsid == 0 || nsid > 1024 {
         return Err(WireError::new(
@@ -562,6 +567,7 @@ impl DpuAgent {
             | Command::CreateBdev(_)
             | Command::DeleteBdev(_)
             | Command::ResizeBdev(_)
+            | Command::SetBdevQos(_)
             | Command::CreateSubsystem(_)
             | Command::DestroySubsystem(_)
             | Command::CreateNamespace(_)
@@ -658,6 +664,16 @@ impl DpuAgent {
                 // Nothing for the ledger: a replayed bdev opens its image at the image's size.
                 let op = self.snap.resize_bdev(&r.name, r.new_size_mib);
                 self.with_ledger(fence, None, op).await
+            }
+            Command::SetBdevQos(q) => {
+                check_object_name("name", &q.name).map_err(name_err)?;
+                check_qos(&q.limits)?;
+                let op = self.snap.set_qos(&q.name, q.limits);
+                let intent = Intent::SetQos {
+                    name: q.name.clone(),
+                    limits: q.limits,
+                };
+                self.with_ledger(fence, Some(intent), op).await
             }
             Command::CreateSubsystem(s) => {
                 check_subsystem(&s)?;

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use protocol::dpu::{
-    BdevSpec, ControllerSpec, NamespaceSpec, RbdCluster, ReplayReport, SnapInventory, SubsystemSpec,
+    BdevSpec, ControllerSpec, NamespaceSpec, QosLimits, RbdCluster, ReplayReport, SnapInventory,
+    SubsystemSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,9 @@ pub struct Ledger {
     pub namespaces: BTreeMap<String, NamespaceSpec>,
     /// Controllers by name.
     pub controllers: BTreeMap<String, LedgerController>,
+    /// QoS limits by bdev (only bdevs with a limit): set again after the bdev on a replay.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub qos: BTreeMap<String, QosLimits>,
     /// The command being applied to SNAP, written before the call (see the module's docs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Intent>,
@@ -96,6 +100,13 @@ pub enum Intent {
         /// Attach (true) or detach (false).
         attached: bool,
     },
+    /// Set a bdev's QoS limits.
+    SetQos {
+        /// The bdev.
+        name: String,
+        /// The limits (all none: lifted).
+        limits: QosLimits,
+    },
     /// Resume (or suspend) a controller.
     Run {
         /// The controller.
@@ -120,6 +131,14 @@ impl Intent {
             }
             Intent::DeleteBdev { name } => {
                 l.bdevs.remove(name);
+                l.qos.remove(name);
+            }
+            Intent::SetQos { name, limits } => {
+                if limits.is_none() {
+                    l.qos.remove(name);
+                } else {
+                    l.qos.insert(name.clone(), *limits);
+                }
             }
             Intent::CreateSubsystem(s) => {
                 l.subsystems.insert(s.nqn.clone(), s.clone());
@@ -178,6 +197,10 @@ impl Intent {
             Intent::UnregisterCluster { name } => !inv.clusters.contains(name),
             Intent::CreateBdev(b) => inv.bdevs.iter().any(|x| x.name == b.name),
             Intent::DeleteBdev { name } => !inv.bdevs.iter().any(|x| &x.name == name),
+            Intent::SetQos { name, limits } => inv
+                .bdevs
+                .iter()
+                .any(|x| &x.name == name && x.qos == *limits),
             Intent::CreateSubsystem(s) => inv.subsystems.iter().any(|x| x.nqn == s.nqn),
             Intent::DestroySubsystem { nqn } => !inv.subsystems.iter().any(|x| &x.nqn == nqn),
             Intent::CreateNamespace(n) => has_namespace(inv, &n.nqn, n.nsid),
@@ -354,6 +377,11 @@ pub fn missing(ledger: &Ledger, inv: &SnapInventory) -> Vec<String> {
             out.push(format!("subsystem {nqn}"));
         }
     }
+    for (name, q) in &ledger.qos {
+        if inv.bdevs.iter().any(|b| &b.name == name && b.qos != *q) {
+            out.push(format!("qos of bdev {name}"));
+        }
+    }
     for n in ledger.namespaces.values() {
         if !has_namespace(inv, &n.nqn, n.nsid) {
             out.push(format!("namespace {}/{}", n.nqn, n.nsid));
@@ -419,6 +447,9 @@ pub async fn replay(snap: &Snap, ledger: &Ledger, reason: String) -> ReplayRepor
     }
     for b in ledger.bdevs.values() {
         record(format!("bdev {}", b.name), snap.create_bdev(b).await);
+    }
+    for (name, q) in &ledger.qos {
+        record(format!("qos of bdev {name}"), snap.set_qos(name, *q).await);
     }
     for s in ledger.subsystems.values() {
         record(
@@ -563,5 +594,55 @@ mod tests {
             .unwrap();
         s.settle(true).unwrap();
         assert_eq!((s.get().subsystems.len(), s.get().generation), (2, g + 1));
+    }
+
+    /// QoS limits are kept per bdev (lifted ones dropped), shown missing while SNAP's differ,
+    /// in effect once SNAP shows them, and go with their bdev.
+    #[test]
+    fn qos_limits_are_kept_with_their_bdev_and_missing_while_snap_differs() {
+        let q = QosLimits {
+            rw_ios_per_sec: 2000,
+            ..Default::default()
+        };
+        let mut l = Ledger::default();
+        let bdev = BdevSpec {
+            name: "b".into(),
+            cluster: "c".into(),
+            pool: "rbd".into(),
+            image: "i".into(),
+            block_size: 512,
+        };
+        Intent::CreateBdev(bdev).record(&mut l);
+        let set = Intent::SetQos {
+            name: "b".into(),
+            limits: q,
+        };
+        set.record(&mut l);
+        assert_eq!(l.qos.get("b"), Some(&q));
+        let mut inv = SnapInventory::default();
+        inv.bdevs.push(protocol::dpu::BdevInfo {
+            name: "b".into(),
+            pool: Some("rbd".into()),
+            image: Some("i".into()),
+            cluster: Some("c".into()),
+            block_size: 512,
+            num_blocks: 8,
+            qos: QosLimits::default(),
+        });
+        inv.clusters.push("c".into());
+        assert!(!set.in_effect(&inv));
+        assert_eq!(missing(&l, &inv), ["qos of bdev b"]);
+        inv.bdevs[0].qos = q;
+        assert!(set.in_effect(&inv));
+        assert!(missing(&l, &inv).is_empty());
+        Intent::SetQos {
+            name: "b".into(),
+            limits: QosLimits::default(),
+        }
+        .record(&mut l);
+        assert!(l.qos.is_empty(), "lifted: nothing to replay");
+        set.record(&mut l);
+        Intent::DeleteBdev { name: "b".into() }.record(&mut l);
+        assert!(l.qos.is_empty(), "gone with its bdev");
     }
 }

@@ -120,6 +120,112 @@ pub struct BdevResize {
     pub new_size_mib: u64,
 }
 
+/// A bdev's QoS rate limits as SPDK keeps them (`bdev_set_qos_limit`, and `bdev_get_bdevs`'
+/// `assigned_rate_limits`): I/Os per second (a multiple of 1000) and MiB per second (SPDK
+/// calls them MB); 0 is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosLimits {
+    /// Reads and writes per second.
+    #[serde(default)]
+    pub rw_ios_per_sec: u64,
+    /// Read and write MiB per second.
+    #[serde(default)]
+    pub rw_mbytes_per_sec: u64,
+    /// Read MiB per second.
+    #[serde(default)]
+    pub r_mbytes_per_sec: u64,
+    /// Write MiB per second.
+    #[serde(default)]
+    pub w_mbytes_per_sec: u64,
+}
+
+/// SPDK's unit of an IOPS limit (`SPDK_BDEV_QOS_MIN_IOS_PER_SEC`, lib/bdev/bdev.c v24.01): a
+/// limit that is not a multiple of it is rounded up, silently for the caller.
+pub const QOS_IOPS_STEP: u64 = 1000;
+/// The largest bandwidth limit unistor accepts, MiB/s (1 TiB/s: far above any device; SPDK's
+/// own ceiling, `SPDK_BDEV_QOS_MAX_MBYTES_PER_SEC`, is where bytes overflow 64 bits).
+pub const QOS_MAX_MIB_PER_SEC: u64 = 1 << 20;
+/// The largest IOPS limit unistor accepts (a billion per second).
+pub const QOS_MAX_IOPS: u64 = 1_000_000_000;
+
+impl QosLimits {
+    /// No limit at all.
+    pub fn is_none(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks the limits as SPDK would take them without changing them: IOPS a multiple of
+    /// [`QOS_IOPS_STEP`], each within its bound. The error names the field and the nearest
+    /// values SPDK keeps as given.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let iops = self.rw_ios_per_sec;
+        if !iops.is_multiple_of(QOS_IOPS_STEP) {
+            let below = iops / QOS_IOPS_STEP * QOS_IOPS_STEP;
+            let above = below + QOS_IOPS_STEP;
+            let nearest = if below == 0 {
+                format!("{above}")
+            } else {
+                format!("{below} or {above}")
+            };
+            return Err((
+                "rw_ios_per_sec",
+                format!(
+                    "{iops} IOPS: SPDK's bdev QoS counts I/Os in steps of {QOS_IOPS_STEP} per second and would round it up to {above}; use {nearest}"
+                ),
+            ));
+        }
+        if iops > QOS_MAX_IOPS {
+            return Err((
+                "rw_ios_per_sec",
+                format!("{iops} IOPS is above {QOS_MAX_IOPS}"),
+            ));
+        }
+        for (field, v) in [
+            ("rw_mbytes_per_sec", self.rw_mbytes_per_sec),
+            ("r_mbytes_per_sec", self.r_mbytes_per_sec),
+            ("w_mbytes_per_sec", self.w_mbytes_per_sec),
+        ] {
+            if v > QOS_MAX_MIB_PER_SEC {
+                return Err((field, format!("{v} MiB/s is above {QOS_MAX_MIB_PER_SEC}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for QosLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_none() {
+            return f.write_str("no limit");
+        }
+        let mut parts = vec![];
+        if self.rw_ios_per_sec > 0 {
+            parts.push(format!("{} IOPS", self.rw_ios_per_sec));
+        }
+        for (v, what) in [
+            (self.rw_mbytes_per_sec, "MiB/s"),
+            (self.r_mbytes_per_sec, "MiB/s read"),
+            (self.w_mbytes_per_sec, "MiB/s write"),
+        ] {
+            if v > 0 {
+                parts.push(format!("{v} {what}"));
+            }
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Sets a bdev's QoS limits: all four, so the call says the whole wanted state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BdevQos {
+    /// Bdev name.
+    pub name: String,
+    /// The limits.
+    pub limits: QosLimits,
+}
+
 /// An NVMe subsystem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -417,6 +523,9 @@ pub struct BdevInfo {
     pub block_size: u32,
     /// Blocks.
     pub num_blocks: u64,
+    /// Its QoS limits (none when SNAP reports none).
+    #[serde(default, skip_serializing_if = "QosLimits::is_none")]
+    pub qos: QosLimits,
 }
 
 /// SNAP's object inventory.

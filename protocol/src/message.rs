@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::dpu::{
-    Attachment, BdevResize, BdevSpec, ControllerSpec, DeployReport, DpuReport, NameRef,
+    Attachment, BdevQos, BdevResize, BdevSpec, ControllerSpec, DeployReport, DpuReport, NameRef,
     NamespaceRef, NamespaceSpec, NqnRef, RbdCluster, ReplayReport, SnapSpec, SubsystemSpec,
 };
 use crate::error::WireError;
@@ -259,6 +259,8 @@ pub enum Command {
     DeleteBdev(NameRef),
     /// Grow a bdev (and its image) to a size in MiB.
     ResizeBdev(BdevResize),
+    /// Set a bdev's QoS rate limits (SPDK's `bdev_set_qos_limit`; all four, 0 = no limit).
+    SetBdevQos(BdevQos),
     /// Create an NVMe subsystem.
     CreateSubsystem(SubsystemSpec),
     /// Destroy an (empty) NVMe subsystem.
@@ -313,6 +315,7 @@ impl Command {
             | Command::CreateBdev(_)
             | Command::DeleteBdev(_)
             | Command::ResizeBdev(_)
+            | Command::SetBdevQos(_)
             | Command::CreateSubsystem(_)
             | Command::DestroySubsystem(_)
             | Command::CreateNamespace(_)
@@ -357,6 +360,7 @@ impl Command {
             Command::CreateBdev(_) => "create_bdev",
             Command::DeleteBdev(_) => "delete_bdev",
             Command::ResizeBdev(_) => "resize_bdev",
+            Command::SetBdevQos(_) => "set_bdev_qos",
             Command::CreateSubsystem(_) => "create_subsystem",
             Command::DestroySubsystem(_) => "destroy_subsystem",
             Command::CreateNamespace(_) => "create_namespace",

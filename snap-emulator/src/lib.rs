@@ -15,6 +15,7 @@ pub mod functions;
 pub mod host;
 pub mod init;
 pub mod nbd;
+pub mod qos;
 pub mod server;
 pub mod state;
 
@@ -168,6 +169,8 @@ pub struct Emulator {
     host: std::sync::OnceLock<Arc<host::Host>>,
     /// Bdevs' blocks when no real cluster backs them.
     mem_disks: Mutex<std::collections::HashMap<String, Arc<nbd::MemDisk>>>,
+    /// Each exposed bdev's QoS limiter, kept to the limits `bdev_set_qos_limit` set.
+    limiters: Mutex<std::collections::HashMap<String, Arc<qos::Qos>>>,
 }
 
 impl host::Devices for Emulator {
@@ -184,7 +187,16 @@ impl host::Devices for Emulator {
                     .clone(),
             ),
         };
-        Some(nbd::Export { size, backend })
+        let limits = self.state.lock().expect("state lock").qos_of(bdev)?;
+        let qos = self
+            .limiters
+            .lock()
+            .expect("limiters lock")
+            .entry(bdev.to_string())
+            .or_default()
+            .clone();
+        qos.set(limits);
+        Some(nbd::Export { size, backend, qos })
     }
 }
 
@@ -207,6 +219,7 @@ impl Emulator {
             host_dir: config.host_dir.clone(),
             host: std::sync::OnceLock::new(),
             mem_disks: Mutex::default(),
+            limiters: Mutex::default(),
         }))
     }
 
@@ -276,6 +289,16 @@ impl Emulator {
             (method, params.get("name").and_then(Value::as_str))
         {
             self.mem_disks.lock().expect("disks lock").remove(name);
+            self.limiters.lock().expect("limiters lock").remove(name);
+        }
+        // Limits changed: the host's I/O is paced by them from its next request.
+        if method == "bdev_set_qos_limit" {
+            let state = self.state.lock().expect("state lock");
+            for (bdev, q) in self.limiters.lock().expect("limiters lock").iter() {
+                if let Some(l) = state.qos_of(bdev) {
+                    q.set(l);
+                }
+            }
         }
         // Listings change nothing the host sees (`bdev_get_bdevs` can: a grown image's size).
         let read_only = method.ends_with("_list")

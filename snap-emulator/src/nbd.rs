@@ -154,6 +154,8 @@ pub struct Export {
     pub size: u64,
     /// The blocks.
     pub backend: Backend,
+    /// The bdev's QoS limits, paced on every read and write.
+    pub qos: Arc<crate::qos::Qos>,
 }
 
 /// How a connection ended.
@@ -297,6 +299,7 @@ where
                     simple_reply(s, EINVAL, handle, &[]).await?;
                     continue;
                 }
+                dev.qos.admit(true, u64::from(len)).await;
                 match dev.backend.read(offset, len as usize).await {
                     Ok(data) => simple_reply(s, 0, handle, &data).await?,
                     Err(()) => simple_reply(s, EIO, handle, &[]).await?,
@@ -313,6 +316,7 @@ where
                     simple_reply(s, ENOSPC, handle, &[]).await?;
                     continue;
                 }
+                dev.qos.admit(false, u64::from(len)).await;
                 let mut r = dev.backend.write(offset, data).await;
                 if r.is_ok() && flags & CMD_FLAG_FUA != 0 {
                     r = dev.backend.flush().await;

@@ -122,6 +122,7 @@ pub const RBD_METHODS: &[&str] = &[
     "bdev_rbd_create",
     "bdev_rbd_delete",
     "bdev_rbd_resize",
+    "bdev_set_qos_limit",
 ];
 
 #[derive(Debug, Clone)]
@@ -219,6 +220,9 @@ struct Bdev {
     user_id: Option<String>,
     /// Whether the UUID is also the name (then it is no alias).
     uuid_is_name: bool,
+    /// QoS limits in SPDK's internal units (I/Os and bytes per second; 0 = not defined), in
+    /// `qos_rpc_type` order: rw IOPS, rw bytes, r bytes, w bytes.
+    qos: crate::qos::Limits,
     /// Registration order: SPDK lists bdevs in it (`spdk_bdev_first`/`spdk_bdev_next` walk
     /// `g_bdev_mgr.bdevs`, a TAILQ appended to by `bdev_register`).
     seq: u64,
@@ -440,6 +444,26 @@ struct GetBdevs {
     timeout: Option<u64>,
 }
 
+/// `bdev_set_qos_limit`'s parameters (lib/bdev/bdev_rpc.c `rpc_bdev_set_qos_limit_decoders`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetQos {
+    name: String,
+    #[serde(default)]
+    rw_ios_per_sec: Option<u64>,
+    #[serde(default)]
+    rw_mbytes_per_sec: Option<u64>,
+    #[serde(default)]
+    r_mbytes_per_sec: Option<u64>,
+    #[serde(default)]
+    w_mbytes_per_sec: Option<u64>,
+}
+
+/// `SPDK_BDEV_QOS_MIN_IOS_PER_SEC`.
+const QOS_MIN_IOS_PER_SEC: u64 = 1000;
+/// `SPDK_BDEV_QOS_MAX_MBYTES_PER_SEC`.
+const QOS_MAX_MBYTES_PER_SEC: u64 = u64::MAX / (1024 * 1024);
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Resize {
@@ -626,6 +650,7 @@ impl State {
                 let p: Resize = spdk(params)?;
                 self.resize_bdev(&p.name, p.new_size)
             }
+            "bdev_set_qos_limit" => self.set_qos(spdk(params)?),
             "bdev_rbd_register_cluster" => {
                 let p = Self::parse_register(params)?;
                 self.register_cluster(p)
@@ -1044,7 +1069,9 @@ impl State {
             "block_size": b.block_size,
             "num_blocks": b.num_blocks,
             "uuid": b.uuid,
-            "assigned_rate_limits": {"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0},
+            // `spdk_bdev_get_qos_rate_limits`: bandwidth back in MB, 0 where not defined.
+            "assigned_rate_limits": {"rw_ios_per_sec": b.qos[0], "rw_mbytes_per_sec": b.qos[1] >> 20,
+                "r_mbytes_per_sec": b.qos[2] >> 20, "w_mbytes_per_sec": b.qos[3] >> 20},
             "claimed": claimed,
             "zoned": false,
             "supported_io_types": {"read": true, "write": true, "unmap": true, "write_zeroes": true, "flush": true,
@@ -1232,6 +1259,7 @@ impl State {
                 block_size: p.block_size,
                 num_blocks: image_size / u64::from(p.block_size),
                 uuid_is_name: uuid == name,
+                qos: [0; 4],
                 seq: self.registered,
                 uuid,
                 cluster: p.cluster_name,
@@ -1253,6 +1281,48 @@ impl State {
         let b = self.bdevs.get_mut(name).ok_or_else(RpcError::enodev)?;
         b.num_blocks = (new_size_mib << 20) / u64::from(b.block_size);
         Ok(json!(true))
+    }
+
+    /// `bdev_set_qos_limit` as SPDK v24.01 does it: lib/bdev/bdev_rpc.c `rpc_bdev_set_qos_limit`
+    /// opens the bdev by name (-19 when missing) and refuses a call with no limit at all
+    /// (-22 "No rate limits specified"); lib/bdev/bdev.c `spdk_bdev_set_qos_rate_limits` then
+    /// rounds an IOPS limit up to a multiple of `SPDK_BDEV_QOS_MIN_IOS_PER_SEC` (logged, not
+    /// refused), clamps MB/s to `SPDK_BDEV_QOS_MAX_MBYTES_PER_SEC` and turns it into bytes, and
+    /// `bdev_set_qos_rate_limits` keeps the limits given (0: that limit is lifted), leaving the
+    /// ones not given as they were. Answers `true`.
+    fn set_qos(&mut self, p: SetQos) -> Result<Value, RpcError> {
+        let given = [
+            p.rw_ios_per_sec,
+            p.rw_mbytes_per_sec,
+            p.r_mbytes_per_sec,
+            p.w_mbytes_per_sec,
+        ];
+        let name = match self.bdev_by_name(&p.name) {
+            Some((n, _)) => n.clone(),
+            None => return Err(RpcError::enodev()),
+        };
+        if given.iter().all(Option::is_none) {
+            return Err(RpcError::new(-22, "No rate limits specified"));
+        }
+        let b = self.bdevs.get_mut(&name).ok_or_else(RpcError::enodev)?;
+        for (i, v) in given.into_iter().enumerate() {
+            let Some(mut v) = v else { continue };
+            if i == 0 {
+                let over = v % QOS_MIN_IOS_PER_SEC;
+                if over != 0 {
+                    v += QOS_MIN_IOS_PER_SEC - over;
+                }
+            } else {
+                v = v.min(QOS_MAX_MBYTES_PER_SEC) * 1024 * 1024;
+            }
+            b.qos[i] = v;
+        }
+        Ok(json!(true))
+    }
+
+    /// Bdev `name`'s QoS limits in SPDK's internal units; None when there is no such bdev.
+    pub fn qos_of(&self, name: &str) -> Option<crate::qos::Limits> {
+        self.bdev_by_name(name).map(|(_, b)| b.qos)
     }
 
     /// SPDK v24.01's checks before `bdev_rbd_resize` resizes anything

@@ -1031,3 +1031,59 @@ async fn get_bdevs_waits_for_a_named_bdev_up_to_its_timeout() {
     let found = waiter.await.unwrap();
     assert_eq!(found[0]["name"], "late");
 }
+
+/// SPDK v24.01 `bdev_set_qos_limit` (lib/bdev/bdev_rpc.c `rpc_bdev_set_qos_limit`, lib/bdev/bdev.c
+/// `spdk_bdev_set_qos_rate_limits`): a missing bdev is -19; no limit given is -22 "No rate
+/// limits specified"; an unknown parameter fails the decoder (-32603); an IOPS limit is rounded
+/// up to a multiple of 1000; limits not given are left as they were; 0 lifts one; by name or
+/// UUID alias; `bdev_get_bdevs` shows them in `assigned_rate_limits` (bandwidth in MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_limits_are_set_rounded_and_listed_as_spdk_does() {
+    let emu = Emu::start(|_| {}).await;
+    let mut c = emu.client().await;
+    register(&mut c, "ceph1").await;
+    c.ok("bdev_rbd_create", json!({"name": "q", "pool_name": "rbd", "rbd_name": "q", "block_size": 4096, "cluster_name": "ceph1", "uuid": UUID1})).await;
+    let limits = |v: &Value| v[0]["assigned_rate_limits"].clone();
+    assert_eq!(
+        limits(&c.ok("bdev_get_bdevs", json!({"name": "q"})).await),
+        json!({"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0})
+    );
+    assert_eq!(
+        c.err(
+            "bdev_set_qos_limit",
+            json!({"name": "nope", "rw_ios_per_sec": 1000})
+        )
+        .await,
+        -19
+    );
+    let e = c.call_raw("bdev_set_qos_limit", json!({"name": "q"})).await;
+    assert_eq!(e["error"]["code"], -22, "{e}");
+    assert_eq!(e["error"]["message"], "No rate limits specified");
+    assert_eq!(
+        c.err("bdev_set_qos_limit", json!({"name": "q", "iops": 1000}))
+            .await,
+        -32603
+    );
+    let r = c
+        .ok(
+            "bdev_set_qos_limit",
+            json!({"name": "q", "rw_ios_per_sec": 2500, "r_mbytes_per_sec": 20}),
+        )
+        .await;
+    assert_eq!(r, true);
+    assert_eq!(
+        limits(&c.ok("bdev_get_bdevs", json!({"name": "q"})).await),
+        json!({"rw_ios_per_sec": 3000, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 20, "w_mbytes_per_sec": 0}),
+        "rounded up; bandwidth in MB"
+    );
+    // Through the UUID alias; the read limit not given stays; 0 lifts the IOPS limit.
+    c.ok(
+        "bdev_set_qos_limit",
+        json!({"name": UUID1, "rw_ios_per_sec": 0, "w_mbytes_per_sec": 5}),
+    )
+    .await;
+    assert_eq!(
+        limits(&c.ok("bdev_get_bdevs", json!({"name": "q"})).await),
+        json!({"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 20, "w_mbytes_per_sec": 5})
+    );
+}

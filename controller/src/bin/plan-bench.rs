@@ -119,6 +119,7 @@ fn fleet(dpus: usize, per: usize) -> Desired {
                     trash_retention: Duration::from_secs(86400),
                     adopt: false,
                     clone_from: None,
+                    qos: Default::default(),
                     snapshots: None,
                     labels: BTreeMap::new(),
                     source: source.clone(),

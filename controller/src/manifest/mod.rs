@@ -163,6 +163,9 @@ pub struct Volume {
     /// The snapshot a new image is cloned from (`source.snapshot`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_from: Option<CloneSource>,
+    /// QoS limits SNAP applies to the volume's bdev (`qos`; none: no limit).
+    #[serde(default, skip_serializing_if = "protocol::dpu::QosLimits::is_none")]
+    pub qos: protocol::dpu::QosLimits,
     /// The snapshots unistor takes and keeps of the image (`snapshots`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<VolumeSnapshots>,

@@ -387,6 +387,10 @@ fn resolve_volume(
         .snapshots
         .as_ref()
         .and_then(|x| resolve_snapshots(ctx, i, x));
+    let qos = s
+        .qos
+        .as_ref()
+        .map_or_else(Default::default, |q| resolve_qos(ctx, i, q));
     if ctx.errors.len() > before {
         return None;
     }
@@ -413,6 +417,7 @@ fn resolve_volume(
         adopt: s.rbd.adopt,
         clone_from,
         snapshots,
+        qos,
         labels: o.metadata.labels.clone(),
         source: ctx.source(i),
     })
@@ -532,6 +537,86 @@ fn snap_name(ctx: &mut Ctx<'_>, i: usize, field: &str, name: &str) -> Option<Sna
     SnapName::parse(field, name)
         .map_err(|e| ctx.name_err(i, field, e))
         .ok()
+}
+
+/// A volume's `spec.qos`, as SPDK's `bdev_set_qos_limit` keeps it without rounding: IOPS a
+/// positive multiple of 1000, bandwidths positive whole MiB per second. A refusal says the rule
+/// and the nearest allowed values.
+fn resolve_qos(ctx: &mut Ctx<'_>, i: usize, q: &types::VolumeQos) -> protocol::dpu::QosLimits {
+    let mut out = protocol::dpu::QosLimits::default();
+    if let Some(iops) = q.iops {
+        let probe = protocol::dpu::QosLimits {
+            rw_ios_per_sec: iops,
+            ..Default::default()
+        };
+        match probe.check() {
+            Err((_, why)) => ctx.err(i, "spec.qos.iops", why),
+            Ok(()) if iops == 0 => ctx.err(i, "spec.qos.iops", "0: leave `iops` out for no limit"),
+            Ok(()) => out.rw_ios_per_sec = iops,
+        }
+    }
+    for (field, value, slot) in [
+        (
+            "spec.qos.bandwidth",
+            &q.bandwidth,
+            &mut out.rw_mbytes_per_sec,
+        ),
+        (
+            "spec.qos.readBandwidth",
+            &q.read_bandwidth,
+            &mut out.r_mbytes_per_sec,
+        ),
+        (
+            "spec.qos.writeBandwidth",
+            &q.write_bandwidth,
+            &mut out.w_mbytes_per_sec,
+        ),
+    ] {
+        let Some(text) = value else { continue };
+        // KiB are read too, to say which whole MiB are nearest.
+        let kib = text
+            .strip_suffix("Ki")
+            .and_then(|n| n.parse::<u64>().ok())
+            .map(|n| n.saturating_mul(1024));
+        let bytes = match kib.map_or_else(|| parse_size(text), Ok) {
+            Ok(b) => b,
+            Err(e) => {
+                ctx.err(i, field, format!("{e} (a rate per second, e.g. 200Mi)"));
+                continue;
+            }
+        };
+        const MIB: u64 = 1 << 20;
+        if bytes == 0 || bytes % MIB != 0 {
+            let below = bytes / MIB;
+            let nearest = if below == 0 {
+                "1Mi".to_string()
+            } else {
+                format!("{below}Mi or {}Mi", below + 1)
+            };
+            ctx.err(
+                i,
+                field,
+                format!(
+                    "{text}/s is not a whole number of MiB/s: SPDK's bdev QoS takes bandwidth in MB (MiB) per second; use {nearest}"
+                ),
+            );
+            continue;
+        }
+        let mib = bytes / MIB;
+        if mib > protocol::dpu::QOS_MAX_MIB_PER_SEC {
+            ctx.err(
+                i,
+                field,
+                format!(
+                    "{text}/s is above {}Mi/s",
+                    protocol::dpu::QOS_MAX_MIB_PER_SEC
+                ),
+            );
+            continue;
+        }
+        *slot = mib;
+    }
+    out
 }
 
 /// The schedule's bounds: not more often than every 10 s, at most 512 kept.

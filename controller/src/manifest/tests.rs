@@ -612,3 +612,64 @@ fn declared_snapshots_and_restores_are_resolved_and_checked() {
         );
     }
 }
+
+/// `qos`: resolved into SPDK's units; values SPDK would round or refuse are refused with the
+/// rule and the nearest allowed values, naming file, line and field.
+#[test]
+fn qos_limits_are_resolved_and_values_spdk_would_round_are_refused() {
+    let ok = volume(
+        "db",
+        "  qos:\n    iops: 3000\n    readBandwidth: 200Mi\n    writeBandwidth: 1Gi\n",
+    );
+    let d = load(&[("base.yaml", BASE), ("v.yaml", &ok)]).unwrap();
+    let q = d.volumes["db"].qos;
+    assert_eq!(
+        (
+            q.rw_ios_per_sec,
+            q.rw_mbytes_per_sec,
+            q.r_mbytes_per_sec,
+            q.w_mbytes_per_sec
+        ),
+        (3000, 0, 200, 1024)
+    );
+    assert!(load(&[("base.yaml", BASE), ("v.yaml", &volume("p", ""))])
+        .unwrap()
+        .volumes["p"]
+        .qos
+        .is_none());
+    let cases = [
+        (
+            "  qos:\n    iops: 2500\n",
+            "spec.qos.iops",
+            "round it up to 3000; use 2000 or 3000",
+        ),
+        ("  qos:\n    iops: 300\n", "spec.qos.iops", "use 1000"),
+        ("  qos:\n    iops: 0\n", "spec.qos.iops", "leave `iops` out"),
+        (
+            "  qos:\n    bandwidth: 1536Ki\n",
+            "spec.qos.bandwidth",
+            "use 1Mi or 2Mi",
+        ),
+        (
+            "  qos:\n    readBandwidth: 512Ki\n",
+            "spec.qos.readBandwidth",
+            "use 1Mi",
+        ),
+        (
+            "  qos:\n    writeBandwidth: fast\n",
+            "spec.qos.writeBandwidth",
+            "e.g. 200Mi",
+        ),
+        ("  qos:\n    iopsLimit: 1000\n", "iopsLimit", ""),
+    ];
+    for (spec, field, says) in cases {
+        let v = volume("bad", spec);
+        let e = errors(&[("base.yaml", BASE), ("v.yaml", &v)]);
+        assert_eq!(e.len(), 1, "{spec}: {e:?}");
+        assert!(
+            e[0].starts_with("v.yaml:") && e[0].contains(field) && e[0].contains(says),
+            "{spec}: {}",
+            e[0]
+        );
+    }
+}

@@ -168,6 +168,27 @@ pub struct VolumeSpec {
     /// Snapshots of the image that unistor takes and keeps: named ones, and a schedule.
     #[serde(default)]
     pub snapshots: Option<Box<Snapshots>>,
+    /// Rate limits SNAP applies to the volume (SPDK's bdev QoS), changed live; absent: none.
+    #[serde(default)]
+    pub qos: Option<Box<VolumeQos>>,
+}
+
+/// A volume's QoS limits; each absent field is no limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeQos {
+    /// Reads and writes per second, a multiple of 1000 (SPDK's unit).
+    #[serde(default)]
+    pub iops: Option<u64>,
+    /// Reads and writes together, per second, in whole MiB: `200Mi`, `1Gi`.
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+    /// Reads per second, in whole MiB.
+    #[serde(default)]
+    pub read_bandwidth: Option<String>,
+    /// Writes per second, in whole MiB.
+    #[serde(default)]
+    pub write_bandwidth: Option<String>,
 }
 
 /// A volume's declared snapshots. Each is crash-consistent: it holds every write the cluster

@@ -275,6 +275,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 if x.pool.as_deref() == Some(v.pool.as_str())
                     && x.image.as_deref() == Some(v.image.as_str()) =>
             {
+                self.qos(b, v, &x.name, Some(x.qos), None);
                 if !may_write {
                     return Ok(None);
                 }
@@ -301,20 +302,56 @@ impl<'a, 'f> DpuChain<'a, 'f> {
                 Err(Held)
             }
             None if self.held_before_a_bdev(b, cx, v, before[1]) => Err(Held),
-            None => Ok(Some(b.push(
-                self.target(),
-                Action::Send(Command::CreateBdev(BdevSpec {
-                    name: names::bdev(vname),
-                    cluster: names::cluster(&v.cluster),
-                    pool: v.pool.to_string(),
-                    image: v.image.to_string(),
-                    block_size: snap_values::BLOCK_SIZE,
-                })),
-                Risk::Safe,
-                &[self.first, before].concat(),
-                Some(vname),
-            ))),
+            None => {
+                let made = b.push(
+                    self.target(),
+                    Action::Send(Command::CreateBdev(BdevSpec {
+                        name: names::bdev(vname),
+                        cluster: names::cluster(&v.cluster),
+                        pool: v.pool.to_string(),
+                        image: v.image.to_string(),
+                        block_size: snap_values::BLOCK_SIZE,
+                    })),
+                    Risk::Safe,
+                    &[self.first, before].concat(),
+                    Some(vname),
+                );
+                self.qos(b, v, &names::bdev(vname), None, Some(made));
+                Ok(Some(made))
+            }
         }
+    }
+
+    /// Bdev `name`'s QoS limits brought to the volume's (`have`: SPDK's now, None for a bdev
+    /// made by step `made`): one `bdev_set_qos_limit`, live — the host keeps its device and
+    /// nothing waits for it.
+    fn qos(
+        &self,
+        b: &mut Builder,
+        v: &Volume,
+        name: &str,
+        have: Option<protocol::dpu::QosLimits>,
+        made: Option<usize>,
+    ) {
+        let have = have.unwrap_or_default();
+        if have == v.qos {
+            return;
+        }
+        if made.is_none() {
+            b.drift(object(v), "qos", v.qos.to_string(), have.to_string());
+        }
+        let mut deps: Vec<Option<usize>> = self.first.to_vec();
+        deps.push(made);
+        b.push(
+            self.target(),
+            Action::Send(Command::SetBdevQos(protocol::dpu::BdevQos {
+                name: name.to_string(),
+                limits: v.qos,
+            })),
+            Risk::Safe,
+            &deps,
+            Some(v.name.as_str()),
+        );
     }
 
     /// A bdev is to be made here for `v`'s image: held (true, with the reason) while that image

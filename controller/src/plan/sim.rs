@@ -439,7 +439,18 @@ fn apply_storage(inv: &mut SnapInventory, a: &Command, image_bytes: u64) -> bool
                 cluster: Some(cluster.clone()),
                 block_size: *block_size,
                 num_blocks: image_bytes / u64::from(*block_size),
+                qos: Default::default(),
             });
+        }
+        Command::SetBdevQos(q) => {
+            let b = inv
+                .bdevs
+                .iter_mut()
+                .find(|b| b.name == q.name)
+                .expect("bdev exists");
+            assert_ne!(b.qos, q.limits, "only a change is sent");
+            q.limits.check().expect("limits SPDK keeps as given");
+            b.qos = q.limits;
         }
         Command::ResizeBdev(BdevResize { name, new_size_mib }) => {
             let b = inv

@@ -455,6 +455,7 @@ fn foreign_snap_objects_and_images_are_never_touched() {
         cluster: None,
         block_size: 512,
         num_blocks: 1,
+        qos: Default::default(),
     });
     inv.subsystems.push(SubsystemInfo {
         nqn: "nqn.2016-06.io.spdk:other".into(),
@@ -1407,4 +1408,79 @@ fn declared_snapshots_are_taken_scheduled_pruned_and_kept_while_clones_hold_them
         "{:?}",
         snaps(&w)
     );
+}
+
+/// QoS: a new volume's bdev gets its limits after it is made; a changed limit is one live step
+/// (nothing detached, nothing waits for it) with drift; a limit changed by hand in SNAP is
+/// drift put back; the field removed lifts every limit.
+#[test]
+fn qos_limits_are_set_after_the_bdev_changed_live_and_lifted_when_removed() {
+    use protocol::dpu::QosLimits;
+    let mut d = examples();
+    let limited = QosLimits {
+        rw_ios_per_sec: 3000,
+        r_mbytes_per_sec: 100,
+        ..Default::default()
+    };
+    d.volumes.get_mut("db-data").unwrap().qos = limited;
+    let mut w = World::empty(&d);
+    let p = plan(&d, &w.observed(), &Options::default());
+    check_order(&p);
+    let bdev = p
+        .steps
+        .iter()
+        .find(|s| matches!(s.action.sent(), Some(Command::CreateBdev(b)) if b.name == "unistor-db-data"))
+        .unwrap()
+        .id;
+    let qos: Vec<&Step> = p
+        .steps
+        .iter()
+        .filter(|s| matches!(s.action.sent(), Some(Command::SetBdevQos(_))))
+        .collect();
+    assert_eq!(qos.len(), 1, "{:?}", p.steps);
+    assert!(qos[0].depends_on.contains(&bdev));
+    assert!(
+        p.steps.iter().all(|s| !s.depends_on.contains(&qos[0].id)),
+        "nothing waits"
+    );
+    let text = crate::render::human(&p);
+    assert!(
+        text.contains("set QoS of bdev unistor-db-data to 3000 IOPS, 100 MiB/s read"),
+        "{text}"
+    );
+    w.converge(&d, 5);
+    // Changed: one step, only that.
+    d.volumes.get_mut("db-data").unwrap().qos.rw_ios_per_sec = 5000;
+    let p = plan(&d, &w.observed(), &Options::default());
+    assert_eq!(p.steps.len(), 1, "{:?}", p.steps);
+    assert!(
+        matches!(p.steps[0].action.sent(), Some(Command::SetBdevQos(q)) if q.limits.rw_ios_per_sec == 5000)
+    );
+    assert_eq!(p.steps[0].risk, Risk::Safe);
+    assert!(p.drift.iter().any(|x| x.field == "qos"), "{:?}", p.drift);
+    w.converge(&d, 5);
+    // Changed by hand through SNAP's RPC: drift, put back.
+    let inv = w.inv("dpu-a");
+    inv.bdevs
+        .iter_mut()
+        .find(|b| b.name == "unistor-db-data")
+        .unwrap()
+        .qos = QosLimits::default();
+    let p = plan(&d, &w.observed(), &Options::default());
+    assert!(
+        p.drift
+            .iter()
+            .any(|x| x.field == "qos" && x.observed == "no limit"),
+        "{:?}",
+        p.drift
+    );
+    assert_eq!(w.converge(&d, 5), 1);
+    // Removed from the manifest: every limit lifted.
+    d.volumes.get_mut("db-data").unwrap().qos = QosLimits::default();
+    let p = plan(&d, &w.observed(), &Options::default());
+    assert!(
+        matches!(p.steps[..], [ref s] if matches!(s.action.sent(), Some(Command::SetBdevQos(q)) if q.limits.is_none()))
+    );
+    w.converge(&d, 5);
+    assert!(plan(&d, &w.observed(), &Options::default()).is_empty());
 }

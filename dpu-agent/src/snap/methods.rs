@@ -81,6 +81,11 @@ methods! {
     BdevDelete = "bdev_rbd_delete" { name: String } -> Value;
     /// Grows an rbd bdev (and its image) to `new_size` MiB.
     BdevResize = "bdev_rbd_resize" { name: String, new_size: u64 } -> Value;
+    /// Sets a bdev's QoS limits (all four given: 0 lifts one).
+    BdevQos = "bdev_set_qos_limit" {
+        name: String, rw_ios_per_sec: u64, rw_mbytes_per_sec: u64, r_mbytes_per_sec: u64,
+        w_mbytes_per_sec: u64,
+    } -> Value;
     /// Creates an NVMe subsystem.
     SubsystemCreate = "nvme_subsystem_create" {
         nqn: String, serial_number: String, model_number: String, nn: u32, mnan: u32,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use protocol::dpu::{
     BdevInfo, BdevSpec, ControllerInfo, ControllerSpec, FunctionInfo, FunctionRef, NamespaceInfo,
-    NamespaceSpec, RbdCluster, SnapInventory, SubsystemInfo, SubsystemSpec,
+    NamespaceSpec, QosLimits, RbdCluster, SnapInventory, SubsystemInfo, SubsystemSpec,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -152,6 +152,22 @@ struct RawBdev {
     num_blocks: u64,
     #[serde(default)]
     driver_specific: Value,
+    /// `{rw_ios_per_sec, rw_mbytes_per_sec, r_mbytes_per_sec, w_mbytes_per_sec}`, 0 = none.
+    #[serde(default)]
+    assigned_rate_limits: Option<RawQos>,
+}
+
+/// `assigned_rate_limits` as SPDK writes it (extra keys tolerated).
+#[derive(Deserialize, Default)]
+struct RawQos {
+    #[serde(default)]
+    rw_ios_per_sec: u64,
+    #[serde(default)]
+    rw_mbytes_per_sec: u64,
+    #[serde(default)]
+    r_mbytes_per_sec: u64,
+    #[serde(default)]
+    w_mbytes_per_sec: u64,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +508,36 @@ impl Snap {
             |inv| {
                 for b in inv.bdevs.iter_mut().filter(|b| b.name == name) {
                     b.num_blocks = want / block_size;
+                }
+            },
+        )
+        .await
+    }
+
+    /// Sets bdev `name`'s QoS limits (`bdev_set_qos_limit`, all four); limits already in
+    /// force are unchanged. Live: the host keeps its device, I/O is only paced.
+    pub async fn set_qos(&self, name: &str, limits: QosLimits) -> Result<Done, OpError> {
+        let inv = self.current().await?;
+        let Some(have) = inv.bdevs.iter().find(|b| b.name == name) else {
+            return Err(OpError::Missing {
+                what: format!("bdev {name}"),
+            });
+        };
+        if have.qos == limits {
+            return Ok(Done::Unchanged);
+        }
+        self.act(
+            m::BdevQos {
+                name: name.into(),
+                rw_ios_per_sec: limits.rw_ios_per_sec,
+                rw_mbytes_per_sec: limits.rw_mbytes_per_sec,
+                r_mbytes_per_sec: limits.r_mbytes_per_sec,
+                w_mbytes_per_sec: limits.w_mbytes_per_sec,
+            },
+            |inv| inv.bdevs.iter().any(|b| b.name == name && b.qos == limits),
+            |inv| {
+                for b in inv.bdevs.iter_mut().filter(|b| b.name == name) {
+                    b.qos = limits;
                 }
             },
         )
@@ -952,6 +998,14 @@ fn bdev_info(b: RawBdev, cluster: Option<String>) -> BdevInfo {
         name: b.name,
         block_size: b.block_size,
         num_blocks: b.num_blocks,
+        qos: b
+            .assigned_rate_limits
+            .map_or_else(QosLimits::default, |q| QosLimits {
+                rw_ios_per_sec: q.rw_ios_per_sec,
+                rw_mbytes_per_sec: q.rw_mbytes_per_sec,
+                r_mbytes_per_sec: q.r_mbytes_per_sec,
+                w_mbytes_per_sec: q.w_mbytes_per_sec,
+            }),
     }
 }
 
