@@ -886,7 +886,17 @@ fn bdev_link(
             v.size_bytes >> 20
         )));
     }
-    Ok(bdev.to_string())
+    if b.qos != v.qos {
+        return Err(Missing(format!(
+            "bdev {bdev} has QoS {}, the volume asks for {}",
+            b.qos, v.qos
+        )));
+    }
+    if b.qos.is_none() {
+        Ok(bdev.to_string())
+    } else {
+        Ok(format!("{bdev}, QoS {}", b.qos))
+    }
 }
 
 /// What the host's account says of the volume's device (`None`: the platform cannot tell;

@@ -968,6 +968,28 @@ pub mod host {
         c.stdin(Stdio::null()).output().expect("run qemu-io")
     }
 
+    /// `qemu-img bench`: `count` requests of `size` bytes (`write`s, else reads), `depth` in
+    /// flight, one after the other through the device (wrapping at its end); the seconds it
+    /// reported, None when it failed.
+    pub fn bench(device: &Path, count: u64, depth: u32, size: u64, write: bool) -> Option<f64> {
+        let mut c = qemu("qemu-img");
+        c.args(["bench", "-f", "raw"]);
+        c.args(["-c", &count.to_string(), "-d", &depth.to_string()]);
+        c.args(["-s", &size.to_string()]);
+        if write {
+            c.args(["-w", "--pattern=7"]);
+        }
+        c.arg(url(device));
+        let o = c.stdin(Stdio::null()).output().expect("run qemu-img bench");
+        let out = String::from_utf8_lossy(&o.stdout);
+        if !o.status.success() {
+            return None;
+        }
+        out.lines()
+            .find_map(|l| l.strip_prefix("Run completed in "))
+            .and_then(|t| t.trim_end_matches(" seconds.").trim().parse().ok())
+    }
+
     /// [`io`], given up (killed) after `limit`: None when it did not end by then (an I/O a
     /// fenced SNAP can no longer complete).
     pub fn io_within(device: &Path, cmds: &[&str], limit: std::time::Duration) -> Option<Output> {

@@ -19,6 +19,8 @@ use e2e::{
 mod clones;
 #[path = "converge-bench/fleet.rs"]
 mod fleet;
+#[path = "converge-bench/qos.rs"]
+mod qos;
 #[path = "converge-bench/replicas.rs"]
 mod replicas;
 
@@ -54,6 +56,13 @@ struct Args {
     /// plain `rbd clone`; then every host's first 16 MiB read through SNAP (issue 25).
     #[arg(long)]
     clone_storm: bool,
+    /// Per-volume QoS: one volume's host load under an IOPS limit of this many I/Os per
+    /// second (and a read bandwidth limit, `--qos-mib`) against the same load unlimited.
+    #[arg(long)]
+    qos: Option<u64>,
+    /// The read bandwidth limit of `--qos`, MiB/s.
+    #[arg(long, default_value_t = 16)]
+    qos_mib: u64,
 }
 
 /// CPU seconds of a process: (its own, its reaped children's), from /proc/PID/stat.
@@ -168,6 +177,10 @@ fn main() -> std::process::ExitCode {
     // register, subsystem, controller, resume, and per volume bdev, namespace, attach.
     let snap_calls_per_dpu = 4 + 3 * a.volumes;
     let snap_floor = Duration::from_millis(a.snap_latency_ms * snap_calls_per_dpu as u64);
+    if let Some(iops) = a.qos {
+        qos::run(&c, iops, a.qos_mib);
+        return std::process::ExitCode::SUCCESS;
+    }
     if a.clone_storm {
         let golden = clones::golden(&c);
         let lab = BenchLab::start_cloning(&c, &a, Some(golden.clone()));
