@@ -284,6 +284,7 @@ pub fn unread(spec: &ImageSpec, metadata: BTreeMap<String, String>) -> ImageStat
         metadata: metadata.into(),
         unverified: false,
         parent: None,
+        clone_depth: None,
         snapshots: vec![],
     }
 }
@@ -307,6 +308,7 @@ mod tests {
             metadata: Default::default(),
             unverified: false,
             parent: None,
+            clone_depth: None,
             snapshots: vec![],
         }
     }

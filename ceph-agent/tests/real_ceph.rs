@@ -394,6 +394,59 @@ async fn snapshot_case(path: Path) {
     )
     .await
     .unwrap();
+    // Its depth, read through librbd: 1 (a clone of an image that is no clone); a clone of a
+    // snapshot of that clone is 2 (through the CLI it is not walked: unknown).
+    let read_again = ceph
+        .remove_snapshot(&snap("none"), &owner(&name))
+        .await
+        .unwrap();
+    assert_eq!(read_again.clone_depth, None, "not a clone");
+    let grand = unique("grand");
+    cli_ok(
+        &c,
+        "rbd",
+        &["snap", "create", &format!("{}/{clone}@g1", c.pool)],
+    );
+    let from_clone = ceph_agent::ceph::SnapSpec::parse(&protocol::SnapshotRef {
+        pool: c.pool.clone(),
+        image: clone.clone(),
+        snapshot: "g1".into(),
+    })
+    .unwrap();
+    ceph.create_image_from(
+        &spec(&c.pool, &grand),
+        16 * MIB,
+        &[],
+        &owner(&grand),
+        None,
+        Some(&from_clone),
+    )
+    .await
+    .unwrap();
+    let (d1, d2) = (
+        ceph.grow_image(&spec(&c.pool, &clone), 16 * MIB, &owner(&clone))
+            .await
+            .unwrap()
+            .clone_depth,
+        ceph.grow_image(&spec(&c.pool, &grand), 16 * MIB, &owner(&grand))
+            .await
+            .unwrap()
+            .clone_depth,
+    );
+    match path {
+        Path::Library => assert_eq!((d1, d2), (Some(1), Some(2))),
+        Path::Cli => assert_eq!((d1, d2), (None, None)),
+    }
+    cli(
+        &c,
+        "rbd",
+        &["rm", "--no-progress", &format!("{}/{grand}", c.pool)],
+    );
+    cli(
+        &c,
+        "rbd",
+        &["snap", "rm", &format!("{}/{clone}@g1", c.pool)],
+    );
     let e = ceph.remove_snapshot(&snap("before"), &o).await.unwrap_err();
     assert!(matches!(e, CephError::HasClones { .. }), "{e}");
     assert!(e.to_string().contains(&clone), "{e}");

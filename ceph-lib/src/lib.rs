@@ -1033,6 +1033,37 @@ impl Pool {
         })
     }
 
+    /// How many clone generations stand between snapshot `parent` (`pool/image@snapshot`, a
+    /// clone's parent as [`ImageFacts::parent`] gives it) and an image that is no clone: 1 when
+    /// the parent's image is no clone at that snapshot. Each ancestor is opened read-only at its
+    /// snapshot (its parent there: a later flatten of its head does not change it); at most
+    /// `limit` are followed (then `limit`). None when an ancestor is gone.
+    pub fn clone_depth(&self, parent: &str, limit: u32) -> Result<Option<u32>, LibError> {
+        let api = api()?;
+        let mut next = parent.to_string();
+        let mut depth = 1;
+        while depth < limit {
+            let Some((pool, rest)) = next.split_once('/') else {
+                return Ok(None);
+            };
+            let Some((image, snap)) = rest.split_once('@') else {
+                return Ok(None);
+            };
+            let io = self._rados.pool(pool)?;
+            let (image, snap) = (cstr("image name", image)?, cstr("snapshot name", snap)?);
+            let up = io.read_only(api, &image, Some(&snap), |img| Self::parent(api, img))?;
+            match up {
+                None => return Ok(None),
+                Some(None) => return Ok(Some(depth)),
+                Some(Some(p)) => {
+                    next = p;
+                    depth += 1;
+                }
+            }
+        }
+        Ok(Some(limit))
+    }
+
     /// The parent snapshot of open image `img`, `pool/image@snapshot`; None without one.
     fn parent(api: &Api, img: ImageT) -> Result<Option<String>, LibError> {
         // Pool, image and snapshot names are at most 63 characters under unistor's allow-lists

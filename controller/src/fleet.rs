@@ -688,6 +688,7 @@ mod tests {
             metadata: Default::default(),
             unverified: false,
             parent: None,
+            clone_depth: None,
             snapshots: vec![],
         }
     }

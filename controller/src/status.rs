@@ -795,7 +795,10 @@ fn chain_of(v: &Volume, observed: &Observed, img: Option<&ImageStatus>) -> Volum
             // A clone says of what (until it is flattened); a volume declared as a clone
             // whose image has no parent says it is flattened.
             let origin = match (&i.parent, &v.clone_from) {
-                (Some(p), _) => format!(", clone of {p}"),
+                (Some(p), _) => match i.clone_depth {
+                    Some(d) if d > 1 => format!(", clone of {p} (depth {d})"),
+                    _ => format!(", clone of {p}"),
+                },
                 (None, Some(c)) if c.flatten && !i.unverified => {
                     format!(", flattened (made from {c})")
                 }

@@ -985,6 +985,10 @@ pub struct ImageStatus {
     /// None for an image that is not a clone, or not read yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// How many clone generations a clone is from an image that is no clone (1: a clone of a
+    /// plain image's snapshot); None when not a clone or not known (read through the CLI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_depth: Option<u32>,
     /// A live image's snapshots (empty: none, or not read yet).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotInfo>,

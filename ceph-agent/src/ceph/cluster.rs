@@ -289,15 +289,30 @@ impl<R: Runner> Ceph<R> {
                 .args(["mon", "profile rbd", "osd"])
                 .arg(&osd_caps)
         };
+        // The same commands as monitor commands when the library is connected (no process
+        // each: a fleet's first apply issues one identity per DPU), else the CLI.
+        let cmd = |prefix: &str| {
+            serde_json::json!({
+                "prefix": prefix,
+                "entity": entity,
+                "caps": ["mon", "profile rbd", "osd", osd_caps],
+                "format": "json",
+            })
+        };
         let created: Result<Vec<CephIdentity>, CephError> = self
-            .json(caps(&["auth", "get-or-create"]).args(["--format", "json"]))
+            .mon_call(
+                cmd("auth get-or-create"),
+                caps(&["auth", "get-or-create"]).args(["--format", "json"]),
+            )
             .await;
         let found = match created {
             Ok(v) => v,
             // EINVAL: the entity exists with other caps. Set ours, then read it back.
             Err(CephError::Cli(e)) if e.code() == Some(22) => {
-                self.run(caps(&["auth", "caps"])).await?;
-                self.json(
+                self.mon_do(cmd("auth caps"), caps(&["auth", "caps"]))
+                    .await?;
+                self.mon_call(
+                    serde_json::json!({"prefix": "auth get", "entity": entity, "format": "json"}),
                     Invocation::new(Tool::Ceph)
                         .args(["auth", "get"])
                         .arg(&entity)

@@ -83,6 +83,8 @@ impl<R: Runner> Ceph<R> {
                             ]),
                             watchers: vec![],
                             parent: source.map(ToString::to_string),
+                            // Its ancestors are walked when it is next read.
+                            depth: None,
                             snapshots: vec![],
                         };
                         return Ok(self.record(spec, Self::live_status(spec, &img, Some(&value))));

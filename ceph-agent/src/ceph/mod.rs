@@ -327,7 +327,13 @@ struct LiveImage {
     parent: Option<String>,
     /// Its snapshots: id and name.
     snapshots: Vec<(u64, String)>,
+    /// Clone generations above it (1: a clone of an image that is no clone); None: not a
+    /// clone, or not known.
+    depth: Option<u32>,
 }
+
+/// The deepest clone chain followed when an image is read.
+const MAX_DEPTH: u32 = 16;
 
 /// The value of an image's key in its pool's `unistor.index`: who owns it and what removing it
 /// does. Written (before the image exists) by the create that makes it; read back with one call
@@ -692,6 +698,45 @@ impl<R: Runner> Ceph<R> {
         }
         let inv = Invocation::new(Tool::Ceph).args([prefix, "--format", "json"]);
         self.json(inv).await
+    }
+
+    /// Monitor command `command` (JSON, as `ceph` sends it) through the library's connection
+    /// when there is one, else `inv` on the command line; its JSON answer.
+    async fn mon_call<T: DeserializeOwned>(
+        &self,
+        command: serde_json::Value,
+        inv: Invocation,
+    ) -> Result<T, CephError> {
+        let out = self.mon_run(command, inv).await?;
+        serde_json::from_slice(&out.1).map_err(|source| CephError::Parse {
+            command: out.0,
+            source,
+        })
+    }
+
+    /// [`Self::mon_call`] for a command whose answer is not read.
+    async fn mon_do(&self, command: serde_json::Value, inv: Invocation) -> Result<(), CephError> {
+        self.mon_run(command, inv).await.map(drop)
+    }
+
+    /// What ran (for errors) and its output.
+    async fn mon_run(
+        &self,
+        command: serde_json::Value,
+        inv: Invocation,
+    ) -> Result<(String, Vec<u8>), CephError> {
+        if let Some(lib) = self.runner.library() {
+            let prefix = command["prefix"].as_str().unwrap_or("?").to_string();
+            let what = format!("librados mon_command {prefix}");
+            if let Some(out) =
+                self.counted(lib.mon_command(what.clone(), command.to_string()).await)
+            {
+                return Ok((what, out?));
+            }
+        }
+        let shown = inv.display();
+        let out = self.run(inv).await?;
+        Ok((shown, out.stdout))
     }
 
     async fn json<T: DeserializeOwned>(&self, inv: Invocation) -> Result<T, CephError> {

@@ -65,16 +65,25 @@ impl<R: Runner> Ceph<R> {
         now - at >= age.as_secs() as i64
     }
 
-    /// Size, features and metadata (no watchers); `None` when the image is not live.
+    /// Size, features, metadata, parent, its clone depth and snapshots (no watchers); `None`
+    /// when the image is not live.
     pub(super) async fn read(&self, spec: &ImageSpec) -> Result<Option<LiveImage>, CephError> {
         let (name, what) = (spec.image.to_string(), format!("librbd read {spec}"));
         if let Some(read) = self
             .library(&spec.pool, what, Kind::ShortRead, move |p| {
-                p.read_image(&name)
+                let facts = p.read_image(&name)?;
+                // A clone's depth: its ancestors opened at their snapshots (an ancestor this
+                // identity cannot read leaves it unknown, not the read failed).
+                let depth = facts
+                    .as_ref()
+                    .and_then(|f| f.parent.as_deref())
+                    .and_then(|parent| p.clone_depth(parent, MAX_DEPTH).ok().flatten());
+                Ok(facts.map(|f| (f, depth)))
             })
             .await
         {
-            return Ok(read?.map(|f| LiveImage {
+            return Ok(read?.map(|(f, depth)| LiveImage {
+                depth,
                 size: f.size,
                 features: ceph_lib::feature_names(f.features)
                     .into_iter()
@@ -105,6 +114,8 @@ impl<R: Runner> Ceph<R> {
             }
         };
         Ok(Some(LiveImage {
+            // Not walked through the CLI (a process per ancestor): unknown.
+            depth: None,
             size: info.size,
             features: info.features,
             metadata,
@@ -229,6 +240,7 @@ impl<R: Runner> Ceph<R> {
             metadata: metadata.into(),
             unverified: false,
             parent: img.parent.clone(),
+            clone_depth: img.depth,
             snapshots: img
                 .snapshots
                 .iter()

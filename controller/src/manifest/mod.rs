@@ -189,6 +189,9 @@ pub struct CloneSource {
     pub snapshot: protocol::names::SnapName,
     /// Flattened once made.
     pub flatten: bool,
+    /// Flattened once deeper than this many clone generations (`source.maxDepth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_depth: Option<u32>,
     /// The volume whose declared snapshot it is (`source.volumeSnapshot`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<VolumeName>,

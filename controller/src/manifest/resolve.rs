@@ -455,6 +455,25 @@ fn resolve_source(
     cluster: Option<&Cluster>,
 ) -> Option<CloneSource> {
     let flatten = src.flatten == types::Flatten::Always;
+    let max_depth = match src.max_depth {
+        Some(n) if flatten => {
+            ctx.err(
+                i,
+                "spec.source.maxDepth",
+                format!("{n}: `flatten: always` flattens every clone already; give one of them"),
+            );
+            None
+        }
+        Some(n) if !(1..=15).contains(&n) => {
+            ctx.err(
+                i,
+                "spec.source.maxDepth",
+                format!("{n}: 1-15 clone generations"),
+            );
+            None
+        }
+        other => other,
+    };
     match (&src.snapshot, &src.volume_snapshot) {
         (Some(s), None) => {
             let pool = cluster_pool(ctx, i, "spec.source.snapshot.pool", &s.pool, cluster);
@@ -467,10 +486,13 @@ fn resolve_source(
                 image: image?,
                 snapshot: snapshot?,
                 flatten,
+                max_depth,
                 volume: None,
             })
         }
-        (None, Some(v)) => volume_snapshot(ctx, i, v, cluster, flatten),
+        (None, Some(v)) => {
+            volume_snapshot(ctx, i, v, cluster, flatten).map(|c| CloneSource { max_depth, ..c })
+        }
         _ => {
             ctx.err(
                 i,
@@ -528,6 +550,7 @@ fn volume_snapshot(
         image: ImageName::parse(FIELD, &image).ok()?,
         snapshot,
         flatten,
+        max_depth: None,
         volume: VolumeName::parse(FIELD, &v.volume).ok(),
     })
 }

@@ -673,3 +673,34 @@ fn qos_limits_are_resolved_and_values_spdk_would_round_are_refused() {
         );
     }
 }
+
+/// `source.maxDepth`: 1-15, and not beside `flatten: always`.
+#[test]
+fn a_clone_depth_bound_is_checked() {
+    let ok = volume(
+        "c",
+        "  source:\n    snapshot: {pool: rbd, image: golden-os, name: v1}\n    maxDepth: 2\n",
+    );
+    let d = load(&[("base.yaml", BASE), ("v.yaml", &ok)]).unwrap();
+    assert_eq!(
+        d.volumes["c"].clone_from.as_ref().unwrap().max_depth,
+        Some(2)
+    );
+    for (extra, says) in [
+        ("    maxDepth: 0\n", "1-15"),
+        ("    maxDepth: 16\n", "1-15"),
+        ("    flatten: always\n    maxDepth: 2\n", "give one of them"),
+    ] {
+        let v = volume(
+            "bad",
+            &format!("  source:\n    snapshot: {{pool: rbd, image: golden-os, name: v1}}\n{extra}"),
+        );
+        let e = errors(&[("base.yaml", BASE), ("v.yaml", &v)]);
+        assert_eq!(e.len(), 1, "{extra}: {e:?}");
+        assert!(
+            e[0].contains("spec.source.maxDepth") && e[0].contains(says),
+            "{}",
+            e[0]
+        );
+    }
+}

@@ -246,6 +246,10 @@ pub struct VolumeSource {
     /// longer depends on the snapshot): `never` (default) or `always`.
     #[serde(default)]
     pub flatten: Flatten,
+    /// Flattened once its clone chain is deeper than this (1-15): a clone of a clone of ...
+    /// reads through every generation; `flatten: never` with a depth bound.
+    #[serde(default)]
+    pub max_depth: Option<u32>,
 }
 
 /// A clone's flatten policy.

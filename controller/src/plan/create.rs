@@ -695,7 +695,18 @@ fn image_steps<'a>(
             &[],
             Some(v.name.as_str()),
         );
-        flatten(b, &cx.opts.owner, v, Some(c));
+        // A new clone's depth: its source's (when reported) and one more.
+        let depth = v.clone_from.as_ref().and_then(|src| {
+            let parent = cx
+                .images
+                .get(v.cluster.as_str())?
+                .find(src.pool.as_str(), src.image.as_str())?
+                .1;
+            Some(parent.clone_depth.unwrap_or(0) + 1).filter(|_| {
+                parent.clone_depth.is_some() || (parent.parent.is_none() && !parent.unverified)
+            })
+        });
+        flatten(b, &cx.opts.owner, v, depth, Some(c));
         super::snapshots::plan(b, cx, v, None, Some(c));
         Ok(Some(c))
     };
@@ -721,7 +732,7 @@ fn image_steps<'a>(
                     claims.push((v.cluster.as_str(), at));
                 })?;
                 if i.parent.is_some() {
-                    flatten(b, &cx.opts.owner, v, None);
+                    flatten(b, &cx.opts.owner, v, i.clone_depth, None);
                 }
                 super::snapshots::plan(b, cx, v, Some(i), None);
                 Ok(step)
@@ -748,11 +759,16 @@ fn source_missing(cx: &Context<'_>, v: &Volume) -> Option<String> {
     })
 }
 
-/// A clone's flatten, when the volume asks for it (`source.flatten: always`): its own step,
-/// after the create when the image is made in the same pass; nothing waits for it (the host
-/// reads the clone the same before and after).
-fn flatten(b: &mut Builder, owner: &str, v: &Volume, after: Option<usize>) {
-    if !v.clone_from.as_ref().is_some_and(|c| c.flatten) {
+/// A clone's flatten, when the volume asks for it (`source.flatten: always`, or
+/// `source.maxDepth` below the clone's `depth` when that is known): its own step, after the
+/// create when the image is made in the same pass; nothing waits for it (the host reads the
+/// clone the same before and after).
+fn flatten(b: &mut Builder, owner: &str, v: &Volume, depth: Option<u32>, after: Option<usize>) {
+    let wanted = v
+        .clone_from
+        .as_ref()
+        .is_some_and(|c| c.flatten || c.max_depth.zip(depth).is_some_and(|(max, d)| d > max));
+    if !wanted {
         return;
     }
     b.push(

@@ -204,6 +204,7 @@ impl World {
                     metadata: meta.into(),
                     unverified: false,
                     parent: x.clone_from.as_ref().map(ToString::to_string),
+                    clone_depth: x.clone_from.as_ref().map(|_| 1),
                     snapshots: vec![],
                 });
             }

@@ -490,6 +490,7 @@ fn foreign_snap_objects_and_images_are_never_touched() {
             .into(),
             unverified: false,
             parent: None,
+            clone_depth: None,
             snapshots: vec![],
         });
     // Even the empty manifest set removes nothing foreign.
@@ -976,6 +977,7 @@ fn an_image_known_from_the_index_alone_is_exposed_only_once_its_keys_are_read() 
         },
         unverified,
         parent: None,
+        clone_depth: None,
         snapshots: vec![],
     };
     let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
@@ -1028,6 +1030,7 @@ fn an_image_made_outside_unistor_is_adopted_only_when_asked() {
         metadata: Default::default(),
         unverified: false,
         parent: None,
+        clone_depth: None,
         snapshots: vec![],
     };
     let with = |img: protocol::ImageStatus| observed_with(&w, &new.cluster, img);
@@ -1179,6 +1182,7 @@ fn a_clone_is_created_from_its_snapshot_and_flattened_when_asked() {
         image: ImageName::parse("image", "golden-os").unwrap(),
         snapshot: SnapName::parse("snapshot", "v1").unwrap(),
         flatten,
+        max_depth: None,
         volume: None,
     };
     d.volumes.get_mut("db-data").unwrap().clone_from = Some(src(true));
@@ -1330,6 +1334,7 @@ fn declared_snapshots_are_taken_scheduled_pruned_and_kept_while_clones_hold_them
         image: protocol::names::ImageName::parse("n", "db-data").unwrap(),
         snapshot: name("before-upgrade"),
         flatten: false,
+        max_depth: None,
         volume: Some(protocol::names::VolumeName::parse("n", "db-data").unwrap()),
     });
     d.volumes.insert("db-restored".into(), restored);
@@ -1483,4 +1488,84 @@ fn qos_limits_are_set_after_the_bdev_changed_live_and_lifted_when_removed() {
     );
     w.converge(&d, 5);
     assert!(plan(&d, &w.observed(), &Options::default()).is_empty());
+}
+
+/// `source.maxDepth`: a clone made from a snapshot whose image is itself a clone is one
+/// generation deeper; past the bound it is flattened after its create; a live clone reported
+/// deeper than the bound gets its flatten alone; within it, nothing.
+#[test]
+fn a_clone_deeper_than_its_bound_is_flattened() {
+    use crate::manifest::{CloneSource, VolumeSnapshots};
+    use protocol::names::{ImageName, SnapName, VolumeName};
+    let mut d = examples();
+    d.volumes.get_mut("db-data").unwrap().snapshots = Some(VolumeSnapshots {
+        names: vec![SnapName::parse("s", "s1").unwrap()],
+        schedule: None,
+        delete: false,
+    });
+    let mut w = World::empty(&d);
+    w.converge(&d, 5);
+    let mut r = d.volumes["db-data"].clone();
+    r.name = VolumeName::parse("n", "db-copy").unwrap();
+    r.image = ImageName::parse("n", "db-copy").unwrap();
+    r.snapshots = None;
+    r.nsid = None;
+    r.uuid = "6b1f1c2e-0000-4000-8000-000000000002".into();
+    r.clone_from = Some(CloneSource {
+        pool: r.pool.clone(),
+        image: ImageName::parse("n", "db-data").unwrap(),
+        snapshot: SnapName::parse("s", "s1").unwrap(),
+        flatten: false,
+        max_depth: Some(1),
+        volume: Some(VolumeName::parse("n", "db-data").unwrap()),
+    });
+    d.volumes.insert("db-copy".into(), r);
+    let flattens = |p: &Plan| {
+        p.steps
+            .iter()
+            .filter(|s| matches!(s.action.sent(), Some(Command::FlattenImage(x)) if x.image == "db-copy"))
+            .count()
+    };
+    // db-data is no clone: the copy is depth 1, within the bound.
+    assert_eq!(flattens(&plan(&d, &w.observed(), &Options::default())), 0);
+    // db-data is itself a clone (depth 1): the copy would be depth 2, past it.
+    let c = w.clusters.values_mut().next().unwrap();
+    let src = c.images.iter_mut().find(|i| i.image == "db-data").unwrap();
+    src.parent = Some("rbd/golden-os@v1".into());
+    src.clone_depth = Some(1);
+    let p = plan(&d, &w.observed(), &Options::default());
+    assert_eq!(flattens(&p), 1, "{:?}", p.steps);
+    let create = p
+        .steps
+        .iter()
+        .find(|s| matches!(s.action.sent(), Some(Command::CreateImage(x)) if x.image == "db-copy"))
+        .unwrap()
+        .id;
+    assert!(p.steps.iter().any(
+        |s| matches!(s.action.sent(), Some(Command::FlattenImage(_)))
+            && s.depends_on.as_slice() == [create]
+    ));
+    // Live, reported 3 deep: flattened alone under a bound of 2; nothing under 3.
+    d.volumes
+        .get_mut("db-copy")
+        .unwrap()
+        .clone_from
+        .as_mut()
+        .unwrap()
+        .max_depth = Some(3);
+    w.converge(&d, 5);
+    let c = w.clusters.values_mut().next().unwrap();
+    let copy = c.images.iter_mut().find(|i| i.image == "db-copy").unwrap();
+    copy.parent = Some("rbd/db-data@s1".into());
+    copy.clone_depth = Some(3);
+    assert!(plan(&d, &w.observed(), &Options::default()).is_empty());
+    d.volumes
+        .get_mut("db-copy")
+        .unwrap()
+        .clone_from
+        .as_mut()
+        .unwrap()
+        .max_depth = Some(2);
+    let p = plan(&d, &w.observed(), &Options::default());
+    assert_eq!((p.steps.len(), flattens(&p)), (1, 1), "{:?}", p.steps);
 }
