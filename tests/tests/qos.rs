@@ -54,6 +54,12 @@ fn a_volume_s_limits_pace_its_host_and_change_live() {
         bdev_detail.contains("QoS 1000 IOPS, 64 MiB/s read"),
         "the status shows the limits: {bdev_detail}"
     );
+    // The dashboard's data column says it too (headless chromium, the page after its scripts).
+    let dom = e2e::browser_dom(&format!("{}/", d.url));
+    assert!(
+        dom.contains("QoS 1000 IOPS, 64 MiB/s read"),
+        "the dashboard shows the limits"
+    );
     let dev = std::path::PathBuf::from(volume(&s, &v)["host_device"].as_str().unwrap());
     let ns_before = namespaces(&sock);
     // Paced: 600 reads at 1000 IOPS take at least 0.59 s (one slice of burst allowed).

@@ -110,6 +110,15 @@ fn a_schedule_keeps_its_count_and_a_restore_reads_the_bytes_of_its_snapshot() {
             .as_str()
             .is_some_and(|t| t.contains(want))
     });
+    let dom = e2e::browser_dom(&format!("{}/", d.url));
+    assert!(
+        dom.contains("clone of ") && dom.contains(&format!("{spec}@before")),
+        "the dashboard shows the restore's source"
+    );
+    assert!(
+        dom.contains("snapshots: before, "),
+        "the dashboard shows the snapshots"
+    );
     let rdev = std::path::PathBuf::from(volume(&s, &restored)["host_device"].as_str().unwrap());
     assert!(
         host::reads_pattern(&rdev, 0xa1, 0, 1 << 20),
