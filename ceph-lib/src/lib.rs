@@ -544,6 +544,8 @@ pub struct Pool {
     /// Keeps the cluster connected while the context exists.
     _rados: Arc<Rados>,
     io: IoctxT,
+    /// The pool's name.
+    name: String,
 }
 
 // SAFETY: librados I/O contexts may be shared between threads as long as their own state
@@ -613,6 +615,7 @@ impl Rados {
         Ok(Pool {
             _rados: self.clone(),
             io,
+            name: pool.to_string(),
         })
     }
 }
@@ -1049,8 +1052,16 @@ impl Pool {
             let Some((image, snap)) = rest.split_once('@') else {
                 return Ok(None);
             };
-            let io = self._rados.pool(pool)?;
             let (image, snap) = (cstr("image name", image)?, cstr("snapshot name", snap)?);
+            // This pool's context when the ancestor is in it (the common case), else one for
+            // the ancestor's pool, destroyed after the image is closed.
+            let other;
+            let io = if self.name == pool {
+                self
+            } else {
+                other = self._rados.pool(pool)?;
+                &other
+            };
             let up = io.read_only(api, &image, Some(&snap), |img| Self::parent(api, img))?;
             match up {
                 None => return Ok(None),

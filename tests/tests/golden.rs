@@ -1,8 +1,10 @@
 //! Golden-image boot volumes (issue 25) end to end on the real cluster: an OS image imported
-//! with a pattern and snapshotted; 50 volumes declared as clones of that snapshot are created by
-//! the daemon (format-2 clones, each with unistor's keys; one flattened by its policy); every
-//! simulated host reads the golden bytes through SNAP; one host's writes land in its own clone
-//! only: the golden image, its snapshot and the other clones are unchanged.
+//! with a pattern, adopted as a volume that declares snapshot `v1` (taken by unistor); 50
+//! volumes declared as clones of that snapshot are created by the daemon once it exists
+//! (format-2 clones, each with unistor's keys; one flattened by its policy); every simulated
+//! host reads the golden bytes through SNAP; one host's writes land in its own clone only: the
+//! golden image, its snapshot and the other clones are unchanged; `v1` dropped from the
+//! manifest under `Delete` is kept while the clones live, and the plan names them.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,7 +48,7 @@ fn device_of(s: &Value, v: &str) -> PathBuf {
 fn fifty_hosts_boot_from_clones_of_one_golden_snapshot() {
     let c = Cluster::from_env();
     let lab = Lab::start(&c, 2, &[]);
-    // The golden OS image: 16 MiB, its first MiB the pattern, snapshot `v1`.
+    // The golden OS image: 16 MiB, its first MiB the pattern.
     let gold = unique("golden-os");
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("os.raw");
@@ -58,12 +60,19 @@ fn fifty_hosts_boot_from_clones_of_one_golden_snapshot() {
         "rbd",
         &["import", "--no-progress", raw.to_str().unwrap(), &gold_spec],
     );
-    c.cli_ok("rbd", &["snap", "create", &format!("{gold_spec}@v1")]);
 
-    // 50 boot volumes, 25 per DPU, each a clone of it (the first grown to 32 MiB).
+    // The golden image adopted as a volume (attached to host 0) that declares snapshot `v1`
+    // (unistor takes it, so unistor knows it as its own); 50 boot volumes, 25 per DPU, each a
+    // clone of it (the first grown to 32 MiB), held by the planner until `v1` exists.
     let names: Vec<String> = (0..CLONES).map(|i| unique(&format!("boot{i}"))).collect();
     lab.write(&c, &[]);
-    let text: String = names
+    let golden_volume = |names: &str| {
+        format!(
+            "---\napiVersion: unistor.io/v1alpha1\nkind: Volume\nmetadata: {{name: {gold}}}\nspec:\n  host: host-0\n  size: 16Mi\n  rbd: {{cluster: ceph, pool: {}, adopt: true}}\n  snapshots: {{names: [{names}], deletionPolicy: Delete}}\n",
+            c.pool
+        )
+    };
+    let clones: String = names
         .iter()
         .enumerate()
         .map(|(i, n)| {
@@ -71,15 +80,15 @@ fn fifty_hosts_boot_from_clones_of_one_golden_snapshot() {
             // The second is flattened once made.
             let flatten = if i == 1 { "    flatten: always\n" } else { "" };
             format!(
-                "{}  source:\n    snapshot: {{pool: {}, image: {gold}, name: v1}}\n{flatten}",
+                "{}  source:\n    volumeSnapshot: {{volume: {gold}, name: v1}}\n{flatten}",
                 volume_yaml(n, i % 2, size, &c.pool, "Retain"),
-                c.pool
             )
         })
         .collect();
-    write_like_an_editor(&lab.manifests().join("volumes.yaml"), &text);
+    let file = lab.manifests().join("volumes.yaml");
+    write_like_an_editor(&file, &format!("{}{clones}", golden_volume("v1")));
     let d = lab.daemon(&[]);
-    let s = d.wait_converged(CONVERGE, CLONES);
+    let s = d.wait_converged(CONVERGE, CLONES + 1);
     // One clone step per volume (the daemon's log: its status keeps only recent events).
     let log = std::fs::read_to_string(&d.log).unwrap();
     let from = format!("from snapshot {gold_spec}@v1");
@@ -147,4 +156,23 @@ fn fifty_hosts_boot_from_clones_of_one_golden_snapshot() {
         own.iter().all(|b| *b == 0x99),
         "the writer's clone has its bytes"
     );
+
+    // `v1` dropped from the golden volume under Delete: kept while its clones live (one is
+    // flattened, so 49 depend on it), and the plan names them.
+    write_like_an_editor(&file, &format!("{}{clones}", golden_volume("")));
+    let want = format!(
+        "snapshot {gold_spec}@v1 is not removed: {} clone(s)",
+        CLONES - 1
+    );
+    d.wait_for(CONVERGE, "the held golden snapshot in the plan", |s| {
+        s["blocked"].as_array().is_some_and(|b| {
+            b.iter().any(|x| {
+                x["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(&want) && r.contains(&names[0]))
+            })
+        })
+    });
+    let snaps = c.cli_ok("rbd", &["snap", "ls", "--format", "json", &gold_spec]);
+    assert!(snaps.contains("\"v1\""), "still there: {snaps}");
 }

@@ -512,6 +512,10 @@ pub struct Ceph<R> {
     calls: AtomicU64,
     /// Of those, the calls made through librados/librbd in process.
     library_calls: AtomicU64,
+    /// Clone depths by parent snapshot (`pool/image@snapshot`): walked once per snapshot, not
+    /// at every read of every clone (each ancestor is an image open). A depth can only fall
+    /// later (an ancestor deep-flattened), so a remembered one errs toward flattening early.
+    depths: Arc<std::sync::Mutex<std::collections::HashMap<String, Option<u32>>>>,
     /// Mutations in flight (the sweep slows down meanwhile).
     mutating: AtomicUsize,
     /// When the last mutation ended.
@@ -605,6 +609,7 @@ impl<R: Runner> Ceph<R> {
             generation: watch::channel(0).0,
             calls: AtomicU64::new(0),
             library_calls: AtomicU64::new(0),
+            depths: Arc::default(),
             mutating: AtomicUsize::new(0),
             last_mutation: Mutex::new(None),
             indexes: Mutex::default(),

@@ -69,15 +69,35 @@ impl<R: Runner> Ceph<R> {
     /// when the image is not live.
     pub(super) async fn read(&self, spec: &ImageSpec) -> Result<Option<LiveImage>, CephError> {
         let (name, what) = (spec.image.to_string(), format!("librbd read {spec}"));
+        let depths = self.depths.clone();
         if let Some(read) = self
             .library(&spec.pool, what, Kind::ShortRead, move |p| {
                 let facts = p.read_image(&name)?;
-                // A clone's depth: its ancestors opened at their snapshots (an ancestor this
-                // identity cannot read leaves it unknown, not the read failed).
+                // A clone's depth: its ancestors opened at their snapshots, once per parent
+                // snapshot (an ancestor this identity cannot read leaves it unknown, not the
+                // read failed).
                 let depth = facts
                     .as_ref()
                     .and_then(|f| f.parent.as_deref())
-                    .and_then(|parent| p.clone_depth(parent, MAX_DEPTH).ok().flatten());
+                    .and_then(|parent| {
+                        let known = depths
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(parent)
+                            .copied();
+                        known.unwrap_or_else(|| {
+                            let d = p.clone_depth(parent, MAX_DEPTH).ok().flatten();
+                            // Unknown (an ancestor unreadable now) is asked again next time.
+                            if d.is_some() {
+                                let mut m = depths.lock().unwrap_or_else(|e| e.into_inner());
+                                if m.len() >= 10_000 {
+                                    m.clear();
+                                }
+                                m.insert(parent.to_string(), d);
+                            }
+                            d
+                        })
+                    });
                 Ok(facts.map(|f| (f, depth)))
             })
             .await
