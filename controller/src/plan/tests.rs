@@ -1273,17 +1273,11 @@ fn declared_snapshots_are_taken_scheduled_pruned_and_kept_while_clones_hold_them
     };
     // From empty: the image, then both snapshots after its create.
     let p = run(&mut w, &d, 1000);
-    let create = p
-        .steps
-        .iter()
-        .find(|s| matches!(s.action.sent(), Some(Command::CreateImage(x)) if x.image == "db-data"))
-        .unwrap()
-        .id;
-    let takes: Vec<&Step> = p
-        .steps
-        .iter()
-        .filter(|s| matches!(s.action.sent(), Some(Command::CreateSnapshot(_))))
-        .collect();
+    let create = step_where(
+        &p,
+        |c| matches!(c, Command::CreateImage(x) if x.image == "db-data"),
+    );
+    let takes = steps_where(&p, |c| matches!(c, Command::CreateSnapshot(_)));
     assert_eq!(takes.len(), 2, "{:?}", p.steps);
     assert!(takes.iter().all(|s| s.depends_on.as_slice() == [create]));
     assert_eq!(snaps(&w), ["before-upgrade", "auto-1000"]);
@@ -1297,11 +1291,10 @@ fn declared_snapshots_are_taken_scheduled_pruned_and_kept_while_clones_hold_them
     // Due: one more; then a third, and the oldest scheduled one goes (keep 2), after it.
     run(&mut w, &d, 1060);
     let p = run(&mut w, &d, 1130);
-    let removes: Vec<&Step> = p
-        .steps
-        .iter()
-        .filter(|s| matches!(s.action.sent(), Some(Command::RemoveSnapshot(x)) if x.snapshot == "auto-1000"))
-        .collect();
+    let removes = steps_where(
+        &p,
+        |c| matches!(c, Command::RemoveSnapshot(x) if x.snapshot == "auto-1000"),
+    );
     assert_eq!(removes.len(), 1, "{:?}", p.steps);
     assert_eq!(removes[0].risk, Risk::DataDestroying);
     assert_eq!(removes[0].depends_on.len(), 1, "waits for the new one");
@@ -1431,17 +1424,11 @@ fn qos_limits_are_set_after_the_bdev_changed_live_and_lifted_when_removed() {
     let mut w = World::empty(&d);
     let p = plan(&d, &w.observed(), &Options::default());
     check_order(&p);
-    let bdev = p
-        .steps
-        .iter()
-        .find(|s| matches!(s.action.sent(), Some(Command::CreateBdev(b)) if b.name == "unistor-db-data"))
-        .unwrap()
-        .id;
-    let qos: Vec<&Step> = p
-        .steps
-        .iter()
-        .filter(|s| matches!(s.action.sent(), Some(Command::SetBdevQos(_))))
-        .collect();
+    let bdev = step_where(
+        &p,
+        |c| matches!(c, Command::CreateBdev(b) if b.name == "unistor-db-data"),
+    );
+    let qos = steps_where(&p, |c| matches!(c, Command::SetBdevQos(_)));
     assert_eq!(qos.len(), 1, "{:?}", p.steps);
     assert!(qos[0].depends_on.contains(&bdev));
     assert!(
@@ -1535,12 +1522,10 @@ fn a_clone_deeper_than_its_bound_is_flattened() {
     src.clone_depth = Some(1);
     let p = plan(&d, &w.observed(), &Options::default());
     assert_eq!(flattens(&p), 1, "{:?}", p.steps);
-    let create = p
-        .steps
-        .iter()
-        .find(|s| matches!(s.action.sent(), Some(Command::CreateImage(x)) if x.image == "db-copy"))
-        .unwrap()
-        .id;
+    let create = step_where(
+        &p,
+        |c| matches!(c, Command::CreateImage(x) if x.image == "db-copy"),
+    );
     assert!(p.steps.iter().any(
         |s| matches!(s.action.sent(), Some(Command::FlattenImage(_)))
             && s.depends_on.as_slice() == [create]
@@ -1568,4 +1553,19 @@ fn a_clone_deeper_than_its_bound_is_flattened() {
         .max_depth = Some(2);
     let p = plan(&d, &w.observed(), &Options::default());
     assert_eq!((p.steps.len(), flattens(&p)), (1, 1), "{:?}", p.steps);
+}
+
+/// The steps of `p` whose command `f` accepts.
+fn steps_where(p: &Plan, f: impl Fn(&Command) -> bool) -> Vec<&Step> {
+    p.steps
+        .iter()
+        .filter(|s| s.action.sent().is_some_and(&f))
+        .collect()
+}
+
+/// The one step of `p` whose command `f` accepts: its id.
+fn step_where(p: &Plan, f: impl Fn(&Command) -> bool) -> usize {
+    let found = steps_where(p, f);
+    assert_eq!(found.len(), 1, "{:?}", p.steps);
+    found[0].id
 }
