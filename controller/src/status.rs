@@ -1033,17 +1033,33 @@ fn snapshots_detail(v: &crate::manifest::Volume, i: &protocol::ImageStatus) -> S
             format!("{n} (not taken yet)")
         });
     }
-    let scheduled = i
+    // The kept set, newest first (by the cluster's snapshot id): the first few by name.
+    let mut kept: Vec<&protocol::SnapshotInfo> = i
         .snapshots
         .iter()
         .filter(|s| protocol::meta::scheduled_at(&s.name).is_some())
-        .count();
+        .collect();
+    kept.sort_by_key(|s| std::cmp::Reverse(s.id));
+    let scheduled = kept.len();
+    const SHOWN: usize = 4;
+    let mut names: Vec<&str> = kept.iter().take(SHOWN).map(|s| s.name.as_str()).collect();
+    let older = scheduled.saturating_sub(SHOWN).to_string() + " older";
+    if scheduled > SHOWN {
+        names.push(&older);
+    }
+    let listed = if names.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", names.join(" "))
+    };
     match want.and_then(|w| w.schedule) {
         Some((every, keep)) => parts.push(format!(
-            "{scheduled} scheduled (every {}, keep {keep})",
+            "{scheduled} scheduled (every {}, keep {keep}){listed}",
             humantime::format_duration(std::time::Duration::from_secs(every))
         )),
-        None if scheduled > 0 => parts.push(format!("{scheduled} scheduled (no schedule now)")),
+        None if scheduled > 0 => {
+            parts.push(format!("{scheduled} scheduled (no schedule now){listed}"))
+        }
         None => {}
     }
     let others: Vec<&str> = i

@@ -105,10 +105,14 @@ fn a_schedule_keeps_its_count_and_a_restore_reads_the_bytes_of_its_snapshot() {
     // The status says what the image holds: the named snapshot and the schedule's count
     // (waited for: between a take and its pruning it is one more).
     let want = "snapshots: before, 2 scheduled (every 10s, keep 2)";
+    // The kept set by name, as the cluster has it.
     d.wait_for(CONVERGE, "the snapshots in the status", |s| {
+        let kept = snapshots(&c, &spec);
         volume(s, &db)["chain"][0]["detail"]
             .as_str()
-            .is_some_and(|t| t.contains(want))
+            .is_some_and(|t| {
+                t.contains(want) && scheduled(&kept).iter().all(|n| t.contains(n.as_str()))
+            })
     });
     let dom = e2e::browser_dom(&format!("{}/", d.url));
     assert!(
