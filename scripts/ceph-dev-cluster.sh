@@ -113,6 +113,9 @@ mon allow pool size one = true
 mon allow pool delete = true
 osd crush chooseleaf type = 0
 mon warn on pool no redundancy = false
+# Every client here (librados/librbd 16.2, the ceph and rbd CLIs) reclaims its global_id
+# securely: allowing the insecure way only raises AUTH_INSECURE_GLOBAL_ID_RECLAIM_ALLOWED.
+auth allow insecure global id reclaim = false
 mon data avail warn = 2
 mon data avail crit = 1
 [mon.a]
