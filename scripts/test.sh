@@ -24,6 +24,15 @@ if ! command -v qemu-io >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
 fi
 
+# The alert rules are checked and unit-tested with promtool (Debian's prometheus package).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "test.sh: installing prometheus (promtool, for the alert rules' tests)" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-ceph.XXXXXX")
 trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT
 scripts/ceph-dev-cluster.sh up "$dir" --port auto

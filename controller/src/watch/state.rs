@@ -990,4 +990,62 @@ mod tests {
             .encode()
             .contains("unistor_steps_total{outcome=\"done\"} 1"));
     }
+
+    /// Every metric the shipped alert rules and Grafana dashboard (deploy/) name is one the
+    /// daemon serves: a renamed metric fails here, not silently on an operator's screen.
+    #[test]
+    fn the_shipped_rules_and_dashboard_name_only_metrics_the_daemon_serves() {
+        let m = Metrics::new();
+        // Families print only once they have a sample.
+        m.agent_up
+            .get_or_create(&AgentLabel {
+                agent: "dpu/a".into(),
+            })
+            .set(1);
+        m.replica_shards
+            .get_or_create(&ReplicaLabel {
+                replica: "ctl-1".into(),
+            })
+            .set(1);
+        m.reconciles
+            .get_or_create(&ResultLabel {
+                result: "converged".into(),
+            })
+            .inc();
+        m.steps
+            .get_or_create(&OutcomeLabel {
+                outcome: "done".into(),
+            })
+            .inc();
+        let served: std::collections::BTreeSet<String> = m
+            .encode()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(String::from)
+            .collect();
+        assert!(served.contains("unistor_volumes_converged"), "{served:?}");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut named = 0;
+        for file in ["prometheus/unistor.rules.yml", "grafana/unistor.json"] {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            for (at, _) in text.match_indices("unistor_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                // A family's samples: counters end in _total, histograms in _bucket/_sum/_count.
+                let base = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    served.contains(base) || served.contains(&name),
+                    "{file} names {name}, which the daemon does not serve ({served:?})"
+                );
+                named += 1;
+            }
+        }
+        assert!(named >= 20, "the files name the metrics: {named}");
+    }
 }
