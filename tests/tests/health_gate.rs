@@ -45,6 +45,13 @@ fn write(dir: &Path, fleet: &str, volumes: &[(&str, &str)]) {
 fn an_unhealthy_or_full_cluster_gets_no_write_and_the_apply_says_why() {
     let pc = PrivateCluster::up();
     let c = &pc.cluster;
+    // A fresh cluster from the project's script is healthy (no insecure global_id reclaim
+    // warning): once its placement groups are active, HEALTH_OK with no check at all.
+    e2e::wait_until(
+        std::time::Duration::from_secs(60),
+        "a fresh cluster's HEALTH_OK",
+        || pc.health().trim() == "HEALTH_OK",
+    );
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     issue_pki(&pki, &["ceph-gate", "dpu-gate-0"]);
