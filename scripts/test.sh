@@ -6,32 +6,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Installs Debian package $2 when command $1 is missing; $3 says what for.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return
+  echo "test.sh: installing $2 ($3)" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+}
 # The dashboard test drives a real headless browser: Debian's chromium.
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "test.sh: installing chromium (for the dashboard test)" >&2
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
-
+need chromium chromium "for the dashboard test"
 # The simulated hosts do I/O with qemu-io and qemu-img (Debian's qemu-utils).
-if ! command -v qemu-io >/dev/null 2>&1; then
-  echo "test.sh: installing qemu-utils (the simulated hosts' I/O)" >&2
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends qemu-utils >/dev/null
-fi
-
+need qemu-io qemu-utils "the simulated hosts' I/O"
 # The alert rules are checked and unit-tested with promtool (Debian's prometheus package).
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "test.sh: installing prometheus (promtool, for the alert rules' tests)" >&2
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
+need promtool prometheus "promtool, for the alert rules' tests"
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/unistor-ceph.XXXXXX")
 trap 'scripts/ceph-dev-cluster.sh down "$dir"' EXIT

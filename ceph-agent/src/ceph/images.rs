@@ -384,20 +384,10 @@ impl<R: Runner> Ceph<R> {
                 return self.reread(spec).await;
             }
             let name = snap.snapshot.as_str();
-            if protocol::meta::scheduled_at(name).is_none() {
-                let listed: Vec<&str> = protocol::meta::snapshot_list(
-                    img.metadata.get(META_SNAPSHOTS).map(|s| s.as_str()),
-                )
-                .collect();
-                if !listed.contains(&name) {
-                    let value = listed
-                        .iter()
-                        .copied()
-                        .chain([name])
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    self.set_metadata(spec, META_SNAPSHOTS, &value).await?;
-                }
+            let listed = recorded(&img);
+            if protocol::meta::scheduled_at(name).is_none() && !listed.contains(&name) {
+                let with: Vec<&str> = listed.iter().copied().chain([name]).collect();
+                self.record_snapshots(spec, &with).await?;
             }
             tracing::info!(snapshot = %snap, "Taking a snapshot.");
             // Taken meanwhile (another client, or our own call whose answer was lost): done.
@@ -434,22 +424,25 @@ impl<R: Runner> Ceph<R> {
                 tracing::info!(snapshot = %snap, "Removing a snapshot.");
                 self.snap_call(snap, SnapCall::Remove).await?;
             }
-            let listed: Vec<&str> =
-                protocol::meta::snapshot_list(img.metadata.get(META_SNAPSHOTS).map(|s| s.as_str()))
-                    .collect();
+            let listed = recorded(&img);
             if listed.contains(&name) {
                 let rest: Vec<&str> = listed.into_iter().filter(|n| *n != name).collect();
-                if rest.is_empty() {
-                    // `rbd image-meta set` refuses an empty value.
-                    self.remove_metadata(spec, META_SNAPSHOTS).await?;
-                } else {
-                    self.set_metadata(spec, META_SNAPSHOTS, &rest.join(","))
-                        .await?;
-                }
+                self.record_snapshots(spec, &rest).await?;
             }
             self.reread(spec).await
         })
         .await
+    }
+
+    /// Writes `names` as the image's `unistor.snapshots` key (removed when empty: `rbd
+    /// image-meta set` refuses an empty value).
+    async fn record_snapshots(&self, spec: &ImageSpec, names: &[&str]) -> Result<(), CephError> {
+        if names.is_empty() {
+            self.remove_metadata(spec, META_SNAPSHOTS).await
+        } else {
+            self.set_metadata(spec, META_SNAPSHOTS, &names.join(","))
+                .await
+        }
     }
 
     /// Takes or removes `snap` through librbd in process, else the CLI; the state already
@@ -869,4 +862,9 @@ impl<R: Runner> Ceph<R> {
 enum SnapCall {
     Create,
     Remove,
+}
+
+/// The snapshots unistor took of `img` (its `unistor.snapshots` key).
+fn recorded(img: &LiveImage) -> Vec<&str> {
+    protocol::meta::snapshot_list(img.metadata.get(META_SNAPSHOTS).map(String::as_str)).collect()
 }

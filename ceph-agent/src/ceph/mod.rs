@@ -691,18 +691,9 @@ impl<R: Runner> Ceph<R> {
     /// A monitor's JSON answer to `ceph <prefix> --format json` (a command without arguments):
     /// through the library's connection when there is one, else the command line.
     async fn mon_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<T, CephError> {
-        if let Some(lib) = self.runner.library() {
-            let command = serde_json::json!({ "prefix": prefix, "format": "json" }).to_string();
-            let what = format!("librados mon_command {command}");
-            if let Some(out) = self.counted(lib.mon_command(what.clone(), command).await) {
-                return serde_json::from_slice(&out?).map_err(|source| CephError::Parse {
-                    command: what,
-                    source,
-                });
-            }
-        }
+        let command = serde_json::json!({ "prefix": prefix, "format": "json" });
         let inv = Invocation::new(Tool::Ceph).args([prefix, "--format", "json"]);
-        self.json(inv).await
+        self.mon_call(command, inv).await
     }
 
     /// Monitor command `command` (JSON, as `ceph` sends it) through the library's connection
@@ -731,8 +722,7 @@ impl<R: Runner> Ceph<R> {
         inv: Invocation,
     ) -> Result<(String, Vec<u8>), CephError> {
         if let Some(lib) = self.runner.library() {
-            let prefix = command["prefix"].as_str().unwrap_or("?").to_string();
-            let what = format!("librados mon_command {prefix}");
+            let what = format!("librados mon_command {command}");
             if let Some(out) =
                 self.counted(lib.mon_command(what.clone(), command.to_string()).await)
             {

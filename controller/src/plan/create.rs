@@ -634,7 +634,7 @@ impl<'a, 'f> DpuChain<'a, 'f> {
     }
 }
 
-fn object(v: &Volume) -> String {
+pub(super) fn object(v: &Volume) -> String {
     format!("volume/{}", v.name)
 }
 
@@ -696,12 +696,7 @@ fn image_steps<'a>(
             Some(v.name.as_str()),
         );
         // A new clone's depth: its source's (when reported) and one more.
-        let depth = v.clone_from.as_ref().and_then(|src| {
-            let parent = cx
-                .images
-                .get(v.cluster.as_str())?
-                .find(src.pool.as_str(), src.image.as_str())?
-                .1;
+        let depth = source_image(cx, v).and_then(|parent| {
             Some(parent.clone_depth.unwrap_or(0) + 1).filter(|_| {
                 parent.clone_depth.is_some() || (parent.parent.is_none() && !parent.unverified)
             })
@@ -741,16 +736,21 @@ fn image_steps<'a>(
     }
 }
 
+/// The image volume `v` is cloned from, as its cluster reports it.
+fn source_image<'a>(cx: &Context<'a>, v: &Volume) -> Option<&'a ImageStatus> {
+    let c = v.clone_from.as_ref()?;
+    let images = cx.images.get(v.cluster.as_str())?;
+    images
+        .find(c.pool.as_str(), c.image.as_str())
+        .map(|(_, i)| i)
+}
+
 /// Why a volume cloned from another volume's snapshot cannot be made yet: that snapshot is
 /// not reported (its volume's plan takes it; the next pass clones it).
 fn source_missing(cx: &Context<'_>, v: &Volume) -> Option<String> {
     let c = v.clone_from.as_ref()?;
     let from = c.volume.as_ref()?;
-    let img = cx
-        .images
-        .get(v.cluster.as_str())
-        .and_then(|i| i.find(c.pool.as_str(), c.image.as_str()))
-        .map(|(_, i)| i);
+    let img = source_image(cx, v);
     let there = img.is_some_and(|i| i.snapshots.iter().any(|s| s.name == c.snapshot.as_str()));
     (!there).then(|| {
         format!(

@@ -16,7 +16,7 @@
 use protocol::meta::{scheduled_at, snapshot_list, SCHEDULED_PREFIX, SNAPSHOTS};
 use protocol::{Command, ImageStatus, SnapshotOp};
 
-use super::create::Context;
+use super::create::{object, Context};
 use super::{Action, Builder, Risk, Target};
 use crate::manifest::Volume;
 
@@ -108,10 +108,6 @@ pub fn next_due(v: &Volume, img: Option<&ImageStatus>, now: u64) -> Option<u64> 
         Some(t) if t <= now + every => t + every,
         _ => now,
     })
-}
-
-fn object(v: &Volume) -> String {
-    format!("volume/{}", v.name)
 }
 
 /// A snapshot command for volume `v`'s image: a take (`create`) or a removal.

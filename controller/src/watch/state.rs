@@ -783,23 +783,29 @@ impl Shared {
     pub fn next_snapshot_due(&self, now: u64) -> Option<u64> {
         let g = self.read();
         let d = g.desired.as_ref()?;
-        d.volumes
+        let scheduled: Vec<&crate::manifest::Volume> = d
+            .volumes
             .values()
             .filter(|v| v.snapshots.as_ref().is_some_and(|s| s.schedule.is_some()))
+            .collect();
+        if scheduled.is_empty() {
+            return None;
+        }
+        // The reported images by cluster, pool and name, indexed once (not searched per volume:
+        // this runs before every reconcile).
+        let mut images: std::collections::HashMap<(&str, &str, &str), &protocol::ImageStatus> =
+            Default::default();
+        for (cluster, k) in &g.observed.clusters {
+            for i in k.get().map_or(&[][..], |r| &r.images[..]) {
+                images.insert((cluster.as_str(), i.pool.as_str(), i.image.as_str()), i);
+            }
+        }
+        scheduled
+            .into_iter()
             .filter_map(|v| {
-                let img = g
-                    .observed
-                    .clusters
-                    .get(&v.cluster)
-                    .and_then(|k| k.get())
-                    .and_then(|r| {
-                        r.images
-                            .iter()
-                            .find(|i| i.pool == v.pool.as_str() && i.image == v.image.as_str())
-                    });
                 // An image not seen yet: its create takes the first; look again after a pass.
-                img?;
-                crate::plan::snapshots::next_due(v, img, now)
+                let img = images.get(&(v.cluster.as_str(), v.pool.as_str(), v.image.as_str()))?;
+                crate::plan::snapshots::next_due(v, Some(img), now)
             })
             .min()
     }
